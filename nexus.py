@@ -1,0 +1,2356 @@
+"""Nexus: one OpenAI-compatible endpoint in front of every LLM server you run.
+
+Nexus is a control plane. It finds inference servers (Ollama, vLLM, llama.cpp, LM Studio, exo,
+any OpenAI-compatible server, and cloud APIs when configured), knows which models each serves
+and what they can do, routes every request to the best healthy backend, fails over when one
+dies and enforces policy. It never runs a model and keeps no user data: all state is
+operational (health, load, counters) and lives in memory.
+
+This file is the whole program. It needs aiohttp, zeroconf and tiktoken, nothing else.
+It reads top to bottom in the order a request travels:
+
+    Errors -> Settings -> World model (Backend, Model, Registry) -> Health (keep the world
+    current) -> Requests (what a payload needs) -> Routing (pure functions) -> Backend adapters
+    (the only code that knows a backend's quirks) -> Proxy (send, retry, stream out) ->
+    HTTP handlers -> Stats -> App assembly -> CLI and main().
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import itertools
+import json
+import logging
+import os
+import random
+import signal
+import sys
+import time
+import tomllib
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+__version__ = "0.1.0"
+
+log = logging.getLogger("nexus")
+
+
+def asset_path(name: str) -> Path:
+    """Where an embedded asset lives: beside this file, or inside the one-file bundle."""
+    base = Path(getattr(sys, "_MEIPASS", Path(__file__).resolve().parent))
+    return base / "assets" / name
+
+
+# ==============================================================================================
+# Errors
+# Owns: the one exception type every layer raises and the OpenAI error envelope it becomes.
+# Must not: format responses anywhere else; handlers raise, the middleware answers.
+# ==============================================================================================
+
+
+class NexusError(Exception):
+    """An error that becomes an OpenAI-format error response with the given HTTP status."""
+
+    def __init__(
+        self,
+        status: int,
+        type_: str,
+        code: str | None,
+        message: str,
+        param: str | None = None,
+        context: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.type = type_
+        self.code = code
+        self.message = message
+        self.param = param
+        self.context = context
+        self.headers = headers or {}
+
+    def envelope(self) -> dict[str, Any]:
+        error: dict[str, Any] = {
+            "message": self.message,
+            "type": self.type,
+            "param": self.param,
+            "code": self.code,
+        }
+        if self.context is not None:
+            error["context"] = self.context
+        return {"error": error}
+
+
+def bad_request(message: str, param: str | None = None) -> NexusError:
+    return NexusError(400, "invalid_request_error", "invalid_request", message, param)
+
+
+class ConfigError(Exception):
+    """An invalid setting. Start-up prints it as one line and exits with code 2."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"invalid setting {key}: {problem}")
+        self.key = key
+
+
+# ==============================================================================================
+# Settings
+# Owns: defaults, the TOML file, NEXUS_* variables and CLI flags, merged in that order of
+# precedence (flags win) and validated before anything starts.
+# Must not: be mutated after start-up, except the backend list through the admin API.
+# ==============================================================================================
+
+LOCAL_TYPES = ("ollama", "vllm", "llamacpp", "lmstudio", "exo", "generic")
+CLOUD_TYPES = ("openai", "anthropic")
+BACKEND_TYPES = LOCAL_TYPES + CLOUD_TYPES
+STRATEGIES = ("smart", "round_robin", "priority_only", "random")
+MAX_ALIAS_HOPS = 3
+
+
+@dataclass(slots=True)
+class ServerSettings:
+    host: str = "0.0.0.0"
+    port: int = 8000
+    request_timeout_seconds: float = 300.0
+    connect_timeout_seconds: float = 5.0
+    first_byte_timeout_seconds: float = 60.0
+    stream_idle_timeout_seconds: float = 30.0
+    max_body_mb: float = 10.0
+
+
+@dataclass(slots=True)
+class DiscoverySettings:
+    enabled: bool = True
+    grace_period_seconds: float = 60.0
+
+
+@dataclass(slots=True)
+class HealthSettings:
+    enabled: bool = True
+    interval_seconds: float = 30.0
+    timeout_seconds: float = 5.0
+    failure_threshold: int = 3
+    recovery_threshold: int = 2
+
+
+@dataclass(slots=True)
+class PolicySettings:
+    model_pattern: str = "*"
+    privacy: str = "open"
+    min_tier: int = 0
+    overflow: str = "block"
+
+
+@dataclass(slots=True)
+class BudgetSettings:
+    monthly_limit_usd: float = 0.0
+    soft_limit_percent: float = 75.0
+    hard_limit_action: str = "shift_local"
+    prices: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class RoutingSettings:
+    strategy: str = "smart"
+    max_retries: int = 2
+    weights: dict[str, float] = field(
+        default_factory=lambda: {"priority": 50.0, "load": 30.0, "latency": 20.0}
+    )
+    aliases: dict[str, str] = field(default_factory=dict)
+    fallbacks: dict[str, list[str]] = field(default_factory=dict)
+    policies: list[PolicySettings] = field(default_factory=list)
+    budget: BudgetSettings | None = None
+
+
+@dataclass(slots=True)
+class QueueSettings:
+    enabled: bool = True
+    max_size: int = 100
+    max_wait_seconds: float = 30.0
+
+
+@dataclass(slots=True)
+class LoggingSettings:
+    level: str = "info"
+    format: str = "pretty"
+    log_content: bool = False
+
+
+@dataclass(slots=True)
+class ApiKeySettings:
+    name: str = ""
+    key_env: str = ""
+    monthly_limit_usd: float = 0.0
+    rpm: int = 0
+    tpm: int = 0
+    models: list[str] = field(default_factory=list)
+    admin: bool = False
+
+
+@dataclass(slots=True)
+class AuthSettings:
+    api_keys: list[ApiKeySettings] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class BackendSettings:
+    name: str = ""
+    url: str = ""
+    type: str = "generic"
+    priority: int = 50
+    zone: str = ""
+    tier: int = 0
+    max_concurrent: int = 0
+    api_key_env: str = ""
+
+
+@dataclass(slots=True)
+class Settings:
+    server: ServerSettings = field(default_factory=ServerSettings)
+    discovery: DiscoverySettings = field(default_factory=DiscoverySettings)
+    health_check: HealthSettings = field(default_factory=HealthSettings)
+    routing: RoutingSettings = field(default_factory=RoutingSettings)
+    queue: QueueSettings = field(default_factory=QueueSettings)
+    logging: LoggingSettings = field(default_factory=LoggingSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    backends: list[BackendSettings] = field(default_factory=list)
+
+
+# Which setting each NEXUS_* variable and CLI flag sets.
+ENV_SETTINGS = {
+    "NEXUS_HOST": ("server", "host"),
+    "NEXUS_PORT": ("server", "port"),
+    "NEXUS_LOG_LEVEL": ("logging", "level"),
+    "NEXUS_LOG_FORMAT": ("logging", "format"),
+    "NEXUS_DISCOVERY": ("discovery", "enabled"),
+    "NEXUS_HEALTH_CHECK": ("health_check", "enabled"),
+}
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off")
+
+
+def _check_scalar(key: str, value: Any, default: Any) -> Any:
+    """Check a value against the type of its default; ints are accepted where floats are."""
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"expected true or false, got {value!r}")
+    elif isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f"expected a whole number, got {value!r}")
+    elif isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(key, f"expected a number, got {value!r}")
+        value = float(value)
+    elif isinstance(default, str) and not isinstance(value, str):
+        raise ConfigError(key, f"expected a string, got {value!r}")
+    return value
+
+
+def _build(cls: type, table: Any, key: str) -> Any:
+    """Build a settings dataclass from a TOML table: unknown keys and wrong types are errors."""
+    if not isinstance(table, dict):
+        raise ConfigError(key, f"expected a table, got {table!r}")
+    obj = cls()
+    known = {f.name for f in fields(cls)}
+    for name, value in table.items():
+        sub = f"{key}.{name}" if key else name
+        if name not in known:
+            raise ConfigError(sub, "unknown key")
+        setattr(obj, name, _convert_field(sub, value, getattr(obj, name), cls, name))
+    return obj
+
+
+def _convert_field(key: str, value: Any, default: Any, cls: type, name: str) -> Any:
+    nested = {
+        (Settings, "server"): ServerSettings,
+        (Settings, "discovery"): DiscoverySettings,
+        (Settings, "health_check"): HealthSettings,
+        (Settings, "routing"): RoutingSettings,
+        (Settings, "queue"): QueueSettings,
+        (Settings, "logging"): LoggingSettings,
+        (Settings, "auth"): AuthSettings,
+        (RoutingSettings, "budget"): BudgetSettings,
+    }
+    lists = {
+        (Settings, "backends"): BackendSettings,
+        (RoutingSettings, "policies"): PolicySettings,
+        (AuthSettings, "api_keys"): ApiKeySettings,
+    }
+    if (cls, name) in nested:
+        return _build(nested[cls, name], value, key)
+    if (cls, name) in lists:
+        if not isinstance(value, list):
+            raise ConfigError(key, "expected a list of tables")
+        return [_build(lists[cls, name], item, f"{key}[{i}]") for i, item in enumerate(value)]
+    if isinstance(default, dict):
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"expected a table, got {value!r}")
+        return value
+    if isinstance(default, list):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(key, f"expected a list of strings, got {value!r}")
+        return value
+    return _check_scalar(key, value, default)
+
+
+def _parse_env_value(var: str, text: str, default: Any) -> Any:
+    if isinstance(default, bool):
+        if text.strip().lower() in TRUE_WORDS:
+            return True
+        if text.strip().lower() in FALSE_WORDS:
+            return False
+        raise ConfigError(var, f"expected true or false, got {text!r}")
+    if isinstance(default, int):
+        try:
+            return int(text)
+        except ValueError:
+            raise ConfigError(var, f"expected a whole number, got {text!r}") from None
+    return text
+
+
+def config_file_path(cli_path: str | None, env: dict[str, str]) -> Path | None:
+    """The config file: --config, else $NEXUS_CONFIG, else ./nexus.toml when it exists."""
+    if cli_path:
+        return Path(cli_path)
+    if env.get("NEXUS_CONFIG"):
+        return Path(env["NEXUS_CONFIG"])
+    local = Path("nexus.toml")
+    return local if local.is_file() else None
+
+
+def load_settings(
+    path: Path | None, env: dict[str, str], overrides: dict[tuple[str, str], Any]
+) -> Settings:
+    """Defaults < TOML file < NEXUS_* variables < CLI overrides, then validation."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError("config", f"file {path} not found") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError("config", f"cannot read {path}: {exc}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError("config", f"{path} is not valid TOML: {exc}") from None
+    settings = _build(Settings, raw, "")
+    for var, (section, name) in ENV_SETTINGS.items():
+        if var in env:
+            value = _parse_env_value(var, env[var], getattr(getattr(settings, section), name))
+            setattr(getattr(settings, section), name, value)
+            _validate_one(f"{var}", section, name, value)
+    for (section, name), value in overrides.items():
+        setattr(getattr(settings, section), name, value)
+    validate_settings(settings, env)
+    return settings
+
+
+def _validate_one(key: str, section: str, name: str, value: Any) -> None:
+    if (section, name) == ("server", "port") and not 1 <= value <= 65535:
+        raise ConfigError(key, f"{value} is not a port (1-65535)")
+    if (section, name) == (
+        "logging",
+        "level",
+    ) and value.upper() not in logging.getLevelNamesMapping():
+        raise ConfigError(key, f"unknown log level {value!r}")
+    if (section, name) == ("logging", "format") and value not in ("pretty", "json"):
+        raise ConfigError(key, f"expected pretty or json, got {value!r}")
+
+
+def validate_settings(s: Settings, env: dict[str, str]) -> None:
+    """Every rule that one value's type cannot express. The first problem found is raised."""
+    _validate_one("server.port", "server", "port", s.server.port)
+    _validate_one("logging.level", "logging", "level", s.logging.level)
+    _validate_one("logging.format", "logging", "format", s.logging.format)
+    positive = [
+        ("server.request_timeout_seconds", s.server.request_timeout_seconds),
+        ("server.connect_timeout_seconds", s.server.connect_timeout_seconds),
+        ("server.first_byte_timeout_seconds", s.server.first_byte_timeout_seconds),
+        ("server.stream_idle_timeout_seconds", s.server.stream_idle_timeout_seconds),
+        ("server.max_body_mb", s.server.max_body_mb),
+        ("health_check.interval_seconds", s.health_check.interval_seconds),
+        ("health_check.timeout_seconds", s.health_check.timeout_seconds),
+        ("health_check.failure_threshold", s.health_check.failure_threshold),
+        ("health_check.recovery_threshold", s.health_check.recovery_threshold),
+    ]
+    for key, value in positive:
+        if value <= 0:
+            raise ConfigError(key, f"must be greater than 0, got {value}")
+    non_negative = [
+        ("discovery.grace_period_seconds", s.discovery.grace_period_seconds),
+        ("routing.max_retries", s.routing.max_retries),
+        ("queue.max_size", s.queue.max_size),
+        ("queue.max_wait_seconds", s.queue.max_wait_seconds),
+    ]
+    for key, value in non_negative:
+        if value < 0:
+            raise ConfigError(key, f"must not be negative, got {value}")
+    if s.routing.strategy not in STRATEGIES:
+        raise ConfigError("routing.strategy", f"expected one of {', '.join(STRATEGIES)}")
+    for name in ("priority", "load", "latency"):
+        weight = s.routing.weights.get(name, 0)
+        if isinstance(weight, bool) or not isinstance(weight, int | float) or weight < 0:
+            raise ConfigError(f"routing.weights.{name}", "must be a number of 0 or more")
+    for name in s.routing.weights:
+        if name not in ("priority", "load", "latency"):
+            raise ConfigError(f"routing.weights.{name}", "unknown weight")
+    for alias, target in s.routing.aliases.items():
+        if not isinstance(target, str) or not target:
+            raise ConfigError(f"routing.aliases.{alias}", "must name a model")
+    check_alias_cycles(s.routing.aliases)
+    for model, chain in s.routing.fallbacks.items():
+        if not isinstance(chain, list) or not all(isinstance(m, str) for m in chain):
+            raise ConfigError(f"routing.fallbacks.{model}", "must be a list of model names")
+    for i, policy in enumerate(s.routing.policies):
+        key = f"routing.policies[{i}]"
+        if policy.privacy not in ("restricted", "open"):
+            raise ConfigError(f"{key}.privacy", "expected restricted or open")
+        if policy.overflow not in ("block", "scrub"):
+            raise ConfigError(f"{key}.overflow", "expected block or scrub")
+        if not 0 <= policy.min_tier <= 5:
+            raise ConfigError(f"{key}.min_tier", "expected 0-5")
+    budget = s.routing.budget
+    if budget is not None:
+        if budget.monthly_limit_usd < 0:
+            raise ConfigError("routing.budget.monthly_limit_usd", "must not be negative")
+        if not 0 <= budget.soft_limit_percent <= 100:
+            raise ConfigError("routing.budget.soft_limit_percent", "expected 0-100")
+        actions = ("warn", "shift_local", "block_cloud", "block_all")
+        if budget.hard_limit_action not in actions:
+            raise ConfigError(
+                "routing.budget.hard_limit_action", f"expected one of {', '.join(actions)}"
+            )
+    for i, key_settings in enumerate(s.auth.api_keys):
+        key = f"auth.api_keys[{i}]"
+        if not key_settings.name:
+            raise ConfigError(f"{key}.name", "is required")
+        if not key_settings.key_env:
+            raise ConfigError(f"{key}.key_env", "is required")
+        if not env.get(key_settings.key_env):
+            raise ConfigError(f"{key}.key_env", f"variable {key_settings.key_env} is not set")
+    names: set[str] = set()
+    for i, backend in enumerate(s.backends):
+        validate_backend(backend, f"backends[{i}]", env)
+        if backend.name in names:
+            raise ConfigError(f"backends[{i}].name", f"duplicate backend name {backend.name!r}")
+        names.add(backend.name)
+
+
+def validate_backend(b: BackendSettings, key: str, env: dict[str, str]) -> None:
+    """Check one backend's settings and fill in what defaults from others (name, zone)."""
+    if b.type not in BACKEND_TYPES:
+        raise ConfigError(f"{key}.type", f"unknown backend type {b.type!r}")
+    try:
+        b.url = normalise_url(b.url)
+    except ValueError as exc:
+        raise ConfigError(f"{key}.url", str(exc)) from None
+    if not b.name:
+        b.name = urllib.parse.urlsplit(b.url).netloc
+    if not 0 <= b.priority <= 100:
+        raise ConfigError(f"{key}.priority", f"expected 0-100, got {b.priority}")
+    if not b.zone:
+        b.zone = "open" if b.type in CLOUD_TYPES else "restricted"
+    if b.zone not in ("restricted", "open"):
+        raise ConfigError(f"{key}.zone", f"expected restricted or open, got {b.zone!r}")
+    if not 0 <= b.tier <= 5:
+        raise ConfigError(f"{key}.tier", f"expected 1-5, got {b.tier}")
+    if b.max_concurrent < 0:
+        raise ConfigError(f"{key}.max_concurrent", "must not be negative")
+    if b.type in CLOUD_TYPES and not b.api_key_env:
+        raise ConfigError(f"{key}.api_key_env", f"a {b.type} backend needs api_key_env")
+    if b.api_key_env and not env.get(b.api_key_env):
+        raise ConfigError(f"{key}.api_key_env", f"variable {b.api_key_env} is not set")
+
+
+def normalise_url(url: str) -> str:
+    """A backend URL is the server's root: no trailing slash, no trailing /v1."""
+    url = url.strip().rstrip("/")
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{url!r} is not an http(s) URL")
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError:
+        raise ValueError(f"{url!r} has an invalid port") from None
+    if url.endswith("/v1"):
+        url = url[:-3]
+    return url
+
+
+def check_alias_cycles(aliases: dict[str, str]) -> None:
+    for start in aliases:
+        seen = [start]
+        current = start
+        while current in aliases:
+            current = aliases[current]
+            if current in seen:
+                chain = " -> ".join([*seen, current])
+                raise ConfigError(f"routing.aliases.{start}", f"alias cycle {chain}")
+            seen.append(current)
+
+
+# ==============================================================================================
+# World model
+# Owns: what Nexus knows about backends and models. One Backend per server, one Model per
+# model a backend serves, and the Registry that indexes them by model id.
+# Must not: do I/O. Health and discovery change it; routing reads it.
+# ==============================================================================================
+
+
+@dataclass(slots=True)
+class Model:
+    """A model as one backend serves it. A capability of None means the backend did not say."""
+
+    id: str
+    context_length: int | None = None
+    vision: bool | None = None
+    tools: bool | None = None
+    json_mode: bool | None = None
+
+
+@dataclass(slots=True, eq=False)
+class Backend:
+    """One inference server: its settings, its health, its load and its observed speed."""
+
+    name: str
+    url: str
+    type: str
+    priority: int = 50
+    zone: str = "restricted"
+    tier: int = 0
+    max_concurrent: int = 0
+    api_key_env: str = ""
+    source: str = "static"  # static | discovered | admin
+    status: str = "unknown"  # unknown | healthy | unhealthy
+    fail_streak: int = 0
+    ok_streak: int = 0
+    models: dict[str, Model] = field(default_factory=dict)
+    in_flight: int = 0
+    requests: int = 0
+    errors: int = 0
+    latency_ema_ms: float | None = None
+    ttft_ema_ms: float | None = None
+    last_error: str = ""
+    last_check: float = 0.0
+    lost_at: float | None = None
+
+    @property
+    def is_cloud(self) -> bool:
+        return self.type in CLOUD_TYPES
+
+    def at_capacity(self) -> bool:
+        return 0 < self.max_concurrent <= self.in_flight
+
+    @classmethod
+    def from_settings(cls, b: BackendSettings, source: str = "static") -> Backend:
+        return cls(
+            name=b.name,
+            url=b.url,
+            type=b.type,
+            priority=b.priority,
+            zone=b.zone,
+            tier=b.tier,
+            max_concurrent=b.max_concurrent,
+            api_key_env=b.api_key_env,
+            source=source,
+        )
+
+    def public(self) -> dict[str, Any]:
+        """The admin/CLI view of a backend. Never includes a key, only the variable's name."""
+        return {
+            "name": self.name,
+            "url": self.url,
+            "type": self.type,
+            "status": self.status,
+            "zone": self.zone,
+            "tier": self.tier or None,
+            "priority": self.priority,
+            "source": self.source,
+            "models": sorted(self.models),
+        }
+
+
+class Registry:
+    """All known backends, and for each model id the backends that serve it."""
+
+    def __init__(self) -> None:
+        self.backends: dict[str, Backend] = {}
+        self.by_model: dict[str, list[Backend]] = {}
+
+    def add(self, backend: Backend) -> None:
+        self.backends[backend.name] = backend
+        self.reindex()
+
+    def remove(self, name: str) -> Backend | None:
+        backend = self.backends.pop(name, None)
+        if backend is not None:
+            self.reindex()
+        return backend
+
+    def find_url(self, url: str) -> Backend | None:
+        for backend in self.backends.values():
+            if backend.url == url:
+                return backend
+        return None
+
+    def set_models(self, backend: Backend, models: dict[str, Model]) -> None:
+        if models.keys() != backend.models.keys() or models != backend.models:
+            backend.models = models
+            self.reindex()
+
+    def reindex(self) -> None:
+        index: dict[str, list[Backend]] = {}
+        for backend in self.backends.values():
+            for model_id in backend.models:
+                index.setdefault(model_id, []).append(backend)
+        self.by_model = index
+
+    def healthy(self) -> list[Backend]:
+        return [b for b in self.backends.values() if b.status == "healthy"]
+
+
+# ==============================================================================================
+# Health
+# Owns: the per-backend state machine (unknown -> healthy/unhealthy, thresholds against
+# flapping) and the poll loop that refreshes status and model lists.
+# Must not: spend tokens. Polls use model-list and health endpoints only.
+# ==============================================================================================
+
+
+def record_success(backend: Backend, settings: HealthSettings) -> None:
+    backend.fail_streak = 0
+    backend.ok_streak += 1
+    if backend.status == "unknown" or (
+        backend.status == "unhealthy" and backend.ok_streak >= settings.recovery_threshold
+    ):
+        if backend.status != "healthy":
+            log.info("backend %s is healthy", backend.name)
+        backend.status = "healthy"
+
+
+def record_failure(backend: Backend, settings: HealthSettings, reason: str) -> None:
+    backend.ok_streak = 0
+    backend.fail_streak += 1
+    backend.last_error = reason
+    if backend.status == "unknown" or (
+        backend.status == "healthy" and backend.fail_streak >= settings.failure_threshold
+    ):
+        if backend.status != "unhealthy":
+            log.warning("backend %s is unhealthy: %s", backend.name, reason)
+        backend.status = "unhealthy"
+
+
+async def poll_backend(app: web.Application, backend: Backend) -> None:
+    """One health poll: the type's own endpoints, bounded by the health timeout."""
+    settings = app[SETTINGS]
+    adapter = ADAPTERS[backend.type]
+    try:
+        async with asyncio.timeout(settings.health_check.timeout_seconds):
+            models = await adapter.poll(app[CLIENT], backend)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # any failure of a poll is the backend's, never Nexus's
+        backend.last_check = time.time()
+        record_failure(backend, settings.health_check, describe_failure(exc))
+        return
+    backend.last_check = time.time()
+    if backend.name in app[REGISTRY].backends:
+        app[REGISTRY].set_models(backend, models)
+    record_success(backend, settings.health_check)
+
+
+def describe_failure(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    return f"{type(exc).__name__}: {exc}"[:200]
+
+
+async def health_loop(app: web.Application) -> None:
+    """Poll every backend once per interval, in parallel. A poll never outlives its timeout."""
+    interval = app[SETTINGS].health_check.interval_seconds
+    while True:
+        backends = list(app[REGISTRY].backends.values())
+        if backends:
+            await asyncio.gather(*(poll_backend(app, b) for b in backends))
+        app[STATE].next_health_check = time.monotonic() + interval
+        await asyncio.sleep(interval)
+
+
+# ==============================================================================================
+# Requests
+# Owns: reading a client payload into what routing needs (model, capabilities, size).
+# Must not: touch the network or the registry.
+# ==============================================================================================
+
+# A prompt's size in tokens is estimated from its characters; exact counting is for cost and
+# for prompts near a context limit, never on the routing hot path.
+CHARS_PER_TOKEN = 4
+
+
+@dataclass(slots=True)
+class RequestNeeds:
+    """What a request requires of a backend, read from its payload alone."""
+
+    model: str
+    vision: bool = False
+    tools: bool = False
+    json_mode: bool = False
+    prompt_tokens: int = 0
+    max_tokens: int | None = None
+    high_priority: bool = False
+
+
+def parse_json_body(raw: bytes) -> dict[str, Any]:
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise bad_request("We could not parse the JSON body of your request.") from None
+    if not isinstance(body, dict):
+        raise bad_request("The request body must be a JSON object.")
+    return body
+
+
+def require_model(body: dict[str, Any]) -> str:
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise bad_request("you must provide a model parameter (a string)", "model")
+    return model
+
+
+def optional_int(body: dict[str, Any], name: str) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise bad_request(f"{name} must be a non-negative integer", name)
+    return value
+
+
+def chat_needs(body: dict[str, Any]) -> RequestNeeds:
+    model = require_model(body)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise bad_request("messages must be a non-empty array", "messages")
+    if "stream" in body and not isinstance(body["stream"], bool):
+        raise bad_request("stream must be a boolean", "stream")
+    if body.get("tools") is not None and not isinstance(body["tools"], list):
+        raise bad_request("tools must be an array", "tools")
+    chars = 0
+    vision = False
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise bad_request(f"messages[{i}] must be an object", f"messages[{i}]")
+        content = message.get("content")
+        if isinstance(content, str):
+            chars += len(content)
+        elif isinstance(content, list):
+            for part in content:
+                if not isinstance(part, dict):
+                    continue
+                kind = part.get("type")
+                if kind == "text" and isinstance(part.get("text"), str):
+                    chars += len(part["text"])
+                elif kind in ("image_url", "image", "input_image"):
+                    vision = True
+        elif content is not None:
+            raise bad_request(f"messages[{i}].content must be a string or an array", "messages")
+    max_tokens = optional_int(body, "max_completion_tokens")
+    if max_tokens is None:
+        max_tokens = optional_int(body, "max_tokens")
+    return RequestNeeds(
+        model=model,
+        vision=vision,
+        tools=bool(body.get("tools")),
+        json_mode=body.get("response_format") is not None,
+        prompt_tokens=chars // CHARS_PER_TOKEN + 4 * len(messages),
+        max_tokens=max_tokens,
+    )
+
+
+def completion_needs(body: dict[str, Any]) -> RequestNeeds:
+    model = require_model(body)
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        chars = len(prompt)
+    elif isinstance(prompt, list):
+        chars = sum(len(p) for p in prompt if isinstance(p, str))
+    else:
+        raise bad_request("prompt must be a string or an array of strings", "prompt")
+    if "stream" in body and not isinstance(body["stream"], bool):
+        raise bad_request("stream must be a boolean", "stream")
+    chars += len(body.get("suffix") or "") if isinstance(body.get("suffix"), str) else 0
+    return RequestNeeds(
+        model=model,
+        prompt_tokens=chars // CHARS_PER_TOKEN,
+        max_tokens=optional_int(body, "max_tokens"),
+    )
+
+
+def embedding_needs(body: dict[str, Any]) -> RequestNeeds:
+    model = require_model(body)
+    data = body.get("input")
+    if isinstance(data, str):
+        chars = len(data)
+    elif isinstance(data, list) and data:
+        chars = sum(len(x) for x in data if isinstance(x, str))
+    else:
+        raise bad_request("input must be a string or a non-empty array", "input")
+    return RequestNeeds(model=model, prompt_tokens=chars // CHARS_PER_TOKEN)
+
+
+# ==============================================================================================
+# Routing
+# Owns: the decision, which backends to try for a request and in what order. Pure functions
+# over the registry and settings: no awaits, no I/O, easy to property-test.
+# Must not: know any backend type's quirks.
+# ==============================================================================================
+
+
+@dataclass(slots=True)
+class Attempt:
+    """One try of a route: this backend, asked for this model."""
+
+    backend: Backend
+    model: str
+    fallback: bool = False
+    max_tokens: int | None = None  # set when max_tokens had to be lowered to fit
+
+
+@dataclass(slots=True)
+class RouteDecision:
+    """The plan for a request: the attempts in order, and why the first was chosen."""
+
+    model: str
+    attempts: list[Attempt]
+    reason: str = "capability-match"
+
+
+ROUND_ROBIN = itertools.count()
+
+
+def resolve_alias(model: str, aliases: dict[str, str]) -> str:
+    """Follow aliases up to MAX_ALIAS_HOPS; cycles were rejected at start-up."""
+    for _ in range(MAX_ALIAS_HOPS):
+        if model not in aliases:
+            return model
+        model = aliases[model]
+    return model
+
+
+def meets_needs(model: Model, needs: RequestNeeds) -> bool:
+    """A capability the backend does not report is assumed present; a reported absence excludes."""
+    if needs.vision and model.vision is False:
+        return False
+    if needs.tools and model.tools is False:
+        return False
+    if needs.json_mode and model.json_mode is False:
+        return False
+    return not (model.context_length and needs.prompt_tokens > model.context_length)
+
+
+def fits_entirely(model: Model, needs: RequestNeeds) -> bool:
+    if not model.context_length or needs.max_tokens is None:
+        return True
+    return needs.prompt_tokens + needs.max_tokens <= model.context_length
+
+
+def score(backend: Backend, weights: dict[str, float]) -> float:
+    """Lower is better: priority, load against capacity, and observed latency, weighted."""
+    capacity = backend.max_concurrent or 10
+    load = min(backend.in_flight / capacity, 1.0)
+    latency = backend.latency_ema_ms if backend.latency_ema_ms is not None else 0.0
+    return (
+        weights.get("priority", 0.0) * backend.priority / 100.0
+        + weights.get("load", 0.0) * load
+        + weights.get("latency", 0.0) * min(latency / 10_000.0, 1.0)
+    )
+
+
+def order_candidates(backends: list[Backend], strategy: str, weights: dict[str, float]) -> None:
+    """Sort in place by strategy; ties rotate round-robin so equal backends share the work."""
+    if len(backends) < 2:
+        return
+    turn = next(ROUND_ROBIN)
+    shift = turn % len(backends)
+    backends[:] = backends[shift:] + backends[:shift]
+    if strategy == "random":
+        random.shuffle(backends)
+    elif strategy == "priority_only":
+        backends.sort(key=lambda b: b.priority)
+    elif strategy == "smart":
+        backends.sort(key=lambda b: score(b, weights))
+
+
+def candidates_for(
+    model_id: str, needs: RequestNeeds, registry: Registry, settings: Settings
+) -> list[Backend]:
+    """Healthy backends serving the model that meet the request's requirements, in order."""
+    found = []
+    for backend in registry.by_model.get(model_id, ()):
+        if backend.status != "healthy":
+            continue
+        if meets_needs(backend.models[model_id], needs):
+            found.append(backend)
+    order_candidates(found, settings.routing.strategy, settings.routing.weights)
+    # Where max_tokens would overrun one backend's context but not another's, prefer the fit.
+    if needs.max_tokens is not None and len(found) > 1:
+        found.sort(key=lambda b: not fits_entirely(b.models[model_id], needs))
+    # A backend at capacity is tried last; the queue handles the case where all are.
+    found.sort(key=Backend.at_capacity)
+    return found
+
+
+def clamp_max_tokens(model: Model, needs: RequestNeeds) -> int | None:
+    """The lowered max_tokens when the prompt fits but the prompt plus max_tokens does not."""
+    if fits_entirely(model, needs) or not model.context_length:
+        return None
+    return max(model.context_length - needs.prompt_tokens, 1)
+
+
+def route(needs: RequestNeeds, registry: Registry, settings: Settings) -> RouteDecision:
+    """Plan the attempts for a request: the model's candidates, then its fallback chain.
+
+    Raises NexusError 404 for a model no backend serves and no alias names, and 503 with an
+    actionable context when nothing can serve it now.
+    """
+    model_id = resolve_alias(needs.model, settings.routing.aliases)
+    chain = [model_id, *settings.routing.fallbacks.get(model_id, ())]
+    if model_id not in registry.by_model and not any(m in registry.by_model for m in chain):
+        raise model_not_found(needs.model, registry, settings)
+    attempts: list[Attempt] = []
+    per_model = settings.routing.max_retries + 1
+    for position, candidate_model in enumerate(chain):
+        for backend in candidates_for(candidate_model, needs, registry, settings)[:per_model]:
+            model = backend.models[candidate_model]
+            attempts.append(
+                Attempt(backend, candidate_model, position > 0, clamp_max_tokens(model, needs))
+            )
+    if not attempts:
+        raise no_capacity(needs, model_id, registry)
+    return RouteDecision(model=model_id, attempts=attempts)
+
+
+def model_not_found(model: str, registry: Registry, settings: Settings) -> NexusError:
+    available = sorted(set(registry.by_model) | set(settings.routing.aliases))
+    listed = ", ".join(available[:50]) if available else "none (no backend is serving a model)"
+    return NexusError(
+        404,
+        "invalid_request_error",
+        "model_not_found",
+        f"The model '{model}' does not exist or is not served by any backend. "
+        f"Available models: {listed}",
+        param="model",
+    )
+
+
+def no_capacity(needs: RequestNeeds, model_id: str, registry: Registry) -> NexusError:
+    serving = registry.by_model.get(model_id, [])
+    healthy = [b for b in serving if b.status == "healthy"]
+    if healthy:
+        why = "no healthy backend serving it meets the request's needs (context, vision, tools)"
+    elif serving:
+        names = ", ".join(b.name for b in serving)
+        why = f"every backend serving it is unhealthy ({names})"
+    else:
+        why = "no backend serves it"
+    return NexusError(
+        503,
+        "service_unavailable",
+        "no_backend_available",
+        f"No backend can serve model '{needs.model}' now: {why}.",
+        context={
+            "available_nodes": [b.name for b in registry.healthy()],
+            "eta_seconds": None,
+            "required_tier": None,
+            "privacy_zone_required": None,
+        },
+    )
+
+
+# ==============================================================================================
+# Backend adapters
+# Owns: every quirk of every backend type: where its model list and health live, how its
+# capabilities and context lengths are reported, which headers it needs.
+# Must not: make routing decisions. The router sees only Backend and Model.
+# ==============================================================================================
+
+ENDPOINT_PATHS = {
+    "chat": "/v1/chat/completions",
+    "completions": "/v1/completions",
+    "embeddings": "/v1/embeddings",
+}
+
+
+class BackendReplyError(Exception):
+    """A backend answered a poll with a status or body that is not what its type sends."""
+
+
+async def fetch_json(
+    session: aiohttp.ClientSession,
+    method: str,
+    url: str,
+    headers: dict[str, str] | None = None,
+    payload: Any = None,
+) -> Any:
+    async with session.request(method, url, headers=headers, json=payload) as resp:
+        if resp.status != 200:
+            raise BackendReplyError(f"{method} {urllib.parse.urlsplit(url).path}: {resp.status}")
+        try:
+            return await resp.json(content_type=None)
+        except ValueError:
+            raise BackendReplyError(f"{url}: not JSON") from None
+
+
+def positive_int(value: Any) -> int | None:
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    return None
+
+
+def models_from_openai_list(data: Any) -> dict[str, Model]:
+    """Models from an OpenAI-style `/v1/models` answer, with whatever context length it gives."""
+    if not isinstance(data, dict) or not isinstance(data.get("data"), list):
+        raise BackendReplyError("/v1/models: no data list")
+    models = {}
+    for entry in data["data"]:
+        if not isinstance(entry, dict) or not isinstance(entry.get("id"), str):
+            continue
+        meta = entry.get("meta") if isinstance(entry.get("meta"), dict) else {}
+        context = (
+            positive_int(entry.get("max_model_len"))
+            or positive_int(entry.get("context_length"))
+            or positive_int(entry.get("context_window"))
+            or positive_int(meta.get("n_ctx_train"))
+        )
+        models[entry["id"]] = Model(id=entry["id"], context_length=context)
+    return models
+
+
+class OpenAICompatibleAdapter:
+    """Any server that speaks OpenAI's API: `/v1/models` is both its health and its model list."""
+
+    # Whether the server honours stream_options.include_usage, so Nexus can count tokens.
+    stream_usage = False
+
+    def headers(self, backend: Backend) -> dict[str, str]:
+        return {}
+
+    def url(self, backend: Backend, endpoint: str) -> str:
+        return backend.url + ENDPOINT_PATHS[endpoint]
+
+    async def poll(self, session: aiohttp.ClientSession, backend: Backend) -> dict[str, Model]:
+        data = await fetch_json(session, "GET", backend.url + "/v1/models", self.headers(backend))
+        return models_from_openai_list(data)
+
+
+class VllmAdapter(OpenAICompatibleAdapter):
+    """vLLM: `/health` says it is up; `/v1/models` carries `max_model_len`."""
+
+    stream_usage = True
+
+    async def poll(self, session: aiohttp.ClientSession, backend: Backend) -> dict[str, Model]:
+        async with session.get(backend.url + "/health") as resp:
+            if resp.status != 200:
+                raise BackendReplyError(f"/health: {resp.status}")
+        return await super().poll(session, backend)
+
+
+class LlamaCppAdapter(OpenAICompatibleAdapter):
+    """llama.cpp's llama-server: `/health`, `/props` for `n_ctx` and modalities, `/v1/models`."""
+
+    stream_usage = True
+
+    async def poll(self, session: aiohttp.ClientSession, backend: Backend) -> dict[str, Model]:
+        async with session.get(backend.url + "/health") as resp:
+            if resp.status != 200:
+                raise BackendReplyError(f"/health: {resp.status}")
+        props = await fetch_json(session, "GET", backend.url + "/props")
+        models = await super().poll(session, backend)
+        if not isinstance(props, dict):
+            return models
+        settings = props.get("default_generation_settings")
+        n_ctx = positive_int(props.get("n_ctx")) or (
+            positive_int(settings.get("n_ctx")) if isinstance(settings, dict) else None
+        )
+        modalities = props.get("modalities")
+        vision = modalities.get("vision") if isinstance(modalities, dict) else None
+        for model in models.values():
+            model.context_length = n_ctx or model.context_length
+            if isinstance(vision, bool):
+                model.vision = vision
+        return models
+
+
+class LmStudioAdapter(OpenAICompatibleAdapter):
+    """LM Studio: its `/api/v0/models` says type (llm, vlm, embeddings), context and tool use."""
+
+    async def poll(self, session: aiohttp.ClientSession, backend: Backend) -> dict[str, Model]:
+        data = await fetch_json(session, "GET", backend.url + "/api/v0/models")
+        if not isinstance(data, dict) or not isinstance(data.get("data"), list):
+            raise BackendReplyError("/api/v0/models: no data list")
+        models = {}
+        for entry in data["data"]:
+            if not isinstance(entry, dict) or not isinstance(entry.get("id"), str):
+                continue
+            caps = entry.get("capabilities")
+            models[entry["id"]] = Model(
+                id=entry["id"],
+                context_length=positive_int(entry.get("max_context_length")),
+                vision=entry.get("type") == "vlm",
+                tools=("tool_use" in caps) if isinstance(caps, list) else None,
+            )
+        return models
+
+
+class OllamaAdapter(OpenAICompatibleAdapter):
+    """Ollama: `/api/tags` lists models; `/api/show` gives capabilities and context length.
+
+    `/api/show` is asked once per model digest, not on every poll.
+    """
+
+    stream_usage = True
+
+    def __init__(self) -> None:
+        self.details: dict[tuple[str, str, str], Model] = {}
+
+    async def poll(self, session: aiohttp.ClientSession, backend: Backend) -> dict[str, Model]:
+        data = await fetch_json(session, "GET", backend.url + "/api/tags")
+        if not isinstance(data, dict) or not isinstance(data.get("models"), list):
+            raise BackendReplyError("/api/tags: no models list")
+        models = {}
+        for entry in data["models"]:
+            if not isinstance(entry, dict):
+                continue
+            name = entry.get("model") or entry.get("name")
+            if not isinstance(name, str) or not name:
+                continue
+            key = (backend.url, name, str(entry.get("digest", "")))
+            if key not in self.details:
+                self.details[key] = await self.show(session, backend, name)
+            models[name] = self.details[key]
+        return models
+
+    async def show(self, session: aiohttp.ClientSession, backend: Backend, name: str) -> Model:
+        try:
+            info = await fetch_json(
+                session, "POST", backend.url + "/api/show", payload={"model": name}
+            )
+        except BackendReplyError:
+            return Model(id=name)
+        if not isinstance(info, dict):
+            return Model(id=name)
+        caps = info.get("capabilities")
+        model_info = info.get("model_info") if isinstance(info.get("model_info"), dict) else {}
+        context = None
+        for key, value in model_info.items():
+            if key.endswith(".context_length"):
+                context = positive_int(value)
+                break
+        if not isinstance(caps, list):
+            return Model(id=name, context_length=context)
+        return Model(
+            id=name,
+            context_length=context,
+            vision="vision" in caps,
+            tools="tools" in caps,
+        )
+
+
+class OpenAICloudAdapter(OpenAICompatibleAdapter):
+    """OpenAI's API (or any cloud speaking it): Bearer key read from the environment."""
+
+    stream_usage = True
+
+    def headers(self, backend: Backend) -> dict[str, str]:
+        return {"Authorization": f"Bearer {os.environ.get(backend.api_key_env, '')}"}
+
+
+ADAPTERS: dict[str, OpenAICompatibleAdapter] = {
+    "generic": OpenAICompatibleAdapter(),
+    "exo": OpenAICompatibleAdapter(),
+    "vllm": VllmAdapter(),
+    "llamacpp": LlamaCppAdapter(),
+    "lmstudio": LmStudioAdapter(),
+    "ollama": OllamaAdapter(),
+    "openai": OpenAICloudAdapter(),
+    "anthropic": OpenAICloudAdapter(),
+}
+
+
+async def detect_type(session: aiohttp.ClientSession, url: str) -> str | None:
+    """What kind of server answers at url, by the endpoints only that kind has; None if none."""
+    probes: list[tuple[str, Callable[[Any], bool], str]] = [
+        (
+            "/api/tags",
+            lambda d: isinstance(d, dict) and isinstance(d.get("models"), list),
+            "ollama",
+        ),
+        (
+            "/props",
+            lambda d: isinstance(d, dict) and "default_generation_settings" in d,
+            "llamacpp",
+        ),
+        ("/api/v0/models", lambda d: isinstance(d, dict) and "data" in d, "lmstudio"),
+    ]
+    for path, looks_right, kind in probes:
+        with contextlib.suppress(BackendReplyError, aiohttp.ClientError, TimeoutError):
+            if looks_right(await fetch_json(session, "GET", url + path)):
+                return kind
+    with contextlib.suppress(BackendReplyError, aiohttp.ClientError, TimeoutError):
+        data = await fetch_json(session, "GET", url + "/v1/models")
+        if isinstance(data, dict) and isinstance(data.get("data"), list):
+            entries = [e for e in data["data"] if isinstance(e, dict)]
+            return "vllm" if any("max_model_len" in e for e in entries) else "generic"
+    return None
+
+
+# ==============================================================================================
+# Proxy
+# Owns: sending a routed request, retrying on the next attempt before the first byte, relaying
+# answers (streams chunk by chunk, as they arrive) and ending every stream honestly.
+# Must not: choose backends (routing did) or know backend quirks (adapters do).
+# ==============================================================================================
+
+JSON_HEADERS = {"Content-Type": "application/json"}
+CONTEXT_ERROR_WORDS = ("context length", "context_length", "maximum context", "too long", "n_ctx")
+
+
+class AttemptFailed(Exception):
+    """An attempt failed before any byte reached the client; the next attempt may serve."""
+
+    def __init__(self, error: NexusError, skip_model: bool = False) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.skip_model = skip_model  # a context-length refusal: go on to the fallback models
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    """What Nexus remembers of one request for stats and its log line. Never any content."""
+
+    id: str
+    model: str
+    endpoint: str
+    started: float
+    backend: str | None = None
+    status: int = 0
+    route_reason: str | None = None
+    retries: int = 0
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    ttft_ms: float | None = None
+
+
+def new_request_id() -> str:
+    return "req-" + os.urandom(8).hex()
+
+
+def response_headers(record: RequestRecord, attempt: Attempt, reason: str) -> dict[str, str]:
+    backend = attempt.backend
+    headers = {
+        "X-Request-Id": record.id,
+        "X-Nexus-Backend": backend.name,
+        "X-Nexus-Backend-Type": "cloud" if backend.is_cloud else "local",
+        "X-Nexus-Route-Reason": reason,
+        "X-Nexus-Privacy-Zone": backend.zone,
+        "X-Nexus-Cost-Estimated": "0",
+    }
+    if attempt.fallback:
+        headers["X-Nexus-Fallback-Model"] = attempt.model
+    if attempt.max_tokens is not None:
+        headers["X-Nexus-Max-Tokens-Clamped"] = str(attempt.max_tokens)
+    return headers
+
+
+def attempt_payload(body: dict[str, Any], raw: bytes, attempt: Attempt, ask_usage: bool) -> bytes:
+    """The bytes to send: the client's own bytes unless the model, max_tokens or usage change."""
+    if body["model"] == attempt.model and attempt.max_tokens is None and not ask_usage:
+        return raw
+    payload = dict(body)
+    payload["model"] = attempt.model
+    if attempt.max_tokens is not None:
+        key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+        payload[key] = attempt.max_tokens
+    if ask_usage:
+        options = dict(body.get("stream_options") or {})
+        options["include_usage"] = True
+        payload["stream_options"] = options
+    return json.dumps(payload).encode()
+
+
+def is_context_error(status: int, text: str) -> bool:
+    lowered = text.lower()
+    return status in (400, 413) and any(word in lowered for word in CONTEXT_ERROR_WORDS)
+
+
+async def proxy(
+    request: web.Request, endpoint: str, body: dict[str, Any], raw: bytes, needs: RequestNeeds
+) -> web.StreamResponse:
+    """Route a request and try its attempts in order until one answers."""
+    app = request.app
+    settings = app[SETTINGS]
+    record = RequestRecord(request[REQUEST_ID], needs.model, endpoint, time.perf_counter())
+    request[RECORD] = record
+    decision = route(needs, app[REGISTRY], settings)
+    stream = body.get("stream") is True and endpoint != "embeddings"
+    client_wants_usage = isinstance(body.get("stream_options"), dict) and bool(
+        body["stream_options"].get("include_usage")
+    )
+    deadline = asyncio.get_running_loop().time() + settings.server.request_timeout_seconds
+    failure: NexusError | None = None
+    skip_model: str | None = None
+    for index, attempt in enumerate(decision.attempts):
+        if attempt.model == skip_model:
+            continue
+        reason = decision.reason if index == 0 else "failover"
+        record.retries = index
+        ask_usage = (
+            stream and not client_wants_usage and ADAPTERS[attempt.backend.type].stream_usage
+        )
+        payload = attempt_payload(body, raw, attempt, ask_usage)
+        try:
+            return await send_attempt(
+                request, record, attempt, endpoint, payload, stream, ask_usage, reason, deadline
+            )
+        except AttemptFailed as exc:
+            failure = exc.error
+            if exc.skip_model:
+                skip_model = attempt.model
+    assert failure is not None
+    raise failure
+
+
+async def send_attempt(
+    request: web.Request,
+    record: RequestRecord,
+    attempt: Attempt,
+    endpoint: str,
+    payload: bytes,
+    stream: bool,
+    strip_usage: bool,
+    reason: str,
+    deadline: float,
+) -> web.StreamResponse:
+    app = request.app
+    settings = app[SETTINGS]
+    backend = attempt.backend
+    adapter = ADAPTERS[backend.type]
+    loop = asyncio.get_running_loop()
+    headers = adapter.headers(backend)
+    headers.update(JSON_HEADERS)
+    backend.in_flight += 1
+    backend.requests += 1
+    record.backend = backend.name
+    upstream: aiohttp.ClientResponse | None = None
+    try:
+        first_byte = min(settings.server.first_byte_timeout_seconds, deadline - loop.time())
+        try:
+            async with asyncio.timeout(first_byte):
+                upstream = await app[CLIENT].post(
+                    adapter.url(backend, endpoint), data=payload, headers=headers
+                )
+                if upstream.status >= 400 or not stream:
+                    answer = await upstream.read()
+        except TimeoutError:
+            raise attempt_failure(app, backend, 504, "timed out before answering") from None
+        except aiohttp.ClientError as exc:
+            raise attempt_failure(app, backend, 502, describe_failure(exc)) from None
+        if upstream.status >= 400:
+            return upstream_error(app, record, attempt, upstream.status, upstream.headers, answer)
+        out_headers = response_headers(record, attempt, reason)
+        if stream:
+            return await relay_stream(
+                request, record, attempt, upstream, out_headers, strip_usage, deadline
+            )
+        try:
+            parsed = json.loads(answer)
+        except ValueError:
+            parsed = None
+        if not isinstance(parsed, dict):
+            raise attempt_failure(app, backend, 502, "answered something that is not JSON")
+        note_usage(record, parsed.get("usage"))
+        note_success(app, record, backend)
+        return web.Response(
+            body=answer,
+            status=upstream.status,
+            headers=out_headers,
+            content_type="application/json",
+        )
+    finally:
+        backend.in_flight -= 1
+        if upstream is not None:
+            upstream.release()
+
+
+def attempt_failure(app: web.Application, backend: Backend, status: int, why: str) -> AttemptFailed:
+    """Count a failed attempt against the backend's health and make the error it may end in."""
+    backend.errors += 1
+    if app[SETTINGS].health_check.enabled:
+        record_failure(backend, app[SETTINGS].health_check, why)
+    kind = "timeout" if status == 504 else "backend_error"
+    code = "backend_timeout" if status == 504 else "backend_failed"
+    return AttemptFailed(NexusError(status, kind, code, f"Backend {backend.name} failed: {why}."))
+
+
+def upstream_error(
+    app: web.Application,
+    record: RequestRecord,
+    attempt: Attempt,
+    status: int,
+    upstream_headers: Any,
+    answer: bytes,
+) -> web.Response:
+    """A backend's error answer: 5xx and 429 are retried, context overruns fall back, other 4xx
+    go back to the client untouched."""
+    backend = attempt.backend
+    text = answer[:2000].decode("utf-8", "replace")
+    if status >= 500:
+        raise attempt_failure(app, backend, 502, f"answered HTTP {status}")
+    if status == 429:
+        backend.errors += 1
+        retry_after = upstream_headers.get("Retry-After", "1")
+        raise AttemptFailed(
+            NexusError(
+                429,
+                "rate_limit_error",
+                "rate_limited",
+                f"Backend {backend.name} is rate limited; try again later.",
+                headers={"Retry-After": retry_after},
+            )
+        )
+    if is_context_error(status, text):
+        raise AttemptFailed(
+            NexusError(400, "invalid_request_error", "context_length_exceeded", text[:500]),
+            skip_model=True,
+        )
+    record.status = status
+    headers = response_headers(record, attempt, "capability-match")
+    content_type = upstream_headers.get("Content-Type", "application/json").split(";")[0]
+    return web.Response(body=answer, status=status, headers=headers, content_type=content_type)
+
+
+def note_usage(record: RequestRecord, usage: Any) -> None:
+    if isinstance(usage, dict):
+        record.prompt_tokens = positive_int(usage.get("prompt_tokens")) or record.prompt_tokens
+        record.completion_tokens = (
+            positive_int(usage.get("completion_tokens")) or record.completion_tokens
+        )
+
+
+EMA_WEIGHT = 0.2
+
+
+def note_success(app: web.Application, record: RequestRecord, backend: Backend) -> None:
+    elapsed_ms = (time.perf_counter() - record.started) * 1000
+    if backend.latency_ema_ms is None:
+        backend.latency_ema_ms = elapsed_ms
+    else:
+        backend.latency_ema_ms += EMA_WEIGHT * (elapsed_ms - backend.latency_ema_ms)
+    if record.ttft_ms is not None:
+        if backend.ttft_ema_ms is None:
+            backend.ttft_ema_ms = record.ttft_ms
+        else:
+            backend.ttft_ema_ms += EMA_WEIGHT * (record.ttft_ms - backend.ttft_ema_ms)
+    if app[SETTINGS].health_check.enabled:
+        record_success(backend, app[SETTINGS].health_check)
+
+
+DONE_EVENT = b"data: [DONE]\n\n"
+
+
+def error_chunk(endpoint: str, model: str, message: str) -> bytes:
+    """The last chunk of a stream Nexus had to end: finish_reason "error" and the reason."""
+    if endpoint == "completions":
+        choice: dict[str, Any] = {"index": 0, "text": "", "finish_reason": "error"}
+        kind = "text_completion"
+    else:
+        choice = {"index": 0, "delta": {}, "finish_reason": "error"}
+        kind = "chat.completion.chunk"
+    chunk = {
+        "id": "nexus-error",
+        "object": kind,
+        "created": int(time.time()),
+        "model": model,
+        "choices": [choice],
+        "error": {"message": message, "type": "backend_error", "code": "stream_interrupted"},
+    }
+    return b"data: " + json.dumps(chunk).encode() + b"\n\n"
+
+
+async def relay_stream(
+    request: web.Request,
+    record: RequestRecord,
+    attempt: Attempt,
+    upstream: aiohttp.ClientResponse,
+    headers: dict[str, str],
+    strip_usage: bool,
+    deadline: float,
+) -> web.StreamResponse:
+    """Relay SSE chunks as they arrive. Until the first chunk is out a failure may still be
+    retried elsewhere; after it, Nexus ends the stream itself, honestly, always with [DONE]."""
+    app = request.app
+    settings = app[SETTINGS].server
+    backend = attempt.backend
+    loop = asyncio.get_running_loop()
+    content = upstream.content
+    response: web.StreamResponse | None = None
+    finished = False
+    problem = ""
+    while True:
+        limit = (
+            settings.first_byte_timeout_seconds
+            if response is None
+            else (settings.stream_idle_timeout_seconds)
+        )
+        try:
+            async with asyncio.timeout(min(limit, deadline - loop.time())):
+                line = await content.readline()
+        except TimeoutError:
+            if response is None:
+                raise attempt_failure(app, backend, 504, "sent no data in time") from None
+            problem = "the backend stalled"
+            break
+        except aiohttp.ClientError as exc:
+            if response is None:
+                raise attempt_failure(app, backend, 502, describe_failure(exc)) from None
+            problem = "the backend connection broke"
+            break
+        if not line:
+            if response is None:
+                raise attempt_failure(app, backend, 502, "ended the stream before any data")
+            if not finished:
+                problem = "the backend ended the stream before the answer was complete"
+            break
+        if not line.startswith(b"data:"):
+            continue  # blank separators, comments, event names
+        data = line[5:].strip()
+        if data == b"[DONE]":
+            finished = True
+            break
+        try:
+            chunk = json.loads(data)
+        except ValueError:
+            continue  # a malformed chunk is dropped; the stream goes on
+        if not isinstance(chunk, dict):
+            continue
+        usage = chunk.get("usage")
+        if usage:
+            note_usage(record, usage)
+            if strip_usage:
+                if not chunk.get("choices"):
+                    continue
+                del chunk["usage"]
+                data = json.dumps(chunk).encode()
+        choices = chunk.get("choices")
+        if choices and isinstance(choices[0], dict) and choices[0].get("finish_reason"):
+            finished = True
+        if response is None:
+            record.ttft_ms = (time.perf_counter() - record.started) * 1000
+            response = web.StreamResponse(status=200, headers=headers)
+            response.content_type = "text/event-stream"
+            response.headers["Cache-Control"] = "no-cache"
+            await response.prepare(request)
+        await response.write(b"data: " + data + b"\n\n")
+    if response is None:  # [DONE] with no chunk at all: an empty answer, but an honest one
+        response = web.StreamResponse(status=200, headers=headers)
+        response.content_type = "text/event-stream"
+        await response.prepare(request)
+    if problem:
+        record.status = 502
+        backend.errors += 1
+        if app[SETTINGS].health_check.enabled:
+            record_failure(backend, app[SETTINGS].health_check, problem)
+        await response.write(error_chunk(record.endpoint, attempt.model, problem + "."))
+    else:
+        record.status = 200
+        note_success(app, record, backend)
+    await response.write(DONE_EVENT)
+    await response.write_eof()
+    return response
+
+
+# ==============================================================================================
+# HTTP handlers
+# Owns: the API of SPEC §2. Each handler reads and checks its input, then hands over to the
+# proxy or answers from the registry and stats.
+# Must not: build error responses itself (raise NexusError) or talk to backends directly.
+# ==============================================================================================
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    raw = await request.read()
+    body = parse_json_body(raw)
+    needs = chat_needs(body)
+    needs.high_priority = request.headers.get("X-Nexus-Priority", "").lower() == "high"
+    return await proxy(request, "chat", body, raw, needs)
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    raw = await request.read()
+    body = parse_json_body(raw)
+    needs = completion_needs(body)
+    needs.high_priority = request.headers.get("X-Nexus-Priority", "").lower() == "high"
+    return await proxy(request, "completions", body, raw, needs)
+
+
+async def embeddings(request: web.Request) -> web.StreamResponse:
+    raw = await request.read()
+    body = parse_json_body(raw)
+    return await proxy(request, "embeddings", body, raw, embedding_needs(body))
+
+
+def model_entries(registry: Registry, settings: Settings) -> dict[str, dict[str, Any]]:
+    """Every routable model (served by a healthy backend) and every alias that leads to one."""
+    entries: dict[str, dict[str, Any]] = {}
+    for model_id, backends in registry.by_model.items():
+        healthy = [b for b in backends if b.status == "healthy"]
+        if healthy:
+            entries[model_id] = model_entry(model_id, [(b, b.models[model_id]) for b in healthy])
+    for alias in settings.routing.aliases:
+        target = resolve_alias(alias, settings.routing.aliases)
+        if target in entries and alias not in entries:
+            entries[alias] = dict(entries[target], id=alias, alias_of=target)
+    return entries
+
+
+def merge_flag(values: Iterable[bool | None]) -> bool | None:
+    """True if any backend has it, False if every backend reports it absent, None if unknown."""
+    seen = list(values)
+    if any(v is True for v in seen):
+        return True
+    if seen and all(v is False for v in seen):
+        return False
+    return None
+
+
+def model_entry(model_id: str, served: list[tuple[Backend, Model]]) -> dict[str, Any]:
+    contexts = [m.context_length for _, m in served if m.context_length]
+    return {
+        "id": model_id,
+        "object": "model",
+        "created": 0,
+        "owned_by": served[0][0].type,
+        "context_length": max(contexts) if contexts else None,
+        "capabilities": {
+            "vision": merge_flag(m.vision for _, m in served),
+            "tools": merge_flag(m.tools for _, m in served),
+            "json_mode": merge_flag(m.json_mode for _, m in served),
+        },
+        "backends": sorted(b.name for b, _ in served),
+    }
+
+
+async def list_models(request: web.Request) -> web.Response:
+    entries = model_entries(request.app[REGISTRY], request.app[SETTINGS])
+    return web.json_response({"object": "list", "data": [entries[k] for k in sorted(entries)]})
+
+
+async def get_model(request: web.Request) -> web.Response:
+    model_id = request.match_info["model_id"]
+    entries = model_entries(request.app[REGISTRY], request.app[SETTINGS])
+    if model_id not in entries:
+        raise model_not_found(model_id, request.app[REGISTRY], request.app[SETTINGS])
+    return web.json_response(entries[model_id])
+
+
+def overall_status(registry: Registry) -> str:
+    total = len(registry.backends)
+    healthy = len(registry.healthy())
+    if total and healthy == total:
+        return "healthy"
+    return "degraded" if healthy else "unhealthy"
+
+
+async def health(request: web.Request) -> web.Response:
+    registry = request.app[REGISTRY]
+    healthy = len(registry.healthy())
+    return web.json_response(
+        {
+            "status": overall_status(registry),
+            "version": __version__,
+            "uptime_seconds": round(time.monotonic() - request.app[STATS].started, 1),
+            "backends": {
+                "total": len(registry.backends),
+                "healthy": healthy,
+                "unhealthy": len(registry.backends) - healthy,
+            },
+            "models": len(model_entries(registry, request.app[SETTINGS])),
+        }
+    )
+
+
+def require_admin(request: web.Request) -> None:
+    """The admin API changes what Nexus routes to: only callers on this machine may use it."""
+    peer = request.remote or ""
+    if peer not in ("127.0.0.1", "::1") and not peer.startswith("127."):
+        raise NexusError(
+            403,
+            "permission_error",
+            "admin_forbidden",
+            "The admin API only answers requests from this machine (loopback).",
+        )
+
+
+async def list_backends(request: web.Request) -> web.Response:
+    backends = request.app[REGISTRY].backends.values()
+    return web.json_response({"object": "list", "data": [b.public() for b in backends]})
+
+
+async def add_backend(request: web.Request) -> web.Response:
+    require_admin(request)
+    body = parse_json_body(await request.read())
+    app = request.app
+    url = body.get("url")
+    if not isinstance(url, str):
+        raise bad_request("url is required (the server's root, e.g. http://host:11434)", "url")
+    for name in ("name", "type"):
+        if body.get(name) is not None and not isinstance(body[name], str):
+            raise bad_request(f"{name} must be a string", name)
+    priority = body.get("priority", 50)
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise bad_request("priority must be an integer 0-100", "priority")
+    kind = body.get("type")
+    if kind is None:
+        try:
+            url = normalise_url(url)
+        except ValueError as exc:
+            raise bad_request(str(exc), "url") from None
+        kind = await detect_type(app[CLIENT], url)
+        if kind is None:
+            raise bad_request(
+                f"No LLM server answered at {url}; check the URL or pass type.", "url"
+            )
+    settings = BackendSettings(name=body.get("name") or "", url=url, type=kind, priority=priority)
+    try:
+        validate_backend(settings, "backend", dict(os.environ))
+    except ConfigError as exc:
+        raise bad_request(str(exc), exc.key.split(".")[-1]) from None
+    registry = app[REGISTRY]
+    if settings.name in registry.backends:
+        raise NexusError(
+            409, "invalid_request_error", "backend_exists", f"{settings.name} already exists"
+        )
+    if registry.find_url(settings.url):
+        raise NexusError(
+            409, "invalid_request_error", "backend_exists", f"{settings.url} is already a backend"
+        )
+    backend = Backend.from_settings(settings, source="admin")
+    registry.add(backend)
+    await poll_backend(app, backend)
+    if not app[SETTINGS].health_check.enabled:
+        backend.status = "healthy"
+    log.info("backend %s added (%s, %s)", backend.name, backend.type, backend.url)
+    return web.json_response(backend.public(), status=201)
+
+
+async def remove_backend(request: web.Request) -> web.Response:
+    require_admin(request)
+    name = request.match_info["name"]
+    if request.app[REGISTRY].remove(name) is None:
+        raise NexusError(404, "invalid_request_error", "backend_not_found", f"No backend {name!r}")
+    log.info("backend %s removed", name)
+    return web.json_response({"name": name, "deleted": True})
+
+
+async def dashboard(request: web.Request) -> web.StreamResponse:
+    path = asset_path("dashboard.html")
+    if not path.is_file():
+        raise NexusError(404, "not_found_error", "not_found", "The dashboard is not bundled.")
+    return web.FileResponse(path, headers={"Cache-Control": "no-cache"})
+
+
+# ==============================================================================================
+# Stats
+# Owns: counters, the last 100 requests (metadata only) and the one log line per request.
+# Must not: keep any prompt or answer text, or any key.
+# ==============================================================================================
+
+RECENT_REQUESTS = 100
+
+
+class Stats:
+    """Request counters since start and the most recent requests, for /v1/stats and logs."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.total = 0
+        self.success = 0
+        self.errors = 0
+        self.per_model: collections.Counter[str] = collections.Counter()
+        self.recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=RECENT_REQUESTS)
+
+    def record(self, record: RequestRecord, status: int) -> None:
+        self.total += 1
+        if status < 400:
+            self.success += 1
+        else:
+            self.errors += 1
+        self.per_model[record.model] += 1
+        latency_ms = round((time.perf_counter() - record.started) * 1000, 2)
+        self.recent.append(
+            {
+                "time": time.time(),
+                "id": record.id,
+                "model": record.model,
+                "backend": record.backend,
+                "status": status,
+                "latency_ms": latency_ms,
+                "tokens": {"prompt": record.prompt_tokens, "completion": record.completion_tokens},
+                "route_reason": record.route_reason,
+            }
+        )
+
+
+def stats_snapshot(app: web.Application) -> dict[str, Any]:
+    registry = app[REGISTRY]
+    stats = app[STATS]
+    entries = model_entries(registry, app[SETTINGS])
+    backends = []
+    for b in registry.backends.values():
+        backends.append(
+            {
+                "name": b.name,
+                "type": b.type,
+                "url": b.url,
+                "status": b.status,
+                "zone": b.zone,
+                "tier": b.tier or None,
+                "priority": b.priority,
+                "requests": b.requests,
+                "pending": b.in_flight,
+                "avg_latency_ms": round(b.latency_ema_ms, 2) if b.latency_ema_ms else None,
+                "avg_ttft_ms": round(b.ttft_ema_ms, 2) if b.ttft_ema_ms else None,
+                "error_rate": round(b.errors / b.requests, 4) if b.requests else 0.0,
+                "models": sorted(b.models),
+            }
+        )
+    names = sorted(set(entries) | set(stats.per_model))
+    models = [
+        {
+            "name": name,
+            "requests": stats.per_model.get(name, 0),
+            "backends": entries[name]["backends"] if name in entries else [],
+            "context_length": entries[name]["context_length"] if name in entries else None,
+            "capabilities": entries[name]["capabilities"] if name in entries else None,
+        }
+        for name in names
+    ]
+    return {
+        "version": __version__,
+        "uptime_seconds": round(time.monotonic() - stats.started, 1),
+        "requests": {"total": stats.total, "success": stats.success, "errors": stats.errors},
+        "backends": backends,
+        "models": models,
+        "recent": list(stats.recent),
+        "budget": None,
+        "keys": [],
+    }
+
+
+async def get_stats(request: web.Request) -> web.Response:
+    return web.json_response(stats_snapshot(request.app))
+
+
+STATS_PUSH_SECONDS = 1.0
+
+
+async def stream_stats(request: web.Request) -> web.StreamResponse:
+    """The dashboard's live feed: the /v1/stats document once a second, as Server-Sent Events."""
+    response = web.StreamResponse(headers={"Cache-Control": "no-cache"})
+    response.content_type = "text/event-stream"
+    await response.prepare(request)
+    with contextlib.suppress(ConnectionError):
+        while True:
+            payload = json.dumps(stats_snapshot(request.app)).encode()
+            await response.write(b"data: " + payload + b"\n\n")
+            await asyncio.sleep(STATS_PUSH_SECONDS)
+    return response
+
+
+def log_request(record: RequestRecord, status: int) -> None:
+    latency_ms = round((time.perf_counter() - record.started) * 1000, 2)
+    fields_ = {
+        "request_id": record.id,
+        "model": record.model,
+        "backend": record.backend,
+        "status": status,
+        "latency_ms": latency_ms,
+        "prompt_tokens": record.prompt_tokens,
+        "completion_tokens": record.completion_tokens,
+        "route_reason": record.route_reason,
+        "retries": record.retries,
+    }
+    log.info(
+        "request %s model=%s backend=%s status=%s latency_ms=%s tokens=%s/%s reason=%s retries=%s",
+        record.id,
+        record.model,
+        record.backend,
+        status,
+        latency_ms,
+        record.prompt_tokens,
+        record.completion_tokens,
+        record.route_reason,
+        record.retries,
+        extra={"fields": fields_},
+    )
+
+
+# ==============================================================================================
+# App assembly
+# Owns: the aiohttp application, its typed state, the error middleware, and the background
+# tasks (health, discovery) that live as long as the app.
+# ==============================================================================================
+
+SETTINGS = web.AppKey("settings", Settings)
+REGISTRY = web.AppKey("registry", Registry)
+STATS = web.AppKey("stats", Stats)
+CLIENT = web.AppKey("client", aiohttp.ClientSession)
+STATE = web.AppKey("state", dict)
+REQUEST_ID = web.RequestKey("request_id", str)
+RECORD = web.RequestKey("record", RequestRecord)
+
+
+def error_response(error: NexusError, request: web.Request) -> web.Response:
+    headers = dict(error.headers)
+    headers["X-Request-Id"] = request.get(REQUEST_ID, "")
+    return web.json_response(error.envelope(), status=error.status, headers=headers)
+
+
+HTTP_ERROR_TYPES = {
+    404: ("not_found_error", "not_found"),
+    405: ("invalid_request_error", "method_not_allowed"),
+    413: ("invalid_request_error", "request_too_large"),
+}
+
+
+@web.middleware
+async def request_middleware(
+    request: web.Request, handler: Callable[[web.Request], Any]
+) -> web.StreamResponse:
+    """Give every request an id, turn every failure into an OpenAI error envelope, and count
+    and log every inference request exactly once."""
+    request[REQUEST_ID] = new_request_id()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except NexusError as exc:
+        status = exc.status
+        return error_response(exc, request)
+    except web.HTTPException as exc:
+        status = exc.status
+        if status == 413:
+            limit = request.app[SETTINGS].server.max_body_mb
+            message = f"Request body too large: the limit is {limit:g} MB (server.max_body_mb)."
+        elif status == 404:
+            message = f"Unknown path {request.path}."
+        else:
+            message = exc.reason
+        kind, code = HTTP_ERROR_TYPES.get(status, ("invalid_request_error", "http_error"))
+        return error_response(NexusError(status, kind, code, message), request)
+    except asyncio.CancelledError:
+        status = 499  # the client went away
+        raise
+    except Exception:
+        log.exception("unexpected error serving %s %s", request.method, request.path)
+        error = NexusError(500, "server_error", "internal_error", "Nexus hit an internal error.")
+        return error_response(error, request)
+    finally:
+        record = request.get(RECORD)
+        if record is not None:
+            final = record.status or status
+            request.app[STATS].record(record, final)
+            log_request(record, final)
+
+
+async def client_session_ctx(app: web.Application) -> AsyncIterator[None]:
+    """One pooled client session for all backend traffic, for the life of the app."""
+    server = app[SETTINGS].server
+    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, ttl_dns_cache=300)
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=server.connect_timeout_seconds)
+    app[CLIENT] = aiohttp.ClientSession(
+        connector=connector, timeout=timeout, auto_decompress=False, trust_env=False
+    )
+    yield
+    await app[CLIENT].close()
+
+
+async def first_poll(app: web.Application, backend: Backend) -> None:
+    await poll_backend(app, backend)
+    if not app[SETTINGS].health_check.enabled:
+        backend.status = "healthy"  # without health checks, configured backends are trusted
+
+
+async def background_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Start keeping the world current; the server answers meanwhile, never waiting for it."""
+    settings = app[SETTINGS]
+    tasks = []
+    if settings.health_check.enabled:
+        tasks.append(asyncio.create_task(health_loop(app)))
+    else:
+        for backend in list(app[REGISTRY].backends.values()):
+            tasks.append(asyncio.create_task(first_poll(app, backend)))
+    yield
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def create_app(settings: Settings) -> web.Application:
+    app = web.Application(
+        client_max_size=int(settings.server.max_body_mb * 1024 * 1024),
+        middlewares=[request_middleware],
+    )
+    app[SETTINGS] = settings
+    app[REGISTRY] = Registry()
+    app[STATS] = Stats()
+    app[STATE] = {}
+    for backend_settings in settings.backends:
+        app[REGISTRY].add(Backend.from_settings(backend_settings))
+    app.cleanup_ctx.append(client_session_ctx)
+    app.cleanup_ctx.append(background_ctx)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/embeddings", embeddings)
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/models/{model_id:.+}", get_model)
+    app.router.add_get("/health", health)
+    app.router.add_get("/v1/stats", get_stats)
+    app.router.add_get("/v1/stats/stream", stream_stats)
+    app.router.add_get("/v1/backends", list_backends)
+    app.router.add_post("/v1/backends", add_backend)
+    app.router.add_delete("/v1/backends/{name}", remove_backend)
+    app.router.add_get("/", dashboard)
+    return app
+
+
+# ==============================================================================================
+# CLI and main()
+# Owns: argument parsing, logging set-up, `nexus serve`, and the small HTTP client behind the
+# other commands (they talk to a running Nexus).
+# Must not: print a traceback for anything a user can cause.
+# ==============================================================================================
+
+DEFAULT_NEXUS_URL = "http://127.0.0.1:8000"
+SHUTDOWN_GRACE_SECONDS = 10.0
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line: time, level, message, and a request's fields when it has them."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname.lower(),
+            "message": record.getMessage(),
+        }
+        line.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line)
+
+
+def setup_logging(settings: LoggingSettings) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if settings.format == "json":
+        handler.setFormatter(JsonLogFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(settings.level.upper())
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def build_commit() -> str:
+    """The git commit Nexus was built from: recorded in the bundle, or asked of git."""
+    info = asset_path("build_info.json")
+    if info.is_file():
+        with contextlib.suppress(OSError, ValueError):
+            return str(json.loads(info.read_text()).get("commit", "unknown"))
+    import subprocess
+
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=2,
+        )
+        if out.returncode == 0:
+            return out.stdout.strip()
+    return "unknown"
+
+
+async def run_server(settings: Settings) -> int:
+    app = create_app(settings)
+    runner = web.AppRunner(
+        app, handler_cancellation=True, shutdown_timeout=SHUTDOWN_GRACE_SECONDS, access_log=None
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, settings.server.host, settings.server.port, backlog=1024)
+    try:
+        await site.start()
+    except OSError as exc:
+        print(
+            f"nexus: cannot listen on {settings.server.host}:{settings.server.port}: "
+            f"{exc.strerror or exc}",
+            file=sys.stderr,
+        )
+        await runner.cleanup()
+        return 1
+    log.info(
+        "Nexus %s listening on http://%s:%d (%d configured backends)",
+        __version__,
+        settings.server.host,
+        settings.server.port,
+        len(settings.backends),
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):  # Windows: no loop signal handlers
+            signal.signal(sig, lambda *_: loop.call_soon_threadsafe(stop.set))
+    await stop.wait()
+    log.info("shutting down: finishing in-flight requests (up to %gs)", SHUTDOWN_GRACE_SECONDS)
+    await runner.cleanup()
+    log.info("stopped")
+    return 0
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    env = dict(os.environ)
+    overrides: dict[tuple[str, str], Any] = {}
+    if args.port is not None:
+        overrides["server", "port"] = args.port
+    if args.host is not None:
+        overrides["server", "host"] = args.host
+    if args.log_level is not None:
+        overrides["logging", "level"] = args.log_level
+    if args.log_format is not None:
+        overrides["logging", "format"] = args.log_format
+    if args.no_discovery:
+        overrides["discovery", "enabled"] = False
+    if args.no_health_check:
+        overrides["health_check", "enabled"] = False
+    try:
+        settings = load_settings(config_file_path(args.config, env), env, overrides)
+    except ConfigError as exc:
+        print(f"nexus: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(settings.logging)
+    return asyncio.run(run_server(settings))
+
+
+def nexus_url(args: argparse.Namespace) -> str:
+    return (args.url or os.environ.get("NEXUS_URL") or DEFAULT_NEXUS_URL).rstrip("/")
+
+
+def call_nexus(args: argparse.Namespace, method: str, path: str, payload: Any = None) -> Any:
+    """Ask a running Nexus; its OpenAI-format errors become one readable line."""
+    data = json.dumps(payload).encode() if payload is not None else None
+    request = urllib.request.Request(
+        nexus_url(args) + path, data=data, method=method, headers=JSON_HEADERS
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            message = json.loads(exc.read())["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = f"HTTP {exc.code}"
+        raise SystemExit(f"nexus: {message}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise SystemExit(
+            f"nexus: cannot reach Nexus at {nexus_url(args)} ({reason}); "
+            "is `nexus serve` running? (set --url or NEXUS_URL)"
+        ) from None
+
+
+def print_table(rows: list[list[str]], header: list[str]) -> None:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+def backends_command(args: argparse.Namespace) -> int:
+    if args.action == "list":
+        data = call_nexus(args, "GET", "/v1/backends")
+        if args.json:
+            print(json.dumps(data, indent=2))
+        else:
+            rows = [
+                [b["name"], b["type"], b["status"], b["zone"], b["url"], str(len(b["models"]))]
+                for b in data["data"]
+            ]
+            print_table(rows, ["NAME", "TYPE", "STATUS", "ZONE", "URL", "MODELS"])
+    elif args.action == "add":
+        payload = {"url": args.backend_url}
+        for key in ("name", "type", "priority"):
+            if getattr(args, key) is not None:
+                payload[key] = getattr(args, key)
+        added = call_nexus(args, "POST", "/v1/backends", payload)
+        print(
+            f"added {added['name']} ({added['type']}, {added['status']}, "
+            f"{len(added['models'])} models)"
+        )
+    else:
+        call_nexus(args, "DELETE", "/v1/backends/" + urllib.parse.quote(args.name, safe=""))
+        print(f"removed {args.name}")
+    return 0
+
+
+def models_command(args: argparse.Namespace) -> int:
+    data = call_nexus(args, "GET", "/v1/models")
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    rows = []
+    for m in data["data"]:
+        caps = [name for name, on in m["capabilities"].items() if on]
+        rows.append(
+            [
+                m["id"],
+                str(m["context_length"] or "-"),
+                ",".join(caps) or "-",
+                ",".join(m["backends"]),
+            ]
+        )
+    print_table(rows, ["MODEL", "CONTEXT", "CAPABILITIES", "BACKENDS"])
+    return 0
+
+
+def health_command(args: argparse.Namespace) -> int:
+    data = call_nexus(args, "GET", "/health")
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        b = data["backends"]
+        print(
+            f"{data['status']}: {b['healthy']}/{b['total']} backends healthy, "
+            f"{data['models']} models, up {data['uptime_seconds']:.0f}s (v{data['version']})"
+        )
+    return 0 if data["status"] != "unhealthy" else 1
+
+
+def config_init_command(args: argparse.Namespace) -> int:
+    target = Path(args.output)
+    if target.exists() and not args.force:
+        print(f"nexus: {target} already exists; use --force to overwrite it", file=sys.stderr)
+        return 1
+    target.write_text(asset_path("nexus.example.toml").read_text(encoding="utf-8"))
+    print(f"wrote {target}")
+    return 0
+
+
+def completion_script(shell: str, parser: argparse.ArgumentParser) -> str:
+    """A completion script for the commands and flags of this parser."""
+    commands = {"serve", "backends", "models", "health", "config", "completions"}
+    words = sorted(commands | {"list", "add", "remove", "init", "bash", "zsh", "fish"})
+    flags = sorted({opt for a in parser._actions for opt in a.option_strings})
+    if shell == "bash":
+        return (
+            "_nexus() {\n"
+            f'  COMPREPLY=($(compgen -W "{" ".join(words + flags)}" '
+            '-- "${COMP_WORDS[COMP_CWORD]}"))\n'
+            "}\ncomplete -F _nexus nexus\n"
+        )
+    if shell == "zsh":
+        return f"#compdef nexus\n_arguments '*: :({' '.join(words)})'\n"
+    return "".join(f"complete -c nexus -f -a {w}\n" for w in words)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nexus", description="One OpenAI-compatible endpoint in front of every LLM server."
+    )
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command")
+
+    serve = sub.add_parser("serve", help="run the gateway")
+    serve.add_argument(
+        "-c", "--config", help="TOML config file (default: $NEXUS_CONFIG, ./nexus.toml)"
+    )
+    serve.add_argument("-p", "--port", type=int, help="port to listen on (default 8000)")
+    serve.add_argument("-H", "--host", help="address to listen on (default 0.0.0.0)")
+    serve.add_argument("-l", "--log-level", help="debug, info, warning or error")
+    serve.add_argument("--log-format", choices=["pretty", "json"])
+    serve.add_argument("--no-discovery", action="store_true", help="turn off mDNS and port probes")
+    serve.add_argument("--no-health-check", action="store_true", help="turn off health polling")
+
+    def client_flags(p: argparse.ArgumentParser, json_flag: bool = True) -> None:
+        p.add_argument(
+            "--url", help=f"the running Nexus (default $NEXUS_URL or {DEFAULT_NEXUS_URL})"
+        )
+        if json_flag:
+            p.add_argument("--json", action="store_true", help="print JSON")
+
+    backends = sub.add_parser("backends", help="list, add or remove backends of a running Nexus")
+    actions = backends.add_subparsers(dest="action", required=True)
+    client_flags(actions.add_parser("list", help="list backends"))
+    add = actions.add_parser("add", help="add a backend (its type is detected unless given)")
+    add.add_argument("backend_url", metavar="URL")
+    add.add_argument("--name")
+    add.add_argument("--type", choices=BACKEND_TYPES)
+    add.add_argument("--priority", type=int)
+    client_flags(add, json_flag=False)
+    remove = actions.add_parser("remove", help="remove a backend")
+    remove.add_argument("name", metavar="NAME")
+    client_flags(remove, json_flag=False)
+
+    client_flags(sub.add_parser("models", help="list the models a running Nexus serves"))
+    client_flags(sub.add_parser("health", help="show a running Nexus's health"))
+
+    config = sub.add_parser("config", help="configuration helpers")
+    config_actions = config.add_subparsers(dest="action", required=True)
+    init = config_actions.add_parser("init", help="write a commented config template")
+    init.add_argument("-o", "--output", default="nexus.toml")
+    init.add_argument("--force", action="store_true", help="overwrite an existing file")
+
+    completions_ = sub.add_parser("completions", help="print a shell completion script")
+    completions_.add_argument("shell", choices=["bash", "zsh", "fish"])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        print(f"nexus {__version__} (commit {build_commit()})")
+        return 0
+    if args.command == "serve":
+        return serve_command(args)
+    if args.command == "backends":
+        return backends_command(args)
+    if args.command == "models":
+        return models_command(args)
+    if args.command == "health":
+        return health_command(args)
+    if args.command == "config":
+        return config_init_command(args)
+    if args.command == "completions":
+        print(completion_script(args.shell, parser), end="")
+        return 0
+    parser.print_help()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
