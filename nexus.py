@@ -1294,8 +1294,56 @@ def is_context_error(status: int, text: str) -> bool:
     return status in (400, 413) and any(word in lowered for word in CONTEXT_ERROR_WORDS)
 
 
+DONE_EVENT = b"data: [DONE]\n\n"
+
+
+class OpenAIFormat:
+    """How answers are written to the client. This default is OpenAI's own format: the
+    backend's bytes pass through unchanged. Other API styles (Anthropic's Messages) subclass it
+    and translate; a subclass instance serves one request and may keep state across chunks."""
+
+    def body(self, answer: bytes, parsed: dict[str, Any]) -> bytes:
+        return answer
+
+    def chunk(self, data: bytes, chunk: dict[str, Any]) -> bytes:
+        return b"data: " + data + b"\n\n"
+
+    def error(self, endpoint: str, model: str, message: str) -> bytes:
+        return error_chunk(endpoint, model, message)
+
+    def end(self) -> bytes:
+        return DONE_EVENT
+
+
+OPENAI_FORMAT = OpenAIFormat()
+
+
+def error_chunk(endpoint: str, model: str, message: str) -> bytes:
+    """The last chunk of a stream Nexus had to end: finish_reason "error" and the reason."""
+    if endpoint == "completions":
+        choice: dict[str, Any] = {"index": 0, "text": "", "finish_reason": "error"}
+        kind = "text_completion"
+    else:
+        choice = {"index": 0, "delta": {}, "finish_reason": "error"}
+        kind = "chat.completion.chunk"
+    chunk = {
+        "id": "nexus-error",
+        "object": kind,
+        "created": int(time.time()),
+        "model": model,
+        "choices": [choice],
+        "error": {"message": message, "type": "backend_error", "code": "stream_interrupted"},
+    }
+    return b"data: " + json.dumps(chunk).encode() + b"\n\n"
+
+
 async def proxy(
-    request: web.Request, endpoint: str, body: dict[str, Any], raw: bytes, needs: RequestNeeds
+    request: web.Request,
+    endpoint: str,
+    body: dict[str, Any],
+    raw: bytes,
+    needs: RequestNeeds,
+    fmt: OpenAIFormat = OPENAI_FORMAT,
 ) -> web.StreamResponse:
     """Route a request and try its attempts in order until one answers."""
     app = request.app
@@ -1321,7 +1369,16 @@ async def proxy(
         payload = attempt_payload(body, raw, attempt, ask_usage)
         try:
             return await send_attempt(
-                request, record, attempt, endpoint, payload, stream, ask_usage, reason, deadline
+                request,
+                record,
+                attempt,
+                endpoint,
+                payload,
+                stream,
+                ask_usage,
+                reason,
+                deadline,
+                fmt,
             )
         except AttemptFailed as exc:
             failure = exc.error
@@ -1341,6 +1398,7 @@ async def send_attempt(
     strip_usage: bool,
     reason: str,
     deadline: float,
+    fmt: OpenAIFormat,
 ) -> web.StreamResponse:
     app = request.app
     settings = app[SETTINGS]
@@ -1371,7 +1429,7 @@ async def send_attempt(
         out_headers = response_headers(record, attempt, reason)
         if stream:
             return await relay_stream(
-                request, record, attempt, upstream, out_headers, strip_usage, deadline
+                request, record, attempt, upstream, out_headers, strip_usage, deadline, fmt
             )
         try:
             parsed = json.loads(answer)
@@ -1382,7 +1440,7 @@ async def send_attempt(
         note_usage(record, parsed.get("usage"))
         note_success(app, record, backend)
         return web.Response(
-            body=answer,
+            body=fmt.body(answer, parsed),
             status=upstream.status,
             headers=out_headers,
             content_type="application/json",
@@ -1466,28 +1524,6 @@ def note_success(app: web.Application, record: RequestRecord, backend: Backend) 
         record_success(backend, app[SETTINGS].health_check)
 
 
-DONE_EVENT = b"data: [DONE]\n\n"
-
-
-def error_chunk(endpoint: str, model: str, message: str) -> bytes:
-    """The last chunk of a stream Nexus had to end: finish_reason "error" and the reason."""
-    if endpoint == "completions":
-        choice: dict[str, Any] = {"index": 0, "text": "", "finish_reason": "error"}
-        kind = "text_completion"
-    else:
-        choice = {"index": 0, "delta": {}, "finish_reason": "error"}
-        kind = "chat.completion.chunk"
-    chunk = {
-        "id": "nexus-error",
-        "object": kind,
-        "created": int(time.time()),
-        "model": model,
-        "choices": [choice],
-        "error": {"message": message, "type": "backend_error", "code": "stream_interrupted"},
-    }
-    return b"data: " + json.dumps(chunk).encode() + b"\n\n"
-
-
 async def relay_stream(
     request: web.Request,
     record: RequestRecord,
@@ -1496,6 +1532,7 @@ async def relay_stream(
     headers: dict[str, str],
     strip_usage: bool,
     deadline: float,
+    fmt: OpenAIFormat,
 ) -> web.StreamResponse:
     """Relay SSE chunks as they arrive. Until the first chunk is out a failure may still be
     retried elsewhere; after it, Nexus ends the stream itself, honestly, always with [DONE]."""
@@ -1561,7 +1598,9 @@ async def relay_stream(
             response.content_type = "text/event-stream"
             response.headers["Cache-Control"] = "no-cache"
             await response.prepare(request)
-        await response.write(b"data: " + data + b"\n\n")
+        out = fmt.chunk(data, chunk)
+        if out:
+            await response.write(out)
     if response is None:  # [DONE] with no chunk at all: an empty answer, but an honest one
         response = web.StreamResponse(status=200, headers=headers)
         response.content_type = "text/event-stream"
@@ -1571,11 +1610,11 @@ async def relay_stream(
         backend.errors += 1
         if app[SETTINGS].health_check.enabled:
             record_failure(backend, app[SETTINGS].health_check, problem)
-        await response.write(error_chunk(record.endpoint, attempt.model, problem + "."))
+        await response.write(fmt.error(record.endpoint, attempt.model, problem + "."))
     else:
         record.status = 200
         note_success(app, record, backend)
-    await response.write(DONE_EVENT)
+    await response.write(fmt.end())
     await response.write_eof()
     return response
 
