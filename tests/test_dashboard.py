@@ -1,0 +1,393 @@
+"""The dashboard (`assets/dashboard.html`) in a real headless Chromium.
+
+The page is served with the `/v1/stats` contract by `StatsSite`, an aiohttp app on 127.0.0.1
+whose data the tests change as they go (`send_request` adds a finished request the way Nexus
+records one). A Nexus with mock backends can stand in for it: the `dashboard` fixtures only
+need an object with `url`, `backend_names`, `model_names` and `async send_request(model)`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from browser import Chromium, png_colour_counts, png_size
+
+DASHBOARD = Path(__file__).resolve().parent.parent / "assets" / "dashboard.html"
+STREAM_MAX_EVENTS = 300  # one a second: a stream never outlives a test by much
+DESKTOP = (1280, 800)
+PHONE = (390, 844)
+
+
+# -- the data behind /v1/stats ---------------------------------------------------------------
+
+
+def build_stats() -> dict[str, Any]:
+    """A Nexus with a local GPU box, a laptop that is down, and a cloud backend."""
+    now = time.time()
+    backends = [
+        {
+            "name": "gpu-box",
+            "type": "ollama",
+            "url": "http://10.0.0.5:11434",
+            "status": "healthy",
+            "zone": "restricted",
+            "tier": 2,
+            "priority": 10,
+            "requests": 0,
+            "pending": 1,
+            "avg_latency_ms": 412.0,
+            "avg_ttft_ms": 95.0,
+            "error_rate": 0.0,
+            "models": ["llama3:8b", "qwen2.5-coder:7b", "llava:13b"],
+        },
+        {
+            "name": "laptop",
+            "type": "llamacpp",
+            "url": "http://10.0.0.9:8080",
+            "status": "unhealthy",
+            "zone": "restricted",
+            "tier": 1,
+            "priority": 50,
+            "requests": 0,
+            "pending": 0,
+            "avg_latency_ms": None,
+            "avg_ttft_ms": None,
+            "error_rate": 0.25,
+            "models": ["llama3:8b"],
+        },
+        {
+            "name": "openai",
+            "type": "openai",
+            "url": "https://api.openai.com",
+            "status": "healthy",
+            "zone": "open",
+            "tier": 4,
+            "priority": 90,
+            "requests": 0,
+            "pending": 0,
+            "avg_latency_ms": 980.5,
+            "avg_ttft_ms": 310.0,
+            "error_rate": 0.01,
+            "models": ["gpt-4o"],
+        },
+    ]
+    models = [
+        {
+            "name": "llama3:8b",
+            "requests": 0,
+            "backends": ["gpu-box", "laptop"],
+            "context_length": 8192,
+            "capabilities": {"vision": False, "tools": True, "json_mode": True},
+        },
+        {
+            "name": "qwen2.5-coder:7b",
+            "requests": 0,
+            "backends": ["gpu-box"],
+            "context_length": 32768,
+            "capabilities": {"vision": False, "tools": True, "json_mode": None},
+        },
+        {
+            "name": "llava:13b",
+            "requests": 0,
+            "backends": ["gpu-box"],
+            "context_length": 4096,
+            "capabilities": {"vision": True, "tools": None, "json_mode": None},
+        },
+        {
+            "name": "gpt-4o",
+            "requests": 0,
+            "backends": ["openai"],
+            "context_length": 128000,
+            "capabilities": {"vision": True, "tools": True, "json_mode": True},
+        },
+    ]
+    stats: dict[str, Any] = {
+        "uptime_seconds": 3725.0,
+        "version": "0.1.0",
+        "requests": {"total": 0, "success": 0, "errors": 0},
+        "backends": backends,
+        "models": models,
+        "recent": [],
+        "budget": None,
+        "keys": [],
+    }
+    # A few minutes of history, so the chart has something to draw from the start.
+    history = [("llama3:8b", "gpu-box", 200), ("gpt-4o", "openai", 200), ("llama3:8b", None, 503)]
+    for i in range(24):
+        model, backend, status = history[i % len(history)]
+        record_request(stats, model, backend, status, at=now - 240 + i * 10, latency=300 + 40 * i)
+    return stats
+
+
+def record_request(
+    stats: dict[str, Any],
+    model: str,
+    backend: str | None,
+    status: int = 200,
+    at: float | None = None,
+    latency: float = 250.0,
+) -> str:
+    """Add a finished request to `stats` the way Nexus accounts for one; return its id."""
+    request_id = "req-" + uuid.uuid4().hex[:12]
+    stats["recent"].append(
+        {
+            "time": time.time() if at is None else at,
+            "id": request_id,
+            "model": model,
+            "backend": backend,
+            "status": status,
+            "latency_ms": latency,
+            "tokens": {"prompt": 42, "completion": 128}
+            if status == 200
+            else {"prompt": None, "completion": None},
+            "route_reason": "capability-match" if backend else None,
+        }
+    )
+    del stats["recent"][:-100]
+    totals = stats["requests"]
+    totals["total"] += 1
+    totals["success" if status < 400 else "errors"] += 1
+    for b in stats["backends"]:
+        if b["name"] == backend:
+            b["requests"] += 1
+    for m in stats["models"]:
+        if m["name"] == model:
+            m["requests"] += 1
+    return request_id
+
+
+class StatsSite:
+    """The dashboard at `/` with `/v1/stats` and `/v1/stats/stream` over in-memory stats."""
+
+    def __init__(self, stream: bool = True) -> None:
+        self.stats = build_stats()
+        self.stream = stream
+        self.url = ""
+        self._stop = asyncio.Event()
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def backend_names(self) -> list[str]:
+        return [b["name"] for b in self.stats["backends"]]
+
+    @property
+    def model_names(self) -> list[str]:
+        return [m["name"] for m in self.stats["models"]]
+
+    async def send_request(self, model: str) -> str:
+        backend = next(b["name"] for b in self.stats["backends"] if model in b["models"])
+        return record_request(self.stats, model, backend, latency=180.0)
+
+    def add_model(self, name: str, backend: str) -> None:
+        self.stats["models"].append(
+            {"name": name, "requests": 0, "backends": [backend], "context_length": None,
+             "capabilities": {"vision": None, "tools": None, "json_mode": None}}
+        )  # fmt: skip
+        next(b for b in self.stats["backends"] if b["name"] == backend)["models"].append(name)
+
+    async def _page(self, request: web.Request) -> web.Response:
+        return web.Response(body=DASHBOARD.read_bytes(), content_type="text/html")
+
+    async def _stats(self, request: web.Request) -> web.Response:
+        return web.json_response(self.stats)
+
+    async def _stream(self, request: web.Request) -> web.StreamResponse:
+        if not self.stream:
+            return web.json_response(
+                {"error": {"message": "not found", "type": "invalid_request_error",
+                           "param": None, "code": "not_found"}},
+                status=404,
+            )  # fmt: skip
+        resp = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        await resp.prepare(request)
+        with contextlib.suppress(ConnectionError):
+            for _ in range(STREAM_MAX_EVENTS):
+                await resp.write(f"data: {json.dumps(self.stats)}\n\n".encode())
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), 1.0)
+                    break
+        return resp
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/", self._page)
+        app.router.add_get("/v1/stats", self._stats)
+        app.router.add_get("/v1/stats/stream", self._stream)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = self._runner.addresses[0][1]
+        self.url = f"http://127.0.0.1:{port}/"
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._runner:
+            await self._runner.cleanup()
+
+
+@pytest.fixture
+async def dashboard() -> AsyncIterator[StatsSite]:
+    site = StatsSite(stream=True)
+    await site.start()
+    yield site
+    await site.stop()
+
+
+@pytest.fixture
+async def dashboard_without_stream() -> AsyncIterator[StatsSite]:
+    site = StatsSite(stream=False)
+    await site.start()
+    yield site
+    await site.stop()
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Chromium]:
+    async with Chromium() as b:
+        yield b
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+PAGE_TEXT = "document.body.innerText"
+
+
+async def open_dashboard(browser: Chromium, site: StatsSite) -> None:
+    await browser.set_viewport(*DESKTOP)
+    await browser.navigate(site.url)
+    await browser.wait_for("document.querySelectorAll('#backends tbody tr').length > 0")
+
+
+async def wait_for_request_row(browser: Chromium, request_id: str) -> None:
+    await browser.wait_for(
+        f"!!document.querySelector('#recent tbody tr[data-id={json.dumps(request_id)}]')",
+        timeout=8,
+    )
+
+
+def assert_only_own_origin(browser: Chromium, site: StatsSite) -> None:
+    origin = site.url.rstrip("/")
+    assert any(u.startswith(origin + "/v1/stats") for u in browser.requested_urls)
+    outside = [
+        u
+        for u in browser.requested_urls
+        if not (u == origin or u.startswith(origin + "/") or u.startswith(("data:", "about:")))
+    ]
+    assert outside == [], f"the page requested URLs outside Nexus: {outside}"
+
+
+def assert_not_blank(png: bytes, width: int) -> Counter[tuple[int, ...]]:
+    assert png_size(png)[0] == width
+    counts = png_colour_counts(png, step=3)
+    top = counts.most_common(1)[0][1]
+    assert len(counts) > 50, f"only {len(counts)} colours: the page looks blank"
+    assert top / sum(counts.values()) < 0.95, "one colour covers almost all the screenshot"
+    return counts
+
+
+# -- tests -----------------------------------------------------------------------------------
+
+
+def test_page_is_one_small_self_contained_file() -> None:
+    html = DASHBOARD.read_text()
+    assert len(html.encode()) < 25_000
+    assert not re.search(r"""(src|href|url)\s*[=(]\s*["']?(https?:)?//""", html, re.I)
+    assert not re.search(r"@import|@font-face|<link[^>]+stylesheet", html, re.I)
+    assert ".innerHTML" not in html and "insertAdjacentHTML" not in html
+
+
+async def test_shows_backends_models_and_new_requests_live(
+    dashboard: StatsSite, browser: Chromium, tmp_path: Path
+) -> None:
+    dashboard.stats["budget"] = {
+        "monthly_limit_usd": 50.0,
+        "spent_usd": 31.2,
+        "status": "soft_limit",
+    }
+    dashboard.stats["keys"] = [{"name": "ci-runner", "requests": 12, "spent_usd": 0.42}]
+    await open_dashboard(browser, dashboard)
+    await browser.wait_for("document.body.dataset.transport === 'live'")
+    text = await browser.evaluate(PAGE_TEXT)
+    for name in dashboard.backend_names + dashboard.model_names:
+        assert name in text
+    header = await browser.evaluate(
+        "[...document.querySelectorAll('#models thead th')].map(t => t.textContent)"
+    )
+    assert header[3:] == dashboard.backend_names
+    assert "soft limit" in text and "ci-runner" in text
+    assert not await browser.evaluate("document.getElementById('budget').hidden")
+
+    await browser.evaluate("window.loadedOnce = true")
+    request_id = await dashboard.send_request("qwen2.5-coder:7b")
+    await wait_for_request_row(browser, request_id)
+    first_row = await browser.evaluate("document.querySelector('#recent tbody tr').dataset.id")
+    assert first_row == request_id, "the newest request is listed first"
+    assert await browser.evaluate("window.loadedOnce === true"), "the page reloaded"
+    total = await browser.evaluate("document.getElementById('t-total').textContent")
+    assert total == str(dashboard.stats["requests"]["total"])
+
+    shots = {}
+    for label, (width, height), mobile in (("desktop", DESKTOP, False), ("phone", PHONE, True)):
+        await browser.set_viewport(width, height, mobile=mobile)
+        for scheme in ("light", "dark"):
+            await browser.set_color_scheme(scheme)
+            await asyncio.sleep(0.3)  # let layout and the chart settle
+            png = await browser.screenshot()
+            (tmp_path / f"dashboard-{label}-{scheme}.png").write_bytes(png)
+            shots[label, scheme] = assert_not_blank(png, width)
+        overflow = await browser.evaluate("document.documentElement.scrollWidth")
+        assert overflow <= width, f"{label}: page is {overflow} px wide in a {width} px screen"
+    for label in ("desktop", "phone"):
+        light = shots[label, "light"].most_common(1)[0][0]
+        dark = shots[label, "dark"].most_common(1)[0][0]
+        assert sum(light[:3]) > 600 and sum(dark[:3]) < 150, "dark mode follows the system"
+
+    assert_only_own_origin(browser, dashboard)
+    assert browser.console_errors == []
+
+
+async def test_falls_back_to_polling_when_the_stream_is_unavailable(
+    dashboard_without_stream: StatsSite, browser: Chromium
+) -> None:
+    site = dashboard_without_stream
+    await open_dashboard(browser, site)
+    await browser.wait_for("document.body.dataset.transport === 'polling'")
+    text = await browser.evaluate(PAGE_TEXT)
+    for name in site.backend_names + site.model_names:
+        assert name in text
+    assert await browser.evaluate("document.getElementById('budget').hidden")
+    assert await browser.evaluate("document.getElementById('keys').hidden")
+
+    await browser.evaluate("window.loadedOnce = true")
+    request_id = await site.send_request("gpt-4o")
+    await wait_for_request_row(browser, request_id)
+    assert await browser.evaluate("window.loadedOnce === true"), "the page reloaded"
+    assert_only_own_origin(browser, site)
+
+
+async def test_names_from_the_network_are_shown_as_text_never_as_markup(
+    dashboard: StatsSite, browser: Chromium
+) -> None:
+    hostile = '<img src="/injected.png" onerror="window.injected=1">'
+    dashboard.add_model(hostile, "gpu-box")
+    await open_dashboard(browser, dashboard)
+    request_id = await dashboard.send_request(hostile)
+    await wait_for_request_row(browser, request_id)
+    assert hostile in await browser.evaluate(PAGE_TEXT)
+    assert await browser.evaluate("document.querySelectorAll('main img').length") == 0
+    assert await browser.evaluate("window.injected === undefined")
+    assert not [u for u in browser.requested_urls if "injected" in u]
