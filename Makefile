@@ -2,6 +2,7 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
+SUDO   := $(if $(filter 0,$(shell id -u)),,sudo -n)
 
 .PHONY: run test lint dist bench clean
 
@@ -23,6 +24,14 @@ lint: $(VENV)/.dev
 
 test: lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# Mock backends and Nexus on 127.0.0.1, measured side by side with direct connections.
+# wrk drives the throughput test; without it the Python load generator does. BENCH_ARGS=--quick
+bench: $(VENV)/.dev
+	@command -v wrk >/dev/null 2>&1 || $(SUDO) apt-get install -y -q wrk >/dev/null 2>&1 \
+	  || { $(SUDO) apt-get update -q >/dev/null 2>&1 && $(SUDO) apt-get install -y -q wrk >/dev/null 2>&1; } \
+	  || echo "wrk could not be installed: throughput is measured with the Python load generator"
+	$(BIN)/python tests/bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist .pytest_cache .ruff_cache
