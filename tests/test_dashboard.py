@@ -1,9 +1,10 @@
 """The dashboard (`assets/dashboard.html`) in a real headless Chromium.
 
-The page is served with the `/v1/stats` contract by `StatsSite`, an aiohttp app on 127.0.0.1
-whose data the tests change as they go (`send_request` adds a finished request the way Nexus
-records one). A Nexus with mock backends can stand in for it: the `dashboard` fixtures only
-need an object with `url`, `backend_names`, `model_names` and `async send_request(model)`.
+Two sites serve it. `NexusSite` is the real Nexus in front of mock backends: requests go
+through `/v1/chat/completions`. `StatsSite` is a small aiohttp app on 127.0.0.1 that serves
+the page and the `/v1/stats` contract from in-memory data, for what a real Nexus cannot be
+made to do on demand (a budget, per-key usage, a missing stream, hostile model names). Both
+offer `url`, `backend_names`, `model_names` and `async send_request(model) -> request id`.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from browser import Chromium, png_colour_counts, png_size
+from conftest import backends_toml
 
 DASHBOARD = Path(__file__).resolve().parent.parent / "assets" / "dashboard.html"
 STREAM_MAX_EVENTS = 300  # one a second: a stream never outlives a test by much
@@ -239,6 +242,37 @@ class StatsSite:
             await self._runner.cleanup()
 
 
+class NexusSite:
+    """A running Nexus (from the shared `nexus_factory`) and the mock backends behind it."""
+
+    def __init__(self, url: str, backend_names: list[str], model_names: list[str]) -> None:
+        self.url = url
+        self.backend_names = backend_names
+        self.model_names = model_names
+
+    async def send_request(self, model: str) -> str:
+        body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+        timeout = aiohttp.ClientTimeout(total=10)
+        async with (
+            aiohttp.ClientSession(timeout=timeout) as session,
+            session.post(self.url + "v1/chat/completions", json=body) as resp,
+        ):
+            assert resp.status == 200, await resp.text()
+            return resp.headers["X-Request-Id"]
+
+
+@pytest.fixture
+async def nexus_dashboard(backend_factory: Any, nexus_factory: Any) -> NexusSite:
+    gpu = await backend_factory(
+        "ollama", {"llama3:8b": {"context": 8192}, "llava:13b": {"context": 4096}}, name="gpu-box"
+    )
+    vllm = await backend_factory("vllm", {"qwen2.5-coder:7b": {"context": 32768}}, name="vl")
+    nx = await nexus_factory(backends_toml(gpu, vllm))
+    return NexusSite(
+        nx.url + "/", ["gpu-box", "vl"], ["llama3:8b", "llava:13b", "qwen2.5-coder:7b"]
+    )
+
+
 @pytest.fixture
 async def dashboard() -> AsyncIterator[StatsSite]:
     site = StatsSite(stream=True)
@@ -310,35 +344,27 @@ def test_page_is_one_small_self_contained_file() -> None:
     assert ".innerHTML" not in html and "insertAdjacentHTML" not in html
 
 
-async def test_shows_backends_models_and_new_requests_live(
-    dashboard: StatsSite, browser: Chromium, tmp_path: Path
-) -> None:
-    dashboard.stats["budget"] = {
-        "monthly_limit_usd": 50.0,
-        "spent_usd": 31.2,
-        "status": "soft_limit",
-    }
-    dashboard.stats["keys"] = [{"name": "ci-runner", "requests": 12, "spent_usd": 0.42}]
-    await open_dashboard(browser, dashboard)
+async def check_live_dashboard(
+    site: StatsSite | NexusSite, browser: Chromium, tmp_path: Path, model: str
+) -> str:
+    """Load the page, see every backend and model, see a new request arrive without a reload,
+    screenshot it at desktop and phone widths in light and dark mode; return the page text."""
+    await open_dashboard(browser, site)
     await browser.wait_for("document.body.dataset.transport === 'live'")
     text = await browser.evaluate(PAGE_TEXT)
-    for name in dashboard.backend_names + dashboard.model_names:
+    for name in site.backend_names + site.model_names:
         assert name in text
     header = await browser.evaluate(
         "[...document.querySelectorAll('#models thead th')].map(t => t.textContent)"
     )
-    assert header[3:] == dashboard.backend_names
-    assert "soft limit" in text and "ci-runner" in text
-    assert not await browser.evaluate("document.getElementById('budget').hidden")
+    assert header[3:] == site.backend_names
 
     await browser.evaluate("window.loadedOnce = true")
-    request_id = await dashboard.send_request("qwen2.5-coder:7b")
+    request_id = await site.send_request(model)
     await wait_for_request_row(browser, request_id)
     first_row = await browser.evaluate("document.querySelector('#recent tbody tr').dataset.id")
     assert first_row == request_id, "the newest request is listed first"
     assert await browser.evaluate("window.loadedOnce === true"), "the page reloaded"
-    total = await browser.evaluate("document.getElementById('t-total').textContent")
-    assert total == str(dashboard.stats["requests"]["total"])
 
     shots = {}
     for label, (width, height), mobile in (("desktop", DESKTOP, False), ("phone", PHONE, True)):
@@ -356,8 +382,31 @@ async def test_shows_backends_models_and_new_requests_live(
         dark = shots[label, "dark"].most_common(1)[0][0]
         assert sum(light[:3]) > 600 and sum(dark[:3]) < 150, "dark mode follows the system"
 
-    assert_only_own_origin(browser, dashboard)
+    assert_only_own_origin(browser, site)
     assert browser.console_errors == []
+    return await browser.evaluate(PAGE_TEXT)
+
+
+async def test_nexus_dashboard_shows_backends_models_and_requests_live(
+    nexus_dashboard: NexusSite, browser: Chromium, tmp_path: Path
+) -> None:
+    await check_live_dashboard(nexus_dashboard, browser, tmp_path, "qwen2.5-coder:7b")
+
+
+async def test_budget_keys_and_totals_from_the_stats_contract(
+    dashboard: StatsSite, browser: Chromium, tmp_path: Path
+) -> None:
+    dashboard.stats["budget"] = {
+        "monthly_limit_usd": 50.0,
+        "spent_usd": 31.2,
+        "status": "soft_limit",
+    }
+    dashboard.stats["keys"] = [{"name": "ci-runner", "requests": 12, "spent_usd": 0.42}]
+    text = await check_live_dashboard(dashboard, browser, tmp_path, "qwen2.5-coder:7b")
+    assert "$31.20 spent" in text and "soft limit" in text and "ci-runner" in text
+    assert not await browser.evaluate("document.getElementById('budget').hidden")
+    total = await browser.evaluate("document.getElementById('t-total').textContent")
+    assert total == str(dashboard.stats["requests"]["total"])
 
 
 async def test_falls_back_to_polling_when_the_stream_is_unavailable(
