@@ -11,17 +11,16 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
 import pytest
 from netns import (
     IP,
-    PREFIX,
     Namespace,
     NamespaceProcess,
     _existing_namespaces,
-    _ip,
     isolated_namespace,
     namespace_pair,
     remove_stale_namespaces,
@@ -33,6 +32,7 @@ pytestmark = [requires_root, pytest.mark.netns]
 PEER = Path(__file__).with_name("mdns_peer.py")
 MDNS_BOUND = 10.0  # seconds: discovery and removal must each happen within this
 START_BOUND = 15.0  # seconds for a peer process to start and report ready
+STOP_BOUND = 5.0  # seconds for a killed process to be gone
 OLLAMA = "_ollama._tcp.local."
 
 
@@ -80,20 +80,43 @@ def test_everything_is_removed_after_a_failure() -> None:
     assert not {a.name, b.name} & set(_existing_namespaces())
 
 
-def test_stale_namespaces_of_dead_runs_are_removed() -> None:
-    dead = subprocess.Popen(["true"])
-    dead.wait(timeout=10)
-    stale = f"{PREFIX}-{dead.pid}-0a"
-    _ip("netns", "add", stale)
+def process_gone(pid: int) -> bool:
+    """True once pid has exited (a zombie waiting for its reaper counts as gone)."""
     try:
-        with isolated_namespace() as mine:
-            # Making a namespace swept the stale one and kept our own.
-            assert stale not in _existing_namespaces()
-            assert mine.name in _existing_namespaces()
-            assert mine.name not in remove_stale_namespaces()
-    finally:
-        if stale in _existing_namespaces():
-            _ip("netns", "delete", stale)
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+    return "State:\tZ" in status
+
+
+def test_namespaces_left_by_a_crashed_run_are_removed() -> None:
+    crash = """
+        import os, signal, sys
+        sys.path.insert(0, sys.argv[1])
+        import netns
+        pair = netns.namespace_pair()  # kept referenced: collecting it would clean up
+        a, b = pair.__enter__()
+        sleeper = b.popen(["sleep", "60"])
+        print(a.name, b.name, sleeper.pid, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    """
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(crash), str(Path(__file__).parent)],
+        capture_output=True,
+        text=True,
+        timeout=START_BOUND,
+    )
+    name_a, name_b, sleeper = done.stdout.split()
+    assert {name_a, name_b} <= set(_existing_namespaces())
+    with isolated_namespace() as mine:
+        # Making a namespace swept the dead run's ones (and what ran inside), not ours.
+        assert not {name_a, name_b} & set(_existing_namespaces())
+        assert mine.name in _existing_namespaces()
+        assert mine.name not in remove_stale_namespaces()
+    deadline = time.monotonic() + STOP_BOUND
+    while not process_gone(int(sleeper)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert process_gone(int(sleeper))
 
 
 def test_isolated_namespace_has_loopback_only() -> None:
