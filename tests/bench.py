@@ -1442,12 +1442,11 @@ async def bench(
             via["rps"],
             direct=direct["rps"],
         )
-        row(
-            "cpu_tput",
-            "gateway CPU per request (at 64 concurrent)",
-            "ms",
-            cpu / max(1, via["requests"]) * 1000,
-        )
+        cpu_ms = cpu / max(1, via["requests"]) * 1000
+        row("cpu_tput", "gateway CPU per request (at 64 concurrent)", "ms", cpu_ms)
+        # What one core would serve at that CPU cost: steadier than req/s on a shared host.
+        ceiling = 1000 / cpu_ms if cpu_ms else float("nan")
+        row("cpu_ceiling", "CPU-bound ceiling: 1 core ÷ CPU per request", "req/s", ceiling)
         if direct["errors"] or via["errors"]:
             notes.append(f"throughput errors: direct {direct['errors']}, gateway {via['errors']}")
         all_ticks = sum(host) or 1
@@ -1699,6 +1698,7 @@ def main() -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started in background
     started = time.time()
     load1 = os.getloadavg()[0]
     if load1 > 0.5:
@@ -1722,10 +1722,16 @@ def main() -> int:
             busy = {k: v for k, v in noise.sections.items() if v >= 5}
             if busy:
                 shares = ", ".join(f"{k} {v:.0f}%" for k, v in busy.items())
-                notes.append(f"NOISY: other processes took CPU during {shares} of the machine")
+                notes.append(
+                    f"NOISY: other processes on this host used {shares} of the machine during"
+                    " those sections (with --nice they mostly take what the bench leaves idle)"
+                )
         except KeyboardInterrupt:
             print("interrupted; child processes stopped", file=sys.stderr)
             return 130
+        except RuntimeError as exc:
+            print(f"bench failed: {exc}", file=sys.stderr)
+            return 1
         finally:
             stop_all()
 
