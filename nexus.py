@@ -683,7 +683,7 @@ async def health_loop(app: web.Application) -> None:
         backends = list(app[REGISTRY].backends.values())
         if backends:
             await asyncio.gather(*(poll_backend(app, b) for b in backends))
-        app[STATE].next_health_check = time.monotonic() + interval
+        app[STATE]["next_health_check"] = time.monotonic() + interval
         await asyncio.sleep(interval)
 
 
@@ -1909,11 +1909,13 @@ async def stream_stats(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Cache-Control": "no-cache"})
     response.content_type = "text/event-stream"
     await response.prepare(request)
+    stopping = request.app[STOPPING]
     with contextlib.suppress(ConnectionError):
-        while True:
+        while not stopping.is_set():
             payload = json.dumps(stats_snapshot(request.app)).encode()
             await response.write(b"data: " + payload + b"\n\n")
-            await asyncio.sleep(STATS_PUSH_SECONDS)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), STATS_PUSH_SECONDS)
     return response
 
 
@@ -1956,6 +1958,7 @@ REGISTRY = web.AppKey("registry", Registry)
 STATS = web.AppKey("stats", Stats)
 CLIENT = web.AppKey("client", aiohttp.ClientSession)
 STATE = web.AppKey("state", dict)
+STOPPING = web.AppKey("stopping", asyncio.Event)  # set at shutdown: live feeds end
 REQUEST_ID = web.RequestKey("request_id", str)
 RECORD = web.RequestKey("record", RequestRecord)
 
@@ -2047,6 +2050,10 @@ async def background_ctx(app: web.Application) -> AsyncIterator[None]:
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
+async def signal_stopping(app: web.Application) -> None:
+    app[STOPPING].set()
+
+
 def create_app(settings: Settings) -> web.Application:
     app = web.Application(
         client_max_size=int(settings.server.max_body_mb * 1024 * 1024),
@@ -2056,6 +2063,8 @@ def create_app(settings: Settings) -> web.Application:
     app[REGISTRY] = Registry()
     app[STATS] = Stats()
     app[STATE] = {}
+    app[STOPPING] = asyncio.Event()
+    app.on_shutdown.append(signal_stopping)
     for backend_settings in settings.backends:
         app[REGISTRY].add(Backend.from_settings(backend_settings))
     app.cleanup_ctx.append(client_session_ctx)

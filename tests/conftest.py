@@ -96,7 +96,8 @@ class MockBackend:
         return None
 
     async def health(self, request: web.Request) -> web.Response:
-        return self.unavailable() or web.json_response({"status": "ok"})
+        down = self.unavailable()
+        return down if down is not None else web.json_response({"status": "ok"})
 
     async def openai_models(self, request: web.Request) -> web.Response:
         if (down := self.unavailable()) is not None:

@@ -1,0 +1,108 @@
+"""Health (SPEC §5): one poll per backend per interval, thresholds against flapping, model lists
+refreshed with each poll, and no tokens spent by a poll."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import openai
+from conftest import backends_toml
+
+import nexus
+
+FAST_HEALTH = (
+    "[health_check]\ninterval_seconds = 0.1\ntimeout_seconds = 0.5\n"
+    "failure_threshold = 3\nrecovery_threshold = 2\n"
+)
+
+
+async def wait_for(predicate, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("condition not reached in time")
+
+
+def test_state_machine_thresholds():
+    settings = nexus.HealthSettings(failure_threshold=3, recovery_threshold=2)
+    backend = nexus.Backend(name="b", url="http://x", type="generic")
+    nexus.record_success(backend, settings)
+    assert backend.status == "healthy"  # unknown -> healthy on the first result
+    nexus.record_failure(backend, settings, "boom")
+    nexus.record_failure(backend, settings, "boom")
+    assert backend.status == "healthy"  # below the threshold: no flapping
+    nexus.record_failure(backend, settings, "boom")
+    assert backend.status == "unhealthy"
+    nexus.record_success(backend, settings)
+    assert backend.status == "unhealthy"
+    nexus.record_failure(backend, settings, "boom")  # streak broken
+    nexus.record_success(backend, settings)
+    nexus.record_success(backend, settings)
+    assert backend.status == "healthy"
+    fresh = nexus.Backend(name="c", url="http://y", type="generic")
+    nexus.record_failure(fresh, settings, "refused")
+    assert fresh.status == "unhealthy"  # unknown -> unhealthy on the first result
+
+
+async def test_failing_backend_is_excluded_then_recovers(backend_factory, nexus_factory):
+    a = await backend_factory("vllm", {"m": {}}, name="a")
+    b = await backend_factory("vllm", {"m": {}}, name="b")
+    nx = await nexus_factory(FAST_HEALTH + backends_toml(a, b))
+    sdk = openai.AsyncOpenAI(base_url=nx.url + "/v1", api_key="x", max_retries=0)
+    a.healthy = False
+    await wait_for(lambda: nx.backend("a").status == "unhealthy")
+    assert nx.backend("a").fail_streak >= 3
+    before = len(a.received)
+    for _ in range(6):
+        answer = await sdk.chat.completions.create(model="m", messages=[{"content": "x"}])
+        assert answer.choices[0].message.content == "Hello from b"
+    assert len(a.received) == before  # an unhealthy backend is never chosen
+    a.healthy = True
+    await wait_for(lambda: nx.backend("a").status == "healthy")
+    served = set()
+    for _ in range(6):
+        answer = await sdk.chat.completions.create(model="m", messages=[{"content": "x"}])
+        served.add(answer.choices[0].message.content)
+    assert "Hello from a" in served
+
+
+async def test_model_lists_refresh_with_each_poll(backend_factory, nexus_factory):
+    backend = await backend_factory("ollama", {"llama3:8b": {}}, name="o")
+    nx = await nexus_factory(FAST_HEALTH + backends_toml(backend))
+    assert set(nx.registry.by_model) == {"llama3:8b"}
+    backend.models["qwen2:7b"] = {"context": 4096, "tools": True}
+    await wait_for(lambda: "qwen2:7b" in nx.registry.by_model)
+    assert nx.backend("o").models["qwen2:7b"].context_length == 4096
+    del backend.models["llama3:8b"]
+    await wait_for(lambda: "llama3:8b" not in nx.registry.by_model)
+
+
+async def test_polls_never_spend_tokens(backend_factory, nexus_factory):
+    kinds = ["ollama", "vllm", "llamacpp", "lmstudio", "exo", "generic"]
+    backends = [await backend_factory(k, {f"m-{k}": {}}, name=k) for k in kinds]
+    nx = await nexus_factory(FAST_HEALTH + backends_toml(*backends))
+    await wait_for(lambda: all(b.polls >= 3 for b in backends))
+    assert len(nx.registry.healthy()) == len(kinds)
+    for backend in backends:
+        assert backend.received == []  # no completion was ever asked for
+
+
+async def test_unreachable_backend_is_unhealthy_and_never_blocks(nexus_factory):
+    toml = FAST_HEALTH + '[[backends]]\nname = "ghost"\nurl = "http://127.0.0.1:9"\n'
+    nx = await nexus_factory(toml, wait=False)
+    await wait_for(lambda: nx.backend("ghost").status == "unhealthy")
+    assert nx.backend("ghost").last_error
+
+
+async def test_no_health_check_trusts_configured_backends(backend_factory, nexus_factory):
+    backend = await backend_factory("generic", {"m": {}}, name="g")
+    nx = await nexus_factory("[health_check]\nenabled = false\n" + backends_toml(backend))
+    polls = backend.polls
+    await asyncio.sleep(0.3)
+    assert backend.polls == polls == 1  # the model list is read once, then no polling
+    sdk = openai.AsyncOpenAI(base_url=nx.url + "/v1", api_key="x", max_retries=0)
+    answer = await sdk.chat.completions.create(model="m", messages=[{"content": "x"}])
+    assert answer.choices[0].message.content == "Hello from g"
