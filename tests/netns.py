@@ -290,6 +290,20 @@ class Namespace:
         answer = json.loads(done.stdout)
         return answer["status"], answer["body"].encode("latin-1")
 
+    def wait_http(self, url: str, timeout: float = HTTP_TIMEOUT) -> tuple[int, bytes]:
+        """GET ``url`` from inside this namespace until something answers (bounded by timeout).
+
+        For a server that was just started: connection failures are retried every 0.1 s.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return self.http("GET", url, timeout=max(deadline - time.monotonic(), 0.5))
+            except ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
     def stop_processes(self) -> None:
         """End every process started here (they are asked to stop all at once)."""
         for proc in self.processes:

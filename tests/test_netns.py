@@ -125,9 +125,18 @@ def test_isolated_namespace_has_loopback_only() -> None:
         links = ns.run(["ip", "-o", "link"]).stdout.splitlines()
         assert [line.split(":")[1].strip() for line in links] == ["lo"]
         assert ns.run(["ip", "-4", "route"]).stdout.strip() == ""
-        serve_http(ns, port)
-        status, _ = ns.http("GET", f"http://127.0.0.1:{port}/netns.py")
+        with pytest.raises(ConnectionError):
+            ns.wait_http(f"http://127.0.0.1:{port}/", timeout=0.5)
+        # A server that starts late is waited for (what a test of `nexus serve` does).
+        late = """
+            import http.server, sys, time
+            time.sleep(1)
+            http.server.test(http.server.SimpleHTTPRequestHandler, port=int(sys.argv[1]))
+        """
+        ns.python(late, str(port), cwd=Path(__file__).parent)
+        status, body = ns.wait_http(f"http://127.0.0.1:{port}/")
         assert status == 200
+        assert b"Directory listing" in body
         # Its loopback is its own: the same port is closed in the machine's namespace.
         with pytest.raises(ConnectionRefusedError), socket.socket() as s:
             s.settimeout(5)
