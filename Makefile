@@ -4,6 +4,12 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 SUDO   := $(if $(filter 0,$(shell id -u)),,sudo -n)
 
+# The binary is built in a venv of its own: the runtime dependencies plus PyInstaller
+# (pinned as in requirements-dev.txt), so nothing used only for tests ends up inside it.
+BUILD_VENV := .venv-build
+BUILD_BIN  := $(BUILD_VENV)/bin
+BUILD_PINS := ^(pyinstaller|pyinstaller-hooks-contrib|altgraph|packaging)==
+
 .PHONY: run test lint browser dist bench clean
 
 $(VENV)/.runtime: requirements.txt
@@ -13,6 +19,11 @@ $(VENV)/.runtime: requirements.txt
 
 $(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
 	$(BIN)/python -m pip install -q -r requirements-dev.txt
+	touch $@
+
+$(BUILD_VENV)/.build: requirements.txt requirements-dev.txt
+	test -x $(BUILD_BIN)/python || $(PYTHON) -m venv $(BUILD_VENV)
+	$(BUILD_BIN)/python -m pip install -q -r requirements.txt $$(grep -E '$(BUILD_PINS)' requirements-dev.txt)
 	touch $@
 
 run: $(VENV)/.runtime
@@ -38,5 +49,9 @@ bench: $(VENV)/.dev
 	  || echo "wrk could not be installed: throughput is measured with the Python load generator"
 	$(BIN)/python tests/bench.py $(BENCH_ARGS)
 
+dist: $(BUILD_VENV)/.build
+	$(BUILD_BIN)/python -m PyInstaller --noconfirm --clean build.spec
+	@$(BUILD_BIN)/python -c "import os; print('dist/nexus: %.1f MB' % (os.path.getsize('dist/nexus') / 2**20))"
+
 clean:
-	rm -rf $(VENV) build dist .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(BUILD_VENV) build dist .pytest_cache .ruff_cache
