@@ -498,6 +498,12 @@ def check_alias_cycles(aliases: dict[str, str]) -> None:
                 chain = " -> ".join([*seen, current])
                 raise ConfigError(f"routing.aliases.{start}", f"alias cycle {chain}")
             seen.append(current)
+        if len(seen) > MAX_ALIAS_HOPS + 1:
+            chain = " -> ".join(seen)
+            raise ConfigError(
+                f"routing.aliases.{start}",
+                f"alias chain longer than {MAX_ALIAS_HOPS} hops: {chain}",
+            )
 
 
 # ==============================================================================================
@@ -825,22 +831,28 @@ class Attempt:
     model: str
     fallback: bool = False
     max_tokens: int | None = None  # set when max_tokens had to be lowered to fit
+    alone: bool = False  # the only candidate for its model: the proxy may ask it again
 
 
 @dataclass(slots=True)
 class RouteDecision:
-    """The plan for a request: the attempts in order, and why the first was chosen."""
+    """The plan for a request: the attempts in order, and why the first was chosen.
+
+    `all_full` says every candidate of the first servable model is at `max_concurrent`: the
+    request should wait in the queue rather than push a backend past its limit.
+    """
 
     model: str
     attempts: list[Attempt]
     reason: str = "capability-match"
+    all_full: bool = False
 
 
 ROUND_ROBIN = itertools.count()
 
 
 def resolve_alias(model: str, aliases: dict[str, str]) -> str:
-    """Follow aliases up to MAX_ALIAS_HOPS; cycles were rejected at start-up."""
+    """Follow aliases up to MAX_ALIAS_HOPS; cycles and longer chains were rejected at start-up."""
     for _ in range(MAX_ALIAS_HOPS):
         if model not in aliases:
             return model
@@ -866,10 +878,14 @@ def fits_entirely(model: Model, needs: RequestNeeds) -> bool:
 
 
 def score(backend: Backend, weights: dict[str, float]) -> float:
-    """Lower is better: priority, load against capacity, and observed latency, weighted."""
+    """Lower is better: priority, load against capacity, and observed speed, weighted.
+
+    Speed is the mean of the latency and time-to-first-token EMAs that are known; a backend
+    never measured counts as fast, so new backends get traffic and a measurement."""
     capacity = backend.max_concurrent or 10
     load = min(backend.in_flight / capacity, 1.0)
-    latency = backend.latency_ema_ms if backend.latency_ema_ms is not None else 0.0
+    known = [ms for ms in (backend.latency_ema_ms, backend.ttft_ema_ms) if ms is not None]
+    latency = sum(known) / len(known) if known else 0.0
     return (
         weights.get("priority", 0.0) * backend.priority / 100.0
         + weights.get("load", 0.0) * load
@@ -895,7 +911,8 @@ def order_candidates(backends: list[Backend], strategy: str, weights: dict[str, 
 def candidates_for(
     model_id: str, needs: RequestNeeds, registry: Registry, settings: Settings
 ) -> list[Backend]:
-    """Healthy backends serving the model that meet the request's requirements, in order."""
+    """Healthy backends serving the model that meet the request's requirements, best first by
+    strategy, with those where max_tokens fits entirely ahead of those that would clamp it."""
     found = []
     for backend in registry.by_model.get(model_id, ()):
         if backend.status != "healthy":
@@ -903,11 +920,8 @@ def candidates_for(
         if meets_needs(backend.models[model_id], needs):
             found.append(backend)
     order_candidates(found, settings.routing.strategy, settings.routing.weights)
-    # Where max_tokens would overrun one backend's context but not another's, prefer the fit.
     if needs.max_tokens is not None and len(found) > 1:
         found.sort(key=lambda b: not fits_entirely(b.models[model_id], needs))
-    # A backend at capacity is tried last; the queue handles the case where all are.
-    found.sort(key=Backend.at_capacity)
     return found
 
 
@@ -919,26 +933,46 @@ def clamp_max_tokens(model: Model, needs: RequestNeeds) -> int | None:
 
 
 def route(needs: RequestNeeds, registry: Registry, settings: Settings) -> RouteDecision:
-    """Plan the attempts for a request: the model's candidates, then its fallback chain.
+    """Plan the attempts for a request: the model's candidates, then its fallback chain, each
+    model's list cut to 1 + max_retries backends, free ones before those at capacity.
 
     Raises NexusError 404 for a model no backend serves and no alias names, and 503 with an
     actionable context when nothing can serve it now.
     """
     model_id = resolve_alias(needs.model, settings.routing.aliases)
-    chain = [model_id, *settings.routing.fallbacks.get(model_id, ())]
-    if model_id not in registry.by_model and not any(m in registry.by_model for m in chain):
+    chain = list(dict.fromkeys([model_id, *settings.routing.fallbacks.get(model_id, ())]))
+    if not any(m in registry.by_model for m in chain):
         raise model_not_found(needs.model, registry, settings)
-    attempts: list[Attempt] = []
+    decision = RouteDecision(model=model_id, attempts=[])
     per_model = settings.routing.max_retries + 1
     for position, candidate_model in enumerate(chain):
-        for backend in candidates_for(candidate_model, needs, registry, settings)[:per_model]:
+        ranked = candidates_for(candidate_model, needs, registry, settings)
+        if not ranked:
+            continue
+        free = [b for b in ranked if not b.at_capacity()]
+        if not decision.attempts:  # the first servable model decides the reason and queueing
+            decision.all_full = not free
+            if position > 0 and registry.by_model.get(model_id):
+                if not any(b.status == "healthy" for b in registry.by_model[model_id]):
+                    decision.reason = "failover"
+            elif free and free[0] is not ranked[0]:
+                decision.reason = "capacity-overflow"
+        if len(free) < len(ranked):
+            ranked = free + [b for b in ranked if b.at_capacity()]
+        for backend in ranked[:per_model]:
             model = backend.models[candidate_model]
-            attempts.append(
-                Attempt(backend, candidate_model, position > 0, clamp_max_tokens(model, needs))
+            decision.attempts.append(
+                Attempt(
+                    backend,
+                    candidate_model,
+                    fallback=position > 0,
+                    max_tokens=clamp_max_tokens(model, needs),
+                    alone=len(ranked) == 1,
+                )
             )
-    if not attempts:
+    if not decision.attempts:
         raise no_capacity(needs, model_id, registry)
-    return RouteDecision(model=model_id, attempts=attempts)
+    return decision
 
 
 def model_not_found(model: str, registry: Registry, settings: Settings) -> NexusError:
