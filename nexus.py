@@ -1336,6 +1336,10 @@ class OpenAIFormat:
     backend's bytes pass through unchanged. Other API styles (Anthropic's Messages) subclass it
     and translate; a subclass instance serves one request and may keep state across chunks."""
 
+    # Whether the usage chunk Nexus asked the backend for reaches chunk(); OpenAI's format strips
+    # it for a client that did not ask, a translating format may need it (token counts).
+    keeps_usage = False
+
     def body(self, answer: bytes, parsed: dict[str, Any]) -> bytes:
         return answer
 
@@ -1409,7 +1413,7 @@ async def proxy(
                 endpoint,
                 payload,
                 stream,
-                ask_usage,
+                ask_usage and not fmt.keeps_usage,
                 reason,
                 deadline,
                 fmt,
@@ -1651,6 +1655,659 @@ async def relay_stream(
     await response.write(fmt.end())
     await response.write_eof()
     return response
+
+
+# ==============================================================================================
+# Anthropic Messages API
+# Owns: POST /v1/messages and /v1/messages/count_tokens. A Messages request becomes a chat
+# completion, its answer (whole or streamed) becomes a Messages answer, errors take its shape.
+# Must not: route or send anything itself; the proxy does, with an AnthropicFormat writing.
+# ==============================================================================================
+
+MESSAGES_PATH = "/v1/messages"
+# Anthropic's error type for each status; other 4xx are invalid requests, other 5xx api errors.
+ANTHROPIC_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    504: "timeout_error",
+}
+STOP_REASONS = {
+    "stop": "end_turn",
+    "length": "max_tokens",
+    "tool_calls": "tool_use",
+    "function_call": "tool_use",
+    "content_filter": "refusal",
+}
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k")  # the same name and meaning in both APIs
+# Fields in which backends name the stop sequence that matched: vLLM, llama.cpp.
+MATCHED_STOP_FIELDS = ("stop_reason", "stopping_word", "stop_word")
+IMAGE_TOKENS = 1600  # what an image of unknown size is counted as (about a megapixel)
+MESSAGE_OVERHEAD_TOKENS = 4  # role and separators of one message in a chat template
+
+
+def is_messages_path(path: str) -> bool:
+    return path == MESSAGES_PATH or path.startswith(MESSAGES_PATH + "/")
+
+
+def anthropic_error(error: NexusError) -> dict[str, Any]:
+    """An error as Anthropic's API writes it, for the same status."""
+    kind = ANTHROPIC_ERROR_TYPES.get(error.status)
+    if kind is None:
+        kind = "api_error" if error.status >= 500 else "invalid_request_error"
+    return {"type": "error", "error": {"type": kind, "message": error.message}}
+
+
+def messages_to_chat(body: dict[str, Any]) -> dict[str, Any]:
+    """A Messages request as the chat completion an OpenAI-style backend serves.
+
+    What only Anthropic's servers understand (cache_control, context_management, thinking
+    budgets, betas) is left out; what cannot be said in chat terms at all is a 400.
+    """
+    model = require_model(body)
+    max_tokens = body.get("max_tokens")
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise bad_request("max_tokens: a positive integer is required", "max_tokens")
+    turns = body.get("messages")
+    if not isinstance(turns, list) or not turns:
+        raise bad_request("messages: must be a non-empty array of messages", "messages")
+    chat_messages: list[dict[str, Any]] = []
+    system = system_text(body.get("system"))
+    if system:
+        chat_messages.append({"role": "system", "content": system})
+    for i, turn in enumerate(turns):
+        chat_messages.extend(chat_turns(turn, f"messages.{i}"))
+    chat: dict[str, Any] = {"model": model, "messages": chat_messages, "max_tokens": max_tokens}
+    if "stream" in body:
+        if not isinstance(body["stream"], bool):
+            raise bad_request("stream: must be a boolean", "stream")
+        chat["stream"] = body["stream"]
+    for name in SAMPLING_FIELDS:
+        value = body.get(name)
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise bad_request(f"{name}: must be a number", name)
+            chat[name] = value
+    stop = body.get("stop_sequences")
+    if stop is not None:
+        if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+            raise bad_request("stop_sequences: must be an array of strings", "stop_sequences")
+        if stop:
+            chat["stop"] = stop
+    metadata = body.get("metadata")
+    if isinstance(metadata, dict) and isinstance(metadata.get("user_id"), str):
+        chat["user"] = metadata["user_id"]
+    tools = body.get("tools")
+    if tools is not None and not isinstance(tools, list):
+        raise bad_request("tools: must be an array", "tools")
+    if tools:
+        chat["tools"] = [chat_tool(tool, f"tools.{i}") for i, tool in enumerate(tools)]
+        choice = body.get("tool_choice")
+        if choice is not None:
+            chat["tool_choice"], parallel = chat_tool_choice(choice)
+            if parallel is False:
+                chat["parallel_tool_calls"] = False
+    return chat
+
+
+def system_text(system: Any) -> str:
+    """The system prompt: a string, or text blocks joined (their cache_control is Anthropic's)."""
+    if system is None:
+        return ""
+    if isinstance(system, str):
+        return system
+    if isinstance(system, list):
+        texts = []
+        for i, block in enumerate(system):
+            if not isinstance(block, dict) or not isinstance(block.get("text"), str):
+                raise bad_request(f"system.{i}: expected a text block", "system")
+            texts.append(block["text"])
+        return "\n\n".join(texts)
+    raise bad_request("system: must be a string or an array of text blocks", "system")
+
+
+def block_kind(block: Any, where: str) -> str:
+    if not isinstance(block, dict) or not isinstance(block.get("type"), str):
+        raise bad_request(f"{where}: expected a content block with a type", "messages")
+    return block["type"]
+
+
+def block_text(block: dict[str, Any], where: str) -> str:
+    if not isinstance(block.get("text"), str):
+        raise bad_request(f"{where}.text: must be a string", "messages")
+    return block["text"]
+
+
+def unsupported_block(kind: str, where: str) -> NexusError:
+    return bad_request(
+        f"{where}: content blocks of type {kind!r} cannot be translated for this backend",
+        "messages",
+    )
+
+
+def chat_turns(turn: Any, where: str) -> list[dict[str, Any]]:
+    """One Messages turn as chat messages: a user turn's tool results become "tool" messages."""
+    if not isinstance(turn, dict):
+        raise bad_request(f"{where}: must be an object", "messages")
+    role = turn.get("role")
+    if role not in ("user", "assistant"):
+        raise bad_request(f"{where}.role: must be 'user' or 'assistant'", "messages")
+    content = turn.get("content")
+    if isinstance(content, str):
+        return [{"role": role, "content": content}]
+    if not isinstance(content, list):
+        raise bad_request(f"{where}.content: must be a string or an array of blocks", "messages")
+    if role == "assistant":
+        return [assistant_turn(content, where)]
+    return user_turns(content, where)
+
+
+def assistant_turn(blocks: list[Any], where: str) -> dict[str, Any]:
+    texts: list[str] = []
+    calls: list[dict[str, Any]] = []
+    for j, block in enumerate(blocks):
+        at = f"{where}.content.{j}"
+        kind = block_kind(block, at)
+        if kind == "text":
+            texts.append(block_text(block, at))
+        elif kind == "tool_use":
+            if not isinstance(block.get("id"), str) or not isinstance(block.get("name"), str):
+                raise bad_request(f"{at}: a tool_use block needs an id and a name", "messages")
+            arguments = block.get("input") if block.get("input") is not None else {}
+            calls.append(
+                {
+                    "id": block["id"],
+                    "type": "function",
+                    "function": {
+                        "name": block["name"],
+                        "arguments": json.dumps(arguments, ensure_ascii=False),
+                    },
+                }
+            )
+        elif kind not in ("thinking", "redacted_thinking"):
+            # Reasoning from earlier turns is not sent back, as chat templates drop it too.
+            raise unsupported_block(kind, at)
+    message: dict[str, Any] = {"role": "assistant", "content": "\n\n".join(texts) or None}
+    if calls:
+        message["tool_calls"] = calls
+    elif message["content"] is None:
+        message["content"] = ""
+    return message
+
+
+def user_turns(blocks: list[Any], where: str) -> list[dict[str, Any]]:
+    tool_messages: list[dict[str, Any]] = []
+    parts: list[dict[str, Any]] = []
+    for j, block in enumerate(blocks):
+        at = f"{where}.content.{j}"
+        kind = block_kind(block, at)
+        if kind == "text":
+            parts.append({"type": "text", "text": block_text(block, at)})
+        elif kind == "image":
+            parts.append(image_part(block, at))
+        elif kind == "tool_result":
+            text, images = tool_result_content(block, at)
+            tool_messages.append(
+                {"role": "tool", "tool_call_id": block["tool_use_id"], "content": text}
+            )
+            parts.extend(images)  # a chat "tool" message carries text only
+        elif kind == "document" and isinstance(block.get("source"), dict):
+            source = block["source"]
+            if source.get("type") != "text" or not isinstance(source.get("data"), str):
+                raise unsupported_block("document (other than plain text)", at)
+            parts.append({"type": "text", "text": source["data"]})
+        else:
+            raise unsupported_block(kind, at)
+    if parts:
+        if all(part["type"] == "text" for part in parts):
+            content: Any = "\n\n".join(part["text"] for part in parts)
+        else:
+            content = parts
+        tool_messages.append({"role": "user", "content": content})
+    return tool_messages or [{"role": "user", "content": ""}]
+
+
+def image_part(block: dict[str, Any], where: str) -> dict[str, Any]:
+    source = block.get("source")
+    if isinstance(source, dict):
+        if (
+            source.get("type") == "base64"
+            and isinstance(source.get("media_type"), str)
+            and isinstance(source.get("data"), str)
+        ):
+            url = f"data:{source['media_type']};base64,{source['data']}"
+            return {"type": "image_url", "image_url": {"url": url}}
+        if source.get("type") == "url" and isinstance(source.get("url"), str):
+            return {"type": "image_url", "image_url": {"url": source["url"]}}
+    raise bad_request(f"{where}.source: expected a base64 or url image source", "messages")
+
+
+def tool_result_content(block: dict[str, Any], where: str) -> tuple[str, list[dict[str, Any]]]:
+    """A tool result's text, and its images (which must travel in a user message)."""
+    if not isinstance(block.get("tool_use_id"), str):
+        raise bad_request(f"{where}.tool_use_id: must be a string", "messages")
+    content = block.get("content")
+    texts: list[str] = []
+    images: list[dict[str, Any]] = []
+    if isinstance(content, str):
+        texts.append(content)
+    elif isinstance(content, list):
+        for k, item in enumerate(content):
+            at = f"{where}.content.{k}"
+            kind = block_kind(item, at)
+            if kind == "text":
+                texts.append(block_text(item, at))
+            elif kind == "image":
+                images.append(image_part(item, at))
+            else:
+                raise unsupported_block(kind, at)
+    elif content is not None:
+        raise bad_request(f"{where}.content: must be a string or an array", "messages")
+    text = "\n\n".join(texts)
+    if block.get("is_error") is True:
+        text = f"Error: {text}"
+    return text, images
+
+
+def chat_tool(tool: Any, where: str) -> dict[str, Any]:
+    if not isinstance(tool, dict) or not isinstance(tool.get("name"), str):
+        raise bad_request(f"{where}: a tool needs a name", "tools")
+    if tool.get("type") not in (None, "custom") or not isinstance(tool.get("input_schema"), dict):
+        raise bad_request(
+            f"{where}: tool {tool['name']!r} is one of Anthropic's server tools; only custom "
+            "tools (name, description, input_schema) can be served by other backends",
+            "tools",
+        )
+    function: dict[str, Any] = {"name": tool["name"], "parameters": tool["input_schema"]}
+    if isinstance(tool.get("description"), str):
+        function["description"] = tool["description"]
+    return {"type": "function", "function": function}
+
+
+def chat_tool_choice(choice: Any) -> tuple[Any, bool | None]:
+    """OpenAI's tool_choice for Anthropic's, and False when parallel tool use is turned off."""
+    if not isinstance(choice, dict):
+        raise bad_request("tool_choice: must be an object", "tool_choice")
+    parallel = False if choice.get("disable_parallel_tool_use") is True else None
+    kind = choice.get("type")
+    if kind == "auto":
+        return "auto", parallel
+    if kind == "any":
+        return "required", parallel
+    if kind == "none":
+        return "none", None
+    if kind == "tool" and isinstance(choice.get("name"), str):
+        return {"type": "function", "function": {"name": choice["name"]}}, parallel
+    raise bad_request("tool_choice: expected auto, any, none or tool (with a name)", "tool_choice")
+
+
+def estimate_chat_tokens(chat: dict[str, Any]) -> int:
+    """Input tokens of a translated request, estimated: characters of every text, tool call
+    and tool definition, and images at a flat rate. The one place a better count goes."""
+    chars = 0
+    images = 0
+    for message in chat["messages"]:
+        content = message.get("content")
+        if isinstance(content, str):
+            chars += len(content)
+        elif isinstance(content, list):
+            for part in content:
+                if part.get("type") == "text":
+                    chars += len(part["text"])
+                else:
+                    images += 1
+        for call in message.get("tool_calls", ()):
+            chars += len(call["function"]["name"]) + len(call["function"]["arguments"])
+    if chat.get("tools"):
+        chars += len(json.dumps(chat["tools"]))
+    tokens = chars // CHARS_PER_TOKEN + IMAGE_TOKENS * images
+    return tokens + MESSAGE_OVERHEAD_TOKENS * len(chat["messages"])
+
+
+def count_message_tokens(body: dict[str, Any]) -> int:
+    """The input tokens of a Messages request (the body /v1/messages/count_tokens is sent)."""
+    chat = messages_to_chat(dict(body, max_tokens=1))  # count_tokens bodies have no max_tokens
+    return estimate_chat_tokens(chat)
+
+
+def reasoning_of(message: dict[str, Any]) -> str:
+    """Reasoning text as backends name it: vLLM, llama.cpp and Ollama differ."""
+    for key in ("reasoning_content", "reasoning"):
+        value = message.get(key)
+        if isinstance(value, str) and value:
+            return value
+    return ""
+
+
+def matched_stop_sequence(choice: dict[str, Any], text: str, sequences: list[str]) -> str | None:
+    """Which requested stop sequence ended the answer: the backend's word for it when it says,
+    else one the text still ends with (some servers keep it); None when none did."""
+    for key in MATCHED_STOP_FIELDS:
+        if choice.get(key) in sequences:
+            return choice[key]
+    for sequence in sequences:
+        if text.endswith(sequence):
+            return sequence
+    return None
+
+
+def stop_reason_of(
+    choice: dict[str, Any], text: str, sequences: list[str], tool_use: bool
+) -> tuple[str, str | None]:
+    """Anthropic's stop_reason and stop_sequence for a chat answer's finish."""
+    finish = choice.get("finish_reason")
+    if tool_use and finish in (None, "stop", "tool_calls", "function_call"):
+        return "tool_use", None
+    if finish in (None, "stop"):
+        sequence = matched_stop_sequence(choice, text, sequences)
+        if sequence is not None:
+            return "stop_sequence", sequence
+    return STOP_REASONS.get(finish or "stop", "end_turn"), None
+
+
+def token_count(value: Any) -> int | None:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return None
+
+
+def message_usage(usage: Any, input_estimate: int, output_estimate: int) -> dict[str, int]:
+    """Chat usage as Anthropic's: cached prompt tokens are reported apart from input_tokens."""
+    usage = usage if isinstance(usage, dict) else {}
+    details = usage.get("prompt_tokens_details")
+    cached = token_count(details.get("cached_tokens")) if isinstance(details, dict) else None
+    prompt = token_count(usage.get("prompt_tokens"))
+    completion = token_count(usage.get("completion_tokens"))
+    prompt = input_estimate if prompt is None else prompt
+    return {
+        "input_tokens": max(prompt - (cached or 0), 0),
+        "output_tokens": output_estimate if completion is None else completion,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": cached or 0,
+    }
+
+
+def tool_use_block(call: Any) -> dict[str, Any] | None:
+    if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
+        return None
+    function = call["function"]
+    arguments = function.get("arguments")
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        except ValueError:
+            arguments = {}  # a model's malformed arguments: the tool gets none rather than junk
+    return {
+        "type": "tool_use",
+        "id": call.get("id") or new_block_id("toolu_"),
+        "name": function.get("name") or "",
+        "input": arguments if isinstance(arguments, dict) else {},
+    }
+
+
+def new_block_id(prefix: str) -> str:
+    return prefix + os.urandom(12).hex()
+
+
+def chat_to_message(
+    parsed: dict[str, Any],
+    model: str,
+    stop_sequences: list[str] | None = None,
+    input_estimate: int = 0,
+) -> dict[str, Any]:
+    """A chat completion as a Messages answer: reasoning first as a thinking block, then the
+    text, then tool calls as tool_use blocks (their ids kept)."""
+    choices = parsed.get("choices")
+    choice = choices[0] if isinstance(choices, list) and choices else {}
+    choice = choice if isinstance(choice, dict) else {}
+    message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+    content: list[dict[str, Any]] = []
+    reasoning = reasoning_of(message)
+    if reasoning:
+        content.append({"type": "thinking", "thinking": reasoning, "signature": ""})
+    text = message.get("content")
+    if isinstance(text, list):  # some servers answer with content parts
+        text = "".join(p.get("text", "") for p in text if isinstance(p, dict))
+    text = text if isinstance(text, str) else ""
+    calls = [b for b in map(tool_use_block, message.get("tool_calls") or ()) if b is not None]
+    reason, sequence = stop_reason_of(choice, text, stop_sequences or [], bool(calls))
+    if sequence is not None and text.endswith(sequence):
+        text = text[: -len(sequence)]  # Anthropic's answers never include the sequence
+    if text:
+        content.append({"type": "text", "text": text})
+    content.extend(calls)
+    output_chars = len(reasoning) + len(text) + sum(len(json.dumps(c["input"])) for c in calls)
+    return {
+        "id": "msg_" + str(parsed.get("id") or new_block_id("")),
+        "type": "message",
+        "role": "assistant",
+        "model": parsed.get("model") or model,
+        "content": content,
+        "stop_reason": reason,
+        "stop_sequence": sequence,
+        "usage": message_usage(
+            parsed.get("usage"), input_estimate, -(-output_chars // CHARS_PER_TOKEN)
+        ),
+    }
+
+
+def sse_event(name: str, data: dict[str, Any]) -> bytes:
+    return f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+class AnthropicFormat(OpenAIFormat):
+    """Writes chat-completion answers as Messages answers: the whole message, or Anthropic's
+    event stream translated chunk by chunk. One instance serves one request.
+
+    Stream state: which content block is open (thinking, text or one per tool call), the
+    finish reason and the usage the backend reported, characters sent (an output estimate
+    for backends that report no usage).
+
+    Native seam: `native_body` is the client's own request. When an adapter for `anthropic`
+    backends speaks Messages itself, an attempt on such a backend is to be sent that body as it
+    is and its answer relayed untranslated, instead of going through chat and this class.
+    """
+
+    keeps_usage = True
+
+    def __init__(self, body: dict[str, Any], needs: RequestNeeds) -> None:
+        self.native_body = body
+        self.model = needs.model
+        self.stop_sequences: list[str] = list(body.get("stop_sequences") or [])
+        self.input_estimate = needs.prompt_tokens
+        self.id = new_block_id("msg_")
+        self.started = False
+        self.failed = False
+        self.index = -1  # the last content block opened
+        self.open_kind: str | None = None  # the open block: thinking, text or tool_use
+        self.tools: dict[Any, int] = {}  # a tool call's index (or id) in chat -> its block
+        self.last_tool: Any = None
+        self.finish: dict[str, Any] = {}  # the choice that carried the finish reason
+        self.usage: dict[str, Any] | None = None
+        self.output_chars = 0
+        self.text_tail = ""  # the end of the text, to find a stop sequence it ends with
+
+    def body(self, answer: bytes, parsed: dict[str, Any]) -> bytes:
+        message = chat_to_message(parsed, self.model, self.stop_sequences, self.input_estimate)
+        return json.dumps(message).encode()
+
+    def chunk(self, data: bytes, chunk: dict[str, Any]) -> bytes:
+        out = [self.start(chunk.get("model"))]
+        if isinstance(chunk.get("usage"), dict):
+            self.usage = chunk["usage"]
+        choices = chunk.get("choices")
+        choice = choices[0] if isinstance(choices, list) and choices else None
+        if not isinstance(choice, dict):
+            return b"".join(out)
+        delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
+        reasoning = reasoning_of(delta)
+        if reasoning:
+            out.append(self.open("thinking", {"type": "thinking", "thinking": "", "signature": ""}))
+            out.append(self.delta({"type": "thinking_delta", "thinking": reasoning}))
+            self.output_chars += len(reasoning)
+        text = delta.get("content")
+        if isinstance(text, str) and text:
+            out.append(self.open("text", {"type": "text", "text": ""}))
+            out.append(self.delta({"type": "text_delta", "text": text}))
+            self.output_chars += len(text)
+            self.text_tail = (self.text_tail + text)[-200:]
+        for call in delta.get("tool_calls") or ():
+            out.append(self.tool_call_delta(call))
+        if choice.get("finish_reason"):
+            self.finish = choice
+            out.append(self.close())
+        return b"".join(out)
+
+    def start(self, model: Any) -> bytes:
+        """message_start and a ping, once, before anything else."""
+        if self.started:
+            return b""
+        self.started = True
+        message = {
+            "id": self.id,
+            "type": "message",
+            "role": "assistant",
+            "model": model if isinstance(model, str) and model else self.model,
+            "content": [],
+            "stop_reason": None,
+            "stop_sequence": None,
+            "usage": message_usage(None, self.input_estimate, 0),
+        }
+        return sse_event("message_start", {"type": "message_start", "message": message}) + (
+            sse_event("ping", {"type": "ping"})
+        )
+
+    def open(self, kind: str, block: dict[str, Any]) -> bytes:
+        if self.open_kind == kind:
+            return b""
+        closed = self.close()
+        self.index += 1
+        self.open_kind = kind
+        start = {"type": "content_block_start", "index": self.index, "content_block": block}
+        return closed + sse_event("content_block_start", start)
+
+    def close(self) -> bytes:
+        if self.open_kind is None:
+            return b""
+        self.open_kind = None
+        return sse_event("content_block_stop", {"type": "content_block_stop", "index": self.index})
+
+    def delta(self, delta: dict[str, Any], index: int | None = None) -> bytes:
+        event = {
+            "type": "content_block_delta",
+            "index": self.index if index is None else index,
+            "delta": delta,
+        }
+        return sse_event("content_block_delta", event)
+
+    def tool_call_delta(self, call: Any) -> bytes:
+        """OpenAI sends a tool call as a head (id, name) then argument fragments, keyed by its
+        index; each call becomes a tool_use block and each fragment an input_json_delta."""
+        if not isinstance(call, dict):
+            return b""
+        function = call.get("function") if isinstance(call.get("function"), dict) else {}
+        if isinstance(call.get("index"), int):
+            key = call["index"]
+        elif call.get("id"):
+            key = call["id"]
+        else:
+            key = self.last_tool
+        out = b""
+        if key not in self.tools:
+            block = {
+                "type": "tool_use",
+                "id": call.get("id") or new_block_id("toolu_"),
+                "name": function.get("name") or "",
+                "input": {},
+            }
+            out = self.open("tool_use:" + str(key), block)
+            self.tools[key] = self.index
+        self.last_tool = key
+        arguments = function.get("arguments")
+        if isinstance(arguments, dict):  # some servers send the whole input as an object
+            arguments = json.dumps(arguments)
+        if isinstance(arguments, str) and arguments:
+            self.output_chars += len(arguments)
+            delta = {"type": "input_json_delta", "partial_json": arguments}
+            out += self.delta(delta, self.tools[key])
+        return out
+
+    def error(self, endpoint: str, model: str, message: str) -> bytes:
+        self.failed = True
+        error = anthropic_error(NexusError(502, "backend_error", None, message))
+        return self.start(model) + sse_event("error", error)
+
+    def end(self) -> bytes:
+        if self.failed:
+            return b""  # the error event was the stream's last word
+        out = [self.start(None), self.close()]
+        reason, sequence = stop_reason_of(
+            self.finish, self.text_tail, self.stop_sequences, bool(self.tools)
+        )
+        usage = message_usage(
+            self.usage, self.input_estimate, -(-self.output_chars // CHARS_PER_TOKEN)
+        )
+        delta = {
+            "type": "message_delta",
+            "delta": {"stop_reason": reason, "stop_sequence": sequence},
+            "usage": usage,
+        }
+        out.append(sse_event("message_delta", delta))
+        out.append(sse_event("message_stop", {"type": "message_stop"}))
+        return b"".join(out)
+
+
+def backend_refusal(response: web.Response) -> NexusError:
+    """A backend's own 4xx answer, re-said as an error in Anthropic's shape: its message and
+    status kept, Nexus's headers too."""
+    message = f"The backend refused the request (HTTP {response.status})."
+    raw = response.body if isinstance(response.body, bytes) else b""
+    try:
+        document = json.loads(raw)
+    except ValueError:
+        document = None
+    if isinstance(document, dict):
+        error = document.get("error")
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            message = error["message"]
+        elif isinstance(error, str):
+            message = error
+        elif isinstance(document.get("message"), str):
+            message = document["message"]
+    elif raw.strip():
+        message = raw.decode("utf-8", "replace")[:500]
+    headers = {k: v for k, v in response.headers.items() if k.startswith("X-Nexus-")}
+    return NexusError(response.status, "invalid_request_error", None, message, headers=headers)
+
+
+async def messages(request: web.Request) -> web.StreamResponse:
+    """POST /v1/messages: translated to a chat completion, routed and answered like one."""
+    raw = await request.read()
+    body = parse_json_body(raw)
+    chat = messages_to_chat(body)
+    needs = chat_needs(chat)
+    needs.prompt_tokens = estimate_chat_tokens(chat)  # tool definitions count too
+    needs.high_priority = request.headers.get("X-Nexus-Priority", "").lower() == "high"
+    fmt = AnthropicFormat(body, needs)
+    response = await proxy(request, "chat", chat, json.dumps(chat).encode(), needs, fmt)
+    if response.status >= 400 and isinstance(response, web.Response):
+        raise backend_refusal(response)
+    return response
+
+
+async def count_tokens(request: web.Request) -> web.Response:
+    """POST /v1/messages/count_tokens: the request's input tokens, for a model Nexus serves."""
+    body = parse_json_body(await request.read())
+    model = require_model(body)
+    settings = request.app[SETTINGS]
+    registry = request.app[REGISTRY]
+    if resolve_alias(model, settings.routing.aliases) not in registry.by_model:
+        raise model_not_found(model, registry, settings)
+    return web.json_response({"input_tokens": count_message_tokens(body)})
 
 
 # ==============================================================================================
@@ -1998,9 +2655,11 @@ RECORD = web.RequestKey("record", RequestRecord)
 
 
 def error_response(error: NexusError, request: web.Request) -> web.Response:
+    """The one place errors are rendered: Anthropic's shape on its paths, OpenAI's elsewhere."""
     headers = dict(error.headers)
     headers["X-Request-Id"] = request.get(REQUEST_ID, "")
-    return web.json_response(error.envelope(), status=error.status, headers=headers)
+    document = anthropic_error(error) if is_messages_path(request.path) else error.envelope()
+    return web.json_response(document, status=error.status, headers=headers)
 
 
 HTTP_ERROR_TYPES = {
@@ -2106,6 +2765,8 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/embeddings", embeddings)
+    app.router.add_post(MESSAGES_PATH, messages)
+    app.router.add_post(MESSAGES_PATH + "/count_tokens", count_tokens)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model_id:.+}", get_model)
     app.router.add_get("/health", health)
