@@ -886,3 +886,83 @@ def test_chat_to_message_usage_and_cached_tokens():
     assert message["usage"]["cache_read_input_tokens"] == 60
     assert message["usage"]["output_tokens"] == 5
     assert message["content"] == [{"type": "text", "text": "hi"}]
+
+
+def test_tool_result_images_follow_as_user_content():
+    chat = nexus.messages_to_chat(
+        {
+            "model": "m",
+            "max_tokens": 10,
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {
+                            "type": "tool_result",
+                            "tool_use_id": "shot",
+                            "content": [
+                                {"type": "text", "text": "the screen:"},
+                                {
+                                    "type": "image",
+                                    "source": {
+                                        "type": "base64",
+                                        "media_type": "image/png",
+                                        "data": PNG_1PX,
+                                    },
+                                },
+                            ],
+                        }
+                    ],
+                }
+            ],
+        }
+    )
+    assert chat["messages"] == [
+        {"role": "tool", "tool_call_id": "shot", "content": "the screen:"},
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG_1PX}"}}
+            ],
+        },
+    ]
+
+
+def test_stream_translator_parallel_tool_calls():
+    """Two tool calls in one streamed answer become two tool_use blocks, in order, each with
+    its own arguments; the usage chunk after the finish sets message_delta's counts."""
+    needs = nexus.RequestNeeds(model="m", prompt_tokens=20)
+    fmt = nexus.AnthropicFormat({"model": "m", "max_tokens": 5, "messages": []}, needs)
+    chunks = [
+        {"choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]},
+        {"choices": [{"index": 0, "delta": {"content": "Both."}, "finish_reason": None}]},
+    ]
+    for i, (call_id, args) in enumerate([("c1", '{"a": 1}'), ("c2", '{"b": [2]}')]):
+        head = {"index": i, "id": call_id, "function": {"name": f"f{i}", "arguments": ""}}
+        chunks.append({"choices": [{"index": 0, "delta": {"tool_calls": [head]}}]})
+        for piece in (args[:4], args[4:]):
+            frag = {"index": i, "function": {"arguments": piece}}
+            chunks.append({"choices": [{"index": 0, "delta": {"tool_calls": [frag]}}]})
+    chunks.append({"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]})
+    chunks.append({"choices": [], "usage": {"prompt_tokens": 30, "completion_tokens": 9}})
+    out = b"".join(fmt.chunk(json.dumps(c).encode(), c) for c in chunks) + fmt.end()
+    events = parse_sse(out.decode())
+    starts = [d["content_block"] for n, d in events if n == "content_block_start"]
+    assert [(b["type"], b.get("id")) for b in starts] == [
+        ("text", None),
+        ("tool_use", "c1"),
+        ("tool_use", "c2"),
+    ]
+    for index, expected in ((1, {"a": 1}), (2, {"b": [2]})):
+        partial = "".join(
+            d["delta"]["partial_json"]
+            for n, d in events
+            if n == "content_block_delta" and d["index"] == index
+        )
+        assert json.loads(partial) == expected
+    stops = [d["index"] for n, d in events if n == "content_block_stop"]
+    assert stops == [0, 1, 2]
+    assert events[-2][1]["delta"]["stop_reason"] == "tool_use"
+    assert events[-2][1]["usage"]["output_tokens"] == 9
+    assert events[-2][1]["usage"]["input_tokens"] == 30
+    assert events[0][1]["message"]["usage"]["input_tokens"] == 20  # the estimate, at the start
