@@ -12,7 +12,8 @@ It reads top to bottom in the order a request travels:
     Errors -> Settings -> World model (Backend, Model, Registry) -> Health (keep the world
     current) -> Requests (what a payload needs) -> Routing (pure functions) -> Backend adapters
     (the only code that knows a backend's quirks) -> Proxy (send, retry, stream out) ->
-    HTTP handlers -> Stats -> App assembly -> CLI and main().
+    Anthropic Messages API (translated to chat and back) -> HTTP handlers -> Stats ->
+    App assembly -> CLI and main().
 """
 
 from __future__ import annotations
