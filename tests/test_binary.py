@@ -1,0 +1,98 @@
+"""The built one-file executable: what it carries, that it serves, and that it cleans up.
+
+Runs after `make dist`; skipped when dist/nexus has not been built.
+"""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, free_port
+
+BINARY = ROOT / "dist" / ("nexus.exe" if sys.platform == "win32" else "nexus")
+MAX_SIZE_MB = 20
+
+pytestmark = [
+    pytest.mark.binary,
+    pytest.mark.skipif(not BINARY.exists(), reason="dist/nexus not built (make dist)"),
+]
+
+
+def bundled_files() -> dict[str, bytes]:
+    """{name: content} of the data files packed into the executable."""
+    from PyInstaller.archive.readers import CArchiveReader
+
+    archive = CArchiveReader(str(BINARY))
+    return {name: archive.extract(name) for name in archive.toc if name.startswith("assets/")}
+
+
+def test_size_within_budget() -> None:
+    assert BINARY.stat().st_size <= MAX_SIZE_MB * 2**20
+
+
+def test_every_asset_is_inside_unchanged() -> None:
+    inside = bundled_files()
+    for path in (ROOT / "assets").iterdir():
+        if path.is_file() and path.name != "build_info.json":
+            name = f"assets/{path.name}"
+            assert name in inside, f"{name} missing from the executable"
+            assert inside[name] == path.read_bytes(), f"{name} differs from the source tree"
+    commit = json.loads(inside["assets/build_info.json"])["commit"]
+    assert re.fullmatch(r"[0-9a-f]{7,40}|unknown", commit)
+
+
+def test_version_names_the_build_commit() -> None:
+    result = subprocess.run(
+        [str(BINARY), "--version"], capture_output=True, text=True, timeout=60, check=True
+    )
+    commit = json.loads(bundled_files()["assets/build_info.json"])["commit"]
+    assert result.stdout.startswith("nexus ")
+    assert commit in result.stdout
+
+
+def wait_healthy(port: int, process: subprocess.Popen, seconds: float = 30) -> dict:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "the executable exited during start-up"
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as answer:
+                return json.loads(answer.read())
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"no answer on /health within {seconds} s")
+
+
+def unpacked_dirs(tmp: Path) -> list[str]:
+    return [entry.name for entry in tmp.iterdir() if entry.name.startswith("_MEI")]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_serves_then_stops_cleanly_and_removes_its_unpacked_files(
+    sig: signal.Signals, tmp_path: Path
+) -> None:
+    port = free_port()
+    process = subprocess.Popen(
+        [str(BINARY), "serve", "--no-discovery", "-H", "127.0.0.1", "-p", str(port)],
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        health = wait_healthy(port, process)
+        assert health["backends"]["total"] == 0
+        assert len(unpacked_dirs(tmp_path)) == 1
+        process.send_signal(sig)  # to the bootloader, which passes it on to the program
+        assert process.wait(timeout=20) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
+    assert unpacked_dirs(tmp_path) == []
