@@ -179,6 +179,8 @@ class MockBackend(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None
         self.pending: list[bytes] = []
         self.gap = 0.0
+        self.first_at = 0.0
+        self.written = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -216,8 +218,10 @@ class MockBackend(asyncio.Protocol):
                 self.pending = [*STREAM_CHUNKS, *([STREAM_USAGE] if usage else []), STREAM_DONE]
                 self.busy = True
                 self.transport.write(STREAM_HEAD)
+                self.timer = None
                 if delay:
-                    self.timer = asyncio.get_running_loop().call_later(delay, self.write_chunks)
+                    loop = asyncio.get_running_loop()
+                    loop.call_later(delay, self.write_chunks)
                 else:
                     self.write_chunks()
                 return None
@@ -234,14 +238,20 @@ class MockBackend(asyncio.Protocol):
         return self.finish(CANNED_404)
 
     def write_chunks(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self.timer is None:
+            self.first_at, self.written = loop.time(), 0
         self.timer = None
         while self.pending and self.transport is not None:
             chunk = self.pending.pop(0)
             if not self.pending:
                 return self.finish(chunk)
             self.transport.write(chunk)
+            self.written += 1
             if self.gap:
-                self.timer = asyncio.get_running_loop().call_later(self.gap, self.write_chunks)
+                # On a fixed schedule from the first chunk, so a slow write never shifts the rest.
+                due = self.first_at + self.written * self.gap
+                self.timer = loop.call_at(due, self.write_chunks)
                 return None
         return None
 
