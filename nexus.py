@@ -10,18 +10,20 @@ This file is the whole program. It needs aiohttp, zeroconf and tiktoken, nothing
 It reads top to bottom in the order a request travels:
 
     Errors -> Settings -> World model (Backend, Model, Registry) -> Health (keep the world
-    current) -> Requests (what a payload needs) -> Routing (pure functions) -> Backend adapters
-    (the only code that knows a backend's quirks) -> Proxy (send, retry, stream out) ->
-    Anthropic Messages API (translated to chat and back) -> HTTP handlers -> Stats ->
-    App assembly -> CLI and main().
+    current) -> Requests (what a payload needs) -> Tokens (exact counts, loaded lazily) ->
+    Routing (pure functions) -> Backend adapters (the only code that knows a backend's
+    quirks) -> Proxy (send, retry, stream out) -> Anthropic Messages API (translated to chat
+    and back) -> HTTP handlers -> Stats -> App assembly -> CLI and main().
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import binascii
 import collections
 import contextlib
+import hashlib
 import itertools
 import json
 import logging
@@ -29,6 +31,7 @@ import os
 import random
 import signal
 import sys
+import threading
 import time
 import tomllib
 import urllib.error
@@ -40,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import tiktoken
 from aiohttp import web
 
 __version__ = "0.1.0"
@@ -814,6 +818,122 @@ def embedding_needs(body: dict[str, Any]) -> RequestNeeds:
     else:
         raise bad_request("input must be a string or a non-empty array", "input")
     return RequestNeeds(model=model, prompt_tokens=chars // CHARS_PER_TOKEN)
+
+
+# ==============================================================================================
+# Tokens
+# Owns: exact OpenAI encodings built from the BPE files in assets/, checked against the SHA-256
+# tiktoken publishes for them; an encoding (tens of MB) loads on first use, once per process.
+# Must not: download anything or use tiktoken's cache; nor count on the routing hot path.
+# ==============================================================================================
+
+APPROXIMATE_ENCODING = "cl100k_base"  # for models whose tokenizer Nexus does not have
+
+_CL100K_PATTERN = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
+    r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
+)
+_O200K_PATTERN = "|".join(
+    (
+        r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"""
+        r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+        r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"""
+        r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+        r"""\p{N}{1,3}""",
+        r""" ?[^\s\p{L}\p{N}]+[\r\n/]*""",
+        r"""\s*[\r\n]+""",
+        r"""\s+(?!\S)""",
+        r"""\s+""",
+    )
+)
+
+
+@dataclass(frozen=True, slots=True)
+class EncodingSpec:
+    """What defines one tiktoken encoding besides its merge ranks."""
+
+    sha256: str  # of assets/<name>.tiktoken, as published by tiktoken
+    pattern: str
+    special_tokens: dict[str, int]
+
+
+ENCODINGS: dict[str, EncodingSpec] = {
+    "o200k_base": EncodingSpec(
+        sha256="446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d",
+        pattern=_O200K_PATTERN,
+        special_tokens={"<|endoftext|>": 199999, "<|endofprompt|>": 200018},
+    ),
+    "cl100k_base": EncodingSpec(
+        sha256="223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7",
+        pattern=_CL100K_PATTERN,
+        special_tokens={
+            "<|endoftext|>": 100257,
+            "<|fim_prefix|>": 100258,
+            "<|fim_middle|>": 100259,
+            "<|fim_suffix|>": 100260,
+            "<|endofprompt|>": 100276,
+        },
+    ),
+}
+
+_loaded_encodings: dict[str, tiktoken.Encoding] = {}
+_encoding_lock = threading.Lock()  # counting may run in worker threads
+
+
+def read_bpe_ranks(path: Path, sha256: str) -> dict[bytes, int]:
+    """Parse a .tiktoken file (base64 token, space, rank per line) after checking its hash."""
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise ValueError(f"{path.name}: SHA-256 mismatch, the embedded file is damaged")
+    # The hash pins the content, so splitting on whitespace into (token, rank) pairs is safe,
+    # and three times faster than parsing line by line.
+    fields = data.split()
+    return dict(zip(map(binascii.a2b_base64, fields[0::2]), map(int, fields[1::2]), strict=True))
+
+
+def load_encoding(name: str) -> tiktoken.Encoding:
+    """The named encoding ("o200k_base" or "cl100k_base"), built once from the embedded file."""
+    encoding = _loaded_encodings.get(name)
+    if encoding is not None:
+        return encoding
+    spec = ENCODINGS.get(name)
+    if spec is None:
+        raise KeyError(f"unknown encoding {name!r}; known: {', '.join(ENCODINGS)}")
+    with _encoding_lock:
+        encoding = _loaded_encodings.get(name)
+        if encoding is None:
+            encoding = tiktoken.Encoding(
+                name,
+                pat_str=spec.pattern,
+                mergeable_ranks=read_bpe_ranks(asset_path(f"{name}.tiktoken"), spec.sha256),
+                special_tokens=spec.special_tokens,
+            )
+            _loaded_encodings[name] = encoding
+    return encoding
+
+
+def encoding_for_model(model: str) -> tuple[str, bool]:
+    """(encoding name, exact) for a model id; unknown models get cl100k as an approximation.
+
+    Uses tiktoken's own model table (a lookup, no I/O). A provider prefix such as
+    "openai/gpt-4o" is ignored. gpt-oss's o200k_harmony differs from o200k_base only in
+    special tokens, so ordinary text counts the same.
+    """
+    try:
+        name = tiktoken.encoding_name_for_model(model.rsplit("/", 1)[-1])
+    except KeyError:
+        return APPROXIMATE_ENCODING, False
+    if name == "o200k_harmony":
+        name = "o200k_base"
+    if name in ENCODINGS:
+        return name, True
+    return APPROXIMATE_ENCODING, False
+
+
+def count_tokens(text: str, model: str) -> tuple[int, bool]:
+    """Token count of plain text for a model, and whether the count is exact."""
+    name, exact = encoding_for_model(model)
+    return len(load_encoding(name).encode_ordinary(text)), exact
 
 
 # ==============================================================================================
@@ -2300,7 +2420,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
     return response
 
 
-async def count_tokens(request: web.Request) -> web.Response:
+async def messages_count_tokens(request: web.Request) -> web.Response:
     """POST /v1/messages/count_tokens: the request's input tokens, for a model Nexus serves."""
     body = parse_json_body(await request.read())
     model = require_model(body)
@@ -2767,7 +2887,7 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_post(MESSAGES_PATH, messages)
-    app.router.add_post(MESSAGES_PATH + "/count_tokens", count_tokens)
+    app.router.add_post(MESSAGES_PATH + "/count_tokens", messages_count_tokens)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model_id:.+}", get_model)
     app.router.add_get("/health", health)
