@@ -23,12 +23,15 @@ import asyncio
 import binascii
 import collections
 import contextlib
+import datetime as dt
+import functools
 import hashlib
 import itertools
 import json
 import logging
 import os
 import random
+import re
 import signal
 import sys
 import threading
@@ -121,6 +124,7 @@ LOCAL_TYPES = ("ollama", "vllm", "llamacpp", "lmstudio", "exo", "generic")
 CLOUD_TYPES = ("openai", "anthropic")
 BACKEND_TYPES = LOCAL_TYPES + CLOUD_TYPES
 STRATEGIES = ("smart", "round_robin", "priority_only", "random")
+BUDGET_ACTIONS = ("warn", "shift_local", "block_cloud", "block_all")
 MAX_ALIAS_HOPS = 3
 
 
@@ -431,11 +435,12 @@ def validate_settings(s: Settings, env: dict[str, str]) -> None:
             raise ConfigError("routing.budget.monthly_limit_usd", "must not be negative")
         if not 0 <= budget.soft_limit_percent <= 100:
             raise ConfigError("routing.budget.soft_limit_percent", "expected 0-100")
-        actions = ("warn", "shift_local", "block_cloud", "block_all")
-        if budget.hard_limit_action not in actions:
+        if budget.hard_limit_action not in BUDGET_ACTIONS:
             raise ConfigError(
-                "routing.budget.hard_limit_action", f"expected one of {', '.join(actions)}"
+                "routing.budget.hard_limit_action", f"expected one of {', '.join(BUDGET_ACTIONS)}"
             )
+        for model, price in budget.prices.items():
+            validate_price(f"routing.budget.prices.{model}", price)
     for i, key_settings in enumerate(s.auth.api_keys):
         key = f"auth.api_keys[{i}]"
         if not key_settings.name:
@@ -450,6 +455,21 @@ def validate_settings(s: Settings, env: dict[str, str]) -> None:
         if backend.name in names:
             raise ConfigError(f"backends[{i}].name", f"duplicate backend name {backend.name!r}")
         names.add(backend.name)
+
+
+def validate_price(key: str, price: Any) -> None:
+    """A configured price: { input = USD, output = USD } per million tokens, both needed."""
+    if not isinstance(price, dict):
+        raise ConfigError(key, "expected { input = USD, output = USD } per million tokens")
+    for name in price:
+        if name not in ("input", "output"):
+            raise ConfigError(f"{key}.{name}", "unknown key (expected input and output)")
+    for name in ("input", "output"):
+        value = price.get(name)
+        if value is None:
+            raise ConfigError(f"{key}.{name}", "is required (USD per million tokens)")
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise ConfigError(f"{key}.{name}", f"expected a number of 0 or more, got {value!r}")
 
 
 def validate_backend(b: BackendSettings, key: str, env: dict[str, str]) -> None:
@@ -934,6 +954,136 @@ def count_tokens(text: str, model: str) -> tuple[int, bool]:
     """Token count of plain text for a model, and whether the count is exact."""
     name, exact = encoding_for_model(model)
     return len(load_encoding(name).encode_ordinary(text)), exact
+
+
+# ==============================================================================================
+# Policy
+# Owns: what cloud work costs (the embedded price table, overridable per model) and the month's
+# spend against the budget. Spend lives in memory only: it is operational state, not a ledger,
+# so a restart starts the month's count again at zero.
+# Must not: do I/O beyond reading the embedded price table once, or decide routes (routing
+# reads the budget's status; the proxy charges it).
+# ==============================================================================================
+
+# What may follow a priced model id: a dated snapshot or "-latest" (gpt-4o-2024-08-06,
+# gpt-4-0613, claude-sonnet-4-5-20250929). Anything else is another model, priced on its own.
+SNAPSHOT_SUFFIX = re.compile(r"-(latest|\d{4}|\d{8}|\d{4}-\d{2}-\d{2})(-preview)?")
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    """What a model costs, in USD per million input and output tokens."""
+
+    input: float
+    output: float
+
+
+@functools.cache
+def load_price_table() -> dict[str, Price]:
+    """The embedded price table (assets/prices.json), read once."""
+    data = json.loads(asset_path("prices.json").read_text(encoding="utf-8"))
+    return {model: Price(p["input"], p["output"]) for model, p in data["models"].items()}
+
+
+def price_for(model: str, overrides: dict[str, Price]) -> Price | None:
+    """The price of a model id: configured prices first, then the table; None if unpriced."""
+    model = model.rsplit("/", 1)[-1]
+    for table in (overrides, load_price_table()):
+        if model in table:
+            return table[model]
+        extended = [
+            known
+            for known in table
+            if model.startswith(known) and SNAPSHOT_SUFFIX.fullmatch(model[len(known) :])
+        ]
+        if extended:
+            return table[max(extended, key=len)]
+    return None
+
+
+def cost_usd(price: Price, prompt_tokens: int, completion_tokens: int) -> float:
+    return (prompt_tokens * price.input + completion_tokens * price.output) / 1_000_000
+
+
+def month_of(now: dt.datetime) -> str:
+    return f"{now.year:04d}-{now.month:02d}"
+
+
+class Budget:
+    """The current calendar month's cloud spend (UTC months) and where it stands against the
+    configured limit: normal, soft_limit (cloud deprioritised) or hard_limit (the action)."""
+
+    def __init__(self, settings: BudgetSettings | None) -> None:
+        self.settings = settings
+        self.monthly_limit_usd = settings.monthly_limit_usd if settings else 0.0
+        self.action = settings.hard_limit_action if settings else "warn"
+        self.prices = {
+            model: Price(float(p["input"]), float(p["output"]))
+            for model, p in (settings.prices if settings else {}).items()
+        }
+        self.month = month_of(dt.datetime.now(dt.UTC))
+        self._spent_usd = 0.0
+
+    @property
+    def enabled(self) -> bool:
+        return self.monthly_limit_usd > 0
+
+    @property
+    def spent_usd(self) -> float:
+        self.roll()
+        return self._spent_usd
+
+    def roll(self, now: dt.datetime | None = None) -> None:
+        """Start the count again when a new month has begun."""
+        month = month_of(now or dt.datetime.now(dt.UTC))
+        if month != self.month:
+            self.month = month
+            self._spent_usd = 0.0
+
+    def charge(self, usd: float) -> None:
+        self.roll()
+        before = self.status
+        self._spent_usd += usd
+        after = self.status
+        if after != before:
+            log.warning(
+                "budget %s: %.4f of %.2f USD spent this month (%s)",
+                after,
+                self._spent_usd,
+                self.monthly_limit_usd,
+                self.month,
+            )
+
+    @property
+    def status(self) -> str:
+        if not self.enabled:
+            return "normal"
+        spent = self.spent_usd
+        if spent >= self.monthly_limit_usd:
+            return "hard_limit"
+        soft = self.settings.soft_limit_percent if self.settings else 100.0
+        if spent >= self.monthly_limit_usd * soft / 100:
+            return "soft_limit"
+        return "normal"
+
+    def seconds_to_reset(self, now: dt.datetime | None = None) -> int:
+        now = now or dt.datetime.now(dt.UTC)
+        year, month = (now.year + 1, 1) if now.month == 12 else (now.year, now.month + 1)
+        start = dt.datetime(year, month, 1, tzinfo=dt.UTC)
+        return max(int((start - now).total_seconds()), 1)
+
+    def snapshot(self) -> dict[str, Any] | None:
+        """The budget in /v1/stats; None when no limit is configured."""
+        if not self.enabled or self.settings is None:
+            return None
+        return {
+            "monthly_limit_usd": self.monthly_limit_usd,
+            "spent_usd": round(self.spent_usd, 6),
+            "status": self.status,
+            "soft_limit_percent": self.settings.soft_limit_percent,
+            "hard_limit_action": self.action,
+            "month": self.month,
+        }
 
 
 # ==============================================================================================
@@ -2704,7 +2854,7 @@ def stats_snapshot(app: web.Application) -> dict[str, Any]:
         "backends": backends,
         "models": models,
         "recent": list(stats.recent),
-        "budget": None,
+        "budget": app[BUDGET].snapshot(),
         "keys": [],
     }
 
@@ -2770,6 +2920,7 @@ REGISTRY = web.AppKey("registry", Registry)
 STATS = web.AppKey("stats", Stats)
 CLIENT = web.AppKey("client", aiohttp.ClientSession)
 STATE = web.AppKey("state", dict)
+BUDGET = web.AppKey("budget", Budget)  # the month's cloud spend: BUDGET.spent_usd, .status
 STOPPING = web.AppKey("stopping", asyncio.Event)  # set at shutdown: live feeds end
 REQUEST_ID = web.RequestKey("request_id", str)
 RECORD = web.RequestKey("record", RequestRecord)
@@ -2877,6 +3028,7 @@ def create_app(settings: Settings) -> web.Application:
     app[REGISTRY] = Registry()
     app[STATS] = Stats()
     app[STATE] = {}
+    app[BUDGET] = Budget(settings.routing.budget)
     app[STOPPING] = asyncio.Event()
     app.on_shutdown.append(signal_stopping)
     for backend_settings in settings.backends:
