@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import binascii
+import bisect
 import collections
 import contextlib
 import datetime as dt
@@ -1555,6 +1556,7 @@ class RequestRecord:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     ttft_ms: float | None = None
+    fallback: bool = False  # a fallback model is being tried (it served, if the status is good)
 
 
 def new_request_id() -> str:
@@ -1672,6 +1674,8 @@ async def proxy(
             continue
         reason = decision.reason if index == 0 else "failover"
         record.retries = index
+        record.route_reason = reason
+        record.fallback = attempt.fallback
         ask_usage = (
             stream and not client_wants_usage and ADAPTERS[attempt.backend.type].stream_usage
         )
@@ -2778,10 +2782,42 @@ async def dashboard(request: web.Request) -> web.StreamResponse:
 # ==============================================================================================
 
 RECENT_REQUESTS = 100
+# Latency buckets in seconds, from a cached answer on loopback to a long generation on a CPU.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120)
+# The error kind counted for an answer that carries no error code of Nexus's own (a backend's
+# 4xx passed through, a stream cut after its first byte).
+ERROR_KINDS = {
+    400: "invalid_request",
+    401: "authentication",
+    403: "permission",
+    404: "not_found",
+    413: "request_too_large",
+    429: "rate_limited",
+    499: "client_disconnected",
+    500: "internal_error",
+    502: "backend_failed",
+    503: "no_backend_available",
+    504: "backend_timeout",
+}
+
+
+class Histogram:
+    """Observations in seconds, counted per bucket (not cumulative: the exposition sums them)."""
+
+    __slots__ = ("counts", "sum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)  # the last one is +Inf
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.sum += seconds
 
 
 class Stats:
-    """Request counters since start and the most recent requests, for /v1/stats and logs."""
+    """Request counters since start and the most recent requests, for /v1/stats, /metrics and
+    logs. Recording is a few dict increments per request; /metrics renders only when scraped."""
 
     def __init__(self) -> None:
         self.started = time.monotonic()
@@ -2790,15 +2826,33 @@ class Stats:
         self.errors = 0
         self.per_model: collections.Counter[str] = collections.Counter()
         self.recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=RECENT_REQUESTS)
+        self.by_outcome: collections.Counter[tuple[str, str, int]] = collections.Counter()
+        self.error_kinds: collections.Counter[str] = collections.Counter()
+        self.fallbacks = 0
+        self.tokens = {"prompt": 0, "completion": 0}
+        self.duration = Histogram()
+        self.ttft = Histogram()
 
-    def record(self, record: RequestRecord, status: int) -> None:
+    def record(
+        self, record: RequestRecord, status: int, seconds: float, error: str | None = None
+    ) -> None:
         self.total += 1
         if status < 400:
             self.success += 1
+            if record.fallback:
+                self.fallbacks += 1
         else:
             self.errors += 1
+            self.error_kinds[error or ERROR_KINDS.get(status, f"http_{status}")] += 1
         self.per_model[record.model] += 1
-        latency_ms = round((time.perf_counter() - record.started) * 1000, 2)
+        self.by_outcome[record.model, record.backend or "", status] += 1
+        self.duration.observe(seconds)
+        if record.ttft_ms is not None:
+            self.ttft.observe(record.ttft_ms / 1000)
+        if record.prompt_tokens:
+            self.tokens["prompt"] += record.prompt_tokens
+        if record.completion_tokens:
+            self.tokens["completion"] += record.completion_tokens
         self.recent.append(
             {
                 "time": time.time(),
@@ -2806,7 +2860,7 @@ class Stats:
                 "model": record.model,
                 "backend": record.backend,
                 "status": status,
-                "latency_ms": latency_ms,
+                "latency_ms": round(seconds * 1000, 2),
                 "tokens": {"prompt": record.prompt_tokens, "completion": record.completion_tokens},
                 "route_reason": record.route_reason,
             }
@@ -2881,22 +2935,14 @@ async def stream_stats(request: web.Request) -> web.StreamResponse:
     return response
 
 
-def log_request(record: RequestRecord, status: int) -> None:
-    latency_ms = round((time.perf_counter() - record.started) * 1000, 2)
-    fields_ = {
-        "request_id": record.id,
-        "model": record.model,
-        "backend": record.backend,
-        "status": status,
-        "latency_ms": latency_ms,
-        "prompt_tokens": record.prompt_tokens,
-        "completion_tokens": record.completion_tokens,
-        "route_reason": record.route_reason,
-        "retries": record.retries,
-    }
+def log_request(record: RequestRecord, status: int, seconds: float) -> None:
+    """The one line per inference request: metadata only, never content or keys."""
+    latency_ms = round(seconds * 1000, 2)
     log.info(
-        "request %s model=%s backend=%s status=%s latency_ms=%s tokens=%s/%s reason=%s retries=%s",
+        "request %s %s model=%s backend=%s status=%s latency_ms=%s tokens=%s/%s reason=%s "
+        "retries=%s",
         record.id,
+        record.endpoint,
         record.model,
         record.backend,
         status,
@@ -2905,8 +2951,197 @@ def log_request(record: RequestRecord, status: int) -> None:
         record.completion_tokens,
         record.route_reason,
         record.retries,
-        extra={"fields": fields_},
+        extra={
+            "fields": {
+                "request_id": record.id,
+                "endpoint": record.endpoint,
+                "model": record.model,
+                "backend": record.backend,
+                "status": status,
+                "latency_ms": latency_ms,
+                "prompt_tokens": record.prompt_tokens,
+                "completion_tokens": record.completion_tokens,
+                "route_reason": record.route_reason,
+                "retries": record.retries,
+                "fallback": record.fallback,
+            }
+        },
     )
+
+
+CONTENT_LOG_CHARS = 10_000
+
+
+def answer_text(response: web.StreamResponse | None) -> str | None:
+    """The text of a non-streamed answer (OpenAI's or Anthropic's shape); streamed answers are
+    relayed chunk by chunk and never kept."""
+    if not isinstance(response, web.Response) or not isinstance(response.body, bytes):
+        return None
+    try:
+        answer = json.loads(response.body)
+    except ValueError:
+        return None
+    if not isinstance(answer, dict):
+        return None
+    texts: list[Any] = []
+    if isinstance(answer.get("content"), list):  # Anthropic's Messages
+        texts = [block.get("text") for block in answer["content"] if isinstance(block, dict)]
+    elif isinstance(answer.get("choices"), list):
+        for choice in answer["choices"]:
+            if isinstance(choice, dict):
+                message = choice.get("message")
+                texts.append(
+                    message.get("content") if isinstance(message, dict) else choice.get("text")
+                )
+    found = [text for text in texts if isinstance(text, str)]
+    return "".join(found) if found else None
+
+
+async def log_content(
+    request: web.Request, record: RequestRecord, response: web.StreamResponse | None
+) -> None:
+    """Only with `log_content = true`, at debug level: the prompt and the answer's text."""
+    if not log.isEnabledFor(logging.DEBUG):
+        return
+    try:
+        body = json.loads(await request.read())
+    except (ValueError, web.HTTPException, aiohttp.ClientError, ConnectionError):
+        body = None
+    prompt = None
+    if isinstance(body, dict):
+        prompt = next((body[k] for k in ("messages", "prompt", "input") if k in body), None)
+    prompt_text = json.dumps(prompt)[:CONTENT_LOG_CHARS]
+    answer = answer_text(response)
+    answer = answer[:CONTENT_LOG_CHARS] if answer is not None else None
+    log.debug(
+        "content %s prompt=%s answer=%s",
+        record.id,
+        prompt_text,
+        json.dumps(answer),
+        extra={"fields": {"request_id": record.id, "prompt": prompt_text, "answer": answer}},
+    )
+
+
+# ==============================================================================================
+# Metrics
+# Owns: GET /metrics, the Prometheus text exposition (format 0.0.4) of Stats and the registry,
+# rendered only when scraped.
+# Must not: count anything itself (Stats does, once per request) or expose a key.
+# ==============================================================================================
+
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def escape_label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def queue_depth(app: web.Application) -> int:
+    """Requests waiting for a backend to free up. Nexus has no queue yet: always 0."""
+    return 0
+
+
+def histogram_lines(name: str, histogram: Histogram) -> list[str]:
+    lines = []
+    cumulative = 0
+    for bound, count in zip((*LATENCY_BUCKETS, "+Inf"), histogram.counts, strict=True):
+        cumulative += count
+        lines.append(f'{name}_bucket{{le="{bound}"}} {cumulative}')
+    lines.append(f"{name}_sum {histogram.sum!r}")
+    lines.append(f"{name}_count {cumulative}")
+    return lines
+
+
+def render_metrics(app: web.Application) -> str:
+    stats = app[STATS]
+    registry = app[REGISTRY]
+    lines: list[str] = []
+
+    def family(name: str, kind: str, text: str, samples: list[str]) -> None:
+        lines.append(f"# HELP {name} {text}")
+        lines.append(f"# TYPE {name} {kind}")
+        lines.extend(samples)
+
+    family(
+        "nexus_requests_total",
+        "counter",
+        "Inference requests answered, by model asked for, backend that answered and HTTP status.",
+        [
+            f'nexus_requests_total{{model="{escape_label(model)}",'
+            f'backend="{escape_label(backend)}",status="{status}"}} {count}'
+            for (model, backend, status), count in sorted(stats.by_outcome.items())
+        ],
+    )
+    family(
+        "nexus_errors_total",
+        "counter",
+        "Inference requests answered with an error, by kind (the error code).",
+        [
+            f'nexus_errors_total{{type="{escape_label(kind)}"}} {count}'
+            for kind, count in sorted(stats.error_kinds.items())
+        ],
+    )
+    family(
+        "nexus_fallbacks_total",
+        "counter",
+        "Requests served by a fallback model.",
+        [f"nexus_fallbacks_total {stats.fallbacks}"],
+    )
+    family(
+        "nexus_request_duration_seconds",
+        "histogram",
+        "Time from receiving an inference request to its last byte.",
+        histogram_lines("nexus_request_duration_seconds", stats.duration),
+    )
+    family(
+        "nexus_ttft_seconds",
+        "histogram",
+        "Time to the first streamed chunk of an answer.",
+        histogram_lines("nexus_ttft_seconds", stats.ttft),
+    )
+    family(
+        "nexus_tokens_total",
+        "counter",
+        "Tokens reported by backends, by type.",
+        [f'nexus_tokens_total{{type="{kind}"}} {count}' for kind, count in stats.tokens.items()],
+    )
+    family(
+        "nexus_backends_total",
+        "gauge",
+        "Backends known.",
+        [f"nexus_backends_total {len(registry.backends)}"],
+    )
+    family(
+        "nexus_backends_healthy",
+        "gauge",
+        "Backends healthy now.",
+        [f"nexus_backends_healthy {len(registry.healthy())}"],
+    )
+    family(
+        "nexus_models_available",
+        "gauge",
+        "Models (and aliases) a healthy backend serves now.",
+        [f"nexus_models_available {len(model_entries(registry, app[SETTINGS]))}"],
+    )
+    family(
+        "nexus_queue_depth",
+        "gauge",
+        "Requests waiting for a backend.",
+        [f"nexus_queue_depth {queue_depth(app)}"],
+    )
+    family(
+        "nexus_budget_spending_usd",
+        "gauge",
+        "Estimated spend on cloud backends this month, in USD.",
+        [f"nexus_budget_spending_usd {app[BUDGET].spent_usd!r}"],
+    )
+    lines.append("")
+    return "\n".join(lines)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = render_metrics(request.app).encode()
+    return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 
 # ==============================================================================================
@@ -2941,20 +3176,33 @@ HTTP_ERROR_TYPES = {
 }
 
 
+# The inference endpoints: each request to one is counted and logged once, even one refused
+# before routing (a body that is not JSON, a missing field, a body over the size limit).
+INFERENCE_PATHS = {
+    "/v1/chat/completions": "chat",
+    "/v1/completions": "completions",
+    "/v1/embeddings": "embeddings",
+    MESSAGES_PATH: "chat",
+}
+
+
 @web.middleware
 async def request_middleware(
     request: web.Request, handler: Callable[[web.Request], Any]
 ) -> web.StreamResponse:
     """Give every request an id, turn every failure into an OpenAI error envelope, and count
     and log every inference request exactly once."""
+    started = time.perf_counter()
     request[REQUEST_ID] = new_request_id()
     status = 500
+    code: str | None = None
+    response: web.StreamResponse | None = None
     try:
         response = await handler(request)
         status = response.status
         return response
     except NexusError as exc:
-        status = exc.status
+        status, code = exc.status, exc.code
         return error_response(exc, request)
     except web.HTTPException as exc:
         status = exc.status
@@ -2973,13 +3221,19 @@ async def request_middleware(
     except Exception:
         log.exception("unexpected error serving %s %s", request.method, request.path)
         error = NexusError(500, "server_error", "internal_error", "Nexus hit an internal error.")
+        status, code = error.status, error.code
         return error_response(error, request)
     finally:
         record = request.get(RECORD)
+        if record is None and request.method == "POST" and request.path in INFERENCE_PATHS:
+            record = RequestRecord(request[REQUEST_ID], "", INFERENCE_PATHS[request.path], started)
         if record is not None:
             final = record.status or status
-            request.app[STATS].record(record, final)
-            log_request(record, final)
+            seconds = time.perf_counter() - record.started
+            request.app[STATS].record(record, final, seconds, code if final == status else None)
+            log_request(record, final, seconds)
+            if request.app[SETTINGS].logging.log_content and status != 499:
+                await log_content(request, record, response)
 
 
 async def client_session_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -3045,6 +3299,7 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/health", health)
     app.router.add_get("/v1/stats", get_stats)
     app.router.add_get("/v1/stats/stream", stream_stats)
+    app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/backends", list_backends)
     app.router.add_post("/v1/backends", add_backend)
     app.router.add_delete("/v1/backends/{name}", remove_backend)
@@ -3064,30 +3319,73 @@ SHUTDOWN_GRACE_SECONDS = 10.0
 
 
 class JsonLogFormatter(logging.Formatter):
-    """One JSON object per line: time, level, message, and a request's fields when it has them."""
+    """One JSON object per line: time, level, logger, message, and a request's fields."""
 
     def format(self, record: logging.LogRecord) -> str:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
         line: dict[str, Any] = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "time": f"{stamp}.{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
+            "logger": record.name,
             "message": record.getMessage(),
         }
         line.update(getattr(record, "fields", {}))
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
+        elif record.stack_info:
+            line["stack"] = self.formatStack(record.stack_info)
         return json.dumps(line)
 
 
-def setup_logging(settings: LoggingSettings) -> None:
+class RedactingFormatter(logging.Formatter):
+    """Masks every key Nexus knows of in whatever another formatter wrote. Nexus never logs a
+    key on purpose; this catches one that an exception or a URL carries along."""
+
+    def __init__(self, inner: logging.Formatter, secrets: Iterable[str]) -> None:
+        super().__init__()
+        self.inner = inner
+        self.secrets = sorted(set(secrets), key=len, reverse=True)
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = self.inner.format(record)
+        for secret in self.secrets:
+            if secret in text:
+                text = text.replace(secret, "[redacted]")
+        return text
+
+
+# A value this short is no key, and masking it would garble ordinary words.
+MIN_SECRET_LENGTH = 8
+
+
+def known_secrets(settings: Settings, env: dict[str, str]) -> list[str]:
+    """The values of every variable the settings read a key from."""
+    names = [b.api_key_env for b in settings.backends] + [k.key_env for k in settings.auth.api_keys]
+    values = [env.get(name, "") for name in names if name]
+    return [value for value in values if len(value) >= MIN_SECRET_LENGTH]
+
+
+def setup_logging(settings: Settings, env: dict[str, str]) -> None:
+    """Every line on stderr, ours and other libraries', in the configured format."""
     handler = logging.StreamHandler(sys.stderr)
-    if settings.format == "json":
-        handler.setFormatter(JsonLogFormatter())
+    if settings.logging.format == "json":
+        inner: logging.Formatter = JsonLogFormatter()
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s"))
+        inner = logging.Formatter("%(asctime)s %(levelname)-7s %(message)s")
+    handler.setFormatter(RedactingFormatter(inner, known_secrets(settings, env)))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(settings.level.upper())
+    root.setLevel(settings.logging.level.upper())
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    logging.captureWarnings(True)  # Python's warnings become log lines too
+    sys.excepthook = log_uncaught
+
+
+def log_uncaught(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+    if issubclass(kind, KeyboardInterrupt):
+        sys.__excepthook__(kind, value, tb)
+        return
+    log.critical("Nexus stopped on an unexpected error", exc_info=(kind, value, tb))
 
 
 def build_commit() -> str:
@@ -3121,10 +3419,11 @@ async def run_server(settings: Settings) -> int:
     try:
         await site.start()
     except OSError as exc:
-        print(
-            f"nexus: cannot listen on {settings.server.host}:{settings.server.port}: "
-            f"{exc.strerror or exc}",
-            file=sys.stderr,
+        log.error(
+            "cannot listen on %s:%d: %s",
+            settings.server.host,
+            settings.server.port,
+            exc.strerror or exc,
         )
         await runner.cleanup()
         return 1
@@ -3169,7 +3468,7 @@ def serve_command(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"nexus: {exc}", file=sys.stderr)
         return 2
-    setup_logging(settings.logging)
+    setup_logging(settings, env)
     return asyncio.run(run_server(settings))
 
 
