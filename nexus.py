@@ -13,7 +13,7 @@ It reads top to bottom in the order a request travels:
     current) -> Requests (what a payload needs) -> Tokens (exact counts, loaded lazily) ->
     Routing (pure functions) -> Backend adapters (the only code that knows a backend's
     quirks) -> Proxy (send, retry, stream out) -> Anthropic Messages API (translated to chat
-    and back) -> HTTP handlers -> Stats -> App assembly -> CLI and main().
+    and back) -> HTTP handlers -> Stats -> Metrics -> App assembly -> CLI and main().
 """
 
 from __future__ import annotations
@@ -3466,7 +3466,11 @@ def serve_command(args: argparse.Namespace) -> int:
     try:
         settings = load_settings(config_file_path(args.config, env), env, overrides)
     except ConfigError as exc:
-        print(f"nexus: {exc}", file=sys.stderr)
+        if (args.log_format or env.get("NEXUS_LOG_FORMAT", "")).lower() == "json":
+            setup_logging(Settings(logging=LoggingSettings(format="json")), env)
+            log.error("%s", exc)
+        else:
+            print(f"nexus: {exc}", file=sys.stderr)
         return 2
     setup_logging(settings, env)
     return asyncio.run(run_server(settings))

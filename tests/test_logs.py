@@ -303,3 +303,17 @@ async def test_client_leaving_mid_stream_is_logged_once(backend_factory, nexus_f
     assert len(mine) == 1
     assert mine[0].fields["status"] == 499
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_a_bad_setting_is_one_json_line_in_json_mode(tmp_path):
+    config = tmp_path / "nexus.toml"
+    config.write_text("[server]\nport = 70000\n")
+    proc = await asyncio.create_subprocess_exec(
+        *NEXUS, "serve", "-c", str(config), "--log-format", "json", stderr=asyncio.subprocess.PIPE
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 2
+    lines = err.decode().splitlines()
+    assert len(lines) == 1
+    line = json.loads(lines[0])
+    assert line["level"] == "error" and "server.port" in line["message"]
