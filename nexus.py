@@ -2937,6 +2937,8 @@ async def stream_stats(request: web.Request) -> web.StreamResponse:
 
 def log_request(record: RequestRecord, status: int, seconds: float) -> None:
     """The one line per inference request: metadata only, never content or keys."""
+    if not log.isEnabledFor(logging.INFO):
+        return
     latency_ms = round(seconds * 1000, 2)
     log.info(
         "request %s %s model=%s backend=%s status=%s latency_ms=%s tokens=%s/%s reason=%s "
@@ -3323,18 +3325,22 @@ class JsonLogFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):  # a library's malformed call: keep what it said
+            message = f"{record.msg} {record.args}"
         line: dict[str, Any] = {
             "time": f"{stamp}.{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": message,
         }
         line.update(getattr(record, "fields", {}))
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
         elif record.stack_info:
             line["stack"] = self.formatStack(record.stack_info)
-        return json.dumps(line)
+        return json.dumps(line, default=str)
 
 
 class RedactingFormatter(logging.Formatter):

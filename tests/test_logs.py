@@ -19,6 +19,8 @@ import pytest
 from aiohttp import web
 from conftest import ROOT, backends_toml, free_port
 
+import nexus
+
 NEXUS = [sys.executable, str(ROOT / "nexus.py")]
 REQUEST_FIELDS = (
     "request_id",
@@ -317,3 +319,15 @@ async def test_a_bad_setting_is_one_json_line_in_json_mode(tmp_path):
     assert len(lines) == 1
     line = json.loads(lines[0])
     assert line["level"] == "error" and "server.port" in line["message"]
+
+
+def test_json_formatter_never_breaks_a_line():
+    """A library's malformed log call or an odd field still gives one JSON object on one line."""
+    formatter = nexus.RedactingFormatter(nexus.JsonLogFormatter(), ["sk-secret-value"])
+    bad_args = logging.LogRecord("lib", logging.WARNING, "f.py", 1, "a %s %s", ("x",), None)
+    odd = logging.LogRecord("nexus", logging.INFO, "f.py", 1, "key sk-secret-value\nend", (), None)
+    odd.fields = {"when": {1, 2}}
+    for record in (bad_args, odd):
+        text = formatter.format(record)
+        assert "\n" not in text and "sk-secret-value" not in text
+        assert json.loads(text)["logger"] == record.name
