@@ -462,13 +462,16 @@ def validate_price(key: str, price: Any) -> None:
     """A configured price: { input = USD, output = USD } per million tokens, both needed."""
     if not isinstance(price, dict):
         raise ConfigError(key, "expected { input = USD, output = USD } per million tokens")
+    known = ("input", "output", "cached_input", "cache_write")
     for name in price:
-        if name not in ("input", "output"):
-            raise ConfigError(f"{key}.{name}", "unknown key (expected input and output)")
-    for name in ("input", "output"):
+        if name not in known:
+            raise ConfigError(f"{key}.{name}", f"unknown key (expected {', '.join(known)})")
+    for name in known:
         value = price.get(name)
         if value is None:
-            raise ConfigError(f"{key}.{name}", "is required (USD per million tokens)")
+            if name in ("input", "output"):
+                raise ConfigError(f"{key}.{name}", "is required (USD per million tokens)")
+            continue
         if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
             raise ConfigError(f"{key}.{name}", f"expected a number of 0 or more, got {value!r}")
 
@@ -973,17 +976,58 @@ SNAPSHOT_SUFFIX = re.compile(r"-(latest|\d{4}|\d{8}|\d{4}-\d{2}-\d{2})(-preview)
 
 @dataclass(frozen=True, slots=True)
 class Price:
-    """What a model costs, in USD per million input and output tokens."""
+    """What a model costs, in USD per million tokens: input, output, and prompt tokens read
+    from or written to the provider's prompt cache (None: they cost the input price)."""
 
     input: float
     output: float
+    cached_input: float | None = None
+    cache_write: float | None = None
+
+    @classmethod
+    def from_table(cls, entry: dict[str, Any]) -> Price:
+        return cls(
+            float(entry["input"]),
+            float(entry["output"]),
+            entry.get("cached_input"),
+            entry.get("cache_write"),
+        )
+
+
+@dataclass(slots=True)
+class TokenUsage:
+    """The tokens of one answer as its backend reported them (or as Nexus counted them)."""
+
+    prompt: int = 0
+    completion: int = 0
+    cached: int = 0  # of the prompt, read from the provider's prompt cache
+    cache_write: int = 0  # of the prompt, written to it
+    counted: bool = False  # counted by Nexus because the backend reported none
+
+
+def usage_from(usage: Any) -> TokenUsage | None:
+    """A chat/completions `usage` object as TokenUsage; None when it says nothing."""
+    if not isinstance(usage, dict):
+        return None
+    prompt = positive_int(usage.get("prompt_tokens")) or 0
+    completion = positive_int(usage.get("completion_tokens")) or 0
+    if not prompt and not completion:
+        return None
+    details = usage.get("prompt_tokens_details")
+    details = details if isinstance(details, dict) else {}
+    return TokenUsage(
+        prompt,
+        completion,
+        cached=positive_int(details.get("cached_tokens")) or 0,
+        cache_write=positive_int(details.get("cache_creation_tokens")) or 0,
+    )
 
 
 @functools.cache
 def load_price_table() -> dict[str, Price]:
     """The embedded price table (assets/prices.json), read once."""
     data = json.loads(asset_path("prices.json").read_text(encoding="utf-8"))
-    return {model: Price(p["input"], p["output"]) for model, p in data["models"].items()}
+    return {model: Price.from_table(entry) for model, entry in data["models"].items()}
 
 
 def price_for(model: str, overrides: dict[str, Price]) -> Price | None:
@@ -1002,8 +1046,23 @@ def price_for(model: str, overrides: dict[str, Price]) -> Price | None:
     return None
 
 
-def cost_usd(price: Price, prompt_tokens: int, completion_tokens: int) -> float:
-    return (prompt_tokens * price.input + completion_tokens * price.output) / 1_000_000
+def cost_usd(price: Price, usage: TokenUsage) -> float:
+    cached_price = price.input if price.cached_input is None else price.cached_input
+    write_price = price.input if price.cache_write is None else price.cache_write
+    fresh = max(usage.prompt - usage.cached - usage.cache_write, 0)
+    total = (
+        fresh * price.input
+        + usage.cached * cached_price
+        + usage.cache_write * write_price
+        + usage.completion * price.output
+    )
+    return total / 1_000_000
+
+
+def format_usd(usd: float) -> str:
+    """A cost for the X-Nexus-Cost-Estimated header: plain decimal, no exponent."""
+    text = f"{usd:.8f}".rstrip("0").rstrip(".")
+    return text or "0"
 
 
 def month_of(now: dt.datetime) -> str:
@@ -1019,8 +1078,8 @@ class Budget:
         self.monthly_limit_usd = settings.monthly_limit_usd if settings else 0.0
         self.action = settings.hard_limit_action if settings else "warn"
         self.prices = {
-            model: Price(float(p["input"]), float(p["output"]))
-            for model, p in (settings.prices if settings else {}).items()
+            model: Price.from_table(entry)
+            for model, entry in (settings.prices if settings else {}).items()
         }
         self.month = month_of(dt.datetime.now(dt.UTC))
         self._spent_usd = 0.0

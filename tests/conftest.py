@@ -55,6 +55,14 @@ class MockBackend:
         self.in_flight = 0
         self.max_in_flight = 0
         self.server: TestServer | None = None
+        # Cloud kinds (openai, anthropic) answer 401 unless they get this key the way their
+        # API wants it; every request's headers are kept in `received` either way.
+        self.api_key = "sk-test-" + name
+        self.auth_failures = 0
+        # Anthropic answers: a tool call to make ({"name", "input"}), the stop reason, usage.
+        self.tool_call: dict[str, Any] | None = None
+        self.stop_reason = "end_turn"
+        self.send_usage = True
 
     @property
     def url(self) -> str:
@@ -67,7 +75,12 @@ class MockBackend:
     # --- the server -------------------------------------------------------------------------
 
     async def start(self, port: int | None = None) -> MockBackend:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
+        middlewares = [self.check_auth] if self.kind in ("openai", "anthropic") else []
+        app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=middlewares)
+        if self.kind == "anthropic":
+            app.router.add_post("/v1/messages", self.anthropic_messages)
+            app.router.add_get("/v1/models", self.anthropic_models)
+            return await self.listen(app, port)
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/v1/completions", self.completion)
         app.router.add_post("/v1/embeddings", self.embedding)
@@ -81,9 +94,31 @@ class MockBackend:
             app.router.add_get("/props", self.llamacpp_props)
         if self.kind == "lmstudio":
             app.router.add_get("/api/v0/models", self.lmstudio_models)
+        return await self.listen(app, port)
+
+    async def listen(self, app: web.Application, port: int | None) -> MockBackend:
         self.server = TestServer(app, host="127.0.0.1", port=port or free_port())
         await self.server.start_server()
         return self
+
+    @web.middleware
+    async def check_auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """A cloud API's door: OpenAI wants a Bearer key, Anthropic x-api-key and a version."""
+        if self.kind == "openai":
+            ok = request.headers.get("Authorization") == f"Bearer {self.api_key}"
+        else:
+            ok = (
+                request.headers.get("x-api-key") == self.api_key
+                and request.headers.get("anthropic-version") == "2023-06-01"
+                and "Authorization" not in request.headers
+            )
+        if not ok:
+            self.auth_failures += 1
+            return web.json_response(
+                {"error": {"message": "invalid api key", "type": "authentication_error"}},
+                status=401,
+            )
+        return await handler(request)
 
     async def stop(self) -> None:
         if self.server is not None:
@@ -282,6 +317,134 @@ class MockBackend:
             }
         )
 
+    # --- Anthropic's Messages API -----------------------------------------------------------
+
+    async def anthropic_models(self, request: web.Request) -> web.Response:
+        if (down := self.unavailable()) is not None:
+            return down
+        data = [
+            {"type": "model", "id": m, "display_name": m, "created_at": "2025-01-01T00:00:00Z"}
+            for m in self.models
+        ]
+        return web.json_response({"data": data, "has_more": False, "first_id": None})
+
+    async def anthropic_messages(self, request: web.Request) -> web.StreamResponse:
+        return await self.serve(request, self.anthropic_answer)
+
+    def anthropic_blocks(self) -> list[dict[str, Any]]:
+        blocks: list[dict[str, Any]] = [{"type": "text", "text": self.reply}]
+        if self.tool_call is not None:
+            blocks.append({"type": "tool_use", "id": "toolu_mock1", **self.tool_call})
+        return blocks
+
+    async def anthropic_answer(
+        self, request: web.Request, body: dict[str, Any]
+    ) -> web.StreamResponse:
+        if not isinstance(body.get("max_tokens"), int):
+            error = {"type": "invalid_request_error", "message": "max_tokens: Field required"}
+            return web.json_response({"type": "error", "error": error}, status=400)
+        usage = {"input_tokens": 12, "output_tokens": len(self.words())}
+        message = {
+            "id": "msg_mock",
+            "type": "message",
+            "role": "assistant",
+            "model": body["model"],
+            "content": self.anthropic_blocks(),
+            "stop_reason": self.stop_reason,
+            "stop_sequence": None,
+            "usage": usage,
+        }
+        if not self.send_usage:
+            del message["usage"]
+        if not body.get("stream"):
+            return web.json_response(message)
+        response = await start_sse(request)
+
+        async def event(name: str, data: dict[str, Any]) -> None:
+            await response.write(f"event: {name}\ndata: {json.dumps(data)}\n\n".encode())
+
+        start = dict(message, content=[], stop_reason=None)
+        start["usage"] = {"input_tokens": 12, "output_tokens": 1}
+        await event("message_start", {"type": "message_start", "message": start})
+        await event("ping", {"type": "ping"})
+        text_block = {"type": "content_block_start", "index": 0}
+        text_block["content_block"] = {"type": "text", "text": ""}
+        await event("content_block_start", text_block)
+        for word in self.words():
+            delta = {"type": "text_delta", "text": word}
+            await event(
+                "content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta}
+            )
+            if self.chunk_delay:
+                await asyncio.sleep(self.chunk_delay)
+        await event("content_block_stop", {"type": "content_block_stop", "index": 0})
+        if self.tool_call is not None:
+            block = {"type": "tool_use", "id": "toolu_mock1", "name": self.tool_call["name"]}
+            block["input"] = {}
+            await event(
+                "content_block_start",
+                {"type": "content_block_start", "index": 1, "content_block": block},
+            )
+            arguments = json.dumps(self.tool_call["input"])
+            for piece in (arguments[: len(arguments) // 2], arguments[len(arguments) // 2 :]):
+                delta = {"type": "input_json_delta", "partial_json": piece}
+                await event(
+                    "content_block_delta",
+                    {"type": "content_block_delta", "index": 1, "delta": delta},
+                )
+            await event("content_block_stop", {"type": "content_block_stop", "index": 1})
+        end = {"type": "message_delta", "delta": {"stop_reason": self.stop_reason}}
+        end["delta"]["stop_sequence"] = None
+        end["usage"] = {"output_tokens": usage["output_tokens"]}
+        await event("message_delta", end)
+        await event("message_stop", {"type": "message_stop"})
+        await response.write_eof()
+        return response
+
+
+class ByteRecorder:
+    """A TCP relay in front of a server that keeps every byte a client sends through it: what
+    reached a backend's socket, whatever it was (well-formed HTTP or not)."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.data = bytearray()
+        self.connections = 0
+        self.server: asyncio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> ByteRecorder:
+        self.server = await asyncio.start_server(self.relay, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, keep: bool) -> None:
+            try:
+                while data := await src.read(65536):
+                    if keep:
+                        self.data.extend(data)
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, asyncio.CancelledError):
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer, True), pipe(up_reader, writer, False))
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
 
 def chat_chunk(model: str, delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
     return {
@@ -341,15 +504,28 @@ def settings_from(toml_text: str, tmp_path: Path, env: dict[str, str] | None = N
 
 
 def backends_toml(*backends: MockBackend, **extra: Any) -> str:
+    """[[backends]] for mocks; a cloud mock reads its key from NEXUS_TEST_KEY_<NAME> (see
+    cloud_env)."""
     lines = []
     for b in backends:
         lines.append("[[backends]]")
         lines.append(f'name = "{b.name}"')
         lines.append(f'url = "{b.url}"')
         lines.append(f'type = "{b.kind}"')
+        if b.kind in ("openai", "anthropic"):
+            lines.append(f'api_key_env = "{key_variable(b)}"')
         for key, value in extra.get(b.name, {}).items():
             lines.append(f"{key} = {json.dumps(value)}")
     return "\n".join(lines) + "\n"
+
+
+def key_variable(backend: MockBackend) -> str:
+    return "NEXUS_TEST_KEY_" + "".join(c if c.isalnum() else "_" for c in backend.name.upper())
+
+
+def cloud_env(*backends: MockBackend) -> dict[str, str]:
+    """The environment holding each cloud mock's key, as backends_toml names it."""
+    return {key_variable(b): b.api_key for b in backends if b.kind in ("openai", "anthropic")}
 
 
 @pytest.fixture
@@ -367,10 +543,14 @@ async def backend_factory() -> AsyncIterator[Callable[..., Awaitable[MockBackend
 
 
 @pytest.fixture
-async def nexus_factory(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[RunningNexus]]]:
+async def nexus_factory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[Callable[..., Awaitable[RunningNexus]]]:
     running: list[TestServer] = []
 
     async def make(toml_text: str = "", wait: bool = True, env: dict[str, str] | None = None):
+        for variable, value in (env or {}).items():  # what Nexus reads at run time (keys)
+            monkeypatch.setenv(variable, value)
         header = "[discovery]\nenabled = false\n"
         if "[discovery]" in toml_text:
             header = ""

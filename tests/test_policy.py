@@ -64,7 +64,19 @@ def test_config_prices_override_the_table():
 
 def test_cost_is_tokens_times_price_per_million():
     price = nexus.Price(input=2.5, output=10.0)
-    assert nexus.cost_usd(price, 1000, 500) == pytest.approx(0.0025 + 0.005)
+    assert nexus.cost_usd(price, nexus.TokenUsage(1000, 500)) == pytest.approx(0.0025 + 0.005)
+    assert nexus.format_usd(0.0075) == "0.0075"
+    assert nexus.format_usd(0.0) == "0"
+    assert nexus.format_usd(5e-8) == "0.00000005"
+
+
+def test_cached_prompt_tokens_cost_their_own_price():
+    price = nexus.Price(input=3.0, output=15.0, cached_input=0.3, cache_write=3.75)
+    usage = nexus.TokenUsage(prompt=10_000, completion=0, cached=8_000, cache_write=1_000)
+    expected = (1_000 * 3.0 + 8_000 * 0.3 + 1_000 * 3.75) / 1e6
+    assert nexus.cost_usd(price, usage) == pytest.approx(expected)
+    no_cache_prices = nexus.Price(input=3.0, output=15.0)
+    assert nexus.cost_usd(no_cache_prices, usage) == pytest.approx(10_000 * 3.0 / 1e6)
 
 
 def test_budget_prices_in_config_are_validated(tmp_path):
@@ -77,6 +89,7 @@ def test_budget_prices_in_config_are_validated(tmp_path):
         ('prices = { "gpt-4o" = { input = -1, output = 1 } }', "routing.budget.prices.gpt-4o"),
         ('prices = { "gpt-4o" = { input = 1, output = "x" } }', "routing.budget.prices.gpt-4o"),
         ('prices = { "x" = { input = 1, output = 1, cached = 1 } }', "routing.budget.prices.x"),
+        ('prices = { "x" = { input = 1, output = 1, cache_write = -2 } }', "prices.x.cache_write"),
     ]:
         with pytest.raises(nexus.ConfigError) as caught:
             settings_from(f"[routing.budget]\n{bad}\n", tmp_path)
