@@ -960,6 +960,89 @@ def count_tokens(text: str, model: str) -> tuple[int, bool]:
     return len(load_encoding(name).encode_ordinary(text)), exact
 
 
+# Chat prompts are counted as OpenAI bills them: each message costs its role and content plus
+# a few tokens of framing, and every reply is primed with a few more.
+CHAT_MESSAGE_TOKENS = 3
+CHAT_REPLY_TOKENS = 3
+# Texts longer than this (or any text while its encoding is not loaded yet) are counted in a
+# worker thread: exact counting must never hold up the event loop.
+EXACT_INLINE_CHARS = 20_000
+
+
+def tokenizer_for(backend_type: str, model: str) -> tuple[str, bool]:
+    """The tokenizer registry: (encoding, exact) for a model on a type of backend. Only OpenAI's
+    own models on OpenAI's API are counted exactly; everything else with cl100k, marked as an
+    approximation (a local server's model names say nothing certain about its tokenizer)."""
+    if backend_type == "openai":
+        return encoding_for_model(model)
+    return APPROXIMATE_ENCODING, False
+
+
+def payload_texts(endpoint: str, payload: dict[str, Any]) -> tuple[list[str], int]:
+    """The texts of a request that become prompt tokens, and the tokens of framing around them."""
+    if endpoint == "chat":
+        texts: list[str] = []
+        messages = payload.get("messages") or []
+        for message in messages:
+            if not isinstance(message, dict):
+                continue
+            texts.append(str(message.get("role") or ""))
+            content = message.get("content")
+            if isinstance(content, str):
+                texts.append(content)
+            elif isinstance(content, list):
+                texts.extend(
+                    p["text"]
+                    for p in content
+                    if isinstance(p, dict) and isinstance(p.get("text"), str)
+                )
+            for call in message.get("tool_calls") or ():
+                function = call.get("function") if isinstance(call, dict) else None
+                if isinstance(function, dict):
+                    texts.append(f"{function.get('name', '')}{function.get('arguments', '')}")
+        if payload.get("tools"):
+            texts.append(json.dumps(payload["tools"]))
+        return texts, CHAT_MESSAGE_TOKENS * len(messages) + CHAT_REPLY_TOKENS
+    key = "prompt" if endpoint == "completions" else "input"
+    value = payload.get(key)
+    items = value if isinstance(value, list) else [value]
+    return [v for v in items if isinstance(v, str)], 0
+
+
+def count_texts(texts: list[str], encoding: str) -> int:
+    encoder = load_encoding(encoding)
+    return sum(len(encoder.encode_ordinary(text)) for text in texts)
+
+
+async def count_texts_async(texts: list[str], encoding: str) -> int:
+    """count_texts, in a worker thread when the texts are long or the encoding not loaded."""
+    if encoding in _loaded_encodings and sum(map(len, texts)) <= EXACT_INLINE_CHARS:
+        return count_texts(texts, encoding)
+    return await asyncio.to_thread(count_texts, texts, encoding)
+
+
+def answer_texts(endpoint: str, answer: dict[str, Any]) -> list[str]:
+    """The generated texts of a whole answer (or of one stream chunk), for counting."""
+    texts: list[str] = []
+    for choice in answer.get("choices") or ():
+        if not isinstance(choice, dict):
+            continue
+        if endpoint == "completions":
+            texts.append(str(choice.get("text") or ""))
+            continue
+        message = choice.get("message") or choice.get("delta") or {}
+        if not isinstance(message, dict):
+            continue
+        for key in ("content", "reasoning_content"):
+            if isinstance(message.get(key), str):
+                texts.append(message[key])
+        for call in message.get("tool_calls") or ():
+            function = call.get("function") if isinstance(call, dict) else None
+            if isinstance(function, dict):
+                texts.append(f"{function.get('name') or ''}{function.get('arguments') or ''}")
+    return texts
+
+
 # ==============================================================================================
 # Policy
 # Owns: what cloud work costs (the embedded price table, overridable per model) and the month's
@@ -1163,6 +1246,7 @@ class Attempt:
     fallback: bool = False
     max_tokens: int | None = None  # set when max_tokens had to be lowered to fit
     alone: bool = False  # the only candidate for its model: the proxy may ask it again
+    scrub: bool = False  # overflow to an open backend: only system prompt and last user turn
 
 
 @dataclass(slots=True)
@@ -1407,9 +1491,29 @@ class OpenAICompatibleAdapter:
 
     # Whether the server honours stream_options.include_usage, so Nexus can count tokens.
     stream_usage = False
+    # Whether requests and answers are translated (another API than OpenAI's). When not, the
+    # proxy relays bytes as they are and none of the methods below is called.
+    translates = False
 
     def headers(self, backend: Backend) -> dict[str, str]:
         return {}
+
+    def request_body(self, payload: dict[str, Any]) -> bytes:
+        """The request to send, from the chat/completions payload."""
+        return json.dumps(payload).encode()
+
+    def answer(self, parsed: dict[str, Any]) -> dict[str, Any]:
+        """A whole answer as a chat completion."""
+        return parsed
+
+    def error_body(self, answer: bytes) -> bytes:
+        """A 4xx answer as the client will get it."""
+        return answer
+
+    def stream_reader(self, content: aiohttp.StreamReader, model: str) -> Any:
+        """Where a stream's SSE lines are read: the response body itself, or a translator
+        with the same readline() that turns another API's events into chat chunks."""
+        return content
 
     def url(self, backend: Backend, endpoint: str) -> str:
         return backend.url + ENDPOINT_PATHS[endpoint]
@@ -1541,6 +1645,415 @@ class OpenAICloudAdapter(OpenAICompatibleAdapter):
         return {"Authorization": f"Bearer {os.environ.get(backend.api_key_env, '')}"}
 
 
+class AnthropicAdapter(OpenAICompatibleAdapter):
+    """Anthropic's Messages API, spoken natively: `x-api-key` and `anthropic-version` headers,
+    chat completions translated into Messages requests and the answers (whole or streamed)
+    back into chat completions. Health is the model list, which spends no tokens."""
+
+    translates = True
+    stream_usage = True  # every Messages stream reports usage
+
+    def headers(self, backend: Backend) -> dict[str, str]:
+        return {
+            "x-api-key": os.environ.get(backend.api_key_env, ""),
+            "anthropic-version": ANTHROPIC_VERSION,
+        }
+
+    def url(self, backend: Backend, endpoint: str) -> str:
+        if endpoint != "chat":
+            raise NexusError(
+                400,
+                "invalid_request_error",
+                "unsupported_endpoint",
+                f"Backend {backend.name} (anthropic) serves chat completions only.",
+            )
+        return backend.url + "/v1/messages"
+
+    def request_body(self, payload: dict[str, Any]) -> bytes:
+        return json.dumps(chat_to_anthropic(payload)).encode()
+
+    def answer(self, parsed: dict[str, Any]) -> dict[str, Any]:
+        return anthropic_to_chat(parsed)
+
+    def error_body(self, answer: bytes) -> bytes:
+        """Anthropic's error document as OpenAI's envelope, its message kept."""
+        try:
+            document = json.loads(answer)
+        except ValueError:
+            return answer
+        error = document.get("error") if isinstance(document, dict) else None
+        if not isinstance(error, dict):
+            return answer
+        message = str(error.get("message") or "the backend refused the request")
+        envelope = {"message": message, "type": error.get("type"), "param": None, "code": None}
+        return json.dumps({"error": envelope}).encode()
+
+    def stream_reader(self, content: aiohttp.StreamReader, model: str) -> AnthropicStream:
+        return AnthropicStream(content, model)
+
+    async def poll(self, session: aiohttp.ClientSession, backend: Backend) -> dict[str, Model]:
+        url = backend.url + "/v1/models?limit=1000"  # the list is paged, 20 by default
+        return models_from_openai_list(await fetch_json(session, "GET", url, self.headers(backend)))
+
+
+ANTHROPIC_VERSION = "2023-06-01"
+# Anthropic requires max_tokens; a chat request may leave it out.
+ANTHROPIC_DEFAULT_MAX_TOKENS = 4096
+ANTHROPIC_FINISH_REASONS = {
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "pause_turn": "stop",
+    "max_tokens": "length",
+    "model_context_window_exceeded": "length",
+    "tool_use": "tool_calls",
+    "refusal": "content_filter",
+}
+# Fields a chat request may carry that mean the same in a Messages request.
+ANTHROPIC_NATIVE_FIELDS = ("top_p", "top_k", "metadata", "thinking", "service_tier")
+
+
+def chat_to_anthropic(chat: dict[str, Any]) -> dict[str, Any]:
+    """A chat completion request as a Messages request. System and developer messages become
+    `system`; tool calls and tool results become tool_use and tool_result blocks; images
+    become image blocks; consecutive turns of one role are merged, as the API wants."""
+    if not isinstance(chat.get("messages"), list):
+        raise NexusError(
+            400,
+            "invalid_request_error",
+            "unsupported_endpoint",
+            "Anthropic backends serve chat completions only (no legacy completions, embeddings).",
+        )
+    max_tokens = chat.get("max_completion_tokens") or chat.get("max_tokens")
+    out: dict[str, Any] = {
+        "model": chat["model"],
+        "max_tokens": max_tokens or ANTHROPIC_DEFAULT_MAX_TOKENS,
+    }
+    system: list[str] = []
+    turns: list[dict[str, Any]] = []
+    for i, message in enumerate(chat["messages"]):
+        role = message.get("role")
+        content = message.get("content")
+        if role in ("system", "developer"):
+            text = "\n\n".join(b["text"] for b in anthropic_blocks(content, i) if "text" in b)
+            if text:
+                system.append(text)
+        elif role == "tool":
+            result: dict[str, Any] = {
+                "type": "tool_result",
+                "tool_use_id": str(message.get("tool_call_id") or ""),
+            }
+            blocks = anthropic_blocks(content, i)
+            if blocks:
+                result["content"] = blocks
+            add_turn(turns, "user", [result])
+        elif role == "assistant":
+            blocks = anthropic_blocks(content, i)
+            for call in message.get("tool_calls") or ():
+                function = call.get("function") or {}
+                blocks.append(
+                    {
+                        "type": "tool_use",
+                        "id": call.get("id") or new_block_id("toolu_"),
+                        "name": function.get("name") or "",
+                        "input": tool_arguments(function.get("arguments")),
+                    }
+                )
+            add_turn(turns, "assistant", blocks)
+        else:
+            add_turn(turns, "user", anthropic_blocks(content, i))
+    if system:
+        out["system"] = "\n\n".join(system)
+    out["messages"] = turns
+    if isinstance(chat.get("stream"), bool):
+        out["stream"] = chat["stream"]
+    temperature = chat.get("temperature")
+    if isinstance(temperature, int | float) and not isinstance(temperature, bool):
+        out["temperature"] = min(float(temperature), 1.0)  # OpenAI's scale goes to 2, this to 1
+    stop = chat.get("stop")
+    if isinstance(stop, str):
+        out["stop_sequences"] = [stop]
+    elif isinstance(stop, list) and stop:
+        out["stop_sequences"] = stop
+    for name in ANTHROPIC_NATIVE_FIELDS:
+        if name in chat:
+            out[name] = chat[name]
+    if isinstance(chat.get("user"), str) and "metadata" not in out:
+        out["metadata"] = {"user_id": chat["user"]}
+    tools = chat.get("tools")
+    if tools:
+        out["tools"] = [anthropic_tool(tool) for tool in tools]
+        choice = anthropic_tool_choice(chat.get("tool_choice"))
+        if chat.get("parallel_tool_calls") is False:
+            choice = dict(choice or {"type": "auto"}, disable_parallel_tool_use=True)
+        if choice is not None:
+            out["tool_choice"] = choice
+    return out
+
+
+def add_turn(turns: list[dict[str, Any]], role: str, blocks: list[dict[str, Any]]) -> None:
+    if not blocks:
+        return
+    if turns and turns[-1]["role"] == role:
+        turns[-1]["content"].extend(blocks)
+    else:
+        turns.append({"role": role, "content": blocks})
+
+
+def anthropic_blocks(content: Any, index: int) -> list[dict[str, Any]]:
+    """Chat message content (a string or parts) as Messages content blocks; empty text is
+    left out (the API refuses empty text blocks)."""
+    if content is None:
+        return []
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}] if content else []
+    blocks = []
+    for part in content if isinstance(content, list) else ():
+        if not isinstance(part, dict):
+            continue
+        kind = part.get("type")
+        if kind == "text" and isinstance(part.get("text"), str):
+            if part["text"]:
+                blocks.append({"type": "text", "text": part["text"]})
+        elif kind == "image_url":
+            image = part.get("image_url")
+            url = image.get("url") if isinstance(image, dict) else image
+            blocks.append(anthropic_image(url, index))
+        else:
+            raise bad_request(
+                f"messages[{index}]: content of type {kind!r} cannot be sent to an "
+                "anthropic backend",
+                "messages",
+            )
+    return blocks
+
+
+def anthropic_image(url: Any, index: int) -> dict[str, Any]:
+    if not isinstance(url, str) or not url:
+        raise bad_request(f"messages[{index}]: image_url needs a url", "messages")
+    if url.startswith("data:"):
+        head, _, data = url.partition(",")
+        media_type = head[5:].split(";")[0]
+        if not data or ";base64" not in head:
+            raise bad_request(f"messages[{index}]: expected a base64 data URL", "messages")
+        return {
+            "type": "image",
+            "source": {"type": "base64", "media_type": media_type, "data": data},
+        }
+    return {"type": "image", "source": {"type": "url", "url": url}}
+
+
+def tool_arguments(arguments: Any) -> dict[str, Any]:
+    """A tool call's arguments (a JSON string in chat) as the object Messages wants."""
+    if isinstance(arguments, dict):
+        return arguments
+    if isinstance(arguments, str) and arguments.strip():
+        try:
+            value = json.loads(arguments)
+        except ValueError:
+            return {}
+        return value if isinstance(value, dict) else {}
+    return {}
+
+
+def anthropic_tool(tool: Any) -> dict[str, Any]:
+    function = tool.get("function") if isinstance(tool, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise bad_request("tools: each tool needs a function with a name", "tools")
+    out: dict[str, Any] = {
+        "name": function["name"],
+        "input_schema": function.get("parameters") or {"type": "object", "properties": {}},
+    }
+    if isinstance(function.get("description"), str):
+        out["description"] = function["description"]
+    return out
+
+
+def anthropic_tool_choice(choice: Any) -> dict[str, Any] | None:
+    if choice is None:
+        return None
+    if choice == "auto":
+        return {"type": "auto"}
+    if choice == "required":
+        return {"type": "any"}
+    if choice == "none":
+        return {"type": "none"}
+    if isinstance(choice, dict) and isinstance(choice.get("function"), dict):
+        return {"type": "tool", "name": choice["function"].get("name", "")}
+    raise bad_request("tool_choice: expected auto, required, none or a function", "tool_choice")
+
+
+def chat_usage(usage: Any) -> dict[str, Any] | None:
+    """Anthropic's usage as chat usage: every prompt token in prompt_tokens, the cached ones
+    also in prompt_tokens_details (cached_tokens read, cache_creation_tokens written)."""
+    if not isinstance(usage, dict):
+        return None
+    fresh = token_count(usage.get("input_tokens")) or 0
+    read = token_count(usage.get("cache_read_input_tokens")) or 0
+    written = token_count(usage.get("cache_creation_input_tokens")) or 0
+    completion = token_count(usage.get("output_tokens")) or 0
+    prompt = fresh + read + written
+    out: dict[str, Any] = {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+    if read or written:
+        out["prompt_tokens_details"] = {"cached_tokens": read, "cache_creation_tokens": written}
+    return out
+
+
+def anthropic_to_chat(message: dict[str, Any]) -> dict[str, Any]:
+    """A Messages answer as a chat completion: text joined, tool_use blocks as tool_calls,
+    thinking as reasoning_content, the stop reason as finish_reason."""
+    texts: list[str] = []
+    reasoning: list[str] = []
+    calls: list[dict[str, Any]] = []
+    for block in message.get("content") or ():
+        if not isinstance(block, dict):
+            continue
+        kind = block.get("type")
+        if kind == "text" and isinstance(block.get("text"), str):
+            texts.append(block["text"])
+        elif kind == "thinking" and isinstance(block.get("thinking"), str):
+            reasoning.append(block["thinking"])
+        elif kind == "tool_use":
+            calls.append(
+                {
+                    "id": block.get("id") or new_block_id("toolu_"),
+                    "type": "function",
+                    "function": {
+                        "name": block.get("name") or "",
+                        "arguments": json.dumps(block.get("input") or {}, ensure_ascii=False),
+                    },
+                }
+            )
+    reply: dict[str, Any] = {"role": "assistant", "content": "".join(texts) or None}
+    if reasoning:
+        reply["reasoning_content"] = "".join(reasoning)
+    if calls:
+        reply["tool_calls"] = calls
+    elif reply["content"] is None:
+        reply["content"] = ""
+    chat: dict[str, Any] = {
+        "id": str(message.get("id") or new_block_id("msg_")),
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": message.get("model") or "",
+        "choices": [
+            {
+                "index": 0,
+                "message": reply,
+                "finish_reason": ANTHROPIC_FINISH_REASONS.get(message.get("stop_reason"), "stop"),
+            }
+        ],
+    }
+    usage = chat_usage(message.get("usage"))
+    if usage is not None:
+        chat["usage"] = usage
+    return chat
+
+
+class AnthropicStream:
+    """Reads one Messages event stream and gives it out as chat-completion SSE lines, with the
+    readline() of the body it wraps, so the proxy relays it like any OpenAI stream.
+
+    Text deltas become content, a tool_use block becomes a tool call (its head, then argument
+    fragments, numbered in order of appearance), thinking becomes reasoning_content, the stop
+    reason a finish_reason, and message_stop a final usage chunk (choices empty) then [DONE].
+    An error event ends the stream as a broken connection would."""
+
+    def __init__(self, content: aiohttp.StreamReader, model: str) -> None:
+        self.content = content
+        self.pending: collections.deque[bytes] = collections.deque()
+        self.id = new_block_id("msg_")
+        self.model = model
+        self.created = int(time.time())
+        self.tools: dict[int, int] = {}  # content block index -> tool call index
+        self.usage: dict[str, Any] = {}
+        self.done = False
+
+    async def readline(self) -> bytes:
+        while not self.pending:
+            if self.done:
+                return b""
+            line = await self.content.readline()
+            if not line:
+                return b""
+            if not line.startswith(b"data:"):
+                continue  # event names, blank separators
+            try:
+                event = json.loads(line[5:])
+            except ValueError:
+                continue
+            if not isinstance(event, dict):
+                continue
+            try:
+                chunks = self.feed(event)
+            except BackendReplyError as exc:
+                raise aiohttp.ClientPayloadError(str(exc)) from None
+            self.pending.extend(b"data: " + json.dumps(c).encode() + b"\n" for c in chunks)
+            if self.done:
+                self.pending.append(DONE_EVENT)
+        return self.pending.popleft()
+
+    def chunk(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        }
+
+    def feed(self, event: dict[str, Any]) -> list[dict[str, Any]]:
+        kind = event.get("type")
+        if kind == "message_start":
+            message = event.get("message") if isinstance(event.get("message"), dict) else {}
+            self.id = str(message.get("id") or self.id)
+            self.model = str(message.get("model") or self.model)
+            self.usage.update(message.get("usage") or {})
+            return [self.chunk({"role": "assistant", "content": ""})]
+        if kind == "content_block_start":
+            block = event.get("content_block") or {}
+            if block.get("type") == "tool_use":
+                position = self.tools.setdefault(event.get("index", 0), len(self.tools))
+                call = {
+                    "index": position,
+                    "id": block.get("id") or new_block_id("toolu_"),
+                    "type": "function",
+                    "function": {"name": block.get("name") or "", "arguments": ""},
+                }
+                return [self.chunk({"tool_calls": [call]})]
+            if block.get("type") == "text" and block.get("text"):
+                return [self.chunk({"content": block["text"]})]
+            return []
+        if kind == "content_block_delta":
+            delta = event.get("delta") or {}
+            if delta.get("type") == "text_delta":
+                return [self.chunk({"content": delta.get("text", "")})]
+            if delta.get("type") == "input_json_delta":
+                position = self.tools.get(event.get("index", 0), 0)
+                call = {"index": position, "function": {"arguments": delta.get("partial_json")}}
+                return [self.chunk({"tool_calls": [call]})]
+            if delta.get("type") == "thinking_delta":
+                return [self.chunk({"reasoning_content": delta.get("thinking", "")})]
+            return []
+        if kind == "message_delta":
+            self.usage.update(event.get("usage") or {})
+            reason = (event.get("delta") or {}).get("stop_reason")
+            return [self.chunk({}, ANTHROPIC_FINISH_REASONS.get(reason, "stop"))]
+        if kind == "message_stop":
+            self.done = True
+            final = self.chunk({})
+            final["choices"] = []
+            final["usage"] = chat_usage(self.usage)
+            return [final]
+        if kind == "error":
+            error = event.get("error") if isinstance(event.get("error"), dict) else {}
+            raise BackendReplyError(str(error.get("message") or "the stream reported an error"))
+        return []  # ping, content_block_stop, and events added to the API later
+
+
 ADAPTERS: dict[str, OpenAICompatibleAdapter] = {
     "generic": OpenAICompatibleAdapter(),
     "exo": OpenAICompatibleAdapter(),
@@ -1549,7 +2062,7 @@ ADAPTERS: dict[str, OpenAICompatibleAdapter] = {
     "lmstudio": LmStudioAdapter(),
     "ollama": OllamaAdapter(),
     "openai": OpenAICloudAdapter(),
-    "anthropic": OpenAICloudAdapter(),
+    "anthropic": AnthropicAdapter(),
 }
 
 
@@ -1588,6 +2101,7 @@ async def detect_type(session: aiohttp.ClientSession, url: str) -> str | None:
 # ==============================================================================================
 
 JSON_HEADERS = {"Content-Type": "application/json"}
+SYSTEM_ROLES = ("system", "developer")
 CONTEXT_ERROR_WORDS = ("context length", "context_length", "maximum context", "too long", "n_ctx")
 
 
@@ -1616,6 +2130,8 @@ class RequestRecord:
     completion_tokens: int | None = None
     ttft_ms: float | None = None
     fallback: bool = False  # a fallback model is being tried (it served, if the status is good)
+    usage: TokenUsage | None = None  # as the backend reported it (or Nexus counted it)
+    cost_usd: float | None = None  # what the answer cost (cloud backends), charged to the budget
 
 
 def new_request_id() -> str:
@@ -1640,8 +2156,16 @@ def response_headers(record: RequestRecord, attempt: Attempt, reason: str) -> di
 
 
 def attempt_payload(body: dict[str, Any], raw: bytes, attempt: Attempt, ask_usage: bool) -> bytes:
-    """The bytes to send: the client's own bytes unless the model, max_tokens or usage change."""
-    if body["model"] == attempt.model and attempt.max_tokens is None and not ask_usage:
+    """The bytes to send: the client's own bytes unless the model, max_tokens or usage change,
+    the context is scrubbed, or the backend's adapter translates the request."""
+    adapter = ADAPTERS[attempt.backend.type]
+    if (
+        body["model"] == attempt.model
+        and attempt.max_tokens is None
+        and not ask_usage
+        and not attempt.scrub
+        and not adapter.translates
+    ):
         return raw
     payload = dict(body)
     payload["model"] = attempt.model
@@ -1652,7 +2176,17 @@ def attempt_payload(body: dict[str, Any], raw: bytes, attempt: Attempt, ask_usag
         options = dict(body.get("stream_options") or {})
         options["include_usage"] = True
         payload["stream_options"] = options
-    return json.dumps(payload).encode()
+    if attempt.scrub and isinstance(body.get("messages"), list):
+        payload["messages"] = scrubbed_messages(body["messages"])
+    return adapter.request_body(payload)
+
+
+def scrubbed_messages(messages: list[Any]) -> list[Any]:
+    """What crosses to an open backend on a scrubbed overflow: the system prompt (system and
+    developer messages) and the last user turn, nothing else of the conversation."""
+    system = [m for m in messages if isinstance(m, dict) and m.get("role") in SYSTEM_ROLES]
+    users = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
+    return system + users[-1:]
 
 
 def is_context_error(status: int, text: str) -> bool:
@@ -1720,6 +2254,8 @@ async def proxy(
     settings = app[SETTINGS]
     record = RequestRecord(request[REQUEST_ID], needs.model, endpoint, time.perf_counter())
     request[RECORD] = record
+    request[PAYLOAD] = body
+    request[ENDPOINT] = endpoint
     decision = route(needs, app[REGISTRY], settings)
     stream = body.get("stream") is True and endpoint != "embeddings"
     client_wants_usage = isinstance(body.get("stream_options"), dict) and bool(
@@ -1797,9 +2333,15 @@ async def send_attempt(
         except aiohttp.ClientError as exc:
             raise attempt_failure(app, backend, 502, describe_failure(exc)) from None
         if upstream.status >= 400:
+            if adapter.translates:
+                answer = adapter.error_body(answer)
             return upstream_error(app, record, attempt, upstream.status, upstream.headers, answer)
         out_headers = response_headers(record, attempt, reason)
+        if app[BUDGET].enabled:
+            out_headers["X-Nexus-Budget-Status"] = app[BUDGET].status
         if stream:
+            if backend.is_cloud:  # headers go before the answer: the prompt's cost, estimated
+                out_headers["X-Nexus-Cost-Estimated"] = await prompt_cost(request, attempt)
             return await relay_stream(
                 request, record, attempt, upstream, out_headers, strip_usage, deadline, fmt
             )
@@ -1809,7 +2351,15 @@ async def send_attempt(
             parsed = None
         if not isinstance(parsed, dict):
             raise attempt_failure(app, backend, 502, "answered something that is not JSON")
+        if adapter.translates:
+            parsed = adapter.answer(parsed)
+            answer = json.dumps(parsed).encode()
         note_usage(record, parsed.get("usage"))
+        if backend.is_cloud:
+            texts = answer_texts(endpoint, parsed)
+            out_headers["X-Nexus-Cost-Estimated"] = await settle_cost(
+                request, record, attempt, texts
+            )
         note_success(app, record, backend)
         return web.Response(
             body=fmt.body(answer, parsed),
@@ -1871,11 +2421,57 @@ def upstream_error(
 
 
 def note_usage(record: RequestRecord, usage: Any) -> None:
+    record.usage = usage_from(usage) or record.usage
     if isinstance(usage, dict):
         record.prompt_tokens = positive_int(usage.get("prompt_tokens")) or record.prompt_tokens
         record.completion_tokens = (
             positive_int(usage.get("completion_tokens")) or record.completion_tokens
         )
+
+
+UNPRICED_WARNED: set[str] = set()
+
+
+async def prompt_cost(request: web.Request, attempt: Attempt) -> str:
+    """A stream's cost header: its prompt counted (exactly where the tokenizer is exact) times
+    the input price. The whole cost, output included, is charged when the stream ends."""
+    price = price_for(attempt.model, request.app[BUDGET].prices)
+    if price is None:
+        return "unknown"
+    texts, framing = payload_texts(request[ENDPOINT], request[PAYLOAD])
+    encoding, _ = tokenizer_for(attempt.backend.type, attempt.model)
+    prompt = await count_texts_async(texts, encoding) + framing
+    return format_usd(cost_usd(price, TokenUsage(prompt=prompt)))
+
+
+async def settle_cost(
+    request: web.Request, record: RequestRecord, attempt: Attempt, answered: list[str]
+) -> str:
+    """What a cloud answer cost: the usage the backend reported, or Nexus's own count of the
+    prompt and the answer when it reported none, times the model's price. Charged to the
+    month's budget; the header value is returned ("unknown" for a model without a price)."""
+    app = request.app
+    usage = record.usage
+    if usage is None:
+        encoding, _ = tokenizer_for(attempt.backend.type, attempt.model)
+        texts, framing = payload_texts(request[ENDPOINT], request[PAYLOAD])
+        prompt = await count_texts_async(texts, encoding) + framing
+        completion = await count_texts_async(answered, encoding)
+        usage = record.usage = TokenUsage(prompt, completion, counted=True)
+        record.prompt_tokens, record.completion_tokens = prompt, completion
+    price = price_for(attempt.model, app[BUDGET].prices)
+    if price is None:
+        if attempt.model not in UNPRICED_WARNED:
+            UNPRICED_WARNED.add(attempt.model)
+            log.warning(
+                "no price for model %s: its cost is not counted against the budget; "
+                "add it under [routing.budget] prices",
+                attempt.model,
+            )
+        return "unknown"
+    record.cost_usd = cost_usd(price, usage)
+    app[BUDGET].charge(record.cost_usd)
+    return format_usd(record.cost_usd)
 
 
 EMA_WEIGHT = 0.2
@@ -1912,7 +2508,8 @@ async def relay_stream(
     settings = app[SETTINGS].server
     backend = attempt.backend
     loop = asyncio.get_running_loop()
-    content = upstream.content
+    content = ADAPTERS[backend.type].stream_reader(upstream.content, attempt.model)
+    answered: list[str] | None = [] if backend.is_cloud else None  # to count, if no usage
     response: web.StreamResponse | None = None
     finished = False
     problem = ""
@@ -1962,6 +2559,8 @@ async def relay_stream(
                 del chunk["usage"]
                 data = json.dumps(chunk).encode()
         choices = chunk.get("choices")
+        if answered is not None and choices:
+            answered.extend(answer_texts(record.endpoint, chunk))
         if choices and isinstance(choices[0], dict) and choices[0].get("finish_reason"):
             finished = True
         if response is None:
@@ -1977,6 +2576,8 @@ async def relay_stream(
         response = web.StreamResponse(status=200, headers=headers)
         response.content_type = "text/event-stream"
         await response.prepare(request)
+    if answered is not None:  # a cut stream costs what was generated too
+        await settle_cost(request, record, attempt, answered)
     if problem:
         record.status = 502
         backend.errors += 1
@@ -3220,6 +3821,8 @@ BUDGET = web.AppKey("budget", Budget)  # the month's cloud spend: BUDGET.spent_u
 STOPPING = web.AppKey("stopping", asyncio.Event)  # set at shutdown: live feeds end
 REQUEST_ID = web.RequestKey("request_id", str)
 RECORD = web.RequestKey("record", RequestRecord)
+PAYLOAD = web.RequestKey("payload", dict)  # the request's JSON, while it is served (counting)
+ENDPOINT = web.RequestKey("endpoint", str)
 
 
 def error_response(error: NexusError, request: web.Request) -> web.Response:

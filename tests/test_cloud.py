@@ -1,0 +1,437 @@
+"""Cloud backends (SPEC §5, §6): OpenAI with a Bearer key, Anthropic's native Messages API
+translated to and from chat completions; keys from the environment only and never shown; costs
+from real usage × price; health that never spends tokens."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import aiohttp
+import openai
+import pytest
+import tiktoken_ext.openai_public  # noqa: F401 - the published definitions, for reference counts
+from conftest import ROOT, backends_toml, cloud_env
+
+import nexus
+
+PRICES = nexus.load_price_table()
+
+
+def client(nx) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=nx.url + "/v1", api_key="unused", max_retries=0)
+
+
+async def cloud_nexus(nexus_factory, *backends, extra: str = "", **per_backend):
+    toml = backends_toml(*backends, **per_backend) + extra
+    return await nexus_factory(toml, env=cloud_env(*backends))
+
+
+def expected_cost(model: str, prompt: int, completion: int) -> str:
+    return nexus.format_usd(nexus.cost_usd(PRICES[model], nexus.TokenUsage(prompt, completion)))
+
+
+# --- OpenAI -----------------------------------------------------------------------------------
+
+
+async def test_openai_backend_gets_the_bearer_key_and_costs_are_priced(
+    backend_factory, nexus_factory
+):
+    cloud = await backend_factory("openai", {"gpt-4o": {}}, name="oai")
+    nx = await cloud_nexus(nexus_factory, cloud)
+    raw = await client(nx).chat.completions.with_raw_response.create(
+        model="gpt-4o", messages=[{"role": "user", "content": "hi"}]
+    )
+    assert raw.parse().choices[0].message.content == "Hello from oai"
+    assert cloud.auth_failures == 0
+    assert cloud.received[-1][2]["Authorization"] == f"Bearer {cloud.api_key}"
+    assert raw.headers["X-Nexus-Backend-Type"] == "cloud"
+    assert raw.headers["X-Nexus-Privacy-Zone"] == "open"
+    # The mock reports 10 prompt and 3 completion tokens: the cost is that × gpt-4o's price.
+    assert raw.headers["X-Nexus-Cost-Estimated"] == expected_cost("gpt-4o", 10, 3)
+    assert float(raw.headers["X-Nexus-Cost-Estimated"]) > 0
+    assert nx.app[nexus.BUDGET].spent_usd == pytest.approx(float(expected_cost("gpt-4o", 10, 3)))
+
+
+async def test_cloud_health_never_spends_tokens(backend_factory, nexus_factory):
+    cloud = await backend_factory("openai", {"gpt-4o": {}}, name="oai")
+    claude = await backend_factory("anthropic", {"claude-sonnet-4-5": {}}, name="claude")
+    nx = await cloud_nexus(
+        nexus_factory, cloud, claude, extra="[health_check]\ninterval_seconds = 0.05\n"
+    )
+    for _ in range(100):
+        if cloud.polls >= 3 and claude.polls >= 3:
+            break
+        await __import__("asyncio").sleep(0.02)
+    assert cloud.polls >= 3 and claude.polls >= 3
+    assert cloud.received == [] and claude.received == []  # no completion, ever
+    assert cloud.auth_failures == 0 and claude.auth_failures == 0
+    assert nx.backend("claude").status == "healthy"
+    assert "claude-sonnet-4-5" in nx.backend("claude").models
+
+
+async def test_cloud_stream_is_accounted_and_usage_stripped(backend_factory, nexus_factory):
+    cloud = await backend_factory("openai", {"gpt-4o-mini": {}}, name="oai")
+    nx = await cloud_nexus(nexus_factory, cloud)
+    raw = await client(nx).chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], stream=True
+    )
+    chunks = [chunk async for chunk in raw.parse()]
+    assert all(chunk.usage is None for chunk in chunks)
+    assert cloud.received[-1][1]["stream_options"] == {"include_usage": True}
+    # Headers precede the answer: a stream's header estimates the prompt's cost.
+    assert float(raw.headers["X-Nexus-Cost-Estimated"]) > 0
+    spent = nx.app[nexus.BUDGET].spent_usd
+    assert spent == pytest.approx(float(expected_cost("gpt-4o-mini", 10, 3)))
+
+
+async def test_cost_counted_exactly_when_the_backend_reports_no_usage(
+    backend_factory, nexus_factory
+):
+    cloud = await backend_factory("openai", {"gpt-4o": {}}, name="oai")
+    cloud.reply = "Counted by Nexus itself, exactly."
+
+    async def no_usage(request, body):
+        answer = {
+            "id": "x",
+            "object": "chat.completion",
+            "created": 0,
+            "model": "gpt-4o",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": cloud.reply},
+                    "finish_reason": "stop",
+                }
+            ],
+        }
+        return aiohttp.web.json_response(answer)
+
+    cloud.behaviours.append(no_usage)
+    nx = await cloud_nexus(nexus_factory, cloud)
+    prompt = "How many tokens does this prompt have, exactly?"
+    raw = await client(nx).chat.completions.with_raw_response.create(
+        model="gpt-4o", messages=[{"role": "user", "content": prompt}]
+    )
+    encoding = nexus.load_encoding("o200k_base")
+    prompt_tokens = (
+        len(encoding.encode_ordinary(prompt))
+        + len(encoding.encode_ordinary("user"))
+        + nexus.CHAT_MESSAGE_TOKENS
+        + nexus.CHAT_REPLY_TOKENS
+    )
+    completion_tokens = len(encoding.encode_ordinary(cloud.reply))
+    assert raw.headers["X-Nexus-Cost-Estimated"] == expected_cost(
+        "gpt-4o", prompt_tokens, completion_tokens
+    )
+
+
+async def test_keys_never_shown_anywhere(backend_factory, nexus_factory, caplog):
+    caplog.set_level(logging.DEBUG)
+    cloud = await backend_factory("openai", {"gpt-4o": {}}, name="oai")
+    claude = await backend_factory("anthropic", {"claude-sonnet-4-5": {}}, name="claude")
+    cloud.api_key = "sk-proj-VERYSECRET-openai-1234"
+    claude.api_key = "sk-ant-VERYSECRET-anthropic-5678"
+    nx = await cloud_nexus(nexus_factory, cloud, claude)
+    seen: list[str] = []
+    async with aiohttp.ClientSession() as session:
+        for path in ("/v1/stats", "/v1/backends", "/v1/models", "/health", "/"):
+            async with session.get(nx.url + path) as resp:
+                seen.append(await resp.text())
+        for model in ("gpt-4o", "claude-sonnet-4-5"):
+            body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+            async with session.post(nx.url + "/v1/chat/completions", json=body) as resp:
+                seen.append(await resp.text() + json.dumps(dict(resp.headers)))
+        # A backend that rejects the key: the error reaches the client without the key.
+        cloud.api_key = "sk-rotated"
+        body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+        async with session.post(nx.url + "/v1/chat/completions", json=body) as resp:
+            assert resp.status == 401
+            seen.append(await resp.text() + json.dumps(dict(resp.headers)))
+    seen.append(caplog.text)
+    everything = "\n".join(seen)
+    assert "VERYSECRET" not in everything
+
+
+def test_missing_key_variable_stops_start_up_naming_it(tmp_path):
+    config = tmp_path / "nexus.toml"
+    config.write_text(
+        '[[backends]]\nname = "oai"\nurl = "https://api.openai.com/v1"\ntype = "openai"\n'
+        'api_key_env = "NEXUS_TEST_ABSENT_KEY"\n'
+    )
+    env = {k: v for k, v in os.environ.items() if k != "NEXUS_TEST_ABSENT_KEY"}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "nexus.py"), "serve", "-c", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+    )
+    assert result.returncode == 2
+    assert "NEXUS_TEST_ABSENT_KEY" in result.stderr
+    assert "backends[0].api_key_env" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+# --- Anthropic --------------------------------------------------------------------------------
+
+
+async def test_anthropic_non_stream_translated_both_ways(backend_factory, nexus_factory):
+    claude = await backend_factory("anthropic", {"claude-sonnet-4-5": {}}, name="claude")
+    nx = await cloud_nexus(nexus_factory, claude)
+    raw = await client(nx).chat.completions.with_raw_response.create(
+        model="claude-sonnet-4-5",
+        messages=[
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "hi"},
+        ],
+        temperature=1.5,
+        stop="END",
+    )
+    answer = raw.parse()
+    assert answer.object == "chat.completion"
+    assert answer.choices[0].message.content == "Hello from claude"
+    assert answer.choices[0].finish_reason == "stop"
+    assert answer.usage.prompt_tokens == 12 and answer.usage.completion_tokens == 3
+    path, sent, headers = claude.received[-1]
+    assert path == "/v1/messages"
+    assert headers["x-api-key"] == claude.api_key
+    assert headers["anthropic-version"] == "2023-06-01"
+    assert "Authorization" not in headers
+    assert sent == {
+        "model": "claude-sonnet-4-5",
+        "max_tokens": 4096,
+        "system": "Be brief.",
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+        "temperature": 1.0,
+        "stop_sequences": ["END"],
+    }
+    assert raw.headers["X-Nexus-Cost-Estimated"] == expected_cost("claude-sonnet-4-5", 12, 3)
+
+
+@pytest.mark.parametrize(
+    ("stop_reason", "finish"),
+    [
+        ("end_turn", "stop"),
+        ("stop_sequence", "stop"),
+        ("max_tokens", "length"),
+        ("tool_use", "tool_calls"),
+        ("refusal", "content_filter"),
+    ],
+)
+async def test_anthropic_stop_reasons(backend_factory, nexus_factory, stop_reason, finish):
+    claude = await backend_factory("anthropic", {"claude-haiku-4-5": {}}, name="claude")
+    claude.stop_reason = stop_reason
+    nx = await cloud_nexus(nexus_factory, claude)
+    messages = [{"role": "user", "content": "hi"}]
+    answer = await client(nx).chat.completions.create(
+        model="claude-haiku-4-5", messages=messages, max_tokens=7
+    )
+    assert answer.choices[0].finish_reason == finish
+    assert claude.received[-1][1]["max_tokens"] == 7
+    stream = await client(nx).chat.completions.create(
+        model="claude-haiku-4-5", messages=messages, stream=True
+    )
+    finishes = [c.choices[0].finish_reason async for c in stream if c.choices]
+    assert finishes[-1] == finish
+
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather for a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        },
+    }
+]
+
+
+async def test_anthropic_tool_calls_and_results(backend_factory, nexus_factory):
+    claude = await backend_factory("anthropic", {"claude-sonnet-4-5": {}}, name="claude")
+    claude.tool_call = {"name": "get_weather", "input": {"city": "Zürich"}}
+    claude.stop_reason = "tool_use"
+    nx = await cloud_nexus(nexus_factory, claude)
+    image = "data:image/png;base64,iVBORw0KGgo="
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "Weather where this is?"},
+                {"type": "image_url", "image_url": {"url": image}},
+            ],
+        },
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Bern"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": "rain"},
+        {"role": "user", "content": "And in Zürich?"},
+    ]
+    answer = await client(nx).chat.completions.create(
+        model="claude-sonnet-4-5",
+        messages=messages,
+        tools=TOOLS,
+        tool_choice="required",
+        parallel_tool_calls=False,
+    )
+    sent = claude.received[-1][1]
+    assert sent["tools"] == [
+        {
+            "name": "get_weather",
+            "input_schema": TOOLS[0]["function"]["parameters"],
+            "description": "Weather for a city",
+        }
+    ]
+    assert sent["tool_choice"] == {"type": "any", "disable_parallel_tool_use": True}
+    assert sent["messages"] == [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "Weather where this is?"},
+                {
+                    "type": "image",
+                    "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="},
+                },
+            ],
+        },
+        {
+            "role": "assistant",
+            "content": [
+                {
+                    "type": "tool_use",
+                    "id": "call_1",
+                    "name": "get_weather",
+                    "input": {"city": "Bern"},
+                }
+            ],
+        },
+        {
+            "role": "user",
+            "content": [
+                {
+                    "type": "tool_result",
+                    "tool_use_id": "call_1",
+                    "content": [{"type": "text", "text": "rain"}],
+                },
+                {"type": "text", "text": "And in Zürich?"},
+            ],
+        },
+    ]
+    choice = answer.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.tool_calls[0].id == "toolu_mock1"
+    assert choice.message.tool_calls[0].function.name == "get_weather"
+    assert json.loads(choice.message.tool_calls[0].function.arguments) == {"city": "Zürich"}
+
+
+async def test_anthropic_stream_with_tool_call(backend_factory, nexus_factory):
+    claude = await backend_factory("anthropic", {"claude-sonnet-4-5": {}}, name="claude")
+    claude.tool_call = {"name": "get_weather", "input": {"city": "Basel"}}
+    claude.stop_reason = "tool_use"
+    nx = await cloud_nexus(nexus_factory, claude)
+    raw = await client(nx).chat.completions.with_raw_response.create(
+        model="claude-sonnet-4-5",
+        messages=[{"role": "user", "content": "weather?"}],
+        tools=TOOLS,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    assert raw.headers["Content-Type"].startswith("text/event-stream")
+    text, arguments, names, finish, usage = "", "", [], None, None
+    async for chunk in raw.parse():
+        assert chunk.object == "chat.completion.chunk"
+        if chunk.usage:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            text += choice.delta.content or ""
+            for call in choice.delta.tool_calls or ():
+                if call.function.name:
+                    names.append((call.index, call.id, call.function.name))
+                arguments += call.function.arguments or ""
+            finish = choice.finish_reason or finish
+    assert text == "Hello from claude"
+    assert names == [(0, "toolu_mock1", "get_weather")]
+    assert json.loads(arguments) == {"city": "Basel"}
+    assert finish == "tool_calls"
+    assert usage.prompt_tokens == 12 and usage.completion_tokens == 3
+    assert nx.app[nexus.BUDGET].spent_usd == pytest.approx(
+        float(expected_cost("claude-sonnet-4-5", 12, 3))
+    )
+
+
+async def test_anthropic_stream_without_usage_request_strips_it(backend_factory, nexus_factory):
+    claude = await backend_factory("anthropic", {"claude-sonnet-4-5": {}}, name="claude")
+    nx = await cloud_nexus(nexus_factory, claude)
+    async with aiohttp.ClientSession() as session:
+        body = {
+            "model": "claude-sonnet-4-5",
+            "messages": [{"role": "user", "content": "hi"}],
+            "stream": True,
+        }
+        async with session.post(nx.url + "/v1/chat/completions", json=body) as resp:
+            text = await resp.text()
+    events = [line[6:] for line in text.split("\n\n") if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all("usage" not in c for c in chunks)
+    assert "stream_options" not in claude.received[-1][1]
+    assert nx.app[nexus.BUDGET].spent_usd > 0  # accounted all the same
+
+
+async def test_anthropic_errors_become_openai_errors(backend_factory, nexus_factory):
+    claude = await backend_factory("anthropic", {"claude-sonnet-4-5": {}}, name="claude")
+
+    async def refuse(request, body):
+        error = {"type": "invalid_request_error", "message": "messages: roles must alternate"}
+        return aiohttp.web.json_response({"type": "error", "error": error}, status=400)
+
+    claude.behaviours.append(refuse)
+    nx = await cloud_nexus(nexus_factory, claude)
+    with pytest.raises(openai.BadRequestError) as caught:
+        await client(nx).chat.completions.create(
+            model="claude-sonnet-4-5", messages=[{"role": "user", "content": "hi"}]
+        )
+    assert caught.value.body["message"] == "messages: roles must alternate"
+    assert caught.value.body["type"] == "invalid_request_error"
+
+
+async def test_anthropic_overloaded_fails_over(backend_factory, nexus_factory):
+    first = await backend_factory("anthropic", {"claude-sonnet-4-5": {}}, name="claude-a")
+    second = await backend_factory("anthropic", {"claude-sonnet-4-5": {}}, name="claude-b")
+
+    async def overloaded(request, body):
+        error = {"type": "overloaded_error", "message": "Overloaded"}
+        return aiohttp.web.json_response({"type": "error", "error": error}, status=529)
+
+    first.behaviours.append(overloaded)
+    nx = await cloud_nexus(
+        nexus_factory,
+        first,
+        second,
+        **{"claude-a": {"priority": 1}, "claude-b": {"priority": 2}},
+    )
+    answer = await client(nx).chat.completions.create(
+        model="claude-sonnet-4-5", messages=[{"role": "user", "content": "hi"}]
+    )
+    assert answer.choices[0].message.content == "Hello from claude-b"
+    assert len(first.received) == 1  # overloaded (529) counts as a failure: the next one served
+
+
+async def test_anthropic_backend_serves_chat_only(backend_factory, nexus_factory):
+    claude = await backend_factory("anthropic", {"claude-sonnet-4-5": {}}, name="claude")
+    nx = await cloud_nexus(nexus_factory, claude)
+    with pytest.raises(openai.BadRequestError):
+        await client(nx).embeddings.create(model="claude-sonnet-4-5", input="x")
+    assert claude.received == []

@@ -1,0 +1,92 @@
+"""The tokenizer registry (SPEC §6): exact where it matters, lazy, and never for local-only
+traffic."""
+
+from __future__ import annotations
+
+import aiohttp
+import pytest
+from conftest import backends_toml
+
+import nexus
+
+
+@pytest.mark.parametrize(
+    ("backend_type", "model", "expected"),
+    [
+        ("openai", "gpt-4o", ("o200k_base", True)),
+        ("openai", "gpt-4.1-mini", ("o200k_base", True)),
+        ("openai", "o3", ("o200k_base", True)),
+        ("openai", "gpt-5", ("o200k_base", True)),
+        ("openai", "gpt-4", ("cl100k_base", True)),
+        ("openai", "gpt-3.5-turbo", ("cl100k_base", True)),
+        ("anthropic", "claude-sonnet-4-5", ("cl100k_base", False)),
+        ("ollama", "llama3:8b", ("cl100k_base", False)),
+        # A local server's model name says nothing certain about its tokenizer.
+        ("vllm", "gpt-4o", ("cl100k_base", False)),
+    ],
+)
+def test_tokenizer_registry(backend_type, model, expected):
+    assert nexus.tokenizer_for(backend_type, model) == expected
+
+
+async def test_local_only_traffic_never_loads_an_encoding(
+    backend_factory, nexus_factory, monkeypatch
+):
+    monkeypatch.setattr(nexus, "_loaded_encodings", {})
+    ollama = await backend_factory("ollama", {"llama3:8b": {"context": 64}}, name="gpu")
+    vllm = await backend_factory("vllm", {"qwen": {"context": 8192}}, name="vl")
+    nx = await nexus_factory(backends_toml(ollama, vllm))
+    near_limit = "word " * 60  # about the context of llama3:8b here
+    async with aiohttp.ClientSession() as session:
+        for model in ("llama3:8b", "qwen"):
+            for stream in (False, True):
+                for text in ("hi", near_limit):
+                    body = {
+                        "model": model,
+                        "messages": [{"role": "user", "content": text}],
+                        "stream": stream,
+                    }
+                    url = nx.url + "/v1/chat/completions"
+                    async with session.post(url, json=body) as resp:
+                        await resp.read()
+                        assert resp.headers.get("X-Nexus-Cost-Estimated", "0") == "0"
+        body = {"model": "qwen", "prompt": "def f(", "stream": False}
+        async with session.post(nx.url + "/v1/completions", json=body) as resp:
+            assert resp.status == 200
+        body = {"model": "qwen", "input": ["a", "b"]}
+        async with session.post(nx.url + "/v1/embeddings", json=body) as resp:
+            assert resp.status == 200
+    assert nexus._loaded_encodings == {}
+
+
+def test_chat_prompt_counted_as_openai_bills_it():
+    payload = {
+        "messages": [
+            {"role": "system", "content": "You are terse."},
+            {"role": "user", "content": [{"type": "text", "text": "Hello, world!"}]},
+        ]
+    }
+    texts, framing = nexus.payload_texts("chat", payload)
+    assert texts == ["system", "You are terse.", "user", "Hello, world!"]
+    assert framing == 2 * nexus.CHAT_MESSAGE_TOKENS + nexus.CHAT_REPLY_TOKENS
+    encoding = nexus.load_encoding("o200k_base")
+    expected = sum(len(encoding.encode_ordinary(t)) for t in texts)
+    assert nexus.count_texts(texts, "o200k_base") == expected
+
+
+async def test_long_texts_are_counted_off_the_event_loop(monkeypatch):
+    import threading
+
+    seen: list[bool] = []
+    original = nexus.count_texts
+
+    def spy(texts, encoding):
+        seen.append(threading.current_thread() is threading.main_thread())
+        return original(texts, encoding)
+
+    monkeypatch.setattr(nexus, "count_texts", spy)
+    nexus.load_encoding("cl100k_base")
+    assert await nexus.count_texts_async(["short"], "cl100k_base") == 1
+    long_text = "token " * (nexus.EXACT_INLINE_CHARS // 5)
+    assert await nexus.count_texts_async([long_text], "cl100k_base") > 1000
+    assert seen == [True, False]
