@@ -27,6 +27,7 @@ import contextlib
 import datetime as dt
 import functools
 import hashlib
+import ipaddress
 import itertools
 import json
 import logging
@@ -34,6 +35,7 @@ import os
 import random
 import re
 import signal
+import socket
 import sys
 import threading
 import time
@@ -41,14 +43,17 @@ import tomllib
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import ifaddr  # comes with zeroconf: the machine's interfaces, for announcing
 import tiktoken
 from aiohttp import web
+from zeroconf import IPVersion, NonUniqueNameException, ServiceStateChange
+from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 __version__ = "0.1.0"
 
@@ -720,6 +725,464 @@ async def health_loop(app: web.Application) -> None:
             await asyncio.gather(*(poll_backend(app, b) for b in backends))
         app[STATE]["next_health_check"] = time.monotonic() + interval
         await asyncio.sleep(interval)
+
+
+# ==============================================================================================
+# Discovery
+# Owns: finding backends without configuration (mDNS browsing, probing well-known local
+# ports), announcing this Nexus, and adding, keeping and (after the grace period) removing
+# discovered backends.
+# Must not: slow start-up, change static or admin backends, or add a Nexus (itself or another).
+# ==============================================================================================
+
+MDNS_SERVICE_TYPES = ("_ollama._tcp.local.", "_llm._tcp.local.")
+NEXUS_SERVICE_TYPE = "_llm._tcp.local."
+NEXUS_TYPE = "nexus"  # TXT type of a Nexus announcement, and what detection says of a Nexus
+MDNS_RESOLVE_TIMEOUT_MS = 3000
+MDNS_STOP_TIMEOUT_SECONDS = 3.0
+TXT_VALUE_MAX = 255  # one TXT string holds at most 255 bytes; anything longer is garbage
+# Ollama, LM Studio, llama.cpp, vLLM, exo: what a server there is gets detected, not assumed.
+LOCAL_PORTS = (11434, 1234, 8080, 8000, 52415)
+EXO_PORT = 52415
+PROBE_TIMEOUT_SECONDS = 1.0
+PROBE_MAX_BODY = 4 * 1024 * 1024
+
+
+async def probe_json(
+    session: aiohttp.ClientSession, url: str, timeout: float
+) -> tuple[int, Any] | None:
+    """(status, parsed JSON or None) for GET url, bounded by timeout; None if nothing answered."""
+    try:
+        async with session.get(
+            url, timeout=aiohttp.ClientTimeout(total=timeout), allow_redirects=False
+        ) as resp:
+            status, body = resp.status, await resp.content.read(PROBE_MAX_BODY)
+    except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+        log.debug("probe %s: %s", url, describe_failure(exc))
+        return None
+    try:
+        return status, json.loads(body)
+    except ValueError:  # a page, garbage or a cut-off body: something answered, not JSON
+        return status, None
+
+
+def answered_list(answer: tuple[int, Any] | None, key: str) -> bool:
+    return (
+        answer is not None
+        and answer[0] == 200
+        and isinstance(answer[1], dict)
+        and isinstance(answer[1].get(key), list)
+    )
+
+
+async def detect_backend_type(
+    session: aiohttp.ClientSession, url: str, timeout: float = PROBE_TIMEOUT_SECONDS
+) -> str | None:
+    """What answers at url (a server's root): a backend type, "nexus", or None if no LLM server.
+
+    By the endpoints only that kind has: `/api/tags` → ollama, `/props` → llamacpp,
+    `/api/v0/models` → lmstudio, `/v1/models` with `max_model_len` → vllm, on exo's port → exo,
+    else generic; a `/health` with Nexus's fields → nexus. Each request is bounded by timeout;
+    when nothing answers at all the first one ends the search.
+    """
+    on_exo_port = urllib.parse.urlsplit(url).port == EXO_PORT
+    if not on_exo_port:  # exo also speaks other dialects; on its own port it is exo
+        answer = await probe_json(session, url + "/api/tags", timeout)
+        if answer is None:
+            return None
+        if answered_list(answer, "models"):
+            return "ollama"
+        answer = await probe_json(session, url + "/props", timeout)
+        if answer and isinstance(answer[1], dict) and "default_generation_settings" in answer[1]:
+            return "llamacpp"
+        if answered_list(await probe_json(session, url + "/api/v0/models", timeout), "data"):
+            return "lmstudio"
+    answer = await probe_json(session, url + "/v1/models", timeout)
+    if not answered_list(answer, "data"):
+        return None
+    health = await probe_json(session, url + "/health", timeout)
+    if health and isinstance(health[1], dict) and {"version", "backends"} <= health[1].keys():
+        return NEXUS_TYPE
+    if on_exo_port:
+        return "exo"
+    assert answer is not None
+    entries = [e for e in answer[1]["data"] if isinstance(e, dict)]
+    return "vllm" if any("max_model_len" in e for e in entries) else "generic"
+
+
+async def probe_local_ports(
+    session: aiohttp.ClientSession, own_port: int, skip: set[str]
+) -> dict[str, str]:
+    """{url: type} of the LLM servers answering on the well-known loopback ports, all probed at
+    once. Nexus's own port, URLs in skip and anything that turns out to be a Nexus are left out.
+    """
+    urls = [f"http://127.0.0.1:{port}" for port in LOCAL_PORTS if port != own_port]
+    urls = [url for url in urls if url not in skip]
+    kinds = await asyncio.gather(*(detect_backend_type(session, url) for url in urls))
+    found = {}
+    for url, kind in zip(urls, kinds, strict=True):
+        if kind == NEXUS_TYPE:
+            log.debug("probe: %s is a Nexus; not a backend", url)
+        elif kind is not None:
+            found[url] = kind
+    return found
+
+
+def txt_text(service: str, properties: dict[bytes, bytes | None], key: str) -> str | None:
+    """One TXT value as clean text, or None when missing or garbage (logged, never raised)."""
+    raw = properties.get(key.encode())
+    if raw is None:
+        return None
+    try:
+        text = raw.decode("utf-8").strip() if len(raw) <= TXT_VALUE_MAX else ""
+    except UnicodeDecodeError:
+        text = ""
+    if not text or not text.isprintable():
+        log.debug("mDNS service %r: TXT %s %r ignored", service, key, raw[:40])
+        return None
+    return text
+
+
+def clean_api_path(service: str, value: str | None) -> str:
+    """TXT `api_path` as a plain URL path without a trailing slash; "" for the root or garbage."""
+    if value is None:
+        return ""
+    if not value.startswith("/") or "//" in value or any(c in value for c in " ?#%\\@"):
+        log.debug("mDNS service %r: TXT api_path %r ignored", service, value)
+        return ""
+    return value.rstrip("/")
+
+
+def service_host(info: AsyncServiceInfo) -> str | None:
+    """Where to reach a resolved service: IPv4 first, then a routable IPv6 address."""
+    v4 = info.parsed_addresses(IPVersion.V4Only)
+    if v4:
+        return v4[0]
+    for text in info.parsed_addresses(IPVersion.V6Only):
+        # A link-local IPv6 address needs an interface scope that URLs carry badly.
+        if not ipaddress.IPv6Address(text).is_link_local:
+            return f"[{text}]"
+    return None
+
+
+def announce_addresses(host: str) -> list[str]:
+    """IPv4 addresses to announce this Nexus at: the bound one, or every non-loopback one."""
+    if host not in ("0.0.0.0", "", "::"):
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return []
+        return [host] if address.version == 4 and not address.is_loopback else []
+    found = {
+        ip.ip
+        for adapter in ifaddr.get_adapters()
+        for ip in adapter.ips
+        if ip.is_IPv4 and not ipaddress.IPv4Address(ip.ip).is_loopback
+    }
+    return sorted(found)
+
+
+@dataclass(slots=True)
+class MdnsService:
+    """What one mDNS announcement says: its instance name, where it answers, its TXT type."""
+
+    name: str
+    url: str
+    type_hint: str | None
+
+
+class MdnsDiscovery:
+    """Browses mDNS for LLM servers, reports what comes and goes, and announces this Nexus.
+
+    zeroconf's defaults (every interface, IPv4), like any mDNS client on the machine. Services
+    announcing TXT type=nexus (other gateways, and this one) are never reported.
+    """
+
+    def __init__(
+        self,
+        on_found: Callable[[str, str, str | None], Awaitable[None]],
+        on_lost: Callable[[str], None],
+        announce_port: int,
+        announce_host: str,
+    ) -> None:
+        self.on_found = on_found
+        self.on_lost = on_lost
+        self.announce_port = announce_port
+        self.announce_host = announce_host
+        self.services: dict[str, MdnsService] = {}  # by full mDNS name
+        self.zeroconf: AsyncZeroconf | None = None
+        self.browser: AsyncServiceBrowser | None = None
+        self.own: AsyncServiceInfo | None = None
+        self.resolving: dict[str, asyncio.Task] = {}  # by full mDNS name
+
+    async def start(self) -> None:
+        """Browse, then announce (which takes a second of mDNS probing). Failures only log."""
+        try:
+            self.zeroconf = AsyncZeroconf()
+        except (OSError, RuntimeError) as exc:  # RuntimeError: no interface to listen on
+            log.warning("mDNS discovery unavailable: %s", exc)
+            return
+        self.browser = AsyncServiceBrowser(
+            self.zeroconf.zeroconf, list(MDNS_SERVICE_TYPES), handlers=[self.on_change]
+        )
+        await self.announce()
+
+    async def stop(self) -> None:
+        """Stop browsing, withdraw the announcement, close the sockets."""
+        for task in self.resolving.values():
+            task.cancel()
+        self.resolving.clear()
+        if self.zeroconf is None:
+            return
+        if self.browser is not None:
+            await self.browser.async_cancel()
+        await self.zeroconf.async_close()  # also says goodbye for our announcement
+        self.zeroconf = None
+
+    async def announce(self) -> None:
+        assert self.zeroconf is not None
+        addresses = announce_addresses(self.announce_host)
+        if not addresses:
+            log.debug("not announcing Nexus by mDNS: no non-loopback IPv4 address")
+            return
+        instance = f"Nexus on {socket.gethostname()}"[:63]
+        info = AsyncServiceInfo(
+            NEXUS_SERVICE_TYPE,
+            f"{instance}.{NEXUS_SERVICE_TYPE}",
+            port=self.announce_port,
+            properties={"type": NEXUS_TYPE, "api_path": "/v1", "version": __version__},
+            parsed_addresses=addresses,
+        )
+        self.own = info  # before registering: our own announcement may be seen at once
+        try:
+            # A second Nexus with the same host name becomes "Nexus on host (2)".
+            await self.zeroconf.async_register_service(info, allow_name_change=True)
+        except (NonUniqueNameException, OSError) as exc:
+            log.warning("could not announce Nexus by mDNS: %s", exc)
+            self.own = None
+            return
+        log.info("announcing Nexus by mDNS as %r on port %d", info.name, self.announce_port)
+
+    def on_change(
+        self, zeroconf: Any, service_type: str, name: str, state_change: ServiceStateChange
+    ) -> None:
+        if self.own is not None and name.lower() == self.own.name.lower():
+            log.debug("mDNS service %r is this Nexus; skipped", name)
+            return
+        previous = self.resolving.pop(name, None)
+        if previous is not None:
+            previous.cancel()
+        if state_change is ServiceStateChange.Removed:
+            self.lose(name)
+            return
+        task = asyncio.create_task(self.resolve(service_type, name))
+        self.resolving[name] = task
+        task.add_done_callback(lambda done: self.resolved(name, done))
+
+    def resolved(self, name: str, task: asyncio.Task) -> None:
+        if self.resolving.get(name) is task:
+            del self.resolving[name]
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("mDNS service %r: %s", name, describe_failure(task.exception()))
+
+    async def resolve(self, service_type: str, name: str) -> None:
+        assert self.zeroconf is not None
+        instance = self.instance_name(service_type, name)
+        info = AsyncServiceInfo(service_type, name)
+        if not await info.async_request(self.zeroconf.zeroconf, MDNS_RESOLVE_TIMEOUT_MS):
+            log.debug("mDNS service %r did not resolve in time; ignored", instance)
+            return
+        props = info.properties if isinstance(info.properties, dict) else {}
+        type_hint = (txt_text(instance, props, "type") or "").lower() or None
+        if type_hint == NEXUS_TYPE:
+            log.debug("mDNS service %r is a Nexus; not a backend", instance)
+            self.lose(name)  # in case it served as a backend before
+            return
+        if type_hint is not None and type_hint not in LOCAL_TYPES:
+            log.debug("mDNS service %r: unknown TXT type %r ignored", instance, type_hint)
+            type_hint = None
+        if type_hint is None and service_type == "_ollama._tcp.local.":
+            type_hint = "ollama"
+        host = service_host(info)
+        if host is None or not info.port:
+            log.debug("mDNS service %r has no usable address or port; ignored", instance)
+            return
+        api_path = clean_api_path(instance, txt_text(instance, props, "api_path"))
+        service = MdnsService(instance, f"http://{host}:{info.port}{api_path}", type_hint)
+        if self.services.get(name) != service:
+            self.services[name] = service
+            await self.on_found(service.name, service.url, service.type_hint)
+
+    def instance_name(self, service_type: str, name: str) -> str:
+        """The instance part of the name, made unique when another type announces it too."""
+        if name in self.services:
+            return self.services[name].name
+        instance = name.removesuffix("." + service_type)
+        taken = {s.name for s in self.services.values()}
+        candidate = instance
+        for n in itertools.count(2):
+            if candidate not in taken:
+                return candidate
+            candidate = f"{instance}-{n}"
+        raise AssertionError("unreachable")
+
+    def lose(self, name: str) -> None:
+        service = self.services.pop(name, None)
+        if service is not None:
+            log.debug("mDNS service %r left", service.name)
+            self.on_lost(service.name)
+
+
+def log_task_failure(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("discovery stopped", exc_info=task.exception())
+
+
+def backend_name(text: str) -> str:
+    """A name safe in headers, logs and URLs, made from an mDNS instance name."""
+    cleaned = "".join(c if c.isascii() and (c.isalnum() or c in "._-") else "-" for c in text)
+    return cleaned.strip("-")[:63] or "backend"
+
+
+class Discovery:
+    """Keeps discovered backends in the registry, for as long as discovery runs.
+
+    Adds what mDNS and probing find, once checked to be an LLM server and not a Nexus; a URL
+    already served by a static or admin backend is left to it. A backend that vanishes goes
+    to unknown and is removed after the grace period unless it comes back first.
+    """
+
+    def __init__(self, app: web.Application) -> None:
+        self.app = app
+        settings = app[SETTINGS]
+        self.names: dict[str, str] = {}  # name as reported (mDNS instance, probed URL) -> backend
+        self.probed: set[str] = set()  # reported names that came from probing (their URLs)
+        self.unverified: dict[str, tuple[str, str | None]] = {}  # did not answer: retried
+        self.removals: dict[str, asyncio.Task] = {}  # backend name -> its pending removal
+        self.tasks: list[asyncio.Task] = []
+        self.mdns = MdnsDiscovery(self.found, self.lost, settings.server.port, settings.server.host)
+
+    def start(self) -> None:
+        """Start mDNS and probing as background tasks: nothing here waits on the network."""
+        for job in (self.mdns.start(), self.probe_loop()):
+            task = asyncio.create_task(job)
+            task.add_done_callback(log_task_failure)
+            self.tasks.append(task)
+
+    async def stop(self) -> None:
+        tasks = self.tasks + list(self.removals.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        try:
+            async with asyncio.timeout(MDNS_STOP_TIMEOUT_SECONDS):
+                await self.mdns.stop()
+        except TimeoutError:
+            log.warning("mDNS did not stop within %gs", MDNS_STOP_TIMEOUT_SECONDS)
+
+    async def probe_loop(self) -> None:
+        """Probe the well-known local ports at start, then once per health interval."""
+        while True:
+            try:
+                await self.probe_round()
+            except Exception:  # a bug in one round must not end probing for good
+                log.exception("probing local ports failed")
+            await asyncio.sleep(self.app[SETTINGS].health_check.interval_seconds)
+
+    async def probe_round(self) -> None:
+        registry = self.app[REGISTRY]
+        # Backends that are up are not probed again; a probed one that is down and no longer
+        # answers a probe has vanished.
+        settled = {
+            b.url for b in registry.backends.values() if b.status != "unhealthy" and not b.lost_at
+        }
+        found = await probe_local_ports(self.app[CLIENT], self.app[SETTINGS].server.port, settled)
+        for url, kind in found.items():
+            await self.add(url, url, kind, f"local-{kind}")
+            self.probed.add(url)
+        for url in self.probed - found.keys() - settled:
+            self.lost(url)
+        for name, (url, type_hint) in list(self.unverified.items()):
+            await self.found(name, url, type_hint)
+
+    async def found(self, name: str, url: str, type_hint: str | None) -> None:
+        """A server announced itself as name at url: check what it is, then add it."""
+        self.unverified.pop(name, None)
+        try:
+            url = normalise_url(url)
+        except ValueError as exc:
+            log.debug("discovered %r: %s; ignored", name, exc)
+            return
+        if await self.known(name, url):
+            return
+        kind = await detect_backend_type(self.app[CLIENT], url)
+        if kind is None:
+            log.debug("discovered %r at %s is not an LLM server (yet); ignored", name, url)
+            self.unverified[name] = (url, type_hint)
+            return
+        if kind == NEXUS_TYPE:
+            log.debug("discovered %r at %s is a Nexus; not a backend", name, url)
+            return
+        # The announced type is trusted where detection can only say "OpenAI-compatible".
+        await self.add(name, url, type_hint if kind == "generic" and type_hint else kind, name)
+
+    async def known(self, name: str, url: str) -> bool:
+        """Whether url is a backend already; a lost discovered one is kept (it came back)."""
+        registry = self.app[REGISTRY]
+        previous = registry.backends.get(self.names.get(name, ""))
+        if previous is not None and previous.source == "discovered" and previous.url != url:
+            log.info("backend %s moved from %s to %s", previous.name, previous.url, url)
+            registry.remove(previous.name)  # moved: replaced by what is added next
+        backend = registry.find_url(url)
+        if backend is None:
+            return False
+        if backend.source != "discovered":
+            log.debug("discovered %r at %s is already backend %s; skipped", name, url, backend.name)
+        elif backend.lost_at is not None:
+            self.names[name] = backend.name
+            backend.lost_at = None
+            removal = self.removals.pop(backend.name, None)
+            if removal is not None:
+                removal.cancel()
+            log.info("backend %s is back", backend.name)
+            await first_poll(self.app, backend)
+        return True
+
+    async def add(self, name: str, url: str, kind: str, wanted: str) -> None:
+        registry = self.app[REGISTRY]
+        if await self.known(name, url):  # it may have been added while detection ran
+            return
+        unique = base = backend_name(wanted)
+        for n in itertools.count(2):
+            if unique not in registry.backends:
+                break
+            unique = f"{base}-{n}"
+        backend = Backend(name=unique, url=url, type=kind, source="discovered")
+        registry.add(backend)
+        self.names[name] = unique
+        log.info("backend %s discovered (%s, %s)", unique, kind, url)
+        await first_poll(self.app, backend)
+
+    def lost(self, name: str) -> None:
+        """What name reported has vanished: out of routing now, removed after the grace period."""
+        self.unverified.pop(name, None)
+        backend = self.app[REGISTRY].backends.get(self.names.get(name, ""))
+        if backend is None or backend.source != "discovered" or backend.lost_at is not None:
+            return
+        grace = self.app[SETTINGS].discovery.grace_period_seconds
+        backend.lost_at = time.time()
+        backend.status = "unknown"
+        backend.ok_streak = backend.fail_streak = 0
+        log.info("backend %s vanished; removed in %gs unless it comes back", backend.name, grace)
+        self.removals[backend.name] = asyncio.create_task(self.remove_later(backend, grace))
+
+    async def remove_later(self, backend: Backend, grace: float) -> None:
+        await asyncio.sleep(grace)
+        self.removals.pop(backend.name, None)
+        registry = self.app[REGISTRY]
+        if registry.backends.get(backend.name) is backend and backend.lost_at is not None:
+            registry.remove(backend.name)
+            log.info("backend %s removed: gone for %gs", backend.name, grace)
 
 
 # ==============================================================================================
@@ -2066,33 +2529,6 @@ ADAPTERS: dict[str, OpenAICompatibleAdapter] = {
 }
 
 
-async def detect_type(session: aiohttp.ClientSession, url: str) -> str | None:
-    """What kind of server answers at url, by the endpoints only that kind has; None if none."""
-    probes: list[tuple[str, Callable[[Any], bool], str]] = [
-        (
-            "/api/tags",
-            lambda d: isinstance(d, dict) and isinstance(d.get("models"), list),
-            "ollama",
-        ),
-        (
-            "/props",
-            lambda d: isinstance(d, dict) and "default_generation_settings" in d,
-            "llamacpp",
-        ),
-        ("/api/v0/models", lambda d: isinstance(d, dict) and "data" in d, "lmstudio"),
-    ]
-    for path, looks_right, kind in probes:
-        with contextlib.suppress(BackendReplyError, aiohttp.ClientError, TimeoutError):
-            if looks_right(await fetch_json(session, "GET", url + path)):
-                return kind
-    with contextlib.suppress(BackendReplyError, aiohttp.ClientError, TimeoutError):
-        data = await fetch_json(session, "GET", url + "/v1/models")
-        if isinstance(data, dict) and isinstance(data.get("data"), list):
-            entries = [e for e in data["data"] if isinstance(e, dict)]
-            return "vllm" if any("max_model_len" in e for e in entries) else "generic"
-    return None
-
-
 # ==============================================================================================
 # Proxy
 # Owns: sending a routed request, retrying on the next attempt before the first byte, relaying
@@ -3391,7 +3827,8 @@ async def add_backend(request: web.Request) -> web.Response:
             url = normalise_url(url)
         except ValueError as exc:
             raise bad_request(str(exc), "url") from None
-        kind = await detect_type(app[CLIENT], url)
+        timeout = app[SETTINGS].health_check.timeout_seconds
+        kind = await detect_backend_type(app[CLIENT], url, timeout)
         if kind is None:
             raise bad_request(
                 f"No LLM server answered at {url}; check the URL or pass type.", "url"
@@ -3927,7 +4364,12 @@ async def background_ctx(app: web.Application) -> AsyncIterator[None]:
     else:
         for backend in list(app[REGISTRY].backends.values()):
             tasks.append(asyncio.create_task(first_poll(app, backend)))
+    discovery = Discovery(app) if settings.discovery.enabled else None
+    if discovery is not None:
+        discovery.start()
     yield
+    if discovery is not None:
+        await discovery.stop()
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)

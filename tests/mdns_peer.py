@@ -1,10 +1,19 @@
-"""Both ends of an mDNS exchange, run as scripts inside test network namespaces.
+"""Both ends of an mDNS exchange, and mock backends, run as scripts inside test namespaces.
 
-    python mdns_peer.py announce ADDRESS PORT [TYPE [NAME [KEY=VALUE ...]]]
-        Serves a mock Ollama (GET /api/tags) on ADDRESS:PORT and announces it by mDNS as
-        NAME.TYPE (default: "mock-ollama._ollama._tcp.local.", TXT type=ollama api_path=/).
+    python mdns_peer.py announce ADDRESS PORT [TYPE [NAME [KEY=VALUE ...]]] [OPTIONS]
+        Serves a mock Ollama on ADDRESS:PORT and announces it by mDNS as NAME.TYPE (default:
+        "mock-ollama._ollama._tcp.local.", TXT type=ollama api_path=/). A TXT value written
+        hex:FFFE is sent as those raw bytes. Options:
+          --no-txt           announce without any TXT record content
+          --serve=KIND       what answers on the port: ollama (default), junk (an HTML page
+                             for every path, not an LLM server) or none (nothing listens)
+          --no-address       announce no address record, so the service never resolves
         Prints {"event": "announced"} once registered. Reads commands on stdin:
         "unregister" (prints {"event": "unregistered"}), "register" (again), "quit".
+
+    python mdns_peer.py serve ADDRESS PORT [KIND]
+        Only the mock server (KIND as --serve above), no mDNS. Prints {"event": "serving"},
+        then {"event": "request", "method", "path"} for every request it receives.
 
     python mdns_peer.py browse [SECONDS]
         Browses _ollama._tcp.local. and _llm._tcp.local. with zeroconf's default settings,
@@ -13,7 +22,9 @@
         {"event": "removed", "name", "t"} (t: seconds since browsing started).
         Stops after SECONDS (default 60) or when stdin closes.
 
-Each line printed is one JSON object, so a test can follow the exchange step by step.
+The mock Ollama speaks /api/tags, /api/show and /v1/chat/completions (its answer names the
+address it serves on), enough for Nexus to list its models and route a chat to it. Each line
+printed is one JSON object, so a test can follow the exchange step by step.
 """
 
 from __future__ import annotations
@@ -54,24 +65,77 @@ async def read_stdin_lines() -> asyncio.StreamReader:
     return reader
 
 
-async def announce(address: str, port: int, args: list[str]) -> None:
-    service_type = args[0] if args else "_ollama._tcp.local."
-    name = args[1] if len(args) > 1 else "mock-ollama"
-    txt = dict(item.split("=", 1) for item in args[2:]) or {"type": "ollama", "api_path": "/"}
+def mock_app(kind: str, address: str) -> web.Application:
+    """The mock server: an Ollama, or a junk page for every path (not an LLM server)."""
 
-    async def tags(_request: web.Request) -> web.Response:
+    async def tags(request: web.Request) -> web.Response:
         return web.json_response(MODELS)
 
-    app = web.Application()
-    app.router.add_get("/api/tags", tags)
-    runner = web.AppRunner(app)
+    async def show(request: web.Request) -> web.Response:
+        return web.json_response(
+            {"capabilities": ["completion"], "model_info": {"llama.context_length": 8192}}
+        )
+
+    async def chat(request: web.Request) -> web.Response:
+        body = await request.json()
+        message = {"role": "assistant", "content": f"Hello from the mock at {address}"}
+        return web.json_response(
+            {
+                "id": "chatcmpl-mock",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": body.get("model"),
+                "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 5, "completion_tokens": 6, "total_tokens": 11},
+            }
+        )
+
+    async def junk(request: web.Request) -> web.Response:
+        return web.Response(text="<html><body>It works!</body></html>", content_type="text/html")
+
+    @web.middleware
+    async def report(request: web.Request, handler) -> web.StreamResponse:
+        emit(event="request", method=request.method, path=request.path)
+        return await handler(request)
+
+    app = web.Application(middlewares=[report])
+    if kind == "ollama":
+        app.router.add_get("/api/tags", tags)
+        app.router.add_post("/api/show", show)
+        app.router.add_post("/v1/chat/completions", chat)
+    else:
+        app.router.add_route("*", "/{tail:.*}", junk)
+    return app
+
+
+async def start_mock(kind: str, address: str, port: int) -> web.AppRunner:
+    runner = web.AppRunner(mock_app(kind, address), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, address, port).start()
+    return runner
 
+
+def txt_value(text: str) -> bytes:
+    return bytes.fromhex(text[4:]) if text.startswith("hex:") else text.encode()
+
+
+async def announce(address: str, port: int, args: list[str]) -> None:
+    options = [a for a in args if a.startswith("--")]
+    args = [a for a in args if not a.startswith("--")]
+    service_type = args[0] if args else "_ollama._tcp.local."
+    name = args[1] if len(args) > 1 else "mock-ollama"
+    txt: dict[str, bytes] = {k: txt_value(v) for k, v in (i.split("=", 1) for i in args[2:])}
+    if "--no-txt" in options:
+        txt = {}
+    elif not txt:
+        txt = {"type": b"ollama", "api_path": b"/"}
+    serve = next((o.split("=", 1)[1] for o in options if o.startswith("--serve=")), "ollama")
+    runner = await start_mock(serve, address, port) if serve != "none" else None
+    addresses = [] if "--no-address" in options else [socket.inet_aton(address)]
     info = AsyncServiceInfo(
         service_type,
         f"{name}.{service_type}",
-        addresses=[socket.inet_aton(address)],
+        addresses=addresses,
         port=port,
         properties=txt,
         server=f"{name}.local.",
@@ -92,6 +156,16 @@ async def announce(address: str, port: int, args: list[str]) -> None:
                 break
     finally:
         await azc.async_close()
+        if runner is not None:
+            await runner.cleanup()
+
+
+async def serve(address: str, port: int, kind: str) -> None:
+    runner = await start_mock(kind, address, port)
+    emit(event="serving")
+    try:
+        await asyncio.Event().wait()  # until the test ends the process
+    finally:
         await runner.cleanup()
 
 
@@ -157,10 +231,13 @@ def main() -> None:
     role = sys.argv[1]
     if role == "announce":
         asyncio.run(announce(sys.argv[2], int(sys.argv[3]), sys.argv[4:]))
+    elif role == "serve":
+        kind = sys.argv[4] if len(sys.argv) > 4 else "ollama"
+        asyncio.run(serve(sys.argv[2], int(sys.argv[3]), kind))
     elif role == "browse":
         asyncio.run(browse(float(sys.argv[2]) if len(sys.argv) > 2 else 60.0))
     else:
-        sys.exit(f"unknown role {role!r}: use announce or browse")
+        sys.exit(f"unknown role {role!r}: use announce, serve or browse")
 
 
 if __name__ == "__main__":
