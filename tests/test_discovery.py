@@ -296,6 +296,29 @@ def test_local_ollama_on_its_well_known_port_is_served(tmp_path: Path) -> None:
 
 @pytest.mark.netns
 @requires_root
+def test_local_backend_that_stops_is_removed_and_found_when_it_returns(tmp_path: Path) -> None:
+    """A crashed server says no goodbye: health checks see it down, probing sees it gone."""
+    grace = 2.0
+    (tmp_path / "nexus.toml").write_text(
+        f"[discovery]\ngrace_period_seconds = {grace}\n"
+        "[health_check]\ninterval_seconds = 0.5\nfailure_threshold = 1\n"
+    )
+    with isolated_namespace() as ns:
+        mock = serve_mock(ns, 11434)
+        start_nexus(ns, tmp_path)
+        wait_until(lambda: "local-ollama" in backends(ns), FIND_BOUND, "local backend found")
+        mock.stop()
+        stopped_at = time.monotonic()
+        wait_until(lambda: "local-ollama" not in backends(ns), grace + FIND_BOUND, "removed")
+        removed_after = time.monotonic() - stopped_at
+        timing("stopped local backend removed after", removed_after)
+        assert removed_after >= grace - 0.5
+        serve_mock(ns, 11434)
+        wait_until(lambda: "llama3:8b" in model_ids(ns), FIND_BOUND, "found again")
+
+
+@pytest.mark.netns
+@requires_root
 def test_probed_nexus_and_own_port_are_skipped(tmp_path: Path) -> None:
     with isolated_namespace() as ns:
         (tmp_path / "a").mkdir()
