@@ -162,3 +162,324 @@ async def test_stats_report_the_budget(nexus_factory):
     unlimited = await nexus_factory("")
     async with aiohttp.ClientSession() as session, session.get(unlimited.url + "/v1/stats") as r:
         assert (await r.json())["budget"] is None
+
+
+# --- privacy zones ------------------------------------------------------------------------------
+
+SECRET = "TOP-SECRET-PROJECT-HELIOS"
+
+
+async def post_chat(nx, model: str, messages=None, headers=None, stream: bool = False):
+    import aiohttp
+
+    body = {
+        "model": model,
+        "messages": messages or [{"role": "user", "content": f"about {SECRET}"}],
+        "stream": stream,
+    }
+    async with aiohttp.ClientSession() as session:
+        url = nx.url + "/v1/chat/completions"
+        async with session.post(url, json=body, headers=headers or {}) as resp:
+            text = await resp.text()
+            document = None
+            if not stream:
+                document = json.loads(text)
+            return resp.status, resp.headers, document if document is not None else text
+
+
+async def recorded_cloud(backend_factory, models, name="cloud", priority=0):
+    """A cloud mock behind a ByteRecorder: every byte sent to its socket is kept."""
+    from conftest import ByteRecorder
+
+    cloud = await backend_factory("openai", models, name=name)
+    recorder = await ByteRecorder(cloud.server.port).start()
+    return cloud, recorder
+
+
+def toml_for(entries: list[tuple], extra: str = "") -> str:
+    """[[backends]] from (mock, url, {settings}) and the rest of the file."""
+    from conftest import key_variable
+
+    lines = []
+    for mock, url, settings in entries:
+        lines += [
+            "[[backends]]",
+            f'name = "{mock.name}"',
+            f'url = "{url}"',
+            f'type = "{mock.kind}"',
+        ]
+        if mock.kind in ("openai", "anthropic"):
+            lines.append(f'api_key_env = "{key_variable(mock)}"')
+        lines += [f"{k} = {json.dumps(v)}" for k, v in settings.items()]
+    return "\n".join(lines) + "\n" + extra
+
+
+async def start(nexus_factory, entries, extra=""):
+    from conftest import cloud_env
+
+    return await nexus_factory(toml_for(entries, extra), env=cloud_env(*(e[0] for e in entries)))
+
+
+RESTRICTED = '[[routing.policies]]\nmodel_pattern = "internal-*"\nprivacy = "restricted"\n'
+
+
+async def test_restricted_request_never_reaches_an_open_backend(backend_factory, nexus_factory):
+    local = await backend_factory("ollama", {"internal-llm": {}}, name="gpu")
+    cloud, recorder = await recorded_cloud(backend_factory, {"internal-llm": {}})
+    nx = await start(
+        nexus_factory,
+        [(local, local.url, {"priority": 90}), (cloud, recorder.url, {"priority": 0})],
+        RESTRICTED + '[routing]\naliases = { "helios" = "internal-llm" }\n',
+    )
+    for model in ("internal-llm", "helios"):
+        status, headers, _ = await post_chat(nx, model)
+        assert status == 200
+        assert headers["X-Nexus-Backend"] == "gpu"
+        assert headers["X-Nexus-Privacy-Zone"] == "restricted"
+        assert headers["X-Nexus-Route-Reason"] == "privacy-requirement"
+    # Nothing local can serve: 503 naming the zone, and still nothing crossed.
+    local.healthy = False
+    nx.backend("gpu").status = "unhealthy"
+    status, headers, document = await post_chat(nx, "internal-llm")
+    assert status == 503
+    assert document["error"]["context"]["privacy_zone_required"] == "restricted"
+    assert cloud.received == []
+    assert b"POST" not in recorder.data and SECRET.encode() not in recorder.data
+    await recorder.stop()
+
+
+async def test_restricted_under_failover_and_fallback(backend_factory, nexus_factory):
+    from aiohttp import web
+
+    first = await backend_factory("vllm", {"internal-llm": {}}, name="gpu-a")
+    second = await backend_factory("vllm", {"internal-small": {}}, name="gpu-b")
+    cloud, recorder = await recorded_cloud(
+        backend_factory, {"internal-llm": {}, "internal-small": {}}
+    )
+    extra = RESTRICTED + '[routing]\nfallbacks = { "internal-llm" = ["internal-small"] }\n'
+    nx = await start(
+        nexus_factory,
+        [(first, first.url, {}), (second, second.url, {}), (cloud, recorder.url, {})],
+        extra,
+    )
+
+    async def broken(request, body):
+        return web.json_response({"error": "boom"}, status=500)
+
+    first.behaviours.append(broken)  # fails: the request goes on, but only to restricted ones
+    status, headers, _ = await post_chat(nx, "internal-llm")
+    assert status == 200
+    assert headers["X-Nexus-Backend"] == "gpu-b"
+    assert headers["X-Nexus-Fallback-Model"] == "internal-small"
+    second.behaviours.append(broken)
+    first.behaviours.append(broken)
+    status, _, _ = await post_chat(nx, "internal-llm", stream=True)
+    assert cloud.received == []
+    assert b"POST" not in recorder.data and SECRET.encode() not in recorder.data
+    await recorder.stop()
+
+
+async def test_restricted_model_only_in_the_cloud_is_503(backend_factory, nexus_factory):
+    cloud, recorder = await recorded_cloud(backend_factory, {"internal-llm": {}})
+    nx = await start(nexus_factory, [(cloud, recorder.url, {})], RESTRICTED)
+    status, _, document = await post_chat(nx, "internal-llm")
+    assert status == 503
+    assert document["error"]["context"]["privacy_zone_required"] == "restricted"
+    assert "restricted" in document["error"]["message"]
+    assert b"POST" not in recorder.data
+    await recorder.stop()
+
+
+# --- overflow -----------------------------------------------------------------------------------
+
+LOCAL_FIRST = '[[routing.policies]]\nmodel_pattern = "*"\noverflow = "{overflow}"\n'
+HISTORY = [
+    {"role": "system", "content": "You answer in one line."},
+    {"role": "user", "content": f"Earlier: {SECRET}"},
+    {"role": "assistant", "content": f"Noted {SECRET}."},
+    {"role": "user", "content": "What is 2+2?"},
+]
+
+
+async def test_overflow_block_keeps_local_work_local(backend_factory, nexus_factory):
+    local = await backend_factory("ollama", {"llama3": {}}, name="gpu")
+    cloud, recorder = await recorded_cloud(backend_factory, {"llama3": {}, "gpt-4o": {}})
+    nx = await start(
+        nexus_factory,
+        [(local, local.url, {}), (cloud, recorder.url, {})],
+        LOCAL_FIRST.format(overflow="block"),
+    )
+    status, headers, _ = await post_chat(nx, "llama3", HISTORY)
+    assert status == 200 and headers["X-Nexus-Backend"] == "gpu"
+    nx.backend("gpu").status = "unhealthy"
+    status, headers, document = await post_chat(nx, "llama3", HISTORY)
+    assert status == 503
+    assert "overflow" in document["error"]["message"]
+    assert b"POST" not in recorder.data
+    # A model only the cloud serves was never local: it is not overflow.
+    status, headers, _ = await post_chat(nx, "gpt-4o")
+    assert status == 200 and headers["X-Nexus-Backend"] == "cloud"
+    assert "X-Nexus-Context-Scrubbed" not in headers
+    await recorder.stop()
+
+
+async def test_overflow_scrub_sends_only_system_prompt_and_last_user_turn(
+    backend_factory, nexus_factory
+):
+    local = await backend_factory("ollama", {"llama3": {}}, name="gpu")
+    cloud, recorder = await recorded_cloud(backend_factory, {"llama3": {}})
+    nx = await start(
+        nexus_factory,
+        [(local, local.url, {"priority": 90}), (cloud, recorder.url, {"priority": 0})],
+        LOCAL_FIRST.format(overflow="scrub"),
+    )
+    status, headers, _ = await post_chat(nx, "llama3", HISTORY)
+    assert headers["X-Nexus-Backend"] == "gpu"  # local first, whatever the priorities
+    assert "X-Nexus-Context-Scrubbed" not in headers
+    nx.backend("gpu").status = "unhealthy"
+    for stream in (False, True):
+        status, headers, _ = await post_chat(nx, "llama3", HISTORY, stream=stream)
+        assert status == 200
+        assert headers["X-Nexus-Backend"] == "cloud"
+        assert headers["X-Nexus-Context-Scrubbed"] == "true"
+        assert cloud.received[-1][1]["messages"] == [HISTORY[0], HISTORY[3]]
+    assert SECRET.encode() not in recorder.data
+    await recorder.stop()
+
+
+async def test_without_a_policy_zones_mix_by_score(backend_factory, nexus_factory):
+    local = await backend_factory("ollama", {"llama3": {}}, name="gpu")
+    cloud = await backend_factory("openai", {"llama3": {}}, name="cloud")
+    nx = await start(
+        nexus_factory, [(local, local.url, {"priority": 90}), (cloud, cloud.url, {"priority": 0})]
+    )
+    _status, headers, _ = await post_chat(nx, "llama3", HISTORY)
+    assert headers["X-Nexus-Backend"] == "cloud"
+    assert cloud.received[-1][1]["messages"] == HISTORY
+
+
+# --- tiers --------------------------------------------------------------------------------------
+
+TIER3 = '[[routing.policies]]\nmodel_pattern = "coder*"\nmin_tier = 3\n'
+
+
+async def test_min_tier_is_strict_and_503_names_it(backend_factory, nexus_factory):
+    small = await backend_factory("vllm", {"coder": {}}, name="small")
+    unset = await backend_factory("vllm", {"coder": {}}, name="unset")
+    nx = await start(
+        nexus_factory, [(small, small.url, {"tier": 2}), (unset, unset.url, {})], TIER3
+    )
+    status, _, document = await post_chat(nx, "coder")
+    assert status == 503
+    assert document["error"]["context"]["required_tier"] == 3
+    assert small.received == [] and unset.received == []
+    # Flexible: a lower tier only because nothing meets the minimum; the best one left.
+    status, headers, _ = await post_chat(nx, "coder", headers={"X-Nexus-Flexible": "true"})
+    assert status == 200 and headers["X-Nexus-Backend"] == "small"
+
+
+async def test_flexible_never_downgrades_when_the_tier_is_available(backend_factory, nexus_factory):
+    small = await backend_factory("vllm", {"coder": {}}, name="small")
+    big = await backend_factory("vllm", {"coder": {}}, name="big")
+    nx = await start(
+        nexus_factory,
+        [
+            (small, small.url, {"tier": 2, "priority": 0}),
+            (big, big.url, {"tier": 4, "priority": 99}),
+        ],
+        TIER3,
+    )
+    for _ in range(4):
+        for flexible in ({}, {"X-Nexus-Flexible": "true"}):
+            status, headers, _ = await post_chat(nx, "coder", headers=flexible)
+            assert status == 200 and headers["X-Nexus-Backend"] == "big"
+    assert small.received == []
+
+
+# --- budget -------------------------------------------------------------------------------------
+
+
+def budget_toml(action: str = "shift_local", limit: float = 10.0) -> str:
+    return (
+        f"[routing.budget]\nmonthly_limit_usd = {limit}\nsoft_limit_percent = 50\n"
+        f'hard_limit_action = "{action}"\n'
+    )
+
+
+async def mixed(backend_factory, nexus_factory, action: str = "shift_local", extra: str = ""):
+    local = await backend_factory("ollama", {"llama3": {}}, name="gpu")
+    cloud = await backend_factory("openai", {"llama3": {}, "gpt-4o": {}}, name="cloud")
+    nx = await start(
+        nexus_factory,
+        [(local, local.url, {"priority": 90}), (cloud, cloud.url, {"priority": 0})],
+        budget_toml(action) + extra,
+    )
+    return nx, local, cloud
+
+
+async def test_budget_header_and_soft_limit_deprioritises_cloud(backend_factory, nexus_factory):
+    nx, _local, _cloud = await mixed(backend_factory, nexus_factory)
+    status, headers, _ = await post_chat(nx, "llama3")
+    assert status == 200 and headers["X-Nexus-Backend"] == "cloud"
+    assert headers["X-Nexus-Budget-Status"] == "normal"
+    assert float(headers["X-Nexus-Cost-Estimated"]) > 0
+    nx.app[nexus.BUDGET].charge(5.0)  # half of 10: the soft limit
+    status, headers, _ = await post_chat(nx, "llama3")
+    assert status == 200 and headers["X-Nexus-Backend"] == "gpu"
+    assert headers["X-Nexus-Budget-Status"] == "soft_limit"
+    assert headers["X-Nexus-Cost-Estimated"] == "0"
+    _status, headers, _ = await post_chat(nx, "gpt-4o")  # only the cloud serves it: still served
+    assert headers["X-Nexus-Backend"] == "cloud"
+
+
+async def test_hard_limit_shift_local(backend_factory, nexus_factory):
+    nx, _local, cloud = await mixed(
+        backend_factory, nexus_factory, extra='[routing]\nfallbacks = { "gpt-4o" = ["llama3"] }\n'
+    )
+    nx.app[nexus.BUDGET].charge(10.0)
+    status, headers, _ = await post_chat(nx, "llama3")
+    assert status == 200 and headers["X-Nexus-Backend"] == "gpu"
+    assert headers["X-Nexus-Budget-Status"] == "hard_limit"
+    status, headers, _ = await post_chat(nx, "gpt-4o")  # shifted to its local fallback
+    assert status == 200 and headers["X-Nexus-Backend"] == "gpu"
+    assert headers["X-Nexus-Fallback-Model"] == "llama3"
+    assert all(path != "/v1/chat/completions" for path in cloud.received_paths())
+
+
+async def test_hard_limit_never_a_silent_cut(backend_factory, nexus_factory):
+    nx, _local, cloud = await mixed(backend_factory, nexus_factory)
+    nx.app[nexus.BUDGET].charge(10.0)
+    status, headers, document = await post_chat(nx, "gpt-4o")  # nothing local serves it
+    assert status == 429
+    assert document["error"]["code"] == "budget_exceeded"
+    assert "budget" in document["error"]["message"]
+    assert int(headers["Retry-After"]) > 0
+    assert headers["X-Nexus-Budget-Status"] == "hard_limit"
+    assert cloud.received == []
+
+
+async def test_hard_limit_block_cloud_does_not_substitute(backend_factory, nexus_factory):
+    nx, _local, cloud = await mixed(
+        backend_factory,
+        nexus_factory,
+        "block_cloud",
+        extra='[routing]\nfallbacks = { "gpt-4o" = ["llama3"] }\n',
+    )
+    nx.app[nexus.BUDGET].charge(10.0)
+    status, headers, _ = await post_chat(nx, "llama3")
+    assert status == 200 and headers["X-Nexus-Backend"] == "gpu"
+    status, _, document = await post_chat(nx, "gpt-4o")
+    assert status == 429 and document["error"]["code"] == "budget_exceeded"
+    assert cloud.received == []
+
+
+async def test_hard_limit_block_all_and_warn(backend_factory, nexus_factory):
+    nx, local, cloud = await mixed(backend_factory, nexus_factory, "block_all")
+    nx.app[nexus.BUDGET].charge(10.0)
+    status, _, document = await post_chat(nx, "llama3")
+    assert status == 429 and document["error"]["code"] == "budget_exceeded"
+    assert local.received == [] and cloud.received == []
+    warned, _, _ = await mixed(backend_factory, nexus_factory, "warn")
+    warned.app[nexus.BUDGET].charge(10.0)
+    status, headers, _ = await post_chat(warned, "gpt-4o")
+    assert status == 200 and headers["X-Nexus-Budget-Status"] == "hard_limit"
