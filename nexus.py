@@ -25,6 +25,7 @@ import bisect
 import collections
 import contextlib
 import datetime as dt
+import fnmatch
 import functools
 import hashlib
 import ipaddress
@@ -1207,6 +1208,8 @@ class RequestNeeds:
     prompt_tokens: int = 0
     max_tokens: int | None = None
     high_priority: bool = False
+    flexible: bool = False  # X-Nexus-Flexible: a lower tier only when none meets min_tier
+    budget_status: str = "normal"  # the month's budget as the request came in
 
 
 def parse_json_body(raw: bytes) -> dict[str, Any]:
@@ -1692,6 +1695,87 @@ class Budget:
         }
 
 
+def policy_for(model: str, routing: RoutingSettings) -> PolicySettings | None:
+    """The first [[routing.policies]] entry whose model_pattern (a glob) matches the model
+    asked for or any name its aliases lead to; None when none does."""
+    names = [model]
+    for _ in range(MAX_ALIAS_HOPS):
+        if names[-1] not in routing.aliases:
+            break
+        names.append(routing.aliases[names[-1]])
+    for policy in routing.policies:
+        if any(fnmatch.fnmatchcase(name, policy.model_pattern) for name in names):
+            return policy
+    return None
+
+
+@dataclass(slots=True)
+class RouteRules:
+    """What policy and budget allow one request, resolved once per route.
+
+    Overflow: a request under an open policy is *local-first* when a restricted backend serves
+    its model or one of its fallbacks (whatever that backend's health). Its attempts on open
+    backends are overflow: removed with overflow = "block", kept after every restricted one
+    and scrubbed with "scrub". A request whose models only open backends serve was never local,
+    so it does not overflow; a request no policy matches may use either zone, by score."""
+
+    restricted_only: bool = False  # privacy = "restricted"
+    overflow: str | None = None  # block | scrub, for a local-first request
+    min_tier: int = 0
+    no_cloud: bool = False  # the hard budget limit keeps cloud backends out
+    cloud_last: bool = False  # the soft budget limit: cloud only after every local backend
+    excluded: set[str] = field(default_factory=set)  # why backends were left out
+
+    def allows(self, backend: Backend) -> bool:
+        if self.restricted_only and backend.zone != "restricted":
+            self.excluded.add("privacy")
+            return False
+        if self.overflow == "block" and backend.zone != "restricted":
+            self.excluded.add("overflow")
+            return False
+        if self.no_cloud and backend.is_cloud:
+            self.excluded.add("budget")
+            return False
+        if backend.tier < self.min_tier:  # an unset tier (0) meets no minimum
+            self.excluded.add("tier")
+            return False
+        return True
+
+
+def route_rules(
+    needs: RequestNeeds, chain: list[str], registry: Registry, settings: Settings
+) -> RouteRules:
+    policy = policy_for(needs.model, settings.routing)
+    rules = RouteRules()
+    if policy is not None:
+        rules.restricted_only = policy.privacy == "restricted"
+        rules.min_tier = policy.min_tier
+        local_first = any(
+            b.zone == "restricted" for m in chain for b in registry.by_model.get(m, ())
+        )
+        if not rules.restricted_only and local_first:
+            rules.overflow = policy.overflow
+    budget = settings.routing.budget
+    if budget is not None and needs.budget_status == "hard_limit":
+        if budget.hard_limit_action == "block_all":
+            raise budget_exceeded(needs, "block_all", "every request is refused")
+        rules.no_cloud = budget.hard_limit_action in ("shift_local", "block_cloud")
+    rules.cloud_last = needs.budget_status == "soft_limit"
+    return rules
+
+
+def budget_exceeded(needs: RequestNeeds, action: str, why: str) -> NexusError:
+    """The hard budget limit's clear refusal (429); Retry-After is the start of next month."""
+    return NexusError(
+        429,
+        "insufficient_quota",
+        "budget_exceeded",
+        f"The monthly cloud budget is spent and routing.budget.hard_limit_action is "
+        f"{action!r}: {why}. Model '{needs.model}' was not sent anywhere; the budget starts "
+        "again on the 1st of next month (UTC).",
+    )
+
+
 # ==============================================================================================
 # Routing
 # Owns: the decision, which backends to try for a request and in what order. Pure functions
@@ -1787,19 +1871,34 @@ def order_candidates(backends: list[Backend], strategy: str, weights: dict[str, 
 
 
 def candidates_for(
-    model_id: str, needs: RequestNeeds, registry: Registry, settings: Settings
+    model_id: str,
+    needs: RequestNeeds,
+    registry: Registry,
+    settings: Settings,
+    rules: RouteRules | None = None,
 ) -> list[Backend]:
-    """Healthy backends serving the model that meet the request's requirements, best first by
-    strategy, with those where max_tokens fits entirely ahead of those that would clamp it."""
+    """Healthy backends serving the model that meet the request's requirements and pass its
+    policy, best first by strategy, with those where max_tokens fits entirely ahead of those
+    that would clamp it. Restricted backends come first for a local-first request (overflow)
+    and local ones first at the budget's soft limit."""
     found = []
     for backend in registry.by_model.get(model_id, ()):
         if backend.status != "healthy":
             continue
-        if meets_needs(backend.models[model_id], needs):
+        if meets_needs(backend.models[model_id], needs) and (
+            rules is None or rules.allows(backend)
+        ):
             found.append(backend)
     order_candidates(found, settings.routing.strategy, settings.routing.weights)
     if needs.max_tokens is not None and len(found) > 1:
         found.sort(key=lambda b: not fits_entirely(b.models[model_id], needs))
+    if rules is not None and len(found) > 1:
+        if rules.cloud_last:
+            found.sort(key=lambda b: b.is_cloud)
+        if rules.overflow is not None:
+            found.sort(key=lambda b: b.zone != "restricted")
+        if rules.min_tier == 0 and needs.flexible:
+            found.sort(key=lambda b: -b.tier)  # lowered for a flexible request: best tier first
     return found
 
 
@@ -1821,10 +1920,17 @@ def route(needs: RequestNeeds, registry: Registry, settings: Settings) -> RouteD
     chain = list(dict.fromkeys([model_id, *settings.routing.fallbacks.get(model_id, ())]))
     if not any(m in registry.by_model for m in chain):
         raise model_not_found(needs.model, registry, settings)
+    rules = route_rules(needs, chain, registry, settings)
+    budget = settings.routing.budget
+    if rules.no_cloud and budget is not None and budget.hard_limit_action == "block_cloud":
+        chain = chain[:1]  # block_cloud keeps cloud work out without serving another model
+    ranked_models = [(m, candidates_for(m, needs, registry, settings, rules)) for m in chain]
+    if rules.min_tier and needs.flexible and not any(r for _, r in ranked_models):
+        rules.min_tier = 0  # nothing meets the tier anywhere: the flexible request takes less
+        ranked_models = [(m, candidates_for(m, needs, registry, settings, rules)) for m in chain]
     decision = RouteDecision(model=model_id, attempts=[])
     per_model = settings.routing.max_retries + 1
-    for position, candidate_model in enumerate(chain):
-        ranked = candidates_for(candidate_model, needs, registry, settings)
+    for position, (candidate_model, ranked) in enumerate(ranked_models):
         if not ranked:
             continue
         free = [b for b in ranked if not b.at_capacity()]
@@ -1833,6 +1939,8 @@ def route(needs: RequestNeeds, registry: Registry, settings: Settings) -> RouteD
             if position > 0 and registry.by_model.get(model_id):
                 if not any(b.status == "healthy" for b in registry.by_model[model_id]):
                     decision.reason = "failover"
+            elif rules.excluded & {"privacy", "overflow"}:
+                decision.reason = "privacy-requirement"
             elif free and free[0] is not ranked[0]:
                 decision.reason = "capacity-overflow"
         if len(free) < len(ranked):
@@ -1846,10 +1954,17 @@ def route(needs: RequestNeeds, registry: Registry, settings: Settings) -> RouteD
                     fallback=position > 0,
                     max_tokens=clamp_max_tokens(model, needs),
                     alone=len(ranked) == 1,
+                    scrub=rules.overflow == "scrub" and backend.zone != "restricted",
                 )
             )
     if not decision.attempts:
-        raise no_capacity(needs, model_id, registry)
+        if "budget" in rules.excluded and budget is not None:
+            raise budget_exceeded(
+                needs,
+                budget.hard_limit_action,
+                "cloud backends are off and no local backend can serve it now",
+            )
+        raise no_capacity(needs, model_id, registry, rules)
     return decision
 
 
@@ -1866,10 +1981,27 @@ def model_not_found(model: str, registry: Registry, settings: Settings) -> Nexus
     )
 
 
-def no_capacity(needs: RequestNeeds, model_id: str, registry: Registry) -> NexusError:
+def no_capacity(
+    needs: RequestNeeds, model_id: str, registry: Registry, rules: RouteRules | None = None
+) -> NexusError:
     serving = registry.by_model.get(model_id, [])
     healthy = [b for b in serving if b.status == "healthy"]
-    if healthy:
+    excluded = rules.excluded if rules is not None else set()
+    required_tier = rules.min_tier if rules is not None and "tier" in excluded else None
+    zone = "restricted" if excluded & {"privacy", "overflow"} else None
+    if "privacy" in excluded:
+        why = "its policy is privacy = restricted and no restricted backend can serve it"
+    elif "overflow" in excluded:
+        why = (
+            "its local backends cannot serve it and its policy blocks overflow to open "
+            'backends (overflow = "block")'
+        )
+    elif required_tier is not None:
+        why = (
+            f"no backend of tier {required_tier} or above can serve it (min_tier; send "
+            "X-Nexus-Flexible: true to accept a lower tier when none is available)"
+        )
+    elif healthy:
         why = "no healthy backend serving it meets the request's needs (context, vision, tools)"
     elif serving:
         names = ", ".join(b.name for b in serving)
@@ -1884,8 +2016,8 @@ def no_capacity(needs: RequestNeeds, model_id: str, registry: Registry) -> Nexus
         context={
             "available_nodes": [b.name for b in registry.healthy()],
             "eta_seconds": None,
-            "required_tier": None,
-            "privacy_zone_required": None,
+            "required_tier": required_tier,
+            "privacy_zone_required": zone,
         },
     )
 
@@ -2588,6 +2720,8 @@ def response_headers(record: RequestRecord, attempt: Attempt, reason: str) -> di
         headers["X-Nexus-Fallback-Model"] = attempt.model
     if attempt.max_tokens is not None:
         headers["X-Nexus-Max-Tokens-Clamped"] = str(attempt.max_tokens)
+    if attempt.scrub:
+        headers["X-Nexus-Context-Scrubbed"] = "true"
     return headers
 
 
@@ -2692,6 +2826,8 @@ async def proxy(
     request[RECORD] = record
     request[PAYLOAD] = body
     request[ENDPOINT] = endpoint
+    needs.flexible = request.headers.get("X-Nexus-Flexible", "").lower() == "true"
+    needs.budget_status = app[BUDGET].status
     decision = route(needs, app[REGISTRY], settings)
     stream = body.get("stream") is True and endpoint != "embeddings"
     client_wants_usage = isinstance(body.get("stream_options"), dict) and bool(
@@ -4266,6 +4402,11 @@ def error_response(error: NexusError, request: web.Request) -> web.Response:
     """The one place errors are rendered: Anthropic's shape on its paths, OpenAI's elsewhere."""
     headers = dict(error.headers)
     headers["X-Request-Id"] = request.get(REQUEST_ID, "")
+    budget = request.app[BUDGET]
+    if budget.enabled:
+        headers["X-Nexus-Budget-Status"] = budget.status
+    if error.code == "budget_exceeded":
+        headers["Retry-After"] = str(budget.seconds_to_reset())
     document = anthropic_error(error) if is_messages_path(request.path) else error.envelope()
     return web.json_response(document, status=error.status, headers=headers)
 

@@ -403,6 +403,7 @@ def budget_toml(action: str = "shift_local", limit: float = 10.0) -> str:
     return (
         f"[routing.budget]\nmonthly_limit_usd = {limit}\nsoft_limit_percent = 50\n"
         f'hard_limit_action = "{action}"\n'
+        'prices = { "llama3" = { input = 1.0, output = 2.0 } }\n'
     )
 
 
@@ -422,7 +423,8 @@ async def test_budget_header_and_soft_limit_deprioritises_cloud(backend_factory,
     status, headers, _ = await post_chat(nx, "llama3")
     assert status == 200 and headers["X-Nexus-Backend"] == "cloud"
     assert headers["X-Nexus-Budget-Status"] == "normal"
-    assert float(headers["X-Nexus-Cost-Estimated"]) > 0
+    # llama3 has its price in the config: 10 prompt and 3 completion tokens at 1 and 2 USD/M.
+    assert headers["X-Nexus-Cost-Estimated"] == nexus.format_usd((10 * 1.0 + 3 * 2.0) / 1e6)
     nx.app[nexus.BUDGET].charge(5.0)  # half of 10: the soft limit
     status, headers, _ = await post_chat(nx, "llama3")
     assert status == 200 and headers["X-Nexus-Backend"] == "gpu"
