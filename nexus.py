@@ -2089,6 +2089,7 @@ class OpenAICompatibleAdapter:
     # Whether requests and answers are translated (another API than OpenAI's). When not, the
     # proxy relays bytes as they are and none of the methods below is called.
     translates = False
+    api = "openai"  # the API the backend speaks
 
     def headers(self, backend: Backend) -> dict[str, str]:
         return {}
@@ -2104,6 +2105,10 @@ class OpenAICompatibleAdapter:
     def error_body(self, answer: bytes) -> bytes:
         """A 4xx answer as the client will get it."""
         return answer
+
+    def usage(self, answer: dict[str, Any]) -> Any:
+        """A whole answer's usage, in chat terms."""
+        return answer.get("usage")
 
     def stream_reader(self, content: aiohttp.StreamReader, model: str) -> Any:
         """Where a stream's SSE lines are read: the response body itself, or a translator
@@ -2247,6 +2252,11 @@ class AnthropicAdapter(OpenAICompatibleAdapter):
 
     translates = True
     stream_usage = True  # every Messages stream reports usage
+    api = "anthropic"
+
+    def usage(self, message: dict[str, Any]) -> dict[str, Any] | None:
+        """A native answer's usage, in chat terms (for counting and cost)."""
+        return chat_usage(message.get("usage"))
 
     def headers(self, backend: Backend) -> dict[str, str]:
         return {
@@ -2775,6 +2785,10 @@ class OpenAIFormat:
     # Whether the usage chunk Nexus asked the backend for reaches chunk(); OpenAI's format strips
     # it for a client that did not ask, a translating format may need it (token counts).
     keeps_usage = False
+    # The API this format writes when it is not OpenAI's: an adapter that speaks the same API
+    # is sent the client's own request and its answer is relayed as it is (never translated
+    # twice).
+    native_api: str | None = None
 
     def body(self, answer: bytes, parsed: dict[str, Any]) -> bytes:
         return answer
@@ -2846,7 +2860,10 @@ async def proxy(
         ask_usage = (
             stream and not client_wants_usage and ADAPTERS[attempt.backend.type].stream_usage
         )
-        payload = attempt_payload(body, raw, attempt, ask_usage)
+        if speaks_natively(fmt, ADAPTERS[attempt.backend.type]):
+            payload = native_payload(fmt, attempt)
+        else:
+            payload = attempt_payload(body, raw, attempt, ask_usage)
         try:
             return await send_attempt(
                 request,
@@ -2914,6 +2931,10 @@ async def send_attempt(
         if stream:
             if backend.is_cloud:  # headers go before the answer: the prompt's cost, estimated
                 out_headers["X-Nexus-Cost-Estimated"] = await prompt_cost(request, attempt)
+            if speaks_natively(fmt, adapter):
+                return await relay_native_stream(
+                    request, record, attempt, upstream, out_headers, deadline
+                )
             return await relay_stream(
                 request, record, attempt, upstream, out_headers, strip_usage, deadline, fmt
             )
@@ -2923,10 +2944,14 @@ async def send_attempt(
             parsed = None
         if not isinstance(parsed, dict):
             raise attempt_failure(app, backend, 502, "answered something that is not JSON")
-        if adapter.translates:
+        native = speaks_natively(fmt, adapter)
+        if native:
+            note_usage(record, adapter.usage(parsed))
+        elif adapter.translates:
             parsed = adapter.answer(parsed)
             answer = json.dumps(parsed).encode()
-        note_usage(record, parsed.get("usage"))
+        if not native:
+            note_usage(record, parsed.get("usage"))
         if backend.is_cloud:
             texts = answer_texts(endpoint, parsed)
             out_headers["X-Nexus-Cost-Estimated"] = await settle_cost(
@@ -2934,7 +2959,7 @@ async def send_attempt(
             )
         note_success(app, record, backend)
         return web.Response(
-            body=fmt.body(answer, parsed),
+            body=answer if native else fmt.body(answer, parsed),
             status=upstream.status,
             headers=out_headers,
             content_type="application/json",
@@ -3062,6 +3087,102 @@ def note_success(app: web.Application, record: RequestRecord, backend: Backend) 
             backend.ttft_ema_ms += EMA_WEIGHT * (record.ttft_ms - backend.ttft_ema_ms)
     if app[SETTINGS].health_check.enabled:
         record_success(backend, app[SETTINGS].health_check)
+
+
+def speaks_natively(fmt: OpenAIFormat, adapter: OpenAICompatibleAdapter) -> bool:
+    return fmt.native_api is not None and fmt.native_api == adapter.api
+
+
+def native_payload(fmt: Any, attempt: Attempt) -> bytes:
+    """The client's own request, for a backend that speaks its API: only the model that serves
+    is set, and a scrubbed overflow keeps the system prompt and the last user turn."""
+    payload = dict(fmt.native_body, model=attempt.model)
+    if attempt.scrub and isinstance(payload.get("messages"), list):
+        users = [m for m in payload["messages"] if isinstance(m, dict) and m.get("role") == "user"]
+        payload["messages"] = users[-1:]
+    return json.dumps(payload).encode()
+
+
+async def relay_native_stream(
+    request: web.Request,
+    record: RequestRecord,
+    attempt: Attempt,
+    upstream: aiohttp.ClientResponse,
+    headers: dict[str, str],
+    deadline: float,
+) -> web.StreamResponse:
+    """A stream in the client's own API (Messages events from an anthropic backend to a
+    /v1/messages client), relayed line by line as it arrives; usage is read on the way for
+    the cost. Before the first event a failure may still be retried elsewhere; after it, a
+    cut or stalled stream ends with an error event."""
+    app = request.app
+    settings = app[SETTINGS].server
+    backend = attempt.backend
+    loop = asyncio.get_running_loop()
+    response: web.StreamResponse | None = None
+    usage: dict[str, Any] = {}
+    finished = False
+    problem = ""
+    while not finished:
+        limit = (
+            settings.first_byte_timeout_seconds
+            if response is None
+            else settings.stream_idle_timeout_seconds
+        )
+        try:
+            async with asyncio.timeout(min(limit, deadline - loop.time())):
+                line = await upstream.content.readline()
+        except TimeoutError:
+            if response is None:
+                raise attempt_failure(app, backend, 504, "sent no data in time") from None
+            problem = "the backend stalled"
+            break
+        except aiohttp.ClientError as exc:
+            if response is None:
+                raise attempt_failure(app, backend, 502, describe_failure(exc)) from None
+            problem = "the backend connection broke"
+            break
+        if not line:
+            if response is None:
+                raise attempt_failure(app, backend, 502, "ended the stream before any data")
+            problem = "the backend ended the stream before the answer was complete"
+            break
+        if line.startswith(b"data:"):
+            with contextlib.suppress(ValueError):
+                event = json.loads(line[5:])
+                kind = event.get("type") if isinstance(event, dict) else None
+                if kind == "message_start":
+                    usage.update((event.get("message") or {}).get("usage") or {})
+                elif kind == "message_delta":
+                    usage.update(event.get("usage") or {})
+                elif kind in ("message_stop", "error"):
+                    finished = True
+                    if kind == "error":
+                        if response is None:
+                            raise attempt_failure(app, backend, 502, "reported an error")
+                        record.status = 502
+        if response is None:
+            record.ttft_ms = (time.perf_counter() - record.started) * 1000
+            response = web.StreamResponse(status=200, headers=headers)
+            response.content_type = "text/event-stream"
+            response.headers["Cache-Control"] = "no-cache"
+            await response.prepare(request)
+        await response.write(line + (b"\n" if finished else b""))
+    note_usage(record, chat_usage(usage))
+    await settle_cost(request, record, attempt, [])
+    assert response is not None
+    if problem:
+        record.status = 502
+        backend.errors += 1
+        if app[SETTINGS].health_check.enabled:
+            record_failure(backend, app[SETTINGS].health_check, problem)
+        error = anthropic_error(NexusError(502, "backend_error", None, problem + "."))
+        await response.write(sse_event("error", error))
+    elif not record.status:
+        record.status = 200
+        note_success(app, record, backend)
+    await response.write_eof()
+    return response
 
 
 async def relay_stream(
@@ -3620,6 +3741,7 @@ class AnthropicFormat(OpenAIFormat):
     """
 
     keeps_usage = True
+    native_api = "anthropic"
 
     def __init__(self, body: dict[str, Any], needs: RequestNeeds) -> None:
         self.native_body = body

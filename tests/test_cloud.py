@@ -435,3 +435,50 @@ async def test_anthropic_backend_serves_chat_only(backend_factory, nexus_factory
     with pytest.raises(openai.BadRequestError):
         await client(nx).embeddings.create(model="claude-sonnet-4-5", input="x")
     assert claude.received == []
+
+
+# --- /v1/messages to an anthropic backend: native, not translated twice ------------------------
+
+
+async def test_messages_api_reaches_an_anthropic_backend_natively(backend_factory, nexus_factory):
+    import anthropic
+
+    claude = await backend_factory("anthropic", {"claude-sonnet-4-5": {}}, name="claude")
+    claude.tool_call = {"name": "get_weather", "input": {"city": "Chur"}}
+    claude.stop_reason = "tool_use"
+    nx = await cloud_nexus(nexus_factory, claude)
+    sdk = anthropic.AsyncAnthropic(base_url=nx.url, api_key="unused", max_retries=0)
+    request = {
+        "model": "claude-sonnet-4-5",
+        "max_tokens": 300,
+        "system": [{"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}}],
+        "messages": [{"role": "user", "content": "weather?"}],
+        "tools": [
+            {
+                "name": "get_weather",
+                "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}},
+            }
+        ],
+        "thinking": {"type": "enabled", "budget_tokens": 1024},
+    }
+    message = await sdk.messages.create(**request)
+    sent = claude.received[-1][1]
+    assert sent == request  # Anthropic-only fields (cache_control, thinking) arrive untouched
+    assert message.content[0].text == "Hello from claude"
+    assert message.content[1].input == {"city": "Chur"}
+    assert message.stop_reason == "tool_use"
+    assert message.id == "msg_mock"  # the backend's own answer, not a re-translation
+    assert message.usage.input_tokens == 12
+    charged = nx.app[nexus.BUDGET].spent_usd
+    assert charged == pytest.approx(float(expected_cost("claude-sonnet-4-5", 12, 3)))
+
+    async with sdk.messages.stream(**request) as stream:
+        events = [event.type async for event in stream]
+        final = await stream.get_final_message()
+    assert claude.received[-1][1] == dict(request, stream=True)
+    assert events[0] == "message_start" and events[-1] == "message_stop"
+    assert final.content[0].text == "Hello from claude"
+    assert final.content[1].input == {"city": "Chur"}
+    assert final.stop_reason == "tool_use"
+    assert nx.app[nexus.BUDGET].spent_usd == pytest.approx(2 * charged)
+    await sdk.close()
