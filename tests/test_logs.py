@@ -72,7 +72,7 @@ async def serve(tmp_path, config: str, env: dict[str, str], *flags: str) -> Serv
         for _ in range(300):
             try:
                 async with session.get(served.url + "/health") as resp:
-                    if (await resp.json())["backends"]["healthy"] == 3:
+                    if (await resp.json())["backends"]["healthy"] == 4:
                         return served
             except aiohttp.ClientError:
                 pass
@@ -90,14 +90,22 @@ class Lab:
         self.client_key = "sk-client-" + secrets.token_hex(16)  # what a client sends
         self.prompt = "PROMPT-" + secrets.token_hex(6)
         self.answer = "ANSWER-" + secrets.token_hex(6)
-        self.env = {"NEXUS_TEST_SECRET": self.key, "NEXUS_TEST_CLOUD_SECRET": self.key + "-c"}
+        self.env = {
+            "NEXUS_TEST_SECRET": self.key,
+            "NEXUS_TEST_CLOUD_SECRET": self.key + "-c",
+            "NEXUS_TEST_ANTHROPIC_SECRET": self.key + "-a",
+        }
 
     async def start(self, backend_factory) -> None:
         self.local = await backend_factory("generic", {"m": {}}, name="local")
         self.local.reply = f"{self.answer} is the answer"
         self.broken = await backend_factory("vllm", {"flaky": {}}, name="broken")
-        self.cloud = await backend_factory("generic", {"cloud-m": {}}, name="cloud")
+        self.cloud = await backend_factory("openai", {"cloud-m": {}}, name="cloud")
         self.cloud.reply = f"{self.answer} from the cloud"
+        self.cloud.api_key = self.key + "-c"  # the mock refuses any other
+        self.claude = await backend_factory("anthropic", {"claude-m": {}}, name="claude")
+        self.claude.reply = f"{self.answer} from Claude"
+        self.claude.api_key = self.key + "-a"
 
     def config(self, extra: str = "") -> str:
         return extra + textwrap.dedent(f"""
@@ -117,10 +125,16 @@ class Lab:
             url = "{self.cloud.url}"
             type = "openai"
             api_key_env = "NEXUS_TEST_CLOUD_SECRET"
+
+            [[backends]]
+            name = "claude"
+            url = "{self.claude.url}"
+            type = "anthropic"
+            api_key_env = "NEXUS_TEST_ANTHROPIC_SECRET"
             """)
 
     def secrets(self) -> tuple[str, ...]:
-        return (self.key, self.key + "-c", self.client_key)
+        return (self.key, self.key + "-c", self.key + "-a", self.client_key)
 
     async def exercise(self, url: str) -> tuple[dict[str, int], list[str]]:
         """Send one request of each kind; returns {request id: status} and every body seen."""
@@ -141,6 +155,7 @@ class Lab:
             ("/v1/chat/completions", f'{{"model": "m", "{self.prompt}', 400),
             ("/v1/messages", {"model": "m", "max_tokens": 64, "messages": said}, 200),
             ("/v1/messages", {"model": "m", "messages": said}, 400),
+            ("/v1/chat/completions", {"model": "claude-m", "messages": said}, 200),
         ]
         headers = {"Authorization": f"Bearer {self.client_key}"}
         seen: dict[str, int] = {}
@@ -157,7 +172,7 @@ class Lab:
                     assert resp.status == 200, path
                     bodies.append(await resp.text())
         # The client's key is Nexus's business, never a backend's.
-        for backend in (self.local, self.broken, self.cloud):
+        for backend in (self.local, self.broken, self.cloud, self.claude):
             for _, _, got in backend.received:
                 assert self.client_key not in json.dumps(got)
         return seen, bodies
@@ -190,7 +205,7 @@ async def test_json_logs_one_line_per_request_no_content_no_keys(lab, tmp_path):
         assert set(REQUEST_FIELDS) <= line.keys()
         assert line["status"] == status and line["level"] == "info"
         assert line["latency_ms"] >= 0
-    chat, stream, completion, embedding, cloud, unknown, failed, bad, anthropic, refused = (
+    chat, stream, completion, embedding, cloud, unknown, failed, bad, anthropic, refused, claude = (
         by_id[i] for i in seen
     )
     assert chat["model"] == "m" and chat["backend"] == "local"
@@ -204,6 +219,7 @@ async def test_json_logs_one_line_per_request_no_content_no_keys(lab, tmp_path):
     assert bad["model"] == ""
     assert anthropic["model"] == "m" and anthropic["backend"] == "local"
     assert refused["status"] == 400
+    assert claude["backend"] == "claude" and claude["model"] == "claude-m"
 
     everything = stderr + "".join(bodies)
     for secret in lab.secrets():
@@ -211,8 +227,10 @@ async def test_json_logs_one_line_per_request_no_content_no_keys(lab, tmp_path):
     assert lab.prompt not in stderr
     assert lab.answer not in stderr
     assert not any(line["message"].startswith("content ") for line in lines)
-    # The cloud backend really was sent its key, so there was a key to leak.
-    assert lab.cloud.received[-1][2]["Authorization"] == f"Bearer {lab.key}-c"
+    # The cloud backends really were sent their keys (they refuse any other), so there were
+    # keys to leak.
+    assert lab.cloud.auth_failures == 0 and lab.claude.auth_failures == 0
+    assert lab.cloud.received and lab.claude.received
 
 
 async def test_pretty_logs_one_line_per_request_no_content_no_keys(lab, tmp_path):

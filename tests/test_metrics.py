@@ -8,7 +8,7 @@ import re
 
 import aiohttp
 from aiohttp import web
-from conftest import backends_toml
+from conftest import backends_toml, cloud_env
 
 import nexus
 
@@ -264,3 +264,15 @@ async def test_budget_gauge_is_the_months_spend(backend_factory, nexus_factory):
     nx.app[nexus.BUDGET].charge(0.25)
     nx.app[nexus.BUDGET].charge(0.5)
     assert (await scrape(nx)).value("nexus_budget_spending_usd") == 0.75
+
+
+async def test_cloud_spend_moves_the_budget_gauge(backend_factory, nexus_factory):
+    cloud = await backend_factory("openai", {"gpt-4o": {}}, name="oai")
+    toml = "[routing.budget]\nmonthly_limit_usd = 10\n" + backends_toml(cloud)
+    nx = await nexus_factory(toml, env=cloud_env(cloud))
+    assert (await post(nx, chat("gpt-4o")))[0] == 200
+    metrics = await scrape(nx)
+    async with aiohttp.ClientSession() as session, session.get(nx.url + "/v1/stats") as resp:
+        spent = (await resp.json())["budget"]["spent_usd"]
+    assert spent > 0
+    assert abs(metrics.value("nexus_budget_spending_usd") - spent) < 1e-6
