@@ -156,6 +156,7 @@ class Lab:
             ("/v1/messages", {"model": "m", "max_tokens": 64, "messages": said}, 200),
             ("/v1/messages", {"model": "m", "messages": said}, 400),
             ("/v1/chat/completions", {"model": "claude-m", "messages": said}, 200),
+            ("/v1/messages", {"model": "claude-m", "max_tokens": 64, "messages": said}, 200),
         ]
         headers = {"Authorization": f"Bearer {self.client_key}"}
         seen: dict[str, int] = {}
@@ -205,9 +206,10 @@ async def test_json_logs_one_line_per_request_no_content_no_keys(lab, tmp_path):
         assert set(REQUEST_FIELDS) <= line.keys()
         assert line["status"] == status and line["level"] == "info"
         assert line["latency_ms"] >= 0
-    chat, stream, completion, embedding, cloud, unknown, failed, bad, anthropic, refused, claude = (
-        by_id[i] for i in seen
+    (chat, stream, completion, embedding, cloud, unknown, failed, bad, anthropic, refused) = (
+        by_id[i] for i in list(seen)[:10]
     )
+    claude, claude_native = (by_id[i] for i in list(seen)[10:])
     assert chat["model"] == "m" and chat["backend"] == "local"
     assert stream["model"] == "m" and stream["backend"] == "local"
     assert chat["route_reason"] == "capability-match" and chat["retries"] == 0
@@ -220,6 +222,7 @@ async def test_json_logs_one_line_per_request_no_content_no_keys(lab, tmp_path):
     assert anthropic["model"] == "m" and anthropic["backend"] == "local"
     assert refused["status"] == 400
     assert claude["backend"] == "claude" and claude["model"] == "claude-m"
+    assert claude_native["backend"] == "claude" and claude_native["completion_tokens"]
 
     everything = stderr + "".join(bodies)
     for secret in lab.secrets():
@@ -265,6 +268,8 @@ async def test_log_content_on_logs_prompt_and_answer_at_debug_never_keys(lab, tm
     anthropic_id = list(seen)[8]
     assert lab.prompt in json.dumps(content[anthropic_id]["prompt"])
     assert content[anthropic_id]["answer"] == f"{lab.answer} is the answer"
+    native_id = list(seen)[11]
+    assert content[native_id]["answer"] == f"{lab.answer} from Claude"
     for secret in lab.secrets():
         assert secret not in stderr + "".join(bodies)
 
