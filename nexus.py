@@ -11,9 +11,10 @@ It reads top to bottom in the order a request travels:
 
     Errors -> Settings -> World model (Backend, Model, Registry) -> Health (keep the world
     current) -> Requests (what a payload needs) -> Tokens (exact counts, loaded lazily) ->
-    Routing (pure functions) -> Backend adapters (the only code that knows a backend's
-    quirks) -> Proxy (send, retry, stream out) -> Anthropic Messages API (translated to chat
-    and back) -> HTTP handlers -> Stats -> Metrics -> App assembly -> CLI and main().
+    Policy (prices, budget) -> Auth (keys, allow-lists, rate limits) -> Routing (pure
+    functions) -> Backend adapters (the only code that knows a backend's quirks) -> Proxy
+    (send, retry, stream out) -> Anthropic Messages API (translated to chat and back) -> HTTP
+    handlers -> Stats -> Metrics -> App assembly -> CLI and main().
 """
 
 from __future__ import annotations
@@ -28,10 +29,12 @@ import datetime as dt
 import fnmatch
 import functools
 import hashlib
+import hmac
 import ipaddress
 import itertools
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -213,6 +216,8 @@ class ApiKeySettings:
     tpm: int = 0
     models: list[str] = field(default_factory=list)
     admin: bool = False
+    # Derived at start-up from the key_env variable, never read from the file.
+    digest: bytes = field(default=b"", init=False, repr=False, compare=False)
 
 
 @dataclass(slots=True)
@@ -230,6 +235,7 @@ class BackendSettings:
     tier: int = 0
     max_concurrent: int = 0
     api_key_env: str = ""
+    rpm: int = 0  # requests per minute this backend is sent at most; 0: no limit
 
 
 @dataclass(slots=True)
@@ -279,7 +285,7 @@ def _build(cls: type, table: Any, key: str) -> Any:
     if not isinstance(table, dict):
         raise ConfigError(key, f"expected a table, got {table!r}")
     obj = cls()
-    known = {f.name for f in fields(cls)}
+    known = {f.name for f in fields(cls) if f.init}
     for name, value in table.items():
         sub = f"{key}.{name}" if key else name
         if name not in known:
@@ -448,14 +454,7 @@ def validate_settings(s: Settings, env: dict[str, str]) -> None:
             )
         for model, price in budget.prices.items():
             validate_price(f"routing.budget.prices.{model}", price)
-    for i, key_settings in enumerate(s.auth.api_keys):
-        key = f"auth.api_keys[{i}]"
-        if not key_settings.name:
-            raise ConfigError(f"{key}.name", "is required")
-        if not key_settings.key_env:
-            raise ConfigError(f"{key}.key_env", "is required")
-        if not env.get(key_settings.key_env):
-            raise ConfigError(f"{key}.key_env", f"variable {key_settings.key_env} is not set")
+    validate_api_keys(s.auth, env)
     names: set[str] = set()
     for i, backend in enumerate(s.backends):
         validate_backend(backend, f"backends[{i}]", env)
@@ -482,6 +481,31 @@ def validate_price(key: str, price: Any) -> None:
             raise ConfigError(f"{key}.{name}", f"expected a number of 0 or more, got {value!r}")
 
 
+def validate_api_keys(auth: AuthSettings, env: dict[str, str]) -> None:
+    """Each key needs a name and a set variable; names and keys are unique. The key itself is
+    kept only as its digest, and no message ever shows it."""
+    names: dict[str, str] = {}
+    digests: dict[bytes, str] = {}
+    for i, k in enumerate(auth.api_keys):
+        key = f"auth.api_keys[{i}]"
+        if not k.name:
+            raise ConfigError(f"{key}.name", "is required")
+        if k.name in names:
+            raise ConfigError(f"{key}.name", f"duplicate key name {k.name!r} (see {names[k.name]})")
+        names[k.name] = key
+        if not k.key_env:
+            raise ConfigError(f"{key}.key_env", "is required")
+        if not env.get(k.key_env):
+            raise ConfigError(f"{key}.key_env", f"variable {k.key_env} is not set")
+        for name in ("rpm", "tpm", "monthly_limit_usd"):
+            if getattr(k, name) < 0:
+                raise ConfigError(f"{key}.{name}", "must not be negative")
+        k.digest = key_digest(env[k.key_env])
+        if k.digest in digests:
+            raise ConfigError(f"{key}.key_env", f"holds the same key as {digests[k.digest]}")
+        digests[k.digest] = key
+
+
 def validate_backend(b: BackendSettings, key: str, env: dict[str, str]) -> None:
     """Check one backend's settings and fill in what defaults from others (name, zone)."""
     if b.type not in BACKEND_TYPES:
@@ -502,6 +526,8 @@ def validate_backend(b: BackendSettings, key: str, env: dict[str, str]) -> None:
         raise ConfigError(f"{key}.tier", f"expected 1-5, got {b.tier}")
     if b.max_concurrent < 0:
         raise ConfigError(f"{key}.max_concurrent", "must not be negative")
+    if b.rpm < 0:
+        raise ConfigError(f"{key}.rpm", "must not be negative")
     if b.type in CLOUD_TYPES and not b.api_key_env:
         raise ConfigError(f"{key}.api_key_env", f"a {b.type} backend needs api_key_env")
     if b.api_key_env and not env.get(b.api_key_env):
@@ -585,6 +611,7 @@ class Backend:
     last_error: str = ""
     last_check: float = 0.0
     lost_at: float | None = None
+    rpm_bucket: TokenBucket | None = None  # [[backends]] rpm: how fast it may be sent requests
 
     @property
     def is_cloud(self) -> bool:
@@ -605,6 +632,7 @@ class Backend:
             max_concurrent=b.max_concurrent,
             api_key_env=b.api_key_env,
             source=source,
+            rpm_bucket=TokenBucket(b.rpm, time.monotonic()) if b.rpm else None,
         )
 
     def public(self) -> dict[str, Any]:
@@ -1777,6 +1805,303 @@ def budget_exceeded(needs: RequestNeeds, action: str, why: str) -> NexusError:
 
 
 # ==============================================================================================
+# Auth
+# Owns: API keys ([auth] api_keys, each read from its variable once, at start), who may call
+# what (model allow-lists, the admin API), and the token buckets behind rpm and tpm limits.
+# Must not: let a key leave this section. Only a SHA-256 digest of each is kept; logs, errors,
+# stats and pages name a key by its name, never show it.
+# ==============================================================================================
+
+# The dashboard's feeds stay open: a browser's EventSource cannot send an Authorization header.
+OPEN_V1_PATHS = ("/v1/stats", "/v1/stats/stream")
+
+
+def key_digest(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode()).digest()
+
+
+class TokenBucket:
+    """`per_minute` units a minute, refilled continuously, holding at most a minute's worth.
+
+    An amount larger than a minute's worth waits for a full bucket and then runs it into debt,
+    so one huge request is served rather than refused forever."""
+
+    __slots__ = ("level", "per_minute", "updated")
+
+    def __init__(self, per_minute: float, now: float) -> None:
+        self.per_minute = float(per_minute)
+        self.level = self.per_minute
+        self.updated = now
+
+    def refill(self, now: float) -> None:
+        elapsed = max(now - self.updated, 0.0)
+        self.level = min(self.per_minute, self.level + elapsed * self.per_minute / 60.0)
+        self.updated = max(now, self.updated)
+
+    def wait(self, amount: float, now: float) -> float:
+        """Seconds until `amount` can be taken; 0 when it can be taken now."""
+        self.refill(now)
+        missing = min(amount, self.per_minute) - self.level
+        if missing <= 1e-9:
+            return 0.0
+        return missing * 60.0 / self.per_minute
+
+    def take(self, amount: float, now: float) -> None:
+        self.refill(now)
+        self.level -= amount
+
+    def adjust(self, extra: float, now: float) -> None:
+        """Charge `extra` more (or give back, when negative): real usage replacing an estimate."""
+        self.refill(now)
+        self.level = min(self.per_minute, self.level - extra)
+
+
+def retry_after_header(wait: float) -> str:
+    """Whole seconds, rounded up, so that a client waiting that long is let through."""
+    return str(max(math.ceil(wait - 1e-9), 1))
+
+
+@dataclass(slots=True, eq=False)
+class ApiKey:
+    """One configured key: its name, what it may do, its buckets and its usage so far."""
+
+    name: str
+    digest: bytes = field(repr=False)
+    models: list[str] = field(default_factory=list)
+    admin: bool = False
+    rpm: int = 0
+    tpm: int = 0
+    monthly_limit_usd: float = 0.0
+    requests_bucket: TokenBucket | None = field(default=None, repr=False)
+    tokens_bucket: TokenBucket | None = field(default=None, repr=False)
+    requests: int = 0
+    tokens: int = 0
+    rate_limited: int = 0
+    spent_usd: float = 0.0
+
+    def may_use(self, model: str, aliases: dict[str, str]) -> bool:
+        """Whether the allow-list names the model, or the model an alias of it leads to."""
+        if not self.models:
+            return True
+        target = resolve_alias(model, aliases)
+        return any(fnmatch.fnmatchcase(m, glob) for glob in self.models for m in (model, target))
+
+
+def api_keys(auth: AuthSettings) -> list[ApiKey]:
+    now = time.monotonic()
+    return [
+        ApiKey(
+            name=k.name,
+            digest=k.digest,
+            models=list(k.models),
+            admin=k.admin,
+            rpm=k.rpm,
+            tpm=k.tpm,
+            monthly_limit_usd=k.monthly_limit_usd,
+            requests_bucket=TokenBucket(k.rpm, now) if k.rpm else None,
+            tokens_bucket=TokenBucket(k.tpm, now) if k.tpm else None,
+        )
+        for k in auth.api_keys
+    ]
+
+
+def presented_key(headers: Any) -> str | None:
+    """The key a client sent: `Authorization: Bearer` (OpenAI) or `x-api-key` (Anthropic)."""
+    scheme, _, token = headers.get("Authorization", "").strip().partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return headers.get("x-api-key", "").strip() or None
+
+
+def find_key(keys: list[ApiKey], presented: str) -> ApiKey | None:
+    """The configured key equal to `presented`, compared in constant time: every key is
+    compared, digests of equal length, whichever matches."""
+    given = key_digest(presented)
+    found = None
+    for key in keys:
+        if hmac.compare_digest(given, key.digest):
+            found = key
+    return found
+
+
+def needs_key(path: str) -> bool:
+    return path.startswith("/v1/") and path not in OPEN_V1_PATHS
+
+
+def unauthorized(message: str) -> NexusError:
+    return NexusError(
+        401,
+        "invalid_request_error",
+        "invalid_api_key",
+        message,
+        headers={"WWW-Authenticate": 'Bearer realm="nexus"'},
+    )
+
+
+def authenticate(keys: list[ApiKey], path: str, headers: Any) -> ApiKey | None:
+    """The caller's key when keys are configured and the path needs one; 401 otherwise."""
+    if not keys or not needs_key(path):
+        return None
+    presented = presented_key(headers)
+    if presented is None:
+        raise unauthorized(
+            "No API key provided. Send it as 'Authorization: Bearer <key>' (or 'x-api-key: <key>')."
+        )
+    key = find_key(keys, presented)
+    if key is None:
+        raise unauthorized("The API key provided is not valid.")
+    return key
+
+
+def rate_limited(what: str, wait: float) -> NexusError:
+    retry = retry_after_header(wait)
+    return NexusError(
+        429,
+        "rate_limit_error",
+        "rate_limit_exceeded",
+        f"Rate limit reached for {what}. Try again in {retry} s.",
+        headers={"Retry-After": retry},
+    )
+
+
+def admit(key: ApiKey, needs: RequestNeeds, now: float) -> int:
+    """Check a key's rpm and tpm for a request and take from its buckets; 429 when over.
+
+    Returns the tokens charged up front (the prompt estimate), which `settle` later replaces
+    with the real usage. Nothing is taken unless every limit lets the request through."""
+    charged = needs.prompt_tokens if key.tokens_bucket is not None else 0
+    if key.requests_bucket is not None:
+        wait = key.requests_bucket.wait(1, now)
+        if wait:
+            key.rate_limited += 1
+            raise rate_limited(f"key '{key.name}': {key.rpm} requests per minute", wait)
+    if key.tokens_bucket is not None:
+        wait = key.tokens_bucket.wait(charged, now)
+        if wait:
+            key.rate_limited += 1
+            raise rate_limited(f"key '{key.name}': {key.tpm} tokens per minute", wait)
+    if key.requests_bucket is not None:
+        key.requests_bucket.take(1, now)
+    if key.tokens_bucket is not None:
+        key.tokens_bucket.take(charged, now)
+    return charged
+
+
+def settle(key: ApiKey, record: RequestRecord, status: int, charged: int, now: float) -> None:
+    """After a request: count it for its key and correct the tpm charge with real usage (an
+    unanswered request costs nothing; an answer without usage keeps the estimate)."""
+    key.requests += 1
+    used = (record.prompt_tokens or 0) + (record.completion_tokens or 0)
+    key.tokens += used
+    if key.tokens_bucket is not None:
+        if status >= 400 or record.backend is None:
+            used = 0
+        elif record.prompt_tokens is None and record.completion_tokens is None:
+            used = charged
+        key.tokens_bucket.adjust(used - charged, now)
+
+
+def backend_turn(backend: Backend, now: float) -> NexusError | None:
+    """Take one request from a backend's rpm bucket; a 429 to give when it is empty."""
+    bucket = backend.rpm_bucket
+    if bucket is None:
+        return None
+    wait = bucket.wait(1, now)
+    if wait:
+        what = f"backend {backend.name}: {bucket.per_minute:g} requests per minute"
+        return rate_limited(what, wait)
+    bucket.take(1, now)
+    return None
+
+
+# The steps above as the app takes them: the middleware authenticates, the proxy admits and
+# filters the route, the middleware settles when the answer is out.
+
+
+def authenticate_request(request: web.Request) -> None:
+    """Find the caller's key (401 when one is needed and missing or wrong, logged by path and
+    address, never by what was sent)."""
+    try:
+        key = authenticate(request.app[KEYS], request.path, request.headers)
+    except NexusError as error:
+        log.warning(
+            "request %s to %s from %s refused: %s",
+            request[REQUEST_ID],
+            request.path,
+            request.remote,
+            error.message,
+            extra={
+                "fields": {
+                    "request_id": request[REQUEST_ID],
+                    "path": request.path,
+                    "remote": request.remote,
+                    "status": error.status,
+                }
+            },
+        )
+        raise
+    if key is not None:
+        request[API_KEY] = key
+
+
+def model_known(model: str, registry: Registry, settings: Settings) -> bool:
+    model_id = resolve_alias(model, settings.routing.aliases)
+    chain = [model_id, *settings.routing.fallbacks.get(model_id, ())]
+    return any(m in registry.by_model for m in chain)
+
+
+def check_model(request: web.Request, model: str) -> None:
+    """404 for a model the caller's key may not use, listing only the models it may use."""
+    key = request.get(API_KEY)
+    if key is None or not key.models:
+        return
+    settings = request.app[SETTINGS]
+    registry = request.app[REGISTRY]
+    if not key.may_use(model, settings.routing.aliases) or not model_known(
+        model, registry, settings
+    ):
+        raise model_not_found(model, registry, settings, key)
+
+
+def admit_request(request: web.Request, needs: RequestNeeds) -> None:
+    """Before routing: the key's model allow-list, then its rpm and tpm."""
+    key = request.get(API_KEY)
+    if key is None:
+        return
+    check_model(request, needs.model)
+    request[TOKENS_CHARGED] = admit(key, needs, time.monotonic())
+
+
+def allowed_attempts(
+    request: web.Request, decision: RouteDecision, needs: RequestNeeds
+) -> RouteDecision:
+    """The route without fallback models the caller's key may not use."""
+    key = request.get(API_KEY)
+    if key is None or not key.models:
+        return decision
+    aliases = request.app[SETTINGS].routing.aliases
+    decision.attempts = [
+        a for a in decision.attempts if a.model == decision.model or key.may_use(a.model, aliases)
+    ]
+    if not decision.attempts:
+        raise no_capacity(needs, decision.model, request.app[REGISTRY])
+    return decision
+
+
+def settle_request(request: web.Request, record: RequestRecord, status: int) -> None:
+    """Once answered: the request counts for its key (by name in stats, logs and metrics)."""
+    key = request.get(API_KEY)
+    if key is not None:
+        record.key = key.name
+        settle(key, record, status, request.get(TOKENS_CHARGED, 0), time.monotonic())
+
+
+def may_see_model(request: web.Request, model: str) -> bool:
+    key = request.get(API_KEY)
+    return key is None or key.may_use(model, request.app[SETTINGS].routing.aliases)
+
+
+# ==============================================================================================
 # Routing
 # Owns: the decision, which backends to try for a request and in what order. Pure functions
 # over the registry and settings: no awaits, no I/O, easy to property-test.
@@ -1968,8 +2293,13 @@ def route(needs: RequestNeeds, registry: Registry, settings: Settings) -> RouteD
     return decision
 
 
-def model_not_found(model: str, registry: Registry, settings: Settings) -> NexusError:
+def model_not_found(
+    model: str, registry: Registry, settings: Settings, key: ApiKey | None = None
+) -> NexusError:
+    """404 listing the models there are, or only those the caller's key may use."""
     available = sorted(set(registry.by_model) | set(settings.routing.aliases))
+    if key is not None:
+        available = [m for m in available if key.may_use(m, settings.routing.aliases)]
     listed = ", ".join(available[:50]) if available else "none (no backend is serving a model)"
     return NexusError(
         404,
@@ -2710,6 +3040,7 @@ class RequestRecord:
     fallback: bool = False  # a fallback model is being tried (it served, if the status is good)
     usage: TokenUsage | None = None  # as the backend reported it (or Nexus counted it)
     cost_usd: float | None = None  # what the answer cost (cloud backends), charged to the budget
+    key: str | None = None  # the name of the caller's API key, when keys are configured
 
 
 def new_request_id() -> str:
@@ -2842,7 +3173,8 @@ async def proxy(
     request[ENDPOINT] = endpoint
     needs.flexible = request.headers.get("X-Nexus-Flexible", "").lower() == "true"
     needs.budget_status = app[BUDGET].status
-    decision = route(needs, app[REGISTRY], settings)
+    admit_request(request, needs)
+    decision = allowed_attempts(request, route(needs, app[REGISTRY], settings), needs)
     stream = body.get("stream") is True and endpoint != "embeddings"
     client_wants_usage = isinstance(body.get("stream_options"), dict) and bool(
         body["stream_options"].get("include_usage")
@@ -2902,6 +3234,8 @@ async def send_attempt(
     backend = attempt.backend
     adapter = ADAPTERS[backend.type]
     loop = asyncio.get_running_loop()
+    if (busy := backend_turn(backend, time.monotonic())) is not None:
+        raise AttemptFailed(busy)
     headers = adapter.headers(backend)
     headers.update(JSON_HEADERS)
     backend.in_flight += 1
@@ -3932,6 +4266,7 @@ async def messages_count_tokens(request: web.Request) -> web.Response:
     """POST /v1/messages/count_tokens: the request's input tokens, for a model Nexus serves."""
     body = parse_json_body(await request.read())
     model = require_model(body)
+    check_model(request, model)
     settings = request.app[SETTINGS]
     registry = request.app[REGISTRY]
     if resolve_alias(model, settings.routing.aliases) not in registry.by_model:
@@ -4012,14 +4347,16 @@ def model_entry(model_id: str, served: list[tuple[Backend, Model]]) -> dict[str,
 
 async def list_models(request: web.Request) -> web.Response:
     entries = model_entries(request.app[REGISTRY], request.app[SETTINGS])
-    return web.json_response({"object": "list", "data": [entries[k] for k in sorted(entries)]})
+    listed = [entries[k] for k in sorted(entries) if may_see_model(request, k)]
+    return web.json_response({"object": "list", "data": listed})
 
 
 async def get_model(request: web.Request) -> web.Response:
     model_id = request.match_info["model_id"]
     entries = model_entries(request.app[REGISTRY], request.app[SETTINGS])
-    if model_id not in entries:
-        raise model_not_found(model_id, request.app[REGISTRY], request.app[SETTINGS])
+    if model_id not in entries or not may_see_model(request, model_id):
+        key = request.get(API_KEY)
+        raise model_not_found(model_id, request.app[REGISTRY], request.app[SETTINGS], key)
     return web.json_response(entries[model_id])
 
 
@@ -4050,7 +4387,19 @@ async def health(request: web.Request) -> web.Response:
 
 
 def require_admin(request: web.Request) -> None:
-    """The admin API changes what Nexus routes to: only callers on this machine may use it."""
+    """The admin API changes what Nexus routes to: with keys configured only an admin key may
+    use it (from anywhere), without keys only callers on this machine."""
+    if request.app[KEYS]:
+        key = request.get(API_KEY)  # the middleware has checked it is a valid key
+        if key is None or not key.admin:
+            name = key.name if key is not None else ""
+            raise NexusError(
+                403,
+                "permission_error",
+                "admin_forbidden",
+                f"The key '{name}' may not use the admin API; that needs a key with admin = true.",
+            )
+        return
     peer = request.remote or ""
     if peer not in ("127.0.0.1", "::1") and not peer.startswith("127."):
         raise NexusError(
@@ -4218,6 +4567,7 @@ class Stats:
                 "latency_ms": round(seconds * 1000, 2),
                 "tokens": {"prompt": record.prompt_tokens, "completion": record.completion_tokens},
                 "route_reason": record.route_reason,
+                "key": record.key,
             }
         )
 
@@ -4264,7 +4614,17 @@ def stats_snapshot(app: web.Application) -> dict[str, Any]:
         "models": models,
         "recent": list(stats.recent),
         "budget": app[BUDGET].snapshot(),
-        "keys": [],
+        "keys": [
+            {
+                "name": k.name,
+                "requests": k.requests,
+                "tokens": k.tokens,
+                "rate_limited": k.rate_limited,
+                "spent_usd": round(k.spent_usd, 6),
+                "monthly_limit_usd": k.monthly_limit_usd or None,
+            }
+            for k in app[KEYS]
+        ],
     }
 
 
@@ -4297,7 +4657,7 @@ def log_request(record: RequestRecord, status: int, seconds: float) -> None:
     latency_ms = round(seconds * 1000, 2)
     log.info(
         "request %s %s model=%s backend=%s status=%s latency_ms=%s tokens=%s/%s reason=%s "
-        "retries=%s",
+        "retries=%s key=%s",
         record.id,
         record.endpoint,
         record.model,
@@ -4308,6 +4668,7 @@ def log_request(record: RequestRecord, status: int, seconds: float) -> None:
         record.completion_tokens,
         record.route_reason,
         record.retries,
+        record.key,
         extra={
             "fields": {
                 "request_id": record.id,
@@ -4321,6 +4682,7 @@ def log_request(record: RequestRecord, status: int, seconds: float) -> None:
                 "route_reason": record.route_reason,
                 "retries": record.retries,
                 "fallback": record.fallback,
+                "key": record.key,
             }
         },
     )
@@ -4514,8 +4876,11 @@ CLIENT = web.AppKey("client", aiohttp.ClientSession)
 STATE = web.AppKey("state", dict)
 BUDGET = web.AppKey("budget", Budget)  # the month's cloud spend: BUDGET.spent_usd, .status
 STOPPING = web.AppKey("stopping", asyncio.Event)  # set at shutdown: live feeds end
+KEYS = web.AppKey("keys", list)  # ApiKey per [auth] key; empty: no auth
 REQUEST_ID = web.RequestKey("request_id", str)
 RECORD = web.RequestKey("record", RequestRecord)
+API_KEY = web.RequestKey("api_key", ApiKey)  # the caller's key, once authenticated
+TOKENS_CHARGED = web.RequestKey("tokens_charged", int)  # tpm taken up front, settled after
 PAYLOAD = web.RequestKey("payload", dict)  # the request's JSON, while it is served (counting)
 ENDPOINT = web.RequestKey("endpoint", str)
 
@@ -4562,6 +4927,7 @@ async def request_middleware(
     code: str | None = None
     response: web.StreamResponse | None = None
     try:
+        authenticate_request(request)
         response = await handler(request)
         status = response.status
         return response
@@ -4594,6 +4960,7 @@ async def request_middleware(
         if record is not None:
             final = record.status or status
             seconds = time.perf_counter() - record.started
+            settle_request(request, record, final)
             request.app[STATS].record(record, final, seconds, code if final == status else None)
             log_request(record, final, seconds)
             if request.app[SETTINGS].logging.log_content and status != 499:
@@ -4652,6 +5019,7 @@ def create_app(settings: Settings) -> web.Application:
     app[STATS] = Stats()
     app[STATE] = {}
     app[BUDGET] = Budget(settings.routing.budget)
+    app[KEYS] = api_keys(settings.auth)
     app[STOPPING] = asyncio.Event()
     app.on_shutdown.append(signal_stopping)
     for backend_settings in settings.backends:
@@ -4856,8 +5224,11 @@ def nexus_url(args: argparse.Namespace) -> str:
 def call_nexus(args: argparse.Namespace, method: str, path: str, payload: Any = None) -> Any:
     """Ask a running Nexus; its OpenAI-format errors become one readable line."""
     data = json.dumps(payload).encode() if payload is not None else None
+    headers = dict(JSON_HEADERS)
+    if os.environ.get("NEXUS_API_KEY"):  # a Nexus with [auth] keys wants one
+        headers["Authorization"] = "Bearer " + os.environ["NEXUS_API_KEY"]
     request = urllib.request.Request(
-        nexus_url(args) + path, data=data, method=method, headers=JSON_HEADERS
+        nexus_url(args) + path, data=data, method=method, headers=headers
     )
     try:
         with urllib.request.urlopen(request, timeout=30) as resp:
