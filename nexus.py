@@ -9,8 +9,8 @@ operational (health, load, counters) and lives in memory.
 This file is the whole program. It needs aiohttp, zeroconf and tiktoken, nothing else.
 It reads top to bottom in the order a request travels:
 
-    Errors -> Settings -> World model (Backend, Model, Registry) -> Health (keep the world
-    current) -> Requests (what a payload needs) -> Tokens (exact counts, loaded lazily) ->
+    Errors -> Settings -> World model (Backend, Model, Registry) -> Health and Discovery (keep
+    the world current) -> Requests (what a payload needs) -> Tokens (exact counts, loaded lazily) ->
     Policy (prices, budget) -> Auth (keys, allow-lists, rate limits) -> Routing (pure
     functions) -> Backend adapters (the only code that knows a backend's quirks) -> Proxy
     (send, retry, stream out) -> Anthropic Messages API (translated to chat and back) -> HTTP
@@ -1156,12 +1156,18 @@ class Discovery:
         await self.add(name, url, type_hint if kind == "generic" and type_hint else kind, name)
 
     async def known(self, name: str, url: str) -> bool:
-        """Whether url is a backend already; a lost discovered one is kept (it came back)."""
+        """Whether url is a backend already (or was removed through the admin API: it stays
+        removed); a lost discovered one is kept, since it came back."""
         registry = self.app[REGISTRY]
-        previous = registry.backends.get(self.names.get(name, ""))
+        mapped = self.names.get(name)
+        previous = registry.backends.get(mapped) if mapped is not None else None
+        if mapped is not None and previous is None:
+            log.debug("discovered %r at %s was removed through the admin API; skipped", name, url)
+            return True
         if previous is not None and previous.source == "discovered" and previous.url != url:
             log.info("backend %s moved from %s to %s", previous.name, previous.url, url)
             registry.remove(previous.name)  # moved: replaced by what is added next
+            del self.names[name]
         backend = registry.find_url(url)
         if backend is None:
             return False
@@ -1211,6 +1217,7 @@ class Discovery:
         registry = self.app[REGISTRY]
         if registry.backends.get(backend.name) is backend and backend.lost_at is not None:
             registry.remove(backend.name)
+            self.names = {key: name for key, name in self.names.items() if name != backend.name}
             log.info("backend %s removed: gone for %gs", backend.name, grace)
 
 

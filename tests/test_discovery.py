@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
@@ -420,6 +421,17 @@ async def test_found_lost_and_grace_period_in_process(backend_factory, nexus_fac
 
         discovery.lost("box")
         await asyncio.sleep(0.5)
+        assert set(running.registry.backends) == {"box"}
+
+        # Gone for good, then back: added again. Removed through the admin API: stays removed.
+        await discovery.found("box", mock.url, "ollama")
+        assert running.backend("box-2").status == "healthy"
+        async with (
+            aiohttp.ClientSession() as client,
+            client.delete(running.url + "/v1/backends/box-2") as resp,
+        ):
+            assert resp.status == 200
+        await discovery.found("box", mock.url, "ollama")
         assert set(running.registry.backends) == {"box"}
     finally:
         await discovery.stop()
