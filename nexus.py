@@ -1510,6 +1510,31 @@ def payload_texts(endpoint: str, payload: dict[str, Any]) -> tuple[list[str], in
     return [v for v in items if isinstance(v, str)], 0
 
 
+# An estimate within this range of a context length may be wrong about fitting: characters
+# over four undercounts CJK text and emoji up to several times, overcounts plain English.
+NEAR_LIMIT_RANGE = (0.25, 2.0)
+
+
+async def refine_prompt_tokens(
+    endpoint: str, body: dict[str, Any], needs: RequestNeeds, registry: Registry, settings: Settings
+) -> None:
+    """Count the prompt exactly when it matters for routing: its estimate is near the context
+    length of a backend that could serve it and whose tokenizer is exact (OpenAI's models on
+    OpenAI-style clouds). Everything else keeps the estimate; no encoding is loaded for it."""
+    model_id = resolve_alias(needs.model, settings.routing.aliases)
+    low, high = NEAR_LIMIT_RANGE
+    for model in (model_id, *settings.routing.fallbacks.get(model_id, ())):
+        for backend in registry.by_model.get(model, ()):
+            context = backend.models[model].context_length
+            if not context or not low * context <= needs.prompt_tokens <= high * context:
+                continue
+            encoding, exact = tokenizer_for(backend.type, model)
+            if exact:
+                texts, framing = payload_texts(endpoint, body)
+                needs.prompt_tokens = await count_texts_async(texts, encoding) + framing
+                return
+
+
 def count_texts(texts: list[str], encoding: str) -> int:
     encoder = load_encoding(encoding)
     return sum(len(encoder.encode_ordinary(text)) for text in texts)
@@ -3180,6 +3205,7 @@ async def proxy(
     request[ENDPOINT] = endpoint
     needs.flexible = request.headers.get("X-Nexus-Flexible", "").lower() == "true"
     needs.budget_status = app[BUDGET].status
+    await refine_prompt_tokens(endpoint, body, needs, app[REGISTRY], settings)
     admit_request(request, needs)
     decision = allowed_attempts(request, route(needs, app[REGISTRY], settings), needs)
     stream = body.get("stream") is True and endpoint != "embeddings"

@@ -142,6 +142,8 @@ class MockBackend:
             entry: dict[str, Any] = {"id": model_id, "object": "model", "owned_by": self.kind}
             if self.kind == "vllm":
                 entry["max_model_len"] = info.get("context", 8192)
+            if self.kind == "openai" and "context" in info:  # as OpenRouter-style clouds do
+                entry["context_length"] = info["context"]
             if self.kind == "llamacpp":
                 entry["meta"] = {"n_ctx_train": 131072}
             data.append(entry)

@@ -485,3 +485,85 @@ async def test_hard_limit_block_all_and_warn(backend_factory, nexus_factory):
     warned.app[nexus.BUDGET].charge(10.0)
     status, headers, _ = await post_chat(warned, "gpt-4o")
     assert status == 200 and headers["X-Nexus-Budget-Status"] == "hard_limit"
+
+
+# --- properties over random worlds ------------------------------------------------------------
+
+from hypothesis import given  # noqa: E402
+from hypothesis import settings as hypothesis_settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+POLICY_MODELS = ("internal-a", "internal-b", "public")
+world_backend = st.fixed_dictionaries(
+    {
+        "type": st.sampled_from(["ollama", "vllm", "openai", "anthropic"]),
+        "zone": st.sampled_from(["restricted", "open", ""]),
+        "tier": st.integers(0, 5),
+        "status": st.sampled_from(["healthy", "healthy", "unhealthy"]),
+        "priority": st.integers(0, 100),
+        "in_flight": st.integers(0, 3),
+        "max_concurrent": st.integers(0, 2),
+        "models": st.lists(st.sampled_from(POLICY_MODELS), min_size=1, max_size=3, unique=True),
+    }
+)
+
+
+@hypothesis_settings(max_examples=300, deadline=None)
+@given(
+    specs=st.lists(world_backend, max_size=8),
+    model=st.sampled_from(POLICY_MODELS),
+    min_tier=st.integers(0, 5),
+    flexible=st.booleans(),
+    overflow=st.sampled_from(["block", "scrub"]),
+    budget_status=st.sampled_from(["normal", "soft_limit", "hard_limit"]),
+    action=st.sampled_from(nexus.BUDGET_ACTIONS),
+)
+def test_policy_holds_in_every_world(
+    specs, model, min_tier, flexible, overflow, budget_status, action
+):
+    registry = nexus.Registry()
+    for i, spec in enumerate(specs):
+        spec = dict(spec)
+        cloud = spec["type"] in nexus.CLOUD_TYPES
+        zone = spec.pop("zone") or ("open" if cloud else "restricted")
+        models = {m: nexus.Model(id=m) for m in spec.pop("models")}
+        backend = nexus.Backend(name=f"b{i}", url=f"http://127.0.0.1:1/{i}", zone=zone, **spec)
+        backend.models = models
+        registry.backends[backend.name] = backend
+    registry.reindex()
+    s = nexus.Settings()
+    s.routing.fallbacks = {"internal-a": ["internal-b", "public"]}
+    s.routing.policies = [
+        nexus.PolicySettings(model_pattern="internal-*", privacy="restricted", min_tier=min_tier),
+        nexus.PolicySettings(model_pattern="*", overflow=overflow),
+    ]
+    s.routing.budget = nexus.BudgetSettings(monthly_limit_usd=1.0, hard_limit_action=action)
+    needs = nexus.RequestNeeds(model=model, flexible=flexible, budget_status=budget_status)
+    try:
+        decision = nexus.route(needs, registry, s)
+    except nexus.NexusError as exc:
+        assert exc.status in (404, 429, 503)
+        return
+    hard = budget_status == "hard_limit"
+    assert not (hard and action == "block_all")
+    tier_met = any(
+        b.tier >= min_tier
+        and b.zone == "restricted"
+        and b.status == "healthy"
+        and not (hard and action in ("shift_local", "block_cloud") and b.is_cloud)
+        for m in [model, *s.routing.fallbacks.get(model, [])]
+        for b in registry.by_model.get(m, ())
+    )
+    for attempt in decision.attempts:
+        backend = attempt.backend
+        if model.startswith("internal-"):
+            assert backend.zone == "restricted"  # under failover and fallback too
+            if not flexible or tier_met:
+                assert backend.tier >= min_tier
+        if hard and action in ("shift_local", "block_cloud"):
+            assert not backend.is_cloud
+        if attempt.scrub:
+            assert backend.zone == "open" and overflow == "scrub"
+        if overflow == "block" and not model.startswith("internal-"):
+            local_first = any(b.zone == "restricted" for b in registry.by_model.get(model, ()))
+            assert not (local_first and backend.zone == "open")

@@ -90,3 +90,30 @@ async def test_long_texts_are_counted_off_the_event_loop(monkeypatch):
     long_text = "token " * (nexus.EXACT_INLINE_CHARS // 5)
     assert await nexus.count_texts_async([long_text], "cl100k_base") > 1000
     assert seen == [True, False]
+
+
+async def test_exact_count_decides_near_a_context_limit(backend_factory, nexus_factory):
+    from conftest import cloud_env
+
+    cloud = await backend_factory(
+        "openai", {"gpt-4": {"context": 100}, "gpt-4-32k": {"context": 32768}}, name="oai"
+    )
+    toml = backends_toml(cloud) + '[routing]\nfallbacks = { "gpt-4" = ["gpt-4-32k"] }\n'
+    nx = await nexus_factory(toml, env=cloud_env(cloud))
+    encoding = nexus.load_encoding("cl100k_base")
+
+    async def ask(text: str) -> str:
+        body = {"model": "gpt-4", "messages": [{"role": "user", "content": text}]}
+        url = nx.url + "/v1/chat/completions"
+        async with aiohttp.ClientSession() as session, session.post(url, json=body) as resp:
+            assert resp.status == 200, await resp.text()
+        return cloud.received[-1][1]["model"]
+
+    # 540 characters estimate to 135 tokens, over the context; exactly they are 90: it fits.
+    words = " hello" * 90
+    assert len(encoding.encode_ordinary(words)) == 90
+    assert await ask(words) == "gpt-4"
+    # 100 emoji estimate to 29 tokens, well inside; exactly they are far more: the larger model.
+    emoji = "🎉" * 100
+    assert len(encoding.encode_ordinary(emoji)) > 100
+    assert await ask(emoji) == "gpt-4-32k"
