@@ -1433,6 +1433,10 @@ def load_encoding(name: str) -> tiktoken.Encoding:
                 mergeable_ranks=read_bpe_ranks(asset_path(f"{name}.tiktoken"), spec.sha256),
                 special_tokens=spec.special_tokens,
             )
+            # The Rust core holds its own copy of the ranks; tiktoken keeps the Python dict
+            # only to pickle the encoding, which Nexus never does. Dropping it saves about
+            # 30 MB for o200k_base.
+            encoding._mergeable_ranks = {}
             _loaded_encodings[name] = encoding
     return encoding
 

@@ -117,3 +117,49 @@ async def test_exact_count_decides_near_a_context_limit(backend_factory, nexus_f
     emoji = "🎉" * 100
     assert len(encoding.encode_ordinary(emoji)) > 100
     assert await ask(emoji) == "gpt-4-32k"
+
+
+RSS_SCRIPT = """
+import gc, json, sys
+sys.path.insert(0, sys.argv[1])
+
+def rss_mb():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS"):
+            return int(line.split()[1]) / 1024
+
+import nexus
+before = rss_mb()
+count = nexus.count_tokens("Hello, world!", sys.argv[2])[0]
+gc.collect()
+print(json.dumps({"before": before, "after": rss_mb(), "count": count}))
+"""
+
+
+def rss_around_first_exact_count(model: str) -> dict:
+    """RSS (MB) of a fresh process with Nexus imported, before and after its first exact count
+    for the model: what loading that model's encoding costs."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    result = subprocess.run(
+        [sys.executable, "-c", RSS_SCRIPT, str(ROOT), model],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return json.loads(result.stdout)
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/status"), reason="Linux only")
+def test_memory_of_the_first_exact_count():
+    o200k = rss_around_first_exact_count("gpt-4o")
+    cl100k = rss_around_first_exact_count("gpt-4")
+    assert o200k["count"] == 4 and cl100k["count"] == 4
+    # Tens of MB, as SPEC §9 says; the Python copy of the ranks is not kept.
+    assert o200k["after"] - o200k["before"] < 60
+    assert cl100k["after"] - cl100k["before"] < 40
