@@ -1913,7 +1913,17 @@ class ApiKey:
     requests: int = 0
     tokens: int = 0
     rate_limited: int = 0
-    spent_usd: float = 0.0
+    spent_usd: float = 0.0  # on cloud backends in `month`, priced like the global budget
+    month: str = ""
+
+    def spent_in(self, month: str) -> float:
+        """The key's spend this month (UTC calendar months, like the global budget)."""
+        if month != self.month:
+            self.month, self.spent_usd = month, 0.0
+        return self.spent_usd
+
+    def over_budget(self, month: str) -> bool:
+        return 0 < self.monthly_limit_usd <= self.spent_in(month)
 
     def may_use(self, model: str, aliases: dict[str, str]) -> bool:
         """Whether the allow-list names the model, or the model an alias of it leads to."""
@@ -2027,6 +2037,9 @@ def settle(key: ApiKey, record: RequestRecord, status: int, charged: int, now: f
     """After a request: count it for its key and correct the tpm charge with real usage (an
     unanswered request costs nothing; an answer without usage keeps the estimate)."""
     key.requests += 1
+    if record.cost_usd:
+        key.spent_in(month_of(dt.datetime.now(dt.UTC)))
+        key.spent_usd += record.cost_usd
     used = (record.prompt_tokens or 0) + (record.completion_tokens or 0)
     key.tokens += used
     if key.tokens_bucket is not None:
@@ -2111,17 +2124,36 @@ def admit_request(request: web.Request, needs: RequestNeeds) -> None:
 def allowed_attempts(
     request: web.Request, decision: RouteDecision, needs: RequestNeeds
 ) -> RouteDecision:
-    """The route without fallback models the caller's key may not use."""
+    """The route without the fallback models the caller's key may not use and, once the key
+    has spent its monthly limit, without cloud backends (like the global budget's shift_local:
+    local backends still serve it; what only the cloud serves is a 429 until next month)."""
     key = request.get(API_KEY)
-    if key is None or not key.models:
+    if key is None:
         return decision
     aliases = request.app[SETTINGS].routing.aliases
-    decision.attempts = [
+    attempts = [
         a for a in decision.attempts if a.model == decision.model or key.may_use(a.model, aliases)
     ]
-    if not decision.attempts:
+    if not attempts:
         raise no_capacity(needs, decision.model, request.app[REGISTRY])
+    if key.over_budget(month_of(dt.datetime.now(dt.UTC))):
+        attempts = [a for a in attempts if not a.backend.is_cloud]
+        if not attempts:
+            raise key_budget_spent(key, needs, request.app[BUDGET].seconds_to_reset())
+    decision.attempts = attempts
     return decision
+
+
+def key_budget_spent(key: ApiKey, needs: RequestNeeds, seconds_to_reset: int) -> NexusError:
+    return NexusError(
+        429,
+        "insufficient_quota",
+        "key_budget_exceeded",
+        f"Key '{key.name}' has spent its monthly limit of {key.monthly_limit_usd:g} USD, so cloud "
+        f"backends are off for it and no local backend can serve model '{needs.model}' now; "
+        "the limit starts again on the 1st of next month (UTC).",
+        headers={"Retry-After": str(seconds_to_reset)},
+    )
 
 
 def settle_request(request: web.Request, record: RequestRecord, status: int) -> None:
@@ -4657,7 +4689,7 @@ def stats_snapshot(app: web.Application) -> dict[str, Any]:
                 "requests": k.requests,
                 "tokens": k.tokens,
                 "rate_limited": k.rate_limited,
-                "spent_usd": round(k.spent_usd, 6),
+                "spent_usd": round(k.spent_in(month_of(dt.datetime.now(dt.UTC))), 6),
                 "monthly_limit_usd": k.monthly_limit_usd or None,
             }
             for k in app[KEYS]
@@ -4891,6 +4923,27 @@ def render_metrics(app: web.Application) -> str:
         "Estimated spend on cloud backends this month, in USD.",
         [f"nexus_budget_spending_usd {app[BUDGET].spent_usd!r}"],
     )
+    if app[KEYS]:  # per key, by name: a key itself never shows
+        month = month_of(dt.datetime.now(dt.UTC))
+        keys = [(escape_label(k.name), k) for k in app[KEYS]]
+        family(
+            "nexus_key_requests_total",
+            "counter",
+            "Inference requests made with each API key, by the key's name.",
+            [f'nexus_key_requests_total{{key="{name}"}} {k.requests}' for name, k in keys],
+        )
+        family(
+            "nexus_key_rate_limited_total",
+            "counter",
+            "Requests refused (429) by each API key's rpm or tpm limit, by the key's name.",
+            [f'nexus_key_rate_limited_total{{key="{name}"}} {k.rate_limited}' for name, k in keys],
+        )
+        family(
+            "nexus_key_spending_usd",
+            "gauge",
+            "Estimated spend on cloud backends this month with each API key, in USD.",
+            [f'nexus_key_spending_usd{{key="{name}"}} {k.spent_in(month)!r}' for name, k in keys],
+        )
     lines.append("")
     return "\n".join(lines)
 

@@ -22,7 +22,7 @@ import anthropic
 import openai
 import pytest
 from aiohttp import web
-from conftest import ROOT, backends_toml, free_port
+from conftest import ROOT, backends_toml, cloud_env, free_port
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from netns import namespace_pair, requires_root
@@ -324,7 +324,7 @@ async def limited(nx, key: str, path: str = "/v1/chat/completions", body=None, c
 async def test_rpm_limit_with_retry_after_that_lets_the_next_through(
     backend_factory, nexus_factory
 ):
-    backend, nx = await start(backend_factory, nexus_factory, alice=", rpm = 60")
+    backend, nx = await start(backend_factory, nexus_factory, alice=", rpm = 60", bob=", rpm = 1")
     document, headers = await limited(nx, ALICE)
     assert document["error"]["type"] == "rate_limit_error"
     assert document["error"]["code"] == "rate_limit_exceeded"
@@ -339,12 +339,13 @@ async def test_rpm_limit_with_retry_after_that_lets_the_next_through(
     await asyncio.sleep(int(headers["Retry-After"]))
     status, _, _ = await call(nx, "POST", "/v1/chat/completions", CHAT, bearer(ALICE))
     assert status == 200
-    # Anthropic clients get it in their shape, with the same header.
-    sdk = anthropic_client(nx, ALICE)
+    # Anthropic clients get it in their shape, with the same header. Bob's one request a
+    # minute went above: the next is a minute away.
+    sdk = anthropic_client(nx, BOB)
     with pytest.raises(anthropic.RateLimitError) as caught:
         await sdk.messages.create(**MESSAGE)
     assert caught.value.body["error"]["type"] == "rate_limit_error"
-    assert caught.value.response.headers["Retry-After"] == "1"
+    assert caught.value.response.headers["Retry-After"] in ("59", "60")
     await sdk.close()
 
 
@@ -435,6 +436,49 @@ async def test_backend_rpm_protects_a_shared_gpu(backend_factory, nexus_factory)
     assert status == 200
 
 
+async def test_key_budget_keeps_its_cloud_spend_within_the_monthly_limit(
+    backend_factory, nexus_factory
+):
+    gpu = await backend_factory("ollama", {"llama3": {}}, name="gpu")
+    cloud = await backend_factory("openai", {"llama3": {}, "gpt-4o": {}}, name="cloud")
+    toml = (
+        '[routing.budget]\nprices = { "llama3" = { input = 1.0, output = 2.0 } }\n'
+        + auth_toml(alice=", monthly_limit_usd = 0.00001")
+        + backends_toml(gpu, cloud, gpu={"priority": 90}, cloud={"priority": 0})
+    )
+    nx = await nexus_factory(toml, env={**KEY_ENV, **cloud_env(cloud)})
+    llama = {**CHAT, "model": "llama3"}
+    status, _, headers = await call(nx, "POST", "/v1/chat/completions", llama, bearer(ALICE))
+    assert status == 200 and headers["X-Nexus-Backend"] == "cloud"
+    spent = (10 * 1.0 + 3 * 2.0) / 1e6  # the mock's usage at the configured price
+    assert spent > 0.00001
+    _, stats, _ = await call(nx, "GET", "/v1/stats")
+    alice = next(k for k in stats["keys"] if k["name"] == "alice")
+    assert alice["spent_usd"] == pytest.approx(spent)
+    assert alice["monthly_limit_usd"] == 0.00001
+    # Over its limit, alice's work stays on local backends; what only the cloud serves is a 429.
+    status, _, headers = await call(nx, "POST", "/v1/chat/completions", llama, bearer(ALICE))
+    assert status == 200 and headers["X-Nexus-Backend"] == "gpu"
+    gpt = {**CHAT, "model": "gpt-4o"}
+    status, document, headers = await call(nx, "POST", "/v1/chat/completions", gpt, bearer(ALICE))
+    assert status == 429
+    assert document["error"]["type"] == "insufficient_quota"
+    assert "alice" in document["error"]["message"] and "monthly" in document["error"]["message"]
+    assert 0 < int(headers["Retry-After"]) <= 31 * 24 * 3600
+    sdk = anthropic_client(nx, ALICE)
+    with pytest.raises(anthropic.RateLimitError):
+        await sdk.messages.create(**{**MESSAGE, "model": "gpt-4o"})
+    await sdk.close()
+    assert len([p for p in cloud.received_paths() if p == "/v1/chat/completions"]) == 1
+    # Other keys have their own budgets (bob has none).
+    status, _, headers = await call(nx, "POST", "/v1/chat/completions", gpt, bearer(BOB))
+    assert status == 200 and headers["X-Nexus-Backend"] == "cloud"
+    _, stats, _ = await call(nx, "GET", "/v1/stats")
+    spent_by = {k["name"]: k["spent_usd"] for k in stats["keys"]}
+    assert spent_by["alice"] == pytest.approx(spent) and spent_by["bob"] > 0
+    assert stats["budget"] is None  # no global limit: only the keys' own
+
+
 # --- the admin API --------------------------------------------------------------------------
 
 
@@ -477,6 +521,15 @@ async def test_stats_count_per_key_name(backend_factory, nexus_factory):
     assert stats["recent"][-1]["status"] == 401
     text = json.dumps(stats)
     assert not any(secret in text for secret in (ALICE, BOB, ROOT_KEY, WRONG))
+    async with aiohttp.ClientSession() as session, session.get(nx.url + "/metrics") as resp:
+        metrics = await resp.text()
+    assert 'nexus_key_requests_total{key="alice"} 2' in metrics
+    assert 'nexus_key_requests_total{key="bob"} 1' in metrics
+    assert 'nexus_key_requests_total{key="root"} 0' in metrics
+    assert 'nexus_key_rate_limited_total{key="alice"} 0' in metrics
+    assert 'nexus_key_spending_usd{key="alice"} 0' in metrics
+    assert "# TYPE nexus_key_requests_total counter" in metrics
+    assert not any(secret in metrics for secret in (ALICE, BOB, ROOT_KEY, WRONG))
 
 
 # --- settings -------------------------------------------------------------------------------
