@@ -198,7 +198,7 @@ async def test_json_logs_one_line_per_request_no_content_no_keys(lab, tmp_path):
     assert any("listening on" in line["message"] for line in lines)
     assert lines[-1]["message"] == "stopped"
 
-    per_request = [line for line in lines if line["message"].startswith("request ")]
+    per_request = [line for line in lines if "latency_ms" in line]  # the request lines
     assert collections.Counter(line["request_id"] for line in per_request) == dict.fromkeys(seen, 1)
     by_id = {line["request_id"]: line for line in per_request}
     for request_id, status in seen.items():
@@ -354,3 +354,37 @@ def test_json_formatter_never_breaks_a_line():
         text = formatter.format(record)
         assert "\n" not in text and "sk-secret-value" not in text
         assert json.loads(text)["logger"] == record.name
+
+
+async def test_with_auth_the_key_name_is_logged_never_the_key(lab, tmp_path):
+    config = lab.config(
+        '[auth]\napi_keys = [{ name = "alice", key_env = "NEXUS_TEST_CLIENT_KEY" }]\n'
+    )
+    env = {**lab.env, "NEXUS_TEST_CLIENT_KEY": lab.client_key}
+    served = await serve(tmp_path, config, env, "--log-format", "json")
+    said = [{"role": "user", "content": lab.prompt}]
+    seen: dict[str, int] = {}
+    bodies = []
+    async with aiohttp.ClientSession() as session:
+        for key, status in ((lab.client_key, 200), (lab.client_key + "x", 401), (None, 401)):
+            headers = {"Authorization": f"Bearer {key}"} if key else {}
+            async with session.post(
+                served.url + "/v1/chat/completions",
+                json={"model": "m", "messages": said},
+                headers=headers,
+            ) as resp:
+                assert resp.status == status
+                seen[resp.headers["X-Request-Id"]] = status
+                bodies.append(await resp.text() + json.dumps(dict(resp.headers)))
+        for path in ("/metrics", "/v1/stats"):
+            async with session.get(served.url + path) as resp:
+                bodies.append(await resp.text())
+    stderr = await served.stop()
+    lines = [json.loads(line) for line in stderr.splitlines()]
+    per_request = [line for line in lines if "latency_ms" in line]  # the request lines
+    assert {line["request_id"]: line["status"] for line in per_request} == seen
+    assert len(per_request) == len(seen)
+    assert per_request[0]["key"] == "alice"
+    for secret in lab.secrets():
+        assert secret not in stderr + "".join(bodies)
+    assert lab.prompt not in stderr
