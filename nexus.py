@@ -26,6 +26,7 @@ import bisect
 import collections
 import contextlib
 import datetime as dt
+import email.utils
 import fnmatch
 import functools
 import hashlib
@@ -2223,7 +2224,8 @@ def meets_needs(model: Model, needs: RequestNeeds) -> bool:
         return False
     if needs.json_mode and model.json_mode is False:
         return False
-    return not (model.context_length and needs.prompt_tokens > model.context_length)
+    # The prompt fits when it leaves room for at least one token of answer.
+    return not (model.context_length and needs.prompt_tokens >= model.context_length)
 
 
 def fits_entirely(model: Model, needs: RequestNeeds) -> bool:
@@ -2295,6 +2297,18 @@ def candidates_for(
     return found
 
 
+def passed_over_full(ranked: list[Backend], chosen: Backend, settings: Settings) -> bool:
+    """Whether a backend at capacity would have been chosen before `chosen` if it had room."""
+    strategy = settings.routing.strategy
+    full = [b for b in ranked if b.at_capacity()]
+    if strategy == "smart":
+        weights = dict(settings.routing.weights, load=0.0)
+        return any(score(b, weights) < score(chosen, weights) for b in full)
+    if strategy == "priority_only":
+        return any(b.priority < chosen.priority for b in full)
+    return ranked[0].at_capacity()
+
+
 def clamp_max_tokens(model: Model, needs: RequestNeeds) -> int | None:
     """The lowered max_tokens when the prompt fits but the prompt plus max_tokens does not."""
     if fits_entirely(model, needs) or not model.context_length:
@@ -2334,7 +2348,7 @@ def route(needs: RequestNeeds, registry: Registry, settings: Settings) -> RouteD
                     decision.reason = "failover"
             elif rules.excluded & {"privacy", "overflow"}:
                 decision.reason = "privacy-requirement"
-            elif free and free[0] is not ranked[0]:
+            elif free and len(free) < len(ranked) and passed_over_full(ranked, free[0], settings):
                 decision.reason = "capacity-overflow"
         if len(free) < len(ranked):
             ranked = free + [b for b in ranked if b.at_capacity()]
@@ -3081,13 +3095,43 @@ SYSTEM_ROLES = ("system", "developer")
 CONTEXT_ERROR_WORDS = ("context length", "context_length", "maximum context", "too long", "n_ctx")
 
 
-class AttemptFailed(Exception):
-    """An attempt failed before any byte reached the client; the next attempt may serve."""
+# Retries on the same backend (only when it is the only candidate) wait a little first; a
+# 429's Retry-After is honoured up to a limit, a longer one sends the request elsewhere.
+RETRY_BACKOFF_SECONDS = (0.25, 1.0)
+MAX_RETRY_AFTER_SECONDS = 10.0
 
-    def __init__(self, error: NexusError, skip_model: bool = False) -> None:
+
+class AttemptFailed(Exception):
+    """An attempt failed before any byte reached the client; another attempt may serve."""
+
+    def __init__(
+        self,
+        error: NexusError,
+        *,
+        skip_model: bool = False,
+        silent: bool = False,
+        retry_after: float | None = None,
+    ) -> None:
         super().__init__(error.message)
         self.error = error
         self.skip_model = skip_model  # a context-length refusal: go on to the fallback models
+        self.silent = silent  # it timed out: not asked again for this request
+        self.retry_after = retry_after  # a 429 said when to come back
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """A Retry-After header as seconds from now: delta-seconds or an HTTP date."""
+    if not value:
+        return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(when.timestamp() - time.time(), 0.0)
 
 
 @dataclass(slots=True)
@@ -3224,6 +3268,126 @@ def error_chunk(endpoint: str, model: str, message: str) -> bytes:
     return b"data: " + json.dumps(chunk).encode() + b"\n\n"
 
 
+class WaitQueue:
+    """Requests waiting for a backend slot when every candidate is at max_concurrent.
+
+    Small on purpose: each waiter has an event; whenever a backend's in_flight drops, every
+    waiter is woken in rank order (high priority first, then first come) and re-runs routing.
+    The first to find a free slot takes it before the others run, so the order holds."""
+
+    def __init__(self) -> None:
+        self.waiting: list[tuple[tuple[int, int], asyncio.Event]] = []
+        self.arrivals = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self.waiting)
+
+    def join(self, high_priority: bool) -> tuple[tuple[int, int], asyncio.Event]:
+        entry = ((0 if high_priority else 1, next(self.arrivals)), asyncio.Event())
+        self.waiting.append(entry)
+        self.waiting.sort(key=lambda e: e[0])
+        return entry
+
+    def leave(self, entry: tuple[tuple[int, int], asyncio.Event]) -> None:
+        with contextlib.suppress(ValueError):
+            self.waiting.remove(entry)
+
+    def wake(self) -> None:
+        for _, event in self.waiting:
+            event.set()
+
+
+async def plan_route(app: web.Application, needs: RequestNeeds, deadline: float) -> RouteDecision:
+    """Route the request; while every candidate is at max_concurrent, wait in the queue for a
+    slot (SPEC §3.6), up to queue.max_wait_seconds, re-routing each time one frees up."""
+    settings = app[SETTINGS]
+    loop = asyncio.get_running_loop()
+    decision = route_now(app, needs)
+    if not decision.all_full:
+        return decision
+    queue = app[QUEUE]
+    if not settings.queue.enabled or len(queue) >= settings.queue.max_size:
+        raise queue_full(app, needs, decision, "the queue is full")
+    wait_until = min(loop.time() + settings.queue.max_wait_seconds, deadline)
+    entry = queue.join(needs.high_priority)
+    try:
+        while decision.all_full:
+            entry[1].clear()
+            try:
+                async with asyncio.timeout_at(wait_until):
+                    await entry[1].wait()
+            except TimeoutError:
+                raise queue_full(app, needs, decision, "no slot freed up in time") from None
+            decision = route_now(app, needs)
+    finally:
+        queue.leave(entry)
+    return decision
+
+
+def route_now(app: web.Application, needs: RequestNeeds) -> RouteDecision:
+    """route(), with the 503's eta_seconds filled in from the health checks when a backend of
+    the model is down (it may be back after the next polls)."""
+    registry = app[REGISTRY]
+    settings = app[SETTINGS]
+    try:
+        return route(needs, registry, settings)
+    except NexusError as error:
+        if error.code == "no_backend_available":
+            model_id = resolve_alias(needs.model, settings.routing.aliases)
+            chain = [model_id, *settings.routing.fallbacks.get(model_id, ())]
+            down = [b for m in chain for b in registry.by_model.get(m, ()) if b.status != "healthy"]
+            if down:
+                set_eta(error, health_eta(app))
+        raise
+
+
+def health_eta(app: web.Application) -> int | None:
+    """Seconds until a backend that is down now could be healthy again: the next poll, plus
+    the further polls recovery takes."""
+    health = app[SETTINGS].health_check
+    next_check = app[STATE].get("next_health_check")
+    if not health.enabled or next_check is None:
+        return None
+    wait = max(next_check - time.monotonic(), 0.0)
+    wait += (health.recovery_threshold - 1) * health.interval_seconds
+    return max(math.ceil(wait), 1)
+
+
+def queue_eta(app: web.Application, decision: RouteDecision) -> int:
+    """Seconds until a slot is likely free: the queue ahead, served at the candidates' pace."""
+    backends = {a.backend.name: a.backend for a in decision.attempts if not a.fallback}
+    slots = sum(b.max_concurrent or 1 for b in backends.values())
+    known = [b.latency_ema_ms for b in backends.values() if b.latency_ema_ms is not None]
+    per_request = (min(known) / 1000.0) if known else 1.0
+    return max(math.ceil(per_request * (len(app[QUEUE]) + 1) / max(slots, 1)), 1)
+
+
+def queue_full(
+    app: web.Application, needs: RequestNeeds, decision: RouteDecision, why: str
+) -> NexusError:
+    error = NexusError(
+        503,
+        "service_unavailable",
+        "no_backend_available",
+        f"Every backend serving model '{needs.model}' is at its max_concurrent and {why}.",
+        context={
+            "available_nodes": [b.name for b in app[REGISTRY].healthy()],
+            "eta_seconds": None,
+            "required_tier": None,
+            "privacy_zone_required": None,
+        },
+    )
+    set_eta(error, queue_eta(app, decision))
+    return error
+
+
+def set_eta(error: NexusError, eta: int | None) -> None:
+    if error.context is not None:
+        error.context["eta_seconds"] = eta
+    if eta is not None:
+        error.headers["Retry-After"] = str(eta)
+
+
 async def proxy(
     request: web.Request,
     endpoint: str,
@@ -3232,9 +3396,14 @@ async def proxy(
     needs: RequestNeeds,
     fmt: OpenAIFormat = OPENAI_FORMAT,
 ) -> web.StreamResponse:
-    """Route a request and try its attempts in order until one answers."""
+    """Route a request and try its attempts in order until one answers (SPEC §3.5).
+
+    Before any byte reached the client a failure moves on to the next attempt. The same
+    backend is asked again only when it is its model's only candidate, after a short pause
+    (or the 429's Retry-After), up to max_retries, and never after it stayed silent."""
     app = request.app
     settings = app[SETTINGS]
+    loop = asyncio.get_running_loop()
     record = RequestRecord(request[REQUEST_ID], needs.model, endpoint, time.perf_counter())
     request[RECORD] = record
     request[PAYLOAD] = body
@@ -3243,19 +3412,22 @@ async def proxy(
     needs.budget_status = app[BUDGET].status
     await refine_prompt_tokens(endpoint, body, needs, app[REGISTRY], settings)
     admit_request(request, needs)
-    decision = allowed_attempts(request, route(needs, app[REGISTRY], settings), needs)
+    deadline = loop.time() + settings.server.request_timeout_seconds
+    decision = allowed_attempts(request, await plan_route(app, needs, deadline), needs)
     stream = body.get("stream") is True and endpoint != "embeddings"
     client_wants_usage = isinstance(body.get("stream_options"), dict) and bool(
         body["stream_options"].get("include_usage")
     )
-    deadline = asyncio.get_running_loop().time() + settings.server.request_timeout_seconds
-    failure: NexusError | None = None
+    failure: AttemptFailed | None = None
     skip_model: str | None = None
-    for index, attempt in enumerate(decision.attempts):
-        if attempt.model == skip_model:
+    passed_over: set[str] = set()  # backends not to ask again for this request
+    for attempt in decision.attempts:
+        backend = attempt.backend
+        if attempt.model == skip_model or backend.name in passed_over:
             continue
-        reason = decision.reason if index == 0 else "failover"
-        record.retries = index
+        if failure is not None and backend.status != "healthy":
+            continue  # it went down while this request was on its way
+        reason = decision.reason if attempt is decision.attempts[0] else "failover"
         record.route_reason = reason
         record.fallback = attempt.fallback
         ask_usage = (
@@ -3265,25 +3437,56 @@ async def proxy(
             payload = native_payload(fmt, attempt)
         else:
             payload = attempt_payload(body, raw, attempt, ask_usage)
-        try:
-            return await send_attempt(
-                request,
-                record,
-                attempt,
-                endpoint,
-                payload,
-                stream,
-                ask_usage and not fmt.keeps_usage,
-                reason,
-                deadline,
-                fmt,
-            )
-        except AttemptFailed as exc:
-            failure = exc.error
-            if exc.skip_model:
+        same_backend_retries = 0
+        while True:
+            if loop.time() >= deadline:
+                raise request_timed_out(settings.server.request_timeout_seconds)
+            try:
+                return await send_attempt(
+                    request,
+                    record,
+                    attempt,
+                    endpoint,
+                    payload,
+                    stream,
+                    ask_usage and not fmt.keeps_usage,
+                    reason,
+                    deadline,
+                    fmt,
+                )
+            except AttemptFailed as exc:
+                failure = exc
+                record.retries += 1
+            if failure.silent or (failure.retry_after or 0) > MAX_RETRY_AFTER_SECONDS:
+                passed_over.add(backend.name)
+            if failure.skip_model:
                 skip_model = attempt.model
-    assert failure is not None
-    raise failure
+                break
+            if (
+                not attempt.alone
+                or backend.name in passed_over
+                or backend.status != "healthy"
+                or same_backend_retries >= settings.routing.max_retries
+            ):
+                break
+            pause = failure.retry_after
+            if pause is None:
+                pause = random.uniform(*RETRY_BACKOFF_SECONDS)
+            if loop.time() + pause >= deadline:
+                break
+            same_backend_retries += 1
+            await asyncio.sleep(pause)
+    assert failure is not None  # the first attempt is always tried
+    raise failure.error
+
+
+def request_timed_out(limit: float) -> NexusError:
+    return NexusError(
+        504,
+        "timeout",
+        "request_timeout",
+        f"The request took longer than {limit:g} s (server.request_timeout_seconds).",
+    )
 
 
 async def send_attempt(
@@ -3298,6 +3501,7 @@ async def send_attempt(
     deadline: float,
     fmt: OpenAIFormat,
 ) -> web.StreamResponse:
+    """One attempt on one backend, bounded by the first-byte limit until its answer begins."""
     app = request.app
     settings = app[SETTINGS]
     backend = attempt.backend
@@ -3307,18 +3511,20 @@ async def send_attempt(
         raise AttemptFailed(busy)
     headers = adapter.headers(backend)
     headers.update(JSON_HEADERS)
+    first_byte_by = min(loop.time() + settings.server.first_byte_timeout_seconds, deadline)
     backend.in_flight += 1
     backend.requests += 1
     record.backend = backend.name
     upstream: aiohttp.ClientResponse | None = None
     try:
-        first_byte = min(settings.server.first_byte_timeout_seconds, deadline - loop.time())
         try:
-            async with asyncio.timeout(first_byte):
+            async with asyncio.timeout_at(first_byte_by):
                 upstream = await app[CLIENT].post(
                     adapter.url(backend, endpoint), data=payload, headers=headers
                 )
-                if upstream.status >= 400 or not stream:
+            if upstream.status >= 400 or not stream:
+                idle = settings.server.stream_idle_timeout_seconds
+                async with asyncio.timeout_at(min(loop.time() + idle, deadline)):
                     answer = await upstream.read()
         except TimeoutError:
             raise attempt_failure(app, backend, 504, "timed out before answering") from None
@@ -3327,7 +3533,7 @@ async def send_attempt(
         if upstream.status >= 400:
             if adapter.translates:
                 answer = adapter.error_body(answer)
-            return upstream_error(app, record, attempt, upstream.status, upstream.headers, answer)
+            return upstream_error(app, record, attempt, reason, upstream, answer)
         out_headers = response_headers(record, attempt, reason)
         if app[BUDGET].enabled:
             out_headers["X-Nexus-Budget-Status"] = app[BUDGET].status
@@ -3339,7 +3545,15 @@ async def send_attempt(
                     request, record, attempt, upstream, out_headers, deadline
                 )
             return await relay_stream(
-                request, record, attempt, upstream, out_headers, strip_usage, deadline, fmt
+                request,
+                record,
+                attempt,
+                upstream,
+                out_headers,
+                strip_usage,
+                first_byte_by,
+                deadline,
+                fmt,
             )
         try:
             parsed = json.loads(answer)
@@ -3354,6 +3568,9 @@ async def send_attempt(
             parsed = adapter.answer(parsed)
             answer = json.dumps(parsed).encode()
         if not native:
+            if not backend.is_cloud and parsed.get("model", attempt.model) != attempt.model:
+                parsed["model"] = attempt.model  # the response names the model that served
+                answer = json.dumps(parsed).encode()
             note_usage(record, parsed.get("usage"))
         if backend.is_cloud:
             texts = answer_texts(endpoint, parsed)
@@ -3370,7 +3587,8 @@ async def send_attempt(
     finally:
         backend.in_flight -= 1
         if upstream is not None:
-            upstream.release()
+            upstream.release()  # an answer not read to its end closes its connection
+        app[QUEUE].wake()
 
 
 def attempt_failure(app: web.Application, backend: Backend, status: int, why: str) -> AttemptFailed:
@@ -3380,34 +3598,39 @@ def attempt_failure(app: web.Application, backend: Backend, status: int, why: st
         record_failure(backend, app[SETTINGS].health_check, why)
     kind = "timeout" if status == 504 else "backend_error"
     code = "backend_timeout" if status == 504 else "backend_failed"
-    return AttemptFailed(NexusError(status, kind, code, f"Backend {backend.name} failed: {why}."))
+    return AttemptFailed(
+        NexusError(status, kind, code, f"Backend {backend.name} failed: {why}."),
+        silent=status == 504,
+    )
 
 
 def upstream_error(
     app: web.Application,
     record: RequestRecord,
     attempt: Attempt,
-    status: int,
-    upstream_headers: Any,
+    reason: str,
+    upstream: aiohttp.ClientResponse,
     answer: bytes,
 ) -> web.Response:
     """A backend's error answer: 5xx and 429 are retried, context overruns fall back, other 4xx
     go back to the client untouched."""
     backend = attempt.backend
+    status = upstream.status
     text = answer[:2000].decode("utf-8", "replace")
     if status >= 500:
         raise attempt_failure(app, backend, 502, f"answered HTTP {status}")
-    if status == 429:
+    if status == 429:  # alive but busy: not a health failure
         backend.errors += 1
-        retry_after = upstream_headers.get("Retry-After", "1")
+        wait = retry_after_seconds(upstream.headers.get("Retry-After"))
         raise AttemptFailed(
             NexusError(
                 429,
                 "rate_limit_error",
                 "rate_limited",
                 f"Backend {backend.name} is rate limited; try again later.",
-                headers={"Retry-After": retry_after},
-            )
+                headers={"Retry-After": str(math.ceil(wait)) if wait is not None else "1"},
+            ),
+            retry_after=wait,
         )
     if is_context_error(status, text):
         raise AttemptFailed(
@@ -3415,8 +3638,8 @@ def upstream_error(
             skip_model=True,
         )
     record.status = status
-    headers = response_headers(record, attempt, "capability-match")
-    content_type = upstream_headers.get("Content-Type", "application/json").split(";")[0]
+    headers = response_headers(record, attempt, reason)
+    content_type = upstream.headers.get("Content-Type", "application/json").split(";")[0]
     return web.Response(body=answer, status=status, headers=headers, content_type=content_type)
 
 
@@ -3595,13 +3818,14 @@ async def relay_stream(
     upstream: aiohttp.ClientResponse,
     headers: dict[str, str],
     strip_usage: bool,
+    first_byte_by: float,
     deadline: float,
     fmt: OpenAIFormat,
 ) -> web.StreamResponse:
     """Relay SSE chunks as they arrive. Until the first chunk is out a failure may still be
     retried elsewhere; after it, Nexus ends the stream itself, honestly, always with [DONE]."""
     app = request.app
-    settings = app[SETTINGS].server
+    idle = app[SETTINGS].server.stream_idle_timeout_seconds
     backend = attempt.backend
     loop = asyncio.get_running_loop()
     content = ADAPTERS[backend.type].stream_reader(upstream.content, attempt.model)
@@ -3609,82 +3833,95 @@ async def relay_stream(
     response: web.StreamResponse | None = None
     finished = False
     problem = ""
-    while True:
-        limit = (
-            settings.first_byte_timeout_seconds
-            if response is None
-            else (settings.stream_idle_timeout_seconds)
-        )
-        try:
-            async with asyncio.timeout(min(limit, deadline - loop.time())):
-                line = await content.readline()
-        except TimeoutError:
-            if response is None:
-                raise attempt_failure(app, backend, 504, "sent no data in time") from None
-            problem = "the backend stalled"
-            break
-        except aiohttp.ClientError as exc:
-            if response is None:
-                raise attempt_failure(app, backend, 502, describe_failure(exc)) from None
-            problem = "the backend connection broke"
-            break
-        if not line:
-            if response is None:
-                raise attempt_failure(app, backend, 502, "ended the stream before any data")
-            if not finished:
-                problem = "the backend ended the stream before the answer was complete"
-            break
-        if not line.startswith(b"data:"):
-            continue  # blank separators, comments, event names
-        data = line[5:].strip()
-        if data == b"[DONE]":
-            finished = True
-            break
-        try:
-            chunk = json.loads(data)
-        except ValueError:
-            continue  # a malformed chunk is dropped; the stream goes on
-        if not isinstance(chunk, dict):
-            continue
-        usage = chunk.get("usage")
-        if usage:
-            note_usage(record, usage)
-            if strip_usage:
-                if not chunk.get("choices"):
-                    continue
-                del chunk["usage"]
+    try:
+        while True:
+            until = first_byte_by if response is None else min(loop.time() + idle, deadline)
+            try:
+                async with asyncio.timeout_at(until):
+                    line = await content.readline()
+            except TimeoutError:
+                if response is None:
+                    raise attempt_failure(app, backend, 504, "sent no data in time") from None
+                if loop.time() >= deadline:
+                    problem = "the request took longer than server.request_timeout_seconds"
+                else:
+                    problem = "the backend stalled"
+                break
+            except aiohttp.ClientError as exc:
+                if response is None:
+                    raise attempt_failure(app, backend, 502, describe_failure(exc)) from None
+                problem = "the backend connection broke"
+                break
+            if not line:
+                if response is None:
+                    raise attempt_failure(app, backend, 502, "ended the stream before any data")
+                if not finished:
+                    problem = "the backend ended the stream before the answer was complete"
+                break
+            if not line.startswith(b"data:"):
+                continue  # blank separators, comments, event names
+            data = line[5:].strip()
+            if data == b"[DONE]":
+                finished = True
+                break
+            try:
+                chunk = json.loads(data)
+            except ValueError:
+                continue  # a malformed chunk is dropped; the stream goes on
+            if not isinstance(chunk, dict):
+                continue
+            usage = chunk.get("usage")
+            if usage:
+                note_usage(record, usage)
+                if strip_usage:
+                    if not chunk.get("choices"):
+                        continue
+                    del chunk["usage"]
+                    data = b""
+            if not backend.is_cloud and chunk.get("model", attempt.model) != attempt.model:
+                chunk["model"] = attempt.model  # the stream names the model that served
+                data = b""
+            if not data:
                 data = json.dumps(chunk).encode()
-        choices = chunk.get("choices")
-        if answered is not None and choices:
-            answered.extend(answer_texts(record.endpoint, chunk))
-        if choices and isinstance(choices[0], dict) and choices[0].get("finish_reason"):
-            finished = True
+            choices = chunk.get("choices")
+            if answered is not None and choices:
+                answered.extend(answer_texts(record.endpoint, chunk))
+            if choices and isinstance(choices[0], dict) and choices[0].get("finish_reason"):
+                finished = True
+            if response is None:
+                record.ttft_ms = (time.perf_counter() - record.started) * 1000
+                response = await start_stream(request, headers)
+            out = fmt.chunk(data, chunk)
+            if out:
+                await response.write(out)
+        if response is None:  # [DONE] with no chunk at all: an empty answer, but an honest one
+            response = await start_stream(request, headers)
+        if answered is not None:  # a cut stream costs what was generated too
+            await settle_cost(request, record, attempt, answered)
+        if problem:
+            record.status = 502
+            backend.errors += 1
+            if app[SETTINGS].health_check.enabled:
+                record_failure(backend, app[SETTINGS].health_check, problem)
+            await response.write(fmt.error(record.endpoint, attempt.model, problem + "."))
+        else:
+            record.status = 200
+            note_success(app, record, backend)
+        await response.write(fmt.end())
+        await response.write_eof()
+    except ConnectionError:
+        record.status = 499  # the client went away: the backend request ends with this one
+        upstream.close()
         if response is None:
-            record.ttft_ms = (time.perf_counter() - record.started) * 1000
-            response = web.StreamResponse(status=200, headers=headers)
-            response.content_type = "text/event-stream"
-            response.headers["Cache-Control"] = "no-cache"
-            await response.prepare(request)
-        out = fmt.chunk(data, chunk)
-        if out:
-            await response.write(out)
-    if response is None:  # [DONE] with no chunk at all: an empty answer, but an honest one
-        response = web.StreamResponse(status=200, headers=headers)
-        response.content_type = "text/event-stream"
-        await response.prepare(request)
-    if answered is not None:  # a cut stream costs what was generated too
-        await settle_cost(request, record, attempt, answered)
-    if problem:
-        record.status = 502
-        backend.errors += 1
-        if app[SETTINGS].health_check.enabled:
-            record_failure(backend, app[SETTINGS].health_check, problem)
-        await response.write(fmt.error(record.endpoint, attempt.model, problem + "."))
-    else:
-        record.status = 200
-        note_success(app, record, backend)
-    await response.write(fmt.end())
-    await response.write_eof()
+            raise
+    return response
+
+
+async def start_stream(request: web.Request, headers: dict[str, str]) -> web.StreamResponse:
+    response = web.StreamResponse(status=200, headers=headers)
+    response.content_type = "text/event-stream"
+    response.headers["Cache-Control"] = "no-cache"
+    await response.prepare(request)
     return response
 
 
@@ -4963,6 +5200,7 @@ SETTINGS = web.AppKey("settings", Settings)
 REGISTRY = web.AppKey("registry", Registry)
 STATS = web.AppKey("stats", Stats)
 CLIENT = web.AppKey("client", aiohttp.ClientSession)
+QUEUE = web.AppKey("queue", WaitQueue)
 STATE = web.AppKey("state", dict)
 BUDGET = web.AppKey("budget", Budget)  # the month's cloud spend: BUDGET.spent_usd, .status
 STOPPING = web.AppKey("stopping", asyncio.Event)  # set at shutdown: live feeds end
@@ -5110,6 +5348,7 @@ def create_app(settings: Settings) -> web.Application:
     app[STATE] = {}
     app[BUDGET] = Budget(settings.routing.budget)
     app[KEYS] = api_keys(settings.auth)
+    app[QUEUE] = WaitQueue()
     app[STOPPING] = asyncio.Event()
     app.on_shutdown.append(signal_stopping)
     for backend_settings in settings.backends:

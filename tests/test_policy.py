@@ -266,13 +266,14 @@ async def test_restricted_under_failover_and_fallback(backend_factory, nexus_fac
     async def broken(request, body):
         return web.json_response({"error": "boom"}, status=500)
 
-    first.behaviours.append(broken)  # fails: the request goes on, but only to restricted ones
+    # gpu-a fails on every retry: the request goes on, but only to restricted backends.
+    first.behaviours.extend([broken] * 3)
     status, headers, _ = await post_chat(nx, "internal-llm")
     assert status == 200
     assert headers["X-Nexus-Backend"] == "gpu-b"
     assert headers["X-Nexus-Fallback-Model"] == "internal-small"
-    second.behaviours.append(broken)
-    first.behaviours.append(broken)
+    second.behaviours.extend([broken] * 3)
+    first.behaviours.extend([broken] * 3)
     status, _, _ = await post_chat(nx, "internal-llm", stream=True)
     assert cloud.received == []
     assert b"POST" not in recorder.data and SECRET.encode() not in recorder.data
