@@ -22,6 +22,7 @@ import anthropic
 import openai
 import pytest
 from aiohttp import web
+from browser import Chromium
 from conftest import ROOT, backends_toml, cloud_env, free_port
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -530,6 +531,23 @@ async def test_stats_count_per_key_name(backend_factory, nexus_factory):
     assert 'nexus_key_spending_usd{key="alice"} 0' in metrics
     assert "# TYPE nexus_key_requests_total counter" in metrics
     assert not any(secret in metrics for secret in (ALICE, BOB, ROOT_KEY, WRONG))
+
+
+async def test_dashboard_shows_usage_per_key_name_never_a_key(backend_factory, nexus_factory):
+    _, nx = await start(backend_factory, nexus_factory, bob=", rpm = 1")
+    for key in (ALICE, ALICE, BOB, BOB):
+        await call(nx, "POST", "/v1/chat/completions", CHAT, bearer(key))
+    async with Chromium() as browser:
+        await browser.navigate(nx.url + "/")
+        await browser.wait_for("document.querySelectorAll('#keys tbody tr').length === 3")
+        assert not await browser.evaluate("document.getElementById('keys').hidden")
+        rows = await browser.evaluate(
+            "[...document.querySelectorAll('#keys tbody tr')].map(r => r.innerText)"
+        )
+        page = await browser.evaluate("document.documentElement.outerHTML")
+    assert [row.split()[0] for row in rows] == ["alice", "bob", "root"]
+    assert "2" in rows[0].split() and "2" in rows[1].split()  # bob's refused one counts too
+    assert not any(secret in page for secret in (ALICE, BOB, ROOT_KEY))
 
 
 # --- settings -------------------------------------------------------------------------------
