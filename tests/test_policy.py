@@ -568,3 +568,45 @@ def test_policy_holds_in_every_world(
         if overflow == "block" and not model.startswith("internal-"):
             local_first = any(b.zone == "restricted" for b in registry.by_model.get(model, ()))
             assert not (local_first and backend.zone == "open")
+
+
+async def test_shift_local_waits_for_a_busy_local_backend(backend_factory, nexus_factory):
+    import asyncio
+
+    nx, local, cloud = await mixed(backend_factory, nexus_factory)
+    nx.backend("gpu").max_concurrent = 1
+
+    async def slow(request, body):
+        await asyncio.sleep(0.3)
+        return await local.chat_answer(request, body)
+
+    local.behaviours += [slow, slow]
+    nx.app[nexus.BUDGET].charge(10.0)
+    results = await asyncio.gather(post_chat(nx, "llama3"), post_chat(nx, "llama3"))
+    assert [r[0] for r in results] == [200, 200]
+    assert [r[1]["X-Nexus-Backend"] for r in results] == ["gpu", "gpu"]
+    assert local.max_in_flight == 1  # the second waited in the queue: never past the limit
+    assert cloud.received == []
+
+
+async def test_overflow_block_waits_for_a_busy_local_backend(backend_factory, nexus_factory):
+    import asyncio
+
+    local = await backend_factory("ollama", {"llama3": {}}, name="gpu")
+    cloud, recorder = await recorded_cloud(backend_factory, {"llama3": {}})
+    nx = await start(
+        nexus_factory,
+        [(local, local.url, {"max_concurrent": 1}), (cloud, recorder.url, {})],
+        LOCAL_FIRST.format(overflow="block"),
+    )
+
+    async def slow(request, body):
+        await asyncio.sleep(0.3)
+        return await local.chat_answer(request, body)
+
+    local.behaviours += [slow, slow]
+    results = await asyncio.gather(post_chat(nx, "llama3"), post_chat(nx, "llama3"))
+    assert [r[1]["X-Nexus-Backend"] for r in results] == ["gpu", "gpu"]
+    assert local.max_in_flight == 1
+    assert b"POST" not in recorder.data
+    await recorder.stop()
