@@ -3508,7 +3508,8 @@ async def send_attempt(
     adapter = ADAPTERS[backend.type]
     loop = asyncio.get_running_loop()
     if (busy := backend_turn(backend, time.monotonic())) is not None:
-        raise AttemptFailed(busy)
+        # Like the backend's own 429: a short wait is waited out when it is the only candidate.
+        raise AttemptFailed(busy, retry_after=retry_after_seconds(busy.headers["Retry-After"]))
     headers = adapter.headers(backend)
     headers.update(JSON_HEADERS)
     first_byte_by = min(loop.time() + settings.server.first_byte_timeout_seconds, deadline)

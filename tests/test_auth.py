@@ -480,6 +480,23 @@ async def test_key_budget_keeps_its_cloud_spend_within_the_monthly_limit(
     assert stats["budget"] is None  # no global limit: only the keys' own
 
 
+async def test_backend_rpm_waits_out_a_short_wait_when_it_is_the_only_candidate(
+    backend_factory, nexus_factory
+):
+    gpu = await backend_factory("ollama", name="gpu")
+    nx = await nexus_factory(backends_toml(gpu, gpu={"rpm": 20}))  # max_retries: 2
+    for _ in range(20):
+        status, _, _ = await call(nx, "POST", "/v1/chat/completions", CHAT)
+        assert status == 200
+    started = time.monotonic()
+    status, _, _ = await call(nx, "POST", "/v1/chat/completions", CHAT)
+    # Held until the GPU's bucket had room again (one request per 3 s), longer than the retry
+    # backoff alone would have waited.
+    assert status == 200
+    assert 2 < time.monotonic() - started < 8
+    assert len(gpu.received) == 21
+
+
 # --- the admin API --------------------------------------------------------------------------
 
 
