@@ -5062,11 +5062,6 @@ def escape_label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def queue_depth(app: web.Application) -> int:
-    """Requests waiting for a backend to free up. Nexus has no queue yet: always 0."""
-    return 0
-
-
 def histogram_lines(name: str, histogram: Histogram) -> list[str]:
     lines = []
     cumulative = 0
@@ -5152,8 +5147,8 @@ def render_metrics(app: web.Application) -> str:
     family(
         "nexus_queue_depth",
         "gauge",
-        "Requests waiting for a backend.",
-        [f"nexus_queue_depth {queue_depth(app)}"],
+        "Requests waiting in the queue for a backend slot.",
+        [f"nexus_queue_depth {len(app[QUEUE])}"],
     )
     family(
         "nexus_budget_spending_usd",

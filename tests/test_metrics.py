@@ -3,6 +3,7 @@ written here, and the counters, histograms and gauges checked against real traff
 
 from __future__ import annotations
 
+import asyncio
 import math
 import re
 
@@ -276,3 +277,20 @@ async def test_cloud_spend_moves_the_budget_gauge(backend_factory, nexus_factory
         spent = (await resp.json())["budget"]["spent_usd"]
     assert spent > 0
     assert abs(metrics.value("nexus_budget_spending_usd") - spent) < 1e-6
+
+
+async def test_queue_depth_counts_requests_waiting_for_a_slot(backend_factory, nexus_factory):
+    backend = await backend_factory("generic", {"m": {}}, name="one")
+    backend.reply = "one two three four five"
+    backend.chunk_delay = 0.3  # each answer holds the only slot for about 1.5 s
+    nx = await nexus_factory(backends_toml(backend, one={"max_concurrent": 1}))
+    requests = [asyncio.create_task(post(nx, chat("m", stream=True))) for _ in range(3)]
+    depth = 0.0
+    for _ in range(40):  # one answer in progress, two waiting
+        await asyncio.sleep(0.05)
+        depth = (await scrape(nx)).value("nexus_queue_depth")
+        if depth == 2:
+            break
+    assert depth == 2
+    assert [status for status, _ in await asyncio.gather(*requests)] == [200, 200, 200]
+    assert (await scrape(nx)).value("nexus_queue_depth") == 0
