@@ -75,12 +75,16 @@ class MockBackend:
     # --- the server -------------------------------------------------------------------------
 
     async def start(self, port: int | None = None) -> MockBackend:
+        return await self.listen(self.build_app(), port)
+
+    def build_app(self) -> web.Application:
+        """The backend's API as an aiohttp app (start() serves it; a test may serve it itself)."""
         middlewares = [self.check_auth] if self.kind in ("openai", "anthropic") else []
         app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=middlewares)
         if self.kind == "anthropic":
             app.router.add_post("/v1/messages", self.anthropic_messages)
             app.router.add_get("/v1/models", self.anthropic_models)
-            return await self.listen(app, port)
+            return app
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/v1/completions", self.completion)
         app.router.add_post("/v1/embeddings", self.embedding)
@@ -94,7 +98,7 @@ class MockBackend:
             app.router.add_get("/props", self.llamacpp_props)
         if self.kind == "lmstudio":
             app.router.add_get("/api/v0/models", self.lmstudio_models)
-        return await self.listen(app, port)
+        return app
 
     async def listen(self, app: web.Application, port: int | None) -> MockBackend:
         self.server = TestServer(app, host="127.0.0.1", port=port or free_port())
