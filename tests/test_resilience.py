@@ -183,11 +183,14 @@ async def test_500_once_then_fine_retries_the_only_backend_after_a_short_backoff
     assert reply.status == 200
     assert reply.body["choices"][0]["message"]["content"] == "Hello from a"
     assert attempts(a) == [2]
-    assert 0.25 <= elapsed < 1.8  # one backoff of 0.25-1 s
+    assert 0.25 <= elapsed < 3  # one backoff of 0.25-1 s
     assert reply.headers["X-Nexus-Route-Reason"] == "capability-match"
 
 
-async def test_500_once_goes_to_the_next_candidate_at_once(backend_factory, nexus_factory):
+async def test_500_once_goes_to_the_next_candidate_at_once(
+    backend_factory, nexus_factory, monkeypatch
+):
+    monkeypatch.setattr(nexus, "RETRY_BACKOFF_SECONDS", (5.0, 5.0))
     a = await backend_factory("generic", {"m": {}}, name="a")
     b = await backend_factory("generic", {"m": {}}, name="b")
     a.behaviours = [status(500)]
@@ -195,7 +198,7 @@ async def test_500_once_goes_to_the_next_candidate_at_once(backend_factory, nexu
     nx = await nexus_factory(toml)
     started = time.monotonic()
     reply = await ask(nx)
-    assert time.monotonic() - started < 0.25  # no backoff when another backend can serve
+    assert time.monotonic() - started < 3  # no backoff (5 s here) when another can serve
     assert reply.body["choices"][0]["message"]["content"] == "Hello from b"
     assert reply.headers["X-Nexus-Backend"] == "b"
     assert reply.headers["X-Nexus-Route-Reason"] == "failover"
@@ -250,7 +253,7 @@ async def test_429_without_retry_after_on_the_only_backend_retries_after_backoff
     started = time.monotonic()
     reply = await ask(nx)
     assert reply.status == 200
-    assert 0.25 <= time.monotonic() - started < 1.8
+    assert 0.25 <= time.monotonic() - started < 3
     assert attempts(a) == [2]
 
 
@@ -260,7 +263,7 @@ async def test_429_with_a_short_retry_after_is_honoured(backend_factory, nexus_f
     nx = await nexus_factory(FAST + backends_toml(a))
     started = time.monotonic()
     reply = await ask(nx, stream=True)
-    assert 1.0 <= time.monotonic() - started < 2.0  # waited as asked, then asked again
+    assert 1.0 <= time.monotonic() - started < 3  # waited as asked, then asked again
     assert reply.complete("Hello from a")
     assert attempts(a) == [2]
 
@@ -271,7 +274,7 @@ async def test_429_with_a_long_retry_after_is_not_waited_for(backend_factory, ne
     nx = await nexus_factory(FAST + backends_toml(a))
     started = time.monotonic()
     reply = await ask(nx)
-    assert time.monotonic() - started < 0.5
+    assert time.monotonic() - started < 5  # not the 30 s asked for
     assert reply.status == 429
     assert reply.headers["Retry-After"] == "30"
     assert reply.body["error"]["type"] == "rate_limit_error"
@@ -302,7 +305,7 @@ async def test_no_response_at_all_is_a_504_and_never_asked_again(backend_factory
     nx = await nexus_factory(FAST + backends_toml(a))
     started = time.monotonic()
     reply = await ask(nx)
-    assert time.monotonic() - started < 1.2  # one first-byte limit, no retry after a timeout
+    assert time.monotonic() - started < 3  # one first-byte limit, no retry after a timeout
     assert reply.status == 504
     assert reply.body["error"]["type"] == "timeout"
     assert attempts(a) == [1]
@@ -335,11 +338,11 @@ async def test_a_silent_backend_is_not_asked_again_even_for_a_fallback_model(
 async def test_slow_first_token_past_the_limit_moves_on(backend_factory, nexus_factory):
     a = await backend_factory("generic", {"m": {}}, name="a")
     b = await backend_factory("generic", {"m": {}}, name="b")
-    a.behaviours = [sse(WORDS, first_delay=2.0)]
+    a.behaviours = [sse(WORDS, first_delay=10.0)]
     nx = await nexus_factory(FAST + backends_toml(a, b, a={"priority": 10}, b={"priority": 60}))
     started = time.monotonic()
     reply = await ask(nx, stream=True)
-    assert time.monotonic() - started < 1.2
+    assert time.monotonic() - started < 5  # not the 10 s a needed
     assert reply.complete("Hello from b")
     assert attempts(a, b) == [1, 1]
 
@@ -377,7 +380,7 @@ async def test_stream_stall_ends_after_the_idle_limit(backend_factory, nexus_fac
     nx = await nexus_factory(FAST + backends_toml(a))
     started = time.monotonic()
     reply = await ask(nx, stream=True)
-    assert time.monotonic() - started < 1.5
+    assert time.monotonic() - started < 5  # not the 30 s the backend stalls
     assert reply.text == "Hello from a"
     assert reply.finishes == ["error"]
     assert "stalled" in reply.events[-2]["error"]["message"]
@@ -633,7 +636,7 @@ async def test_a_full_queue_answers_503_with_retry_after(backend_factory, nexus_
     await wait_for(lambda: len(nx.app[nexus.QUEUE]) == 1)
     started = time.monotonic()
     reply = await ask(nx)
-    assert time.monotonic() - started < 0.3  # refused at once, not after waiting
+    assert time.monotonic() - started < 3  # refused at once, not after 30 s of waiting
     assert reply.status == 503
     context = reply.body["error"]["context"]
     assert context["available_nodes"] == ["a"]
@@ -652,7 +655,7 @@ async def test_the_queue_wait_is_bounded(backend_factory, nexus_factory):
     await wait_for(lambda: a.in_flight == 1)
     started = time.monotonic()
     reply = await ask(nx, headers={"X-Nexus-Priority": "high"})
-    assert 0.3 <= time.monotonic() - started < 0.8
+    assert 0.3 <= time.monotonic() - started < 1.4  # before the busy one ends
     assert reply.status == 503 and "Retry-After" in reply.headers
     assert len(nx.app[nexus.QUEUE]) == 0
     assert (await busy).status == 200
