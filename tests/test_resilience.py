@@ -673,3 +673,52 @@ async def test_without_a_queue_a_full_backend_is_an_immediate_503(backend_factor
     assert reply.status == 503
     assert reply.body["error"]["code"] == "no_backend_available"
     assert (await busy).status == 200
+
+
+# --- the other two time limits ---------------------------------------------------------------
+
+
+async def test_a_connect_that_hangs_is_cut_at_the_connect_limit(backend_factory, nexus_factory):
+    a = await backend_factory("generic", {"m": {}}, name="a")
+    b = await backend_factory("generic", {"m": {}}, name="b")
+    toml = FAST.replace("first_byte_timeout_seconds = 0.5", "first_byte_timeout_seconds = 20")
+    nx = await nexus_factory(toml + backends_toml(a, b, a={"priority": 10}, b={"priority": 60}))
+    port = a.server.port
+    await a.stop()
+    # In a's place, a socket that listens but never accepts: once its queue is full, a new
+    # connection's SYN goes unanswered and connecting hangs.
+    hole = socket.socket()
+    hole.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    hole.bind(("127.0.0.1", port))
+    hole.listen(0)
+    fillers = []
+    try:
+        for _ in range(4):
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", port))
+            fillers.append(filler)
+        await asyncio.sleep(0.2)
+        started = time.monotonic()
+        reply = await ask(nx)
+        assert time.monotonic() - started < 3  # the connect limit (0.5 s), not the 20 s one
+        assert reply.status == 200 and reply.headers["X-Nexus-Backend"] == "b"
+        assert nx.backend("a").requests == 1 and attempts(b) == [1]
+        assert "timed out" in nx.backend("a").last_error
+    finally:
+        for filler in fillers:
+            filler.close()
+        hole.close()
+
+
+async def test_the_whole_request_limit_ends_a_trickling_stream(backend_factory, nexus_factory):
+    a = await backend_factory("generic", {"m": {}}, name="a")
+    a.reply = " ".join(["slow"] * 40)
+    a.chunk_delay = 0.2  # never idle for long, but 8 s in all
+    toml = "[server]\nrequest_timeout_seconds = 1\nstream_idle_timeout_seconds = 5\n"
+    nx = await nexus_factory(toml + backends_toml(a))
+    started = time.monotonic()
+    reply = await ask(nx, stream=True)
+    assert time.monotonic() - started < 4
+    assert reply.text.startswith("slow") and reply.finishes == ["error"]
+    assert "request_timeout_seconds" in reply.events[-2]["error"]["message"]
