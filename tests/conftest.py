@@ -25,6 +25,9 @@ sys.path.insert(0, str(ROOT))
 
 import nexus  # noqa: E402
 
+# Real llama.cpp servers for the end-to-end tests (fixtures engine, llama_pair, ...).
+pytest_plugins = ["real_engine"]
+
 Behaviour = Callable[[web.Request, dict[str, Any]], Awaitable[web.StreamResponse]]
 
 

@@ -5,7 +5,7 @@ Instruct, GGUF) in a cache; this module runs that script once per test session, 
 `llama-server` processes on free 127.0.0.1 ports, waits until they answer `/health`, and stops
 them afterwards. Every wait is bounded.
 
-A test module enables its fixtures with `pytest_plugins = ["real_engine"]`.
+conftest.py loads it as a plugin, so its fixtures are there for every test module.
 """
 
 from __future__ import annotations

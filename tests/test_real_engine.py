@@ -30,8 +30,7 @@ from real_engine import (
     http_get,
 )
 
-# The fixtures engine, llama_pair and fresh_llama_pair.
-pytest_plugins = ["real_engine"]
+# The fixtures engine, llama_pair and fresh_llama_pair come from real_engine (see conftest.py).
 pytestmark = pytest.mark.engine
 
 NEXUS_SCRIPT = ROOT / "nexus.py"
