@@ -36,6 +36,7 @@ import itertools
 import json
 import logging
 import math
+import operator
 import os
 import random
 import re
@@ -2235,35 +2236,50 @@ def fits_entirely(model: Model, needs: RequestNeeds) -> bool:
     return needs.prompt_tokens + needs.max_tokens <= model.context_length
 
 
-def score(backend: Backend, weights: dict[str, float]) -> float:
-    """Lower is better: priority, load against capacity, and observed speed, weighted.
+LATENCY_SCALE_MS = 10_000.0  # observed latency counts in full from 10 s up
+
+
+def scorer(weights: dict[str, float]) -> Callable[[Backend], float]:
+    """The smart strategy's score for these weights; lower is better: priority, load against
+    capacity, and observed speed, weighted.
 
     Speed is the mean of the latency and time-to-first-token EMAs that are known; a backend
-    never measured counts as fast, so new backends get traffic and a measurement."""
-    capacity = backend.max_concurrent or 10
-    load = min(backend.in_flight / capacity, 1.0)
-    known = [ms for ms in (backend.latency_ema_ms, backend.ttft_ema_ms) if ms is not None]
-    latency = sum(known) / len(known) if known else 0.0
-    return (
-        weights.get("priority", 0.0) * backend.priority / 100.0
-        + weights.get("load", 0.0) * load
-        + weights.get("latency", 0.0) * min(latency / 10_000.0, 1.0)
-    )
+    never measured counts as fast, so new backends get traffic and a measurement. The weights
+    are read once here, not per backend: this runs for every candidate of every request."""
+    per_priority = weights.get("priority", 0.0) / 100.0
+    per_load = weights.get("load", 0.0)
+    per_ms = weights.get("latency", 0.0) / LATENCY_SCALE_MS
+
+    def score(backend: Backend) -> float:
+        load = backend.in_flight / (backend.max_concurrent or 10)
+        latency = backend.latency_ema_ms
+        ttft = backend.ttft_ema_ms
+        if latency is None:
+            latency = ttft or 0.0
+        elif ttft is not None:
+            latency = (latency + ttft) / 2
+        return (
+            per_priority * backend.priority
+            + per_load * (load if load < 1.0 else 1.0)
+            + per_ms * (latency if latency < LATENCY_SCALE_MS else LATENCY_SCALE_MS)
+        )
+
+    return score
 
 
 def order_candidates(backends: list[Backend], strategy: str, weights: dict[str, float]) -> None:
     """Sort in place by strategy; ties rotate round-robin so equal backends share the work."""
     if len(backends) < 2:
         return
-    turn = next(ROUND_ROBIN)
-    shift = turn % len(backends)
-    backends[:] = backends[shift:] + backends[:shift]
+    shift = next(ROUND_ROBIN) % len(backends)
+    if shift:
+        backends[:] = backends[shift:] + backends[:shift]
     if strategy == "random":
         random.shuffle(backends)
     elif strategy == "priority_only":
-        backends.sort(key=lambda b: b.priority)
+        backends.sort(key=operator.attrgetter("priority"))
     elif strategy == "smart":
-        backends.sort(key=lambda b: score(b, weights))
+        backends.sort(key=scorer(weights))
 
 
 def candidates_for(
@@ -2303,8 +2319,8 @@ def passed_over_full(ranked: list[Backend], chosen: Backend, settings: Settings)
     strategy = settings.routing.strategy
     full = [b for b in ranked if b.at_capacity()]
     if strategy == "smart":
-        weights = dict(settings.routing.weights, load=0.0)
-        return any(score(b, weights) < score(chosen, weights) for b in full)
+        score = scorer(dict(settings.routing.weights, load=0.0))
+        return any(score(b) < score(chosen) for b in full)
     if strategy == "priority_only":
         return any(b.priority < chosen.priority for b in full)
     return ranked[0].at_capacity()
