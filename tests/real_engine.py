@@ -1,9 +1,10 @@
 """Real llama.cpp inference servers for the end-to-end tests.
 
 `tests/engine.sh` builds llama.cpp's `llama-server` and places a tiny real model (SmolLM2-135M
-Instruct, GGUF) in a cache; this module runs that script once per test session, starts
-`llama-server` processes on free 127.0.0.1 ports, waits until they answer `/health`, and stops
-them afterwards. Every wait is bounded.
+Instruct, GGUF) in a cache shared by every checkout on the machine (~/.cache/nexus-engine).
+This module runs that script once per test session, starts `llama-server` processes on free
+127.0.0.1 ports, waits until they answer `/health`, and stops them afterwards.
+Every wait is bounded.
 
 conftest.py loads it as a plugin, so its fixtures are there for every test module.
 """
