@@ -40,12 +40,6 @@ REQUEST_TIMEOUT_S = 60
 MAX_TOKENS = 20
 PROMPT = [{"role": "user", "content": "Name three colours."}]
 
-needs_nexus = pytest.mark.skipif(not NEXUS_SCRIPT.exists(), reason="nexus.py is not written yet")
-needs_messages = pytest.mark.skipif(
-    not NEXUS_SCRIPT.exists() or '"/v1/messages"' not in NEXUS_SCRIPT.read_text(),
-    reason="Nexus has no /v1/messages endpoint yet",
-)
-
 
 def get_json(url: str) -> dict:
     status, body = http_get(url, timeout=10.0)
@@ -253,7 +247,6 @@ def openai_client(url: str) -> openai.OpenAI:
     )
 
 
-@needs_nexus
 def test_nexus_lists_the_real_model(
     nexus: tuple[str, str],
     llama_pair: list[LlamaServer],
@@ -268,7 +261,6 @@ def test_nexus_lists_the_real_model(
     assert [m.id for m in openai_client(url).models.list()].count(served) == 1
 
 
-@needs_nexus
 def test_nexus_chat_non_stream(nexus: tuple[str, str]) -> None:
     url, served = nexus
     raw = openai_client(url).chat.completions.with_raw_response.create(
@@ -282,7 +274,6 @@ def test_nexus_chat_non_stream(nexus: tuple[str, str]) -> None:
     assert_usage(answer.usage)
 
 
-@needs_nexus
 def test_nexus_chat_stream_with_usage(nexus: tuple[str, str]) -> None:
     url, served = nexus
     stream = openai_client(url).chat.completions.create(
@@ -299,7 +290,6 @@ def test_nexus_chat_stream_with_usage(nexus: tuple[str, str]) -> None:
     assert_usage(chunks[-1].usage)
 
 
-@needs_nexus
 def test_nexus_chat_stream_without_usage_has_none(nexus: tuple[str, str]) -> None:
     """Nexus may ask the backend for usage, but a client that did not ask never sees it."""
     url, served = nexus
@@ -312,7 +302,6 @@ def test_nexus_chat_stream_without_usage_has_none(nexus: tuple[str, str]) -> Non
     assert all(c.choices for c in chunks)
 
 
-@needs_nexus
 def test_nexus_counts_the_engines_usage(nexus: tuple[str, str]) -> None:
     """The token counts Nexus records are the engine's own (backend numbers beat estimates),
     also for a stream whose client did not ask for usage."""
@@ -342,7 +331,6 @@ def test_nexus_counts_the_engines_usage(nexus: tuple[str, str]) -> None:
     }
 
 
-@needs_messages
 def test_nexus_anthropic_messages(nexus: tuple[str, str]) -> None:
     url, served = nexus
     client = anthropic.Anthropic(
@@ -358,7 +346,6 @@ def test_nexus_anthropic_messages(nexus: tuple[str, str]) -> None:
     assert 0 < message.usage.output_tokens <= MAX_TOKENS
 
 
-@needs_messages
 def test_nexus_anthropic_messages_stream(nexus: tuple[str, str]) -> None:
     url, served = nexus
     client = anthropic.Anthropic(
@@ -373,7 +360,6 @@ def test_nexus_anthropic_messages_stream(nexus: tuple[str, str]) -> None:
     assert 0 < final.usage.output_tokens <= MAX_TOKENS
 
 
-@needs_nexus
 def test_nexus_fails_over_when_a_server_is_killed(
     fresh_llama_pair: list[LlamaServer],
     tmp_path: Path,
