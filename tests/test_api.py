@@ -108,9 +108,10 @@ async def test_first_chunk_arrives_before_backend_finishes(backend_factory, nexu
         if chunk.choices and chunk.choices[0].delta.content:
             arrivals.append(time.monotonic() - started)
     assert len(arrivals) == 4
-    # The backend needs ~1.6 s for the whole answer; the first word must not wait for it.
-    assert arrivals[0] < 0.35
-    assert arrivals[-1] > 1.0
+    # The backend needs ~1.6 s for the whole answer; the first word must not wait for it
+    # (the bound leaves room for a loaded machine, and is still half of the whole).
+    assert arrivals[0] < 0.8
+    assert arrivals[-1] - arrivals[0] > 1.0  # words arrived as produced, not all at the end
 
 
 async def test_legacy_completions_stream_and_not(backend_factory, nexus_factory):
