@@ -6,6 +6,7 @@ Runs after `make dist`; skipped when dist/nexus has not been built.
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import offline_smoke
 import pytest
 from conftest import ROOT, free_port
 
@@ -96,3 +98,35 @@ def test_serves_then_stops_cleanly_and_removes_its_unpacked_files(
             process.kill()
             process.wait(timeout=10)
     assert unpacked_dirs(tmp_path) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root")
+def test_offline_smoke_in_isolated_network(tmp_path: Path) -> None:
+    """With no network at all (a namespace with only loopback): models listed, chats answered
+    stream and not through the openai SDK, a cloud model's tokens counted exactly offline (its
+    backend reports no usage), SIGTERM exits 0 and the unpacked files are gone."""
+    smoke = [sys.executable, str(ROOT / "tests" / "offline_smoke.py"), str(BINARY), str(tmp_path)]
+    result = subprocess.run(
+        ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$@"', "sh", *smoke],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["models"] == ["gpt-4o", "m"]
+    assert report["chat"] == report["stream"] == "Hello from the mock"
+    assert report["cloud_chat"] == "Hello from the mock"
+    sys.path.insert(0, str(ROOT))
+    import nexus
+
+    body = {"messages": [{"role": "user", "content": offline_smoke.PROMPT}]}
+    texts, framing = nexus.payload_texts("chat", body)
+    expected_prompt = nexus.count_texts(texts, "o200k_base") + framing
+    expected_answer = nexus.count_texts(["Hello from the mock"], "o200k_base")
+    assert report["cloud_tokens"] == {"prompt": expected_prompt, "completion": expected_answer}
+    assert float(report["cloud_cost"]) > 0
+    assert report["unpacked_while_running"] == 1
+    assert report["exit"] == 0
+    assert report["unpacked_after_exit"] == 0
+    assert not report["traceback"] and not report["key_in_logs"]
