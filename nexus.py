@@ -518,7 +518,7 @@ def validate_backend(b: BackendSettings, key: str, env: dict[str, str]) -> None:
     except ValueError as exc:
         raise ConfigError(f"{key}.url", str(exc)) from None
     if not b.name:
-        b.name = urllib.parse.urlsplit(b.url).netloc
+        b.name = urllib.parse.urlsplit(b.url).netloc.rpartition("@")[2]  # host:port only
     if not 0 <= b.priority <= 100:
         raise ConfigError(f"{key}.priority", f"expected 0-100, got {b.priority}")
     if not b.zone:
@@ -541,6 +541,8 @@ def normalise_url(url: str) -> str:
     """A backend URL is the server's root: no trailing slash, no trailing /v1."""
     url = url.strip().rstrip("/")
     parts = urllib.parse.urlsplit(url)
+    if "@" in parts.netloc:  # checked first: the message must not repeat the password
+        raise ValueError("credentials do not belong in the URL; use api_key_env")
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"{url!r} is not an http(s) URL")
     try:

@@ -160,3 +160,20 @@ def test_invalid_flag_value_exits_2(tmp_path):
     result = run_nexus("serve", "-p", "eighty", cwd=tmp_path)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
+
+
+def test_credentials_in_a_backend_url_are_refused_without_echoing_them(tmp_path):
+    toml = '[[backends]]\nurl = "http://alice:hunter2@10.0.0.5:11434"\ntype = "ollama"\n'
+    with pytest.raises(nexus.ConfigError) as caught:
+        load(tmp_path, toml)
+    message = str(caught.value)
+    assert "backends[0].url" in message
+    assert "credentials do not belong in the URL; use api_key_env" in message
+    assert "hunter2" not in message and "alice" not in message
+
+
+def test_default_backend_name_is_host_and_port(tmp_path):
+    toml = '[[backends]]\nurl = "http://[::1]:11434"\ntype = "ollama"\n'
+    assert load(tmp_path, toml).backends[0].name == "[::1]:11434"
+    toml = '[[backends]]\nurl = "https://api.example.com/v1"\ntype = "generic"\n'
+    assert load(tmp_path, toml).backends[0].name == "api.example.com"
