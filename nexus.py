@@ -4908,8 +4908,12 @@ class Stats:
         else:
             self.errors += 1
             self.error_kinds[error or ERROR_KINDS.get(status, f"http_{status}")] += 1
-        self.per_model[record.model] += 1
-        self.by_outcome[record.model, record.backend or "", status] += 1
+        if record.backend is None:  # never routed (unknown model, bad request): the name a
+            # client sent is not a label, or any client could grow these without bound
+            self.by_outcome["", "", status] += 1
+        else:
+            self.per_model[record.model] += 1
+            self.by_outcome[record.model, record.backend, status] += 1
         self.duration.observe(seconds)
         if record.ttft_ms is not None:
             self.ttft.observe(record.ttft_ms / 1000)

@@ -33,3 +33,34 @@ async def test_admin_api_refuses_credentials_in_a_backend_url(backend_factory, n
     status, listed, _ = await call(nx, "GET", "/v1/backends")
     assert status == 200 and "hunter2" not in str(listed)
     assert len(listed["data"]) == 1
+
+
+async def test_unknown_model_names_do_not_grow_stats_or_metrics(backend_factory, nexus_factory):
+    backend = await backend_factory("ollama")
+    nx = await nexus_factory(backends_toml(backend))
+    chat = {"model": "llama3:8b", "messages": [{"role": "user", "content": "hi"}]}
+    status, _, _ = await call(nx, "POST", "/v1/chat/completions", chat)
+    assert status == 200
+    _, before, _ = await call(nx, "GET", "/v1/stats")
+    _, metrics_before, _ = await call(nx, "GET", "/metrics")
+    for i in range(50):
+        status, _, _ = await call(nx, "POST", "/v1/chat/completions", {**chat, "model": f"x{i}"})
+        assert status == 404
+    status, _, _ = await call(nx, "POST", "/v1/chat/completions", {**chat, "messages": "bad"})
+    assert status == 400
+    _, after, _ = await call(nx, "GET", "/v1/stats")
+    _, metrics_after, _ = await call(nx, "GET", "/metrics")
+    assert [m["name"] for m in after["models"]] == [m["name"] for m in before["models"]]
+    assert after["requests"]["total"] == before["requests"]["total"] + 51
+    assert after["requests"]["errors"] == before["requests"]["errors"] + 51
+
+    def label_sets(text: str) -> set[str]:
+        return {
+            line.rsplit(" ", 1)[0]
+            for line in text.splitlines()
+            if line.startswith("nexus_requests_total{")
+        }
+
+    new = label_sets(metrics_after) - label_sets(metrics_before)
+    assert len(new) <= 2, new  # at most one series per status (404, 400), none per model name
+    assert not any("x1" in series for series in label_sets(metrics_after))
