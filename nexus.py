@@ -3047,16 +3047,17 @@ class AnthropicStream:
 
     def feed(self, event: dict[str, Any]) -> list[dict[str, Any]]:
         kind = event.get("type")
+        index = event.get("index") if isinstance(event.get("index"), int) else 0
         if kind == "message_start":
-            message = event.get("message") if isinstance(event.get("message"), dict) else {}
+            message = object_of(event.get("message"))
             self.id = str(message.get("id") or self.id)
             self.model = str(message.get("model") or self.model)
-            self.usage.update(message.get("usage") or {})
+            self.usage.update(object_of(message.get("usage")))
             return [self.chunk({"role": "assistant", "content": ""})]
         if kind == "content_block_start":
-            block = event.get("content_block") or {}
+            block = object_of(event.get("content_block"))
             if block.get("type") == "tool_use":
-                position = self.tools.setdefault(event.get("index", 0), len(self.tools))
+                position = self.tools.setdefault(index, len(self.tools))
                 call = {
                     "index": position,
                     "id": block.get("id") or new_block_id("toolu_"),
@@ -3068,20 +3069,20 @@ class AnthropicStream:
                 return [self.chunk({"content": block["text"]})]
             return []
         if kind == "content_block_delta":
-            delta = event.get("delta") or {}
+            delta = object_of(event.get("delta"))
             if delta.get("type") == "text_delta":
                 return [self.chunk({"content": delta.get("text", "")})]
             if delta.get("type") == "input_json_delta":
-                position = self.tools.get(event.get("index", 0), 0)
+                position = self.tools.get(index, 0)
                 call = {"index": position, "function": {"arguments": delta.get("partial_json")}}
                 return [self.chunk({"tool_calls": [call]})]
             if delta.get("type") == "thinking_delta":
                 return [self.chunk({"reasoning_content": delta.get("thinking", "")})]
             return []
         if kind == "message_delta":
-            self.usage.update(event.get("usage") or {})
-            reason = (event.get("delta") or {}).get("stop_reason")
-            return [self.chunk({}, ANTHROPIC_FINISH_REASONS.get(reason, "stop"))]
+            self.usage.update(object_of(event.get("usage")))
+            reason = object_of(event.get("delta")).get("stop_reason")
+            return [self.chunk({}, ANTHROPIC_FINISH_REASONS.get(str(reason), "stop"))]
         if kind == "message_stop":
             self.done = True
             final = self.chunk({})
@@ -3092,6 +3093,11 @@ class AnthropicStream:
             error = event.get("error") if isinstance(event.get("error"), dict) else {}
             raise BackendReplyError(str(error.get("message") or "the stream reported an error"))
         return []  # ping, content_block_stop, and events added to the API later
+
+
+def object_of(value: Any) -> dict[str, Any]:
+    """The value if it is a JSON object, else an empty one (a field of the wrong shape)."""
+    return value if isinstance(value, dict) else {}
 
 
 ADAPTERS: dict[str, OpenAICompatibleAdapter] = {
@@ -3894,8 +3900,8 @@ async def relay_stream(
                 chunk = json.loads(data)
             except ValueError:
                 continue  # a malformed chunk is dropped; the stream goes on
-            if not isinstance(chunk, dict):
-                continue
+            if not well_formed(chunk):
+                continue  # a chunk of the wrong shape is dropped too
             usage = chunk.get("usage")
             if usage:
                 note_usage(record, usage)
@@ -3940,7 +3946,30 @@ async def relay_stream(
         upstream.close()
         if response is None:
             raise
+    except Exception:
+        if response is None:
+            raise  # nothing sent yet: the request ends in a plain error answer
+        log.exception("unexpected error relaying a stream from %s", backend.name)
+        record.status = 500
+        with contextlib.suppress(ConnectionError):
+            message = "Nexus hit an internal error."
+            await response.write(fmt.error(record.endpoint, attempt.model, message))
+            await response.write(fmt.end())
+            await response.write_eof()
     return response
+
+
+def well_formed(chunk: Any) -> bool:
+    """Whether a stream chunk has the shape Nexus reads: an object whose choices, if any, are a
+    list of objects, each delta an object."""
+    if not isinstance(chunk, dict):
+        return False
+    choices = chunk.get("choices")
+    if choices is None:
+        return True
+    return isinstance(choices, list) and all(
+        isinstance(c, dict) and isinstance(c.get("delta", {}), dict) for c in choices
+    )
 
 
 class SseLines:
@@ -3976,6 +4005,7 @@ async def start_stream(request: web.Request, headers: dict[str, str]) -> web.Str
     response.content_type = "text/event-stream"
     response.headers["Cache-Control"] = "no-cache"
     await response.prepare(request)
+    request[STREAMING] = response
     return response
 
 
@@ -4478,7 +4508,8 @@ class AnthropicFormat(OpenAIFormat):
             out.append(self.delta({"type": "text_delta", "text": text}))
             self.output_chars += len(text)
             self.text_tail = (self.text_tail + text)[-200:]
-        for call in delta.get("tool_calls") or ():
+        calls = delta.get("tool_calls")
+        for call in calls if isinstance(calls, list) else ():
             out.append(self.tool_call_delta(call))
         if choice.get("finish_reason"):
             self.finish = choice
@@ -5264,6 +5295,7 @@ API_KEY = web.RequestKey("api_key", ApiKey)  # the caller's key, once authentica
 TOKENS_CHARGED = web.RequestKey("tokens_charged", int)  # tpm taken up front, settled after
 PAYLOAD = web.RequestKey("payload", dict)  # the request's JSON, while it is served (counting)
 ENDPOINT = web.RequestKey("endpoint", str)
+STREAMING = web.RequestKey("streaming", web.StreamResponse)  # a stream's prepared response
 
 
 def error_response(error: NexusError, request: web.Request) -> web.Response:
@@ -5331,6 +5363,9 @@ async def request_middleware(
         raise
     except Exception:
         log.exception("unexpected error serving %s %s", request.method, request.path)
+        if (started_stream := request.get(STREAMING)) is not None:
+            response = started_stream  # its headers went out: never a second response
+            return started_stream
         error = NexusError(500, "server_error", "internal_error", "Nexus hit an internal error.")
         status, code = error.status, error.code
         return error_response(error, request)

@@ -966,3 +966,41 @@ def test_stream_translator_parallel_tool_calls():
     assert events[-2][1]["usage"]["output_tokens"] == 9
     assert events[-2][1]["usage"]["input_tokens"] == 30
     assert events[0][1]["message"]["usage"]["input_tokens"] == 20  # the estimate, at the start
+
+
+async def test_a_stream_chunk_of_the_wrong_shape_is_dropped(backend_factory, nexus_factory, client):
+    backend, nx = await start(backend_factory, nexus_factory)
+
+    async def behaviour(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        response = await start_sse(request)
+        model = body["model"]
+        await send_chunk(response, chat_chunk(model, {"content": "Hello"}, None))
+        await send_chunk(response, chat_chunk(model, {"tool_calls": 5}, None))
+        await send_chunk(response, chat_chunk(model, {"content": " there"}, None))
+        await send_chunk(response, chat_chunk(model, {}, "stop"))
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    backend.behaviours.append(behaviour)
+    async with client(nx).messages.stream(
+        model="qwen", max_tokens=50, messages=[{"role": "user", "content": "x"}]
+    ) as stream:
+        text = "".join([piece async for piece in stream.text_stream])
+        final = await stream.get_final_message()
+    assert text == "Hello there"
+    assert final.stop_reason == "end_turn"
+
+
+def test_stream_translator_ignores_events_of_the_wrong_shape():
+    translator = nexus.AnthropicStream(None, "m")  # type: ignore[arg-type]
+    for odd in (
+        {"type": "content_block_start", "content_block": "text"},
+        {"type": "content_block_delta", "delta": ["x"]},
+        {"type": "message_delta", "delta": 3, "usage": "many"},
+        {"type": "message_start", "message": {"usage": 5}},
+        {"type": "content_block_start", "index": [1], "content_block": {"type": "tool_use"}},
+        {"type": "message_delta", "delta": {"stop_reason": ["x"]}},
+    ):
+        chunks = translator.feed(odd)
+        assert all(isinstance(c, dict) for c in chunks)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp import web
 from conftest import backends_toml, chat_chunk, send_chunk, start_sse
 
@@ -722,3 +723,68 @@ async def test_the_whole_request_limit_ends_a_trickling_stream(backend_factory, 
     assert time.monotonic() - started < 4
     assert reply.text.startswith("slow") and reply.finishes == ["error"]
     assert "request_timeout_seconds" in reply.events[-2]["error"]["message"]
+
+
+def raw_stream(*lines: bytes):
+    """A streamed answer made of the given data lines, each sent as one SSE event."""
+
+    async def answer(request: web.Request, body: dict) -> web.StreamResponse:
+        response = await start_sse(request)
+        for line in lines:
+            await response.write(line + b"\n\n")
+        await response.write_eof()
+        return response
+
+    return answer
+
+
+def good(model: str, delta: dict, finish: str | None = None) -> bytes:
+    return b"data: " + json.dumps(chat_chunk(model, delta, finish)).encode()
+
+
+@pytest.mark.parametrize(
+    "odd",
+    [
+        b'data: {"choices": {"a": 1}}',
+        b'data: {"choices": ["x"]}',
+        b'data: {"choices": [{"delta": "x", "finish_reason": null}]}',
+    ],
+)
+async def test_a_chunk_of_the_wrong_shape_is_dropped_and_the_stream_goes_on(
+    backend_factory, nexus_factory, odd
+):
+    a = await backend_factory("generic", {"m": {}}, name="a")
+    a.behaviours = [
+        raw_stream(
+            good("m", {"content": "Hello"}),
+            odd,
+            good("m", {"content": " there"}),
+            good("m", {}, "stop"),
+            b"data: [DONE]",
+        )
+    ]
+    nx = await nexus_factory(FAST + backends_toml(a))
+    reply = await ask(nx, stream=True)
+    assert reply.complete("Hello there")
+
+
+async def test_an_unexpected_error_mid_stream_ends_it_honestly(
+    backend_factory, nexus_factory, monkeypatch
+):
+    a = await backend_factory("generic", {"m": {}}, name="a")
+    a.behaviours = [sse(WORDS)]
+    nx = await nexus_factory(FAST + backends_toml(a))
+    real = nexus.OpenAIFormat.chunk
+    calls = []
+
+    def breaks_on_the_third(self, data, chunk):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("a bug")
+        return real(self, data, chunk)
+
+    monkeypatch.setattr(nexus.OpenAIFormat, "chunk", breaks_on_the_third)
+    reply = await ask(nx, stream=True)  # ask() checks the stream ends with [DONE]
+    assert reply.status == 200
+    assert reply.text == "Hello from"
+    assert reply.finishes == ["error"]
