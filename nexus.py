@@ -1306,6 +1306,15 @@ def chat_needs(body: dict[str, Any]) -> RequestNeeds:
                     vision = True
         elif content is not None:
             raise bad_request(f"messages[{i}].content must be a string or an array", "messages")
+        calls = message.get("tool_calls")
+        if calls is not None and (
+            not isinstance(calls, list)
+            or not all(isinstance(c, dict) and isinstance(c.get("function"), dict) for c in calls)
+        ):
+            raise bad_request(
+                "tool_calls must be an array of objects, each with a function object",
+                f"messages[{i}].tool_calls",
+            )
     max_tokens = optional_int(body, "max_completion_tokens")
     if max_tokens is None:
         max_tokens = optional_int(body, "max_tokens")

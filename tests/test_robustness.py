@@ -4,7 +4,8 @@ in the OpenAI envelope, leaks nothing and leaves Nexus's own state bounded (SPEC
 from __future__ import annotations
 
 import aiohttp
-from conftest import backends_toml
+import pytest
+from conftest import backends_toml, cloud_env
 
 
 async def call(nx, method: str, path: str, payload=None, headers=None):
@@ -64,3 +65,27 @@ async def test_unknown_model_names_do_not_grow_stats_or_metrics(backend_factory,
     new = label_sets(metrics_after) - label_sets(metrics_before)
     assert len(new) <= 2, new  # at most one series per status (404, 400), none per model name
     assert not any("x1" in series for series in label_sets(metrics_after))
+
+
+@pytest.mark.parametrize("kind", ["openai", "anthropic"])
+@pytest.mark.parametrize(
+    "tool_calls",
+    [1.5, [1], [{"id": "c1", "function": ["get_weather", "{}"]}], [{"id": "c1"}], "call"],
+)
+async def test_malformed_tool_calls_are_a_400_naming_them(
+    backend_factory, nexus_factory, kind, tool_calls
+):
+    backend = await backend_factory(kind, {"m": {}}, name=kind)
+    nx = await nexus_factory(backends_toml(backend), env=cloud_env(backend))
+    messages = [
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": None, "tool_calls": tool_calls},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+    ]
+    for stream in (False, True):
+        body = {"model": "m", "messages": messages, "stream": stream}
+        status, answer, _ = await call(nx, "POST", "/v1/chat/completions", body)
+        assert status == 400, answer
+        assert answer["error"]["type"] == "invalid_request_error"
+        assert answer["error"]["param"] == "messages[1].tool_calls"
+    assert backend.received == []
