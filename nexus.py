@@ -3712,15 +3712,43 @@ async def settle_cost(
     """What a cloud answer cost: the usage the backend reported, or Nexus's own count of the
     prompt and the answer when it reported none, times the model's price. Charged to the
     month's budget; the header value is returned ("unknown" for a model without a price)."""
-    app = request.app
-    usage = record.usage
-    if usage is None:
+    if record.usage is None:
         encoding, _ = tokenizer_for(attempt.backend.type, attempt.model)
         texts, framing = payload_texts(request[ENDPOINT], request[PAYLOAD])
         prompt = await count_texts_async(texts, encoding) + framing
         completion = await count_texts_async(answered, encoding)
-        usage = record.usage = TokenUsage(prompt, completion, counted=True)
-        record.prompt_tokens, record.completion_tokens = prompt, completion
+        note_counted(record, prompt, completion)
+    return charge_cost(request, record, attempt)
+
+
+def settle_cost_now(
+    request: web.Request, record: RequestRecord, attempt: Attempt, answered: list[str]
+) -> None:
+    """settle_cost without awaiting, for a stream its client left (the handler may be being
+    cancelled): counted where the encoding is loaded already, else estimated from characters."""
+    if record.usage is None:
+        encoding, _ = tokenizer_for(attempt.backend.type, attempt.model)
+        texts, framing = payload_texts(request[ENDPOINT], request[PAYLOAD])
+        if encoding in _loaded_encodings:
+            prompt = count_texts(texts, encoding) + framing
+            completion = count_texts(answered, encoding)
+        else:
+            prompt = sum(map(len, texts)) // CHARS_PER_TOKEN + framing
+            completion = -(-sum(map(len, answered)) // CHARS_PER_TOKEN)
+        note_counted(record, prompt, completion)
+    charge_cost(request, record, attempt)
+
+
+def note_counted(record: RequestRecord, prompt: int, completion: int) -> None:
+    record.usage = TokenUsage(prompt, completion, counted=True)
+    record.prompt_tokens, record.completion_tokens = prompt, completion
+
+
+def charge_cost(request: web.Request, record: RequestRecord, attempt: Attempt) -> str:
+    """Charge the record's usage times the model's price to the month's budget."""
+    app = request.app
+    usage = record.usage
+    assert usage is not None
     price = price_for(attempt.model, app[BUDGET].prices)
     if price is None:
         if attempt.model not in UNPRICED_WARNED:
@@ -3871,6 +3899,7 @@ async def relay_stream(
     answered: list[str] | None = [] if backend.is_cloud else None  # to count, if no usage
     response: web.StreamResponse | None = None
     finished = False
+    settled = False
     problem = ""
     try:
         while True:
@@ -3939,6 +3968,7 @@ async def relay_stream(
             response = await start_stream(request, headers)
         if answered is not None:  # a cut stream costs what was generated too
             await settle_cost(request, record, attempt, answered)
+        settled = True
         if problem:
             record.status = 502
             backend.errors += 1
@@ -3965,6 +3995,9 @@ async def relay_stream(
             await response.write(fmt.error(record.endpoint, attempt.model, message))
             await response.write(fmt.end())
             await response.write_eof()
+    finally:
+        if answered is not None and response is not None and not settled:
+            settle_cost_now(request, record, attempt, answered)  # the client left: no await
     return response
 
 

@@ -4,6 +4,7 @@ from real usage × price; health that never spends tokens."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -482,3 +483,45 @@ async def test_messages_api_reaches_an_anthropic_backend_natively(backend_factor
     assert final.stop_reason == "tool_use"
     assert nx.app[nexus.BUDGET].spent_usd == pytest.approx(2 * charged)
     await sdk.close()
+
+
+async def test_a_cloud_stream_the_client_leaves_is_charged(backend_factory, nexus_factory):
+    cloud = await backend_factory("openai", {"gpt-4o-mini": {}}, name="oai")
+    cloud.reply = " ".join(["word"] * 60)
+    cloud.chunk_delay = 0.05
+    keys = {"NEXUS_KEY_ALICE": "sk-alice-stream-leaver", "NEXUS_KEY_ROOT": "sk-root-admin"}
+    auth = (
+        "[auth]\napi_keys = [\n"
+        '  { name = "alice", key_env = "NEXUS_KEY_ALICE" },\n'
+        '  { name = "root", key_env = "NEXUS_KEY_ROOT", admin = true },\n]\n'
+        "[routing.budget]\nmonthly_limit_usd = 100.0\n"
+    )
+    nx = await nexus_factory(backends_toml(cloud) + auth, env={**cloud_env(cloud), **keys})
+    body = {
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": "hi"}],
+        "stream": True,
+    }
+    alice = {"Authorization": "Bearer " + keys["NEXUS_KEY_ALICE"]}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(nx.url + "/v1/chat/completions", json=body, headers=alice) as resp,
+    ):
+        assert resp.status == 200
+        for _ in range(6):  # a few chunks, then the client leaves
+            await resp.content.readline()
+    budget = nx.app[nexus.BUDGET]
+    for _ in range(150):  # the cut reaches Nexus at its next write
+        if budget.spent_usd > 0 and nx.backend("oai").in_flight == 0:
+            break
+        await asyncio.sleep(0.02)
+    root = {"Authorization": "Bearer " + keys["NEXUS_KEY_ROOT"]}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(nx.url + "/v1/stats", headers=root) as resp,
+    ):
+        stats = await resp.json()
+    assert stats["budget"]["spent_usd"] > 0
+    (alice_stats,) = [k for k in stats["keys"] if k["name"] == "alice"]
+    assert alice_stats["spent_usd"] > 0
+    assert len(cloud.received) == 1
