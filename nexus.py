@@ -1318,11 +1318,13 @@ def chat_needs(body: dict[str, Any]) -> RequestNeeds:
     max_tokens = optional_int(body, "max_completion_tokens")
     if max_tokens is None:
         max_tokens = optional_int(body, "max_tokens")
+    format_ = body.get("response_format")
     return RequestNeeds(
         model=model,
         vision=vision,
         tools=bool(body.get("tools")),
-        json_mode=body.get("response_format") is not None,
+        json_mode=isinstance(format_, dict)
+        and format_.get("type") in ("json_object", "json_schema"),
         prompt_tokens=chars // CHARS_PER_TOKEN + 4 * len(messages),
         max_tokens=max_tokens,
     )
@@ -3344,7 +3346,9 @@ async def plan_route(app: web.Application, needs: RequestNeeds, deadline: float)
     if not decision.all_full:
         return decision
     queue = app[QUEUE]
-    if not settings.queue.enabled or len(queue) >= settings.queue.max_size:
+    if not settings.queue.enabled:
+        raise queue_full(app, needs, decision, "the queue is off (queue.enabled = false)")
+    if len(queue) >= settings.queue.max_size:
         raise queue_full(app, needs, decision, "the queue is full")
     wait_until = min(loop.time() + settings.queue.max_wait_seconds, deadline)
     entry = queue.join(needs.high_priority)
@@ -3678,6 +3682,22 @@ def upstream_error(
         )
     record.status = status
     headers = response_headers(record, attempt, reason)
+    if app[BUDGET].enabled:
+        headers["X-Nexus-Budget-Status"] = app[BUDGET].status
+    try:
+        parsed = json.loads(answer)
+    except (ValueError, UnicodeDecodeError):
+        parsed = None
+    if not (
+        isinstance(parsed, dict) and "error" in parsed
+    ):  # an HTML page or plain text: never handed to a client as it is (SPEC §4)
+        error = {
+            "message": text[:500],
+            "type": "invalid_request_error",
+            "param": None,
+            "code": "backend_error",
+        }
+        return web.json_response({"error": error}, status=status, headers=headers)
     content_type = upstream.headers.get("Content-Type", "application/json").split(";")[0]
     return web.Response(body=answer, status=status, headers=headers, content_type=content_type)
 

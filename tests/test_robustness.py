@@ -3,9 +3,14 @@ in the OpenAI envelope, leaks nothing and leaves Nexus's own state bounded (SPEC
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 import pytest
+from aiohttp import web
 from conftest import backends_toml, cloud_env
+
+import nexus
 
 
 async def call(nx, method: str, path: str, payload=None, headers=None):
@@ -89,3 +94,67 @@ async def test_malformed_tool_calls_are_a_400_naming_them(
         assert answer["error"]["type"] == "invalid_request_error"
         assert answer["error"]["param"] == "messages[1].tool_calls"
     assert backend.received == []
+
+
+async def test_a_backends_html_4xx_reaches_the_client_as_an_openai_error(
+    backend_factory, nexus_factory
+):
+    backend = await backend_factory("generic", {"m": {}})
+    page = "<html><body><h1>404 Not Found</h1>" + "x" * 900 + "</body></html>"
+
+    async def html(request: web.Request, body: dict) -> web.Response:
+        return web.Response(text=page, status=404, content_type="text/html")
+
+    async def own_error(request: web.Request, body: dict) -> web.Response:
+        error = {"message": "bad temperature", "type": "invalid_request_error", "code": None}
+        return web.json_response({"error": error, "extra": 1}, status=422)
+
+    backend.behaviours = [html, own_error]
+    nx = await nexus_factory(backends_toml(backend) + "[routing.budget]\nmonthly_limit_usd = 5\n")
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    status, answer, headers = await call(nx, "POST", "/v1/chat/completions", chat)
+    assert status == 404
+    assert headers["Content-Type"].startswith("application/json")
+    assert answer["error"]["type"] == "invalid_request_error"
+    assert answer["error"]["code"] == "backend_error"
+    assert answer["error"]["message"] == page[:500]
+    assert headers["X-Nexus-Backend"] == "mock"
+    assert headers["X-Nexus-Budget-Status"] == "normal"
+    status, answer, headers = await call(nx, "POST", "/v1/chat/completions", chat)
+    assert status == 422  # a JSON error of the backend's own passes untouched
+    assert answer == {
+        "error": {"message": "bad temperature", "type": "invalid_request_error", "code": None},
+        "extra": 1,
+    }
+    assert headers["X-Nexus-Budget-Status"] == "normal"
+
+
+def test_only_json_response_formats_need_json_mode():
+    messages = [{"role": "user", "content": "hi"}]
+    for kind, wanted in (("text", False), ("json_object", True), ("json_schema", True)):
+        body = {"model": "m", "messages": messages, "response_format": {"type": kind}}
+        assert nexus.chat_needs(body).json_mode is wanted
+    assert nexus.chat_needs({"model": "m", "messages": messages}).json_mode is False
+
+
+async def test_with_the_queue_off_a_full_backend_says_so(backend_factory, nexus_factory):
+    backend = await backend_factory("generic", {"m": {}})
+
+    async def slow(request: web.Request, body: dict) -> web.StreamResponse:
+        await asyncio.sleep(0.5)
+        return await backend.chat_answer(request, body)
+
+    backend.behaviours = [slow]
+    toml = backends_toml(backend, mock={"max_concurrent": 1}) + "[queue]\nenabled = false\n"
+    nx = await nexus_factory(toml)
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    busy = asyncio.create_task(call(nx, "POST", "/v1/chat/completions", chat))
+    for _ in range(100):
+        if backend.in_flight:
+            break
+        await asyncio.sleep(0.01)
+    status, answer, _ = await call(nx, "POST", "/v1/chat/completions", chat)
+    assert status == 503
+    assert "the queue is off" in answer["error"]["message"]
+    assert "full" not in answer["error"]["message"].split("max_concurrent")[1]
+    assert (await busy)[0] == 200
