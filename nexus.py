@@ -3463,6 +3463,7 @@ async def proxy(
     failure: AttemptFailed | None = None
     skip_model: str | None = None
     passed_over: set[str] = set()  # backends not to ask again for this request
+    tried = 0
     for attempt in decision.attempts:
         backend = attempt.backend
         if attempt.model == skip_model or backend.name in passed_over:
@@ -3483,6 +3484,8 @@ async def proxy(
         while True:
             if loop.time() >= deadline:
                 raise request_timed_out(settings.server.request_timeout_seconds)
+            record.retries = tried  # the attempts after the first
+            tried += 1
             try:
                 return await send_attempt(
                     request,
@@ -3498,7 +3501,6 @@ async def proxy(
                 )
             except AttemptFailed as exc:
                 failure = exc
-                record.retries += 1
             if failure.silent or (failure.retry_after or 0) > MAX_RETRY_AFTER_SECONDS:
                 passed_over.add(backend.name)
             if failure.skip_model:

@@ -788,3 +788,25 @@ async def test_an_unexpected_error_mid_stream_ends_it_honestly(
     assert reply.status == 200
     assert reply.text == "Hello from"
     assert reply.finishes == ["error"]
+
+
+async def test_retries_count_the_attempts_after_the_first(
+    backend_factory, nexus_factory, monkeypatch
+):
+    logged: list[int] = []
+    real = nexus.log_request
+
+    def keep(record, *args):
+        logged.append(record.retries)
+        return real(record, *args)
+
+    monkeypatch.setattr(nexus, "log_request", keep)
+    a = await backend_factory("generic", {"m": {}}, name="a")
+    a.behaviours = [status(503)]
+    nx = await nexus_factory(FAST + "[routing]\nmax_retries = 0\n" + backends_toml(a))
+    assert (await ask(nx)).status == 502  # one attempt, no retry
+    a2 = await backend_factory("generic", {"m": {}}, name="a2")
+    a2.behaviours = [status(500)]
+    nx2 = await nexus_factory(FAST + backends_toml(a2))
+    assert (await ask(nx2)).status == 200  # a failure, then one retry that served
+    assert logged == [0, 1]
