@@ -1315,6 +1315,12 @@ def chat_needs(body: dict[str, Any]) -> RequestNeeds:
                 "tool_calls must be an array of objects, each with a function object",
                 f"messages[{i}].tool_calls",
             )
+        for call in calls or ():  # counted as estimate_chat_tokens counts them for /v1/messages
+            for part in (call["function"].get("name"), call["function"].get("arguments")):
+                if isinstance(part, str):
+                    chars += len(part)
+    if body.get("tools"):
+        chars += len(json.dumps(body["tools"]))
     max_tokens = optional_int(body, "max_completion_tokens")
     if max_tokens is None:
         max_tokens = optional_int(body, "max_tokens")

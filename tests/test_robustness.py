@@ -4,6 +4,7 @@ in the OpenAI envelope, leaks nothing and leaves Nexus's own state bounded (SPEC
 from __future__ import annotations
 
 import asyncio
+import json
 
 import aiohttp
 import pytest
@@ -158,3 +159,61 @@ async def test_with_the_queue_off_a_full_backend_says_so(backend_factory, nexus_
     assert "the queue is off" in answer["error"]["message"]
     assert "full" not in answer["error"]["message"].split("max_concurrent")[1]
     assert (await busy)[0] == 200
+
+
+def big_tools(count: int = 40) -> list[dict]:
+    """A coding agent's tool list: about 24,000 characters of JSON schema."""
+    properties = {f"option_{j}": {"type": "string", "description": "d" * 40} for j in range(8)}
+    return [
+        {
+            "type": "function",
+            "function": {
+                "name": f"tool_{i}",
+                "description": "Does one thing of a coding agent. " * 2,
+                "parameters": {"type": "object", "properties": properties},
+            },
+        }
+        for i in range(count)
+    ]
+
+
+async def test_tool_schemas_count_in_the_prompt_estimate(backend_factory, nexus_factory):
+    small = await backend_factory("ollama", {"coder": {"context": 4096, "tools": True}}, "small")
+    large = await backend_factory("ollama", {"coder": {"context": 32768, "tools": True}}, "large")
+    toml = backends_toml(small, large, small={"priority": 0}, large={"priority": 100})
+    nx = await nexus_factory(toml)
+    tools = big_tools()
+    assert len(json.dumps(tools)) > 5000 * 4  # over 5,000 tokens: more than small can hold
+    chat = {"model": "coder", "messages": [{"role": "user", "content": "fix the bug"}]}
+    status, _, headers = await call(nx, "POST", "/v1/chat/completions", chat)
+    assert status == 200 and headers["X-Nexus-Backend"] == "small"
+    for max_tokens in (None, 1000):
+        body = {**chat, "tools": tools, "max_tokens": max_tokens}
+        status, answer, headers = await call(nx, "POST", "/v1/chat/completions", body)
+        assert status == 200, answer
+        assert headers["X-Nexus-Backend"] == "large"
+    body = {**chat, "tools": tools, "max_tokens": 30000}
+    status, _, headers = await call(nx, "POST", "/v1/chat/completions", body)
+    assert status == 200 and headers["X-Nexus-Backend"] == "large"
+    clamped = int(headers["X-Nexus-Max-Tokens-Clamped"])
+    assert clamped <= 32768 - 5000
+    # An assistant turn's tool call arguments count as well.
+    history = [
+        {"role": "user", "content": "write it"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "c1",
+                    "type": "function",
+                    "function": {"name": "write", "arguments": json.dumps({"text": "y" * 24000})},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": "ok"},
+    ]
+    status, _, headers = await call(
+        nx, "POST", "/v1/chat/completions", {"model": "coder", "messages": history}
+    )
+    assert status == 200 and headers["X-Nexus-Backend"] == "large"
