@@ -3593,7 +3593,7 @@ async def send_attempt(
                 out_headers["X-Nexus-Cost-Estimated"] = await prompt_cost(request, attempt)
             if speaks_natively(fmt, adapter):
                 return await relay_native_stream(
-                    request, record, attempt, upstream, out_headers, deadline
+                    request, record, attempt, upstream, out_headers, first_byte_by, deadline
                 )
             return await relay_stream(
                 request,
@@ -3830,80 +3830,126 @@ async def relay_native_stream(
     attempt: Attempt,
     upstream: aiohttp.ClientResponse,
     headers: dict[str, str],
+    first_byte_by: float,
     deadline: float,
 ) -> web.StreamResponse:
     """A stream in the client's own API (Messages events from an anthropic backend to a
-    /v1/messages client), relayed line by line as it arrives; usage is read on the way for
-    the cost. Before the first event a failure may still be retried elsewhere; after it, a
-    cut or stalled stream ends with an error event."""
+    /v1/messages client), relayed event by event as it arrives; usage is read on the way for
+    the cost. Until its first data line is out (an error event is not) a failure may still be
+    retried elsewhere; after it, a cut or stalled stream ends with an error event."""
     app = request.app
-    settings = app[SETTINGS].server
+    idle = app[SETTINGS].server.stream_idle_timeout_seconds
     backend = attempt.backend
     loop = asyncio.get_running_loop()
+    content = SseLines(upstream.content)
     response: web.StreamResponse | None = None
     usage: dict[str, Any] = {}
+    held: list[bytes] = []  # an event's name (and comments), sent with its data line
     finished = False
+    settled = False
     problem = ""
-    while not finished:
-        limit = (
-            settings.first_byte_timeout_seconds
-            if response is None
-            else settings.stream_idle_timeout_seconds
-        )
-        try:
-            async with asyncio.timeout(min(limit, deadline - loop.time())):
-                line = await upstream.content.readline()
-        except TimeoutError:
-            if response is None:
-                raise attempt_failure(app, backend, 504, "sent no data in time") from None
-            problem = "the backend stalled"
-            break
-        except aiohttp.ClientError as exc:
-            if response is None:
-                raise attempt_failure(app, backend, 502, describe_failure(exc)) from None
-            problem = "the backend connection broke"
-            break
-        if not line:
-            if response is None:
-                raise attempt_failure(app, backend, 502, "ended the stream before any data")
-            problem = "the backend ended the stream before the answer was complete"
-            break
-        if line.startswith(b"data:"):
+    try:
+        while not finished:
+            line = content.buffered()
+            try:
+                if line is None:
+                    until = first_byte_by if response is None else min(loop.time() + idle, deadline)
+                    async with asyncio.timeout_at(until):
+                        line = await content.readline()
+            except TimeoutError:
+                if response is None:
+                    raise attempt_failure(app, backend, 504, "sent no data in time") from None
+                problem = stalled_problem(loop.time(), deadline)
+                break
+            except aiohttp.ClientError as exc:
+                if response is None:
+                    raise attempt_failure(app, backend, 502, describe_failure(exc)) from None
+                problem = "the backend connection broke"
+                break
+            if not line:
+                if response is None:
+                    raise attempt_failure(app, backend, 502, "ended the stream before any data")
+                problem = "the backend ended the stream before the answer was complete"
+                break
+            if not line.startswith(b"data:"):
+                if response is not None or not line.startswith(b":"):
+                    held.append(line)  # comments before the answer are dropped
+                continue
+            kind = None
             with contextlib.suppress(ValueError):
                 event = json.loads(line[5:])
                 kind = event.get("type") if isinstance(event, dict) else None
                 if kind == "message_start":
-                    usage.update((event.get("message") or {}).get("usage") or {})
+                    usage.update(object_of(object_of(event.get("message")).get("usage")))
                 elif kind == "message_delta":
-                    usage.update(event.get("usage") or {})
-                elif kind in ("message_stop", "error"):
-                    finished = True
-                    if kind == "error":
-                        if response is None:
-                            raise attempt_failure(app, backend, 502, "reported an error")
-                        record.status = 502
+                    usage.update(object_of(event.get("usage")))
+            if kind == "error":
+                if response is None:
+                    raise attempt_failure(app, backend, 502, "reported an error")
+                record.status = 502
+            finished = kind in ("message_stop", "error")
+            if response is None:
+                record.ttft_ms = (time.perf_counter() - record.started) * 1000
+                response = await start_stream(request, headers)
+            await response.write(b"\n".join([*held, line]) + b"\n\n")
+            held.clear()
+        note_usage(record, chat_usage(usage))
+        await settle_cost(request, record, attempt, [])
+        settled = True
+        assert response is not None
+        if problem:
+            note_stream_problem(app, record, backend, problem)
+            error = anthropic_error(NexusError(502, "backend_error", None, problem + "."))
+            await response.write(sse_event("error", error))
+        elif not record.status:
+            record.status = 200
+            note_success(app, record, backend)
+        await response.write_eof()
+    except ConnectionError:
+        record.status = 499  # the client went away: the backend request ends with this one
+        upstream.close()
         if response is None:
-            record.ttft_ms = (time.perf_counter() - record.started) * 1000
-            response = web.StreamResponse(status=200, headers=headers)
-            response.content_type = "text/event-stream"
-            response.headers["Cache-Control"] = "no-cache"
-            await response.prepare(request)
-        await response.write(line + (b"\n" if finished else b""))
-    note_usage(record, chat_usage(usage))
-    await settle_cost(request, record, attempt, [])
-    assert response is not None
-    if problem:
-        record.status = 502
-        backend.errors += 1
-        if app[SETTINGS].health_check.enabled:
-            record_failure(backend, app[SETTINGS].health_check, problem)
-        error = anthropic_error(NexusError(502, "backend_error", None, problem + "."))
-        await response.write(sse_event("error", error))
-    elif not record.status:
-        record.status = 200
-        note_success(app, record, backend)
-    await response.write_eof()
+            raise
+    except Exception:
+        if response is None:
+            raise  # nothing sent yet: the request ends in a plain error answer
+        error = anthropic_error(NexusError(500, "server_error", None, INTERNAL_STREAM_ERROR))
+        await end_after_internal_error(record, backend, response, sse_event("error", error))
+    finally:
+        if response is not None and not settled:
+            note_usage(record, chat_usage(usage))
+            settle_cost_now(request, record, attempt, [])  # the client left: no await
     return response
+
+
+INTERNAL_STREAM_ERROR = "Nexus hit an internal error."
+
+
+def stalled_problem(now: float, deadline: float) -> str:
+    if now >= deadline:
+        return "the request took longer than server.request_timeout_seconds"
+    return "the backend stalled"
+
+
+def note_stream_problem(
+    app: web.Application, record: RequestRecord, backend: Backend, problem: str
+) -> None:
+    """A stream that broke after it began: a failed request, and a failure of its backend."""
+    record.status = 502
+    backend.errors += 1
+    if app[SETTINGS].health_check.enabled:
+        record_failure(backend, app[SETTINGS].health_check, problem)
+
+
+async def end_after_internal_error(
+    record: RequestRecord, backend: Backend, response: web.StreamResponse, ending: bytes
+) -> None:
+    """A bug met mid-stream: logged, and the stream ended honestly with the given last bytes."""
+    log.exception("unexpected error relaying a stream from %s", backend.name)
+    record.status = 500
+    with contextlib.suppress(ConnectionError):
+        await response.write(ending)
+        await response.write_eof()
 
 
 async def relay_stream(
@@ -3940,10 +3986,7 @@ async def relay_stream(
             except TimeoutError:
                 if response is None:
                     raise attempt_failure(app, backend, 504, "sent no data in time") from None
-                if loop.time() >= deadline:
-                    problem = "the request took longer than server.request_timeout_seconds"
-                else:
-                    problem = "the backend stalled"
+                problem = stalled_problem(loop.time(), deadline)
                 break
             except aiohttp.ClientError as exc:
                 if response is None:
@@ -3998,10 +4041,7 @@ async def relay_stream(
             await settle_cost(request, record, attempt, answered)
         settled = True
         if problem:
-            record.status = 502
-            backend.errors += 1
-            if app[SETTINGS].health_check.enabled:
-                record_failure(backend, app[SETTINGS].health_check, problem)
+            note_stream_problem(app, record, backend, problem)
             await response.write(fmt.error(record.endpoint, attempt.model, problem + "."))
         else:
             record.status = 200
@@ -4016,13 +4056,8 @@ async def relay_stream(
     except Exception:
         if response is None:
             raise  # nothing sent yet: the request ends in a plain error answer
-        log.exception("unexpected error relaying a stream from %s", backend.name)
-        record.status = 500
-        with contextlib.suppress(ConnectionError):
-            message = "Nexus hit an internal error."
-            await response.write(fmt.error(record.endpoint, attempt.model, message))
-            await response.write(fmt.end())
-            await response.write_eof()
+        ending = fmt.error(record.endpoint, attempt.model, INTERNAL_STREAM_ERROR) + fmt.end()
+        await end_after_internal_error(record, backend, response, ending)
     finally:
         if answered is not None and response is not None and not settled:
             settle_cost_now(request, record, attempt, answered)  # the client left: no await

@@ -10,12 +10,13 @@ import logging
 import os
 import subprocess
 import sys
+import time
 
 import aiohttp
 import openai
 import pytest
 import tiktoken_ext.openai_public  # noqa: F401 - the published definitions, for reference counts
-from conftest import ROOT, backends_toml, cloud_env
+from conftest import ROOT, backends_toml, cloud_env, start_sse
 
 import nexus
 
@@ -525,3 +526,111 @@ async def test_a_cloud_stream_the_client_leaves_is_charged(backend_factory, nexu
     (alice_stats,) = [k for k in stats["keys"] if k["name"] == "alice"]
     assert alice_stats["spent_usd"] > 0
     assert len(cloud.received) == 1
+
+
+def native_stream_body() -> dict:
+    return {
+        "model": "claude-sonnet-4-5",
+        "max_tokens": 100,
+        "messages": [{"role": "user", "content": "hi"}],
+        "stream": True,
+    }
+
+
+async def two_claudes(backend_factory, nexus_factory, extra: str = ""):
+    first = await backend_factory("anthropic", {"claude-sonnet-4-5": {}}, name="claude-a")
+    second = await backend_factory("anthropic", {"claude-sonnet-4-5": {}}, name="claude-b")
+    nx = await cloud_nexus(
+        nexus_factory,
+        first,
+        second,
+        extra=extra,
+        **{"claude-a": {"priority": 1}, "claude-b": {"priority": 2}},
+    )
+    return first, second, nx
+
+
+async def test_a_native_stream_that_opens_with_an_error_event_fails_over(
+    backend_factory, nexus_factory
+):
+    import anthropic
+
+    first, second, nx = await two_claudes(backend_factory, nexus_factory)
+
+    async def overloaded_stream(request, body):
+        response = await start_sse(request)
+        error = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
+        await response.write(b"event: error\ndata: " + json.dumps(error).encode() + b"\n\n")
+        await response.write_eof()
+        return response
+
+    first.behaviours.append(overloaded_stream)
+    sdk = anthropic.AsyncAnthropic(base_url=nx.url, api_key="unused", max_retries=0)
+    body = native_stream_body()
+    del body["stream"]
+    async with sdk.messages.stream(**body) as stream:
+        names = [event.type async for event in stream]
+        final = await stream.get_final_message()
+    await sdk.close()
+    assert final.content[0].text == "Hello from claude-b"
+    assert names[0] == "message_start" and names[-1] == "message_stop"
+    assert len(first.received) == 1 and len(second.received) == 1
+
+
+async def test_a_native_stream_without_data_in_time_fails_over(backend_factory, nexus_factory):
+    fast = "[server]\nfirst_byte_timeout_seconds = 0.5\n"
+    first, _second, nx = await two_claudes(backend_factory, nexus_factory, extra=fast)
+
+    async def only_comments(request, body):
+        response = await start_sse(request)
+        for _ in range(40):  # bounded: about 4 s of keep-alive comments, never an event
+            await response.write(b": keep-alive\n\n")
+            await asyncio.sleep(0.1)
+        await response.write_eof()
+        return response
+
+    first.behaviours.append(only_comments)
+    started = time.monotonic()
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(nx.url + "/v1/messages", json=native_stream_body()) as resp,
+    ):
+        assert resp.status == 200
+        text = (await resp.read()).decode()
+    assert time.monotonic() - started < 3
+    assert resp.headers["X-Nexus-Backend"] == "claude-b"
+    assert "keep-alive" not in text
+    blocks = [block for block in text.split("\n\n") if block]
+    assert blocks[0].startswith("event: message_start\ndata: {")
+    assert all(len(b.split("\n")) == 2 and b.startswith("event: ") for b in blocks)
+
+
+async def test_a_client_leaving_a_native_stream_is_a_499_and_is_charged(
+    backend_factory, nexus_factory, monkeypatch, caplog
+):
+    caplog.set_level(logging.ERROR)
+    statuses: list[int] = []
+    real = nexus.log_request
+
+    def keep(record, status, *args):
+        statuses.append(status)
+        return real(record, status, *args)
+
+    monkeypatch.setattr(nexus, "log_request", keep)
+    claude = await backend_factory("anthropic", {"claude-sonnet-4-5": {}}, name="claude")
+    claude.reply = " ".join(["word"] * 60)
+    claude.chunk_delay = 0.05
+    nx = await cloud_nexus(nexus_factory, claude)
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(nx.url + "/v1/messages", json=native_stream_body()) as resp,
+    ):
+        for _ in range(8):  # a few events, then the client leaves
+            await resp.content.readline()
+    for _ in range(150):
+        if statuses:
+            break
+        await asyncio.sleep(0.02)
+    assert statuses == [499]
+    assert not [r for r in caplog.records if "unexpected" in r.getMessage()]
+    assert nx.app[nexus.BUDGET].spent_usd > 0  # the prompt, as message_start reported it
