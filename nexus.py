@@ -2631,6 +2631,9 @@ class LmStudioAdapter(OpenAICompatibleAdapter):
         return models
 
 
+OLLAMA_SHOWS_AT_ONCE = 8
+
+
 class OllamaAdapter(OpenAICompatibleAdapter):
     """Ollama: `/api/tags` lists models; `/api/show` gives capabilities and context length.
 
@@ -2646,18 +2649,23 @@ class OllamaAdapter(OpenAICompatibleAdapter):
         data = await fetch_json(session, "GET", backend.url + "/api/tags")
         if not isinstance(data, dict) or not isinstance(data.get("models"), list):
             raise BackendReplyError("/api/tags: no models list")
-        models = {}
+        keys = {}
         for entry in data["models"]:
             if not isinstance(entry, dict):
                 continue
             name = entry.get("model") or entry.get("name")
-            if not isinstance(name, str) or not name:
-                continue
-            key = (backend.url, name, str(entry.get("digest", "")))
-            if key not in self.details:
-                self.details[key] = await self.show(session, backend, name)
-            models[name] = self.details[key]
-        return models
+            if isinstance(name, str) and name:
+                keys[name] = (backend.url, name, str(entry.get("digest", "")))
+        # Shows not known yet are asked in parallel, a few at a time: one after the other, an
+        # Ollama with many models would not answer its first poll within the health timeout.
+        limit = asyncio.Semaphore(OLLAMA_SHOWS_AT_ONCE)
+
+        async def learn(key: tuple[str, str, str]) -> None:
+            async with limit:
+                self.details[key] = await self.show(session, backend, key[1])
+
+        await asyncio.gather(*(learn(k) for k in set(keys.values()) if k not in self.details))
+        return {name: self.details[key] for name, key in keys.items()}
 
     async def show(self, session: aiohttp.ClientSession, backend: Backend, name: str) -> Model:
         try:

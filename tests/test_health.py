@@ -7,7 +7,7 @@ import asyncio
 import time
 
 import openai
-from conftest import backends_toml
+from conftest import MockBackend, backends_toml
 
 import nexus
 
@@ -106,3 +106,39 @@ async def test_no_health_check_trusts_configured_backends(backend_factory, nexus
     sdk = openai.AsyncOpenAI(base_url=nx.url + "/v1", api_key="x", max_retries=0)
     answer = await sdk.chat.completions.create(model="m", messages=[{"content": "x"}])
     assert answer.choices[0].message.content == "Hello from g"
+
+
+class SlowShowOllama(MockBackend):
+    """An Ollama whose /api/show takes 0.3 s, as a loaded one with many models does."""
+
+    def __init__(self, models: dict) -> None:
+        super().__init__("ollama", models, "many")
+        self.shows_now = 0
+        self.shows_most = 0
+
+    async def ollama_show(self, request):
+        self.shows_now += 1
+        self.shows_most = max(self.shows_most, self.shows_now)
+        try:
+            await asyncio.sleep(0.3)
+            return await super().ollama_show(request)
+        finally:
+            self.shows_now -= 1
+
+
+async def test_an_ollama_with_many_models_is_healthy_after_its_first_poll(nexus_factory):
+    ollama = await SlowShowOllama(
+        {f"model-{i}:7b": {"context": 4096 + i} for i in range(30)}
+    ).start()
+    try:
+        toml = (
+            backends_toml(ollama) + "[health_check]\ntimeout_seconds = 5\ninterval_seconds = 60\n"
+        )
+        nx = await nexus_factory(toml, wait=False)
+        await nx.wait_healthy(timeout=4.5)  # one at a time, 30 shows would take 9 s
+        backend = nx.backend("many")
+        assert len(backend.models) == 30
+        assert backend.models["model-29:7b"].context_length == 4096 + 29
+        assert 1 < ollama.shows_most <= 8  # bounded: an Ollama is not sent 30 at once
+    finally:
+        await ollama.stop()
