@@ -810,3 +810,26 @@ async def test_retries_count_the_attempts_after_the_first(
     nx2 = await nexus_factory(FAST + backends_toml(a2))
     assert (await ask(nx2)).status == 200  # a failure, then one retry that served
     assert logged == [0, 1]
+
+
+async def test_an_error_after_a_stream_began_never_writes_a_second_response(
+    backend_factory, nexus_factory, monkeypatch, caplog
+):
+    a = await backend_factory("generic", {"m": {}}, name="a")
+    nx = await nexus_factory(FAST + backends_toml(a))
+
+    async def begins_then_breaks(request, record, attempt, upstream, headers, *rest):
+        response = await nexus.start_stream(request, headers)
+        await response.write(b"data: [DONE]\n\n")
+        raise RuntimeError("a bug after the stream began")
+
+    monkeypatch.setattr(nexus, "relay_stream", begins_then_breaks)
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(nx.url + "/v1/chat/completions", json=body) as resp,
+    ):
+        assert resp.status == 200
+        raw = await resp.read()
+    assert raw == b"data: [DONE]\n\n"  # no "HTTP/1.1 500" written into the stream
+    assert any("unexpected error" in r.getMessage() for r in caplog.records)
