@@ -750,13 +750,24 @@ def describe_failure(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"[:200]
 
 
+# Polls in flight at once: enough for any home lab in one round, while a thousand backends do
+# not open a thousand connections (and their buffers) at the same moment.
+POLLS_AT_ONCE = 64
+
+
 async def health_loop(app: web.Application) -> None:
     """Poll every backend once per interval, in parallel. A poll never outlives its timeout."""
     interval = app[SETTINGS].health_check.interval_seconds
+    slots = asyncio.Semaphore(POLLS_AT_ONCE)
+
+    async def poll(backend: Backend) -> None:
+        async with slots:
+            await poll_backend(app, backend)
+
     while True:
         backends = list(app[REGISTRY].backends.values())
         if backends:
-            await asyncio.gather(*(poll_backend(app, b) for b in backends))
+            await asyncio.gather(*(poll(b) for b in backends))
         app[STATE]["next_health_check"] = time.monotonic() + interval
         await asyncio.sleep(interval)
 
@@ -2489,6 +2500,11 @@ class BackendReplyError(Exception):
     """A backend answered a poll with a status or body that is not what its type sends."""
 
 
+# A poll (every interval, per backend) closes its connection: idle pooled connections would
+# otherwise cost memory per backend, and inference traffic keeps its own warm connections.
+POLL_HEADERS = {"Connection": "close"}
+
+
 async def fetch_json(
     session: aiohttp.ClientSession,
     method: str,
@@ -2496,7 +2512,10 @@ async def fetch_json(
     headers: dict[str, str] | None = None,
     payload: Any = None,
 ) -> Any:
-    async with session.request(method, url, headers=headers, json=payload) as resp:
+    headers = {**headers, **POLL_HEADERS} if headers else POLL_HEADERS
+    async with session.request(
+        method, url, headers=headers, json=payload, ssl=tls_for(url)
+    ) as resp:
         if resp.status != 200:
             raise BackendReplyError(f"{method} {urllib.parse.urlsplit(url).path}: {resp.status}")
         try:
@@ -2578,7 +2597,7 @@ class VllmAdapter(OpenAICompatibleAdapter):
     stream_usage = True
 
     async def poll(self, session: aiohttp.ClientSession, backend: Backend) -> dict[str, Model]:
-        async with session.get(backend.url + "/health") as resp:
+        async with session.get(backend.url + "/health", headers=POLL_HEADERS) as resp:
             if resp.status != 200:
                 raise BackendReplyError(f"/health: {resp.status}")
         return await super().poll(session, backend)
@@ -2590,7 +2609,7 @@ class LlamaCppAdapter(OpenAICompatibleAdapter):
     stream_usage = True
 
     async def poll(self, session: aiohttp.ClientSession, backend: Backend) -> dict[str, Model]:
-        async with session.get(backend.url + "/health") as resp:
+        async with session.get(backend.url + "/health", headers=POLL_HEADERS) as resp:
             if resp.status != 200:
                 raise BackendReplyError(f"/health: {resp.status}")
         props = await fetch_json(session, "GET", backend.url + "/props")
@@ -3578,8 +3597,9 @@ async def send_attempt(
     try:
         try:
             async with asyncio.timeout_at(first_byte_by):
+                url = adapter.url(backend, endpoint)
                 upstream = await app[CLIENT].post(
-                    adapter.url(backend, endpoint), data=payload, headers=headers
+                    url, data=payload, headers=headers, ssl=tls_for(url)
                 )
             if upstream.status >= 400 or not stream:
                 idle = settings.server.stream_idle_timeout_seconds
@@ -5496,9 +5516,11 @@ async def request_middleware(
                 await log_content(request, record, response)
 
 
+@functools.cache
 def tls_context() -> ssl.SSLContext:
-    """Certificates for cloud backends: the system's, plus certifi's bundle where the system
-    has none Python can find (a one-file build on macOS or Windows)."""
+    """Certificates for https backends: the system's, plus certifi's bundle for systems whose
+    certificates the bundled OpenSSL cannot find (a one-file build on another OS or distro).
+    Made on first use: loading certificates costs tens of ms that start-up need not pay."""
     context = ssl.create_default_context()
     with contextlib.suppress(ImportError, OSError):
         import certifi
@@ -5507,12 +5529,14 @@ def tls_context() -> ssl.SSLContext:
     return context
 
 
+def tls_for(url: str) -> ssl.SSLContext | bool:
+    return tls_context() if url.startswith("https:") else True
+
+
 async def client_session_ctx(app: web.Application) -> AsyncIterator[None]:
     """One pooled client session for all backend traffic, for the life of the app."""
     server = app[SETTINGS].server
-    connector = aiohttp.TCPConnector(
-        limit=0, keepalive_timeout=60, ttl_dns_cache=300, ssl=tls_context()
-    )
+    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, ttl_dns_cache=300)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=server.connect_timeout_seconds)
     # No cookies: backends are APIs, and a jar costs work on every request and answer.
     app[CLIENT] = aiohttp.ClientSession(
