@@ -1054,9 +1054,14 @@ class MdnsDiscovery:
             return
         api_path = clean_api_path(instance, txt_text(instance, props, "api_path"))
         service = MdnsService(instance, f"http://{host}:{info.port}{api_path}", type_hint)
+        await self.report(name, service)
+
+    async def report(self, name: str, service: MdnsService) -> None:
+        """Report a service that is new or changed. It counts as reported only once on_found
+        returns: cancelled midway (the name changed again), the next event reports it anew."""
         if self.services.get(name) != service:
-            self.services[name] = service
             await self.on_found(service.name, service.url, service.type_hint)
+            self.services[name] = service
 
     def instance_name(self, service_type: str, name: str) -> str:
         """The instance part of the name, made unique when another type announces it too."""
@@ -1189,6 +1194,8 @@ class Discovery:
             return False
         if backend.source != "discovered":
             log.debug("discovered %r at %s is already backend %s; skipped", name, url, backend.name)
+        elif backend.status == "unknown" and not self.app[SETTINGS].health_check.enabled:
+            await first_poll(self.app, backend)  # its first poll was cut short: no other comes
         elif backend.lost_at is not None:
             self.names[name] = backend.name
             backend.lost_at = None
@@ -1231,7 +1238,12 @@ class Discovery:
         await asyncio.sleep(grace)
         self.removals.pop(backend.name, None)
         registry = self.app[REGISTRY]
-        if registry.backends.get(backend.name) is backend and backend.lost_at is not None:
+        if registry.backends.get(backend.name) is not backend or backend.lost_at is None:
+            return
+        if backend.status == "healthy":  # lost made it unknown: a health poll has answered since
+            backend.lost_at = None
+            log.info("backend %s is back", backend.name)
+        else:
             registry.remove(backend.name)
             self.names = {key: name for key, name in self.names.items() if name != backend.name}
             log.info("backend %s removed: gone for %gs", backend.name, grace)

@@ -24,7 +24,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from conftest import ROOT, free_port
+from conftest import ROOT, MockBackend, free_port
 from netns import Namespace, NamespaceProcess, isolated_namespace, namespace_pair, requires_root
 
 import nexus
@@ -435,3 +435,90 @@ async def test_found_lost_and_grace_period_in_process(backend_factory, nexus_fac
         assert set(running.registry.backends) == {"box"}
     finally:
         await discovery.stop()
+
+
+async def test_an_announcement_cancelled_while_reported_is_reported_again() -> None:
+    reported: list[str] = []
+    entered = asyncio.Event()
+
+    async def on_found(name: str, url: str, type_hint: str | None) -> None:
+        reported.append(url)
+        if len(reported) == 1:
+            entered.set()
+            await asyncio.sleep(10)  # detection of the first report, cut short below
+
+    mdns = nexus.MdnsDiscovery(on_found, lambda name: None, 8000, "127.0.0.1")
+    service = nexus.MdnsService("box", "http://127.0.0.1:9/", "ollama")
+    first = asyncio.create_task(mdns.report("box._ollama._tcp.local.", service))
+    await asyncio.wait_for(entered.wait(), 2)
+    first.cancel()  # as on_change does when the same name changes again
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    await asyncio.wait_for(mdns.report("box._ollama._tcp.local.", service), 2)
+    assert reported == [service.url, service.url]
+    await asyncio.wait_for(mdns.report("box._ollama._tcp.local.", service), 2)
+    assert len(reported) == 2  # reported once it went through: not again while unchanged
+
+
+class SlowFirstShow(MockBackend):
+    """An Ollama whose first /api/show hangs: a poll in progress when its task is cancelled."""
+
+    def __init__(self) -> None:
+        super().__init__("ollama", None, "box")
+        self.shows = 0
+
+    async def ollama_show(self, request: web.Request) -> web.Response:
+        self.shows += 1
+        if self.shows == 1:
+            await asyncio.sleep(3)
+        return await super().ollama_show(request)
+
+
+async def test_cancelled_first_poll_is_made_again_without_health_checks(nexus_factory) -> None:
+    mock = await SlowFirstShow().start()
+    running = await nexus_factory("[health_check]\nenabled = false\n")
+    discovery = nexus.Discovery(running.app)
+    try:
+        first = asyncio.create_task(discovery.found("box", mock.url, "ollama"))
+        await asyncio.wait_for(wait_for_value(lambda: mock.shows == 1), 2)
+        first.cancel()  # the announcement changed while its backend was being polled
+        await asyncio.gather(first, return_exceptions=True)
+        assert running.backend("box").status == "unknown"
+        await discovery.found("box", mock.url, "ollama")  # the new announcement's report
+        assert running.backend("box").status == "healthy"
+        assert "llama3:8b" in running.registry.by_model
+    finally:
+        await discovery.stop()
+        await mock.stop()
+
+
+async def test_lost_backend_healthy_again_by_its_polls_is_kept(
+    backend_factory, nexus_factory
+) -> None:
+    mock = await backend_factory("ollama", name="box")
+    running = await nexus_factory(
+        "[discovery]\nenabled = false\ngrace_period_seconds = 0.5\n"
+        "[health_check]\ninterval_seconds = 0.1\ntimeout_seconds = 1\n"
+    )
+    discovery = nexus.Discovery(running.app)
+    try:
+        await discovery.found("box", mock.url, "ollama")
+        backend = running.backend("box")
+        discovery.lost("box")  # its announcement went, but it still answers its health polls
+        assert backend.status == "unknown"
+        await asyncio.wait_for(wait_for_value(lambda: backend.status == "healthy"), 2)
+        await asyncio.sleep(0.8)  # past the grace period
+        assert running.registry.backends.get("box") is backend
+        assert backend.lost_at is None
+        discovery.lost("box")  # lost again later: the grace period runs again
+        assert backend.lost_at is not None
+    finally:
+        await discovery.stop()
+
+
+async def wait_for_value(check: Callable[[], Any]) -> None:
+    for _ in range(500):  # 5 s at most
+        if check():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not reached in time")
