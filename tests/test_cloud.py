@@ -634,3 +634,44 @@ async def test_a_client_leaving_a_native_stream_is_a_499_and_is_charged(
     assert statuses == [499]
     assert not [r for r in caplog.records if "unexpected" in r.getMessage()]
     assert nx.app[nexus.BUDGET].spent_usd > 0  # the prompt, as message_start reported it
+
+
+async def test_a_cloud_stream_is_charged_when_its_handler_is_cancelled(
+    backend_factory, tmp_path, monkeypatch
+):
+    """As Nexus runs (handler_cancellation on): a client that leaves cancels the handler."""
+    from aiohttp.test_utils import TestServer
+    from conftest import free_port, settings_from
+
+    cloud = await backend_factory("openai", {"gpt-4o-mini": {}}, name="oai")
+    cloud.reply = " ".join(["word"] * 60)
+    cloud.chunk_delay = 0.05
+    for variable, value in cloud_env(cloud).items():
+        monkeypatch.setenv(variable, value)
+    toml = "[discovery]\nenabled = false\n" + backends_toml(cloud)
+    app = nexus.create_app(settings_from(toml, tmp_path, cloud_env(cloud)))
+    server = TestServer(app, host="127.0.0.1", port=free_port(), handler_cancellation=True)
+    await server.start_server()
+    try:
+        registry = app[nexus.REGISTRY]
+        for _ in range(150):
+            if registry.healthy():
+                break
+            await asyncio.sleep(0.02)
+        url = f"http://127.0.0.1:{server.port}/v1/chat/completions"
+        body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(url, json=dict(body, stream=True)) as resp,
+        ):
+            assert resp.status == 200
+            for _ in range(6):
+                await resp.content.readline()
+        budget = app[nexus.BUDGET]
+        for _ in range(150):
+            if budget.spent_usd > 0:
+                break
+            await asyncio.sleep(0.02)
+        assert budget.spent_usd > 0
+    finally:
+        await server.close()
