@@ -3878,9 +3878,7 @@ async def relay_native_stream(
     the cost. Until its first data line is out (an error event is not) a failure may still be
     retried elsewhere; after it, a cut or stalled stream ends with an error event."""
     app = request.app
-    idle = app[SETTINGS].server.stream_idle_timeout_seconds
     backend = attempt.backend
-    loop = asyncio.get_running_loop()
     content = SseLines(upstream.content)
     response: web.StreamResponse | None = None
     usage: dict[str, Any] = {}
@@ -3890,26 +3888,11 @@ async def relay_native_stream(
     problem = ""
     try:
         while not finished:
-            line = content.buffered()
-            try:
-                if line is None:
-                    until = first_byte_by if response is None else min(loop.time() + idle, deadline)
-                    async with asyncio.timeout_at(until):
-                        line = await content.readline()
-            except TimeoutError:
-                if response is None:
-                    raise attempt_failure(app, backend, 504, "sent no data in time") from None
-                problem = stalled_problem(loop.time(), deadline)
-                break
-            except aiohttp.ClientError as exc:
-                if response is None:
-                    raise attempt_failure(app, backend, 502, describe_failure(exc)) from None
-                problem = "the backend connection broke"
-                break
+            line, problem = await next_stream_line(
+                app, backend, content, response is not None, first_byte_by, deadline
+            )
             if not line:
-                if response is None:
-                    raise attempt_failure(app, backend, 502, "ended the stream before any data")
-                problem = "the backend ended the stream before the answer was complete"
+                problem = problem or "the backend ended the stream before the answer was complete"
                 break
             if not line.startswith(b"data:"):
                 if response is not None or not line.startswith(b":"):
@@ -4006,9 +3989,7 @@ async def relay_stream(
     """Relay SSE chunks as they arrive. Until the first chunk is out a failure may still be
     retried elsewhere; after it, Nexus ends the stream itself, honestly, always with [DONE]."""
     app = request.app
-    idle = app[SETTINGS].server.stream_idle_timeout_seconds
     backend = attempt.backend
-    loop = asyncio.get_running_loop()
     content = ADAPTERS[backend.type].stream_reader(upstream.content, attempt.model)
     answered: list[str] | None = [] if backend.is_cloud else None  # to count, if no usage
     response: web.StreamResponse | None = None
@@ -4017,26 +3998,11 @@ async def relay_stream(
     problem = ""
     try:
         while True:
-            line = content.buffered()  # lines already read need no wait, nor a timer
-            try:
-                if line is None:
-                    until = first_byte_by if response is None else min(loop.time() + idle, deadline)
-                    async with asyncio.timeout_at(until):
-                        line = await content.readline()
-            except TimeoutError:
-                if response is None:
-                    raise attempt_failure(app, backend, 504, "sent no data in time") from None
-                problem = stalled_problem(loop.time(), deadline)
-                break
-            except aiohttp.ClientError as exc:
-                if response is None:
-                    raise attempt_failure(app, backend, 502, describe_failure(exc)) from None
-                problem = "the backend connection broke"
-                break
+            line, problem = await next_stream_line(
+                app, backend, content, response is not None, first_byte_by, deadline
+            )
             if not line:
-                if response is None:
-                    raise attempt_failure(app, backend, 502, "ended the stream before any data")
-                if not finished:
+                if not finished and not problem:
                     problem = "the backend ended the stream before the answer was complete"
                 break
             if not line.startswith(b"data:"):
@@ -4102,6 +4068,41 @@ async def relay_stream(
         if answered is not None and response is not None and not settled:
             settle_cost_now(request, record, attempt, answered)  # the client left: no await
     return response
+
+
+async def next_stream_line(
+    app: web.Application,
+    backend: Backend,
+    content: Any,
+    started: bool,
+    first_byte_by: float,
+    deadline: float,
+) -> tuple[bytes, str]:
+    """A stream's next line, waiting at most until the first-byte limit (before anything went
+    to the client) or the idle limit; at the end, b"" and why the stream ended early ("" for
+    its plain end). Before anything was sent, a failure raises AttemptFailed instead, so the
+    request may still be served by the next attempt."""
+    line = content.buffered()  # lines already read need no wait, nor a timer
+    if line is not None:
+        return line, ""
+    loop = asyncio.get_running_loop()
+    idle = app[SETTINGS].server.stream_idle_timeout_seconds
+    try:
+        async with asyncio.timeout_at(
+            min(loop.time() + idle, deadline) if started else first_byte_by
+        ):
+            line = await content.readline()
+    except TimeoutError:
+        if not started:
+            raise attempt_failure(app, backend, 504, "sent no data in time") from None
+        return b"", stalled_problem(loop.time(), deadline)
+    except aiohttp.ClientError as exc:
+        if not started:
+            raise attempt_failure(app, backend, 502, describe_failure(exc)) from None
+        return b"", "the backend connection broke"
+    if not line and not started:
+        raise attempt_failure(app, backend, 502, "ended the stream before any data")
+    return line, ""
 
 
 def well_formed(chunk: Any) -> bool:
