@@ -3496,6 +3496,7 @@ async def proxy(
     request[PAYLOAD] = body
     request[ENDPOINT] = endpoint
     needs.flexible = request.headers.get("X-Nexus-Flexible", "").lower() == "true"
+    needs.high_priority = request.headers.get("X-Nexus-Priority", "").lower() == "high"
     needs.budget_status = app[BUDGET].status
     await refine_prompt_tokens(endpoint, body, needs, app[REGISTRY], settings)
     admit_request(request, needs)
@@ -4791,7 +4792,6 @@ async def messages(request: web.Request) -> web.StreamResponse:
     chat = messages_to_chat(body)
     needs = chat_needs(chat)
     needs.prompt_tokens = estimate_chat_tokens(chat)  # tool definitions count too
-    needs.high_priority = request.headers.get("X-Nexus-Priority", "").lower() == "high"
     fmt = AnthropicFormat(body, needs)
     response = await proxy(request, "chat", chat, json.dumps(chat).encode(), needs, fmt)
     if response.status >= 400 and isinstance(response, web.Response):
@@ -4822,17 +4822,13 @@ async def messages_count_tokens(request: web.Request) -> web.Response:
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     raw = await request.read()
     body = parse_json_body(raw)
-    needs = chat_needs(body)
-    needs.high_priority = request.headers.get("X-Nexus-Priority", "").lower() == "high"
-    return await proxy(request, "chat", body, raw, needs)
+    return await proxy(request, "chat", body, raw, chat_needs(body))
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
     raw = await request.read()
     body = parse_json_body(raw)
-    needs = completion_needs(body)
-    needs.high_priority = request.headers.get("X-Nexus-Priority", "").lower() == "high"
-    return await proxy(request, "completions", body, raw, needs)
+    return await proxy(request, "completions", body, raw, completion_needs(body))
 
 
 async def embeddings(request: web.Request) -> web.StreamResponse:
