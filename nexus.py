@@ -6,7 +6,8 @@ and what they can do, routes every request to the best healthy backend, fails ov
 dies and enforces policy. It never runs a model and keeps no user data: all state is
 operational (health, load, counters) and lives in memory.
 
-This file is the whole program. It needs aiohttp, zeroconf and tiktoken, nothing else.
+This file is the whole program. It needs aiohttp, zeroconf and tiktoken, and uses uvloop where
+it is installed (not on Windows).
 It reads top to bottom in the order a request travels:
 
     Errors -> Settings -> World model (Backend, Model, Registry) -> Health and Discovery (keep
@@ -59,6 +60,11 @@ import aiohttp
 import ifaddr  # comes with zeroconf: the machine's interfaces, for announcing
 import tiktoken
 from aiohttp import web
+
+try:  # optional: not built for Windows, where the standard loop serves
+    import uvloop
+except ImportError:
+    uvloop = None
 from zeroconf import IPVersion, NonUniqueNameException, ServiceStateChange
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
@@ -5753,11 +5759,12 @@ async def run_server(settings: Settings) -> int:
         await runner.cleanup()
         return 1
     log.info(
-        "Nexus %s listening on http://%s:%d (%d configured backends)",
+        "Nexus %s listening on http://%s:%d (%d configured backends, %s)",
         __version__,
         settings.server.host,
         settings.server.port,
         len(settings.backends),
+        "uvloop" if uvloop is not None else "asyncio loop",
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -5798,7 +5805,11 @@ def serve_command(args: argparse.Namespace) -> int:
             print(f"nexus: {exc}", file=sys.stderr)
         return 2
     setup_logging(settings, env)
-    return asyncio.run(run_server(settings))
+    # uvloop, where there is one, takes about a third off the loop's and aiohttp's CPU per
+    # proxied request (`make bench`); Nexus uses only the asyncio API it implements.
+    loop_factory = uvloop.new_event_loop if uvloop is not None else None
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(run_server(settings))
 
 
 def nexus_url(args: argparse.Namespace) -> str:

@@ -85,7 +85,8 @@ def test_serves_then_stops_cleanly_and_removes_its_unpacked_files(
         [str(BINARY), "serve", "--no-discovery", "-H", "127.0.0.1", "-p", str(port)],
         env={**os.environ, "TMPDIR": str(tmp_path)},
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         health = wait_healthy(port, process)
@@ -93,6 +94,10 @@ def test_serves_then_stops_cleanly_and_removes_its_unpacked_files(
         assert len(unpacked_dirs(tmp_path)) == 1
         process.send_signal(sig)  # to the bootloader, which passes it on to the program
         assert process.wait(timeout=20) == 0
+        log = process.stderr.read()
+        assert "listening on" in log
+        if sys.platform != "win32":  # uvloop is bundled wherever it is built
+            assert "uvloop)" in log
     finally:
         if process.poll() is None:
             process.kill()
