@@ -30,6 +30,7 @@ import datetime as dt
 import email.utils
 import fnmatch
 import functools
+import gc
 import hashlib
 import hmac
 import ipaddress
@@ -5740,6 +5741,22 @@ def build_commit() -> str:
     return "unknown"
 
 
+# Young objects per cyclic collection (Python's default is 700). With dozens of requests in
+# flight each young collection scans their coroutines, futures and buffers, most of them
+# alive, and promotes them to be scanned again: about a tenth of the CPU per proxied request
+# at the default (`make bench`). Nexus makes few reference cycles, so this costs little memory.
+GC_YOUNG_THRESHOLD = 10_000
+
+
+def tune_gc() -> None:
+    """Once started: what start-up built (modules, settings, the registry) lives as long as
+    the process, so the collector stops scanning it, and young collections run less often."""
+    gc.collect()
+    gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
+
+
 async def run_server(settings: Settings) -> int:
     app = create_app(settings)
     runner = web.AppRunner(
@@ -5758,6 +5775,7 @@ async def run_server(settings: Settings) -> int:
         )
         await runner.cleanup()
         return 1
+    tune_gc()
     log.info(
         "Nexus %s listening on http://%s:%d (%d configured backends, %s)",
         __version__,
