@@ -9,6 +9,7 @@ import collections
 import json
 import logging
 import os
+import re
 import secrets
 import signal
 import sys
@@ -195,6 +196,9 @@ async def test_json_logs_one_line_per_request_no_content_no_keys(lab, tmp_path):
     lines = [json.loads(line) for line in stderr.splitlines()]  # every line is one JSON object
     assert all(isinstance(line, dict) for line in lines)
     assert all({"time", "level", "message"} <= line.keys() for line in lines)
+    assert all(
+        re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", line["time"]) for line in lines
+    )
     listening = [line["message"] for line in lines if "listening on" in line["message"]]
     # uvloop wherever it is built (not Windows): the standard loop costs more per request.
     assert listening and listening[0].endswith(
@@ -209,6 +213,7 @@ async def test_json_logs_one_line_per_request_no_content_no_keys(lab, tmp_path):
         line = by_id[request_id]
         assert set(REQUEST_FIELDS) <= line.keys()
         assert line["status"] == status and line["level"] == "info"
+        assert line["logger"] == "nexus"
         assert line["latency_ms"] >= 0
     (chat, stream, completion, embedding, cloud, unknown, failed, bad, anthropic, refused) = (
         by_id[i] for i in list(seen)[:10]
@@ -250,6 +255,10 @@ async def test_pretty_logs_one_line_per_request_no_content_no_keys(lab, tmp_path
         assert len(mine) == 1, mine
         assert f"status={status} " in mine[0] and "latency_ms=" in mine[0]
         assert "reason=" in mine[0] and "retries=" in mine[0] and "tokens=" in mine[0]
+        # laid out like every other line: local time to the millisecond, then the level
+        assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO    request ", mine[0])
+    listening = next(line for line in lines if "listening on" in line)
+    assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO    Nexus ", listening)
     assert not any(line.lstrip().startswith("{") for line in lines)
     for secret in lab.secrets():
         assert secret not in stderr + "".join(bodies)
