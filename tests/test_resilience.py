@@ -833,3 +833,59 @@ async def test_an_error_after_a_stream_began_never_writes_a_second_response(
         raw = await resp.read()
     assert raw == b"data: [DONE]\n\n"  # no "HTTP/1.1 500" written into the stream
     assert any("unexpected error" in r.getMessage() for r in caplog.records)
+
+
+# WaitLimits: one timer per attempt, whatever the number of waits.
+
+
+async def test_a_wait_past_its_limit_raises_timeout_and_the_task_goes_on():
+    loop = asyncio.get_running_loop()
+    limits = nexus.WaitLimits(loop.time() + 0.1, 5.0, loop.time() + 10)
+    started = loop.time()
+    with pytest.raises(TimeoutError):
+        await limits.wait(asyncio.sleep(5), limits.first_byte_by)
+    assert 0.09 <= loop.time() - started < 1.0
+    assert await limits.wait(asyncio.sleep(0.01, "next"), limits.read_by()) == "next"
+    limits.close()
+    assert asyncio.current_task().cancelling() == 0
+
+
+async def test_a_limit_that_moves_on_with_each_wait_never_fires_early():
+    """Reads 0.15 s apart under a 0.25 s idle limit for 1.5 s: each wait is within its limit,
+    though the timer armed for the first one fires long before the last."""
+    loop = asyncio.get_running_loop()
+    limits = nexus.WaitLimits(loop.time() + 0.25, 0.25, loop.time() + 10)
+    started = loop.time()
+    for _ in range(10):
+        await limits.wait(asyncio.sleep(0.15), limits.read_by())
+    assert loop.time() - started >= 1.5
+    with pytest.raises(TimeoutError):  # and a read that stalls is still caught
+        await limits.wait(asyncio.sleep(5), limits.read_by())
+    limits.close()
+
+
+async def test_a_limit_passing_between_waits_cancels_nothing():
+    """Between waits (Nexus writing to a slow client) an expired limit is not a stall."""
+    loop = asyncio.get_running_loop()
+    limits = nexus.WaitLimits(loop.time() + 0.05, 0.05, loop.time() + 10)
+    await limits.wait(asyncio.sleep(0), limits.first_byte_by)
+    await asyncio.sleep(0.2)  # not a wait for the backend: the timer fires and lets it be
+    assert await limits.wait(asyncio.sleep(0.01, "ok"), limits.read_by()) == "ok"
+    limits.close()
+
+
+async def test_someone_elses_cancel_during_a_wait_stays_a_cancel():
+    loop = asyncio.get_running_loop()
+
+    async def attempt() -> None:
+        limits = nexus.WaitLimits(loop.time() + 0.2, 0.2, loop.time() + 10)
+        try:
+            await limits.wait(asyncio.sleep(5), limits.first_byte_by)
+        finally:
+            limits.close()
+
+    task = asyncio.create_task(attempt())
+    await asyncio.sleep(0.05)
+    task.cancel()  # the client went away
+    with pytest.raises(asyncio.CancelledError):
+        await task
