@@ -4063,11 +4063,17 @@ async def relay_stream(
     finished = False
     settled = False
     problem = ""
+    pending: list[bytes] = []  # chunks that arrived together go out in one write
     try:
         while True:
-            line, problem = await next_stream_line(
-                app, backend, content, response is not None, limits
-            )
+            line = content.buffered()
+            if line is None:
+                if pending:
+                    await response.write(b"".join(pending))  # type: ignore[union-attr]
+                    pending.clear()
+                line, problem = await next_stream_line(
+                    app, backend, content, response is not None, limits
+                )
             if not line:
                 if not finished and not problem:
                     problem = "the backend ended the stream before the answer was complete"
@@ -4107,20 +4113,23 @@ async def relay_stream(
                 response = await start_stream(request, headers)
             out = fmt.chunk(data, chunk)
             if out:
-                await response.write(out)
+                pending.append(out)
         if response is None:  # [DONE] with no chunk at all: an empty answer, but an honest one
             response = await start_stream(request, headers)
         if answered is not None:  # a cut stream costs what was generated too
+            if pending:
+                await response.write(b"".join(pending))
+                pending.clear()
             await settle_cost(request, record, attempt, answered)
         settled = True
         if problem:
             note_stream_problem(app, record, backend, problem)
-            await response.write(fmt.error(record.endpoint, attempt.model, problem + "."))
+            pending.append(fmt.error(record.endpoint, attempt.model, problem + "."))
         else:
             record.status = 200
             note_success(app, record, backend)
-        await response.write(fmt.end())
-        await response.write_eof()
+        pending.append(fmt.end())
+        await response.write_eof(b"".join(pending))
     except ConnectionError:
         record.status = 499  # the client went away: the backend request ends with this one
         upstream.close()
@@ -4129,8 +4138,8 @@ async def relay_stream(
     except Exception:
         if response is None:
             raise  # nothing sent yet: the request ends in a plain error answer
-        ending = fmt.error(record.endpoint, attempt.model, INTERNAL_STREAM_ERROR) + fmt.end()
-        await end_after_internal_error(record, backend, response, ending)
+        pending += (fmt.error(record.endpoint, attempt.model, INTERNAL_STREAM_ERROR), fmt.end())
+        await end_after_internal_error(record, backend, response, b"".join(pending))
     finally:
         if answered is not None and response is not None and not settled:
             settle_cost_now(request, record, attempt, answered)  # the client left: no await
