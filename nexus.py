@@ -4059,6 +4059,7 @@ async def relay_stream(
     backend = attempt.backend
     content = ADAPTERS[backend.type].stream_reader(upstream.content, attempt.model)
     answered: list[str] | None = [] if backend.is_cloud else None  # to count, if no usage
+    local, model = not backend.is_cloud, attempt.model
     response: web.StreamResponse | None = None
     finished = False
     settled = False
@@ -4085,7 +4086,7 @@ async def relay_stream(
                 finished = True
                 break
             try:
-                chunk = json.loads(data)
+                chunk = parse_chunk(data)
             except ValueError:
                 continue  # a malformed chunk is dropped; the stream goes on
             if not well_formed(chunk):
@@ -4098,8 +4099,8 @@ async def relay_stream(
                         continue
                     del chunk["usage"]
                     data = b""
-            if not backend.is_cloud and chunk.get("model", attempt.model) != attempt.model:
-                chunk["model"] = attempt.model  # the stream names the model that served
+            if local and chunk.get("model", model) != model:
+                chunk["model"] = model  # the stream names the model that served
                 data = b""
             if not data:
                 data = json.dumps(chunk).encode()
@@ -4173,17 +4174,34 @@ async def next_stream_line(
     return line, ""
 
 
+CHUNK_DECODER = json.JSONDecoder()
+EMPTY: dict[str, Any] = {}
+
+
+def parse_chunk(data: bytes) -> Any:
+    """A stream chunk's JSON (its data line, stripped): json.loads without the encoding sniffing
+    and whitespace matching it does for any text, on every chunk of every stream."""
+    text = data.decode()
+    chunk, end = CHUNK_DECODER.raw_decode(text)
+    if end != len(text):  # raw_decode stops after the first value; anything after it is garbage
+        raise ValueError("extra data after a chunk")
+    return chunk
+
+
 def well_formed(chunk: Any) -> bool:
     """Whether a stream chunk has the shape Nexus reads: an object whose choices, if any, are a
     list of objects, each delta an object."""
-    if not isinstance(chunk, dict):
+    if type(chunk) is not dict:
         return False
     choices = chunk.get("choices")
     if choices is None:
         return True
-    return isinstance(choices, list) and all(
-        isinstance(c, dict) and isinstance(c.get("delta", {}), dict) for c in choices
-    )
+    if type(choices) is not list:
+        return False
+    for choice in choices:
+        if type(choice) is not dict or type(choice.get("delta", EMPTY)) is not dict:
+            return False
+    return True
 
 
 class SseLines:

@@ -472,7 +472,8 @@ async def start_sse(request: web.Request) -> web.StreamResponse:
 
 
 async def send_chunk(response: web.StreamResponse, chunk: dict[str, Any]) -> None:
-    await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+    # Raw UTF-8, as llama.cpp, vLLM and Ollama send it (not \u escapes).
+    await response.write(b"data: " + json.dumps(chunk, ensure_ascii=False).encode() + b"\n\n")
 
 
 # --- Nexus in front of mock backends ---------------------------------------------------------

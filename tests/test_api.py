@@ -395,3 +395,14 @@ async def test_200_concurrent_requests_counters_return_to_zero(backend_factory, 
     assert len(a.received) + len(b.received) == 200
     assert min(len(a.received), len(b.received)) > 50  # equal backends share the work
     assert nx.backend("a").in_flight == 0 and nx.backend("b").in_flight == 0
+
+
+async def test_a_stream_of_any_language_arrives_whole(backend_factory, nexus_factory):
+    backend = await backend_factory("generic", {"m": {}})
+    backend.reply = "Grüße aus 東京 und Zürich 🚀 ok"
+    nx = await nexus_factory(backends_toml(backend))
+    stream = await client(nx).chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "x"}], stream=True
+    )
+    text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+    assert text == backend.reply
