@@ -12,7 +12,8 @@ What the sections measure:
   rss        RSS after start-up and one request, then after 10,000 requests.
   seq        One keep-alive connection, requests one after another (2,000 per side after
              a warm-up); latency from the write to the last byte, taken as bytes arrive.
-  conc       100 closed-loop clients while the mock takes 100 ms per answer.
+  conc       100 closed-loop clients while the mock takes 100 ms per answer (their starts
+             spread over those 100 ms, so they do not move in lockstep waves).
   stream     20-chunk streams back to back: first chunk (TTFB) and whole stream; then
              chunks 1 ms apart: how much later each chunk arrives through the gateway.
   throughput 64 connections as fast as they go (wrk), and the gateway's CPU per request
@@ -24,6 +25,9 @@ What the sections measure:
   routing    nexus.route on a 100 KB prompt among 10, 100 and 1,000 backends, in process.
   binary     dist/nexus: size, and start to first served request (median of 5).
   ceiling    the load generators against the mock alone: the most they can measure.
+  instructions  (only when named in --only; needs valgrind) CPU instructions per request and
+             per 20-chunk stream, gateway beside the bare relay, counted by callgrind: the one
+             figure a busy host does not change, for comparing code changes.
 
 `--target relay` runs a bare aiohttp pass-through relay instead of Nexus: the floor that any
 aiohttp-based gateway sits on. `--target mock` puts a second mock in the gateway's place, so
@@ -848,8 +852,14 @@ async def sequential(ports: Ports, total: int, batch: int, stream: bool, **extra
 async def concurrent(
     ports: Ports, concurrency: int, total: int, rounds: int, delay_ms: float
 ) -> dict:
-    """`concurrency` closed-loop clients per side; the mock answers after `delay_ms`."""
+    """`concurrency` closed-loop clients per side; the mock answers after `delay_ms`.
+
+    The clients start evenly spread over one delay. Started together against a backend that
+    always takes the same time they would stay in lockstep: waves of `concurrency` answers at
+    once, which any gateway handles one after another, so the figure would be the wave's
+    length (about concurrency x CPU per request) rather than what one request adds."""
     sides = {"direct": ports.mock, "gateway": ports.gw}
+    spread = delay_ms / 1000 / concurrency
     lat: dict[str, list[float]] = {k: [] for k in sides}
     errors = {k: 0 for k in sides}
     extra = {"mock_delay_ms": delay_ms} if delay_ms else {}
@@ -860,8 +870,9 @@ async def concurrent(
         left = n
         deadline = time.monotonic() + 120
 
-        async def worker(client: Client) -> None:
+        async def worker(client: Client, start_after: float) -> None:
             nonlocal left
+            await asyncio.sleep(start_after)
             while left > 0 and time.monotonic() < deadline:
                 left -= 1
                 try:
@@ -876,7 +887,7 @@ async def concurrent(
                 else:
                     errors[k] += 1
 
-        await asyncio.gather(*(worker(c) for c in clients[k]))
+        await asyncio.gather(*(worker(c, i * spread) for i, c in enumerate(clients[k])))
 
     for k in sides:
         await run(k, concurrency * 2, record=False)
@@ -889,9 +900,9 @@ async def concurrent(
     return {k: pcts(v) for k, v in lat.items()} | {"errors": errors}
 
 
-async def blast(port: int, concurrency: int, total: int) -> int:
+async def blast(port: int, concurrency: int, total: int, stream: bool = False) -> int:
     """`total` requests from `concurrency` closed-loop clients, as fast as they go; errors."""
-    raw, left, errors = chat_request(port), total, 0
+    raw, left, errors = chat_request(port, stream=stream), total, 0
     deadline = time.monotonic() + 120
 
     async def worker() -> None:
@@ -1670,6 +1681,82 @@ async def loadgen_ceiling(args: argparse.Namespace, workdir: Path) -> dict:
     return out
 
 
+INSTRUCTION_REQUESTS = 1000  # per kind (non-stream, 20-chunk stream), after 200 of warm-up
+
+
+async def instructions_per_request(
+    command: Callable[[int], list[str]], workdir: Path, stream: bool
+) -> float:
+    """CPU instructions the gateway executes per request (in thousands), counted by callgrind
+    over INSTRUCTION_REQUESTS requests from 16 clients after a warm-up. Unlike CPU time it is
+    the same on a busy host as on a quiet one, so two runs compare to within about 3%."""
+    port = free_port()
+    out = workdir / f"callgrind.{port}.out"
+    proc = spawn(
+        [
+            "valgrind",
+            "--tool=callgrind",
+            "--instr-atstart=no",  # start-up and warm-up are not counted
+            f"--callgrind-out-file={out}",
+            *command(port),
+        ],
+        workdir / "callgrind.log",
+    )
+    try:
+        await wait_ready(port, chat_request(port), proc, 300)
+        await blast(port, 16, 200, stream)
+        subprocess.run(["callgrind_control", "-i", "on", str(proc.pid)], capture_output=True)
+        errors = await blast(port, 16, INSTRUCTION_REQUESTS, stream)
+        subprocess.run(["callgrind_control", "-i", "off", str(proc.pid)], capture_output=True)
+        if errors:
+            raise RuntimeError(f"{errors} errors while counting instructions")
+    finally:
+        proc.send_signal(signal.SIGINT)  # a clean exit, so callgrind writes its counts
+        try:
+            proc.wait(120)
+        except subprocess.TimeoutExpired:
+            stop(proc)
+        if proc in CHILDREN:
+            CHILDREN.remove(proc)
+    totals = re.findall(r"^(?:totals|summary): (\d+)", out.read_text(), re.M)
+    return max(map(int, totals)) / INSTRUCTION_REQUESTS / 1000
+
+
+async def instruction_rows(args: argparse.Namespace, workdir: Path) -> list[Row]:
+    """The gateway's instructions per request beside the bare relay's, for both kinds."""
+    mock_port = free_port()
+    mock = spawn([sys.executable, __file__, "_mock", str(mock_port)], workdir / "mock-cg.log")
+    rows = []
+    try:
+        await wait_ready(mock_port, chat_request(mock_port), mock, 20)
+        # The binary runs the same code as nexus.py; valgrind follows one process, not the
+        # one-file bootloader's child.
+        target = "nexus" if args.target == "binary" else args.target
+        gateway = Gateway(target, mock_port, workdir, args.nexus_arg)
+        relay = Gateway("relay", mock_port, workdir, [])
+        for stream, what in ((False, "non-stream request"), (True, "20-chunk stream")):
+            mine = await instructions_per_request(
+                lambda port: gateway.command(port, 1), workdir, stream
+            )
+            floor = await instructions_per_request(
+                lambda port: relay.command(port, 1), workdir, stream
+            )
+            rows.append(
+                Row(
+                    f"instructions_{'stream' if stream else 'request'}",
+                    f"instructions per {what} (callgrind), bare relay → gateway",
+                    "k",
+                    direct=floor,
+                    gateway=mine,
+                    measured=mine,
+                    note=f"{mine / floor:.2f}× the relay",
+                )
+            )
+    finally:
+        stop(mock)
+    return rows
+
+
 def load_history(path: Path) -> list[dict]:
     with contextlib.suppress(OSError, ValueError):
         data = json.loads(path.read_text())
@@ -1703,7 +1790,7 @@ def main() -> int:
     p.add_argument(
         "--only",
         help="comma list of sections: rss,seq,conc,stream,throughput,openloop,streams,"
-        "backends,routing,binary,ceiling",
+        "backends,routing,binary,ceiling,instructions",
     )
     p.add_argument(
         "--requests", type=int, help="sequential requests per side (default 2000, quick 300)"
@@ -1745,6 +1832,8 @@ def main() -> int:
         p.error("nexus.py not found; use --target relay")
     if args.target == "binary" and not (REPO / "dist" / "nexus").exists():
         p.error("dist/nexus not built; run make dist")
+    if args.only and "instructions" in args.only.split(",") and not shutil.which("valgrind"):
+        p.error("the instructions section needs valgrind (apt-get install valgrind)")
 
     PRIORITY[0] = args.nice
     raise_priority(os.getpid())  # inherited by the processes started without a new session
@@ -1761,6 +1850,8 @@ def main() -> int:
         try:
             noise = NoiseMeter()
             rows, raw, notes = asyncio.run(bench(args, workdir, noise))
+            if args.only is not None and "instructions" in args.only.split(","):
+                rows += asyncio.run(instruction_rows(args, workdir))
             if args.only is None or "ceiling" in args.only:
                 raw["loadgen_ceiling"] = ceiling = asyncio.run(loadgen_ceiling(args, workdir))
                 parts = [
