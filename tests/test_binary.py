@@ -50,6 +50,19 @@ def test_every_asset_is_inside_unchanged() -> None:
     assert re.fullmatch(r"[0-9a-f]{7,40}|unknown", commit)
 
 
+def test_the_fast_paths_are_compiled_in() -> None:
+    """aiohttp's HTTP parser and writer, multidict, yarl and the event loop as C extensions:
+    without them the binary still runs, on pure-Python fallbacks several times slower."""
+    from PyInstaller.archive.readers import CArchiveReader
+
+    names = list(CArchiveReader(str(BINARY)).toc)
+    wanted = ["aiohttp/_http_parser.", "aiohttp/_http_writer.", "multidict/_multidict.", "yarl/"]
+    if sys.platform != "win32":
+        wanted.append("uvloop/loop.")
+    for prefix in wanted:
+        assert any(n.startswith(prefix) and n.endswith((".so", ".pyd")) for n in names), prefix
+
+
 def test_version_names_the_build_commit() -> None:
     result = subprocess.run(
         [str(BINARY), "--version"], capture_output=True, text=True, timeout=60, check=True
