@@ -4175,7 +4175,7 @@ async def next_stream_line(
 
 
 CHUNK_DECODER = json.JSONDecoder()
-EMPTY: dict[str, Any] = {}
+NO_DELTA: dict[str, Any] = {}  # a chunk choice without a delta is well formed
 
 
 def parse_chunk(data: bytes) -> Any:
@@ -4199,7 +4199,7 @@ def well_formed(chunk: Any) -> bool:
     if type(choices) is not list:
         return False
     for choice in choices:
-        if type(choice) is not dict or type(choice.get("delta", EMPTY)) is not dict:
+        if type(choice) is not dict or type(choice.get("delta", NO_DELTA)) is not dict:
             return False
     return True
 
