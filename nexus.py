@@ -5147,7 +5147,9 @@ class Stats:
         self.success = 0
         self.errors = 0
         self.per_model: collections.Counter[str] = collections.Counter()
-        self.recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=RECENT_REQUESTS)
+        self.recent: collections.deque[tuple[float, RequestRecord, int, float]] = collections.deque(
+            maxlen=RECENT_REQUESTS
+        )
         self.by_outcome: collections.Counter[tuple[str, str, int]] = collections.Counter()
         self.error_kinds: collections.Counter[str] = collections.Counter()
         self.fallbacks = 0
@@ -5179,19 +5181,22 @@ class Stats:
             self.tokens["prompt"] += record.prompt_tokens
         if record.completion_tokens:
             self.tokens["completion"] += record.completion_tokens
-        self.recent.append(
-            {
-                "time": time.time(),
-                "id": record.id,
-                "model": record.model,
-                "backend": record.backend,
-                "status": status,
-                "latency_ms": round(seconds * 1000, 2),
-                "tokens": {"prompt": record.prompt_tokens, "completion": record.completion_tokens},
-                "route_reason": record.route_reason,
-                "key": record.key,
-            }
-        )
+        self.recent.append((time.time(), record, status, seconds))  # as /v1/stats shows it
+
+
+def recent_entry(when: float, record: RequestRecord, status: int, seconds: float) -> dict[str, Any]:
+    """One of the most recent requests as /v1/stats lists it."""
+    return {
+        "time": when,
+        "id": record.id,
+        "model": record.model,
+        "backend": record.backend,
+        "status": status,
+        "latency_ms": round(seconds * 1000, 2),
+        "tokens": {"prompt": record.prompt_tokens, "completion": record.completion_tokens},
+        "route_reason": record.route_reason,
+        "key": record.key,
+    }
 
 
 def stats_snapshot(app: web.Application) -> dict[str, Any]:
@@ -5234,7 +5239,7 @@ def stats_snapshot(app: web.Application) -> dict[str, Any]:
         "requests": {"total": stats.total, "success": stats.success, "errors": stats.errors},
         "backends": backends,
         "models": models,
-        "recent": list(stats.recent),
+        "recent": [recent_entry(*entry) for entry in stats.recent],
         "budget": app[BUDGET].snapshot(),
         "keys": [
             {
@@ -5283,7 +5288,17 @@ def log_request(record: RequestRecord, status: int, seconds: float) -> None:
         f"tokens={record.prompt_tokens}/{record.completion_tokens} "
         f"reason={record.route_reason} retries={record.retries} key={record.key}"
     )
-    fields = {
+    handlers = logging.root.handlers
+    if len(handlers) == 1 and type(handlers[0]) is LogHandler:  # `nexus serve`'s own
+        handlers[0].request_line(message, record, status, latency_ms)
+    else:  # logging set up by another program (a test capturing records): a record as usual
+        fields = request_fields(record, status, latency_ms)
+        log.info("%s", message, extra={"fields": fields})
+
+
+def request_fields(record: RequestRecord, status: int, latency_ms: float) -> dict[str, Any]:
+    """A request line's fields, as a JSON log line carries them."""
+    return {
         "request_id": record.id,
         "endpoint": record.endpoint,
         "model": record.model,
@@ -5297,11 +5312,6 @@ def log_request(record: RequestRecord, status: int, seconds: float) -> None:
         "fallback": record.fallback,
         "key": record.key,
     }
-    handlers = logging.root.handlers
-    if len(handlers) == 1 and type(handlers[0]) is LogHandler:  # `nexus serve`'s own
-        handlers[0].request_line(message, fields)
-    else:  # logging set up by another program (a test capturing records): a record as usual
-        log.info("%s", message, extra={"fields": fields})
 
 
 CONTENT_LOG_CHARS = 10_000
@@ -5735,10 +5745,12 @@ class JsonLogFormatter(logging.Formatter):
             line["stack"] = self.formatStack(record.stack_info)
         return json.dumps(line, default=str)
 
-    def request_line(self, created: float, message: str, fields: dict[str, Any]) -> str:
+    def request_line(
+        self, created: float, message: str, record: RequestRecord, status: int, latency_ms: float
+    ) -> str:
         line = {"time": self.stamp(created), "level": "info", "logger": log.name}
         line["message"] = message
-        line.update(fields)
+        line.update(request_fields(record, status, latency_ms))
         return json.dumps(line, default=str)
 
     @staticmethod
@@ -5752,7 +5764,9 @@ class PrettyLogFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)-7s %(message)s")
 
-    def request_line(self, created: float, message: str, fields: dict[str, Any]) -> str:
+    def request_line(
+        self, created: float, message: str, record: RequestRecord, status: int, latency_ms: float
+    ) -> str:
         stamp = second_stamp(int(created), "%Y-%m-%d %H:%M:%S", False)
         return f"{stamp},{millis(created):03d} INFO    {message}"
 
@@ -5778,8 +5792,11 @@ class LogHandler(logging.StreamHandler):
         self.redacting = RedactingFormatter(formatter, secrets)
         self.setFormatter(self.redacting)
 
-    def request_line(self, message: str, fields: dict[str, Any]) -> None:
-        text = self.redacting.redact(self.lines.request_line(time.time(), message, fields))
+    def request_line(
+        self, message: str, record: RequestRecord, status: int, latency_ms: float
+    ) -> None:
+        line = self.lines.request_line(time.time(), message, record, status, latency_ms)
+        text = self.redacting.redact(line)
         # stderr closed or gone: like logging's own handlers, go on serving
         with self.lock, contextlib.suppress(OSError, ValueError):
             self.stream.write(text + "\n")
