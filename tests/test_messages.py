@@ -648,6 +648,24 @@ async def test_backend_refusal_keeps_its_status_and_nexus_headers(
     assert caught.value.response.headers["X-Nexus-Backend"] == "vl"
 
 
+async def test_a_backend_refusal_in_plain_text_comes_back_in_anthropic_shape(
+    backend_factory, nexus_factory, client
+):
+    backend, nx = await start(backend_factory, nexus_factory)
+
+    async def refuse(request: web.Request, body: dict[str, Any]) -> web.Response:
+        return web.Response(text="bad parameter: top_k", status=400)
+
+    backend.behaviours.append(refuse)
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        await client(nx).messages.create(
+            model="qwen", max_tokens=10, messages=[{"role": "user", "content": "x"}]
+        )
+    assert caught.value.body["type"] == "error"
+    assert caught.value.body["error"]["type"] == "invalid_request_error"
+    assert "bad parameter: top_k" in caught.value.body["error"]["message"]
+
+
 async def test_no_backend_available_is_overloaded(backend_factory, nexus_factory, client):
     _backend, nx = await start(backend_factory, nexus_factory)
     nx.backend("vl").status = "unhealthy"
