@@ -57,7 +57,6 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import ifaddr  # comes with zeroconf: the machine's interfaces, for announcing
 import tiktoken
 from aiohttp import web
@@ -754,6 +753,8 @@ async def poll_backend(app: web.Application, backend: Backend) -> None:
 def describe_failure(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "timed out"
+    if isinstance(exc, BackendHTTPError):
+        return str(exc)[:200]
     return f"{type(exc).__name__}: {exc}"[:200]
 
 
@@ -800,16 +801,12 @@ PROBE_TIMEOUT_SECONDS = 1.0
 PROBE_MAX_BODY = 4 * 1024 * 1024
 
 
-async def probe_json(
-    session: aiohttp.ClientSession, url: str, timeout: float
-) -> tuple[int, Any] | None:
+async def probe_json(pool: BackendPool, url: str, timeout: float) -> tuple[int, Any] | None:
     """(status, parsed JSON or None) for GET url, bounded by timeout; None if nothing answered."""
     try:
-        async with session.get(
-            url, timeout=aiohttp.ClientTimeout(total=timeout), allow_redirects=False
-        ) as resp:
-            status, body = resp.status, await resp.content.read(PROBE_MAX_BODY)
-    except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+        async with asyncio.timeout(timeout):
+            status, body = await pool.fetch("GET", url, {}, limit=PROBE_MAX_BODY)
+    except (BackendHTTPError, TimeoutError) as exc:
         log.debug("probe %s: %s", url, describe_failure(exc))
         return None
     try:
@@ -828,7 +825,7 @@ def answered_list(answer: tuple[int, Any] | None, key: str) -> bool:
 
 
 async def detect_backend_type(
-    session: aiohttp.ClientSession, url: str, timeout: float = PROBE_TIMEOUT_SECONDS
+    pool: BackendPool, url: str, timeout: float = PROBE_TIMEOUT_SECONDS
 ) -> str | None:
     """What answers at url (a server's root): a backend type, "nexus", or None if no LLM server.
 
@@ -839,20 +836,20 @@ async def detect_backend_type(
     """
     on_exo_port = urllib.parse.urlsplit(url).port == EXO_PORT
     if not on_exo_port:  # exo also speaks other dialects; on its own port it is exo
-        answer = await probe_json(session, url + "/api/tags", timeout)
+        answer = await probe_json(pool, url + "/api/tags", timeout)
         if answer is None:
             return None
         if answered_list(answer, "models"):
             return "ollama"
-        answer = await probe_json(session, url + "/props", timeout)
+        answer = await probe_json(pool, url + "/props", timeout)
         if answer and isinstance(answer[1], dict) and "default_generation_settings" in answer[1]:
             return "llamacpp"
-        if answered_list(await probe_json(session, url + "/api/v0/models", timeout), "data"):
+        if answered_list(await probe_json(pool, url + "/api/v0/models", timeout), "data"):
             return "lmstudio"
-    answer = await probe_json(session, url + "/v1/models", timeout)
+    answer = await probe_json(pool, url + "/v1/models", timeout)
     if not answered_list(answer, "data"):
         return None
-    health = await probe_json(session, url + "/health", timeout)
+    health = await probe_json(pool, url + "/health", timeout)
     if health and isinstance(health[1], dict) and {"version", "backends"} <= health[1].keys():
         return NEXUS_TYPE
     if on_exo_port:
@@ -862,15 +859,13 @@ async def detect_backend_type(
     return "vllm" if any("max_model_len" in e for e in entries) else "generic"
 
 
-async def probe_local_ports(
-    session: aiohttp.ClientSession, own_port: int, skip: set[str]
-) -> dict[str, str]:
+async def probe_local_ports(pool: BackendPool, own_port: int, skip: set[str]) -> dict[str, str]:
     """{url: type} of the LLM servers answering on the well-known loopback ports, all probed at
     once. Nexus's own port, URLs in skip and anything that turns out to be a Nexus are left out.
     """
     urls = [f"http://127.0.0.1:{port}" for port in LOCAL_PORTS if port != own_port]
     urls = [url for url in urls if url not in skip]
-    kinds = await asyncio.gather(*(detect_backend_type(session, url) for url in urls))
+    kinds = await asyncio.gather(*(detect_backend_type(pool, url) for url in urls))
     found = {}
     for url, kind in zip(urls, kinds, strict=True):
         if kind == NEXUS_TYPE:
@@ -2502,6 +2497,397 @@ def no_capacity(
 
 
 # ==============================================================================================
+# Backend connections
+# Owns: HTTP/1.1 to the backends: connections opened, kept alive, reused and closed; requests
+# written; answers parsed (status, headers, a body framed by Content-Length, chunked coding or
+# the connection's end) and read as they arrive, with reading paused while a reader lags.
+# Must not: know backend types or APIs. Adapters say what to send; the proxy what to do next.
+# ==============================================================================================
+# Why not aiohttp's client: a request through its ClientSession cost a bare relay about 0.17 ms
+# of CPU here (URL objects, multidict headers, cookies, traces, payload registry), twice all the
+# rest of the relay (`make bench`). Backends are JSON and SSE APIs, so this asks for no
+# compression, follows no redirects and uses no proxy; each connection carries one request at
+# a time.
+
+BACKEND_HEAD_MAX = 64 * 1024  # an answer's status line and headers
+BACKEND_CHUNK_LINE_MAX = 1024  # a chunk's size line, extensions included
+BACKEND_BUFFER_HIGH = 256 * 1024  # unread body bytes at which reading the socket pauses
+BACKEND_KEEPALIVE_SECONDS = 60.0  # an idle connection older than this is closed, not reused
+BACKEND_USER_AGENT = f"nexus/{__version__}"
+
+Origin = tuple[str, str, int]  # scheme, host, port: which connections can serve a URL
+
+
+class BackendHTTPError(Exception):
+    """A backend connection that failed: refused, cut short, or answering something not HTTP."""
+
+
+@functools.lru_cache(maxsize=4096)
+def split_url(url: str) -> tuple[Origin, str, str]:
+    """A backend URL's origin, request target and Host header (computed once per URL)."""
+    parts = urllib.parse.urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        raise BackendHTTPError(f"has a bad port in its URL {url}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise BackendHTTPError(f"has a URL Nexus cannot reach: {url}")
+    https = parts.scheme == "https"
+    port = port or (443 if https else 80)
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return (parts.scheme, parts.hostname, port), target, parts.netloc.rpartition("@")[2]
+
+
+def encode_request(
+    method: str, url: str, headers: dict[str, str], body: bytes, keep_alive: bool
+) -> tuple[Origin, bytes]:
+    origin, target, host = split_url(url)
+    lines = [f"{method} {target} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: {BACKEND_USER_AGENT}\r\n"]
+    for name, value in headers.items():
+        if "\n" in value or "\r" in value:  # would end the header early: another header, smuggled
+            raise BackendHTTPError(f"the {name} header to send holds a line break")
+        lines.append(f"{name}: {value}\r\n")
+    if not keep_alive:
+        lines.append("Connection: close\r\n")
+    if body or method != "GET":
+        lines.append(f"Content-Length: {len(body)}\r\n")
+    lines.append("\r\n")
+    return origin, "".join(lines).encode() + body
+
+
+class BackendConnection(asyncio.Protocol):
+    """One connection to a backend and the answer it is reading, one request at a time.
+
+    BackendPool.request() writes a request and returns the connection once the answer's head
+    (status, headers with lower-case names) is in. The body is then read as it arrives with
+    readany(), or whole with read(); release() gives the connection back to its pool when the
+    answer was read to its end, and closes it otherwise. A broken connection or an answer that
+    is not HTTP raises BackendHTTPError from the wait that meets it, after the body read so far.
+    """
+
+    __slots__ = (
+        "body",
+        "buffered",
+        "closed",
+        "collect",
+        "error",
+        "headers",
+        "idle_since",
+        "keep_alive",
+        "left",
+        "origin",
+        "paused",
+        "pool",
+        "rest",
+        "state",
+        "status",
+        "transport",
+        "waiter",
+    )
+
+    def __init__(self, pool: BackendPool, origin: Origin) -> None:
+        self.pool, self.origin = pool, origin
+        self.transport: asyncio.Transport | None = None
+        self.rest = b""  # bytes received and not parsed yet: part of a head or a chunk line
+        self.body: collections.deque[bytes] = collections.deque()  # body blocks not read yet
+        self.buffered = 0  # their size
+        # idle (between answers), head, length, chunked, trailer, close (ends with the
+        # connection), done (the whole answer is in)
+        self.state = "idle"
+        self.left = 0  # body bytes still to come (length), or of this chunk; -1: its CRLF next
+        self.status = 0
+        self.headers: dict[str, str] = {}
+        self.keep_alive = True
+        self.error: BackendHTTPError | None = None
+        self.waiter: asyncio.Future[None] | None = None
+        self.paused = False
+        self.collect = False  # read() takes the whole body: no pausing for it
+        self.closed = False
+        self.idle_since = 0.0
+
+    # --- the protocol: called by the loop -------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if self.rest:
+            data, self.rest = self.rest + data, b""
+        try:
+            self.parse(data)
+        except BackendHTTPError as exc:
+            self.fail(exc)
+        self.wake()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.pool.open.discard(self)
+        if self.state == "close":
+            self.state = "done"
+        elif self.state not in ("idle", "done") and self.error is None:
+            if self.state == "head" and not self.rest:
+                self.error = BackendHTTPError("closed the connection without answering")
+            else:
+                self.error = BackendHTTPError("closed the connection in the middle of its answer")
+        self.wake()
+
+    # --- parsing ----------------------------------------------------------------------------------
+
+    def parse(self, data: bytes) -> None:
+        pos, end = 0, len(data)
+        while pos < end:
+            state = self.state
+            if state == "length" or (state == "chunked" and self.left > 0):
+                take = min(self.left, end - pos)
+                self.add_body(data[pos : pos + take] if pos or take < end else data)
+                pos += take
+                self.left -= take
+                if not self.left:
+                    if state == "length":
+                        self.state = "done"
+                    else:
+                        self.left = -1
+            elif state == "chunked" and self.left < 0:  # the CRLF after a chunk's data
+                if end - pos < 2:
+                    break
+                if data[pos : pos + 2] != b"\r\n":
+                    raise BackendHTTPError("answered a malformed chunk")
+                pos += 2
+                self.left = 0
+            elif state in ("chunked", "trailer"):  # a chunk's size line, or a trailer line
+                eol = data.find(b"\r\n", pos)
+                if eol < 0:
+                    if end - pos > BACKEND_CHUNK_LINE_MAX:
+                        raise BackendHTTPError("answered a malformed chunk")
+                    break
+                line = data[pos:eol]
+                pos = eol + 2
+                if state == "trailer":
+                    if not line:
+                        self.state = "done"
+                    continue
+                size = line.split(b";", 1)[0].strip()
+                if not size or len(size) > 16 or size.strip(b"0123456789abcdefABCDEF"):
+                    raise BackendHTTPError("answered a malformed chunk")
+                self.left = int(size, 16)
+                if not self.left:
+                    self.state = "trailer"
+            elif state == "close":
+                self.add_body(data[pos:] if pos else data)
+                pos = end
+            elif state == "head":
+                head_end = data.find(b"\r\n\r\n", pos)
+                if head_end < 0:
+                    if end - pos > BACKEND_HEAD_MAX:
+                        raise BackendHTTPError("answered a head too long")
+                    break
+                self.read_head(data[pos:head_end])
+                pos = head_end + 4
+            else:  # idle or done: bytes nobody asked for
+                raise BackendHTTPError("sent bytes that answer nothing")
+        if pos < end:
+            self.rest = data[pos:]
+
+    def read_head(self, head: bytes) -> None:
+        lines = head.split(b"\r\n")
+        first = lines[0]
+        code = first[9:12]
+        if not first.startswith(b"HTTP/1.") or not code.isdigit() or first[12:13] not in b" ":
+            raise BackendHTTPError("answered something that is not HTTP")
+        headers = {}
+        for line in lines[1:]:
+            name, colon, value = line.partition(b":")
+            if not colon:
+                raise BackendHTTPError("answered a malformed header")
+            headers[name.strip().lower().decode("latin-1")] = value.strip().decode("latin-1")
+        status = int(code)
+        if status < 200:
+            return  # an interim answer (100 Continue): the real one follows
+        self.status, self.headers = status, headers
+        self.keep_alive = first[7:8] == b"1" and "close" not in headers.get("connection", "")
+        if "chunked" in headers.get("transfer-encoding", ""):
+            self.state, self.left = "chunked", 0
+        elif status in (204, 304):
+            self.state = "done"
+        elif (length := headers.get("content-length")) is not None:
+            if not length.isdigit():
+                raise BackendHTTPError("answered a bad Content-Length")
+            self.left = int(length)
+            self.state = "length" if self.left else "done"
+        else:
+            self.state, self.keep_alive = "close", False
+
+    def add_body(self, block: bytes) -> None:
+        self.body.append(block)
+        self.buffered += len(block)
+        if self.buffered >= BACKEND_BUFFER_HIGH and not self.paused and not self.collect:
+            self.paused = True
+            self.transport.pause_reading()  # type: ignore[union-attr]
+
+    def fail(self, error: BackendHTTPError) -> None:
+        if self.error is None:
+            self.error = error
+        self.keep_alive = False
+        if self.transport is not None:
+            self.transport.abort()
+
+    def wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def wait(self) -> None:
+        self.waiter = self.pool.loop.create_future()
+        try:
+            await self.waiter
+        finally:
+            self.waiter = None
+
+    # --- for the reader ----------------------------------------------------------------------
+
+    async def send(self, data: bytes) -> None:
+        """Write a request and wait for its answer's head."""
+        self.state, self.status, self.error = "head", 0, None
+        self.transport.write(data)  # type: ignore[union-attr]
+        while not self.status:
+            if self.error is not None:
+                raise self.error
+            await self.wait()
+
+    @property
+    def complete(self) -> bool:
+        """Whether the whole answer is in, so read() will not wait."""
+        return self.state == "done"
+
+    def take(self) -> bytes:
+        body = self.body
+        data = body.popleft() if len(body) == 1 else b"".join(body)
+        body.clear()
+        self.buffered = 0
+        if self.paused:
+            self.paused = False
+            self.transport.resume_reading()  # type: ignore[union-attr]
+        return data
+
+    async def readany(self) -> bytes:
+        """The body bytes that have arrived, waiting for some; b"" at the answer's end."""
+        while not self.body:
+            if self.error is not None:
+                raise self.error
+            if self.state == "done":
+                return b""
+            await self.wait()
+        return self.take()
+
+    async def read(self, limit: int = 0) -> bytes:
+        """The whole body; with a limit, its first `limit` bytes, as soon as they are in."""
+        self.collect = True
+        if self.paused:
+            self.paused = False
+            self.transport.resume_reading()  # type: ignore[union-attr]
+        while self.state != "done" and not (limit and self.buffered >= limit):
+            if self.error is not None:
+                raise self.error
+            await self.wait()
+        data = self.take() if self.body else b""
+        return data[:limit] if limit else data
+
+    def release(self) -> None:
+        """Back to the pool if the answer was read to its end; closed otherwise."""
+        if self.state == "done" and self.keep_alive and not self.closed and not self.body:
+            self.state, self.collect = "idle", False
+            self.pool.put(self)
+        else:
+            self.close()
+
+    def close(self) -> None:
+        self.keep_alive = False
+        if self.transport is not None and not self.closed:
+            self.transport.close()
+
+
+class BackendPool:
+    """Every connection to every backend; idle ones kept per origin, newest reused first."""
+
+    def __init__(self, connect_timeout: float, tls: ssl.SSLContext | None = None) -> None:
+        self.connect_timeout = connect_timeout
+        self.tls = tls  # for https backends; None: the system's certificates (tls_context)
+        self.loop = asyncio.get_running_loop()
+        self.idle: dict[Origin, collections.deque[BackendConnection]] = {}
+        self.open: set[BackendConnection] = set()
+
+    async def request(
+        self,
+        method: str,
+        url: str,
+        headers: dict[str, str],
+        body: bytes = b"",
+        keep_alive: bool = True,
+    ) -> BackendConnection:
+        """Send a request; the connection carrying its answer, once the answer's head is in."""
+        origin, data = encode_request(method, url, headers, body, keep_alive)
+        conn = self.reuse(origin) or await self.connect(origin)
+        try:
+            await conn.send(data)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    async def fetch(
+        self, method: str, url: str, headers: dict[str, str], body: bytes = b"", limit: int = 0
+    ) -> tuple[int, bytes]:
+        """A whole answer (status, body) on a connection of its own, closed after it: a poll
+        or probe, which would otherwise keep an idle connection per backend. With a limit, only
+        the body's first `limit` bytes are read."""
+        conn = await self.request(method, url, headers, body, keep_alive=False)
+        try:
+            return conn.status, await conn.read(limit)
+        finally:
+            conn.close()
+
+    def reuse(self, origin: Origin) -> BackendConnection | None:
+        idle = self.idle.get(origin)
+        while idle:
+            conn = idle.pop()
+            if not conn.closed:
+                return conn
+        return None
+
+    def put(self, conn: BackendConnection) -> None:
+        now = self.loop.time()
+        conn.idle_since = now
+        idle = self.idle.get(conn.origin)
+        if idle is None:
+            idle = self.idle[conn.origin] = collections.deque()
+        while idle and now - idle[0].idle_since > BACKEND_KEEPALIVE_SECONDS:
+            idle.popleft().close()  # the oldest, unused for a minute
+        idle.append(conn)
+
+    async def connect(self, origin: Origin) -> BackendConnection:
+        scheme, host, port = origin
+        tls = (self.tls or tls_context()) if scheme == "https" else None
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                _, conn = await self.loop.create_connection(
+                    lambda: BackendConnection(self, origin), host, port, ssl=tls
+                )
+        except TimeoutError:
+            raise BackendHTTPError(
+                f"timed out connecting ({self.connect_timeout:g} s, server.connect_timeout_seconds)"
+            ) from None
+        except OSError as exc:  # refused, unreachable, no such host, certificate refused
+            raise BackendHTTPError(f"could not connect: {exc.strerror or exc}") from None
+        self.open.add(conn)
+        return conn
+
+    def close(self) -> None:
+        for conn in list(self.open):
+            conn.close()
+        self.idle.clear()
+
+
+# ==============================================================================================
 # Backend adapters
 # Owns: every quirk of every backend type: where its model list and health live, how its
 # capabilities and context lengths are reported, which headers it needs.
@@ -2519,28 +2905,23 @@ class BackendReplyError(Exception):
     """A backend answered a poll with a status or body that is not what its type sends."""
 
 
-# A poll (every interval, per backend) closes its connection: idle pooled connections would
-# otherwise cost memory per backend, and inference traffic keeps its own warm connections.
-POLL_HEADERS = {"Connection": "close"}
-
-
 async def fetch_json(
-    session: aiohttp.ClientSession,
+    pool: BackendPool,
     method: str,
     url: str,
     headers: dict[str, str] | None = None,
     payload: Any = None,
 ) -> Any:
-    headers = {**headers, **POLL_HEADERS} if headers else POLL_HEADERS
-    async with session.request(
-        method, url, headers=headers, json=payload, ssl=tls_for(url)
-    ) as resp:
-        if resp.status != 200:
-            raise BackendReplyError(f"{method} {urllib.parse.urlsplit(url).path}: {resp.status}")
-        try:
-            return await resp.json(content_type=None)
-        except ValueError:
-            raise BackendReplyError(f"{url}: not JSON") from None
+    body = b"" if payload is None else json.dumps(payload).encode()
+    if payload is not None:
+        headers = {**headers, **JSON_HEADERS} if headers else JSON_HEADERS
+    status, answer = await pool.fetch(method, url, headers or {}, body)
+    if status != 200:
+        raise BackendReplyError(f"{method} {urllib.parse.urlsplit(url).path}: {status}")
+    try:
+        return json.loads(answer)
+    except ValueError:
+        raise BackendReplyError(f"{url}: not JSON") from None
 
 
 def positive_int(value: Any) -> int | None:
@@ -2597,7 +2978,7 @@ class OpenAICompatibleAdapter:
         """A whole answer's usage, in chat terms."""
         return answer.get("usage")
 
-    def stream_reader(self, content: aiohttp.StreamReader, model: str) -> Any:
+    def stream_reader(self, content: BackendConnection, model: str) -> Any:
         """Where a stream's SSE lines are read: the body's lines themselves, or a translator
         with the same readline() and buffered() that turns another API's events into chunks."""
         return SseLines(content)
@@ -2605,8 +2986,8 @@ class OpenAICompatibleAdapter:
     def url(self, backend: Backend, endpoint: str) -> str:
         return backend.url + ENDPOINT_PATHS[endpoint]
 
-    async def poll(self, session: aiohttp.ClientSession, backend: Backend) -> dict[str, Model]:
-        data = await fetch_json(session, "GET", backend.url + "/v1/models", self.headers(backend))
+    async def poll(self, pool: BackendPool, backend: Backend) -> dict[str, Model]:
+        data = await fetch_json(pool, "GET", backend.url + "/v1/models", self.headers(backend))
         return models_from_openai_list(data)
 
 
@@ -2615,11 +2996,11 @@ class VllmAdapter(OpenAICompatibleAdapter):
 
     stream_usage = True
 
-    async def poll(self, session: aiohttp.ClientSession, backend: Backend) -> dict[str, Model]:
-        async with session.get(backend.url + "/health", headers=POLL_HEADERS) as resp:
-            if resp.status != 200:
-                raise BackendReplyError(f"/health: {resp.status}")
-        return await super().poll(session, backend)
+    async def poll(self, pool: BackendPool, backend: Backend) -> dict[str, Model]:
+        status, _ = await pool.fetch("GET", backend.url + "/health", {})
+        if status != 200:
+            raise BackendReplyError(f"/health: {status}")
+        return await super().poll(pool, backend)
 
 
 class LlamaCppAdapter(OpenAICompatibleAdapter):
@@ -2627,12 +3008,12 @@ class LlamaCppAdapter(OpenAICompatibleAdapter):
 
     stream_usage = True
 
-    async def poll(self, session: aiohttp.ClientSession, backend: Backend) -> dict[str, Model]:
-        async with session.get(backend.url + "/health", headers=POLL_HEADERS) as resp:
-            if resp.status != 200:
-                raise BackendReplyError(f"/health: {resp.status}")
-        props = await fetch_json(session, "GET", backend.url + "/props")
-        models = await super().poll(session, backend)
+    async def poll(self, pool: BackendPool, backend: Backend) -> dict[str, Model]:
+        status, _ = await pool.fetch("GET", backend.url + "/health", {})
+        if status != 200:
+            raise BackendReplyError(f"/health: {status}")
+        props = await fetch_json(pool, "GET", backend.url + "/props")
+        models = await super().poll(pool, backend)
         if not isinstance(props, dict):
             return models
         settings = props.get("default_generation_settings")
@@ -2651,8 +3032,8 @@ class LlamaCppAdapter(OpenAICompatibleAdapter):
 class LmStudioAdapter(OpenAICompatibleAdapter):
     """LM Studio: its `/api/v0/models` says type (llm, vlm, embeddings), context and tool use."""
 
-    async def poll(self, session: aiohttp.ClientSession, backend: Backend) -> dict[str, Model]:
-        data = await fetch_json(session, "GET", backend.url + "/api/v0/models")
+    async def poll(self, pool: BackendPool, backend: Backend) -> dict[str, Model]:
+        data = await fetch_json(pool, "GET", backend.url + "/api/v0/models")
         if not isinstance(data, dict) or not isinstance(data.get("data"), list):
             raise BackendReplyError("/api/v0/models: no data list")
         models = {}
@@ -2683,8 +3064,8 @@ class OllamaAdapter(OpenAICompatibleAdapter):
     def __init__(self) -> None:
         self.details: dict[tuple[str, str, str], Model] = {}
 
-    async def poll(self, session: aiohttp.ClientSession, backend: Backend) -> dict[str, Model]:
-        data = await fetch_json(session, "GET", backend.url + "/api/tags")
+    async def poll(self, pool: BackendPool, backend: Backend) -> dict[str, Model]:
+        data = await fetch_json(pool, "GET", backend.url + "/api/tags")
         if not isinstance(data, dict) or not isinstance(data.get("models"), list):
             raise BackendReplyError("/api/tags: no models list")
         keys = {}
@@ -2700,15 +3081,15 @@ class OllamaAdapter(OpenAICompatibleAdapter):
 
         async def learn(key: tuple[str, str, str]) -> None:
             async with limit:
-                self.details[key] = await self.show(session, backend, key[1])
+                self.details[key] = await self.show(pool, backend, key[1])
 
         await asyncio.gather(*(learn(k) for k in set(keys.values()) if k not in self.details))
         return {name: self.details[key] for name, key in keys.items()}
 
-    async def show(self, session: aiohttp.ClientSession, backend: Backend, name: str) -> Model:
+    async def show(self, pool: BackendPool, backend: Backend, name: str) -> Model:
         try:
             info = await fetch_json(
-                session, "POST", backend.url + "/api/show", payload={"model": name}
+                pool, "POST", backend.url + "/api/show", payload={"model": name}
             )
         except BackendReplyError:
             return Model(id=name)
@@ -2788,12 +3169,12 @@ class AnthropicAdapter(OpenAICompatibleAdapter):
         envelope = {"message": message, "type": error.get("type"), "param": None, "code": None}
         return json.dumps({"error": envelope}).encode()
 
-    def stream_reader(self, content: aiohttp.StreamReader, model: str) -> AnthropicStream:
+    def stream_reader(self, content: BackendConnection, model: str) -> AnthropicStream:
         return AnthropicStream(content, model)
 
-    async def poll(self, session: aiohttp.ClientSession, backend: Backend) -> dict[str, Model]:
+    async def poll(self, pool: BackendPool, backend: Backend) -> dict[str, Model]:
         url = backend.url + "/v1/models?limit=1000"  # the list is paged, 20 by default
-        return models_from_openai_list(await fetch_json(session, "GET", url, self.headers(backend)))
+        return models_from_openai_list(await fetch_json(pool, "GET", url, self.headers(backend)))
 
 
 ANTHROPIC_VERSION = "2023-06-01"
@@ -3062,7 +3443,7 @@ class AnthropicStream:
     reason a finish_reason, and message_stop a final usage chunk (choices empty) then [DONE].
     An error event ends the stream as a broken connection would."""
 
-    def __init__(self, content: aiohttp.StreamReader, model: str) -> None:
+    def __init__(self, content: BackendConnection, model: str) -> None:
         self.content = SseLines(content)
         self.pending: collections.deque[bytes] = collections.deque()
         self.id = new_block_id("msg_")
@@ -3090,7 +3471,7 @@ class AnthropicStream:
             try:
                 chunks = self.feed(event)
             except BackendReplyError as exc:
-                raise aiohttp.ClientPayloadError(str(exc)) from None
+                raise BackendHTTPError(str(exc)) from None
             self.pending.extend(b"data: " + json.dumps(c).encode() + b"\n" for c in chunks)
             if self.done:
                 self.pending.append(DONE_EVENT)
@@ -3681,22 +4062,21 @@ async def send_attempt(
     backend.in_flight += 1
     backend.requests += 1
     record.backend = backend.name
-    upstream: aiohttp.ClientResponse | None = None
+    upstream: BackendConnection | None = None
     try:
         try:
             url = adapter.url(backend, endpoint)
             upstream = await limits.wait(
-                app[CLIENT].post(url, data=payload, headers=headers, ssl=tls_for(url)),
-                limits.first_byte_by,
+                app[CLIENT].request("POST", url, headers, payload), limits.first_byte_by
             )
             if upstream.status >= 400 or not stream:
-                if upstream.content.is_eof():  # all of it came with the headers: no wait
+                if upstream.complete:  # all of it came with the headers: no wait
                     answer = await upstream.read()
                 else:
                     answer = await limits.wait(upstream.read(), limits.read_by())
         except TimeoutError:
             raise attempt_failure(app, backend, 504, "timed out before answering") from None
-        except aiohttp.ClientError as exc:
+        except BackendHTTPError as exc:
             raise attempt_failure(app, backend, 502, describe_failure(exc)) from None
         if upstream.status >= 400:
             if adapter.translates:
@@ -3770,7 +4150,7 @@ def upstream_error(
     record: RequestRecord,
     attempt: Attempt,
     reason: str,
-    upstream: aiohttp.ClientResponse,
+    upstream: BackendConnection,
     answer: bytes,
 ) -> web.Response:
     """A backend's error answer: 5xx and 429 are retried, context overruns fall back, other 4xx
@@ -3782,7 +4162,7 @@ def upstream_error(
         raise attempt_failure(app, backend, 502, f"answered HTTP {status}")
     if status == 429:  # alive but busy: not a health failure
         backend.errors += 1
-        wait = retry_after_seconds(upstream.headers.get("Retry-After"))
+        wait = retry_after_seconds(upstream.headers.get("retry-after"))
         raise AttemptFailed(
             NexusError(
                 429,
@@ -3816,7 +4196,7 @@ def upstream_error(
             "code": "backend_error",
         }
         return web.json_response({"error": error}, status=status, headers=headers)
-    content_type = upstream.headers.get("Content-Type", "application/json").split(";")[0]
+    content_type = upstream.headers.get("content-type", "application/json").split(";")[0]
     return web.Response(body=answer, status=status, headers=headers, content_type=content_type)
 
 
@@ -3937,7 +4317,7 @@ async def relay_native_stream(
     request: web.Request,
     record: RequestRecord,
     attempt: Attempt,
-    upstream: aiohttp.ClientResponse,
+    upstream: BackendConnection,
     headers: dict[str, str],
     limits: WaitLimits,
 ) -> web.StreamResponse:
@@ -3947,7 +4327,7 @@ async def relay_native_stream(
     retried elsewhere; after it, a cut or stalled stream ends with an error event."""
     app = request.app
     backend = attempt.backend
-    content = SseLines(upstream.content)
+    content = SseLines(upstream)
     response: web.StreamResponse | None = None
     usage: dict[str, Any] = {}
     held: list[bytes] = []  # an event's name (and comments), sent with its data line
@@ -4047,7 +4427,7 @@ async def relay_stream(
     request: web.Request,
     record: RequestRecord,
     attempt: Attempt,
-    upstream: aiohttp.ClientResponse,
+    upstream: BackendConnection,
     headers: dict[str, str],
     strip_usage: bool,
     limits: WaitLimits,
@@ -4057,7 +4437,7 @@ async def relay_stream(
     retried elsewhere; after it, Nexus ends the stream itself, honestly, always with [DONE]."""
     app = request.app
     backend = attempt.backend
-    content = ADAPTERS[backend.type].stream_reader(upstream.content, attempt.model)
+    content = ADAPTERS[backend.type].stream_reader(upstream, attempt.model)
     answered: list[str] | None = [] if backend.is_cloud else None  # to count, if no usage
     local, model = not backend.is_cloud, attempt.model
     response: web.StreamResponse | None = None
@@ -4165,7 +4545,7 @@ async def next_stream_line(
         if not started:
             raise attempt_failure(app, backend, 504, "sent no data in time") from None
         return b"", stalled_problem(asyncio.get_running_loop().time(), limits.deadline)
-    except aiohttp.ClientError as exc:
+    except BackendHTTPError as exc:
         if not started:
             raise attempt_failure(app, backend, 502, describe_failure(exc)) from None
         return b"", "the backend connection broke"
@@ -4210,7 +4590,7 @@ class SseLines:
 
     __slots__ = ("content", "lines", "partial")
 
-    def __init__(self, content: aiohttp.StreamReader) -> None:
+    def __init__(self, content: BackendConnection) -> None:
         self.content = content
         self.lines: collections.deque[bytes] = collections.deque()
         self.partial = b""
@@ -5350,7 +5730,7 @@ async def log_content(
         return
     try:
         body = json.loads(await request.read())
-    except (ValueError, web.HTTPException, aiohttp.ClientError, ConnectionError):
+    except (ValueError, web.HTTPException, ConnectionError):
         body = None
     prompt = None
     if isinstance(body, dict):
@@ -5514,7 +5894,7 @@ async def metrics(request: web.Request) -> web.Response:
 SETTINGS = web.AppKey("settings", Settings)
 REGISTRY = web.AppKey("registry", Registry)
 STATS = web.AppKey("stats", Stats)
-CLIENT = web.AppKey("client", aiohttp.ClientSession)
+CLIENT = web.AppKey("client", BackendPool)
 QUEUE = web.AppKey("queue", WaitQueue)
 STATE = web.AppKey("state", dict)
 BUDGET = web.AppKey("budget", Budget)  # the month's cloud spend: BUDGET.spent_usd, .status
@@ -5627,24 +6007,11 @@ def tls_context() -> ssl.SSLContext:
     return context
 
 
-def tls_for(url: str) -> ssl.SSLContext | bool:
-    return tls_context() if url.startswith("https:") else True
-
-
-async def client_session_ctx(app: web.Application) -> AsyncIterator[None]:
-    """One pooled client session for all backend traffic, for the life of the app."""
-    server = app[SETTINGS].server
-    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, ttl_dns_cache=300)
-    timeout = aiohttp.ClientTimeout(total=None, sock_connect=server.connect_timeout_seconds)
-    # No cookies: backends are APIs, and a jar costs work on every request and answer.
-    app[CLIENT] = aiohttp.ClientSession(
-        connector=connector,
-        timeout=timeout,
-        cookie_jar=aiohttp.DummyCookieJar(),
-        trust_env=False,
-    )
+async def backend_pool_ctx(app: web.Application) -> AsyncIterator[None]:
+    """One pool of connections for all backend traffic, for the life of the app."""
+    app[CLIENT] = BackendPool(app[SETTINGS].server.connect_timeout_seconds)
     yield
-    await app[CLIENT].close()
+    app[CLIENT].close()
 
 
 async def first_poll(app: web.Application, backend: Backend) -> None:
@@ -5693,7 +6060,7 @@ def create_app(settings: Settings) -> web.Application:
     app.on_shutdown.append(signal_stopping)
     for backend_settings in settings.backends:
         app[REGISTRY].add(Backend.from_settings(backend_settings))
-    app.cleanup_ctx.append(client_session_ctx)
+    app.cleanup_ctx.append(backend_pool_ctx)
     app.cleanup_ctx.append(background_ctx)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)

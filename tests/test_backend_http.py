@@ -1,0 +1,352 @@
+"""Nexus's HTTP/1.1 client to its backends (BackendPool), against real servers on 127.0.0.1:
+aiohttp apps for well-behaved answers, raw sockets for the exact bytes a broken one sends."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import subprocess
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from conftest import free_port
+
+import nexus
+
+Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@pytest.fixture
+async def pool() -> AsyncIterator[nexus.BackendPool]:
+    pool = nexus.BackendPool(connect_timeout=2.0)
+    yield pool
+    pool.close()
+    await asyncio.sleep(0)
+    assert not pool.open, "every connection is closed with the pool"
+
+
+@pytest.fixture
+async def app_server() -> AsyncIterator[Callable[[web.Application], Awaitable[str]]]:
+    servers: list[TestServer] = []
+
+    async def start(app: web.Application) -> str:
+        server = TestServer(app, host="127.0.0.1", port=free_port())
+        await server.start_server()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.port}"
+
+    yield start
+    for server in servers:
+        await server.close()
+
+
+@pytest.fixture
+async def raw_server() -> AsyncIterator[Callable[[Script], Awaitable[str]]]:
+    """A server that runs a script per connection, reading and writing raw bytes."""
+    servers: list[asyncio.Server] = []
+
+    async def start(script: Script) -> str:
+        async def run(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                await script(reader, writer)
+            except (ConnectionError, asyncio.IncompleteReadError):
+                pass
+            finally:
+                writer.close()
+
+        server = await asyncio.start_server(run, "127.0.0.1", 0)
+        servers.append(server)
+        return f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+    yield start
+    for server in servers:
+        server.close()
+        await server.wait_closed()
+
+
+async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """One request's head and body, as the server got them."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    return head, await reader.readexactly(length)
+
+
+def echo_app(peers: list[object]) -> web.Application:
+    async def echo(request: web.Request) -> web.Response:
+        peers.append(request.transport.get_extra_info("peername") if request.transport else None)
+        body = await request.read()
+        return web.json_response(
+            {"path": request.path_qs, "body": body.decode(), "key": request.headers.get("X-Key")}
+        )
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", echo)
+    return app
+
+
+async def test_a_request_and_its_answer_over_one_kept_connection(pool, app_server) -> None:
+    peers: list[object] = []
+    url = await app_server(echo_app(peers))
+    for i in range(3):
+        conn = await pool.request("POST", url + f"/v1/chat?n={i}", {"X-Key": "k"}, b'{"a": 1}')
+        assert conn.status == 200
+        assert conn.headers["content-type"].startswith("application/json")
+        assert await conn.read() == (
+            b'{"path": "/v1/chat?n=%d", "body": "{\\"a\\": 1}", "key": "k"}' % i
+        )
+        conn.release()
+    assert len(peers) == 3 and len(set(peers)) == 1, "one connection served all three"
+    assert len(pool.open) == 1
+
+
+async def test_a_chunked_answer_is_read_as_it_arrives(pool, raw_server) -> None:
+    go_on = asyncio.Event()
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+        await writer.drain()
+        await go_on.wait()
+        writer.write(b"6;ext=1\r\nsecond\r\n0\r\nX-Trailer: 1\r\n\r\n")
+        await writer.drain()
+        await reader.read()
+
+    url = await raw_server(script)
+    conn = await pool.request("POST", url + "/x", {}, b"{}")
+    assert await asyncio.wait_for(conn.readany(), 2) == b"first"
+    go_on.set()
+    assert await asyncio.wait_for(conn.readany(), 2) == b"second"
+    assert await conn.readany() == b""
+    assert conn.complete
+    conn.release()
+    assert len(pool.open) == 1, "a chunked answer read to its end leaves the connection reusable"
+
+
+async def test_an_answer_that_ends_with_its_connection(pool, raw_server) -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nall of ")
+        await writer.drain()
+        writer.write(b"it")
+
+    url = await raw_server(script)
+    conn = await pool.request("GET", url + "/", {})
+    assert await asyncio.wait_for(conn.read(), 2) == b"all of it"
+    conn.release()
+    await asyncio.sleep(0.05)
+    assert not pool.open, "a connection whose end framed the answer is not reused"
+
+
+async def test_an_interim_answer_is_skipped(pool, raw_server) -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        writer.write(b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok")
+        await reader.read()
+
+    url = await raw_server(script)
+    conn = await pool.request("POST", url + "/", {}, b"x")
+    assert conn.status == 201
+    assert await conn.read() == b"ok"
+    conn.release()
+
+
+@pytest.mark.parametrize(
+    "answer, why",
+    [
+        (b"", "without answering"),
+        (b"SSH-2.0-OpenSSH_9.2\r\n\r\n", "not HTTP"),
+        (b"HTTP/1.1 2xx OK\r\n\r\n", "not HTTP"),
+        (b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n", "malformed header"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: -3\r\n\r\n", "Content-Length"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nonly5", "in the middle of its answer"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "malformed chunk"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcXY", "malformed chunk"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab", "in the middle"),
+        (b"HTTP/1.1 200 OK\r\n" + b"X-Pad: " + b"a" * 70_000, "head too long"),
+    ],
+)
+async def test_a_broken_answer_is_an_error_and_the_connection_is_dropped(
+    pool, raw_server, answer: bytes, why: str
+) -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(answer)
+        await writer.drain()
+
+    url = await raw_server(script)
+    with pytest.raises(nexus.BackendHTTPError, match=why):
+        conn = await asyncio.wait_for(pool.request("POST", url + "/", {}, b"{}"), 2)
+        try:
+            await asyncio.wait_for(conn.read(), 2)
+        finally:
+            conn.release()
+    await asyncio.sleep(0.05)
+    assert not pool.open
+
+
+async def test_a_refused_connection_is_an_error(pool) -> None:
+    with pytest.raises(nexus.BackendHTTPError, match="could not connect"):
+        await pool.request("GET", f"http://127.0.0.1:{free_port()}/health", {})
+    assert not pool.open
+
+
+async def test_a_line_break_in_a_header_is_refused_without_showing_it(pool, app_server) -> None:
+    url = await app_server(echo_app([]))
+    with pytest.raises(nexus.BackendHTTPError) as failure:
+        await pool.request("GET", url + "/", {"Authorization": "Bearer sk-secret\r\nX-Evil: 1"})
+    assert "Authorization" in str(failure.value) and "sk-secret" not in str(failure.value)
+
+
+async def test_a_server_that_says_close_is_not_reused(pool, raw_server) -> None:
+    connections = 0
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        await reader.read()
+
+    url = await raw_server(script)
+    for _ in range(2):
+        conn = await pool.request("GET", url + "/", {})
+        assert await conn.read() == b"ok"
+        conn.release()
+    assert connections == 2
+
+
+async def test_a_connection_the_backend_closed_while_idle_is_not_used(pool, raw_server) -> None:
+    connections = 0
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()  # then closes, as a server's keep-alive limit does
+
+    url = await raw_server(script)
+    for _ in range(2):
+        conn = await pool.request("GET", url + "/", {})
+        assert await conn.read() == b"ok"
+        conn.release()
+        await asyncio.sleep(0.05)
+    assert connections == 2
+
+
+async def test_an_answer_not_read_to_its_end_closes_its_connection(pool, raw_server) -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+        await writer.drain()
+        await reader.read()
+
+    url = await raw_server(script)
+    conn = await pool.request("GET", url + "/", {})
+    assert await conn.readany() == b"first"
+    conn.release()
+    await asyncio.sleep(0.05)
+    assert not pool.open
+
+
+async def test_a_cancelled_wait_closes_its_connection(pool, raw_server) -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        await reader.read()  # never answers
+
+    url = await raw_server(script)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(pool.request("GET", url + "/", {}), 0.2)
+    await asyncio.sleep(0.05)
+    assert not pool.open
+
+
+async def test_a_slow_reader_pauses_the_socket_and_still_gets_everything(pool, raw_server) -> None:
+    size = 4 * nexus.BACKEND_BUFFER_HIGH
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+        writer.write(b"x" * size)
+        await writer.drain()
+        await reader.read()
+
+    url = await raw_server(script)
+    conn = await pool.request("GET", url + "/", {})
+    await asyncio.sleep(0.2)  # the whole body has been sent; little of it may be buffered
+    assert conn.buffered <= 2 * nexus.BACKEND_BUFFER_HIGH
+    received = 0
+    for _ in range(10_000):
+        block = await asyncio.wait_for(conn.readany(), 2)
+        if not block:
+            break
+        received += len(block)
+    assert received == size
+    conn.release()
+
+
+async def test_read_takes_a_whole_body_bigger_than_the_buffer(pool, raw_server) -> None:
+    size = 3 * nexus.BACKEND_BUFFER_HIGH
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size + b"y" * size)
+        await writer.drain()
+        await reader.read()
+
+    url = await raw_server(script)
+    conn = await pool.request("GET", url + "/", {})
+    assert len(await asyncio.wait_for(conn.read(), 5)) == size
+    conn.release()
+
+
+async def test_fetch_reads_at_most_its_limit(pool, raw_server) -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b"z" * 100_000)
+        await writer.drain()
+        await reader.read()
+
+    url = await raw_server(script)
+    status, body = await pool.fetch("GET", url + "/", {}, limit=1000)
+    assert status == 200 and body == b"z" * 1000
+    await asyncio.sleep(0.05)
+    assert not pool.open, "a body not read to its end is not reused"
+
+
+async def test_https_backends_are_reached_over_tls(pool, tmp_path: Path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+            *("-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"),
+            *("-keyout", str(key), "-out", str(cert)),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(cert, key)
+    server = TestServer(echo_app([]), host="127.0.0.1", port=free_port())
+    await server.start_server(ssl=server_tls)
+    try:
+        url = f"https://127.0.0.1:{server.port}/v1/models"
+        with pytest.raises(nexus.BackendHTTPError, match="could not connect"):
+            await pool.request("GET", url, {})  # not signed by anyone the system trusts
+        trusted = ssl.create_default_context(cafile=cert)
+        trusting = nexus.BackendPool(connect_timeout=2.0, tls=trusted)
+        try:
+            status, body = await trusting.fetch("GET", url, {})
+            assert status == 200 and b'"path": "/v1/models"' in body
+        finally:
+            trusting.close()
+    finally:
+        await server.close()
