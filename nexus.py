@@ -2509,7 +2509,7 @@ def no_capacity(
 # compression, follows no redirects and uses no proxy; each connection carries one request at
 # a time.
 
-BACKEND_HEAD_MAX = 64 * 1024  # an answer's status line and headers
+BACKEND_HEAD_MAX = 16 * 1024  # an answer's status line and headers
 BACKEND_CHUNK_LINE_MAX = 1024  # a chunk's size line, extensions included
 BACKEND_BUFFER_HIGH = 256 * 1024  # unread body bytes at which reading the socket pauses
 BACKEND_KEEPALIVE_SECONDS = 60.0  # an idle connection older than this is closed, not reused
@@ -2533,9 +2533,13 @@ def split_url(url: str) -> tuple[Origin, str, str]:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise BackendHTTPError(f"has a URL Nexus cannot reach: {url}")
     https = parts.scheme == "https"
-    port = port or (443 if https else 80)
-    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    return (parts.scheme, parts.hostname, port), target, parts.netloc.rpartition("@")[2]
+    host = parts.hostname.encode("idna").decode()
+    if ":" in host:
+        host = f"[{host}]"  # an IPv6 address
+    host_header = host if port is None else f"{host}:{port}"
+    path = urllib.parse.quote(parts.path or "/", safe="/%:@!$&'()*+,;=-._~")
+    target = path + (f"?{parts.query}" if parts.query else "")
+    return (parts.scheme, parts.hostname, port or (443 if https else 80)), target, host_header
 
 
 def encode_request(
@@ -2570,8 +2574,10 @@ class BackendConnection(asyncio.Protocol):
         "buffered",
         "closed",
         "collect",
+        "drain",
         "error",
         "headers",
+        "heard",
         "idle_since",
         "keep_alive",
         "left",
@@ -2583,6 +2589,7 @@ class BackendConnection(asyncio.Protocol):
         "status",
         "transport",
         "waiter",
+        "whole",
     )
 
     def __init__(self, pool: BackendPool, origin: Origin) -> None:
@@ -2602,6 +2609,9 @@ class BackendConnection(asyncio.Protocol):
         self.waiter: asyncio.Future[None] | None = None
         self.paused = False
         self.collect = False  # read() takes the whole body: no pausing for it
+        self.drain = False  # released before its answer's last bytes: back to the pool with them
+        self.whole = False  # set by a reader that saw its answer's last event
+        self.heard = False  # whether any byte of the answer came
         self.closed = False
         self.idle_since = 0.0
 
@@ -2611,18 +2621,25 @@ class BackendConnection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        self.heard = True
         if self.rest:
             data, self.rest = self.rest + data, b""
         try:
             self.parse(data)
         except BackendHTTPError as exc:
             self.fail(exc)
+        except Exception:  # a parsing case not foreseen: still the backend's answer, not a crash
+            log.debug("unparsable answer from a backend", exc_info=True)
+            self.fail(BackendHTTPError("answered something Nexus cannot parse"))
+        if self.state == "done" and self.drain:
+            self.drain = False
+            self.release()
         self.wake()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.pool.open.discard(self)
-        if self.state == "close":
+        if self.state == "close" and exc is None:  # a reset cuts an answer short; a FIN ends it
             self.state = "done"
         elif self.state not in ("idle", "done") and self.error is None:
             if self.state == "head" and not self.rest:
@@ -2683,8 +2700,10 @@ class BackendConnection(asyncio.Protocol):
                     break
                 self.read_head(data[pos:head_end])
                 pos = head_end + 4
-            else:  # idle or done: bytes nobody asked for
-                raise BackendHTTPError("sent bytes that answer nothing")
+            else:  # idle or done: bytes nobody asked for; the answer had, if any, is whole
+                self.keep_alive = False
+                self.transport.abort()  # type: ignore[union-attr]
+                return
         if pos < end:
             self.rest = data[pos:]
 
@@ -2697,27 +2716,38 @@ class BackendConnection(asyncio.Protocol):
         headers = {}
         for line in lines[1:]:
             name, colon, value = line.partition(b":")
-            if not colon:
+            if not colon or b"\n" in value or b"\0" in value:
                 raise BackendHTTPError("answered a malformed header")
             headers[name.strip().lower().decode("latin-1")] = value.strip().decode("latin-1")
         status = int(code)
         if status < 200:
             return  # an interim answer (100 Continue): the real one follows
-        self.status, self.headers = status, headers
-        self.keep_alive = first[7:8] == b"1" and "close" not in headers.get("connection", "")
-        if "chunked" in headers.get("transfer-encoding", ""):
-            self.state, self.left = "chunked", 0
-        elif status in (204, 304):
+        self.keep_alive = (
+            first[7:8] == b"1" and "close" not in headers.get("connection", "").lower()
+        )
+        coding = headers.get("transfer-encoding")
+        length = headers.get("content-length")
+        if status in (204, 304):
             self.state = "done"
-        elif (length := headers.get("content-length")) is not None:
-            if not length.isdigit():
+        elif coding is not None:
+            if length is not None:  # both: chunked rules, and the connection is not trusted
+                self.keep_alive = False
+            if coding.lower().rstrip().endswith("chunked"):
+                self.state, self.left = "chunked", 0
+            else:  # another coding last: the body ends with the connection
+                self.state, self.keep_alive = "close", False
+        elif length is not None:
+            if not (length.isascii() and length.isdigit()):
                 raise BackendHTTPError("answered a bad Content-Length")
             self.left = int(length)
             self.state = "length" if self.left else "done"
         else:
             self.state, self.keep_alive = "close", False
+        self.status, self.headers = status, headers  # last: a head that fails sets no status
 
     def add_body(self, block: bytes) -> None:
+        if self.drain:
+            return  # the reader is gone; only the answer's end is awaited
         self.body.append(block)
         self.buffered += len(block)
         if self.buffered >= BACKEND_BUFFER_HIGH and not self.paused and not self.collect:
@@ -2747,7 +2777,7 @@ class BackendConnection(asyncio.Protocol):
 
     async def send(self, data: bytes) -> None:
         """Write a request and wait for its answer's head."""
-        self.state, self.status, self.error = "head", 0, None
+        self.state, self.status, self.error, self.heard, self.whole = "head", 0, None, False, False
         self.transport.write(data)  # type: ignore[union-attr]
         while not self.status:
             if self.error is not None:
@@ -2793,10 +2823,19 @@ class BackendConnection(asyncio.Protocol):
         return data[:limit] if limit else data
 
     def release(self) -> None:
-        """Back to the pool if the answer was read to its end; closed otherwise."""
-        if self.state == "done" and self.keep_alive and not self.closed and not self.body:
+        """Back to the pool if the answer was read to its end; closed otherwise, which tells
+        the backend to stop. A stream whose last event was read (`whole`, set by its reader)
+        may still lack its final bytes (the chunked coding's end): it goes back to the pool
+        when they come."""
+        reusable = self.keep_alive and not self.closed and self.error is None
+        if self.state == "done" and reusable:
             self.state, self.collect = "idle", False
+            self.body.clear()
+            self.buffered = 0
             self.pool.put(self)
+        elif self.whole and reusable and self.state in ("chunked", "trailer"):
+            self.drain = True
+            self.take()
         else:
             self.close()
 
@@ -2815,6 +2854,7 @@ class BackendPool:
         self.loop = asyncio.get_running_loop()
         self.idle: dict[Origin, collections.deque[BackendConnection]] = {}
         self.open: set[BackendConnection] = set()
+        self.closing = False
 
     async def request(
         self,
@@ -2826,7 +2866,22 @@ class BackendPool:
     ) -> BackendConnection:
         """Send a request; the connection carrying its answer, once the answer's head is in."""
         origin, data = encode_request(method, url, headers, body, keep_alive)
-        conn = self.reuse(origin) or await self.connect(origin)
+        conn = self.reuse(origin) if keep_alive else None
+        if conn is not None:
+            try:
+                await conn.send(data)
+                return conn
+            except BackendHTTPError:
+                conn.close()
+                if conn.heard:
+                    raise
+                # The backend closed the idle connection as the request went out (a server's
+                # keep-alive limit): nothing was answered, so the request goes again once,
+                # on a new connection.
+            except BaseException:
+                conn.close()
+                raise
+        conn = await self.connect(origin)
         try:
             await conn.send(data)
         except BaseException:
@@ -2848,9 +2903,17 @@ class BackendPool:
 
     def reuse(self, origin: Origin) -> BackendConnection | None:
         idle = self.idle.get(origin)
+        if not idle:
+            return None
+        oldest = self.loop.time() - BACKEND_KEEPALIVE_SECONDS
         while idle:
             conn = idle.pop()
-            if not conn.closed:
+            if conn.idle_since < oldest:  # the rest are older still
+                conn.close()
+                for stale in idle:
+                    stale.close()
+                idle.clear()
+            elif not conn.closed and conn.keep_alive and not conn.transport.is_closing():  # type: ignore[union-attr]
                 return conn
         return None
 
@@ -2878,10 +2941,14 @@ class BackendPool:
             ) from None
         except OSError as exc:  # refused, unreachable, no such host, certificate refused
             raise BackendHTTPError(f"could not connect: {exc.strerror or exc}") from None
+        if self.closing:  # Nexus stopped while this connection was being made
+            conn.close()
+            raise BackendHTTPError("Nexus is shutting down")
         self.open.add(conn)
         return conn
 
     def close(self) -> None:
+        self.closing = True
         for conn in list(self.open):
             conn.close()
         self.idle.clear()
@@ -2905,6 +2972,9 @@ class BackendReplyError(Exception):
     """A backend answered a poll with a status or body that is not what its type sends."""
 
 
+POLL_MAX_BODY = 32 * 1024 * 1024  # a poll's answer cut here fails as not JSON, not as memory
+
+
 async def fetch_json(
     pool: BackendPool,
     method: str,
@@ -2915,7 +2985,7 @@ async def fetch_json(
     body = b"" if payload is None else json.dumps(payload).encode()
     if payload is not None:
         headers = {**headers, **JSON_HEADERS} if headers else JSON_HEADERS
-    status, answer = await pool.fetch(method, url, headers or {}, body)
+    status, answer = await pool.fetch(method, url, headers or {}, body, limit=POLL_MAX_BODY)
     if status != 200:
         raise BackendReplyError(f"{method} {urllib.parse.urlsplit(url).path}: {status}")
     try:
@@ -4359,6 +4429,7 @@ async def relay_native_stream(
                     raise attempt_failure(app, backend, 502, "reported an error")
                 record.status = 502
             finished = kind in ("message_stop", "error")
+            upstream.whole = kind == "message_stop"  # its connection may serve the next request
             if response is None:
                 record.ttft_ms = (time.perf_counter() - record.started) * 1000
                 response = await start_stream(request, headers)
@@ -4463,7 +4534,7 @@ async def relay_stream(
                 continue  # blank separators, comments, event names
             data = line[5:].strip()
             if data == b"[DONE]":
-                finished = True
+                finished = upstream.whole = True  # its connection may serve the next request
                 break
             try:
                 chunk = parse_chunk(data)

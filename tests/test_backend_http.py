@@ -4,7 +4,9 @@ aiohttp apps for well-behaved answers, raw sockets for the exact bytes a broken 
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
+import struct
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -350,3 +352,167 @@ async def test_https_backends_are_reached_over_tls(pool, tmp_path: Path) -> None
             trusting.close()
     finally:
         await server.close()
+
+
+async def answer_twice(answer: bytes) -> tuple[Script, list[int]]:
+    """A script answering every request on a connection with the same bytes; counts
+    connections."""
+    connections = [0]
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections[0] += 1
+        for _ in range(10):
+            await read_request(reader)
+            writer.write(answer)
+            await writer.drain()
+
+    return script, connections
+
+
+@pytest.mark.parametrize(
+    "answer, reused",
+    [
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: Chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n", True),
+        (b"HTTP/1.1 200 OK\r\nConnection: Close\r\nContent-Length: 2\r\n\r\nhi", False),
+        (b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nhi", False),
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"2\r\nhi\r\n0\r\n\r\n",
+            False,
+        ),
+    ],
+)
+async def test_framing_and_keep_alive_follow_the_headers_in_any_case(
+    pool, raw_server, answer: bytes, reused: bool
+) -> None:
+    script, connections = await answer_twice(answer)
+    url = await raw_server(script)
+    for _ in range(2):
+        conn = await pool.request("GET", url + "/", {})
+        assert await asyncio.wait_for(conn.read(), 2) == b"hi"
+        conn.release()
+        await asyncio.sleep(0.02)
+    assert connections[0] == (1 if reused else 2)
+
+
+async def test_a_content_length_in_other_digits_is_an_error_not_a_crash(
+    pool, raw_server, caplog
+) -> None:
+    script, _ = await answer_twice(b"HTTP/1.1 200 OK\r\nContent-Length: \xb2\r\n\r\nhi")
+    url = await raw_server(script)
+    with pytest.raises(nexus.BackendHTTPError, match="Content-Length"):
+        await pool.request("GET", url + "/", {})
+    assert "data_received" not in caplog.text
+
+
+async def test_a_connection_idle_past_the_keep_alive_limit_is_not_reused(
+    pool, raw_server, monkeypatch
+) -> None:
+    monkeypatch.setattr(nexus, "BACKEND_KEEPALIVE_SECONDS", 0.1)
+    script, connections = await answer_twice(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi")
+    url = await raw_server(script)
+    for _ in range(2):
+        conn = await pool.request("GET", url + "/", {})
+        assert await conn.read() == b"hi"
+        conn.release()
+        await asyncio.sleep(0.3)
+    assert connections[0] == 2
+
+
+async def test_fetch_leaves_the_pooled_connections_alone(pool, raw_server) -> None:
+    script, connections = await answer_twice(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi")
+    url = await raw_server(script)
+    conn = await pool.request("GET", url + "/", {})
+    assert await conn.read() == b"hi"
+    conn.release()
+    assert await pool.fetch("GET", url + "/health", {}) == (200, b"hi")
+    await asyncio.sleep(0.05)
+    assert not conn.closed and connections[0] == 2
+    again = await pool.request("GET", url + "/", {})
+    assert again is conn
+    await again.read()
+    again.release()
+
+
+async def test_a_reset_cuts_an_answer_framed_by_its_connection(pool, raw_server) -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\n\r\npartial")
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()  # an RST, not a FIN
+
+    url = await raw_server(script)
+    conn = await pool.request("GET", url + "/", {})
+    with pytest.raises(nexus.BackendHTTPError, match="in the middle"):
+        await asyncio.wait_for(conn.read(), 2)
+    conn.release()
+
+
+async def test_a_request_meeting_a_connection_closed_as_it_left_goes_again(
+    pool, raw_server
+) -> None:
+    connections = 0
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi")
+        await writer.drain()
+        await reader.readuntil(b"\r\n\r\n")  # the next request arrives; closed unanswered
+
+    url = await raw_server(script)
+    for _ in range(3):
+        conn = await pool.request("POST", url + "/", {}, b"")
+        assert await asyncio.wait_for(conn.read(), 2) == b"hi"
+        conn.release()
+    assert connections == 3
+
+
+async def test_a_finished_stream_returns_its_connection_when_its_end_comes(
+    pool, raw_server
+) -> None:
+    connections = 0
+    go_on = asyncio.Event()
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        for _ in range(2):
+            await read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            writer.write(b"e\r\ndata: [DONE]\n\n\r\n")
+            await writer.drain()
+            await go_on.wait()
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+
+    url = await raw_server(script)
+    conn = await pool.request("POST", url + "/", {}, b"{}")
+    assert await asyncio.wait_for(conn.readany(), 2) == b"data: [DONE]\n\n"
+    conn.whole = True
+    conn.release()
+    go_on.set()
+    await asyncio.sleep(0.05)
+    again = await pool.request("POST", url + "/", {}, b"{}")
+    assert again is conn and connections == 1
+    again.close()
+
+
+async def test_a_stream_left_before_its_end_closes_its_connection(pool, raw_server) -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        writer.write(b"6\r\ndata: \r\n")
+        await writer.drain()
+        await reader.read()  # the backend learns the client left when this ends
+
+    url = await raw_server(script)
+    conn = await pool.request("POST", url + "/", {}, b"{}")
+    await conn.readany()
+    conn.release()  # not whole: the backend must stop generating
+    await asyncio.sleep(0.05)
+    assert not pool.open
