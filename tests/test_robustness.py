@@ -10,6 +10,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 from conftest import backends_toml, cloud_env
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import nexus
 
@@ -217,3 +219,31 @@ async def test_tool_schemas_count_in_the_prompt_estimate(backend_factory, nexus_
         nx, "POST", "/v1/chat/completions", {"model": "coder", "messages": history}
     )
     assert status == 200 and headers["X-Nexus-Backend"] == "large"
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    value=JSON_VALUES,
+    before=st.sampled_from(["", " ", "\n", "\t \r\n"]),
+    after=st.sampled_from(["", " ", "\n"]),
+    ascii_only=st.booleans(),
+)
+def test_parse_json_reads_what_json_loads_reads(
+    value: object, before: str, after: str, ascii_only: bool
+) -> None:
+    """The hot path's JSON parser (request bodies, answers, stream chunks) agrees with
+    json.loads on any document, whitespace around it, any characters and any encoding json.loads
+    detects, and fails where json.loads fails."""
+    text = before + json.dumps(value, ensure_ascii=ascii_only) + after
+    assert nexus.parse_json(text.encode()) == json.loads(text.encode())
+    assert nexus.parse_json(text.encode("utf-16")) == json.loads(text.encode("utf-16"))
+    for garbage in (b"x", b"}", b" 1"):
+        with pytest.raises(ValueError):
+            nexus.parse_json(text.encode() + garbage)
