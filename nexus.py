@@ -1854,6 +1854,13 @@ class RouteRules:
     cloud_last: bool = False  # the soft budget limit: cloud only after every local backend
     excluded: set[str] = field(default_factory=set)  # why backends were left out
 
+    def refuses_any(self) -> bool:
+        """Whether allows() can refuse a backend at all: most requests carry no policy, and
+        routing then skips the call for each of a thousand candidates."""
+        return (
+            self.restricted_only or self.overflow == "block" or self.no_cloud or self.min_tier > 0
+        )
+
     def allows(self, backend: Backend) -> bool:
         if self.restricted_only and backend.zone != "restricted":
             self.excluded.add("privacy")
@@ -2355,14 +2362,13 @@ def candidates_for(
     policy, best first by strategy, with those where max_tokens fits entirely ahead of those
     that would clamp it. Restricted backends come first for a local-first request (overflow)
     and local ones first at the budget's soft limit."""
-    found = []
-    for backend in registry.by_model.get(model_id, ()):
-        if backend.status != "healthy":
-            continue
-        if meets_needs(backend.models[model_id], needs) and (
-            rules is None or rules.allows(backend)
-        ):
-            found.append(backend)
+    found = [
+        backend
+        for backend in registry.by_model.get(model_id, ())
+        if backend.status == "healthy" and meets_needs(backend.models[model_id], needs)
+    ]
+    if rules is not None and rules.refuses_any():
+        found = [backend for backend in found if rules.allows(backend)]
     order_candidates(found, settings.routing.strategy, settings.routing.weights)
     if needs.max_tokens is not None and len(found) > 1:
         found.sort(key=lambda b: not fits_entirely(b.models[model_id], needs))
