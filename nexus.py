@@ -2565,11 +2565,21 @@ def split_url(url: str) -> tuple[Origin, str, str]:
     return (parts.scheme, parts.hostname, port or (443 if https else 80)), target, host_header
 
 
+@functools.lru_cache(maxsize=4096)
+def request_start(method: str, url: str) -> tuple[Origin, str]:
+    """A request's origin and its first lines, which are the same for every request to a URL."""
+    origin, target, host = split_url(url)
+    return (
+        origin,
+        f"{method} {target} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: {BACKEND_USER_AGENT}\r\n",
+    )
+
+
 def encode_request(
     method: str, url: str, headers: dict[str, str], body: bytes, keep_alive: bool
 ) -> tuple[Origin, bytes]:
-    origin, target, host = split_url(url)
-    lines = [f"{method} {target} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: {BACKEND_USER_AGENT}\r\n"]
+    origin, start = request_start(method, url)
+    lines = [start]
     for name, value in headers.items():
         if "\n" in value or "\r" in value:  # would end the header early: another header, smuggled
             raise BackendHTTPError(f"the {name} header to send holds a line break")
@@ -2731,23 +2741,25 @@ class BackendConnection(asyncio.Protocol):
             self.rest = data[pos:]
 
     def read_head(self, head: bytes) -> None:
-        lines = head.split(b"\r\n")
+        lines = head.decode("latin-1").split("\r\n")  # latin-1: any byte, one character each
         first = lines[0]
         code = first[9:12]
-        if not first.startswith(b"HTTP/1.") or not code.isdigit() or first[12:13] not in b" ":
+        if (
+            not first.startswith("HTTP/1.")
+            or not (code.isascii() and code.isdigit())
+            or first[12:13] not in " "
+        ):
             raise BackendHTTPError("answered something that is not HTTP")
         headers = {}
         for line in lines[1:]:
-            name, colon, value = line.partition(b":")
-            if not colon or b"\n" in value or b"\0" in value:
+            name, colon, value = line.partition(":")
+            if not colon or "\n" in value or "\0" in value:
                 raise BackendHTTPError("answered a malformed header")
-            headers[name.strip().lower().decode("latin-1")] = value.strip().decode("latin-1")
+            headers[name.strip().lower()] = value.strip()
         status = int(code)
         if status < 200:
             return  # an interim answer (100 Continue): the real one follows
-        self.keep_alive = (
-            first[7:8] == b"1" and "close" not in headers.get("connection", "").lower()
-        )
+        self.keep_alive = first[7:8] == "1" and "close" not in headers.get("connection", "").lower()
         coding = headers.get("transfer-encoding")
         length = headers.get("content-length")
         if status in (204, 304):
