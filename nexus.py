@@ -806,7 +806,7 @@ async def probe_json(pool: BackendPool, url: str, timeout: float) -> tuple[int, 
     try:
         async with asyncio.timeout(timeout):
             status, body = await pool.fetch("GET", url, {}, limit=PROBE_MAX_BODY)
-    except (BackendHTTPError, TimeoutError) as exc:
+    except (BackendHTTPError, TimeoutError, ValueError) as exc:
         log.debug("probe %s: %s", url, describe_failure(exc))
         return None
     try:
@@ -2536,6 +2536,11 @@ BACKEND_HEAD_MAX = 16 * 1024  # an answer's status line and headers
 BACKEND_CHUNK_LINE_MAX = 1024  # a chunk's size line, extensions included
 BACKEND_BUFFER_HIGH = 256 * 1024  # unread body bytes at which reading the socket pauses
 BACKEND_KEEPALIVE_SECONDS = 60.0  # an idle connection older than this is closed, not reused
+BACKEND_DRAIN_SECONDS = 2.0  # how long a finished stream's last bytes are waited for
+# A reused connection found closed this soon after a request went out, before any byte of an
+# answer, met the backend's own keep-alive limit: the request goes again on a new connection.
+# Later, the backend may have taken the request and died on it: that is a failure, not resent.
+BACKEND_RACE_SECONDS = 0.25
 BACKEND_USER_AGENT = f"nexus/{__version__}"
 
 Origin = tuple[str, str, int]  # scheme, host, port: which connections can serve a URL
@@ -2543,6 +2548,11 @@ Origin = tuple[str, str, int]  # scheme, host, port: which connections can serve
 
 class BackendHTTPError(Exception):
     """A backend connection that failed: refused, cut short, or answering something not HTTP."""
+
+
+class BackendConnectTimeout(BackendHTTPError, TimeoutError):
+    """A backend that did not take the connection in time: a timeout like a silent backend's
+    (504, not asked again for the request), not a failure that is retried."""
 
 
 @functools.lru_cache(maxsize=4096)
@@ -2556,7 +2566,10 @@ def split_url(url: str) -> tuple[Origin, str, str]:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise BackendHTTPError(f"has a URL Nexus cannot reach: {url}")
     https = parts.scheme == "https"
-    host = parts.hostname.encode("idna").decode()
+    try:
+        host = parts.hostname.encode("idna").decode()
+    except UnicodeError:  # an empty label, or one longer than 63 characters
+        raise BackendHTTPError(f"has a host name Nexus cannot use: {url}") from None
     if ":" in host:
         host = f"[{host}]"  # an IPv6 address
     host_header = host if port is None else f"{host}:{port}"
@@ -2618,6 +2631,7 @@ class BackendConnection(asyncio.Protocol):
         "paused",
         "pool",
         "rest",
+        "sent_at",
         "state",
         "status",
         "transport",
@@ -2645,6 +2659,7 @@ class BackendConnection(asyncio.Protocol):
         self.drain = False  # released before its answer's last bytes: back to the pool with them
         self.whole = False  # set by a reader that saw its answer's last event
         self.heard = False  # whether any byte of the answer came
+        self.sent_at = 0.0  # when the request went out (loop time)
         self.closed = False
         self.idle_since = 0.0
 
@@ -2813,6 +2828,7 @@ class BackendConnection(asyncio.Protocol):
     async def send(self, data: bytes) -> None:
         """Write a request and wait for its answer's head."""
         self.state, self.status, self.error, self.heard, self.whole = "head", 0, None, False, False
+        self.sent_at = self.pool.loop.time()
         self.transport.write(data)  # type: ignore[union-attr]
         while not self.status:
             if self.error is not None:
@@ -2865,13 +2881,18 @@ class BackendConnection(asyncio.Protocol):
         reusable = self.keep_alive and not self.closed and self.error is None
         if self.state == "done" and reusable:
             self.state, self.collect = "idle", False
-            self.body.clear()
-            self.buffered = 0
+            self.take()  # anything unread goes, and reading resumes if it was paused
             self.pool.put(self)
         elif self.whole and reusable and self.state in ("chunked", "trailer"):
             self.drain = True
             self.take()
+            self.pool.loop.call_later(BACKEND_DRAIN_SECONDS, self.end_drain)
         else:
+            self.close()
+
+    def end_drain(self) -> None:
+        if self.drain:  # the last bytes never came
+            self.drain = False
             self.close()
 
     def close(self) -> None:
@@ -2908,11 +2929,11 @@ class BackendPool:
                 return conn
             except BackendHTTPError:
                 conn.close()
-                if conn.heard:
+                if conn.heard or self.loop.time() - conn.sent_at > BACKEND_RACE_SECONDS:
                     raise
-                # The backend closed the idle connection as the request went out (a server's
-                # keep-alive limit): nothing was answered, so the request goes again once,
-                # on a new connection.
+                # The backend closed the idle connection as the request went out (its
+                # keep-alive limit): nothing was answered, so the request goes again once, on
+                # a new connection.
             except BaseException:
                 conn.close()
                 raise
@@ -2971,7 +2992,7 @@ class BackendPool:
                     lambda: BackendConnection(self, origin), host, port, ssl=tls
                 )
         except TimeoutError:
-            raise BackendHTTPError(
+            raise BackendConnectTimeout(
                 f"timed out connecting ({self.connect_timeout:g} s, server.connect_timeout_seconds)"
             ) from None
         except OSError as exc:  # refused, unreachable, no such host, certificate refused
@@ -3102,7 +3123,7 @@ class VllmAdapter(OpenAICompatibleAdapter):
     stream_usage = True
 
     async def poll(self, pool: BackendPool, backend: Backend) -> dict[str, Model]:
-        status, _ = await pool.fetch("GET", backend.url + "/health", {})
+        status, _ = await pool.fetch("GET", backend.url + "/health", {}, limit=POLL_MAX_BODY)
         if status != 200:
             raise BackendReplyError(f"/health: {status}")
         return await super().poll(pool, backend)
@@ -3114,7 +3135,7 @@ class LlamaCppAdapter(OpenAICompatibleAdapter):
     stream_usage = True
 
     async def poll(self, pool: BackendPool, backend: Backend) -> dict[str, Model]:
-        status, _ = await pool.fetch("GET", backend.url + "/health", {})
+        status, _ = await pool.fetch("GET", backend.url + "/health", {}, limit=POLL_MAX_BODY)
         if status != 200:
             raise BackendReplyError(f"/health: {status}")
         props = await fetch_json(pool, "GET", backend.url + "/props")

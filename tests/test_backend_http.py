@@ -485,3 +485,80 @@ async def test_a_stream_left_before_its_end_closes_its_connection(pool, raw_serv
     conn.release()  # not whole: the backend must stop generating
     await asyncio.sleep(0.05)
     assert not pool.open
+
+
+async def test_a_host_name_that_cannot_be_encoded_is_an_error(pool) -> None:
+    with pytest.raises(nexus.BackendHTTPError, match="host name"):
+        await pool.request("GET", "http://a..b:1234/v1/models", {})
+    assert await nexus.detect_backend_type(pool, "http://a..b:1234") is None
+
+
+async def test_a_connect_that_hangs_is_a_timeout(raw_server) -> None:
+    # A listener that never accepts: once its queue is full, connecting hangs.
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(0)
+    port = hole.getsockname()[1]
+    fillers = []
+    pool = nexus.BackendPool(connect_timeout=0.3)
+    try:
+        for _ in range(4):
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", port))
+            fillers.append(filler)
+        with pytest.raises(TimeoutError) as failure:  # handled as a silent backend's
+            await asyncio.wait_for(pool.request("GET", f"http://127.0.0.1:{port}/", {}), 5)
+        assert isinstance(failure.value, nexus.BackendHTTPError)
+        assert nexus.describe_failure(failure.value) == "timed out"
+    finally:
+        pool.close()
+        for filler in fillers:
+            filler.close()
+        hole.close()
+
+
+async def test_a_finished_stream_whose_end_never_comes_is_closed(
+    pool, raw_server, monkeypatch
+) -> None:
+    monkeypatch.setattr(nexus, "BACKEND_DRAIN_SECONDS", 0.1)
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        writer.write(b"e\r\ndata: [DONE]\n\n\r\n")  # and never the chunked coding's end
+        await writer.drain()
+        await reader.read()
+
+    url = await raw_server(script)
+    conn = await pool.request("POST", url + "/", {}, b"{}")
+    assert await asyncio.wait_for(conn.readany(), 2) == b"data: [DONE]\n\n"
+    conn.whole = True
+    conn.release()
+    await asyncio.sleep(0.3)
+    assert not pool.open
+
+
+async def test_a_request_the_backend_took_before_closing_is_not_sent_again(
+    pool, raw_server, monkeypatch
+) -> None:
+    monkeypatch.setattr(nexus, "BACKEND_RACE_SECONDS", 0.1)
+    bodies: list[bytes] = []
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for _ in range(2):
+            _, body = await read_request(reader)
+            bodies.append(body)
+            if len(bodies) == 2:
+                await asyncio.sleep(0.3)  # working on it, then dies without a word
+                return
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    url = await raw_server(script)
+    conn = await pool.request("POST", url + "/", {}, b'{"n": 1}')
+    assert await conn.read() == b"ok"
+    conn.release()
+    with pytest.raises(nexus.BackendHTTPError, match="without answering"):
+        await asyncio.wait_for(pool.request("POST", url + "/", {}, b'{"n": 2}'), 5)
+    assert bodies == [b'{"n": 1}', b'{"n": 2}'], "sent once: the backend may have acted on it"
