@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from conftest import backends_toml, chat_chunk, send_chunk, start_sse
+from conftest import backends_toml, chat_chunk, send_chunk, start_sse, unaccepting_listener
 
 import nexus
 
@@ -686,19 +686,7 @@ async def test_a_connect_that_hangs_is_cut_at_the_connect_limit(backend_factory,
     nx = await nexus_factory(toml + backends_toml(a, b, a={"priority": 10}, b={"priority": 60}))
     port = a.server.port
     await a.stop()
-    # In a's place, a socket that listens but never accepts: once its queue is full, a new
-    # connection's SYN goes unanswered and connecting hangs.
-    hole = socket.socket()
-    hole.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    hole.bind(("127.0.0.1", port))
-    hole.listen(0)
-    fillers = []
-    try:
-        for _ in range(4):
-            filler = socket.socket()
-            filler.setblocking(False)
-            filler.connect_ex(("127.0.0.1", port))
-            fillers.append(filler)
+    with unaccepting_listener(port):  # in a's place: connecting to it hangs
         await asyncio.sleep(0.2)
         started = time.monotonic()
         reply = await ask(nx)
@@ -706,10 +694,6 @@ async def test_a_connect_that_hangs_is_cut_at_the_connect_limit(backend_factory,
         assert reply.status == 200 and reply.headers["X-Nexus-Backend"] == "b"
         assert nx.backend("a").requests == 1 and attempts(b) == [1]
         assert "timed out" in nx.backend("a").last_error
-    finally:
-        for filler in fillers:
-            filler.close()
-        hole.close()
 
 
 async def test_the_whole_request_limit_ends_a_trickling_stream(backend_factory, nexus_factory):
