@@ -658,7 +658,12 @@ class Backend:
             "priority": self.priority,
             "source": self.source,
             "models": sorted(self.models),
+            "last_error": self.why_down(),
         }
+
+    def why_down(self) -> str | None:
+        """The last failure of a backend that is not healthy (refused, timed out, HTTP 401...)."""
+        return (self.last_error or None) if self.status != "healthy" else None
 
 
 class Registry:
@@ -722,7 +727,7 @@ def record_success(backend: Backend, settings: HealthSettings) -> None:
 def record_failure(backend: Backend, settings: HealthSettings, reason: str) -> None:
     backend.ok_streak = 0
     backend.fail_streak += 1
-    backend.last_error = reason
+    backend.last_error = shown_reason(backend, reason)
     if backend.status == "unknown" or (
         backend.status == "healthy" and backend.fail_streak >= settings.failure_threshold
     ):
@@ -751,11 +756,30 @@ async def poll_backend(app: web.Application, backend: Backend) -> None:
 
 
 def describe_failure(exc: BaseException) -> str:
+    """Why a poll or a request failed, in the words /v1/backends and the dashboard show: refused,
+    timed out, HTTP 401, not an LLM server, ..."""
+    if isinstance(exc, BackendConnectTimeout):
+        return "timed out connecting"
     if isinstance(exc, TimeoutError):
         return "timed out"
-    if isinstance(exc, BackendHTTPError):
+    if isinstance(exc, BackendHTTPError | BackendReplyError):
         return str(exc)[:200]
     return f"{type(exc).__name__}: {exc}"[:200]
+
+
+# user:password@ in a URL that a message repeats (Nexus refuses such URLs, but a backend's own
+# error text may carry one).
+URL_CREDENTIALS = re.compile(r"(?<=://)[^/\s@]*@")
+
+
+def shown_reason(backend: Backend, reason: str) -> str:
+    """A failure as it may be shown anywhere: no credentials of a URL, and never the backend's
+    own key, whatever the backend's error text repeated."""
+    reason = URL_CREDENTIALS.sub("", reason)
+    secret = os.environ.get(backend.api_key_env, "") if backend.api_key_env else ""
+    if secret and secret in reason:
+        reason = reason.replace(secret, "[redacted]")
+    return reason
 
 
 # Polls in flight at once: enough for any home lab in one round, while a thousand backends do
@@ -2555,6 +2579,16 @@ class BackendConnectTimeout(BackendHTTPError, TimeoutError):
     (504, not asked again for the request), not a failure that is retried."""
 
 
+def connect_problem(exc: OSError) -> str:
+    """Why a connection could not be made, the same words whichever event loop runs (the
+    standard one says "Connect call failed" for a refusal)."""
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, socket.gaierror):
+        return f"no such host ({exc.strerror or exc})"
+    return str(exc.strerror or exc)
+
+
 @functools.lru_cache(maxsize=4096)
 def split_url(url: str) -> tuple[Origin, str, str]:
     """A backend URL's origin, request target and Host header (computed once per URL)."""
@@ -2993,7 +3027,7 @@ class BackendPool:
                 f"timed out connecting ({self.connect_timeout:g} s, server.connect_timeout_seconds)"
             ) from None
         except OSError as exc:  # refused, unreachable, no such host, certificate refused
-            raise BackendHTTPError(f"could not connect: {exc.strerror or exc}") from None
+            raise BackendHTTPError(f"could not connect: {connect_problem(exc)}") from None
         if self.closing:  # Nexus stopped while this connection was being made
             conn.close()
             raise BackendHTTPError("Nexus is shutting down")
@@ -3039,12 +3073,22 @@ async def fetch_json(
     if payload is not None:
         headers = {**headers, **JSON_HEADERS} if headers else JSON_HEADERS
     status, answer = await pool.fetch(method, url, headers or {}, body, limit=POLL_MAX_BODY)
+    path = urllib.parse.urlsplit(url).path
     if status != 200:
-        raise BackendReplyError(f"{method} {urllib.parse.urlsplit(url).path}: {status}")
+        raise BackendReplyError(status_problem(status, path))
     try:
         return json.loads(answer)
     except ValueError:
-        raise BackendReplyError(f"{url}: not JSON") from None
+        raise BackendReplyError(f"not an LLM server: {path} answered something not JSON") from None
+
+
+def status_problem(status: int, path: str) -> str:
+    """A poll's answer that is not 200, as the reason a backend is down."""
+    if status in (401, 403):
+        return f"HTTP {status} on {path}: a key is missing or refused (api_key_env)"
+    if status in (404, 405):
+        return f"HTTP {status} on {path}: not an LLM server (or not of its configured type)"
+    return f"HTTP {status} on {path}"
 
 
 def positive_int(value: Any) -> int | None:
@@ -3056,7 +3100,7 @@ def positive_int(value: Any) -> int | None:
 def models_from_openai_list(data: Any) -> dict[str, Model]:
     """Models from an OpenAI-style `/v1/models` answer, with whatever context length it gives."""
     if not isinstance(data, dict) or not isinstance(data.get("data"), list):
-        raise BackendReplyError("/v1/models: no data list")
+        raise BackendReplyError("not an LLM server: /v1/models has no data list")
     models = {}
     for entry in data["data"]:
         if not isinstance(entry, dict) or not isinstance(entry.get("id"), str):
@@ -3122,7 +3166,7 @@ class VllmAdapter(OpenAICompatibleAdapter):
     async def poll(self, pool: BackendPool, backend: Backend) -> dict[str, Model]:
         status, _ = await pool.fetch("GET", backend.url + "/health", {}, limit=POLL_MAX_BODY)
         if status != 200:
-            raise BackendReplyError(f"/health: {status}")
+            raise BackendReplyError(status_problem(status, "/health"))
         return await super().poll(pool, backend)
 
 
@@ -3134,7 +3178,7 @@ class LlamaCppAdapter(OpenAICompatibleAdapter):
     async def poll(self, pool: BackendPool, backend: Backend) -> dict[str, Model]:
         status, _ = await pool.fetch("GET", backend.url + "/health", {}, limit=POLL_MAX_BODY)
         if status != 200:
-            raise BackendReplyError(f"/health: {status}")
+            raise BackendReplyError(status_problem(status, "/health"))
         props = await fetch_json(pool, "GET", backend.url + "/props")
         models = await super().poll(pool, backend)
         if not isinstance(props, dict):
@@ -3158,7 +3202,7 @@ class LmStudioAdapter(OpenAICompatibleAdapter):
     async def poll(self, pool: BackendPool, backend: Backend) -> dict[str, Model]:
         data = await fetch_json(pool, "GET", backend.url + "/api/v0/models")
         if not isinstance(data, dict) or not isinstance(data.get("data"), list):
-            raise BackendReplyError("/api/v0/models: no data list")
+            raise BackendReplyError("not an LLM server: /api/v0/models has no data list")
         models = {}
         for entry in data["data"]:
             if not isinstance(entry, dict) or not isinstance(entry.get("id"), str):
@@ -3190,7 +3234,7 @@ class OllamaAdapter(OpenAICompatibleAdapter):
     async def poll(self, pool: BackendPool, backend: Backend) -> dict[str, Model]:
         data = await fetch_json(pool, "GET", backend.url + "/api/tags")
         if not isinstance(data, dict) or not isinstance(data.get("models"), list):
-            raise BackendReplyError("/api/tags: no models list")
+            raise BackendReplyError("not an LLM server: /api/tags has no models list")
         keys = {}
         for entry in data["models"]:
             if not isinstance(entry, dict):
@@ -5713,6 +5757,7 @@ def stats_snapshot(app: web.Application) -> dict[str, Any]:
                 "avg_ttft_ms": round(b.ttft_ema_ms, 2) if b.ttft_ema_ms else None,
                 "error_rate": round(b.errors / b.requests, 4) if b.requests else 0.0,
                 "models": sorted(b.models),
+                "last_error": b.why_down(),
             }
         )
     names = sorted(set(entries) | set(stats.per_model))
@@ -6491,7 +6536,12 @@ def backends_command(args: argparse.Namespace) -> int:
                 [b["name"], b["type"], b["status"], b["zone"], b["url"], str(len(b["models"]))]
                 for b in data["data"]
             ]
-            print_table(rows, ["NAME", "TYPE", "STATUS", "ZONE", "URL", "MODELS"])
+            header = ["NAME", "TYPE", "STATUS", "ZONE", "URL", "MODELS"]
+            if any(b.get("last_error") for b in data["data"]):  # why each one down is down
+                for row, b in zip(rows, data["data"], strict=True):
+                    row.append(b.get("last_error") or "")
+                header.append("LAST ERROR")
+            print_table(rows, header)
     elif args.action == "add":
         payload = {"url": args.backend_url}
         for key in ("name", "type", "priority"):
