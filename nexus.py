@@ -15,7 +15,8 @@ It reads top to bottom in the order a request travels:
     Policy (prices, budget) -> Auth (keys, allow-lists, rate limits) -> Routing (pure
     functions) -> Backend adapters (the only code that knows a backend's quirks) -> Proxy
     (send, retry, stream out) -> Anthropic Messages API (translated to chat and back) -> HTTP
-    handlers -> Stats -> Metrics -> App assembly -> CLI and main().
+    handlers -> Stats -> Metrics -> App assembly -> Reload (the configuration, without a
+    restart) -> CLI and main().
 """
 
 from __future__ import annotations
@@ -6339,7 +6340,9 @@ def file_fingerprint(path: Path | None) -> tuple[Any, ...] | None:
         return ("unreadable", type(exc).__name__)
 
 
-def swap_backends(app: web.Application, old: list[BackendSettings], new: list[BackendSettings]):
+def swap_backends(
+    app: web.Application, old: list[BackendSettings], new: list[BackendSettings]
+) -> tuple[list[str], list[Backend]]:
     """Static backends as the new settings list them: added, removed, changed. Discovered and
     admin-added ones stay. One that stays keeps its Backend, so its health, load and latency;
     one whose URL or type changed is another server, so a new Backend. A removed Backend
