@@ -6295,14 +6295,16 @@ KEY_SETTINGS = tuple(
 
 @dataclass(slots=True)
 class ConfigSource:
-    """How the running settings were made, so that a reload makes them the same way: the
-    --config flag (else $NEXUS_CONFIG, else ./nexus.toml) and the other flags."""
+    """How the running settings were made, so that a reload makes them the same way: the file
+    found at start (--config, else $NEXUS_CONFIG, else ./nexus.toml) and the flags."""
 
-    cli_path: str | None = None
+    file: Path | None = None
     overrides: dict[tuple[str, str], Any] = field(default_factory=dict)
 
     def path(self) -> Path | None:
-        return config_file_path(self.cli_path, dict(os.environ))
+        """The file found at start: gone, it is refused, never taken for "no file". Without
+        one, a ./nexus.toml written since is read."""
+        return self.file or config_file_path(None, {})
 
 
 def read_settled(path: Path) -> str:
@@ -6753,8 +6755,9 @@ def serve_command(args: argparse.Namespace) -> int:
         overrides["discovery", "enabled"] = False
     if args.no_health_check:
         overrides["health_check", "enabled"] = False
+    path = config_file_path(args.config, env)
     try:
-        settings = load_settings(config_file_path(args.config, env), env, overrides)
+        settings = load_settings(path, env, overrides)
     except ConfigError as exc:
         if (args.log_format or env.get("NEXUS_LOG_FORMAT", "")).lower() == "json":
             setup_logging(Settings(logging=LoggingSettings(format="json")), env)
@@ -6767,7 +6770,7 @@ def serve_command(args: argparse.Namespace) -> int:
     # (an HTTP round trip on loopback: about 350 -> 230 µs here; `make bench`).
     loop_factory = uvloop.new_event_loop if uvloop is not None else None
     with asyncio.Runner(loop_factory=loop_factory) as runner:
-        return runner.run(run_server(settings, ConfigSource(args.config, overrides)))
+        return runner.run(run_server(settings, ConfigSource(path, overrides)))
 
 
 def nexus_url(args: argparse.Namespace) -> str:

@@ -211,6 +211,19 @@ async def test_an_invalid_config_is_refused_whole_and_the_old_one_serves(
     assert nx.lines("config reloaded") == []
 
 
+async def test_a_deleted_file_is_refused_not_taken_for_no_file(backend_factory, nexus_process):
+    a = await backend_factory("generic", {"m-a": {}}, name="a")
+    b = await backend_factory("generic", {"m-b": {}}, name="b")
+    nx = await nexus_process(backends_toml(a))
+    nx.config.unlink()
+    (line,) = await nx.wait_log("config not reloaded", timeout=8)
+    assert "(file changed)" in line and "not found" in line
+    assert await nx.ask("m-a") == (200, "a")  # not the defaults: a stays
+    nx.config.write_text(backends_toml(a, b))  # saved again: the watch takes it
+    (line,) = await nx.wait_log("config reloaded", timeout=8)
+    assert "+b" in line and "-a" not in line
+
+
 async def test_a_half_written_file_is_never_applied(backend_factory, nexus_process):
     """The file is saved the slow way, truncated and then written a line at a time, while the
     watch runs and SIGHUPs arrive: only the whole file is ever applied. Its prefixes include
