@@ -6287,9 +6287,13 @@ RESTART_SETTINGS = (
 )
 # A Backend's (or ApiKey's) attributes that come from its settings; everything else on it
 # (health, load, latency, usage) is what Nexus has learned, and a reload keeps it.
-BACKEND_SETTINGS = tuple(f.name for f in fields(BackendSettings) if f.name in Backend.__slots__)
+BACKEND_SETTINGS = tuple(
+    f.name for f in fields(BackendSettings) if f.name in {g.name for g in fields(Backend)}
+)
 KEY_SETTINGS = tuple(
-    f.name for f in fields(ApiKeySettings) if f.name in ApiKey.__slots__ and f.name != "name"
+    f.name
+    for f in fields(ApiKeySettings)
+    if f.name in {g.name for g in fields(ApiKey)} and f.name != "name"
 )
 
 
@@ -6414,14 +6418,16 @@ def swap_settings(app: web.Application, new: Settings) -> list[str]:
     timeouts) keeps a consistent view of it."""
     live = app[SETTINGS]
     for section, name in RESTART_SETTINGS:
-        running, wanted = (
-            getattr(getattr(live, section), name),
-            getattr(getattr(new, section), name),
-        )
+        running = getattr(getattr(live, section), name)
+        wanted = getattr(getattr(new, section), name)
         if running != wanted:
             log.warning(
                 "%s.%s changed from %r to %r: that takes a restart; %r stays until then",
-                *(section, name, running, wanted, running),
+                section,
+                name,
+                running,
+                wanted,
+                running,
             )
             setattr(getattr(new, section), name, running)
     changes, fresh = swap_backends(app, live.backends, new.backends)
@@ -6433,9 +6439,9 @@ def swap_settings(app: web.Application, new: Settings) -> list[str]:
     for f in fields(Settings):
         setattr(live, f.name, getattr(new, f.name))
     if "health_check" in changed:  # a new loop: new interval, new timeout, or none at all
-        running = app[STATE].pop("health_loop", None)
-        if running is not None:
-            running.cancel()
+        polling = app[STATE].pop("health_loop", None)
+        if polling is not None:
+            polling.cancel()
         start_health(app, app[REGISTRY].backends.values())
         if not live.health_check.enabled:
             for backend in app[REGISTRY].backends.values():
