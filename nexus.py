@@ -15,7 +15,8 @@ It reads top to bottom in the order a request travels:
     Policy (prices, budget) -> Auth (keys, allow-lists, rate limits) -> Routing (pure
     functions) -> Backend adapters (the only code that knows a backend's quirks) -> Proxy
     (send, retry, stream out) -> Anthropic Messages API (translated to chat and back) -> HTTP
-    handlers -> Stats -> Metrics -> App assembly -> CLI and main().
+    handlers -> Stats -> Metrics -> App assembly -> Reload (the configuration, without a
+    restart) -> CLI and main().
 """
 
 from __future__ import annotations
@@ -136,7 +137,8 @@ class ConfigError(Exception):
 # Settings
 # Owns: defaults, the TOML file, NEXUS_* variables and CLI flags, merged in that order of
 # precedence (flags win) and validated before anything starts.
-# Must not: be mutated after start-up, except the backend list through the admin API.
+# Must not: change while Nexus runs, except by a reload (see Reload), which validates a whole
+# new Settings first and then swaps its sections in, all in one step.
 # ==============================================================================================
 
 LOCAL_TYPES = ("ollama", "vllm", "llamacpp", "lmstudio", "exo", "generic")
@@ -156,6 +158,7 @@ class ServerSettings:
     first_byte_timeout_seconds: float = 60.0
     stream_idle_timeout_seconds: float = 30.0
     max_body_mb: float = 10.0
+    watch_config: bool = True  # reload when the config file changes (SIGHUP always reloads)
 
 
 @dataclass(slots=True)
@@ -362,13 +365,17 @@ def config_file_path(cli_path: str | None, env: dict[str, str]) -> Path | None:
 
 
 def load_settings(
-    path: Path | None, env: dict[str, str], overrides: dict[tuple[str, str], Any]
+    path: Path | None,
+    env: dict[str, str],
+    overrides: dict[tuple[str, str], Any],
+    text: str | None = None,
 ) -> Settings:
-    """Defaults < TOML file < NEXUS_* variables < CLI overrides, then validation."""
+    """Defaults < TOML file < NEXUS_* variables < CLI overrides, then validation. `text` is the
+    file's content when the caller has read it already (a reload reads it its own way)."""
     raw: dict[str, Any] = {}
     if path is not None:
         try:
-            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+            raw = tomllib.loads(path.read_text(encoding="utf-8") if text is None else text)
         except FileNotFoundError:
             raise ConfigError("config", f"file {path} not found") from None
         except (OSError, UnicodeDecodeError) as exc:
@@ -658,7 +665,12 @@ class Backend:
             "priority": self.priority,
             "source": self.source,
             "models": sorted(self.models),
+            "last_error": self.why_down(),
         }
+
+    def why_down(self) -> str | None:
+        """The last failure of a backend that is not healthy (refused, timed out, HTTP 401...)."""
+        return (self.last_error or None) if self.status != "healthy" else None
 
 
 class Registry:
@@ -722,7 +734,7 @@ def record_success(backend: Backend, settings: HealthSettings) -> None:
 def record_failure(backend: Backend, settings: HealthSettings, reason: str) -> None:
     backend.ok_streak = 0
     backend.fail_streak += 1
-    backend.last_error = reason
+    backend.last_error = shown_reason(backend, reason)
     if backend.status == "unknown" or (
         backend.status == "healthy" and backend.fail_streak >= settings.failure_threshold
     ):
@@ -751,11 +763,30 @@ async def poll_backend(app: web.Application, backend: Backend) -> None:
 
 
 def describe_failure(exc: BaseException) -> str:
+    """Why a poll or a request failed, in the words /v1/backends and the dashboard show: refused,
+    timed out, HTTP 401, not an LLM server, ..."""
+    if isinstance(exc, BackendConnectTimeout):
+        return "timed out connecting"
     if isinstance(exc, TimeoutError):
         return "timed out"
-    if isinstance(exc, BackendHTTPError):
+    if isinstance(exc, BackendHTTPError | BackendReplyError):
         return str(exc)[:200]
     return f"{type(exc).__name__}: {exc}"[:200]
+
+
+# user:password@ in a URL that a message repeats (Nexus refuses such URLs, but a backend's own
+# error text may carry one).
+URL_CREDENTIALS = re.compile(r"(?<=://)[^/\s@]*@")
+
+
+def shown_reason(backend: Backend, reason: str) -> str:
+    """A failure as it may be shown anywhere: no credentials of a URL, and never the backend's
+    own key, whatever the backend's error text repeated."""
+    reason = URL_CREDENTIALS.sub("", reason)
+    secret = os.environ.get(backend.api_key_env, "") if backend.api_key_env else ""
+    if secret and secret in reason:
+        reason = reason.replace(secret, "[redacted]")
+    return reason
 
 
 # Polls in flight at once: enough for any home lab in one round, while a thousand backends do
@@ -1751,6 +1782,12 @@ class Budget:
     configured limit: normal, soft_limit (cloud deprioritised) or hard_limit (the action)."""
 
     def __init__(self, settings: BudgetSettings | None) -> None:
+        self.configure(settings)
+        self.month = month_of(dt.datetime.now(dt.UTC))
+        self._spent_usd = 0.0
+
+    def configure(self, settings: BudgetSettings | None) -> None:
+        """The limit, the action and the prices; a reload sets new ones, the spend stays."""
         self.settings = settings
         self.monthly_limit_usd = settings.monthly_limit_usd if settings else 0.0
         self.action = settings.hard_limit_action if settings else "warn"
@@ -1758,8 +1795,6 @@ class Budget:
             model: Price.from_table(entry)
             for model, entry in (settings.prices if settings else {}).items()
         }
-        self.month = month_of(dt.datetime.now(dt.UTC))
-        self._spent_usd = 0.0
 
     @property
     def enabled(self) -> bool:
@@ -2555,6 +2590,16 @@ class BackendConnectTimeout(BackendHTTPError, TimeoutError):
     (504, not asked again for the request), not a failure that is retried."""
 
 
+def connect_problem(exc: OSError) -> str:
+    """Why a connection could not be made, the same words whichever event loop runs (the
+    standard one says "Connect call failed" for a refusal)."""
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, socket.gaierror):
+        return f"no such host ({exc.strerror or exc})"
+    return str(exc.strerror or exc)
+
+
 @functools.lru_cache(maxsize=4096)
 def split_url(url: str) -> tuple[Origin, str, str]:
     """A backend URL's origin, request target and Host header (computed once per URL)."""
@@ -2993,7 +3038,7 @@ class BackendPool:
                 f"timed out connecting ({self.connect_timeout:g} s, server.connect_timeout_seconds)"
             ) from None
         except OSError as exc:  # refused, unreachable, no such host, certificate refused
-            raise BackendHTTPError(f"could not connect: {exc.strerror or exc}") from None
+            raise BackendHTTPError(f"could not connect: {connect_problem(exc)}") from None
         if self.closing:  # Nexus stopped while this connection was being made
             conn.close()
             raise BackendHTTPError("Nexus is shutting down")
@@ -3039,12 +3084,22 @@ async def fetch_json(
     if payload is not None:
         headers = {**headers, **JSON_HEADERS} if headers else JSON_HEADERS
     status, answer = await pool.fetch(method, url, headers or {}, body, limit=POLL_MAX_BODY)
+    path = urllib.parse.urlsplit(url).path
     if status != 200:
-        raise BackendReplyError(f"{method} {urllib.parse.urlsplit(url).path}: {status}")
+        raise BackendReplyError(status_problem(status, path))
     try:
         return json.loads(answer)
     except ValueError:
-        raise BackendReplyError(f"{url}: not JSON") from None
+        raise BackendReplyError(f"not an LLM server: {path} answered something not JSON") from None
+
+
+def status_problem(status: int, path: str) -> str:
+    """A poll's answer that is not 200, as the reason a backend is down."""
+    if status in (401, 403):
+        return f"HTTP {status} on {path}: a key is missing or refused (api_key_env)"
+    if status in (404, 405):
+        return f"HTTP {status} on {path}: not an LLM server (or not of its configured type)"
+    return f"HTTP {status} on {path}"
 
 
 def positive_int(value: Any) -> int | None:
@@ -3056,7 +3111,7 @@ def positive_int(value: Any) -> int | None:
 def models_from_openai_list(data: Any) -> dict[str, Model]:
     """Models from an OpenAI-style `/v1/models` answer, with whatever context length it gives."""
     if not isinstance(data, dict) or not isinstance(data.get("data"), list):
-        raise BackendReplyError("/v1/models: no data list")
+        raise BackendReplyError("not an LLM server: /v1/models has no data list")
     models = {}
     for entry in data["data"]:
         if not isinstance(entry, dict) or not isinstance(entry.get("id"), str):
@@ -3122,7 +3177,7 @@ class VllmAdapter(OpenAICompatibleAdapter):
     async def poll(self, pool: BackendPool, backend: Backend) -> dict[str, Model]:
         status, _ = await pool.fetch("GET", backend.url + "/health", {}, limit=POLL_MAX_BODY)
         if status != 200:
-            raise BackendReplyError(f"/health: {status}")
+            raise BackendReplyError(status_problem(status, "/health"))
         return await super().poll(pool, backend)
 
 
@@ -3134,7 +3189,7 @@ class LlamaCppAdapter(OpenAICompatibleAdapter):
     async def poll(self, pool: BackendPool, backend: Backend) -> dict[str, Model]:
         status, _ = await pool.fetch("GET", backend.url + "/health", {}, limit=POLL_MAX_BODY)
         if status != 200:
-            raise BackendReplyError(f"/health: {status}")
+            raise BackendReplyError(status_problem(status, "/health"))
         props = await fetch_json(pool, "GET", backend.url + "/props")
         models = await super().poll(pool, backend)
         if not isinstance(props, dict):
@@ -3158,7 +3213,7 @@ class LmStudioAdapter(OpenAICompatibleAdapter):
     async def poll(self, pool: BackendPool, backend: Backend) -> dict[str, Model]:
         data = await fetch_json(pool, "GET", backend.url + "/api/v0/models")
         if not isinstance(data, dict) or not isinstance(data.get("data"), list):
-            raise BackendReplyError("/api/v0/models: no data list")
+            raise BackendReplyError("not an LLM server: /api/v0/models has no data list")
         models = {}
         for entry in data["data"]:
             if not isinstance(entry, dict) or not isinstance(entry.get("id"), str):
@@ -3190,7 +3245,7 @@ class OllamaAdapter(OpenAICompatibleAdapter):
     async def poll(self, pool: BackendPool, backend: Backend) -> dict[str, Model]:
         data = await fetch_json(pool, "GET", backend.url + "/api/tags")
         if not isinstance(data, dict) or not isinstance(data.get("models"), list):
-            raise BackendReplyError("/api/tags: no models list")
+            raise BackendReplyError("not an LLM server: /api/tags has no models list")
         keys = {}
         for entry in data["models"]:
             if not isinstance(entry, dict):
@@ -5713,6 +5768,7 @@ def stats_snapshot(app: web.Application) -> dict[str, Any]:
                 "avg_ttft_ms": round(b.ttft_ema_ms, 2) if b.ttft_ema_ms else None,
                 "error_rate": round(b.errors / b.requests, 4) if b.requests else 0.0,
                 "models": sorted(b.models),
+                "last_error": b.why_down(),
             }
         )
     names = sorted(set(entries) | set(stats.per_model))
@@ -6133,21 +6189,35 @@ async def first_poll(app: web.Application, backend: Backend) -> None:
         backend.status = "healthy"  # without health checks, configured backends are trusted
 
 
+def in_background(app: web.Application, job: Awaitable[None]) -> asyncio.Task:
+    """A task that lives at most as long as the app (cancelled at its cleanup)."""
+    tasks: set[asyncio.Task] = app[STATE].setdefault("background", set())
+    task = asyncio.ensure_future(job)
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
+    return task
+
+
+def start_health(app: web.Application, backends: Iterable[Backend]) -> None:
+    """The health loop (its first round polls every backend), or without health checks one
+    first poll of each of `backends`."""
+    if app[SETTINGS].health_check.enabled:
+        app[STATE]["health_loop"] = in_background(app, health_loop(app))
+    else:
+        for backend in backends:
+            in_background(app, first_poll(app, backend))
+
+
 async def background_ctx(app: web.Application) -> AsyncIterator[None]:
     """Start keeping the world current; the server answers meanwhile, never waiting for it."""
-    settings = app[SETTINGS]
-    tasks = []
-    if settings.health_check.enabled:
-        tasks.append(asyncio.create_task(health_loop(app)))
-    else:
-        for backend in list(app[REGISTRY].backends.values()):
-            tasks.append(asyncio.create_task(first_poll(app, backend)))
-    discovery = Discovery(app) if settings.discovery.enabled else None
+    start_health(app, list(app[REGISTRY].backends.values()))
+    discovery = Discovery(app) if app[SETTINGS].discovery.enabled else None
     if discovery is not None:
         discovery.start()
     yield
     if discovery is not None:
         await discovery.stop()
+    tasks = app[STATE].pop("background", set())
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
@@ -6191,6 +6261,265 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_delete("/v1/backends/{name}", remove_backend)
     app.router.add_get("/", dashboard)
     return app
+
+
+# ==============================================================================================
+# Reload
+# Owns: reading the configuration again on SIGHUP and when its file changes (polled, so it
+# works where there are no signals), validating all of it, and swapping it in in one step.
+# Must not: apply a file that is invalid or half-written, cut a request in flight, or forget
+# what Nexus has learned of a backend that stays (health, load, latency).
+# ==============================================================================================
+
+CONFIG_POLL_SECONDS = 2.0
+# A file is applied only once two reads this far apart agree: a file being saved does not.
+CONFIG_SETTLE_SECONDS = 0.3
+CONFIG_READ_TRIES = 10
+# Requests (signals, file changes) this close together make one reload: a storm is one.
+RELOAD_COALESCE_SECONDS = 0.2
+# What a running process cannot change: the listening socket, the body limit aiohttp was
+# built with, whether discovery (mDNS) runs. A reload logs that a restart is needed.
+RESTART_SETTINGS = (
+    ("server", "host"),
+    ("server", "port"),
+    ("server", "max_body_mb"),
+    ("discovery", "enabled"),
+)
+# A Backend's (or ApiKey's) attributes that come from its settings; everything else on it
+# (health, load, latency, usage) is what Nexus has learned, and a reload keeps it.
+BACKEND_SETTINGS = tuple(
+    f.name for f in fields(BackendSettings) if f.name in {g.name for g in fields(Backend)}
+)
+KEY_SETTINGS = tuple(
+    f.name
+    for f in fields(ApiKeySettings)
+    if f.name in {g.name for g in fields(ApiKey)} and f.name != "name"
+)
+
+
+@dataclass(slots=True)
+class ConfigSource:
+    """How the running settings were made, so that a reload makes them the same way: the file
+    found at start (--config, else $NEXUS_CONFIG, else ./nexus.toml) and the flags."""
+
+    file: Path | None = None
+    overrides: dict[tuple[str, str], Any] = field(default_factory=dict)
+
+    def path(self) -> Path | None:
+        """The file found at start: gone, it is refused, never taken for "no file". Without
+        one, a ./nexus.toml written since is read."""
+        return self.file or config_file_path(None, {})
+
+
+def read_settled(path: Path) -> str:
+    """The file's text once two reads CONFIG_SETTLE_SECONDS apart agree, so a file caught
+    while it is being saved is never taken whole. Blocking: run in a thread."""
+    try:
+        previous = path.read_bytes()
+        for _ in range(CONFIG_READ_TRIES):
+            time.sleep(CONFIG_SETTLE_SECONDS)
+            current = path.read_bytes()
+            if current == previous:
+                break
+            previous = current
+        else:
+            raise ConfigError("config", f"{path} kept changing while it was read")
+        text = current.decode("utf-8")
+    except FileNotFoundError:
+        raise ConfigError("config", f"file {path} not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError("config", f"cannot read {path}: {exc}") from None
+    if not text.strip():  # an editor's truncate-then-write, caught in between
+        raise ConfigError("config", f"{path} is empty")
+    return text
+
+
+def file_fingerprint(path: Path | None) -> tuple[Any, ...] | None:
+    """What the watch compares: modification time, size and a hash of the content (a
+    coarse clock, like FAT's two seconds, misses an edit that the hash does not)."""
+    if path is None:
+        return None
+    try:
+        stat = path.stat()
+        return (stat.st_mtime_ns, stat.st_size, hashlib.sha256(path.read_bytes()).digest())
+    except OSError as exc:
+        return ("unreadable", type(exc).__name__)
+
+
+def swap_backends(
+    app: web.Application, old: list[BackendSettings], new: list[BackendSettings]
+) -> tuple[list[str], list[Backend]]:
+    """Static backends as the new settings list them: added, removed, changed. Discovered and
+    admin-added ones stay. One that stays keeps its Backend, so its health, load and latency;
+    one whose URL or type changed is another server, so a new Backend. A removed Backend
+    leaves the registry only: requests in flight hold it and finish. Returns what changed
+    and the backends to poll now."""
+    registry = app[REGISTRY]
+    before = {b.name: b for b in old}
+    after = {b.name: b for b in new}
+    changes: list[str] = []
+    fresh: list[Backend] = []
+    for name in before.keys() - after.keys():
+        current = registry.backends.get(name)
+        if current is not None and current.source == "static":
+            registry.backends.pop(name)
+            changes.append(f"-{name}")
+    for name, wanted in after.items():
+        if before.get(name) == wanted:
+            continue  # unchanged (or removed through the admin API: it stays removed)
+        current = registry.backends.get(name)
+        made = Backend.from_settings(wanted)
+        if current is None or (current.url, current.type) != (made.url, made.type):
+            duplicate = registry.find_url(made.url)  # static wins over a discovered duplicate
+            if duplicate is not None and duplicate.source == "discovered":
+                registry.backends.pop(duplicate.name)
+            registry.backends[name] = made
+            fresh.append(made)
+            changes.append(f"+{name}" if current is None else f"~{name}")
+            continue
+        rpm_kept = name in before and before[name].rpm == wanted.rpm
+        for attribute in BACKEND_SETTINGS:
+            setattr(current, attribute, getattr(made, attribute))
+        if not rpm_kept:
+            current.rpm_bucket = made.rpm_bucket
+        current.source = "static"
+        fresh.append(current)
+        changes.append(f"~{name}")
+    registry.reindex()
+    return changes, fresh
+
+
+def swap_keys(current: list[ApiKey], auth: AuthSettings) -> list[ApiKey]:
+    """The keys of the new settings. A key that stays (by name) keeps its ApiKey, so its usage
+    and the requests in flight settle on it; its buckets only if its rpm or tpm did not change."""
+    kept = {k.name: k for k in current}
+    keys = []
+    for key in api_keys(auth):
+        prior = kept.get(key.name)
+        if prior is not None:
+            if prior.rpm != key.rpm:
+                prior.requests_bucket = key.requests_bucket
+            if prior.tpm != key.tpm:
+                prior.tokens_bucket = key.tokens_bucket
+            for attribute in KEY_SETTINGS:
+                setattr(prior, attribute, getattr(key, attribute))
+            key = prior
+        keys.append(key)
+    return keys
+
+
+def swap_settings(app: web.Application, new: Settings) -> list[str]:
+    """Put validated settings in place of the running ones; returns what changed.
+
+    aiohttp freezes the app's state once it runs, so the one Settings object stays and each
+    of its sections is replaced by the new one. Nothing here awaits, so no request runs in
+    between: each sees the old settings or the new ones, never half of each. Sections are
+    replaced, never changed in place, so a request holding one (settings.server for its
+    timeouts) keeps a consistent view of it."""
+    live = app[SETTINGS]
+    for section, name in RESTART_SETTINGS:
+        running = getattr(getattr(live, section), name)
+        wanted = getattr(getattr(new, section), name)
+        if running != wanted:
+            log.warning(
+                "%s.%s changed from %r to %r: that takes a restart; %r stays until then",
+                section,
+                name,
+                running,
+                wanted,
+                running,
+            )
+            setattr(getattr(new, section), name, running)
+    changes, fresh = swap_backends(app, live.backends, new.backends)
+    changed = [f.name for f in fields(Settings) if getattr(live, f.name) != getattr(new, f.name)]
+    changes += [name for name in changed if name != "backends"]
+    app[KEYS][:] = swap_keys(app[KEYS], new.auth)
+    app[BUDGET].configure(new.routing.budget)
+    app[CLIENT].connect_timeout = new.server.connect_timeout_seconds
+    for f in fields(Settings):
+        setattr(live, f.name, getattr(new, f.name))
+    if "health_check" in changed:  # a new loop: new interval, new timeout, or none at all
+        polling = app[STATE].pop("health_loop", None)
+        if polling is not None:
+            polling.cancel()
+        start_health(app, app[REGISTRY].backends.values())
+        if not live.health_check.enabled:
+            for backend in app[REGISTRY].backends.values():
+                backend.status = "healthy"  # as at start: without checks, backends are trusted
+    for backend in fresh:  # new or changed: known now, not at the next round
+        in_background(app, first_poll(app, backend))
+    return changes
+
+
+def reconfigure_logging(settings: Settings) -> None:
+    """The new level and format, and the new keys masked, where `nexus serve` set logging up
+    (a program embedding the app keeps its own)."""
+    if any(isinstance(h, LogHandler) for h in logging.root.handlers):
+        setup_logging(settings, dict(os.environ))
+
+
+class Reloader:
+    """Reloads the configuration when asked (SIGHUP) and when its file changes (the watch).
+    One reload at a time; requests that come while one waits or runs make one more."""
+
+    def __init__(self, app: web.Application, source: ConfigSource) -> None:
+        self.app = app
+        self.source = source
+        self.wanted = asyncio.Event()
+        self.triggers: set[str] = set()
+
+    def request(self, trigger: str) -> None:
+        """Ask for a reload (safe to call from a signal handler on the loop)."""
+        self.triggers.add(trigger)
+        self.wanted.set()
+
+    async def ctx(self, app: web.Application) -> AsyncIterator[None]:
+        """For the app's cleanup_ctx: reload and watch for as long as the app runs."""
+        tasks = [asyncio.create_task(self.run()), asyncio.create_task(self.watch())]
+        for task in tasks:
+            task.add_done_callback(log_task_failure)
+        yield
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def run(self) -> None:
+        while True:
+            await self.wanted.wait()
+            await asyncio.sleep(RELOAD_COALESCE_SECONDS)  # the rest of a storm joins this one
+            self.wanted.clear()
+            triggers, self.triggers = self.triggers, set()
+            try:
+                await self.reload(" and ".join(sorted(triggers)))
+            except Exception:  # a bug here must not end reloading, or Nexus
+                log.exception("config reload failed; the running configuration stays")
+
+    async def reload(self, trigger: str) -> bool:
+        """Read, validate and apply the configuration; refused whole when anything is wrong."""
+        path = self.source.path()
+        env = dict(os.environ)
+        try:
+            text = await asyncio.to_thread(read_settled, path) if path is not None else None
+            settings = load_settings(path, env, self.source.overrides, text)
+        except ConfigError as exc:
+            log.error("config not reloaded (%s): %s; the running configuration stays", trigger, exc)
+            return False
+        changes = swap_settings(self.app, settings)
+        log.info("config reloaded (%s): %s", trigger, " ".join(changes) or "no changes")
+        reconfigure_logging(settings)  # after that line: a new level may hide the next ones
+        return True
+
+    async def watch(self) -> None:
+        """Every CONFIG_POLL_SECONDS, while server.watch_config is on: has the file changed?"""
+        seen = await asyncio.to_thread(file_fingerprint, self.source.path())
+        while True:
+            await asyncio.sleep(CONFIG_POLL_SECONDS)
+            if not self.app[SETTINGS].server.watch_config:
+                continue
+            now = await asyncio.to_thread(file_fingerprint, self.source.path())
+            if now != seen:
+                seen = now
+                self.request("file changed")
 
 
 # ==============================================================================================
@@ -6372,8 +6701,13 @@ def tune_gc() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
 
 
-async def run_server(settings: Settings) -> int:
+async def run_server(settings: Settings, source: ConfigSource | None = None) -> int:
     app = create_app(settings)
+    reloader = Reloader(app, source or ConfigSource())
+    app.cleanup_ctx.append(reloader.ctx)
+    loop = asyncio.get_running_loop()
+    if hasattr(signal, "SIGHUP"):  # not on Windows, where the watch serves
+        loop.add_signal_handler(signal.SIGHUP, reloader.request, "SIGHUP")
     runner = web.AppRunner(
         app, handler_cancellation=True, shutdown_timeout=SHUTDOWN_GRACE_SECONDS, access_log=None
     )
@@ -6400,7 +6734,6 @@ async def run_server(settings: Settings) -> int:
         "uvloop" if uvloop is not None else "asyncio loop",
     )
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
             loop.add_signal_handler(sig, stop.set)
@@ -6428,8 +6761,9 @@ def serve_command(args: argparse.Namespace) -> int:
         overrides["discovery", "enabled"] = False
     if args.no_health_check:
         overrides["health_check", "enabled"] = False
+    path = config_file_path(args.config, env)
     try:
-        settings = load_settings(config_file_path(args.config, env), env, overrides)
+        settings = load_settings(path, env, overrides)
     except ConfigError as exc:
         if (args.log_format or env.get("NEXUS_LOG_FORMAT", "")).lower() == "json":
             setup_logging(Settings(logging=LoggingSettings(format="json")), env)
@@ -6442,7 +6776,7 @@ def serve_command(args: argparse.Namespace) -> int:
     # (an HTTP round trip on loopback: about 350 -> 230 µs here; `make bench`).
     loop_factory = uvloop.new_event_loop if uvloop is not None else None
     with asyncio.Runner(loop_factory=loop_factory) as runner:
-        return runner.run(run_server(settings))
+        return runner.run(run_server(settings, ConfigSource(path, overrides)))
 
 
 def nexus_url(args: argparse.Namespace) -> str:
@@ -6491,7 +6825,12 @@ def backends_command(args: argparse.Namespace) -> int:
                 [b["name"], b["type"], b["status"], b["zone"], b["url"], str(len(b["models"]))]
                 for b in data["data"]
             ]
-            print_table(rows, ["NAME", "TYPE", "STATUS", "ZONE", "URL", "MODELS"])
+            header = ["NAME", "TYPE", "STATUS", "ZONE", "URL", "MODELS"]
+            if any(b.get("last_error") for b in data["data"]):  # why each one down is down
+                for row, b in zip(rows, data["data"], strict=True):
+                    row.append(b.get("last_error") or "")
+                header.append("LAST ERROR")
+            print_table(rows, header)
     elif args.action == "add":
         payload = {"url": args.backend_url}
         for key in ("name", "type", "priority"):

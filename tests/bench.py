@@ -21,6 +21,8 @@ What the sections measure:
   openloop   500 requests/s on a fixed schedule whatever the answers (no coordinated
              omission), latency counted from when each request was due.
   streams    1,000 streams open at once, each held about 30 s: completed, errors, RSS.
+  reload     64 closed-loop clients while the config file changes and Nexus gets a SIGHUP:
+             errors, and the p99 of the second the reload lands in against the others'.
   backends   RSS with 1,000 extra configured backends against one, per backend.
   routing    nexus.route on a 100 KB prompt among 10, 100 and 1,000 backends, in process.
   binary     dist/nexus: size, and start to first served request (median of 5).
@@ -920,6 +922,70 @@ async def blast(port: int, concurrency: int, total: int, stream: bool = False) -
     return errors
 
 
+async def reload_under_load(
+    port: int, pid: int, config: Path, seconds: float, concurrency: int = 64
+) -> dict:
+    """`concurrency` closed-loop clients for `seconds`; halfway, the config file gets a new
+    alias and the gateway a SIGHUP. A probe asks for the alias until it is served: that is
+    when the new configuration took over. Latency is grouped by the wall-clock second each
+    request finished in: the p99 of the second the reload landed in against the others'."""
+    raw = chat_request(port)
+    alias = "bench-reloaded"
+    probe_raw = chat_request(port, model=alias)
+    started = time.monotonic()
+    deadline = started + seconds
+    done: list[tuple[float, float]] = []  # (finished, seconds after start; latency ms)
+    errors = 0
+    swapped: float | None = None
+
+    async def worker() -> None:
+        nonlocal errors
+        client = Client(port)
+        while time.monotonic() < deadline:
+            try:
+                reply = await client.send(raw)
+            except (OSError, TimeoutError, ValueError):
+                errors += 1
+                continue
+            if reply.status != 200:
+                errors += 1
+            else:
+                done.append((time.monotonic() - started, reply.ms))
+        client.close()
+
+    async def reload_midway() -> None:
+        nonlocal swapped
+        await asyncio.sleep(seconds / 2)
+        text = config.read_text()
+        config.write_text(f'[routing]\naliases = {{ "{alias}" = "{MODEL}" }}\n' + text)
+        os.kill(pid, signal.SIGHUP)
+        probe = Client(port)
+        while time.monotonic() < deadline and swapped is None:
+            with contextlib.suppress(OSError, TimeoutError, ValueError):
+                if (await probe.send(probe_raw)).status == 200:
+                    swapped = time.monotonic() - started
+            await asyncio.sleep(0.01)
+        probe.close()
+
+    await asyncio.gather(reload_midway(), *(worker() for _ in range(concurrency)))
+    by_second: dict[int, list[float]] = {}
+    for at, ms in done:
+        by_second.setdefault(int(at), []).append(ms)
+    reload_second = int(swapped) if swapped is not None else None
+    # The first and last seconds are ramps (clients starting, the deadline cutting them).
+    steady = [sec for sec in by_second if 0 < sec < int(seconds) - 1]
+    others = [ms for sec in steady if sec != reload_second for ms in by_second[sec]]
+    during = by_second.get(reload_second, []) if reload_second is not None else []
+    return {
+        "errors": errors,
+        "requests": len(done),
+        "swapped_at_s": swapped,
+        "reload_second": pcts(during),
+        "other_seconds": pcts(others),
+        "p99_per_second": {sec: pct(by_second[sec], 99) for sec in sorted(by_second)},
+    }
+
+
 async def open_loop(ports: Ports, rate: float, seconds: float, rounds: int) -> dict:
     """Requests sent on a fixed schedule whatever the answers; a connection per request in
     flight (pool grows as needed). Latency counts from the moment the request was due to go
@@ -1345,6 +1411,8 @@ TARGETS: dict[str, tuple[float, float | None]] = {
     "rps64": (3000, None),
     "open_p99": (5.0, None),
     "streams_err": (0, None),
+    "reload_p99": (1.0, 5.0),  # SPEC: a reload adds at most 5 ms to its second's p99
+    "reload_err": (0, 0),
     "route_100": (0.1, 1.0),
     "route_1000": (1.0, None),
     "rss_idle": (50, None),
@@ -1555,6 +1623,26 @@ async def bench(
             res["rss_mb_peak"],
             note=f"opened in {res['ramp_s']:.1f} s",
         )
+
+    if want("reload"):
+        if args.target in ("relay", "mock"):
+            row(
+                "reload_p99", "reload under c64 load", "ms", None, note=f"n/a for the {args.target}"
+            )
+        else:
+            config = workdir / "nexus-1.toml"  # the gateway's (Gateway.command)
+            res = await reload_under_load(gw.port, gw.pid, config, 6 if q else args.duration)
+            raw["reload_under_load"] = res
+            added(
+                "reload_p99",
+                "reload under c64 load: p99 of its second, added vs the other seconds",
+                res["other_seconds"]["p99"],
+                res["reload_second"]["p99"],
+                note=f"took over {res['swapped_at_s'] or float('nan'):.2f} s in",
+            )
+            row("reload_err", "reload under c64 load: errors", "", res["errors"])
+            if res["swapped_at_s"] is None:
+                notes.append("reload under load: the new configuration never took over")
 
     gw.stop()
 
@@ -1790,7 +1878,7 @@ def main() -> int:
     p.add_argument(
         "--only",
         help="comma list of sections: rss,seq,conc,stream,throughput,openloop,streams,"
-        "backends,routing,binary,ceiling,instructions",
+        "reload,backends,routing,binary,ceiling,instructions",
     )
     p.add_argument(
         "--requests", type=int, help="sequential requests per side (default 2000, quick 300)"

@@ -130,6 +130,24 @@ async def test_backends_add_nothing_there(served):
     assert code != 0 and "No LLM server answered" in err
 
 
+async def test_backends_list_says_why_a_backend_is_down(served):
+    url, _, _ = served
+    dead = f"http://127.0.0.1:{free_port()}"
+    code, out, err = await run_cli(
+        "backends", "add", dead, "--name", "dead", "--type", "generic", "--url", url
+    )
+    assert code == 0 and "unhealthy" in out, err
+    code, out, _ = await run_cli("backends", "list", "--url", url)
+    header, *rows = out.splitlines()
+    assert header.split()[-2:] == ["LAST", "ERROR"]
+    row = next(r for r in rows if r.startswith("dead "))
+    assert "unhealthy" in row and row.endswith("could not connect: connection refused")
+    assert next(r for r in rows if r.startswith("gpu ")).endswith("1")  # healthy: no reason
+    code, out, _ = await run_cli("backends", "list", "--json", "--url", url)
+    listed = {b["name"]: b["last_error"] for b in json.loads(out)["data"]}
+    assert listed == {"gpu": None, "dead": "could not connect: connection refused"}
+
+
 async def test_cli_without_a_running_nexus():
     code, _, err = await run_cli("models", "--url", f"http://127.0.0.1:{free_port()}")
     assert code != 0

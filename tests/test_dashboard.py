@@ -24,7 +24,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from browser import Chromium, png_colour_counts, png_size
-from conftest import backends_toml
+from conftest import backends_toml, free_port
 
 DASHBOARD = Path(__file__).resolve().parent.parent / "assets" / "dashboard.html"
 STREAM_MAX_EVENTS = 300  # one a second: a stream never outlives a test by much
@@ -440,3 +440,23 @@ async def test_names_from_the_network_are_shown_as_text_never_as_markup(
     assert await browser.evaluate("document.querySelectorAll('main img').length") == 0
     assert await browser.evaluate("window.injected === undefined")
     assert not [u for u in browser.requested_urls if "injected" in u]
+
+
+async def test_an_unhealthy_backend_says_why(
+    backend_factory: Any, nexus_factory: Any, browser: Chromium
+) -> None:
+    gpu = await backend_factory("ollama", {"llama3:8b": {"context": 8192}}, name="gpu-box")
+    dead = f'[[backends]]\nname = "laptop"\nurl = "http://127.0.0.1:{free_port()}"\n'
+    nx = await nexus_factory(backends_toml(gpu) + dead, wait=False)
+    await nx.wait_healthy(1)
+    site = NexusSite(nx.url + "/", ["gpu-box", "laptop"], ["llama3:8b"])
+    await open_dashboard(browser, site)
+    rows = "[...document.querySelectorAll('#backends tbody tr')]"
+    why = f"{rows}.map(r => [r.cells[0].textContent, r.cells[1].textContent])"
+    await browser.wait_for(f"{why}.some(([n, s]) => s.includes('connection refused'))")
+    shown = dict(await browser.evaluate(why))
+    laptop = next(v for k, v in shown.items() if k.startswith("laptop"))
+    gpu_box = next(v for k, v in shown.items() if k.startswith("gpu-box"))
+    assert laptop == "unhealthycould not connect: connection refused"
+    assert gpu_box == "healthy"
+    assert browser.console_errors == []
