@@ -1,0 +1,297 @@
+"""The ledger (SPEC §1): with a monthly limit the month's spend, requests and tokens survive a
+restart in nexus.db (SQLite) in the data directory; without one nothing is written. Faults
+(the file deleted, read-only, overwritten, held by a second Nexus, the process killed) never
+stop Nexus serving. Also `GET /v1/usage` and `nexus usage`.
+
+Nexus runs as a real `nexus serve` process; the cloud backend it pays for is a mock OpenAI
+server on 127.0.0.1 that reports 10 prompt and 3 completion tokens per answer."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+from conftest import ROOT, backends_toml, cloud_env, free_port
+
+import nexus
+
+NEXUS = [sys.executable, str(ROOT / "nexus.py")]
+COST = nexus.cost_usd(nexus.load_price_table()["gpt-4o"], nexus.TokenUsage(10, 3))
+TOKENS = 13  # per answer: the mock's usage
+CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "the secret plan"}]}
+ADMIN, ALICE = "sk-ledger-admin-0f1e2d", "sk-ledger-alice-9a8b7c"
+KEY_ENV = {"NEXUS_LEDGER_ADMIN": ADMIN, "NEXUS_LEDGER_ALICE": ALICE}
+
+
+def auth_toml(alice_limit: float = 1.0) -> str:
+    return (
+        "[auth]\napi_keys = [\n"
+        '  { name = "ops", key_env = "NEXUS_LEDGER_ADMIN", admin = true },\n'
+        '  { name = "alice", key_env = "NEXUS_LEDGER_ALICE", '
+        f"monthly_limit_usd = {alice_limit} }},\n"
+        "]\n"
+    )
+
+
+BUDGET_TOML = "[routing.budget]\nmonthly_limit_usd = 50.0\n"
+
+
+class Served:
+    """`nexus serve` as a process of its own, its log in a file (read while it runs)."""
+
+    def __init__(self, tmp_path: Path, toml: str, env: dict[str, str], *args: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = tmp_path / f"nexus-{self.port}.toml"
+        config.write_text("[health_check]\ninterval_seconds = 0.5\n" + toml)
+        self.log_path = tmp_path / f"nexus-{self.port}.log"
+        self.log_file = self.log_path.open("wb")
+        command = [*NEXUS, "serve", "-c", str(config), "-p", str(self.port), "-H", "127.0.0.1"]
+        self.proc = subprocess.Popen(
+            [*command, "--no-discovery", *args],
+            stdout=self.log_file,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **env},
+        )
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    async def wait_serving(self, timeout: float = 20.0) -> None:
+        """Until it answers and its cloud backend's model is routable."""
+        deadline = time.monotonic() + timeout
+        async with aiohttp.ClientSession() as session:
+            while time.monotonic() < deadline:
+                assert self.proc.poll() is None, self.log
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with session.get(self.url + "/health") as resp:
+                        if resp.status == 200 and (await resp.json())["models"]:
+                            return
+                await asyncio.sleep(0.05)
+        raise AssertionError("nexus did not start serving in time:\n" + self.log)
+
+    async def chat(self, key: str | None = ADMIN) -> tuple[int, dict]:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(self.url + "/v1/chat/completions", json=CHAT, headers=headers) as resp,
+        ):
+            return resp.status, await resp.json()
+
+    async def get(self, path: str, key: str | None = ADMIN) -> tuple[int, dict]:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(self.url + path, headers=headers) as resp,
+        ):
+            return resp.status, await resp.json()
+
+    async def stop(self) -> int:
+        """SIGTERM, as a service manager stops it; its exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(self.proc.wait, 20)
+        self.log_file.close()
+        return code
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+        self.log_file.close()
+
+
+@pytest.fixture
+async def cloud(backend_factory):
+    return await backend_factory("openai", {"gpt-4o": {}}, name="oai")
+
+
+@pytest.fixture
+async def start(cloud, tmp_path):
+    """Start `nexus serve` in front of the cloud mock: start(toml, *args) -> Served."""
+    running: list[Served] = []
+
+    async def make(toml: str, *args: str, wait: bool = True) -> Served:
+        env = {**KEY_ENV, **cloud_env(cloud)}
+        served = Served(tmp_path, backends_toml(cloud) + toml, env, *args)
+        running.append(served)
+        if wait:
+            await served.wait_serving()
+        return served
+
+    yield make
+    for served in running:
+        if served.proc.poll() is None:
+            served.kill()
+
+
+def ledger_rows(path: Path) -> dict[tuple[str, str], tuple[float, int, int]]:
+    """What nexus.db holds (read once Nexus has stopped), after an integrity check."""
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        rows = db.execute("SELECT month, key, spent_usd, requests, tokens FROM usage").fetchall()
+    return {(m, k): (usd, requests, tokens) for m, k, usd, requests, tokens in rows}
+
+
+def this_month() -> str:
+    return nexus.month_of(nexus.dt.datetime.now(nexus.dt.UTC))
+
+
+# --- survives a restart -------------------------------------------------------------------
+
+
+async def test_spend_and_key_budgets_survive_a_restart(start, tmp_path):
+    data = tmp_path / "data"
+    toml = BUDGET_TOML + auth_toml(alice_limit=COST * 2.5)  # alice: two and a half answers
+    first = await start(toml, "--data-dir", str(data))
+    for key in (ALICE, ALICE, ADMIN):
+        status, _ = await first.chat(key)
+        assert status == 200
+    status, document = await first.chat(ALICE)  # over her limit: only cloud serves gpt-4o
+    assert status == 200  # the third is still let through: the limit is checked before
+    status, document = await first.chat(ALICE)
+    assert status == 429 and document["error"]["code"] == "key_budget_exceeded"
+    assert await first.stop() == 0
+    assert (data / "nexus.db").is_file()
+    rows = ledger_rows(data / "nexus.db")
+    month = this_month()
+    assert rows[month, ""] == (pytest.approx(4 * COST), 5, 4 * TOKENS)
+    assert rows[month, "alice"] == (pytest.approx(3 * COST), 4, 3 * TOKENS)
+    assert rows[month, "ops"] == (pytest.approx(COST), 1, TOKENS)
+    everything = (data / "nexus.db").read_bytes()
+    for secret in (ADMIN, ALICE, "the secret plan", "Hello from oai"):
+        assert secret.encode() not in everything  # names and numbers only
+
+    second = await start(toml, "--data-dir", str(data))
+    assert "ledger" in second.log and str(data / "nexus.db") in second.log
+    # The restart did not hand alice her month again, and the budget goes on from 4 answers.
+    status, document = await second.chat(ALICE)
+    assert status == 429 and document["error"]["code"] == "key_budget_exceeded"
+    status, stats = await second.get("/v1/stats")
+    assert stats["budget"]["spent_usd"] == pytest.approx(4 * COST, abs=1e-6)
+    alice = next(k for k in stats["keys"] if k["name"] == "alice")
+    assert alice["spent_usd"] == pytest.approx(3 * COST, abs=1e-6)
+    status, _ = await second.chat(ADMIN)
+    assert status == 200
+    status, usage = await second.get("/v1/usage")
+    assert status == 200
+    assert usage["month"] == month and usage["source"] == "ledger"
+    assert usage["total"] == {
+        "spent_usd": pytest.approx(5 * COST, abs=1e-6),
+        "requests": 7,
+        "tokens": 5 * TOKENS,
+        "monthly_limit_usd": 50.0,
+    }
+    keys = {k["name"]: k for k in usage["keys"]}
+    assert keys["alice"]["requests"] == 5 and keys["alice"]["tokens"] == 3 * TOKENS
+    assert keys["alice"]["monthly_limit_usd"] == pytest.approx(COST * 2.5)
+    assert keys["ops"]["spent_usd"] == pytest.approx(2 * COST, abs=1e-6)
+    assert keys["ops"]["requests"] == 2 and keys["ops"]["monthly_limit_usd"] is None
+
+    # `nexus usage` prints the same, for this month or another.
+    env = {**os.environ, "NEXUS_API_KEY": ADMIN}
+    printed = await asyncio.to_thread(
+        subprocess.run,
+        [*NEXUS, "usage", "--json", "--url", second.url],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+    )
+    assert printed.returncode == 0, printed.stderr
+    assert json.loads(printed.stdout) == json.loads(json.dumps(usage))
+    table = await asyncio.to_thread(
+        subprocess.run,
+        [*NEXUS, "usage", "--url", second.url],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+    )
+    lines = table.stdout.splitlines()
+    assert lines[0] == f"usage in {month} (ledger)"
+    assert lines[1].split() == ["KEY", "SPENT", "USD", "REQUESTS", "TOKENS"]
+    alice_line = next(line for line in lines if line.startswith("alice"))
+    assert alice_line.split()[-2:] == ["5", str(3 * TOKENS)]
+    assert lines[-1].split()[0] == "(total)" and lines[-1].split()[-2:] == ["7", str(5 * TOKENS)]
+    other = await asyncio.to_thread(
+        subprocess.run,
+        [*NEXUS, "usage", "--json", "--month", "2001-01", "--url", second.url],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+    )
+    past = json.loads(other.stdout)
+    assert past["month"] == "2001-01" and past["total"]["requests"] == 0
+    assert await second.stop() == 0
+    assert "Traceback" not in first.log + second.log
+
+
+async def test_usage_needs_a_month_it_understands(start, tmp_path):
+    served = await start(BUDGET_TOML, "--data-dir", str(tmp_path / "data"))
+    for month in ("2026-13", "26-01", "2026-1", "x", "2026-01-01"):
+        status, document = await served.get(f"/v1/usage?month={month}", key=None)
+        assert status == 400, month
+        assert document["error"]["param"] == "month"
+    status, document = await served.get("/v1/usage?month=2026-01", key=None)
+    assert status == 200 and document["keys"] == [] and document["total"]["requests"] == 0
+    assert await served.stop() == 0
+
+
+# --- nothing written without a monthly limit ----------------------------------------------
+
+
+async def test_no_file_is_written_without_a_monthly_limit(start, tmp_path, own_data_home):
+    data = tmp_path / "data"
+    toml = '[routing.budget]\nhard_limit_action = "warn"\n' + auth_toml(alice_limit=0)
+    served = await start(toml, "--data-dir", str(data))
+    for key in (ALICE, ADMIN, ALICE):
+        status, _ = await served.chat(key)
+        assert status == 200
+    status, usage = await served.get("/v1/usage")
+    assert usage["source"] == "memory"  # what this process counted
+    assert usage["total"]["requests"] == 3
+    assert usage["total"]["spent_usd"] == pytest.approx(3 * COST, abs=1e-6)
+    assert {k["name"]: k["requests"] for k in usage["keys"]} == {"alice": 2, "ops": 1}
+    assert await served.stop() == 0
+    assert not data.exists()
+    assert list(own_data_home.iterdir()) == []  # nor in the platform's data directory
+
+
+async def test_data_directory_from_flag_variable_file_or_platform(tmp_path):
+    config = tmp_path / "nexus.toml"
+    config.write_text('[server]\ndata_dir = "/from/file"\n')
+    env = {"NEXUS_DATA_DIR": "/from/env"}
+    flag = {("server", "data_dir"): "/from/flag"}
+    assert nexus.load_settings(config, env, flag).server.data_dir == "/from/flag"
+    assert nexus.load_settings(config, env, {}).server.data_dir == "/from/env"
+    assert nexus.load_settings(config, {}, {}).server.data_dir == "/from/file"
+    home = {"HOME": "/home/u"}
+    where = nexus.data_directory
+    assert where("/srv/nexus", home, "linux") == Path("/srv/nexus")
+    assert where("", home, "linux") == Path("/home/u/.local/share/nexus")
+    assert where("", {**home, "XDG_DATA_HOME": "/xdg"}, "linux") == Path("/xdg/nexus")
+    assert where("", home, "darwin") == Path("/home/u/Library/Application Support/nexus")
+    assert where("", {**home, "LOCALAPPDATA": "C:/Users/u/AppData/Local"}, "win32") == Path(
+        "C:/Users/u/AppData/Local/nexus"
+    )
+
+
+async def test_without_a_data_dir_the_ledger_is_in_the_platform_directory(start, own_data_home):
+    served = await start(BUDGET_TOML)
+    status, _ = await served.chat(None)
+    assert status == 200
+    assert await served.stop() == 0
+    rows = ledger_rows(own_data_home / "nexus" / "nexus.db")
+    assert rows[this_month(), ""][1] == 1
