@@ -1995,7 +1995,7 @@ def ledger_problem(exc: BaseException) -> str:
     """An OSError or sqlite3 error in words, with what to do about a lock."""
     text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
     if "locked" in text:
-        text += " (another Nexus process is using it)"
+        text += ": another Nexus process is using it"
     return text
 
 
@@ -2012,6 +2012,8 @@ class LedgerFile:
     def open(self) -> None:
         import sqlite3  # only a Nexus with a monthly limit pays for loading SQLite
 
+        if self.path.parent.exists() and not self.path.parent.is_dir():
+            raise LedgerError(f"{self.path.parent} is not a directory")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(
@@ -2205,7 +2207,7 @@ class Ledger:
             if future.result():
                 log.warning("ledger %s was deleted or replaced: written anew", self.path)
             elif self.problem is not None:
-                log.warning("ledger %s is written again", self.path)
+                log.info("ledger %s is written again", self.path)
             self.problem = None
             return
         problem = str(exc)

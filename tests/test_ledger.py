@@ -295,3 +295,172 @@ async def test_without_a_data_dir_the_ledger_is_in_the_platform_directory(start,
     assert await served.stop() == 0
     rows = ledger_rows(own_data_home / "nexus" / "nexus.db")
     assert rows[this_month(), ""][1] == 1
+
+
+# --- faults ---------------------------------------------------------------------------------
+
+LOAD_WORKERS = 8
+LOAD_SECONDS = 3.0
+MAX_LOSS_SECONDS = 1.0  # SPEC §1: a crash loses at most the last second
+SCHEDULING_SLACK_SECONDS = 0.3  # the writer thread's own time on a busy machine
+
+
+async def test_kill_9_under_load_keeps_all_but_the_last_second(start, tmp_path):
+    data = tmp_path / "data"
+    served = await start(BUDGET_TOML, "--data-dir", str(data))
+    answered: list[float] = []  # when each paid answer was complete, as the client saw it
+    sent = 0
+    stop_at = time.monotonic() + LOAD_SECONDS
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        nonlocal sent
+        while time.monotonic() < stop_at + 5:  # until the kill cuts it off
+            sent += 1
+            try:
+                async with session.post(served.url + "/v1/chat/completions", json=CHAT) as resp:
+                    await resp.read()
+                    if resp.status == 200:
+                        answered.append(time.monotonic())
+            except aiohttp.ClientError:
+                return
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+        workers = [asyncio.create_task(worker(session)) for _ in range(LOAD_WORKERS)]
+        await asyncio.sleep(LOAD_SECONDS)
+        killed_at = time.monotonic()
+        os.kill(served.proc.pid, signal.SIGKILL)
+        await asyncio.wait_for(asyncio.gather(*workers), 15)
+    served.proc.wait(10)
+    old = [t for t in answered if t < killed_at - MAX_LOSS_SECONDS - SCHEDULING_SLACK_SECONDS]
+    assert len(old) > 20, "too little load to judge"
+
+    again = await start(BUDGET_TOML, "--data-dir", str(data))
+    status, usage = await again.get("/v1/usage", key=None)
+    assert status == 200
+    kept = usage["total"]["requests"]
+    assert len(old) <= kept <= sent
+    assert usage["total"]["spent_usd"] == pytest.approx(kept * COST, rel=1e-6)
+    assert usage["total"]["tokens"] == kept * TOKENS
+    assert await again.stop() == 0
+    assert ledger_rows(data / "nexus.db")[this_month(), ""][1] == kept
+
+
+async def test_a_second_nexus_on_the_same_data_dir_counts_in_memory(start, tmp_path):
+    data = tmp_path / "data"
+    first = await start(BUDGET_TOML, "--data-dir", str(data))
+    second = await start(BUDGET_TOML, "--data-dir", str(data))
+    path = str(data / "nexus.db")
+    assert f"ledger {path} cannot be used (database is locked: another Nexus" in second.log
+    assert "counted in memory" in second.log
+    for served, times in ((first, 2), (second, 3)):
+        for _ in range(times):
+            status, _ = await served.chat(None)
+            assert status == 200
+    _, usage = await first.get("/v1/usage", key=None)
+    assert usage["source"] == "ledger" and usage["total"]["requests"] == 2
+    _, usage = await second.get("/v1/usage", key=None)
+    assert usage["source"] == "memory" and usage["total"]["requests"] == 3
+    assert await second.stop() == 0
+    assert await first.stop() == 0
+    assert ledger_rows(data / "nexus.db")[this_month(), ""][1] == 2  # whole, never mixed
+    third = await start(BUDGET_TOML, "--data-dir", str(data))
+    _, usage = await third.get("/v1/usage", key=None)
+    assert usage["source"] == "ledger" and usage["total"]["requests"] == 2
+    assert await third.stop() == 0
+
+
+async def wait_for_log(served: Served, text: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in served.log:
+        assert time.monotonic() < deadline, f"{text!r} not logged:\n{served.log}"
+        await asyncio.sleep(0.1)
+
+
+async def spent_and_serving(served: Served, answers: int) -> None:
+    """Nexus still answers, and its budget has counted every answer (in memory at least)."""
+    status, _ = await served.chat(None)
+    assert status == 200
+    _, stats = await served.get("/v1/stats", key=None)
+    assert stats["budget"]["spent_usd"] == pytest.approx(answers * COST, abs=1e-6)
+
+
+async def test_ledger_deleted_while_running_is_written_anew(start, tmp_path):
+    data = tmp_path / "data"
+    served = await start(BUDGET_TOML, "--data-dir", str(data))
+    await spent_and_serving(served, 1)
+    await asyncio.sleep(1.5)  # written
+    for name in ("nexus.db", "nexus.db-wal"):
+        (data / name).unlink(missing_ok=True)
+    await spent_and_serving(served, 2)
+    await wait_for_log(served, "deleted or replaced: written anew")
+    assert str(data / "nexus.db") in served.log
+    await spent_and_serving(served, 3)
+    assert await served.stop() == 0
+    assert ledger_rows(data / "nexus.db")[this_month(), ""][:2] == (pytest.approx(3 * COST), 3)
+
+
+async def test_ledger_made_read_only_while_running_keeps_counting(start, tmp_path):
+    data = tmp_path / "data"
+    served = await start(BUDGET_TOML, "--data-dir", str(data))
+    await spent_and_serving(served, 1)
+    await asyncio.sleep(1.5)
+    # Root ignores permission bits; the immutable attribute stops even root from writing.
+    files = [str(p) for p in (data, *data.iterdir())]
+    chattr = subprocess.run(["chattr", "+i", *files], capture_output=True, text=True)
+    if chattr.returncode != 0:
+        pytest.skip(f"this filesystem has no immutable attribute: {chattr.stderr.strip()}")
+    try:
+        await spent_and_serving(served, 2)
+        await wait_for_log(served, "cannot be written")
+        assert f"ledger {data / 'nexus.db'} cannot be written" in served.log
+        await spent_and_serving(served, 3)
+        _, usage = await served.get("/v1/usage", key=None)
+        assert usage["total"]["requests"] == 3  # counted in memory meanwhile
+    finally:
+        subprocess.run(["chattr", "-i", *files], check=True)
+    await wait_for_log(served, "is written again")
+    assert await served.stop() == 0
+    assert ledger_rows(data / "nexus.db")[this_month(), ""][:2] == (pytest.approx(3 * COST), 3)
+    assert "Traceback" not in served.log
+
+
+async def test_ledger_filled_with_junk_while_running_is_left_alone(start, tmp_path):
+    data = tmp_path / "data"
+    served = await start(BUDGET_TOML, "--data-dir", str(data))
+    await spent_and_serving(served, 1)
+    await asyncio.sleep(1.5)
+    junk = os.urandom(64 * 1024)
+    with (data / "nexus.db").open("r+b") as file:  # the same file, overwritten in place
+        file.write(junk)
+    await spent_and_serving(served, 2)
+    await wait_for_log(served, "no longer a SQLite database")
+    assert f"ledger {data / 'nexus.db'} cannot be written" in served.log
+    for answers in range(3, 6):
+        await spent_and_serving(served, answers)
+    _, usage = await served.get("/v1/usage", key=None)
+    assert usage["source"] == "memory" and usage["total"]["requests"] == 5
+    assert await served.stop() == 0
+    assert "Traceback" not in served.log
+
+
+@pytest.mark.parametrize("fault", ["directory is a file", "file is junk", "under /proc"])
+async def test_an_unusable_ledger_at_start_warns_and_counts_in_memory(start, tmp_path, fault):
+    data = tmp_path / "data"
+    if fault == "directory is a file":
+        data.write_text("not a directory")
+    elif fault == "file is junk":
+        data.mkdir()
+        (data / "nexus.db").write_bytes(b"this is no database\n" * 1000)
+    else:
+        data = Path("/proc/self/nexus-data")
+    served = await start(BUDGET_TOML, "--data-dir", str(data))
+    assert f"ledger {data / 'nexus.db'} cannot be used" in served.log
+    if fault == "directory is a file":
+        assert f"({data} is not a directory)" in served.log
+    for answers in (1, 2):
+        await spent_and_serving(served, answers)
+    _, usage = await served.get("/v1/usage", key=None)
+    assert usage["source"] == "memory" and usage["total"]["requests"] == 2
+    assert await served.stop() == 0
+    if fault == "file is junk":
+        assert (data / "nexus.db").read_bytes() == b"this is no database\n" * 1000
