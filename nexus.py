@@ -4,7 +4,8 @@ Nexus is a control plane. It finds inference servers (Ollama, vLLM, llama.cpp, L
 any OpenAI-compatible server, and cloud APIs when configured), knows which models each serves
 and what they can do, routes every request to the best healthy backend, fails over when one
 dies and enforces policy. It never runs a model and keeps no user data: all state is
-operational (health, load, counters) and lives in memory.
+operational (health, load, counters) and lives in memory, except the month's spend when a
+monthly limit is set (the ledger, nexus.db).
 
 This file is the whole program. It needs aiohttp, zeroconf and tiktoken, and uses uvloop where
 it is installed (not on Windows).
@@ -12,10 +13,11 @@ It reads top to bottom in the order a request travels:
 
     Errors -> Settings -> World model (Backend, Model, Registry) -> Health and Discovery (keep
     the world current) -> Requests (what a payload needs) -> Tokens (exact counts, loaded lazily) ->
-    Policy (prices, budget) -> Auth (keys, allow-lists, rate limits) -> Routing (pure
-    functions) -> Backend adapters (the only code that knows a backend's quirks) -> Proxy
-    (send, retry, stream out) -> Anthropic Messages API (translated to chat and back) -> HTTP
-    handlers -> Stats -> Metrics -> App assembly -> CLI and main().
+    Policy (prices, budget) -> Ledger (the month's usage, on disk with a monthly limit) -> Auth
+    (keys, allow-lists, rate limits) -> Routing (pure functions) -> Backend adapters (the only
+    code that knows a backend's quirks) -> Proxy (send, retry, stream out) -> Anthropic Messages
+    API (translated to chat and back) -> HTTP handlers -> Stats -> Metrics -> App assembly -> CLI
+    and main().
 """
 
 from __future__ import annotations
@@ -1927,7 +1929,7 @@ def budget_exceeded(needs: RequestNeeds, action: str, why: str) -> NexusError:
 # Ledger
 # Owns: the month's usage (cloud spend, requests, tokens) in total and per key, counted in
 # memory on the event loop; and, only when a monthly limit is set, nexus.db in the data
-# directory: read once at start, rewritten by one worker thread at most once a second.
+# directory: read once at start, written by one worker thread at most once a second.
 # Must not: touch the disk on the event loop, keep any prompt, answer or key (key names only),
 # or stop Nexus serving: a ledger it cannot use is warned about, and counting goes on in memory.
 # ==============================================================================================
@@ -1950,6 +1952,7 @@ LEDGER_UPSERT = (
 )
 
 UsageRow = list[float]  # [spent_usd, requests, tokens] of one key (or the total) in one month
+SavedRow = tuple[str, str, float, int, int]  # (month, key, spent_usd, requests, tokens)
 
 
 def data_directory(configured: str, env: dict[str, str], platform: str = sys.platform) -> Path:
@@ -2008,6 +2011,10 @@ class LedgerFile:
         self.path = path
         self.conn: Any = None  # a sqlite3.Connection while the file is open
         self.identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the file opened
+        # Every row known, so that a file deleted meanwhile is written whole again, and
+        # which of them the file does not hold yet (a write failed, or it was never written).
+        self.known: dict[tuple[str, str], SavedRow] = {}
+        self.unsaved: set[tuple[str, str]] = set()
 
     def open(self) -> None:
         import sqlite3  # only a Nexus with a monthly limit pays for loading SQLite
@@ -2050,6 +2057,8 @@ class LedgerFile:
             found = self.conn.execute(query, (month,)).fetchall()
         except sqlite3.Error as exc:
             raise LedgerError(ledger_problem(exc)) from exc
+        for key, usd, requests, tokens in found:
+            self.known.setdefault((month, key), (month, key, usd, requests, tokens))
         return {
             key: [float(usd), int(requests), int(tokens)] for key, usd, requests, tokens in found
         }
@@ -2067,11 +2076,15 @@ class LedgerFile:
         if head != SQLITE_MAGIC:
             raise LedgerCorrupt("it is no longer a SQLite database")
 
-    def write(self, rows: list[tuple[str, str, float, int, int]]) -> bool:
-        """Write the rows whole (each is the month's total so far, so writing is idempotent).
-        A file deleted or replaced meanwhile is made again; returns True when it was."""
+    def write(self, rows: list[SavedRow]) -> bool:
+        """Write the rows that changed, and any a failed write left behind. Each row is its
+        month's total so far, so writing one again does no harm. A file deleted or replaced
+        meanwhile is made again with every row known; returns True when it was."""
         import sqlite3
 
+        for row in rows:
+            self.known[row[:2]] = row
+            self.unsaved.add(row[:2])
         made_again = False
         if self.conn is not None:
             try:
@@ -2079,12 +2092,14 @@ class LedgerFile:
             except LedgerReplaced:
                 self.close()
                 made_again = True
+                self.unsaved.update(self.known)
         if self.conn is None:
             self.open()
         try:
             self.conn.execute("BEGIN IMMEDIATE")
-            self.conn.executemany(LEDGER_UPSERT, rows)
+            self.conn.executemany(LEDGER_UPSERT, [self.known[k] for k in self.unsaved])
             self.conn.execute("COMMIT")
+            self.unsaved.clear()
         except sqlite3.Error as exc:
             self.close()  # a failed write leaves the connection unsure: open it afresh
             raise LedgerError(ledger_problem(exc)) from exc
@@ -2103,7 +2118,7 @@ class LedgerFile:
 class Ledger:
     """The month's usage, in total and per key, counted in memory as charges land, and kept
     in nexus.db when a monthly limit is set. Counting is a few list additions on the event
-    loop; one worker thread writes the rows of every month counted at most once a second."""
+    loop; one worker thread writes the rows that changed at most once a second."""
 
     def __init__(self, path: Path | None) -> None:
         self.path = path  # None: no monthly limit, nothing is written
@@ -2111,6 +2126,7 @@ class Ledger:
         self.rows: dict[str, dict[str, UsageRow]] = {}  # month -> key name -> row
         self.month, self.month_ends = month_at(time.time())
         self.current = self.rows.setdefault(self.month, {})
+        self.changed: dict[tuple[str, str], UsageRow] = {}  # rows counted since the last write
         self.executor: concurrent.futures.ThreadPoolExecutor | None = None
         self.flush_handle: asyncio.TimerHandle | None = None
         self.writing: asyncio.Future | None = None
@@ -2168,9 +2184,11 @@ class Ledger:
         row[0] += usd
         row[1] += requests
         row[2] += tokens
-        if self.file is not None and self.flush_handle is None:
-            loop = asyncio.get_running_loop()
-            self.flush_handle = loop.call_later(LEDGER_FLUSH_SECONDS, self.flush)
+        if self.file is not None:
+            self.changed[self.month, key] = row
+            if self.flush_handle is None:
+                loop = asyncio.get_running_loop()
+                self.flush_handle = loop.call_later(LEDGER_FLUSH_SECONDS, self.flush)
 
     def count(self, record: RequestRecord) -> None:
         """One request answered: its tokens in the total, and its cost too under its key."""
@@ -2179,12 +2197,11 @@ class Ledger:
         if record.key is not None:
             self.add(record.key, record.cost_usd or 0.0, 1, tokens)
 
-    def snapshot(self) -> list[tuple[str, str, float, int, int]]:
-        return [
-            (month, key, row[0], int(row[1]), int(row[2]))
-            for month, keys in self.rows.items()
-            for key, row in keys.items()
-        ]
+    def take_changed(self) -> list[SavedRow]:
+        """The rows counted since the last write, as they stand now (copies for the worker)."""
+        rows = [(m, k, row[0], int(row[1]), int(row[2])) for (m, k), row in self.changed.items()]
+        self.changed.clear()
+        return rows
 
     def flush(self) -> None:
         """Hand every row to the worker thread (one write at a time)."""
@@ -2195,7 +2212,7 @@ class Ledger:
         if self.writing is not None and not self.writing.done():
             self.flush_handle = loop.call_later(LEDGER_FLUSH_SECONDS, self.flush)
             return
-        self.writing = loop.run_in_executor(self.executor, self.file.write, self.snapshot())
+        self.writing = loop.run_in_executor(self.executor, self.file.write, self.take_changed())
         self.writing.add_done_callback(self.written)
 
     def written(self, future: asyncio.Future) -> None:
@@ -2248,7 +2265,7 @@ class Ledger:
         file, self.file = self.file, None
         if file is not None:
             try:
-                await self.in_worker(file.write, self.snapshot())
+                await self.in_worker(file.write, self.take_changed())
             except LedgerError as exc:
                 log.warning("ledger %s: the last counts could not be written (%s)", self.path, exc)
             await self.in_worker(file.close)
