@@ -6546,16 +6546,22 @@ async def backend_pool_ctx(app: web.Application) -> AsyncIterator[None]:
     app[CLIENT].close()
 
 
-async def ledger_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Read the month's spend before serving (the budget and each key start from it); write
-    what is left when Nexus stops, after the last request in flight."""
+def start_from_ledger(app: web.Application) -> None:
+    """The budget and each key begin from the month's spend in the ledger (at start, or when
+    they are made anew)."""
     ledger = app[LEDGER]
-    await ledger.open()
     app[BUDGET].start_from(ledger.spent(TOTAL_ROW))
     for key in app[KEYS]:
         key.month, key.spent_usd = ledger.month, ledger.spent(key.name)
+
+
+async def ledger_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Read the month's spend before serving (the budget and each key start from it); write
+    what is left when Nexus stops, after the last request in flight."""
+    await app[LEDGER].open()
+    start_from_ledger(app)
     yield
-    await ledger.close()
+    await app[LEDGER].close()
 
 
 async def first_poll(app: web.Application, backend: Backend) -> None:

@@ -464,3 +464,59 @@ async def test_an_unusable_ledger_at_start_warns_and_counts_in_memory(start, tmp
     assert await served.stop() == 0
     if fault == "file is junk":
         assert (data / "nexus.db").read_bytes() == b"this is no database\n" * 1000
+
+
+# --- other months ---------------------------------------------------------------------------
+
+
+async def test_usage_of_another_month_is_read_from_the_ledger(
+    backend_factory, nexus_factory, own_data_home
+):
+    path = own_data_home / "nexus" / "nexus.db"
+    path.parent.mkdir()
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute(nexus.LEDGER_SCHEMA)
+        db.executemany(
+            nexus.LEDGER_UPSERT,
+            [("2001-01", "", 1.5, 30, 3000), ("2001-01", "gone", 1.25, 20, 2000)],
+        )
+        db.commit()
+    local = await backend_factory("ollama", {"llama3:8b": {}}, name="gpu")
+    nx = await nexus_factory(BUDGET_TOML + backends_toml(local))
+    async with aiohttp.ClientSession() as session:
+        body = {"model": "llama3:8b", "messages": [{"role": "user", "content": "hi"}]}
+        async with session.post(nx.url + "/v1/chat/completions", json=body) as resp:
+            assert resp.status == 200
+        async with session.get(nx.url + "/v1/usage?month=2001-01") as resp:
+            past = await resp.json()
+        async with session.get(nx.url + "/v1/usage") as resp:
+            now = await resp.json()
+    assert past["source"] == "ledger"
+    assert past["total"]["spent_usd"] == 1.5 and past["total"]["requests"] == 30
+    # A key no longer configured keeps its row: the ledger knows names, not configurations.
+    assert past["keys"] == [
+        {
+            "name": "gone",
+            "spent_usd": 1.25,
+            "requests": 20,
+            "tokens": 2000,
+            "monthly_limit_usd": None,
+        }
+    ]
+    assert now["month"] == this_month() and now["total"]["requests"] == 1
+    assert now["total"]["spent_usd"] == 0  # a local answer costs nothing
+
+
+def test_counts_move_to_the_new_month_when_it_begins(monkeypatch):
+    last_second = nexus.dt.datetime(2026, 1, 31, 23, 59, 59, tzinfo=nexus.dt.UTC).timestamp()
+    monkeypatch.setattr(nexus.time, "time", lambda: last_second)
+    ledger = nexus.Ledger(None)
+    ledger.add(nexus.TOTAL_ROW, 1.0, 1, 10)
+    ledger.add("alice", 1.0, 1, 10)
+    monkeypatch.setattr(nexus.time, "time", lambda: last_second + 2)
+    ledger.add(nexus.TOTAL_ROW, 2.0, 1, 20)
+    assert ledger.rows == {
+        "2026-01": {"": [1.0, 1, 10], "alice": [1.0, 1, 10]},
+        "2026-02": {"": [2.0, 1, 20]},
+    }
+    assert ledger.month == "2026-02" and ledger.spent("alice") == 0
