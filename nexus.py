@@ -2276,8 +2276,9 @@ class Ledger:
 # ==============================================================================================
 # Auth
 # Owns: API keys ([auth] api_keys, each read from its variable once, at start), who may call
-# what (model allow-lists, the admin API), the token buckets behind rpm and tpm limits (per key,
-# and per backend), and each key's usage and monthly spend.
+# what (model allow-lists; the operations views and the admin API, which need an admin key),
+# the token buckets behind rpm and tpm limits (per key, and per backend), and each key's usage
+# and monthly spend.
 # Must not: let a key leave this section. Only a SHA-256 digest of each is kept; logs, errors,
 # stats and pages name a key by its name, never show it.
 # ==============================================================================================
