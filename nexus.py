@@ -1937,6 +1937,7 @@ def budget_exceeded(needs: RequestNeeds, action: str, why: str) -> NexusError:
 LEDGER_FILE = "nexus.db"
 LEDGER_FLUSH_SECONDS = 1.0  # a crash loses at most this much of the month's counts
 LEDGER_BUSY_SECONDS = 0.5  # how long the worker waits for a lock; never the event loop
+LEDGER_CLOSE_SECONDS = 5.0  # at shutdown, for each of the last write and the close
 TOTAL_ROW = ""  # the row of everyone's usage (a key's name is never empty)
 SQLITE_MAGIC = b"SQLite format 3\x00"
 MONTH_PATTERN = re.compile(r"\d{4}-(0[1-9]|1[0-2])")
@@ -2256,19 +2257,24 @@ class Ledger:
             return {}
 
     async def close(self) -> None:
-        """Write what is left and close the file (SIGTERM loses nothing)."""
+        """Write what is left and close the file (SIGTERM loses nothing), waiting a few
+        seconds at most for a disk that does not answer."""
         if self.flush_handle is not None:
             self.flush_handle.cancel()
             self.flush_handle = None
-        if self.writing is not None:
-            await asyncio.wait([self.writing])
         file, self.file = self.file, None
         if file is not None:
             try:
-                await self.in_worker(file.write, self.take_changed())
-            except LedgerError as exc:
-                log.warning("ledger %s: the last counts could not be written (%s)", self.path, exc)
-            await self.in_worker(file.close)
+                if self.writing is not None:  # its outcome was handled by written()
+                    _, pending = await asyncio.wait([self.writing], timeout=LEDGER_CLOSE_SECONDS)
+                    if pending:
+                        raise TimeoutError
+                rows = self.take_changed()
+                await asyncio.wait_for(self.in_worker(file.write, rows), LEDGER_CLOSE_SECONDS)
+                await asyncio.wait_for(self.in_worker(file.close), LEDGER_CLOSE_SECONDS)
+            except (LedgerError, TimeoutError) as exc:
+                problem = str(exc) or "the disk did not answer"
+                log.warning("ledger %s: the last counts were not written (%s)", self.path, problem)
         if self.executor is not None:
             self.executor.shutdown(wait=False)
 
