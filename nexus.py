@@ -4,7 +4,8 @@ Nexus is a control plane. It finds inference servers (Ollama, vLLM, llama.cpp, L
 any OpenAI-compatible server, and cloud APIs when configured), knows which models each serves
 and what they can do, routes every request to the best healthy backend, fails over when one
 dies and enforces policy. It never runs a model and keeps no user data: all state is
-operational (health, load, counters) and lives in memory.
+operational (health, load, counters) and lives in memory, except the month's spend when a
+monthly limit is set (the ledger, nexus.db).
 
 This file is the whole program. It needs aiohttp, zeroconf and tiktoken, and uses uvloop where
 it is installed (not on Windows).
@@ -12,11 +13,11 @@ It reads top to bottom in the order a request travels:
 
     Errors -> Settings -> World model (Backend, Model, Registry) -> Health and Discovery (keep
     the world current) -> Requests (what a payload needs) -> Tokens (exact counts, loaded lazily) ->
-    Policy (prices, budget) -> Auth (keys, allow-lists, rate limits) -> Routing (pure
-    functions) -> Backend adapters (the only code that knows a backend's quirks) -> Proxy
-    (send, retry, stream out) -> Anthropic Messages API (translated to chat and back) -> HTTP
-    handlers -> Stats -> Metrics -> App assembly -> Reload (the configuration, without a
-    restart) -> CLI and main().
+    Policy (prices, budget) -> Ledger (the month's usage, on disk with a monthly limit) -> Auth
+    (keys, allow-lists, rate limits) -> Routing (pure functions) -> Backend adapters (the only
+    code that knows a backend's quirks) -> Proxy (send, retry, stream out) -> Anthropic Messages
+    API (translated to chat and back) -> HTTP handlers -> Stats -> Metrics -> App assembly ->
+    Reload (the configuration, without a restart) -> CLI and main().
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import asyncio
 import binascii
 import bisect
 import collections
+import concurrent.futures
 import contextlib
 import datetime as dt
 import email.utils
@@ -159,6 +161,7 @@ class ServerSettings:
     stream_idle_timeout_seconds: float = 30.0
     max_body_mb: float = 10.0
     watch_config: bool = True  # reload when the config file changes (SIGHUP always reloads)
+    data_dir: str = ""  # where the ledger lives (only with monthly limits); "": the platform's
 
 
 @dataclass(slots=True)
@@ -270,6 +273,7 @@ ENV_SETTINGS = {
     "NEXUS_LOG_FORMAT": ("logging", "format"),
     "NEXUS_DISCOVERY": ("discovery", "enabled"),
     "NEXUS_HEALTH_CHECK": ("health_check", "enabled"),
+    "NEXUS_DATA_DIR": ("server", "data_dir"),
 }
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off")
@@ -1671,8 +1675,8 @@ def answer_texts(endpoint: str, answer: dict[str, Any]) -> list[str]:
 # ==============================================================================================
 # Policy
 # Owns: what cloud work costs (the embedded price table, overridable per model) and the month's
-# spend against the budget. Spend lives in memory only: it is operational state, not a ledger,
-# so a restart starts the month's count again at zero.
+# spend against the budget. The spend is counted here; the Ledger below keeps it across
+# restarts when a monthly limit is set.
 # Must not: do I/O beyond reading the embedded price table once, or decide routes (routing
 # reads the budget's status; the proxy charges it).
 # ==============================================================================================
@@ -1777,6 +1781,12 @@ def month_of(now: dt.datetime) -> str:
     return f"{now.year:04d}-{now.month:02d}"
 
 
+def next_month_start(now: dt.datetime) -> dt.datetime:
+    """Midnight UTC on the 1st of the month after `now`'s: when monthly limits start again."""
+    year, month = (now.year + 1, 1) if now.month == 12 else (now.year, now.month + 1)
+    return dt.datetime(year, month, 1, tzinfo=dt.UTC)
+
+
 class Budget:
     """The current calendar month's cloud spend (UTC months) and where it stands against the
     configured limit: normal, soft_limit (cloud deprioritised) or hard_limit (the action)."""
@@ -1812,6 +1822,11 @@ class Budget:
             self.month = month
             self._spent_usd = 0.0
 
+    def start_from(self, spent_usd: float) -> None:
+        """Begin the month from what the ledger holds for it (spent before this start)."""
+        self.roll()
+        self._spent_usd = spent_usd
+
     def charge(self, usd: float) -> None:
         self.roll()
         before = self.status
@@ -1840,9 +1855,7 @@ class Budget:
 
     def seconds_to_reset(self, now: dt.datetime | None = None) -> int:
         now = now or dt.datetime.now(dt.UTC)
-        year, month = (now.year + 1, 1) if now.month == 12 else (now.year, now.month + 1)
-        start = dt.datetime(year, month, 1, tzinfo=dt.UTC)
-        return max(int((start - now).total_seconds()), 1)
+        return max(int((next_month_start(now) - now).total_seconds()), 1)
 
     def snapshot(self) -> dict[str, Any] | None:
         """The budget in /v1/stats; None when no limit is configured."""
@@ -1947,16 +1960,373 @@ def budget_exceeded(needs: RequestNeeds, action: str, why: str) -> NexusError:
 
 
 # ==============================================================================================
+# Ledger
+# Owns: the month's usage (cloud spend, requests, tokens) in total and per key, counted in
+# memory on the event loop; and, only when a monthly limit is set, nexus.db in the data
+# directory: read once at start, written by one worker thread at most once a second.
+# Must not: touch the disk on the event loop, keep any prompt, answer or key (key names only),
+# or stop Nexus serving: a ledger it cannot use is warned about, and counting goes on in memory.
+# ==============================================================================================
+
+LEDGER_FILE = "nexus.db"
+LEDGER_FLUSH_SECONDS = 1.0  # a crash loses at most this much of the month's counts
+LEDGER_BUSY_SECONDS = 0.5  # how long the worker waits for a lock; never the event loop
+LEDGER_CLOSE_SECONDS = 5.0  # at shutdown, for each of the last write and the close
+TOTAL_ROW = ""  # the row of everyone's usage (a key's name is never empty)
+SQLITE_MAGIC = b"SQLite format 3\x00"
+MONTH_PATTERN = re.compile(r"\d{4}-(0[1-9]|1[0-2])")
+LEDGER_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS usage (month TEXT NOT NULL, key TEXT NOT NULL, "
+    "spent_usd REAL NOT NULL, requests INTEGER NOT NULL, tokens INTEGER NOT NULL, "
+    "PRIMARY KEY (month, key))"
+)
+LEDGER_UPSERT = (
+    "INSERT INTO usage (month, key, spent_usd, requests, tokens) VALUES (?, ?, ?, ?, ?) "
+    "ON CONFLICT (month, key) DO UPDATE SET spent_usd = excluded.spent_usd, "
+    "requests = excluded.requests, tokens = excluded.tokens"
+)
+
+UsageRow = list[float]  # [spent_usd, requests, tokens] of one key (or the total) in one month
+SavedRow = tuple[str, str, float, int, int]  # (month, key, spent_usd, requests, tokens)
+
+
+def data_directory(configured: str, env: dict[str, str], platform: str = sys.platform) -> Path:
+    """Where nexus.db lives: --data-dir, $NEXUS_DATA_DIR or [server] data_dir (merged into
+    `configured` by the settings), else the platform's user data directory."""
+    if configured:
+        return Path(configured).expanduser()
+    home = Path(env["HOME"]) if env.get("HOME") else Path.home()
+    if platform == "win32":
+        return Path(env.get("LOCALAPPDATA") or home / "AppData" / "Local") / "nexus"
+    if platform == "darwin":
+        return home / "Library" / "Application Support" / "nexus"
+    return Path(env.get("XDG_DATA_HOME") or home / ".local" / "share") / "nexus"
+
+
+def ledger_wanted(settings: Settings) -> bool:
+    """Whether a monthly limit is configured: only then does Nexus write anything to disk."""
+    budget = settings.routing.budget
+    if budget is not None and budget.monthly_limit_usd > 0:
+        return True
+    return any(k.monthly_limit_usd > 0 for k in settings.auth.api_keys)
+
+
+def month_at(now: float) -> tuple[str, float]:
+    """The UTC month a time.time() falls in, and the time.time() at which the next begins."""
+    moment = dt.datetime.fromtimestamp(now, dt.UTC)
+    return month_of(moment), next_month_start(moment).timestamp()
+
+
+class LedgerError(Exception):
+    """nexus.db cannot be used: missing directory, unwritable, locked, not a database."""
+
+
+class LedgerReplaced(LedgerError):
+    """nexus.db was deleted or replaced by another file while Nexus was writing it."""
+
+
+class LedgerCorrupt(LedgerError):
+    """nexus.db no longer holds a SQLite database (something wrote over it)."""
+
+
+def ledger_problem(exc: BaseException) -> str:
+    """An OSError or sqlite3 error in words, with what to do about a lock."""
+    text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    if "locked" in text:
+        text += ": another Nexus process is using it"
+    return text
+
+
+class LedgerFile:
+    """nexus.db as one worker thread uses it: open it (holding SQLite's exclusive lock, so a
+    second Nexus given the same directory is refused at once), read a month, write rows.
+    Every method runs on that thread, never on the event loop."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.conn: Any = None  # a sqlite3.Connection while the file is open
+        self.identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the file opened
+        # Every row known, so that a file deleted meanwhile is written whole again, and
+        # which of them the file does not hold yet (a write failed, or it was never written).
+        self.known: dict[tuple[str, str], SavedRow] = {}
+        self.unsaved: set[tuple[str, str]] = set()
+
+    def open(self) -> None:
+        import sqlite3  # only a Nexus with a monthly limit pays for loading SQLite
+
+        if self.path.parent.exists() and not self.path.parent.is_dir():
+            raise LedgerError(f"{self.path.parent} is not a directory")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(
+                self.path,
+                timeout=LEDGER_BUSY_SECONDS,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+            try:
+                # Exclusive locking: one process owns the file for as long as it runs, and the
+                # write-ahead log's index lives in memory (no shared-memory file to map).
+                conn.execute("PRAGMA locking_mode = EXCLUSIVE")
+                if str(conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]).lower() != "wal":
+                    raise sqlite3.OperationalError("cannot use write-ahead logging")
+                conn.execute("BEGIN IMMEDIATE")  # the lock is taken now, not at the first charge
+                conn.execute(LEDGER_SCHEMA)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.close()
+                raise
+            stat = os.stat(self.path)
+        except (sqlite3.Error, OSError) as exc:
+            raise LedgerError(ledger_problem(exc)) from exc
+        self.conn, self.identity = conn, (stat.st_dev, stat.st_ino)
+
+    def read(self, month: str) -> dict[str, UsageRow]:
+        """The month's rows by key name (TOTAL_ROW: everyone's)."""
+        import sqlite3
+
+        if self.conn is None:
+            self.open()
+        query = "SELECT key, spent_usd, requests, tokens FROM usage WHERE month = ?"
+        try:
+            found = self.conn.execute(query, (month,)).fetchall()
+        except sqlite3.Error as exc:
+            raise LedgerError(ledger_problem(exc)) from exc
+        for key, usd, requests, tokens in found:
+            self.known.setdefault((month, key), (month, key, usd, requests, tokens))
+        return {
+            key: [float(usd), int(requests), int(tokens)] for key, usd, requests, tokens in found
+        }
+
+    def check(self) -> None:
+        """Raise when the file on disk is no longer the one opened, or no longer a database."""
+        try:
+            stat = os.stat(self.path)
+            with open(self.path, "rb") as file:
+                head = file.read(len(SQLITE_MAGIC))
+        except OSError as exc:
+            raise LedgerReplaced(ledger_problem(exc)) from exc
+        if (stat.st_dev, stat.st_ino) != self.identity:
+            raise LedgerReplaced("replaced by another file")
+        if head != SQLITE_MAGIC:
+            raise LedgerCorrupt("it is no longer a SQLite database")
+
+    def write(self, rows: list[SavedRow]) -> bool:
+        """Write the rows that changed, and any a failed write left behind. Each row is its
+        month's total so far, so writing one again does no harm. A file deleted or replaced
+        meanwhile is made again with every row known; returns True when it was."""
+        import sqlite3
+
+        for row in rows:
+            self.known[row[:2]] = row
+            self.unsaved.add(row[:2])
+        made_again = False
+        if self.conn is not None:
+            try:
+                self.check()
+            except LedgerReplaced:
+                self.close()
+                made_again = True
+                self.unsaved.update(self.known)
+        if self.conn is None:
+            self.open()
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+            self.conn.executemany(LEDGER_UPSERT, [self.known[k] for k in self.unsaved])
+            self.conn.execute("COMMIT")
+            self.unsaved.clear()
+        except sqlite3.Error as exc:
+            self.close()  # a failed write leaves the connection unsure: open it afresh
+            raise LedgerError(ledger_problem(exc)) from exc
+        return made_again
+
+    def close(self) -> None:
+        """Close the file; on a clean close SQLite folds its write-ahead log into nexus.db."""
+        import sqlite3
+
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+
+
+class Ledger:
+    """The month's usage, in total and per key, counted in memory as charges land, and kept
+    in nexus.db when a monthly limit is set. Counting is a few list additions on the event
+    loop; one worker thread writes the rows that changed at most once a second."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path  # None: no monthly limit, nothing is written
+        self.file: LedgerFile | None = None  # set while nexus.db is in use
+        self.rows: dict[str, dict[str, UsageRow]] = {}  # month -> key name -> row
+        self.month, self.month_ends = month_at(time.time())
+        self.current = self.rows.setdefault(self.month, {})
+        self.changed: dict[tuple[str, str], UsageRow] = {}  # rows counted since the last write
+        self.executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self.flush_handle: asyncio.TimerHandle | None = None
+        self.writing: asyncio.Future | None = None
+        self.problem: str | None = None  # the last problem warned about, not repeated
+
+    @property
+    def persistent(self) -> bool:
+        return self.file is not None
+
+    async def open(self) -> None:
+        """Read this month from nexus.db; when it cannot be used, warn and count in memory."""
+        if self.path is None:
+            return
+        self.executor = concurrent.futures.ThreadPoolExecutor(1, "nexus-ledger")
+        file = LedgerFile(self.path)
+        try:
+            saved = await self.in_worker(file.read, self.month)
+        except LedgerError as exc:
+            log.warning(
+                "ledger %s cannot be used (%s): this month's spend is counted in memory only, "
+                "and a restart forgets it",
+                self.path,
+                exc,
+            )
+            return
+        self.file = file
+        self.current.update(saved)
+        total = saved.get(TOTAL_ROW, [0.0, 0, 0])
+        log.info(
+            "ledger %s: %.4f USD spent and %d requests so far in %s",
+            self.path,
+            total[0],
+            total[1],
+            self.month,
+        )
+
+    async def in_worker(self, call: Callable[..., Any], *args: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, call, *args)
+
+    def spent(self, key: str) -> float:
+        """This month's spend of a key (TOTAL_ROW: everyone's), for the budgets to start from."""
+        row = self.current.get(key)
+        return row[0] if row is not None else 0.0
+
+    def add(self, key: str, usd: float, requests: int, tokens: int) -> None:
+        """Count usage for a key (or TOTAL_ROW) this month; the file follows within a second."""
+        now = time.time()
+        if now >= self.month_ends:
+            self.month, self.month_ends = month_at(now)
+            self.current = self.rows.setdefault(self.month, {})
+        row = self.current.get(key)
+        if row is None:
+            row = self.current[key] = [0.0, 0, 0]
+        row[0] += usd
+        row[1] += requests
+        row[2] += tokens
+        if self.file is not None:
+            self.changed[self.month, key] = row
+            if self.flush_handle is None:
+                loop = asyncio.get_running_loop()
+                self.flush_handle = loop.call_later(LEDGER_FLUSH_SECONDS, self.flush)
+
+    def count(self, record: RequestRecord) -> None:
+        """One request answered: its tokens in the total, and its cost too under its key."""
+        tokens = (record.prompt_tokens or 0) + (record.completion_tokens or 0)
+        self.add(TOTAL_ROW, 0.0, 1, tokens)
+        if record.key is not None:
+            self.add(record.key, record.cost_usd or 0.0, 1, tokens)
+
+    def take_changed(self) -> list[SavedRow]:
+        """The rows counted since the last write, as they stand now (copies for the worker)."""
+        rows = [(m, k, row[0], int(row[1]), int(row[2])) for (m, k), row in self.changed.items()]
+        self.changed.clear()
+        return rows
+
+    def flush(self) -> None:
+        """Hand every row to the worker thread (one write at a time)."""
+        self.flush_handle = None
+        if self.file is None:
+            return
+        loop = asyncio.get_running_loop()
+        if self.writing is not None and not self.writing.done():
+            self.flush_handle = loop.call_later(LEDGER_FLUSH_SECONDS, self.flush)
+            return
+        self.writing = loop.run_in_executor(self.executor, self.file.write, self.take_changed())
+        self.writing.add_done_callback(self.written)
+
+    def written(self, future: asyncio.Future) -> None:
+        """After a write: say once what went wrong (or that it is right again), and retry."""
+        if future.cancelled():
+            return
+        exc = future.exception()
+        if exc is None:
+            if future.result():
+                log.warning("ledger %s was deleted or replaced: written anew", self.path)
+            elif self.problem is not None:
+                log.info("ledger %s is written again", self.path)
+            self.problem = None
+            return
+        problem = str(exc)
+        if problem != self.problem:
+            log.warning(
+                "ledger %s cannot be written (%s): counting in memory%s",
+                self.path,
+                problem,
+                "" if isinstance(exc, LedgerCorrupt) else ", retrying every second",
+            )
+        self.problem = problem
+        if isinstance(exc, LedgerCorrupt):
+            self.file = None  # another program's file now: leave it alone
+        elif self.flush_handle is None:
+            loop = asyncio.get_running_loop()
+            self.flush_handle = loop.call_later(LEDGER_FLUSH_SECONDS, self.flush)
+
+    async def month_rows(self, month: str) -> dict[str, UsageRow]:
+        """A month's rows: counted here (this month, or any month this process has seen,
+        begun from the file), else read from the file; empty when there is none."""
+        if month in self.rows:
+            return {key: list(row) for key, row in self.rows[month].items()}
+        if self.file is None:
+            return {}
+        try:
+            return await self.in_worker(self.file.read, month)
+        except LedgerError as exc:
+            log.warning("ledger %s cannot be read (%s)", self.path, exc)
+            return {}
+
+    async def close(self) -> None:
+        """Write what is left and close the file (SIGTERM loses nothing), waiting a few
+        seconds at most for a disk that does not answer."""
+        if self.flush_handle is not None:
+            self.flush_handle.cancel()
+            self.flush_handle = None
+        file, self.file = self.file, None
+        if file is not None:
+            try:
+                if self.writing is not None:  # its outcome was handled by written()
+                    _, pending = await asyncio.wait([self.writing], timeout=LEDGER_CLOSE_SECONDS)
+                    if pending:
+                        raise TimeoutError
+                rows = self.take_changed()
+                await asyncio.wait_for(self.in_worker(file.write, rows), LEDGER_CLOSE_SECONDS)
+                await asyncio.wait_for(self.in_worker(file.close), LEDGER_CLOSE_SECONDS)
+            except (LedgerError, TimeoutError) as exc:
+                problem = str(exc) or "the disk did not answer"
+                log.warning("ledger %s: the last counts were not written (%s)", self.path, problem)
+        if self.executor is not None:
+            self.executor.shutdown(wait=False)
+
+
+# ==============================================================================================
 # Auth
 # Owns: API keys ([auth] api_keys, each read from its variable once, at start), who may call
-# what (model allow-lists, the admin API), the token buckets behind rpm and tpm limits (per key,
-# and per backend), and each key's usage and monthly spend.
+# what (model allow-lists; the operations views and the admin API, which need an admin key),
+# the token buckets behind rpm and tpm limits (per key, and per backend), and each key's usage
+# and monthly spend.
 # Must not: let a key leave this section. Only a SHA-256 digest of each is kept; logs, errors,
 # stats and pages name a key by its name, never show it.
 # ==============================================================================================
 
-# The dashboard's feeds stay open: a browser's EventSource cannot send an Authorization header.
-OPEN_V1_PATHS = ("/v1/stats", "/v1/stats/stream")
+# What shows backend URLs, key names and spend: with keys, only an admin key may see it.
+ADMIN_PATHS = ("/v1/stats", "/v1/stats/stream", "/v1/usage", "/metrics", "/v1/backends")
+# A request carrying one of these came through a proxy: its peer address is the proxy's.
+PROXY_HEADERS = ("X-Forwarded-For", "Forwarded", "X-Real-IP")
 
 
 def key_digest(secret: str) -> bytes:
@@ -2078,7 +2448,20 @@ def find_key(keys: list[ApiKey], presented: str) -> ApiKey | None:
 
 
 def needs_key(path: str) -> bool:
-    return path.startswith("/v1/") and path not in OPEN_V1_PATHS
+    return path.startswith("/v1/") or path == "/metrics"
+
+
+def needs_admin(path: str) -> bool:
+    return path in ADMIN_PATHS or path.startswith("/v1/backends/")
+
+
+def admin_forbidden(key: ApiKey) -> NexusError:
+    return NexusError(
+        403,
+        "permission_error",
+        "admin_forbidden",
+        f"The key '{key.name}' may not use this; it needs a key with admin = true.",
+    )
 
 
 def unauthorized(message: str) -> NexusError:
@@ -2092,7 +2475,8 @@ def unauthorized(message: str) -> NexusError:
 
 
 def authenticate(keys: list[ApiKey], path: str, headers: Any) -> ApiKey | None:
-    """The caller's key when keys are configured and the path needs one; 401 otherwise."""
+    """The caller's key when keys are configured and the path needs one: 401 when it is
+    missing or wrong, 403 when the path needs an admin key and it is not one."""
     if not keys or not needs_key(path):
         return None
     presented = presented_key(headers)
@@ -2103,6 +2487,8 @@ def authenticate(keys: list[ApiKey], path: str, headers: Any) -> ApiKey | None:
     key = find_key(keys, presented)
     if key is None:
         raise unauthorized("The API key provided is not valid.")
+    if not key.admin and needs_admin(path):
+        raise admin_forbidden(key)
     return key
 
 
@@ -4456,6 +4842,7 @@ def charge_cost(request: web.Request, record: RequestRecord, attempt: Attempt) -
         return "unknown"
     record.cost_usd = cost_usd(price, usage)
     app[BUDGET].charge(record.cost_usd)
+    app[LEDGER].add(TOTAL_ROW, record.cost_usd, 0, 0)
     return format_usd(record.cost_usd)
 
 
@@ -5554,17 +5941,9 @@ async def health(request: web.Request) -> web.Response:
 
 def require_admin(request: web.Request) -> None:
     """The admin API changes what Nexus routes to: with keys configured only an admin key may
-    use it (from anywhere), without keys only callers on this machine."""
+    use it, from anywhere (the middleware has checked that); without keys only callers on this
+    machine, and a request that came through a proxy (even one on this machine) is not one."""
     if request.app[KEYS]:
-        key = request.get(API_KEY)  # the middleware has checked it is a valid key
-        if key is None or not key.admin:
-            name = key.name if key is not None else ""
-            raise NexusError(
-                403,
-                "permission_error",
-                "admin_forbidden",
-                f"The key '{name}' may not use the admin API; that needs a key with admin = true.",
-            )
         return
     peer = request.remote or ""
     if peer not in ("127.0.0.1", "::1") and not peer.startswith("127."):
@@ -5573,6 +5952,15 @@ def require_admin(request: web.Request) -> None:
             "permission_error",
             "admin_forbidden",
             "The admin API only answers requests from this machine (loopback).",
+        )
+    proxied = [name for name in PROXY_HEADERS if name in request.headers]
+    if proxied:
+        raise NexusError(
+            403,
+            "permission_error",
+            "admin_forbidden",
+            f"The admin API only answers requests from this machine, and this one came through "
+            f"a proxy ({proxied[0]}); configure [auth] keys to use it from elsewhere.",
         )
 
 
@@ -5826,6 +6214,41 @@ async def stream_stats(request: web.Request) -> web.StreamResponse:
     return response
 
 
+def usage_entry(row: UsageRow | None, limit: float) -> dict[str, Any]:
+    row = row or [0.0, 0, 0]
+    return {
+        "spent_usd": round(row[0], 6),
+        "requests": int(row[1]),
+        "tokens": int(row[2]),
+        "monthly_limit_usd": limit or None,
+    }
+
+
+async def usage(request: web.Request) -> web.Response:
+    """A month's spend, requests and tokens per key and in total (`nexus usage` prints it):
+    from the ledger where there is one, else what this process counted."""
+    app = request.app
+    ledger = app[LEDGER]
+    month = request.query.get("month") or month_of(dt.datetime.now(dt.UTC))
+    if not MONTH_PATTERN.fullmatch(month):
+        raise bad_request(f"month must be YYYY-MM (e.g. {ledger.month}), got {month!r}", "month")
+    rows = await ledger.month_rows(month)
+    limits = {k.name: k.monthly_limit_usd for k in app[KEYS]}
+    names = sorted(set(limits) | set(rows) - {TOTAL_ROW})
+    return web.json_response(
+        {
+            "object": "usage",
+            "month": month,
+            "source": "ledger" if ledger.persistent else "memory",
+            "total": usage_entry(rows.get(TOTAL_ROW), app[BUDGET].monthly_limit_usd),
+            "keys": [
+                {"name": name} | usage_entry(rows.get(name), limits.get(name, 0.0))
+                for name in names
+            ],
+        }
+    )
+
+
 def log_request(record: RequestRecord, status: int, seconds: float) -> None:
     """The one line per inference request: metadata only, never content or keys."""
     if not log.isEnabledFor(logging.INFO):
@@ -6069,6 +6492,7 @@ STATE = web.AppKey("state", dict)
 BUDGET = web.AppKey("budget", Budget)  # the month's cloud spend: BUDGET.spent_usd, .status
 STOPPING = web.AppKey("stopping", asyncio.Event)  # set at shutdown: live feeds end
 KEYS = web.AppKey("keys", list)  # ApiKey per [auth] key; empty: no auth
+LEDGER = web.AppKey("ledger", Ledger)  # the month's usage; in nexus.db with a monthly limit
 REQUEST_ID = web.RequestKey("request_id", str)
 RECORD = web.RequestKey("record", RequestRecord)
 API_KEY = web.RequestKey("api_key", ApiKey)  # the caller's key, once authenticated
@@ -6157,6 +6581,7 @@ async def request_middleware(
             final = record.status or status
             seconds = time.perf_counter() - record.started
             settle_request(request, record, final)
+            request.app[LEDGER].count(record)
             request.app[STATS].record(record, final, seconds, code if final == status else None)
             log_request(record, final, seconds)
             if request.app[SETTINGS].logging.log_content and status != 499:
@@ -6181,6 +6606,24 @@ async def backend_pool_ctx(app: web.Application) -> AsyncIterator[None]:
     app[CLIENT] = BackendPool(app[SETTINGS].server.connect_timeout_seconds)
     yield
     app[CLIENT].close()
+
+
+def start_from_ledger(app: web.Application) -> None:
+    """The budget and each key begin from the month's spend in the ledger (at start, or when
+    they are made anew)."""
+    ledger = app[LEDGER]
+    app[BUDGET].start_from(ledger.spent(TOTAL_ROW))
+    for key in app[KEYS]:
+        key.month, key.spent_usd = ledger.month, ledger.spent(key.name)
+
+
+async def ledger_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Read the month's spend before serving (the budget and each key start from it); write
+    what is left when Nexus stops, after the last request in flight."""
+    await app[LEDGER].open()
+    start_from_ledger(app)
+    yield
+    await app[LEDGER].close()
 
 
 async def first_poll(app: web.Application, backend: Backend) -> None:
@@ -6238,11 +6681,17 @@ def create_app(settings: Settings) -> web.Application:
     app[STATE] = {}
     app[BUDGET] = Budget(settings.routing.budget)
     app[KEYS] = api_keys(settings.auth)
+    env = dict(os.environ)
+    wanted = ledger_wanted(settings)
+    app[LEDGER] = Ledger(
+        data_directory(settings.server.data_dir, env) / LEDGER_FILE if wanted else None
+    )
     app[QUEUE] = WaitQueue()
     app[STOPPING] = asyncio.Event()
     app.on_shutdown.append(signal_stopping)
     for backend_settings in settings.backends:
         app[REGISTRY].add(Backend.from_settings(backend_settings))
+    app.cleanup_ctx.append(ledger_ctx)  # first in, last out: it outlives every request
     app.cleanup_ctx.append(backend_pool_ctx)
     app.cleanup_ctx.append(background_ctx)
     app.router.add_post("/v1/chat/completions", chat_completions)
@@ -6256,6 +6705,7 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/v1/stats", get_stats)
     app.router.add_get("/v1/stats/stream", stream_stats)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/v1/usage", usage)
     app.router.add_get("/v1/backends", list_backends)
     app.router.add_post("/v1/backends", add_backend)
     app.router.add_delete("/v1/backends/{name}", remove_backend)
@@ -6278,11 +6728,13 @@ CONFIG_READ_TRIES = 10
 # Requests (signals, file changes) this close together make one reload: a storm is one.
 RELOAD_COALESCE_SECONDS = 0.2
 # What a running process cannot change: the listening socket, the body limit aiohttp was
-# built with, whether discovery (mDNS) runs. A reload logs that a restart is needed.
+# built with, where the ledger lives, whether discovery (mDNS) runs. A reload logs that a
+# restart is needed.
 RESTART_SETTINGS = (
     ("server", "host"),
     ("server", "port"),
     ("server", "max_body_mb"),
+    ("server", "data_dir"),
     ("discovery", "enabled"),
 )
 # A Backend's (or ApiKey's) attributes that come from its settings; everything else on it
@@ -6433,7 +6885,12 @@ def swap_settings(app: web.Application, new: Settings) -> list[str]:
     changes, fresh = swap_backends(app, live.backends, new.backends)
     changed = [f.name for f in fields(Settings) if getattr(live, f.name) != getattr(new, f.name)]
     changes += [name for name in changed if name != "backends"]
+    known = {key.name for key in app[KEYS]}
     app[KEYS][:] = swap_keys(app[KEYS], new.auth)
+    ledger = app[LEDGER]
+    for key in app[KEYS]:  # a key new to this process starts from its month in the ledger
+        if key.name not in known:
+            key.month, key.spent_usd = ledger.month, ledger.spent(key.name)
     app[BUDGET].configure(new.routing.budget)
     app[CLIENT].connect_timeout = new.server.connect_timeout_seconds
     for f in fields(Settings):
@@ -6761,6 +7218,8 @@ def serve_command(args: argparse.Namespace) -> int:
         overrides["discovery", "enabled"] = False
     if args.no_health_check:
         overrides["health_check", "enabled"] = False
+    if args.data_dir is not None:
+        overrides["server", "data_dir"] = args.data_dir
     path = config_file_path(args.config, env)
     try:
         settings = load_settings(path, env, overrides)
@@ -6880,6 +7339,25 @@ def health_command(args: argparse.Namespace) -> int:
     return 0 if data["status"] != "unhealthy" else 1
 
 
+def usage_command(args: argparse.Namespace) -> int:
+    query = "?month=" + urllib.parse.quote(args.month) if args.month else ""
+    data = call_nexus(args, "GET", "/v1/usage" + query)
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+
+    def usd(entry: dict[str, Any]) -> str:
+        limit = entry["monthly_limit_usd"]
+        return f"{entry['spent_usd']:.4f}" + (f" of {limit:g}" if limit else "")
+
+    rows = [[k["name"], usd(k), str(k["requests"]), str(k["tokens"])] for k in data["keys"]]
+    total = data["total"]
+    rows.append(["(total)", usd(total), str(total["requests"]), str(total["tokens"])])
+    print(f"usage in {data['month']} ({data['source']})")
+    print_table(rows, ["KEY", "SPENT USD", "REQUESTS", "TOKENS"])
+    return 0
+
+
 def config_init_command(args: argparse.Namespace) -> int:
     target = Path(args.output)
     if target.exists() and not args.force:
@@ -6892,7 +7370,7 @@ def config_init_command(args: argparse.Namespace) -> int:
 
 def completion_script(shell: str, parser: argparse.ArgumentParser) -> str:
     """A completion script for the commands and flags of this parser."""
-    commands = {"serve", "backends", "models", "health", "config", "completions"}
+    commands = {"serve", "backends", "models", "health", "usage", "config", "completions"}
     words = sorted(commands | {"list", "add", "remove", "init", "bash", "zsh", "fish"})
     flags = sorted({opt for a in parser._actions for opt in a.option_strings})
     if shell == "bash":
@@ -6924,6 +7402,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-format", choices=["pretty", "json"])
     serve.add_argument("--no-discovery", action="store_true", help="turn off mDNS and port probes")
     serve.add_argument("--no-health-check", action="store_true", help="turn off health polling")
+    serve.add_argument(
+        "--data-dir", help="where nexus.db (the month's spend, only with monthly limits) lives"
+    )
 
     def client_flags(p: argparse.ArgumentParser, json_flag: bool = True) -> None:
         p.add_argument(
@@ -6947,6 +7428,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     client_flags(sub.add_parser("models", help="list the models a running Nexus serves"))
     client_flags(sub.add_parser("health", help="show a running Nexus's health"))
+    usage_ = sub.add_parser("usage", help="a month's spend, requests and tokens per key")
+    usage_.add_argument("--month", help="YYYY-MM (default: this month)")
+    client_flags(usage_)
 
     config = sub.add_parser("config", help="configuration helpers")
     config_actions = config.add_subparsers(dest="action", required=True)
@@ -6973,6 +7457,8 @@ def main(argv: list[str] | None = None) -> int:
         return models_command(args)
     if args.command == "health":
         return health_command(args)
+    if args.command == "usage":
+        return usage_command(args)
     if args.command == "config":
         return config_init_command(args)
     if args.command == "completions":

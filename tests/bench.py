@@ -25,6 +25,8 @@ What the sections measure:
              errors, and the p99 of the second the reload lands in against the others'.
   backends   RSS with 1,000 extra configured backends against one, per backend.
   routing    nexus.route on a 100 KB prompt among 10, 100 and 1,000 backends, in process.
+  ledger     the ledger's CPU per cloud request (counting on the loop, then its row write
+             in the worker thread, taken whole for each request), in process.
   binary     dist/nexus: size, and start to first served request (median of 5).
   ceiling    the load generators against the mock alone: the most they can measure.
   instructions  (only when named in --only; needs valgrind) CPU instructions per request and
@@ -807,6 +809,42 @@ def bench_routing(nexus: ModuleType, sizes: list[int], budget_s: float) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
+# The ledger's CPU per cloud request, in process: what the request path does on the event loop
+# (charge the total, count the request under its key, hand the changed rows over), and the
+# worker thread's write of those rows, taken whole for every request: the worst case, a lone
+# cloud request in its second. Thread CPU time, so other load on the host barely moves it.
+# --------------------------------------------------------------------------------------------
+
+
+async def bench_ledger(nexus: ModuleType, workdir: Path, requests: int) -> dict:
+    ledger = nexus.Ledger(workdir / "ledger" / "nexus.db")
+    await ledger.open()
+    assert ledger.persistent, "the ledger could not open its file"
+    record = nexus.RequestRecord("req-bench", "gpt-4o", "chat", 0.0, backend="cloud")
+    record.prompt_tokens, record.completion_tokens = 12, CHUNKS
+    record.cost_usd, record.key = 0.0002, "bench-key"
+    rows: list = []
+    t0 = time.thread_time_ns()
+    for _ in range(requests):
+        ledger.add(nexus.TOTAL_ROW, record.cost_usd, 0, 0)
+        ledger.count(record)
+        rows = ledger.take_changed()
+    loop_us = (time.thread_time_ns() - t0) / requests / 1000
+
+    def writes() -> list[float]:
+        times = []
+        for _ in range(min(requests, 200)):
+            t = time.thread_time_ns()
+            ledger.file.write(rows)
+            times.append((time.thread_time_ns() - t) / 1000)
+        return times
+
+    write_us = statistics.median(await ledger.in_worker(writes))
+    await ledger.close()
+    return {"loop_us": loop_us, "write_us": write_us, "rows": len(rows)}
+
+
+# --------------------------------------------------------------------------------------------
 # Measurements. Each returns plain dicts; direct and gateway are measured in the same way,
 # interleaved where drift could bias one side.
 # --------------------------------------------------------------------------------------------
@@ -1415,6 +1453,7 @@ TARGETS: dict[str, tuple[float, float | None]] = {
     "reload_err": (0, 0),
     "route_100": (0.1, 1.0),
     "route_1000": (1.0, None),
+    "ledger_cloud": (0.1, None),
     "rss_idle": (50, None),
     "rss_10k": (50, 60),
     "rss_per_backend": (5, 10),
@@ -1705,6 +1744,22 @@ async def bench(
                     note=f"p99 {r['p99']:.3f} ms",
                 )
 
+    if want("ledger") and args.target in ("nexus", "binary"):
+        sys.path.insert(0, str(REPO))
+        import nexus  # type: ignore[import-not-found]
+
+        res = await bench_ledger(nexus, workdir, 2_000 if q else 20_000)
+        raw["ledger"] = res
+        row(
+            "ledger_cloud",
+            "ledger CPU per cloud request (a whole write each)",
+            "ms",
+            (res["loop_us"] + res["write_us"]) / 1000,
+            gateway=None,
+            note=f"loop {res['loop_us']:.1f} µs + write of {res['rows']} rows "
+            f"{res['write_us']:.1f} µs",
+        )
+
     binary = REPO / "dist" / "nexus"
     if want("binary") and binary.exists():
         row(
@@ -1878,7 +1933,7 @@ def main() -> int:
     p.add_argument(
         "--only",
         help="comma list of sections: rss,seq,conc,stream,throughput,openloop,streams,"
-        "reload,backends,routing,binary,ceiling,instructions",
+        "reload,backends,routing,ledger,binary,ceiling,instructions",
     )
     p.add_argument(
         "--requests", type=int, help="sequential requests per side (default 2000, quick 300)"

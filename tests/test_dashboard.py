@@ -338,10 +338,12 @@ def assert_not_blank(png: bytes, width: int) -> Counter[tuple[int, ...]]:
 
 def test_page_is_one_small_self_contained_file() -> None:
     html = DASHBOARD.read_text()
-    assert len(html.encode()) < 25_000
+    assert len(html.encode()) < 26_000  # 25 KB before the admin key prompt
     assert not re.search(r"""(src|href|url)\s*[=(]\s*["']?(https?:)?//""", html, re.I)
     assert not re.search(r"@import|@font-face|<link[^>]+stylesheet", html, re.I)
     assert ".innerHTML" not in html and "insertAdjacentHTML" not in html
+    # The live feed is read with fetch, which can send the admin key; never a cookie.
+    assert "EventSource" not in html and "document.cookie" not in html
 
 
 async def check_live_dashboard(
@@ -460,3 +462,72 @@ async def test_an_unhealthy_backend_says_why(
     assert laptop == "unhealthycould not connect: connection refused"
     assert gpu_box == "healthy"
     assert browser.console_errors == []
+
+
+# -- with [auth] keys: the page asks for an admin key --------------------------------------
+
+ADMIN_KEY, USER_KEY = "sk-dash-admin-5e1f0a", "sk-dash-user-77b2c4"
+KEYS_ENV = {"NEXUS_DASH_ADMIN": ADMIN_KEY, "NEXUS_DASH_USER": USER_KEY}
+KEYS_TOML = """[auth]
+api_keys = [
+  { name = "ops", key_env = "NEXUS_DASH_ADMIN", admin = true },
+  { name = "app", key_env = "NEXUS_DASH_USER" },
+]
+"""
+
+
+async def enter_key(browser: Chromium, key: str) -> None:
+    await browser.evaluate(
+        f"document.getElementById('key').value = {json.dumps(key)};"
+        "document.getElementById('login').requestSubmit()"
+    )
+
+
+async def login_message(browser: Chromium, text: str) -> None:
+    await browser.wait_for(
+        f"document.getElementById('login-msg').textContent.includes({json.dumps(text)})"
+        " && !document.getElementById('login').hidden"
+    )
+
+
+async def test_with_keys_the_page_asks_for_an_admin_key_and_then_goes_live(
+    backend_factory: Any, nexus_factory: Any, browser: Chromium
+) -> None:
+    gpu = await backend_factory("ollama", {"llama3:8b": {"context": 8192}}, name="gpu-box")
+    nx = await nexus_factory(KEYS_TOML + backends_toml(gpu), env=KEYS_ENV)
+    await browser.set_viewport(*DESKTOP)
+    await browser.navigate(nx.url + "/")
+    # The page loads without a key, and holds no data until an admin key is given.
+    await login_message(browser, "admin key")
+    assert await browser.evaluate("document.body.dataset.transport") == "locked"
+    assert await browser.evaluate("document.querySelectorAll('#backends tbody tr').length") == 0
+    assert "gpu-box" not in await browser.evaluate(PAGE_TEXT)
+    await enter_key(browser, "sk-not-a-key-at-all")
+    await login_message(browser, "refused")
+    await enter_key(browser, USER_KEY)
+    await login_message(browser, "Not an admin key")
+    assert await browser.evaluate("document.querySelectorAll('#backends tbody tr').length") == 0
+
+    await enter_key(browser, ADMIN_KEY)
+    await browser.wait_for("document.body.dataset.transport === 'live'")
+    assert await browser.evaluate("document.getElementById('login').hidden")
+    await browser.wait_for("document.querySelectorAll('#backends tbody tr').length === 1")
+    assert "gpu-box" in await browser.evaluate(PAGE_TEXT)
+    # Live updates arrive on the key-carrying stream: a new request shows without a reload.
+    await browser.evaluate("window.loadedOnce = true")
+    body = {"model": "llama3:8b", "messages": [{"role": "user", "content": "hi"}]}
+    headers = {"Authorization": f"Bearer {USER_KEY}"}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(nx.url + "/v1/chat/completions", json=body, headers=headers) as resp,
+    ):
+        assert resp.status == 200
+        request_id = resp.headers["X-Request-Id"]
+    await wait_for_request_row(browser, request_id)
+    assert await browser.evaluate("window.loadedOnce === true"), "the page reloaded"
+    assert await browser.evaluate("document.body.dataset.transport") == "live"
+    assert await browser.evaluate("document.cookie") == ""
+    assert browser.console_errors == []
+    # A reload in the same tab keeps the key (session storage); a new browser would ask again.
+    await browser.navigate(nx.url + "/")
+    await browser.wait_for("document.body.dataset.transport === 'live'")

@@ -406,7 +406,7 @@ async def test_auth_keys_are_swapped_and_a_key_that_stays_keeps_its_usage(
     backend_factory, nexus_process
 ):
     a = await backend_factory("generic", {"m": {}}, name="a")
-    keys = '[auth]\napi_keys = [{ name = "alice", key_env = "NEXUS_TEST_ALICE" }]\n'
+    keys = '[auth]\napi_keys = [{ name = "alice", key_env = "NEXUS_TEST_ALICE", admin = true }]\n'
     env = {"NEXUS_TEST_ALICE": "alice-secret-key-1", "NEXUS_TEST_BOB": "bob-secret-key-22"}
     nx = await nexus_process(NO_WATCH + keys + backends_toml(a), env=env)
 
@@ -425,7 +425,7 @@ async def test_auth_keys_are_swapped_and_a_key_that_stays_keeps_its_usage(
     (line,) = await nx.wait_log("config reloaded")
     assert "auth" in line
     assert await ask("bob-secret-key-22") == 200 and await ask("alice-secret-key-1") == 200
-    headers = {"Authorization": "Bearer alice-secret-key-1"}
+    headers = {"Authorization": "Bearer alice-secret-key-1"}  # an admin key: stats need one
     async with (
         aiohttp.ClientSession() as session,
         session.get(nx.url + "/v1/stats", headers=headers) as resp,
