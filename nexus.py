@@ -1275,6 +1275,7 @@ class RequestNeeds:
     high_priority: bool = False
     flexible: bool = False  # X-Nexus-Flexible: a lower tier only when none meets min_tier
     budget_status: str = "normal"  # the month's budget as the request came in
+    prompt_param: str = "messages"  # the field holding the prompt, named by a too-long error
 
 
 JSON_DECODER = json.JSONDecoder()
@@ -1394,6 +1395,7 @@ def completion_needs(body: dict[str, Any]) -> RequestNeeds:
         model=model,
         prompt_tokens=chars // CHARS_PER_TOKEN,
         max_tokens=optional_int(body, "max_tokens"),
+        prompt_param="prompt",
     )
 
 
@@ -1406,7 +1408,7 @@ def embedding_needs(body: dict[str, Any]) -> RequestNeeds:
         chars = sum(len(x) for x in data if isinstance(x, str))
     else:
         raise bad_request("input must be a string or a non-empty array", "input")
-    return RequestNeeds(model=model, prompt_tokens=chars // CHARS_PER_TOKEN)
+    return RequestNeeds(model=model, prompt_tokens=chars // CHARS_PER_TOKEN, prompt_param="input")
 
 
 # ==============================================================================================
@@ -2405,8 +2407,9 @@ def route(needs: RequestNeeds, registry: Registry, settings: Settings) -> RouteD
     """Plan the attempts for a request: the model's candidates, then its fallback chain, each
     model's list cut to 1 + max_retries backends, free ones before those at capacity.
 
-    Raises NexusError 404 for a model no backend serves and no alias names, and 503 with an
-    actionable context when nothing can serve it now.
+    Raises NexusError 404 for a model no backend serves and no alias names, 400 for a prompt
+    no backend of the model or its fallbacks can hold, and 503 with an actionable context when
+    nothing can serve it now.
     """
     model_id = resolve_alias(needs.model, settings.routing.aliases)
     chain = list(dict.fromkeys([model_id, *settings.routing.fallbacks.get(model_id, ())]))
@@ -2414,6 +2417,7 @@ def route(needs: RequestNeeds, registry: Registry, settings: Settings) -> RouteD
         raise model_not_found(needs.model, registry, settings)
     rules = route_rules(needs, chain, registry, settings)
     budget = settings.routing.budget
+    full_chain = chain
     if rules.no_cloud and budget is not None and budget.hard_limit_action == "block_cloud":
         chain = chain[:1]  # block_cloud keeps cloud work out without serving another model
     ranked_models = [(m, candidates_for(m, needs, registry, settings, rules)) for m in chain]
@@ -2450,13 +2454,16 @@ def route(needs: RequestNeeds, registry: Registry, settings: Settings) -> RouteD
                 )
             )
     if not decision.attempts:
+        too_long = context_exceeded(needs, full_chain, registry)
+        if too_long is not None:
+            raise too_long
         if "budget" in rules.excluded and budget is not None:
             raise budget_exceeded(
                 needs,
                 budget.hard_limit_action,
                 "cloud backends are off and no local backend can serve it now",
             )
-        raise no_capacity(needs, model_id, registry, rules)
+        raise no_capacity(needs, model_id, registry, rules, chain)
     return decision
 
 
@@ -2478,14 +2485,127 @@ def model_not_found(
     )
 
 
+def context_exceeded(
+    needs: RequestNeeds, chain: list[str], registry: Registry
+) -> NexusError | None:
+    """The 400 for a prompt that no backend of the model or its fallbacks could hold, healthy
+    or not (waiting cannot make it fit; a lowered max_tokens was already counted on), or None
+    when one could or does not report its context."""
+    largest = 0
+    for model_id in chain:
+        for backend in registry.by_model.get(model_id, ()):
+            context = backend.models[model_id].context_length
+            if not context or needs.prompt_tokens < context:
+                return None
+            largest = max(largest, context)
+    if not largest:
+        return None
+    return context_length_exceeded(needs.model, needs.prompt_tokens, largest, needs.prompt_param)
+
+
+def context_length_exceeded(model: str, prompt: int, largest: int, param: str | None) -> NexusError:
+    """OpenAI's context_length_exceeded, with both sizes in `context` for other doors' words."""
+    return NexusError(
+        400,
+        "invalid_request_error",
+        "context_length_exceeded",
+        f"This model's maximum context length is {largest} tokens, however you requested "
+        f"{prompt} tokens ({prompt} in the prompt, before any answer; no backend serving "
+        f"'{model}' or its fallbacks has a larger context). Serve it with a larger context, "
+        "or add a fallback with one.",
+        param=param,
+        context={"prompt_tokens": prompt, "context_length": largest},
+    )
+
+
+# What a 503 calls each failed need, and how many backends its message names (the rest are
+# counted; error.context lists up to MAX_LISTED_SHORTFALLS).
+NEED_WORDS = {"vision": "vision", "tools": "tools", "json_mode": "JSON mode", "context": "context"}
+MAX_NAMED_BACKENDS = 8
+MAX_LISTED_SHORTFALLS = 100
+
+
+def unmet_needs(model: Model, needs: RequestNeeds) -> list[str]:
+    """The request's needs a backend's model fails, by name: meets_needs() spelt out, for
+    errors only (meets_needs stays allocation-free on the hot path)."""
+    failed = []
+    if needs.vision and model.vision is False:
+        failed.append("vision")
+    if needs.tools and model.tools is False:
+        failed.append("tools")
+    if needs.json_mode and model.json_mode is False:
+        failed.append("json_mode")
+    if model.context_length and needs.prompt_tokens >= model.context_length:
+        failed.append("context")
+    return failed
+
+
+def shortfalls(needs: RequestNeeds, chain: list[str], registry: Registry) -> list[dict[str, Any]]:
+    """Why each backend of the model and its fallbacks is no candidate now: the needs its
+    model fails, and "down" or "busy"."""
+    found = []
+    for model_id in chain:
+        for backend in registry.by_model.get(model_id, ()):
+            model = backend.models[model_id]
+            failed = unmet_needs(model, needs)
+            if backend.status != "healthy":
+                failed.append("down")
+            elif backend.at_capacity():
+                failed.append("busy")
+            if failed:
+                entry = {"backend": backend.name, "model": model_id, "failed": failed}
+                if "context" in failed:
+                    entry["context_length"] = model.context_length
+                found.append(entry)
+    return found
+
+
+def shortfall_words(entry: dict[str, Any]) -> str:
+    """One backend's shortfall for a 503's message, e.g. "gpu2: no vision, down"."""
+    words = []
+    for failed in entry["failed"]:
+        if failed == "context":
+            words.append(f"a context of {entry['context_length']} tokens")
+        elif failed in NEED_WORDS:
+            words.append("no " + NEED_WORDS[failed])
+        else:
+            words.append(failed)
+    return f"{entry['backend']}: {', '.join(words)}"
+
+
+def shortfall_reason(needs: RequestNeeds, found: list[dict[str, Any]]) -> str:
+    """What failed, in a few words: the needs no healthy backend meets, then each backend."""
+    if not found:
+        return "no backend serving it can take it now"
+    per_backend = "; ".join(shortfall_words(e) for e in found[:MAX_NAMED_BACKENDS])
+    if len(found) > MAX_NAMED_BACKENDS:
+        per_backend += f"; and {len(found) - MAX_NAMED_BACKENDS} more"
+    if all(entry["failed"] == ["down"] for entry in found):
+        return f"every backend serving it is down ({per_backend})"
+    healthy_fails = [e["failed"] for e in found if "down" not in e["failed"]]
+    needed = [need for need in NEED_WORDS if any(need in fails for fails in healthy_fails)]
+    if not needed:
+        return f"the backends that could serve it are down or busy ({per_backend})"
+    words = " and ".join(
+        f"a context over {needs.prompt_tokens} tokens" if n == "context" else NEED_WORDS[n]
+        for n in needed
+    )
+    return f"it needs {words}, which no healthy backend serving it has ({per_backend})"
+
+
 def no_capacity(
-    needs: RequestNeeds, model_id: str, registry: Registry, rules: RouteRules | None = None
+    needs: RequestNeeds,
+    model_id: str,
+    registry: Registry,
+    rules: RouteRules | None = None,
+    chain: list[str] | None = None,
 ) -> NexusError:
+    """The 503 for a request nothing can serve now, saying which need failed and where."""
     serving = registry.by_model.get(model_id, [])
-    healthy = [b for b in serving if b.status == "healthy"]
     excluded = rules.excluded if rules is not None else set()
     required_tier = rules.min_tier if rules is not None and "tier" in excluded else None
     zone = "restricted" if excluded & {"privacy", "overflow"} else None
+    found = shortfalls(needs, chain or [model_id], registry)
     if "privacy" in excluded:
         why = "its policy is privacy = restricted and no restricted backend can serve it"
     elif "overflow" in excluded:
@@ -2498,11 +2618,8 @@ def no_capacity(
             f"no backend of tier {required_tier} or above can serve it (min_tier; send "
             "X-Nexus-Flexible: true to accept a lower tier when none is available)"
         )
-    elif healthy:
-        why = "no healthy backend serving it meets the request's needs (context, vision, tools)"
-    elif serving:
-        names = ", ".join(b.name for b in serving)
-        why = f"every backend serving it is unhealthy ({names})"
+    elif serving or found:
+        why = shortfall_reason(needs, found)
     else:
         why = "no backend serves it"
     return NexusError(
@@ -2515,6 +2632,7 @@ def no_capacity(
             "eta_seconds": None,
             "required_tier": required_tier,
             "privacy_zone_required": zone,
+            "backends": found[:MAX_LISTED_SHORTFALLS],
         },
     )
 
@@ -3973,6 +4091,11 @@ def queue_full(
             "eta_seconds": None,
             "required_tier": None,
             "privacy_zone_required": None,
+            "backends": [
+                {"backend": a.backend.name, "model": a.model, "failed": ["busy"]}
+                for a in decision.attempts[:MAX_LISTED_SHORTFALLS]
+                if not a.fallback
+            ],
         },
     )
     set_eta(error, queue_eta(app, decision))
@@ -4771,12 +4894,21 @@ def is_messages_path(path: str) -> bool:
     return path == MESSAGES_PATH or path.startswith(MESSAGES_PATH + "/")
 
 
+def anthropic_message(error: NexusError) -> str:
+    """An error's message in Anthropic's words where clients act on them: Claude Code compacts
+    on exactly "prompt is too long: N tokens > M maximum" (nothing after it)."""
+    if error.code == "context_length_exceeded" and error.context:
+        prompt, context = error.context["prompt_tokens"], error.context["context_length"]
+        return f"prompt is too long: {prompt} tokens > {context} maximum"
+    return error.message
+
+
 def anthropic_error(error: NexusError) -> dict[str, Any]:
     """An error as Anthropic's API writes it, for the same status."""
     kind = ANTHROPIC_ERROR_TYPES.get(error.status)
     if kind is None:
         kind = "api_error" if error.status >= 500 else "invalid_request_error"
-    return {"type": "error", "error": {"type": kind, "message": error.message}}
+    return {"type": "error", "error": {"type": kind, "message": anthropic_message(error)}}
 
 
 def messages_to_chat(body: dict[str, Any]) -> dict[str, Any]:

@@ -112,10 +112,22 @@ def test_every_attempt_is_a_healthy_candidate_meeting_every_requirement(
             for b in registry.by_model.get(m, ())
             if b.status == "healthy" and nexus.meets_needs(b.models[m], needs)
         ]
-        assert exc.status in (404, 503)
+        assert exc.status in (400, 404, 503)
         assert not servable  # an error only when nothing could serve
         if exc.status == 404:
             assert not any(m in registry.by_model for m in chain)
+        # The context error exactly when no backend of the chain, healthy or not, could hold
+        # the prompt; otherwise waiting may help: a 503.
+        contexts = [b.models[m].context_length for m in chain for b in registry.by_model.get(m, ())]
+        too_long = bool(contexts) and all(c and needs.prompt_tokens >= c for c in contexts)
+        assert (exc.status == 400) == too_long
+        if too_long:
+            assert exc.code == "context_length_exceeded"
+            assert exc.context == {
+                "prompt_tokens": needs.prompt_tokens,
+                "context_length": max(contexts),
+            }
+            assert "Retry-After" not in exc.headers
         return
     assert decision.attempts
     per_model = Counter(a.model for a in decision.attempts)
