@@ -7,11 +7,20 @@ against vLLM-style mock backends that report their context length.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import anthropic
 import openai
 import pytest
-from conftest import backends_toml
+from conftest import backends_toml, free_port
+from netns import isolated_namespace, requires_root
 
+ROOT = Path(__file__).resolve().parent.parent
 PNG_URL = "data:image/png;base64,iVBORw0KGgo="
 
 
@@ -309,3 +318,102 @@ async def test_every_backend_down_says_down(backend_factory, nexus_factory):
         "No backend can serve model 'm' now: every backend serving it is down (a: down)."
     )
     assert error["context"]["backends"] == [{"backend": "a", "model": "m", "failed": ["down"]}]
+
+
+# --- the real Claude Code CLI against a context too small for it ------------------------------
+
+# A vLLM-style mock backend serving claude-sonnet-4-5 with an 8,192-token context, in a process
+# of its own inside the namespace; it prints "ready" once it listens.
+SMALL_BACKEND = """
+import asyncio, sys
+sys.path.insert(0, sys.argv[2])
+from aiohttp import web
+from conftest import MockBackend
+
+async def main():
+    backend = MockBackend("vllm", {"claude-sonnet-4-5": {"context": 8192}}, "small")
+    runner = web.AppRunner(backend.build_app(), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", int(sys.argv[1])).start()
+    print("ready", flush=True)
+    await asyncio.sleep(300)
+
+asyncio.run(main())
+"""
+CLAUDE_TIMEOUT = 180.0  # seconds for one `claude -p`: it answers in seconds, retries take minutes
+
+
+@pytest.fixture(scope="module")
+def claude_cli() -> str:
+    """The pinned Claude Code CLI, installed from npm into the cache by tests/clients.sh."""
+    done = subprocess.run(
+        ["bash", str(ROOT / "tests" / "clients.sh")],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.fail(f"tests/clients.sh failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return done.stdout.strip().splitlines()[-1].removeprefix("CLAUDE=")
+
+
+def wait_for_model(ns, url: str, model: str, timeout: float = 15.0) -> None:
+    """Until Nexus lists the model (its backend polled healthy), at most `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status, body = ns.wait_http(url + "/v1/models", timeout=timeout)
+        if status == 200 and any(m["id"] == model for m in json.loads(body)["data"]):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{model} not listed by Nexus within {timeout}s")
+
+
+@requires_root
+def test_claude_code_with_a_too_small_context_prints_prompt_too_long_once(claude_cli, tmp_path):
+    """Claude Code's opening request (about 22k tokens) against an 8k backend: it is told the
+    prompt is too long, says so once and stops; it does not retry an "overloaded" Nexus."""
+    backend_port, nexus_port = free_port(), free_port()
+    config = tmp_path / "nexus.toml"
+    config.write_text(
+        "[discovery]\nenabled = false\n[[backends]]\n"
+        f'name = "small"\nurl = "http://127.0.0.1:{backend_port}"\ntype = "vllm"\n'
+    )
+    home = tmp_path / "home"
+    home.mkdir()
+    url = f"http://127.0.0.1:{nexus_port}"
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(home),
+        "ANTHROPIC_BASE_URL": url,
+        "ANTHROPIC_API_KEY": "sk-ant-dummy",
+        "ANTHROPIC_MODEL": "claude-sonnet-4-5",
+        "ANTHROPIC_SMALL_FAST_MODEL": "claude-sonnet-4-5",
+        "DISABLE_TELEMETRY": "1",
+        "DISABLE_ERROR_REPORTING": "1",
+        "DISABLE_AUTOUPDATER": "1",
+        "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+    }
+    with isolated_namespace() as ns:
+        backend = ns.python(SMALL_BACKEND, str(backend_port), str(ROOT / "tests"))
+        assert backend.read_line(timeout=15) == "ready"
+        nexus_args = ["serve", "-c", str(config), "-H", "127.0.0.1", "-p", str(nexus_port)]
+        ns.popen([sys.executable, str(ROOT / "nexus.py"), *nexus_args], stdout=subprocess.DEVNULL)
+        wait_for_model(ns, url, "claude-sonnet-4-5")
+        with (tmp_path / "out.txt").open("w") as out:
+            claude = ns.popen(
+                [claude_cli, "-p", "hello"], env=env, cwd=str(home), stdout=out, text=True
+            )
+            code = claude.wait(timeout=CLAUDE_TIMEOUT)
+        printed = (tmp_path / "out.txt").read_text() + claude.stderr_text()
+        status, body = ns.http("GET", url + "/v1/stats")
+        assert status == 200
+    stats = json.loads(body)
+    assert code != 0, printed
+    assert printed.lower().count("prompt is too long") == 1, printed
+    assert "8192" in printed, printed  # the limit, from the error Nexus sent
+    assert "overloaded" not in printed.lower() and "retrying" not in printed.lower(), printed
+    asked = stats["requests"]["total"]  # every POST /v1/messages (count_tokens is not counted)
+    assert 1 <= asked <= 3, stats
+    assert {r["status"] for r in stats["recent"]} == {400}, stats["recent"]
+    assert stats["backends"][0]["requests"] == 0  # nothing was sent to the small backend

@@ -440,3 +440,25 @@ async def test_names_from_the_network_are_shown_as_text_never_as_markup(
     assert await browser.evaluate("document.querySelectorAll('main img').length") == 0
     assert await browser.evaluate("window.injected === undefined")
     assert not [u for u in browser.requested_urls if "injected" in u]
+
+
+async def test_models_with_a_context_below_32k_are_marked_too_small_for_coding_agents(
+    dashboard: StatsSite, browser: Chromium
+) -> None:
+    """Claude Code's opening request alone is about 22k tokens: an 8k or 4k model cannot take
+    it, a 32k one can. The mark shows once per row, on a desktop and on a phone."""
+    dashboard.add_model("mystery", "gpu-box")  # no context reported: not marked
+    await open_dashboard(browser, dashboard)
+    await browser.wait_for("document.querySelectorAll('#models tbody tr').length >= 5")
+    marks = (
+        "Object.fromEntries([...document.querySelectorAll('#models tbody tr')].map(tr => ["
+        "tr.querySelector('td span').textContent,"
+        "tr.innerText.split('too small for coding agents').length - 1]))"
+    )
+    expected = {"llama3:8b": 1, "llava:13b": 1, "qwen2.5-coder:7b": 0, "gpt-4o": 0, "mystery": 0}
+    assert await browser.evaluate(marks) == expected
+    await browser.set_viewport(*PHONE, mobile=True)
+    await asyncio.sleep(0.3)  # let the layout switch to cards
+    assert await browser.evaluate(marks) == expected
+    title = await browser.evaluate("document.querySelector('#models .small-ctx').title")
+    assert "32k" in title and "22k" in title
