@@ -2500,19 +2500,23 @@ def context_exceeded(
             largest = max(largest, context)
     if not largest:
         return None
-    return context_length_exceeded(needs.model, needs.prompt_tokens, largest, needs.prompt_param)
+    return context_length_exceeded(
+        needs.prompt_tokens,
+        largest,
+        f"{needs.prompt_tokens} in the prompt, before any answer; no backend serving "
+        f"'{needs.model}' or its fallbacks has a larger context",
+        needs.prompt_param,
+    )
 
 
-def context_length_exceeded(model: str, prompt: int, largest: int, param: str | None) -> NexusError:
+def context_length_exceeded(prompt: int, largest: int, how: str, param: str | None) -> NexusError:
     """OpenAI's context_length_exceeded, with both sizes in `context` for other doors' words."""
     return NexusError(
         400,
         "invalid_request_error",
         "context_length_exceeded",
         f"This model's maximum context length is {largest} tokens, however you requested "
-        f"{prompt} tokens ({prompt} in the prompt, before any answer; no backend serving "
-        f"'{model}' or its fallbacks has a larger context). Serve it with a larger context, "
-        "or add a fallback with one.",
+        f"{prompt} tokens ({how}). Serve it with a larger context, or add a fallback with one.",
         param=param,
         context={"prompt_tokens": prompt, "context_length": largest},
     )
@@ -3931,6 +3935,40 @@ def is_context_error(status: int, text: str) -> bool:
     return status in (400, 413) and any(word in lowered for word in CONTEXT_ERROR_WORDS)
 
 
+# How backends give the sizes in a too-long refusal: llama.cpp's words (it also sends n_ctx
+# and n_prompt_tokens), then OpenAI's and vLLM's.
+CONTEXT_SIZE_PATTERNS = (
+    re.compile(r"\((?P<prompt>\d+) tokens\) exceeds the available context size \((?P<context>\d+)"),
+    re.compile(
+        r"maximum context length is (?P<context>\d+) tokens.{0,40}?"
+        r"requested (?P<prompt>\d+) tokens",
+        re.S,
+    ),
+)
+
+
+def backend_context_error(backend: Backend, text: str) -> NexusError:
+    """A backend's own too-long refusal (it counted more than Nexus estimated) as the context
+    error, with the sizes when the backend gave them; its own words otherwise."""
+    found: tuple[int, int] | None = None
+    try:
+        error = json.loads(text).get("error")
+        if isinstance(error, dict):
+            prompt, context = error.get("n_prompt_tokens"), error.get("n_ctx")
+            if isinstance(prompt, int) and isinstance(context, int):
+                found = prompt, context
+    except (ValueError, AttributeError):
+        pass
+    for pattern in CONTEXT_SIZE_PATTERNS:
+        match = pattern.search(text) if found is None else None
+        if match is not None:
+            found = int(match["prompt"]), int(match["context"])
+    if found is None:
+        return NexusError(400, "invalid_request_error", "context_length_exceeded", text[:500])
+    how = f"as backend {backend.name} counted them"
+    return context_length_exceeded(found[0], found[1], how, None)
+
+
 DONE_EVENT = b"data: [DONE]\n\n"
 
 
@@ -4201,6 +4239,8 @@ async def proxy(
             same_backend_retries += 1
             await asyncio.sleep(pause)
     assert failure is not None  # the first attempt is always tried
+    if failure.error.code == "context_length_exceeded":
+        failure.error.param = needs.prompt_param
     raise failure.error
 
 
@@ -4420,10 +4460,7 @@ def upstream_error(
             retry_after=wait,
         )
     if is_context_error(status, text):
-        raise AttemptFailed(
-            NexusError(400, "invalid_request_error", "context_length_exceeded", text[:500]),
-            skip_model=True,
-        )
+        raise AttemptFailed(backend_context_error(backend, text), skip_model=True)
     record.status = status
     headers = response_headers(record, attempt, reason)
     if app[BUDGET].enabled:

@@ -17,6 +17,7 @@ from pathlib import Path
 import anthropic
 import openai
 import pytest
+from aiohttp import web
 from conftest import backends_toml, free_port
 from netns import isolated_namespace, requires_root
 
@@ -222,6 +223,76 @@ async def test_prompt_that_fits_only_a_fallback_goes_to_the_fallback(
         await ask_messages(nx, text_of(40_000))
     message = caught.value.body["error"]["message"]
     assert message == f"prompt is too long: {chat_tokens(text_of(40_000))} tokens > 32768 maximum"
+
+
+# --- the backend counted more than Nexus estimated ------------------------------------------
+
+# How llama.cpp's llama-server and vLLM refuse a prompt past their context, word for word.
+LLAMA_TOO_LONG = {
+    "error": {
+        "code": 400,
+        "message": "request (9731 tokens) exceeds the available context size (8192 tokens), "
+        "try increasing it",
+        "type": "exceed_context_size_error",
+        "n_prompt_tokens": 9731,
+        "n_ctx": 8192,
+    }
+}
+VLLM_TOO_LONG = {
+    "object": "error",
+    "message": "This model's maximum context length is 8192 tokens. However, you requested "
+    "9731 tokens (9631 in the messages, 100 in the completion). Please reduce the length of "
+    "the messages or completion.",
+    "type": "BadRequestError",
+    "param": None,
+    "code": 400,
+}
+
+
+def refuse(document: dict):
+    """A behaviour answering one request with this 400."""
+
+    async def behaviour(request, body):
+        return web.json_response(document, status=400)
+
+    return behaviour
+
+
+@pytest.mark.parametrize("document", [LLAMA_TOO_LONG, VLLM_TOO_LONG], ids=["llamacpp", "vllm"])
+async def test_backend_counting_past_its_context_is_the_context_error_with_its_sizes(
+    backend_factory, nexus_factory, document
+):
+    """Nexus's estimate fit, the backend's own count did not: the client still gets the
+    context error in its door's words, with the backend's sizes."""
+    backend = await backend_factory("vllm", {"m": {"context": 8192}}, name="eight")
+    nx = await nexus_factory(backends_toml(backend))
+    text = text_of(7000)  # under 8192 by Nexus's estimate
+    backend.behaviours = [refuse(document), refuse(document)]
+    with pytest.raises(openai.BadRequestError) as caught:
+        await ask_chat(nx, text)
+    error = caught.value.body
+    assert error["code"] == "context_length_exceeded"
+    assert error["param"] == "messages"
+    assert error["context"] == {"prompt_tokens": 9731, "context_length": 8192}
+    assert error["message"].startswith(
+        "This model's maximum context length is 8192 tokens, however you requested 9731 tokens"
+    )
+    assert "Retry-After" not in caught.value.response.headers
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        await ask_messages(nx, text)
+    assert caught.value.body["error"] == {
+        "type": "invalid_request_error",
+        "message": "prompt is too long: 9731 tokens > 8192 maximum",
+    }
+    backend.behaviours = [refuse(document)]
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        async with anthropic_client(nx).messages.stream(
+            model="m", max_tokens=100, messages=[{"role": "user", "content": text}]
+        ) as events:
+            async for _ in events:
+                pass
+    assert caught.value.body["error"]["message"] == "prompt is too long: 9731 tokens > 8192 maximum"
+    assert len(backend.received) == 3  # each asked once: a refusal is not retried
 
 
 # --- what waiting can fix: a 503 that says which need failed ---------------------------------
