@@ -251,6 +251,45 @@ def test_a_dead_primary_model_fails_over_to_its_fallback():
     assert decision.reason == "failover"
 
 
+def test_the_503_names_the_needs_no_healthy_backend_meets_and_each_backend():
+    plain = make_backend("plain", {"m": Model("m", tools=False, json_mode=False)}, status="healthy")
+    able = make_backend("able", {"m": Model("m", tools=True, json_mode=True)}, status="unhealthy")
+    needs = RequestNeeds("m", tools=True, json_mode=True)
+    with pytest.raises(nexus.NexusError) as caught:
+        route(needs, registry_of([plain, able]), routing_settings())
+    error = caught.value
+    assert error.status == 503
+    assert error.message == (
+        "No backend can serve model 'm' now: it needs tools and JSON mode, which no healthy "
+        "backend serving it has (plain: no tools, no JSON mode; able: down)."
+    )
+    assert error.context["backends"] == [
+        {"backend": "plain", "model": "m", "failed": ["tools", "json_mode"]},
+        {"backend": "able", "model": "m", "failed": ["down"]},
+    ]
+    # A need that only the request's fallback fails is named on the fallback's backend.
+    other = make_backend("other", {"f": Model("f", tools=False)}, status="healthy")
+    s = routing_settings(fallbacks={"m": ["f"]})
+    with pytest.raises(nexus.NexusError) as caught:
+        route(RequestNeeds("m", tools=True), registry_of([able, other]), s)
+    assert caught.value.context["backends"] == [
+        {"backend": "able", "model": "m", "failed": ["down"]},
+        {"backend": "other", "model": "f", "failed": ["tools"]},
+    ]
+
+
+def test_a_503_names_a_few_backends_and_counts_the_rest():
+    many = [
+        make_backend(f"b{i}", {"m": Model("m", vision=False)}, status="healthy") for i in range(12)
+    ]
+    with pytest.raises(nexus.NexusError) as caught:
+        route(RequestNeeds("m", vision=True), registry_of(many), routing_settings())
+    message = caught.value.message
+    assert message.startswith("No backend can serve model 'm' now: it needs vision, which")
+    assert "b7: no vision; and 4 more)." in message and "b8" not in message
+    assert len(caught.value.context["backends"]) == 12
+
+
 def test_a_prompt_too_big_for_the_model_goes_to_a_larger_fallback():
     small = make_backend("small", {"8k": Model("8k", context_length=8192)}, status="healthy")
     large = make_backend("large", {"128k": Model("128k", context_length=131072)}, status="healthy")
