@@ -1310,6 +1310,7 @@ class RequestNeeds:
     high_priority: bool = False
     flexible: bool = False  # X-Nexus-Flexible: a lower tier only when none meets min_tier
     budget_status: str = "normal"  # the month's budget as the request came in
+    prompt_param: str = "messages"  # the field holding the prompt, named by a too-long error
 
 
 JSON_DECODER = json.JSONDecoder()
@@ -1429,6 +1430,7 @@ def completion_needs(body: dict[str, Any]) -> RequestNeeds:
         model=model,
         prompt_tokens=chars // CHARS_PER_TOKEN,
         max_tokens=optional_int(body, "max_tokens"),
+        prompt_param="prompt",
     )
 
 
@@ -1441,7 +1443,7 @@ def embedding_needs(body: dict[str, Any]) -> RequestNeeds:
         chars = sum(len(x) for x in data if isinstance(x, str))
     else:
         raise bad_request("input must be a string or a non-empty array", "input")
-    return RequestNeeds(model=model, prompt_tokens=chars // CHARS_PER_TOKEN)
+    return RequestNeeds(model=model, prompt_tokens=chars // CHARS_PER_TOKEN, prompt_param="input")
 
 
 # ==============================================================================================
@@ -2826,8 +2828,9 @@ def route(needs: RequestNeeds, registry: Registry, settings: Settings) -> RouteD
     """Plan the attempts for a request: the model's candidates, then its fallback chain, each
     model's list cut to 1 + max_retries backends, free ones before those at capacity.
 
-    Raises NexusError 404 for a model no backend serves and no alias names, and 503 with an
-    actionable context when nothing can serve it now.
+    Raises NexusError 404 for a model no backend serves and no alias names, 400 for a prompt
+    no backend of the model or its fallbacks can hold, and 503 with an actionable context when
+    nothing can serve it now.
     """
     model_id = resolve_alias(needs.model, settings.routing.aliases)
     chain = list(dict.fromkeys([model_id, *settings.routing.fallbacks.get(model_id, ())]))
@@ -2835,6 +2838,7 @@ def route(needs: RequestNeeds, registry: Registry, settings: Settings) -> RouteD
         raise model_not_found(needs.model, registry, settings)
     rules = route_rules(needs, chain, registry, settings)
     budget = settings.routing.budget
+    full_chain = chain
     if rules.no_cloud and budget is not None and budget.hard_limit_action == "block_cloud":
         chain = chain[:1]  # block_cloud keeps cloud work out without serving another model
     ranked_models = [(m, candidates_for(m, needs, registry, settings, rules)) for m in chain]
@@ -2871,13 +2875,16 @@ def route(needs: RequestNeeds, registry: Registry, settings: Settings) -> RouteD
                 )
             )
     if not decision.attempts:
+        too_long = context_exceeded(needs, full_chain, registry)
+        if too_long is not None:
+            raise too_long
         if "budget" in rules.excluded and budget is not None:
             raise budget_exceeded(
                 needs,
                 budget.hard_limit_action,
                 "cloud backends are off and no local backend can serve it now",
             )
-        raise no_capacity(needs, model_id, registry, rules)
+        raise no_capacity(needs, model_id, registry, rules, chain)
     return decision
 
 
@@ -2899,14 +2906,131 @@ def model_not_found(
     )
 
 
+def context_exceeded(
+    needs: RequestNeeds, chain: list[str], registry: Registry
+) -> NexusError | None:
+    """The 400 for a prompt that no backend of the model or its fallbacks could hold, healthy
+    or not (waiting cannot make it fit; a lowered max_tokens was already counted on), or None
+    when one could or does not report its context."""
+    largest = 0
+    for model_id in chain:
+        for backend in registry.by_model.get(model_id, ()):
+            context = backend.models[model_id].context_length
+            if not context or needs.prompt_tokens < context:
+                return None
+            largest = max(largest, context)
+    if not largest:
+        return None
+    return context_length_exceeded(
+        needs.prompt_tokens,
+        largest,
+        f"{needs.prompt_tokens} in the prompt, before any answer; no backend serving "
+        f"'{needs.model}' or its fallbacks has a larger context",
+        needs.prompt_param,
+    )
+
+
+def context_length_exceeded(prompt: int, largest: int, how: str, param: str | None) -> NexusError:
+    """OpenAI's context_length_exceeded, with both sizes in `context` for other doors' words."""
+    return NexusError(
+        400,
+        "invalid_request_error",
+        "context_length_exceeded",
+        f"This model's maximum context length is {largest} tokens, however you requested "
+        f"{prompt} tokens ({how}). Serve it with a larger context, or add a fallback with one.",
+        param=param,
+        context={"prompt_tokens": prompt, "context_length": largest},
+    )
+
+
+# What a 503 calls each failed need, and how many backends its message names (the rest are
+# counted; error.context lists up to MAX_LISTED_SHORTFALLS).
+NEED_WORDS = {"vision": "vision", "tools": "tools", "json_mode": "JSON mode", "context": "context"}
+MAX_NAMED_BACKENDS = 8
+MAX_LISTED_SHORTFALLS = 100
+
+
+def unmet_needs(model: Model, needs: RequestNeeds) -> list[str]:
+    """The request's needs a backend's model fails, by name: meets_needs() spelt out, for
+    errors only (meets_needs stays allocation-free on the hot path)."""
+    failed = []
+    if needs.vision and model.vision is False:
+        failed.append("vision")
+    if needs.tools and model.tools is False:
+        failed.append("tools")
+    if needs.json_mode and model.json_mode is False:
+        failed.append("json_mode")
+    if model.context_length and needs.prompt_tokens >= model.context_length:
+        failed.append("context")
+    return failed
+
+
+def shortfalls(needs: RequestNeeds, chain: list[str], registry: Registry) -> list[dict[str, Any]]:
+    """Why each backend of the model and its fallbacks is no candidate now: the needs its
+    model fails, and "down" or "busy"."""
+    found = []
+    for model_id in chain:
+        for backend in registry.by_model.get(model_id, ()):
+            model = backend.models[model_id]
+            failed = unmet_needs(model, needs)
+            if backend.status != "healthy":
+                failed.append("down")
+            elif backend.at_capacity():
+                failed.append("busy")
+            if failed:
+                entry = {"backend": backend.name, "model": model_id, "failed": failed}
+                if "context" in failed:
+                    entry["context_length"] = model.context_length
+                found.append(entry)
+    return found
+
+
+def shortfall_words(entry: dict[str, Any]) -> str:
+    """One backend's shortfall for a 503's message, e.g. "gpu2: no vision, down"."""
+    words = []
+    for failed in entry["failed"]:
+        if failed == "context":
+            words.append(f"a context of {entry['context_length']} tokens")
+        elif failed in NEED_WORDS:
+            words.append("no " + NEED_WORDS[failed])
+        else:
+            words.append(failed)
+    return f"{entry['backend']}: {', '.join(words)}"
+
+
+def shortfall_reason(needs: RequestNeeds, found: list[dict[str, Any]]) -> str:
+    """What failed, in a few words: the needs no healthy backend meets, then each backend."""
+    if not found:
+        return "no backend serving it can take it now"
+    per_backend = "; ".join(shortfall_words(e) for e in found[:MAX_NAMED_BACKENDS])
+    if len(found) > MAX_NAMED_BACKENDS:
+        per_backend += f"; and {len(found) - MAX_NAMED_BACKENDS} more"
+    if all(entry["failed"] == ["down"] for entry in found):
+        return f"every backend serving it is down ({per_backend})"
+    healthy_fails = [e["failed"] for e in found if "down" not in e["failed"]]
+    needed = [need for need in NEED_WORDS if any(need in fails for fails in healthy_fails)]
+    if not needed:
+        return f"the backends that could serve it are down or busy ({per_backend})"
+    words = " and ".join(
+        f"a context over {needs.prompt_tokens} tokens" if n == "context" else NEED_WORDS[n]
+        for n in needed
+    )
+    return f"it needs {words}, which no healthy backend serving it has ({per_backend})"
+
+
 def no_capacity(
-    needs: RequestNeeds, model_id: str, registry: Registry, rules: RouteRules | None = None
+    needs: RequestNeeds,
+    model_id: str,
+    registry: Registry,
+    rules: RouteRules | None = None,
+    chain: list[str] | None = None,
 ) -> NexusError:
+    """The 503 for a request nothing can serve now, saying which need failed and where."""
     serving = registry.by_model.get(model_id, [])
-    healthy = [b for b in serving if b.status == "healthy"]
     excluded = rules.excluded if rules is not None else set()
     required_tier = rules.min_tier if rules is not None and "tier" in excluded else None
     zone = "restricted" if excluded & {"privacy", "overflow"} else None
+    found = shortfalls(needs, chain or [model_id], registry)
     if "privacy" in excluded:
         why = "its policy is privacy = restricted and no restricted backend can serve it"
     elif "overflow" in excluded:
@@ -2919,11 +3043,8 @@ def no_capacity(
             f"no backend of tier {required_tier} or above can serve it (min_tier; send "
             "X-Nexus-Flexible: true to accept a lower tier when none is available)"
         )
-    elif healthy:
-        why = "no healthy backend serving it meets the request's needs (context, vision, tools)"
-    elif serving:
-        names = ", ".join(b.name for b in serving)
-        why = f"every backend serving it is unhealthy ({names})"
+    elif serving or found:
+        why = shortfall_reason(needs, found)
     else:
         why = "no backend serves it"
     return NexusError(
@@ -2936,6 +3057,7 @@ def no_capacity(
             "eta_seconds": None,
             "required_tier": required_tier,
             "privacy_zone_required": zone,
+            "backends": found[:MAX_LISTED_SHORTFALLS],
         },
     )
 
@@ -4254,6 +4376,40 @@ def is_context_error(status: int, text: str) -> bool:
     return status in (400, 413) and any(word in lowered for word in CONTEXT_ERROR_WORDS)
 
 
+# How backends give the sizes in a too-long refusal: llama.cpp's words (it also sends n_ctx
+# and n_prompt_tokens), then OpenAI's and vLLM's.
+CONTEXT_SIZE_PATTERNS = (
+    re.compile(r"\((?P<prompt>\d+) tokens\) exceeds the available context size \((?P<context>\d+)"),
+    re.compile(
+        r"maximum context length is (?P<context>\d+) tokens.{0,40}?"
+        r"requested (?P<prompt>\d+) tokens",
+        re.S,
+    ),
+)
+
+
+def backend_context_error(backend: Backend, text: str) -> NexusError:
+    """A backend's own too-long refusal (it counted more than Nexus estimated) as the context
+    error, with the sizes when the backend gave them; its own words otherwise."""
+    found: tuple[int, int] | None = None
+    try:
+        error = json.loads(text).get("error")
+        if isinstance(error, dict):
+            prompt, context = error.get("n_prompt_tokens"), error.get("n_ctx")
+            if isinstance(prompt, int) and isinstance(context, int):
+                found = prompt, context
+    except (ValueError, AttributeError):
+        pass
+    for pattern in CONTEXT_SIZE_PATTERNS:
+        match = pattern.search(text) if found is None else None
+        if match is not None:
+            found = int(match["prompt"]), int(match["context"])
+    if found is None:
+        return NexusError(400, "invalid_request_error", "context_length_exceeded", text[:500])
+    how = f"as backend {backend.name} counted them"
+    return context_length_exceeded(found[0], found[1], how, None)
+
+
 DONE_EVENT = b"data: [DONE]\n\n"
 
 
@@ -4414,6 +4570,11 @@ def queue_full(
             "eta_seconds": None,
             "required_tier": None,
             "privacy_zone_required": None,
+            "backends": [
+                {"backend": a.backend.name, "model": a.model, "failed": ["busy"]}
+                for a in decision.attempts[:MAX_LISTED_SHORTFALLS]
+                if not a.fallback
+            ],
         },
     )
     set_eta(error, queue_eta(app, decision))
@@ -4519,6 +4680,8 @@ async def proxy(
             same_backend_retries += 1
             await asyncio.sleep(pause)
     assert failure is not None  # the first attempt is always tried
+    if failure.error.code == "context_length_exceeded":
+        failure.error.param = needs.prompt_param
     raise failure.error
 
 
@@ -4738,10 +4901,7 @@ def upstream_error(
             retry_after=wait,
         )
     if is_context_error(status, text):
-        raise AttemptFailed(
-            NexusError(400, "invalid_request_error", "context_length_exceeded", text[:500]),
-            skip_model=True,
-        )
+        raise AttemptFailed(backend_context_error(backend, text), skip_model=True)
     record.status = status
     headers = response_headers(record, attempt, reason)
     if app[BUDGET].enabled:
@@ -5213,12 +5373,21 @@ def is_messages_path(path: str) -> bool:
     return path == MESSAGES_PATH or path.startswith(MESSAGES_PATH + "/")
 
 
+def anthropic_message(error: NexusError) -> str:
+    """An error's message in Anthropic's words where clients act on them: Claude Code compacts
+    on exactly "prompt is too long: N tokens > M maximum" (nothing after it)."""
+    if error.code == "context_length_exceeded" and error.context:
+        prompt, context = error.context["prompt_tokens"], error.context["context_length"]
+        return f"prompt is too long: {prompt} tokens > {context} maximum"
+    return error.message
+
+
 def anthropic_error(error: NexusError) -> dict[str, Any]:
     """An error as Anthropic's API writes it, for the same status."""
     kind = ANTHROPIC_ERROR_TYPES.get(error.status)
     if kind is None:
         kind = "api_error" if error.status >= 500 else "invalid_request_error"
-    return {"type": "error", "error": {"type": kind, "message": error.message}}
+    return {"type": "error", "error": {"type": kind, "message": anthropic_message(error)}}
 
 
 def messages_to_chat(body: dict[str, Any]) -> dict[str, Any]:
