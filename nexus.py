@@ -7131,7 +7131,8 @@ def lifecycle_command(args: argparse.Namespace) -> int:
     if op["status"] == "completed":
         print(f"{args.action} of {model} {where}: completed")
         return 0
-    print(f"nexus: {args.action} of {model} {where}: {op['status']}: {op.get('error')}")
+    why = op.get("error") or "still in progress"
+    print(f"nexus: {args.action} of {model} {where}: {op['status']}: {why}", file=sys.stderr)
     return 1
 
 

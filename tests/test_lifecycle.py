@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from conftest import MockBackend, backends_toml
+from conftest import MockBackend, backends_toml, free_port
 
 import nexus
 from nexus import Backend, Model, Registry, RequestNeeds, Settings, route
@@ -711,3 +711,73 @@ def test_lifecycle_settings_defaults_and_values(tmp_path):
         60,
     )
     assert Backend.from_settings(settings.backends[0]).vram_gb == 24
+
+
+# --- the CLI ------------------------------------------------------------------------------------
+
+
+async def test_cli_loads_unloads_and_migrates_against_a_running_nexus(stop_later, tmp_path):
+    from test_cli import NEXUS, run_cli, wait_until_serving
+
+    a, b = await start_fleet(stop_later, FleetOllama("a"), FleetOllama("b"))
+    config = tmp_path / "nexus.toml"
+    config.write_text(backends_toml(a, b) + "[health_check]\ninterval_seconds = 0.5\n")
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        *NEXUS, "serve", "-c", str(config), "-p", str(port), "-H", "127.0.0.1", "--no-discovery"
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        await wait_until_serving(url)
+        code, out, err = await run_cli("models", "load", MODEL, "--backend", "a", "--url", url)
+        assert code == 0, err
+        assert f"load of {MODEL} on a: completed" in out
+        assert a.loaded == {MODEL: 4 * GIB}
+        code, out, _ = await run_cli("models", env={"NEXUS_URL": url})
+        assert code == 0 and "LOADED ON" in out
+        assert out.splitlines()[1].split()[-1] == "a"
+        code, out, err = await run_cli(
+            "models", "migrate", MODEL, "--from", "a", "--to", "b", env={"NEXUS_URL": url}
+        )
+        assert code == 0, err
+        assert f"migrate of {MODEL} from a to b: completed" in out
+        assert a.loaded == {} and b.loaded == {MODEL: 4 * GIB}
+        code, out, _ = await run_cli("models", "--json", "--url", url)
+        assert json.loads(out)["data"][0]["loaded_on"] == ["b"]
+        code, out, err = await run_cli("models", "unload", MODEL, "--backend", "b", "--url", url)
+        assert code == 0 and f"unload of {MODEL} from b: completed" in out, err
+        assert b.loaded == {}
+        # Refusals are one line, never a traceback.
+        code, _, err = await run_cli("models", "load", "nope", "--backend", "a", "--url", url)
+        assert code != 0 and "never pulls" in err and "Traceback" not in err
+        # A failed operation ends the command with its reason and a non-zero exit.
+        b.die_on_load = True
+        code, out, err = await run_cli("models", "load", MODEL, "--backend", "b", "--url", url)
+        assert code == 1 and f"load of {MODEL} on b: failed: loading on b: " in err
+    finally:
+        proc.terminate()
+        await asyncio.wait_for(proc.wait(), 15)
+
+
+# --- the dashboard ------------------------------------------------------------------------------
+
+
+async def test_dashboard_shows_where_a_model_is_loaded(stop_later, nexus_factory):
+    from browser import Chromium
+
+    warm, cold = await start_fleet(
+        stop_later, FleetOllama("warm", loaded=(MODEL,)), FleetOllama("cold")
+    )
+    nx = await nexus_factory(backends_toml(warm, cold))
+    async with Chromium() as browser:
+        await browser.navigate(nx.url + "/")
+        await browser.wait_for("document.querySelectorAll('#models tbody .dot').length === 2")
+        titles = await browser.evaluate(
+            "[...document.querySelectorAll('#models tbody .dot')]"
+            ".map((d) => d.className + '|' + d.title)"
+        )
+        assert browser.console_errors == []
+    assert sorted(titles) == [
+        f"dot cold|cold serves {MODEL} (healthy, not loaded)",
+        f"dot |warm serves {MODEL} (healthy, loaded)",
+    ]
