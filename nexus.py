@@ -211,6 +211,8 @@ class QueueSettings:
 
 @dataclass(slots=True)
 class LifecycleSettings:
+    """[lifecycle]: what loads through the lifecycle API (SPEC §5.1) may take, and how long."""
+
     vram_headroom_percent: float = 20.0  # a load must leave this much of a backend's vram_gb free
     timeout_seconds: float = 300.0  # every load, unload or migration ends within this
 
@@ -2396,10 +2398,6 @@ def order_candidates(backends: list[Backend], strategy: str, weights: dict[str, 
         backends.sort(key=scorer(weights))
 
 
-def is_cold(backend: Backend, model_id: str) -> bool:
-    return backend.loaded is not None and model_id not in backend.loaded
-
-
 def warm_first(backends: list[Backend], model_id: str) -> None:
     """Among backends of the same priority, those with the model in memory go before cold ones
     (a cold load takes seconds to minutes), each priority keeping the places the strategy gave
@@ -2412,13 +2410,13 @@ def warm_first(backends: list[Backend], model_id: str) -> None:
         return
     priority = backends[0].priority
     if all(b.priority == priority for b in backends):  # the usual case: one stable sort
-        backends.sort(key=lambda b: is_cold(b, model_id))
+        backends.sort(key=lambda b: not b.is_warm(model_id))
         return
     places: dict[int, list[int]] = {}
     for i, backend in enumerate(backends):
         places.setdefault(backend.priority, []).append(i)
     for indices in places.values():
-        group = sorted((backends[i] for i in indices), key=lambda b: is_cold(b, model_id))
+        group = sorted((backends[i] for i in indices), key=lambda b: not b.is_warm(model_id))
         for i, backend in zip(indices, group, strict=True):
             backends[i] = backend
 
@@ -3896,6 +3894,7 @@ def withhold(registry: Registry, backend: Backend, kind: str, model: str) -> Non
 
 
 def give_back(registry: Registry, backend: Backend, kind: str, model: str) -> None:
+    """Undo withhold(): the backend is an ordinary candidate for the model again."""
     current: frozenset[str] = getattr(backend, kind)
     if model in current:
         setattr(backend, kind, current - {model})
@@ -3954,6 +3953,8 @@ class Lifecycle:
         except asyncio.CancelledError:
             op.error = f"{op.step}: Nexus stopped before it was done"
             raise
+        except BackendReplyError as exc:  # the backend's own words
+            op.error = f"{op.step}: {exc}"
         except Exception as exc:  # the backend's failure, told in the operation
             op.error = f"{op.step}: {describe_failure(exc)}"
         finally:
@@ -3971,7 +3972,14 @@ class Lifecycle:
                 del self.running[op.model, name]
         took = op.finished - op.created
         if op.status == "completed":
-            log.info("operation %s: %s of %s completed in %.1f s", op.id, op.kind, op.model, took)
+            log.info(
+                "operation %s: %s of %s completed in %.1f s",
+                op.id,
+                op.kind,
+                op.model,
+                took,
+                extra=op_fields(op),
+            )
         else:
             log.warning(
                 "operation %s: %s of %s failed after %.1f s: %s",
@@ -4042,7 +4050,7 @@ def vram_missing(backend: Backend, model_id: str, headroom_percent: float) -> tu
     """Bytes a load of the model would take out of the headroom, and why in words; 0 when it
     fits, is loaded already, or the backend declares no vram_gb. Counted: what /api/ps reports
     loaded, models being loaded there now, and the model's size from /api/tags."""
-    if not backend.vram_gb or not is_cold(backend, model_id):
+    if not backend.vram_gb or backend.is_warm(model_id):
         return 0.0, ""
     loaded = backend.loaded or {}
     used = sum(loaded.values())
@@ -4095,6 +4103,7 @@ async def load_step(app: web.Application, op: Operation, backend: Backend, keep_
 
 
 async def unload_step(app: web.Application, op: Operation, backend: Backend) -> None:
+    """Unload from the backend and wait until /api/ps no longer shows it."""
     op.step = f"unloading from {backend.name}"
     await ADAPTERS[backend.type].unload(app[CLIENT], backend, op.model)
     await until_state(app, backend, op.model, loaded=False)
@@ -4130,7 +4139,7 @@ def start_operation(
         backend=target.name,
         source=source.name if source is not None else None,
     )
-    if kind != "unload" and is_cold(target, model):
+    if kind != "unload" and not target.is_warm(model):
         withhold(app[REGISTRY], target, "loading", model)
         op.held.append((target, "loading"))
     app[LIFECYCLE].start(op, work, app[SETTINGS].lifecycle.timeout_seconds)
@@ -5883,6 +5892,7 @@ def model_entries(registry: Registry, settings: Settings) -> dict[str, dict[str,
         healthy = [b for b in backends if b.status == "healthy"]
         if healthy:
             entries[model_id] = model_entry(model_id, [(b, b.models[model_id]) for b in healthy])
+            entries[model_id]["loaded_on"] = loaded_on(registry, model_id)
     for alias in settings.routing.aliases:
         target = resolve_alias(alias, settings.routing.aliases)
         if target in entries and alias not in entries:
@@ -5914,7 +5924,6 @@ def model_entry(model_id: str, served: list[tuple[Backend, Model]]) -> dict[str,
             "json_mode": merge_flag(m.json_mode for _, m in served),
         },
         "backends": sorted(b.name for b, _ in served),
-        "loaded_on": sorted(b.name for b, _ in served if not b.is_cloud and b.is_warm(model_id)),
     }
 
 
@@ -6048,6 +6057,7 @@ async def remove_backend(request: web.Request) -> web.Response:
 
 
 def lifecycle_response(op: Operation, status: int = 202) -> web.Response:
+    """An operation as JSON, with the X-Nexus-Lifecycle-* headers."""
     headers = {"X-Nexus-Lifecycle-Status": op.status, "X-Nexus-Lifecycle-Operation": op.id}
     return web.json_response(op.public(), status=status, headers=headers)
 
@@ -6146,6 +6156,7 @@ async def migrate_model(request: web.Request) -> web.Response:
 
 
 async def get_operation(request: web.Request) -> web.Response:
+    """GET /v1/operations/{id}: where an operation is (in_progress, completed, failed: why)."""
     require_admin(request)
     op = request.app[LIFECYCLE].operations.get(request.match_info["operation_id"])
     if op is None:
