@@ -3192,8 +3192,9 @@ class OpenAICompatibleAdapter:
         data = await fetch_json(pool, "GET", backend.url + "/v1/models", self.headers(backend))
         return models_from_openai_list(data)
 
-    # Model lifecycle (SPEC §5.1): only types whose own API loads and unloads models say so.
-    manages_models = False
+    def manages_models(self, backend: Backend) -> bool:
+        """Whether the backend's own API loads and unloads models (SPEC §5.1)."""
+        return False
 
     async def loaded_models(self, pool: BackendPool, backend: Backend) -> dict[str, int] | None:
         """The models in memory and the bytes each holds; None: the backend does not say."""
@@ -3218,17 +3219,88 @@ class VllmAdapter(OpenAICompatibleAdapter):
         return await super().poll(pool, backend)
 
 
+def router_statuses(data: Any) -> dict[str, dict[str, Any]] | None:
+    """Each model's status in a llama-server router's `/v1/models` ({"value": "loaded", ...});
+    None for a server of one model, which gives none."""
+    entries = data.get("data") if isinstance(data, dict) else None
+    if not isinstance(entries, list):
+        return None
+    statuses = {
+        e["id"]: e["status"]
+        for e in entries
+        if isinstance(e, dict)
+        and isinstance(e.get("id"), str)
+        and isinstance(e.get("status"), dict)
+    }
+    return statuses or None
+
+
+def router_loaded(data: Any) -> dict[str, int] | None:
+    """The models a llama-server in router mode has running (their sizes unknown: 0); None
+    for a server of one model."""
+    statuses = router_statuses(data)
+    if statuses is None:
+        return None
+    return {model: 0 for model, status in statuses.items() if status.get("value") == "loaded"}
+
+
+ROUTER_CHECK_SECONDS = 0.25  # how often a loading router model's status is read
+LLAMACPP_ROUTER_ANSWERS = ("model is already running", "model is not running")
+
+
 class LlamaCppAdapter(OpenAICompatibleAdapter):
-    """llama.cpp's llama-server: `/health`, `/props` for `n_ctx` and modalities, `/v1/models`."""
+    """llama.cpp's llama-server: `/health`, `/props` for `n_ctx` and modalities, `/v1/models`.
+
+    In router mode (started without a model) it runs models on demand: `/v1/models` gives each
+    one's status, `/models/load` and `/models/unload` start and stop them."""
 
     stream_usage = True
+
+    def manages_models(self, backend: Backend) -> bool:
+        return backend.loaded is not None  # a router: its last poll said what it runs
+
+    async def loaded_models(self, pool: BackendPool, backend: Backend) -> dict[str, int] | None:
+        url = backend.url + "/v1/models"
+        return router_loaded(await fetch_json(pool, "GET", url, self.headers(backend)))
+
+    async def load(self, pool: BackendPool, backend: Backend, model: str, keep_alive: Any) -> None:
+        await self.router_call(pool, backend, "/models/load", model)
+        while True:  # the router starts the model's server; its status says how that went
+            data = await fetch_json(pool, "GET", backend.url + "/v1/models", self.headers(backend))
+            status = (router_statuses(data) or {}).get(model, {})
+            if status.get("value") == "loaded":
+                return
+            if status.get("failed"):
+                raise BackendReplyError(f"the model's server exited ({status.get('exit_code')})")
+            await asyncio.sleep(ROUTER_CHECK_SECONDS)
+
+    async def unload(self, pool: BackendPool, backend: Backend, model: str) -> None:
+        await self.router_call(pool, backend, "/models/unload", model)
+
+    async def router_call(self, pool: BackendPool, backend: Backend, path: str, model: str) -> None:
+        """POST {model} to a router endpoint; "already running" (or "not running") is done."""
+        headers = {**self.headers(backend), **JSON_HEADERS}
+        body = json.dumps({"model": model}).encode()
+        status, answer = await pool.fetch(
+            "POST", backend.url + path, headers, body, limit=POLL_MAX_BODY
+        )
+        if status == 200:
+            return
+        why = answer[:300].decode("utf-8", "replace")
+        with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
+            why = str(json.loads(answer)["error"].get("message") or why)
+        if status == 400 and why in LLAMACPP_ROUTER_ANSWERS:
+            return
+        raise BackendReplyError(f"{path} answered HTTP {status}: {why[:200]}")
 
     async def poll(self, pool: BackendPool, backend: Backend) -> dict[str, Model]:
         status, _ = await pool.fetch("GET", backend.url + "/health", {}, limit=POLL_MAX_BODY)
         if status != 200:
             raise BackendReplyError(f"/health: {status}")
         props = await fetch_json(pool, "GET", backend.url + "/props")
-        models = await super().poll(pool, backend)
+        data = await fetch_json(pool, "GET", backend.url + "/v1/models", self.headers(backend))
+        models = models_from_openai_list(data)
+        backend.loaded = router_loaded(data)
         if not isinstance(props, dict):
             return models
         settings = props.get("default_generation_settings")
@@ -3280,7 +3352,9 @@ class OllamaAdapter(OpenAICompatibleAdapter):
     """
 
     stream_usage = True
-    manages_models = True
+
+    def manages_models(self, backend: Backend) -> bool:
+        return True
 
     def __init__(self) -> None:
         self.details: dict[tuple[str, str, str], Model] = {}
@@ -4016,13 +4090,14 @@ def lifecycle_backend(registry: Registry, name: Any, param: str) -> Backend:
             f"No backend {name!r}. Backends: {known}",
             param=param,
         )
-    if not ADAPTERS[backend.type].manages_models:
+    if not ADAPTERS[backend.type].manages_models(backend):
         raise NexusError(
             501,
             "not_implemented",
             "lifecycle_unsupported",
             f"Backend {name} is of type {backend.type}, whose API offers no way to load or "
-            "unload a model; Nexus does that on ollama backends.",
+            "unload a model; Nexus does that on ollama backends and llama-servers in router "
+            "mode (started without a model).",
             param=param,
         )
     return backend
@@ -7254,7 +7329,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     client_flags(models)
     lifecycle = models.add_subparsers(dest="action")
-    load = lifecycle.add_parser("load", help="load a model on a backend (Ollama)")
+    load = lifecycle.add_parser("load", help="load a model on a backend (Ollama, llama-server)")
     load.add_argument(
         "--keep-alive", help='how long it stays (e.g. "30m"; default: until unloaded)'
     )

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
+import subprocess
 import time
 from typing import Any
 
@@ -790,3 +791,54 @@ async def test_dashboard_shows_where_a_model_is_loaded(stop_later, nexus_factory
         f"dot cold|cold serves {MODEL} (healthy, not loaded)",
         f"dot |warm serves {MODEL} (healthy, loaded)",
     ]
+
+
+# --- a real engine: llama-server in router mode ---------------------------------------------
+
+
+async def test_load_chat_and_unload_on_a_real_llama_server_router(engine, nexus_factory, tmp_path):
+    """llama-server started without a model runs models on demand: Nexus loads one through
+    /models/load, routes a chat to it, and unloads it, reading each model's status."""
+    from real_engine import LlamaServer, wait_until_ready
+
+    models_dir = tmp_path / "models"
+    models_dir.mkdir()
+    (models_dir / "smol.gguf").symlink_to(engine.model)
+    port = free_port()
+    log_path = tmp_path / "router.log"
+    command = [str(engine.server_binary), "--models-dir", str(models_dir), "--host", "127.0.0.1"]
+    command += ["--port", str(port), "--ctx-size", "512", "--threads", "1", "--parallel", "1"]
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+    router = LlamaServer(name="router", port=port, process=process, log_path=log_path)
+    try:
+        await asyncio.to_thread(wait_until_ready, router)
+        toml = f'[[backends]]\nname = "router"\nurl = "{router.url}"\ntype = "llamacpp"\n'
+        nx = await nexus_factory(toml)
+        assert nx.backend("router").loaded == {}  # a router: it says what it runs (nothing)
+        _, models, _ = await call(nx, "GET", "/v1/models")
+        assert [(m["id"], m["loaded_on"]) for m in models["data"]] == [("smol", [])]
+        status, op, _ = await call(
+            nx, "POST", "/v1/models/load", {"model_id": "smol", "backend_id": "router"}
+        )
+        assert status == 202, op
+        done = await wait_done(nx, op["operation_id"], timeout=120)
+        assert done["status"] == "completed", (done, router.log_tail())
+        _, models, _ = await call(nx, "GET", "/v1/models")
+        assert models["data"][0]["loaded_on"] == ["router"]
+        body = {"model": "smol", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+        status, _, text = await call_text(nx, "/v1/chat/completions", body)
+        assert status == 200 and json.loads(text)["choices"][0]["message"]["content"] is not None
+        status, op, _ = await call(nx, "DELETE", "/v1/models/smol?backend_id=router")
+        assert status == 202
+        done = await wait_done(nx, op["operation_id"], timeout=60)
+        assert done["status"] == "completed", done
+        _, models, _ = await call(nx, "GET", "/v1/models")
+        assert models["data"][0]["loaded_on"] == []
+    finally:
+        router.stop()
+
+
+async def call_text(nx, path: str, body: Any) -> tuple[int, dict[str, str], str]:
+    async with aiohttp.ClientSession() as session, session.post(nx.url + path, json=body) as resp:
+        return resp.status, dict(resp.headers), await resp.text()
