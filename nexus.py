@@ -13,9 +13,10 @@ It reads top to bottom in the order a request travels:
     Errors -> Settings -> World model (Backend, Model, Registry) -> Health and Discovery (keep
     the world current) -> Requests (what a payload needs) -> Tokens (exact counts, loaded lazily) ->
     Policy (prices, budget) -> Auth (keys, allow-lists, rate limits) -> Routing (pure
-    functions) -> Backend adapters (the only code that knows a backend's quirks) -> Proxy
-    (send, retry, stream out) -> Anthropic Messages API (translated to chat and back) -> HTTP
-    handlers -> Stats -> Metrics -> App assembly -> CLI and main().
+    functions) -> Backend adapters (the only code that knows a backend's quirks) -> Model
+    lifecycle (load, unload, migrate) -> Proxy (send, retry, stream out) -> Anthropic Messages
+    API (translated to chat and back) -> HTTP handlers -> Stats -> Metrics -> App assembly ->
+    CLI and main().
 """
 
 from __future__ import annotations
@@ -3317,13 +3318,15 @@ class LlamaCppAdapter(OpenAICompatibleAdapter):
 
 
 class LmStudioAdapter(OpenAICompatibleAdapter):
-    """LM Studio: its `/api/v0/models` says type (llm, vlm, embeddings), context and tool use."""
+    """LM Studio: its `/api/v0/models` says type (llm, vlm, embeddings), context, tool use,
+    and whether each model is loaded (`state`)."""
 
     async def poll(self, pool: BackendPool, backend: Backend) -> dict[str, Model]:
         data = await fetch_json(pool, "GET", backend.url + "/api/v0/models")
         if not isinstance(data, dict) or not isinstance(data.get("data"), list):
             raise BackendReplyError("/api/v0/models: no data list")
         models = {}
+        loaded: dict[str, int] | None = None
         for entry in data["data"]:
             if not isinstance(entry, dict) or not isinstance(entry.get("id"), str):
                 continue
@@ -3334,6 +3337,11 @@ class LmStudioAdapter(OpenAICompatibleAdapter):
                 vision=entry.get("type") == "vlm",
                 tools=("tool_use" in caps) if isinstance(caps, list) else None,
             )
+            if isinstance(entry.get("state"), str):  # "loaded" or "not-loaded"
+                loaded = loaded if loaded is not None else {}
+                if entry["state"] == "loaded":
+                    loaded[entry["id"]] = 0
+        backend.loaded = loaded
         return models
 
 

@@ -582,6 +582,30 @@ async def test_warm_before_cold_through_http(stop_later, nexus_factory):
     assert cold.loaded == {}
 
 
+class LmStudio(MockBackend):
+    """LM Studio's /api/v0/models with each model's `state`, loaded or not-loaded."""
+
+    def __init__(self, name: str, loaded: bool) -> None:
+        super().__init__("lmstudio", {"phi-4": {"context": 16384}}, name)
+        self.loaded = loaded
+
+    async def lmstudio_models(self, request: web.Request) -> web.Response:
+        state = "loaded" if self.loaded else "not-loaded"
+        entry = {"id": "phi-4", "type": "llm", "state": state, "max_context_length": 16384}
+        return web.json_response({"object": "list", "data": [entry]})
+
+
+async def test_lm_studio_says_what_it_has_loaded(stop_later, nexus_factory):
+    cold, warm = await LmStudio("cold", loaded=False).start(), await LmStudio("warm", True).start()
+    stop_later.extend([cold, warm])
+    nx = await nexus_factory(backends_toml(cold, warm))
+    assert (nx.backend("cold").loaded, nx.backend("warm").loaded) == ({}, {"phi-4": 0})
+    for _ in range(4):
+        assert (await chat(nx, "phi-4"))[:2] == (200, "warm")
+    _, models, _ = await call(nx, "GET", "/v1/models")
+    assert models["data"][0]["loaded_on"] == ["warm"]
+
+
 async def test_a_backend_loading_through_the_api_gets_no_request_until_loaded(
     stop_later, nexus_factory
 ):
