@@ -15,6 +15,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 from conftest import MockBackend, backends_toml, free_port
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 import nexus
 from nexus import Backend, Model, Registry, RequestNeeds, Settings, route
@@ -555,6 +558,32 @@ def test_a_backend_loading_the_model_is_no_candidate_and_a_draining_one_goes_las
     assert registry.moving == 0
     for names in order(registry, "priority_only"):
         assert names[0] == "a" and sorted(names[1:]) == ["b", "c"]
+
+
+@hypothesis_settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from([0, 10, 50]), st.sampled_from(["warm", "cold", "silent"])),
+        max_size=12,
+    )
+)
+def test_warm_first_only_reorders_within_a_priority(specs):
+    backends = []
+    for i, (priority, state) in enumerate(specs):
+        backend = Backend(name=f"b{i}", url=f"http://127.0.0.1:1/{i}", type="ollama")
+        backend.priority = priority
+        backend.loaded = {"warm": {"m": GIB}, "cold": {}, "silent": None}[state]
+        backends.append(backend)
+    ordered = list(backends)
+    nexus.warm_first(ordered, "m")
+    assert sorted(b.name for b in ordered) == sorted(b.name for b in backends)
+    assert [b.priority for b in ordered] == [b.priority for b in backends]  # places kept
+    for priority in {b.priority for b in backends}:
+        group = [b for b in ordered if b.priority == priority]
+        warmth = [b.is_warm("m") for b in group]
+        assert warmth == sorted(warmth, reverse=True)  # warm (and silent) before cold
+        before = [b for b in backends if b.priority == priority]
+        assert [b for b in group if b.is_warm("m")] == [b for b in before if b.is_warm("m")]
 
 
 def test_route_with_warm_ordering_stays_fast_at_1000_backends():
