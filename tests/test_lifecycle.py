@@ -644,8 +644,10 @@ async def test_a_backend_loading_through_the_api_gets_no_request_until_loaded(
     nx = await nexus_factory(backends_toml(a, b))
     _, op, _ = await call(nx, "POST", "/v1/models/load", {"model_id": MODEL, "backend_id": "b"})
     assert nx.backend("b").loading == {MODEL}  # at once, not when the task first runs
-    during = collections.Counter()
-    while MODEL in nx.backend("b").loading:
+    during: collections.Counter = collections.Counter()
+    for _ in range(500):  # bounded: the load takes 1.5 s, a chat some ms
+        if MODEL not in nx.backend("b").loading:
+            break
         code, backend, _ = await chat(nx)
         assert code == 200
         during[backend] += 1
