@@ -782,7 +782,7 @@ def test_lifecycle_settings_defaults_and_values(tmp_path):
 
 
 async def test_cli_loads_unloads_and_migrates_against_a_running_nexus(stop_later, tmp_path):
-    from test_cli import NEXUS, run_cli, wait_until_serving
+    from test_cli import NEXUS, run_cli, wait_until_listed, wait_until_serving
 
     a, b = await start_fleet(stop_later, FleetOllama("a"), FleetOllama("b"))
     config = tmp_path / "nexus.toml"
@@ -794,6 +794,7 @@ async def test_cli_loads_unloads_and_migrates_against_a_running_nexus(stop_later
     url = f"http://127.0.0.1:{port}"
     try:
         await wait_until_serving(url)
+        await wait_until_listed(url)
         code, out, err = await run_cli("models", "load", MODEL, "--backend", "a", "--url", url)
         assert code == 0, err
         assert f"load of {MODEL} on a: completed" in out
