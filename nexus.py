@@ -15,9 +15,10 @@ It reads top to bottom in the order a request travels:
     the world current) -> Requests (what a payload needs) -> Tokens (exact counts, loaded lazily) ->
     Policy (prices, budget) -> Ledger (the month's usage, on disk with a monthly limit) -> Auth
     (keys, allow-lists, rate limits) -> Routing (pure functions) -> Backend adapters (the only
-    code that knows a backend's quirks) -> Proxy (send, retry, stream out) -> Anthropic Messages
-    API (translated to chat and back) -> HTTP handlers -> Stats -> Metrics -> App assembly ->
-    Reload (the configuration, without a restart) -> CLI and main().
+    code that knows a backend's quirks) -> Model lifecycle (load, unload, migrate) -> Proxy
+    (send, retry, stream out) -> Anthropic Messages API (translated to chat and back) -> HTTP
+    handlers -> Stats -> Metrics -> App assembly -> Reload (the configuration, without a
+    restart) -> CLI and main().
 """
 
 from __future__ import annotations
@@ -216,6 +217,14 @@ class QueueSettings:
 
 
 @dataclass(slots=True)
+class LifecycleSettings:
+    """[lifecycle]: what loads through the lifecycle API (SPEC §5.1) may take, and how long."""
+
+    vram_headroom_percent: float = 20.0  # a load must leave this much of a backend's vram_gb free
+    timeout_seconds: float = 300.0  # every load, unload or migration ends within this
+
+
+@dataclass(slots=True)
 class LoggingSettings:
     level: str = "info"
     format: str = "pretty"
@@ -251,6 +260,7 @@ class BackendSettings:
     max_concurrent: int = 0
     api_key_env: str = ""
     rpm: int = 0  # requests per minute this backend is sent at most; 0: no limit
+    vram_gb: float = 0.0  # what the lifecycle API may fill with models; 0: not declared
 
 
 @dataclass(slots=True)
@@ -260,6 +270,7 @@ class Settings:
     health_check: HealthSettings = field(default_factory=HealthSettings)
     routing: RoutingSettings = field(default_factory=RoutingSettings)
     queue: QueueSettings = field(default_factory=QueueSettings)
+    lifecycle: LifecycleSettings = field(default_factory=LifecycleSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
     backends: list[BackendSettings] = field(default_factory=list)
@@ -317,6 +328,7 @@ def _convert_field(key: str, value: Any, default: Any, cls: type, name: str) -> 
         (Settings, "health_check"): HealthSettings,
         (Settings, "routing"): RoutingSettings,
         (Settings, "queue"): QueueSettings,
+        (Settings, "lifecycle"): LifecycleSettings,
         (Settings, "logging"): LoggingSettings,
         (Settings, "auth"): AuthSettings,
         (RoutingSettings, "budget"): BudgetSettings,
@@ -425,6 +437,7 @@ def validate_settings(s: Settings, env: dict[str, str]) -> None:
         ("health_check.timeout_seconds", s.health_check.timeout_seconds),
         ("health_check.failure_threshold", s.health_check.failure_threshold),
         ("health_check.recovery_threshold", s.health_check.recovery_threshold),
+        ("lifecycle.timeout_seconds", s.lifecycle.timeout_seconds),
     ]
     for key, value in positive:
         if value <= 0:
@@ -438,6 +451,8 @@ def validate_settings(s: Settings, env: dict[str, str]) -> None:
     for key, value in non_negative:
         if value < 0:
             raise ConfigError(key, f"must not be negative, got {value}")
+    if not 0 <= s.lifecycle.vram_headroom_percent < 100:
+        raise ConfigError("lifecycle.vram_headroom_percent", "expected 0-99")
     if s.routing.strategy not in STRATEGIES:
         raise ConfigError("routing.strategy", f"expected one of {', '.join(STRATEGIES)}")
     for name in ("priority", "load", "latency"):
@@ -548,6 +563,8 @@ def validate_backend(b: BackendSettings, key: str, env: dict[str, str]) -> None:
         raise ConfigError(f"{key}.max_concurrent", "must not be negative")
     if b.rpm < 0:
         raise ConfigError(f"{key}.rpm", "must not be negative")
+    if b.vram_gb < 0:
+        raise ConfigError(f"{key}.vram_gb", "must not be negative")
     if b.type in CLOUD_TYPES and not b.api_key_env:
         raise ConfigError(f"{key}.api_key_env", f"a {b.type} backend needs api_key_env")
     if b.api_key_env and not env.get(b.api_key_env):
@@ -606,6 +623,10 @@ class Model:
     vision: bool | None = None
     tools: bool | None = None
     json_mode: bool | None = None
+    size: int | None = None  # bytes, where the backend says (Ollama's /api/tags): what a load takes
+
+
+NOTHING_MOVING: frozenset[str] = frozenset()
 
 
 @dataclass(slots=True, eq=False)
@@ -634,6 +655,15 @@ class Backend:
     last_check: float = 0.0
     lost_at: float | None = None
     rpm_bucket: TokenBucket | None = None  # [[backends]] rpm: how fast it may be sent requests
+    vram_gb: float = 0.0
+    # Models in memory now and the bytes each holds (Ollama's /api/ps), read with each health
+    # poll; None: the backend does not say (vLLM, llama.cpp, ...), so whatever it serves is warm.
+    loaded: dict[str, int] | None = None
+    # Models a lifecycle operation is loading here (not a candidate for them until loaded) and
+    # models a migration is taking away (a candidate for them only after every other).
+    loading: frozenset[str] = NOTHING_MOVING
+    draining: frozenset[str] = NOTHING_MOVING
+    model_in_flight: dict[str, int] = field(default_factory=dict)  # requests on it, per model
 
     @property
     def is_cloud(self) -> bool:
@@ -641,6 +671,10 @@ class Backend:
 
     def at_capacity(self) -> bool:
         return 0 < self.max_concurrent <= self.in_flight
+
+    def is_warm(self, model_id: str) -> bool:
+        """Whether the model is in memory here, as far as the backend says (SPEC §3 step 8)."""
+        return self.loaded is None or model_id in self.loaded
 
     @classmethod
     def from_settings(cls, b: BackendSettings, source: str = "static") -> Backend:
@@ -655,6 +689,7 @@ class Backend:
             api_key_env=b.api_key_env,
             source=source,
             rpm_bucket=TokenBucket(b.rpm, time.monotonic()) if b.rpm else None,
+            vram_gb=b.vram_gb,
         )
 
     def public(self) -> dict[str, Any]:
@@ -683,6 +718,9 @@ class Registry:
     def __init__(self) -> None:
         self.backends: dict[str, Backend] = {}
         self.by_model: dict[str, list[Backend]] = {}
+        # (backend, model) pairs a lifecycle operation is loading or draining now: while there
+        # are none, routing does not look at Backend.loading and .draining at all.
+        self.moving = 0
 
     def add(self, backend: Backend) -> None:
         self.backends[backend.name] = backend
@@ -714,6 +752,16 @@ class Registry:
 
     def healthy(self) -> list[Backend]:
         return [b for b in self.backends.values() if b.status == "healthy"]
+
+
+def loaded_on(registry: Registry, model_id: str) -> list[str]:
+    """Names of the healthy local backends that have the model in memory, or that serve it and
+    do not say what they hold (they keep what they serve loaded): `/v1/models`' `loaded_on`."""
+    return sorted(
+        b.name
+        for b in registry.by_model.get(model_id, ())
+        if b.status == "healthy" and not b.is_cloud and b.is_warm(model_id)
+    )
 
 
 # ==============================================================================================
@@ -2774,6 +2822,29 @@ def order_candidates(backends: list[Backend], strategy: str, weights: dict[str, 
         backends.sort(key=scorer(weights))
 
 
+def warm_first(backends: list[Backend], model_id: str) -> None:
+    """Among backends of the same priority, those with the model in memory go before cold ones
+    (a cold load takes seconds to minutes), each priority keeping the places the strategy gave
+    it (SPEC §3 step 8). Nothing is allocated unless warm and cold are mixed."""
+    cold = 0
+    for backend in backends:
+        if backend.loaded is not None and model_id not in backend.loaded:
+            cold += 1
+    if cold == 0 or cold == len(backends):
+        return
+    priority = backends[0].priority
+    if all(b.priority == priority for b in backends):  # the usual case: one stable sort
+        backends.sort(key=lambda b: not b.is_warm(model_id))
+        return
+    places: dict[int, list[int]] = {}
+    for i, backend in enumerate(backends):
+        places.setdefault(backend.priority, []).append(i)
+    for indices in places.values():
+        group = sorted((backends[i] for i in indices), key=lambda b: not b.is_warm(model_id))
+        for i, backend in zip(indices, group, strict=True):
+            backends[i] = backend
+
+
 def candidates_for(
     model_id: str,
     needs: RequestNeeds,
@@ -2782,17 +2853,23 @@ def candidates_for(
     rules: RouteRules | None = None,
 ) -> list[Backend]:
     """Healthy backends serving the model that meet the request's requirements and pass its
-    policy, best first by strategy, with those where max_tokens fits entirely ahead of those
-    that would clamp it. Restricted backends come first for a local-first request (overflow)
-    and local ones first at the budget's soft limit."""
+    policy, best first by strategy (warm before cold), with those where max_tokens fits
+    entirely ahead of those that would clamp it. Restricted backends come first for a
+    local-first request (overflow) and local ones first at the budget's soft limit. A backend
+    the lifecycle API is loading the model on is left out; one a migration drains goes last."""
     found = [
         backend
         for backend in registry.by_model.get(model_id, ())
         if backend.status == "healthy" and meets_needs(backend.models[model_id], needs)
     ]
+    if registry.moving:
+        found = [backend for backend in found if model_id not in backend.loading]
     if rules is not None and rules.refuses_any():
         found = [backend for backend in found if rules.allows(backend)]
     order_candidates(found, settings.routing.strategy, settings.routing.weights)
+    warm_first(found, model_id)
+    if registry.moving and len(found) > 1:
+        found.sort(key=lambda b: model_id in b.draining)
     if needs.max_tokens is not None and len(found) > 1:
         found.sort(key=lambda b: not fits_entirely(b.models[model_id], needs))
     if rules is not None and len(found) > 1:
@@ -2977,6 +3054,8 @@ def shortfalls(needs: RequestNeeds, chain: list[str], registry: Registry) -> lis
                 failed.append("down")
             elif backend.at_capacity():
                 failed.append("busy")
+            elif model_id in backend.loading:
+                failed.append("loading")
             if failed:
                 entry = {"backend": backend.name, "model": model_id, "failed": failed}
                 if "context" in failed:
@@ -3027,6 +3106,7 @@ def no_capacity(
 ) -> NexusError:
     """The 503 for a request nothing can serve now, saying which need failed and where."""
     serving = registry.by_model.get(model_id, [])
+    healthy = [b for b in serving if b.status == "healthy"]
     excluded = rules.excluded if rules is not None else set()
     required_tier = rules.min_tier if rules is not None and "tier" in excluded else None
     zone = "restricted" if excluded & {"privacy", "overflow"} else None
@@ -3043,6 +3123,9 @@ def no_capacity(
             f"no backend of tier {required_tier} or above can serve it (min_tier; send "
             "X-Nexus-Flexible: true to accept a lower tier when none is available)"
         )
+    elif healthy and all(model_id in b.loading for b in healthy):
+        names = ", ".join(b.name for b in healthy)
+        why = f"it is being loaded on {names} (model lifecycle); try again once it is loaded"
     elif serving or found:
         why = shortfall_reason(needs, found)
     else:
@@ -3676,6 +3759,20 @@ class OpenAICompatibleAdapter:
         data = await fetch_json(pool, "GET", backend.url + "/v1/models", self.headers(backend))
         return models_from_openai_list(data)
 
+    def manages_models(self, backend: Backend) -> bool:
+        """Whether the backend's own API loads and unloads models (SPEC §5.1)."""
+        return False
+
+    async def loaded_models(self, pool: BackendPool, backend: Backend) -> dict[str, int] | None:
+        """The models in memory and the bytes each holds; None: the backend does not say."""
+        return None
+
+    async def load(self, pool: BackendPool, backend: Backend, model: str, keep_alive: Any) -> None:
+        raise NotImplementedError(backend.type)
+
+    async def unload(self, pool: BackendPool, backend: Backend, model: str) -> None:
+        raise NotImplementedError(backend.type)
+
 
 class VllmAdapter(OpenAICompatibleAdapter):
     """vLLM: `/health` says it is up; `/v1/models` carries `max_model_len`."""
@@ -3689,17 +3786,88 @@ class VllmAdapter(OpenAICompatibleAdapter):
         return await super().poll(pool, backend)
 
 
+def router_statuses(data: Any) -> dict[str, dict[str, Any]] | None:
+    """Each model's status in a llama-server router's `/v1/models` ({"value": "loaded", ...});
+    None for a server of one model, which gives none."""
+    entries = data.get("data") if isinstance(data, dict) else None
+    if not isinstance(entries, list):
+        return None
+    statuses = {
+        e["id"]: e["status"]
+        for e in entries
+        if isinstance(e, dict)
+        and isinstance(e.get("id"), str)
+        and isinstance(e.get("status"), dict)
+    }
+    return statuses or None
+
+
+def router_loaded(data: Any) -> dict[str, int] | None:
+    """The models a llama-server in router mode has running (their sizes unknown: 0); None
+    for a server of one model."""
+    statuses = router_statuses(data)
+    if statuses is None:
+        return None
+    return {model: 0 for model, status in statuses.items() if status.get("value") == "loaded"}
+
+
+ROUTER_CHECK_SECONDS = 0.25  # how often a loading router model's status is read
+LLAMACPP_ROUTER_ANSWERS = ("model is already running", "model is not running")
+
+
 class LlamaCppAdapter(OpenAICompatibleAdapter):
-    """llama.cpp's llama-server: `/health`, `/props` for `n_ctx` and modalities, `/v1/models`."""
+    """llama.cpp's llama-server: `/health`, `/props` for `n_ctx` and modalities, `/v1/models`.
+
+    In router mode (started without a model) it runs models on demand: `/v1/models` gives each
+    one's status, `/models/load` and `/models/unload` start and stop them."""
 
     stream_usage = True
+
+    def manages_models(self, backend: Backend) -> bool:
+        return backend.loaded is not None  # a router: its last poll said what it runs
+
+    async def loaded_models(self, pool: BackendPool, backend: Backend) -> dict[str, int] | None:
+        url = backend.url + "/v1/models"
+        return router_loaded(await fetch_json(pool, "GET", url, self.headers(backend)))
+
+    async def load(self, pool: BackendPool, backend: Backend, model: str, keep_alive: Any) -> None:
+        await self.router_call(pool, backend, "/models/load", model)
+        while True:  # the router starts the model's server; its status says how that went
+            data = await fetch_json(pool, "GET", backend.url + "/v1/models", self.headers(backend))
+            status = (router_statuses(data) or {}).get(model, {})
+            if status.get("value") == "loaded":
+                return
+            if status.get("failed"):
+                raise BackendReplyError(f"the model's server exited ({status.get('exit_code')})")
+            await asyncio.sleep(ROUTER_CHECK_SECONDS)
+
+    async def unload(self, pool: BackendPool, backend: Backend, model: str) -> None:
+        await self.router_call(pool, backend, "/models/unload", model)
+
+    async def router_call(self, pool: BackendPool, backend: Backend, path: str, model: str) -> None:
+        """POST {model} to a router endpoint; "already running" (or "not running") is done."""
+        headers = {**self.headers(backend), **JSON_HEADERS}
+        body = json.dumps({"model": model}).encode()
+        status, answer = await pool.fetch(
+            "POST", backend.url + path, headers, body, limit=POLL_MAX_BODY
+        )
+        if status == 200:
+            return
+        why = answer[:300].decode("utf-8", "replace")
+        with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
+            why = str(json.loads(answer)["error"].get("message") or why)
+        if status == 400 and why in LLAMACPP_ROUTER_ANSWERS:
+            return
+        raise BackendReplyError(f"{path} answered HTTP {status}: {why[:200]}")
 
     async def poll(self, pool: BackendPool, backend: Backend) -> dict[str, Model]:
         status, _ = await pool.fetch("GET", backend.url + "/health", {}, limit=POLL_MAX_BODY)
         if status != 200:
             raise BackendReplyError(status_problem(status, "/health"))
         props = await fetch_json(pool, "GET", backend.url + "/props")
-        models = await super().poll(pool, backend)
+        data = await fetch_json(pool, "GET", backend.url + "/v1/models", self.headers(backend))
+        models = models_from_openai_list(data)
+        backend.loaded = router_loaded(data)
         if not isinstance(props, dict):
             return models
         settings = props.get("default_generation_settings")
@@ -3716,13 +3884,15 @@ class LlamaCppAdapter(OpenAICompatibleAdapter):
 
 
 class LmStudioAdapter(OpenAICompatibleAdapter):
-    """LM Studio: its `/api/v0/models` says type (llm, vlm, embeddings), context and tool use."""
+    """LM Studio: its `/api/v0/models` says type (llm, vlm, embeddings), context, tool use,
+    and whether each model is loaded (`state`)."""
 
     async def poll(self, pool: BackendPool, backend: Backend) -> dict[str, Model]:
         data = await fetch_json(pool, "GET", backend.url + "/api/v0/models")
         if not isinstance(data, dict) or not isinstance(data.get("data"), list):
             raise BackendReplyError("not an LLM server: /api/v0/models has no data list")
         models = {}
+        loaded: dict[str, int] | None = None
         for entry in data["data"]:
             if not isinstance(entry, dict) or not isinstance(entry.get("id"), str):
                 continue
@@ -3733,41 +3903,114 @@ class LmStudioAdapter(OpenAICompatibleAdapter):
                 vision=entry.get("type") == "vlm",
                 tools=("tool_use" in caps) if isinstance(caps, list) else None,
             )
+            if isinstance(entry.get("state"), str):  # "loaded" or "not-loaded"
+                loaded = loaded if loaded is not None else {}
+                if entry["state"] == "loaded":
+                    loaded[entry["id"]] = 0
+        backend.loaded = loaded
         return models
 
 
 OLLAMA_SHOWS_AT_ONCE = 8
+# How long a poll waits for /api/ps once the model list is in: it was asked at the same time,
+# so it is normally there already; a slow one keeps the last known state, never fails a poll.
+OLLAMA_PS_GRACE_SECONDS = 1.0
 
 
 class OllamaAdapter(OpenAICompatibleAdapter):
-    """Ollama: `/api/tags` lists models; `/api/show` gives capabilities and context length.
+    """Ollama: `/api/tags` lists models; `/api/show` gives capabilities and context length;
+    `/api/ps` says which are in memory. `/api/generate` without a prompt loads a model for
+    its `keep_alive`, and unloads it with `keep_alive: 0`.
 
     `/api/show` is asked once per model digest, not on every poll.
     """
 
     stream_usage = True
 
+    def manages_models(self, backend: Backend) -> bool:
+        return True
+
     def __init__(self) -> None:
         self.details: dict[tuple[str, str, str], Model] = {}
 
     async def poll(self, pool: BackendPool, backend: Backend) -> dict[str, Model]:
+        """The model list (/api/tags, /api/show); /api/ps alongside, into `backend.loaded`."""
+        ps = asyncio.ensure_future(self.loaded_or_none(pool, backend))
+        try:
+            models = await self.models(pool, backend)
+            await asyncio.wait((ps,), timeout=OLLAMA_PS_GRACE_SECONDS)
+        finally:
+            ps.cancel()  # still unanswered: the last known state stays
+        if ps.done() and not ps.cancelled():
+            backend.loaded = ps.result()
+        return models
+
+    async def loaded_or_none(self, pool: BackendPool, backend: Backend) -> dict[str, int] | None:
+        """/api/ps, or None (does not say: warm) for an Ollama without it or a bad answer."""
+        try:
+            return await self.loaded_models(pool, backend)
+        except Exception as exc:  # never the poll's failure: the model list decides health
+            log.debug("backend %s: /api/ps: %s", backend.name, describe_failure(exc))
+            return None
+
+    async def loaded_models(self, pool: BackendPool, backend: Backend) -> dict[str, int] | None:
+        data = await fetch_json(pool, "GET", backend.url + "/api/ps")
+        if not isinstance(data, dict) or not isinstance(data.get("models"), list):
+            raise BackendReplyError("/api/ps: no models list")
+        loaded = {}
+        for entry in data["models"]:
+            if not isinstance(entry, dict):
+                continue
+            name = entry.get("model") or entry.get("name")
+            if isinstance(name, str) and name:
+                size = positive_int(entry.get("size_vram")) or positive_int(entry.get("size"))
+                loaded[name] = size or 0
+        return loaded
+
+    async def load(self, pool: BackendPool, backend: Backend, model: str, keep_alive: Any) -> None:
+        await self.generate_nothing(pool, backend, model, keep_alive)
+
+    async def unload(self, pool: BackendPool, backend: Backend, model: str) -> None:
+        await self.generate_nothing(pool, backend, model, 0)
+
+    async def generate_nothing(
+        self, pool: BackendPool, backend: Backend, model: str, keep_alive: Any
+    ) -> None:
+        """/api/generate with no prompt: Ollama loads (or with keep_alive 0 unloads) the model
+        and answers when it has; an error answer's own words become the failure."""
+        payload = {"model": model, "keep_alive": keep_alive, "stream": False}
+        body = json.dumps(payload).encode()
+        url = backend.url + "/api/generate"
+        status, answer = await pool.fetch("POST", url, JSON_HEADERS, body, limit=POLL_MAX_BODY)
+        if status != 200:
+            try:
+                why = str(json.loads(answer)["error"])
+            except (ValueError, KeyError, TypeError):
+                why = answer[:200].decode("utf-8", "replace").strip() or "no reason given"
+            raise BackendReplyError(f"/api/generate answered HTTP {status}: {why[:200]}")
+
+    async def models(self, pool: BackendPool, backend: Backend) -> dict[str, Model]:
         data = await fetch_json(pool, "GET", backend.url + "/api/tags")
         if not isinstance(data, dict) or not isinstance(data.get("models"), list):
             raise BackendReplyError("not an LLM server: /api/tags has no models list")
         keys = {}
+        sizes: dict[str, int | None] = {}
         for entry in data["models"]:
             if not isinstance(entry, dict):
                 continue
             name = entry.get("model") or entry.get("name")
             if isinstance(name, str) and name:
                 keys[name] = (backend.url, name, str(entry.get("digest", "")))
+                sizes[name] = positive_int(entry.get("size"))
         # Shows not known yet are asked in parallel, a few at a time: one after the other, an
         # Ollama with many models would not answer its first poll within the health timeout.
         limit = asyncio.Semaphore(OLLAMA_SHOWS_AT_ONCE)
 
         async def learn(key: tuple[str, str, str]) -> None:
             async with limit:
-                self.details[key] = await self.show(pool, backend, key[1])
+                model = await self.show(pool, backend, key[1])
+                model.size = sizes[key[1]]  # the same for the same digest
+                self.details[key] = model
 
         await asyncio.gather(*(learn(k) for k in set(keys.values()) if k not in self.details))
         return {name: self.details[key] for name, key in keys.items()}
@@ -4240,6 +4483,316 @@ ADAPTERS: dict[str, OpenAICompatibleAdapter] = {
     "openai": OpenAICloudAdapter(),
     "anthropic": AnthropicAdapter(),
 }
+
+
+# ==============================================================================================
+# Model lifecycle
+# Owns: loading, unloading and migrating models on backends (SPEC §5.1): the operations that
+# run in the background, one per model and backend at a time, bounded by
+# [lifecycle] timeout_seconds; the VRAM headroom check; what routing is told meanwhile.
+# Must not: pull or delete model files, or know a backend's API (its adapter loads and unloads).
+# ==============================================================================================
+
+OPERATIONS_KEPT = 256  # finished operations still answered at /v1/operations/{id}
+LIFECYCLE_CHECK_SECONDS = 0.25  # how often /api/ps is read until it shows the new state
+DRAIN_CHECK_SECONDS = 0.05  # how often a migration looks whether the source is idle
+DEFAULT_KEEP_ALIVE = -1  # a model loaded through Nexus stays until it is unloaded
+GIB = 1024**3
+
+
+@dataclass(slots=True, eq=False)
+class Operation:
+    """One load, unload or migration: what it does, where it is, and why it failed if it did."""
+
+    id: str
+    kind: str  # load | unload | migrate
+    model: str
+    backend: str  # where the model is loaded or unloaded; a migration's target
+    source: str | None = None  # a migration's source
+    status: str = "in_progress"  # in_progress | completed | failed
+    step: str = ""
+    error: str | None = None
+    created: float = field(default_factory=time.time)
+    finished: float | None = None
+    held: list[tuple[Backend, str]] = field(default_factory=list)  # (backend, loading|draining)
+
+    def backends(self) -> list[str]:
+        return [self.backend] if self.source is None else [self.source, self.backend]
+
+    def public(self) -> dict[str, Any]:
+        """What /v1/operations/{id} and the CLI show."""
+        view: dict[str, Any] = {"operation_id": self.id, "type": self.kind, "model_id": self.model}
+        if self.source is None:
+            view["backend_id"] = self.backend
+        else:
+            view["source_backend_id"] = self.source
+            view["target_backend_id"] = self.backend
+        view.update(status=self.status, step=self.step, error=self.error)
+        view["created_at"] = round(self.created, 3)
+        view["finished_at"] = round(self.finished, 3) if self.finished is not None else None
+        return view
+
+
+def withhold(registry: Registry, backend: Backend, kind: str, model: str) -> None:
+    """Tell routing the model is loading (`kind` "loading") or draining here."""
+    current: frozenset[str] = getattr(backend, kind)
+    if model not in current:
+        setattr(backend, kind, current | {model})
+        registry.moving += 1
+
+
+def give_back(registry: Registry, backend: Backend, kind: str, model: str) -> None:
+    """Undo withhold(): the backend is an ordinary candidate for the model again."""
+    current: frozenset[str] = getattr(backend, kind)
+    if model in current:
+        setattr(backend, kind, current - {model})
+        registry.moving -= 1
+
+
+class Lifecycle:
+    """The lifecycle operations: those running, one per model and backend at a time, and the
+    last OPERATIONS_KEPT, each a task of its own bounded by the lifecycle timeout."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self.operations: dict[str, Operation] = {}  # oldest first
+        self.running: dict[tuple[str, str], Operation] = {}  # by (model, backend name)
+        self.tasks: set[asyncio.Task] = set()
+
+    def check_free(self, model: str, *backends: Backend) -> None:
+        """409 when an operation on the model is running on one of the backends."""
+        for backend in backends:
+            if (busy := self.running.get((model, backend.name))) is not None:
+                raise NexusError(
+                    409,
+                    "invalid_request_error",
+                    "operation_in_progress",
+                    f"Operation {busy.id} ({busy.kind} of {model}) is still running on "
+                    f"{backend.name}; wait for it (GET /v1/operations/{busy.id}).",
+                    context={"operation_id": busy.id},
+                )
+
+    def start(
+        self, op: Operation, work: Callable[[Operation], Awaitable[None]], timeout: float
+    ) -> None:
+        for name in op.backends():
+            self.running[op.model, name] = op
+        self.operations[op.id] = op
+        finished = [k for k, o in self.operations.items() if o.status != "in_progress"]
+        for key in finished[: max(len(finished) - OPERATIONS_KEPT, 0)]:
+            del self.operations[key]
+        log.info("operation %s: %s of %s started", op.id, op.kind, op.model, extra=op_fields(op))
+        task = asyncio.create_task(self.run(op, work, timeout))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def run(
+        self, op: Operation, work: Callable[[Operation], Awaitable[None]], timeout: float
+    ) -> None:
+        try:
+            async with asyncio.timeout(timeout) as limit:
+                await work(op)
+            op.status = "completed"
+        except TimeoutError as exc:
+            if limit.expired():
+                op.error = f"{op.step}: not done within {timeout:g} s (lifecycle.timeout_seconds)"
+            else:
+                op.error = f"{op.step}: {describe_failure(exc)}"
+        except asyncio.CancelledError:
+            op.error = f"{op.step}: Nexus stopped before it was done"
+            raise
+        except BackendReplyError as exc:  # the backend's own words
+            op.error = f"{op.step}: {exc}"
+        except Exception as exc:  # the backend's failure, told in the operation
+            op.error = f"{op.step}: {describe_failure(exc)}"
+        finally:
+            self.finish(op)
+
+    def finish(self, op: Operation) -> None:
+        if op.status == "in_progress":
+            op.status = "failed"
+        op.finished = time.time()
+        for backend, kind in op.held:
+            give_back(self.registry, backend, kind, op.model)
+        op.held.clear()
+        for name in op.backends():
+            if self.running.get((op.model, name)) is op:
+                del self.running[op.model, name]
+        took = op.finished - op.created
+        if op.status == "completed":
+            log.info(
+                "operation %s: %s of %s completed in %.1f s",
+                op.id,
+                op.kind,
+                op.model,
+                took,
+                extra=op_fields(op),
+            )
+        else:
+            log.warning(
+                "operation %s: %s of %s failed after %.1f s: %s",
+                op.id,
+                op.kind,
+                op.model,
+                took,
+                op.error,
+                extra=op_fields(op),
+            )
+
+    async def stop(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+def op_fields(op: Operation) -> dict[str, Any]:
+    """An operation's fields for a JSON log line."""
+    return {"fields": {k: v for k, v in op.public().items() if v is not None}}
+
+
+def lifecycle_backend(registry: Registry, name: Any, param: str) -> Backend:
+    """The named backend, if its type can load and unload models: 404 / 501 otherwise."""
+    if not isinstance(name, str) or not name:
+        raise bad_request(f"{param} is required (a backend's name, as /v1/backends lists)", param)
+    backend = registry.backends.get(name)
+    if backend is None:
+        known = ", ".join(sorted(registry.backends)[:50]) or "none"
+        raise NexusError(
+            404,
+            "invalid_request_error",
+            "backend_not_found",
+            f"No backend {name!r}. Backends: {known}",
+            param=param,
+        )
+    if not ADAPTERS[backend.type].manages_models(backend):
+        raise NexusError(
+            501,
+            "not_implemented",
+            "lifecycle_unsupported",
+            f"Backend {name} is of type {backend.type}, whose API offers no way to load or "
+            "unload a model; Nexus does that on ollama backends and llama-servers in router "
+            "mode (started without a model).",
+            param=param,
+        )
+    return backend
+
+
+def lifecycle_model(backend: Backend, model: Any, aliases: dict[str, str]) -> str:
+    """The model id on this backend (an alias leads to its model): 404 when it has no such
+    model. Nexus never pulls one."""
+    if not isinstance(model, str) or not model:
+        raise bad_request("model_id is required", "model_id")
+    model_id = resolve_alias(model, aliases)
+    if model_id not in backend.models:
+        raise NexusError(
+            404,
+            "invalid_request_error",
+            "model_not_found",
+            f"Backend {backend.name} has no model '{model}' (Nexus never pulls models: pull it "
+            f"on the backend first). Its models: {', '.join(sorted(backend.models)) or 'none'}",
+            param="model_id",
+        )
+    return model_id
+
+
+def vram_missing(backend: Backend, model_id: str, headroom_percent: float) -> tuple[float, str]:
+    """Bytes a load of the model would take out of the headroom, and why in words; 0 when it
+    fits, is loaded already, or the backend declares no vram_gb. Counted: what /api/ps reports
+    loaded, models being loaded there now, and the model's size from /api/tags."""
+    if not backend.vram_gb or backend.is_warm(model_id):
+        return 0.0, ""
+    loaded = backend.loaded or {}
+    used = sum(loaded.values())
+    used += sum(backend.models[m].size or 0 for m in backend.loading if m in backend.models)
+    size = backend.models[model_id].size or 0
+    total = backend.vram_gb * GIB
+    free_after = total - used - size
+    headroom = total * headroom_percent / 100
+    if free_after >= headroom:
+        return 0.0, ""
+    missing = headroom - free_after
+    why = (
+        f"Loading {model_id} ({size / GIB:.1f} GB) on {backend.name} would leave "
+        f"{max(free_after, 0) / GIB:.1f} GB of its {backend.vram_gb:g} GB free, less than the "
+        f"{headroom_percent:g}% headroom ({headroom / GIB:.1f} GB): {missing / GIB:.1f} GB "
+        f"missing. Unload a model there first."
+    )
+    return missing, why
+
+
+async def refresh_loaded(app: web.Application, backend: Backend) -> None:
+    """Read what the backend holds now (the last poll may be seconds old); kept as it was when
+    the backend does not answer in time."""
+    adapter = ADAPTERS[backend.type]
+    try:
+        async with asyncio.timeout(app[SETTINGS].health_check.timeout_seconds):
+            backend.loaded = await adapter.loaded_models(app[CLIENT], backend)
+    except Exception as exc:  # the operation itself will tell what is wrong with the backend
+        log.debug("backend %s: /api/ps: %s", backend.name, describe_failure(exc))
+
+
+async def until_state(app: web.Application, backend: Backend, model: str, loaded: bool) -> None:
+    """Read /api/ps until it shows the model loaded (or gone), as routing will see it."""
+    adapter = ADAPTERS[backend.type]
+    while True:
+        backend.loaded = await adapter.loaded_models(app[CLIENT], backend)
+        if (backend.loaded is None or model in backend.loaded) == loaded:
+            return
+        await asyncio.sleep(LIFECYCLE_CHECK_SECONDS)
+
+
+async def load_step(app: web.Application, op: Operation, backend: Backend, keep_alive: Any) -> None:
+    """Load on the backend, which is no candidate for the model until /api/ps shows it."""
+    op.step = f"loading on {backend.name}"
+    await ADAPTERS[backend.type].load(app[CLIENT], backend, op.model, keep_alive)
+    await until_state(app, backend, op.model, loaded=True)
+    if (backend, "loading") in op.held:
+        op.held.remove((backend, "loading"))
+        give_back(app[REGISTRY], backend, "loading", op.model)
+
+
+async def unload_step(app: web.Application, op: Operation, backend: Backend) -> None:
+    """Unload from the backend and wait until /api/ps no longer shows it."""
+    op.step = f"unloading from {backend.name}"
+    await ADAPTERS[backend.type].unload(app[CLIENT], backend, op.model)
+    await until_state(app, backend, op.model, loaded=False)
+
+
+async def drain_step(app: web.Application, op: Operation, source: Backend, target: Backend) -> None:
+    """Send new requests for the model to the source only after every other candidate, and
+    wait until it has none in flight. A target that goes down meanwhile ends the migration
+    with the source still serving."""
+    op.step = f"waiting for {source.name} to finish its requests"
+    withhold(app[REGISTRY], source, "draining", op.model)
+    op.held.append((source, "draining"))
+    while source.model_in_flight.get(op.model, 0):
+        if target.status == "unhealthy":
+            raise BackendReplyError(f"{target.name} went down; {source.name} keeps the model")
+        await asyncio.sleep(DRAIN_CHECK_SECONDS)
+
+
+def start_operation(
+    app: web.Application,
+    kind: str,
+    model: str,
+    target: Backend,
+    source: Backend | None,
+    work: Callable[[Operation], Awaitable[None]],
+) -> Operation:
+    """Begin an operation: a backend about to load the model stops being a candidate for it
+    at once, before the task first runs."""
+    op = Operation(
+        id="op-" + os.urandom(8).hex(),
+        kind=kind,
+        model=model,
+        backend=target.name,
+        source=source.name if source is not None else None,
+    )
+    if kind != "unload" and not target.is_warm(model):
+        withhold(app[REGISTRY], target, "loading", model)
+        op.held.append((target, "loading"))
+    app[LIFECYCLE].start(op, work, app[SETTINGS].lifecycle.timeout_seconds)
+    return op
 
 
 # ==============================================================================================
@@ -4787,6 +5340,8 @@ async def send_attempt(
         deadline,
     )
     backend.in_flight += 1
+    per_model = backend.model_in_flight  # what an unload or a migration waits for (§5.1)
+    per_model[attempt.model] = per_model.get(attempt.model, 0) + 1
     backend.requests += 1
     record.backend = backend.name
     upstream: BackendConnection | None = None
@@ -4854,6 +5409,7 @@ async def send_attempt(
     finally:
         limits.close()
         backend.in_flight -= 1
+        per_model[attempt.model] -= 1
         if upstream is not None:
             upstream.release()  # an answer not read to its end closes its connection
         app[QUEUE].wake()
@@ -6033,6 +6589,7 @@ def model_entries(registry: Registry, settings: Settings) -> dict[str, dict[str,
         healthy = [b for b in backends if b.status == "healthy"]
         if healthy:
             entries[model_id] = model_entry(model_id, [(b, b.models[model_id]) for b in healthy])
+            entries[model_id]["loaded_on"] = loaded_on(registry, model_id)
     for alias in settings.routing.aliases:
         target = resolve_alias(alias, settings.routing.aliases)
         if target in entries and alias not in entries:
@@ -6110,9 +6667,14 @@ async def health(request: web.Request) -> web.Response:
 
 def require_admin(request: web.Request) -> None:
     """The admin API changes what Nexus routes to: with keys configured only an admin key may
-    use it, from anywhere (the middleware has checked that); without keys only callers on this
-    machine, and a request that came through a proxy (even one on this machine) is not one."""
+    use it, from anywhere; without keys only callers on this machine, and a request that came
+    through a proxy (even one on this machine) is not one."""
     if request.app[KEYS]:
+        key = request.get(API_KEY)  # the middleware has checked it is a valid key
+        if key is None:
+            raise unauthorized("The admin API needs an admin key.")
+        if not key.admin:
+            raise admin_forbidden(key)
         return
     peer = request.remote or ""
     if peer not in ("127.0.0.1", "::1") and not peer.startswith("127."):
@@ -6193,6 +6755,120 @@ async def remove_backend(request: web.Request) -> web.Response:
         raise NexusError(404, "invalid_request_error", "backend_not_found", f"No backend {name!r}")
     log.info("backend %s removed", name)
     return web.json_response({"name": name, "deleted": True})
+
+
+def lifecycle_response(op: Operation, status: int = 202) -> web.Response:
+    """An operation as JSON, with the X-Nexus-Lifecycle-* headers."""
+    headers = {"X-Nexus-Lifecycle-Status": op.status, "X-Nexus-Lifecycle-Operation": op.id}
+    return web.json_response(op.public(), status=status, headers=headers)
+
+
+def check_vram(app: web.Application, backend: Backend, model_id: str) -> None:
+    """400 when the load would eat into the backend's VRAM headroom, saying how much is
+    missing."""
+    missing, why = vram_missing(backend, model_id, app[SETTINGS].lifecycle.vram_headroom_percent)
+    if missing > 0:
+        raise NexusError(
+            400,
+            "invalid_request_error",
+            "insufficient_vram",
+            why,
+            param="model_id",
+            context={"missing_gb": round(missing / GIB, 2), "backend_id": backend.name},
+        )
+
+
+def keep_alive_of(body: dict[str, Any]) -> Any:
+    """How long a loaded model stays (Ollama's keep_alive: seconds or "30m"); default: until
+    unloaded."""
+    keep_alive = body.get("keep_alive", DEFAULT_KEEP_ALIVE)
+    if isinstance(keep_alive, bool) or not isinstance(keep_alive, int | float | str):
+        raise bad_request('keep_alive must be seconds or a duration such as "30m"', "keep_alive")
+    return keep_alive
+
+
+async def load_model(request: web.Request) -> web.Response:
+    """POST /v1/models/load {model_id, backend_id}: 202 and an operation (SPEC §5.1)."""
+    require_admin(request)
+    app = request.app
+    body = parse_json_body(await request.read())
+    backend = lifecycle_backend(app[REGISTRY], body.get("backend_id"), "backend_id")
+    model_id = lifecycle_model(backend, body.get("model_id"), app[SETTINGS].routing.aliases)
+    keep_alive = keep_alive_of(body)
+    app[LIFECYCLE].check_free(model_id, backend)
+    await refresh_loaded(app, backend)
+    app[LIFECYCLE].check_free(model_id, backend)  # another may have begun while it was read
+    check_vram(app, backend, model_id)
+
+    async def work(op: Operation) -> None:
+        await load_step(app, op, backend, keep_alive)
+
+    return lifecycle_response(start_operation(app, "load", model_id, backend, None, work))
+
+
+async def unload_model(request: web.Request) -> web.Response:
+    """DELETE /v1/models/{model_id}?backend_id=...: 202 and an operation; 409 while requests
+    for the model are in flight there."""
+    require_admin(request)
+    app = request.app
+    backend = lifecycle_backend(app[REGISTRY], request.query.get("backend_id"), "backend_id")
+    model_id = lifecycle_model(backend, request.match_info["model_id"], {})
+    app[LIFECYCLE].check_free(model_id, backend)
+    if in_flight := backend.model_in_flight.get(model_id, 0):
+        raise NexusError(
+            409,
+            "invalid_request_error",
+            "model_in_use",
+            f"{backend.name} has {in_flight} request(s) for {model_id} in flight; unload it once "
+            "they are done, or migrate it (POST /v1/models/migrate), which waits for them.",
+        )
+
+    async def work(op: Operation) -> None:
+        await unload_step(app, op, backend)
+
+    return lifecycle_response(start_operation(app, "unload", model_id, backend, None, work))
+
+
+async def migrate_model(request: web.Request) -> web.Response:
+    """POST /v1/models/migrate {model_id, source_backend_id, target_backend_id}: the target
+    loads while the source serves; the source unloads once it has nothing in flight."""
+    require_admin(request)
+    app = request.app
+    body = parse_json_body(await request.read())
+    registry = app[REGISTRY]
+    source = lifecycle_backend(registry, body.get("source_backend_id"), "source_backend_id")
+    target = lifecycle_backend(registry, body.get("target_backend_id"), "target_backend_id")
+    if source is target:
+        raise bad_request("source and target are the same backend", "target_backend_id")
+    model_id = lifecycle_model(source, body.get("model_id"), app[SETTINGS].routing.aliases)
+    lifecycle_model(target, model_id, {})
+    keep_alive = keep_alive_of(body)
+    app[LIFECYCLE].check_free(model_id, source, target)
+    await refresh_loaded(app, target)
+    app[LIFECYCLE].check_free(model_id, source, target)
+    check_vram(app, target, model_id)
+
+    async def work(op: Operation) -> None:
+        await load_step(app, op, target, keep_alive)
+        await drain_step(app, op, source, target)
+        await unload_step(app, op, source)
+
+    return lifecycle_response(start_operation(app, "migrate", model_id, target, source, work))
+
+
+async def get_operation(request: web.Request) -> web.Response:
+    """GET /v1/operations/{id}: where an operation is (in_progress, completed, failed: why)."""
+    require_admin(request)
+    op = request.app[LIFECYCLE].operations.get(request.match_info["operation_id"])
+    if op is None:
+        raise NexusError(
+            404,
+            "invalid_request_error",
+            "operation_not_found",
+            f"No operation {request.match_info['operation_id']!r} (the last "
+            f"{OPERATIONS_KEPT} finished ones are kept).",
+        )
+    return lifecycle_response(op, status=200)
 
 
 async def dashboard(request: web.Request) -> web.StreamResponse:
@@ -6336,6 +7012,7 @@ def stats_snapshot(app: web.Application) -> dict[str, Any]:
             "backends": entries[name]["backends"] if name in entries else [],
             "context_length": entries[name]["context_length"] if name in entries else None,
             "capabilities": entries[name]["capabilities"] if name in entries else None,
+            "loaded_on": entries[name]["loaded_on"] if name in entries else [],
         }
         for name in names
     ]
@@ -6662,6 +7339,7 @@ BUDGET = web.AppKey("budget", Budget)  # the month's cloud spend: BUDGET.spent_u
 STOPPING = web.AppKey("stopping", asyncio.Event)  # set at shutdown: live feeds end
 KEYS = web.AppKey("keys", list)  # ApiKey per [auth] key; empty: no auth
 LEDGER = web.AppKey("ledger", Ledger)  # the month's usage; in nexus.db with a monthly limit
+LIFECYCLE = web.AppKey("lifecycle", Lifecycle)  # load/unload/migrate operations (SPEC §5.1)
 REQUEST_ID = web.RequestKey("request_id", str)
 RECORD = web.RequestKey("record", RequestRecord)
 API_KEY = web.RequestKey("api_key", ApiKey)  # the caller's key, once authenticated
@@ -6827,6 +7505,7 @@ async def background_ctx(app: web.Application) -> AsyncIterator[None]:
     if discovery is not None:
         discovery.start()
     yield
+    await app[LIFECYCLE].stop()
     if discovery is not None:
         await discovery.stop()
     tasks = app[STATE].pop("background", set())
@@ -6856,6 +7535,7 @@ def create_app(settings: Settings) -> web.Application:
         data_directory(settings.server.data_dir, env) / LEDGER_FILE if wanted else None
     )
     app[QUEUE] = WaitQueue()
+    app[LIFECYCLE] = Lifecycle(app[REGISTRY])
     app[STOPPING] = asyncio.Event()
     app.on_shutdown.append(signal_stopping)
     for backend_settings in settings.backends:
@@ -6869,6 +7549,10 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_post(MESSAGES_PATH, messages)
     app.router.add_post(MESSAGES_PATH + "/count_tokens", messages_count_tokens)
     app.router.add_get("/v1/models", list_models)
+    app.router.add_post("/v1/models/load", load_model)
+    app.router.add_post("/v1/models/migrate", migrate_model)
+    app.router.add_delete("/v1/models/{model_id:.+}", unload_model)
+    app.router.add_get("/v1/operations/{operation_id}", get_operation)
     app.router.add_get("/v1/models/{model_id:.+}", get_model)
     app.router.add_get("/health", health)
     app.router.add_get("/v1/stats", get_stats)
@@ -7475,7 +8159,53 @@ def backends_command(args: argparse.Namespace) -> int:
     return 0
 
 
+# How often `nexus models load|unload|migrate` asks where its operation is, and for how long at
+# most (a running Nexus ends every operation within its own lifecycle.timeout_seconds).
+OPERATION_POLL_SECONDS = 0.5
+OPERATION_WAIT_SECONDS = 3600.0
+
+
+def lifecycle_command(args: argparse.Namespace) -> int:
+    """Start a load, unload or migration on a running Nexus and wait for its end state."""
+    model = args.model
+    if args.action == "load":
+        payload = {"model_id": model, "backend_id": args.backend}
+        if args.keep_alive is not None:  # seconds as a number, else a duration such as "30m"
+            keep_alive = args.keep_alive
+            with contextlib.suppress(ValueError):
+                keep_alive = int(keep_alive)
+            payload["keep_alive"] = keep_alive
+        op = call_nexus(args, "POST", "/v1/models/load", payload)
+        where = f"on {args.backend}"
+    elif args.action == "unload":
+        query = "?backend_id=" + urllib.parse.quote(args.backend, safe="")
+        op = call_nexus(args, "DELETE", "/v1/models/" + urllib.parse.quote(model) + query)
+        where = f"from {args.backend}"
+    else:
+        payload = {
+            "model_id": model,
+            "source_backend_id": args.source,
+            "target_backend_id": args.target,
+        }
+        op = call_nexus(args, "POST", "/v1/models/migrate", payload)
+        where = f"from {args.source} to {args.target}"
+    print(f"{args.action} of {model} {where}: {op['operation_id']} in progress", flush=True)
+    deadline = time.monotonic() + OPERATION_WAIT_SECONDS
+    path = "/v1/operations/" + urllib.parse.quote(op["operation_id"], safe="")
+    while op["status"] == "in_progress" and time.monotonic() < deadline:
+        time.sleep(OPERATION_POLL_SECONDS)
+        op = call_nexus(args, "GET", path)
+    if op["status"] == "completed":
+        print(f"{args.action} of {model} {where}: completed")
+        return 0
+    why = op.get("error") or "still in progress"
+    print(f"nexus: {args.action} of {model} {where}: {op['status']}: {why}", file=sys.stderr)
+    return 1
+
+
 def models_command(args: argparse.Namespace) -> int:
+    if args.action is not None:
+        return lifecycle_command(args)
     data = call_nexus(args, "GET", "/v1/models")
     if args.json:
         print(json.dumps(data, indent=2))
@@ -7489,9 +8219,10 @@ def models_command(args: argparse.Namespace) -> int:
                 str(m["context_length"] or "-"),
                 ",".join(caps) or "-",
                 ",".join(m["backends"]),
+                ",".join(m.get("loaded_on", ())) or "-",
             ]
         )
-    print_table(rows, ["MODEL", "CONTEXT", "CAPABILITIES", "BACKENDS"])
+    print_table(rows, ["MODEL", "CONTEXT", "CAPABILITIES", "BACKENDS", "LOADED ON"])
     return 0
 
 
@@ -7540,7 +8271,8 @@ def config_init_command(args: argparse.Namespace) -> int:
 def completion_script(shell: str, parser: argparse.ArgumentParser) -> str:
     """A completion script for the commands and flags of this parser."""
     commands = {"serve", "backends", "models", "health", "usage", "config", "completions"}
-    words = sorted(commands | {"list", "add", "remove", "init", "bash", "zsh", "fish"})
+    actions = {"list", "add", "remove", "init", "load", "unload", "migrate", "bash", "zsh", "fish"}
+    words = sorted(commands | actions)
     flags = sorted({opt for a in parser._actions for opt in a.option_strings})
     if shell == "bash":
         return (
@@ -7595,7 +8327,24 @@ def build_parser() -> argparse.ArgumentParser:
     remove.add_argument("name", metavar="NAME")
     client_flags(remove, json_flag=False)
 
-    client_flags(sub.add_parser("models", help="list the models a running Nexus serves"))
+    models = sub.add_parser(
+        "models", help="list the models of a running Nexus, or load, unload or migrate one"
+    )
+    client_flags(models)
+    lifecycle = models.add_subparsers(dest="action")
+    load = lifecycle.add_parser("load", help="load a model on a backend (Ollama, llama-server)")
+    load.add_argument(
+        "--keep-alive", help='how long it stays (e.g. "30m"; default: until unloaded)'
+    )
+    unload = lifecycle.add_parser("unload", help="unload a model from a backend")
+    for action in (load, unload):
+        action.add_argument("--backend", required=True, metavar="B", help="the backend's name")
+    migrate = lifecycle.add_parser("migrate", help="move a model from one backend to another")
+    migrate.add_argument("--from", dest="source", required=True, metavar="A")
+    migrate.add_argument("--to", dest="target", required=True, metavar="B")
+    for action in (load, unload, migrate):
+        action.add_argument("model", metavar="MODEL")
+        action.add_argument("--url", default=argparse.SUPPRESS, help="the running Nexus")
     client_flags(sub.add_parser("health", help="show a running Nexus's health"))
     usage_ = sub.add_parser("usage", help="a month's spend, requests and tokens per key")
     usage_.add_argument("--month", help="YYYY-MM (default: this month)")

@@ -27,6 +27,10 @@ What the sections measure:
   routing    nexus.route on a 100 KB prompt among 10, 100 and 1,000 backends, in process.
   ledger     the ledger's CPU per cloud request (counting on the loop, then its row write
              in the worker thread, taken whole for each request), in process.
+  lifecycle  what knowing where models are loaded costs: an Ollama health poll (model list and
+             /api/ps in parallel) against the same poll without /api/ps, wall time and CPU
+             per backend, in process; and the routing decision among 1,000 Ollama backends,
+             a third of them without the model loaded (warm before cold).
   binary     dist/nexus: size, and start to first served request (median of 5).
   ceiling    the load generators against the mock alone: the most they can measure.
   instructions  (only when named in --only; needs valgrind) CPU instructions per request and
@@ -123,8 +127,20 @@ def sse_chunk(delta: dict, finish: str | None = None, usage: dict | None = None)
 CANNED_COMPLETION = http_response("200 OK", json.dumps(COMPLETION).encode())
 CANNED_MODELS = http_response("200 OK", json.dumps(MODELS).encode())
 CANNED_HEALTH = http_response("200 OK", b'{"status":"ok"}')
+# An Ollama's model list, details and loaded models, for the lifecycle section's health polls.
+OLLAMA_TAGS = {"models": [{"name": MODEL, "model": MODEL, "digest": "sha-bench", "size": 1 << 30}]}
+OLLAMA_SHOW = {"capabilities": ["completion"], "model_info": {"llama.context_length": 131072}}
+OLLAMA_PS = {"models": [{"name": MODEL, "model": MODEL, "size": 1 << 30, "size_vram": 1 << 30}]}
+CANNED_TAGS = http_response("200 OK", json.dumps(OLLAMA_TAGS).encode())
+CANNED_SHOW = http_response("200 OK", json.dumps(OLLAMA_SHOW).encode())
+CANNED_PS = http_response("200 OK", json.dumps(OLLAMA_PS).encode())
 CANNED_404 = http_response(
     "404 Not Found", b'{"error":{"message":"not found","type":"invalid_request_error"}}'
+)
+OLLAMA_ANSWERS = (
+    (b"get /api/tags", CANNED_TAGS),
+    (b"post /api/show", CANNED_SHOW),
+    (b"get /api/ps", CANNED_PS),
 )
 STREAM_HEAD = (
     b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
@@ -243,6 +259,9 @@ class MockBackend(asyncio.Protocol):
             return self.finish(CANNED_MODELS)
         if line.startswith(b"get /health"):
             return self.finish(CANNED_HEALTH)
+        for start, canned in OLLAMA_ANSWERS:
+            if line.startswith(start):
+                return self.finish(canned)
         return self.finish(CANNED_404)
 
     def write_chunks(self) -> None:
@@ -771,17 +790,23 @@ async def wait_ready(port: int, raw: bytes, proc: subprocess.Popen | None, limit
 # --------------------------------------------------------------------------------------------
 
 
-def routing_case(nexus: ModuleType, n_backends: int, payload: dict) -> Callable[[], object]:
+def routing_case(
+    nexus: ModuleType, n_backends: int, payload: dict, cold_every: int = 0
+) -> Callable[[], object]:
     """Return a zero-argument callable that makes one complete routing decision for `payload`
     (a chat request with a 100 KB prompt) among `n_backends` healthy backends that all serve
     its model: extracting the request's needs from the payload (token estimate included) and
-    choosing. Build the registry and policy here, outside the timed call."""
+    choosing. Build the registry and policy here, outside the timed call. With `cold_every`,
+    the backends are Ollamas that say what they hold, and every such one has the model cold."""
     registry = nexus.Registry()
     for i in range(n_backends):
         backend = nexus.Backend(
             name=f"b{i}", url=f"http://{HOST}:{20000 + i}", type="generic", status="healthy"
         )
         backend.models = {MODEL: nexus.Model(id=MODEL, context_length=131072)}
+        if cold_every:
+            backend.type = "ollama"
+            backend.loaded = {} if i % cold_every == 0 else {MODEL: 1 << 30}
         registry.add(backend)
     settings = nexus.Settings()
 
@@ -791,12 +816,14 @@ def routing_case(nexus: ModuleType, n_backends: int, payload: dict) -> Callable[
     return decide
 
 
-def bench_routing(nexus: ModuleType, sizes: list[int], budget_s: float) -> dict:
+def bench_routing(
+    nexus: ModuleType, sizes: list[int], budget_s: float, cold_every: int = 0
+) -> dict:
     prompt = ("The quick brown fox jumps over the lazy dog. " * 2300)[:102400]
     payload = {"model": MODEL, "messages": [{"role": "user", "content": prompt}]}
     results = {}
     for n in sizes:
-        decide = routing_case(nexus, n, payload)
+        decide = routing_case(nexus, n, payload, cold_every)
         decide()  # warm-up: lazy imports, caches
         times: list[float] = []
         stop_at = time.perf_counter() + budget_s
@@ -806,6 +833,42 @@ def bench_routing(nexus: ModuleType, sizes: list[int], budget_s: float) -> dict:
             times.append((time.perf_counter_ns() - t0) / 1e6)
         results[n] = pcts(times)
     return results
+
+
+async def bench_ollama_poll(nexus: ModuleType, port: int, polls: int) -> dict:
+    """An Ollama health poll as Nexus makes it (the model list, with /api/ps alongside) and
+    the same poll without /api/ps, against the mock, one after another in alternating batches:
+    wall time per poll and this process's CPU per poll. The difference is what knowing the
+    loaded models costs per backend and poll."""
+
+    class WithoutPs(nexus.OllamaAdapter):
+        async def loaded_or_none(self, pool: object, backend: object) -> None:
+            return None
+
+    pool = nexus.BackendPool(5.0)
+    backend = nexus.Backend(name="ollama", url=f"http://{HOST}:{port}", type="ollama")
+    adapters = {"with": nexus.OllamaAdapter(), "without": WithoutPs()}
+    times: dict[str, list[float]] = {"with": [], "without": []}
+    cpu = dict.fromkeys(adapters, 0.0)
+    try:
+        for adapter in (adapters["without"], adapters["with"]):  # warm-up: /api/show once
+            await adapter.poll(pool, backend)
+        assert backend.loaded == {MODEL: 1 << 30}, backend.loaded  # /api/ps was read
+        batch = 50
+        for _ in range(max(polls // batch, 1)):
+            for side, adapter in adapters.items():
+                cpu0 = time.process_time()
+                for _ in range(batch):
+                    t0 = time.perf_counter_ns()
+                    await adapter.poll(pool, backend)
+                    times[side].append((time.perf_counter_ns() - t0) / 1e6)
+                cpu[side] += time.process_time() - cpu0
+    finally:
+        pool.close()
+    return {
+        side: pcts(values) | {"cpu_ms": cpu[side] / len(values) * 1000}
+        for side, values in times.items()
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -1454,6 +1517,7 @@ TARGETS: dict[str, tuple[float, float | None]] = {
     "route_100": (0.1, 1.0),
     "route_1000": (1.0, None),
     "ledger_cloud": (0.1, None),
+    "route_1000_warm": (1.0, None),
     "rss_idle": (50, None),
     "rss_10k": (50, 60),
     "rss_per_backend": (5, 10),
@@ -1759,6 +1823,8 @@ async def bench(
             note=f"loop {res['loop_us']:.1f} µs + write of {res['rows']} rows "
             f"{res['write_us']:.1f} µs",
         )
+    if want("lifecycle"):
+        await lifecycle_rows(args, mock_port, row, raw)
 
     binary = REPO / "dist" / "nexus"
     if want("binary") and binary.exists():
@@ -1803,6 +1869,47 @@ async def bench(
     noise.mark(None)
     stop(mock)
     return rows, raw, notes
+
+
+async def lifecycle_rows(
+    args: argparse.Namespace, mock_port: int, row: Callable[..., None], raw: dict
+) -> None:
+    """The lifecycle section: /api/ps in a health poll, and routing with warm before cold."""
+    if args.target != "nexus":
+        row("poll_ps_cpu", "Ollama health poll with /api/ps", "ms", None, note="nexus only")
+        return
+    sys.path.insert(0, str(REPO))
+    import nexus  # type: ignore[import-not-found]
+
+    polls = await bench_ollama_poll(nexus, mock_port, 200 if args.quick else 1000)
+    raw["ollama_poll"] = polls
+    with_ps, without = polls["with"], polls["without"]
+    row(
+        "poll_ps_wall",
+        "Ollama health poll, added by /api/ps (wall, p50)",
+        "ms",
+        with_ps["p50"] - without["p50"],
+        direct=without["p50"],
+        gateway=with_ps["p50"],
+    )
+    row(
+        "poll_ps_cpu",
+        "Ollama health poll, CPU added by /api/ps per backend",
+        "ms",
+        with_ps["cpu_ms"] - without["cpu_ms"],
+        direct=without["cpu_ms"],
+        gateway=with_ps["cpu_ms"],
+    )
+    res = bench_routing(nexus, [1000], 2 if args.quick else 5, cold_every=3)
+    raw["routing_warm"] = res
+    row(
+        "route_1000_warm",
+        "routing decision, 1000 Ollamas, a third cold, p50",
+        "ms",
+        res[1000]["p50"],
+        gateway=None,
+        note=f"p99 {res[1000]['p99']:.3f} ms",
+    )
 
 
 async def loadgen_ceiling(args: argparse.Namespace, workdir: Path) -> dict:
@@ -1933,7 +2040,7 @@ def main() -> int:
     p.add_argument(
         "--only",
         help="comma list of sections: rss,seq,conc,stream,throughput,openloop,streams,"
-        "reload,backends,routing,ledger,binary,ceiling,instructions",
+        "reload,backends,routing,ledger,lifecycle,binary,ceiling,instructions",
     )
     p.add_argument(
         "--requests", type=int, help="sequential requests per side (default 2000, quick 300)"

@@ -49,6 +49,18 @@ async def wait_until_serving(url: str, timeout: float = 15.0) -> None:
     raise AssertionError("nexus did not start serving in time")
 
 
+async def wait_until_listed(url: str, timeout: float = 15.0) -> None:
+    """Until the first health poll has found the backend's models (it runs after start-up)."""
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            async with session.get(url + "/v1/models") as resp:
+                if resp.status == 200 and (await resp.json())["data"]:
+                    return
+            await asyncio.sleep(0.05)
+    raise AssertionError("nexus listed no model in time")
+
+
 @pytest.fixture
 async def served(backend_factory, tmp_path):
     """`nexus serve` as a real process in front of one mock Ollama; yields (url, backend, proc)."""
@@ -70,6 +82,7 @@ async def served(backend_factory, tmp_path):
     )
     url = f"http://127.0.0.1:{port}"
     await wait_until_serving(url)
+    await wait_until_listed(url)
     yield url, backend, proc
     if proc.returncode is None:
         proc.kill()

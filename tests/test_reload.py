@@ -467,6 +467,7 @@ def test_a_reload_copies_what_comes_from_the_file_and_keeps_the_rest() -> None:
     else on them (health, load, latency, usage) is kept."""
     assert set(nexus.BACKEND_SETTINGS) == {
         "name", "url", "type", "priority", "zone", "tier", "max_concurrent", "api_key_env",
+        "vram_gb",
     }  # fmt: skip
     assert set(nexus.KEY_SETTINGS) == {
         "digest", "models", "admin", "rpm", "tpm", "monthly_limit_usd",
