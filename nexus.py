@@ -659,6 +659,9 @@ class Backend:
     # Models in memory now and the bytes each holds (Ollama's /api/ps), read with each health
     # poll; None: the backend does not say (vLLM, llama.cpp, ...), so whatever it serves is warm.
     loaded: dict[str, int] | None = None
+    # Counts the lifecycle's own reads of `loaded`: a poll whose /api/ps went out before one of
+    # them holds an older state and leaves `loaded` as the lifecycle read it.
+    loaded_reads: int = 0
     # Models a lifecycle operation is loading here (not a candidate for them until loaded) and
     # models a migration is taking away (a candidate for them only after every other).
     loading: frozenset[str] = NOTHING_MOVING
@@ -3935,13 +3938,14 @@ class OllamaAdapter(OpenAICompatibleAdapter):
 
     async def poll(self, pool: BackendPool, backend: Backend) -> dict[str, Model]:
         """The model list (/api/tags, /api/show); /api/ps alongside, into `backend.loaded`."""
+        reads = backend.loaded_reads
         ps = asyncio.ensure_future(self.loaded_or_none(pool, backend))
         try:
             models = await self.models(pool, backend)
             await asyncio.wait((ps,), timeout=OLLAMA_PS_GRACE_SECONDS)
         finally:
             ps.cancel()  # still unanswered: the last known state stays
-        if ps.done() and not ps.cancelled():
+        if ps.done() and not ps.cancelled() and backend.loaded_reads == reads:
             backend.loaded = ps.result()
         return models
 
@@ -4727,6 +4731,7 @@ async def refresh_loaded(app: web.Application, backend: Backend) -> None:
     try:
         async with asyncio.timeout(app[SETTINGS].health_check.timeout_seconds):
             backend.loaded = await adapter.loaded_models(app[CLIENT], backend)
+            backend.loaded_reads += 1
     except Exception as exc:  # the operation itself will tell what is wrong with the backend
         log.debug("backend %s: /api/ps: %s", backend.name, describe_failure(exc))
 
@@ -4736,6 +4741,7 @@ async def until_state(app: web.Application, backend: Backend, model: str, loaded
     adapter = ADAPTERS[backend.type]
     while True:
         backend.loaded = await adapter.loaded_models(app[CLIENT], backend)
+        backend.loaded_reads += 1
         if (backend.loaded is None or model in backend.loaded) == loaded:
             return
         await asyncio.sleep(LIFECYCLE_CHECK_SECONDS)
