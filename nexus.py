@@ -3083,7 +3083,10 @@ class OpenAICompatibleAdapter:
     api = "openai"  # the API the backend speaks
 
     def headers(self, backend: Backend) -> dict[str, str]:
-        return {}
+        """What every request and poll carries: the Bearer key of a server started with one
+        (vLLM or llama-server --api-key, LM Studio with auth, a cloud); a new dict each time."""
+        key = os.environ.get(backend.api_key_env) if backend.api_key_env else None
+        return {"Authorization": f"Bearer {key}"} if key else {}
 
     def request_body(self, payload: dict[str, Any]) -> bytes:
         """The request to send, from the chat/completions payload."""
@@ -3120,7 +3123,9 @@ class VllmAdapter(OpenAICompatibleAdapter):
     stream_usage = True
 
     async def poll(self, pool: BackendPool, backend: Backend) -> dict[str, Model]:
-        status, _ = await pool.fetch("GET", backend.url + "/health", {}, limit=POLL_MAX_BODY)
+        status, _ = await pool.fetch(
+            "GET", backend.url + "/health", self.headers(backend), limit=POLL_MAX_BODY
+        )
         if status != 200:
             raise BackendReplyError(f"/health: {status}")
         return await super().poll(pool, backend)
@@ -3132,10 +3137,12 @@ class LlamaCppAdapter(OpenAICompatibleAdapter):
     stream_usage = True
 
     async def poll(self, pool: BackendPool, backend: Backend) -> dict[str, Model]:
-        status, _ = await pool.fetch("GET", backend.url + "/health", {}, limit=POLL_MAX_BODY)
+        status, _ = await pool.fetch(
+            "GET", backend.url + "/health", self.headers(backend), limit=POLL_MAX_BODY
+        )
         if status != 200:
             raise BackendReplyError(f"/health: {status}")
-        props = await fetch_json(pool, "GET", backend.url + "/props")
+        props = await fetch_json(pool, "GET", backend.url + "/props", self.headers(backend))
         models = await super().poll(pool, backend)
         if not isinstance(props, dict):
             return models
@@ -3156,7 +3163,7 @@ class LmStudioAdapter(OpenAICompatibleAdapter):
     """LM Studio: its `/api/v0/models` says type (llm, vlm, embeddings), context and tool use."""
 
     async def poll(self, pool: BackendPool, backend: Backend) -> dict[str, Model]:
-        data = await fetch_json(pool, "GET", backend.url + "/api/v0/models")
+        data = await fetch_json(pool, "GET", backend.url + "/api/v0/models", self.headers(backend))
         if not isinstance(data, dict) or not isinstance(data.get("data"), list):
             raise BackendReplyError("/api/v0/models: no data list")
         models = {}
@@ -3188,7 +3195,7 @@ class OllamaAdapter(OpenAICompatibleAdapter):
         self.details: dict[tuple[str, str, str], Model] = {}
 
     async def poll(self, pool: BackendPool, backend: Backend) -> dict[str, Model]:
-        data = await fetch_json(pool, "GET", backend.url + "/api/tags")
+        data = await fetch_json(pool, "GET", backend.url + "/api/tags", self.headers(backend))
         if not isinstance(data, dict) or not isinstance(data.get("models"), list):
             raise BackendReplyError("/api/tags: no models list")
         keys = {}
@@ -3212,7 +3219,7 @@ class OllamaAdapter(OpenAICompatibleAdapter):
     async def show(self, pool: BackendPool, backend: Backend, name: str) -> Model:
         try:
             info = await fetch_json(
-                pool, "POST", backend.url + "/api/show", payload={"model": name}
+                pool, "POST", backend.url + "/api/show", self.headers(backend), {"model": name}
             )
         except BackendReplyError:
             return Model(id=name)
@@ -3239,9 +3246,6 @@ class OpenAICloudAdapter(OpenAICompatibleAdapter):
     """OpenAI's API (or any cloud speaking it): Bearer key read from the environment."""
 
     stream_usage = True
-
-    def headers(self, backend: Backend) -> dict[str, str]:
-        return {"Authorization": f"Bearer {os.environ.get(backend.api_key_env, '')}"}
 
 
 class AnthropicAdapter(OpenAICompatibleAdapter):

@@ -86,6 +86,9 @@ class MockBackend:
         # API wants it; every request's headers are kept in `received` either way.
         self.api_key = "sk-test-" + name
         self.auth_failures = 0
+        # A local server started with a key (vLLM or llama-server --api-key) wants it as a
+        # Bearer token too; set before start().
+        self.key_required = kind in ("openai", "anthropic")
         # Anthropic answers: a tool call to make ({"name", "input"}), the stop reason, usage.
         self.tool_call: dict[str, Any] | None = None
         self.stop_reason = "end_turn"
@@ -106,7 +109,7 @@ class MockBackend:
 
     def build_app(self) -> web.Application:
         """The backend's API as an aiohttp app (start() serves it; a test may serve it itself)."""
-        middlewares = [self.check_auth] if self.kind in ("openai", "anthropic") else []
+        middlewares = [self.check_auth] if self.key_required else []
         app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=middlewares)
         if self.kind == "anthropic":
             app.router.add_post("/v1/messages", self.anthropic_messages)
@@ -134,8 +137,9 @@ class MockBackend:
 
     @web.middleware
     async def check_auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        """A cloud API's door: OpenAI wants a Bearer key, Anthropic x-api-key and a version."""
-        if self.kind == "openai":
+        """A cloud API's door: OpenAI (and a keyed local server) wants a Bearer key, Anthropic
+        x-api-key and a version."""
+        if self.kind != "anthropic":
             ok = request.headers.get("Authorization") == f"Bearer {self.api_key}"
         else:
             ok = (

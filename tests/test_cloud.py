@@ -16,7 +16,7 @@ import aiohttp
 import openai
 import pytest
 import tiktoken_ext.openai_public  # noqa: F401 - the published definitions, for reference counts
-from conftest import ROOT, backends_toml, cloud_env, start_sse
+from conftest import ROOT, MockBackend, backends_toml, cloud_env, key_variable, start_sse
 
 import nexus
 
@@ -56,6 +56,29 @@ async def test_openai_backend_gets_the_bearer_key_and_costs_are_priced(
     assert raw.headers["X-Nexus-Cost-Estimated"] == expected_cost("gpt-4o", 10, 3)
     assert float(raw.headers["X-Nexus-Cost-Estimated"]) > 0
     assert nx.app[nexus.BUDGET].spent_usd == pytest.approx(float(expected_cost("gpt-4o", 10, 3)))
+
+
+@pytest.mark.parametrize("kind", ["vllm", "llamacpp", "lmstudio", "ollama", "generic"])
+async def test_a_local_server_started_with_a_key_gets_it_on_polls_and_requests(
+    nexus_factory, kind: str
+):
+    """vLLM or llama-server started with --api-key answer 401 to anything without it."""
+    local = MockBackend(kind, {"m": {"context": 4096}}, name="keyed")
+    local.key_required = True
+    await local.start()
+    try:
+        toml = backends_toml(local, keyed={"api_key_env": key_variable(local)})
+        nx = await nexus_factory(toml, env={key_variable(local): local.api_key})
+        context = nx.backend("keyed").models["m"].context_length
+        assert context == (None if kind == "generic" else 4096)  # every poll got in
+        reply = await client(nx).chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "hi"}]
+        )
+        assert reply.choices[0].message.content == "Hello from keyed"
+        assert local.received[-1][2]["Authorization"] == f"Bearer {local.api_key}"
+        assert local.auth_failures == 0
+    finally:
+        await local.stop()
 
 
 async def test_cloud_health_never_spends_tokens(backend_factory, nexus_factory):
