@@ -328,7 +328,7 @@ def _convert_field(key: str, value: Any, default: Any, cls: type, name: str) -> 
     if isinstance(default, dict):
         if not isinstance(value, dict):
             raise ConfigError(key, f"expected a table, got {value!r}")
-        return value
+        return {**default, **value}  # a partial table (routing.weights) keeps the other defaults
     if isinstance(default, list):
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(key, f"expected a list of strings, got {value!r}")
