@@ -3213,7 +3213,12 @@ class OllamaAdapter(OpenAICompatibleAdapter):
             async with limit:
                 self.details[key] = await self.show(pool, backend, key[1])
 
-        await asyncio.gather(*(learn(k) for k in set(keys.values()) if k not in self.details))
+        shows = [asyncio.ensure_future(learn(k)) for k in set(keys.values()) - self.details.keys()]
+        try:
+            await asyncio.gather(*shows)
+        finally:  # one failed (or the poll timed out): the others stop with the poll
+            for show in shows:
+                show.cancel()
         return {name: self.details[key] for name, key in keys.items()}
 
     async def show(self, pool: BackendPool, backend: Backend, name: str) -> Model:

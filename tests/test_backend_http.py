@@ -536,3 +536,33 @@ async def test_a_request_the_backend_took_before_closing_is_not_sent_again(
     with pytest.raises(nexus.BackendHTTPError, match="without answering"):
         await asyncio.wait_for(pool.request("POST", url + "/", {}, b'{"n": 2}'), 5)
     assert bodies == [b'{"n": 1}', b'{"n": 2}'], "sent once: the backend may have acted on it"
+
+
+async def test_an_ollama_poll_that_fails_stops_its_other_shows(pool, raw_server) -> None:
+    """One /api/show breaking fails the poll; the others are not left running past it."""
+    tags = b'{"models": [{"model": "a"}, {"model": "b"}, {"model": "bad"}]}'
+    hanging: list[str] = []
+    ended: list[str] = []
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head, body = await read_request(reader)
+        if head.startswith(b"GET /api/tags"):
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(tags), tags))
+            await writer.drain()
+            return
+        if b'"bad"' in body:
+            await asyncio.sleep(0.1)  # the others are waiting by now
+            return  # closed without answering
+        hanging.append(body.decode())
+        await reader.read()  # until Nexus lets the connection go
+        ended.append(body.decode())
+
+    url = await raw_server(script)
+    backend = nexus.Backend(name="o", url=url, type="ollama")
+    with pytest.raises(nexus.BackendHTTPError, match="without answering"):
+        await asyncio.wait_for(nexus.OllamaAdapter().poll(pool, backend), 5)
+    for _ in range(50):
+        if len(ended) == 2:
+            break
+        await asyncio.sleep(0.02)
+    assert len(hanging) == 2 and len(ended) == 2, "the other shows were stopped with the poll"
