@@ -4198,14 +4198,18 @@ async def send_attempt(
     try:
         try:
             url = adapter.url(backend, endpoint)
+            # A non-streamed answer comes when it is done: only the request's limit bounds it.
             upstream = await limits.wait(
-                app[CLIENT].request("POST", url, headers, payload), limits.first_byte_by
+                app[CLIENT].request("POST", url, headers, payload),
+                limits.first_byte_by if stream else deadline,
             )
             if upstream.status >= 400 or not stream:
                 if upstream.complete:  # all of it came with the headers: no wait
                     answer = await upstream.read()
                 else:
-                    answer = await limits.wait(upstream.read(), limits.read_by())
+                    answer = await limits.wait(
+                        upstream.read(), limits.read_by() if stream else deadline
+                    )
         except TimeoutError:
             raise attempt_failure(app, backend, 504, "timed out before answering") from None
         except BackendHTTPError as exc:

@@ -305,7 +305,7 @@ async def test_no_response_at_all_is_a_504_and_never_asked_again(backend_factory
     a.behaviours = [silent] * 3
     nx = await nexus_factory(FAST + backends_toml(a))
     started = time.monotonic()
-    reply = await ask(nx)
+    reply = await ask(nx, stream=True)  # a non-streamed answer has no first-byte limit
     assert time.monotonic() - started < 3  # one first-byte limit, no retry after a timeout
     assert reply.status == 504
     assert reply.body["error"]["type"] == "timeout"
@@ -317,8 +317,8 @@ async def test_no_response_at_all_moves_on_to_the_next_candidate(backend_factory
     b = await backend_factory("generic", {"m": {}}, name="b")
     a.behaviours = [silent] * 3
     nx = await nexus_factory(FAST + backends_toml(a, b, a={"priority": 10}, b={"priority": 60}))
-    reply = await ask(nx)
-    assert reply.status == 200 and reply.headers["X-Nexus-Backend"] == "b"
+    reply = await ask(nx, stream=True)
+    assert reply.complete("Hello from b") and reply.headers["X-Nexus-Backend"] == "b"
     assert attempts(a, b) == [1, 1]
 
 
@@ -331,7 +331,7 @@ async def test_a_silent_backend_is_not_asked_again_even_for_a_fallback_model(
     b.behaviours = [status(500)]
     toml = FAST + '[routing]\nfallbacks = { "m" = ["m2"] }\n'
     nx = await nexus_factory(toml + backends_toml(a, b, a={"priority": 10}, b={"priority": 60}))
-    reply = await ask(nx)
+    reply = await ask(nx, stream=True)
     assert reply.status == 502
     assert attempts(a, b) == [1, 1]  # a's m2 was in the plan, but a stayed silent once
 
@@ -356,6 +356,34 @@ async def test_slow_first_token_within_the_limit_is_waited_for(backend_factory, 
     assert reply.complete("Hello from a stream")
     assert attempts(a) == [1]
     assert nx.backend("a").ttft_ema_ms >= 400
+
+
+@pytest.mark.parametrize("head_first", [False, True])
+async def test_a_slow_non_streamed_answer_is_bounded_by_the_request_limit_only(
+    backend_factory, nexus_factory, head_first: bool
+):
+    """A non-streamed answer comes when it is all written: the first-byte and idle limits
+    (0.5 s here) are for streams; a model writing for 1.2 s is waited for."""
+    a = await backend_factory("generic", {"m": {}}, name="a")
+
+    async def slow(request: web.Request, body: dict) -> web.StreamResponse:
+        if not head_first:
+            await asyncio.sleep(1.2)
+            return await a.chat_answer(request, body)
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(request)
+        await asyncio.sleep(1.2)
+        answer = await a.chat_answer(request, body)
+        await response.write(answer.body)
+        await response.write_eof()
+        return response
+
+    a.behaviours = [slow]
+    nx = await nexus_factory(FAST + backends_toml(a))
+    reply = await ask(nx)
+    assert reply.status == 200
+    assert reply.body["choices"][0]["message"]["content"] == "Hello from a"
+    assert attempts(a) == [1]
 
 
 # --- streams that already started ------------------------------------------------------------
