@@ -4042,10 +4042,15 @@ async def proxy(
         ask_usage = (
             stream and not client_wants_usage and ADAPTERS[attempt.backend.type].stream_usage
         )
-        if speaks_natively(fmt, ADAPTERS[attempt.backend.type]):
-            payload = native_payload(fmt, attempt)
-        else:
-            payload = attempt_payload(body, raw, attempt, ask_usage)
+        try:  # a request this backend's API cannot carry: the next attempt may take it
+            ADAPTERS[backend.type].url(backend, endpoint)
+            if speaks_natively(fmt, ADAPTERS[backend.type]):
+                payload = native_payload(fmt, attempt)
+            else:
+                payload = attempt_payload(body, raw, attempt, ask_usage)
+        except NexusError as error:
+            failure = AttemptFailed(error)
+            continue
         same_backend_retries = 0
         while True:
             if loop.time() >= deadline:

@@ -462,6 +462,42 @@ async def test_anthropic_backend_serves_chat_only(backend_factory, nexus_factory
     assert claude.received == []
 
 
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+async def test_a_request_an_anthropic_backend_cannot_take_moves_on_to_the_next_attempt(
+    backend_factory, nexus_factory, endpoint: str
+):
+    """Failover that lands on an anthropic backend for a request it cannot be sent (a legacy
+    completion, a content part Messages lacks) goes on to the next attempt, not to a 400."""
+    first = await backend_factory("generic", {"m": {}}, name="first")
+    claude = await backend_factory("anthropic", {"m": {}}, name="claude")
+    last = await backend_factory("generic", {"m": {}}, name="last")
+
+    async def broken(request, body):
+        return aiohttp.web.json_response({"error": {"message": "boom"}}, status=500)
+
+    first.behaviours.append(broken)
+    nx = await cloud_nexus(
+        nexus_factory,
+        first,
+        claude,
+        last,
+        first={"priority": 1},
+        claude={"priority": 2},
+        last={"priority": 3},
+    )
+    if endpoint == "chat":
+        path = "/v1/chat/completions"
+        part = {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}
+        body = {"model": "m", "messages": [{"role": "user", "content": [part]}]}
+    else:
+        path, body = "/v1/completions", {"model": "m", "prompt": "hi"}
+    async with aiohttp.ClientSession() as session, session.post(nx.url + path, json=body) as resp:
+        assert resp.status == 200, await resp.text()
+        assert resp.headers["X-Nexus-Backend"] == "last"
+    assert (len(first.received), len(claude.received), len(last.received)) == (1, 0, 1)
+    assert nx.backend("claude").fail_streak == 0  # the request's shape, not the backend's fault
+
+
 # --- /v1/messages to an anthropic backend: native, not translated twice ------------------------
 
 
