@@ -4449,9 +4449,23 @@ def native_payload(fmt: Any, attempt: Attempt) -> bytes:
     is set, and a scrubbed overflow keeps the system prompt and the last user turn."""
     payload = dict(fmt.native_body, model=attempt.model)
     if attempt.scrub and isinstance(payload.get("messages"), list):
-        users = [m for m in payload["messages"] if isinstance(m, dict) and m.get("role") == "user"]
-        payload["messages"] = users[-1:]
+        payload["messages"] = scrubbed_user_turn(payload["messages"])
     return json.dumps(payload).encode()
+
+
+def scrubbed_user_turn(messages: list[Any]) -> list[Any]:
+    """The last user turn of a Messages conversation that says something itself, without its
+    tool results: as in chat, tool results are not the user's turn, and one without the
+    assistant's tool_use it answers is refused by the API."""
+    users = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
+    for message in reversed(users):
+        content = message.get("content")
+        if not isinstance(content, list):
+            return [message]  # plain text
+        said = [b for b in content if not (isinstance(b, dict) and b.get("type") == "tool_result")]
+        if said:
+            return [dict(message, content=said)]
+    return users[-1:]
 
 
 async def relay_native_stream(

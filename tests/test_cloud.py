@@ -734,3 +734,68 @@ async def test_a_cloud_stream_is_charged_when_its_handler_is_cancelled(
         assert budget.spent_usd > 0
     finally:
         await server.close()
+
+
+def orphan_tool_results(messages: list) -> str | None:
+    """What Anthropic answers to a tool_result without its tool_use in the message before."""
+    for i, message in enumerate(messages):
+        content = message.get("content")
+        for j, block in enumerate(content if isinstance(content, list) else ()):
+            if block.get("type") != "tool_result":
+                continue
+            before = messages[i - 1].get("content") if i else None
+            uses = {b.get("id") for b in before or () if isinstance(b, dict)}
+            if message["role"] != "user" or block.get("tool_use_id") not in uses:
+                return (
+                    f"messages.{i}.content.{j}: unexpected `tool_use_id` found in `tool_result` "
+                    "blocks: " + str(block.get("tool_use_id")) + ". Each `tool_result` block "
+                    "must have a corresponding `tool_use` block in the previous message."
+                )
+    return None
+
+
+async def test_a_scrubbed_messages_request_sends_no_orphan_tool_result(
+    backend_factory, nexus_factory
+):
+    """A coding agent's last user turn is mostly tool results: scrubbed, the request still
+    holds the last user text and no tool_result whose tool_use stayed behind."""
+    local = await backend_factory("generic", {"claude-sonnet-4-5": {}}, name="gpu")
+    claude = await backend_factory("anthropic", {"claude-sonnet-4-5": {}}, name="claude")
+
+    async def strict(request, body):
+        problem = orphan_tool_results(body["messages"])
+        if problem is not None:
+            error = {"type": "invalid_request_error", "message": problem}
+            return aiohttp.web.json_response({"type": "error", "error": error}, status=400)
+        return await claude.anthropic_answer(request, body)
+
+    claude.behaviours.append(strict)
+    policy = '[[routing.policies]]\nmodel_pattern = "*"\noverflow = "scrub"\n'
+    nx = await cloud_nexus(nexus_factory, local, claude, extra=policy, claude={"priority": 0})
+    nx.backend("gpu").status = "unhealthy"
+    history = [
+        {"role": "user", "content": [{"type": "text", "text": "Fix the failing test, secret 42"}]},
+        {"role": "assistant", "content": "Looking."},
+        {"role": "user", "content": "Read tests/test_x.py first."},
+        {
+            "role": "assistant",
+            "content": [{"type": "tool_use", "id": "toolu_1", "name": "Read", "input": {}}],
+        },
+        {
+            "role": "user",
+            "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "file"}],
+        },
+    ]
+    body = {"model": "claude-sonnet-4-5", "max_tokens": 100, "system": "Be brief."}
+    body["messages"] = history
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(nx.url + "/v1/messages", json=body) as resp,
+    ):
+        answer = await resp.json()
+        assert resp.status == 200, answer
+        assert resp.headers["X-Nexus-Context-Scrubbed"] == "true"
+    assert answer["content"][0]["text"] == "Hello from claude"
+    sent = claude.received[-1][1]
+    assert sent["system"] == "Be brief."
+    assert sent["messages"] == [{"role": "user", "content": "Read tests/test_x.py first."}]
