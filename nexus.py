@@ -3697,7 +3697,17 @@ ADAPTERS: dict[str, OpenAICompatibleAdapter] = {
 
 JSON_HEADERS = {"Content-Type": "application/json"}
 SYSTEM_ROLES = ("system", "developer")
-CONTEXT_ERROR_WORDS = ("context length", "context_length", "maximum context", "too long", "n_ctx")
+# How each backend says a prompt (with max_tokens) is over its context, lower-cased; anything
+# vaguer ("too long") also matches 400s about a field's length, which are the client's to fix.
+CONTEXT_ERROR_MARKERS = (
+    "context_length_exceeded",  # OpenAI's code
+    "maximum context length",  # vLLM, OpenAI: "This model's maximum context length is 8192..."
+    "exceeds the context window",  # OpenAI: "Your input exceeds the context window..."
+    "exceed_context_size_error",  # llama.cpp server's type
+    "exceeds the available context size",  # llama.cpp server's message
+    "exceeds the context length",  # Ollama: "the input length exceeds the context length"
+    "prompt is too long:",  # Anthropic: "prompt is too long: 208310 tokens > 200000 maximum"
+)
 
 
 # Retries on the same backend (only when it is the only candidate) wait a little first; a
@@ -3819,7 +3829,7 @@ def scrubbed_messages(messages: list[Any]) -> list[Any]:
 
 def is_context_error(status: int, text: str) -> bool:
     lowered = text.lower()
-    return status in (400, 413) and any(word in lowered for word in CONTEXT_ERROR_WORDS)
+    return status in (400, 413) and any(marker in lowered for marker in CONTEXT_ERROR_MARKERS)
 
 
 DONE_EVENT = b"data: [DONE]\n\n"

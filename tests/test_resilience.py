@@ -489,6 +489,118 @@ async def test_context_length_exceeded_without_a_fallback_is_a_clean_400(
     assert attempts(small, other) == [1, 0]  # same model, same context: not asked again
 
 
+# Each backend's own words for a prompt over its context (status 400, its error document).
+BACKEND_CONTEXT_ERRORS = {
+    "vllm": {
+        "object": "error",
+        "message": "This model's maximum context length is 8192 tokens. However, you requested "
+        "9000 tokens (8000 in the messages, 1000 in the completion). Please reduce the length "
+        "of the messages or completion.",
+        "type": "BadRequestError",
+        "param": None,
+        "code": 400,
+    },
+    "vllm max_tokens": {
+        "object": "error",
+        "message": "'max_tokens' or 'max_completion_tokens' is too large: 8000. This model's "
+        "maximum context length is 4096 tokens and your request has 2778 input tokens "
+        "(8000 > 4096 - 2778).",
+        "type": "BadRequestError",
+        "param": None,
+        "code": 400,
+    },
+    "llama.cpp": {
+        "error": {
+            "code": 400,
+            "message": "request (9000 tokens) exceeds the available context size (8192 tokens), "
+            "try increasing it",
+            "type": "exceed_context_size_error",
+            "n_prompt_tokens": 9000,
+            "n_ctx": 8192,
+        }
+    },
+    "llama.cpp older": {
+        "error": {
+            "code": 400,
+            "message": "the request exceeds the available context size, try increasing it",
+            "type": "exceed_context_size_error",
+        }
+    },
+    "ollama": {
+        "error": {
+            "message": "the input length exceeds the context length",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": None,
+        }
+    },
+    "openai": {"error": CONTEXT_ERROR},
+    "openai responses": {
+        "error": {
+            "message": "Your input exceeds the context window of this model. Please adjust your "
+            "input and try again.",
+            "type": "invalid_request_error",
+            "param": "input",
+            "code": "context_length_exceeded",
+        }
+    },
+    "anthropic": {
+        "type": "error",
+        "error": {
+            "type": "invalid_request_error",
+            "message": "prompt is too long: 208310 tokens > 200000 maximum",
+        },
+    },
+}
+
+
+def document(code: int, body: dict):
+    """An answer with exactly this error document."""
+
+    async def answer(request: web.Request, _: dict) -> web.StreamResponse:
+        return web.json_response(body, status=code)
+
+    return answer
+
+
+@pytest.mark.parametrize("backend", sorted(BACKEND_CONTEXT_ERRORS))
+async def test_each_backends_context_error_goes_to_the_fallback(
+    backend_factory, nexus_factory, backend: str
+):
+    small = await backend_factory("generic", {"m": {}}, name="small")
+    big = await backend_factory("generic", {"m-128k": {}}, name="big")
+    small.behaviours = [document(400, BACKEND_CONTEXT_ERRORS[backend])]
+    toml = FAST + '[routing]\nfallbacks = { "m" = ["m-128k"] }\n'
+    nx = await nexus_factory(toml + backends_toml(small, big))
+    reply = await ask(nx)
+    assert reply.status == 200 and reply.headers["X-Nexus-Fallback-Model"] == "m-128k"
+    assert attempts(small, big) == [1, 1]
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "Invalid 'messages[0].name': string too long. Expected a string with maximum length 64, "
+        "but got a string with length 80 instead.",
+        "Invalid 'tools[0].function.description': string too long.",
+        "stop: sequence too long",
+        "n_ctx_train is not a parameter",
+    ],
+)
+async def test_a_400_that_is_not_about_the_context_comes_back_untouched(
+    backend_factory, nexus_factory, message: str
+):
+    small = await backend_factory("generic", {"m": {}}, name="small")
+    big = await backend_factory("generic", {"m-128k": {}}, name="big")
+    error = {"message": message, "type": "invalid_request_error", "param": None, "code": None}
+    small.behaviours = [status(400, error)]
+    toml = FAST + '[routing]\nfallbacks = { "m" = ["m-128k"] }\n'
+    nx = await nexus_factory(toml + backends_toml(small, big))
+    reply = await ask(nx)
+    assert reply.status == 400 and reply.body == {"error": error}
+    assert attempts(small, big) == [1, 0]
+
+
 async def test_content_policy_400_comes_back_untouched(backend_factory, nexus_factory):
     a = await backend_factory("generic", {"m": {}}, name="a")
     b = await backend_factory("generic", {"m": {}}, name="b")
