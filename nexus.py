@@ -2544,6 +2544,7 @@ BACKEND_RACE_SECONDS = 0.25
 BACKEND_USER_AGENT = f"nexus/{__version__}"
 
 Origin = tuple[str, str, int]  # scheme, host, port: which connections can serve a URL
+BARE_LF_HEAD = "answered a head whose lines end in a bare LF, not CRLF"
 
 
 class BackendHTTPError(Exception):
@@ -2745,6 +2746,8 @@ class BackendConnection(asyncio.Protocol):
                 if head_end < 0:
                     if end - pos > BACKEND_HEAD_MAX:
                         raise BackendHTTPError("answered a head too long")
+                    if data.find(b"\n\n", pos) >= 0:
+                        raise BackendHTTPError(BARE_LF_HEAD)
                     break
                 self.read_head(data[pos:head_end])
                 pos = head_end + 4
@@ -2756,7 +2759,10 @@ class BackendConnection(asyncio.Protocol):
             self.rest = data[pos:]
 
     def read_head(self, head: bytes) -> None:
-        lines = head.decode("latin-1").split("\r\n")  # latin-1: any byte, one character each
+        text = head.decode("latin-1")  # latin-1: any byte, one character each
+        if text.count("\n") != text.count("\r\n"):
+            raise BackendHTTPError(BARE_LF_HEAD)
+        lines = text.split("\r\n")
         first = lines[0]
         code = first[9:12]
         if (
@@ -2765,15 +2771,26 @@ class BackendConnection(asyncio.Protocol):
             or first[12:13] not in " "
         ):
             raise BackendHTTPError("answered something that is not HTTP")
-        headers = {}
+        headers: dict[str, str] = {}
         for line in lines[1:]:
             name, colon, value = line.partition(":")
-            if not colon or "\n" in value or "\0" in value:
+            if not colon or "\0" in value:
                 raise BackendHTTPError("answered a malformed header")
-            headers[name.strip().lower()] = value.strip()
+            name, value = name.strip().lower(), value.strip()
+            if name in headers:  # repeated: one list, as HTTP says; never two body lengths
+                if name == "content-length":
+                    raise BackendHTTPError("answered more than one Content-Length")
+                value = f"{headers[name]}, {value}"
+            headers[name] = value
         status = int(code)
         if status < 200:
             return  # an interim answer (100 Continue): the real one follows
+        if 300 <= status < 400 and status != 304:
+            where = headers.get("location", "")[:200] or "no Location given"
+            raise BackendHTTPError(
+                f"answered a redirect ({status}) to {where}; Nexus follows none: "
+                "set the backend's url to where it points"
+            )
         self.keep_alive = first[7:8] == "1" and "close" not in headers.get("connection", "").lower()
         coding = headers.get("transfer-encoding")
         length = headers.get("content-length")

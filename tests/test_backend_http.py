@@ -172,6 +172,23 @@ async def test_an_interim_answer_is_skipped(pool, raw_server) -> None:
         (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcXY", "malformed chunk"),
         (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab", "in the middle"),
         (b"HTTP/1.1 200 OK\r\n" + b"X-Pad: " + b"a" * 70_000, "head too long"),
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 12\r\n\r\nhi",
+            "more than one Content-Length",
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\ncontent-length: 2\r\n\r\nhi",
+            "more than one Content-Length",
+        ),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2, 2\r\n\r\nhi", "bad Content-Length"),
+        (b"HTTP/1.1 200 OK\nContent-Length: 2\n\nhi", "bare LF"),
+        (b"HTTP/1.1 200 OK\nContent-Length: 2\r\n\r\nhi", "bare LF"),
+        (
+            b"HTTP/1.1 301 Moved Permanently\r\nLocation: https://api.example.com/v1/models\r\n"
+            b"Content-Length: 0\r\n\r\n",
+            r"redirect \(301\) to https://api.example.com/v1/models",
+        ),
+        (b"HTTP/1.1 307 Temporary Redirect\r\nContent-Length: 0\r\n\r\n", r"redirect \(307\)"),
     ],
 )
 async def test_a_broken_answer_is_an_error_and_the_connection_is_dropped(

@@ -386,6 +386,21 @@ async def test_a_slow_non_streamed_answer_is_bounded_by_the_request_limit_only(
     assert attempts(a) == [1]
 
 
+async def test_a_redirect_is_a_502_naming_where_it_points(backend_factory, nexus_factory):
+    a = await backend_factory("generic", {"m": {}}, name="a")
+
+    async def moved(request: web.Request, body: dict) -> web.StreamResponse:
+        raise web.HTTPPermanentRedirect("https://new.example.com/v1/chat/completions")
+
+    a.behaviours = [moved]
+    nx = await nexus_factory(FAST + "[routing]\nmax_retries = 0\n" + backends_toml(a))
+    reply = await ask(nx)
+    assert reply.status == 502
+    message = reply.body["error"]["message"]
+    assert "redirect (308) to https://new.example.com/v1/chat/completions" in message
+    assert "set the backend's url" in message
+
+
 # --- streams that already started ------------------------------------------------------------
 
 
