@@ -52,6 +52,7 @@ import tomllib
 import urllib.error
 import urllib.parse
 import urllib.request
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -2585,7 +2586,8 @@ def request_start(method: str, url: str) -> tuple[Origin, str]:
     origin, target, host = split_url(url)
     return (
         origin,
-        f"{method} {target} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: {BACKEND_USER_AGENT}\r\n",
+        f"{method} {target} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: {BACKEND_USER_AGENT}\r\n"
+        "Accept-Encoding: identity\r\n",  # JSON and SSE, read as they come: no compression
     )
 
 
@@ -2606,6 +2608,21 @@ def encode_request(
     return origin, "".join(lines).encode() + body
 
 
+def body_decoder(coding: str | None) -> Any:
+    """What decodes a body in this Content-Encoding: None for none, a zlib decompressor for
+    gzip, True for deflate (its first bytes decide which); another encoding is an error."""
+    if coding is None:
+        return None
+    coding = coding.strip().lower()
+    if coding in ("gzip", "x-gzip"):
+        return zlib.decompressobj(31)
+    if coding == "deflate":
+        return True
+    if coding in ("", "identity"):
+        return None
+    raise BackendHTTPError(f"answered a body in an encoding Nexus cannot decode: {coding[:40]}")
+
+
 class BackendConnection(asyncio.Protocol):
     """One connection to a backend and the answer it is reading, one request at a time.
 
@@ -2621,6 +2638,7 @@ class BackendConnection(asyncio.Protocol):
         "buffered",
         "closed",
         "collect",
+        "decoder",
         "drain",
         "error",
         "headers",
@@ -2652,6 +2670,9 @@ class BackendConnection(asyncio.Protocol):
         self.left = 0  # body bytes still to come (length), or of this chunk; -1: its CRLF next
         self.status = 0
         self.headers: dict[str, str] = {}
+        # The answer's Content-Encoding, when a server compresses although asked not to: a zlib
+        # decompressor, or True for deflate until its first bytes say zlib-wrapped or raw.
+        self.decoder: Any = None
         self.keep_alive = True
         self.error: BackendHTTPError | None = None
         self.waiter: asyncio.Future[None] | None = None
@@ -2792,6 +2813,7 @@ class BackendConnection(asyncio.Protocol):
                 "set the backend's url to where it points"
             )
         self.keep_alive = first[7:8] == "1" and "close" not in headers.get("connection", "").lower()
+        self.decoder = body_decoder(headers.get("content-encoding"))
         coding = headers.get("transfer-encoding")
         length = headers.get("content-length")
         if status in (204, 304):
@@ -2815,11 +2837,27 @@ class BackendConnection(asyncio.Protocol):
     def add_body(self, block: bytes) -> None:
         if self.drain:
             return  # the reader is gone; only the answer's end is awaited
+        if self.decoder is not None:
+            block = self.decode(block)
+            if not block:
+                return  # a compressed header, or a block that completes nothing yet
         self.body.append(block)
         self.buffered += len(block)
         if self.buffered >= BACKEND_BUFFER_HIGH and not self.paused and not self.collect:
             self.paused = True
             self.transport.pause_reading()  # type: ignore[union-attr]
+
+    def decode(self, block: bytes) -> bytes:
+        decoder = self.decoder
+        if decoder is True:  # deflate: zlib-wrapped as HTTP says, or raw as some servers send
+            head = int.from_bytes(block[:2])
+            wrapped = len(block) < 2 or (block[0] & 0x0F == 8 and head % 31 == 0)
+            decoder = self.decoder = zlib.decompressobj(15 if wrapped else -15)
+        try:
+            return decoder.decompress(block)
+        except zlib.error:
+            coding = self.headers.get("content-encoding") or "compressed"
+            raise BackendHTTPError(f"answered a {coding} body that does not decode") from None
 
     def fail(self, error: BackendHTTPError) -> None:
         if self.error is None:

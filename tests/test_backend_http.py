@@ -8,6 +8,7 @@ import socket
 import ssl
 import struct
 import subprocess
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -583,3 +584,105 @@ async def test_an_ollama_poll_that_fails_stops_its_other_shows(pool, raw_server)
             break
         await asyncio.sleep(0.02)
     assert len(hanging) == 2 and len(ended) == 2, "the other shows were stopped with the poll"
+
+
+async def test_a_request_asks_for_no_compression(pool, raw_server) -> None:
+    heads: list[bytes] = []
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head, _ = await read_request(reader)
+        heads.append(head)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+
+    url = await raw_server(script)
+    assert await pool.fetch("POST", url + "/", {}, b"{}") == (200, b"ok")
+    assert b"\r\nAccept-Encoding: identity\r\n" in heads[0]
+
+
+@pytest.mark.parametrize("coding", ["gzip", "x-gzip", "deflate", "raw deflate"])
+async def test_a_compressed_answer_is_decoded(pool, raw_server, coding: str) -> None:
+    """Sent anyway by a server (or a proxy in front of it) that compresses whatever it is
+    asked: read as the JSON it is."""
+    document = b'{"object": "list", "data": [' + b'{"id": "m"}, ' * 200 + b'{"id": "z"}]}'
+    wbits = {"gzip": 31, "x-gzip": 31, "deflate": 15, "raw deflate": -15}[coding]
+    packer = zlib.compressobj(wbits=wbits)
+    packed = packer.compress(document) + packer.flush()
+    name = coding.split()[-1].encode()
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for _ in range(2):
+            await read_request(reader)
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Encoding: %s\r\nContent-Length: %d\r\n\r\n"
+                % (name, len(packed))
+            )
+            writer.write(packed)
+            await writer.drain()
+        await reader.read()
+
+    url = await raw_server(script)
+    for _ in range(2):  # and the connection serves the next answer as well
+        conn = await pool.request("GET", url + "/v1/models", {})
+        assert await asyncio.wait_for(conn.read(), 2) == document
+        conn.release()
+    assert len(pool.open) == 1
+
+
+async def test_a_compressed_stream_is_decoded_as_it_arrives(pool, raw_server) -> None:
+    go_on = asyncio.Event()
+    packer = zlib.compressobj(wbits=31)
+    first = packer.compress(b"data: {}\n\n") + packer.flush(zlib.Z_SYNC_FLUSH)
+    last = packer.compress(b"data: [DONE]\n\n") + packer.flush()
+
+    def chunk(data: bytes) -> bytes:
+        return b"%x\r\n%s\r\n" % (len(data), data)
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Encoding: gzip\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n" + chunk(first)
+        )
+        await writer.drain()
+        await go_on.wait()
+        writer.write(chunk(last) + b"0\r\n\r\n")
+        await writer.drain()
+        await reader.read()
+
+    url = await raw_server(script)
+    conn = await pool.request("POST", url + "/v1/chat/completions", {}, b"{}")
+    lines = nexus.SseLines(conn)
+    assert await asyncio.wait_for(lines.readline(), 2) == b"data: {}"
+    go_on.set()
+    assert await asyncio.wait_for(lines.readline(), 2) == b"data: [DONE]"
+    assert await asyncio.wait_for(lines.readline(), 2) == b""
+    conn.release()
+
+
+@pytest.mark.parametrize(
+    "coding, body, why",
+    [
+        (b"br", b"\x0b\x02\x80hi\x03", "encoding Nexus cannot decode: br"),
+        (b"gzip", b"not gzip at all", "does not decode"),
+    ],
+)
+async def test_an_answer_in_an_encoding_that_does_not_decode_is_an_error(
+    pool, raw_server, coding: bytes, body: bytes, why: str
+) -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Encoding: %s\r\nContent-Length: %d\r\n\r\n%s"
+            % (coding, len(body), body)
+        )
+        await writer.drain()
+        await reader.read()
+
+    url = await raw_server(script)
+    with pytest.raises(nexus.BackendHTTPError, match=why):
+        conn = await pool.request("GET", url + "/", {})
+        try:
+            await asyncio.wait_for(conn.read(), 2)
+        finally:
+            conn.release()

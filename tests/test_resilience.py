@@ -401,6 +401,40 @@ async def test_a_redirect_is_a_502_naming_where_it_points(backend_factory, nexus
     assert "set the backend's url" in message
 
 
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_backend_that_compresses_anyway_is_understood(
+    backend_factory, nexus_factory, stream: bool
+):
+    """Nexus asks for no compression; a server (or a proxy before it) that gzips all the same
+    is decoded, streams as they arrive."""
+    a = await backend_factory("generic", {"m": {}}, name="a")
+
+    async def gzipped(request: web.Request, body: dict) -> web.StreamResponse:
+        if stream:
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            response.enable_compression(web.ContentCoding.gzip)
+            await response.prepare(request)
+            for word in WORDS:
+                await send_chunk(response, chat_chunk(body["model"], {"content": word}, None))
+            await send_chunk(response, chat_chunk(body["model"], {}, "stop"))
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+            return response
+        response = await a.chat_answer(request, body)
+        response.enable_compression(web.ContentCoding.gzip)
+        return response
+
+    a.behaviours = [gzipped]
+    nx = await nexus_factory(FAST + "[routing]\nmax_retries = 0\n" + backends_toml(a))
+    reply = await ask(nx, stream=stream)
+    assert a.received[-1][2]["Accept-Encoding"] == "identity"
+    if stream:
+        assert reply.complete("Hello from a stream")
+    else:
+        assert reply.status == 200
+        assert reply.body["choices"][0]["message"]["content"] == "Hello from a"
+
+
 # --- streams that already started ------------------------------------------------------------
 
 
