@@ -2536,12 +2536,13 @@ def no_capacity(
 BACKEND_HEAD_MAX = 16 * 1024  # an answer's status line and headers
 BACKEND_CHUNK_LINE_MAX = 1024  # a chunk's size line, extensions included
 BACKEND_BUFFER_HIGH = 256 * 1024  # unread body bytes at which reading the socket pauses
-BACKEND_KEEPALIVE_SECONDS = 60.0  # an idle connection older than this is closed, not reused
+# An idle connection older than this is closed, not reused. A request is never sent twice (a
+# backend may have acted on it), so a connection is not reused when its server may be closing
+# it: local servers close idle ones after 5 s (vLLM's uvicorn, llama-server, LM Studio's Node),
+# and a new one costs them well under a millisecond; a TLS handshake to a cloud costs more.
+BACKEND_KEEPALIVE_SECONDS = 4.0  # http
+BACKEND_TLS_KEEPALIVE_SECONDS = 60.0  # https
 BACKEND_DRAIN_SECONDS = 2.0  # how long a finished stream's last bytes are waited for
-# A reused connection found closed this soon after a request went out, before any byte of an
-# answer, met the backend's own keep-alive limit: the request goes again on a new connection.
-# Later, the backend may have taken the request and died on it: that is a failure, not resent.
-BACKEND_RACE_SECONDS = 0.25
 BACKEND_USER_AGENT = f"nexus/{__version__}"
 
 Origin = tuple[str, str, int]  # scheme, host, port: which connections can serve a URL
@@ -2642,7 +2643,6 @@ class BackendConnection(asyncio.Protocol):
         "drain",
         "error",
         "headers",
-        "heard",
         "idle_since",
         "keep_alive",
         "left",
@@ -2650,7 +2650,6 @@ class BackendConnection(asyncio.Protocol):
         "paused",
         "pool",
         "rest",
-        "sent_at",
         "state",
         "status",
         "transport",
@@ -2680,8 +2679,6 @@ class BackendConnection(asyncio.Protocol):
         self.collect = False  # read() takes the whole body: no pausing for it
         self.drain = False  # released before its answer's last bytes: back to the pool with them
         self.whole = False  # set by a reader that saw its answer's last event
-        self.heard = False  # whether any byte of the answer came
-        self.sent_at = 0.0  # when the request went out (loop time)
         self.closed = False
         self.idle_since = 0.0
 
@@ -2691,7 +2688,6 @@ class BackendConnection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        self.heard = True
         if self.rest:
             data, self.rest = self.rest + data, b""
         try:
@@ -2882,8 +2878,7 @@ class BackendConnection(asyncio.Protocol):
 
     async def send(self, data: bytes) -> None:
         """Write a request and wait for its answer's head; on any failure, close."""
-        self.state, self.status, self.error, self.heard, self.whole = "head", 0, None, False, False
-        self.sent_at = self.pool.loop.time()
+        self.state, self.status, self.error, self.whole = "head", 0, None, False
         self.transport.write(data)  # type: ignore[union-attr]
         try:
             while not self.status:
@@ -2961,6 +2956,11 @@ class BackendConnection(asyncio.Protocol):
             self.transport.close()
 
 
+def keepalive_seconds(origin: Origin) -> float:
+    """How long an idle connection to this origin may be reused."""
+    return BACKEND_TLS_KEEPALIVE_SECONDS if origin[0] == "https" else BACKEND_KEEPALIVE_SECONDS
+
+
 class BackendPool:
     """Every connection to every backend; idle ones kept per origin, newest reused first."""
 
@@ -2983,18 +2983,9 @@ class BackendPool:
         """Send a request; the connection carrying its answer, once the answer's head is in."""
         origin, data = encode_request(method, url, headers, body, keep_alive)
         conn = self.reuse(origin) if keep_alive else None
-        if conn is not None:
-            try:
-                await conn.send(data)
-                return conn
-            except BackendHTTPError:
-                if conn.heard or self.loop.time() - conn.sent_at > BACKEND_RACE_SECONDS:
-                    raise
-                # The backend closed the idle connection as the request went out (its
-                # keep-alive limit): nothing was answered, so the request goes again once, on
-                # a new connection.
-        conn = await self.connect(origin)
-        await conn.send(data)
+        if conn is None:
+            conn = await self.connect(origin)
+        await conn.send(data)  # once: a failure is the attempt's, however soon it comes
         return conn
 
     async def fetch(
@@ -3013,7 +3004,7 @@ class BackendPool:
         idle = self.idle.get(origin)
         if not idle:
             return None
-        oldest = self.loop.time() - BACKEND_KEEPALIVE_SECONDS
+        oldest = self.loop.time() - keepalive_seconds(origin)
         while idle:
             conn = idle.pop()
             if conn.idle_since < oldest:  # the rest are older still
@@ -3031,7 +3022,7 @@ class BackendPool:
         idle = self.idle.get(conn.origin)
         if idle is None:
             idle = self.idle[conn.origin] = collections.deque()
-        while idle and now - idle[0].idle_since > BACKEND_KEEPALIVE_SECONDS:
+        while idle and now - idle[0].idle_since > keepalive_seconds(conn.origin):
             idle.popleft().close()  # the oldest, unused for a minute
         idle.append(conn)
 
