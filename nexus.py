@@ -2641,6 +2641,7 @@ class BackendConnection(asyncio.Protocol):
         "collect",
         "decoder",
         "drain",
+        "drain_timer",
         "error",
         "headers",
         "idle_since",
@@ -2678,6 +2679,7 @@ class BackendConnection(asyncio.Protocol):
         self.paused = False
         self.collect = False  # read() takes the whole body: no pausing for it
         self.drain = False  # released before its answer's last bytes: back to the pool with them
+        self.drain_timer: asyncio.TimerHandle | None = None  # closes it if they never come
         self.whole = False  # set by a reader that saw its answer's last event
         self.closed = False
         self.idle_since = 0.0
@@ -2699,6 +2701,8 @@ class BackendConnection(asyncio.Protocol):
             self.fail(BackendHTTPError("answered something Nexus cannot parse"))
         if self.state == "done" and self.drain:
             self.drain = False
+            self.drain_timer.cancel()  # type: ignore[union-attr]
+            self.drain_timer = None
             self.release()
         self.wake()
 
@@ -2941,11 +2945,12 @@ class BackendConnection(asyncio.Protocol):
         elif self.whole and reusable and self.state in ("chunked", "trailer"):
             self.drain = True
             self.take()
-            self.pool.loop.call_later(BACKEND_DRAIN_SECONDS, self.end_drain)
+            self.drain_timer = self.pool.loop.call_later(BACKEND_DRAIN_SECONDS, self.end_drain)
         else:
             self.close()
 
     def end_drain(self) -> None:
+        self.drain_timer = None
         if self.drain:  # the last bytes never came
             self.drain = False
             self.close()

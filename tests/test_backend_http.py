@@ -681,3 +681,45 @@ async def test_an_answer_in_an_encoding_that_does_not_decode_is_an_error(
             await asyncio.wait_for(conn.read(), 2)
         finally:
             conn.release()
+
+
+async def test_a_drained_streams_timer_does_not_close_the_next_answer(
+    pool, raw_server, monkeypatch
+) -> None:
+    """Stream 1's end comes soon and its connection serves stream 2; the drain limit of
+    stream 1 passing while stream 2 waits for its own end closes nothing."""
+    monkeypatch.setattr(nexus, "BACKEND_DRAIN_SECONDS", 1.0)
+    connections = 0
+    ends = [0.1, 0.8]  # how long after its [DONE] each stream's end comes
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        for wait in ends:
+            await read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            writer.write(b"e\r\ndata: [DONE]\n\n\r\n")
+            await writer.drain()
+            await asyncio.sleep(wait)
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        await reader.read()
+
+    url = await raw_server(script)
+    first = None
+    for _ in ends:
+        conn = await pool.request("POST", url + "/", {}, b"{}")
+        assert first is None or conn is first
+        first = conn
+        assert await asyncio.wait_for(conn.readany(), 2) == b"data: [DONE]\n\n"
+        conn.whole = True
+        conn.release()
+        await asyncio.sleep(0.4)
+    await asyncio.sleep(0.6)  # stream 1's drain limit has passed; stream 2's end has come
+    last = await pool.request("POST", url + "/", {}, b"{}")
+    assert last is first and connections == 1
+    assert await asyncio.wait_for(last.read(), 2) == b"ok"
+    last.release()
