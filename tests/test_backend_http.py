@@ -3,11 +3,16 @@ aiohttp apps for well-behaved answers, raw sockets for the exact bytes a broken 
 
 from __future__ import annotations
 
+import ast
 import asyncio
+import importlib.metadata
+import re
 import socket
 import ssl
 import struct
 import subprocess
+import sys
+import tomllib
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -15,7 +20,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from conftest import free_port, unaccepting_listener
+from conftest import ROOT, free_port, unaccepting_listener
 
 import nexus
 
@@ -352,6 +357,32 @@ async def test_https_backends_are_reached_over_tls(pool, tmp_path: Path) -> None
             trusting.close()
     finally:
         await server.close()
+
+
+def test_every_package_nexus_imports_is_declared() -> None:
+    """certifi (the https backends' certificates where the system's cannot be found) and
+    aiohappyeyeballs (dual-stack connects) are imported by Nexus itself: declared and pinned,
+    not there by accident because aiohttp or requests brings them."""
+    tree = ast.parse((ROOT / "nexus.py").read_text(encoding="utf-8"))
+    modules = set()
+    for node in ast.walk(tree):  # imports inside functions too
+        if isinstance(node, ast.Import):
+            modules |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            modules.add(node.module.split(".")[0])
+    distributions = importlib.metadata.packages_distributions()
+    wanted = {
+        distributions[m][0].lower()
+        for m in modules
+        if m not in sys.stdlib_module_names and m != "__future__"
+    }
+    assert "certifi" in wanted
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    declared = {re.split(r"[=<>; ]", d, maxsplit=1)[0].lower() for d in project["dependencies"]}
+    assert wanted <= declared, f"not in pyproject.toml: {sorted(wanted - declared)}"
+    pinned = (ROOT / "requirements.txt").read_text(encoding="utf-8").lower()
+    for name in wanted:
+        assert re.search(rf"^{re.escape(name)}==", pinned, re.M), f"{name} not pinned"
 
 
 async def answer_twice(answer: bytes) -> tuple[Script, list[int]]:
