@@ -58,6 +58,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import aiohappyeyeballs  # comes with aiohttp: dual-stack connects (RFC 8305)
 import ifaddr  # comes with zeroconf: the machine's interfaces, for announcing
 import tiktoken
 from aiohttp import web
@@ -2961,6 +2962,34 @@ class BackendConnection(asyncio.Protocol):
             self.transport.close()
 
 
+BACKEND_HAPPY_EYEBALLS_DELAY = 0.25  # RFC 8305: the next address is tried this much later
+
+
+def address_infos(host: str, port: int) -> list[tuple[Any, ...]] | None:
+    """An IP address's one address info, without asking a resolver; None for a name."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None  # a name, or an IPv6 address with a zone, which the resolver reads
+    if ip.version == 6:
+        return [(socket.AF_INET6, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (host, port, 0, 0))]
+    return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (host, port))]
+
+
+async def open_socket(loop: asyncio.AbstractEventLoop, host: str, port: int) -> socket.socket:
+    """A TCP socket connected to host:port. A name with IPv6 and IPv4 addresses is connected
+    with Happy Eyeballs (RFC 8305): where IPv6 is broken, IPv4 answers a moment later, not
+    after a timeout."""
+    infos = address_infos(host, port)
+    if infos is None:
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    sock = await aiohappyeyeballs.start_connection(
+        infos, happy_eyeballs_delay=BACKEND_HAPPY_EYEBALLS_DELAY, loop=loop
+    )
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # requests go out whole, at once
+    return sock
+
+
 def keepalive_seconds(origin: Origin) -> float:
     """How long an idle connection to this origin may be reused."""
     return BACKEND_TLS_KEEPALIVE_SECONDS if origin[0] == "https" else BACKEND_KEEPALIVE_SECONDS
@@ -3036,9 +3065,17 @@ class BackendPool:
         tls = (self.tls or tls_context()) if scheme == "https" else None
         try:
             async with asyncio.timeout(self.connect_timeout):
-                _, conn = await self.loop.create_connection(
-                    lambda: BackendConnection(self, origin), host, port, ssl=tls
-                )
+                sock = await open_socket(self.loop, host, port)
+                try:
+                    _, conn = await self.loop.create_connection(
+                        lambda: BackendConnection(self, origin),
+                        sock=sock,
+                        ssl=tls,
+                        server_hostname=host if tls else None,
+                    )
+                except BaseException:
+                    sock.close()
+                    raise
         except TimeoutError:
             raise BackendConnectTimeout(
                 f"timed out connecting ({self.connect_timeout:g} s, server.connect_timeout_seconds)"

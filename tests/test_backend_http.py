@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import asyncio
 import importlib.metadata
+import json
 import re
 import socket
 import ssl
@@ -21,6 +22,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from conftest import ROOT, free_port, unaccepting_listener
+from netns import isolated_namespace, requires_root
 
 import nexus
 
@@ -376,7 +378,7 @@ def test_every_package_nexus_imports_is_declared() -> None:
         for m in modules
         if m not in sys.stdlib_module_names and m != "__future__"
     }
-    assert "certifi" in wanted
+    assert {"certifi", "aiohappyeyeballs"} <= wanted
     project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
     declared = {re.split(r"[=<>; ]", d, maxsplit=1)[0].lower() for d in project["dependencies"]}
     assert wanted <= declared, f"not in pyproject.toml: {sorted(wanted - declared)}"
@@ -754,3 +756,69 @@ async def test_a_drained_streams_timer_does_not_close_the_next_answer(
     assert last is first and connections == 1
     assert await asyncio.wait_for(last.read(), 2) == b"ok"
     last.release()
+
+
+# In a namespace of its own: dual.test has an IPv6 address whose packets vanish (a neighbour
+# nobody is, so no refusal ever comes) and an IPv4 one that answers.
+DUAL_STACK_CLIENT = """
+import asyncio, json, socket, sys, time
+sys.path.insert(0, sys.argv[1])
+import nexus
+
+async def main():
+    async def answer(reader, writer):
+        await reader.readuntil(b"\\r\\n\\r\\n")
+        writer.write(b"HTTP/1.1 200 OK\\r\\nContent-Length: 2\\r\\nConnection: close\\r\\n\\r\\nok")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    infos = await asyncio.get_running_loop().getaddrinfo("dual.test", port, type=socket.SOCK_STREAM)
+    out = {"order": [info[0].name for info in infos]}
+    try:
+        socket.create_connection(("2001:db8::2", port), timeout=0.5).close()
+        out["blackholed"] = False
+    except TimeoutError:
+        out["blackholed"] = True
+    pool = nexus.BackendPool(connect_timeout=5.0)
+    started = time.monotonic()
+    try:
+        out["answer"] = list(await pool.fetch("GET", f"http://dual.test:{port}/v1/models", {}))
+        out["answer"][1] = out["answer"][1].decode()
+    except Exception as exc:
+        out["error"] = str(exc)
+    out["seconds"] = time.monotonic() - started
+    pool.close()
+    print(json.dumps(out))
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.netns
+@requires_root
+def test_a_dual_stack_host_whose_ipv6_blackholes_connects_over_ipv4_at_once() -> None:
+    """RFC 8305: the IPv4 attempt starts 250 ms after the IPv6 one, not after its timeout."""
+    with isolated_namespace() as ns:
+        hosts = Path("/etc/netns") / ns.name / "hosts"  # `ip netns exec` mounts it on /etc/hosts
+        hosts.parent.mkdir(parents=True)
+        try:
+            hosts.write_text("2001:db8::2 dual.test\n127.0.0.1 dual.test\n")
+            for command in (
+                "link add veth0 type veth peer name veth1",
+                "addr add 2001:db8::1/64 dev veth0 nodad",
+                "link set veth0 up",
+                "link set veth1 up",
+                "-6 neigh add 2001:db8::2 lladdr 02:00:00:00:00:99 dev veth0 nud permanent",
+            ):
+                subprocess.run(["ip", "-n", ns.name, *command.split()], check=True, timeout=10)
+            ns.run(["sysctl", "-qw", "net.ipv6.conf.veth1.disable_ipv6=1"])
+            client = ns.python(DUAL_STACK_CLIENT, str(ROOT))
+            out = json.loads(client.read_line(timeout=20))
+        finally:
+            hosts.unlink(missing_ok=True)
+            hosts.parent.rmdir()
+    assert out["order"][0] == "AF_INET6" and out["blackholed"], out  # IPv6 first, and lost
+    assert out.get("answer") == [200, "ok"], out
+    assert out["seconds"] < 2.0, out  # not the 5 s connect limit spent on IPv6
