@@ -2990,6 +2990,68 @@ async def open_socket(loop: asyncio.AbstractEventLoop, host: str, port: int) -> 
     return sock
 
 
+@dataclass(frozen=True, slots=True)
+class Proxy:
+    """An HTTP proxy that https connections are tunnelled through (CONNECT)."""
+
+    host: str
+    port: int
+    authorization: str | None  # a Proxy-Authorization value, from the proxy URL's user:password
+
+
+def https_proxy(proxies: dict[str, str]) -> Proxy | None:
+    """The proxy for https backends from HTTPS_PROXY (or https_proxy), the way curl reads it."""
+    url = proxies.get("https")
+    if not url:
+        return None
+    parts = urllib.parse.urlsplit(url if "://" in url else "http://" + url)
+    try:
+        port = parts.port or 80
+    except ValueError:
+        port = 0
+    if parts.scheme != "http" or not parts.hostname or not port:
+        raise BackendHTTPError(
+            f"cannot use HTTPS_PROXY {parts.hostname or url[:60]}: expected http://host:port"
+        )
+    authorization = None
+    if parts.username is not None:
+        user = urllib.parse.unquote(parts.username)
+        secret = urllib.parse.unquote(parts.password or "")
+        authorization = (
+            "Basic " + binascii.b2a_base64(f"{user}:{secret}".encode(), newline=False).decode()
+        )
+    return Proxy(parts.hostname, port, authorization)
+
+
+async def open_tunnel(
+    loop: asyncio.AbstractEventLoop, proxy: Proxy, host: str, port: int
+) -> socket.socket:
+    """A socket connected to host:port through the proxy's CONNECT tunnel."""
+    sock = await open_socket(loop, proxy.host, proxy.port)
+    try:
+        authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        head = f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n"
+        head += f"User-Agent: {BACKEND_USER_AGENT}\r\n"
+        if proxy.authorization:
+            head += f"Proxy-Authorization: {proxy.authorization}\r\n"
+        await loop.sock_sendall(sock, (head + "\r\n").encode())
+        answer = b""
+        while b"\r\n\r\n" not in answer:  # nothing follows it before the TLS handshake
+            data = await loop.sock_recv(sock, 4096)
+            if not data or len(answer) > BACKEND_HEAD_MAX:
+                raise BackendHTTPError(f"the proxy {proxy.host} gave no tunnel to {authority}")
+            answer += data
+        status = answer.split(b"\r\n", 1)[0].decode("latin-1")
+        if status[9:12] != "200" or not answer.endswith(b"\r\n\r\n"):
+            raise BackendHTTPError(
+                f"the proxy {proxy.host} refused a tunnel to {authority}: {status[:100]}"
+            )
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 def keepalive_seconds(origin: Origin) -> float:
     """How long an idle connection to this origin may be reused."""
     return BACKEND_TLS_KEEPALIVE_SECONDS if origin[0] == "https" else BACKEND_KEEPALIVE_SECONDS
@@ -3005,6 +3067,14 @@ class BackendPool:
         self.idle: dict[Origin, collections.deque[BackendConnection]] = {}
         self.open: set[BackendConnection] = set()
         self.closing = False
+        # HTTPS_PROXY for https backends (clouds), except hosts NO_PROXY names; http backends,
+        # the local servers, are reached directly. Read once, as Nexus starts.
+        self.proxies = urllib.request.getproxies_environment()
+        self.proxy_error: BackendHTTPError | None = None
+        try:
+            self.https_proxy = https_proxy(self.proxies)
+        except BackendHTTPError as exc:  # every https connection says so
+            self.https_proxy, self.proxy_error = None, exc
 
     async def request(
         self,
@@ -3065,7 +3135,11 @@ class BackendPool:
         tls = (self.tls or tls_context()) if scheme == "https" else None
         try:
             async with asyncio.timeout(self.connect_timeout):
-                sock = await open_socket(self.loop, host, port)
+                proxy = self.proxy_for(origin)
+                if proxy is None:
+                    sock = await open_socket(self.loop, host, port)
+                else:
+                    sock = await open_tunnel(self.loop, proxy, host, port)
                 try:
                     _, conn = await self.loop.create_connection(
                         lambda: BackendConnection(self, origin),
@@ -3087,6 +3161,18 @@ class BackendPool:
             raise BackendHTTPError("Nexus is shutting down")
         self.open.add(conn)
         return conn
+
+    def proxy_for(self, origin: Origin) -> Proxy | None:
+        """The proxy to tunnel through to this origin, if any."""
+        if origin[0] != "https":
+            return None
+        if self.proxy_error is not None:
+            raise self.proxy_error
+        if self.https_proxy is None or urllib.request.proxy_bypass_environment(
+            origin[1], self.proxies
+        ):
+            return None
+        return self.https_proxy
 
     def close(self) -> None:
         self.closing = True

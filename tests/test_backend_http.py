@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import contextlib
 import importlib.metadata
 import json
 import re
@@ -822,3 +823,133 @@ def test_a_dual_stack_host_whose_ipv6_blackholes_connects_over_ipv4_at_once() ->
     assert out["order"][0] == "AF_INET6" and out["blackholed"], out  # IPv6 first, and lost
     assert out.get("answer") == [200, "ok"], out
     assert out["seconds"] < 2.0, out  # not the 5 s connect limit spent on IPv6
+
+
+def self_signed(tmp_path: Path, name: str) -> tuple[Path, Path]:
+    """A certificate for `name` (and its key), signed by itself."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+            *("-subj", f"/CN={name}", "-addext", f"subjectAltName=DNS:{name}"),
+            *("-keyout", str(key), "-out", str(cert)),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    return cert, key
+
+
+class ConnectProxy:
+    """An HTTP proxy that only tunnels (CONNECT), as an offline lab's way to the cloud is. It
+    resolves names itself: `cloud.test` is 127.0.0.1 here and nowhere else."""
+
+    def __init__(self, refuse: bytes | None = None) -> None:
+        self.refuse = refuse
+        self.requests: list[bytes] = []
+        self.tunnelled = 0  # bytes carried from the client through the tunnel
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self.serve, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            self.requests.append(head)
+            method, target, _ = head.split(b"\r\n", 1)[0].split(b" ")
+            if self.refuse is not None or method != b"CONNECT":
+                writer.write(self.refuse or b"HTTP/1.1 405 Method Not Allowed\r\n\r\n")
+                return
+            host, _, port = target.rpartition(b":")
+            address = "127.0.0.1" if host == b"cloud.test" else host.decode()
+            up_reader, up_writer = await asyncio.open_connection(address, int(port))
+            writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+
+            async def pipe(src, dst, count: bool) -> None:
+                with contextlib.suppress(ConnectionError):
+                    while data := await src.read(65536):
+                        if count:
+                            self.tunnelled += len(data)
+                        dst.write(data)
+                        await dst.drain()
+                dst.close()
+
+            await asyncio.gather(pipe(reader, up_writer, True), pipe(up_reader, writer, False))
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+
+@pytest.fixture
+def no_proxy_settings(monkeypatch) -> None:
+    for name in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY", "no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("all_proxy", raising=False)
+    monkeypatch.delenv("ALL_PROXY", raising=False)
+
+
+async def test_https_backends_are_reached_through_the_https_proxy(
+    tmp_path: Path, monkeypatch, no_proxy_settings, app_server
+) -> None:
+    cert, key = self_signed(tmp_path, "cloud.test")
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(cert, key)
+    peers: list[object] = []
+    backend = TestServer(echo_app(peers), host="127.0.0.1", port=free_port())
+    await backend.start_server(ssl=server_tls)
+    local = await app_server(echo_app([]))  # a plain-http backend on the LAN: never proxied
+    proxy = ConnectProxy()
+    monkeypatch.setenv("HTTPS_PROXY", await proxy.start())
+    monkeypatch.setenv("NO_PROXY", "localhost,.internal")
+    pool = nexus.BackendPool(connect_timeout=2.0, tls=ssl.create_default_context(cafile=cert))
+    try:
+        url = f"https://cloud.test:{backend.port}/v1/models"
+        for _ in range(2):  # the second on the same tunnelled connection
+            conn = await asyncio.wait_for(pool.request("GET", url, {"X-Key": "k"}), 5)
+            assert conn.status == 200
+            assert b'"path": "/v1/models"' in await asyncio.wait_for(conn.read(), 2)
+            conn.release()
+        assert proxy.requests == [
+            b"CONNECT cloud.test:%d HTTP/1.1\r\nHost: cloud.test:%d\r\n" % ((backend.port,) * 2)
+            + b"User-Agent: "
+            + nexus.BACKEND_USER_AGENT.encode()
+            + b"\r\n\r\n"
+        ]
+        assert proxy.tunnelled > 0 and len(peers) == 2  # the requests went through it, in TLS
+        assert await pool.fetch("GET", local + "/health", {}) == (
+            200,
+            b'{"path": "/health", "body": "", "key": null}',
+        )
+        assert len(proxy.requests) == 1
+    finally:
+        pool.close()
+        await proxy.stop()
+        await backend.close()
+
+
+async def test_no_proxy_and_a_refused_tunnel(monkeypatch, no_proxy_settings) -> None:
+    refusing = ConnectProxy(refuse=b"HTTP/1.1 407 Proxy Authentication Required\r\n\r\n")
+    monkeypatch.setenv("https_proxy", "http://user:secret@" + (await refusing.start())[7:])
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    pool = nexus.BackendPool(connect_timeout=2.0)
+    try:
+        with pytest.raises(nexus.BackendHTTPError) as failure:
+            await pool.request("GET", "https://api.cloud.test/v1/models", {})
+        assert "407" in str(failure.value) and "secret" not in str(failure.value)
+        assert b"Proxy-Authorization: Basic dXNlcjpzZWNyZXQ=\r\n" in refusing.requests[0]
+        with pytest.raises(nexus.BackendHTTPError, match="could not connect"):
+            # not proxied: nothing listens there
+            await pool.request("GET", f"https://127.0.0.1:{free_port()}/v1/models", {})
+        assert len(refusing.requests) == 1
+    finally:
+        pool.close()
+        await refusing.stop()
