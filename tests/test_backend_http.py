@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ast
 import asyncio
-import contextlib
 import importlib.metadata
 import json
 import re
@@ -22,7 +21,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from conftest import ROOT, free_port, unaccepting_listener
+from conftest import ROOT, ConnectProxy, free_port, self_signed, unaccepting_listener
 from netns import isolated_namespace, requires_root
 
 import nexus
@@ -823,70 +822,6 @@ def test_a_dual_stack_host_whose_ipv6_blackholes_connects_over_ipv4_at_once() ->
     assert out["order"][0] == "AF_INET6" and out["blackholed"], out  # IPv6 first, and lost
     assert out.get("answer") == [200, "ok"], out
     assert out["seconds"] < 2.0, out  # not the 5 s connect limit spent on IPv6
-
-
-def self_signed(tmp_path: Path, name: str) -> tuple[Path, Path]:
-    """A certificate for `name` (and its key), signed by itself."""
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        [
-            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
-            *("-subj", f"/CN={name}", "-addext", f"subjectAltName=DNS:{name}"),
-            *("-keyout", str(key), "-out", str(cert)),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=30,
-    )
-    return cert, key
-
-
-class ConnectProxy:
-    """An HTTP proxy that only tunnels (CONNECT), as an offline lab's way to the cloud is. It
-    resolves names itself: `cloud.test` is 127.0.0.1 here and nowhere else."""
-
-    def __init__(self, refuse: bytes | None = None) -> None:
-        self.refuse = refuse
-        self.requests: list[bytes] = []
-        self.tunnelled = 0  # bytes carried from the client through the tunnel
-        self.server: asyncio.Server | None = None
-
-    async def start(self) -> str:
-        self.server = await asyncio.start_server(self.serve, "127.0.0.1", 0)
-        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
-
-    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            head = await reader.readuntil(b"\r\n\r\n")
-            self.requests.append(head)
-            method, target, _ = head.split(b"\r\n", 1)[0].split(b" ")
-            if self.refuse is not None or method != b"CONNECT":
-                writer.write(self.refuse or b"HTTP/1.1 405 Method Not Allowed\r\n\r\n")
-                return
-            host, _, port = target.rpartition(b":")
-            address = "127.0.0.1" if host == b"cloud.test" else host.decode()
-            up_reader, up_writer = await asyncio.open_connection(address, int(port))
-            writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
-
-            async def pipe(src, dst, count: bool) -> None:
-                with contextlib.suppress(ConnectionError):
-                    while data := await src.read(65536):
-                        if count:
-                            self.tunnelled += len(data)
-                        dst.write(data)
-                        await dst.drain()
-                dst.close()
-
-            await asyncio.gather(pipe(reader, up_writer, True), pipe(up_reader, writer, False))
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            writer.close()
-
-    async def stop(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            await self.server.wait_closed()
 
 
 @pytest.fixture

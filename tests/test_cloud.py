@@ -8,6 +8,7 @@ import asyncio
 import json
 import logging
 import os
+import ssl
 import subprocess
 import sys
 import time
@@ -16,7 +17,18 @@ import aiohttp
 import openai
 import pytest
 import tiktoken_ext.openai_public  # noqa: F401 - the published definitions, for reference counts
-from conftest import ROOT, MockBackend, backends_toml, cloud_env, key_variable, start_sse
+from aiohttp.test_utils import TestServer
+from conftest import (
+    ROOT,
+    ConnectProxy,
+    MockBackend,
+    backends_toml,
+    cloud_env,
+    free_port,
+    key_variable,
+    self_signed,
+    start_sse,
+)
 
 import nexus
 
@@ -79,6 +91,43 @@ async def test_a_local_server_started_with_a_key_gets_it_on_polls_and_requests(
         assert local.auth_failures == 0
     finally:
         await local.stop()
+
+
+async def test_a_cloud_behind_an_https_proxy_is_reached_through_its_tunnel(
+    tmp_path, monkeypatch, nexus_factory
+):
+    """An offline lab reaches the cloud only through a proxy: polls and requests go through
+    HTTPS_PROXY's CONNECT tunnel, TLS inside it, and the proxy resolves the cloud's name."""
+    cert, key = self_signed(tmp_path, "cloud.test")
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(cert, key)
+    cloud = MockBackend("openai", {"gpt-4o": {}}, name="oai")
+    cloud.server = TestServer(cloud.build_app(), host="127.0.0.1", port=free_port())
+    await cloud.server.start_server(ssl=server_tls)
+    proxy = ConnectProxy()
+    for name in ("https_proxy", "no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", await proxy.start())
+    monkeypatch.setattr(nexus, "tls_context", lambda: ssl.create_default_context(cafile=cert))
+    try:
+        toml = (
+            f'[[backends]]\nname = "oai"\nurl = "https://cloud.test:{cloud.server.port}"\n'
+            f'type = "openai"\napi_key_env = "{key_variable(cloud)}"\n'
+        )
+        nx = await nexus_factory(toml, env=cloud_env(cloud))  # its poll went through too
+        answer = await client(nx).chat.completions.create(
+            model="gpt-4o", messages=[{"role": "user", "content": "hi"}]
+        )
+        assert answer.choices[0].message.content == "Hello from oai"
+        assert cloud.auth_failures == 0
+        assert proxy.requests and all(
+            r.startswith(b"CONNECT cloud.test:%d HTTP/1.1\r\n" % cloud.server.port)
+            for r in proxy.requests
+        )
+        assert proxy.tunnelled > 0
+    finally:
+        await proxy.stop()
+        await cloud.stop()
 
 
 async def test_cloud_health_never_spends_tokens(backend_factory, nexus_factory):
