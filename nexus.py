@@ -2531,8 +2531,9 @@ def no_capacity(
 # Why not aiohttp's client: a request through its ClientSession cost a bare relay about 0.17 ms
 # of CPU here (URL objects, multidict headers, cookies, traces, payload registry), twice all the
 # rest of the relay (`make bench`). Backends are JSON and SSE APIs, so this asks for no
-# compression, follows no redirects and uses no proxy; each connection carries one request at
-# a time.
+# compression (and decodes gzip from a server that compresses anyway) and follows no redirects
+# (a clear error instead); each connection carries one request at a time. Connecting is where
+# the rest is: Happy Eyeballs for dual-stack names, HTTPS_PROXY's tunnel for https backends.
 
 BACKEND_HEAD_MAX = 16 * 1024  # an answer's status line and headers
 BACKEND_CHUNK_LINE_MAX = 1024  # a chunk's size line, extensions included
@@ -2965,24 +2966,20 @@ class BackendConnection(asyncio.Protocol):
 BACKEND_HAPPY_EYEBALLS_DELAY = 0.25  # RFC 8305: the next address is tried this much later
 
 
-def address_infos(host: str, port: int) -> list[tuple[Any, ...]] | None:
-    """An IP address's one address info, without asking a resolver; None for a name."""
+def is_address(host: str) -> bool:
+    """Whether a host is an IP address (one address to connect to), not a name."""
     try:
-        ip = ipaddress.ip_address(host)
+        ipaddress.ip_address(host)
     except ValueError:
-        return None  # a name, or an IPv6 address with a zone, which the resolver reads
-    if ip.version == 6:
-        return [(socket.AF_INET6, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (host, port, 0, 0))]
-    return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (host, port))]
+        return False  # a name, or an IPv6 address with a zone, which the resolver reads
+    return True
 
 
 async def open_socket(loop: asyncio.AbstractEventLoop, host: str, port: int) -> socket.socket:
     """A TCP socket connected to host:port. A name with IPv6 and IPv4 addresses is connected
     with Happy Eyeballs (RFC 8305): where IPv6 is broken, IPv4 answers a moment later, not
     after a timeout."""
-    infos = address_infos(host, port)
-    if infos is None:
-        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     sock = await aiohappyeyeballs.start_connection(
         infos, happy_eyeballs_delay=BACKEND_HAPPY_EYEBALLS_DELAY, loop=loop
     )
@@ -3136,6 +3133,11 @@ class BackendPool:
         try:
             async with asyncio.timeout(self.connect_timeout):
                 proxy = self.proxy_for(origin)
+                if proxy is None and is_address(host):  # nothing to race: the loop's own connect
+                    _, conn = await self.loop.create_connection(
+                        lambda: BackendConnection(self, origin), host, port, ssl=tls
+                    )
+                    return self.opened(conn)
                 if proxy is None:
                     sock = await open_socket(self.loop, host, port)
                 else:
@@ -3156,6 +3158,9 @@ class BackendPool:
             ) from None
         except OSError as exc:  # refused, unreachable, no such host, certificate refused
             raise BackendHTTPError(f"could not connect: {exc.strerror or exc}") from None
+        return self.opened(conn)
+
+    def opened(self, conn: BackendConnection) -> BackendConnection:
         if self.closing:  # Nexus stopped while this connection was being made
             conn.close()
             raise BackendHTTPError("Nexus is shutting down")
