@@ -558,6 +558,26 @@ BACKEND_CONTEXT_ERRORS = {
         "param": None,
         "code": 400,
     },
+    "vllm current": {
+        "error": {
+            "message": "This model's maximum context length is 8192 tokens. However, your "
+            "request has 9000 input tokens. Please reduce the length of the input messages.",
+            "type": "BadRequestError",
+            "param": "input_tokens",
+            "code": 400,
+        }
+    },
+    "vllm current with max_tokens": {
+        "error": {
+            "message": "This model's maximum context length is 8192 tokens. However, you "
+            "requested 1000 output tokens and your prompt contains 7500 input tokens, for a "
+            "total of 8500 tokens. Please reduce the length of the input prompt or the number "
+            "of requested output tokens.",
+            "type": "BadRequestError",
+            "param": "input_tokens",
+            "code": 400,
+        }
+    },
     "llama.cpp": {
         "error": {
             "code": 400,
