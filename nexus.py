@@ -3007,8 +3007,8 @@ def https_proxy(proxies: dict[str, str]) -> Proxy | None:
     except ValueError:
         port = 0
     if parts.scheme != "http" or not parts.hostname or not port:
-        raise BackendHTTPError(
-            f"cannot use HTTPS_PROXY {parts.hostname or url[:60]}: expected http://host:port"
+        raise BackendHTTPError(  # its value may hold a password: not shown
+            "cannot use HTTPS_PROXY: expected http://[user:password@]host:port"
         )
     authorization = None
     if parts.username is not None:
@@ -3124,7 +3124,7 @@ class BackendPool:
         if idle is None:
             idle = self.idle[conn.origin] = collections.deque()
         while idle and now - idle[0].idle_since > keepalive_seconds(conn.origin):
-            idle.popleft().close()  # the oldest, unused for a minute
+            idle.popleft().close()  # the oldest, idle past its keep-alive limit
         idle.append(conn)
 
     async def connect(self, origin: Origin) -> BackendConnection:
