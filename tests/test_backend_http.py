@@ -888,3 +888,16 @@ async def test_no_proxy_and_a_refused_tunnel(monkeypatch, no_proxy_settings) -> 
     finally:
         pool.close()
         await refusing.stop()
+
+
+async def test_an_https_proxy_nexus_cannot_use_is_named_without_its_password(
+    monkeypatch, no_proxy_settings
+) -> None:
+    monkeypatch.setenv("HTTPS_PROXY", "socks5://user:pw-secret@127.0.0.1:1080")
+    pool = nexus.BackendPool(connect_timeout=2.0)
+    try:
+        with pytest.raises(nexus.BackendHTTPError, match="cannot use HTTPS_PROXY") as failure:
+            await pool.request("GET", "https://api.cloud.test/v1/models", {})
+        assert "pw-secret" not in str(failure.value)
+    finally:
+        pool.close()
