@@ -2538,6 +2538,7 @@ def no_capacity(
 BACKEND_HEAD_MAX = 16 * 1024  # an answer's status line and headers
 BACKEND_CHUNK_LINE_MAX = 1024  # a chunk's size line, extensions included
 BACKEND_BUFFER_HIGH = 256 * 1024  # unread body bytes at which reading the socket pauses
+BACKEND_DECODED_BLOCK_MAX = 64 * 1024 * 1024  # what one compressed network read may become
 # An idle connection older than this is closed, not reused. A request is never sent twice (a
 # backend may have acted on it), so a connection is not reused when its server may be closing
 # it: local servers close idle ones after 5 s (vLLM's uvicorn, llama-server, LM Studio's Node),
@@ -2856,10 +2857,13 @@ class BackendConnection(asyncio.Protocol):
             wrapped = len(block) < 2 or (block[0] & 0x0F == 8 and head % 31 == 0)
             decoder = self.decoder = zlib.decompressobj(15 if wrapped else -15)
         try:
-            return decoder.decompress(block)
+            data = decoder.decompress(block, BACKEND_DECODED_BLOCK_MAX)
         except zlib.error:
             coding = self.headers.get("content-encoding") or "compressed"
             raise BackendHTTPError(f"answered a {coding} body that does not decode") from None
+        if decoder.unconsumed_tail:  # a few kB that would be gigabytes: not an API's answer
+            raise BackendHTTPError("answered a compressed body that expands too far")
+        return data
 
     def fail(self, error: BackendHTTPError) -> None:
         if self.error is None:

@@ -901,3 +901,26 @@ async def test_an_https_proxy_nexus_cannot_use_is_named_without_its_password(
         assert "pw-secret" not in str(failure.value)
     finally:
         pool.close()
+
+
+async def test_a_compressed_answer_that_expands_too_far_is_an_error(
+    pool, raw_server, monkeypatch
+) -> None:
+    """A few kB that would become gigabytes (a zip bomb) end the answer, not Nexus's memory."""
+    monkeypatch.setattr(nexus, "BACKEND_DECODED_BLOCK_MAX", 1024 * 1024)
+    packer = zlib.compressobj(wbits=31)
+    packed = packer.compress(b"\0" * (4 * 1024 * 1024)) + packer.flush()
+    assert len(packed) < 16 * 1024
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n%s"
+            % (len(packed), packed)
+        )
+        await writer.drain()
+        await reader.read()
+
+    url = await raw_server(script)
+    with pytest.raises(nexus.BackendHTTPError, match="expands"):
+        await pool.fetch("GET", url + "/v1/models", {})
