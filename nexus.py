@@ -56,11 +56,13 @@ import tomllib
 import urllib.error
 import urllib.parse
 import urllib.request
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import aiohappyeyeballs  # comes with aiohttp: dual-stack connects (RFC 8305)
 import ifaddr  # comes with zeroconf: the machine's interfaces, for announcing
 import tiktoken
 from aiohttp import web
@@ -347,7 +349,7 @@ def _convert_field(key: str, value: Any, default: Any, cls: type, name: str) -> 
     if isinstance(default, dict):
         if not isinstance(value, dict):
             raise ConfigError(key, f"expected a table, got {value!r}")
-        return value
+        return {**default, **value}  # a partial table (routing.weights) keeps the other defaults
     if isinstance(default, list):
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(key, f"expected a list of strings, got {value!r}")
@@ -3158,21 +3160,25 @@ def no_capacity(
 # Why not aiohttp's client: a request through its ClientSession cost a bare relay about 0.17 ms
 # of CPU here (URL objects, multidict headers, cookies, traces, payload registry), twice all the
 # rest of the relay (`make bench`). Backends are JSON and SSE APIs, so this asks for no
-# compression, follows no redirects and uses no proxy; each connection carries one request at
-# a time.
+# compression (and decodes gzip from a server that compresses anyway) and follows no redirects
+# (a clear error instead); each connection carries one request at a time. Connecting is where
+# the rest is: Happy Eyeballs for dual-stack names, HTTPS_PROXY's tunnel for https backends.
 
 BACKEND_HEAD_MAX = 16 * 1024  # an answer's status line and headers
 BACKEND_CHUNK_LINE_MAX = 1024  # a chunk's size line, extensions included
 BACKEND_BUFFER_HIGH = 256 * 1024  # unread body bytes at which reading the socket pauses
-BACKEND_KEEPALIVE_SECONDS = 60.0  # an idle connection older than this is closed, not reused
+BACKEND_DECODED_BLOCK_MAX = 64 * 1024 * 1024  # what one compressed network read may become
+# An idle connection older than this is closed, not reused. A request is never sent twice (a
+# backend may have acted on it), so a connection is not reused when its server may be closing
+# it: local servers close idle ones after 5 s (vLLM's uvicorn, llama-server, LM Studio's Node),
+# and a new one costs them well under a millisecond; a TLS handshake to a cloud costs more.
+BACKEND_KEEPALIVE_SECONDS = 4.0  # http
+BACKEND_TLS_KEEPALIVE_SECONDS = 60.0  # https
 BACKEND_DRAIN_SECONDS = 2.0  # how long a finished stream's last bytes are waited for
-# A reused connection found closed this soon after a request went out, before any byte of an
-# answer, met the backend's own keep-alive limit: the request goes again on a new connection.
-# Later, the backend may have taken the request and died on it: that is a failure, not resent.
-BACKEND_RACE_SECONDS = 0.25
 BACKEND_USER_AGENT = f"nexus/{__version__}"
 
 Origin = tuple[str, str, int]  # scheme, host, port: which connections can serve a URL
+BARE_LF_HEAD = "answered a head whose lines end in a bare LF, not CRLF"
 
 
 class BackendHTTPError(Exception):
@@ -3223,7 +3229,8 @@ def request_start(method: str, url: str) -> tuple[Origin, str]:
     origin, target, host = split_url(url)
     return (
         origin,
-        f"{method} {target} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: {BACKEND_USER_AGENT}\r\n",
+        f"{method} {target} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: {BACKEND_USER_AGENT}\r\n"
+        "Accept-Encoding: identity\r\n",  # JSON and SSE, read as they come: no compression
     )
 
 
@@ -3244,6 +3251,21 @@ def encode_request(
     return origin, "".join(lines).encode() + body
 
 
+def body_decoder(coding: str | None) -> Any:
+    """What decodes a body in this Content-Encoding: None for none, a zlib decompressor for
+    gzip, True for deflate (its first bytes decide which); another encoding is an error."""
+    if coding is None:
+        return None
+    coding = coding.strip().lower()
+    if coding in ("gzip", "x-gzip"):
+        return zlib.decompressobj(31)
+    if coding == "deflate":
+        return True
+    if coding in ("", "identity"):
+        return None
+    raise BackendHTTPError(f"answered a body in an encoding Nexus cannot decode: {coding[:40]}")
+
+
 class BackendConnection(asyncio.Protocol):
     """One connection to a backend and the answer it is reading, one request at a time.
 
@@ -3259,10 +3281,11 @@ class BackendConnection(asyncio.Protocol):
         "buffered",
         "closed",
         "collect",
+        "decoder",
         "drain",
+        "drain_timer",
         "error",
         "headers",
-        "heard",
         "idle_since",
         "keep_alive",
         "left",
@@ -3270,7 +3293,6 @@ class BackendConnection(asyncio.Protocol):
         "paused",
         "pool",
         "rest",
-        "sent_at",
         "state",
         "status",
         "transport",
@@ -3290,15 +3312,17 @@ class BackendConnection(asyncio.Protocol):
         self.left = 0  # body bytes still to come (length), or of this chunk; -1: its CRLF next
         self.status = 0
         self.headers: dict[str, str] = {}
+        # The answer's Content-Encoding, when a server compresses although asked not to: a zlib
+        # decompressor, or True for deflate until its first bytes say zlib-wrapped or raw.
+        self.decoder: Any = None
         self.keep_alive = True
         self.error: BackendHTTPError | None = None
         self.waiter: asyncio.Future[None] | None = None
         self.paused = False
         self.collect = False  # read() takes the whole body: no pausing for it
         self.drain = False  # released before its answer's last bytes: back to the pool with them
+        self.drain_timer: asyncio.TimerHandle | None = None  # closes it if they never come
         self.whole = False  # set by a reader that saw its answer's last event
-        self.heard = False  # whether any byte of the answer came
-        self.sent_at = 0.0  # when the request went out (loop time)
         self.closed = False
         self.idle_since = 0.0
 
@@ -3308,7 +3332,6 @@ class BackendConnection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        self.heard = True
         if self.rest:
             data, self.rest = self.rest + data, b""
         try:
@@ -3320,6 +3343,8 @@ class BackendConnection(asyncio.Protocol):
             self.fail(BackendHTTPError("answered something Nexus cannot parse"))
         if self.state == "done" and self.drain:
             self.drain = False
+            self.drain_timer.cancel()  # type: ignore[union-attr]
+            self.drain_timer = None
             self.release()
         self.wake()
 
@@ -3384,6 +3409,8 @@ class BackendConnection(asyncio.Protocol):
                 if head_end < 0:
                     if end - pos > BACKEND_HEAD_MAX:
                         raise BackendHTTPError("answered a head too long")
+                    if data.find(b"\n\n", pos) >= 0:
+                        raise BackendHTTPError(BARE_LF_HEAD)
                     break
                 self.read_head(data[pos:head_end])
                 pos = head_end + 4
@@ -3395,7 +3422,10 @@ class BackendConnection(asyncio.Protocol):
             self.rest = data[pos:]
 
     def read_head(self, head: bytes) -> None:
-        lines = head.decode("latin-1").split("\r\n")  # latin-1: any byte, one character each
+        text = head.decode("latin-1")  # latin-1: any byte, one character each
+        if text.count("\n") != text.count("\r\n"):
+            raise BackendHTTPError(BARE_LF_HEAD)
+        lines = text.split("\r\n")
         first = lines[0]
         code = first[9:12]
         if (
@@ -3404,16 +3434,28 @@ class BackendConnection(asyncio.Protocol):
             or first[12:13] not in " "
         ):
             raise BackendHTTPError("answered something that is not HTTP")
-        headers = {}
+        headers: dict[str, str] = {}
         for line in lines[1:]:
             name, colon, value = line.partition(":")
-            if not colon or "\n" in value or "\0" in value:
+            if not colon or "\0" in value:
                 raise BackendHTTPError("answered a malformed header")
-            headers[name.strip().lower()] = value.strip()
+            name, value = name.strip().lower(), value.strip()
+            if name in headers:  # repeated: one list, as HTTP says; never two body lengths
+                if name == "content-length":
+                    raise BackendHTTPError("answered more than one Content-Length")
+                value = f"{headers[name]}, {value}"
+            headers[name] = value
         status = int(code)
         if status < 200:
             return  # an interim answer (100 Continue): the real one follows
+        if 300 <= status < 400 and status != 304:
+            where = headers.get("location", "")[:200] or "no Location given"
+            raise BackendHTTPError(
+                f"answered a redirect ({status}) to {where}; Nexus follows none: "
+                "set the backend's url to where it points"
+            )
         self.keep_alive = first[7:8] == "1" and "close" not in headers.get("connection", "").lower()
+        self.decoder = body_decoder(headers.get("content-encoding"))
         coding = headers.get("transfer-encoding")
         length = headers.get("content-length")
         if status in (204, 304):
@@ -3437,11 +3479,30 @@ class BackendConnection(asyncio.Protocol):
     def add_body(self, block: bytes) -> None:
         if self.drain:
             return  # the reader is gone; only the answer's end is awaited
+        if self.decoder is not None:
+            block = self.decode(block)
+            if not block:
+                return  # a compressed header, or a block that completes nothing yet
         self.body.append(block)
         self.buffered += len(block)
         if self.buffered >= BACKEND_BUFFER_HIGH and not self.paused and not self.collect:
             self.paused = True
             self.transport.pause_reading()  # type: ignore[union-attr]
+
+    def decode(self, block: bytes) -> bytes:
+        decoder = self.decoder
+        if decoder is True:  # deflate: zlib-wrapped as HTTP says, or raw as some servers send
+            head = int.from_bytes(block[:2])
+            wrapped = len(block) < 2 or (block[0] & 0x0F == 8 and head % 31 == 0)
+            decoder = self.decoder = zlib.decompressobj(15 if wrapped else -15)
+        try:
+            data = decoder.decompress(block, BACKEND_DECODED_BLOCK_MAX)
+        except zlib.error:
+            coding = self.headers.get("content-encoding") or "compressed"
+            raise BackendHTTPError(f"answered a {coding} body that does not decode") from None
+        if decoder.unconsumed_tail:  # a few kB that would be gigabytes: not an API's answer
+            raise BackendHTTPError("answered a compressed body that expands too far")
+        return data
 
     def fail(self, error: BackendHTTPError) -> None:
         if self.error is None:
@@ -3466,8 +3527,7 @@ class BackendConnection(asyncio.Protocol):
 
     async def send(self, data: bytes) -> None:
         """Write a request and wait for its answer's head; on any failure, close."""
-        self.state, self.status, self.error, self.heard, self.whole = "head", 0, None, False, False
-        self.sent_at = self.pool.loop.time()
+        self.state, self.status, self.error, self.whole = "head", 0, None, False
         self.transport.write(data)  # type: ignore[union-attr]
         try:
             while not self.status:
@@ -3530,11 +3590,12 @@ class BackendConnection(asyncio.Protocol):
         elif self.whole and reusable and self.state in ("chunked", "trailer"):
             self.drain = True
             self.take()
-            self.pool.loop.call_later(BACKEND_DRAIN_SECONDS, self.end_drain)
+            self.drain_timer = self.pool.loop.call_later(BACKEND_DRAIN_SECONDS, self.end_drain)
         else:
             self.close()
 
     def end_drain(self) -> None:
+        self.drain_timer = None
         if self.drain:  # the last bytes never came
             self.drain = False
             self.close()
@@ -3543,6 +3604,97 @@ class BackendConnection(asyncio.Protocol):
         self.keep_alive = False
         if self.transport is not None and not self.closed:
             self.transport.close()
+
+
+BACKEND_HAPPY_EYEBALLS_DELAY = 0.25  # RFC 8305: the next address is tried this much later
+
+
+def is_address(host: str) -> bool:
+    """Whether a host is an IP address (one address to connect to), not a name."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False  # a name, or an IPv6 address with a zone, which the resolver reads
+    return True
+
+
+async def open_socket(loop: asyncio.AbstractEventLoop, host: str, port: int) -> socket.socket:
+    """A TCP socket connected to host:port. A name with IPv6 and IPv4 addresses is connected
+    with Happy Eyeballs (RFC 8305): where IPv6 is broken, IPv4 answers a moment later, not
+    after a timeout."""
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    sock = await aiohappyeyeballs.start_connection(
+        infos, happy_eyeballs_delay=BACKEND_HAPPY_EYEBALLS_DELAY, loop=loop
+    )
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # requests go out whole, at once
+    return sock
+
+
+@dataclass(frozen=True, slots=True)
+class Proxy:
+    """An HTTP proxy that https connections are tunnelled through (CONNECT)."""
+
+    host: str
+    port: int
+    authorization: str | None  # a Proxy-Authorization value, from the proxy URL's user:password
+
+
+def https_proxy(proxies: dict[str, str]) -> Proxy | None:
+    """The proxy for https backends from HTTPS_PROXY (or https_proxy), the way curl reads it."""
+    url = proxies.get("https")
+    if not url:
+        return None
+    parts = urllib.parse.urlsplit(url if "://" in url else "http://" + url)
+    try:
+        port = parts.port or 80
+    except ValueError:
+        port = 0
+    if parts.scheme != "http" or not parts.hostname or not port:
+        raise BackendHTTPError(  # its value may hold a password: not shown
+            "cannot use HTTPS_PROXY: expected http://[user:password@]host:port"
+        )
+    authorization = None
+    if parts.username is not None:
+        user = urllib.parse.unquote(parts.username)
+        secret = urllib.parse.unquote(parts.password or "")
+        authorization = (
+            "Basic " + binascii.b2a_base64(f"{user}:{secret}".encode(), newline=False).decode()
+        )
+    return Proxy(parts.hostname, port, authorization)
+
+
+async def open_tunnel(
+    loop: asyncio.AbstractEventLoop, proxy: Proxy, host: str, port: int
+) -> socket.socket:
+    """A socket connected to host:port through the proxy's CONNECT tunnel."""
+    sock = await open_socket(loop, proxy.host, proxy.port)
+    try:
+        authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        head = f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n"
+        head += f"User-Agent: {BACKEND_USER_AGENT}\r\n"
+        if proxy.authorization:
+            head += f"Proxy-Authorization: {proxy.authorization}\r\n"
+        await loop.sock_sendall(sock, (head + "\r\n").encode())
+        answer = b""
+        while b"\r\n\r\n" not in answer:  # nothing follows it before the TLS handshake
+            data = await loop.sock_recv(sock, 4096)
+            if not data or len(answer) > BACKEND_HEAD_MAX:
+                raise BackendHTTPError(f"the proxy {proxy.host} gave no tunnel to {authority}")
+            answer += data
+        status = answer.split(b"\r\n", 1)[0].decode("latin-1")
+        if status[9:12] != "200" or not answer.endswith(b"\r\n\r\n"):
+            raise BackendHTTPError(
+                f"the proxy {proxy.host} refused a tunnel to {authority}: {status[:100]}"
+            )
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def keepalive_seconds(origin: Origin) -> float:
+    """How long an idle connection to this origin may be reused."""
+    return BACKEND_TLS_KEEPALIVE_SECONDS if origin[0] == "https" else BACKEND_KEEPALIVE_SECONDS
 
 
 class BackendPool:
@@ -3555,6 +3707,14 @@ class BackendPool:
         self.idle: dict[Origin, collections.deque[BackendConnection]] = {}
         self.open: set[BackendConnection] = set()
         self.closing = False
+        # HTTPS_PROXY for https backends (clouds), except hosts NO_PROXY names; http backends,
+        # the local servers, are reached directly. Read once, as Nexus starts.
+        self.proxies = urllib.request.getproxies_environment()
+        self.proxy_error: BackendHTTPError | None = None
+        try:
+            self.https_proxy = https_proxy(self.proxies)
+        except BackendHTTPError as exc:  # every https connection says so
+            self.https_proxy, self.proxy_error = None, exc
 
     async def request(
         self,
@@ -3567,18 +3727,9 @@ class BackendPool:
         """Send a request; the connection carrying its answer, once the answer's head is in."""
         origin, data = encode_request(method, url, headers, body, keep_alive)
         conn = self.reuse(origin) if keep_alive else None
-        if conn is not None:
-            try:
-                await conn.send(data)
-                return conn
-            except BackendHTTPError:
-                if conn.heard or self.loop.time() - conn.sent_at > BACKEND_RACE_SECONDS:
-                    raise
-                # The backend closed the idle connection as the request went out (its
-                # keep-alive limit): nothing was answered, so the request goes again once, on
-                # a new connection.
-        conn = await self.connect(origin)
-        await conn.send(data)
+        if conn is None:
+            conn = await self.connect(origin)
+        await conn.send(data)  # once: a failure is the attempt's, however soon it comes
         return conn
 
     async def fetch(
@@ -3597,7 +3748,7 @@ class BackendPool:
         idle = self.idle.get(origin)
         if not idle:
             return None
-        oldest = self.loop.time() - BACKEND_KEEPALIVE_SECONDS
+        oldest = self.loop.time() - keepalive_seconds(origin)
         while idle:
             conn = idle.pop()
             if conn.idle_since < oldest:  # the rest are older still
@@ -3615,8 +3766,8 @@ class BackendPool:
         idle = self.idle.get(conn.origin)
         if idle is None:
             idle = self.idle[conn.origin] = collections.deque()
-        while idle and now - idle[0].idle_since > BACKEND_KEEPALIVE_SECONDS:
-            idle.popleft().close()  # the oldest, unused for a minute
+        while idle and now - idle[0].idle_since > keepalive_seconds(conn.origin):
+            idle.popleft().close()  # the oldest, idle past its keep-alive limit
         idle.append(conn)
 
     async def connect(self, origin: Origin) -> BackendConnection:
@@ -3624,20 +3775,52 @@ class BackendPool:
         tls = (self.tls or tls_context()) if scheme == "https" else None
         try:
             async with asyncio.timeout(self.connect_timeout):
-                _, conn = await self.loop.create_connection(
-                    lambda: BackendConnection(self, origin), host, port, ssl=tls
-                )
+                proxy = self.proxy_for(origin)
+                if proxy is None and is_address(host):  # nothing to race: the loop's own connect
+                    _, conn = await self.loop.create_connection(
+                        lambda: BackendConnection(self, origin), host, port, ssl=tls
+                    )
+                    return self.opened(conn)
+                if proxy is None:
+                    sock = await open_socket(self.loop, host, port)
+                else:
+                    sock = await open_tunnel(self.loop, proxy, host, port)
+                try:
+                    _, conn = await self.loop.create_connection(
+                        lambda: BackendConnection(self, origin),
+                        sock=sock,
+                        ssl=tls,
+                        server_hostname=host if tls else None,
+                    )
+                except BaseException:
+                    sock.close()
+                    raise
         except TimeoutError:
             raise BackendConnectTimeout(
                 f"timed out connecting ({self.connect_timeout:g} s, server.connect_timeout_seconds)"
             ) from None
         except OSError as exc:  # refused, unreachable, no such host, certificate refused
             raise BackendHTTPError(f"could not connect: {connect_problem(exc)}") from None
+        return self.opened(conn)
+
+    def opened(self, conn: BackendConnection) -> BackendConnection:
         if self.closing:  # Nexus stopped while this connection was being made
             conn.close()
             raise BackendHTTPError("Nexus is shutting down")
         self.open.add(conn)
         return conn
+
+    def proxy_for(self, origin: Origin) -> Proxy | None:
+        """The proxy to tunnel through to this origin, if any."""
+        if origin[0] != "https":
+            return None
+        if self.proxy_error is not None:
+            raise self.proxy_error
+        if self.https_proxy is None or urllib.request.proxy_bypass_environment(
+            origin[1], self.proxies
+        ):
+            return None
+        return self.https_proxy
 
     def close(self) -> None:
         self.closing = True
@@ -3732,7 +3915,10 @@ class OpenAICompatibleAdapter:
     api = "openai"  # the API the backend speaks
 
     def headers(self, backend: Backend) -> dict[str, str]:
-        return {}
+        """What every request and poll carries: the Bearer key of a server started with one
+        (vLLM or llama-server --api-key, LM Studio with auth, a cloud); a new dict each time."""
+        key = os.environ.get(backend.api_key_env) if backend.api_key_env else None
+        return {"Authorization": f"Bearer {key}"} if key else {}
 
     def request_body(self, payload: dict[str, Any]) -> bytes:
         """The request to send, from the chat/completions payload."""
@@ -3783,7 +3969,9 @@ class VllmAdapter(OpenAICompatibleAdapter):
     stream_usage = True
 
     async def poll(self, pool: BackendPool, backend: Backend) -> dict[str, Model]:
-        status, _ = await pool.fetch("GET", backend.url + "/health", {}, limit=POLL_MAX_BODY)
+        status, _ = await pool.fetch(
+            "GET", backend.url + "/health", self.headers(backend), limit=POLL_MAX_BODY
+        )
         if status != 200:
             raise BackendReplyError(status_problem(status, "/health"))
         return await super().poll(pool, backend)
@@ -3864,10 +4052,12 @@ class LlamaCppAdapter(OpenAICompatibleAdapter):
         raise BackendReplyError(f"{path} answered HTTP {status}: {why[:200]}")
 
     async def poll(self, pool: BackendPool, backend: Backend) -> dict[str, Model]:
-        status, _ = await pool.fetch("GET", backend.url + "/health", {}, limit=POLL_MAX_BODY)
+        status, _ = await pool.fetch(
+            "GET", backend.url + "/health", self.headers(backend), limit=POLL_MAX_BODY
+        )
         if status != 200:
             raise BackendReplyError(status_problem(status, "/health"))
-        props = await fetch_json(pool, "GET", backend.url + "/props")
+        props = await fetch_json(pool, "GET", backend.url + "/props", self.headers(backend))
         data = await fetch_json(pool, "GET", backend.url + "/v1/models", self.headers(backend))
         models = models_from_openai_list(data)
         backend.loaded = router_loaded(data)
@@ -3891,7 +4081,7 @@ class LmStudioAdapter(OpenAICompatibleAdapter):
     and whether each model is loaded (`state`)."""
 
     async def poll(self, pool: BackendPool, backend: Backend) -> dict[str, Model]:
-        data = await fetch_json(pool, "GET", backend.url + "/api/v0/models")
+        data = await fetch_json(pool, "GET", backend.url + "/api/v0/models", self.headers(backend))
         if not isinstance(data, dict) or not isinstance(data.get("data"), list):
             raise BackendReplyError("not an LLM server: /api/v0/models has no data list")
         models = {}
@@ -3958,7 +4148,7 @@ class OllamaAdapter(OpenAICompatibleAdapter):
             return None
 
     async def loaded_models(self, pool: BackendPool, backend: Backend) -> dict[str, int] | None:
-        data = await fetch_json(pool, "GET", backend.url + "/api/ps")
+        data = await fetch_json(pool, "GET", backend.url + "/api/ps", self.headers(backend))
         if not isinstance(data, dict) or not isinstance(data.get("models"), list):
             raise BackendReplyError("/api/ps: no models list")
         loaded = {}
@@ -3985,7 +4175,8 @@ class OllamaAdapter(OpenAICompatibleAdapter):
         payload = {"model": model, "keep_alive": keep_alive, "stream": False}
         body = json.dumps(payload).encode()
         url = backend.url + "/api/generate"
-        status, answer = await pool.fetch("POST", url, JSON_HEADERS, body, limit=POLL_MAX_BODY)
+        headers = {**self.headers(backend), **JSON_HEADERS}
+        status, answer = await pool.fetch("POST", url, headers, body, limit=POLL_MAX_BODY)
         if status != 200:
             try:
                 why = str(json.loads(answer)["error"])
@@ -3994,7 +4185,7 @@ class OllamaAdapter(OpenAICompatibleAdapter):
             raise BackendReplyError(f"/api/generate answered HTTP {status}: {why[:200]}")
 
     async def models(self, pool: BackendPool, backend: Backend) -> dict[str, Model]:
-        data = await fetch_json(pool, "GET", backend.url + "/api/tags")
+        data = await fetch_json(pool, "GET", backend.url + "/api/tags", self.headers(backend))
         if not isinstance(data, dict) or not isinstance(data.get("models"), list):
             raise BackendReplyError("not an LLM server: /api/tags has no models list")
         keys = {}
@@ -4016,13 +4207,18 @@ class OllamaAdapter(OpenAICompatibleAdapter):
                 model.size = sizes[key[1]]  # the same for the same digest
                 self.details[key] = model
 
-        await asyncio.gather(*(learn(k) for k in set(keys.values()) if k not in self.details))
+        shows = [asyncio.ensure_future(learn(k)) for k in set(keys.values()) - self.details.keys()]
+        try:
+            await asyncio.gather(*shows)
+        finally:  # one failed (or the poll timed out): the others stop with the poll
+            for show in shows:
+                show.cancel()
         return {name: self.details[key] for name, key in keys.items()}
 
     async def show(self, pool: BackendPool, backend: Backend, name: str) -> Model:
         try:
             info = await fetch_json(
-                pool, "POST", backend.url + "/api/show", payload={"model": name}
+                pool, "POST", backend.url + "/api/show", self.headers(backend), {"model": name}
             )
         except BackendReplyError:
             return Model(id=name)
@@ -4049,9 +4245,6 @@ class OpenAICloudAdapter(OpenAICompatibleAdapter):
     """OpenAI's API (or any cloud speaking it): Bearer key read from the environment."""
 
     stream_usage = True
-
-    def headers(self, backend: Backend) -> dict[str, str]:
-        return {"Authorization": f"Bearer {os.environ.get(backend.api_key_env, '')}"}
 
 
 class AnthropicAdapter(OpenAICompatibleAdapter):
@@ -4810,7 +5003,17 @@ def start_operation(
 
 JSON_HEADERS = {"Content-Type": "application/json"}
 SYSTEM_ROLES = ("system", "developer")
-CONTEXT_ERROR_WORDS = ("context length", "context_length", "maximum context", "too long", "n_ctx")
+# How each backend says a prompt (with max_tokens) is over its context, lower-cased; anything
+# vaguer ("too long") also matches 400s about a field's length, which are the client's to fix.
+CONTEXT_ERROR_MARKERS = (
+    "context_length_exceeded",  # OpenAI's code
+    "maximum context length",  # vLLM, OpenAI: "This model's maximum context length is 8192..."
+    "exceeds the context window",  # OpenAI: "Your input exceeds the context window..."
+    "exceed_context_size_error",  # llama.cpp server's type
+    "exceeds the available context size",  # llama.cpp server's message
+    "exceeds the context length",  # Ollama: "the input length exceeds the context length"
+    "prompt is too long:",  # Anthropic: "prompt is too long: 208310 tokens > 200000 maximum"
+)
 
 
 # Retries on the same backend (only when it is the only candidate) wait a little first; a
@@ -4932,7 +5135,7 @@ def scrubbed_messages(messages: list[Any]) -> list[Any]:
 
 def is_context_error(status: int, text: str) -> bool:
     lowered = text.lower()
-    return status in (400, 413) and any(word in lowered for word in CONTEXT_ERROR_WORDS)
+    return status in (400, 413) and any(marker in lowered for marker in CONTEXT_ERROR_MARKERS)
 
 
 # How backends give the sizes in a too-long refusal: llama.cpp's words (it also sends n_ctx
@@ -5194,10 +5397,15 @@ async def proxy(
         ask_usage = (
             stream and not client_wants_usage and ADAPTERS[attempt.backend.type].stream_usage
         )
-        if speaks_natively(fmt, ADAPTERS[attempt.backend.type]):
-            payload = native_payload(fmt, attempt)
-        else:
-            payload = attempt_payload(body, raw, attempt, ask_usage)
+        try:  # a request this backend's API cannot carry: the next attempt may take it
+            ADAPTERS[backend.type].url(backend, endpoint)
+            if speaks_natively(fmt, ADAPTERS[backend.type]):
+                payload = native_payload(fmt, attempt)
+            else:
+                payload = attempt_payload(body, raw, attempt, ask_usage)
+        except NexusError as error:
+            failure = AttemptFailed(error)
+            continue
         same_backend_retries = 0
         while True:
             if loop.time() >= deadline:
@@ -5354,14 +5562,18 @@ async def send_attempt(
     try:
         try:
             url = adapter.url(backend, endpoint)
+            # A non-streamed answer comes when it is done: only the request's limit bounds it.
             upstream = await limits.wait(
-                app[CLIENT].request("POST", url, headers, payload), limits.first_byte_by
+                app[CLIENT].request("POST", url, headers, payload),
+                limits.first_byte_by if stream else deadline,
             )
             if upstream.status >= 400 or not stream:
                 if upstream.complete:  # all of it came with the headers: no wait
                     answer = await upstream.read()
                 else:
-                    answer = await limits.wait(upstream.read(), limits.read_by())
+                    answer = await limits.wait(
+                        upstream.read(), limits.read_by() if stream else deadline
+                    )
         except TimeoutError:
             raise attempt_failure(app, backend, 504, "timed out before answering") from None
         except BackendHTTPError as exc:
@@ -5595,9 +5807,23 @@ def native_payload(fmt: Any, attempt: Attempt) -> bytes:
     is set, and a scrubbed overflow keeps the system prompt and the last user turn."""
     payload = dict(fmt.native_body, model=attempt.model)
     if attempt.scrub and isinstance(payload.get("messages"), list):
-        users = [m for m in payload["messages"] if isinstance(m, dict) and m.get("role") == "user"]
-        payload["messages"] = users[-1:]
+        payload["messages"] = scrubbed_user_turn(payload["messages"])
     return json.dumps(payload).encode()
+
+
+def scrubbed_user_turn(messages: list[Any]) -> list[Any]:
+    """The last user turn of a Messages conversation that says something itself, without its
+    tool results: as in chat, tool results are not the user's turn, and one without the
+    assistant's tool_use it answers is refused by the API."""
+    users = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
+    for message in reversed(users):
+        content = message.get("content")
+        if not isinstance(content, list):
+            return [message]  # plain text
+        said = [b for b in content if not (isinstance(b, dict) and b.get("type") == "tool_result")]
+        if said:
+            return [dict(message, content=said)]
+    return users[-1:]
 
 
 async def relay_native_stream(

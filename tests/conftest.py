@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -86,6 +87,9 @@ class MockBackend:
         # API wants it; every request's headers are kept in `received` either way.
         self.api_key = "sk-test-" + name
         self.auth_failures = 0
+        # A local server started with a key (vLLM or llama-server --api-key) wants it as a
+        # Bearer token too; set before start().
+        self.key_required = kind in ("openai", "anthropic")
         # Anthropic answers: a tool call to make ({"name", "input"}), the stop reason, usage.
         self.tool_call: dict[str, Any] | None = None
         self.stop_reason = "end_turn"
@@ -106,7 +110,7 @@ class MockBackend:
 
     def build_app(self) -> web.Application:
         """The backend's API as an aiohttp app (start() serves it; a test may serve it itself)."""
-        middlewares = [self.check_auth] if self.kind in ("openai", "anthropic") else []
+        middlewares = [self.check_auth] if self.key_required else []
         app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=middlewares)
         if self.kind == "anthropic":
             app.router.add_post("/v1/messages", self.anthropic_messages)
@@ -134,8 +138,9 @@ class MockBackend:
 
     @web.middleware
     async def check_auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        """A cloud API's door: OpenAI wants a Bearer key, Anthropic x-api-key and a version."""
-        if self.kind == "openai":
+        """A cloud API's door: OpenAI (and a keyed local server) wants a Bearer key, Anthropic
+        x-api-key and a version."""
+        if self.kind != "anthropic":
             ok = request.headers.get("Authorization") == f"Bearer {self.api_key}"
         else:
             ok = (
@@ -613,3 +618,70 @@ async def nexus_factory(
     yield make
     for server in running:
         await server.close()
+
+
+# --- TLS and proxies ------------------------------------------------------------------------
+
+
+def self_signed(tmp_path: Path, name: str) -> tuple[Path, Path]:
+    """A certificate for `name` (and its key), signed by itself."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+            *("-subj", f"/CN={name}", "-addext", f"subjectAltName=DNS:{name}"),
+            *("-keyout", str(key), "-out", str(cert)),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    return cert, key
+
+
+class ConnectProxy:
+    """An HTTP proxy that only tunnels (CONNECT), as an offline lab's way to the cloud is. It
+    resolves names itself: `cloud.test` is 127.0.0.1 here and nowhere else."""
+
+    def __init__(self, refuse: bytes | None = None) -> None:
+        self.refuse = refuse
+        self.requests: list[bytes] = []
+        self.tunnelled = 0  # bytes carried from the client through the tunnel
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self.serve, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            self.requests.append(head)
+            method, target, _ = head.split(b"\r\n", 1)[0].split(b" ")
+            if self.refuse is not None or method != b"CONNECT":
+                writer.write(self.refuse or b"HTTP/1.1 405 Method Not Allowed\r\n\r\n")
+                return
+            host, _, port = target.rpartition(b":")
+            address = "127.0.0.1" if host == b"cloud.test" else host.decode()
+            up_reader, up_writer = await asyncio.open_connection(address, int(port))
+            writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+
+            async def pipe(src, dst, count: bool) -> None:
+                with contextlib.suppress(ConnectionError):
+                    while data := await src.read(65536):
+                        if count:
+                            self.tunnelled += len(data)
+                        dst.write(data)
+                        await dst.drain()
+                dst.close()
+
+            await asyncio.gather(pipe(reader, up_writer, True), pipe(up_reader, writer, False))
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()

@@ -295,7 +295,8 @@ async def test_504_backend_hangs(backend_factory, nexus_factory):
         return web.json_response({})
 
     backend.behaviours = [hang]
-    toml = "[server]\nfirst_byte_timeout_seconds = 0.5\n" + backends_toml(backend)
+    # A non-streamed answer is bounded by the whole request's limit (no first-byte limit).
+    toml = "[server]\nrequest_timeout_seconds = 0.5\n" + backends_toml(backend)
     nx = await nexus_factory(toml)
     started = time.monotonic()
     with pytest.raises(openai.APIStatusError) as caught:

@@ -3,18 +3,26 @@ aiohttp apps for well-behaved answers, raw sockets for the exact bytes a broken 
 
 from __future__ import annotations
 
+import ast
 import asyncio
+import importlib.metadata
+import json
+import re
 import socket
 import ssl
 import struct
 import subprocess
+import sys
+import tomllib
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from conftest import free_port, unaccepting_listener
+from conftest import ROOT, ConnectProxy, free_port, self_signed, unaccepting_listener
+from netns import isolated_namespace, requires_root
 
 import nexus
 
@@ -172,6 +180,23 @@ async def test_an_interim_answer_is_skipped(pool, raw_server) -> None:
         (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcXY", "malformed chunk"),
         (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab", "in the middle"),
         (b"HTTP/1.1 200 OK\r\n" + b"X-Pad: " + b"a" * 70_000, "head too long"),
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 12\r\n\r\nhi",
+            "more than one Content-Length",
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\ncontent-length: 2\r\n\r\nhi",
+            "more than one Content-Length",
+        ),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2, 2\r\n\r\nhi", "bad Content-Length"),
+        (b"HTTP/1.1 200 OK\nContent-Length: 2\n\nhi", "bare LF"),
+        (b"HTTP/1.1 200 OK\nContent-Length: 2\r\n\r\nhi", "bare LF"),
+        (
+            b"HTTP/1.1 301 Moved Permanently\r\nLocation: https://api.example.com/v1/models\r\n"
+            b"Content-Length: 0\r\n\r\n",
+            r"redirect \(301\) to https://api.example.com/v1/models",
+        ),
+        (b"HTTP/1.1 307 Temporary Redirect\r\nContent-Length: 0\r\n\r\n", r"redirect \(307\)"),
     ],
 )
 async def test_a_broken_answer_is_an_error_and_the_connection_is_dropped(
@@ -206,12 +231,8 @@ async def test_a_line_break_in_a_header_is_refused_without_showing_it(pool, app_
     assert "Authorization" in str(failure.value) and "sk-secret" not in str(failure.value)
 
 
-@pytest.mark.parametrize("closes", ["while idle", "as the next request arrives"])
-async def test_a_connection_the_backend_closed_is_not_used_again(
-    pool, raw_server, closes: str
-) -> None:
-    """As a server's keep-alive limit does. When the close meets a request that went out, the
-    request goes again on a new connection: nothing was answered."""
+async def test_a_connection_the_backend_closed_is_not_used_again(pool, raw_server) -> None:
+    """As a server's keep-alive limit does, while the connection is idle."""
     connections = 0
 
     async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -220,16 +241,13 @@ async def test_a_connection_the_backend_closed_is_not_used_again(
         await read_request(reader)
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
         await writer.drain()
-        if closes != "while idle":
-            await reader.readuntil(b"\r\n\r\n")  # the next request arrives; closed unanswered
 
     url = await raw_server(script)
     for _ in range(3):
         conn = await pool.request("POST", url + "/", {}, b"")
         assert await asyncio.wait_for(conn.read(), 2) == b"ok"
         conn.release()
-        if closes == "while idle":
-            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)
     assert connections == 3
 
 
@@ -341,6 +359,32 @@ async def test_https_backends_are_reached_over_tls(pool, tmp_path: Path) -> None
             trusting.close()
     finally:
         await server.close()
+
+
+def test_every_package_nexus_imports_is_declared() -> None:
+    """certifi (the https backends' certificates where the system's cannot be found) and
+    aiohappyeyeballs (dual-stack connects) are imported by Nexus itself: declared and pinned,
+    not there by accident because aiohttp or requests brings them."""
+    tree = ast.parse((ROOT / "nexus.py").read_text(encoding="utf-8"))
+    modules = set()
+    for node in ast.walk(tree):  # imports inside functions too
+        if isinstance(node, ast.Import):
+            modules |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            modules.add(node.module.split(".")[0])
+    distributions = importlib.metadata.packages_distributions()
+    wanted = {
+        distributions[m][0].lower()
+        for m in modules
+        if m not in sys.stdlib_module_names and m != "__future__"
+    }
+    assert {"certifi", "aiohappyeyeballs"} <= wanted
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    declared = {re.split(r"[=<>; ]", d, maxsplit=1)[0].lower() for d in project["dependencies"]}
+    assert wanted <= declared, f"not in pyproject.toml: {sorted(wanted - declared)}"
+    pinned = (ROOT / "requirements.txt").read_text(encoding="utf-8").lower()
+    for name in wanted:
+        assert re.search(rf"^{re.escape(name)}==", pinned, re.M), f"{name} not pinned"
 
 
 async def answer_twice(answer: bytes) -> tuple[Script, list[int]]:
@@ -513,10 +557,12 @@ async def test_a_finished_stream_keeps_its_connection_only_if_its_end_comes(
         assert not pool.open
 
 
+@pytest.mark.parametrize("dies_after", [0.0, 0.3])
 async def test_a_request_the_backend_took_before_closing_is_not_sent_again(
-    pool, raw_server, monkeypatch
+    pool, raw_server, dies_after: float
 ) -> None:
-    monkeypatch.setattr(nexus, "BACKEND_RACE_SECONDS", 0.1)
+    """However soon the close comes, the backend may have acted on the request (a POST that
+    started a generation, or a tool's side effect): it is never sent twice."""
     bodies: list[bytes] = []
 
     async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -524,7 +570,7 @@ async def test_a_request_the_backend_took_before_closing_is_not_sent_again(
             _, body = await read_request(reader)
             bodies.append(body)
             if len(bodies) == 2:
-                await asyncio.sleep(0.3)  # working on it, then dies without a word
+                await asyncio.sleep(dies_after)  # working on it, then dies without a word
                 return
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
             await writer.drain()
@@ -536,3 +582,349 @@ async def test_a_request_the_backend_took_before_closing_is_not_sent_again(
     with pytest.raises(nexus.BackendHTTPError, match="without answering"):
         await asyncio.wait_for(pool.request("POST", url + "/", {}, b'{"n": 2}'), 5)
     assert bodies == [b'{"n": 1}', b'{"n": 2}'], "sent once: the backend may have acted on it"
+
+
+async def test_an_ollama_poll_that_fails_stops_its_other_shows(pool, raw_server) -> None:
+    """One /api/show breaking fails the poll; the others are not left running past it."""
+    tags = b'{"models": [{"model": "a"}, {"model": "b"}, {"model": "bad"}]}'
+    hanging: list[str] = []
+    ended: list[str] = []
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head, body = await read_request(reader)
+        if head.startswith(b"GET /api/tags"):
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(tags), tags))
+            await writer.drain()
+            return
+        if head.startswith(b"GET /api/ps"):  # read alongside the model list
+            writer.write(b'HTTP/1.1 200 OK\r\nContent-Length: 14\r\n\r\n{"models": []}')
+            await writer.drain()
+            return
+        if b'"bad"' in body:
+            await asyncio.sleep(0.1)  # the others are waiting by now
+            return  # closed without answering
+        hanging.append(body.decode())
+        await reader.read()  # until Nexus lets the connection go
+        ended.append(body.decode())
+
+    url = await raw_server(script)
+    backend = nexus.Backend(name="o", url=url, type="ollama")
+    with pytest.raises(nexus.BackendHTTPError, match="without answering"):
+        await asyncio.wait_for(nexus.OllamaAdapter().poll(pool, backend), 5)
+    for _ in range(50):
+        if len(ended) == 2:
+            break
+        await asyncio.sleep(0.02)
+    assert len(hanging) == 2 and len(ended) == 2, "the other shows were stopped with the poll"
+
+
+async def test_a_request_asks_for_no_compression(pool, raw_server) -> None:
+    heads: list[bytes] = []
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head, _ = await read_request(reader)
+        heads.append(head)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+
+    url = await raw_server(script)
+    assert await pool.fetch("POST", url + "/", {}, b"{}") == (200, b"ok")
+    assert b"\r\nAccept-Encoding: identity\r\n" in heads[0]
+
+
+@pytest.mark.parametrize("coding", ["gzip", "x-gzip", "deflate", "raw deflate"])
+async def test_a_compressed_answer_is_decoded(pool, raw_server, coding: str) -> None:
+    """Sent anyway by a server (or a proxy in front of it) that compresses whatever it is
+    asked: read as the JSON it is."""
+    document = b'{"object": "list", "data": [' + b'{"id": "m"}, ' * 200 + b'{"id": "z"}]}'
+    wbits = {"gzip": 31, "x-gzip": 31, "deflate": 15, "raw deflate": -15}[coding]
+    packer = zlib.compressobj(wbits=wbits)
+    packed = packer.compress(document) + packer.flush()
+    name = coding.split()[-1].encode()
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for _ in range(2):
+            await read_request(reader)
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Encoding: %s\r\nContent-Length: %d\r\n\r\n"
+                % (name, len(packed))
+            )
+            writer.write(packed)
+            await writer.drain()
+        await reader.read()
+
+    url = await raw_server(script)
+    for _ in range(2):  # and the connection serves the next answer as well
+        conn = await pool.request("GET", url + "/v1/models", {})
+        assert await asyncio.wait_for(conn.read(), 2) == document
+        conn.release()
+    assert len(pool.open) == 1
+
+
+async def test_a_compressed_stream_is_decoded_as_it_arrives(pool, raw_server) -> None:
+    go_on = asyncio.Event()
+    packer = zlib.compressobj(wbits=31)
+    first = packer.compress(b"data: {}\n\n") + packer.flush(zlib.Z_SYNC_FLUSH)
+    last = packer.compress(b"data: [DONE]\n\n") + packer.flush()
+
+    def chunk(data: bytes) -> bytes:
+        return b"%x\r\n%s\r\n" % (len(data), data)
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Encoding: gzip\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n" + chunk(first)
+        )
+        await writer.drain()
+        await go_on.wait()
+        writer.write(chunk(last) + b"0\r\n\r\n")
+        await writer.drain()
+        await reader.read()
+
+    url = await raw_server(script)
+    conn = await pool.request("POST", url + "/v1/chat/completions", {}, b"{}")
+    lines = nexus.SseLines(conn)
+    assert await asyncio.wait_for(lines.readline(), 2) == b"data: {}"
+    go_on.set()
+    assert await asyncio.wait_for(lines.readline(), 2) == b"data: [DONE]"
+    assert await asyncio.wait_for(lines.readline(), 2) == b""
+    conn.release()
+
+
+@pytest.mark.parametrize(
+    "coding, body, why",
+    [
+        (b"br", b"\x0b\x02\x80hi\x03", "encoding Nexus cannot decode: br"),
+        (b"gzip", b"not gzip at all", "does not decode"),
+    ],
+)
+async def test_an_answer_in_an_encoding_that_does_not_decode_is_an_error(
+    pool, raw_server, coding: bytes, body: bytes, why: str
+) -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Encoding: %s\r\nContent-Length: %d\r\n\r\n%s"
+            % (coding, len(body), body)
+        )
+        await writer.drain()
+        await reader.read()
+
+    url = await raw_server(script)
+    with pytest.raises(nexus.BackendHTTPError, match=why):
+        conn = await pool.request("GET", url + "/", {})
+        try:
+            await asyncio.wait_for(conn.read(), 2)
+        finally:
+            conn.release()
+
+
+async def test_a_drained_streams_timer_does_not_close_the_next_answer(
+    pool, raw_server, monkeypatch
+) -> None:
+    """Stream 1's end comes soon and its connection serves stream 2; the drain limit of
+    stream 1 passing while stream 2 waits for its own end closes nothing."""
+    monkeypatch.setattr(nexus, "BACKEND_DRAIN_SECONDS", 1.0)
+    connections = 0
+    ends = [0.1, 0.8]  # how long after its [DONE] each stream's end comes
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        for wait in ends:
+            await read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            writer.write(b"e\r\ndata: [DONE]\n\n\r\n")
+            await writer.drain()
+            await asyncio.sleep(wait)
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        await reader.read()
+
+    url = await raw_server(script)
+    first = None
+    for _ in ends:
+        conn = await pool.request("POST", url + "/", {}, b"{}")
+        assert first is None or conn is first
+        first = conn
+        assert await asyncio.wait_for(conn.readany(), 2) == b"data: [DONE]\n\n"
+        conn.whole = True
+        conn.release()
+        await asyncio.sleep(0.4)
+    await asyncio.sleep(0.6)  # stream 1's drain limit has passed; stream 2's end has come
+    last = await pool.request("POST", url + "/", {}, b"{}")
+    assert last is first and connections == 1
+    assert await asyncio.wait_for(last.read(), 2) == b"ok"
+    last.release()
+
+
+# In a namespace of its own: dual.test has an IPv6 address whose packets vanish (a neighbour
+# nobody is, so no refusal ever comes) and an IPv4 one that answers.
+DUAL_STACK_CLIENT = """
+import asyncio, json, socket, sys, time
+sys.path.insert(0, sys.argv[1])
+import nexus
+
+async def main():
+    async def answer(reader, writer):
+        await reader.readuntil(b"\\r\\n\\r\\n")
+        writer.write(b"HTTP/1.1 200 OK\\r\\nContent-Length: 2\\r\\nConnection: close\\r\\n\\r\\nok")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    infos = await asyncio.get_running_loop().getaddrinfo("dual.test", port, type=socket.SOCK_STREAM)
+    out = {"order": [info[0].name for info in infos]}
+    try:
+        socket.create_connection(("2001:db8::2", port), timeout=0.5).close()
+        out["blackholed"] = False
+    except TimeoutError:
+        out["blackholed"] = True
+    pool = nexus.BackendPool(connect_timeout=5.0)
+    started = time.monotonic()
+    try:
+        out["answer"] = list(await pool.fetch("GET", f"http://dual.test:{port}/v1/models", {}))
+        out["answer"][1] = out["answer"][1].decode()
+    except Exception as exc:
+        out["error"] = str(exc)
+    out["seconds"] = time.monotonic() - started
+    pool.close()
+    print(json.dumps(out))
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.netns
+@requires_root
+def test_a_dual_stack_host_whose_ipv6_blackholes_connects_over_ipv4_at_once() -> None:
+    """RFC 8305: the IPv4 attempt starts 250 ms after the IPv6 one, not after its timeout."""
+    with isolated_namespace() as ns:
+        hosts = Path("/etc/netns") / ns.name / "hosts"  # `ip netns exec` mounts it on /etc/hosts
+        hosts.parent.mkdir(parents=True)
+        try:
+            hosts.write_text("2001:db8::2 dual.test\n127.0.0.1 dual.test\n")
+            for command in (
+                "link add veth0 type veth peer name veth1",
+                "addr add 2001:db8::1/64 dev veth0 nodad",
+                "link set veth0 up",
+                "link set veth1 up",
+                "-6 neigh add 2001:db8::2 lladdr 02:00:00:00:00:99 dev veth0 nud permanent",
+            ):
+                subprocess.run(["ip", "-n", ns.name, *command.split()], check=True, timeout=10)
+            ns.run(["sysctl", "-qw", "net.ipv6.conf.veth1.disable_ipv6=1"])
+            client = ns.python(DUAL_STACK_CLIENT, str(ROOT))
+            out = json.loads(client.read_line(timeout=20))
+        finally:
+            hosts.unlink(missing_ok=True)
+            hosts.parent.rmdir()
+    assert out["order"][0] == "AF_INET6" and out["blackholed"], out  # IPv6 first, and lost
+    assert out.get("answer") == [200, "ok"], out
+    assert out["seconds"] < 2.0, out  # not the 5 s connect limit spent on IPv6
+
+
+@pytest.fixture
+def no_proxy_settings(monkeypatch) -> None:
+    for name in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY", "no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("all_proxy", raising=False)
+    monkeypatch.delenv("ALL_PROXY", raising=False)
+
+
+async def test_https_backends_are_reached_through_the_https_proxy(
+    tmp_path: Path, monkeypatch, no_proxy_settings, app_server
+) -> None:
+    cert, key = self_signed(tmp_path, "cloud.test")
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(cert, key)
+    peers: list[object] = []
+    backend = TestServer(echo_app(peers), host="127.0.0.1", port=free_port())
+    await backend.start_server(ssl=server_tls)
+    local = await app_server(echo_app([]))  # a plain-http backend on the LAN: never proxied
+    proxy = ConnectProxy()
+    monkeypatch.setenv("HTTPS_PROXY", await proxy.start())
+    monkeypatch.setenv("NO_PROXY", "localhost,.internal")
+    pool = nexus.BackendPool(connect_timeout=2.0, tls=ssl.create_default_context(cafile=cert))
+    try:
+        url = f"https://cloud.test:{backend.port}/v1/models"
+        for _ in range(2):  # the second on the same tunnelled connection
+            conn = await asyncio.wait_for(pool.request("GET", url, {"X-Key": "k"}), 5)
+            assert conn.status == 200
+            assert b'"path": "/v1/models"' in await asyncio.wait_for(conn.read(), 2)
+            conn.release()
+        assert proxy.requests == [
+            b"CONNECT cloud.test:%d HTTP/1.1\r\nHost: cloud.test:%d\r\n" % ((backend.port,) * 2)
+            + b"User-Agent: "
+            + nexus.BACKEND_USER_AGENT.encode()
+            + b"\r\n\r\n"
+        ]
+        assert proxy.tunnelled > 0 and len(peers) == 2  # the requests went through it, in TLS
+        assert await pool.fetch("GET", local + "/health", {}) == (
+            200,
+            b'{"path": "/health", "body": "", "key": null}',
+        )
+        assert len(proxy.requests) == 1
+    finally:
+        pool.close()
+        await proxy.stop()
+        await backend.close()
+
+
+async def test_no_proxy_and_a_refused_tunnel(monkeypatch, no_proxy_settings) -> None:
+    refusing = ConnectProxy(refuse=b"HTTP/1.1 407 Proxy Authentication Required\r\n\r\n")
+    monkeypatch.setenv("https_proxy", "http://user:secret@" + (await refusing.start())[7:])
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    pool = nexus.BackendPool(connect_timeout=2.0)
+    try:
+        with pytest.raises(nexus.BackendHTTPError) as failure:
+            await pool.request("GET", "https://api.cloud.test/v1/models", {})
+        assert "407" in str(failure.value) and "secret" not in str(failure.value)
+        assert b"Proxy-Authorization: Basic dXNlcjpzZWNyZXQ=\r\n" in refusing.requests[0]
+        with pytest.raises(nexus.BackendHTTPError, match="could not connect"):
+            # not proxied: nothing listens there
+            await pool.request("GET", f"https://127.0.0.1:{free_port()}/v1/models", {})
+        assert len(refusing.requests) == 1
+    finally:
+        pool.close()
+        await refusing.stop()
+
+
+async def test_an_https_proxy_nexus_cannot_use_is_named_without_its_password(
+    monkeypatch, no_proxy_settings
+) -> None:
+    monkeypatch.setenv("HTTPS_PROXY", "socks5://user:pw-secret@127.0.0.1:1080")
+    pool = nexus.BackendPool(connect_timeout=2.0)
+    try:
+        with pytest.raises(nexus.BackendHTTPError, match="cannot use HTTPS_PROXY") as failure:
+            await pool.request("GET", "https://api.cloud.test/v1/models", {})
+        assert "pw-secret" not in str(failure.value)
+    finally:
+        pool.close()
+
+
+async def test_a_compressed_answer_that_expands_too_far_is_an_error(
+    pool, raw_server, monkeypatch
+) -> None:
+    """A few kB that would become gigabytes (a zip bomb) end the answer, not Nexus's memory."""
+    monkeypatch.setattr(nexus, "BACKEND_DECODED_BLOCK_MAX", 1024 * 1024)
+    packer = zlib.compressobj(wbits=31)
+    packed = packer.compress(b"\0" * (4 * 1024 * 1024)) + packer.flush()
+    assert len(packed) < 16 * 1024
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n%s"
+            % (len(packed), packed)
+        )
+        await writer.drain()
+        await reader.read()
+
+    url = await raw_server(script)
+    with pytest.raises(nexus.BackendHTTPError, match="expands"):
+        await pool.fetch("GET", url + "/v1/models", {})

@@ -63,6 +63,14 @@ def test_the_fast_paths_are_compiled_in() -> None:
         assert any(n.startswith(prefix) and n.endswith((".so", ".pyd")) for n in names), prefix
 
 
+def test_certifis_certificates_are_inside() -> None:
+    """What https backends are verified against where the system's certificates are not found
+    (tls_context): certifi's bundle, collected with the package."""
+    from PyInstaller.archive.readers import CArchiveReader
+
+    assert "certifi/cacert.pem" in CArchiveReader(str(BINARY)).toc
+
+
 def test_version_names_the_build_commit() -> None:
     result = subprocess.run(
         [str(BINARY), "--version"], capture_output=True, text=True, timeout=60, check=True

@@ -8,6 +8,7 @@ import asyncio
 import json
 import logging
 import os
+import ssl
 import subprocess
 import sys
 import time
@@ -16,7 +17,18 @@ import aiohttp
 import openai
 import pytest
 import tiktoken_ext.openai_public  # noqa: F401 - the published definitions, for reference counts
-from conftest import ROOT, backends_toml, cloud_env, start_sse
+from aiohttp.test_utils import TestServer
+from conftest import (
+    ROOT,
+    ConnectProxy,
+    MockBackend,
+    backends_toml,
+    cloud_env,
+    free_port,
+    key_variable,
+    self_signed,
+    start_sse,
+)
 
 import nexus
 
@@ -56,6 +68,66 @@ async def test_openai_backend_gets_the_bearer_key_and_costs_are_priced(
     assert raw.headers["X-Nexus-Cost-Estimated"] == expected_cost("gpt-4o", 10, 3)
     assert float(raw.headers["X-Nexus-Cost-Estimated"]) > 0
     assert nx.app[nexus.BUDGET].spent_usd == pytest.approx(float(expected_cost("gpt-4o", 10, 3)))
+
+
+@pytest.mark.parametrize("kind", ["vllm", "llamacpp", "lmstudio", "ollama", "generic"])
+async def test_a_local_server_started_with_a_key_gets_it_on_polls_and_requests(
+    nexus_factory, kind: str
+):
+    """vLLM or llama-server started with --api-key answer 401 to anything without it."""
+    local = MockBackend(kind, {"m": {"context": 4096}}, name="keyed")
+    local.key_required = True
+    await local.start()
+    try:
+        toml = backends_toml(local, keyed={"api_key_env": key_variable(local)})
+        nx = await nexus_factory(toml, env={key_variable(local): local.api_key})
+        context = nx.backend("keyed").models["m"].context_length
+        assert context == (None if kind == "generic" else 4096)  # every poll got in
+        reply = await client(nx).chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "hi"}]
+        )
+        assert reply.choices[0].message.content == "Hello from keyed"
+        assert local.received[-1][2]["Authorization"] == f"Bearer {local.api_key}"
+        assert local.auth_failures == 0
+    finally:
+        await local.stop()
+
+
+async def test_a_cloud_behind_an_https_proxy_is_reached_through_its_tunnel(
+    tmp_path, monkeypatch, nexus_factory
+):
+    """An offline lab reaches the cloud only through a proxy: polls and requests go through
+    HTTPS_PROXY's CONNECT tunnel, TLS inside it, and the proxy resolves the cloud's name."""
+    cert, key = self_signed(tmp_path, "cloud.test")
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(cert, key)
+    cloud = MockBackend("openai", {"gpt-4o": {}}, name="oai")
+    cloud.server = TestServer(cloud.build_app(), host="127.0.0.1", port=free_port())
+    await cloud.server.start_server(ssl=server_tls)
+    proxy = ConnectProxy()
+    for name in ("https_proxy", "no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", await proxy.start())
+    monkeypatch.setattr(nexus, "tls_context", lambda: ssl.create_default_context(cafile=cert))
+    try:
+        toml = (
+            f'[[backends]]\nname = "oai"\nurl = "https://cloud.test:{cloud.server.port}"\n'
+            f'type = "openai"\napi_key_env = "{key_variable(cloud)}"\n'
+        )
+        nx = await nexus_factory(toml, env=cloud_env(cloud))  # its poll went through too
+        answer = await client(nx).chat.completions.create(
+            model="gpt-4o", messages=[{"role": "user", "content": "hi"}]
+        )
+        assert answer.choices[0].message.content == "Hello from oai"
+        assert cloud.auth_failures == 0
+        assert proxy.requests and all(
+            r.startswith(b"CONNECT cloud.test:%d HTTP/1.1\r\n" % cloud.server.port)
+            for r in proxy.requests
+        )
+        assert proxy.tunnelled > 0
+    finally:
+        await proxy.stop()
+        await cloud.stop()
 
 
 async def test_cloud_health_never_spends_tokens(backend_factory, nexus_factory):
@@ -439,6 +511,42 @@ async def test_anthropic_backend_serves_chat_only(backend_factory, nexus_factory
     assert claude.received == []
 
 
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+async def test_a_request_an_anthropic_backend_cannot_take_moves_on_to_the_next_attempt(
+    backend_factory, nexus_factory, endpoint: str
+):
+    """Failover that lands on an anthropic backend for a request it cannot be sent (a legacy
+    completion, a content part Messages lacks) goes on to the next attempt, not to a 400."""
+    first = await backend_factory("generic", {"m": {}}, name="first")
+    claude = await backend_factory("anthropic", {"m": {}}, name="claude")
+    last = await backend_factory("generic", {"m": {}}, name="last")
+
+    async def broken(request, body):
+        return aiohttp.web.json_response({"error": {"message": "boom"}}, status=500)
+
+    first.behaviours.append(broken)
+    nx = await cloud_nexus(
+        nexus_factory,
+        first,
+        claude,
+        last,
+        first={"priority": 1},
+        claude={"priority": 2},
+        last={"priority": 3},
+    )
+    if endpoint == "chat":
+        path = "/v1/chat/completions"
+        part = {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}
+        body = {"model": "m", "messages": [{"role": "user", "content": [part]}]}
+    else:
+        path, body = "/v1/completions", {"model": "m", "prompt": "hi"}
+    async with aiohttp.ClientSession() as session, session.post(nx.url + path, json=body) as resp:
+        assert resp.status == 200, await resp.text()
+        assert resp.headers["X-Nexus-Backend"] == "last"
+    assert (len(first.received), len(claude.received), len(last.received)) == (1, 0, 1)
+    assert nx.backend("claude").fail_streak == 0  # the request's shape, not the backend's fault
+
+
 # --- /v1/messages to an anthropic backend: native, not translated twice ------------------------
 
 
@@ -675,3 +783,68 @@ async def test_a_cloud_stream_is_charged_when_its_handler_is_cancelled(
         assert budget.spent_usd > 0
     finally:
         await server.close()
+
+
+def orphan_tool_results(messages: list) -> str | None:
+    """What Anthropic answers to a tool_result without its tool_use in the message before."""
+    for i, message in enumerate(messages):
+        content = message.get("content")
+        for j, block in enumerate(content if isinstance(content, list) else ()):
+            if block.get("type") != "tool_result":
+                continue
+            before = messages[i - 1].get("content") if i else None
+            uses = {b.get("id") for b in before or () if isinstance(b, dict)}
+            if message["role"] != "user" or block.get("tool_use_id") not in uses:
+                return (
+                    f"messages.{i}.content.{j}: unexpected `tool_use_id` found in `tool_result` "
+                    "blocks: " + str(block.get("tool_use_id")) + ". Each `tool_result` block "
+                    "must have a corresponding `tool_use` block in the previous message."
+                )
+    return None
+
+
+async def test_a_scrubbed_messages_request_sends_no_orphan_tool_result(
+    backend_factory, nexus_factory
+):
+    """A coding agent's last user turn is mostly tool results: scrubbed, the request still
+    holds the last user text and no tool_result whose tool_use stayed behind."""
+    local = await backend_factory("generic", {"claude-sonnet-4-5": {}}, name="gpu")
+    claude = await backend_factory("anthropic", {"claude-sonnet-4-5": {}}, name="claude")
+
+    async def strict(request, body):
+        problem = orphan_tool_results(body["messages"])
+        if problem is not None:
+            error = {"type": "invalid_request_error", "message": problem}
+            return aiohttp.web.json_response({"type": "error", "error": error}, status=400)
+        return await claude.anthropic_answer(request, body)
+
+    claude.behaviours.append(strict)
+    policy = '[[routing.policies]]\nmodel_pattern = "*"\noverflow = "scrub"\n'
+    nx = await cloud_nexus(nexus_factory, local, claude, extra=policy, claude={"priority": 0})
+    nx.backend("gpu").status = "unhealthy"
+    history = [
+        {"role": "user", "content": [{"type": "text", "text": "Fix the failing test, secret 42"}]},
+        {"role": "assistant", "content": "Looking."},
+        {"role": "user", "content": "Read tests/test_x.py first."},
+        {
+            "role": "assistant",
+            "content": [{"type": "tool_use", "id": "toolu_1", "name": "Read", "input": {}}],
+        },
+        {
+            "role": "user",
+            "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "file"}],
+        },
+    ]
+    body = {"model": "claude-sonnet-4-5", "max_tokens": 100, "system": "Be brief."}
+    body["messages"] = history
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(nx.url + "/v1/messages", json=body) as resp,
+    ):
+        answer = await resp.json()
+        assert resp.status == 200, answer
+        assert resp.headers["X-Nexus-Context-Scrubbed"] == "true"
+    assert answer["content"][0]["text"] == "Hello from claude"
+    sent = claude.received[-1][1]
+    assert sent["system"] == "Be brief."
+    assert sent["messages"] == [{"role": "user", "content": "Read tests/test_x.py first."}]

@@ -31,6 +31,8 @@ from real_engine import (
     http_get,
 )
 
+from nexus import is_context_error
+
 # The fixtures engine, llama_pair and fresh_llama_pair come from real_engine (see conftest.py).
 pytestmark = pytest.mark.engine
 
@@ -140,6 +142,8 @@ def test_llama_server_refuses_a_prompt_over_its_context(llama_pair: list[LlamaSe
     assert error["type"] == "exceed_context_size_error"
     assert error["n_ctx"] == CONTEXT_SIZE // PARALLEL_SLOTS
     assert "context size" in error["message"]
+    # Nexus reads it as a context overflow (a fallback's case), from the bytes as they came.
+    assert is_context_error(400, refused.value.response.text)
 
 
 # Nexus in front of two llama-servers -----------------------------------------------------------

@@ -305,7 +305,7 @@ async def test_no_response_at_all_is_a_504_and_never_asked_again(backend_factory
     a.behaviours = [silent] * 3
     nx = await nexus_factory(FAST + backends_toml(a))
     started = time.monotonic()
-    reply = await ask(nx)
+    reply = await ask(nx, stream=True)  # a non-streamed answer has no first-byte limit
     assert time.monotonic() - started < 3  # one first-byte limit, no retry after a timeout
     assert reply.status == 504
     assert reply.body["error"]["type"] == "timeout"
@@ -317,8 +317,8 @@ async def test_no_response_at_all_moves_on_to_the_next_candidate(backend_factory
     b = await backend_factory("generic", {"m": {}}, name="b")
     a.behaviours = [silent] * 3
     nx = await nexus_factory(FAST + backends_toml(a, b, a={"priority": 10}, b={"priority": 60}))
-    reply = await ask(nx)
-    assert reply.status == 200 and reply.headers["X-Nexus-Backend"] == "b"
+    reply = await ask(nx, stream=True)
+    assert reply.complete("Hello from b") and reply.headers["X-Nexus-Backend"] == "b"
     assert attempts(a, b) == [1, 1]
 
 
@@ -331,7 +331,7 @@ async def test_a_silent_backend_is_not_asked_again_even_for_a_fallback_model(
     b.behaviours = [status(500)]
     toml = FAST + '[routing]\nfallbacks = { "m" = ["m2"] }\n'
     nx = await nexus_factory(toml + backends_toml(a, b, a={"priority": 10}, b={"priority": 60}))
-    reply = await ask(nx)
+    reply = await ask(nx, stream=True)
     assert reply.status == 502
     assert attempts(a, b) == [1, 1]  # a's m2 was in the plan, but a stayed silent once
 
@@ -356,6 +356,83 @@ async def test_slow_first_token_within_the_limit_is_waited_for(backend_factory, 
     assert reply.complete("Hello from a stream")
     assert attempts(a) == [1]
     assert nx.backend("a").ttft_ema_ms >= 400
+
+
+@pytest.mark.parametrize("head_first", [False, True])
+async def test_a_slow_non_streamed_answer_is_bounded_by_the_request_limit_only(
+    backend_factory, nexus_factory, head_first: bool
+):
+    """A non-streamed answer comes when it is all written: the first-byte and idle limits
+    (0.5 s here) are for streams; a model writing for 1.2 s is waited for."""
+    a = await backend_factory("generic", {"m": {}}, name="a")
+
+    async def slow(request: web.Request, body: dict) -> web.StreamResponse:
+        if not head_first:
+            await asyncio.sleep(1.2)
+            return await a.chat_answer(request, body)
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(request)
+        await asyncio.sleep(1.2)
+        answer = await a.chat_answer(request, body)
+        await response.write(answer.body)
+        await response.write_eof()
+        return response
+
+    a.behaviours = [slow]
+    nx = await nexus_factory(FAST + backends_toml(a))
+    reply = await ask(nx)
+    assert reply.status == 200
+    assert reply.body["choices"][0]["message"]["content"] == "Hello from a"
+    assert attempts(a) == [1]
+
+
+async def test_a_redirect_is_a_502_naming_where_it_points(backend_factory, nexus_factory):
+    a = await backend_factory("generic", {"m": {}}, name="a")
+
+    async def moved(request: web.Request, body: dict) -> web.StreamResponse:
+        raise web.HTTPPermanentRedirect("https://new.example.com/v1/chat/completions")
+
+    a.behaviours = [moved]
+    nx = await nexus_factory(FAST + "[routing]\nmax_retries = 0\n" + backends_toml(a))
+    reply = await ask(nx)
+    assert reply.status == 502
+    message = reply.body["error"]["message"]
+    assert "redirect (308) to https://new.example.com/v1/chat/completions" in message
+    assert "set the backend's url" in message
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_backend_that_compresses_anyway_is_understood(
+    backend_factory, nexus_factory, stream: bool
+):
+    """Nexus asks for no compression; a server (or a proxy before it) that gzips all the same
+    is decoded, streams as they arrive."""
+    a = await backend_factory("generic", {"m": {}}, name="a")
+
+    async def gzipped(request: web.Request, body: dict) -> web.StreamResponse:
+        if stream:
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            response.enable_compression(web.ContentCoding.gzip)
+            await response.prepare(request)
+            for word in WORDS:
+                await send_chunk(response, chat_chunk(body["model"], {"content": word}, None))
+            await send_chunk(response, chat_chunk(body["model"], {}, "stop"))
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+            return response
+        response = await a.chat_answer(request, body)
+        response.enable_compression(web.ContentCoding.gzip)
+        return response
+
+    a.behaviours = [gzipped]
+    nx = await nexus_factory(FAST + "[routing]\nmax_retries = 0\n" + backends_toml(a))
+    reply = await ask(nx, stream=stream)
+    assert a.received[-1][2]["Accept-Encoding"] == "identity"
+    if stream:
+        assert reply.complete("Hello from a stream")
+    else:
+        assert reply.status == 200
+        assert reply.body["choices"][0]["message"]["content"] == "Hello from a"
 
 
 # --- streams that already started ------------------------------------------------------------
@@ -459,6 +536,138 @@ async def test_context_length_exceeded_without_a_fallback_is_a_clean_400(
     assert reply.body["error"]["code"] == "context_length_exceeded"
     assert "maximum context length" in reply.body["error"]["message"]
     assert attempts(small, other) == [1, 0]  # same model, same context: not asked again
+
+
+# Each backend's own words for a prompt over its context (status 400, its error document).
+BACKEND_CONTEXT_ERRORS = {
+    "vllm": {
+        "object": "error",
+        "message": "This model's maximum context length is 8192 tokens. However, you requested "
+        "9000 tokens (8000 in the messages, 1000 in the completion). Please reduce the length "
+        "of the messages or completion.",
+        "type": "BadRequestError",
+        "param": None,
+        "code": 400,
+    },
+    "vllm max_tokens": {
+        "object": "error",
+        "message": "'max_tokens' or 'max_completion_tokens' is too large: 8000. This model's "
+        "maximum context length is 4096 tokens and your request has 2778 input tokens "
+        "(8000 > 4096 - 2778).",
+        "type": "BadRequestError",
+        "param": None,
+        "code": 400,
+    },
+    "vllm current": {
+        "error": {
+            "message": "This model's maximum context length is 8192 tokens. However, your "
+            "request has 9000 input tokens. Please reduce the length of the input messages.",
+            "type": "BadRequestError",
+            "param": "input_tokens",
+            "code": 400,
+        }
+    },
+    "vllm current with max_tokens": {
+        "error": {
+            "message": "This model's maximum context length is 8192 tokens. However, you "
+            "requested 1000 output tokens and your prompt contains 7500 input tokens, for a "
+            "total of 8500 tokens. Please reduce the length of the input prompt or the number "
+            "of requested output tokens.",
+            "type": "BadRequestError",
+            "param": "input_tokens",
+            "code": 400,
+        }
+    },
+    "llama.cpp": {
+        "error": {
+            "code": 400,
+            "message": "request (9000 tokens) exceeds the available context size (8192 tokens), "
+            "try increasing it",
+            "type": "exceed_context_size_error",
+            "n_prompt_tokens": 9000,
+            "n_ctx": 8192,
+        }
+    },
+    "llama.cpp older": {
+        "error": {
+            "code": 400,
+            "message": "the request exceeds the available context size, try increasing it",
+            "type": "exceed_context_size_error",
+        }
+    },
+    "ollama": {
+        "error": {
+            "message": "the input length exceeds the context length",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": None,
+        }
+    },
+    "openai": {"error": CONTEXT_ERROR},
+    "openai responses": {
+        "error": {
+            "message": "Your input exceeds the context window of this model. Please adjust your "
+            "input and try again.",
+            "type": "invalid_request_error",
+            "param": "input",
+            "code": "context_length_exceeded",
+        }
+    },
+    "anthropic": {
+        "type": "error",
+        "error": {
+            "type": "invalid_request_error",
+            "message": "prompt is too long: 208310 tokens > 200000 maximum",
+        },
+    },
+}
+
+
+def document(code: int, body: dict):
+    """An answer with exactly this error document."""
+
+    async def answer(request: web.Request, _: dict) -> web.StreamResponse:
+        return web.json_response(body, status=code)
+
+    return answer
+
+
+@pytest.mark.parametrize("backend", sorted(BACKEND_CONTEXT_ERRORS))
+async def test_each_backends_context_error_goes_to_the_fallback(
+    backend_factory, nexus_factory, backend: str
+):
+    small = await backend_factory("generic", {"m": {}}, name="small")
+    big = await backend_factory("generic", {"m-128k": {}}, name="big")
+    small.behaviours = [document(400, BACKEND_CONTEXT_ERRORS[backend])]
+    toml = FAST + '[routing]\nfallbacks = { "m" = ["m-128k"] }\n'
+    nx = await nexus_factory(toml + backends_toml(small, big))
+    reply = await ask(nx)
+    assert reply.status == 200 and reply.headers["X-Nexus-Fallback-Model"] == "m-128k"
+    assert attempts(small, big) == [1, 1]
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "Invalid 'messages[0].name': string too long. Expected a string with maximum length 64, "
+        "but got a string with length 80 instead.",
+        "Invalid 'tools[0].function.description': string too long.",
+        "stop: sequence too long",
+        "n_ctx_train is not a parameter",
+    ],
+)
+async def test_a_400_that_is_not_about_the_context_comes_back_untouched(
+    backend_factory, nexus_factory, message: str
+):
+    small = await backend_factory("generic", {"m": {}}, name="small")
+    big = await backend_factory("generic", {"m-128k": {}}, name="big")
+    error = {"message": message, "type": "invalid_request_error", "param": None, "code": None}
+    small.behaviours = [status(400, error)]
+    toml = FAST + '[routing]\nfallbacks = { "m" = ["m-128k"] }\n'
+    nx = await nexus_factory(toml + backends_toml(small, big))
+    reply = await ask(nx)
+    assert reply.status == 400 and reply.body == {"error": error}
+    assert attempts(small, big) == [1, 0]
 
 
 async def test_content_policy_400_comes_back_untouched(backend_factory, nexus_factory):

@@ -8,8 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import aiohttp
 import pytest
-from conftest import ROOT
+from conftest import ROOT, backends_toml
 
 import nexus
 
@@ -177,3 +178,27 @@ def test_default_backend_name_is_host_and_port(tmp_path):
     assert load(tmp_path, toml).backends[0].name == "[::1]:11434"
     toml = '[[backends]]\nurl = "https://api.example.com/v1"\ntype = "generic"\n'
     assert load(tmp_path, toml).backends[0].name == "api.example.com"
+
+
+async def test_a_partial_weights_table_keeps_the_other_weights(
+    tmp_path, backend_factory, nexus_factory
+):
+    """`weights = { latency = 10 }` changes the latency weight only: priority still counts."""
+    assert load(tmp_path, "[routing]\nweights = { latency = 10 }").routing.weights == {
+        "priority": 50.0,
+        "load": 30.0,
+        "latency": 10,
+    }
+    first = await backend_factory("generic", {"m": {}}, name="first")
+    second = await backend_factory("generic", {"m": {}}, name="second")
+    toml = "[routing]\nweights = { latency = 10 }\n"
+    nx = await nexus_factory(
+        toml + backends_toml(first, second, first={"priority": 10}, second={"priority": 90})
+    )
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    async with aiohttp.ClientSession() as session:
+        for _ in range(6):
+            async with session.post(nx.url + "/v1/chat/completions", json=body) as resp:
+                assert resp.status == 200
+                assert resp.headers["X-Nexus-Backend"] == "first"
+    assert (len(first.received), len(second.received)) == (6, 0)
