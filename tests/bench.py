@@ -1937,7 +1937,9 @@ async def agent_run(url: str, nonce: str, paragraphs: int) -> list[list[float]]:
     talks = [agent_opening(i, nonce, paragraphs) for i in range(AFFINITY_SESSIONS)]
     ttfts: list[list[float]] = []
     timeout = aiohttp.ClientTimeout(total=600)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
+    # A connection per turn: llama-server closes a connection after a streamed answer.
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
         for turn in range(AFFINITY_TURNS):
             row = []
             for i, messages in enumerate(talks):

@@ -9,6 +9,7 @@ from collections import Counter
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from multidict import CIMultiDict
 
 import nexus
 from nexus import Backend, Model, Registry, RequestNeeds, Settings, route
@@ -433,8 +434,6 @@ def test_route_with_a_session_lookup_is_under_a_millisecond_at_1000_backends():
         ],
     }
     table = nexus.SessionTable()
-    from multidict import CIMultiDict
-
     key, _ = nexus.session_key(CIMultiDict(), body)
     table.note(key, "b777", None, time.monotonic())
     timings = []
