@@ -1794,7 +1794,7 @@ async def instruction_rows(args: argparse.Namespace, workdir: Path) -> list[Row]
 # (one thread each), three coding-agent sessions of four turns, each opening with about 2,000
 # tokens of system prompt and tool definitions; every later turn resends the conversation with
 # the last answer and a short user message. Time to first token per turn, through Nexus with
-# session affinity on and off, and directly against one server (its prompt cache warm).
+# session affinity on and off, and directly against a third server (its prompt cache warm).
 # --------------------------------------------------------------------------------------------
 
 AFFINITY_SESSIONS = 3
@@ -1929,29 +1929,35 @@ async def first_token(session: object, url: str, messages: list[dict]) -> tuple[
     return (ttft if ttft is not None else time.perf_counter() - t0), "".join(answer)
 
 
-async def agent_run(url: str, nonce: str, paragraphs: int) -> list[list[float]]:
-    """Three sessions' turns interleaved (as three agents at work), against `url`: TTFT in
-    seconds, [turn][session]."""
+async def agent_runs(urls: dict[str, str], paragraphs: int) -> dict[str, list[list[float]]]:
+    """Three sessions' turns interleaved (as three agents at work) against each URL, the URLs'
+    requests alternating so that the host's load weighs on them alike; each URL's sessions
+    open with text of their own. TTFT in seconds, per URL [turn][session]."""
     import aiohttp
 
-    talks = [agent_opening(i, nonce, paragraphs) for i in range(AFFINITY_SESSIONS)]
-    ttfts: list[list[float]] = []
+    talks = {
+        lane: [agent_opening(i, os.urandom(4).hex(), paragraphs) for i in range(AFFINITY_SESSIONS)]
+        for lane in urls
+    }
+    ttfts: dict[str, list[list[float]]] = {lane: [] for lane in urls}
     timeout = aiohttp.ClientTimeout(total=600)
     # A connection per turn: llama-server closes a connection after a streamed answer.
     connector = aiohttp.TCPConnector(force_close=True)
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
         for turn in range(AFFINITY_TURNS):
-            row = []
-            for i, messages in enumerate(talks):
-                ttft, answer = await first_token(session, url, messages)
-                row.append(ttft)
-                follow_up = AFFINITY_FOLLOW_UPS[turn % len(AFFINITY_FOLLOW_UPS)]
-                messages += [
-                    {"role": "assistant", "content": answer or "(no answer)"},
-                    {"role": "user", "content": follow_up},
-                ]
-                print(f"    turn {turn + 1} session {i + 1}: {ttft:.2f} s", flush=True)
-            ttfts.append(row)
+            for lane in urls:
+                ttfts[lane].append([])
+            for i in range(AFFINITY_SESSIONS):
+                for lane, url in urls.items():
+                    messages = talks[lane][i]
+                    ttft, answer = await first_token(session, url, messages)
+                    ttfts[lane][turn].append(ttft)
+                    follow_up = AFFINITY_FOLLOW_UPS[turn % len(AFFINITY_FOLLOW_UPS)]
+                    messages += [
+                        {"role": "assistant", "content": answer or "(no answer)"},
+                        {"role": "user", "content": follow_up},
+                    ]
+                    print(f"    {lane}: turn {turn + 1} session {i + 1}: {ttft:.2f} s", flush=True)
     return ttfts
 
 
@@ -2003,25 +2009,23 @@ async def affinity_rows(args: argparse.Namespace, workdir: Path) -> list[Row]:
         "threads": 1,
     }
     runs: dict[str, list[list[float]]] = {}
-    with real_engine.running_llama_servers(
-        engine, ["llama-a", "llama-b"], workdir, **options
-    ) as servers:
+    # Two servers behind Nexus, and a third for the direct figure: its requests alternate with
+    # those through Nexus with affinity on, so both meet the same load on this host.
+    names = ["llama-a", "llama-b", "llama-direct"]
+    with real_engine.running_llama_servers(engine, names, workdir, **options) as servers:
+        behind, alone = servers[:2], servers[2]
         paragraphs = 1
-        while count_tokens(servers[0].url, agent_opening(0, "0" * 8, paragraphs)) < (
+        while count_tokens(alone.url, agent_opening(0, "0" * 8, paragraphs)) < (
             AFFINITY_OPENING_TOKENS
         ):
             paragraphs += 1
-        tokens = count_tokens(servers[0].url, agent_opening(0, "0" * 8, paragraphs))
+        tokens = count_tokens(alone.url, agent_opening(0, "0" * 8, paragraphs))
         print(f"affinity: openings of about {tokens} tokens ({paragraphs} guidance paragraphs)")
-        for mode in ("on", "off", "direct"):
-            print(f"  {mode}:", flush=True)
-            nonce = os.urandom(4).hex()
-            if mode == "direct":
-                runs[mode] = await agent_run(servers[0].url, nonce, paragraphs)
-                continue
-            proc, url = await nexus_for(servers, mode == "on", workdir)
+        for affinity in (True, False):
+            proc, url = await nexus_for(behind, affinity, workdir)
             try:
-                runs[mode] = await agent_run(url, nonce, paragraphs)
+                lanes = {"on": url, "direct": alone.url} if affinity else {"off": url}
+                runs.update(await agent_runs(lanes, paragraphs))
             finally:
                 stop(proc)
     print_affinity_table(runs, tokens)
