@@ -1996,6 +1996,10 @@ def later_median(ttfts: list[list[float]]) -> float:
     return statistics.median(t for row in ttfts[1:] for t in row)
 
 
+def later_mean(ttfts: list[list[float]]) -> float:
+    return statistics.fmean(t for row in ttfts[1:] for t in row)
+
+
 async def affinity_rows(args: argparse.Namespace, workdir: Path) -> list[Row]:
     """The affinity section: TTFT per turn on real llama-servers, three ways (see above)."""
     sys.path.insert(0, str(REPO / "tests"))
@@ -2055,7 +2059,7 @@ async def affinity_rows(args: argparse.Namespace, workdir: Path) -> list[Row]:
             "s",
             gateway=off,
             measured=off,
-            note=f"{off / on:.1f}× the affinity-on figure",
+            note=f"{off / on:.1f}× the affinity-on figure; mean {later_mean(runs['off']):.2f} s",
         ),
     ]
 
@@ -2071,13 +2075,13 @@ def print_affinity_table(runs: dict[str, list[list[float]]], tokens: int) -> Non
         f"\nSession affinity: TTFT per turn, {AFFINITY_SESSIONS} sessions, {tokens}-token opening"
     )
     header = "  ".join(f"turn {t + 1:<17}" for t in range(AFFINITY_TURNS))
-    print(f"{'':22}{header}  later turns (median)")
+    print(f"{'':22}{header}  later turns: median (mean)")
     for mode, ttfts in runs.items():
         cells = "  ".join(
             f"{statistics.median(row):5.2f} s ({'/'.join(f'{t:.1f}' for t in row)})".ljust(22)
             for row in ttfts
         )
-        print(f"{names[mode]:22}{cells}  {later_median(ttfts):.2f} s")
+        print(f"{names[mode]:22}{cells}  {later_median(ttfts):.2f} s ({later_mean(ttfts):.2f} s)")
     print()
 
 
