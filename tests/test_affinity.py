@@ -72,6 +72,7 @@ class Conversation:
 
 
 async def wait_for(condition, timeout: float = 5.0) -> None:
+    """Poll `condition` until it holds, failing the test after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
@@ -230,10 +231,12 @@ async def test_an_unkeyed_messages_conversation_sticks(backend_factory, nexus_fa
 
 
 def headers_of(**values: str) -> CIMultiDict:
+    """Request headers as aiohttp has them (case-insensitive); `_` in a name becomes `-`."""
     return CIMultiDict({k.replace("_", "-"): v for k, v in values.items()})
 
 
 def chat(opening: str = "hello", *later: str, **extra) -> dict:
+    """A chat body: the system prompt, the opening user turn, then a turn pair per `later`."""
     messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": opening}]
     for text in later:
         messages += [{"role": "assistant", "content": "ok"}, {"role": "user", "content": text}]
@@ -396,6 +399,7 @@ world_backend = st.fixed_dictionaries(
 
 
 def policy_world(specs: list[dict]) -> nexus.Registry:
+    """A registry of local and cloud backends in both zones, from hypothesis specs."""
     registry = nexus.Registry()
     for i, spec in enumerate(specs):
         spec = dict(spec)
