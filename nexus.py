@@ -4,7 +4,8 @@ Nexus is a control plane. It finds inference servers (Ollama, vLLM, llama.cpp, L
 any OpenAI-compatible server, and cloud APIs when configured), knows which models each serves
 and what they can do, routes every request to the best healthy backend, fails over when one
 dies and enforces policy. It never runs a model and keeps no user data: all state is
-operational (health, load, counters) and lives in memory.
+operational (health, load, counters) and lives in memory, except the month's spend when a
+monthly limit is set (the ledger, nexus.db).
 
 This file is the whole program. It needs aiohttp, zeroconf and tiktoken, and uses uvloop where
 it is installed (not on Windows).
@@ -12,10 +13,12 @@ It reads top to bottom in the order a request travels:
 
     Errors -> Settings -> World model (Backend, Model, Registry) -> Health and Discovery (keep
     the world current) -> Requests (what a payload needs) -> Tokens (exact counts, loaded lazily) ->
-    Policy (prices, budget) -> Auth (keys, allow-lists, rate limits) -> Routing (pure
-    functions) -> Backend adapters (the only code that knows a backend's quirks) -> Proxy
+    Policy (prices, budget) -> Ledger (the month's usage, on disk with a monthly limit) -> Auth
+    (keys, allow-lists, rate limits) -> Routing (pure functions) -> Backend adapters (the only
+    code that knows a backend's quirks) -> Model lifecycle (load, unload, migrate) -> Proxy
     (send, retry, stream out) -> Anthropic Messages API (translated to chat and back) -> HTTP
-    handlers -> Stats -> Metrics -> App assembly -> CLI and main().
+    handlers -> Stats -> Metrics -> App assembly -> Reload (the configuration, without a
+    restart) -> CLI and main().
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import asyncio
 import binascii
 import bisect
 import collections
+import concurrent.futures
 import contextlib
 import datetime as dt
 import email.utils
@@ -136,7 +140,8 @@ class ConfigError(Exception):
 # Settings
 # Owns: defaults, the TOML file, NEXUS_* variables and CLI flags, merged in that order of
 # precedence (flags win) and validated before anything starts.
-# Must not: be mutated after start-up, except the backend list through the admin API.
+# Must not: change while Nexus runs, except by a reload (see Reload), which validates a whole
+# new Settings first and then swaps its sections in, all in one step.
 # ==============================================================================================
 
 LOCAL_TYPES = ("ollama", "vllm", "llamacpp", "lmstudio", "exo", "generic")
@@ -156,6 +161,8 @@ class ServerSettings:
     first_byte_timeout_seconds: float = 60.0
     stream_idle_timeout_seconds: float = 30.0
     max_body_mb: float = 10.0
+    watch_config: bool = True  # reload when the config file changes (SIGHUP always reloads)
+    data_dir: str = ""  # where the ledger lives (only with monthly limits); "": the platform's
 
 
 @dataclass(slots=True)
@@ -211,6 +218,14 @@ class QueueSettings:
 
 
 @dataclass(slots=True)
+class LifecycleSettings:
+    """[lifecycle]: what loads through the lifecycle API (SPEC §5.1) may take, and how long."""
+
+    vram_headroom_percent: float = 20.0  # a load must leave this much of a backend's vram_gb free
+    timeout_seconds: float = 300.0  # every load, unload or migration ends within this
+
+
+@dataclass(slots=True)
 class LoggingSettings:
     level: str = "info"
     format: str = "pretty"
@@ -246,6 +261,7 @@ class BackendSettings:
     max_concurrent: int = 0
     api_key_env: str = ""
     rpm: int = 0  # requests per minute this backend is sent at most; 0: no limit
+    vram_gb: float = 0.0  # what the lifecycle API may fill with models; 0: not declared
 
 
 @dataclass(slots=True)
@@ -255,6 +271,7 @@ class Settings:
     health_check: HealthSettings = field(default_factory=HealthSettings)
     routing: RoutingSettings = field(default_factory=RoutingSettings)
     queue: QueueSettings = field(default_factory=QueueSettings)
+    lifecycle: LifecycleSettings = field(default_factory=LifecycleSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
     backends: list[BackendSettings] = field(default_factory=list)
@@ -268,6 +285,7 @@ ENV_SETTINGS = {
     "NEXUS_LOG_FORMAT": ("logging", "format"),
     "NEXUS_DISCOVERY": ("discovery", "enabled"),
     "NEXUS_HEALTH_CHECK": ("health_check", "enabled"),
+    "NEXUS_DATA_DIR": ("server", "data_dir"),
 }
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off")
@@ -311,6 +329,7 @@ def _convert_field(key: str, value: Any, default: Any, cls: type, name: str) -> 
         (Settings, "health_check"): HealthSettings,
         (Settings, "routing"): RoutingSettings,
         (Settings, "queue"): QueueSettings,
+        (Settings, "lifecycle"): LifecycleSettings,
         (Settings, "logging"): LoggingSettings,
         (Settings, "auth"): AuthSettings,
         (RoutingSettings, "budget"): BudgetSettings,
@@ -363,13 +382,17 @@ def config_file_path(cli_path: str | None, env: dict[str, str]) -> Path | None:
 
 
 def load_settings(
-    path: Path | None, env: dict[str, str], overrides: dict[tuple[str, str], Any]
+    path: Path | None,
+    env: dict[str, str],
+    overrides: dict[tuple[str, str], Any],
+    text: str | None = None,
 ) -> Settings:
-    """Defaults < TOML file < NEXUS_* variables < CLI overrides, then validation."""
+    """Defaults < TOML file < NEXUS_* variables < CLI overrides, then validation. `text` is the
+    file's content when the caller has read it already (a reload reads it its own way)."""
     raw: dict[str, Any] = {}
     if path is not None:
         try:
-            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+            raw = tomllib.loads(path.read_text(encoding="utf-8") if text is None else text)
         except FileNotFoundError:
             raise ConfigError("config", f"file {path} not found") from None
         except (OSError, UnicodeDecodeError) as exc:
@@ -415,6 +438,7 @@ def validate_settings(s: Settings, env: dict[str, str]) -> None:
         ("health_check.timeout_seconds", s.health_check.timeout_seconds),
         ("health_check.failure_threshold", s.health_check.failure_threshold),
         ("health_check.recovery_threshold", s.health_check.recovery_threshold),
+        ("lifecycle.timeout_seconds", s.lifecycle.timeout_seconds),
     ]
     for key, value in positive:
         if value <= 0:
@@ -428,6 +452,8 @@ def validate_settings(s: Settings, env: dict[str, str]) -> None:
     for key, value in non_negative:
         if value < 0:
             raise ConfigError(key, f"must not be negative, got {value}")
+    if not 0 <= s.lifecycle.vram_headroom_percent < 100:
+        raise ConfigError("lifecycle.vram_headroom_percent", "expected 0-99")
     if s.routing.strategy not in STRATEGIES:
         raise ConfigError("routing.strategy", f"expected one of {', '.join(STRATEGIES)}")
     for name in ("priority", "load", "latency"):
@@ -538,6 +564,8 @@ def validate_backend(b: BackendSettings, key: str, env: dict[str, str]) -> None:
         raise ConfigError(f"{key}.max_concurrent", "must not be negative")
     if b.rpm < 0:
         raise ConfigError(f"{key}.rpm", "must not be negative")
+    if b.vram_gb < 0:
+        raise ConfigError(f"{key}.vram_gb", "must not be negative")
     if b.type in CLOUD_TYPES and not b.api_key_env:
         raise ConfigError(f"{key}.api_key_env", f"a {b.type} backend needs api_key_env")
     if b.api_key_env and not env.get(b.api_key_env):
@@ -596,6 +624,10 @@ class Model:
     vision: bool | None = None
     tools: bool | None = None
     json_mode: bool | None = None
+    size: int | None = None  # bytes, where the backend says (Ollama's /api/tags): what a load takes
+
+
+NOTHING_MOVING: frozenset[str] = frozenset()
 
 
 @dataclass(slots=True, eq=False)
@@ -624,6 +656,18 @@ class Backend:
     last_check: float = 0.0
     lost_at: float | None = None
     rpm_bucket: TokenBucket | None = None  # [[backends]] rpm: how fast it may be sent requests
+    vram_gb: float = 0.0
+    # Models in memory now and the bytes each holds (Ollama's /api/ps), read with each health
+    # poll; None: the backend does not say (vLLM, llama.cpp, ...), so whatever it serves is warm.
+    loaded: dict[str, int] | None = None
+    # Counts the lifecycle's own reads of `loaded`: a poll whose /api/ps went out before one of
+    # them holds an older state and leaves `loaded` as the lifecycle read it.
+    loaded_reads: int = 0
+    # Models a lifecycle operation is loading here (not a candidate for them until loaded) and
+    # models a migration is taking away (a candidate for them only after every other).
+    loading: frozenset[str] = NOTHING_MOVING
+    draining: frozenset[str] = NOTHING_MOVING
+    model_in_flight: dict[str, int] = field(default_factory=dict)  # requests on it, per model
 
     @property
     def is_cloud(self) -> bool:
@@ -631,6 +675,10 @@ class Backend:
 
     def at_capacity(self) -> bool:
         return 0 < self.max_concurrent <= self.in_flight
+
+    def is_warm(self, model_id: str) -> bool:
+        """Whether the model is in memory here, as far as the backend says (SPEC §3 step 8)."""
+        return self.loaded is None or model_id in self.loaded
 
     @classmethod
     def from_settings(cls, b: BackendSettings, source: str = "static") -> Backend:
@@ -645,6 +693,7 @@ class Backend:
             api_key_env=b.api_key_env,
             source=source,
             rpm_bucket=TokenBucket(b.rpm, time.monotonic()) if b.rpm else None,
+            vram_gb=b.vram_gb,
         )
 
     def public(self) -> dict[str, Any]:
@@ -659,7 +708,12 @@ class Backend:
             "priority": self.priority,
             "source": self.source,
             "models": sorted(self.models),
+            "last_error": self.why_down(),
         }
+
+    def why_down(self) -> str | None:
+        """The last failure of a backend that is not healthy (refused, timed out, HTTP 401...)."""
+        return (self.last_error or None) if self.status != "healthy" else None
 
 
 class Registry:
@@ -668,6 +722,9 @@ class Registry:
     def __init__(self) -> None:
         self.backends: dict[str, Backend] = {}
         self.by_model: dict[str, list[Backend]] = {}
+        # (backend, model) pairs a lifecycle operation is loading or draining now: while there
+        # are none, routing does not look at Backend.loading and .draining at all.
+        self.moving = 0
 
     def add(self, backend: Backend) -> None:
         self.backends[backend.name] = backend
@@ -701,6 +758,16 @@ class Registry:
         return [b for b in self.backends.values() if b.status == "healthy"]
 
 
+def loaded_on(registry: Registry, model_id: str) -> list[str]:
+    """Names of the healthy local backends that have the model in memory, or that serve it and
+    do not say what they hold (they keep what they serve loaded): `/v1/models`' `loaded_on`."""
+    return sorted(
+        b.name
+        for b in registry.by_model.get(model_id, ())
+        if b.status == "healthy" and not b.is_cloud and b.is_warm(model_id)
+    )
+
+
 # ==============================================================================================
 # Health
 # Owns: the per-backend state machine (unknown -> healthy/unhealthy, thresholds against
@@ -723,7 +790,7 @@ def record_success(backend: Backend, settings: HealthSettings) -> None:
 def record_failure(backend: Backend, settings: HealthSettings, reason: str) -> None:
     backend.ok_streak = 0
     backend.fail_streak += 1
-    backend.last_error = reason
+    backend.last_error = shown_reason(backend, reason)
     if backend.status == "unknown" or (
         backend.status == "healthy" and backend.fail_streak >= settings.failure_threshold
     ):
@@ -752,11 +819,30 @@ async def poll_backend(app: web.Application, backend: Backend) -> None:
 
 
 def describe_failure(exc: BaseException) -> str:
+    """Why a poll or a request failed, in the words /v1/backends and the dashboard show: refused,
+    timed out, HTTP 401, not an LLM server, ..."""
+    if isinstance(exc, BackendConnectTimeout):
+        return "timed out connecting"
     if isinstance(exc, TimeoutError):
         return "timed out"
-    if isinstance(exc, BackendHTTPError):
+    if isinstance(exc, BackendHTTPError | BackendReplyError):
         return str(exc)[:200]
     return f"{type(exc).__name__}: {exc}"[:200]
+
+
+# user:password@ in a URL that a message repeats (Nexus refuses such URLs, but a backend's own
+# error text may carry one).
+URL_CREDENTIALS = re.compile(r"(?<=://)[^/\s@]*@")
+
+
+def shown_reason(backend: Backend, reason: str) -> str:
+    """A failure as it may be shown anywhere: no credentials of a URL, and never the backend's
+    own key, whatever the backend's error text repeated."""
+    reason = URL_CREDENTIALS.sub("", reason)
+    secret = os.environ.get(backend.api_key_env, "") if backend.api_key_env else ""
+    if secret and secret in reason:
+        reason = reason.replace(secret, "[redacted]")
+    return reason
 
 
 # Polls in flight at once: enough for any home lab in one round, while a thousand backends do
@@ -1276,6 +1362,7 @@ class RequestNeeds:
     high_priority: bool = False
     flexible: bool = False  # X-Nexus-Flexible: a lower tier only when none meets min_tier
     budget_status: str = "normal"  # the month's budget as the request came in
+    prompt_param: str = "messages"  # the field holding the prompt, named by a too-long error
     last_backend: str | None = None  # where its session's last turn was served (SPEC §3.7)
 
 
@@ -1396,6 +1483,7 @@ def completion_needs(body: dict[str, Any]) -> RequestNeeds:
         model=model,
         prompt_tokens=chars // CHARS_PER_TOKEN,
         max_tokens=optional_int(body, "max_tokens"),
+        prompt_param="prompt",
     )
 
 
@@ -1408,7 +1496,7 @@ def embedding_needs(body: dict[str, Any]) -> RequestNeeds:
         chars = sum(len(x) for x in data if isinstance(x, str))
     else:
         raise bad_request("input must be a string or a non-empty array", "input")
-    return RequestNeeds(model=model, prompt_tokens=chars // CHARS_PER_TOKEN)
+    return RequestNeeds(model=model, prompt_tokens=chars // CHARS_PER_TOKEN, prompt_param="input")
 
 
 # Where clients name their session, first found first after the body's prompt_cache_key (SPEC
@@ -1700,8 +1788,8 @@ def answer_texts(endpoint: str, answer: dict[str, Any]) -> list[str]:
 # ==============================================================================================
 # Policy
 # Owns: what cloud work costs (the embedded price table, overridable per model) and the month's
-# spend against the budget. Spend lives in memory only: it is operational state, not a ledger,
-# so a restart starts the month's count again at zero.
+# spend against the budget. The spend is counted here; the Ledger below keeps it across
+# restarts when a monthly limit is set.
 # Must not: do I/O beyond reading the embedded price table once, or decide routes (routing
 # reads the budget's status; the proxy charges it).
 # ==============================================================================================
@@ -1806,11 +1894,23 @@ def month_of(now: dt.datetime) -> str:
     return f"{now.year:04d}-{now.month:02d}"
 
 
+def next_month_start(now: dt.datetime) -> dt.datetime:
+    """Midnight UTC on the 1st of the month after `now`'s: when monthly limits start again."""
+    year, month = (now.year + 1, 1) if now.month == 12 else (now.year, now.month + 1)
+    return dt.datetime(year, month, 1, tzinfo=dt.UTC)
+
+
 class Budget:
     """The current calendar month's cloud spend (UTC months) and where it stands against the
     configured limit: normal, soft_limit (cloud deprioritised) or hard_limit (the action)."""
 
     def __init__(self, settings: BudgetSettings | None) -> None:
+        self.configure(settings)
+        self.month = month_of(dt.datetime.now(dt.UTC))
+        self._spent_usd = 0.0
+
+    def configure(self, settings: BudgetSettings | None) -> None:
+        """The limit, the action and the prices; a reload sets new ones, the spend stays."""
         self.settings = settings
         self.monthly_limit_usd = settings.monthly_limit_usd if settings else 0.0
         self.action = settings.hard_limit_action if settings else "warn"
@@ -1818,8 +1918,6 @@ class Budget:
             model: Price.from_table(entry)
             for model, entry in (settings.prices if settings else {}).items()
         }
-        self.month = month_of(dt.datetime.now(dt.UTC))
-        self._spent_usd = 0.0
 
     @property
     def enabled(self) -> bool:
@@ -1836,6 +1934,11 @@ class Budget:
         if month != self.month:
             self.month = month
             self._spent_usd = 0.0
+
+    def start_from(self, spent_usd: float) -> None:
+        """Begin the month from what the ledger holds for it (spent before this start)."""
+        self.roll()
+        self._spent_usd = spent_usd
 
     def charge(self, usd: float) -> None:
         self.roll()
@@ -1865,9 +1968,7 @@ class Budget:
 
     def seconds_to_reset(self, now: dt.datetime | None = None) -> int:
         now = now or dt.datetime.now(dt.UTC)
-        year, month = (now.year + 1, 1) if now.month == 12 else (now.year, now.month + 1)
-        start = dt.datetime(year, month, 1, tzinfo=dt.UTC)
-        return max(int((start - now).total_seconds()), 1)
+        return max(int((next_month_start(now) - now).total_seconds()), 1)
 
     def snapshot(self) -> dict[str, Any] | None:
         """The budget in /v1/stats; None when no limit is configured."""
@@ -1973,16 +2074,373 @@ def budget_exceeded(needs: RequestNeeds, action: str, why: str) -> NexusError:
 
 
 # ==============================================================================================
+# Ledger
+# Owns: the month's usage (cloud spend, requests, tokens) in total and per key, counted in
+# memory on the event loop; and, only when a monthly limit is set, nexus.db in the data
+# directory: read once at start, written by one worker thread at most once a second.
+# Must not: touch the disk on the event loop, keep any prompt, answer or key (key names only),
+# or stop Nexus serving: a ledger it cannot use is warned about, and counting goes on in memory.
+# ==============================================================================================
+
+LEDGER_FILE = "nexus.db"
+LEDGER_FLUSH_SECONDS = 1.0  # a crash loses at most this much of the month's counts
+LEDGER_BUSY_SECONDS = 0.5  # how long the worker waits for a lock; never the event loop
+LEDGER_CLOSE_SECONDS = 5.0  # at shutdown, for each of the last write and the close
+TOTAL_ROW = ""  # the row of everyone's usage (a key's name is never empty)
+SQLITE_MAGIC = b"SQLite format 3\x00"
+MONTH_PATTERN = re.compile(r"\d{4}-(0[1-9]|1[0-2])")
+LEDGER_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS usage (month TEXT NOT NULL, key TEXT NOT NULL, "
+    "spent_usd REAL NOT NULL, requests INTEGER NOT NULL, tokens INTEGER NOT NULL, "
+    "PRIMARY KEY (month, key))"
+)
+LEDGER_UPSERT = (
+    "INSERT INTO usage (month, key, spent_usd, requests, tokens) VALUES (?, ?, ?, ?, ?) "
+    "ON CONFLICT (month, key) DO UPDATE SET spent_usd = excluded.spent_usd, "
+    "requests = excluded.requests, tokens = excluded.tokens"
+)
+
+UsageRow = list[float]  # [spent_usd, requests, tokens] of one key (or the total) in one month
+SavedRow = tuple[str, str, float, int, int]  # (month, key, spent_usd, requests, tokens)
+
+
+def data_directory(configured: str, env: dict[str, str], platform: str = sys.platform) -> Path:
+    """Where nexus.db lives: --data-dir, $NEXUS_DATA_DIR or [server] data_dir (merged into
+    `configured` by the settings), else the platform's user data directory."""
+    if configured:
+        return Path(configured).expanduser()
+    home = Path(env["HOME"]) if env.get("HOME") else Path.home()
+    if platform == "win32":
+        return Path(env.get("LOCALAPPDATA") or home / "AppData" / "Local") / "nexus"
+    if platform == "darwin":
+        return home / "Library" / "Application Support" / "nexus"
+    return Path(env.get("XDG_DATA_HOME") or home / ".local" / "share") / "nexus"
+
+
+def ledger_wanted(settings: Settings) -> bool:
+    """Whether a monthly limit is configured: only then does Nexus write anything to disk."""
+    budget = settings.routing.budget
+    if budget is not None and budget.monthly_limit_usd > 0:
+        return True
+    return any(k.monthly_limit_usd > 0 for k in settings.auth.api_keys)
+
+
+def month_at(now: float) -> tuple[str, float]:
+    """The UTC month a time.time() falls in, and the time.time() at which the next begins."""
+    moment = dt.datetime.fromtimestamp(now, dt.UTC)
+    return month_of(moment), next_month_start(moment).timestamp()
+
+
+class LedgerError(Exception):
+    """nexus.db cannot be used: missing directory, unwritable, locked, not a database."""
+
+
+class LedgerReplaced(LedgerError):
+    """nexus.db was deleted or replaced by another file while Nexus was writing it."""
+
+
+class LedgerCorrupt(LedgerError):
+    """nexus.db no longer holds a SQLite database (something wrote over it)."""
+
+
+def ledger_problem(exc: BaseException) -> str:
+    """An OSError or sqlite3 error in words, with what to do about a lock."""
+    text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    if "locked" in text:
+        text += ": another Nexus process is using it"
+    return text
+
+
+class LedgerFile:
+    """nexus.db as one worker thread uses it: open it (holding SQLite's exclusive lock, so a
+    second Nexus given the same directory is refused at once), read a month, write rows.
+    Every method runs on that thread, never on the event loop."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.conn: Any = None  # a sqlite3.Connection while the file is open
+        self.identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the file opened
+        # Every row known, so that a file deleted meanwhile is written whole again, and
+        # which of them the file does not hold yet (a write failed, or it was never written).
+        self.known: dict[tuple[str, str], SavedRow] = {}
+        self.unsaved: set[tuple[str, str]] = set()
+
+    def open(self) -> None:
+        import sqlite3  # only a Nexus with a monthly limit pays for loading SQLite
+
+        if self.path.parent.exists() and not self.path.parent.is_dir():
+            raise LedgerError(f"{self.path.parent} is not a directory")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(
+                self.path,
+                timeout=LEDGER_BUSY_SECONDS,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+            try:
+                # Exclusive locking: one process owns the file for as long as it runs, and the
+                # write-ahead log's index lives in memory (no shared-memory file to map).
+                conn.execute("PRAGMA locking_mode = EXCLUSIVE")
+                if str(conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]).lower() != "wal":
+                    raise sqlite3.OperationalError("cannot use write-ahead logging")
+                conn.execute("BEGIN IMMEDIATE")  # the lock is taken now, not at the first charge
+                conn.execute(LEDGER_SCHEMA)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.close()
+                raise
+            stat = os.stat(self.path)
+        except (sqlite3.Error, OSError) as exc:
+            raise LedgerError(ledger_problem(exc)) from exc
+        self.conn, self.identity = conn, (stat.st_dev, stat.st_ino)
+
+    def read(self, month: str) -> dict[str, UsageRow]:
+        """The month's rows by key name (TOTAL_ROW: everyone's)."""
+        import sqlite3
+
+        if self.conn is None:
+            self.open()
+        query = "SELECT key, spent_usd, requests, tokens FROM usage WHERE month = ?"
+        try:
+            found = self.conn.execute(query, (month,)).fetchall()
+        except sqlite3.Error as exc:
+            raise LedgerError(ledger_problem(exc)) from exc
+        for key, usd, requests, tokens in found:
+            self.known.setdefault((month, key), (month, key, usd, requests, tokens))
+        return {
+            key: [float(usd), int(requests), int(tokens)] for key, usd, requests, tokens in found
+        }
+
+    def check(self) -> None:
+        """Raise when the file on disk is no longer the one opened, or no longer a database."""
+        try:
+            stat = os.stat(self.path)
+            with open(self.path, "rb") as file:
+                head = file.read(len(SQLITE_MAGIC))
+        except OSError as exc:
+            raise LedgerReplaced(ledger_problem(exc)) from exc
+        if (stat.st_dev, stat.st_ino) != self.identity:
+            raise LedgerReplaced("replaced by another file")
+        if head != SQLITE_MAGIC:
+            raise LedgerCorrupt("it is no longer a SQLite database")
+
+    def write(self, rows: list[SavedRow]) -> bool:
+        """Write the rows that changed, and any a failed write left behind. Each row is its
+        month's total so far, so writing one again does no harm. A file deleted or replaced
+        meanwhile is made again with every row known; returns True when it was."""
+        import sqlite3
+
+        for row in rows:
+            self.known[row[:2]] = row
+            self.unsaved.add(row[:2])
+        made_again = False
+        if self.conn is not None:
+            try:
+                self.check()
+            except LedgerReplaced:
+                self.close()
+                made_again = True
+                self.unsaved.update(self.known)
+        if self.conn is None:
+            self.open()
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+            self.conn.executemany(LEDGER_UPSERT, [self.known[k] for k in self.unsaved])
+            self.conn.execute("COMMIT")
+            self.unsaved.clear()
+        except sqlite3.Error as exc:
+            self.close()  # a failed write leaves the connection unsure: open it afresh
+            raise LedgerError(ledger_problem(exc)) from exc
+        return made_again
+
+    def close(self) -> None:
+        """Close the file; on a clean close SQLite folds its write-ahead log into nexus.db."""
+        import sqlite3
+
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+
+
+class Ledger:
+    """The month's usage, in total and per key, counted in memory as charges land, and kept
+    in nexus.db when a monthly limit is set. Counting is a few list additions on the event
+    loop; one worker thread writes the rows that changed at most once a second."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path  # None: no monthly limit, nothing is written
+        self.file: LedgerFile | None = None  # set while nexus.db is in use
+        self.rows: dict[str, dict[str, UsageRow]] = {}  # month -> key name -> row
+        self.month, self.month_ends = month_at(time.time())
+        self.current = self.rows.setdefault(self.month, {})
+        self.changed: dict[tuple[str, str], UsageRow] = {}  # rows counted since the last write
+        self.executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self.flush_handle: asyncio.TimerHandle | None = None
+        self.writing: asyncio.Future | None = None
+        self.problem: str | None = None  # the last problem warned about, not repeated
+
+    @property
+    def persistent(self) -> bool:
+        return self.file is not None
+
+    async def open(self) -> None:
+        """Read this month from nexus.db; when it cannot be used, warn and count in memory."""
+        if self.path is None:
+            return
+        self.executor = concurrent.futures.ThreadPoolExecutor(1, "nexus-ledger")
+        file = LedgerFile(self.path)
+        try:
+            saved = await self.in_worker(file.read, self.month)
+        except LedgerError as exc:
+            log.warning(
+                "ledger %s cannot be used (%s): this month's spend is counted in memory only, "
+                "and a restart forgets it",
+                self.path,
+                exc,
+            )
+            return
+        self.file = file
+        self.current.update(saved)
+        total = saved.get(TOTAL_ROW, [0.0, 0, 0])
+        log.info(
+            "ledger %s: %.4f USD spent and %d requests so far in %s",
+            self.path,
+            total[0],
+            total[1],
+            self.month,
+        )
+
+    async def in_worker(self, call: Callable[..., Any], *args: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, call, *args)
+
+    def spent(self, key: str) -> float:
+        """This month's spend of a key (TOTAL_ROW: everyone's), for the budgets to start from."""
+        row = self.current.get(key)
+        return row[0] if row is not None else 0.0
+
+    def add(self, key: str, usd: float, requests: int, tokens: int) -> None:
+        """Count usage for a key (or TOTAL_ROW) this month; the file follows within a second."""
+        now = time.time()
+        if now >= self.month_ends:
+            self.month, self.month_ends = month_at(now)
+            self.current = self.rows.setdefault(self.month, {})
+        row = self.current.get(key)
+        if row is None:
+            row = self.current[key] = [0.0, 0, 0]
+        row[0] += usd
+        row[1] += requests
+        row[2] += tokens
+        if self.file is not None:
+            self.changed[self.month, key] = row
+            if self.flush_handle is None:
+                loop = asyncio.get_running_loop()
+                self.flush_handle = loop.call_later(LEDGER_FLUSH_SECONDS, self.flush)
+
+    def count(self, record: RequestRecord) -> None:
+        """One request answered: its tokens in the total, and its cost too under its key."""
+        tokens = (record.prompt_tokens or 0) + (record.completion_tokens or 0)
+        self.add(TOTAL_ROW, 0.0, 1, tokens)
+        if record.key is not None:
+            self.add(record.key, record.cost_usd or 0.0, 1, tokens)
+
+    def take_changed(self) -> list[SavedRow]:
+        """The rows counted since the last write, as they stand now (copies for the worker)."""
+        rows = [(m, k, row[0], int(row[1]), int(row[2])) for (m, k), row in self.changed.items()]
+        self.changed.clear()
+        return rows
+
+    def flush(self) -> None:
+        """Hand every row to the worker thread (one write at a time)."""
+        self.flush_handle = None
+        if self.file is None:
+            return
+        loop = asyncio.get_running_loop()
+        if self.writing is not None and not self.writing.done():
+            self.flush_handle = loop.call_later(LEDGER_FLUSH_SECONDS, self.flush)
+            return
+        self.writing = loop.run_in_executor(self.executor, self.file.write, self.take_changed())
+        self.writing.add_done_callback(self.written)
+
+    def written(self, future: asyncio.Future) -> None:
+        """After a write: say once what went wrong (or that it is right again), and retry."""
+        if future.cancelled():
+            return
+        exc = future.exception()
+        if exc is None:
+            if future.result():
+                log.warning("ledger %s was deleted or replaced: written anew", self.path)
+            elif self.problem is not None:
+                log.info("ledger %s is written again", self.path)
+            self.problem = None
+            return
+        problem = str(exc)
+        if problem != self.problem:
+            log.warning(
+                "ledger %s cannot be written (%s): counting in memory%s",
+                self.path,
+                problem,
+                "" if isinstance(exc, LedgerCorrupt) else ", retrying every second",
+            )
+        self.problem = problem
+        if isinstance(exc, LedgerCorrupt):
+            self.file = None  # another program's file now: leave it alone
+        elif self.flush_handle is None:
+            loop = asyncio.get_running_loop()
+            self.flush_handle = loop.call_later(LEDGER_FLUSH_SECONDS, self.flush)
+
+    async def month_rows(self, month: str) -> dict[str, UsageRow]:
+        """A month's rows: counted here (this month, or any month this process has seen,
+        begun from the file), else read from the file; empty when there is none."""
+        if month in self.rows:
+            return {key: list(row) for key, row in self.rows[month].items()}
+        if self.file is None:
+            return {}
+        try:
+            return await self.in_worker(self.file.read, month)
+        except LedgerError as exc:
+            log.warning("ledger %s cannot be read (%s)", self.path, exc)
+            return {}
+
+    async def close(self) -> None:
+        """Write what is left and close the file (SIGTERM loses nothing), waiting a few
+        seconds at most for a disk that does not answer."""
+        if self.flush_handle is not None:
+            self.flush_handle.cancel()
+            self.flush_handle = None
+        file, self.file = self.file, None
+        if file is not None:
+            try:
+                if self.writing is not None:  # its outcome was handled by written()
+                    _, pending = await asyncio.wait([self.writing], timeout=LEDGER_CLOSE_SECONDS)
+                    if pending:
+                        raise TimeoutError
+                rows = self.take_changed()
+                await asyncio.wait_for(self.in_worker(file.write, rows), LEDGER_CLOSE_SECONDS)
+                await asyncio.wait_for(self.in_worker(file.close), LEDGER_CLOSE_SECONDS)
+            except (LedgerError, TimeoutError) as exc:
+                problem = str(exc) or "the disk did not answer"
+                log.warning("ledger %s: the last counts were not written (%s)", self.path, problem)
+        if self.executor is not None:
+            self.executor.shutdown(wait=False)
+
+
+# ==============================================================================================
 # Auth
 # Owns: API keys ([auth] api_keys, each read from its variable once, at start), who may call
-# what (model allow-lists, the admin API), the token buckets behind rpm and tpm limits (per key,
-# and per backend), and each key's usage and monthly spend.
+# what (model allow-lists; the operations views and the admin API, which need an admin key),
+# the token buckets behind rpm and tpm limits (per key, and per backend), and each key's usage
+# and monthly spend.
 # Must not: let a key leave this section. Only a SHA-256 digest of each is kept; logs, errors,
 # stats and pages name a key by its name, never show it.
 # ==============================================================================================
 
-# The dashboard's feeds stay open: a browser's EventSource cannot send an Authorization header.
-OPEN_V1_PATHS = ("/v1/stats", "/v1/stats/stream")
+# What shows backend URLs, key names and spend: with keys, only an admin key may see it.
+ADMIN_PATHS = ("/v1/stats", "/v1/stats/stream", "/v1/usage", "/metrics", "/v1/backends")
+# A request carrying one of these came through a proxy: its peer address is the proxy's.
+PROXY_HEADERS = ("X-Forwarded-For", "Forwarded", "X-Real-IP")
 
 
 def key_digest(secret: str) -> bytes:
@@ -2104,7 +2562,20 @@ def find_key(keys: list[ApiKey], presented: str) -> ApiKey | None:
 
 
 def needs_key(path: str) -> bool:
-    return path.startswith("/v1/") and path not in OPEN_V1_PATHS
+    return path.startswith("/v1/") or path == "/metrics"
+
+
+def needs_admin(path: str) -> bool:
+    return path in ADMIN_PATHS or path.startswith("/v1/backends/")
+
+
+def admin_forbidden(key: ApiKey) -> NexusError:
+    return NexusError(
+        403,
+        "permission_error",
+        "admin_forbidden",
+        f"The key '{key.name}' may not use this; it needs a key with admin = true.",
+    )
 
 
 def unauthorized(message: str) -> NexusError:
@@ -2118,7 +2589,8 @@ def unauthorized(message: str) -> NexusError:
 
 
 def authenticate(keys: list[ApiKey], path: str, headers: Any) -> ApiKey | None:
-    """The caller's key when keys are configured and the path needs one; 401 otherwise."""
+    """The caller's key when keys are configured and the path needs one: 401 when it is
+    missing or wrong, 403 when the path needs an admin key and it is not one."""
     if not keys or not needs_key(path):
         return None
     presented = presented_key(headers)
@@ -2129,6 +2601,8 @@ def authenticate(keys: list[ApiKey], path: str, headers: Any) -> ApiKey | None:
     key = find_key(keys, presented)
     if key is None:
         raise unauthorized("The API key provided is not valid.")
+    if not key.admin and needs_admin(path):
+        raise admin_forbidden(key)
     return key
 
 
@@ -2470,13 +2944,37 @@ def order_candidates(backends: list[Backend], strategy: str, weights: dict[str, 
 
 def keep_session(ranked: list[Backend], name: str) -> None:
     """Move the backend that served the session's last turn to the front (SPEC §3.7). The
-    orders applied after this one (fit, zone, cloud last, tier) are stable sorts, so it never
-    goes before a backend that a rule puts first; at capacity, route() puts it after the free."""
+    orders applied after this one (warm before cold, draining last, fit, zone, cloud last,
+    tier) keep the order they find among equals, so it never goes before a backend that a rule
+    puts first; at capacity, route() puts it after the free ones."""
     for i, backend in enumerate(ranked):
         if backend.name == name:
             if i:
                 ranked.insert(0, ranked.pop(i))
             return
+
+
+def warm_first(backends: list[Backend], model_id: str) -> None:
+    """Among backends of the same priority, those with the model in memory go before cold ones
+    (a cold load takes seconds to minutes), each priority keeping the places the strategy gave
+    it (SPEC §3 step 8). Nothing is allocated unless warm and cold are mixed."""
+    cold = 0
+    for backend in backends:
+        if backend.loaded is not None and model_id not in backend.loaded:
+            cold += 1
+    if cold == 0 or cold == len(backends):
+        return
+    priority = backends[0].priority
+    if all(b.priority == priority for b in backends):  # the usual case: one stable sort
+        backends.sort(key=lambda b: not b.is_warm(model_id))
+        return
+    places: dict[int, list[int]] = {}
+    for i, backend in enumerate(backends):
+        places.setdefault(backend.priority, []).append(i)
+    for indices in places.values():
+        group = sorted((backends[i] for i in indices), key=lambda b: not b.is_warm(model_id))
+        for i, backend in zip(indices, group, strict=True):
+            backends[i] = backend
 
 
 def candidates_for(
@@ -2487,20 +2985,26 @@ def candidates_for(
     rules: RouteRules | None = None,
 ) -> list[Backend]:
     """Healthy backends serving the model that meet the request's requirements and pass its
-    policy, best first by strategy, with those where max_tokens fits entirely ahead of those
-    that would clamp it. Restricted backends come first for a local-first request (overflow)
-    and local ones first at the budget's soft limit. The backend of the session's last turn
-    goes first among its equals under those rules (session affinity)."""
+    policy, best first by strategy (warm before cold), with those where max_tokens fits
+    entirely ahead of those that would clamp it. Restricted backends come first for a
+    local-first request (overflow) and local ones first at the budget's soft limit. A backend
+    the lifecycle API is loading the model on is left out; one a migration drains goes last.
+    The backend of the session's last turn goes first among its equals under those rules."""
     found = [
         backend
         for backend in registry.by_model.get(model_id, ())
         if backend.status == "healthy" and meets_needs(backend.models[model_id], needs)
     ]
+    if registry.moving:
+        found = [backend for backend in found if model_id not in backend.loading]
     if rules is not None and rules.refuses_any():
         found = [backend for backend in found if rules.allows(backend)]
     order_candidates(found, settings.routing.strategy, settings.routing.weights)
     if needs.last_backend is not None and len(found) > 1:
         keep_session(found, needs.last_backend)
+    warm_first(found, model_id)
+    if registry.moving and len(found) > 1:
+        found.sort(key=lambda b: model_id in b.draining)
     if needs.max_tokens is not None and len(found) > 1:
         found.sort(key=lambda b: not fits_entirely(b.models[model_id], needs))
     if rules is not None and len(found) > 1:
@@ -2536,8 +3040,9 @@ def route(needs: RequestNeeds, registry: Registry, settings: Settings) -> RouteD
     """Plan the attempts for a request: the model's candidates, then its fallback chain, each
     model's list cut to 1 + max_retries backends, free ones before those at capacity.
 
-    Raises NexusError 404 for a model no backend serves and no alias names, and 503 with an
-    actionable context when nothing can serve it now.
+    Raises NexusError 404 for a model no backend serves and no alias names, 400 for a prompt
+    no backend of the model or its fallbacks can hold, and 503 with an actionable context when
+    nothing can serve it now.
     """
     model_id = resolve_alias(needs.model, settings.routing.aliases)
     chain = list(dict.fromkeys([model_id, *settings.routing.fallbacks.get(model_id, ())]))
@@ -2545,6 +3050,7 @@ def route(needs: RequestNeeds, registry: Registry, settings: Settings) -> RouteD
         raise model_not_found(needs.model, registry, settings)
     rules = route_rules(needs, chain, registry, settings)
     budget = settings.routing.budget
+    full_chain = chain
     if rules.no_cloud and budget is not None and budget.hard_limit_action == "block_cloud":
         chain = chain[:1]  # block_cloud keeps cloud work out without serving another model
     ranked_models = [(m, candidates_for(m, needs, registry, settings, rules)) for m in chain]
@@ -2584,13 +3090,16 @@ def route(needs: RequestNeeds, registry: Registry, settings: Settings) -> RouteD
                 )
             )
     if not decision.attempts:
+        too_long = context_exceeded(needs, full_chain, registry)
+        if too_long is not None:
+            raise too_long
         if "budget" in rules.excluded and budget is not None:
             raise budget_exceeded(
                 needs,
                 budget.hard_limit_action,
                 "cloud backends are off and no local backend can serve it now",
             )
-        raise no_capacity(needs, model_id, registry, rules)
+        raise no_capacity(needs, model_id, registry, rules, chain)
     return decision
 
 
@@ -2612,14 +3121,134 @@ def model_not_found(
     )
 
 
+def context_exceeded(
+    needs: RequestNeeds, chain: list[str], registry: Registry
+) -> NexusError | None:
+    """The 400 for a prompt that no backend of the model or its fallbacks could hold, healthy
+    or not (waiting cannot make it fit; a lowered max_tokens was already counted on), or None
+    when one could or does not report its context."""
+    largest = 0
+    for model_id in chain:
+        for backend in registry.by_model.get(model_id, ()):
+            context = backend.models[model_id].context_length
+            if not context or needs.prompt_tokens < context:
+                return None
+            largest = max(largest, context)
+    if not largest:
+        return None
+    return context_length_exceeded(
+        needs.prompt_tokens,
+        largest,
+        f"{needs.prompt_tokens} in the prompt, before any answer; no backend serving "
+        f"'{needs.model}' or its fallbacks has a larger context",
+        needs.prompt_param,
+    )
+
+
+def context_length_exceeded(prompt: int, largest: int, how: str, param: str | None) -> NexusError:
+    """OpenAI's context_length_exceeded, with both sizes in `context` for other doors' words."""
+    return NexusError(
+        400,
+        "invalid_request_error",
+        "context_length_exceeded",
+        f"This model's maximum context length is {largest} tokens, however you requested "
+        f"{prompt} tokens ({how}). Serve it with a larger context, or add a fallback with one.",
+        param=param,
+        context={"prompt_tokens": prompt, "context_length": largest},
+    )
+
+
+# What a 503 calls each failed need, and how many backends its message names (the rest are
+# counted; error.context lists up to MAX_LISTED_SHORTFALLS).
+NEED_WORDS = {"vision": "vision", "tools": "tools", "json_mode": "JSON mode", "context": "context"}
+MAX_NAMED_BACKENDS = 8
+MAX_LISTED_SHORTFALLS = 100
+
+
+def unmet_needs(model: Model, needs: RequestNeeds) -> list[str]:
+    """The request's needs a backend's model fails, by name: meets_needs() spelt out, for
+    errors only (meets_needs stays allocation-free on the hot path)."""
+    failed = []
+    if needs.vision and model.vision is False:
+        failed.append("vision")
+    if needs.tools and model.tools is False:
+        failed.append("tools")
+    if needs.json_mode and model.json_mode is False:
+        failed.append("json_mode")
+    if model.context_length and needs.prompt_tokens >= model.context_length:
+        failed.append("context")
+    return failed
+
+
+def shortfalls(needs: RequestNeeds, chain: list[str], registry: Registry) -> list[dict[str, Any]]:
+    """Why each backend of the model and its fallbacks is no candidate now: the needs its
+    model fails, and "down" or "busy"."""
+    found = []
+    for model_id in chain:
+        for backend in registry.by_model.get(model_id, ()):
+            model = backend.models[model_id]
+            failed = unmet_needs(model, needs)
+            if backend.status != "healthy":
+                failed.append("down")
+            elif backend.at_capacity():
+                failed.append("busy")
+            elif model_id in backend.loading:
+                failed.append("loading")
+            if failed:
+                entry = {"backend": backend.name, "model": model_id, "failed": failed}
+                if "context" in failed:
+                    entry["context_length"] = model.context_length
+                found.append(entry)
+    return found
+
+
+def shortfall_words(entry: dict[str, Any]) -> str:
+    """One backend's shortfall for a 503's message, e.g. "gpu2: no vision, down"."""
+    words = []
+    for failed in entry["failed"]:
+        if failed == "context":
+            words.append(f"a context of {entry['context_length']} tokens")
+        elif failed in NEED_WORDS:
+            words.append("no " + NEED_WORDS[failed])
+        else:
+            words.append(failed)
+    return f"{entry['backend']}: {', '.join(words)}"
+
+
+def shortfall_reason(needs: RequestNeeds, found: list[dict[str, Any]]) -> str:
+    """What failed, in a few words: the needs no healthy backend meets, then each backend."""
+    if not found:
+        return "no backend serving it can take it now"
+    per_backend = "; ".join(shortfall_words(e) for e in found[:MAX_NAMED_BACKENDS])
+    if len(found) > MAX_NAMED_BACKENDS:
+        per_backend += f"; and {len(found) - MAX_NAMED_BACKENDS} more"
+    if all(entry["failed"] == ["down"] for entry in found):
+        return f"every backend serving it is down ({per_backend})"
+    healthy_fails = [e["failed"] for e in found if "down" not in e["failed"]]
+    needed = [need for need in NEED_WORDS if any(need in fails for fails in healthy_fails)]
+    if not needed:
+        return f"the backends that could serve it are down or busy ({per_backend})"
+    words = " and ".join(
+        f"a context over {needs.prompt_tokens} tokens" if n == "context" else NEED_WORDS[n]
+        for n in needed
+    )
+    return f"it needs {words}, which no healthy backend serving it has ({per_backend})"
+
+
 def no_capacity(
-    needs: RequestNeeds, model_id: str, registry: Registry, rules: RouteRules | None = None
+    needs: RequestNeeds,
+    model_id: str,
+    registry: Registry,
+    rules: RouteRules | None = None,
+    chain: list[str] | None = None,
 ) -> NexusError:
+    """The 503 for a request nothing can serve now, saying which need failed and where."""
     serving = registry.by_model.get(model_id, [])
     healthy = [b for b in serving if b.status == "healthy"]
     excluded = rules.excluded if rules is not None else set()
     required_tier = rules.min_tier if rules is not None and "tier" in excluded else None
     zone = "restricted" if excluded & {"privacy", "overflow"} else None
+    found = shortfalls(needs, chain or [model_id], registry)
     if "privacy" in excluded:
         why = "its policy is privacy = restricted and no restricted backend can serve it"
     elif "overflow" in excluded:
@@ -2632,11 +3261,11 @@ def no_capacity(
             f"no backend of tier {required_tier} or above can serve it (min_tier; send "
             "X-Nexus-Flexible: true to accept a lower tier when none is available)"
         )
-    elif healthy:
-        why = "no healthy backend serving it meets the request's needs (context, vision, tools)"
-    elif serving:
-        names = ", ".join(b.name for b in serving)
-        why = f"every backend serving it is unhealthy ({names})"
+    elif healthy and all(model_id in b.loading for b in healthy):
+        names = ", ".join(b.name for b in healthy)
+        why = f"it is being loaded on {names} (model lifecycle); try again once it is loaded"
+    elif serving or found:
+        why = shortfall_reason(needs, found)
     else:
         why = "no backend serves it"
     return NexusError(
@@ -2649,6 +3278,7 @@ def no_capacity(
             "eta_seconds": None,
             "required_tier": required_tier,
             "privacy_zone_required": zone,
+            "backends": found[:MAX_LISTED_SHORTFALLS],
         },
     )
 
@@ -2687,6 +3317,16 @@ class BackendHTTPError(Exception):
 class BackendConnectTimeout(BackendHTTPError, TimeoutError):
     """A backend that did not take the connection in time: a timeout like a silent backend's
     (504, not asked again for the request), not a failure that is retried."""
+
+
+def connect_problem(exc: OSError) -> str:
+    """Why a connection could not be made, the same words whichever event loop runs (the
+    standard one says "Connect call failed" for a refusal)."""
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, socket.gaierror):
+        return f"no such host ({exc.strerror or exc})"
+    return str(exc.strerror or exc)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -3127,7 +3767,7 @@ class BackendPool:
                 f"timed out connecting ({self.connect_timeout:g} s, server.connect_timeout_seconds)"
             ) from None
         except OSError as exc:  # refused, unreachable, no such host, certificate refused
-            raise BackendHTTPError(f"could not connect: {exc.strerror or exc}") from None
+            raise BackendHTTPError(f"could not connect: {connect_problem(exc)}") from None
         if self.closing:  # Nexus stopped while this connection was being made
             conn.close()
             raise BackendHTTPError("Nexus is shutting down")
@@ -3173,12 +3813,22 @@ async def fetch_json(
     if payload is not None:
         headers = {**headers, **JSON_HEADERS} if headers else JSON_HEADERS
     status, answer = await pool.fetch(method, url, headers or {}, body, limit=POLL_MAX_BODY)
+    path = urllib.parse.urlsplit(url).path
     if status != 200:
-        raise BackendReplyError(f"{method} {urllib.parse.urlsplit(url).path}: {status}")
+        raise BackendReplyError(status_problem(status, path))
     try:
         return json.loads(answer)
     except ValueError:
-        raise BackendReplyError(f"{url}: not JSON") from None
+        raise BackendReplyError(f"not an LLM server: {path} answered something not JSON") from None
+
+
+def status_problem(status: int, path: str) -> str:
+    """A poll's answer that is not 200, as the reason a backend is down."""
+    if status in (401, 403):
+        return f"HTTP {status} on {path}: a key is missing or refused (api_key_env)"
+    if status in (404, 405):
+        return f"HTTP {status} on {path}: not an LLM server (or not of its configured type)"
+    return f"HTTP {status} on {path}"
 
 
 def positive_int(value: Any) -> int | None:
@@ -3190,7 +3840,7 @@ def positive_int(value: Any) -> int | None:
 def models_from_openai_list(data: Any) -> dict[str, Model]:
     """Models from an OpenAI-style `/v1/models` answer, with whatever context length it gives."""
     if not isinstance(data, dict) or not isinstance(data.get("data"), list):
-        raise BackendReplyError("/v1/models: no data list")
+        raise BackendReplyError("not an LLM server: /v1/models has no data list")
     models = {}
     for entry in data["data"]:
         if not isinstance(entry, dict) or not isinstance(entry.get("id"), str):
@@ -3247,6 +3897,20 @@ class OpenAICompatibleAdapter:
         data = await fetch_json(pool, "GET", backend.url + "/v1/models", self.headers(backend))
         return models_from_openai_list(data)
 
+    def manages_models(self, backend: Backend) -> bool:
+        """Whether the backend's own API loads and unloads models (SPEC §5.1)."""
+        return False
+
+    async def loaded_models(self, pool: BackendPool, backend: Backend) -> dict[str, int] | None:
+        """The models in memory and the bytes each holds; None: the backend does not say."""
+        return None
+
+    async def load(self, pool: BackendPool, backend: Backend, model: str, keep_alive: Any) -> None:
+        raise NotImplementedError(backend.type)
+
+    async def unload(self, pool: BackendPool, backend: Backend, model: str) -> None:
+        raise NotImplementedError(backend.type)
+
 
 class VllmAdapter(OpenAICompatibleAdapter):
     """vLLM: `/health` says it is up; `/v1/models` carries `max_model_len`."""
@@ -3256,21 +3920,92 @@ class VllmAdapter(OpenAICompatibleAdapter):
     async def poll(self, pool: BackendPool, backend: Backend) -> dict[str, Model]:
         status, _ = await pool.fetch("GET", backend.url + "/health", {}, limit=POLL_MAX_BODY)
         if status != 200:
-            raise BackendReplyError(f"/health: {status}")
+            raise BackendReplyError(status_problem(status, "/health"))
         return await super().poll(pool, backend)
 
 
+def router_statuses(data: Any) -> dict[str, dict[str, Any]] | None:
+    """Each model's status in a llama-server router's `/v1/models` ({"value": "loaded", ...});
+    None for a server of one model, which gives none."""
+    entries = data.get("data") if isinstance(data, dict) else None
+    if not isinstance(entries, list):
+        return None
+    statuses = {
+        e["id"]: e["status"]
+        for e in entries
+        if isinstance(e, dict)
+        and isinstance(e.get("id"), str)
+        and isinstance(e.get("status"), dict)
+    }
+    return statuses or None
+
+
+def router_loaded(data: Any) -> dict[str, int] | None:
+    """The models a llama-server in router mode has running (their sizes unknown: 0); None
+    for a server of one model."""
+    statuses = router_statuses(data)
+    if statuses is None:
+        return None
+    return {model: 0 for model, status in statuses.items() if status.get("value") == "loaded"}
+
+
+ROUTER_CHECK_SECONDS = 0.25  # how often a loading router model's status is read
+LLAMACPP_ROUTER_ANSWERS = ("model is already running", "model is not running")
+
+
 class LlamaCppAdapter(OpenAICompatibleAdapter):
-    """llama.cpp's llama-server: `/health`, `/props` for `n_ctx` and modalities, `/v1/models`."""
+    """llama.cpp's llama-server: `/health`, `/props` for `n_ctx` and modalities, `/v1/models`.
+
+    In router mode (started without a model) it runs models on demand: `/v1/models` gives each
+    one's status, `/models/load` and `/models/unload` start and stop them."""
 
     stream_usage = True
+
+    def manages_models(self, backend: Backend) -> bool:
+        return backend.loaded is not None  # a router: its last poll said what it runs
+
+    async def loaded_models(self, pool: BackendPool, backend: Backend) -> dict[str, int] | None:
+        url = backend.url + "/v1/models"
+        return router_loaded(await fetch_json(pool, "GET", url, self.headers(backend)))
+
+    async def load(self, pool: BackendPool, backend: Backend, model: str, keep_alive: Any) -> None:
+        await self.router_call(pool, backend, "/models/load", model)
+        while True:  # the router starts the model's server; its status says how that went
+            data = await fetch_json(pool, "GET", backend.url + "/v1/models", self.headers(backend))
+            status = (router_statuses(data) or {}).get(model, {})
+            if status.get("value") == "loaded":
+                return
+            if status.get("failed"):
+                raise BackendReplyError(f"the model's server exited ({status.get('exit_code')})")
+            await asyncio.sleep(ROUTER_CHECK_SECONDS)
+
+    async def unload(self, pool: BackendPool, backend: Backend, model: str) -> None:
+        await self.router_call(pool, backend, "/models/unload", model)
+
+    async def router_call(self, pool: BackendPool, backend: Backend, path: str, model: str) -> None:
+        """POST {model} to a router endpoint; "already running" (or "not running") is done."""
+        headers = {**self.headers(backend), **JSON_HEADERS}
+        body = json.dumps({"model": model}).encode()
+        status, answer = await pool.fetch(
+            "POST", backend.url + path, headers, body, limit=POLL_MAX_BODY
+        )
+        if status == 200:
+            return
+        why = answer[:300].decode("utf-8", "replace")
+        with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
+            why = str(json.loads(answer)["error"].get("message") or why)
+        if status == 400 and why in LLAMACPP_ROUTER_ANSWERS:
+            return
+        raise BackendReplyError(f"{path} answered HTTP {status}: {why[:200]}")
 
     async def poll(self, pool: BackendPool, backend: Backend) -> dict[str, Model]:
         status, _ = await pool.fetch("GET", backend.url + "/health", {}, limit=POLL_MAX_BODY)
         if status != 200:
-            raise BackendReplyError(f"/health: {status}")
+            raise BackendReplyError(status_problem(status, "/health"))
         props = await fetch_json(pool, "GET", backend.url + "/props")
-        models = await super().poll(pool, backend)
+        data = await fetch_json(pool, "GET", backend.url + "/v1/models", self.headers(backend))
+        models = models_from_openai_list(data)
+        backend.loaded = router_loaded(data)
         if not isinstance(props, dict):
             return models
         settings = props.get("default_generation_settings")
@@ -3287,13 +4022,15 @@ class LlamaCppAdapter(OpenAICompatibleAdapter):
 
 
 class LmStudioAdapter(OpenAICompatibleAdapter):
-    """LM Studio: its `/api/v0/models` says type (llm, vlm, embeddings), context and tool use."""
+    """LM Studio: its `/api/v0/models` says type (llm, vlm, embeddings), context, tool use,
+    and whether each model is loaded (`state`)."""
 
     async def poll(self, pool: BackendPool, backend: Backend) -> dict[str, Model]:
         data = await fetch_json(pool, "GET", backend.url + "/api/v0/models")
         if not isinstance(data, dict) or not isinstance(data.get("data"), list):
-            raise BackendReplyError("/api/v0/models: no data list")
+            raise BackendReplyError("not an LLM server: /api/v0/models has no data list")
         models = {}
+        loaded: dict[str, int] | None = None
         for entry in data["data"]:
             if not isinstance(entry, dict) or not isinstance(entry.get("id"), str):
                 continue
@@ -3304,41 +4041,115 @@ class LmStudioAdapter(OpenAICompatibleAdapter):
                 vision=entry.get("type") == "vlm",
                 tools=("tool_use" in caps) if isinstance(caps, list) else None,
             )
+            if isinstance(entry.get("state"), str):  # "loaded" or "not-loaded"
+                loaded = loaded if loaded is not None else {}
+                if entry["state"] == "loaded":
+                    loaded[entry["id"]] = 0
+        backend.loaded = loaded
         return models
 
 
 OLLAMA_SHOWS_AT_ONCE = 8
+# How long a poll waits for /api/ps once the model list is in: it was asked at the same time,
+# so it is normally there already; a slow one keeps the last known state, never fails a poll.
+OLLAMA_PS_GRACE_SECONDS = 1.0
 
 
 class OllamaAdapter(OpenAICompatibleAdapter):
-    """Ollama: `/api/tags` lists models; `/api/show` gives capabilities and context length.
+    """Ollama: `/api/tags` lists models; `/api/show` gives capabilities and context length;
+    `/api/ps` says which are in memory. `/api/generate` without a prompt loads a model for
+    its `keep_alive`, and unloads it with `keep_alive: 0`.
 
     `/api/show` is asked once per model digest, not on every poll.
     """
 
     stream_usage = True
 
+    def manages_models(self, backend: Backend) -> bool:
+        return True
+
     def __init__(self) -> None:
         self.details: dict[tuple[str, str, str], Model] = {}
 
     async def poll(self, pool: BackendPool, backend: Backend) -> dict[str, Model]:
+        """The model list (/api/tags, /api/show); /api/ps alongside, into `backend.loaded`."""
+        reads = backend.loaded_reads
+        ps = asyncio.ensure_future(self.loaded_or_none(pool, backend))
+        try:
+            models = await self.models(pool, backend)
+            await asyncio.wait((ps,), timeout=OLLAMA_PS_GRACE_SECONDS)
+        finally:
+            ps.cancel()  # still unanswered: the last known state stays
+        if ps.done() and not ps.cancelled() and backend.loaded_reads == reads:
+            backend.loaded = ps.result()
+        return models
+
+    async def loaded_or_none(self, pool: BackendPool, backend: Backend) -> dict[str, int] | None:
+        """/api/ps, or None (does not say: warm) for an Ollama without it or a bad answer."""
+        try:
+            return await self.loaded_models(pool, backend)
+        except Exception as exc:  # never the poll's failure: the model list decides health
+            log.debug("backend %s: /api/ps: %s", backend.name, describe_failure(exc))
+            return None
+
+    async def loaded_models(self, pool: BackendPool, backend: Backend) -> dict[str, int] | None:
+        data = await fetch_json(pool, "GET", backend.url + "/api/ps")
+        if not isinstance(data, dict) or not isinstance(data.get("models"), list):
+            raise BackendReplyError("/api/ps: no models list")
+        loaded = {}
+        for entry in data["models"]:
+            if not isinstance(entry, dict):
+                continue
+            name = entry.get("model") or entry.get("name")
+            if isinstance(name, str) and name:
+                size = positive_int(entry.get("size_vram")) or positive_int(entry.get("size"))
+                loaded[name] = size or 0
+        return loaded
+
+    async def load(self, pool: BackendPool, backend: Backend, model: str, keep_alive: Any) -> None:
+        await self.generate_nothing(pool, backend, model, keep_alive)
+
+    async def unload(self, pool: BackendPool, backend: Backend, model: str) -> None:
+        await self.generate_nothing(pool, backend, model, 0)
+
+    async def generate_nothing(
+        self, pool: BackendPool, backend: Backend, model: str, keep_alive: Any
+    ) -> None:
+        """/api/generate with no prompt: Ollama loads (or with keep_alive 0 unloads) the model
+        and answers when it has; an error answer's own words become the failure."""
+        payload = {"model": model, "keep_alive": keep_alive, "stream": False}
+        body = json.dumps(payload).encode()
+        url = backend.url + "/api/generate"
+        status, answer = await pool.fetch("POST", url, JSON_HEADERS, body, limit=POLL_MAX_BODY)
+        if status != 200:
+            try:
+                why = str(json.loads(answer)["error"])
+            except (ValueError, KeyError, TypeError):
+                why = answer[:200].decode("utf-8", "replace").strip() or "no reason given"
+            raise BackendReplyError(f"/api/generate answered HTTP {status}: {why[:200]}")
+
+    async def models(self, pool: BackendPool, backend: Backend) -> dict[str, Model]:
         data = await fetch_json(pool, "GET", backend.url + "/api/tags")
         if not isinstance(data, dict) or not isinstance(data.get("models"), list):
-            raise BackendReplyError("/api/tags: no models list")
+            raise BackendReplyError("not an LLM server: /api/tags has no models list")
         keys = {}
+        sizes: dict[str, int | None] = {}
         for entry in data["models"]:
             if not isinstance(entry, dict):
                 continue
             name = entry.get("model") or entry.get("name")
             if isinstance(name, str) and name:
                 keys[name] = (backend.url, name, str(entry.get("digest", "")))
+                sizes[name] = positive_int(entry.get("size"))
         # Shows not known yet are asked in parallel, a few at a time: one after the other, an
         # Ollama with many models would not answer its first poll within the health timeout.
         limit = asyncio.Semaphore(OLLAMA_SHOWS_AT_ONCE)
 
         async def learn(key: tuple[str, str, str]) -> None:
             async with limit:
-                self.details[key] = await self.show(pool, backend, key[1])
+                model = await self.show(pool, backend, key[1])
+                model.size = sizes[key[1]]  # the same for the same digest
+                self.details[key] = model
 
         await asyncio.gather(*(learn(k) for k in set(keys.values()) if k not in self.details))
         return {name: self.details[key] for name, key in keys.items()}
@@ -3814,6 +4625,318 @@ ADAPTERS: dict[str, OpenAICompatibleAdapter] = {
 
 
 # ==============================================================================================
+# Model lifecycle
+# Owns: loading, unloading and migrating models on backends (SPEC §5.1): the operations that
+# run in the background, one per model and backend at a time, bounded by
+# [lifecycle] timeout_seconds; the VRAM headroom check; what routing is told meanwhile.
+# Must not: pull or delete model files, or know a backend's API (its adapter loads and unloads).
+# ==============================================================================================
+
+OPERATIONS_KEPT = 256  # finished operations still answered at /v1/operations/{id}
+LIFECYCLE_CHECK_SECONDS = 0.25  # how often /api/ps is read until it shows the new state
+DRAIN_CHECK_SECONDS = 0.05  # how often a migration looks whether the source is idle
+DEFAULT_KEEP_ALIVE = -1  # a model loaded through Nexus stays until it is unloaded
+GIB = 1024**3
+
+
+@dataclass(slots=True, eq=False)
+class Operation:
+    """One load, unload or migration: what it does, where it is, and why it failed if it did."""
+
+    id: str
+    kind: str  # load | unload | migrate
+    model: str
+    backend: str  # where the model is loaded or unloaded; a migration's target
+    source: str | None = None  # a migration's source
+    status: str = "in_progress"  # in_progress | completed | failed
+    step: str = ""
+    error: str | None = None
+    created: float = field(default_factory=time.time)
+    finished: float | None = None
+    held: list[tuple[Backend, str]] = field(default_factory=list)  # (backend, loading|draining)
+
+    def backends(self) -> list[str]:
+        return [self.backend] if self.source is None else [self.source, self.backend]
+
+    def public(self) -> dict[str, Any]:
+        """What /v1/operations/{id} and the CLI show."""
+        view: dict[str, Any] = {"operation_id": self.id, "type": self.kind, "model_id": self.model}
+        if self.source is None:
+            view["backend_id"] = self.backend
+        else:
+            view["source_backend_id"] = self.source
+            view["target_backend_id"] = self.backend
+        view.update(status=self.status, step=self.step, error=self.error)
+        view["created_at"] = round(self.created, 3)
+        view["finished_at"] = round(self.finished, 3) if self.finished is not None else None
+        return view
+
+
+def withhold(registry: Registry, backend: Backend, kind: str, model: str) -> None:
+    """Tell routing the model is loading (`kind` "loading") or draining here."""
+    current: frozenset[str] = getattr(backend, kind)
+    if model not in current:
+        setattr(backend, kind, current | {model})
+        registry.moving += 1
+
+
+def give_back(registry: Registry, backend: Backend, kind: str, model: str) -> None:
+    """Undo withhold(): the backend is an ordinary candidate for the model again."""
+    current: frozenset[str] = getattr(backend, kind)
+    if model in current:
+        setattr(backend, kind, current - {model})
+        registry.moving -= 1
+
+
+class Lifecycle:
+    """The lifecycle operations: those running, one per model and backend at a time, and the
+    last OPERATIONS_KEPT, each a task of its own bounded by the lifecycle timeout."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self.operations: dict[str, Operation] = {}  # oldest first
+        self.running: dict[tuple[str, str], Operation] = {}  # by (model, backend name)
+        self.tasks: set[asyncio.Task] = set()
+
+    def check_free(self, model: str, *backends: Backend) -> None:
+        """409 when an operation on the model is running on one of the backends."""
+        for backend in backends:
+            if (busy := self.running.get((model, backend.name))) is not None:
+                raise NexusError(
+                    409,
+                    "invalid_request_error",
+                    "operation_in_progress",
+                    f"Operation {busy.id} ({busy.kind} of {model}) is still running on "
+                    f"{backend.name}; wait for it (GET /v1/operations/{busy.id}).",
+                    context={"operation_id": busy.id},
+                )
+
+    def start(
+        self, op: Operation, work: Callable[[Operation], Awaitable[None]], timeout: float
+    ) -> None:
+        for name in op.backends():
+            self.running[op.model, name] = op
+        self.operations[op.id] = op
+        finished = [k for k, o in self.operations.items() if o.status != "in_progress"]
+        for key in finished[: max(len(finished) - OPERATIONS_KEPT, 0)]:
+            del self.operations[key]
+        log.info("operation %s: %s of %s started", op.id, op.kind, op.model, extra=op_fields(op))
+        task = asyncio.create_task(self.run(op, work, timeout))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def run(
+        self, op: Operation, work: Callable[[Operation], Awaitable[None]], timeout: float
+    ) -> None:
+        try:
+            async with asyncio.timeout(timeout) as limit:
+                await work(op)
+            op.status = "completed"
+        except TimeoutError as exc:
+            if limit.expired():
+                op.error = f"{op.step}: not done within {timeout:g} s (lifecycle.timeout_seconds)"
+            else:
+                op.error = f"{op.step}: {describe_failure(exc)}"
+        except asyncio.CancelledError:
+            op.error = f"{op.step}: Nexus stopped before it was done"
+            raise
+        except BackendReplyError as exc:  # the backend's own words
+            op.error = f"{op.step}: {exc}"
+        except Exception as exc:  # the backend's failure, told in the operation
+            op.error = f"{op.step}: {describe_failure(exc)}"
+        finally:
+            self.finish(op)
+
+    def finish(self, op: Operation) -> None:
+        if op.status == "in_progress":
+            op.status = "failed"
+        op.finished = time.time()
+        for backend, kind in op.held:
+            give_back(self.registry, backend, kind, op.model)
+        op.held.clear()
+        for name in op.backends():
+            if self.running.get((op.model, name)) is op:
+                del self.running[op.model, name]
+        took = op.finished - op.created
+        if op.status == "completed":
+            log.info(
+                "operation %s: %s of %s completed in %.1f s",
+                op.id,
+                op.kind,
+                op.model,
+                took,
+                extra=op_fields(op),
+            )
+        else:
+            log.warning(
+                "operation %s: %s of %s failed after %.1f s: %s",
+                op.id,
+                op.kind,
+                op.model,
+                took,
+                op.error,
+                extra=op_fields(op),
+            )
+
+    async def stop(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+def op_fields(op: Operation) -> dict[str, Any]:
+    """An operation's fields for a JSON log line."""
+    return {"fields": {k: v for k, v in op.public().items() if v is not None}}
+
+
+def lifecycle_backend(registry: Registry, name: Any, param: str) -> Backend:
+    """The named backend, if its type can load and unload models: 404 / 501 otherwise."""
+    if not isinstance(name, str) or not name:
+        raise bad_request(f"{param} is required (a backend's name, as /v1/backends lists)", param)
+    backend = registry.backends.get(name)
+    if backend is None:
+        known = ", ".join(sorted(registry.backends)[:50]) or "none"
+        raise NexusError(
+            404,
+            "invalid_request_error",
+            "backend_not_found",
+            f"No backend {name!r}. Backends: {known}",
+            param=param,
+        )
+    if not ADAPTERS[backend.type].manages_models(backend):
+        raise NexusError(
+            501,
+            "not_implemented",
+            "lifecycle_unsupported",
+            f"Backend {name} is of type {backend.type}, whose API offers no way to load or "
+            "unload a model; Nexus does that on ollama backends and llama-servers in router "
+            "mode (started without a model).",
+            param=param,
+        )
+    return backend
+
+
+def lifecycle_model(backend: Backend, model: Any, aliases: dict[str, str]) -> str:
+    """The model id on this backend (an alias leads to its model): 404 when it has no such
+    model. Nexus never pulls one."""
+    if not isinstance(model, str) or not model:
+        raise bad_request("model_id is required", "model_id")
+    model_id = resolve_alias(model, aliases)
+    if model_id not in backend.models:
+        raise NexusError(
+            404,
+            "invalid_request_error",
+            "model_not_found",
+            f"Backend {backend.name} has no model '{model}' (Nexus never pulls models: pull it "
+            f"on the backend first). Its models: {', '.join(sorted(backend.models)) or 'none'}",
+            param="model_id",
+        )
+    return model_id
+
+
+def vram_missing(backend: Backend, model_id: str, headroom_percent: float) -> tuple[float, str]:
+    """Bytes a load of the model would take out of the headroom, and why in words; 0 when it
+    fits, is loaded already, or the backend declares no vram_gb. Counted: what /api/ps reports
+    loaded, models being loaded there now, and the model's size from /api/tags."""
+    if not backend.vram_gb or backend.is_warm(model_id):
+        return 0.0, ""
+    loaded = backend.loaded or {}
+    used = sum(loaded.values())
+    used += sum(backend.models[m].size or 0 for m in backend.loading if m in backend.models)
+    size = backend.models[model_id].size or 0
+    total = backend.vram_gb * GIB
+    free_after = total - used - size
+    headroom = total * headroom_percent / 100
+    if free_after >= headroom:
+        return 0.0, ""
+    missing = headroom - free_after
+    why = (
+        f"Loading {model_id} ({size / GIB:.1f} GB) on {backend.name} would leave "
+        f"{max(free_after, 0) / GIB:.1f} GB of its {backend.vram_gb:g} GB free, less than the "
+        f"{headroom_percent:g}% headroom ({headroom / GIB:.1f} GB): {missing / GIB:.1f} GB "
+        f"missing. Unload a model there first."
+    )
+    return missing, why
+
+
+async def refresh_loaded(app: web.Application, backend: Backend) -> None:
+    """Read what the backend holds now (the last poll may be seconds old); kept as it was when
+    the backend does not answer in time."""
+    adapter = ADAPTERS[backend.type]
+    try:
+        async with asyncio.timeout(app[SETTINGS].health_check.timeout_seconds):
+            backend.loaded = await adapter.loaded_models(app[CLIENT], backend)
+            backend.loaded_reads += 1
+    except Exception as exc:  # the operation itself will tell what is wrong with the backend
+        log.debug("backend %s: /api/ps: %s", backend.name, describe_failure(exc))
+
+
+async def until_state(app: web.Application, backend: Backend, model: str, loaded: bool) -> None:
+    """Read /api/ps until it shows the model loaded (or gone), as routing will see it."""
+    adapter = ADAPTERS[backend.type]
+    while True:
+        backend.loaded = await adapter.loaded_models(app[CLIENT], backend)
+        backend.loaded_reads += 1
+        if (backend.loaded is None or model in backend.loaded) == loaded:
+            return
+        await asyncio.sleep(LIFECYCLE_CHECK_SECONDS)
+
+
+async def load_step(app: web.Application, op: Operation, backend: Backend, keep_alive: Any) -> None:
+    """Load on the backend, which is no candidate for the model until /api/ps shows it."""
+    op.step = f"loading on {backend.name}"
+    await ADAPTERS[backend.type].load(app[CLIENT], backend, op.model, keep_alive)
+    await until_state(app, backend, op.model, loaded=True)
+    if (backend, "loading") in op.held:
+        op.held.remove((backend, "loading"))
+        give_back(app[REGISTRY], backend, "loading", op.model)
+
+
+async def unload_step(app: web.Application, op: Operation, backend: Backend) -> None:
+    """Unload from the backend and wait until /api/ps no longer shows it."""
+    op.step = f"unloading from {backend.name}"
+    await ADAPTERS[backend.type].unload(app[CLIENT], backend, op.model)
+    await until_state(app, backend, op.model, loaded=False)
+
+
+async def drain_step(app: web.Application, op: Operation, source: Backend, target: Backend) -> None:
+    """Send new requests for the model to the source only after every other candidate, and
+    wait until it has none in flight. A target that goes down meanwhile ends the migration
+    with the source still serving."""
+    op.step = f"waiting for {source.name} to finish its requests"
+    withhold(app[REGISTRY], source, "draining", op.model)
+    op.held.append((source, "draining"))
+    while source.model_in_flight.get(op.model, 0):
+        if target.status == "unhealthy":
+            raise BackendReplyError(f"{target.name} went down; {source.name} keeps the model")
+        await asyncio.sleep(DRAIN_CHECK_SECONDS)
+
+
+def start_operation(
+    app: web.Application,
+    kind: str,
+    model: str,
+    target: Backend,
+    source: Backend | None,
+    work: Callable[[Operation], Awaitable[None]],
+) -> Operation:
+    """Begin an operation: a backend about to load the model stops being a candidate for it
+    at once, before the task first runs."""
+    op = Operation(
+        id="op-" + os.urandom(8).hex(),
+        kind=kind,
+        model=model,
+        backend=target.name,
+        source=source.name if source is not None else None,
+    )
+    if kind != "unload" and not target.is_warm(model):
+        withhold(app[REGISTRY], target, "loading", model)
+        op.held.append((target, "loading"))
+    app[LIFECYCLE].start(op, work, app[SETTINGS].lifecycle.timeout_seconds)
+    return op
+
+
+# ==============================================================================================
 # Proxy
 # Owns: sending a routed request, retrying on the next attempt before the first byte, relaying
 # answers (streams chunk by chunk, as they arrive) and ending every stream honestly.
@@ -3948,6 +5071,40 @@ def scrubbed_messages(messages: list[Any]) -> list[Any]:
 def is_context_error(status: int, text: str) -> bool:
     lowered = text.lower()
     return status in (400, 413) and any(word in lowered for word in CONTEXT_ERROR_WORDS)
+
+
+# How backends give the sizes in a too-long refusal: llama.cpp's words (it also sends n_ctx
+# and n_prompt_tokens), then OpenAI's and vLLM's.
+CONTEXT_SIZE_PATTERNS = (
+    re.compile(r"\((?P<prompt>\d+) tokens\) exceeds the available context size \((?P<context>\d+)"),
+    re.compile(
+        r"maximum context length is (?P<context>\d+) tokens.{0,40}?"
+        r"requested (?P<prompt>\d+) tokens",
+        re.S,
+    ),
+)
+
+
+def backend_context_error(backend: Backend, text: str) -> NexusError:
+    """A backend's own too-long refusal (it counted more than Nexus estimated) as the context
+    error, with the sizes when the backend gave them; its own words otherwise."""
+    found: tuple[int, int] | None = None
+    try:
+        error = json.loads(text).get("error")
+        if isinstance(error, dict):
+            prompt, context = error.get("n_prompt_tokens"), error.get("n_ctx")
+            if isinstance(prompt, int) and isinstance(context, int):
+                found = prompt, context
+    except (ValueError, AttributeError):
+        pass
+    for pattern in CONTEXT_SIZE_PATTERNS:
+        match = pattern.search(text) if found is None else None
+        if match is not None:
+            found = int(match["prompt"]), int(match["context"])
+    if found is None:
+        return NexusError(400, "invalid_request_error", "context_length_exceeded", text[:500])
+    how = f"as backend {backend.name} counted them"
+    return context_length_exceeded(found[0], found[1], how, None)
 
 
 DONE_EVENT = b"data: [DONE]\n\n"
@@ -4110,6 +5267,11 @@ def queue_full(
             "eta_seconds": None,
             "required_tier": None,
             "privacy_zone_required": None,
+            "backends": [
+                {"backend": a.backend.name, "model": a.model, "failed": ["busy"]}
+                for a in decision.attempts[:MAX_LISTED_SHORTFALLS]
+                if not a.fallback
+            ],
         },
     )
     set_eta(error, queue_eta(app, decision))
@@ -4217,6 +5379,8 @@ async def proxy(
             same_backend_retries += 1
             await asyncio.sleep(pause)
     assert failure is not None  # the first attempt is always tried
+    if failure.error.code == "context_length_exceeded":
+        failure.error.param = needs.prompt_param
     raise failure.error
 
 
@@ -4336,6 +5500,8 @@ async def send_attempt(
         deadline,
     )
     backend.in_flight += 1
+    per_model = backend.model_in_flight  # what an unload or a migration waits for (§5.1)
+    per_model[attempt.model] = per_model.get(attempt.model, 0) + 1
     backend.requests += 1
     record.backend = backend.name
     record.sent = time.perf_counter()
@@ -4404,6 +5570,7 @@ async def send_attempt(
     finally:
         limits.close()
         backend.in_flight -= 1
+        per_model[attempt.model] -= 1
         if upstream is not None:
             upstream.release()  # an answer not read to its end closes its connection
         app[QUEUE].wake()
@@ -4451,10 +5618,7 @@ def upstream_error(
             retry_after=wait,
         )
     if is_context_error(status, text):
-        raise AttemptFailed(
-            NexusError(400, "invalid_request_error", "context_length_exceeded", text[:500]),
-            skip_model=True,
-        )
+        raise AttemptFailed(backend_context_error(backend, text), skip_model=True)
     record.status = status
     headers = response_headers(record, attempt, reason)
     if app[BUDGET].enabled:
@@ -4555,6 +5719,7 @@ def charge_cost(request: web.Request, record: RequestRecord, attempt: Attempt) -
         return "unknown"
     record.cost_usd = cost_usd(price, usage)
     app[BUDGET].charge(record.cost_usd)
+    app[LEDGER].add(TOTAL_ROW, record.cost_usd, 0, 0)
     return format_usd(record.cost_usd)
 
 
@@ -4931,12 +6096,21 @@ def is_messages_path(path: str) -> bool:
     return path == MESSAGES_PATH or path.startswith(MESSAGES_PATH + "/")
 
 
+def anthropic_message(error: NexusError) -> str:
+    """An error's message in Anthropic's words where clients act on them: Claude Code compacts
+    on exactly "prompt is too long: N tokens > M maximum" (nothing after it)."""
+    if error.code == "context_length_exceeded" and error.context:
+        prompt, context = error.context["prompt_tokens"], error.context["context_length"]
+        return f"prompt is too long: {prompt} tokens > {context} maximum"
+    return error.message
+
+
 def anthropic_error(error: NexusError) -> dict[str, Any]:
     """An error as Anthropic's API writes it, for the same status."""
     kind = ANTHROPIC_ERROR_TYPES.get(error.status)
     if kind is None:
         kind = "api_error" if error.status >= 500 else "invalid_request_error"
-    return {"type": "error", "error": {"type": kind, "message": error.message}}
+    return {"type": "error", "error": {"type": kind, "message": anthropic_message(error)}}
 
 
 def messages_to_chat(body: dict[str, Any]) -> dict[str, Any]:
@@ -5582,6 +6756,7 @@ def model_entries(registry: Registry, settings: Settings) -> dict[str, dict[str,
         healthy = [b for b in backends if b.status == "healthy"]
         if healthy:
             entries[model_id] = model_entry(model_id, [(b, b.models[model_id]) for b in healthy])
+            entries[model_id]["loaded_on"] = loaded_on(registry, model_id)
     for alias in settings.routing.aliases:
         target = resolve_alias(alias, settings.routing.aliases)
         if target in entries and alias not in entries:
@@ -5659,17 +6834,14 @@ async def health(request: web.Request) -> web.Response:
 
 def require_admin(request: web.Request) -> None:
     """The admin API changes what Nexus routes to: with keys configured only an admin key may
-    use it (from anywhere), without keys only callers on this machine."""
+    use it, from anywhere; without keys only callers on this machine, and a request that came
+    through a proxy (even one on this machine) is not one."""
     if request.app[KEYS]:
         key = request.get(API_KEY)  # the middleware has checked it is a valid key
-        if key is None or not key.admin:
-            name = key.name if key is not None else ""
-            raise NexusError(
-                403,
-                "permission_error",
-                "admin_forbidden",
-                f"The key '{name}' may not use the admin API; that needs a key with admin = true.",
-            )
+        if key is None:
+            raise unauthorized("The admin API needs an admin key.")
+        if not key.admin:
+            raise admin_forbidden(key)
         return
     peer = request.remote or ""
     if peer not in ("127.0.0.1", "::1") and not peer.startswith("127."):
@@ -5678,6 +6850,15 @@ def require_admin(request: web.Request) -> None:
             "permission_error",
             "admin_forbidden",
             "The admin API only answers requests from this machine (loopback).",
+        )
+    proxied = [name for name in PROXY_HEADERS if name in request.headers]
+    if proxied:
+        raise NexusError(
+            403,
+            "permission_error",
+            "admin_forbidden",
+            f"The admin API only answers requests from this machine, and this one came through "
+            f"a proxy ({proxied[0]}); configure [auth] keys to use it from elsewhere.",
         )
 
 
@@ -5741,6 +6922,120 @@ async def remove_backend(request: web.Request) -> web.Response:
         raise NexusError(404, "invalid_request_error", "backend_not_found", f"No backend {name!r}")
     log.info("backend %s removed", name)
     return web.json_response({"name": name, "deleted": True})
+
+
+def lifecycle_response(op: Operation, status: int = 202) -> web.Response:
+    """An operation as JSON, with the X-Nexus-Lifecycle-* headers."""
+    headers = {"X-Nexus-Lifecycle-Status": op.status, "X-Nexus-Lifecycle-Operation": op.id}
+    return web.json_response(op.public(), status=status, headers=headers)
+
+
+def check_vram(app: web.Application, backend: Backend, model_id: str) -> None:
+    """400 when the load would eat into the backend's VRAM headroom, saying how much is
+    missing."""
+    missing, why = vram_missing(backend, model_id, app[SETTINGS].lifecycle.vram_headroom_percent)
+    if missing > 0:
+        raise NexusError(
+            400,
+            "invalid_request_error",
+            "insufficient_vram",
+            why,
+            param="model_id",
+            context={"missing_gb": round(missing / GIB, 2), "backend_id": backend.name},
+        )
+
+
+def keep_alive_of(body: dict[str, Any]) -> Any:
+    """How long a loaded model stays (Ollama's keep_alive: seconds or "30m"); default: until
+    unloaded."""
+    keep_alive = body.get("keep_alive", DEFAULT_KEEP_ALIVE)
+    if isinstance(keep_alive, bool) or not isinstance(keep_alive, int | float | str):
+        raise bad_request('keep_alive must be seconds or a duration such as "30m"', "keep_alive")
+    return keep_alive
+
+
+async def load_model(request: web.Request) -> web.Response:
+    """POST /v1/models/load {model_id, backend_id}: 202 and an operation (SPEC §5.1)."""
+    require_admin(request)
+    app = request.app
+    body = parse_json_body(await request.read())
+    backend = lifecycle_backend(app[REGISTRY], body.get("backend_id"), "backend_id")
+    model_id = lifecycle_model(backend, body.get("model_id"), app[SETTINGS].routing.aliases)
+    keep_alive = keep_alive_of(body)
+    app[LIFECYCLE].check_free(model_id, backend)
+    await refresh_loaded(app, backend)
+    app[LIFECYCLE].check_free(model_id, backend)  # another may have begun while it was read
+    check_vram(app, backend, model_id)
+
+    async def work(op: Operation) -> None:
+        await load_step(app, op, backend, keep_alive)
+
+    return lifecycle_response(start_operation(app, "load", model_id, backend, None, work))
+
+
+async def unload_model(request: web.Request) -> web.Response:
+    """DELETE /v1/models/{model_id}?backend_id=...: 202 and an operation; 409 while requests
+    for the model are in flight there."""
+    require_admin(request)
+    app = request.app
+    backend = lifecycle_backend(app[REGISTRY], request.query.get("backend_id"), "backend_id")
+    model_id = lifecycle_model(backend, request.match_info["model_id"], {})
+    app[LIFECYCLE].check_free(model_id, backend)
+    if in_flight := backend.model_in_flight.get(model_id, 0):
+        raise NexusError(
+            409,
+            "invalid_request_error",
+            "model_in_use",
+            f"{backend.name} has {in_flight} request(s) for {model_id} in flight; unload it once "
+            "they are done, or migrate it (POST /v1/models/migrate), which waits for them.",
+        )
+
+    async def work(op: Operation) -> None:
+        await unload_step(app, op, backend)
+
+    return lifecycle_response(start_operation(app, "unload", model_id, backend, None, work))
+
+
+async def migrate_model(request: web.Request) -> web.Response:
+    """POST /v1/models/migrate {model_id, source_backend_id, target_backend_id}: the target
+    loads while the source serves; the source unloads once it has nothing in flight."""
+    require_admin(request)
+    app = request.app
+    body = parse_json_body(await request.read())
+    registry = app[REGISTRY]
+    source = lifecycle_backend(registry, body.get("source_backend_id"), "source_backend_id")
+    target = lifecycle_backend(registry, body.get("target_backend_id"), "target_backend_id")
+    if source is target:
+        raise bad_request("source and target are the same backend", "target_backend_id")
+    model_id = lifecycle_model(source, body.get("model_id"), app[SETTINGS].routing.aliases)
+    lifecycle_model(target, model_id, {})
+    keep_alive = keep_alive_of(body)
+    app[LIFECYCLE].check_free(model_id, source, target)
+    await refresh_loaded(app, target)
+    app[LIFECYCLE].check_free(model_id, source, target)
+    check_vram(app, target, model_id)
+
+    async def work(op: Operation) -> None:
+        await load_step(app, op, target, keep_alive)
+        await drain_step(app, op, source, target)
+        await unload_step(app, op, source)
+
+    return lifecycle_response(start_operation(app, "migrate", model_id, target, source, work))
+
+
+async def get_operation(request: web.Request) -> web.Response:
+    """GET /v1/operations/{id}: where an operation is (in_progress, completed, failed: why)."""
+    require_admin(request)
+    op = request.app[LIFECYCLE].operations.get(request.match_info["operation_id"])
+    if op is None:
+        raise NexusError(
+            404,
+            "invalid_request_error",
+            "operation_not_found",
+            f"No operation {request.match_info['operation_id']!r} (the last "
+            f"{OPERATIONS_KEPT} finished ones are kept).",
+        )
+    return lifecycle_response(op, status=200)
 
 
 async def dashboard(request: web.Request) -> web.StreamResponse:
@@ -5873,6 +7168,7 @@ def stats_snapshot(app: web.Application) -> dict[str, Any]:
                 "avg_ttft_ms": round(b.ttft_ema_ms, 2) if b.ttft_ema_ms else None,
                 "error_rate": round(b.errors / b.requests, 4) if b.requests else 0.0,
                 "models": sorted(b.models),
+                "last_error": b.why_down(),
             }
         )
     names = sorted(set(entries) | set(stats.per_model))
@@ -5883,6 +7179,7 @@ def stats_snapshot(app: web.Application) -> dict[str, Any]:
             "backends": entries[name]["backends"] if name in entries else [],
             "context_length": entries[name]["context_length"] if name in entries else None,
             "capabilities": entries[name]["capabilities"] if name in entries else None,
+            "loaded_on": entries[name]["loaded_on"] if name in entries else [],
         }
         for name in names
     ]
@@ -5929,6 +7226,41 @@ async def stream_stats(request: web.Request) -> web.StreamResponse:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stopping.wait(), STATS_PUSH_SECONDS)
     return response
+
+
+def usage_entry(row: UsageRow | None, limit: float) -> dict[str, Any]:
+    row = row or [0.0, 0, 0]
+    return {
+        "spent_usd": round(row[0], 6),
+        "requests": int(row[1]),
+        "tokens": int(row[2]),
+        "monthly_limit_usd": limit or None,
+    }
+
+
+async def usage(request: web.Request) -> web.Response:
+    """A month's spend, requests and tokens per key and in total (`nexus usage` prints it):
+    from the ledger where there is one, else what this process counted."""
+    app = request.app
+    ledger = app[LEDGER]
+    month = request.query.get("month") or month_of(dt.datetime.now(dt.UTC))
+    if not MONTH_PATTERN.fullmatch(month):
+        raise bad_request(f"month must be YYYY-MM (e.g. {ledger.month}), got {month!r}", "month")
+    rows = await ledger.month_rows(month)
+    limits = {k.name: k.monthly_limit_usd for k in app[KEYS]}
+    names = sorted(set(limits) | set(rows) - {TOTAL_ROW})
+    return web.json_response(
+        {
+            "object": "usage",
+            "month": month,
+            "source": "ledger" if ledger.persistent else "memory",
+            "total": usage_entry(rows.get(TOTAL_ROW), app[BUDGET].monthly_limit_usd),
+            "keys": [
+                {"name": name} | usage_entry(rows.get(name), limits.get(name, 0.0))
+                for name in names
+            ],
+        }
+    )
 
 
 def log_request(record: RequestRecord, status: int, seconds: float) -> None:
@@ -6196,6 +7528,8 @@ BUDGET = web.AppKey("budget", Budget)  # the month's cloud spend: BUDGET.spent_u
 STOPPING = web.AppKey("stopping", asyncio.Event)  # set at shutdown: live feeds end
 SESSIONS = web.AppKey("sessions", SessionTable)  # the backend of each session's last turn
 KEYS = web.AppKey("keys", list)  # ApiKey per [auth] key; empty: no auth
+LEDGER = web.AppKey("ledger", Ledger)  # the month's usage; in nexus.db with a monthly limit
+LIFECYCLE = web.AppKey("lifecycle", Lifecycle)  # load/unload/migrate operations (SPEC §5.1)
 REQUEST_ID = web.RequestKey("request_id", str)
 RECORD = web.RequestKey("record", RequestRecord)
 API_KEY = web.RequestKey("api_key", ApiKey)  # the caller's key, once authenticated
@@ -6284,6 +7618,7 @@ async def request_middleware(
             final = record.status or status
             seconds = time.perf_counter() - record.started
             settle_request(request, record, final)
+            request.app[LEDGER].count(record)
             request.app[STATS].record(record, final, seconds, code if final == status else None)
             log_request(record, final, seconds)
             if request.app[SETTINGS].logging.log_content and status != 499:
@@ -6310,27 +7645,60 @@ async def backend_pool_ctx(app: web.Application) -> AsyncIterator[None]:
     app[CLIENT].close()
 
 
+def start_from_ledger(app: web.Application) -> None:
+    """The budget and each key begin from the month's spend in the ledger (at start, or when
+    they are made anew)."""
+    ledger = app[LEDGER]
+    app[BUDGET].start_from(ledger.spent(TOTAL_ROW))
+    for key in app[KEYS]:
+        key.month, key.spent_usd = ledger.month, ledger.spent(key.name)
+
+
+async def ledger_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Read the month's spend before serving (the budget and each key start from it); write
+    what is left when Nexus stops, after the last request in flight."""
+    await app[LEDGER].open()
+    start_from_ledger(app)
+    yield
+    await app[LEDGER].close()
+
+
 async def first_poll(app: web.Application, backend: Backend) -> None:
     await poll_backend(app, backend)
     if not app[SETTINGS].health_check.enabled:
         backend.status = "healthy"  # without health checks, configured backends are trusted
 
 
+def in_background(app: web.Application, job: Awaitable[None]) -> asyncio.Task:
+    """A task that lives at most as long as the app (cancelled at its cleanup)."""
+    tasks: set[asyncio.Task] = app[STATE].setdefault("background", set())
+    task = asyncio.ensure_future(job)
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
+    return task
+
+
+def start_health(app: web.Application, backends: Iterable[Backend]) -> None:
+    """The health loop (its first round polls every backend), or without health checks one
+    first poll of each of `backends`."""
+    if app[SETTINGS].health_check.enabled:
+        app[STATE]["health_loop"] = in_background(app, health_loop(app))
+    else:
+        for backend in backends:
+            in_background(app, first_poll(app, backend))
+
+
 async def background_ctx(app: web.Application) -> AsyncIterator[None]:
     """Start keeping the world current; the server answers meanwhile, never waiting for it."""
-    settings = app[SETTINGS]
-    tasks = []
-    if settings.health_check.enabled:
-        tasks.append(asyncio.create_task(health_loop(app)))
-    else:
-        for backend in list(app[REGISTRY].backends.values()):
-            tasks.append(asyncio.create_task(first_poll(app, backend)))
-    discovery = Discovery(app) if settings.discovery.enabled else None
+    start_health(app, list(app[REGISTRY].backends.values()))
+    discovery = Discovery(app) if app[SETTINGS].discovery.enabled else None
     if discovery is not None:
         discovery.start()
     yield
+    await app[LIFECYCLE].stop()
     if discovery is not None:
         await discovery.stop()
+    tasks = app[STATE].pop("background", set())
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
@@ -6351,12 +7719,19 @@ def create_app(settings: Settings) -> web.Application:
     app[STATE] = {}
     app[BUDGET] = Budget(settings.routing.budget)
     app[KEYS] = api_keys(settings.auth)
+    env = dict(os.environ)
+    wanted = ledger_wanted(settings)
+    app[LEDGER] = Ledger(
+        data_directory(settings.server.data_dir, env) / LEDGER_FILE if wanted else None
+    )
     app[QUEUE] = WaitQueue()
     app[SESSIONS] = SessionTable()
+    app[LIFECYCLE] = Lifecycle(app[REGISTRY])
     app[STOPPING] = asyncio.Event()
     app.on_shutdown.append(signal_stopping)
     for backend_settings in settings.backends:
         app[REGISTRY].add(Backend.from_settings(backend_settings))
+    app.cleanup_ctx.append(ledger_ctx)  # first in, last out: it outlives every request
     app.cleanup_ctx.append(backend_pool_ctx)
     app.cleanup_ctx.append(background_ctx)
     app.router.add_post("/v1/chat/completions", chat_completions)
@@ -6365,16 +7740,287 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_post(MESSAGES_PATH, messages)
     app.router.add_post(MESSAGES_PATH + "/count_tokens", messages_count_tokens)
     app.router.add_get("/v1/models", list_models)
+    app.router.add_post("/v1/models/load", load_model)
+    app.router.add_post("/v1/models/migrate", migrate_model)
+    app.router.add_delete("/v1/models/{model_id:.+}", unload_model)
+    app.router.add_get("/v1/operations/{operation_id}", get_operation)
     app.router.add_get("/v1/models/{model_id:.+}", get_model)
     app.router.add_get("/health", health)
     app.router.add_get("/v1/stats", get_stats)
     app.router.add_get("/v1/stats/stream", stream_stats)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/v1/usage", usage)
     app.router.add_get("/v1/backends", list_backends)
     app.router.add_post("/v1/backends", add_backend)
     app.router.add_delete("/v1/backends/{name}", remove_backend)
     app.router.add_get("/", dashboard)
     return app
+
+
+# ==============================================================================================
+# Reload
+# Owns: reading the configuration again on SIGHUP and when its file changes (polled, so it
+# works where there are no signals), validating all of it, and swapping it in in one step.
+# Must not: apply a file that is invalid or half-written, cut a request in flight, or forget
+# what Nexus has learned of a backend that stays (health, load, latency).
+# ==============================================================================================
+
+CONFIG_POLL_SECONDS = 2.0
+# A file is applied only once two reads this far apart agree: a file being saved does not.
+CONFIG_SETTLE_SECONDS = 0.3
+CONFIG_READ_TRIES = 10
+# Requests (signals, file changes) this close together make one reload: a storm is one.
+RELOAD_COALESCE_SECONDS = 0.2
+# What a running process cannot change: the listening socket, the body limit aiohttp was
+# built with, where the ledger lives, whether discovery (mDNS) runs. A reload logs that a
+# restart is needed.
+RESTART_SETTINGS = (
+    ("server", "host"),
+    ("server", "port"),
+    ("server", "max_body_mb"),
+    ("server", "data_dir"),
+    ("discovery", "enabled"),
+)
+# A Backend's (or ApiKey's) attributes that come from its settings; everything else on it
+# (health, load, latency, usage) is what Nexus has learned, and a reload keeps it.
+BACKEND_SETTINGS = tuple(
+    f.name for f in fields(BackendSettings) if f.name in {g.name for g in fields(Backend)}
+)
+KEY_SETTINGS = tuple(
+    f.name
+    for f in fields(ApiKeySettings)
+    if f.name in {g.name for g in fields(ApiKey)} and f.name != "name"
+)
+
+
+@dataclass(slots=True)
+class ConfigSource:
+    """How the running settings were made, so that a reload makes them the same way: the file
+    found at start (--config, else $NEXUS_CONFIG, else ./nexus.toml) and the flags."""
+
+    file: Path | None = None
+    overrides: dict[tuple[str, str], Any] = field(default_factory=dict)
+
+    def path(self) -> Path | None:
+        """The file found at start: gone, it is refused, never taken for "no file". Without
+        one, a ./nexus.toml written since is read."""
+        return self.file or config_file_path(None, {})
+
+
+def read_settled(path: Path) -> str:
+    """The file's text once two reads CONFIG_SETTLE_SECONDS apart agree, so a file caught
+    while it is being saved is never taken whole. Blocking: run in a thread."""
+    try:
+        previous = path.read_bytes()
+        for _ in range(CONFIG_READ_TRIES):
+            time.sleep(CONFIG_SETTLE_SECONDS)
+            current = path.read_bytes()
+            if current == previous:
+                break
+            previous = current
+        else:
+            raise ConfigError("config", f"{path} kept changing while it was read")
+        text = current.decode("utf-8")
+    except FileNotFoundError:
+        raise ConfigError("config", f"file {path} not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError("config", f"cannot read {path}: {exc}") from None
+    if not text.strip():  # an editor's truncate-then-write, caught in between
+        raise ConfigError("config", f"{path} is empty")
+    return text
+
+
+def file_fingerprint(path: Path | None) -> tuple[Any, ...] | None:
+    """What the watch compares: modification time, size and a hash of the content (a
+    coarse clock, like FAT's two seconds, misses an edit that the hash does not)."""
+    if path is None:
+        return None
+    try:
+        stat = path.stat()
+        return (stat.st_mtime_ns, stat.st_size, hashlib.sha256(path.read_bytes()).digest())
+    except OSError as exc:
+        return ("unreadable", type(exc).__name__)
+
+
+def swap_backends(
+    app: web.Application, old: list[BackendSettings], new: list[BackendSettings]
+) -> tuple[list[str], list[Backend]]:
+    """Static backends as the new settings list them: added, removed, changed. Discovered and
+    admin-added ones stay. One that stays keeps its Backend, so its health, load and latency;
+    one whose URL or type changed is another server, so a new Backend. A removed Backend
+    leaves the registry only: requests in flight hold it and finish. Returns what changed
+    and the backends to poll now."""
+    registry = app[REGISTRY]
+    before = {b.name: b for b in old}
+    after = {b.name: b for b in new}
+    changes: list[str] = []
+    fresh: list[Backend] = []
+    for name in before.keys() - after.keys():
+        current = registry.backends.get(name)
+        if current is not None and current.source == "static":
+            registry.backends.pop(name)
+            changes.append(f"-{name}")
+    for name, wanted in after.items():
+        if before.get(name) == wanted:
+            continue  # unchanged (or removed through the admin API: it stays removed)
+        current = registry.backends.get(name)
+        made = Backend.from_settings(wanted)
+        if current is None or (current.url, current.type) != (made.url, made.type):
+            duplicate = registry.find_url(made.url)  # static wins over a discovered duplicate
+            if duplicate is not None and duplicate.source == "discovered":
+                registry.backends.pop(duplicate.name)
+            registry.backends[name] = made
+            fresh.append(made)
+            changes.append(f"+{name}" if current is None else f"~{name}")
+            continue
+        rpm_kept = name in before and before[name].rpm == wanted.rpm
+        for attribute in BACKEND_SETTINGS:
+            setattr(current, attribute, getattr(made, attribute))
+        if not rpm_kept:
+            current.rpm_bucket = made.rpm_bucket
+        current.source = "static"
+        fresh.append(current)
+        changes.append(f"~{name}")
+    registry.reindex()
+    return changes, fresh
+
+
+def swap_keys(current: list[ApiKey], auth: AuthSettings) -> list[ApiKey]:
+    """The keys of the new settings. A key that stays (by name) keeps its ApiKey, so its usage
+    and the requests in flight settle on it; its buckets only if its rpm or tpm did not change."""
+    kept = {k.name: k for k in current}
+    keys = []
+    for key in api_keys(auth):
+        prior = kept.get(key.name)
+        if prior is not None:
+            if prior.rpm != key.rpm:
+                prior.requests_bucket = key.requests_bucket
+            if prior.tpm != key.tpm:
+                prior.tokens_bucket = key.tokens_bucket
+            for attribute in KEY_SETTINGS:
+                setattr(prior, attribute, getattr(key, attribute))
+            key = prior
+        keys.append(key)
+    return keys
+
+
+def swap_settings(app: web.Application, new: Settings) -> list[str]:
+    """Put validated settings in place of the running ones; returns what changed.
+
+    aiohttp freezes the app's state once it runs, so the one Settings object stays and each
+    of its sections is replaced by the new one. Nothing here awaits, so no request runs in
+    between: each sees the old settings or the new ones, never half of each. Sections are
+    replaced, never changed in place, so a request holding one (settings.server for its
+    timeouts) keeps a consistent view of it."""
+    live = app[SETTINGS]
+    for section, name in RESTART_SETTINGS:
+        running = getattr(getattr(live, section), name)
+        wanted = getattr(getattr(new, section), name)
+        if running != wanted:
+            log.warning(
+                "%s.%s changed from %r to %r: that takes a restart; %r stays until then",
+                section,
+                name,
+                running,
+                wanted,
+                running,
+            )
+            setattr(getattr(new, section), name, running)
+    changes, fresh = swap_backends(app, live.backends, new.backends)
+    changed = [f.name for f in fields(Settings) if getattr(live, f.name) != getattr(new, f.name)]
+    changes += [name for name in changed if name != "backends"]
+    known = {key.name for key in app[KEYS]}
+    app[KEYS][:] = swap_keys(app[KEYS], new.auth)
+    ledger = app[LEDGER]
+    for key in app[KEYS]:  # a key new to this process starts from its month in the ledger
+        if key.name not in known:
+            key.month, key.spent_usd = ledger.month, ledger.spent(key.name)
+    app[BUDGET].configure(new.routing.budget)
+    app[CLIENT].connect_timeout = new.server.connect_timeout_seconds
+    for f in fields(Settings):
+        setattr(live, f.name, getattr(new, f.name))
+    if "health_check" in changed:  # a new loop: new interval, new timeout, or none at all
+        polling = app[STATE].pop("health_loop", None)
+        if polling is not None:
+            polling.cancel()
+        start_health(app, app[REGISTRY].backends.values())
+        if not live.health_check.enabled:
+            for backend in app[REGISTRY].backends.values():
+                backend.status = "healthy"  # as at start: without checks, backends are trusted
+    for backend in fresh:  # new or changed: known now, not at the next round
+        in_background(app, first_poll(app, backend))
+    return changes
+
+
+def reconfigure_logging(settings: Settings) -> None:
+    """The new level and format, and the new keys masked, where `nexus serve` set logging up
+    (a program embedding the app keeps its own)."""
+    if any(isinstance(h, LogHandler) for h in logging.root.handlers):
+        setup_logging(settings, dict(os.environ))
+
+
+class Reloader:
+    """Reloads the configuration when asked (SIGHUP) and when its file changes (the watch).
+    One reload at a time; requests that come while one waits or runs make one more."""
+
+    def __init__(self, app: web.Application, source: ConfigSource) -> None:
+        self.app = app
+        self.source = source
+        self.wanted = asyncio.Event()
+        self.triggers: set[str] = set()
+
+    def request(self, trigger: str) -> None:
+        """Ask for a reload (safe to call from a signal handler on the loop)."""
+        self.triggers.add(trigger)
+        self.wanted.set()
+
+    async def ctx(self, app: web.Application) -> AsyncIterator[None]:
+        """For the app's cleanup_ctx: reload and watch for as long as the app runs."""
+        tasks = [asyncio.create_task(self.run()), asyncio.create_task(self.watch())]
+        for task in tasks:
+            task.add_done_callback(log_task_failure)
+        yield
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def run(self) -> None:
+        while True:
+            await self.wanted.wait()
+            await asyncio.sleep(RELOAD_COALESCE_SECONDS)  # the rest of a storm joins this one
+            self.wanted.clear()
+            triggers, self.triggers = self.triggers, set()
+            try:
+                await self.reload(" and ".join(sorted(triggers)))
+            except Exception:  # a bug here must not end reloading, or Nexus
+                log.exception("config reload failed; the running configuration stays")
+
+    async def reload(self, trigger: str) -> bool:
+        """Read, validate and apply the configuration; refused whole when anything is wrong."""
+        path = self.source.path()
+        env = dict(os.environ)
+        try:
+            text = await asyncio.to_thread(read_settled, path) if path is not None else None
+            settings = load_settings(path, env, self.source.overrides, text)
+        except ConfigError as exc:
+            log.error("config not reloaded (%s): %s; the running configuration stays", trigger, exc)
+            return False
+        changes = swap_settings(self.app, settings)
+        log.info("config reloaded (%s): %s", trigger, " ".join(changes) or "no changes")
+        reconfigure_logging(settings)  # after that line: a new level may hide the next ones
+        return True
+
+    async def watch(self) -> None:
+        """Every CONFIG_POLL_SECONDS, while server.watch_config is on: has the file changed?"""
+        seen = await asyncio.to_thread(file_fingerprint, self.source.path())
+        while True:
+            await asyncio.sleep(CONFIG_POLL_SECONDS)
+            if not self.app[SETTINGS].server.watch_config:
+                continue
+            now = await asyncio.to_thread(file_fingerprint, self.source.path())
+            if now != seen:
+                seen = now
+                self.request("file changed")
 
 
 # ==============================================================================================
@@ -6556,8 +8202,13 @@ def tune_gc() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
 
 
-async def run_server(settings: Settings) -> int:
+async def run_server(settings: Settings, source: ConfigSource | None = None) -> int:
     app = create_app(settings)
+    reloader = Reloader(app, source or ConfigSource())
+    app.cleanup_ctx.append(reloader.ctx)
+    loop = asyncio.get_running_loop()
+    if hasattr(signal, "SIGHUP"):  # not on Windows, where the watch serves
+        loop.add_signal_handler(signal.SIGHUP, reloader.request, "SIGHUP")
     runner = web.AppRunner(
         app, handler_cancellation=True, shutdown_timeout=SHUTDOWN_GRACE_SECONDS, access_log=None
     )
@@ -6584,7 +8235,6 @@ async def run_server(settings: Settings) -> int:
         "uvloop" if uvloop is not None else "asyncio loop",
     )
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
             loop.add_signal_handler(sig, stop.set)
@@ -6612,8 +8262,11 @@ def serve_command(args: argparse.Namespace) -> int:
         overrides["discovery", "enabled"] = False
     if args.no_health_check:
         overrides["health_check", "enabled"] = False
+    if args.data_dir is not None:
+        overrides["server", "data_dir"] = args.data_dir
+    path = config_file_path(args.config, env)
     try:
-        settings = load_settings(config_file_path(args.config, env), env, overrides)
+        settings = load_settings(path, env, overrides)
     except ConfigError as exc:
         if (args.log_format or env.get("NEXUS_LOG_FORMAT", "")).lower() == "json":
             setup_logging(Settings(logging=LoggingSettings(format="json")), env)
@@ -6626,7 +8279,7 @@ def serve_command(args: argparse.Namespace) -> int:
     # (an HTTP round trip on loopback: about 350 -> 230 µs here; `make bench`).
     loop_factory = uvloop.new_event_loop if uvloop is not None else None
     with asyncio.Runner(loop_factory=loop_factory) as runner:
-        return runner.run(run_server(settings))
+        return runner.run(run_server(settings, ConfigSource(path, overrides)))
 
 
 def nexus_url(args: argparse.Namespace) -> str:
@@ -6675,7 +8328,12 @@ def backends_command(args: argparse.Namespace) -> int:
                 [b["name"], b["type"], b["status"], b["zone"], b["url"], str(len(b["models"]))]
                 for b in data["data"]
             ]
-            print_table(rows, ["NAME", "TYPE", "STATUS", "ZONE", "URL", "MODELS"])
+            header = ["NAME", "TYPE", "STATUS", "ZONE", "URL", "MODELS"]
+            if any(b.get("last_error") for b in data["data"]):  # why each one down is down
+                for row, b in zip(rows, data["data"], strict=True):
+                    row.append(b.get("last_error") or "")
+                header.append("LAST ERROR")
+            print_table(rows, header)
     elif args.action == "add":
         payload = {"url": args.backend_url}
         for key in ("name", "type", "priority"):
@@ -6692,7 +8350,53 @@ def backends_command(args: argparse.Namespace) -> int:
     return 0
 
 
+# How often `nexus models load|unload|migrate` asks where its operation is, and for how long at
+# most (a running Nexus ends every operation within its own lifecycle.timeout_seconds).
+OPERATION_POLL_SECONDS = 0.5
+OPERATION_WAIT_SECONDS = 3600.0
+
+
+def lifecycle_command(args: argparse.Namespace) -> int:
+    """Start a load, unload or migration on a running Nexus and wait for its end state."""
+    model = args.model
+    if args.action == "load":
+        payload = {"model_id": model, "backend_id": args.backend}
+        if args.keep_alive is not None:  # seconds as a number, else a duration such as "30m"
+            keep_alive = args.keep_alive
+            with contextlib.suppress(ValueError):
+                keep_alive = int(keep_alive)
+            payload["keep_alive"] = keep_alive
+        op = call_nexus(args, "POST", "/v1/models/load", payload)
+        where = f"on {args.backend}"
+    elif args.action == "unload":
+        query = "?backend_id=" + urllib.parse.quote(args.backend, safe="")
+        op = call_nexus(args, "DELETE", "/v1/models/" + urllib.parse.quote(model) + query)
+        where = f"from {args.backend}"
+    else:
+        payload = {
+            "model_id": model,
+            "source_backend_id": args.source,
+            "target_backend_id": args.target,
+        }
+        op = call_nexus(args, "POST", "/v1/models/migrate", payload)
+        where = f"from {args.source} to {args.target}"
+    print(f"{args.action} of {model} {where}: {op['operation_id']} in progress", flush=True)
+    deadline = time.monotonic() + OPERATION_WAIT_SECONDS
+    path = "/v1/operations/" + urllib.parse.quote(op["operation_id"], safe="")
+    while op["status"] == "in_progress" and time.monotonic() < deadline:
+        time.sleep(OPERATION_POLL_SECONDS)
+        op = call_nexus(args, "GET", path)
+    if op["status"] == "completed":
+        print(f"{args.action} of {model} {where}: completed")
+        return 0
+    why = op.get("error") or "still in progress"
+    print(f"nexus: {args.action} of {model} {where}: {op['status']}: {why}", file=sys.stderr)
+    return 1
+
+
 def models_command(args: argparse.Namespace) -> int:
+    if args.action is not None:
+        return lifecycle_command(args)
     data = call_nexus(args, "GET", "/v1/models")
     if args.json:
         print(json.dumps(data, indent=2))
@@ -6706,9 +8410,10 @@ def models_command(args: argparse.Namespace) -> int:
                 str(m["context_length"] or "-"),
                 ",".join(caps) or "-",
                 ",".join(m["backends"]),
+                ",".join(m.get("loaded_on", ())) or "-",
             ]
         )
-    print_table(rows, ["MODEL", "CONTEXT", "CAPABILITIES", "BACKENDS"])
+    print_table(rows, ["MODEL", "CONTEXT", "CAPABILITIES", "BACKENDS", "LOADED ON"])
     return 0
 
 
@@ -6725,6 +8430,25 @@ def health_command(args: argparse.Namespace) -> int:
     return 0 if data["status"] != "unhealthy" else 1
 
 
+def usage_command(args: argparse.Namespace) -> int:
+    query = "?month=" + urllib.parse.quote(args.month) if args.month else ""
+    data = call_nexus(args, "GET", "/v1/usage" + query)
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+
+    def usd(entry: dict[str, Any]) -> str:
+        limit = entry["monthly_limit_usd"]
+        return f"{entry['spent_usd']:.4f}" + (f" of {limit:g}" if limit else "")
+
+    rows = [[k["name"], usd(k), str(k["requests"]), str(k["tokens"])] for k in data["keys"]]
+    total = data["total"]
+    rows.append(["(total)", usd(total), str(total["requests"]), str(total["tokens"])])
+    print(f"usage in {data['month']} ({data['source']})")
+    print_table(rows, ["KEY", "SPENT USD", "REQUESTS", "TOKENS"])
+    return 0
+
+
 def config_init_command(args: argparse.Namespace) -> int:
     target = Path(args.output)
     if target.exists() and not args.force:
@@ -6737,8 +8461,9 @@ def config_init_command(args: argparse.Namespace) -> int:
 
 def completion_script(shell: str, parser: argparse.ArgumentParser) -> str:
     """A completion script for the commands and flags of this parser."""
-    commands = {"serve", "backends", "models", "health", "config", "completions"}
-    words = sorted(commands | {"list", "add", "remove", "init", "bash", "zsh", "fish"})
+    commands = {"serve", "backends", "models", "health", "usage", "config", "completions"}
+    actions = {"list", "add", "remove", "init", "load", "unload", "migrate", "bash", "zsh", "fish"}
+    words = sorted(commands | actions)
     flags = sorted({opt for a in parser._actions for opt in a.option_strings})
     if shell == "bash":
         return (
@@ -6769,6 +8494,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-format", choices=["pretty", "json"])
     serve.add_argument("--no-discovery", action="store_true", help="turn off mDNS and port probes")
     serve.add_argument("--no-health-check", action="store_true", help="turn off health polling")
+    serve.add_argument(
+        "--data-dir", help="where nexus.db (the month's spend, only with monthly limits) lives"
+    )
 
     def client_flags(p: argparse.ArgumentParser, json_flag: bool = True) -> None:
         p.add_argument(
@@ -6790,8 +8518,28 @@ def build_parser() -> argparse.ArgumentParser:
     remove.add_argument("name", metavar="NAME")
     client_flags(remove, json_flag=False)
 
-    client_flags(sub.add_parser("models", help="list the models a running Nexus serves"))
+    models = sub.add_parser(
+        "models", help="list the models of a running Nexus, or load, unload or migrate one"
+    )
+    client_flags(models)
+    lifecycle = models.add_subparsers(dest="action")
+    load = lifecycle.add_parser("load", help="load a model on a backend (Ollama, llama-server)")
+    load.add_argument(
+        "--keep-alive", help='how long it stays (e.g. "30m"; default: until unloaded)'
+    )
+    unload = lifecycle.add_parser("unload", help="unload a model from a backend")
+    for action in (load, unload):
+        action.add_argument("--backend", required=True, metavar="B", help="the backend's name")
+    migrate = lifecycle.add_parser("migrate", help="move a model from one backend to another")
+    migrate.add_argument("--from", dest="source", required=True, metavar="A")
+    migrate.add_argument("--to", dest="target", required=True, metavar="B")
+    for action in (load, unload, migrate):
+        action.add_argument("model", metavar="MODEL")
+        action.add_argument("--url", default=argparse.SUPPRESS, help="the running Nexus")
     client_flags(sub.add_parser("health", help="show a running Nexus's health"))
+    usage_ = sub.add_parser("usage", help="a month's spend, requests and tokens per key")
+    usage_.add_argument("--month", help="YYYY-MM (default: this month)")
+    client_flags(usage_)
 
     config = sub.add_parser("config", help="configuration helpers")
     config_actions = config.add_subparsers(dest="action", required=True)
@@ -6818,6 +8566,8 @@ def main(argv: list[str] | None = None) -> int:
         return models_command(args)
     if args.command == "health":
         return health_command(args)
+    if args.command == "usage":
+        return usage_command(args)
     if args.command == "config":
         return config_init_command(args)
     if args.command == "completions":

@@ -21,9 +21,17 @@ What the sections measure:
   openloop   500 requests/s on a fixed schedule whatever the answers (no coordinated
              omission), latency counted from when each request was due.
   streams    1,000 streams open at once, each held about 30 s: completed, errors, RSS.
+  reload     64 closed-loop clients while the config file changes and Nexus gets a SIGHUP:
+             errors, and the p99 of the second the reload lands in against the others'.
   backends   RSS with 1,000 extra configured backends against one, per backend.
   routing    nexus.route on a 100 KB prompt among 10, 100 and 1,000 backends, in process,
              with the session-affinity lookup (hash of the opening, table of 10,000).
+  ledger     the ledger's CPU per cloud request (counting on the loop, then its row write
+             in the worker thread, taken whole for each request), in process.
+  lifecycle  what knowing where models are loaded costs: an Ollama health poll (model list and
+             /api/ps in parallel) against the same poll without /api/ps, wall time and CPU
+             per backend, in process; and the routing decision among 1,000 Ollama backends,
+             a third of them without the model loaded (warm before cold).
   binary     dist/nexus: size, and start to first served request (median of 5).
   ceiling    the load generators against the mock alone: the most they can measure.
   affinity   (needs the engine: `make engine`) three coding-agent sessions of four turns with
@@ -124,8 +132,20 @@ def sse_chunk(delta: dict, finish: str | None = None, usage: dict | None = None)
 CANNED_COMPLETION = http_response("200 OK", json.dumps(COMPLETION).encode())
 CANNED_MODELS = http_response("200 OK", json.dumps(MODELS).encode())
 CANNED_HEALTH = http_response("200 OK", b'{"status":"ok"}')
+# An Ollama's model list, details and loaded models, for the lifecycle section's health polls.
+OLLAMA_TAGS = {"models": [{"name": MODEL, "model": MODEL, "digest": "sha-bench", "size": 1 << 30}]}
+OLLAMA_SHOW = {"capabilities": ["completion"], "model_info": {"llama.context_length": 131072}}
+OLLAMA_PS = {"models": [{"name": MODEL, "model": MODEL, "size": 1 << 30, "size_vram": 1 << 30}]}
+CANNED_TAGS = http_response("200 OK", json.dumps(OLLAMA_TAGS).encode())
+CANNED_SHOW = http_response("200 OK", json.dumps(OLLAMA_SHOW).encode())
+CANNED_PS = http_response("200 OK", json.dumps(OLLAMA_PS).encode())
 CANNED_404 = http_response(
     "404 Not Found", b'{"error":{"message":"not found","type":"invalid_request_error"}}'
+)
+OLLAMA_ANSWERS = (
+    (b"get /api/tags", CANNED_TAGS),
+    (b"post /api/show", CANNED_SHOW),
+    (b"get /api/ps", CANNED_PS),
 )
 STREAM_HEAD = (
     b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
@@ -244,6 +264,9 @@ class MockBackend(asyncio.Protocol):
             return self.finish(CANNED_MODELS)
         if line.startswith(b"get /health"):
             return self.finish(CANNED_HEALTH)
+        for start, canned in OLLAMA_ANSWERS:
+            if line.startswith(start):
+                return self.finish(canned)
         return self.finish(CANNED_404)
 
     def write_chunks(self) -> None:
@@ -775,20 +798,26 @@ async def wait_ready(port: int, raw: bytes, proc: subprocess.Popen | None, limit
 ROUTING_SAMPLES = 500  # decisions timed per size, each on a body of its own
 
 
-def routing_case(nexus: ModuleType, n_backends: int, payload: dict) -> Callable[[], object]:
+def routing_case(
+    nexus: ModuleType, n_backends: int, payload: dict, cold_every: int = 0
+) -> Callable[[], object]:
     """Return a zero-argument callable that makes one complete routing decision for `payload`
     (a chat request with a 100 KB prompt, in its second turn) among `n_backends` healthy
     backends that all serve its model: extracting the request's needs from the payload (token
     estimate included), finding its session (hashing the opening) and the backend of its last
     turn in a full session table, and choosing. Each call gets a freshly decoded copy of the
     body, as a request would, so the opening's hash is computed, not cached. Build the
-    registry, table and bodies here, outside the timed call."""
+    registry, table and bodies here, outside the timed call. With `cold_every`, the backends
+    are Ollamas that say what they hold, and every such one has the model cold."""
     registry = nexus.Registry()
     for i in range(n_backends):
         backend = nexus.Backend(
             name=f"b{i}", url=f"http://{HOST}:{20000 + i}", type="generic", status="healthy"
         )
         backend.models = {MODEL: nexus.Model(id=MODEL, context_length=131072)}
+        if cold_every:
+            backend.type = "ollama"
+            backend.loaded = {} if i % cold_every == 0 else {MODEL: 1 << 30}
         registry.add(backend)
     settings = nexus.Settings()
     headers: dict[str, str] = {}
@@ -812,7 +841,9 @@ def routing_case(nexus: ModuleType, n_backends: int, payload: dict) -> Callable[
     return decide
 
 
-def bench_routing(nexus: ModuleType, sizes: list[int], budget_s: float) -> dict:
+def bench_routing(
+    nexus: ModuleType, sizes: list[int], budget_s: float, cold_every: int = 0
+) -> dict:
     prompt = ("The quick brown fox jumps over the lazy dog. " * 2300)[:102400]
     payload = {
         "model": MODEL,
@@ -824,7 +855,7 @@ def bench_routing(nexus: ModuleType, sizes: list[int], budget_s: float) -> dict:
     }
     results = {}
     for n in sizes:
-        decide = routing_case(nexus, n, payload)
+        decide = routing_case(nexus, n, payload, cold_every)
         decide()  # warm-up: lazy imports, caches
         times: list[float] = []
         stop_at = time.perf_counter() + budget_s
@@ -834,6 +865,78 @@ def bench_routing(nexus: ModuleType, sizes: list[int], budget_s: float) -> dict:
             times.append((time.perf_counter_ns() - t0) / 1e6)
         results[n] = pcts(times)
     return results
+
+
+async def bench_ollama_poll(nexus: ModuleType, port: int, polls: int) -> dict:
+    """An Ollama health poll as Nexus makes it (the model list, with /api/ps alongside) and
+    the same poll without /api/ps, against the mock, one after another in alternating batches:
+    wall time per poll and this process's CPU per poll. The difference is what knowing the
+    loaded models costs per backend and poll."""
+
+    class WithoutPs(nexus.OllamaAdapter):
+        async def loaded_or_none(self, pool: object, backend: object) -> None:
+            return None
+
+    pool = nexus.BackendPool(5.0)
+    backend = nexus.Backend(name="ollama", url=f"http://{HOST}:{port}", type="ollama")
+    adapters = {"with": nexus.OllamaAdapter(), "without": WithoutPs()}
+    times: dict[str, list[float]] = {"with": [], "without": []}
+    cpu = dict.fromkeys(adapters, 0.0)
+    try:
+        for adapter in (adapters["without"], adapters["with"]):  # warm-up: /api/show once
+            await adapter.poll(pool, backend)
+        assert backend.loaded == {MODEL: 1 << 30}, backend.loaded  # /api/ps was read
+        batch = 50
+        for _ in range(max(polls // batch, 1)):
+            for side, adapter in adapters.items():
+                cpu0 = time.process_time()
+                for _ in range(batch):
+                    t0 = time.perf_counter_ns()
+                    await adapter.poll(pool, backend)
+                    times[side].append((time.perf_counter_ns() - t0) / 1e6)
+                cpu[side] += time.process_time() - cpu0
+    finally:
+        pool.close()
+    return {
+        side: pcts(values) | {"cpu_ms": cpu[side] / len(values) * 1000}
+        for side, values in times.items()
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# The ledger's CPU per cloud request, in process: what the request path does on the event loop
+# (charge the total, count the request under its key, hand the changed rows over), and the
+# worker thread's write of those rows, taken whole for every request: the worst case, a lone
+# cloud request in its second. Thread CPU time, so other load on the host barely moves it.
+# --------------------------------------------------------------------------------------------
+
+
+async def bench_ledger(nexus: ModuleType, workdir: Path, requests: int) -> dict:
+    ledger = nexus.Ledger(workdir / "ledger" / "nexus.db")
+    await ledger.open()
+    assert ledger.persistent, "the ledger could not open its file"
+    record = nexus.RequestRecord("req-bench", "gpt-4o", "chat", 0.0, backend="cloud")
+    record.prompt_tokens, record.completion_tokens = 12, CHUNKS
+    record.cost_usd, record.key = 0.0002, "bench-key"
+    rows: list = []
+    t0 = time.thread_time_ns()
+    for _ in range(requests):
+        ledger.add(nexus.TOTAL_ROW, record.cost_usd, 0, 0)
+        ledger.count(record)
+        rows = ledger.take_changed()
+    loop_us = (time.thread_time_ns() - t0) / requests / 1000
+
+    def writes() -> list[float]:
+        times = []
+        for _ in range(min(requests, 200)):
+            t = time.thread_time_ns()
+            ledger.file.write(rows)
+            times.append((time.thread_time_ns() - t) / 1000)
+        return times
+
+    write_us = statistics.median(await ledger.in_worker(writes))
+    await ledger.close()
+    return {"loop_us": loop_us, "write_us": write_us, "rows": len(rows)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -950,6 +1053,70 @@ async def blast(port: int, concurrency: int, total: int, stream: bool = False) -
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     return errors
+
+
+async def reload_under_load(
+    port: int, pid: int, config: Path, seconds: float, concurrency: int = 64
+) -> dict:
+    """`concurrency` closed-loop clients for `seconds`; halfway, the config file gets a new
+    alias and the gateway a SIGHUP. A probe asks for the alias until it is served: that is
+    when the new configuration took over. Latency is grouped by the wall-clock second each
+    request finished in: the p99 of the second the reload landed in against the others'."""
+    raw = chat_request(port)
+    alias = "bench-reloaded"
+    probe_raw = chat_request(port, model=alias)
+    started = time.monotonic()
+    deadline = started + seconds
+    done: list[tuple[float, float]] = []  # (finished, seconds after start; latency ms)
+    errors = 0
+    swapped: float | None = None
+
+    async def worker() -> None:
+        nonlocal errors
+        client = Client(port)
+        while time.monotonic() < deadline:
+            try:
+                reply = await client.send(raw)
+            except (OSError, TimeoutError, ValueError):
+                errors += 1
+                continue
+            if reply.status != 200:
+                errors += 1
+            else:
+                done.append((time.monotonic() - started, reply.ms))
+        client.close()
+
+    async def reload_midway() -> None:
+        nonlocal swapped
+        await asyncio.sleep(seconds / 2)
+        text = config.read_text()
+        config.write_text(f'[routing]\naliases = {{ "{alias}" = "{MODEL}" }}\n' + text)
+        os.kill(pid, signal.SIGHUP)
+        probe = Client(port)
+        while time.monotonic() < deadline and swapped is None:
+            with contextlib.suppress(OSError, TimeoutError, ValueError):
+                if (await probe.send(probe_raw)).status == 200:
+                    swapped = time.monotonic() - started
+            await asyncio.sleep(0.01)
+        probe.close()
+
+    await asyncio.gather(reload_midway(), *(worker() for _ in range(concurrency)))
+    by_second: dict[int, list[float]] = {}
+    for at, ms in done:
+        by_second.setdefault(int(at), []).append(ms)
+    reload_second = int(swapped) if swapped is not None else None
+    # The first and last seconds are ramps (clients starting, the deadline cutting them).
+    steady = [sec for sec in by_second if 0 < sec < int(seconds) - 1]
+    others = [ms for sec in steady if sec != reload_second for ms in by_second[sec]]
+    during = by_second.get(reload_second, []) if reload_second is not None else []
+    return {
+        "errors": errors,
+        "requests": len(done),
+        "swapped_at_s": swapped,
+        "reload_second": pcts(during),
+        "other_seconds": pcts(others),
+        "p99_per_second": {sec: pct(by_second[sec], 99) for sec in sorted(by_second)},
+    }
 
 
 async def open_loop(ports: Ports, rate: float, seconds: float, rounds: int) -> dict:
@@ -1377,8 +1544,12 @@ TARGETS: dict[str, tuple[float, float | None]] = {
     "rps64": (3000, None),
     "open_p99": (5.0, None),
     "streams_err": (0, None),
+    "reload_p99": (1.0, 5.0),  # SPEC: a reload adds at most 5 ms to its second's p99
+    "reload_err": (0, 0),
     "route_100": (0.1, 1.0),
     "route_1000": (1.0, None),
+    "ledger_cloud": (0.1, None),
+    "route_1000_warm": (1.0, None),
     "rss_idle": (50, None),
     "rss_10k": (50, 60),
     "rss_per_backend": (5, 10),
@@ -1588,6 +1759,26 @@ async def bench(
             note=f"opened in {res['ramp_s']:.1f} s",
         )
 
+    if want("reload"):
+        if args.target in ("relay", "mock"):
+            row(
+                "reload_p99", "reload under c64 load", "ms", None, note=f"n/a for the {args.target}"
+            )
+        else:
+            config = workdir / "nexus-1.toml"  # the gateway's (Gateway.command)
+            res = await reload_under_load(gw.port, gw.pid, config, 6 if q else args.duration)
+            raw["reload_under_load"] = res
+            added(
+                "reload_p99",
+                "reload under c64 load: p99 of its second, added vs the other seconds",
+                res["other_seconds"]["p99"],
+                res["reload_second"]["p99"],
+                note=f"took over {res['swapped_at_s'] or float('nan'):.2f} s in",
+            )
+            row("reload_err", "reload under c64 load: errors", "", res["errors"])
+            if res["swapped_at_s"] is None:
+                notes.append("reload under load: the new configuration never took over")
+
     gw.stop()
 
     if want("backends"):
@@ -1649,6 +1840,24 @@ async def bench(
                     note=f"p99 {r['p99']:.3f} ms",
                 )
 
+    if want("ledger") and args.target in ("nexus", "binary"):
+        sys.path.insert(0, str(REPO))
+        import nexus  # type: ignore[import-not-found]
+
+        res = await bench_ledger(nexus, workdir, 2_000 if q else 20_000)
+        raw["ledger"] = res
+        row(
+            "ledger_cloud",
+            "ledger CPU per cloud request (a whole write each)",
+            "ms",
+            (res["loop_us"] + res["write_us"]) / 1000,
+            gateway=None,
+            note=f"loop {res['loop_us']:.1f} µs + write of {res['rows']} rows "
+            f"{res['write_us']:.1f} µs",
+        )
+    if want("lifecycle"):
+        await lifecycle_rows(args, mock_port, row, raw)
+
     binary = REPO / "dist" / "nexus"
     if want("binary") and binary.exists():
         row(
@@ -1692,6 +1901,47 @@ async def bench(
     noise.mark(None)
     stop(mock)
     return rows, raw, notes
+
+
+async def lifecycle_rows(
+    args: argparse.Namespace, mock_port: int, row: Callable[..., None], raw: dict
+) -> None:
+    """The lifecycle section: /api/ps in a health poll, and routing with warm before cold."""
+    if args.target != "nexus":
+        row("poll_ps_cpu", "Ollama health poll with /api/ps", "ms", None, note="nexus only")
+        return
+    sys.path.insert(0, str(REPO))
+    import nexus  # type: ignore[import-not-found]
+
+    polls = await bench_ollama_poll(nexus, mock_port, 200 if args.quick else 1000)
+    raw["ollama_poll"] = polls
+    with_ps, without = polls["with"], polls["without"]
+    row(
+        "poll_ps_wall",
+        "Ollama health poll, added by /api/ps (wall, p50)",
+        "ms",
+        with_ps["p50"] - without["p50"],
+        direct=without["p50"],
+        gateway=with_ps["p50"],
+    )
+    row(
+        "poll_ps_cpu",
+        "Ollama health poll, CPU added by /api/ps per backend",
+        "ms",
+        with_ps["cpu_ms"] - without["cpu_ms"],
+        direct=without["cpu_ms"],
+        gateway=with_ps["cpu_ms"],
+    )
+    res = bench_routing(nexus, [1000], 2 if args.quick else 5, cold_every=3)
+    raw["routing_warm"] = res
+    row(
+        "route_1000_warm",
+        "routing decision, 1000 Ollamas, a third cold, p50",
+        "ms",
+        res[1000]["p50"],
+        gateway=None,
+        note=f"p99 {res[1000]['p99']:.3f} ms",
+    )
 
 
 async def loadgen_ceiling(args: argparse.Namespace, workdir: Path) -> dict:
@@ -2118,7 +2368,7 @@ def main() -> int:
     p.add_argument(
         "--only",
         help="comma list of sections: rss,seq,conc,stream,throughput,openloop,streams,"
-        "backends,routing,binary,ceiling,instructions,affinity",
+        "reload,backends,routing,ledger,lifecycle,binary,ceiling,instructions,affinity",
     )
     p.add_argument(
         "--requests", type=int, help="sequential requests per side (default 2000, quick 300)"

@@ -562,6 +562,18 @@ def cloud_env(*backends: MockBackend) -> dict[str, str]:
     return {key_variable(b): b.api_key for b in backends if b.kind in ("openai", "anthropic")}
 
 
+@pytest.fixture(autouse=True)
+def own_data_home(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> Path:
+    """Each test's platform data directory (where a ledger goes without data_dir) is its own,
+    for Nexus in this process and for every `nexus serve` it starts."""
+    home = tmp_path_factory.mktemp("data-home")
+    monkeypatch.setenv("XDG_DATA_HOME", str(home))
+    monkeypatch.delenv("NEXUS_DATA_DIR", raising=False)
+    return home
+
+
 @pytest.fixture
 async def backend_factory() -> AsyncIterator[Callable[..., Awaitable[MockBackend]]]:
     started: list[MockBackend] = []

@@ -324,7 +324,12 @@ async def test_503_actionable_when_nothing_can_serve(backend_factory, nexus_fact
         "eta_seconds",
         "required_tier",
         "privacy_zone_required",
+        "backends",
     }
+    assert context["backends"] == [{"backend": "down", "model": "m", "failed": ["down"]}]
+    assert caught.value.body["message"] == (
+        "No backend can serve model 'm' now: every backend serving it is down (down: down)."
+    )
 
 
 async def test_no_backends_at_all(nexus_factory):

@@ -165,10 +165,10 @@ async def test_every_v1_path_needs_a_key_but_dashboard_health_stay_open(
         ("POST", "/v1/messages/count_tokens", MESSAGE),
         ("GET", "/v1/models", None),
         ("GET", "/v1/models/llama3:8b", None),
-        ("GET", "/v1/backends", None),
+        ("GET", "/v1/nothing-here", None),
+        *ADMIN_VIEWS,
         ("POST", "/v1/backends", {"url": "http://127.0.0.1:9"}),
         ("DELETE", "/v1/backends/mock", None),
-        ("GET", "/v1/nothing-here", None),
     ]
     for method, path, body in guarded:
         status, _, _ = await call(nx, method, path, body)
@@ -179,19 +179,49 @@ async def test_every_v1_path_needs_a_key_but_dashboard_health_stay_open(
         body = next(b for _, p, b in guarded if p == path)
         status, _, _ = await call(nx, "POST", path, body, bearer(ALICE))
         assert status == 200, path
-    for path in ("/v1/models", "/v1/models/llama3:8b", "/v1/backends"):
+    for path in ("/v1/models", "/v1/models/llama3:8b"):
         status, _, _ = await call(nx, "GET", path, None, bearer(ALICE))
         assert status == 200, path
-    for path in ("/health", "/v1/stats", "/"):
+    for path in ("/health", "/"):
         status, _, _ = await call(nx, "GET", path)
         assert status == 200, path
-    async with (
-        aiohttp.ClientSession() as session,
-        session.get(nx.url + "/v1/stats/stream") as resp,
-    ):
-        assert resp.status == 200
-        line = await asyncio.wait_for(resp.content.readline(), 5)
-        assert line.startswith(b"data: ")
+
+
+# What shows backend URLs, key names and spend (SPEC §7): an admin key only.
+ADMIN_VIEWS = [
+    ("GET", "/v1/stats", None),
+    ("GET", "/v1/stats/stream", None),
+    ("GET", "/v1/usage", None),
+    ("GET", "/metrics", None),
+    ("GET", "/v1/backends", None),
+]
+
+
+async def test_operations_views_need_an_admin_key(backend_factory, nexus_factory):
+    backend, nx = await start(backend_factory, nexus_factory)
+    for method, path, _ in ADMIN_VIEWS:
+        status, document, _ = await call(nx, method, path, None, bearer(ALICE))
+        assert status == 403, path
+        assert document["error"]["type"] == "permission_error"
+        assert "alice" in document["error"]["message"] and ALICE not in json.dumps(document)
+    async with aiohttp.ClientSession(headers=bearer(ROOT_KEY)) as session:
+        for _, path, _ in ADMIN_VIEWS:
+            if path.endswith("/stream"):
+                continue
+            async with session.get(nx.url + path) as resp:
+                assert resp.status == 200, path
+        async with session.get(nx.url + "/v1/stats/stream") as resp:
+            assert resp.status == 200
+            line = await asyncio.wait_for(resp.content.readline(), 5)
+            assert line.startswith(b"data: ")
+        # Prometheus sends the key as a Bearer token (authorization: {credentials: <key>}).
+        async with session.get(nx.url + "/metrics") as resp:
+            assert "nexus_backends_total 1" in await resp.text()
+    # /health stays open, and shows counts, never a backend's URL.
+    status, document, _ = await call(nx, "GET", "/health")
+    assert status == 200
+    assert document["backends"] == {"total": 1, "healthy": 1, "unhealthy": 0}
+    assert backend.url.split("//")[1] not in json.dumps(document)
 
 
 # --- which models ---------------------------------------------------------------------------
@@ -453,7 +483,7 @@ async def test_key_budget_keeps_its_cloud_spend_within_the_monthly_limit(
     assert status == 200 and headers["X-Nexus-Backend"] == "cloud"
     spent = (10 * 1.0 + 3 * 2.0) / 1e6  # the mock's usage at the configured price
     assert spent > 0.00001
-    _, stats, _ = await call(nx, "GET", "/v1/stats")
+    _, stats, _ = await call(nx, "GET", "/v1/stats", None, bearer(ROOT_KEY))
     alice = next(k for k in stats["keys"] if k["name"] == "alice")
     assert alice["spent_usd"] == pytest.approx(spent)
     assert alice["monthly_limit_usd"] == 0.00001
@@ -474,7 +504,7 @@ async def test_key_budget_keeps_its_cloud_spend_within_the_monthly_limit(
     # Other keys have their own budgets (bob has none).
     status, _, headers = await call(nx, "POST", "/v1/chat/completions", gpt, bearer(BOB))
     assert status == 200 and headers["X-Nexus-Backend"] == "cloud"
-    _, stats, _ = await call(nx, "GET", "/v1/stats")
+    _, stats, _ = await call(nx, "GET", "/v1/stats", None, bearer(ROOT_KEY))
     spent_by = {k["name"]: k["spent_usd"] for k in stats["keys"]}
     assert spent_by["alice"] == pytest.approx(spent) and spent_by["bob"] > 0
     assert stats["budget"] is None  # no global limit: only the keys' own
@@ -518,6 +548,37 @@ async def test_admin_api_needs_an_admin_key(backend_factory, nexus_factory):
     assert status == 200
 
 
+async def test_without_keys_the_admin_api_refuses_what_came_through_a_proxy(
+    backend_factory, nexus_factory
+):
+    backend = await backend_factory("ollama", {"llama3:8b": {}}, name="gpu")
+    nx = await nexus_factory(backends_toml(backend))
+    extra = await backend_factory("generic", {"extra": {}}, name="extra")
+    add = {"url": extra.url, "name": "extra", "type": "generic"}
+    # A reverse proxy on this machine connects from loopback, for a caller from anywhere.
+    for proxied in (
+        {"X-Forwarded-For": "127.0.0.1"},
+        {"X-Forwarded-For": "203.0.113.9, 127.0.0.1"},
+        {"Forwarded": "for=127.0.0.1;proto=https"},
+        {"X-Real-IP": "203.0.113.9"},
+    ):
+        status, document, _ = await call(nx, "POST", "/v1/backends", add, proxied)
+        assert status == 403, proxied
+        assert "proxy" in document["error"]["message"]
+        status, _, _ = await call(nx, "DELETE", "/v1/backends/gpu", None, proxied)
+        assert status == 403, proxied
+    assert set(nx.registry.backends) == {"gpu"}
+    status, document, _ = await call(nx, "POST", "/v1/backends", add)
+    assert status == 201 and document["name"] == "extra"
+    status, _, _ = await call(nx, "DELETE", "/v1/backends/extra")
+    assert status == 200
+    # Without keys the views stay open (a trusted LAN), proxied or not.
+    for _, path, _ in ADMIN_VIEWS:
+        if not path.endswith("/stream"):
+            status, _, _ = await call(nx, "GET", path, None, {"X-Forwarded-For": "203.0.113.9"})
+            assert status == 200, path
+
+
 # --- what is shown --------------------------------------------------------------------------
 
 
@@ -527,7 +588,7 @@ async def test_stats_count_per_key_name(backend_factory, nexus_factory):
         status, _, _ = await call(nx, "POST", "/v1/chat/completions", CHAT, bearer(key))
         assert status == 200
     await call(nx, "POST", "/v1/chat/completions", CHAT, bearer(WRONG))
-    status, stats, _ = await call(nx, "GET", "/v1/stats")
+    status, stats, _ = await call(nx, "GET", "/v1/stats", None, bearer(ROOT_KEY))
     keys = {k["name"]: k for k in stats["keys"]}
     assert set(keys) == {"alice", "bob", "root"}
     assert keys["alice"]["requests"] == 2 and keys["bob"]["requests"] == 1
@@ -539,7 +600,10 @@ async def test_stats_count_per_key_name(backend_factory, nexus_factory):
     assert stats["recent"][-1]["status"] == 401
     text = json.dumps(stats)
     assert not any(secret in text for secret in (ALICE, BOB, ROOT_KEY, WRONG))
-    async with aiohttp.ClientSession() as session, session.get(nx.url + "/metrics") as resp:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(nx.url + "/metrics", headers=bearer(ROOT_KEY)) as resp,
+    ):
         metrics = await resp.text()
     assert 'nexus_key_requests_total{key="alice"} 2' in metrics
     assert 'nexus_key_requests_total{key="bob"} 1' in metrics
@@ -556,6 +620,11 @@ async def test_dashboard_shows_usage_per_key_name_never_a_key(backend_factory, n
         await call(nx, "POST", "/v1/chat/completions", CHAT, bearer(key))
     async with Chromium() as browser:
         await browser.navigate(nx.url + "/")
+        await browser.wait_for("!document.getElementById('login').hidden")
+        await browser.evaluate(
+            f"document.getElementById('key').value = {json.dumps(ROOT_KEY)};"
+            "document.getElementById('login').requestSubmit()"
+        )
         await browser.wait_for("document.querySelectorAll('#keys tbody tr').length === 3")
         assert not await browser.evaluate("document.getElementById('keys').hidden")
         rows = await browser.evaluate(
@@ -701,8 +770,10 @@ async def test_no_secret_in_any_log_line_error_stat_or_page(backend_factory, tmp
             ("POST", "/v1/backends", {"url": "http://127.0.0.1:9", "type": "x"}, bearer(ROOT_KEY)),
             ("DELETE", "/v1/backends/none", None, bearer(ROOT_KEY)),
             ("GET", "/v1/backends", None, bearer(ROOT_KEY)),
-            ("GET", "/v1/stats", None, {}),
-            ("GET", "/metrics", None, {}),
+            ("GET", "/v1/stats", None, bearer(ROOT_KEY)),
+            ("GET", "/metrics", None, bearer(ROOT_KEY)),
+            ("GET", "/v1/usage", None, bearer(ROOT_KEY)),
+            ("GET", "/v1/stats", None, bearer(ALICE)),
             ("GET", "/health", None, {}),
             ("GET", "/", None, {}),
         ]
@@ -716,10 +787,11 @@ async def test_no_secret_in_any_log_line_error_stat_or_page(backend_factory, tmp
                     statuses.append(resp.status)
                     seen.append(f"{resp.status} {resp.reason} {dict(resp.headers)}")
                     seen.append(await resp.text())
-            async with session.get(url + "/v1/stats/stream") as resp:
+            async with session.get(url + "/v1/stats/stream", headers=bearer(ROOT_KEY)) as resp:
                 seen.append(str(await asyncio.wait_for(resp.content.readline(), 5)))
         assert statuses[:9] == [200, 200, 404, 200, 429, 429, 401, 401, 401]
         assert statuses[13:15] == [403, 400]
+        assert statuses[16:23] == [200, 200, 200, 200, 403, 200, 200]
         cli = await asyncio.create_subprocess_exec(
             *NEXUS,
             *("backends", "list", "--url", url),

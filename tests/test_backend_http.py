@@ -470,7 +470,7 @@ async def test_a_connect_that_hangs_is_a_timeout() -> None:
             # a TimeoutError: handled as a silent backend's
             await asyncio.wait_for(pool.request("GET", f"http://127.0.0.1:{port}/", {}), 5)
         assert isinstance(failure.value, nexus.BackendHTTPError)
-        assert nexus.describe_failure(failure.value) == "timed out"
+        assert nexus.describe_failure(failure.value) == "timed out connecting"
     finally:
         pool.close()
 

@@ -49,6 +49,18 @@ async def wait_until_serving(url: str, timeout: float = 15.0) -> None:
     raise AssertionError("nexus did not start serving in time")
 
 
+async def wait_until_listed(url: str, timeout: float = 15.0) -> None:
+    """Until the first health poll has found the backend's models (it runs after start-up)."""
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            async with session.get(url + "/v1/models") as resp:
+                if resp.status == 200 and (await resp.json())["data"]:
+                    return
+            await asyncio.sleep(0.05)
+    raise AssertionError("nexus listed no model in time")
+
+
 @pytest.fixture
 async def served(backend_factory, tmp_path):
     """`nexus serve` as a real process in front of one mock Ollama; yields (url, backend, proc)."""
@@ -70,6 +82,7 @@ async def served(backend_factory, tmp_path):
     )
     url = f"http://127.0.0.1:{port}"
     await wait_until_serving(url)
+    await wait_until_listed(url)
     yield url, backend, proc
     if proc.returncode is None:
         proc.kill()
@@ -128,6 +141,24 @@ async def test_backends_add_nothing_there(served):
     url, _, _ = served
     code, _, err = await run_cli("backends", "add", f"http://127.0.0.1:{free_port()}", "--url", url)
     assert code != 0 and "No LLM server answered" in err
+
+
+async def test_backends_list_says_why_a_backend_is_down(served):
+    url, _, _ = served
+    dead = f"http://127.0.0.1:{free_port()}"
+    code, out, err = await run_cli(
+        "backends", "add", dead, "--name", "dead", "--type", "generic", "--url", url
+    )
+    assert code == 0 and "unhealthy" in out, err
+    code, out, _ = await run_cli("backends", "list", "--url", url)
+    header, *rows = out.splitlines()
+    assert header.split()[-2:] == ["LAST", "ERROR"]
+    row = next(r for r in rows if r.startswith("dead "))
+    assert "unhealthy" in row and row.endswith("could not connect: connection refused")
+    assert next(r for r in rows if r.startswith("gpu ")).endswith("1")  # healthy: no reason
+    code, out, _ = await run_cli("backends", "list", "--json", "--url", url)
+    listed = {b["name"]: b["last_error"] for b in json.loads(out)["data"]}
+    assert listed == {"gpu": None, "dead": "could not connect: connection refused"}
 
 
 async def test_cli_without_a_running_nexus():

@@ -24,7 +24,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from browser import Chromium, png_colour_counts, png_size
-from conftest import backends_toml
+from conftest import backends_toml, free_port
 
 DASHBOARD = Path(__file__).resolve().parent.parent / "assets" / "dashboard.html"
 STREAM_MAX_EVENTS = 300  # one a second: a stream never outlives a test by much
@@ -338,10 +338,12 @@ def assert_not_blank(png: bytes, width: int) -> Counter[tuple[int, ...]]:
 
 def test_page_is_one_small_self_contained_file() -> None:
     html = DASHBOARD.read_text()
-    assert len(html.encode()) < 25_000
+    assert len(html.encode()) < 32_000  # small: no framework, no fonts, no images
     assert not re.search(r"""(src|href|url)\s*[=(]\s*["']?(https?:)?//""", html, re.I)
     assert not re.search(r"@import|@font-face|<link[^>]+stylesheet", html, re.I)
     assert ".innerHTML" not in html and "insertAdjacentHTML" not in html
+    # The live feed is read with fetch, which can send the admin key; never a cookie.
+    assert "EventSource" not in html and "document.cookie" not in html
 
 
 async def check_live_dashboard(
@@ -440,3 +442,114 @@ async def test_names_from_the_network_are_shown_as_text_never_as_markup(
     assert await browser.evaluate("document.querySelectorAll('main img').length") == 0
     assert await browser.evaluate("window.injected === undefined")
     assert not [u for u in browser.requested_urls if "injected" in u]
+
+
+async def test_an_unhealthy_backend_says_why(
+    backend_factory: Any, nexus_factory: Any, browser: Chromium
+) -> None:
+    gpu = await backend_factory("ollama", {"llama3:8b": {"context": 8192}}, name="gpu-box")
+    dead = f'[[backends]]\nname = "laptop"\nurl = "http://127.0.0.1:{free_port()}"\n'
+    nx = await nexus_factory(backends_toml(gpu) + dead, wait=False)
+    await nx.wait_healthy(1)
+    site = NexusSite(nx.url + "/", ["gpu-box", "laptop"], ["llama3:8b"])
+    await open_dashboard(browser, site)
+    rows = "[...document.querySelectorAll('#backends tbody tr')]"
+    why = f"{rows}.map(r => [r.cells[0].textContent, r.cells[1].textContent])"
+    await browser.wait_for(f"{why}.some(([n, s]) => s.includes('connection refused'))")
+    shown = dict(await browser.evaluate(why))
+    laptop = next(v for k, v in shown.items() if k.startswith("laptop"))
+    gpu_box = next(v for k, v in shown.items() if k.startswith("gpu-box"))
+    assert laptop == "unhealthycould not connect: connection refused"
+    assert gpu_box == "healthy"
+    assert browser.console_errors == []
+
+
+# -- with [auth] keys: the page asks for an admin key --------------------------------------
+
+ADMIN_KEY, USER_KEY = "sk-dash-admin-5e1f0a", "sk-dash-user-77b2c4"
+KEYS_ENV = {"NEXUS_DASH_ADMIN": ADMIN_KEY, "NEXUS_DASH_USER": USER_KEY}
+KEYS_TOML = """[auth]
+api_keys = [
+  { name = "ops", key_env = "NEXUS_DASH_ADMIN", admin = true },
+  { name = "app", key_env = "NEXUS_DASH_USER" },
+]
+"""
+
+
+async def enter_key(browser: Chromium, key: str) -> None:
+    await browser.evaluate(
+        f"document.getElementById('key').value = {json.dumps(key)};"
+        "document.getElementById('login').requestSubmit()"
+    )
+
+
+async def login_message(browser: Chromium, text: str) -> None:
+    await browser.wait_for(
+        f"document.getElementById('login-msg').textContent.includes({json.dumps(text)})"
+        " && !document.getElementById('login').hidden"
+    )
+
+
+async def test_with_keys_the_page_asks_for_an_admin_key_and_then_goes_live(
+    backend_factory: Any, nexus_factory: Any, browser: Chromium
+) -> None:
+    gpu = await backend_factory("ollama", {"llama3:8b": {"context": 8192}}, name="gpu-box")
+    nx = await nexus_factory(KEYS_TOML + backends_toml(gpu), env=KEYS_ENV)
+    await browser.set_viewport(*DESKTOP)
+    await browser.navigate(nx.url + "/")
+    # The page loads without a key, and holds no data until an admin key is given.
+    await login_message(browser, "admin key")
+    assert await browser.evaluate("document.body.dataset.transport") == "locked"
+    assert await browser.evaluate("document.querySelectorAll('#backends tbody tr').length") == 0
+    assert "gpu-box" not in await browser.evaluate(PAGE_TEXT)
+    await enter_key(browser, "sk-not-a-key-at-all")
+    await login_message(browser, "refused")
+    await enter_key(browser, USER_KEY)
+    await login_message(browser, "Not an admin key")
+    assert await browser.evaluate("document.querySelectorAll('#backends tbody tr').length") == 0
+
+    await enter_key(browser, ADMIN_KEY)
+    await browser.wait_for("document.body.dataset.transport === 'live'")
+    assert await browser.evaluate("document.getElementById('login').hidden")
+    await browser.wait_for("document.querySelectorAll('#backends tbody tr').length === 1")
+    assert "gpu-box" in await browser.evaluate(PAGE_TEXT)
+    # Live updates arrive on the key-carrying stream: a new request shows without a reload.
+    await browser.evaluate("window.loadedOnce = true")
+    body = {"model": "llama3:8b", "messages": [{"role": "user", "content": "hi"}]}
+    headers = {"Authorization": f"Bearer {USER_KEY}"}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(nx.url + "/v1/chat/completions", json=body, headers=headers) as resp,
+    ):
+        assert resp.status == 200
+        request_id = resp.headers["X-Request-Id"]
+    await wait_for_request_row(browser, request_id)
+    assert await browser.evaluate("window.loadedOnce === true"), "the page reloaded"
+    assert await browser.evaluate("document.body.dataset.transport") == "live"
+    assert await browser.evaluate("document.cookie") == ""
+    assert browser.console_errors == []
+    # A reload in the same tab keeps the key (session storage); a new browser would ask again.
+    await browser.navigate(nx.url + "/")
+    await browser.wait_for("document.body.dataset.transport === 'live'")
+
+
+async def test_models_with_a_context_below_32k_are_marked_too_small_for_coding_agents(
+    dashboard: StatsSite, browser: Chromium
+) -> None:
+    """Claude Code's opening request alone is about 22k tokens: an 8k or 4k model cannot take
+    it, a 32k one can. The mark shows once per row, on a desktop and on a phone."""
+    dashboard.add_model("mystery", "gpu-box")  # no context reported: not marked
+    await open_dashboard(browser, dashboard)
+    await browser.wait_for("document.querySelectorAll('#models tbody tr').length >= 5")
+    marks = (
+        "Object.fromEntries([...document.querySelectorAll('#models tbody tr')].map(tr => ["
+        "tr.querySelector('td span').textContent,"
+        "tr.innerText.split('too small for coding agents').length - 1]))"
+    )
+    expected = {"llama3:8b": 1, "llava:13b": 1, "qwen2.5-coder:7b": 0, "gpt-4o": 0, "mystery": 0}
+    assert await browser.evaluate(marks) == expected
+    await browser.set_viewport(*PHONE, mobile=True)
+    await asyncio.sleep(0.3)  # let the layout switch to cards
+    assert await browser.evaluate(marks) == expected
+    title = await browser.evaluate("document.querySelector('#models .small-ctx').title")
+    assert "32k" in title and "22k" in title

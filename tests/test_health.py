@@ -4,10 +4,14 @@ refreshed with each poll, and no tokens spent by a poll."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
+import aiohttp
 import openai
-from conftest import MockBackend, backends_toml
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from conftest import MockBackend, backends_toml, free_port, key_variable, unaccepting_listener
 
 import nexus
 
@@ -142,3 +146,62 @@ async def test_an_ollama_with_many_models_is_healthy_after_its_first_poll(nexus_
         assert 1 < ollama.shows_most <= 8  # bounded: an Ollama is not sent 30 at once
     finally:
         await ollama.stop()
+
+
+async def test_every_unhealthy_backend_says_why(backend_factory, nexus_factory):
+    """Refused, timed out, HTTP 401, not an LLM server: in /v1/backends and /v1/stats alike,
+    without the key that was refused."""
+    up = await backend_factory("generic", {"m": {}}, name="up")
+    locked = await backend_factory("openai", {"gpt-4o": {}}, name="locked")
+
+    async def html(_: web.Request) -> web.Response:
+        return web.Response(text="<html>hi</html>", content_type="text/html")
+
+    web_page = web.Application()  # a web server that is not an LLM server: HTML everywhere
+    web_page.router.add_get("/{tail:.*}", html)
+    page = await TestServer(web_page, host="127.0.0.1", port=free_port()).__aenter__()
+    missing = web.Application()  # a web server where no LLM API is: 404 everywhere
+    gone = await TestServer(missing, host="127.0.0.1", port=free_port()).__aenter__()
+    wrong_key = "sk-wrong-key-that-must-not-show"
+    try:
+        with unaccepting_listener() as silent:
+            toml = FAST_HEALTH + backends_toml(up, locked)
+            for name, port in (("refused", free_port()), ("silent", silent)):
+                toml += f'[[backends]]\nname = "{name}"\nurl = "http://127.0.0.1:{port}"\n'
+            for name, server in (("html", page), ("web404", gone)):
+                toml += f'[[backends]]\nname = "{name}"\nurl = "http://127.0.0.1:{server.port}"\n'
+            nx = await nexus_factory(toml, wait=False, env={key_variable(locked): wrong_key})
+            down = ("locked", "refused", "silent", "html", "web404")
+            await wait_for(lambda: all(nx.backend(n).status == "unhealthy" for n in down))
+            async with aiohttp.ClientSession() as session:
+                async with session.get(nx.url + "/v1/backends") as resp:
+                    listed = {b["name"]: b for b in (await resp.json())["data"]}
+                    text = json.dumps(listed)
+                async with session.get(nx.url + "/v1/stats") as resp:
+                    stats = {b["name"]: b for b in (await resp.json())["backends"]}
+    finally:
+        await page.close()
+        await gone.close()
+    assert listed["up"]["status"] == "healthy" and listed["up"]["last_error"] is None
+    why = {name: listed[name]["last_error"] for name in down}
+    assert "connection refused" in why["refused"]
+    assert why["silent"].startswith("timed out")
+    assert "HTTP 401" in why["locked"]
+    assert "not an LLM server" in why["html"] and "not JSON" in why["html"]
+    assert "HTTP 404" in why["web404"] and "not an LLM server" in why["web404"]
+    assert {name: stats[name]["last_error"] for name in down} == why
+    assert wrong_key not in text and locked.api_key not in text
+
+
+def test_a_failure_shown_never_carries_a_key_or_url_credentials(monkeypatch):
+    monkeypatch.setenv("NEXUS_TEST_CLOUD_KEY", "sk-live-0123456789abcdef")
+    backend = nexus.Backend(name="c", url="http://x", type="openai")
+    backend.api_key_env = "NEXUS_TEST_CLOUD_KEY"
+    settings = nexus.HealthSettings()
+    reason = "Incorrect API key sk-live-0123456789abcdef; see http://user:pw@proxy.lan:3128/x"
+    nexus.record_failure(backend, settings, reason)
+    assert backend.last_error == "Incorrect API key [redacted]; see http://proxy.lan:3128/x"
+    assert backend.public()["last_error"] == backend.last_error  # down: it says why
+    nexus.record_success(backend, settings)
+    nexus.record_success(backend, settings)
+    assert backend.status == "healthy" and backend.public()["last_error"] is None

@@ -98,10 +98,12 @@ class Metrics:
         return buckets, self.value(name + "_sum"), self.value(name + "_count")
 
 
-async def scrape(nx) -> Metrics:
+async def scrape(nx, key: str | None = None) -> Metrics:
+    """What Prometheus reads; a key goes as Prometheus sends `authorization: {credentials}`."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
     async with (
         aiohttp.ClientSession() as session,
-        session.get(nx.url + "/metrics") as resp,
+        session.get(nx.url + "/metrics", headers=headers) as resp,
     ):
         assert resp.status == 200
         assert resp.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
@@ -294,3 +296,27 @@ async def test_queue_depth_counts_requests_waiting_for_a_slot(backend_factory, n
     assert depth == 2
     assert [status for status, _ in await asyncio.gather(*requests)] == [200, 200, 200]
     assert (await scrape(nx)).value("nexus_queue_depth") == 0
+
+
+async def test_with_keys_prometheus_scrapes_with_an_admin_key(
+    backend_factory, nexus_factory, monkeypatch
+):
+    backend = await backend_factory("ollama", {"a": {}}, name="gpu")
+    keys = {"NEXUS_METRICS_SCRAPER": "sk-scrape-31337", "NEXUS_METRICS_APP": "sk-app-4242"}
+    toml = (
+        "[auth]\napi_keys = [\n"
+        '  { name = "prometheus", key_env = "NEXUS_METRICS_SCRAPER", admin = true },\n'
+        '  { name = "app", key_env = "NEXUS_METRICS_APP" },\n]\n'
+    )
+    nx = await nexus_factory(toml + backends_toml(backend), env=keys)
+    async with aiohttp.ClientSession() as session:
+        for headers, status in (
+            ({}, 401),
+            ({"Authorization": "Bearer sk-wrong"}, 401),
+            ({"Authorization": "Bearer sk-app-4242"}, 403),
+        ):
+            async with session.get(nx.url + "/metrics", headers=headers) as resp:
+                assert resp.status == status
+                assert "nexus_backends_total" not in await resp.text()
+    metrics = await scrape(nx, "sk-scrape-31337")
+    assert metrics.value("nexus_backends_total") == 1

@@ -2,7 +2,8 @@
 
 First llama-server alone (so a change in its API shows up here, not as a Nexus bug), then Nexus
 in front of two of them: model listing, chat completions streamed and not, token usage, the
-Anthropic Messages API through the `anthropic` SDK, and failover when a server is killed.
+Anthropic Messages API through the `anthropic` SDK, a prompt past the context, and failover
+when a server is killed.
 `tests/engine.sh` provisions the engine; the first run compiles it, later runs reuse the cache.
 """
 
@@ -358,6 +359,44 @@ def test_nexus_anthropic_messages_stream(nexus: tuple[str, str]) -> None:
     assert final.content[0].text == text
     assert final.stop_reason in ("end_turn", "max_tokens")
     assert 0 < final.usage.output_tokens <= MAX_TOKENS
+
+
+def test_nexus_answers_a_prompt_past_the_real_context_as_too_long(nexus: tuple[str, str]) -> None:
+    """Past the engines' context by Nexus's own estimate: its 400, nothing sent. Under it by the
+    estimate but past it by the engine's count (emoji are several tokens each): the engine's
+    refusal, with the engine's sizes, in each door's words."""
+    url, served = nexus
+    per_slot = CONTEXT_SIZE // PARALLEL_SLOTS
+    messages = anthropic.Anthropic(base_url=url, api_key="unused", max_retries=0)
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        messages.messages.create(
+            model=served,
+            max_tokens=MAX_TOKENS,
+            messages=[{"role": "user", "content": "word " * (2 * per_slot)}],
+        )
+    too_long = caught.value.body["error"]["message"]
+    assert (
+        too_long == f"prompt is too long: {2 * per_slot * 5 // 4 + 4} tokens > {per_slot} maximum"
+    )
+
+    emoji = [{"role": "user", "content": "\U0001f642" * (per_slot // 2)}]
+    with pytest.raises(openai.BadRequestError) as refused:
+        openai_client(url).chat.completions.create(
+            model=served, messages=emoji, max_tokens=MAX_TOKENS
+        )
+    error = refused.value.body
+    assert error["code"] == "context_length_exceeded" and error["param"] == "messages"
+    assert error["context"]["context_length"] == per_slot
+    assert error["context"]["prompt_tokens"] > per_slot  # the engine's count, not the estimate
+    with (
+        pytest.raises(anthropic.BadRequestError) as caught,
+        messages.messages.stream(model=served, max_tokens=MAX_TOKENS, messages=emoji) as stream,
+    ):
+        "".join(stream.text_stream)
+    prompt = error["context"]["prompt_tokens"]
+    assert caught.value.body["error"]["message"] == (
+        f"prompt is too long: {prompt} tokens > {per_slot} maximum"
+    )
 
 
 def test_nexus_fails_over_when_a_server_is_killed(

@@ -160,6 +160,9 @@ async def test_with_the_queue_off_a_full_backend_says_so(backend_factory, nexus_
     assert status == 503
     assert "the queue is off" in answer["error"]["message"]
     assert "full" not in answer["error"]["message"].split("max_concurrent")[1]
+    assert answer["error"]["context"]["backends"] == [
+        {"backend": "mock", "model": "m", "failed": ["busy"]}
+    ]
     assert (await busy)[0] == 200
 
 

@@ -113,10 +113,22 @@ def test_every_attempt_is_a_healthy_candidate_meeting_every_requirement(
             for b in registry.by_model.get(m, ())
             if b.status == "healthy" and nexus.meets_needs(b.models[m], needs)
         ]
-        assert exc.status in (404, 503)
+        assert exc.status in (400, 404, 503)
         assert not servable  # an error only when nothing could serve
         if exc.status == 404:
             assert not any(m in registry.by_model for m in chain)
+        # The context error exactly when no backend of the chain, healthy or not, could hold
+        # the prompt; otherwise waiting may help: a 503.
+        contexts = [b.models[m].context_length for m in chain for b in registry.by_model.get(m, ())]
+        too_long = bool(contexts) and all(c and needs.prompt_tokens >= c for c in contexts)
+        assert (exc.status == 400) == too_long
+        if too_long:
+            assert exc.code == "context_length_exceeded"
+            assert exc.context == {
+                "prompt_tokens": needs.prompt_tokens,
+                "context_length": max(contexts),
+            }
+            assert "Retry-After" not in exc.headers
         return
     assert decision.attempts
     per_model = Counter(a.model for a in decision.attempts)
@@ -238,6 +250,45 @@ def test_a_dead_primary_model_fails_over_to_its_fallback():
         ("small", "little", True)
     ]
     assert decision.reason == "failover"
+
+
+def test_the_503_names_the_needs_no_healthy_backend_meets_and_each_backend():
+    plain = make_backend("plain", {"m": Model("m", tools=False, json_mode=False)}, status="healthy")
+    able = make_backend("able", {"m": Model("m", tools=True, json_mode=True)}, status="unhealthy")
+    needs = RequestNeeds("m", tools=True, json_mode=True)
+    with pytest.raises(nexus.NexusError) as caught:
+        route(needs, registry_of([plain, able]), routing_settings())
+    error = caught.value
+    assert error.status == 503
+    assert error.message == (
+        "No backend can serve model 'm' now: it needs tools and JSON mode, which no healthy "
+        "backend serving it has (plain: no tools, no JSON mode; able: down)."
+    )
+    assert error.context["backends"] == [
+        {"backend": "plain", "model": "m", "failed": ["tools", "json_mode"]},
+        {"backend": "able", "model": "m", "failed": ["down"]},
+    ]
+    # A need that only the request's fallback fails is named on the fallback's backend.
+    other = make_backend("other", {"f": Model("f", tools=False)}, status="healthy")
+    s = routing_settings(fallbacks={"m": ["f"]})
+    with pytest.raises(nexus.NexusError) as caught:
+        route(RequestNeeds("m", tools=True), registry_of([able, other]), s)
+    assert caught.value.context["backends"] == [
+        {"backend": "able", "model": "m", "failed": ["down"]},
+        {"backend": "other", "model": "f", "failed": ["tools"]},
+    ]
+
+
+def test_a_503_names_a_few_backends_and_counts_the_rest():
+    many = [
+        make_backend(f"b{i}", {"m": Model("m", vision=False)}, status="healthy") for i in range(12)
+    ]
+    with pytest.raises(nexus.NexusError) as caught:
+        route(RequestNeeds("m", vision=True), registry_of(many), routing_settings())
+    message = caught.value.message
+    assert message.startswith("No backend can serve model 'm' now: it needs vision, which")
+    assert "b7: no vision; and 4 more)." in message and "b8" not in message
+    assert len(caught.value.context["backends"]) == 12
 
 
 def test_a_prompt_too_big_for_the_model_goes_to_a_larger_fallback():
