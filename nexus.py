@@ -57,7 +57,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -209,6 +209,7 @@ class RoutingSettings:
     fallbacks: dict[str, list[str]] = field(default_factory=dict)
     policies: list[PolicySettings] = field(default_factory=list)
     budget: BudgetSettings | None = None
+    session_affinity: bool = True  # a conversation's turns stay where its prompt cache is
 
 
 @dataclass(slots=True)
@@ -1364,6 +1365,7 @@ class RequestNeeds:
     flexible: bool = False  # X-Nexus-Flexible: a lower tier only when none meets min_tier
     budget_status: str = "normal"  # the month's budget as the request came in
     prompt_param: str = "messages"  # the field holding the prompt, named by a too-long error
+    last_backend: str | None = None  # where its session's last turn was served (SPEC §3.7)
 
 
 JSON_DECODER = json.JSONDecoder()
@@ -1497,6 +1499,64 @@ def embedding_needs(body: dict[str, Any]) -> RequestNeeds:
     else:
         raise bad_request("input must be a string or a non-empty array", "input")
     return RequestNeeds(model=model, prompt_tokens=chars // CHARS_PER_TOKEN, prompt_param="input")
+
+
+# Where clients name their session, first found first after the body's prompt_cache_key (SPEC
+# §3.7); Codex writes session_id. Claude Code also names it in Anthropic's metadata.user_id,
+# which the Messages door carries as the chat request's `user`.
+SESSION_HEADERS = ("X-Nexus-Session", "session-id", "session_id", "X-Claude-Code-Session-Id")
+CLAUDE_SESSION_MARK = "_session_"  # user_<hash>_account_<uuid>_session_<uuid>
+
+
+def session_key(headers: Mapping[str, str], body: dict[str, Any]) -> tuple[int, bool] | None:
+    """A request's session as a hash (no text is kept), and whether it may follow the session's
+    last backend: the first key found of SPEC §3.7, else the conversation's opening (system
+    prompt and first user turn), followed only from the second turn on, so that one prompt sent
+    by many clients still spreads. Per model: another model is another prompt cache. None when
+    the request names no session and has no conversation (a completion, an embedding)."""
+    model = body.get("model")
+    model = model if isinstance(model, str) else ""
+    named = body.get("prompt_cache_key")
+    if not isinstance(named, str) or not named:
+        named = next((value for name in SESSION_HEADERS if (value := headers.get(name))), None)
+        if named is None:
+            named = claude_session(body.get("user"))
+    if named is not None:
+        return hash(("session", model, named)), True
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        return None
+    opening: list[Any] = ["opening", model]
+    for i, message in enumerate(messages):
+        role = message.get("role") if isinstance(message, dict) else None
+        if role in SYSTEM_ROLES or role == "user":
+            content = message.get("content")
+            if isinstance(content, list):  # text parts; an image is known by the text around it
+                content = tuple(
+                    p["text"]
+                    for p in content
+                    if isinstance(p, dict) and isinstance(p.get("text"), str)
+                )
+            opening.append(content if isinstance(content, str | tuple) else None)
+            if role == "user":
+                return hash(tuple(opening)), i + 1 < len(messages)
+    return None
+
+
+def claude_session(user_id: Any) -> str | None:
+    """The session_id in Claude Code's metadata.user_id: a JSON object's field, or the tail of
+    the older user_<hash>_account_<uuid>_session_<uuid> form. A plain user id names no session."""
+    if not isinstance(user_id, str):
+        return None
+    if user_id.startswith("{"):
+        try:
+            found = json.loads(user_id)
+        except ValueError:
+            return None
+        session = found.get("session_id") if isinstance(found, dict) else None
+        return session if isinstance(session, str) and session else None
+    _, mark, session = user_id.rpartition(CLAUDE_SESSION_MARK)
+    return session if mark and session else None
 
 
 # ==============================================================================================
@@ -1955,6 +2015,7 @@ class RouteRules:
     min_tier: int = 0
     no_cloud: bool = False  # the hard budget limit keeps cloud backends out
     cloud_last: bool = False  # the soft budget limit: cloud only after every local backend
+    lowered_tier: bool = False  # min_tier met nowhere, a flexible request takes the best left
     excluded: set[str] = field(default_factory=set)  # why backends were left out
 
     def refuses_any(self) -> bool:
@@ -2752,6 +2813,62 @@ class RouteDecision:
 
 
 ROUND_ROBIN = itertools.count()
+# The reasons session affinity may replace: a failover or a privacy rule says more.
+AFFINITY_REASONS = ("capability-match", "capacity-overflow")
+SESSIONS_MAX = 10_000  # sessions remembered; beyond that the least recently served go first
+SESSION_IDLE_SECONDS = 3600.0  # a session not served for an hour is forgotten
+
+
+class SessionTable:
+    """Which backend served each session's last turn (SPEC §3.7), by session-key hash: no text.
+    Least recently served first, so both bounds (size and idle time) drop from the front."""
+
+    __slots__ = ("entries", "hits", "moves", "new")
+
+    def __init__(self) -> None:
+        self.entries: collections.OrderedDict[int, tuple[str, float]] = collections.OrderedDict()
+        self.hits = 0  # turns served by the backend of the session's last turn
+        self.moves = 0  # turns of a known session served elsewhere
+        self.new = 0  # turns without a session to follow: first turns, one-off requests
+
+    def backend_of(self, key: int, now: float) -> str | None:
+        entry = self.entries.get(key)
+        if entry is None or now - entry[1] > SESSION_IDLE_SECONDS:
+            return None
+        return entry[0]
+
+    def note(self, key: int, backend: str, followed: str | None, now: float) -> None:
+        """A turn served by `backend`; `followed` is the backend its routing tried to keep."""
+        if followed is None:
+            self.new += 1
+        elif followed == backend:
+            self.hits += 1
+        else:
+            self.moves += 1
+        entries = self.entries
+        entries[key] = (backend, now)
+        entries.move_to_end(key)
+        self.expire(now)
+
+    def expire(self, now: float) -> None:
+        entries = self.entries
+        while entries and (
+            len(entries) > SESSIONS_MAX
+            or now - next(iter(entries.values()))[1] > SESSION_IDLE_SECONDS
+        ):
+            entries.popitem(last=False)
+
+    def tracked(self, now: float) -> int:
+        self.expire(now)
+        return len(self.entries)
+
+    def snapshot(self, now: float) -> dict[str, int]:
+        return {
+            "tracked": self.tracked(now),
+            "hits": self.hits,
+            "moves": self.moves,
+            "new": self.new,
+        }
 
 
 def resolve_alias(model: str, aliases: dict[str, str]) -> str:
@@ -2827,6 +2944,18 @@ def order_candidates(backends: list[Backend], strategy: str, weights: dict[str, 
         backends.sort(key=scorer(weights))
 
 
+def keep_session(ranked: list[Backend], name: str) -> None:
+    """Move the backend that served the session's last turn to the front (SPEC §3.7). The
+    orders applied after this one (warm before cold, draining last, fit, zone, cloud last,
+    tier) keep the order they find among equals, so it never goes before a backend that a rule
+    puts first; at capacity, route() puts it after the free ones."""
+    for i, backend in enumerate(ranked):
+        if backend.name == name:
+            if i:
+                ranked.insert(0, ranked.pop(i))
+            return
+
+
 def warm_first(backends: list[Backend], model_id: str) -> None:
     """Among backends of the same priority, those with the model in memory go before cold ones
     (a cold load takes seconds to minutes), each priority keeping the places the strategy gave
@@ -2861,7 +2990,8 @@ def candidates_for(
     policy, best first by strategy (warm before cold), with those where max_tokens fits
     entirely ahead of those that would clamp it. Restricted backends come first for a
     local-first request (overflow) and local ones first at the budget's soft limit. A backend
-    the lifecycle API is loading the model on is left out; one a migration drains goes last."""
+    the lifecycle API is loading the model on is left out; one a migration drains goes last.
+    The backend of the session's last turn goes first among its equals under those rules."""
     found = [
         backend
         for backend in registry.by_model.get(model_id, ())
@@ -2872,6 +3002,8 @@ def candidates_for(
     if rules is not None and rules.refuses_any():
         found = [backend for backend in found if rules.allows(backend)]
     order_candidates(found, settings.routing.strategy, settings.routing.weights)
+    if needs.last_backend is not None and len(found) > 1:
+        keep_session(found, needs.last_backend)
     warm_first(found, model_id)
     if registry.moving and len(found) > 1:
         found.sort(key=lambda b: model_id in b.draining)
@@ -2882,7 +3014,7 @@ def candidates_for(
             found.sort(key=lambda b: b.is_cloud)
         if rules.overflow is not None:
             found.sort(key=lambda b: b.zone != "restricted")
-        if rules.min_tier == 0 and needs.flexible:
+        if rules.lowered_tier:
             found.sort(key=lambda b: -b.tier)  # lowered for a flexible request: best tier first
     return found
 
@@ -2926,6 +3058,7 @@ def route(needs: RequestNeeds, registry: Registry, settings: Settings) -> RouteD
     ranked_models = [(m, candidates_for(m, needs, registry, settings, rules)) for m in chain]
     if rules.min_tier and needs.flexible and not any(r for _, r in ranked_models):
         rules.min_tier = 0  # nothing meets the tier anywhere: the flexible request takes less
+        rules.lowered_tier = True
         ranked_models = [(m, candidates_for(m, needs, registry, settings, rules)) for m in chain]
     decision = RouteDecision(model=model_id, attempts=[])
     per_model = settings.routing.max_retries + 1
@@ -2942,6 +3075,8 @@ def route(needs: RequestNeeds, registry: Registry, settings: Settings) -> RouteD
                 decision.reason = "privacy-requirement"
             elif free and len(free) < len(ranked) and passed_over_full(ranked, free[0], settings):
                 decision.reason = "capacity-overflow"
+            if free and free[0].name == needs.last_backend and decision.reason in AFFINITY_REASONS:
+                decision.reason = "session-affinity"
         if len(free) < len(ranked):
             ranked = free + [b for b in ranked if b.at_capacity()]
         for backend in ranked[:per_model]:
@@ -5074,6 +5209,9 @@ class RequestRecord:
     usage: TokenUsage | None = None  # as the backend reported it (or Nexus counted it)
     cost_usd: float | None = None  # what the answer cost (cloud backends), charged to the budget
     key: str | None = None  # the name of the caller's API key, when keys are configured
+    sent: float = 0.0  # when the attempt on `backend` was sent: its latency starts there
+    session: int | None = None  # the session key's hash (SPEC §3.7), never its text
+    followed: str | None = None  # the backend of the session's last turn, when routing kept it
 
 
 def new_request_id() -> str:
@@ -5375,6 +5513,8 @@ async def proxy(
     needs.budget_status = app[BUDGET].status
     await refine_prompt_tokens(endpoint, body, needs, app[REGISTRY], settings)
     admit_request(request, needs)
+    if settings.routing.session_affinity and endpoint != "embeddings":
+        follow_session(request, record, body, needs)
     deadline = loop.time() + settings.server.request_timeout_seconds
     decision = allowed_attempts(request, await plan_route(app, needs, deadline), needs)
     stream = body.get("stream") is True and endpoint != "embeddings"
@@ -5450,6 +5590,20 @@ async def proxy(
     if failure.error.code == "context_length_exceeded":
         failure.error.param = needs.prompt_param
     raise failure.error
+
+
+def follow_session(
+    request: web.Request, record: RequestRecord, body: dict[str, Any], needs: RequestNeeds
+) -> None:
+    """Find the request's session (SPEC §3.7) and the backend of its last turn, for routing to
+    keep when it is still a candidate; the backend that serves is noted by note_success."""
+    found = session_key(request.headers, body)
+    if found is None:
+        return
+    record.session, follows = found
+    if follows:
+        needs.last_backend = request.app[SESSIONS].backend_of(record.session, time.monotonic())
+        record.followed = needs.last_backend
 
 
 class WaitLimits:
@@ -5558,6 +5712,7 @@ async def send_attempt(
     per_model[attempt.model] = per_model.get(attempt.model, 0) + 1
     backend.requests += 1
     record.backend = backend.name
+    record.sent = time.perf_counter()
     upstream: BackendConnection | None = None
     try:
         try:
@@ -5784,18 +5939,24 @@ EMA_WEIGHT = 0.2
 
 
 def note_success(app: web.Application, record: RequestRecord, backend: Backend) -> None:
-    elapsed_ms = (time.perf_counter() - record.started) * 1000
+    """A request served: the backend's latency and TTFT averages, measured from the attempt's
+    send (a queue wait or an earlier attempt that failed is not the backend's time), its
+    health, and the session's backend."""
+    elapsed_ms = (time.perf_counter() - record.sent) * 1000
     if backend.latency_ema_ms is None:
         backend.latency_ema_ms = elapsed_ms
     else:
         backend.latency_ema_ms += EMA_WEIGHT * (elapsed_ms - backend.latency_ema_ms)
-    if record.ttft_ms is not None:
+    if record.ttft_ms is not None:  # the client's wait for the first byte, from its request
+        ttft_ms = record.ttft_ms - (record.sent - record.started) * 1000
         if backend.ttft_ema_ms is None:
-            backend.ttft_ema_ms = record.ttft_ms
+            backend.ttft_ema_ms = ttft_ms
         else:
-            backend.ttft_ema_ms += EMA_WEIGHT * (record.ttft_ms - backend.ttft_ema_ms)
+            backend.ttft_ema_ms += EMA_WEIGHT * (ttft_ms - backend.ttft_ema_ms)
     if app[SETTINGS].health_check.enabled:
         record_success(backend, app[SETTINGS].health_check)
+    if record.session is not None:
+        app[SESSIONS].note(record.session, backend.name, record.followed, time.monotonic())
 
 
 def speaks_natively(fmt: OpenAIFormat, adapter: OpenAICompatibleAdapter) -> bool:
@@ -7256,6 +7417,7 @@ def stats_snapshot(app: web.Application) -> dict[str, Any]:
         "models": models,
         "recent": [recent_entry(*entry) for entry in stats.recent],
         "budget": app[BUDGET].snapshot(),
+        "sessions": app[SESSIONS].snapshot(time.monotonic()),
         "keys": [
             {
                 "name": k.name,
@@ -7519,6 +7681,27 @@ def render_metrics(app: web.Application) -> str:
         "Requests waiting in the queue for a backend slot.",
         [f"nexus_queue_depth {len(app[QUEUE])}"],
     )
+    sessions = app[SESSIONS]
+    family(
+        "nexus_sessions_tracked",
+        "gauge",
+        "Sessions whose last backend Nexus remembers, for session affinity.",
+        [f"nexus_sessions_tracked {sessions.tracked(time.monotonic())}"],
+    )
+    family(
+        "nexus_session_affinity_total",
+        "counter",
+        "Requests served by the backend of their session's last turn (hit), by another (move),"
+        " or with no session to follow (new).",
+        [
+            f'nexus_session_affinity_total{{outcome="{outcome}"}} {count}'
+            for outcome, count in (
+                ("hit", sessions.hits),
+                ("move", sessions.moves),
+                ("new", sessions.new),
+            )
+        ],
+    )
     family(
         "nexus_budget_spending_usd",
         "gauge",
@@ -7569,6 +7752,7 @@ QUEUE = web.AppKey("queue", WaitQueue)
 STATE = web.AppKey("state", dict)
 BUDGET = web.AppKey("budget", Budget)  # the month's cloud spend: BUDGET.spent_usd, .status
 STOPPING = web.AppKey("stopping", asyncio.Event)  # set at shutdown: live feeds end
+SESSIONS = web.AppKey("sessions", SessionTable)  # the backend of each session's last turn
 KEYS = web.AppKey("keys", list)  # ApiKey per [auth] key; empty: no auth
 LEDGER = web.AppKey("ledger", Ledger)  # the month's usage; in nexus.db with a monthly limit
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)  # load/unload/migrate operations (SPEC §5.1)
@@ -7767,6 +7951,7 @@ def create_app(settings: Settings) -> web.Application:
         data_directory(settings.server.data_dir, env) / LEDGER_FILE if wanted else None
     )
     app[QUEUE] = WaitQueue()
+    app[SESSIONS] = SessionTable()
     app[LIFECYCLE] = Lifecycle(app[REGISTRY])
     app[STOPPING] = asyncio.Event()
     app.on_shutdown.append(signal_stopping)

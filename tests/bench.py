@@ -24,7 +24,8 @@ What the sections measure:
   reload     64 closed-loop clients while the config file changes and Nexus gets a SIGHUP:
              errors, and the p99 of the second the reload lands in against the others'.
   backends   RSS with 1,000 extra configured backends against one, per backend.
-  routing    nexus.route on a 100 KB prompt among 10, 100 and 1,000 backends, in process.
+  routing    nexus.route on a 100 KB prompt among 10, 100 and 1,000 backends, in process,
+             with the session-affinity lookup (hash of the opening, table of 10,000).
   ledger     the ledger's CPU per cloud request (counting on the loop, then its row write
              in the worker thread, taken whole for each request), in process.
   lifecycle  what knowing where models are loaded costs: an Ollama health poll (model list and
@@ -33,6 +34,9 @@ What the sections measure:
              a third of them without the model loaded (warm before cold).
   binary     dist/nexus: size, and start to first served request (median of 5).
   ceiling    the load generators against the mock alone: the most they can measure.
+  affinity   (needs the engine: `make engine`) three coding-agent sessions of four turns with
+             a 2,000-token opening on two real llama-servers: time to first token per turn
+             through Nexus with session affinity on and off, and directly against one server.
   instructions  (only when named in --only; needs valgrind) CPU instructions per request and
              per 20-chunk stream, gateway beside the bare relay, counted by callgrind: the one
              figure a busy host does not change, for comparing code changes.
@@ -63,6 +67,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -790,14 +795,20 @@ async def wait_ready(port: int, raw: bytes, proc: subprocess.Popen | None, limit
 # --------------------------------------------------------------------------------------------
 
 
+ROUTING_SAMPLES = 500  # decisions timed per size, each on a body of its own
+
+
 def routing_case(
     nexus: ModuleType, n_backends: int, payload: dict, cold_every: int = 0
 ) -> Callable[[], object]:
     """Return a zero-argument callable that makes one complete routing decision for `payload`
-    (a chat request with a 100 KB prompt) among `n_backends` healthy backends that all serve
-    its model: extracting the request's needs from the payload (token estimate included) and
-    choosing. Build the registry and policy here, outside the timed call. With `cold_every`,
-    the backends are Ollamas that say what they hold, and every such one has the model cold."""
+    (a chat request with a 100 KB prompt, in its second turn) among `n_backends` healthy
+    backends that all serve its model: extracting the request's needs from the payload (token
+    estimate included), finding its session (hashing the opening) and the backend of its last
+    turn in a full session table, and choosing. Each call gets a freshly decoded copy of the
+    body, as a request would, so the opening's hash is computed, not cached. Build the
+    registry, table and bodies here, outside the timed call. With `cold_every`, the backends
+    are Ollamas that say what they hold, and every such one has the model cold."""
     registry = nexus.Registry()
     for i in range(n_backends):
         backend = nexus.Backend(
@@ -809,9 +820,23 @@ def routing_case(
             backend.loaded = {} if i % cold_every == 0 else {MODEL: 1 << 30}
         registry.add(backend)
     settings = nexus.Settings()
+    headers: dict[str, str] = {}
+    table = nexus.SessionTable()
+    now = time.monotonic()
+    for i in range(nexus.SESSIONS_MAX):
+        table.note(hash(("other", i)), f"b{i % n_backends}", None, now)
+    key, _ = nexus.session_key(headers, payload)
+    table.note(key, f"b{n_backends // 2}", None, now)
+    raw = json.dumps(payload)
+    bodies = iter([json.loads(raw) for _ in range(ROUTING_SAMPLES + 1)])
 
     def decide() -> object:
-        return nexus.route(nexus.chat_needs(payload), registry, settings)
+        body = next(bodies)
+        needs = nexus.chat_needs(body)
+        found = nexus.session_key(headers, body)
+        if found is not None and found[1]:
+            needs.last_backend = table.backend_of(found[0], time.monotonic())
+        return nexus.route(needs, registry, settings)
 
     return decide
 
@@ -820,14 +845,21 @@ def bench_routing(
     nexus: ModuleType, sizes: list[int], budget_s: float, cold_every: int = 0
 ) -> dict:
     prompt = ("The quick brown fox jumps over the lazy dog. " * 2300)[:102400]
-    payload = {"model": MODEL, "messages": [{"role": "user", "content": prompt}]}
+    payload = {
+        "model": MODEL,
+        "messages": [
+            {"role": "user", "content": prompt},
+            {"role": "assistant", "content": "Done."},
+            {"role": "user", "content": "And now?"},
+        ],
+    }
     results = {}
     for n in sizes:
         decide = routing_case(nexus, n, payload, cold_every)
         decide()  # warm-up: lazy imports, caches
         times: list[float] = []
         stop_at = time.perf_counter() + budget_s
-        while len(times) < 500 and (len(times) < 5 or time.perf_counter() < stop_at):
+        while len(times) < ROUTING_SAMPLES and (len(times) < 5 or time.perf_counter() < stop_at):
             t0 = time.perf_counter_ns()
             decide()
             times.append((time.perf_counter_ns() - t0) / 1e6)
@@ -1801,7 +1833,7 @@ async def bench(
             for n, r in res.items():
                 row(
                     f"route_{n}",
-                    f"routing decision, {n} backends, 100 KB prompt, p50",
+                    f"routing decision, {n} backends, 100 KB prompt, session lookup, p50",
                     "ms",
                     r["p50"],
                     gateway=None,
@@ -2007,6 +2039,302 @@ async def instruction_rows(args: argparse.Namespace, workdir: Path) -> list[Row]
     return rows
 
 
+# --------------------------------------------------------------------------------------------
+# Session affinity on a real engine (section `affinity`, needs `make engine`): two llama-servers
+# (one thread each), three coding-agent sessions of four turns, each opening with about 2,000
+# tokens of system prompt and tool definitions; every later turn resends the conversation with
+# the last answer and a short user message. Time to first token per turn, through Nexus with
+# session affinity on and off, and directly against a third server (its prompt cache warm).
+# --------------------------------------------------------------------------------------------
+
+AFFINITY_SESSIONS = 3
+AFFINITY_TURNS = 4
+AFFINITY_OPENING_TOKENS = 2000
+AFFINITY_MAX_TOKENS = 12
+AFFINITY_SLOTS = 3  # a llama-server slot (and its prompt cache) per session it may hold
+AFFINITY_SLOT_CONTEXT = 4096
+AFFINITY_PROJECTS = (
+    ("ledger", "a double-entry bookkeeping library in Python 3.12 with SQLite storage"),
+    ("tiles", "a map tile server in Go that renders vector tiles from PostGIS"),
+    ("pager", "an on-call scheduling web app: TypeScript, React and a Node.js API"),
+)
+AFFINITY_GUIDANCE = (
+    "You are a coding agent working in the user's repository through the tools below. Read "
+    "the code before you change it, keep changes small and focused on the task, and follow "
+    "the conventions you find in the surrounding files rather than your own preferences.",
+    "Before editing a file, read it in full or at least the function you are changing and its "
+    "callers. Never guess an API: search for its definition. When a change spans several "
+    "files, list them first and say in one sentence why each one changes.",
+    "Run the project's tests after every change that could affect behaviour. When a test "
+    "fails, read the failure in full, reproduce it with the narrowest command, fix the cause "
+    "rather than the symptom, and run the whole suite again before you report success.",
+    "Write code that a reviewer can read top to bottom: descriptive names, short functions, "
+    "comments that say why rather than what, no dead code, no commented-out code, and no "
+    "debugging output left behind. Match the formatter and linter the project already uses.",
+    "Treat errors as part of the interface: validate input at the boundary, return or raise "
+    "errors that say what went wrong and what to do next, and never swallow an exception "
+    "silently. Log with the project's logger at the right level, never with print.",
+    "Security matters in every change: never log secrets, tokens or personal data; use "
+    "parameterised queries; check paths against traversal; treat every input from the "
+    "network as hostile; prefer the standard library's vetted primitives to your own.",
+    "Keep the user informed without noise: before a long operation say what you are about to "
+    "do, after it say what changed and how you verified it. If the task is ambiguous, ask one "
+    "precise question instead of guessing, and offer the option you would choose.",
+    "Use version control carefully: never rewrite published history, never commit generated "
+    "files or credentials, and write commit messages in the imperative mood that explain the "
+    "reason for the change. Stage only the files that belong to the change.",
+    "Performance: measure before optimising, keep allocations out of hot loops, prefer "
+    "streaming to loading whole files into memory, and add a benchmark when you claim a "
+    "speed-up. Do not trade readability for speed without numbers that justify it.",
+    "Dependencies: prefer what the project already depends on. Adding a package needs a "
+    "reason the user would accept: say which, why, and its licence. Pin versions the way the "
+    "project pins them and update the lock file in the same change.",
+)
+AFFINITY_TOOLS = [
+    ("read_file", "Read a file of the repository, optionally a range of lines.", ["path"]),
+    ("write_file", "Create or overwrite a file with the given content.", ["path", "content"]),
+    ("edit_file", "Replace an exact snippet of a file with new text.", ["path", "old", "new"]),
+    ("list_directory", "List the entries of a directory, with sizes.", ["path"]),
+    ("search_code", "Search the repository for a regular expression.", ["pattern", "glob"]),
+    ("run_command", "Run a shell command in the repository and return its output.", ["cmd"]),
+    ("run_tests", "Run the test suite or a subset of it and report failures.", ["selector"]),
+    ("git_diff", "Show the uncommitted changes, optionally for one path.", ["path"]),
+]
+AFFINITY_FOLLOW_UPS = (
+    "Good. Now handle the empty input case too.",
+    "Run the tests and tell me what failed.",
+    "Show me the final diff in one short summary.",
+)
+
+
+def agent_opening(session: int, nonce: str, paragraphs: int) -> list[dict]:
+    """A coding agent's first request: a system prompt (project, guidance, tool definitions)
+    and the task. Distinct from its first token per session and per run (`nonce`), so no
+    server holds any of it from another session or an earlier run."""
+    name, what = AFFINITY_PROJECTS[session % len(AFFINITY_PROJECTS)]
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": tool,
+                "description": text,
+                "parameters": {
+                    "type": "object",
+                    "properties": {arg: {"type": "string"} for arg in args},
+                    "required": args,
+                },
+            },
+        }
+        for tool, text, args in AFFINITY_TOOLS
+    ]
+    guidance = [AFFINITY_GUIDANCE[i % len(AFFINITY_GUIDANCE)] for i in range(paragraphs)]
+    system = "\n\n".join(
+        [
+            f"Run {nonce}, session {session}. Project {name}: {what}.",
+            *guidance,
+            "Tools (call one by answering with a JSON object naming it and its arguments):",
+            json.dumps(tools, indent=1),
+        ]
+    )
+    task = f"In {name}, the import of an empty file crashes. Find why and fix it."
+    return [{"role": "system", "content": system}, {"role": "user", "content": task}]
+
+
+def count_tokens(url: str, messages: list[dict]) -> int:
+    """What the server counts for the conversation's text (its /tokenize, no generation)."""
+    text = "\n".join(m["content"] for m in messages)
+    request = urllib.request.Request(
+        url + "/tokenize",
+        data=json.dumps({"content": text}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return len(json.loads(response.read())["tokens"])
+
+
+async def first_token(session: object, url: str, messages: list[dict]) -> tuple[float, str]:
+    """Stream one chat turn: seconds to the first content token, and the whole answer."""
+    body = {
+        "model": "SmolLM2-135M-Instruct",
+        "messages": messages,
+        "stream": True,
+        "max_tokens": AFFINITY_MAX_TOKENS,
+        "temperature": 0,
+    }
+    t0 = time.perf_counter()
+    ttft = None
+    answer = []
+    async with session.post(url + "/v1/chat/completions", json=body) as resp:  # type: ignore[attr-defined]
+        if resp.status != 200:
+            raise RuntimeError(f"{url} answered {resp.status}: {(await resp.text())[:300]}")
+        async for line in resp.content:
+            if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
+                continue
+            for choice in json.loads(line[6:]).get("choices") or []:
+                piece = (choice.get("delta") or {}).get("content")
+                if piece:
+                    if ttft is None:
+                        ttft = time.perf_counter() - t0
+                    answer.append(piece)
+    return (ttft if ttft is not None else time.perf_counter() - t0), "".join(answer)
+
+
+async def agent_runs(urls: dict[str, str], paragraphs: int) -> dict[str, list[list[float]]]:
+    """Three sessions' turns interleaved (as three agents at work) against each URL, the URLs'
+    requests alternating so that the host's load weighs on them alike; each URL's sessions
+    open with text of their own. TTFT in seconds, per URL [turn][session]."""
+    import aiohttp
+
+    talks = {
+        lane: [agent_opening(i, os.urandom(4).hex(), paragraphs) for i in range(AFFINITY_SESSIONS)]
+        for lane in urls
+    }
+    ttfts: dict[str, list[list[float]]] = {lane: [] for lane in urls}
+    timeout = aiohttp.ClientTimeout(total=600)
+    # A connection per turn: llama-server closes a connection after a streamed answer.
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+        for turn in range(AFFINITY_TURNS):
+            for lane in urls:
+                ttfts[lane].append([])
+            for i in range(AFFINITY_SESSIONS):
+                for lane, url in urls.items():
+                    messages = talks[lane][i]
+                    ttft, answer = await first_token(session, url, messages)
+                    ttfts[lane][turn].append(ttft)
+                    follow_up = AFFINITY_FOLLOW_UPS[turn % len(AFFINITY_FOLLOW_UPS)]
+                    messages += [
+                        {"role": "assistant", "content": answer or "(no answer)"},
+                        {"role": "user", "content": follow_up},
+                    ]
+                    print(f"    {lane}: turn {turn + 1} session {i + 1}: {ttft:.2f} s", flush=True)
+    return ttfts
+
+
+async def nexus_for(servers: list, affinity: bool, workdir: Path) -> tuple[subprocess.Popen, str]:
+    """nexus.py in front of the llama-servers, with session affinity on or off; ready."""
+    cfg = workdir / f"nexus-affinity-{'on' if affinity else 'off'}.toml"
+    lines = [
+        "[server]",
+        "first_byte_timeout_seconds = 300",
+        "request_timeout_seconds = 900",
+        "[routing]",
+        f"session_affinity = {'true' if affinity else 'false'}",
+    ]
+    for server in servers:
+        lines += ["[[backends]]", f'name = "{server.name}"', f'url = "{server.url}"']
+        lines.append('type = "llamacpp"')
+    cfg.write_text("\n".join(lines) + "\n")
+    port = free_port()
+    command = [sys.executable, str(REPO / "nexus.py"), "serve", "-c", str(cfg)]
+    command += ["-p", str(port), "-H", HOST, "--no-discovery"]
+    proc = spawn(command, workdir / cfg.with_suffix(".log").name)
+    url = f"http://{HOST}:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError, ValueError):
+            with urllib.request.urlopen(url + "/v1/stats", timeout=2) as response:
+                stats = json.loads(response.read())
+            if sum(b["status"] == "healthy" for b in stats["backends"]) == len(servers):
+                return proc, url
+        await asyncio.sleep(0.2)
+    stop(proc)
+    raise RuntimeError("Nexus in front of the llama-servers did not become ready")
+
+
+def later_median(ttfts: list[list[float]]) -> float:
+    return statistics.median(t for row in ttfts[1:] for t in row)
+
+
+def later_mean(ttfts: list[list[float]]) -> float:
+    return statistics.fmean(t for row in ttfts[1:] for t in row)
+
+
+async def affinity_rows(args: argparse.Namespace, workdir: Path) -> list[Row]:
+    """The affinity section: TTFT per turn on real llama-servers, three ways (see above)."""
+    sys.path.insert(0, str(REPO / "tests"))
+    import real_engine  # type: ignore[import-not-found]
+
+    print("affinity: provisioning the engine (tests/engine.sh; cached after `make engine`)")
+    engine = real_engine.provision()
+    options = {
+        "context_size": AFFINITY_SLOTS * AFFINITY_SLOT_CONTEXT,
+        "parallel": AFFINITY_SLOTS,
+        "threads": 1,
+    }
+    runs: dict[str, list[list[float]]] = {}
+    # Two servers behind Nexus, and a third for the direct figure: its requests alternate with
+    # those through Nexus with affinity on, so both meet the same load on this host.
+    names = ["llama-a", "llama-b", "llama-direct"]
+    with real_engine.running_llama_servers(engine, names, workdir, **options) as servers:
+        behind, alone = servers[:2], servers[2]
+        paragraphs = 1
+        while count_tokens(alone.url, agent_opening(0, "0" * 8, paragraphs)) < (
+            AFFINITY_OPENING_TOKENS
+        ):
+            paragraphs += 1
+        tokens = count_tokens(alone.url, agent_opening(0, "0" * 8, paragraphs))
+        print(f"affinity: openings of about {tokens} tokens ({paragraphs} guidance paragraphs)")
+        for affinity in (True, False):
+            proc, url = await nexus_for(behind, affinity, workdir)
+            try:
+                lanes = {"on": url, "direct": alone.url} if affinity else {"off": url}
+                runs.update(await agent_runs(lanes, paragraphs))
+            finally:
+                stop(proc)
+    print_affinity_table(runs, tokens)
+    first = statistics.median(runs["on"][0])
+    on, off, direct = (later_median(runs[m]) for m in ("on", "off", "direct"))
+    return [
+        Row(
+            "affinity_first",
+            f"agent turn 1 TTFT ({tokens}-token opening), through Nexus, median",
+            "s",
+            measured=first,
+            gateway=first,
+        ),
+        Row(
+            "affinity_later",
+            "agent turns 2-4 TTFT, affinity on, median: direct warm → Nexus",
+            "s",
+            target=round(min(direct * 1.3, first / 3), 3),
+            direct=direct,
+            gateway=on,
+            measured=on,
+            note=f"{on / direct:.2f}× direct warm, {first / on:.1f}× faster than turn 1",
+        ),
+        Row(
+            "affinity_off_later",
+            "agent turns 2-4 TTFT, affinity off, median",
+            "s",
+            gateway=off,
+            measured=off,
+            note=f"{off / on:.1f}× the affinity-on figure; mean {later_mean(runs['off']):.2f} s",
+        ),
+    ]
+
+
+def print_affinity_table(runs: dict[str, list[list[float]]], tokens: int) -> None:
+    """TTFT per turn (median of the sessions, and each session's), per mode."""
+    names = {
+        "on": "Nexus, affinity on",
+        "off": "Nexus, affinity off",
+        "direct": "direct, one server",
+    }
+    print(
+        f"\nSession affinity: TTFT per turn, {AFFINITY_SESSIONS} sessions, {tokens}-token opening"
+    )
+    header = "  ".join(f"turn {t + 1:<17}" for t in range(AFFINITY_TURNS))
+    print(f"{'':22}{header}  later turns: median (mean)")
+    for mode, ttfts in runs.items():
+        cells = "  ".join(
+            f"{statistics.median(row):5.2f} s ({'/'.join(f'{t:.1f}' for t in row)})".ljust(22)
+            for row in ttfts
+        )
+        print(f"{names[mode]:22}{cells}  {later_median(ttfts):.2f} s ({later_mean(ttfts):.2f} s)")
+    print()
+
+
 def load_history(path: Path) -> list[dict]:
     with contextlib.suppress(OSError, ValueError):
         data = json.loads(path.read_text())
@@ -2040,7 +2368,7 @@ def main() -> int:
     p.add_argument(
         "--only",
         help="comma list of sections: rss,seq,conc,stream,throughput,openloop,streams,"
-        "reload,backends,routing,ledger,lifecycle,binary,ceiling,instructions",
+        "reload,backends,routing,ledger,lifecycle,binary,ceiling,instructions,affinity",
     )
     p.add_argument(
         "--requests", type=int, help="sequential requests per side (default 2000, quick 300)"
@@ -2102,6 +2430,8 @@ def main() -> int:
             rows, raw, notes = asyncio.run(bench(args, workdir, noise))
             if args.only is not None and "instructions" in args.only.split(","):
                 rows += asyncio.run(instruction_rows(args, workdir))
+            if args.only is None or "affinity" in args.only.split(","):
+                rows += asyncio.run(affinity_rows(args, workdir))
             if args.only is None or "ceiling" in args.only:
                 raw["loadgen_ceiling"] = ceiling = asyncio.run(loadgen_ceiling(args, workdir))
                 parts = [

@@ -111,6 +111,16 @@ def status(code: int, error: dict | None = None, headers: dict | None = None):
     return answer
 
 
+def slow_status(code: int, delay: float):
+    """An error answer that comes only after `delay` seconds."""
+
+    async def answer(request: web.Request, body: dict) -> web.StreamResponse:
+        await asyncio.sleep(delay)
+        return await status(code)(request, body)
+
+    return answer
+
+
 async def reset(request: web.Request, body: dict) -> web.StreamResponse:
     """Close the connection with a TCP RST before any header."""
     sock = request.transport.get_extra_info("socket")
@@ -433,6 +443,49 @@ async def test_a_backend_that_compresses_anyway_is_understood(
     else:
         assert reply.status == 200
         assert reply.body["choices"][0]["message"]["content"] == "Hello from a"
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_a_rescuing_backend_is_not_charged_the_failed_attempts_time(
+    backend_factory, nexus_factory, stream
+):
+    """Latency and TTFT averages measure the attempt from its send (SPEC §3.5): b answers in
+    milliseconds after a stayed silent for the first-byte limit, and is measured so."""
+    a = await backend_factory("generic", {"m": {}}, name="a")
+    b = await backend_factory("generic", {"m": {}}, name="b")
+    if stream:
+        a.behaviours = [sse(WORDS, first_delay=10.0)]
+        toml = FAST
+    else:  # a non-streamed answer has no first-byte limit: a failure that took its time
+        a.behaviours = [slow_status(500, 0.6)]
+        toml = ""
+    nx = await nexus_factory(toml + backends_toml(a, b, a={"priority": 10}, b={"priority": 60}))
+    started = time.monotonic()
+    reply = await ask(nx, stream=stream)
+    assert reply.status == 200 and reply.headers["X-Nexus-Backend"] == "b"
+    assert time.monotonic() - started >= 0.5
+    rescuer = nx.backend("b")
+    assert rescuer.latency_ema_ms is not None and rescuer.latency_ema_ms < 400
+    if stream:
+        assert rescuer.ttft_ema_ms is not None and rescuer.ttft_ema_ms < 400
+
+
+async def test_a_queue_wait_is_not_charged_to_the_backend(backend_factory, nexus_factory):
+    a = await backend_factory("generic", {"m": {}}, name="a")
+    a.behaviours = [slow_status(400, 0.6)]  # holds the only slot, then a 4xx: not measured
+    nx = await nexus_factory(backends_toml(a, a={"max_concurrent": 1}))
+    first = asyncio.create_task(ask(nx))
+    deadline = time.monotonic() + 5
+    while a.in_flight == 0:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+    started = time.monotonic()
+    queued = await ask(nx, stream=True)
+    assert queued.complete("Hello from a") and time.monotonic() - started >= 0.4
+    assert (await first).status == 400
+    backend = nx.backend("a")
+    assert backend.latency_ema_ms is not None and backend.latency_ema_ms < 400
+    assert backend.ttft_ema_ms is not None and backend.ttft_ema_ms < 400
 
 
 # --- streams that already started ------------------------------------------------------------
