@@ -1673,31 +1673,90 @@ class Price:
 
 @dataclass(slots=True)
 class TokenUsage:
-    """The tokens of one answer as its backend reported them (or as Nexus counted them)."""
+    """The tokens of one answer as its backend reported them (or as Nexus counted them), and
+    the one place usage is read from or written in any API's terms."""
 
-    prompt: int = 0
+    prompt: int = 0  # every prompt token, cached ones included
     completion: int = 0
     cached: int = 0  # of the prompt, read from the provider's prompt cache
     cache_write: int = 0  # of the prompt, written to it
     counted: bool = False  # counted by Nexus because the backend reported none
 
+    def as_chat(self) -> dict[str, Any]:
+        """Chat's usage: cached tokens inside prompt_tokens, told apart in its details."""
+        out: dict[str, Any] = {
+            "prompt_tokens": self.prompt,
+            "completion_tokens": self.completion,
+            "total_tokens": self.prompt + self.completion,
+        }
+        if self.cached or self.cache_write:
+            out["prompt_tokens_details"] = {
+                "cached_tokens": self.cached,
+                "cache_creation_tokens": self.cache_write,
+            }
+        return out
+
+    def as_anthropic(self) -> dict[str, int]:
+        """Anthropic's usage: input_tokens without the cached ones, which are given apart."""
+        return {
+            "input_tokens": max(self.prompt - self.cached - self.cache_write, 0),
+            "output_tokens": self.completion,
+            "cache_creation_input_tokens": self.cache_write,
+            "cache_read_input_tokens": self.cached,
+        }
+
+    def as_responses(self, reasoning: int = 0) -> dict[str, Any]:
+        """The Responses API's usage: input_tokens with the cached ones, told apart in details."""
+        return {
+            "input_tokens": self.prompt,
+            "input_tokens_details": {
+                "cached_tokens": self.cached,
+                "cache_write_tokens": self.cache_write,
+            },
+            "output_tokens": self.completion,
+            "output_tokens_details": {"reasoning_tokens": reasoning},
+            "total_tokens": self.prompt + self.completion,
+        }
+
+
+def token_count(value: Any) -> int | None:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return None
+
 
 def usage_from(usage: Any) -> TokenUsage | None:
-    """A chat/completions `usage` object as TokenUsage; None when it says nothing."""
+    """Any API's usage object as TokenUsage: chat's (prompt_tokens, cached ones in its
+    details), Anthropic's (input_tokens without the cached ones, given apart) or the Responses
+    API's (input_tokens with them, input_tokens_details). None when it says nothing."""
     if not isinstance(usage, dict):
         return None
-    prompt = positive_int(usage.get("prompt_tokens")) or 0
-    completion = positive_int(usage.get("completion_tokens")) or 0
+    if "prompt_tokens" in usage or "completion_tokens" in usage:
+        prompt = token_count(usage.get("prompt_tokens")) or 0
+        completion = token_count(usage.get("completion_tokens")) or 0
+        details = usage.get("prompt_tokens_details")
+        details = details if isinstance(details, dict) else {}
+        cached = token_count(details.get("cached_tokens")) or 0
+        written = token_count(details.get("cache_creation_tokens")) or 0
+    else:
+        completion = token_count(usage.get("output_tokens")) or 0
+        prompt = token_count(usage.get("input_tokens")) or 0
+        details = usage.get("input_tokens_details")
+        if isinstance(details, dict):
+            cached = token_count(details.get("cached_tokens")) or 0
+            written = token_count(details.get("cache_write_tokens")) or 0
+        else:
+            cached = token_count(usage.get("cache_read_input_tokens")) or 0
+            written = token_count(usage.get("cache_creation_input_tokens")) or 0
+            prompt += cached + written
     if not prompt and not completion:
         return None
-    details = usage.get("prompt_tokens_details")
-    details = details if isinstance(details, dict) else {}
-    return TokenUsage(
-        prompt,
-        completion,
-        cached=positive_int(details.get("cached_tokens")) or 0,
-        cache_write=positive_int(details.get("cache_creation_tokens")) or 0,
-    )
+    return TokenUsage(prompt, completion, cached=cached, cache_write=written)
+
+
+def usage_or_estimate(usage: Any, prompt: int, completion: int) -> TokenUsage:
+    """The usage a backend reported, or the estimates when it reported none."""
+    return usage_from(usage) or TokenUsage(prompt, completion, counted=True)
 
 
 @functools.cache
@@ -3253,10 +3312,6 @@ class AnthropicAdapter(OpenAICompatibleAdapter):
     stream_usage = True  # every Messages stream reports usage
     api = "anthropic"
 
-    def usage(self, message: dict[str, Any]) -> dict[str, Any] | None:
-        """A native answer's usage, in chat terms (for counting and cost)."""
-        return chat_usage(message.get("usage"))
-
     def headers(self, backend: Backend) -> dict[str, str]:
         return {
             "x-api-key": os.environ.get(backend.api_key_env, ""),
@@ -3303,15 +3358,22 @@ class AnthropicAdapter(OpenAICompatibleAdapter):
 ANTHROPIC_VERSION = "2023-06-01"
 # Anthropic requires max_tokens; a chat request may leave it out.
 ANTHROPIC_DEFAULT_MAX_TOKENS = 4096
-ANTHROPIC_FINISH_REASONS = {
-    "end_turn": "stop",
-    "stop_sequence": "stop",
-    "pause_turn": "stop",
-    "max_tokens": "length",
-    "model_context_window_exceeded": "length",
-    "tool_use": "tool_calls",
-    "refusal": "content_filter",
-}
+# Chat's finish_reason and Anthropic's stop_reason for the same ending, both ways: the first
+# pair that names a reason says what it becomes in the other API.
+STOP_REASON_PAIRS = (
+    ("stop", "end_turn"),
+    ("stop", "stop_sequence"),
+    ("stop", "pause_turn"),
+    ("length", "max_tokens"),
+    ("length", "model_context_window_exceeded"),
+    ("tool_calls", "tool_use"),
+    ("function_call", "tool_use"),
+    ("content_filter", "refusal"),
+)
+STOP_REASONS = {finish: stop for finish, stop in reversed(STOP_REASON_PAIRS)}
+FINISH_REASONS = {stop: finish for finish, stop in reversed(STOP_REASON_PAIRS)}
+# tool_choice in chat's words and in Anthropic's (whose choices are {"type": ...} objects).
+TOOL_CHOICE_PAIRS = (("auto", "auto"), ("required", "any"), ("none", "none"))
 # Fields a chat request may carry that mean the same in a Messages request.
 ANTHROPIC_NATIVE_FIELDS = ("top_p", "top_k", "metadata", "thinking", "service_tier")
 
@@ -3352,16 +3414,8 @@ def chat_to_anthropic(chat: dict[str, Any]) -> dict[str, Any]:
             add_turn(turns, "user", [result])
         elif role == "assistant":
             blocks = anthropic_blocks(content, i)
-            for call in message.get("tool_calls") or ():
-                function = call.get("function") or {}
-                blocks.append(
-                    {
-                        "type": "tool_use",
-                        "id": call.get("id") or new_block_id("toolu_"),
-                        "name": function.get("name") or "",
-                        "input": tool_arguments(function.get("arguments")),
-                    }
-                )
+            calls = map(tool_use_block, message.get("tool_calls") or ())
+            blocks.extend(block for block in calls if block is not None)
             add_turn(turns, "assistant", blocks)
         else:
             add_turn(turns, "user", anthropic_blocks(content, i))
@@ -3386,7 +3440,7 @@ def chat_to_anthropic(chat: dict[str, Any]) -> dict[str, Any]:
     tools = chat.get("tools")
     if tools:
         out["tools"] = [anthropic_tool(tool) for tool in tools]
-        choice = anthropic_tool_choice(chat.get("tool_choice"))
+        choice = tool_choice_for("anthropic", chat.get("tool_choice"))
         if chat.get("parallel_tool_calls") is False:
             choice = dict(choice or {"type": "auto"}, disable_parallel_tool_use=True)
         if choice is not None:
@@ -3447,7 +3501,8 @@ def anthropic_image(url: Any, index: int) -> dict[str, Any]:
 
 
 def tool_arguments(arguments: Any) -> dict[str, Any]:
-    """A tool call's arguments (a JSON string in chat) as the object Messages wants."""
+    """A tool call's arguments (a JSON string in chat) as the object other APIs want; a model's
+    malformed arguments become none rather than junk."""
     if isinstance(arguments, dict):
         return arguments
     if isinstance(arguments, str) and arguments.strip():
@@ -3457,6 +3512,23 @@ def tool_arguments(arguments: Any) -> dict[str, Any]:
             return {}
         return value if isinstance(value, dict) else {}
     return {}
+
+
+def new_block_id(prefix: str) -> str:
+    return prefix + os.urandom(12).hex()
+
+
+def tool_use_block(call: Any) -> dict[str, Any] | None:
+    """A chat tool call as an Anthropic tool_use block (its id kept); None if it is no call."""
+    if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
+        return None
+    function = call["function"]
+    return {
+        "type": "tool_use",
+        "id": call.get("id") or new_block_id("toolu_"),
+        "name": function.get("name") or "",
+        "input": tool_arguments(function.get("arguments")),
+    }
 
 
 def anthropic_tool(tool: Any) -> dict[str, Any]:
@@ -3472,38 +3544,25 @@ def anthropic_tool(tool: Any) -> dict[str, Any]:
     return out
 
 
-def anthropic_tool_choice(choice: Any) -> dict[str, Any] | None:
+def tool_choice_for(api: str, choice: Any) -> Any:
+    """A tool_choice in `api`'s terms ("anthropic" or "chat") from the other API's; None when
+    there is none. A choice the other API cannot have said is a 400."""
     if choice is None:
         return None
-    if choice == "auto":
-        return {"type": "auto"}
-    if choice == "required":
-        return {"type": "any"}
-    if choice == "none":
-        return {"type": "none"}
-    if isinstance(choice, dict) and isinstance(choice.get("function"), dict):
-        return {"type": "tool", "name": choice["function"].get("name", "")}
-    raise bad_request("tool_choice: expected auto, required, none or a function", "tool_choice")
-
-
-def chat_usage(usage: Any) -> dict[str, Any] | None:
-    """Anthropic's usage as chat usage: every prompt token in prompt_tokens, the cached ones
-    also in prompt_tokens_details (cached_tokens read, cache_creation_tokens written)."""
-    if not isinstance(usage, dict):
-        return None
-    fresh = token_count(usage.get("input_tokens")) or 0
-    read = token_count(usage.get("cache_read_input_tokens")) or 0
-    written = token_count(usage.get("cache_creation_input_tokens")) or 0
-    completion = token_count(usage.get("output_tokens")) or 0
-    prompt = fresh + read + written
-    out: dict[str, Any] = {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-    }
-    if read or written:
-        out["prompt_tokens_details"] = {"cached_tokens": read, "cache_creation_tokens": written}
-    return out
+    if api == "anthropic":
+        for chat, anthropic in TOOL_CHOICE_PAIRS:
+            if choice == chat:
+                return {"type": anthropic}
+        if isinstance(choice, dict) and isinstance(choice.get("function"), dict):
+            return {"type": "tool", "name": choice["function"].get("name", "")}
+        raise bad_request("tool_choice: expected auto, required, none or a function", "tool_choice")
+    kind = choice.get("type") if isinstance(choice, dict) else None
+    for chat, anthropic in TOOL_CHOICE_PAIRS:
+        if kind == anthropic:
+            return chat
+    if kind == "tool" and isinstance(choice.get("name"), str):
+        return {"type": "function", "function": {"name": choice["name"]}}
+    raise bad_request("tool_choice: expected auto, any, none or tool (with a name)", "tool_choice")
 
 
 def anthropic_to_chat(message: dict[str, Any]) -> dict[str, Any]:
@@ -3547,13 +3606,13 @@ def anthropic_to_chat(message: dict[str, Any]) -> dict[str, Any]:
             {
                 "index": 0,
                 "message": reply,
-                "finish_reason": ANTHROPIC_FINISH_REASONS.get(message.get("stop_reason"), "stop"),
+                "finish_reason": FINISH_REASONS.get(message.get("stop_reason"), "stop"),
             }
         ],
     }
-    usage = chat_usage(message.get("usage"))
+    usage = usage_from(message.get("usage"))
     if usage is not None:
-        chat["usage"] = usage
+        chat["usage"] = usage.as_chat()
     return chat
 
 
@@ -3649,12 +3708,15 @@ class AnthropicStream:
         if kind == "message_delta":
             self.usage.update(object_of(event.get("usage")))
             reason = object_of(event.get("delta")).get("stop_reason")
-            return [self.chunk({}, ANTHROPIC_FINISH_REASONS.get(str(reason), "stop"))]
+            return [self.chunk({}, FINISH_REASONS.get(str(reason), "stop"))]
         if kind == "message_stop":
             self.done = True
+            usage = usage_from(self.usage)
+            if usage is None:
+                return []
             final = self.chunk({})
             final["choices"] = []
-            final["usage"] = chat_usage(self.usage)
+            final["usage"] = usage.as_chat()
             return [final]
         if kind == "error":
             error = event.get("error") if isinstance(event.get("error"), dict) else {}
@@ -3817,17 +3879,39 @@ DONE_EVENT = b"data: [DONE]\n\n"
 
 
 class OpenAIFormat:
-    """How answers are written to the client. This default is OpenAI's own format: the
-    backend's bytes pass through unchanged. Other API styles (Anthropic's Messages) subclass it
-    and translate; a subclass instance serves one request and may keep state across chunks."""
+    """A front door: how the clients of one API are served. Every door has the same duties:
+    its request as the internal chat request (chat_request), the chat answer in its own shape,
+    whole (body) or streamed (chunk for each chat chunk, then end; error ends a stream Nexus
+    had to cut), errors in its API's shape (error_document), and its stream's content type.
+    One instance serves one request and may keep state across chunks.
+
+    Where a backend speaks the door's own API (native_api), the backend is sent the client's
+    own request (native_body, at native_path) and its answer goes back untranslated: whole,
+    its usage read with answer_usage; streamed, line by line through native_line.
+
+    This base is OpenAI's chat API itself, which is also the internal request: the backend's
+    bytes pass through unchanged. A fifth API is one more subclass and nothing else."""
 
     # Whether the usage chunk Nexus asked the backend for reaches chunk(); OpenAI's format strips
     # it for a client that did not ask, a translating format may need it (token counts).
     keeps_usage = False
-    # The API this format writes when it is not OpenAI's: an adapter that speaks the same API
-    # is sent the client's own request and its answer is relayed as it is (never translated
-    # twice).
+    # The API this door speaks when it is not OpenAI's chat: a backend whose adapter speaks
+    # the same API is sent the client's own request, and its answer is relayed as it is.
     native_api: str | None = None
+    native_path = ""  # where such a backend takes the request
+    content_type = "text/event-stream"  # a stream's: SSE, or NDJSON for Ollama's API
+    native_body: dict[str, Any]
+    native_usage: dict[str, Any]  # a native stream's usage, as its lines reported it
+
+    @staticmethod
+    def chat_request(body: dict[str, Any]) -> dict[str, Any]:
+        """The client's request as the internal chat request (a 400 names what is wrong)."""
+        return body
+
+    @staticmethod
+    def error_document(error: NexusError) -> dict[str, Any]:
+        """An error, before any answer began, as this API writes it."""
+        return error.envelope()
 
     def body(self, answer: bytes, parsed: dict[str, Any]) -> bytes:
         return answer
@@ -3840,6 +3924,15 @@ class OpenAIFormat:
 
     def end(self) -> bytes:
         return DONE_EVENT
+
+    def answer_usage(self, parsed: dict[str, Any]) -> Any:
+        """A native whole answer's usage object (usage_from reads it)."""
+        return parsed.get("usage")
+
+    def native_line(self, line: bytes) -> tuple[bytes, str | None]:
+        """One line of a native stream: the bytes to send for it (b"" holds it back), and
+        "end" when it ends the answer, "error" when the backend reported an error, else None."""
+        raise NotImplementedError
 
 
 OPENAI_FORMAT = OpenAIFormat()
@@ -4176,6 +4269,7 @@ async def send_attempt(
         raise AttemptFailed(busy, retry_after=retry_after_seconds(busy.headers["Retry-After"]))
     headers = adapter.headers(backend)
     headers.update(JSON_HEADERS)
+    native = speaks_natively(fmt, adapter)
     server = settings.server
     limits = WaitLimits(
         min(loop.time() + server.first_byte_timeout_seconds, deadline),
@@ -4188,7 +4282,7 @@ async def send_attempt(
     upstream: BackendConnection | None = None
     try:
         try:
-            url = adapter.url(backend, endpoint)
+            url = backend.url + fmt.native_path if native else adapter.url(backend, endpoint)
             upstream = await limits.wait(
                 app[CLIENT].request("POST", url, headers, payload), limits.first_byte_by
             )
@@ -4211,10 +4305,6 @@ async def send_attempt(
         if stream:
             if backend.is_cloud:  # headers go before the answer: the prompt's cost, estimated
                 out_headers["X-Nexus-Cost-Estimated"] = await prompt_cost(request, attempt)
-            if speaks_natively(fmt, adapter):
-                return await relay_native_stream(
-                    request, record, attempt, upstream, out_headers, limits
-                )
             return await relay_stream(
                 request, record, attempt, upstream, out_headers, strip_usage, limits, fmt
             )
@@ -4224,9 +4314,8 @@ async def send_attempt(
             parsed = None
         if not isinstance(parsed, dict):
             raise attempt_failure(app, backend, 502, "answered something that is not JSON")
-        native = speaks_natively(fmt, adapter)
         if native:
-            note_usage(record, adapter.usage(parsed))
+            note_usage(record, fmt.answer_usage(parsed))
         elif adapter.translates:
             parsed = adapter.answer(parsed)
             answer = json.dumps(parsed).encode()
@@ -4426,7 +4515,7 @@ def speaks_natively(fmt: OpenAIFormat, adapter: OpenAICompatibleAdapter) -> bool
     return fmt.native_api is not None and fmt.native_api == adapter.api
 
 
-def native_payload(fmt: Any, attempt: Attempt) -> bytes:
+def native_payload(fmt: OpenAIFormat, attempt: Attempt) -> bytes:
     """The client's own request, for a backend that speaks its API: only the model that serves
     is set, and a scrubbed overflow keeps the system prompt and the last user turn."""
     payload = dict(fmt.native_body, model=attempt.model)
@@ -4434,87 +4523,6 @@ def native_payload(fmt: Any, attempt: Attempt) -> bytes:
         users = [m for m in payload["messages"] if isinstance(m, dict) and m.get("role") == "user"]
         payload["messages"] = users[-1:]
     return json.dumps(payload).encode()
-
-
-async def relay_native_stream(
-    request: web.Request,
-    record: RequestRecord,
-    attempt: Attempt,
-    upstream: BackendConnection,
-    headers: dict[str, str],
-    limits: WaitLimits,
-) -> web.StreamResponse:
-    """A stream in the client's own API (Messages events from an anthropic backend to a
-    /v1/messages client), relayed event by event as it arrives; usage is read on the way for
-    the cost. Until its first data line is out (an error event is not) a failure may still be
-    retried elsewhere; after it, a cut or stalled stream ends with an error event."""
-    app = request.app
-    backend = attempt.backend
-    content = SseLines(upstream)
-    response: web.StreamResponse | None = None
-    usage: dict[str, Any] = {}
-    held: list[bytes] = []  # an event's name (and comments), sent with its data line
-    finished = False
-    settled = False
-    problem = ""
-    try:
-        while not finished:
-            line, problem = await next_stream_line(
-                app, backend, content, response is not None, limits
-            )
-            if not line:
-                problem = problem or "the backend ended the stream before the answer was complete"
-                break
-            if not line.startswith(b"data:"):
-                if response is not None or not line.startswith(b":"):
-                    held.append(line)  # comments before the answer are dropped
-                continue
-            kind = None
-            with contextlib.suppress(ValueError):
-                event = json.loads(line[5:])
-                kind = event.get("type") if isinstance(event, dict) else None
-                if kind == "message_start":
-                    usage.update(object_of(object_of(event.get("message")).get("usage")))
-                elif kind == "message_delta":
-                    usage.update(object_of(event.get("usage")))
-            if kind == "error":
-                if response is None:
-                    raise attempt_failure(app, backend, 502, "reported an error")
-                record.status = 502
-            finished = kind in ("message_stop", "error")
-            upstream.whole = kind == "message_stop"  # its connection may serve the next request
-            if response is None:
-                record.ttft_ms = (time.perf_counter() - record.started) * 1000
-                response = await start_stream(request, headers)
-            await response.write(b"\n".join([*held, line]) + b"\n\n")
-            held.clear()
-        note_usage(record, chat_usage(usage))
-        await settle_cost(request, record, attempt, [])
-        settled = True
-        assert response is not None
-        if problem:
-            note_stream_problem(app, record, backend, problem)
-            error = anthropic_error(NexusError(502, "backend_error", None, problem + "."))
-            await response.write(sse_event("error", error))
-        elif not record.status:
-            record.status = 200
-            note_success(app, record, backend)
-        await response.write_eof()
-    except ConnectionError:
-        record.status = 499  # the client went away: the backend request ends with this one
-        upstream.close()
-        if response is None:
-            raise
-    except Exception:
-        if response is None:
-            raise  # nothing sent yet: the request ends in a plain error answer
-        error = anthropic_error(NexusError(500, "server_error", None, INTERNAL_STREAM_ERROR))
-        await end_after_internal_error(record, backend, response, sse_event("error", error))
-    finally:
-        if response is not None and not settled:
-            note_usage(record, chat_usage(usage))
-            settle_cost_now(request, record, attempt, [])  # the client left: no await
-    return response
 
 
 INTERNAL_STREAM_ERROR = "Nexus hit an internal error."
@@ -4557,11 +4565,15 @@ async def relay_stream(
     limits: WaitLimits,
     fmt: OpenAIFormat,
 ) -> web.StreamResponse:
-    """Relay SSE chunks as they arrive. Until the first chunk is out a failure may still be
-    retried elsewhere; after it, Nexus ends the stream itself, honestly, always with [DONE]."""
+    """Relay a stream as it arrives, in the client's API: chat chunks written by its door or,
+    where door and backend speak the same API, the backend's own lines as they are. Until the
+    first byte is out a failure may still be retried elsewhere; after it, Nexus ends the stream
+    itself, honestly, the door's way (with [DONE] for chat clients)."""
     app = request.app
     backend = attempt.backend
-    content = ADAPTERS[backend.type].stream_reader(upstream, attempt.model)
+    adapter = ADAPTERS[backend.type]
+    native = speaks_natively(fmt, adapter)
+    content = SseLines(upstream) if native else adapter.stream_reader(upstream, attempt.model)
     answered: list[str] | None = [] if backend.is_cloud else None  # to count, if no usage
     local, model = not backend.is_cloud, attempt.model
     response: web.StreamResponse | None = None
@@ -4570,7 +4582,7 @@ async def relay_stream(
     problem = ""
     pending: list[bytes] = []  # chunks that arrived together go out in one write
     try:
-        while True:
+        while not (native and finished):
             line = content.buffered()
             if line is None:
                 if pending:
@@ -4583,57 +4595,60 @@ async def relay_stream(
                 if not finished and not problem:
                     problem = "the backend ended the stream before the answer was complete"
                 break
-            if not line.startswith(b"data:"):
-                continue  # blank separators, comments, event names
-            data = line[5:].strip()
-            if data == b"[DONE]":
-                finished = upstream.whole = True  # its connection may serve the next request
-                break
-            try:
-                chunk = parse_json(data)
-            except ValueError:
-                continue  # a malformed chunk is dropped; the stream goes on
-            if not well_formed(chunk):
-                continue  # a chunk of the wrong shape is dropped too
-            usage = chunk.get("usage")
-            if usage:
-                note_usage(record, usage)
-                if strip_usage:
-                    if not chunk.get("choices"):
-                        continue
-                    del chunk["usage"]
+            if native:
+                out, kind = fmt.native_line(line)
+                if kind == "error":
+                    if response is None:
+                        raise attempt_failure(app, backend, 502, "reported an error")
+                    problem = "the backend reported an error mid-stream"
+                finished = kind is not None
+                upstream.whole = kind == "end"  # its connection may serve the next request
+                if not out:
+                    continue
+            else:
+                if not line.startswith(b"data:"):
+                    continue  # blank separators, comments, event names
+                data = line[5:].strip()
+                if data == b"[DONE]":
+                    finished = upstream.whole = True  # its connection may serve the next one
+                    break
+                try:
+                    chunk = parse_json(data)
+                except ValueError:
+                    continue  # a malformed chunk is dropped; the stream goes on
+                if not well_formed(chunk):
+                    continue  # a chunk of the wrong shape is dropped too
+                usage = chunk.get("usage")
+                if usage:
+                    note_usage(record, usage)
+                    if strip_usage:
+                        if not chunk.get("choices"):
+                            continue
+                        del chunk["usage"]
+                        data = b""
+                if local and chunk.get("model", model) != model:
+                    chunk["model"] = model  # the stream names the model that served
                     data = b""
-            if local and chunk.get("model", model) != model:
-                chunk["model"] = model  # the stream names the model that served
-                data = b""
-            if not data:
-                data = json.dumps(chunk).encode()
-            choices = chunk.get("choices")
-            if answered is not None and choices:
-                answered.extend(answer_texts(record.endpoint, chunk))
-            if choices and isinstance(choices[0], dict) and choices[0].get("finish_reason"):
-                finished = True
+                if not data:
+                    data = json.dumps(chunk).encode()
+                choices = chunk.get("choices")
+                if answered is not None and choices:
+                    answered.extend(answer_texts(record.endpoint, chunk))
+                if choices and isinstance(choices[0], dict) and choices[0].get("finish_reason"):
+                    finished = True
+                out = fmt.chunk(data, chunk)
             if response is None:
                 record.ttft_ms = (time.perf_counter() - record.started) * 1000
-                response = await start_stream(request, headers)
-            out = fmt.chunk(data, chunk)
+                response = await start_stream(request, headers, fmt.content_type)
             if out:
                 pending.append(out)
+        if native:
+            note_usage(record, fmt.native_usage)
         if response is None:  # [DONE] with no chunk at all: an empty answer, but an honest one
-            response = await start_stream(request, headers)
-        if answered is not None:  # a cut stream costs what was generated too
-            if pending:
-                await response.write(b"".join(pending))
-                pending.clear()
-            await settle_cost(request, record, attempt, answered)
-        settled = True
-        if problem:
-            note_stream_problem(app, record, backend, problem)
-            pending.append(fmt.error(record.endpoint, attempt.model, problem + "."))
-        else:
-            record.status = 200
-            note_success(app, record, backend)
-        pending.append(fmt.end())
+            response = await start_stream(request, headers, fmt.content_type)
+        settled = await end_stream(
+            request, record, attempt, fmt, response, answered, problem, pending
+        )
         await response.write_eof(b"".join(pending))
     except ConnectionError:
         record.status = 499  # the client went away: the backend request ends with this one
@@ -4647,8 +4662,38 @@ async def relay_stream(
         await end_after_internal_error(record, backend, response, b"".join(pending))
     finally:
         if answered is not None and response is not None and not settled:
+            if native:
+                note_usage(record, fmt.native_usage)
             settle_cost_now(request, record, attempt, answered)  # the client left: no await
     return response
+
+
+async def end_stream(
+    request: web.Request,
+    record: RequestRecord,
+    attempt: Attempt,
+    fmt: OpenAIFormat,
+    response: web.StreamResponse,
+    answered: list[str] | None,
+    problem: str,
+    pending: list[bytes],
+) -> bool:
+    """A relayed stream's accounts and its last words, added to `pending`: its cost (what a cut
+    stream generated costs too), then a success, or a failure of the request and its backend
+    that the door's error ends. Returns True once the cost is settled."""
+    if answered is not None:
+        if pending:
+            await response.write(b"".join(pending))
+            pending.clear()
+        await settle_cost(request, record, attempt, answered)
+    if problem:
+        note_stream_problem(request.app, record, attempt.backend, problem)
+        pending.append(fmt.error(record.endpoint, attempt.model, problem + "."))
+    else:
+        record.status = 200
+        note_success(request.app, record, attempt.backend)
+    pending.append(fmt.end())
+    return True
 
 
 async def next_stream_line(
@@ -4725,12 +4770,61 @@ class SseLines:
         return self.lines.popleft()
 
 
-async def start_stream(request: web.Request, headers: dict[str, str]) -> web.StreamResponse:
+async def start_stream(
+    request: web.Request, headers: dict[str, str], content_type: str = "text/event-stream"
+) -> web.StreamResponse:
     response = web.StreamResponse(status=200, headers=headers)
-    response.content_type = "text/event-stream"
+    response.content_type = content_type
     response.headers["Cache-Control"] = "no-cache"
     await response.prepare(request)
     request[STREAMING] = response
+    return response
+
+
+# ==============================================================================================
+# Front doors
+# Owns: serving a request that came through a door other than OpenAI's chat (SPEC 2.1): its
+# body becomes the internal chat request, the proxy routes and sends that, and the door writes
+# the answer and any error in its own API's shape.
+# Must not: know any one API; each door (an OpenAIFormat) does.
+# ==============================================================================================
+
+
+def backend_refusal(response: web.Response) -> NexusError:
+    """A backend's own 4xx answer, re-said as an error in Anthropic's shape: its message and
+    status kept, Nexus's headers too."""
+    message = f"The backend refused the request (HTTP {response.status})."
+    raw = response.body if isinstance(response.body, bytes) else b""
+    try:
+        document = json.loads(raw)
+    except ValueError:
+        document = None
+    if isinstance(document, dict):
+        error = document.get("error")
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            message = error["message"]
+        elif isinstance(error, str):
+            message = error
+        elif isinstance(document.get("message"), str):
+            message = document["message"]
+    elif raw.strip():
+        message = raw.decode("utf-8", "replace")[:500]
+    headers = {k: v for k, v in response.headers.items() if k.startswith("X-Nexus-")}
+    return NexusError(response.status, "invalid_request_error", None, message, headers=headers)
+
+
+async def serve_door(request: web.Request, door: type[OpenAIFormat]) -> web.StreamResponse:
+    """A request through `door`: translated to chat, routed and answered like a chat request,
+    its answer and errors in the door's shape (a backend's own refusal included)."""
+    raw = await request.read()
+    body = parse_json_body(raw)
+    chat = door.chat_request(body)
+    needs = chat_needs(chat)
+    needs.prompt_tokens = estimate_chat_tokens(chat)  # tool definitions count too
+    fmt = door(body, needs)
+    response = await proxy(request, "chat", chat, json.dumps(chat).encode(), needs, fmt)
+    if response.status >= 400 and isinstance(response, web.Response):
+        raise backend_refusal(response)
     return response
 
 
@@ -4753,22 +4847,11 @@ ANTHROPIC_ERROR_TYPES = {
     503: "overloaded_error",
     504: "timeout_error",
 }
-STOP_REASONS = {
-    "stop": "end_turn",
-    "length": "max_tokens",
-    "tool_calls": "tool_use",
-    "function_call": "tool_use",
-    "content_filter": "refusal",
-}
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k")  # the same name and meaning in both APIs
 # Fields in which backends name the stop sequence that matched: vLLM, llama.cpp.
 MATCHED_STOP_FIELDS = ("stop_reason", "stopping_word", "stop_word")
 IMAGE_TOKENS = 1600  # what an image of unknown size is counted as (about a megapixel)
 MESSAGE_OVERHEAD_TOKENS = 4  # role and separators of one message in a chat template
-
-
-def is_messages_path(path: str) -> bool:
-    return path == MESSAGES_PATH or path.startswith(MESSAGES_PATH + "/")
 
 
 def anthropic_error(error: NexusError) -> dict[str, Any]:
@@ -4825,8 +4908,10 @@ def messages_to_chat(body: dict[str, Any]) -> dict[str, Any]:
         chat["tools"] = [chat_tool(tool, f"tools.{i}") for i, tool in enumerate(tools)]
         choice = body.get("tool_choice")
         if choice is not None:
-            chat["tool_choice"], parallel = chat_tool_choice(choice)
-            if parallel is False:
+            if not isinstance(choice, dict):
+                raise bad_request("tool_choice: must be an object", "tool_choice")
+            chat["tool_choice"] = tool_choice_for("chat", choice)
+            if choice.get("disable_parallel_tool_use") is True and choice.get("type") != "none":
                 chat["parallel_tool_calls"] = False
     return chat
 
@@ -5005,23 +5090,6 @@ def chat_tool(tool: Any, where: str) -> dict[str, Any]:
     return {"type": "function", "function": function}
 
 
-def chat_tool_choice(choice: Any) -> tuple[Any, bool | None]:
-    """OpenAI's tool_choice for Anthropic's, and False when parallel tool use is turned off."""
-    if not isinstance(choice, dict):
-        raise bad_request("tool_choice: must be an object", "tool_choice")
-    parallel = False if choice.get("disable_parallel_tool_use") is True else None
-    kind = choice.get("type")
-    if kind == "auto":
-        return "auto", parallel
-    if kind == "any":
-        return "required", parallel
-    if kind == "none":
-        return "none", None
-    if kind == "tool" and isinstance(choice.get("name"), str):
-        return {"type": "function", "function": {"name": choice["name"]}}, parallel
-    raise bad_request("tool_choice: expected auto, any, none or tool (with a name)", "tool_choice")
-
-
 def estimate_chat_tokens(chat: dict[str, Any]) -> int:
     """Input tokens of a translated request, estimated: characters of every text, tool call
     and tool definition, and images at a flat rate. The one place a better count goes."""
@@ -5086,50 +5154,6 @@ def stop_reason_of(
     return STOP_REASONS.get(finish or "stop", "end_turn"), None
 
 
-def token_count(value: Any) -> int | None:
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    return None
-
-
-def message_usage(usage: Any, input_estimate: int, output_estimate: int) -> dict[str, int]:
-    """Chat usage as Anthropic's: cached prompt tokens are reported apart from input_tokens."""
-    usage = usage if isinstance(usage, dict) else {}
-    details = usage.get("prompt_tokens_details")
-    cached = token_count(details.get("cached_tokens")) if isinstance(details, dict) else None
-    prompt = token_count(usage.get("prompt_tokens"))
-    completion = token_count(usage.get("completion_tokens"))
-    prompt = input_estimate if prompt is None else prompt
-    return {
-        "input_tokens": max(prompt - (cached or 0), 0),
-        "output_tokens": output_estimate if completion is None else completion,
-        "cache_creation_input_tokens": 0,
-        "cache_read_input_tokens": cached or 0,
-    }
-
-
-def tool_use_block(call: Any) -> dict[str, Any] | None:
-    if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
-        return None
-    function = call["function"]
-    arguments = function.get("arguments")
-    if isinstance(arguments, str):
-        try:
-            arguments = json.loads(arguments) if arguments.strip() else {}
-        except ValueError:
-            arguments = {}  # a model's malformed arguments: the tool gets none rather than junk
-    return {
-        "type": "tool_use",
-        "id": call.get("id") or new_block_id("toolu_"),
-        "name": function.get("name") or "",
-        "input": arguments if isinstance(arguments, dict) else {},
-    }
-
-
-def new_block_id(prefix: str) -> str:
-    return prefix + os.urandom(12).hex()
-
-
 def chat_to_message(
     parsed: dict[str, Any],
     model: str,
@@ -5166,9 +5190,9 @@ def chat_to_message(
         "content": content,
         "stop_reason": reason,
         "stop_sequence": sequence,
-        "usage": message_usage(
+        "usage": usage_or_estimate(
             parsed.get("usage"), input_estimate, -(-output_chars // CHARS_PER_TOKEN)
-        ),
+        ).as_anthropic(),
     }
 
 
@@ -5184,16 +5208,21 @@ class AnthropicFormat(OpenAIFormat):
     finish reason and the usage the backend reported, characters sent (an output estimate
     for backends that report no usage).
 
-    Native seam: `native_body` is the client's own request. When an adapter for `anthropic`
-    backends speaks Messages itself, an attempt on such a backend is to be sent that body as it
-    is and its answer relayed untranslated, instead of going through chat and this class.
+    An anthropic backend speaks Messages itself: it is sent the client's own request and its
+    answer, events included, is relayed untranslated (native_line reads them on the way).
     """
 
     keeps_usage = True
     native_api = "anthropic"
+    native_path = MESSAGES_PATH
+    chat_request = staticmethod(messages_to_chat)
+    error_document = staticmethod(anthropic_error)
 
     def __init__(self, body: dict[str, Any], needs: RequestNeeds) -> None:
         self.native_body = body
+        self.native_usage: dict[str, Any] = {}
+        self.native = False  # relaying an anthropic backend's own events
+        self.held: list[bytes] = []  # an event's name (and comments), sent with its data line
         self.model = needs.model
         self.stop_sequences: list[str] = list(body.get("stop_sequences") or [])
         self.input_estimate = needs.prompt_tokens
@@ -5254,7 +5283,7 @@ class AnthropicFormat(OpenAIFormat):
             "content": [],
             "stop_reason": None,
             "stop_sequence": None,
-            "usage": message_usage(None, self.input_estimate, 0),
+            "usage": TokenUsage(self.input_estimate).as_anthropic(),
         }
         return sse_event("message_start", {"type": "message_start", "message": message}) + (
             sse_event("ping", {"type": "ping"})
@@ -5316,20 +5345,45 @@ class AnthropicFormat(OpenAIFormat):
         return out
 
     def error(self, endpoint: str, model: str, message: str) -> bytes:
+        if self.failed:
+            return b""  # the backend's own error event said it
         self.failed = True
         error = anthropic_error(NexusError(502, "backend_error", None, message))
         return self.start(model) + sse_event("error", error)
 
+    def native_line(self, line: bytes) -> tuple[bytes, str | None]:
+        """An anthropic backend's event line, relayed as it is: an event name waits for its
+        data line; comments before the answer are dropped; usage is kept for the cost."""
+        self.native = self.started = True
+        if not line.startswith(b"data:"):
+            if self.held or not line.startswith(b":"):
+                self.held.append(line)
+            return b"", None
+        kind = None
+        with contextlib.suppress(ValueError):
+            event = json.loads(line[5:])
+            kind = event.get("type") if isinstance(event, dict) else None
+            if kind == "message_start":
+                self.native_usage.update(object_of(object_of(event.get("message")).get("usage")))
+            elif kind == "message_delta":
+                self.native_usage.update(object_of(event.get("usage")))
+        out = b"\n".join([*self.held, line]) + b"\n\n"
+        self.held.clear()
+        if kind == "error":
+            self.failed = True
+            return out, "error"
+        return out, "end" if kind == "message_stop" else None
+
     def end(self) -> bytes:
-        if self.failed:
-            return b""  # the error event was the stream's last word
+        if self.failed or self.native:
+            return b""  # the error event, or the backend's own message_stop, was the last word
         out = [self.start(None), self.close()]
         reason, sequence = stop_reason_of(
             self.finish, self.text_tail, self.stop_sequences, bool(self.tools)
         )
-        usage = message_usage(
+        usage = usage_or_estimate(
             self.usage, self.input_estimate, -(-self.output_chars // CHARS_PER_TOKEN)
-        )
+        ).as_anthropic()
         delta = {
             "type": "message_delta",
             "delta": {"stop_reason": reason, "stop_sequence": sequence},
@@ -5340,41 +5394,9 @@ class AnthropicFormat(OpenAIFormat):
         return b"".join(out)
 
 
-def backend_refusal(response: web.Response) -> NexusError:
-    """A backend's own 4xx answer, re-said as an error in Anthropic's shape: its message and
-    status kept, Nexus's headers too."""
-    message = f"The backend refused the request (HTTP {response.status})."
-    raw = response.body if isinstance(response.body, bytes) else b""
-    try:
-        document = json.loads(raw)
-    except ValueError:
-        document = None
-    if isinstance(document, dict):
-        error = document.get("error")
-        if isinstance(error, dict) and isinstance(error.get("message"), str):
-            message = error["message"]
-        elif isinstance(error, str):
-            message = error
-        elif isinstance(document.get("message"), str):
-            message = document["message"]
-    elif raw.strip():
-        message = raw.decode("utf-8", "replace")[:500]
-    headers = {k: v for k, v in response.headers.items() if k.startswith("X-Nexus-")}
-    return NexusError(response.status, "invalid_request_error", None, message, headers=headers)
-
-
 async def messages(request: web.Request) -> web.StreamResponse:
     """POST /v1/messages: translated to a chat completion, routed and answered like one."""
-    raw = await request.read()
-    body = parse_json_body(raw)
-    chat = messages_to_chat(body)
-    needs = chat_needs(chat)
-    needs.prompt_tokens = estimate_chat_tokens(chat)  # tool definitions count too
-    fmt = AnthropicFormat(body, needs)
-    response = await proxy(request, "chat", chat, json.dumps(chat).encode(), needs, fmt)
-    if response.status >= 400 and isinstance(response, web.Response):
-        raise backend_refusal(response)
-    return response
+    return await serve_door(request, AnthropicFormat)
 
 
 async def messages_count_tokens(request: web.Request) -> web.Response:
@@ -6020,10 +6042,20 @@ TOKENS_CHARGED = web.RequestKey("tokens_charged", int)  # tpm taken up front, se
 PAYLOAD = web.RequestKey("payload", dict)  # the request's JSON, while it is served (counting)
 ENDPOINT = web.RequestKey("endpoint", str)
 STREAMING = web.RequestKey("streaming", web.StreamResponse)  # a stream's prepared response
+# The doors other than OpenAI's, by path prefix: their errors take their API's shape.
+FRONT_DOORS: tuple[tuple[str, type[OpenAIFormat]], ...] = ((MESSAGES_PATH, AnthropicFormat),)
+
+
+def door_at(path: str) -> type[OpenAIFormat]:
+    """The front door a path belongs to: its prefix's, else OpenAI's."""
+    for prefix, door in FRONT_DOORS:
+        if path == prefix or path.startswith(prefix + "/"):
+            return door
+    return OpenAIFormat
 
 
 def error_response(error: NexusError, request: web.Request) -> web.Response:
-    """The one place errors are rendered: Anthropic's shape on its paths, OpenAI's elsewhere."""
+    """The one place errors are rendered, in the shape of the API the path belongs to."""
     headers = dict(error.headers)
     headers["X-Request-Id"] = request.get(REQUEST_ID, "")
     budget = request.app[BUDGET]
@@ -6031,7 +6063,7 @@ def error_response(error: NexusError, request: web.Request) -> web.Response:
         headers["X-Nexus-Budget-Status"] = budget.status
     if error.code == "budget_exceeded":
         headers["Retry-After"] = str(budget.seconds_to_reset())
-    document = anthropic_error(error) if is_messages_path(request.path) else error.envelope()
+    document = door_at(request.path).error_document(error)
     return web.json_response(document, status=error.status, headers=headers)
 
 

@@ -675,3 +675,40 @@ async def test_a_cloud_stream_is_charged_when_its_handler_is_cancelled(
         assert budget.spent_usd > 0
     finally:
         await server.close()
+
+
+async def test_a_native_stream_the_backend_breaks_off_counts_against_it(
+    backend_factory, nexus_factory
+):
+    """An error event after the answer began reaches the client as Anthropic sent it, and is a
+    failed request and a failure of the backend, as a cut translated stream is."""
+    claude = await backend_factory("anthropic", {"claude-sonnet-4-5": {}}, name="claude")
+
+    async def breaks_off(request, body):
+        response = await start_sse(request)
+        message = {"id": "msg_1", "type": "message", "role": "assistant", "content": []}
+        message.update(model=body["model"], usage={"input_tokens": 5, "output_tokens": 1})
+        error = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
+        for name, data in (
+            ("message_start", {"type": "message_start", "message": message}),
+            ("error", error),
+        ):
+            await response.write(f"event: {name}\ndata: {json.dumps(data)}\n\n".encode())
+        await response.write_eof()
+        return response
+
+    claude.behaviours.append(breaks_off)
+    nx = await cloud_nexus(nexus_factory, claude)
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(nx.url + "/v1/messages", json=native_stream_body()) as resp,
+    ):
+        assert resp.status == 200
+        text = (await resp.read()).decode()
+    names = [block.split("\n")[0] for block in text.split("\n\n") if block]
+    assert names == ["event: message_start", "event: error"]  # relayed once, nothing after it
+    backend = nx.backend("claude")
+    assert backend.errors == 1
+    assert backend.fail_streak == 1 and "error" in backend.last_error
+    stats = nx.app[nexus.STATS]
+    assert (stats.success, stats.errors) == (0, 1)
