@@ -5412,6 +5412,563 @@ async def messages_count_tokens(request: web.Request) -> web.Response:
 
 
 # ==============================================================================================
+# OpenAI Responses API
+# Owns: POST /v1/responses (SPEC 2.1), what Codex CLI and Cursor's agent speak. A Responses
+# request becomes a chat completion; its answer becomes a `response` object, or the Responses
+# event stream, event by event as the chat chunks arrive. Errors are OpenAI's envelope.
+# Must not: keep conversations (previous_response_id is refused) or offer hosted tools.
+# ==============================================================================================
+
+RESPONSES_PATH = "/v1/responses"
+RESPONSE_TEXT_PARTS = ("input_text", "output_text", "text")
+# Why an answer stopped short, by chat finish_reason: the response is "incomplete" then.
+INCOMPLETE_REASONS = {"length": "max_output_tokens", "content_filter": "content_filter"}
+
+
+def responses_to_chat(body: dict[str, Any]) -> dict[str, Any]:
+    """A Responses request as the chat completion a backend serves: instructions and system or
+    developer messages lead as one system message, function calls and their outputs become
+    tool calls and tool messages, reasoning items are dropped, and only function tools are
+    offered (hosted tools such as web_search need OpenAI's servers)."""
+    model = require_model(body)
+    for name in ("previous_response_id", "conversation"):
+        if body.get(name) is not None:
+            raise bad_request(
+                f"{name}: Nexus keeps no conversations; send the whole conversation in input",
+                name,
+            )
+    system: list[str] = []
+    instructions = body.get("instructions")
+    if instructions is not None and not isinstance(instructions, str):
+        raise bad_request("instructions: must be a string", "instructions")
+    if instructions:
+        system.append(instructions)
+    items = body.get("input")
+    messages: list[dict[str, Any]] = []
+    if isinstance(items, str):
+        messages.append({"role": "user", "content": items})
+    elif isinstance(items, list) and items:
+        for i, item in enumerate(items):
+            add_input_item(messages, system, item, f"input[{i}]")
+    else:
+        raise bad_request("input: must be a string or a non-empty array of items", "input")
+    if system:
+        messages.insert(0, {"role": "system", "content": "\n\n".join(system)})
+    if not messages:
+        raise bad_request("input: holds no message to answer", "input")
+    chat: dict[str, Any] = {"model": model, "messages": messages}
+    for name in ("stream", "parallel_tool_calls"):
+        if body.get(name) is not None:
+            if not isinstance(body[name], bool):
+                raise bad_request(f"{name}: must be a boolean", name)
+            chat[name] = body[name]
+    for name in ("temperature", "top_p"):
+        value = body.get(name)
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise bad_request(f"{name}: must be a number", name)
+            chat[name] = value
+    limit = body.get("max_output_tokens")
+    if limit is not None:
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise bad_request("max_output_tokens: must be a positive integer", "max_output_tokens")
+        chat["max_tokens"] = limit
+    for name in ("prompt_cache_key", "user"):  # the cache key is a session key (SPEC 3.7)
+        if isinstance(body.get(name), str):
+            chat[name] = body[name]
+    tools = function_tools(body.get("tools"))
+    if tools:
+        chat["tools"] = [{"type": "function", "function": chat_function(t)} for t in tools]
+        choice = responses_tool_choice(body.get("tool_choice"))
+        if choice is not None:
+            chat["tool_choice"] = choice
+    else:
+        chat.pop("parallel_tool_calls", None)
+    text_format = response_text_format(body.get("text"))
+    if text_format is not None:
+        chat["response_format"] = text_format
+    return chat
+
+
+def add_input_item(
+    messages: list[dict[str, Any]], system: list[str], item: Any, where: str
+) -> None:
+    """One input item as chat messages (or system text)."""
+    if not isinstance(item, dict):
+        raise bad_request(f"{where}: must be an object", "input")
+    kind = item.get("type", "message" if "role" in item else None)
+    if kind == "message":
+        role = item.get("role")
+        if role not in ("user", "assistant", "system", "developer"):
+            raise bad_request(
+                f"{where}.role: must be user, assistant, system or developer", "input"
+            )
+        content = input_content(item.get("content"), where)
+        if role == "user":
+            messages.append({"role": "user", "content": content})
+            return
+        if not isinstance(content, str):
+            if any(part["type"] != "text" for part in content):
+                raise bad_request(f"{where}.content: only user messages carry images", "input")
+            content = "\n\n".join(part["text"] for part in content)
+        if role == "assistant":
+            messages.append({"role": "assistant", "content": content})
+        elif content:
+            system.append(content)
+    elif kind == "function_call":
+        call_id, name = item.get("call_id"), item.get("name")
+        if not isinstance(call_id, str) or not isinstance(name, str):
+            raise bad_request(f"{where}: a function_call needs a call_id and a name", "input")
+        arguments = item.get("arguments", "{}")
+        if not isinstance(arguments, str):
+            arguments = json.dumps(arguments, ensure_ascii=False)
+        call = {
+            "id": call_id,
+            "type": "function",
+            "function": {"name": name, "arguments": arguments},
+        }
+        last = messages[-1] if messages else None
+        if last is not None and last["role"] == "assistant":  # the same turn's text and calls
+            last.setdefault("tool_calls", []).append(call)
+        else:
+            messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+    elif kind == "function_call_output":
+        if not isinstance(item.get("call_id"), str):
+            raise bad_request(f"{where}.call_id: must be a string", "input")
+        output = item.get("output")
+        if not isinstance(output, str):
+            parts = input_content(output, where)
+            output = "\n\n".join(p["text"] for p in parts if p["type"] == "text")
+        messages.append({"role": "tool", "tool_call_id": item["call_id"], "content": output})
+    elif kind != "reasoning":  # earlier reasoning is not sent back, as chat templates drop it
+        raise bad_request(
+            f"{where}.type: items of type {kind!r} cannot be served here (messages, "
+            "function_call, function_call_output and reasoning can)",
+            "input",
+        )
+
+
+def input_content(content: Any, where: str) -> str | list[dict[str, Any]]:
+    """A message's content: a string, or its parts as chat parts (text and image_url)."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise bad_request(f"{where}.content: must be a string or an array of parts", "input")
+    parts: list[dict[str, Any]] = []
+    for j, part in enumerate(content):
+        at = f"{where}.content[{j}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in RESPONSE_TEXT_PARTS or kind == "refusal":
+            text = part.get("refusal" if kind == "refusal" else "text")
+            if not isinstance(text, str):
+                raise bad_request(f"{at}.text: must be a string", "input")
+            parts.append({"type": "text", "text": text})
+        elif kind == "input_image" and isinstance(part.get("image_url"), str):
+            image = {"url": part["image_url"]}
+            if isinstance(part.get("detail"), str) and part["detail"] != "auto":
+                image["detail"] = part["detail"]
+            parts.append({"type": "image_url", "image_url": image})
+        else:
+            raise bad_request(
+                f"{at}: parts of type {kind!r} cannot be served here (input_text, output_text "
+                "and input_image with an image_url can; files need OpenAI's storage)",
+                "input",
+            )
+    if all(part["type"] == "text" for part in parts):
+        return "\n\n".join(part["text"] for part in parts)
+    return parts
+
+
+def function_tools(tools: Any) -> list[dict[str, Any]]:
+    """The request's function tools; other kinds (web_search, file_search, namespace, mcp, ...)
+    are not offered to the model."""
+    if tools is None:
+        return []
+    if not isinstance(tools, list):
+        raise bad_request("tools: must be an array", "tools")
+    found = []
+    for i, tool in enumerate(tools):
+        if not isinstance(tool, dict) or not isinstance(tool.get("type"), str):
+            raise bad_request(f"tools[{i}]: a tool needs a type", "tools")
+        if tool["type"] != "function":
+            continue
+        if not isinstance(tool.get("name"), str) or not tool["name"]:
+            raise bad_request(f"tools[{i}].name: a function tool needs a name", "tools")
+        if tool.get("parameters") is not None and not isinstance(tool["parameters"], dict):
+            raise bad_request(f"tools[{i}].parameters: must be an object", "tools")
+        found.append(tool)
+    return found
+
+
+def chat_function(tool: dict[str, Any]) -> dict[str, Any]:
+    """A Responses function tool (flat) as chat's function definition."""
+    function: dict[str, Any] = {
+        "name": tool["name"],
+        "parameters": tool.get("parameters") or {"type": "object", "properties": {}},
+    }
+    if isinstance(tool.get("description"), str):
+        function["description"] = tool["description"]
+    if isinstance(tool.get("strict"), bool):
+        function["strict"] = tool["strict"]
+    return function
+
+
+def responses_tool_choice(choice: Any) -> Any:
+    """tool_choice in chat's terms; a choice of a hosted tool leaves the model free (None)."""
+    if choice is None or choice in ("auto", "none", "required"):
+        return choice
+    if not isinstance(choice, dict):
+        raise bad_request("tool_choice: expected auto, none, required or an object", "tool_choice")
+    if choice.get("type") == "function":
+        if not isinstance(choice.get("name"), str):
+            raise bad_request("tool_choice.name: must be a string", "tool_choice")
+        return {"type": "function", "function": {"name": choice["name"]}}
+    return None
+
+
+def response_text_format(text: Any) -> dict[str, Any] | None:
+    """text.format as chat's response_format; None for plain text."""
+    if text is None:
+        return None
+    if not isinstance(text, dict):
+        raise bad_request("text: must be an object", "text")
+    form = text.get("format")
+    if form is None:
+        return None
+    kind = form.get("type") if isinstance(form, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "json_object"}
+    if kind != "json_schema":
+        raise bad_request("text.format.type: must be text, json_object or json_schema", "text")
+    if not isinstance(form.get("name"), str) or not isinstance(form.get("schema"), dict):
+        raise bad_request("text.format: a json_schema format needs a name and a schema", "text")
+    schema = {
+        name: form[name] for name in ("name", "schema", "description", "strict") if name in form
+    }
+    return {"type": "json_schema", "json_schema": schema}
+
+
+def output_message(text: str, status: str) -> dict[str, Any]:
+    part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+    return {
+        "id": new_block_id("msg_"),
+        "type": "message",
+        "status": status,
+        "role": "assistant",
+        "content": [part],
+    }
+
+
+def output_reasoning(text: str, status: str) -> dict[str, Any]:
+    return {
+        "id": new_block_id("rs_"),
+        "type": "reasoning",
+        "status": status,
+        "summary": [],
+        "content": [{"type": "reasoning_text", "text": text}],
+    }
+
+
+def output_call(call_id: str, name: str, arguments: str, status: str) -> dict[str, Any]:
+    return {
+        "id": new_block_id("fc_"),
+        "type": "function_call",
+        "status": status,
+        "call_id": call_id,
+        "name": name,
+        "arguments": arguments,
+    }
+
+
+class ResponsesFormat(OpenAIFormat):
+    """Writes chat-completion answers as the Responses API does: a `response` object, or its
+    event stream (created, in_progress, then per output item added, its deltas, done, and at the
+    end completed, incomplete or failed), each event numbered. One instance serves one request.
+
+    Stream state: the output items so far (reasoning, message, function calls) and the text of
+    each, the open text item (a function call stays open until the answer ends), the finish
+    reason and usage."""
+
+    keeps_usage = True
+    chat_request = staticmethod(responses_to_chat)
+
+    def __init__(self, body: dict[str, Any], needs: RequestNeeds) -> None:
+        self.native_body = body
+        self.model = needs.model
+        self.input_estimate = needs.prompt_tokens
+        self.id = new_block_id("resp_")
+        self.created = int(time.time())
+        self.sequence = 0
+        self.started = False
+        self.failed = False
+        self.output: list[dict[str, Any]] = []
+        self.pieces: dict[int, list[str]] = {}  # an open item's text (or arguments) so far
+        self.open: int | None = None  # the open reasoning or message item
+        self.calls: dict[Any, int] = {}  # a chat tool call's index (or id) -> its item
+        self.last_call: Any = None
+        self.finish: str | None = None
+        self.usage: Any = None
+        self.output_chars = 0
+
+    def response(
+        self, status: str, usage: dict[str, Any] | None = None, error: Any = None
+    ) -> dict[str, Any]:
+        """The response object as it stands, echoing what the request asked for."""
+        body = self.native_body
+        reason = INCOMPLETE_REASONS.get(self.finish or "") if status == "incomplete" else None
+        choice = body.get("tool_choice")
+        text = body.get("text") if isinstance(body.get("text"), dict) else {}
+        number = (int, float)
+        return {
+            "id": self.id,
+            "object": "response",
+            "created_at": self.created,
+            "status": status,
+            "model": self.model,
+            "output": self.output,
+            "error": error,
+            "incomplete_details": {"reason": reason} if reason else None,
+            "instructions": body.get("instructions")
+            if isinstance(body.get("instructions"), str)
+            else None,
+            "max_output_tokens": token_count(body.get("max_output_tokens")),
+            "metadata": body.get("metadata") if isinstance(body.get("metadata"), dict) else {},
+            "parallel_tool_calls": body.get("parallel_tool_calls") is not False,
+            "previous_response_id": None,
+            "temperature": body.get("temperature")
+            if isinstance(body.get("temperature"), number)
+            else None,
+            "top_p": body.get("top_p") if isinstance(body.get("top_p"), number) else None,
+            "text": {"format": text.get("format") or {"type": "text"}},
+            "tool_choice": choice if isinstance(choice, str | dict) else "auto",
+            "tools": function_tools(body.get("tools")),
+            "truncation": "disabled",
+            "usage": usage,
+        }
+
+    def status(self) -> str:
+        return "incomplete" if self.finish in INCOMPLETE_REASONS else "completed"
+
+    def final_usage(self, usage: Any, reasoning_chars: int) -> dict[str, Any]:
+        output = -(-self.output_chars // CHARS_PER_TOKEN)
+        found = usage_or_estimate(usage, self.input_estimate, output)
+        return found.as_responses(min(-(-reasoning_chars // CHARS_PER_TOKEN), found.completion))
+
+    def body(self, answer: bytes, parsed: dict[str, Any]) -> bytes:
+        choices = parsed.get("choices")
+        choice = choices[0] if isinstance(choices, list) and choices else {}
+        choice = choice if isinstance(choice, dict) else {}
+        message = object_of(choice.get("message"))
+        self.finish = (
+            choice.get("finish_reason") if isinstance(choice.get("finish_reason"), str) else None
+        )
+        if isinstance(parsed.get("model"), str) and parsed["model"]:
+            self.model = parsed["model"]
+        status = self.status()
+        item_status = "completed" if status == "completed" else "incomplete"
+        reasoning = reasoning_of(message)
+        if reasoning:
+            self.output.append(output_reasoning(reasoning, item_status))
+        text = message.get("content")
+        if isinstance(text, list):  # some servers answer with content parts
+            text = "".join(p.get("text", "") for p in text if isinstance(p, dict))
+        text = text if isinstance(text, str) else ""
+        calls = [c for c in message.get("tool_calls") or () if isinstance(c, dict)]
+        if text or not calls:
+            self.output.append(output_message(text, item_status))
+        for call in calls:
+            function = object_of(call.get("function"))
+            arguments = function.get("arguments")
+            if not isinstance(arguments, str):
+                arguments = json.dumps(arguments or {}, ensure_ascii=False)
+            call_id = call.get("id") if isinstance(call.get("id"), str) else new_block_id("call_")
+            name = function.get("name") if isinstance(function.get("name"), str) else ""
+            self.output.append(output_call(call_id, name, arguments, "completed"))
+            self.output_chars += len(arguments)
+        self.output_chars += len(text) + len(reasoning)
+        usage = self.final_usage(parsed.get("usage"), len(reasoning))
+        return json.dumps(self.response(status, usage)).encode()
+
+    # --- the event stream ---------------------------------------------------------------------
+
+    def event(self, kind: str, data: dict[str, Any]) -> bytes:
+        data["type"] = kind
+        data["sequence_number"] = self.sequence
+        self.sequence += 1
+        return b"event: " + kind.encode() + b"\ndata: " + json.dumps(data).encode() + b"\n\n"
+
+    def start(self) -> bytes:
+        """response.created and response.in_progress, once, before anything else."""
+        if self.started:
+            return b""
+        self.started = True
+        created = self.event("response.created", {"response": self.response("in_progress")})
+        return created + self.event(
+            "response.in_progress", {"response": self.response("in_progress")}
+        )
+
+    def chunk(self, data: bytes, chunk: dict[str, Any]) -> bytes:
+        if not self.started and isinstance(chunk.get("model"), str) and chunk["model"]:
+            self.model = chunk["model"]
+        out = [self.start()]
+        if isinstance(chunk.get("usage"), dict):
+            self.usage = chunk["usage"]
+        choices = chunk.get("choices")
+        choice = choices[0] if isinstance(choices, list) and choices else None
+        if not isinstance(choice, dict):
+            return b"".join(out)
+        delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
+        reasoning = reasoning_of(delta)
+        if reasoning:
+            out.append(self.text_delta("reasoning", reasoning))
+        text = delta.get("content")
+        if isinstance(text, str) and text:
+            out.append(self.text_delta("message", text))
+        calls = delta.get("tool_calls")
+        for call in calls if isinstance(calls, list) else ():
+            out.append(self.call_delta(call))
+        if isinstance(choice.get("finish_reason"), str):
+            self.finish = choice["finish_reason"]
+        return b"".join(out)
+
+    def add_item(self, item: dict[str, Any]) -> tuple[int, bytes]:
+        index = len(self.output)
+        self.output.append(item)
+        self.pieces[index] = []
+        return index, self.event(
+            "response.output_item.added", {"output_index": index, "item": item}
+        )
+
+    def text_delta(self, kind: str, text: str) -> bytes:
+        """Text for the open item of `kind` (reasoning or message), opened first if need be."""
+        out = b""
+        if self.open is None or self.output[self.open]["type"] != kind:
+            out = self.close_open()
+            item = (
+                output_reasoning("", "in_progress")
+                if kind == "reasoning"
+                else output_message("", "in_progress")
+            )
+            part = item.pop("content")[0]
+            item["content"] = []
+            self.open, added = self.add_item(item)
+            out += added
+            where = {"item_id": item["id"], "output_index": self.open, "content_index": 0}
+            out += self.event("response.content_part.added", {**where, "part": part})
+            item["content"].append(part)
+        index = self.open
+        self.pieces[index].append(text)
+        self.output_chars += len(text)
+        where = {"item_id": self.output[index]["id"], "output_index": index, "content_index": 0}
+        if kind == "reasoning":
+            return out + self.event("response.reasoning_text.delta", {**where, "delta": text})
+        return out + self.event(
+            "response.output_text.delta", {**where, "delta": text, "logprobs": []}
+        )
+
+    def close_open(self) -> bytes:
+        """The open reasoning or message item's done events."""
+        if self.open is None:
+            return b""
+        index, self.open = self.open, None
+        item = self.output[index]
+        part = item["content"][0]
+        part["text"] = "".join(self.pieces.pop(index))
+        where = {"item_id": item["id"], "output_index": index, "content_index": 0}
+        if item["type"] == "reasoning":
+            out = self.event("response.reasoning_text.done", {**where, "text": part["text"]})
+        else:
+            done = {**where, "text": part["text"], "logprobs": []}
+            out = self.event("response.output_text.done", done)
+        out += self.event("response.content_part.done", {**where, "part": part})
+        item["status"] = self.item_status()
+        return out + self.event("response.output_item.done", {"output_index": index, "item": item})
+
+    def item_status(self) -> str:
+        return "incomplete" if self.finish in INCOMPLETE_REASONS else "completed"
+
+    def call_delta(self, call: Any) -> bytes:
+        """A chat tool call's head or argument fragment: a function_call item and its deltas."""
+        if not isinstance(call, dict):
+            return b""
+        function = call.get("function") if isinstance(call.get("function"), dict) else {}
+        if isinstance(call.get("index"), int):
+            key = call["index"]
+        elif call.get("id"):
+            key = call["id"]
+        else:
+            key = self.last_call
+        self.last_call = key
+        out = b""
+        if key not in self.calls:
+            out = self.close_open()
+            call_id = call.get("id") if isinstance(call.get("id"), str) else new_block_id("call_")
+            name = function.get("name") if isinstance(function.get("name"), str) else ""
+            self.calls[key], added = self.add_item(output_call(call_id, name, "", "in_progress"))
+            out += added
+        index = self.calls[key]
+        arguments = function.get("arguments")
+        if isinstance(arguments, dict):  # some servers send the whole input as an object
+            arguments = json.dumps(arguments)
+        if not isinstance(arguments, str) or not arguments:
+            return out
+        self.pieces[index].append(arguments)
+        self.output_chars += len(arguments)
+        delta = {"item_id": self.output[index]["id"], "output_index": index, "delta": arguments}
+        return out + self.event("response.function_call_arguments.delta", delta)
+
+    def close_calls(self) -> bytes:
+        out = []
+        for index in self.calls.values():
+            item = self.output[index]
+            item["arguments"] = "".join(self.pieces.pop(index, ()))
+            item["status"] = "completed"
+            done = {"item_id": item["id"], "output_index": index, "arguments": item["arguments"]}
+            out.append(self.event("response.function_call_arguments.done", done))
+            out.append(
+                self.event("response.output_item.done", {"output_index": index, "item": item})
+            )
+        self.calls.clear()
+        return b"".join(out)
+
+    def end(self) -> bytes:
+        if self.failed:
+            return b""  # response.failed was the stream's last word
+        out = [self.start(), self.close_open(), self.close_calls()]
+        reasoning = sum(
+            len(item["content"][0]["text"]) for item in self.output if item["type"] == "reasoning"
+        )
+        status = self.status()
+        response = self.response(status, self.final_usage(self.usage, reasoning))
+        out.append(self.event(f"response.{status}", {"response": response}))
+        return b"".join(out)
+
+    def error(self, endpoint: str, model: str, message: str) -> bytes:
+        if self.failed:
+            return b""
+        self.failed = True
+        for index, pieces in self.pieces.items():  # what was said before the failure
+            item = self.output[index]
+            item["status"] = "incomplete"
+            if item["type"] == "function_call":
+                item["arguments"] = "".join(pieces)
+            else:
+                item["content"][0]["text"] = "".join(pieces)
+        error = {"code": "server_error", "message": message}
+        out = self.start()
+        return out + self.event(
+            "response.failed", {"response": self.response("failed", error=error)}
+        )
+
+
+async def responses(request: web.Request) -> web.StreamResponse:
+    """POST /v1/responses: translated to a chat completion, routed and answered like one."""
+    return await serve_door(request, ResponsesFormat)
+
+
+# ==============================================================================================
 # HTTP handlers
 # Owns: the API of SPEC §2. Each handler reads and checks its input, then hands over to the
 # proxy or answers from the registry and stats.
@@ -6043,7 +6600,10 @@ PAYLOAD = web.RequestKey("payload", dict)  # the request's JSON, while it is ser
 ENDPOINT = web.RequestKey("endpoint", str)
 STREAMING = web.RequestKey("streaming", web.StreamResponse)  # a stream's prepared response
 # The doors other than OpenAI's, by path prefix: their errors take their API's shape.
-FRONT_DOORS: tuple[tuple[str, type[OpenAIFormat]], ...] = ((MESSAGES_PATH, AnthropicFormat),)
+FRONT_DOORS: tuple[tuple[str, type[OpenAIFormat]], ...] = (
+    (MESSAGES_PATH, AnthropicFormat),
+    (RESPONSES_PATH, ResponsesFormat),
+)
 
 
 def door_at(path: str) -> type[OpenAIFormat]:
@@ -6081,6 +6641,7 @@ INFERENCE_PATHS = {
     "/v1/completions": "completions",
     "/v1/embeddings": "embeddings",
     MESSAGES_PATH: "chat",
+    RESPONSES_PATH: "chat",
 }
 
 
@@ -6212,6 +6773,7 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_post(MESSAGES_PATH, messages)
     app.router.add_post(MESSAGES_PATH + "/count_tokens", messages_count_tokens)
+    app.router.add_post(RESPONSES_PATH, responses)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model_id:.+}", get_model)
     app.router.add_get("/health", health)
