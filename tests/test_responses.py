@@ -5,13 +5,17 @@ and stream event checked against the SDK's own models; bad input; a stream cut m
 from __future__ import annotations
 
 import json
+import subprocess
+import time
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import openai
 import pytest
 from aiohttp import web
-from conftest import backends_toml, chat_chunk, cloud_env, send_chunk, start_sse
+from conftest import ROOT, backends_toml, chat_chunk, cloud_env, free_port, send_chunk, start_sse
+from netns import isolated_namespace, requires_root
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 
@@ -486,3 +490,147 @@ async def test_a_backend_refusal_reaches_the_client_in_openai_shape(backend_fact
     await sdk.close()
     assert "temperature too high" in refused.value.message
     assert refused.value.response.headers["X-Nexus-Backend"] == "b"
+
+
+# --- the real Codex CLI -----------------------------------------------------------------------
+
+CODEX_SCRIPT = ROOT / "tests" / "codex.sh"
+CODEX_TIMEOUT_S = 120
+CODEX_REPLY = "Nexus relayed this from the local backend."
+# A chat-only backend in the namespace: answers every request with CODEX_REPLY, prints "ready",
+# then each request it gets as a JSON line; it ends by itself after a minute at most.
+CHAT_BACKEND = """
+import asyncio, json, sys
+sys.path.insert(0, sys.argv[1])
+from aiohttp import web
+from conftest import MockBackend
+
+async def main():
+    backend = MockBackend("generic", {"m": {"context": 32768}}, "local")
+    backend.reply = sys.argv[3]
+    runner = web.AppRunner(backend.build_app(), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", int(sys.argv[2])).start()
+    print("ready", flush=True)
+    seen = 0
+    for _ in range(6000):
+        for path, body, _ in backend.received[seen:]:
+            print(json.dumps({"path": path, "body": body}), flush=True)
+        seen = len(backend.received)
+        await asyncio.sleep(0.01)
+
+asyncio.run(main())
+"""
+
+
+@pytest.fixture(scope="session")
+def codex_cli() -> Path:
+    """The pinned Codex CLI, installed from npm by tests/codex.sh (cached after the first run)."""
+    done = subprocess.run(
+        ["bash", str(CODEX_SCRIPT)], capture_output=True, timeout=900, check=False, cwd=ROOT
+    )
+    if done.returncode != 0:
+        raise RuntimeError("tests/codex.sh failed:\n" + done.stderr.decode(errors="replace"))
+    paths = dict(line.split("=", 1) for line in done.stdout.decode().splitlines() if "=" in line)
+    return Path(paths["CODEX"])
+
+
+def codex_config(home: Path, nexus_port: int) -> None:
+    """Codex's config: a custom model provider, Nexus, spoken to with the Responses API."""
+    home.mkdir()
+    (home / "config.toml").write_text(
+        'model = "m"\n'
+        'model_provider = "nexus"\n'
+        "\n"
+        "[model_providers.nexus]\n"
+        'name = "Nexus"\n'
+        f'base_url = "http://127.0.0.1:{nexus_port}/v1"\n'
+        'wire_api = "responses"\n'
+    )
+
+
+@requires_root
+@pytest.mark.netns
+def test_codex_cli_answers_through_nexus(codex_cli: Path, tmp_path: Path) -> None:
+    """`codex exec` in a namespace with loopback only, against Nexus in front of a chat-only
+    backend: it prints that backend's answer after one turn (no retries)."""
+    backend_port, nexus_port = free_port(), free_port()
+    config = tmp_path / "nexus.toml"
+    config.write_text(
+        "[health_check]\ninterval_seconds = 1\n\n[[backends]]\n"
+        f'name = "local"\nurl = "http://127.0.0.1:{backend_port}"\ntype = "generic"\n'
+    )
+    codex_config(tmp_path / "codex-home", nexus_port)
+    work = tmp_path / "work"
+    work.mkdir()
+    with isolated_namespace() as ns:
+        backend = ns.python(CHAT_BACKEND, str(ROOT / "tests"), str(backend_port), CODEX_REPLY)
+        assert backend.read_line(15) == "ready"
+        serve = ["serve", "-c", str(config), "-p", str(nexus_port), "-H", "127.0.0.1"]
+        nexus_process = ns.python(ROOT / "nexus.py", *serve, "--no-discovery")
+        url = f"http://127.0.0.1:{nexus_port}"
+        for _ in range(100):  # bounded: 10 s for the backend to be healthy
+            status, models = ns.wait_http(url + "/v1/models", timeout=10)
+            if status == 200 and b'"m"' in models:
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError(nexus_process.stderr_text())
+        done = ns.run(
+            [
+                "env",
+                f"CODEX_HOME={tmp_path / 'codex-home'}",
+                str(codex_cli),
+                "exec",
+                "--skip-git-repo-check",
+                "--ephemeral",
+                "-C",
+                str(work),
+                "Say hello.",
+            ],
+            timeout=CODEX_TIMEOUT_S,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stdout.strip().splitlines()[-1] == CODEX_REPLY
+        turn = backend.read_json(5)
+        with pytest.raises(TimeoutError):
+            backend.read_json(1)  # one turn, one request: Codex did not retry it
+    assert turn["path"] == "/v1/chat/completions"
+    chat = turn["body"]
+    assert chat["model"] == "m" and chat["stream"] is True
+    assert chat["messages"][0]["role"] == "system"  # instructions and developer messages
+    assert chat["messages"][-1]["role"] == "user" and "Say hello." in str(chat["messages"][-1])
+    assert all(tool["type"] == "function" for tool in chat.get("tools", []))
+    assert isinstance(chat.get("prompt_cache_key"), str)
+
+
+# --- the real llama-server --------------------------------------------------------------------
+
+
+@pytest.mark.engine
+async def test_real_llama_server_through_the_responses_api(llama_pair, nexus_factory):
+    """SmolLM2 on llama-server behind Nexus, whole and streamed, usage the engine's own."""
+    server = llama_pair[0]
+    nx = await nexus_factory(
+        f'[[backends]]\nname = "llama"\nurl = "{server.url}"\ntype = "llamacpp"\n'
+    )
+    model = next(iter(nx.backend("llama").models))
+    sdk = openai.AsyncOpenAI(base_url=nx.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    question = "Name three colours."
+    answer = await sdk.responses.create(
+        model=model, input=question, max_output_tokens=16, temperature=0
+    )
+    assert any(ch.isalpha() for ch in answer.output_text)
+    assert answer.status in ("completed", "incomplete")
+    assert answer.usage is not None and answer.usage.input_tokens > 0
+    assert 0 < answer.usage.output_tokens <= 16
+    stream = await sdk.responses.create(
+        model=model, input=question, max_output_tokens=16, temperature=0, stream=True
+    )
+    events = [event async for event in stream]
+    await sdk.close()
+    deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
+    assert events[-1].type == f"response.{answer.status}"  # a length stop is incomplete
+    final = events[-1].response
+    assert "".join(deltas) == final.output_text == answer.output_text  # temperature 0
+    assert final.usage is not None and final.usage.output_tokens == answer.usage.output_tokens
