@@ -3887,7 +3887,7 @@ class OpenAIFormat:
 
     Where a backend speaks the door's own API (native_api), the backend is sent the client's
     own request (native_body, at native_path) and its answer goes back untranslated: whole,
-    its usage read with answer_usage; streamed, line by line through native_line.
+    its usage read with answer_usage; streamed, through the NativeStream of native_stream().
 
     This base is OpenAI's chat API itself, which is also the internal request: the backend's
     bytes pass through unchanged. A fifth API is one more subclass and nothing else."""
@@ -3901,7 +3901,6 @@ class OpenAIFormat:
     native_path = ""  # where such a backend takes the request
     content_type = "text/event-stream"  # a stream's: SSE, or NDJSON for Ollama's API
     native_body: dict[str, Any]
-    native_usage: dict[str, Any]  # a native stream's usage, as its lines reported it
 
     @staticmethod
     def chat_request(body: dict[str, Any]) -> dict[str, Any]:
@@ -3929,10 +3928,31 @@ class OpenAIFormat:
         """A native whole answer's usage object (usage_from reads it)."""
         return parsed.get("usage")
 
-    def native_line(self, line: bytes) -> tuple[bytes, str | None]:
-        """One line of a native stream: the bytes to send for it (b"" holds it back), and
-        "end" when it ends the answer, "error" when the backend reported an error, else None."""
+    def native_stream(self) -> NativeStream:
+        """A reader for one attempt's stream from a backend that speaks native_api."""
         raise NotImplementedError
+
+
+class NativeStream:
+    """One attempt's stream in the client's own API, from a backend that speaks it, relayed
+    line by line as it arrives. Its state is the attempt's: an attempt that fails before its
+    first line went out leaves nothing behind for the next one."""
+
+    def __init__(self) -> None:
+        self.usage: dict[str, Any] = {}  # as the stream's lines report it (usage_from reads it)
+        self.failed = False  # the backend's own error was relayed: the stream's last word
+
+    def line(self, line: bytes) -> tuple[bytes, str | None]:
+        """The bytes to send for one line (b"" holds it back), and "end" when it ends the
+        answer, "error" when the backend reported an error, else None."""
+        raise NotImplementedError
+
+    def error(self, endpoint: str, model: str, message: str) -> bytes:
+        """The last words of a stream Nexus had to cut, in the API's own way."""
+        raise NotImplementedError
+
+    def end(self) -> bytes:
+        return b""  # the backend's own last line ended it
 
 
 OPENAI_FORMAT = OpenAIFormat()
@@ -4572,7 +4592,8 @@ async def relay_stream(
     app = request.app
     backend = attempt.backend
     adapter = ADAPTERS[backend.type]
-    native = speaks_natively(fmt, adapter)
+    native = fmt.native_stream() if speaks_natively(fmt, adapter) else None
+    writer = native or fmt  # what writes the stream's last words
     content = SseLines(upstream) if native else adapter.stream_reader(upstream, attempt.model)
     answered: list[str] | None = [] if backend.is_cloud else None  # to count, if no usage
     local, model = not backend.is_cloud, attempt.model
@@ -4582,7 +4603,7 @@ async def relay_stream(
     problem = ""
     pending: list[bytes] = []  # chunks that arrived together go out in one write
     try:
-        while not (native and finished):
+        while not (native is not None and finished):
             line = content.buffered()
             if line is None:
                 if pending:
@@ -4595,8 +4616,8 @@ async def relay_stream(
                 if not finished and not problem:
                     problem = "the backend ended the stream before the answer was complete"
                 break
-            if native:
-                out, kind = fmt.native_line(line)
+            if native is not None:
+                out, kind = native.line(line)
                 if kind == "error":
                     if response is None:
                         raise attempt_failure(app, backend, 502, "reported an error")
@@ -4642,12 +4663,12 @@ async def relay_stream(
                 response = await start_stream(request, headers, fmt.content_type)
             if out:
                 pending.append(out)
-        if native:
-            note_usage(record, fmt.native_usage)
+        if native is not None:
+            note_usage(record, native.usage)
         if response is None:  # [DONE] with no chunk at all: an empty answer, but an honest one
             response = await start_stream(request, headers, fmt.content_type)
         settled = await end_stream(
-            request, record, attempt, fmt, response, answered, problem, pending
+            request, record, attempt, writer, response, answered, problem, pending
         )
         await response.write_eof(b"".join(pending))
     except ConnectionError:
@@ -4658,12 +4679,15 @@ async def relay_stream(
     except Exception:
         if response is None:
             raise  # nothing sent yet: the request ends in a plain error answer
-        pending += (fmt.error(record.endpoint, attempt.model, INTERNAL_STREAM_ERROR), fmt.end())
+        pending += (
+            writer.error(record.endpoint, attempt.model, INTERNAL_STREAM_ERROR),
+            writer.end(),
+        )
         await end_after_internal_error(record, backend, response, b"".join(pending))
     finally:
         if answered is not None and response is not None and not settled:
-            if native:
-                note_usage(record, fmt.native_usage)
+            if native is not None:
+                note_usage(record, native.usage)
             settle_cost_now(request, record, attempt, answered)  # the client left: no await
     return response
 
@@ -4672,7 +4696,7 @@ async def end_stream(
     request: web.Request,
     record: RequestRecord,
     attempt: Attempt,
-    fmt: OpenAIFormat,
+    fmt: OpenAIFormat | NativeStream,
     response: web.StreamResponse,
     answered: list[str] | None,
     problem: str,
@@ -5200,6 +5224,43 @@ def sse_event(name: str, data: dict[str, Any]) -> bytes:
     return f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
 
 
+class AnthropicEvents(NativeStream):
+    """An anthropic backend's own event stream, relayed as it is: an event name waits for its
+    data line, comments before the answer are dropped, usage is kept for the cost."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[bytes] = []  # an event's name (and comments), sent with its data line
+        self.begun = False  # a data line went out
+
+    def line(self, line: bytes) -> tuple[bytes, str | None]:
+        if not line.startswith(b"data:"):
+            if self.begun or not line.startswith(b":"):
+                self.held.append(line)
+            return b"", None
+        self.begun = True
+        kind = None
+        with contextlib.suppress(ValueError):
+            event = json.loads(line[5:])
+            kind = event.get("type") if isinstance(event, dict) else None
+            if kind == "message_start":
+                self.usage.update(object_of(object_of(event.get("message")).get("usage")))
+            elif kind == "message_delta":
+                self.usage.update(object_of(event.get("usage")))
+        out = b"\n".join([*self.held, line]) + b"\n\n"
+        self.held.clear()
+        if kind == "error":
+            self.failed = True
+            return out, "error"
+        return out, "end" if kind == "message_stop" else None
+
+    def error(self, endpoint: str, model: str, message: str) -> bytes:
+        if self.failed:
+            return b""  # the backend's own error event said it
+        self.failed = True
+        return sse_event("error", anthropic_error(NexusError(502, "backend_error", None, message)))
+
+
 class AnthropicFormat(OpenAIFormat):
     """Writes chat-completion answers as Messages answers: the whole message, or Anthropic's
     event stream translated chunk by chunk. One instance serves one request.
@@ -5220,9 +5281,6 @@ class AnthropicFormat(OpenAIFormat):
 
     def __init__(self, body: dict[str, Any], needs: RequestNeeds) -> None:
         self.native_body = body
-        self.native_usage: dict[str, Any] = {}
-        self.native = False  # relaying an anthropic backend's own events
-        self.held: list[bytes] = []  # an event's name (and comments), sent with its data line
         self.model = needs.model
         self.stop_sequences: list[str] = list(body.get("stop_sequences") or [])
         self.input_estimate = needs.prompt_tokens
@@ -5345,38 +5403,16 @@ class AnthropicFormat(OpenAIFormat):
         return out
 
     def error(self, endpoint: str, model: str, message: str) -> bytes:
-        if self.failed:
-            return b""  # the backend's own error event said it
         self.failed = True
         error = anthropic_error(NexusError(502, "backend_error", None, message))
         return self.start(model) + sse_event("error", error)
 
-    def native_line(self, line: bytes) -> tuple[bytes, str | None]:
-        """An anthropic backend's event line, relayed as it is: an event name waits for its
-        data line; comments before the answer are dropped; usage is kept for the cost."""
-        self.native = self.started = True
-        if not line.startswith(b"data:"):
-            if self.held or not line.startswith(b":"):
-                self.held.append(line)
-            return b"", None
-        kind = None
-        with contextlib.suppress(ValueError):
-            event = json.loads(line[5:])
-            kind = event.get("type") if isinstance(event, dict) else None
-            if kind == "message_start":
-                self.native_usage.update(object_of(object_of(event.get("message")).get("usage")))
-            elif kind == "message_delta":
-                self.native_usage.update(object_of(event.get("usage")))
-        out = b"\n".join([*self.held, line]) + b"\n\n"
-        self.held.clear()
-        if kind == "error":
-            self.failed = True
-            return out, "error"
-        return out, "end" if kind == "message_stop" else None
+    def native_stream(self) -> AnthropicEvents:
+        return AnthropicEvents()
 
     def end(self) -> bytes:
-        if self.failed or self.native:
-            return b""  # the error event, or the backend's own message_stop, was the last word
+        if self.failed:
+            return b""  # the error event was the stream's last word
         out = [self.start(None), self.close()]
         reason, sequence = stop_reason_of(
             self.finish, self.text_tail, self.stop_sequences, bool(self.tools)
