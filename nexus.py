@@ -4814,9 +4814,36 @@ async def start_stream(
 # ==============================================================================================
 
 
+IMAGE_TOKENS = 1600  # what an image of unknown size is counted as (about a megapixel)
+MESSAGE_OVERHEAD_TOKENS = 4  # role and separators of one message in a chat template
+
+
+def estimate_chat_tokens(chat: dict[str, Any]) -> int:
+    """Input tokens of a translated request, estimated: characters of every text, tool call
+    and tool definition, and images at a flat rate. The one place a better count goes."""
+    chars = 0
+    images = 0
+    for message in chat["messages"]:
+        content = message.get("content")
+        if isinstance(content, str):
+            chars += len(content)
+        elif isinstance(content, list):
+            for part in content:
+                if part.get("type") == "text":
+                    chars += len(part["text"])
+                else:
+                    images += 1
+        for call in message.get("tool_calls", ()):
+            chars += len(call["function"]["name"]) + len(call["function"]["arguments"])
+    if chat.get("tools"):
+        chars += len(json.dumps(chat["tools"]))
+    tokens = chars // CHARS_PER_TOKEN + IMAGE_TOKENS * images
+    return tokens + MESSAGE_OVERHEAD_TOKENS * len(chat["messages"])
+
+
 def backend_refusal(response: web.Response) -> NexusError:
-    """A backend's own 4xx answer, re-said as an error in Anthropic's shape: its message and
-    status kept, Nexus's headers too."""
+    """A backend's own 4xx answer, re-said as an error for the door to write in its shape: its
+    message and status kept, Nexus's headers too."""
     message = f"The backend refused the request (HTTP {response.status})."
     raw = response.body if isinstance(response.body, bytes) else b""
     try:
@@ -4874,8 +4901,6 @@ ANTHROPIC_ERROR_TYPES = {
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k")  # the same name and meaning in both APIs
 # Fields in which backends name the stop sequence that matched: vLLM, llama.cpp.
 MATCHED_STOP_FIELDS = ("stop_reason", "stopping_word", "stop_word")
-IMAGE_TOKENS = 1600  # what an image of unknown size is counted as (about a megapixel)
-MESSAGE_OVERHEAD_TOKENS = 4  # role and separators of one message in a chat template
 
 
 def anthropic_error(error: NexusError) -> dict[str, Any]:
@@ -5112,29 +5137,6 @@ def chat_tool(tool: Any, where: str) -> dict[str, Any]:
     if isinstance(tool.get("description"), str):
         function["description"] = tool["description"]
     return {"type": "function", "function": function}
-
-
-def estimate_chat_tokens(chat: dict[str, Any]) -> int:
-    """Input tokens of a translated request, estimated: characters of every text, tool call
-    and tool definition, and images at a flat rate. The one place a better count goes."""
-    chars = 0
-    images = 0
-    for message in chat["messages"]:
-        content = message.get("content")
-        if isinstance(content, str):
-            chars += len(content)
-        elif isinstance(content, list):
-            for part in content:
-                if part.get("type") == "text":
-                    chars += len(part["text"])
-                else:
-                    images += 1
-        for call in message.get("tool_calls", ()):
-            chars += len(call["function"]["name"]) + len(call["function"]["arguments"])
-    if chat.get("tools"):
-        chars += len(json.dumps(chat["tools"]))
-    tokens = chars // CHARS_PER_TOKEN + IMAGE_TOKENS * images
-    return tokens + MESSAGE_OVERHEAD_TOKENS * len(chat["messages"])
 
 
 def count_message_tokens(body: dict[str, Any]) -> int:
