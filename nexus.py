@@ -6450,8 +6450,8 @@ CONTENT_LOG_CHARS = 10_000
 
 
 def answer_text(response: web.StreamResponse | None) -> str | None:
-    """The text of a non-streamed answer (OpenAI's or Anthropic's shape); streamed answers are
-    relayed chunk by chunk and never kept."""
+    """The text of a non-streamed answer (chat's, Anthropic's or the Responses API's shape);
+    streamed answers are relayed chunk by chunk and never kept."""
     if not isinstance(response, web.Response) or not isinstance(response.body, bytes):
         return None
     try:
@@ -6463,6 +6463,10 @@ def answer_text(response: web.StreamResponse | None) -> str | None:
     texts: list[Any] = []
     if isinstance(answer.get("content"), list):  # Anthropic's Messages
         texts = [block.get("text") for block in answer["content"] if isinstance(block, dict)]
+    elif isinstance(answer.get("output"), list):  # a Responses API response
+        for item in answer["output"]:
+            if isinstance(item, dict) and item.get("type") == "message":
+                texts += [p.get("text") for p in item.get("content") or () if isinstance(p, dict)]
     elif isinstance(answer.get("choices"), list):
         for choice in answer["choices"]:
             if isinstance(choice, dict):

@@ -634,3 +634,10 @@ async def test_real_llama_server_through_the_responses_api(llama_pair, nexus_fac
     final = events[-1].response
     assert "".join(deltas) == final.output_text == answer.output_text  # temperature 0
     assert final.usage is not None and final.usage.output_tokens == answer.usage.output_tokens
+
+
+async def test_content_logging_reads_a_response_object(backend_factory, nexus_factory):
+    """With log_content on, the answer logged is the response's text."""
+    _backend, nx = await start(backend_factory, nexus_factory)
+    _, _, raw = await post(nx, {"model": MODEL, "input": "hi"})
+    assert nexus.answer_text(web.Response(body=raw)) == "Hello from b"
