@@ -5790,6 +5790,7 @@ class ResponsesFormat(OpenAIFormat):
         }
 
     def status(self) -> str:
+        """The response's status once the answer ended (its items' too)."""
         return "incomplete" if self.finish in INCOMPLETE_REASONS else "completed"
 
     def final_usage(self, usage: Any, reasoning_chars: int) -> dict[str, Any]:
@@ -5808,17 +5809,16 @@ class ResponsesFormat(OpenAIFormat):
         if isinstance(parsed.get("model"), str) and parsed["model"]:
             self.model = parsed["model"]
         status = self.status()
-        item_status = "completed" if status == "completed" else "incomplete"
         reasoning = reasoning_of(message)
         if reasoning:
-            self.output.append(output_reasoning(reasoning, item_status))
+            self.output.append(output_reasoning(reasoning, status))
         text = message.get("content")
         if isinstance(text, list):  # some servers answer with content parts
             text = "".join(p.get("text", "") for p in text if isinstance(p, dict))
         text = text if isinstance(text, str) else ""
         calls = [c for c in message.get("tool_calls") or () if isinstance(c, dict)]
         if text or not calls:
-            self.output.append(output_message(text, item_status))
+            self.output.append(output_message(text, status))
         for call in calls:
             function = object_of(call.get("function"))
             arguments = function.get("arguments")
@@ -5939,11 +5939,8 @@ class ResponsesFormat(OpenAIFormat):
             done = {**where, "text": part["text"], "logprobs": []}
             out = self.event("response.output_text.done", done)
         out += self.event("response.content_part.done", {**where, "part": part})
-        item["status"] = self.item_status()
+        item["status"] = self.status()  # an item cut short is as incomplete as its response
         return out + self.event("response.output_item.done", {"output_index": index, "item": item})
-
-    def item_status(self) -> str:
-        return "incomplete" if self.finish in INCOMPLETE_REASONS else "completed"
 
     def call_delta(self, call: Any) -> bytes:
         """A chat tool call's head or argument fragment: a function_call item and its deltas."""
