@@ -5744,6 +5744,7 @@ class OllamaFormat(OpenAIFormat):
         self.first: float | None = None  # when the first answer text came
         self.output_chars = 0
         self.usage: dict[str, Any] | None = None
+        self.timings: dict[str, Any] | None = None  # llama.cpp's, on its last chunk
         self.done_reason = "stop"
         self.calls: dict[Any, dict[str, Any]] = {}  # a streamed tool call, by its index or id
         self.last_call: Any = None
@@ -5773,7 +5774,7 @@ class OllamaFormat(OpenAIFormat):
         prompt = token_count(usage.get("prompt_tokens"))
         completion = token_count(usage.get("completion_tokens"))
         now = time.perf_counter()
-        first = self.first or now
+        first = self.first or self.started  # a whole answer: its time was all generation
         prompt_seconds, eval_seconds = first - self.started, now - first
         if isinstance(timings, dict):  # llama.cpp's, in milliseconds
             prompt_ms, predicted_ms = timings.get("prompt_ms"), timings.get("predicted_ms")
@@ -5833,6 +5834,8 @@ class OllamaFormat(OpenAIFormat):
     def chunk(self, data: bytes, chunk: dict[str, Any]) -> bytes:
         if isinstance(chunk.get("usage"), dict):
             self.usage = chunk["usage"]
+        if isinstance(chunk.get("timings"), dict):
+            self.timings = chunk["timings"]
         if isinstance(chunk.get("model"), str) and chunk["model"]:
             self.model = chunk["model"]
         choices = chunk.get("choices")
@@ -5905,7 +5908,7 @@ class OllamaFormat(OpenAIFormat):
         final = self.piece("")
         final["done"] = True
         final["done_reason"] = self.done_reason
-        final.update(self.counts(self.usage))
+        final.update(self.counts(self.usage, self.timings))
         return out + self.line(final)
 
 

@@ -713,3 +713,117 @@ def test_stream_translator_gathers_parallel_tool_calls():
         ("g", {"y": 2}),
     ]
     assert lines[-1]["done"] is True and lines[-1]["done_reason"] == "stop"
+
+
+# --- an Ollama backend, natively ------------------------------------------------------------
+
+
+async def ndjson_error_first(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+    """An Ollama backend whose stream opens with an error line (a model that failed to load)."""
+    response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    await response.prepare(request)
+    await response.write(b'{"error": "llama runner process has terminated"}\n')
+    await response.write_eof()
+    return response
+
+
+async def test_native_stream_failing_before_its_first_line_fails_over(
+    backend_factory, nexus_factory, client
+):
+    first = await backend_factory("ollama", {"qwen": {}}, name="first")
+    second = await backend_factory("ollama", {"qwen": {}}, name="second")
+    nx = await nexus_factory(backends_toml(first, second, first={"priority": 1}))
+    first.behaviours.append(ndjson_error_first)
+    parts = [
+        p
+        async for p in await client(nx).chat(
+            model="qwen", messages=[{"role": "user", "content": "x"}], stream=True
+        )
+    ]
+    assert "".join(p.message.content for p in parts) == "Hello from second"
+    assert parts[-1].done is True and parts[-1].eval_count == 3
+    assert len(first.received) == 1 and len(second.received) == 1
+
+
+@pytest.mark.parametrize("kind", ["ollama", "llamacpp", "anthropic"])
+@pytest.mark.parametrize("stream", [False, True])
+async def test_token_counts_reach_stats(backend_factory, nexus_factory, kind, stream):
+    _backend, nx = await start(backend_factory, nexus_factory, kind)
+    request = {"model": "qwen", "messages": [{"role": "user", "content": "hi"}], "stream": stream}
+    status, headers, raw = await post(nx, "/api/chat", request)
+    assert status == 200
+    last = json.loads(raw.decode().splitlines()[-1])
+    assert last["done"] is True
+    async with aiohttp.ClientSession() as session, session.get(nx.url + "/v1/stats") as resp:
+        stats = await resp.json()
+    recent = {r["id"]: r for r in stats["recent"]}[headers["X-Request-Id"]]
+    assert recent["status"] == 200
+    assert recent["tokens"] == {
+        "prompt": last["prompt_eval_count"],
+        "completion": last["eval_count"],
+    }
+    assert recent["tokens"]["completion"] == 3  # the backend's own count of "Hello from be"
+
+
+# Bodies of every wrong shape, to every endpoint: each is answered 4xx in Ollama's shape.
+ODD_VALUES = [None, True, 0, -1, 1.5, "", "x", [], [None], {}, {"a": 1}, [[1]], "\u0000"]
+ODD_FIELDS = {
+    "/api/chat": ["model", "messages", "tools", "options", "format", "think", "stream", "images"],
+    "/api/generate": ["model", "prompt", "suffix", "system", "raw", "images", "options", "format"],
+    "/api/embed": ["model", "input", "dimensions", "truncate"],
+    "/api/embeddings": ["model", "prompt"],
+    "/api/show": ["model", "name"],
+}
+GOOD = {
+    "/api/chat": {"model": "qwen", "messages": [{"role": "user", "content": "x"}], "stream": False},
+    "/api/generate": {"model": "qwen", "prompt": "x", "stream": False},
+    "/api/embed": {"model": "embedder", "input": "x"},
+    "/api/embeddings": {"model": "embedder", "prompt": "x"},
+    "/api/show": {"model": "qwen"},
+}
+
+
+async def test_wrong_types_anywhere_are_never_a_500(backend_factory, nexus_factory):
+    backend, nx = await start(backend_factory, nexus_factory, "vllm")
+    statuses: dict[int, int] = {}
+    async with aiohttp.ClientSession() as session:
+        for path, fields in ODD_FIELDS.items():
+            for field in fields:
+                for value in ODD_VALUES:
+                    body = dict(GOOD[path], **{field: value})
+                    async with session.post(nx.url + path, json=body) as resp:
+                        raw = await resp.read()
+                    statuses[resp.status] = statuses.get(resp.status, 0) + 1
+                    assert resp.status < 500, (path, field, value, raw)
+                    if resp.status >= 400:
+                        assert list(json.loads(raw)) == ["error"], raw
+        for path in GOOD:
+            async with session.post(nx.url + path, json=GOOD[path]) as resp:
+                assert resp.status == 200, await resp.text()  # still serving
+    assert statuses.get(400, 0) > 50 and statuses.get(200, 0) > 10
+    assert backend.received  # the well-formed ones among them were served
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [{"role": "tool", "content": "orphan result"}],
+        [{"role": "assistant", "tool_calls": [{"function": {"name": "f"}}]}],
+        [{"role": "user", "content": "x", "images": ["data:image/png;base64," + PNG_1PX]}],
+        [{"role": "assistant", "content": "", "thinking": "hmm", "tool_calls": []}],
+    ],
+)
+async def test_odd_but_valid_histories_are_served(backend_factory, nexus_factory, messages):
+    backend, nx = await start(backend_factory, nexus_factory, "llamacpp")
+    nx.backend("be").models["qwen"].vision = True
+    status, _, raw = await post(
+        nx, "/api/chat", {"model": "qwen", "messages": messages, "stream": False}
+    )
+    assert status == 200, raw
+    chat = sent(backend)[1]["messages"]
+    assert len(chat) == len(messages)
+    for message in chat:
+        if message["role"] == "tool":
+            assert message["tool_call_id"]
+        for call in message.get("tool_calls", ()):
+            assert call["id"] and json.loads(call["function"]["arguments"]) == {}
