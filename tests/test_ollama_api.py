@@ -18,6 +18,7 @@ import ollama
 import pytest
 from aiohttp import web
 from conftest import backends_toml, chat_chunk, cloud_env, send_chunk, start_sse
+from real_engine import CONTEXT_SIZE, MODEL_ALIAS, PARALLEL_SLOTS
 
 import nexus
 
@@ -827,3 +828,41 @@ async def test_odd_but_valid_histories_are_served(backend_factory, nexus_factory
             assert message["tool_call_id"]
         for call in message.get("tool_calls", ()):
             assert call["id"] and json.loads(call["function"]["arguments"]) == {}
+
+
+# --- end to end: the real llama-server ----------------------------------------------------------
+
+
+@pytest.mark.engine
+async def test_real_llama_server_through_the_ollama_client(llama_pair, nexus_factory):
+    """The ollama client against Nexus in front of a real llama-server (SmolLM2-135M): list,
+    show (the per-slot context Nexus routes by), chat and generate, streamed and not."""
+    server = llama_pair[0]
+    nx = await nexus_factory(
+        f'[[backends]]\nname = "real"\nurl = "{server.url}"\ntype = "llamacpp"\n'
+    )
+    c = ollama.AsyncClient(host=nx.url, timeout=120)
+    try:
+        assert [m.model for m in (await c.list()).models] == [MODEL_ALIAS]
+        shown = await c.show(MODEL_ALIAS)
+        key = shown.modelinfo["general.architecture"] + ".context_length"
+        assert shown.modelinfo[key] == CONTEXT_SIZE // PARALLEL_SLOTS
+        options = {"num_predict": 16, "temperature": 0}
+        ask = [{"role": "user", "content": "Name three colours."}]
+        answer = await c.chat(model=MODEL_ALIAS, messages=ask, options=options, stream=False)
+        assert any(ch.isalpha() for ch in answer.message.content)
+        assert answer.done is True and answer.done_reason in ("stop", "length")
+        assert answer.prompt_eval_count > 0 and 0 < answer.eval_count <= 16
+        assert answer.eval_duration > 0 and answer.total_duration > 0
+        parts = [
+            p
+            async for p in await c.chat(
+                model=MODEL_ALIAS, messages=ask, options=options, stream=True
+            )
+        ]
+        assert "".join(p.message.content for p in parts) == answer.message.content
+        assert parts[-1].done is True and parts[-1].eval_count == answer.eval_count
+        generated = await c.generate(model=MODEL_ALIAS, prompt="The sky is", options=options)
+        assert any(ch.isalpha() for ch in generated.response) and generated.done is True
+    finally:
+        await c._client.aclose()
