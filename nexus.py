@@ -5458,9 +5458,12 @@ IMAGE_SIGNATURES = (
     ("UklGR", "image/webp"),
 )
 NANOSECONDS = 1_000_000_000
+# What routing needs, read from each kind of internal request.
+NEEDS_READERS = {"chat": chat_needs, "completions": completion_needs, "embeddings": embedding_needs}
 
 
 def is_ollama_path(path: str) -> bool:
+    """Whether a request is to Ollama's API (and is answered in its shape)."""
     return path.startswith(OLLAMA_PREFIX)
 
 
@@ -5635,6 +5638,7 @@ def ollama_messages(messages: Any) -> list[dict[str, Any]]:
 
 
 def ollama_tools(tools: Any) -> list[dict[str, Any]]:
+    """Ollama's tools as chat tools (the same function definitions, checked)."""
     if not isinstance(tools, list):
         raise bad_request("tools: must be an array", "tools")
     out = []
@@ -5659,6 +5663,7 @@ def ollama_to_chat(body: dict[str, Any]) -> dict[str, Any]:
 
 
 def optional_text(body: dict[str, Any], name: str) -> str:
+    """A field that may be absent or a string; "" when absent."""
     value = body.get(name)
     if value is None:
         return ""
@@ -6020,6 +6025,7 @@ def visible_model(request: web.Request, name: str) -> dict[str, Any]:
 
 
 def ollama_details(entry: dict[str, Any]) -> dict[str, Any]:
+    """A model's details as Ollama lists them: what Nexus knows (the alias's target), no more."""
     return {
         "parent_model": entry.get("alias_of", ""),
         "format": "",
@@ -6057,6 +6063,7 @@ def started_at(request: web.Request) -> str:
 
 
 async def ollama_version(request: web.Request) -> web.Response:
+    """GET /api/version."""
     return web.json_response({"version": OLLAMA_VERSION})
 
 
@@ -6135,9 +6142,7 @@ async def ollama_proxy(
 ) -> web.StreamResponse:
     """Route and send the internal request as chat completions are; a backend's refusal comes
     back in Ollama's error shape."""
-    needs = {"chat": chat_needs, "completions": completion_needs, "embeddings": embedding_needs}[
-        endpoint
-    ](internal)
+    needs = NEEDS_READERS[endpoint](internal)
     fmt.model, fmt.prompt_estimate = needs.model, needs.prompt_tokens
     raw = json.dumps(internal).encode()
     response = await proxy(request, endpoint, internal, raw, needs, fmt)
@@ -6185,6 +6190,7 @@ async def ollama_management(request: web.Request) -> web.Response:
 
 
 def add_ollama_routes(app: web.Application) -> None:
+    """The /api/* routes; other paths under /api/ are 404s in Ollama's shape."""
     app.router.add_get("/api/version", ollama_version)
     app.router.add_get("/api/tags", ollama_tags)
     app.router.add_get("/api/ps", ollama_ps)
