@@ -824,6 +824,14 @@ def answered_list(answer: tuple[int, Any] | None, key: str) -> bool:
     )
 
 
+async def is_nexus(pool: BackendPool, url: str, timeout: float) -> bool:
+    """Whether a Nexus answers at url: its `/health` has Nexus's fields."""
+    health = await probe_json(pool, url + "/health", timeout)
+    return bool(
+        health and isinstance(health[1], dict) and {"version", "backends"} <= health[1].keys()
+    )
+
+
 async def detect_backend_type(
     pool: BackendPool, url: str, timeout: float = PROBE_TIMEOUT_SECONDS
 ) -> str | None:
@@ -831,16 +839,17 @@ async def detect_backend_type(
 
     By the endpoints only that kind has: `/api/tags` → ollama, `/props` → llamacpp,
     `/api/v0/models` → lmstudio, `/v1/models` with `max_model_len` → vllm, on exo's port → exo,
-    else generic; a `/health` with Nexus's fields → nexus. Each request is bounded by timeout;
-    when nothing answers at all the first one ends the search.
+    else generic; a `/health` with Nexus's fields → nexus (which answers `/api/tags` and
+    `/v1/models` too). Each request is bounded by timeout; when nothing answers at all the first
+    one ends the search.
     """
     on_exo_port = urllib.parse.urlsplit(url).port == EXO_PORT
     if not on_exo_port:  # exo also speaks other dialects; on its own port it is exo
         answer = await probe_json(pool, url + "/api/tags", timeout)
         if answer is None:
             return None
-        if answered_list(answer, "models"):
-            return "ollama"
+        if answered_list(answer, "models"):  # a Nexus answers Ollama's API too
+            return NEXUS_TYPE if await is_nexus(pool, url, timeout) else "ollama"
         answer = await probe_json(pool, url + "/props", timeout)
         if answer and isinstance(answer[1], dict) and "default_generation_settings" in answer[1]:
             return "llamacpp"
@@ -849,8 +858,7 @@ async def detect_backend_type(
     answer = await probe_json(pool, url + "/v1/models", timeout)
     if not answered_list(answer, "data"):
         return None
-    health = await probe_json(pool, url + "/health", timeout)
-    if health and isinstance(health[1], dict) and {"version", "backends"} <= health[1].keys():
+    if await is_nexus(pool, url, timeout):
         return NEXUS_TYPE
     if on_exo_port:
         return "exo"
