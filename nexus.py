@@ -6131,8 +6131,9 @@ async def ollama_show(request: web.Request) -> web.Response:
 
 
 def ollama_loaded(request: web.Request, body: dict[str, Any], kind: str) -> web.Response:
-    """A request with nothing to answer (no prompt, no messages): Ollama's way to load a model.
-    Nexus's backends load on demand, so it is answered done at once, for a model there is."""
+    """A request with nothing to answer (no prompt, no messages): Ollama's way to load a model
+    (or, with keep_alive 0, to unload it). Backends load and unload models themselves, so it is
+    answered done at once, for a model there is."""
     model = require_model(body)
     ollama_stream_flag(body)
     visible_model(request, model)
@@ -6141,7 +6142,8 @@ def ollama_loaded(request: web.Request, body: dict[str, Any], kind: str) -> web.
         answer["message"] = {"role": "assistant", "content": ""}
     else:
         answer["response"] = ""
-    answer.update(done=True, done_reason="load")
+    unload = body.get("keep_alive") in (0, "0", "0s", "0m")  # Ollama's way to unload
+    answer.update(done=True, done_reason="unload" if unload else "load")
     return web.json_response(answer)
 
 

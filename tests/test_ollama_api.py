@@ -866,3 +866,106 @@ async def test_real_llama_server_through_the_ollama_client(llama_pair, nexus_fac
         assert any(ch.isalpha() for ch in generated.response) and generated.done is True
     finally:
         await c._client.aclose()
+
+
+def reasoning_reply(finish: str):
+    """An OpenAI-style backend answering with reasoning_content, then text, then `finish`."""
+
+    async def behaviour(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        model = body["model"]
+        if not body.get("stream"):
+            message = {"role": "assistant", "content": "Four.", "reasoning_content": "2+2=4"}
+            return web.json_response(
+                {
+                    "id": "chatcmpl-r",
+                    "object": "chat.completion",
+                    "created": int(time.time()),
+                    "model": model,
+                    "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+                }
+            )
+        response = await start_sse(request)
+        for delta in (
+            {"reasoning_content": "2+2"},
+            {"reasoning_content": "=4"},
+            {"content": "Four."},
+        ):
+            await send_chunk(response, chat_chunk(model, delta, None))
+        await send_chunk(response, chat_chunk(model, {}, finish))
+        await response.write(b"data: [DONE]\n\n")
+        return response
+
+    return behaviour
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_thinking_and_length_stop(backend_factory, nexus_factory, client, stream):
+    backend, nx = await start(backend_factory, nexus_factory, "vllm")
+    backend.behaviours.append(reasoning_reply("length"))
+    c = client(nx)
+    ask = [{"role": "user", "content": "2+2?"}]
+    if stream:
+        parts = [p async for p in await c.chat(model="qwen", messages=ask, think=True, stream=True)]
+        thinking = "".join(p.message.thinking or "" for p in parts)
+        text = "".join(p.message.content or "" for p in parts)
+        last = parts[-1]
+    else:
+        last = await c.chat(model="qwen", messages=ask, think=True, stream=False)
+        thinking, text = last.message.thinking, last.message.content
+    assert thinking == "2+2=4" and text == "Four."
+    assert last.done is True and last.done_reason == "length"
+    assert last.eval_count > 0 and last.prompt_eval_count > 0  # estimated: no usage was sent
+    backend.behaviours.append(reasoning_reply("stop"))
+    answer = await c.generate(model="qwen", prompt="2+2?", think=True, stream=stream)
+    if stream:
+        answer = [p async for p in answer]
+        assert "".join(p.thinking or "" for p in answer) == "2+2=4"
+        assert answer[-1].done_reason == "stop"
+    else:
+        assert answer.thinking == "2+2=4" and answer.response == "Four."
+
+
+async def test_unload_request_is_answered_without_inference(backend_factory, nexus_factory, client):
+    backend, nx = await start(backend_factory, nexus_factory, "llamacpp")
+    answer = await client(nx).generate(model="qwen", keep_alive=0)
+    assert answer.done is True and answer.done_reason == "unload"
+    assert backend.received == []
+
+
+async def anthropic_error_mid_stream(
+    request: web.Request, body: dict[str, Any]
+) -> web.StreamResponse:
+    """An Anthropic backend that starts a message, sends some text, then an error event."""
+    response = await start_sse(request)
+
+    async def event(name: str, data: dict[str, Any]) -> None:
+        await response.write(f"event: {name}\ndata: {json.dumps(data)}\n\n".encode())
+
+    message = {"id": "msg_x", "type": "message", "role": "assistant", "model": body["model"]}
+    message.update(content=[], stop_reason=None, usage={"input_tokens": 5, "output_tokens": 1})
+    await event("message_start", {"type": "message_start", "message": message})
+    block = {
+        "type": "content_block_start",
+        "index": 0,
+        "content_block": {"type": "text", "text": ""},
+    }
+    await event("content_block_start", block)
+    delta = {"type": "content_block_delta", "index": 0}
+    await event("content_block_delta", dict(delta, delta={"type": "text_delta", "text": "partial"}))
+    error = {"type": "overloaded_error", "message": "Overloaded"}
+    await event("error", {"type": "error", "error": error})
+    await response.write_eof()
+    return response
+
+
+async def test_anthropic_error_mid_stream_ends_with_an_error_line(backend_factory, nexus_factory):
+    backend, nx = await start(backend_factory, nexus_factory, "anthropic")
+    backend.behaviours.append(anthropic_error_mid_stream)
+    status, _, raw = await post(
+        nx, "/api/chat", {"model": "qwen", "messages": [{"role": "user", "content": "x"}]}
+    )
+    assert status == 200
+    lines = [json.loads(line) for line in raw.decode().splitlines()]
+    assert lines[0]["message"]["content"] == "partial"
+    assert list(lines[-1]) == ["error"] and lines[-1]["error"]
+    assert not any(line.get("done") for line in lines)
