@@ -4236,7 +4236,7 @@ async def send_attempt(
                 out_headers["X-Nexus-Cost-Estimated"] = await prompt_cost(request, attempt)
             if speaks_natively(fmt, adapter) and fmt.content_type == NDJSON:
                 return await relay_ndjson_stream(
-                    request, record, attempt, upstream, out_headers, limits
+                    request, record, attempt, upstream, out_headers, limits, fmt
                 )
             if speaks_natively(fmt, adapter):
                 return await relay_native_stream(
@@ -5733,6 +5733,17 @@ def ollama_embed_to_internal(body: dict[str, Any], legacy: bool) -> dict[str, An
     return out
 
 
+def ollama_usage(answer: dict[str, Any]) -> dict[str, int]:
+    """A native Ollama answer's counts as chat usage."""
+    prompt = token_count(answer.get("prompt_eval_count")) or 0
+    completion = token_count(answer.get("eval_count")) or 0
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+
+
 class OllamaFormat(OpenAIFormat):
     """Writes chat, completion and embedding answers as Ollama's: the whole answer, or an NDJSON
     stream whose last line says done with the token counts and durations. One instance serves
@@ -5741,7 +5752,9 @@ class OllamaFormat(OpenAIFormat):
     Streamed tool calls are gathered (their arguments come in fragments) and sent whole, with
     arguments as objects, when the answer finishes, as Ollama sends them.
 
-    Native seam: `native_body` is the client's own request, `native_path` where it goes."""
+    Native seam: an Ollama backend is sent `native_body` (the client's own request) at
+    `native_path`; its stream is relayed line by line through native_line, which keeps the
+    done line's counts in `native_usage` (chat terms); answer_usage reads a whole answer's."""
 
     keeps_usage = True
     native_api = "ollama"
@@ -5762,6 +5775,8 @@ class OllamaFormat(OpenAIFormat):
         self.calls: dict[Any, dict[str, Any]] = {}  # a streamed tool call, by its index or id
         self.last_call: Any = None
         self.failed = False
+        self.native = False  # an Ollama backend's own lines are being relayed
+        self.native_usage: dict[str, int] = {}
 
     def piece(self, text: str, thinking: str = "", calls: list[Any] | None = None) -> dict:
         """One answer object (a stream line, or the whole answer's start)."""
@@ -5910,13 +5925,42 @@ class OllamaFormat(OpenAIFormat):
     def line(document: dict[str, Any]) -> bytes:
         return json.dumps(document, ensure_ascii=False).encode() + b"\n"
 
+    @staticmethod
+    def error_document(error: NexusError) -> dict[str, Any]:
+        """An error as Ollama's API writes it."""
+        return {"error": error.message}
+
+    def answer_usage(self, parsed: dict[str, Any]) -> dict[str, int]:
+        """A native whole answer's counts, as chat usage."""
+        return ollama_usage(parsed)
+
+    def native_line(self, line: bytes) -> tuple[bytes, str | None]:
+        """One line of an Ollama backend's stream, relayed as it is: "end" on the done line
+        (its counts kept), "error" on an error line; a line that is not an object is dropped."""
+        self.native = True
+        try:
+            document = parse_json(line)
+        except ValueError:
+            return b"", None
+        if not isinstance(document, dict):
+            return b"", None
+        if "error" in document:
+            self.failed = True
+            return line + b"\n", "error"
+        if document.get("done") is True:
+            self.native_usage = ollama_usage(document)
+            return line + b"\n", "end"
+        return line + b"\n", None
+
     def error(self, endpoint: str, model: str, message: str) -> bytes:
+        if self.failed:
+            return b""  # the backend's own error line said it
         self.failed = True
         return self.line({"error": message})
 
     def end(self) -> bytes:
-        if self.failed:
-            return b""  # the error line was the stream's last word
+        if self.failed or self.native:
+            return b""  # the error line, or the backend's own done line, was the last word
         out = self.flush_calls()
         final = self.piece("")
         final["done"] = True
@@ -5942,17 +5986,6 @@ def ollama_tool_call(call: Any, index: int) -> dict[str, Any] | None:
     return out
 
 
-def ollama_usage(answer: dict[str, Any]) -> dict[str, int]:
-    """A native Ollama answer's counts as chat usage."""
-    prompt = token_count(answer.get("prompt_eval_count")) or 0
-    completion = token_count(answer.get("eval_count")) or 0
-    return {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-    }
-
-
 async def relay_ndjson_stream(
     request: web.Request,
     record: RequestRecord,
@@ -5960,16 +5993,16 @@ async def relay_ndjson_stream(
     upstream: BackendConnection,
     headers: dict[str, str],
     limits: WaitLimits,
+    fmt: OllamaFormat,
 ) -> web.StreamResponse:
     """An Ollama backend's NDJSON stream to an /api/* client, relayed line by line as it
-    arrives; the counts are read from its done line. Until its first line is out (an error line
-    is not) a failure may still be retried elsewhere; after it, a cut or stalled stream ends
-    with an {"error": ...} line."""
+    arrives (fmt.native_line reads each, and the counts on the done line). Until its first
+    line is out (an error line is not) a failure may still be retried elsewhere; after it, a
+    cut or stalled stream ends with an {"error": ...} line."""
     app = request.app
     backend = attempt.backend
     content = SseLines(upstream)  # NDJSON: one object a line, as SSE's data lines are
     response: web.StreamResponse | None = None
-    counts: dict[str, Any] = {}
     finished = False
     problem = ""
     try:
@@ -5980,36 +6013,30 @@ async def relay_ndjson_stream(
             if not line:
                 problem = problem or "the backend ended the stream before the answer was complete"
                 break
-            try:
-                document = parse_json(line)
-            except ValueError:
-                continue  # a malformed line is dropped; the stream goes on
-            if not isinstance(document, dict):
-                continue
-            if "error" in document:
+            out, kind = fmt.native_line(line)
+            if kind == "error":
                 if response is None:
                     raise attempt_failure(app, backend, 502, "reported an error")
-                record.status = 502
-            elif document.get("done") is True:
-                counts = document
-                upstream.whole = True  # its connection may serve the next request
-            finished = "error" in document or document.get("done") is True
+                problem = "the backend reported an error mid-stream"
+            finished = kind is not None
+            upstream.whole = kind == "end"  # its connection may serve the next request
+            if not out:
+                continue
             if response is None:
                 record.ttft_ms = (time.perf_counter() - record.started) * 1000
-                response = await start_stream(request, headers, NDJSON)
-            await response.write(line + b"\n")
+                response = await start_stream(request, headers, fmt.content_type)
+            await response.write(out)
         assert response is not None
-        if counts:
-            note_usage(record, ollama_usage(counts))
+        note_usage(record, fmt.native_usage)
         if backend.is_cloud:
             await settle_cost(request, record, attempt, [])
         if problem:
             note_stream_problem(app, record, backend, problem)
-            await response.write(OllamaFormat.line({"error": problem + "."}))
-        elif not record.status:
+            await response.write(fmt.error(record.endpoint, attempt.model, problem + "."))
+        else:
             record.status = 200
             note_success(app, record, backend)
-        await response.write_eof()
+        await response.write_eof(fmt.end())
     except ConnectionError:
         record.status = 499  # the client went away: the backend request ends with this one
         upstream.close()
@@ -6018,7 +6045,7 @@ async def relay_ndjson_stream(
     except Exception:
         if response is None:
             raise  # nothing sent yet: the request ends in a plain error answer
-        ending = OllamaFormat.line({"error": INTERNAL_STREAM_ERROR})
+        ending = fmt.error(record.endpoint, attempt.model, INTERNAL_STREAM_ERROR)
         await end_after_internal_error(record, backend, response, ending)
     return response
 
@@ -6859,7 +6886,7 @@ def error_response(error: NexusError, request: web.Request) -> web.Response:
     if is_messages_path(request.path):
         document = anthropic_error(error)
     elif is_ollama_path(request.path):
-        document = {"error": error.message}
+        document = OllamaFormat.error_document(error)
     else:
         document = error.envelope()
     return web.json_response(document, status=error.status, headers=headers)

@@ -969,3 +969,31 @@ async def test_anthropic_error_mid_stream_ends_with_an_error_line(backend_factor
     assert lines[0]["message"]["content"] == "partial"
     assert list(lines[-1]) == ["error"] and lines[-1]["error"]
     assert not any(line.get("done") for line in lines)
+
+
+async def ndjson_error_mid_stream(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+    """An Ollama backend that answers a line, then reports an error on its own line."""
+    response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    await response.prepare(request)
+    line = {"model": body["model"], "message": {"role": "assistant", "content": "partial"}}
+    await response.write(json.dumps(dict(line, done=False)).encode() + b"\n")
+    await response.write(b'{"error": "out of memory"}\n')
+    await response.write_eof()
+    return response
+
+
+async def test_native_error_line_mid_stream_is_the_last_line(backend_factory, nexus_factory):
+    backend, nx = await start(backend_factory, nexus_factory, "ollama")
+    backend.behaviours.append(ndjson_error_mid_stream)
+    status, headers, raw = await post(
+        nx, "/api/chat", {"model": "qwen", "messages": [{"role": "user", "content": "x"}]}
+    )
+    assert status == 200
+    lines = [json.loads(line) for line in raw.decode().splitlines()]
+    assert lines == [
+        {"model": "qwen", "message": {"role": "assistant", "content": "partial"}, "done": False},
+        {"error": "out of memory"},
+    ]
+    async with aiohttp.ClientSession() as session, session.get(nx.url + "/v1/stats") as resp:
+        stats = await resp.json()
+    assert {r["id"]: r for r in stats["recent"]}[headers["X-Request-Id"]]["status"] == 502
