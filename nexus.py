@@ -5458,6 +5458,7 @@ OLLAMA_SAMPLING_OPTIONS = (
     "frequency_penalty",
 )
 OLLAMA_THINK_LEVELS = ("low", "medium", "high")
+OLLAMA_ROLES = ("system", "user", "assistant", "tool")
 # Base64 images carry no media type; the first bytes of the common formats tell it.
 IMAGE_SIGNATURES = (
     ("/9j/", "image/jpeg"),
@@ -5624,8 +5625,8 @@ def ollama_messages(messages: Any) -> list[dict[str, Any]]:
         if not isinstance(message, dict):
             raise bad_request(f"{where}: must be an object", "messages")
         role = message.get("role")
-        if not isinstance(role, str) or not role:
-            raise bad_request(f"{where}.role: must be a string", "messages")
+        if role not in OLLAMA_ROLES:
+            raise bad_request(f"{where}.role: must be one of {', '.join(OLLAMA_ROLES)}", "messages")
         content = message.get("content")
         if content is None:
             content = ""

@@ -471,6 +471,7 @@ BAD_BODIES = [
     (b'{"model": 5, "messages": []}', "model"),
     (b'{"model": "qwen", "messages": "hi"}', "messages"),
     (b'{"model": "qwen", "messages": [1]}', "messages[0]"),
+    (b'{"model": "qwen", "messages": [{"role": "robot", "content": "x"}]}', "messages[0].role"),
     (b'{"model": "qwen", "messages": [{"role": "user", "content": 5}]}', "content"),
     (
         b'{"model": "qwen", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}',
