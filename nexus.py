@@ -824,6 +824,14 @@ def answered_list(answer: tuple[int, Any] | None, key: str) -> bool:
     )
 
 
+async def is_nexus(pool: BackendPool, url: str, timeout: float) -> bool:
+    """Whether a Nexus answers at url: its `/health` has Nexus's fields."""
+    health = await probe_json(pool, url + "/health", timeout)
+    return bool(
+        health and isinstance(health[1], dict) and {"version", "backends"} <= health[1].keys()
+    )
+
+
 async def detect_backend_type(
     pool: BackendPool, url: str, timeout: float = PROBE_TIMEOUT_SECONDS
 ) -> str | None:
@@ -831,16 +839,17 @@ async def detect_backend_type(
 
     By the endpoints only that kind has: `/api/tags` → ollama, `/props` → llamacpp,
     `/api/v0/models` → lmstudio, `/v1/models` with `max_model_len` → vllm, on exo's port → exo,
-    else generic; a `/health` with Nexus's fields → nexus. Each request is bounded by timeout;
-    when nothing answers at all the first one ends the search.
+    else generic; a `/health` with Nexus's fields → nexus (which answers `/api/tags` and
+    `/v1/models` too). Each request is bounded by timeout; when nothing answers at all the first
+    one ends the search.
     """
     on_exo_port = urllib.parse.urlsplit(url).port == EXO_PORT
     if not on_exo_port:  # exo also speaks other dialects; on its own port it is exo
         answer = await probe_json(pool, url + "/api/tags", timeout)
         if answer is None:
             return None
-        if answered_list(answer, "models"):
-            return "ollama"
+        if answered_list(answer, "models"):  # a Nexus answers Ollama's API too
+            return NEXUS_TYPE if await is_nexus(pool, url, timeout) else "ollama"
         answer = await probe_json(pool, url + "/props", timeout)
         if answer and isinstance(answer[1], dict) and "default_generation_settings" in answer[1]:
             return "llamacpp"
@@ -849,8 +858,7 @@ async def detect_backend_type(
     answer = await probe_json(pool, url + "/v1/models", timeout)
     if not answered_list(answer, "data"):
         return None
-    health = await probe_json(pool, url + "/health", timeout)
-    if health and isinstance(health[1], dict) and {"version", "backends"} <= health[1].keys():
+    if await is_nexus(pool, url, timeout):
         return NEXUS_TYPE
     if on_exo_port:
         return "exo"
@@ -1727,11 +1735,16 @@ def token_count(value: Any) -> int | None:
 
 def usage_from(usage: Any) -> TokenUsage | None:
     """Any API's usage object as TokenUsage: chat's (prompt_tokens, cached ones in its
-    details), Anthropic's (input_tokens without the cached ones, given apart) or the Responses
-    API's (input_tokens with them, input_tokens_details). None when it says nothing."""
+    details), Anthropic's (input_tokens without the cached ones, given apart), the Responses
+    API's (input_tokens with them, input_tokens_details) or the counts on an Ollama answer
+    (prompt_eval_count, eval_count). None when it says nothing."""
     if not isinstance(usage, dict):
         return None
-    if "prompt_tokens" in usage or "completion_tokens" in usage:
+    if "prompt_eval_count" in usage or "eval_count" in usage:
+        prompt = token_count(usage.get("prompt_eval_count")) or 0
+        completion = token_count(usage.get("eval_count")) or 0
+        cached = written = 0
+    elif "prompt_tokens" in usage or "completion_tokens" in usage:
         prompt = token_count(usage.get("prompt_tokens")) or 0
         completion = token_count(usage.get("completion_tokens")) or 0
         details = usage.get("prompt_tokens_details")
@@ -2102,6 +2115,8 @@ def find_key(keys: list[ApiKey], presented: str) -> ApiKey | None:
 
 
 def needs_key(path: str) -> bool:
+    if path.startswith("/api/"):  # Ollama's API (its version, like /health, stays open)
+        return path != "/api/version"
     return path.startswith("/v1/") and path not in OPEN_V1_PATHS
 
 
@@ -3156,10 +3171,6 @@ class OpenAICompatibleAdapter:
         """A 4xx answer as the client will get it."""
         return answer
 
-    def usage(self, answer: dict[str, Any]) -> Any:
-        """A whole answer's usage, in chat terms."""
-        return answer.get("usage")
-
     def stream_reader(self, content: BackendConnection, model: str) -> Any:
         """Where a stream's SSE lines are read: the body's lines themselves, or a translator
         with the same readline() and buffered() that turns another API's events into chunks."""
@@ -3242,6 +3253,7 @@ class OllamaAdapter(OpenAICompatibleAdapter):
     """
 
     stream_usage = True
+    api = "ollama"  # its own API too: /api/* requests are sent to it as they are
 
     def __init__(self) -> None:
         self.details: dict[tuple[str, str, str], Model] = {}
@@ -4872,8 +4884,20 @@ async def serve_door(request: web.Request, door: type[OpenAIFormat]) -> web.Stre
     chat = door.chat_request(body)
     needs = chat_needs(chat)
     needs.prompt_tokens = estimate_chat_tokens(chat)  # tool definitions count too
-    fmt = door(body, needs)
-    response = await proxy(request, "chat", chat, json.dumps(chat).encode(), needs, fmt)
+    return await send_through_door(request, "chat", chat, needs, door(body, needs))
+
+
+async def send_through_door(
+    request: web.Request,
+    endpoint: str,
+    internal: dict[str, Any],
+    needs: RequestNeeds,
+    fmt: OpenAIFormat,
+) -> web.StreamResponse:
+    """Route and send a door's internal request as a chat completions request is sent; a
+    backend's own refusal comes back in the door's error shape."""
+    raw = json.dumps(internal).encode()
+    response = await proxy(request, endpoint, internal, raw, needs, fmt)
     if response.status >= 400 and isinstance(response, web.Response):
         raise backend_refusal(response)
     return response
@@ -5272,7 +5296,7 @@ class AnthropicFormat(OpenAIFormat):
     for backends that report no usage).
 
     An anthropic backend speaks Messages itself: it is sent the client's own request and its
-    answer, events included, is relayed untranslated (native_line reads them on the way).
+    answer, events included, is relayed untranslated (AnthropicEvents reads them on the way).
     """
 
     keeps_usage = True
@@ -6026,6 +6050,757 @@ async def responses(request: web.Request) -> web.StreamResponse:
 
 
 # ==============================================================================================
+# Ollama API
+# Owns: /api/* (SPEC §2.1), Ollama's own API in front of every backend. A chat, generate or
+# embed request becomes the internal chat, completions or embeddings request; its answer (whole,
+# or streamed as NDJSON) becomes Ollama's; errors are {"error": "..."}. The model list, show and
+# ps are answered from the registry.
+# Must not: route or send anything itself; the proxy does, with an OllamaFormat writing.
+# ==============================================================================================
+
+OLLAMA_PREFIX = "/api/"
+# The Ollama release whose API (endpoints, fields) Nexus answers as: clients gate features on it.
+OLLAMA_VERSION = "0.13.0"
+# Ollama's show names the model's architecture and keys its context length by it; Nexus does
+# not know the architecture of every backend's model, so its own name stands in.
+OLLAMA_ARCHITECTURE = "nexus"
+OLLAMA_INFERENCE_PATHS = {
+    "/api/chat": "chat",
+    "/api/generate": "chat",
+    "/api/embed": "embeddings",
+    "/api/embeddings": "embeddings",
+}
+OLLAMA_MANAGEMENT_PATHS = (
+    "/api/pull",
+    "/api/push",
+    "/api/create",
+    "/api/copy",
+    "/api/delete",
+    "/api/blobs/{digest}",
+)
+NDJSON = "application/x-ndjson"
+# Ollama's sampling options that mean the same in a chat or completions request.
+OLLAMA_SAMPLING_OPTIONS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+)
+OLLAMA_THINK_LEVELS = ("low", "medium", "high")
+OLLAMA_ROLES = ("system", "user", "assistant", "tool")
+# Base64 images carry no media type; the first bytes of the common formats tell it.
+IMAGE_SIGNATURES = (
+    ("/9j/", "image/jpeg"),
+    ("iVBOR", "image/png"),
+    ("R0lGOD", "image/gif"),
+    ("UklGR", "image/webp"),
+)
+NANOSECONDS = 1_000_000_000
+# What routing needs, read from each kind of internal request.
+NEEDS_READERS = {"chat": chat_needs, "completions": completion_needs, "embeddings": embedding_needs}
+
+
+def ollama_time(seconds: float | None = None) -> str:
+    """A time as Ollama writes it (RFC 3339, UTC); now when none is given."""
+    when = dt.datetime.fromtimestamp(time.time() if seconds is None else seconds, dt.UTC)
+    return when.isoformat().replace("+00:00", "Z")
+
+
+def ollama_stream_flag(body: dict[str, Any]) -> bool:
+    """Ollama streams unless told not to."""
+    stream = body.get("stream")
+    if stream is None:
+        return True
+    if not isinstance(stream, bool):
+        raise bad_request("stream: must be a boolean", "stream")
+    return stream
+
+
+def ollama_options(body: dict[str, Any], out: dict[str, Any]) -> None:
+    """`options` as chat fields: sampling, stop and num_predict (max_tokens); the rest (num_ctx,
+    num_gpu, ...) are the Ollama server's own and mean nothing to other backends."""
+    options = body.get("options")
+    if options is None:
+        return
+    if not isinstance(options, dict):
+        raise bad_request("options: must be an object", "options")
+    for name in OLLAMA_SAMPLING_OPTIONS:
+        value = options.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise bad_request(f"options.{name}: must be a number", "options")
+        out[name] = value
+    stop = options.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is not None:
+        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+            raise bad_request("options.stop: must be an array of strings", "options")
+        if stop:
+            out["stop"] = stop
+    predict = options.get("num_predict")
+    if predict is not None:
+        if isinstance(predict, bool) or not isinstance(predict, int):
+            raise bad_request("options.num_predict: must be an integer", "options")
+        if predict > 0:  # -1 and -2 mean "until the model stops" / "fill the context"
+            out["max_tokens"] = predict
+
+
+def ollama_shared_fields(body: dict[str, Any], out: dict[str, Any]) -> None:
+    """What chat and generate requests share: stream, options, format and think."""
+    out["stream"] = ollama_stream_flag(body)
+    ollama_options(body, out)
+    form = body.get("format")
+    if form == "json":
+        out["response_format"] = {"type": "json_object"}
+    elif isinstance(form, dict):
+        schema = {"name": "response", "schema": form}
+        out["response_format"] = {"type": "json_schema", "json_schema": schema}
+    elif form not in (None, ""):
+        raise bad_request('format: must be "json" or a JSON schema object', "format")
+    think = body.get("think")
+    if isinstance(think, bool):  # what vLLM's and llama.cpp's chat templates read
+        out["chat_template_kwargs"] = {"enable_thinking": think}
+    elif think in OLLAMA_THINK_LEVELS:
+        out["reasoning_effort"] = think
+    elif think is not None:
+        raise bad_request('think: must be true, false, "low", "medium" or "high"', "think")
+
+
+def ollama_image_parts(images: Any, where: str) -> list[dict[str, Any]]:
+    """Ollama's base64 images as chat image parts (data URLs), which routing sees as vision."""
+    if images is None:
+        return []
+    if not isinstance(images, list):
+        raise bad_request(f"{where}images: must be an array of base64 strings", "images")
+    parts = []
+    for i, image in enumerate(images):
+        if not isinstance(image, str) or not image:
+            raise bad_request(f"{where}images[{i}]: must be a base64 string", "images")
+        if image.startswith("data:"):
+            url = image
+        else:
+            media = next((m for sig, m in IMAGE_SIGNATURES if image.startswith(sig)), "image/png")
+            url = f"data:{media};base64,{image}"
+        parts.append({"type": "image_url", "image_url": {"url": url}})
+    return parts
+
+
+def ollama_tool_calls(calls: Any, where: str, pending: list[tuple[str, str]]) -> list[Any]:
+    """An assistant's tool calls (arguments as objects) as chat tool calls (arguments as JSON
+    text), each with an id; the ids wait in `pending` for the tool messages that answer them."""
+    if calls is None:
+        return []
+    if not isinstance(calls, list):
+        raise bad_request(f"{where}.tool_calls: must be an array", "messages")
+    out = []
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise bad_request(f"{where}.tool_calls[{j}]: needs a function with a name", "messages")
+        arguments = function.get("arguments")
+        if arguments is None:
+            arguments = {}
+        if isinstance(arguments, dict):
+            arguments = json.dumps(arguments, ensure_ascii=False)
+        elif not isinstance(arguments, str):
+            raise bad_request(
+                f"{where}.tool_calls[{j}].function.arguments: must be an object", "messages"
+            )
+        call_id = call.get("id")
+        if not isinstance(call_id, str) or not call_id:
+            call_id = new_block_id("call_")
+        pending.append((function["name"], call_id))
+        out.append(
+            {
+                "id": call_id,
+                "type": "function",
+                "function": {"name": function["name"], "arguments": arguments},
+            }
+        )
+    return out
+
+
+def answered_call_id(message: dict[str, Any], pending: list[tuple[str, str]]) -> str:
+    """The id of the tool call a tool message answers: its own, else the first open call of the
+    tool it names (Ollama's tool_name), else the first open call."""
+    if isinstance(message.get("tool_call_id"), str) and message["tool_call_id"]:
+        found = message["tool_call_id"]
+        pending[:] = [p for p in pending if p[1] != found]
+        return found
+    name = message.get("tool_name") or message.get("name")
+    for i, (tool, call_id) in enumerate(pending):
+        if tool == name:
+            del pending[i]
+            return call_id
+    return pending.pop(0)[1] if pending else new_block_id("call_")
+
+
+def ollama_messages(messages: Any) -> list[dict[str, Any]]:
+    """Ollama chat messages as chat messages: images become image parts, tool calls get ids and
+    their arguments as JSON text, tool messages the id of the call they answer."""
+    if not isinstance(messages, list):
+        raise bad_request("messages: must be an array of messages", "messages")
+    out: list[dict[str, Any]] = []
+    pending: list[tuple[str, str]] = []
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise bad_request(f"{where}: must be an object", "messages")
+        role = message.get("role")
+        if role not in OLLAMA_ROLES:
+            raise bad_request(f"{where}.role: must be one of {', '.join(OLLAMA_ROLES)}", "messages")
+        content = message.get("content")
+        if content is None:
+            content = ""
+        if not isinstance(content, str):
+            raise bad_request(f"{where}.content: must be a string", "messages")
+        images = ollama_image_parts(message.get("images"), where + ".")
+        chat: dict[str, Any] = {"role": role, "content": content}
+        if images:
+            chat["content"] = [{"type": "text", "text": content}, *images] if content else images
+        if role == "assistant":
+            calls = ollama_tool_calls(message.get("tool_calls"), where, pending)
+            if calls:
+                chat["tool_calls"] = calls
+        elif role == "tool":
+            chat["tool_call_id"] = answered_call_id(message, pending)
+        out.append(chat)
+    return out
+
+
+def ollama_tools(tools: Any) -> list[dict[str, Any]]:
+    """Ollama's tools as chat tools (the same function definitions, checked)."""
+    if not isinstance(tools, list):
+        raise bad_request("tools: must be an array", "tools")
+    out = []
+    for i, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise bad_request(f"tools[{i}]: needs a function with a name", "tools")
+        out.append({"type": "function", "function": function})
+    return out
+
+
+def ollama_to_chat(body: dict[str, Any]) -> dict[str, Any]:
+    """An /api/chat request as the internal chat request."""
+    chat: dict[str, Any] = {"model": require_model(body)}
+    chat["messages"] = ollama_messages(body.get("messages"))
+    if body.get("tools") is not None:
+        tools = ollama_tools(body["tools"])
+        if tools:
+            chat["tools"] = tools
+    ollama_shared_fields(body, chat)
+    return chat
+
+
+def optional_text(body: dict[str, Any], name: str) -> str:
+    """A field that may be absent or a string; "" when absent."""
+    value = body.get(name)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise bad_request(f"{name}: must be a string", name)
+    return value
+
+
+def ollama_generate_to_internal(body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """An /api/generate request as the internal request: chat (system and the prompt, with its
+    images), or a completion where the prompt is raw or has a suffix (fill in the middle)."""
+    model = require_model(body)
+    prompt = optional_text(body, "prompt")
+    suffix = optional_text(body, "suffix")
+    system = optional_text(body, "system")
+    raw = body.get("raw")
+    if raw is not None and not isinstance(raw, bool):
+        raise bad_request("raw: must be a boolean", "raw")
+    images = ollama_image_parts(body.get("images"), "")
+    if raw or suffix:
+        if images:
+            raise bad_request(
+                "images: not served with raw or suffix (a plain completion)", "images"
+            )
+        request: dict[str, Any] = {"model": model, "prompt": prompt}
+        if suffix:
+            request["suffix"] = suffix
+        ollama_shared_fields(body, request)
+        return "completions", request
+    messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
+    content: Any = [{"type": "text", "text": prompt}, *images] if images else prompt
+    messages.append({"role": "user", "content": content})
+    chat = {"model": model, "messages": messages}
+    ollama_shared_fields(body, chat)
+    return "chat", chat
+
+
+def ollama_embed_to_internal(body: dict[str, Any], legacy: bool) -> dict[str, Any]:
+    """/api/embed (input: a string or strings) or the older /api/embeddings (prompt: one
+    string) as an embeddings request."""
+    model = require_model(body)
+    if legacy:
+        text = body.get("prompt")
+        if not isinstance(text, str):
+            raise bad_request("prompt: must be a string", "prompt")
+        return {"model": model, "input": text}
+    value = body.get("input")
+    if not (
+        isinstance(value, str)
+        or (isinstance(value, list) and value and all(isinstance(v, str) for v in value))
+    ):
+        raise bad_request("input: must be a string or a non-empty array of strings", "input")
+    out: dict[str, Any] = {"model": model, "input": value}
+    dimensions = body.get("dimensions")
+    if dimensions is not None:
+        if positive_int(dimensions) is None:
+            raise bad_request("dimensions: must be a positive integer", "dimensions")
+        out["dimensions"] = dimensions
+    return out
+
+
+def ollama_error(error: NexusError) -> dict[str, Any]:
+    """An error as Ollama's API writes it."""
+    return {"error": error.message}
+
+
+class OllamaLines(NativeStream):
+    """An Ollama backend's own NDJSON stream, relayed line by line as it is: the done line ends
+    it (its counts kept for usage), an error line is the backend's error; a line that is not an
+    object is dropped."""
+
+    def line(self, line: bytes) -> tuple[bytes, str | None]:
+        try:
+            document = parse_json(line)
+        except ValueError:
+            return b"", None
+        if not isinstance(document, dict):
+            return b"", None
+        if "error" in document:
+            self.failed = True
+            return line + b"\n", "error"
+        if document.get("done") is True:
+            self.usage = document
+            return line + b"\n", "end"
+        return line + b"\n", None
+
+    def error(self, endpoint: str, model: str, message: str) -> bytes:
+        if self.failed:
+            return b""  # the backend's own error line said it
+        self.failed = True
+        return OllamaFormat.line({"error": message})
+
+
+class OllamaFormat(OpenAIFormat):
+    """Writes chat, completion and embedding answers as Ollama's: the whole answer, or an NDJSON
+    stream whose last line says done with the token counts and durations. One instance serves
+    one request. `kind` is the Ollama endpoint: chat, generate, embed or embeddings.
+
+    Streamed tool calls are gathered (their arguments come in fragments) and sent whole, with
+    arguments as objects, when the answer finishes, as Ollama sends them.
+
+    An Ollama backend speaks this API itself: it is sent `native_body` (the client's own
+    request) at `native_path`, and its answer, an NDJSON stream included (OllamaLines), is
+    relayed as it is."""
+
+    keeps_usage = True
+    native_api = "ollama"
+    content_type = NDJSON
+    chat_request = staticmethod(ollama_to_chat)
+    error_document = staticmethod(ollama_error)
+
+    def __init__(self, body: dict[str, Any], kind: str) -> None:
+        self.native_body = body
+        self.native_path = OLLAMA_PREFIX + kind
+        self.kind = kind
+        self.model = ""  # the model asked for, until the answer names the one that served
+        self.prompt_estimate = 0  # prompt tokens, for a backend that reports no usage
+        self.started = time.perf_counter()
+        self.first: float | None = None  # when the first answer text came
+        self.output_chars = 0
+        self.usage: dict[str, Any] | None = None
+        self.timings: dict[str, Any] | None = None  # llama.cpp's, on its last chunk
+        self.done_reason = "stop"
+        self.calls: dict[Any, dict[str, Any]] = {}  # a streamed tool call, by its index or id
+        self.last_call: Any = None
+        self.failed = False
+
+    def piece(self, text: str, thinking: str = "", calls: list[Any] | None = None) -> dict:
+        """One answer object (a stream line, or the whole answer's start)."""
+        out: dict[str, Any] = {"model": self.model, "created_at": ollama_time()}
+        if self.kind == "chat":
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            if thinking:
+                message["thinking"] = thinking
+            if calls:
+                message["tool_calls"] = calls
+            out["message"] = message
+        else:
+            out["response"] = text
+            if thinking:
+                out["thinking"] = thinking
+        out["done"] = False
+        return out
+
+    def counts(self, usage: Any, timings: Any = None) -> dict[str, int]:
+        """The done object's token counts (the backend's, else estimated) and durations (the
+        backend's timings where it gives them, else measured here)."""
+        usage = usage if isinstance(usage, dict) else {}
+        prompt = token_count(usage.get("prompt_tokens"))
+        completion = token_count(usage.get("completion_tokens"))
+        now = time.perf_counter()
+        first = self.first or self.started  # a whole answer: its time was all generation
+        prompt_seconds, eval_seconds = first - self.started, now - first
+        if isinstance(timings, dict):  # llama.cpp's, in milliseconds
+            prompt_ms, predicted_ms = timings.get("prompt_ms"), timings.get("predicted_ms")
+            if isinstance(prompt_ms, int | float) and isinstance(predicted_ms, int | float):
+                prompt_seconds, eval_seconds = prompt_ms / 1000, predicted_ms / 1000
+        return {
+            "total_duration": int((now - self.started) * NANOSECONDS),
+            "load_duration": 0,
+            "prompt_eval_count": self.prompt_estimate if prompt is None else prompt,
+            "prompt_eval_duration": max(int(prompt_seconds * NANOSECONDS), 1),
+            "eval_count": -(-self.output_chars // CHARS_PER_TOKEN)
+            if completion is None
+            else completion,
+            "eval_duration": max(int(eval_seconds * NANOSECONDS), 1),
+        }
+
+    def body(self, answer: bytes, parsed: dict[str, Any]) -> bytes:
+        if self.kind in ("embed", "embeddings"):
+            return json.dumps(self.embeddings(parsed)).encode()
+        self.model = parsed.get("model") or self.model
+        choices = parsed.get("choices")
+        choice = choices[0] if isinstance(choices, list) and choices else {}
+        choice = choice if isinstance(choice, dict) else {}
+        message = object_of(choice.get("message"))
+        text = message.get("content") if message else choice.get("text")
+        if isinstance(text, list):  # some servers answer with content parts
+            text = "".join(p.get("text", "") for p in text if isinstance(p, dict))
+        text = text if isinstance(text, str) else ""
+        thinking = reasoning_of(message)
+        calls = [
+            ollama_tool_call(call, i) for i, call in enumerate(message.get("tool_calls") or ())
+        ]
+        calls = [c for c in calls if c is not None]
+        self.output_chars = len(text) + len(thinking)
+        out = self.piece(text, thinking, calls)
+        out["done"] = True
+        out["done_reason"] = "length" if choice.get("finish_reason") == "length" else "stop"
+        out.update(self.counts(parsed.get("usage"), parsed.get("timings")))
+        return json.dumps(out, ensure_ascii=False).encode()
+
+    def embeddings(self, parsed: dict[str, Any]) -> dict[str, Any]:
+        data = parsed.get("data")
+        items = [d for d in data if isinstance(d, dict)] if isinstance(data, list) else []
+        items.sort(key=lambda d: d.get("index") if isinstance(d.get("index"), int) else 0)
+        vectors = [d.get("embedding") for d in items if isinstance(d.get("embedding"), list)]
+        if self.kind == "embeddings":
+            return {"embedding": vectors[0] if vectors else []}
+        usage = object_of(parsed.get("usage"))
+        return {
+            "model": parsed.get("model") or self.model,
+            "embeddings": vectors,
+            "total_duration": int((time.perf_counter() - self.started) * NANOSECONDS),
+            "load_duration": 0,
+            "prompt_eval_count": token_count(usage.get("prompt_tokens")) or 0,
+        }
+
+    def chunk(self, data: bytes, chunk: dict[str, Any]) -> bytes:
+        if isinstance(chunk.get("usage"), dict):
+            self.usage = chunk["usage"]
+        if isinstance(chunk.get("timings"), dict):
+            self.timings = chunk["timings"]
+        if isinstance(chunk.get("model"), str) and chunk["model"]:
+            self.model = chunk["model"]
+        choices = chunk.get("choices")
+        choice = choices[0] if isinstance(choices, list) and choices else None
+        if not isinstance(choice, dict):
+            return b""
+        delta = object_of(choice.get("delta"))
+        text = delta.get("content") if delta else choice.get("text")
+        text = text if isinstance(text, str) else ""
+        thinking = reasoning_of(delta)
+        calls = delta.get("tool_calls")
+        for call in calls if isinstance(calls, list) else ():
+            self.gather_call(call)
+        out = b""
+        if text or thinking:
+            if self.first is None:
+                self.first = time.perf_counter()
+            self.output_chars += len(text) + len(thinking)
+            out = self.line(self.piece(text, thinking))
+        if choice.get("finish_reason"):
+            if choice["finish_reason"] == "length":
+                self.done_reason = "length"
+            out += self.flush_calls()
+        return out
+
+    def gather_call(self, call: Any) -> None:
+        """A streamed tool call's head (id, name) or a fragment of its arguments."""
+        if not isinstance(call, dict):
+            return
+        function = object_of(call.get("function"))
+        key = call.get("index") if isinstance(call.get("index"), int) else call.get("id")
+        key = self.last_call if key is None else key
+        self.last_call = key
+        gathered = self.calls.setdefault(key, {"id": None, "name": "", "arguments": []})
+        if call.get("id") and not gathered["id"]:
+            gathered["id"] = call["id"]
+        if isinstance(function.get("name"), str) and function["name"]:
+            gathered["name"] = function["name"]
+        arguments = function.get("arguments")
+        if isinstance(arguments, dict):  # some servers send the whole input as an object
+            arguments = json.dumps(arguments)
+        if isinstance(arguments, str):
+            gathered["arguments"].append(arguments)
+            self.output_chars += len(arguments)
+
+    def flush_calls(self) -> bytes:
+        if not self.calls:
+            return b""
+        calls = []
+        for i, gathered in enumerate(self.calls.values()):
+            function = {"name": gathered["name"], "arguments": "".join(gathered["arguments"])}
+            calls.append(ollama_tool_call({"id": gathered["id"], "function": function}, i))
+        self.calls.clear()
+        if self.first is None:
+            self.first = time.perf_counter()
+        return self.line(self.piece("", "", [c for c in calls if c is not None]))
+
+    @staticmethod
+    def line(document: dict[str, Any]) -> bytes:
+        return json.dumps(document, ensure_ascii=False).encode() + b"\n"
+
+    def answer_usage(self, parsed: dict[str, Any]) -> dict[str, Any]:
+        """A native whole answer carries its counts at the top (usage_from reads them)."""
+        return parsed
+
+    def native_stream(self) -> OllamaLines:
+        return OllamaLines()
+
+    def error(self, endpoint: str, model: str, message: str) -> bytes:
+        if self.failed:
+            return b""  # the backend's own error line said it
+        self.failed = True
+        return self.line({"error": message})
+
+    def end(self) -> bytes:
+        if self.failed:
+            return b""  # the error line was the stream's last word
+        out = self.flush_calls()
+        final = self.piece("")
+        final["done"] = True
+        final["done_reason"] = self.done_reason
+        final.update(self.counts(self.usage, self.timings))
+        return out + self.line(final)
+
+
+def ollama_tool_call(call: Any, index: int) -> dict[str, Any] | None:
+    """A chat tool call as Ollama's: arguments as an object, not JSON text."""
+    if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
+        return None
+    function = call["function"]
+    out: dict[str, Any] = {
+        "function": {
+            "index": index,
+            "name": function.get("name") or "",
+            "arguments": tool_arguments(function.get("arguments")),
+        }
+    }
+    if isinstance(call.get("id"), str) and call["id"]:
+        out["id"] = call["id"]
+    return out
+
+
+def visible_model(request: web.Request, name: str) -> dict[str, Any]:
+    """The /v1/models entry of a model the caller may see; 404 otherwise."""
+    entries = model_entries(request.app[REGISTRY], request.app[SETTINGS])
+    if name not in entries or not may_see_model(request, name):
+        key = request.get(API_KEY)
+        raise model_not_found(name, request.app[REGISTRY], request.app[SETTINGS], key)
+    return entries[name]
+
+
+def ollama_details(entry: dict[str, Any]) -> dict[str, Any]:
+    """A model's details as Ollama lists them: what Nexus knows (the alias's target), no more."""
+    return {
+        "parent_model": entry.get("alias_of", ""),
+        "format": "",
+        "family": "",
+        "families": None,
+        "parameter_size": "",
+        "quantization_level": "",
+    }
+
+
+def ollama_model(entry: dict[str, Any], modified_at: str) -> dict[str, Any]:
+    """A model as Ollama lists it. Size and digest describe files Nexus does not hold: the size
+    is 0 and the digest stands for the name."""
+    name = entry["id"]
+    return {
+        "name": name,
+        "model": name,
+        "modified_at": modified_at,
+        "size": 0,
+        "digest": hashlib.sha256(name.encode()).hexdigest(),
+        "details": ollama_details(entry),
+    }
+
+
+def visible_models(request: web.Request) -> list[dict[str, Any]]:
+    """Every model /v1/models lists for this caller, in order."""
+    entries = model_entries(request.app[REGISTRY], request.app[SETTINGS])
+    return [entries[k] for k in sorted(entries) if may_see_model(request, k)]
+
+
+def started_at(request: web.Request) -> str:
+    """When this Nexus started, as Ollama writes times (the models' modified_at)."""
+    uptime = time.monotonic() - request.app[STATS].started
+    return ollama_time(time.time() - uptime)
+
+
+async def ollama_version(request: web.Request) -> web.Response:
+    """GET /api/version."""
+    return web.json_response({"version": OLLAMA_VERSION})
+
+
+async def ollama_tags(request: web.Request) -> web.Response:
+    """GET /api/tags: the models of /v1/models, aliases included, in Ollama's shape."""
+    modified = started_at(request)
+    return web.json_response(
+        {"models": [ollama_model(e, modified) for e in visible_models(request)]}
+    )
+
+
+async def ollama_ps(request: web.Request) -> web.Response:
+    """GET /api/ps: the models a healthy backend serves now."""
+    models = []
+    for entry in visible_models(request):
+        model = ollama_model(entry, started_at(request))
+        del model["modified_at"]
+        model["size_vram"] = 0
+        if entry["context_length"]:
+            model["context_length"] = entry["context_length"]
+        models.append(model)
+    return web.json_response({"models": models})
+
+
+def ollama_capabilities(entry: dict[str, Any]) -> list[str]:
+    """Ollama's capability names: tools unless every backend says no (as routing assumes), vision
+    only where a backend says yes (an image sent to a text model is the worse mistake)."""
+    caps = ["completion"]
+    if entry["capabilities"]["tools"] is not False:
+        caps.append("tools")
+    if entry["capabilities"]["vision"] is True:
+        caps.append("vision")
+    return caps
+
+
+async def ollama_show(request: web.Request) -> web.Response:
+    """POST /api/show: a model's details; model_info carries the context length Nexus routes by."""
+    body = parse_json_body(await request.read())
+    name = body.get("model") if body.get("model") is not None else body.get("name")
+    if not isinstance(name, str) or not name:
+        raise bad_request("model: a model name (a string) is required", "model")
+    entry = visible_model(request, name)
+    info: dict[str, Any] = {"general.architecture": OLLAMA_ARCHITECTURE, "general.name": name}
+    if entry["context_length"]:
+        info[f"{OLLAMA_ARCHITECTURE}.context_length"] = entry["context_length"]
+    return web.json_response(
+        {
+            "modelfile": "",
+            "parameters": "",
+            "template": "",
+            "details": ollama_details(entry),
+            "model_info": info,
+            "capabilities": ollama_capabilities(entry),
+            "modified_at": started_at(request),
+        }
+    )
+
+
+def ollama_loaded(request: web.Request, body: dict[str, Any], kind: str) -> web.Response:
+    """A request with nothing to answer (no prompt, no messages): Ollama's way to load a model
+    (or, with keep_alive 0, to unload it). Backends load and unload models themselves, so it is
+    answered done at once, for a model there is."""
+    model = require_model(body)
+    ollama_stream_flag(body)
+    visible_model(request, model)
+    answer: dict[str, Any] = {"model": model, "created_at": ollama_time()}
+    if kind == "chat":
+        answer["message"] = {"role": "assistant", "content": ""}
+    else:
+        answer["response"] = ""
+    unload = body.get("keep_alive") in (0, "0", "0s", "0m")  # Ollama's way to unload
+    answer.update(done=True, done_reason="unload" if unload else "load")
+    return web.json_response(answer)
+
+
+async def ollama_proxy(
+    request: web.Request, endpoint: str, internal: dict[str, Any], fmt: OllamaFormat
+) -> web.StreamResponse:
+    """Route and send the internal request as chat completions are; a backend's refusal comes
+    back in Ollama's error shape."""
+    needs = NEEDS_READERS[endpoint](internal)
+    fmt.model, fmt.prompt_estimate = needs.model, needs.prompt_tokens
+    return await send_through_door(request, endpoint, internal, needs, fmt)
+
+
+async def ollama_chat(request: web.Request) -> web.StreamResponse:
+    """POST /api/chat: translated to a chat completion, routed and answered like one."""
+    body = parse_json_body(await request.read())
+    if body.get("messages") in (None, []):
+        return ollama_loaded(request, body, "chat")
+    chat = OllamaFormat.chat_request(body)
+    return await ollama_proxy(request, "chat", chat, OllamaFormat(body, "chat"))
+
+
+async def ollama_generate(request: web.Request) -> web.StreamResponse:
+    """POST /api/generate: a prompt (with system, suffix, images), as chat or a completion."""
+    body = parse_json_body(await request.read())
+    if body.get("prompt") in (None, "") and not body.get("suffix") and not body.get("images"):
+        return ollama_loaded(request, body, "generate")
+    endpoint, internal = ollama_generate_to_internal(body)
+    fmt = OllamaFormat(body, "generate")
+    return await ollama_proxy(request, endpoint, internal, fmt)
+
+
+async def ollama_embed(request: web.Request) -> web.StreamResponse:
+    """POST /api/embed and the older /api/embeddings."""
+    body = parse_json_body(await request.read())
+    kind = request.path.removeprefix(OLLAMA_PREFIX)
+    internal = ollama_embed_to_internal(body, kind == "embeddings")
+    return await ollama_proxy(request, "embeddings", internal, OllamaFormat(body, kind))
+
+
+async def ollama_management(request: web.Request) -> web.Response:
+    """Pull, push, create, copy, delete: Nexus routes to models, it does not keep any."""
+    raise NexusError(
+        501,
+        "not_implemented",
+        "model_management",
+        "Nexus routes requests to the models its backends serve and does not manage models: "
+        "pull, push, create, copy and delete them on the backend itself.",
+    )
+
+
+def add_ollama_routes(app: web.Application) -> None:
+    """The /api/* routes; other paths under /api/ are 404s in Ollama's shape."""
+    app.router.add_get("/api/version", ollama_version)
+    app.router.add_get("/api/tags", ollama_tags)
+    app.router.add_get("/api/ps", ollama_ps)
+    app.router.add_post("/api/show", ollama_show)
+    app.router.add_post("/api/chat", ollama_chat)
+    app.router.add_post("/api/generate", ollama_generate)
+    app.router.add_post("/api/embed", ollama_embed)
+    app.router.add_post("/api/embeddings", ollama_embed)
+    for path in OLLAMA_MANAGEMENT_PATHS:
+        app.router.add_route("*", path, ollama_management)
+
+
+# ==============================================================================================
 # HTTP handlers
 # Owns: the API of SPEC §2. Each handler reads and checks its input, then hands over to the
 # proxy or answers from the registry and stats.
@@ -6664,6 +7439,7 @@ STREAMING = web.RequestKey("streaming", web.StreamResponse)  # a stream's prepar
 FRONT_DOORS: tuple[tuple[str, type[OpenAIFormat]], ...] = (
     (MESSAGES_PATH, AnthropicFormat),
     (RESPONSES_PATH, ResponsesFormat),
+    (OLLAMA_PREFIX.rstrip("/"), OllamaFormat),
 )
 
 
@@ -6703,6 +7479,7 @@ INFERENCE_PATHS = {
     "/v1/embeddings": "embeddings",
     MESSAGES_PATH: "chat",
     RESPONSES_PATH: "chat",
+    **OLLAMA_INFERENCE_PATHS,
 }
 
 
@@ -6835,6 +7612,7 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_post(MESSAGES_PATH, messages)
     app.router.add_post(MESSAGES_PATH + "/count_tokens", messages_count_tokens)
     app.router.add_post(RESPONSES_PATH, responses)
+    add_ollama_routes(app)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model_id:.+}", get_model)
     app.router.add_get("/health", health)
