@@ -16,8 +16,9 @@ What the sections measure:
              spread over those 100 ms, so they do not move in lockstep waves).
   stream     20-chunk streams back to back: first chunk (TTFB) and whole stream; then
              chunks 1 ms apart: how much later each chunk arrives through the gateway.
-  doors      each front door (the Responses API) beside chat completions, on the same
-             gateway and mock: what the door's translation adds at p50, whole and streamed.
+  doors      each front door (the Responses API, Ollama's API) beside chat completions, on
+             the same gateway and mock: what the door's translation adds at p50, whole and
+             streamed.
   throughput 64 connections as fast as they go (wrk), and the gateway's CPU per request
              from /proc/<pid>/stat (utime + stime) before and after.
   openloop   500 requests/s on a fixed schedule whatever the answers (no coordinated
@@ -864,6 +865,7 @@ async def sequential(ports: Ports, total: int, batch: int, stream: bool, **extra
 DOORS: dict[str, tuple[str, bytes]] = {
     "chat": ("/v1/chat/completions", b"data: [DONE]"),
     "responses": ("/v1/responses", b"event: response.completed"),
+    "ollama": ("/api/chat", b'"done": true'),
 }
 
 
@@ -871,9 +873,12 @@ def door_request(port: int, door: str, stream: bool) -> bytes:
     """The same question as chat_request, asked through a front door."""
     if door == "chat":
         return chat_request(port, stream=stream)
-    body: dict = {"model": MODEL, "input": "Say hello.", "max_output_tokens": 32}
-    if stream:
-        body["stream"] = True
+    if door == "responses":
+        body: dict = {"model": MODEL, "input": "Say hello.", "max_output_tokens": 32}
+    else:  # Ollama's API streams unless told not to
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "Say hello."}]}
+        body["options"] = {"num_predict": 32}
+    body["stream"] = stream
     return post_request(port, DOORS[door][0], body)
 
 
@@ -1408,6 +1413,8 @@ TARGETS: dict[str, tuple[float, float | None]] = {
     "rps64": (3000, None),
     "door_responses_p50": (0.2, None),
     "door_responses_stream_p50": (0.2, None),
+    "door_ollama_p50": (0.2, None),
+    "door_ollama_stream_p50": (0.2, None),
     "open_p99": (5.0, None),
     "streams_err": (0, None),
     "route_100": (0.1, 1.0),

@@ -998,3 +998,14 @@ async def test_native_error_line_mid_stream_is_the_last_line(backend_factory, ne
     async with aiohttp.ClientSession() as session, session.get(nx.url + "/v1/stats") as resp:
         stats = await resp.json()
     assert {r["id"]: r for r in stats["recent"]}[headers["X-Request-Id"]]["status"] == 502
+
+
+@pytest.mark.parametrize("kind", ["chat", "generate"])
+def test_a_text_line_is_the_line_of_its_piece(kind, monkeypatch):
+    """Stream lines of text come from a head encoded once; they are the very bytes json.dumps
+    writes for the same answer piece."""
+    monkeypatch.setattr(nexus, "ollama_time", lambda seconds=None: "2026-01-01T00:00:00Z")
+    fmt = nexus.OllamaFormat({}, kind)
+    for model, text in (("m", "Hello"), ("qwen3:8b", ' "quoted" ünïcode\n\ttab')):
+        fmt.model = model
+        assert fmt.text_line(text) == fmt.line(fmt.piece(text))
