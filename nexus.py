@@ -5476,10 +5476,18 @@ def is_ollama_path(path: str) -> bool:
     return path.startswith(OLLAMA_PREFIX)
 
 
+@functools.lru_cache(maxsize=4)
+def utc_second(whole: int) -> str:
+    """A whole second since the epoch as RFC 3339's date and time, UTC (every stream line says
+    when it was made, so the formatting is done once a second)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+
+
 def ollama_time(seconds: float | None = None) -> str:
-    """A time as Ollama writes it (RFC 3339, UTC); now when none is given."""
-    when = dt.datetime.fromtimestamp(time.time() if seconds is None else seconds, dt.UTC)
-    return when.isoformat().replace("+00:00", "Z")
+    """A time as Ollama writes it (RFC 3339 with microseconds, UTC); now when none is given."""
+    now = time.time() if seconds is None else seconds
+    whole = int(now)
+    return f"{utc_second(whole)}.{int((now - whole) * 1_000_000):06d}Z"
 
 
 def ollama_stream_flag(body: dict[str, Any]) -> bool:
