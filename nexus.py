@@ -6103,10 +6103,18 @@ NANOSECONDS = 1_000_000_000
 NEEDS_READERS = {"chat": chat_needs, "completions": completion_needs, "embeddings": embedding_needs}
 
 
+@functools.lru_cache(maxsize=4)
+def utc_second(whole: int) -> str:
+    """A whole second since the epoch as RFC 3339's date and time, UTC (every stream line says
+    when it was made, so the formatting is done once a second)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+
+
 def ollama_time(seconds: float | None = None) -> str:
-    """A time as Ollama writes it (RFC 3339, UTC); now when none is given."""
-    when = dt.datetime.fromtimestamp(time.time() if seconds is None else seconds, dt.UTC)
-    return when.isoformat().replace("+00:00", "Z")
+    """A time as Ollama writes it (RFC 3339 with microseconds, UTC); now when none is given."""
+    now = time.time() if seconds is None else seconds
+    whole = int(now)
+    return f"{utc_second(whole)}.{int((now - whole) * 1_000_000):06d}Z"
 
 
 def ollama_stream_flag(body: dict[str, Any]) -> bool:
