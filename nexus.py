@@ -4608,7 +4608,7 @@ async def relay_stream(
     writer = native or fmt  # what writes the stream's last words
     content = SseLines(upstream) if native else adapter.stream_reader(upstream, attempt.model)
     answered: list[str] | None = [] if backend.is_cloud else None  # to count, if no usage
-    local, model = not backend.is_cloud, attempt.model
+    local_model = None if backend.is_cloud else attempt.model  # what local chunks must name
     response: web.StreamResponse | None = None
     finished = False
     settled = False
@@ -4630,51 +4630,23 @@ async def relay_stream(
                 break
             if native is not None:
                 out, kind = native.line(line)
+            else:
+                out, kind = chat_line(line, record, fmt, strip_usage, local_model, answered)
+            if kind is not None:
                 if kind == "error":
                     if response is None:
                         raise attempt_failure(app, backend, 502, "reported an error")
                     problem = "the backend reported an error mid-stream"
-                finished = kind is not None
+                finished = True
                 upstream.whole = kind == "end"  # its connection may serve the next request
-                if not out:
-                    continue
-            else:
-                if not line.startswith(b"data:"):
-                    continue  # blank separators, comments, event names
-                data = line[5:].strip()
-                if data == b"[DONE]":
-                    finished = upstream.whole = True  # its connection may serve the next one
-                    break
-                try:
-                    chunk = parse_json(data)
-                except ValueError:
-                    continue  # a malformed chunk is dropped; the stream goes on
-                if not well_formed(chunk):
-                    continue  # a chunk of the wrong shape is dropped too
-                usage = chunk.get("usage")
-                if usage:
-                    note_usage(record, usage)
-                    if strip_usage:
-                        if not chunk.get("choices"):
-                            continue
-                        del chunk["usage"]
-                        data = b""
-                if local and chunk.get("model", model) != model:
-                    chunk["model"] = model  # the stream names the model that served
-                    data = b""
-                if not data:
-                    data = json.dumps(chunk).encode()
-                choices = chunk.get("choices")
-                if answered is not None and choices:
-                    answered.extend(answer_texts(record.endpoint, chunk))
-                if choices and isinstance(choices[0], dict) and choices[0].get("finish_reason"):
-                    finished = True
-                out = fmt.chunk(data, chunk)
+                if kind == "end" and native is None:
+                    break  # [DONE]
+            if not out:
+                continue
             if response is None:
                 record.ttft_ms = (time.perf_counter() - record.started) * 1000
                 response = await start_stream(request, headers, fmt.content_type)
-            if out:
-                pending.append(out)
+            pending.append(out)
         if native is not None:
             note_usage(record, native.usage)
         if response is None:  # [DONE] with no chunk at all: an empty answer, but an honest one
@@ -4702,6 +4674,48 @@ async def relay_stream(
                 note_usage(record, native.usage)
             settle_cost_now(request, record, attempt, answered)  # the client left: no await
     return response
+
+
+def chat_line(
+    line: bytes,
+    record: RequestRecord,
+    fmt: OpenAIFormat,
+    strip_usage: bool,
+    local_model: str | None,
+    answered: list[str] | None,
+) -> tuple[bytes, str | None]:
+    """One line of a chat stream as the door writes it (b"" for nothing: a separator, comment,
+    malformed chunk or a usage chunk the client did not ask for), and "end" for [DONE],
+    "finish" for the chunk with the finish reason, else None. Usage is noted on the way."""
+    if not line.startswith(b"data:"):
+        return b"", None  # blank separators, comments, event names
+    data = line[5:].strip()
+    if data == b"[DONE]":
+        return b"", "end"
+    try:
+        chunk = parse_json(data)
+    except ValueError:
+        return b"", None  # a malformed chunk is dropped; the stream goes on
+    if not well_formed(chunk):
+        return b"", None  # a chunk of the wrong shape is dropped too
+    usage = chunk.get("usage")
+    if usage:
+        note_usage(record, usage)
+        if strip_usage:
+            if not chunk.get("choices"):
+                return b"", None
+            del chunk["usage"]
+            data = b""
+    if local_model is not None and chunk.get("model", local_model) != local_model:
+        chunk["model"] = local_model  # the stream names the model that served
+        data = b""
+    if not data:
+        data = json.dumps(chunk).encode()
+    choices = chunk.get("choices")
+    if answered is not None and choices:
+        answered.extend(answer_texts(record.endpoint, chunk))
+    finish = choices and isinstance(choices[0], dict) and choices[0].get("finish_reason")
+    return fmt.chunk(data, chunk), "finish" if finish else None
 
 
 async def end_stream(
