@@ -43,10 +43,12 @@ browser:
 engine: $(VENV)/.runtime
 	bash tests/engine.sh
 
-# The real coding-agent CLIs the end-to-end tests drive (Claude Code), pinned, from npm, cached
-# in ~/.cache/nexus-clients (or $NEXUS_CLIENT_CACHE). Needs Node.js's npm.
+# The real client CLIs the end-to-end tests drive (Claude Code, Codex), pinned, from npm, cached
+# in ~/.cache/nexus-clients (or $NEXUS_CLIENT_CACHE). Needs Node.js's npm. The tests install
+# them on first use; this target does it ahead of time.
 clients:
 	bash tests/clients.sh
+	bash tests/codex.sh
 
 test: lint browser
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -913,6 +913,14 @@ def answered_list(answer: tuple[int, Any] | None, key: str) -> bool:
     )
 
 
+async def is_nexus(pool: BackendPool, url: str, timeout: float) -> bool:
+    """Whether a Nexus answers at url: its `/health` has Nexus's fields."""
+    health = await probe_json(pool, url + "/health", timeout)
+    return bool(
+        health and isinstance(health[1], dict) and {"version", "backends"} <= health[1].keys()
+    )
+
+
 async def detect_backend_type(
     pool: BackendPool, url: str, timeout: float = PROBE_TIMEOUT_SECONDS
 ) -> str | None:
@@ -920,16 +928,17 @@ async def detect_backend_type(
 
     By the endpoints only that kind has: `/api/tags` → ollama, `/props` → llamacpp,
     `/api/v0/models` → lmstudio, `/v1/models` with `max_model_len` → vllm, on exo's port → exo,
-    else generic; a `/health` with Nexus's fields → nexus. Each request is bounded by timeout;
-    when nothing answers at all the first one ends the search.
+    else generic; a `/health` with Nexus's fields → nexus (which answers `/api/tags` and
+    `/v1/models` too). Each request is bounded by timeout; when nothing answers at all the first
+    one ends the search.
     """
     on_exo_port = urllib.parse.urlsplit(url).port == EXO_PORT
     if not on_exo_port:  # exo also speaks other dialects; on its own port it is exo
         answer = await probe_json(pool, url + "/api/tags", timeout)
         if answer is None:
             return None
-        if answered_list(answer, "models"):
-            return "ollama"
+        if answered_list(answer, "models"):  # a Nexus answers Ollama's API too
+            return NEXUS_TYPE if await is_nexus(pool, url, timeout) else "ollama"
         answer = await probe_json(pool, url + "/props", timeout)
         if answer and isinstance(answer[1], dict) and "default_generation_settings" in answer[1]:
             return "llamacpp"
@@ -938,8 +947,7 @@ async def detect_backend_type(
     answer = await probe_json(pool, url + "/v1/models", timeout)
     if not answered_list(answer, "data"):
         return None
-    health = await probe_json(pool, url + "/health", timeout)
-    if health and isinstance(health[1], dict) and {"version", "backends"} <= health[1].keys():
+    if await is_nexus(pool, url, timeout):
         return NEXUS_TYPE
     if on_exo_port:
         return "exo"
@@ -1823,31 +1831,95 @@ class Price:
 
 @dataclass(slots=True)
 class TokenUsage:
-    """The tokens of one answer as its backend reported them (or as Nexus counted them)."""
+    """The tokens of one answer as its backend reported them (or as Nexus counted them), and
+    the one place usage is read from or written in any API's terms."""
 
-    prompt: int = 0
+    prompt: int = 0  # every prompt token, cached ones included
     completion: int = 0
     cached: int = 0  # of the prompt, read from the provider's prompt cache
     cache_write: int = 0  # of the prompt, written to it
     counted: bool = False  # counted by Nexus because the backend reported none
 
+    def as_chat(self) -> dict[str, Any]:
+        """Chat's usage: cached tokens inside prompt_tokens, told apart in its details."""
+        out: dict[str, Any] = {
+            "prompt_tokens": self.prompt,
+            "completion_tokens": self.completion,
+            "total_tokens": self.prompt + self.completion,
+        }
+        if self.cached or self.cache_write:
+            out["prompt_tokens_details"] = {
+                "cached_tokens": self.cached,
+                "cache_creation_tokens": self.cache_write,
+            }
+        return out
+
+    def as_anthropic(self) -> dict[str, int]:
+        """Anthropic's usage: input_tokens without the cached ones, which are given apart."""
+        return {
+            "input_tokens": max(self.prompt - self.cached - self.cache_write, 0),
+            "output_tokens": self.completion,
+            "cache_creation_input_tokens": self.cache_write,
+            "cache_read_input_tokens": self.cached,
+        }
+
+    def as_responses(self, reasoning: int = 0) -> dict[str, Any]:
+        """The Responses API's usage: input_tokens with the cached ones, told apart in details."""
+        return {
+            "input_tokens": self.prompt,
+            "input_tokens_details": {
+                "cached_tokens": self.cached,
+                "cache_write_tokens": self.cache_write,
+            },
+            "output_tokens": self.completion,
+            "output_tokens_details": {"reasoning_tokens": reasoning},
+            "total_tokens": self.prompt + self.completion,
+        }
+
+
+def token_count(value: Any) -> int | None:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return None
+
 
 def usage_from(usage: Any) -> TokenUsage | None:
-    """A chat/completions `usage` object as TokenUsage; None when it says nothing."""
+    """Any API's usage object as TokenUsage: chat's (prompt_tokens, cached ones in its
+    details), Anthropic's (input_tokens without the cached ones, given apart), the Responses
+    API's (input_tokens with them, input_tokens_details) or the counts on an Ollama answer
+    (prompt_eval_count, eval_count). None when it says nothing."""
     if not isinstance(usage, dict):
         return None
-    prompt = positive_int(usage.get("prompt_tokens")) or 0
-    completion = positive_int(usage.get("completion_tokens")) or 0
+    if "prompt_eval_count" in usage or "eval_count" in usage:
+        prompt = token_count(usage.get("prompt_eval_count")) or 0
+        completion = token_count(usage.get("eval_count")) or 0
+        cached = written = 0
+    elif "prompt_tokens" in usage or "completion_tokens" in usage:
+        prompt = token_count(usage.get("prompt_tokens")) or 0
+        completion = token_count(usage.get("completion_tokens")) or 0
+        details = usage.get("prompt_tokens_details")
+        details = details if isinstance(details, dict) else {}
+        cached = token_count(details.get("cached_tokens")) or 0
+        written = token_count(details.get("cache_creation_tokens")) or 0
+    else:
+        completion = token_count(usage.get("output_tokens")) or 0
+        prompt = token_count(usage.get("input_tokens")) or 0
+        details = usage.get("input_tokens_details")
+        if isinstance(details, dict):
+            cached = token_count(details.get("cached_tokens")) or 0
+            written = token_count(details.get("cache_write_tokens")) or 0
+        else:
+            cached = token_count(usage.get("cache_read_input_tokens")) or 0
+            written = token_count(usage.get("cache_creation_input_tokens")) or 0
+            prompt += cached + written
     if not prompt and not completion:
         return None
-    details = usage.get("prompt_tokens_details")
-    details = details if isinstance(details, dict) else {}
-    return TokenUsage(
-        prompt,
-        completion,
-        cached=positive_int(details.get("cached_tokens")) or 0,
-        cache_write=positive_int(details.get("cache_creation_tokens")) or 0,
-    )
+    return TokenUsage(prompt, completion, cached=cached, cache_write=written)
+
+
+def usage_or_estimate(usage: Any, prompt: int, completion: int) -> TokenUsage:
+    """The usage a backend reported, or the estimates when it reported none."""
+    return usage_from(usage) or TokenUsage(prompt, completion, counted=True)
 
 
 @functools.cache
@@ -2564,6 +2636,8 @@ def find_key(keys: list[ApiKey], presented: str) -> ApiKey | None:
 
 
 def needs_key(path: str) -> bool:
+    if path.startswith("/api/"):  # Ollama's API (its version, like /health, stays open)
+        return path != "/api/version"
     return path.startswith("/v1/") or path == "/metrics"
 
 
@@ -4067,10 +4141,6 @@ class OpenAICompatibleAdapter:
         """A 4xx answer as the client will get it."""
         return answer
 
-    def usage(self, answer: dict[str, Any]) -> Any:
-        """A whole answer's usage, in chat terms."""
-        return answer.get("usage")
-
     def stream_reader(self, content: BackendConnection, model: str) -> Any:
         """Where a stream's SSE lines are read: the body's lines themselves, or a translator
         with the same readline() and buffered() that turns another API's events into chunks."""
@@ -4254,6 +4324,7 @@ class OllamaAdapter(OpenAICompatibleAdapter):
     """
 
     stream_usage = True
+    api = "ollama"  # its own API too: /api/* requests are sent to it as they are
 
     def manages_models(self, backend: Backend) -> bool:
         return True
@@ -4391,10 +4462,6 @@ class AnthropicAdapter(OpenAICompatibleAdapter):
     stream_usage = True  # every Messages stream reports usage
     api = "anthropic"
 
-    def usage(self, message: dict[str, Any]) -> dict[str, Any] | None:
-        """A native answer's usage, in chat terms (for counting and cost)."""
-        return chat_usage(message.get("usage"))
-
     def headers(self, backend: Backend) -> dict[str, str]:
         return {
             "x-api-key": os.environ.get(backend.api_key_env, ""),
@@ -4441,15 +4508,22 @@ class AnthropicAdapter(OpenAICompatibleAdapter):
 ANTHROPIC_VERSION = "2023-06-01"
 # Anthropic requires max_tokens; a chat request may leave it out.
 ANTHROPIC_DEFAULT_MAX_TOKENS = 4096
-ANTHROPIC_FINISH_REASONS = {
-    "end_turn": "stop",
-    "stop_sequence": "stop",
-    "pause_turn": "stop",
-    "max_tokens": "length",
-    "model_context_window_exceeded": "length",
-    "tool_use": "tool_calls",
-    "refusal": "content_filter",
-}
+# Chat's finish_reason and Anthropic's stop_reason for the same ending, both ways: the first
+# pair that names a reason says what it becomes in the other API.
+STOP_REASON_PAIRS = (
+    ("stop", "end_turn"),
+    ("stop", "stop_sequence"),
+    ("stop", "pause_turn"),
+    ("length", "max_tokens"),
+    ("length", "model_context_window_exceeded"),
+    ("tool_calls", "tool_use"),
+    ("function_call", "tool_use"),
+    ("content_filter", "refusal"),
+)
+STOP_REASONS = {finish: stop for finish, stop in reversed(STOP_REASON_PAIRS)}
+FINISH_REASONS = {stop: finish for finish, stop in reversed(STOP_REASON_PAIRS)}
+# tool_choice in chat's words and in Anthropic's (whose choices are {"type": ...} objects).
+TOOL_CHOICE_PAIRS = (("auto", "auto"), ("required", "any"), ("none", "none"))
 # Fields a chat request may carry that mean the same in a Messages request.
 ANTHROPIC_NATIVE_FIELDS = ("top_p", "top_k", "metadata", "thinking", "service_tier")
 
@@ -4490,16 +4564,8 @@ def chat_to_anthropic(chat: dict[str, Any]) -> dict[str, Any]:
             add_turn(turns, "user", [result])
         elif role == "assistant":
             blocks = anthropic_blocks(content, i)
-            for call in message.get("tool_calls") or ():
-                function = call.get("function") or {}
-                blocks.append(
-                    {
-                        "type": "tool_use",
-                        "id": call.get("id") or new_block_id("toolu_"),
-                        "name": function.get("name") or "",
-                        "input": tool_arguments(function.get("arguments")),
-                    }
-                )
+            calls = map(tool_use_block, message.get("tool_calls") or ())
+            blocks.extend(block for block in calls if block is not None)
             add_turn(turns, "assistant", blocks)
         else:
             add_turn(turns, "user", anthropic_blocks(content, i))
@@ -4524,7 +4590,7 @@ def chat_to_anthropic(chat: dict[str, Any]) -> dict[str, Any]:
     tools = chat.get("tools")
     if tools:
         out["tools"] = [anthropic_tool(tool) for tool in tools]
-        choice = anthropic_tool_choice(chat.get("tool_choice"))
+        choice = tool_choice_for("anthropic", chat.get("tool_choice"))
         if chat.get("parallel_tool_calls") is False:
             choice = dict(choice or {"type": "auto"}, disable_parallel_tool_use=True)
         if choice is not None:
@@ -4585,7 +4651,8 @@ def anthropic_image(url: Any, index: int) -> dict[str, Any]:
 
 
 def tool_arguments(arguments: Any) -> dict[str, Any]:
-    """A tool call's arguments (a JSON string in chat) as the object Messages wants."""
+    """A tool call's arguments (a JSON string in chat) as the object other APIs want; a model's
+    malformed arguments become none rather than junk."""
     if isinstance(arguments, dict):
         return arguments
     if isinstance(arguments, str) and arguments.strip():
@@ -4595,6 +4662,23 @@ def tool_arguments(arguments: Any) -> dict[str, Any]:
             return {}
         return value if isinstance(value, dict) else {}
     return {}
+
+
+def new_block_id(prefix: str) -> str:
+    return prefix + os.urandom(12).hex()
+
+
+def tool_use_block(call: Any) -> dict[str, Any] | None:
+    """A chat tool call as an Anthropic tool_use block (its id kept); None if it is no call."""
+    if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
+        return None
+    function = call["function"]
+    return {
+        "type": "tool_use",
+        "id": call.get("id") or new_block_id("toolu_"),
+        "name": function.get("name") or "",
+        "input": tool_arguments(function.get("arguments")),
+    }
 
 
 def anthropic_tool(tool: Any) -> dict[str, Any]:
@@ -4610,38 +4694,25 @@ def anthropic_tool(tool: Any) -> dict[str, Any]:
     return out
 
 
-def anthropic_tool_choice(choice: Any) -> dict[str, Any] | None:
+def tool_choice_for(api: str, choice: Any) -> Any:
+    """A tool_choice in `api`'s terms ("anthropic" or "chat") from the other API's; None when
+    there is none. A choice the other API cannot have said is a 400."""
     if choice is None:
         return None
-    if choice == "auto":
-        return {"type": "auto"}
-    if choice == "required":
-        return {"type": "any"}
-    if choice == "none":
-        return {"type": "none"}
-    if isinstance(choice, dict) and isinstance(choice.get("function"), dict):
-        return {"type": "tool", "name": choice["function"].get("name", "")}
-    raise bad_request("tool_choice: expected auto, required, none or a function", "tool_choice")
-
-
-def chat_usage(usage: Any) -> dict[str, Any] | None:
-    """Anthropic's usage as chat usage: every prompt token in prompt_tokens, the cached ones
-    also in prompt_tokens_details (cached_tokens read, cache_creation_tokens written)."""
-    if not isinstance(usage, dict):
-        return None
-    fresh = token_count(usage.get("input_tokens")) or 0
-    read = token_count(usage.get("cache_read_input_tokens")) or 0
-    written = token_count(usage.get("cache_creation_input_tokens")) or 0
-    completion = token_count(usage.get("output_tokens")) or 0
-    prompt = fresh + read + written
-    out: dict[str, Any] = {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-    }
-    if read or written:
-        out["prompt_tokens_details"] = {"cached_tokens": read, "cache_creation_tokens": written}
-    return out
+    if api == "anthropic":
+        for chat, anthropic in TOOL_CHOICE_PAIRS:
+            if choice == chat:
+                return {"type": anthropic}
+        if isinstance(choice, dict) and isinstance(choice.get("function"), dict):
+            return {"type": "tool", "name": choice["function"].get("name", "")}
+        raise bad_request("tool_choice: expected auto, required, none or a function", "tool_choice")
+    kind = choice.get("type") if isinstance(choice, dict) else None
+    for chat, anthropic in TOOL_CHOICE_PAIRS:
+        if kind == anthropic:
+            return chat
+    if kind == "tool" and isinstance(choice.get("name"), str):
+        return {"type": "function", "function": {"name": choice["name"]}}
+    raise bad_request("tool_choice: expected auto, any, none or tool (with a name)", "tool_choice")
 
 
 def anthropic_to_chat(message: dict[str, Any]) -> dict[str, Any]:
@@ -4685,13 +4756,13 @@ def anthropic_to_chat(message: dict[str, Any]) -> dict[str, Any]:
             {
                 "index": 0,
                 "message": reply,
-                "finish_reason": ANTHROPIC_FINISH_REASONS.get(message.get("stop_reason"), "stop"),
+                "finish_reason": FINISH_REASONS.get(message.get("stop_reason"), "stop"),
             }
         ],
     }
-    usage = chat_usage(message.get("usage"))
+    usage = usage_from(message.get("usage"))
     if usage is not None:
-        chat["usage"] = usage
+        chat["usage"] = usage.as_chat()
     return chat
 
 
@@ -4787,12 +4858,15 @@ class AnthropicStream:
         if kind == "message_delta":
             self.usage.update(object_of(event.get("usage")))
             reason = object_of(event.get("delta")).get("stop_reason")
-            return [self.chunk({}, ANTHROPIC_FINISH_REASONS.get(str(reason), "stop"))]
+            return [self.chunk({}, FINISH_REASONS.get(str(reason), "stop"))]
         if kind == "message_stop":
             self.done = True
+            usage = usage_from(self.usage)
+            if usage is None:
+                return []
             final = self.chunk({})
             final["choices"] = []
-            final["usage"] = chat_usage(self.usage)
+            final["usage"] = usage.as_chat()
             return [final]
         if kind == "error":
             error = event.get("error") if isinstance(event.get("error"), dict) else {}
@@ -5314,17 +5388,38 @@ DONE_EVENT = b"data: [DONE]\n\n"
 
 
 class OpenAIFormat:
-    """How answers are written to the client. This default is OpenAI's own format: the
-    backend's bytes pass through unchanged. Other API styles (Anthropic's Messages) subclass it
-    and translate; a subclass instance serves one request and may keep state across chunks."""
+    """A front door: how the clients of one API are served. Every door has the same duties:
+    its request as the internal chat request (chat_request), the chat answer in its own shape,
+    whole (body) or streamed (chunk for each chat chunk, then end; error ends a stream Nexus
+    had to cut), errors in its API's shape (error_document), and its stream's content type.
+    One instance serves one request and may keep state across chunks.
+
+    Where a backend speaks the door's own API (native_api), the backend is sent the client's
+    own request (native_body, at native_path) and its answer goes back untranslated: whole,
+    its usage read with answer_usage; streamed, through the NativeStream of native_stream().
+
+    This base is OpenAI's chat API itself, which is also the internal request: the backend's
+    bytes pass through unchanged. A fifth API is one more subclass and nothing else."""
 
     # Whether the usage chunk Nexus asked the backend for reaches chunk(); OpenAI's format strips
     # it for a client that did not ask, a translating format may need it (token counts).
     keeps_usage = False
-    # The API this format writes when it is not OpenAI's: an adapter that speaks the same API
-    # is sent the client's own request and its answer is relayed as it is (never translated
-    # twice).
+    # The API this door speaks when it is not OpenAI's chat: a backend whose adapter speaks
+    # the same API is sent the client's own request, and its answer is relayed as it is.
     native_api: str | None = None
+    native_path = ""  # where such a backend takes the request
+    content_type = "text/event-stream"  # a stream's: SSE, or NDJSON for Ollama's API
+    native_body: dict[str, Any]
+
+    @staticmethod
+    def chat_request(body: dict[str, Any]) -> dict[str, Any]:
+        """The client's request as the internal chat request (a 400 names what is wrong)."""
+        return body
+
+    @staticmethod
+    def error_document(error: NexusError) -> dict[str, Any]:
+        """An error, before any answer began, as this API writes it."""
+        return error.envelope()
 
     def body(self, answer: bytes, parsed: dict[str, Any]) -> bytes:
         return answer
@@ -5337,6 +5432,36 @@ class OpenAIFormat:
 
     def end(self) -> bytes:
         return DONE_EVENT
+
+    def answer_usage(self, parsed: dict[str, Any]) -> Any:
+        """A native whole answer's usage object (usage_from reads it)."""
+        return parsed.get("usage")
+
+    def native_stream(self) -> NativeStream:
+        """A reader for one attempt's stream from a backend that speaks native_api."""
+        raise NotImplementedError
+
+
+class NativeStream:
+    """One attempt's stream in the client's own API, from a backend that speaks it, relayed
+    line by line as it arrives. Its state is the attempt's: an attempt that fails before its
+    first line went out leaves nothing behind for the next one."""
+
+    def __init__(self) -> None:
+        self.usage: dict[str, Any] = {}  # as the stream's lines report it (usage_from reads it)
+        self.failed = False  # the backend's own error was relayed: the stream's last word
+
+    def line(self, line: bytes) -> tuple[bytes, str | None]:
+        """The bytes to send for one line (b"" holds it back), and "end" when it ends the
+        answer, "error" when the backend reported an error, else None."""
+        raise NotImplementedError
+
+    def error(self, endpoint: str, model: str, message: str) -> bytes:
+        """The last words of a stream Nexus had to cut, in the API's own way."""
+        raise NotImplementedError
+
+    def end(self) -> bytes:
+        return b""  # the backend's own last line ended it
 
 
 OPENAI_FORMAT = OpenAIFormat()
@@ -5701,6 +5826,7 @@ async def send_attempt(
         raise AttemptFailed(busy, retry_after=retry_after_seconds(busy.headers["Retry-After"]))
     headers = adapter.headers(backend)
     headers.update(JSON_HEADERS)
+    native = speaks_natively(fmt, adapter)
     server = settings.server
     limits = WaitLimits(
         min(loop.time() + server.first_byte_timeout_seconds, deadline),
@@ -5716,7 +5842,7 @@ async def send_attempt(
     upstream: BackendConnection | None = None
     try:
         try:
-            url = adapter.url(backend, endpoint)
+            url = backend.url + fmt.native_path if native else adapter.url(backend, endpoint)
             # A non-streamed answer comes when it is done: only the request's limit bounds it.
             upstream = await limits.wait(
                 app[CLIENT].request("POST", url, headers, payload),
@@ -5743,10 +5869,6 @@ async def send_attempt(
         if stream:
             if backend.is_cloud:  # headers go before the answer: the prompt's cost, estimated
                 out_headers["X-Nexus-Cost-Estimated"] = await prompt_cost(request, attempt)
-            if speaks_natively(fmt, adapter):
-                return await relay_native_stream(
-                    request, record, attempt, upstream, out_headers, limits
-                )
             return await relay_stream(
                 request, record, attempt, upstream, out_headers, strip_usage, limits, fmt
             )
@@ -5756,9 +5878,8 @@ async def send_attempt(
             parsed = None
         if not isinstance(parsed, dict):
             raise attempt_failure(app, backend, 502, "answered something that is not JSON")
-        native = speaks_natively(fmt, adapter)
         if native:
-            note_usage(record, adapter.usage(parsed))
+            note_usage(record, fmt.answer_usage(parsed))
         elif adapter.translates:
             parsed = adapter.answer(parsed)
             answer = json.dumps(parsed).encode()
@@ -5963,7 +6084,7 @@ def speaks_natively(fmt: OpenAIFormat, adapter: OpenAICompatibleAdapter) -> bool
     return fmt.native_api is not None and fmt.native_api == adapter.api
 
 
-def native_payload(fmt: Any, attempt: Attempt) -> bytes:
+def native_payload(fmt: OpenAIFormat, attempt: Attempt) -> bytes:
     """The client's own request, for a backend that speaks its API: only the model that serves
     is set, and a scrubbed overflow keeps the system prompt and the last user turn."""
     payload = dict(fmt.native_body, model=attempt.model)
@@ -5985,87 +6106,6 @@ def scrubbed_user_turn(messages: list[Any]) -> list[Any]:
         if said:
             return [dict(message, content=said)]
     return users[-1:]
-
-
-async def relay_native_stream(
-    request: web.Request,
-    record: RequestRecord,
-    attempt: Attempt,
-    upstream: BackendConnection,
-    headers: dict[str, str],
-    limits: WaitLimits,
-) -> web.StreamResponse:
-    """A stream in the client's own API (Messages events from an anthropic backend to a
-    /v1/messages client), relayed event by event as it arrives; usage is read on the way for
-    the cost. Until its first data line is out (an error event is not) a failure may still be
-    retried elsewhere; after it, a cut or stalled stream ends with an error event."""
-    app = request.app
-    backend = attempt.backend
-    content = SseLines(upstream)
-    response: web.StreamResponse | None = None
-    usage: dict[str, Any] = {}
-    held: list[bytes] = []  # an event's name (and comments), sent with its data line
-    finished = False
-    settled = False
-    problem = ""
-    try:
-        while not finished:
-            line, problem = await next_stream_line(
-                app, backend, content, response is not None, limits
-            )
-            if not line:
-                problem = problem or "the backend ended the stream before the answer was complete"
-                break
-            if not line.startswith(b"data:"):
-                if response is not None or not line.startswith(b":"):
-                    held.append(line)  # comments before the answer are dropped
-                continue
-            kind = None
-            with contextlib.suppress(ValueError):
-                event = json.loads(line[5:])
-                kind = event.get("type") if isinstance(event, dict) else None
-                if kind == "message_start":
-                    usage.update(object_of(object_of(event.get("message")).get("usage")))
-                elif kind == "message_delta":
-                    usage.update(object_of(event.get("usage")))
-            if kind == "error":
-                if response is None:
-                    raise attempt_failure(app, backend, 502, "reported an error")
-                record.status = 502
-            finished = kind in ("message_stop", "error")
-            upstream.whole = kind == "message_stop"  # its connection may serve the next request
-            if response is None:
-                record.ttft_ms = (time.perf_counter() - record.started) * 1000
-                response = await start_stream(request, headers)
-            await response.write(b"\n".join([*held, line]) + b"\n\n")
-            held.clear()
-        note_usage(record, chat_usage(usage))
-        await settle_cost(request, record, attempt, [])
-        settled = True
-        assert response is not None
-        if problem:
-            note_stream_problem(app, record, backend, problem)
-            error = anthropic_error(NexusError(502, "backend_error", None, problem + "."))
-            await response.write(sse_event("error", error))
-        elif not record.status:
-            record.status = 200
-            note_success(app, record, backend)
-        await response.write_eof()
-    except ConnectionError:
-        record.status = 499  # the client went away: the backend request ends with this one
-        upstream.close()
-        if response is None:
-            raise
-    except Exception:
-        if response is None:
-            raise  # nothing sent yet: the request ends in a plain error answer
-        error = anthropic_error(NexusError(500, "server_error", None, INTERNAL_STREAM_ERROR))
-        await end_after_internal_error(record, backend, response, sse_event("error", error))
-    finally:
-        if response is not None and not settled:
-            note_usage(record, chat_usage(usage))
-            settle_cost_now(request, record, attempt, [])  # the client left: no await
-    return response
 
 
 INTERNAL_STREAM_ERROR = "Nexus hit an internal error."
@@ -6108,20 +6148,25 @@ async def relay_stream(
     limits: WaitLimits,
     fmt: OpenAIFormat,
 ) -> web.StreamResponse:
-    """Relay SSE chunks as they arrive. Until the first chunk is out a failure may still be
-    retried elsewhere; after it, Nexus ends the stream itself, honestly, always with [DONE]."""
+    """Relay a stream as it arrives, in the client's API: chat chunks written by its door or,
+    where door and backend speak the same API, the backend's own lines as they are. Until the
+    first byte is out a failure may still be retried elsewhere; after it, Nexus ends the stream
+    itself, honestly, the door's way (with [DONE] for chat clients)."""
     app = request.app
     backend = attempt.backend
-    content = ADAPTERS[backend.type].stream_reader(upstream, attempt.model)
+    adapter = ADAPTERS[backend.type]
+    native = fmt.native_stream() if speaks_natively(fmt, adapter) else None
+    writer = native or fmt  # what writes the stream's last words
+    content = SseLines(upstream) if native else adapter.stream_reader(upstream, attempt.model)
     answered: list[str] | None = [] if backend.is_cloud else None  # to count, if no usage
-    local, model = not backend.is_cloud, attempt.model
+    local_model = None if backend.is_cloud else attempt.model  # what local chunks must name
     response: web.StreamResponse | None = None
     finished = False
     settled = False
     problem = ""
     pending: list[bytes] = []  # chunks that arrived together go out in one write
     try:
-        while True:
+        while not (native is not None and finished):
             line = content.buffered()
             if line is None:
                 if pending:
@@ -6134,57 +6179,32 @@ async def relay_stream(
                 if not finished and not problem:
                     problem = "the backend ended the stream before the answer was complete"
                 break
-            if not line.startswith(b"data:"):
-                continue  # blank separators, comments, event names
-            data = line[5:].strip()
-            if data == b"[DONE]":
-                finished = upstream.whole = True  # its connection may serve the next request
-                break
-            try:
-                chunk = parse_json(data)
-            except ValueError:
-                continue  # a malformed chunk is dropped; the stream goes on
-            if not well_formed(chunk):
-                continue  # a chunk of the wrong shape is dropped too
-            usage = chunk.get("usage")
-            if usage:
-                note_usage(record, usage)
-                if strip_usage:
-                    if not chunk.get("choices"):
-                        continue
-                    del chunk["usage"]
-                    data = b""
-            if local and chunk.get("model", model) != model:
-                chunk["model"] = model  # the stream names the model that served
-                data = b""
-            if not data:
-                data = json.dumps(chunk).encode()
-            choices = chunk.get("choices")
-            if answered is not None and choices:
-                answered.extend(answer_texts(record.endpoint, chunk))
-            if choices and isinstance(choices[0], dict) and choices[0].get("finish_reason"):
+            if native is not None:
+                out, kind = native.line(line)
+            else:
+                out, kind = chat_line(line, record, fmt, strip_usage, local_model, answered)
+            if kind is not None:
+                if kind == "error":
+                    if response is None:
+                        raise attempt_failure(app, backend, 502, "reported an error")
+                    problem = "the backend reported an error mid-stream"
                 finished = True
+                upstream.whole = kind == "end"  # its connection may serve the next request
+                if kind == "end" and native is None:
+                    break  # [DONE]
+            if not out:
+                continue
             if response is None:
                 record.ttft_ms = (time.perf_counter() - record.started) * 1000
-                response = await start_stream(request, headers)
-            out = fmt.chunk(data, chunk)
-            if out:
-                pending.append(out)
+                response = await start_stream(request, headers, fmt.content_type)
+            pending.append(out)
+        if native is not None:
+            note_usage(record, native.usage)
         if response is None:  # [DONE] with no chunk at all: an empty answer, but an honest one
-            response = await start_stream(request, headers)
-        if answered is not None:  # a cut stream costs what was generated too
-            if pending:
-                await response.write(b"".join(pending))
-                pending.clear()
-            await settle_cost(request, record, attempt, answered)
-        settled = True
-        if problem:
-            note_stream_problem(app, record, backend, problem)
-            pending.append(fmt.error(record.endpoint, attempt.model, problem + "."))
-        else:
-            record.status = 200
-            note_success(app, record, backend)
-        pending.append(fmt.end())
+            response = await start_stream(request, headers, fmt.content_type)
+        settled = await end_stream(
+            request, record, attempt, writer, response, answered, problem, pending
+        )
         await response.write_eof(b"".join(pending))
     except ConnectionError:
         record.status = 499  # the client went away: the backend request ends with this one
@@ -6194,12 +6214,87 @@ async def relay_stream(
     except Exception:
         if response is None:
             raise  # nothing sent yet: the request ends in a plain error answer
-        pending += (fmt.error(record.endpoint, attempt.model, INTERNAL_STREAM_ERROR), fmt.end())
+        pending += (
+            writer.error(record.endpoint, attempt.model, INTERNAL_STREAM_ERROR),
+            writer.end(),
+        )
         await end_after_internal_error(record, backend, response, b"".join(pending))
     finally:
         if answered is not None and response is not None and not settled:
+            if native is not None:
+                note_usage(record, native.usage)
             settle_cost_now(request, record, attempt, answered)  # the client left: no await
     return response
+
+
+def chat_line(
+    line: bytes,
+    record: RequestRecord,
+    fmt: OpenAIFormat,
+    strip_usage: bool,
+    local_model: str | None,
+    answered: list[str] | None,
+) -> tuple[bytes, str | None]:
+    """One line of a chat stream as the door writes it (b"" for nothing: a separator, comment,
+    malformed chunk or a usage chunk the client did not ask for), and "end" for [DONE],
+    "finish" for the chunk with the finish reason, else None. Usage is noted on the way."""
+    if not line.startswith(b"data:"):
+        return b"", None  # blank separators, comments, event names
+    data = line[5:].strip()
+    if data == b"[DONE]":
+        return b"", "end"
+    try:
+        chunk = parse_json(data)
+    except ValueError:
+        return b"", None  # a malformed chunk is dropped; the stream goes on
+    if not well_formed(chunk):
+        return b"", None  # a chunk of the wrong shape is dropped too
+    usage = chunk.get("usage")
+    if usage:
+        note_usage(record, usage)
+        if strip_usage:
+            if not chunk.get("choices"):
+                return b"", None
+            del chunk["usage"]
+            data = b""
+    if local_model is not None and chunk.get("model", local_model) != local_model:
+        chunk["model"] = local_model  # the stream names the model that served
+        data = b""
+    if not data:
+        data = json.dumps(chunk).encode()
+    choices = chunk.get("choices")
+    if answered is not None and choices:
+        answered.extend(answer_texts(record.endpoint, chunk))
+    finish = choices and isinstance(choices[0], dict) and choices[0].get("finish_reason")
+    return fmt.chunk(data, chunk), "finish" if finish else None
+
+
+async def end_stream(
+    request: web.Request,
+    record: RequestRecord,
+    attempt: Attempt,
+    fmt: OpenAIFormat | NativeStream,
+    response: web.StreamResponse,
+    answered: list[str] | None,
+    problem: str,
+    pending: list[bytes],
+) -> bool:
+    """A relayed stream's accounts and its last words, added to `pending`: its cost (what a cut
+    stream generated costs too), then a success, or a failure of the request and its backend
+    that the door's error ends. Returns True once the cost is settled."""
+    if answered is not None:
+        if pending:
+            await response.write(b"".join(pending))
+            pending.clear()
+        await settle_cost(request, record, attempt, answered)
+    if problem:
+        note_stream_problem(request.app, record, attempt.backend, problem)
+        pending.append(fmt.error(record.endpoint, attempt.model, problem + "."))
+    else:
+        record.status = 200
+        note_success(request.app, record, attempt.backend)
+    pending.append(fmt.end())
+    return True
 
 
 async def next_stream_line(
@@ -6276,12 +6371,100 @@ class SseLines:
         return self.lines.popleft()
 
 
-async def start_stream(request: web.Request, headers: dict[str, str]) -> web.StreamResponse:
+async def start_stream(
+    request: web.Request, headers: dict[str, str], content_type: str = "text/event-stream"
+) -> web.StreamResponse:
     response = web.StreamResponse(status=200, headers=headers)
-    response.content_type = "text/event-stream"
+    response.content_type = content_type
     response.headers["Cache-Control"] = "no-cache"
     await response.prepare(request)
     request[STREAMING] = response
+    return response
+
+
+# ==============================================================================================
+# Front doors
+# Owns: serving a request that came through a door other than OpenAI's chat (SPEC 2.1): its
+# body becomes the internal chat request, the proxy routes and sends that, and the door writes
+# the answer and any error in its own API's shape.
+# Must not: know any one API; each door (an OpenAIFormat) does.
+# ==============================================================================================
+
+
+IMAGE_TOKENS = 1600  # what an image of unknown size is counted as (about a megapixel)
+MESSAGE_OVERHEAD_TOKENS = 4  # role and separators of one message in a chat template
+
+
+def estimate_chat_tokens(chat: dict[str, Any]) -> int:
+    """Input tokens of a translated request, estimated: characters of every text, tool call
+    and tool definition, and images at a flat rate. The one place a better count goes."""
+    chars = 0
+    images = 0
+    for message in chat["messages"]:
+        content = message.get("content")
+        if isinstance(content, str):
+            chars += len(content)
+        elif isinstance(content, list):
+            for part in content:
+                if part.get("type") == "text":
+                    chars += len(part["text"])
+                else:
+                    images += 1
+        for call in message.get("tool_calls", ()):
+            chars += len(call["function"]["name"]) + len(call["function"]["arguments"])
+    if chat.get("tools"):
+        chars += len(json.dumps(chat["tools"]))
+    tokens = chars // CHARS_PER_TOKEN + IMAGE_TOKENS * images
+    return tokens + MESSAGE_OVERHEAD_TOKENS * len(chat["messages"])
+
+
+def backend_refusal(response: web.Response) -> NexusError:
+    """A backend's own 4xx answer, re-said as an error for the door to write in its shape: its
+    message and status kept, Nexus's headers too."""
+    message = f"The backend refused the request (HTTP {response.status})."
+    raw = response.body if isinstance(response.body, bytes) else b""
+    try:
+        document = json.loads(raw)
+    except ValueError:
+        document = None
+    if isinstance(document, dict):
+        error = document.get("error")
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            message = error["message"]
+        elif isinstance(error, str):
+            message = error
+        elif isinstance(document.get("message"), str):
+            message = document["message"]
+    elif raw.strip():
+        message = raw.decode("utf-8", "replace")[:500]
+    headers = {k: v for k, v in response.headers.items() if k.startswith("X-Nexus-")}
+    return NexusError(response.status, "invalid_request_error", None, message, headers=headers)
+
+
+async def serve_door(request: web.Request, door: type[OpenAIFormat]) -> web.StreamResponse:
+    """A request through `door`: translated to chat, routed and answered like a chat request,
+    its answer and errors in the door's shape (a backend's own refusal included)."""
+    raw = await request.read()
+    body = parse_json_body(raw)
+    chat = door.chat_request(body)
+    needs = chat_needs(chat)
+    needs.prompt_tokens = estimate_chat_tokens(chat)  # tool definitions count too
+    return await send_through_door(request, "chat", chat, needs, door(body, needs))
+
+
+async def send_through_door(
+    request: web.Request,
+    endpoint: str,
+    internal: dict[str, Any],
+    needs: RequestNeeds,
+    fmt: OpenAIFormat,
+) -> web.StreamResponse:
+    """Route and send a door's internal request as a chat completions request is sent; a
+    backend's own refusal comes back in the door's error shape."""
+    raw = json.dumps(internal).encode()
+    response = await proxy(request, endpoint, internal, raw, needs, fmt)
+    if response.status >= 400 and isinstance(response, web.Response):
+        raise backend_refusal(response)
     return response
 
 
@@ -6304,22 +6487,9 @@ ANTHROPIC_ERROR_TYPES = {
     503: "overloaded_error",
     504: "timeout_error",
 }
-STOP_REASONS = {
-    "stop": "end_turn",
-    "length": "max_tokens",
-    "tool_calls": "tool_use",
-    "function_call": "tool_use",
-    "content_filter": "refusal",
-}
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k")  # the same name and meaning in both APIs
 # Fields in which backends name the stop sequence that matched: vLLM, llama.cpp.
 MATCHED_STOP_FIELDS = ("stop_reason", "stopping_word", "stop_word")
-IMAGE_TOKENS = 1600  # what an image of unknown size is counted as (about a megapixel)
-MESSAGE_OVERHEAD_TOKENS = 4  # role and separators of one message in a chat template
-
-
-def is_messages_path(path: str) -> bool:
-    return path == MESSAGES_PATH or path.startswith(MESSAGES_PATH + "/")
 
 
 def anthropic_message(error: NexusError) -> str:
@@ -6385,8 +6555,10 @@ def messages_to_chat(body: dict[str, Any]) -> dict[str, Any]:
         chat["tools"] = [chat_tool(tool, f"tools.{i}") for i, tool in enumerate(tools)]
         choice = body.get("tool_choice")
         if choice is not None:
-            chat["tool_choice"], parallel = chat_tool_choice(choice)
-            if parallel is False:
+            if not isinstance(choice, dict):
+                raise bad_request("tool_choice: must be an object", "tool_choice")
+            chat["tool_choice"] = tool_choice_for("chat", choice)
+            if choice.get("disable_parallel_tool_use") is True and choice.get("type") != "none":
                 chat["parallel_tool_calls"] = False
     return chat
 
@@ -6565,46 +6737,6 @@ def chat_tool(tool: Any, where: str) -> dict[str, Any]:
     return {"type": "function", "function": function}
 
 
-def chat_tool_choice(choice: Any) -> tuple[Any, bool | None]:
-    """OpenAI's tool_choice for Anthropic's, and False when parallel tool use is turned off."""
-    if not isinstance(choice, dict):
-        raise bad_request("tool_choice: must be an object", "tool_choice")
-    parallel = False if choice.get("disable_parallel_tool_use") is True else None
-    kind = choice.get("type")
-    if kind == "auto":
-        return "auto", parallel
-    if kind == "any":
-        return "required", parallel
-    if kind == "none":
-        return "none", None
-    if kind == "tool" and isinstance(choice.get("name"), str):
-        return {"type": "function", "function": {"name": choice["name"]}}, parallel
-    raise bad_request("tool_choice: expected auto, any, none or tool (with a name)", "tool_choice")
-
-
-def estimate_chat_tokens(chat: dict[str, Any]) -> int:
-    """Input tokens of a translated request, estimated: characters of every text, tool call
-    and tool definition, and images at a flat rate. The one place a better count goes."""
-    chars = 0
-    images = 0
-    for message in chat["messages"]:
-        content = message.get("content")
-        if isinstance(content, str):
-            chars += len(content)
-        elif isinstance(content, list):
-            for part in content:
-                if part.get("type") == "text":
-                    chars += len(part["text"])
-                else:
-                    images += 1
-        for call in message.get("tool_calls", ()):
-            chars += len(call["function"]["name"]) + len(call["function"]["arguments"])
-    if chat.get("tools"):
-        chars += len(json.dumps(chat["tools"]))
-    tokens = chars // CHARS_PER_TOKEN + IMAGE_TOKENS * images
-    return tokens + MESSAGE_OVERHEAD_TOKENS * len(chat["messages"])
-
-
 def count_message_tokens(body: dict[str, Any]) -> int:
     """The input tokens of a Messages request (the body /v1/messages/count_tokens is sent)."""
     chat = messages_to_chat(dict(body, max_tokens=1))  # count_tokens bodies have no max_tokens
@@ -6646,50 +6778,6 @@ def stop_reason_of(
     return STOP_REASONS.get(finish or "stop", "end_turn"), None
 
 
-def token_count(value: Any) -> int | None:
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    return None
-
-
-def message_usage(usage: Any, input_estimate: int, output_estimate: int) -> dict[str, int]:
-    """Chat usage as Anthropic's: cached prompt tokens are reported apart from input_tokens."""
-    usage = usage if isinstance(usage, dict) else {}
-    details = usage.get("prompt_tokens_details")
-    cached = token_count(details.get("cached_tokens")) if isinstance(details, dict) else None
-    prompt = token_count(usage.get("prompt_tokens"))
-    completion = token_count(usage.get("completion_tokens"))
-    prompt = input_estimate if prompt is None else prompt
-    return {
-        "input_tokens": max(prompt - (cached or 0), 0),
-        "output_tokens": output_estimate if completion is None else completion,
-        "cache_creation_input_tokens": 0,
-        "cache_read_input_tokens": cached or 0,
-    }
-
-
-def tool_use_block(call: Any) -> dict[str, Any] | None:
-    if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
-        return None
-    function = call["function"]
-    arguments = function.get("arguments")
-    if isinstance(arguments, str):
-        try:
-            arguments = json.loads(arguments) if arguments.strip() else {}
-        except ValueError:
-            arguments = {}  # a model's malformed arguments: the tool gets none rather than junk
-    return {
-        "type": "tool_use",
-        "id": call.get("id") or new_block_id("toolu_"),
-        "name": function.get("name") or "",
-        "input": arguments if isinstance(arguments, dict) else {},
-    }
-
-
-def new_block_id(prefix: str) -> str:
-    return prefix + os.urandom(12).hex()
-
-
 def chat_to_message(
     parsed: dict[str, Any],
     model: str,
@@ -6726,14 +6814,51 @@ def chat_to_message(
         "content": content,
         "stop_reason": reason,
         "stop_sequence": sequence,
-        "usage": message_usage(
+        "usage": usage_or_estimate(
             parsed.get("usage"), input_estimate, -(-output_chars // CHARS_PER_TOKEN)
-        ),
+        ).as_anthropic(),
     }
 
 
 def sse_event(name: str, data: dict[str, Any]) -> bytes:
     return f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+class AnthropicEvents(NativeStream):
+    """An anthropic backend's own event stream, relayed as it is: an event name waits for its
+    data line, comments before the answer are dropped, usage is kept for the cost."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[bytes] = []  # an event's name (and comments), sent with its data line
+        self.begun = False  # a data line went out
+
+    def line(self, line: bytes) -> tuple[bytes, str | None]:
+        if not line.startswith(b"data:"):
+            if self.begun or not line.startswith(b":"):
+                self.held.append(line)
+            return b"", None
+        self.begun = True
+        kind = None
+        with contextlib.suppress(ValueError):
+            event = json.loads(line[5:])
+            kind = event.get("type") if isinstance(event, dict) else None
+            if kind == "message_start":
+                self.usage.update(object_of(object_of(event.get("message")).get("usage")))
+            elif kind == "message_delta":
+                self.usage.update(object_of(event.get("usage")))
+        out = b"\n".join([*self.held, line]) + b"\n\n"
+        self.held.clear()
+        if kind == "error":
+            self.failed = True
+            return out, "error"
+        return out, "end" if kind == "message_stop" else None
+
+    def error(self, endpoint: str, model: str, message: str) -> bytes:
+        if self.failed:
+            return b""  # the backend's own error event said it
+        self.failed = True
+        return sse_event("error", anthropic_error(NexusError(502, "backend_error", None, message)))
 
 
 class AnthropicFormat(OpenAIFormat):
@@ -6744,13 +6869,15 @@ class AnthropicFormat(OpenAIFormat):
     finish reason and the usage the backend reported, characters sent (an output estimate
     for backends that report no usage).
 
-    Native seam: `native_body` is the client's own request. When an adapter for `anthropic`
-    backends speaks Messages itself, an attempt on such a backend is to be sent that body as it
-    is and its answer relayed untranslated, instead of going through chat and this class.
+    An anthropic backend speaks Messages itself: it is sent the client's own request and its
+    answer, events included, is relayed untranslated (AnthropicEvents reads them on the way).
     """
 
     keeps_usage = True
     native_api = "anthropic"
+    native_path = MESSAGES_PATH
+    chat_request = staticmethod(messages_to_chat)
+    error_document = staticmethod(anthropic_error)
 
     def __init__(self, body: dict[str, Any], needs: RequestNeeds) -> None:
         self.native_body = body
@@ -6814,7 +6941,7 @@ class AnthropicFormat(OpenAIFormat):
             "content": [],
             "stop_reason": None,
             "stop_sequence": None,
-            "usage": message_usage(None, self.input_estimate, 0),
+            "usage": TokenUsage(self.input_estimate).as_anthropic(),
         }
         return sse_event("message_start", {"type": "message_start", "message": message}) + (
             sse_event("ping", {"type": "ping"})
@@ -6880,6 +7007,9 @@ class AnthropicFormat(OpenAIFormat):
         error = anthropic_error(NexusError(502, "backend_error", None, message))
         return self.start(model) + sse_event("error", error)
 
+    def native_stream(self) -> AnthropicEvents:
+        return AnthropicEvents()
+
     def end(self) -> bytes:
         if self.failed:
             return b""  # the error event was the stream's last word
@@ -6887,9 +7017,9 @@ class AnthropicFormat(OpenAIFormat):
         reason, sequence = stop_reason_of(
             self.finish, self.text_tail, self.stop_sequences, bool(self.tools)
         )
-        usage = message_usage(
+        usage = usage_or_estimate(
             self.usage, self.input_estimate, -(-self.output_chars // CHARS_PER_TOKEN)
-        )
+        ).as_anthropic()
         delta = {
             "type": "message_delta",
             "delta": {"stop_reason": reason, "stop_sequence": sequence},
@@ -6900,41 +7030,9 @@ class AnthropicFormat(OpenAIFormat):
         return b"".join(out)
 
 
-def backend_refusal(response: web.Response) -> NexusError:
-    """A backend's own 4xx answer, re-said as an error in Anthropic's shape: its message and
-    status kept, Nexus's headers too."""
-    message = f"The backend refused the request (HTTP {response.status})."
-    raw = response.body if isinstance(response.body, bytes) else b""
-    try:
-        document = json.loads(raw)
-    except ValueError:
-        document = None
-    if isinstance(document, dict):
-        error = document.get("error")
-        if isinstance(error, dict) and isinstance(error.get("message"), str):
-            message = error["message"]
-        elif isinstance(error, str):
-            message = error
-        elif isinstance(document.get("message"), str):
-            message = document["message"]
-    elif raw.strip():
-        message = raw.decode("utf-8", "replace")[:500]
-    headers = {k: v for k, v in response.headers.items() if k.startswith("X-Nexus-")}
-    return NexusError(response.status, "invalid_request_error", None, message, headers=headers)
-
-
 async def messages(request: web.Request) -> web.StreamResponse:
     """POST /v1/messages: translated to a chat completion, routed and answered like one."""
-    raw = await request.read()
-    body = parse_json_body(raw)
-    chat = messages_to_chat(body)
-    needs = chat_needs(chat)
-    needs.prompt_tokens = estimate_chat_tokens(chat)  # tool definitions count too
-    fmt = AnthropicFormat(body, needs)
-    response = await proxy(request, "chat", chat, json.dumps(chat).encode(), needs, fmt)
-    if response.status >= 400 and isinstance(response, web.Response):
-        raise backend_refusal(response)
-    return response
+    return await serve_door(request, AnthropicFormat)
 
 
 async def messages_count_tokens(request: web.Request) -> web.Response:
@@ -6947,6 +7045,1359 @@ async def messages_count_tokens(request: web.Request) -> web.Response:
     if resolve_alias(model, settings.routing.aliases) not in registry.by_model:
         raise model_not_found(model, registry, settings)
     return web.json_response({"input_tokens": count_message_tokens(body)})
+
+
+# ==============================================================================================
+# OpenAI Responses API
+# Owns: POST /v1/responses (SPEC 2.1), what Codex CLI and Cursor's agent speak. A Responses
+# request becomes a chat completion; its answer becomes a `response` object, or the Responses
+# event stream, event by event as the chat chunks arrive. Errors are OpenAI's envelope.
+# Must not: keep conversations (previous_response_id is refused) or offer hosted tools.
+# ==============================================================================================
+
+RESPONSES_PATH = "/v1/responses"
+JSON_STRING = json.encoder.encode_basestring_ascii  # a str as JSON, as json.dumps writes it
+RESPONSE_TEXT_PARTS = ("input_text", "output_text", "text")
+# Why an answer stopped short, by chat finish_reason: the response is "incomplete" then.
+INCOMPLETE_REASONS = {"length": "max_output_tokens", "content_filter": "content_filter"}
+
+
+def responses_to_chat(body: dict[str, Any]) -> dict[str, Any]:
+    """A Responses request as the chat completion a backend serves: instructions and system or
+    developer messages lead as one system message, function calls and their outputs become
+    tool calls and tool messages, reasoning items are dropped, and only function tools are
+    offered (hosted tools such as web_search need OpenAI's servers)."""
+    model = require_model(body)
+    for name in ("previous_response_id", "conversation"):
+        if body.get(name) is not None:
+            raise bad_request(
+                f"{name}: Nexus keeps no conversations; send the whole conversation in input",
+                name,
+            )
+    system: list[str] = []
+    instructions = body.get("instructions")
+    if instructions is not None and not isinstance(instructions, str):
+        raise bad_request("instructions: must be a string", "instructions")
+    if instructions:
+        system.append(instructions)
+    items = body.get("input")
+    messages: list[dict[str, Any]] = []
+    if isinstance(items, str):
+        messages.append({"role": "user", "content": items})
+    elif isinstance(items, list) and items:
+        for i, item in enumerate(items):
+            add_input_item(messages, system, item, f"input[{i}]")
+    else:
+        raise bad_request("input: must be a string or a non-empty array of items", "input")
+    if system:
+        messages.insert(0, {"role": "system", "content": "\n\n".join(system)})
+    if not messages:
+        raise bad_request("input: holds no message to answer", "input")
+    chat: dict[str, Any] = {"model": model, "messages": messages}
+    for name in ("stream", "parallel_tool_calls"):
+        if body.get(name) is not None:
+            if not isinstance(body[name], bool):
+                raise bad_request(f"{name}: must be a boolean", name)
+            chat[name] = body[name]
+    for name in ("temperature", "top_p"):
+        value = body.get(name)
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise bad_request(f"{name}: must be a number", name)
+            chat[name] = value
+    limit = body.get("max_output_tokens")
+    if limit is not None:
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise bad_request("max_output_tokens: must be a positive integer", "max_output_tokens")
+        chat["max_tokens"] = limit
+    for name in ("prompt_cache_key", "user"):  # the cache key is a session key (SPEC 3.7)
+        if isinstance(body.get(name), str):
+            chat[name] = body[name]
+    tools = function_tools(body.get("tools"))
+    if tools:
+        chat["tools"] = [{"type": "function", "function": chat_function(t)} for t in tools]
+        choice = responses_tool_choice(body.get("tool_choice"))
+        if choice is not None:
+            chat["tool_choice"] = choice
+    else:
+        chat.pop("parallel_tool_calls", None)
+    text_format = response_text_format(body.get("text"))
+    if text_format is not None:
+        chat["response_format"] = text_format
+    return chat
+
+
+def add_input_item(
+    messages: list[dict[str, Any]], system: list[str], item: Any, where: str
+) -> None:
+    """One input item as chat messages (or system text)."""
+    if not isinstance(item, dict):
+        raise bad_request(f"{where}: must be an object", "input")
+    kind = item.get("type", "message" if "role" in item else None)
+    if kind == "message":
+        role = item.get("role")
+        if role not in ("user", "assistant", "system", "developer"):
+            raise bad_request(
+                f"{where}.role: must be user, assistant, system or developer", "input"
+            )
+        content = input_content(item.get("content"), where)
+        if role == "user":
+            messages.append({"role": "user", "content": content})
+            return
+        if not isinstance(content, str):
+            if any(part["type"] != "text" for part in content):
+                raise bad_request(f"{where}.content: only user messages carry images", "input")
+            content = "\n\n".join(part["text"] for part in content)
+        if role == "assistant":
+            messages.append({"role": "assistant", "content": content})
+        elif content:
+            system.append(content)
+    elif kind == "function_call":
+        call_id, name = item.get("call_id"), item.get("name")
+        if not isinstance(call_id, str) or not isinstance(name, str):
+            raise bad_request(f"{where}: a function_call needs a call_id and a name", "input")
+        arguments = item.get("arguments", "{}")
+        if not isinstance(arguments, str):
+            arguments = json.dumps(arguments, ensure_ascii=False)
+        call = {
+            "id": call_id,
+            "type": "function",
+            "function": {"name": name, "arguments": arguments},
+        }
+        last = messages[-1] if messages else None
+        if last is not None and last["role"] == "assistant":  # the same turn's text and calls
+            last.setdefault("tool_calls", []).append(call)
+        else:
+            messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+    elif kind == "function_call_output":
+        if not isinstance(item.get("call_id"), str):
+            raise bad_request(f"{where}.call_id: must be a string", "input")
+        output = item.get("output")
+        if not isinstance(output, str):
+            parts = input_content(output, where)
+            output = "\n\n".join(p["text"] for p in parts if p["type"] == "text")
+        messages.append({"role": "tool", "tool_call_id": item["call_id"], "content": output})
+    elif kind != "reasoning":  # earlier reasoning is not sent back, as chat templates drop it
+        raise bad_request(
+            f"{where}.type: items of type {kind!r} cannot be served here (messages, "
+            "function_call, function_call_output and reasoning can)",
+            "input",
+        )
+
+
+def input_content(content: Any, where: str) -> str | list[dict[str, Any]]:
+    """A message's content: a string, or its parts as chat parts (text and image_url)."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise bad_request(f"{where}.content: must be a string or an array of parts", "input")
+    parts: list[dict[str, Any]] = []
+    for j, part in enumerate(content):
+        at = f"{where}.content[{j}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in RESPONSE_TEXT_PARTS or kind == "refusal":
+            text = part.get("refusal" if kind == "refusal" else "text")
+            if not isinstance(text, str):
+                raise bad_request(f"{at}.text: must be a string", "input")
+            parts.append({"type": "text", "text": text})
+        elif kind == "input_image" and isinstance(part.get("image_url"), str):
+            image = {"url": part["image_url"]}
+            if isinstance(part.get("detail"), str) and part["detail"] != "auto":
+                image["detail"] = part["detail"]
+            parts.append({"type": "image_url", "image_url": image})
+        else:
+            raise bad_request(
+                f"{at}: parts of type {kind!r} cannot be served here (input_text, output_text "
+                "and input_image with an image_url can; files need OpenAI's storage)",
+                "input",
+            )
+    if all(part["type"] == "text" for part in parts):
+        return "\n\n".join(part["text"] for part in parts)
+    return parts
+
+
+def function_tools(tools: Any) -> list[dict[str, Any]]:
+    """The request's function tools; other kinds (web_search, file_search, namespace, mcp, ...)
+    are not offered to the model."""
+    if tools is None:
+        return []
+    if not isinstance(tools, list):
+        raise bad_request("tools: must be an array", "tools")
+    found = []
+    for i, tool in enumerate(tools):
+        if not isinstance(tool, dict) or not isinstance(tool.get("type"), str):
+            raise bad_request(f"tools[{i}]: a tool needs a type", "tools")
+        if tool["type"] != "function":
+            continue
+        if not isinstance(tool.get("name"), str) or not tool["name"]:
+            raise bad_request(f"tools[{i}].name: a function tool needs a name", "tools")
+        if tool.get("parameters") is not None and not isinstance(tool["parameters"], dict):
+            raise bad_request(f"tools[{i}].parameters: must be an object", "tools")
+        found.append(tool)
+    return found
+
+
+def chat_function(tool: dict[str, Any]) -> dict[str, Any]:
+    """A Responses function tool (flat) as chat's function definition."""
+    function: dict[str, Any] = {
+        "name": tool["name"],
+        "parameters": tool.get("parameters") or {"type": "object", "properties": {}},
+    }
+    if isinstance(tool.get("description"), str):
+        function["description"] = tool["description"]
+    if isinstance(tool.get("strict"), bool):
+        function["strict"] = tool["strict"]
+    return function
+
+
+def responses_tool_choice(choice: Any) -> Any:
+    """tool_choice in chat's terms; a choice of a hosted tool leaves the model free (None)."""
+    if choice is None or choice in ("auto", "none", "required"):
+        return choice
+    if not isinstance(choice, dict):
+        raise bad_request("tool_choice: expected auto, none, required or an object", "tool_choice")
+    if choice.get("type") == "function":
+        if not isinstance(choice.get("name"), str):
+            raise bad_request("tool_choice.name: must be a string", "tool_choice")
+        return {"type": "function", "function": {"name": choice["name"]}}
+    return None
+
+
+def response_text_format(text: Any) -> dict[str, Any] | None:
+    """text.format as chat's response_format; None for plain text."""
+    if text is None:
+        return None
+    if not isinstance(text, dict):
+        raise bad_request("text: must be an object", "text")
+    form = text.get("format")
+    if form is None:
+        return None
+    kind = form.get("type") if isinstance(form, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "json_object"}
+    if kind != "json_schema":
+        raise bad_request("text.format.type: must be text, json_object or json_schema", "text")
+    if not isinstance(form.get("name"), str) or not isinstance(form.get("schema"), dict):
+        raise bad_request("text.format: a json_schema format needs a name and a schema", "text")
+    schema = {
+        name: form[name] for name in ("name", "schema", "description", "strict") if name in form
+    }
+    return {"type": "json_schema", "json_schema": schema}
+
+
+def output_message(text: str, status: str) -> dict[str, Any]:
+    part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+    return {
+        "id": new_block_id("msg_"),
+        "type": "message",
+        "status": status,
+        "role": "assistant",
+        "content": [part],
+    }
+
+
+def output_reasoning(text: str, status: str) -> dict[str, Any]:
+    return {
+        "id": new_block_id("rs_"),
+        "type": "reasoning",
+        "status": status,
+        "summary": [],
+        "content": [{"type": "reasoning_text", "text": text}],
+    }
+
+
+def output_call(call_id: str, name: str, arguments: str, status: str) -> dict[str, Any]:
+    return {
+        "id": new_block_id("fc_"),
+        "type": "function_call",
+        "status": status,
+        "call_id": call_id,
+        "name": name,
+        "arguments": arguments,
+    }
+
+
+class ResponsesFormat(OpenAIFormat):
+    """Writes chat-completion answers as the Responses API does: a `response` object, or its
+    event stream (created, in_progress, then per output item added, its deltas, done, and at the
+    end completed, incomplete or failed), each event numbered. One instance serves one request.
+
+    Stream state: the output items so far (reasoning, message, function calls) and the text of
+    each, the open text item (a function call stays open until the answer ends), the finish
+    reason and usage."""
+
+    keeps_usage = True
+    chat_request = staticmethod(responses_to_chat)
+
+    def __init__(self, body: dict[str, Any], needs: RequestNeeds) -> None:
+        self.native_body = body
+        self.model = needs.model
+        self.input_estimate = needs.prompt_tokens
+        self.id = new_block_id("resp_")
+        self.created = int(time.time())
+        self.sequence = 0
+        self.started = False
+        self.failed = False
+        self.output: list[dict[str, Any]] = []
+        self.pieces: dict[int, list[str]] = {}  # an open item's text (or arguments) so far
+        self.open: int | None = None  # the open reasoning or message item
+        self.calls: dict[Any, int] = {}  # a chat tool call's index (or id) -> its item
+        self.last_call: Any = None
+        self.delta_head = b""  # the encoded start of the current item's delta events
+        self.call_heads: dict[int, bytes] = {}  # the same for each function call item
+        self.finish: str | None = None
+        self.usage: Any = None
+        self.output_chars = 0
+
+    def response(
+        self, status: str, usage: dict[str, Any] | None = None, error: Any = None
+    ) -> dict[str, Any]:
+        """The response object as it stands, echoing what the request asked for."""
+        body = self.native_body
+        reason = INCOMPLETE_REASONS.get(self.finish or "") if status == "incomplete" else None
+        choice = body.get("tool_choice")
+        text = body.get("text") if isinstance(body.get("text"), dict) else {}
+        number = (int, float)
+        return {
+            "id": self.id,
+            "object": "response",
+            "created_at": self.created,
+            "status": status,
+            "model": self.model,
+            "output": self.output,
+            "error": error,
+            "incomplete_details": {"reason": reason} if reason else None,
+            "instructions": body.get("instructions")
+            if isinstance(body.get("instructions"), str)
+            else None,
+            "max_output_tokens": token_count(body.get("max_output_tokens")),
+            "metadata": body.get("metadata") if isinstance(body.get("metadata"), dict) else {},
+            "parallel_tool_calls": body.get("parallel_tool_calls") is not False,
+            "previous_response_id": None,
+            "temperature": body.get("temperature")
+            if isinstance(body.get("temperature"), number)
+            else None,
+            "top_p": body.get("top_p") if isinstance(body.get("top_p"), number) else None,
+            "text": {"format": text.get("format") or {"type": "text"}},
+            "tool_choice": choice if isinstance(choice, str | dict) else "auto",
+            "tools": function_tools(body.get("tools")),
+            "truncation": "disabled",
+            "usage": usage,
+        }
+
+    def status(self) -> str:
+        """The response's status once the answer ended (its items' too)."""
+        return "incomplete" if self.finish in INCOMPLETE_REASONS else "completed"
+
+    def final_usage(self, usage: Any, reasoning_chars: int) -> dict[str, Any]:
+        output = -(-self.output_chars // CHARS_PER_TOKEN)
+        found = usage_or_estimate(usage, self.input_estimate, output)
+        return found.as_responses(min(-(-reasoning_chars // CHARS_PER_TOKEN), found.completion))
+
+    def body(self, answer: bytes, parsed: dict[str, Any]) -> bytes:
+        choices = parsed.get("choices")
+        choice = choices[0] if isinstance(choices, list) and choices else {}
+        choice = choice if isinstance(choice, dict) else {}
+        message = object_of(choice.get("message"))
+        self.finish = (
+            choice.get("finish_reason") if isinstance(choice.get("finish_reason"), str) else None
+        )
+        if isinstance(parsed.get("model"), str) and parsed["model"]:
+            self.model = parsed["model"]
+        status = self.status()
+        reasoning = reasoning_of(message)
+        if reasoning:
+            self.output.append(output_reasoning(reasoning, status))
+        text = message.get("content")
+        if isinstance(text, list):  # some servers answer with content parts
+            text = "".join(p.get("text", "") for p in text if isinstance(p, dict))
+        text = text if isinstance(text, str) else ""
+        calls = [c for c in message.get("tool_calls") or () if isinstance(c, dict)]
+        if text or not calls:
+            self.output.append(output_message(text, status))
+        for call in calls:
+            function = object_of(call.get("function"))
+            arguments = function.get("arguments")
+            if not isinstance(arguments, str):
+                arguments = json.dumps(arguments or {}, ensure_ascii=False)
+            call_id = call.get("id") if isinstance(call.get("id"), str) else new_block_id("call_")
+            name = function.get("name") if isinstance(function.get("name"), str) else ""
+            self.output.append(output_call(call_id, name, arguments, "completed"))
+            self.output_chars += len(arguments)
+        self.output_chars += len(text) + len(reasoning)
+        usage = self.final_usage(parsed.get("usage"), len(reasoning))
+        return json.dumps(self.response(status, usage)).encode()
+
+    # --- the event stream ---------------------------------------------------------------------
+
+    def event(self, kind: str, data: dict[str, Any]) -> bytes:
+        data["type"] = kind
+        data["sequence_number"] = self.sequence
+        self.sequence += 1
+        return b"event: " + kind.encode() + b"\ndata: " + json.dumps(data).encode() + b"\n\n"
+
+    def start(self) -> bytes:
+        """response.created and response.in_progress, once, before anything else."""
+        if self.started:
+            return b""
+        self.started = True
+        created = self.event("response.created", {"response": self.response("in_progress")})
+        return created + self.event(
+            "response.in_progress", {"response": self.response("in_progress")}
+        )
+
+    def chunk(self, data: bytes, chunk: dict[str, Any]) -> bytes:
+        if not self.started and isinstance(chunk.get("model"), str) and chunk["model"]:
+            self.model = chunk["model"]
+        out = [self.start()]
+        if isinstance(chunk.get("usage"), dict):
+            self.usage = chunk["usage"]
+        choices = chunk.get("choices")
+        choice = choices[0] if isinstance(choices, list) and choices else None
+        if not isinstance(choice, dict):
+            return b"".join(out)
+        delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
+        reasoning = reasoning_of(delta)
+        if reasoning:
+            out.append(self.text_delta("reasoning", reasoning))
+        text = delta.get("content")
+        if isinstance(text, str) and text:
+            out.append(self.text_delta("message", text))
+        calls = delta.get("tool_calls")
+        for call in calls if isinstance(calls, list) else ():
+            out.append(self.call_delta(call))
+        if isinstance(choice.get("finish_reason"), str):
+            self.finish = choice["finish_reason"]
+        return b"".join(out)
+
+    def add_item(self, item: dict[str, Any]) -> tuple[int, bytes]:
+        index = len(self.output)
+        self.output.append(item)
+        self.pieces[index] = []
+        return index, self.event(
+            "response.output_item.added", {"output_index": index, "item": item}
+        )
+
+    def text_delta(self, kind: str, text: str) -> bytes:
+        """Text for the open item of `kind` (reasoning or message), opened first if need be."""
+        out = b""
+        if self.open is None or self.output[self.open]["type"] != kind:
+            out = self.close_open()
+            item = (
+                output_reasoning("", "in_progress")
+                if kind == "reasoning"
+                else output_message("", "in_progress")
+            )
+            part = item.pop("content")[0]
+            item["content"] = []
+            self.open, added = self.add_item(item)
+            out += added
+            where = {"item_id": item["id"], "output_index": self.open, "content_index": 0}
+            out += self.event("response.content_part.added", {**where, "part": part})
+            item["content"].append(part)
+            kind = "reasoning_text" if kind == "reasoning" else "output_text"
+            self.delta_head = self.event_head(f"response.{kind}.delta", where)
+            if kind == "output_text":
+                self.delta_head += b'"logprobs":[],'
+        self.pieces[self.open].append(text)
+        self.output_chars += len(text)
+        return out + self.delta_event(text)
+
+    def event_head(self, kind: str, where: dict[str, Any]) -> bytes:
+        """The start of a delta event of one item, encoded once: each delta only adds its text
+        and sequence number (JSON encoding each event whole costs ten times as much)."""
+        fields = json.dumps({"type": kind, **where})[1:-1]
+        return f"event: {kind}\ndata: {{{fields},".encode()
+
+    def delta_event(self, text: str) -> bytes:
+        self.sequence += 1
+        number = str(self.sequence - 1).encode()
+        return (
+            b"".join(
+                (self.delta_head, b'"delta":', JSON_STRING(text).encode(), b',"sequence_number":')
+            )
+            + number
+            + b"}\n\n"
+        )
+
+    def close_open(self) -> bytes:
+        """The open reasoning or message item's done events."""
+        if self.open is None:
+            return b""
+        index, self.open = self.open, None
+        item = self.output[index]
+        part = item["content"][0]
+        part["text"] = "".join(self.pieces.pop(index))
+        where = {"item_id": item["id"], "output_index": index, "content_index": 0}
+        if item["type"] == "reasoning":
+            out = self.event("response.reasoning_text.done", {**where, "text": part["text"]})
+        else:
+            done = {**where, "text": part["text"], "logprobs": []}
+            out = self.event("response.output_text.done", done)
+        out += self.event("response.content_part.done", {**where, "part": part})
+        item["status"] = self.status()  # an item cut short is as incomplete as its response
+        return out + self.event("response.output_item.done", {"output_index": index, "item": item})
+
+    def call_delta(self, call: Any) -> bytes:
+        """A chat tool call's head or argument fragment: a function_call item and its deltas."""
+        if not isinstance(call, dict):
+            return b""
+        function = call.get("function") if isinstance(call.get("function"), dict) else {}
+        if isinstance(call.get("index"), int):
+            key = call["index"]
+        elif call.get("id"):
+            key = call["id"]
+        else:
+            key = self.last_call
+        self.last_call = key
+        out = b""
+        if key not in self.calls:
+            out = self.close_open()
+            call_id = call.get("id") if isinstance(call.get("id"), str) else new_block_id("call_")
+            name = function.get("name") if isinstance(function.get("name"), str) else ""
+            self.calls[key], added = self.add_item(output_call(call_id, name, "", "in_progress"))
+            out += added
+        index = self.calls[key]
+        arguments = function.get("arguments")
+        if isinstance(arguments, dict):  # some servers send the whole input as an object
+            arguments = json.dumps(arguments)
+        if not isinstance(arguments, str) or not arguments:
+            return out
+        self.pieces[index].append(arguments)
+        self.output_chars += len(arguments)
+        if index not in self.call_heads:
+            where = {"item_id": self.output[index]["id"], "output_index": index}
+            kind = "response.function_call_arguments.delta"
+            self.call_heads[index] = self.event_head(kind, where)
+        self.delta_head = self.call_heads[index]
+        return out + self.delta_event(arguments)
+
+    def close_calls(self) -> bytes:
+        out = []
+        for index in self.calls.values():
+            item = self.output[index]
+            item["arguments"] = "".join(self.pieces.pop(index, ()))
+            item["status"] = "completed"
+            done = {"item_id": item["id"], "output_index": index, "arguments": item["arguments"]}
+            out.append(self.event("response.function_call_arguments.done", done))
+            out.append(
+                self.event("response.output_item.done", {"output_index": index, "item": item})
+            )
+        self.calls.clear()
+        return b"".join(out)
+
+    def end(self) -> bytes:
+        if self.failed:
+            return b""  # response.failed was the stream's last word
+        out = [self.start(), self.close_open(), self.close_calls()]
+        reasoning = sum(
+            len(item["content"][0]["text"]) for item in self.output if item["type"] == "reasoning"
+        )
+        status = self.status()
+        response = self.response(status, self.final_usage(self.usage, reasoning))
+        out.append(self.event(f"response.{status}", {"response": response}))
+        return b"".join(out)
+
+    def error(self, endpoint: str, model: str, message: str) -> bytes:
+        if self.failed:
+            return b""
+        self.failed = True
+        for index, pieces in self.pieces.items():  # what was said before the failure
+            item = self.output[index]
+            item["status"] = "incomplete"
+            if item["type"] == "function_call":
+                item["arguments"] = "".join(pieces)
+            else:
+                item["content"][0]["text"] = "".join(pieces)
+        error = {"code": "server_error", "message": message}
+        out = self.start()
+        return out + self.event(
+            "response.failed", {"response": self.response("failed", error=error)}
+        )
+
+
+async def responses(request: web.Request) -> web.StreamResponse:
+    """POST /v1/responses: translated to a chat completion, routed and answered like one."""
+    return await serve_door(request, ResponsesFormat)
+
+
+# ==============================================================================================
+# Ollama API
+# Owns: /api/* (SPEC §2.1), Ollama's own API in front of every backend. A chat, generate or
+# embed request becomes the internal chat, completions or embeddings request; its answer (whole,
+# or streamed as NDJSON) becomes Ollama's; errors are {"error": "..."}. The model list, show and
+# ps are answered from the registry.
+# Must not: route or send anything itself; the proxy does, with an OllamaFormat writing.
+# ==============================================================================================
+
+OLLAMA_PREFIX = "/api/"
+# The Ollama release whose API (endpoints, fields) Nexus answers as: clients gate features on it.
+OLLAMA_VERSION = "0.13.0"
+# Ollama's show names the model's architecture and keys its context length by it; Nexus does
+# not know the architecture of every backend's model, so its own name stands in.
+OLLAMA_ARCHITECTURE = "nexus"
+OLLAMA_INFERENCE_PATHS = {
+    "/api/chat": "chat",
+    "/api/generate": "chat",
+    "/api/embed": "embeddings",
+    "/api/embeddings": "embeddings",
+}
+OLLAMA_MANAGEMENT_PATHS = (
+    "/api/pull",
+    "/api/push",
+    "/api/create",
+    "/api/copy",
+    "/api/delete",
+    "/api/blobs/{digest}",
+)
+NDJSON = "application/x-ndjson"
+JSON_TEXT = json.encoder.encode_basestring  # a str as JSON, as json.dumps(ensure_ascii=False)
+# Ollama's sampling options that mean the same in a chat or completions request.
+OLLAMA_SAMPLING_OPTIONS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+)
+OLLAMA_THINK_LEVELS = ("low", "medium", "high")
+OLLAMA_ROLES = ("system", "user", "assistant", "tool")
+# Base64 images carry no media type; the first bytes of the common formats tell it.
+IMAGE_SIGNATURES = (
+    ("/9j/", "image/jpeg"),
+    ("iVBOR", "image/png"),
+    ("R0lGOD", "image/gif"),
+    ("UklGR", "image/webp"),
+)
+NANOSECONDS = 1_000_000_000
+# What routing needs, read from each kind of internal request.
+NEEDS_READERS = {"chat": chat_needs, "completions": completion_needs, "embeddings": embedding_needs}
+
+
+@functools.lru_cache(maxsize=4)
+def utc_second(whole: int) -> str:
+    """A whole second since the epoch as RFC 3339's date and time, UTC (every stream line says
+    when it was made, so the formatting is done once a second)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+
+
+def ollama_time(seconds: float | None = None) -> str:
+    """A time as Ollama writes it (RFC 3339 with microseconds, UTC); now when none is given."""
+    now = time.time() if seconds is None else seconds
+    whole = int(now)
+    return f"{utc_second(whole)}.{int((now - whole) * 1_000_000):06d}Z"
+
+
+def ollama_stream_flag(body: dict[str, Any]) -> bool:
+    """Ollama streams unless told not to."""
+    stream = body.get("stream")
+    if stream is None:
+        return True
+    if not isinstance(stream, bool):
+        raise bad_request("stream: must be a boolean", "stream")
+    return stream
+
+
+def ollama_options(body: dict[str, Any], out: dict[str, Any]) -> None:
+    """`options` as chat fields: sampling, stop and num_predict (max_tokens); the rest (num_ctx,
+    num_gpu, ...) are the Ollama server's own and mean nothing to other backends."""
+    options = body.get("options")
+    if options is None:
+        return
+    if not isinstance(options, dict):
+        raise bad_request("options: must be an object", "options")
+    for name in OLLAMA_SAMPLING_OPTIONS:
+        value = options.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise bad_request(f"options.{name}: must be a number", "options")
+        out[name] = value
+    stop = options.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is not None:
+        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+            raise bad_request("options.stop: must be an array of strings", "options")
+        if stop:
+            out["stop"] = stop
+    predict = options.get("num_predict")
+    if predict is not None:
+        if isinstance(predict, bool) or not isinstance(predict, int):
+            raise bad_request("options.num_predict: must be an integer", "options")
+        if predict > 0:  # -1 and -2 mean "until the model stops" / "fill the context"
+            out["max_tokens"] = predict
+
+
+def ollama_shared_fields(body: dict[str, Any], out: dict[str, Any]) -> None:
+    """What chat and generate requests share: stream, options, format and think."""
+    out["stream"] = ollama_stream_flag(body)
+    ollama_options(body, out)
+    form = body.get("format")
+    if form == "json":
+        out["response_format"] = {"type": "json_object"}
+    elif isinstance(form, dict):
+        schema = {"name": "response", "schema": form}
+        out["response_format"] = {"type": "json_schema", "json_schema": schema}
+    elif form not in (None, ""):
+        raise bad_request('format: must be "json" or a JSON schema object', "format")
+    think = body.get("think")
+    if isinstance(think, bool):  # what vLLM's and llama.cpp's chat templates read
+        out["chat_template_kwargs"] = {"enable_thinking": think}
+    elif think in OLLAMA_THINK_LEVELS:
+        out["reasoning_effort"] = think
+    elif think is not None:
+        raise bad_request('think: must be true, false, "low", "medium" or "high"', "think")
+
+
+def ollama_image_parts(images: Any, where: str) -> list[dict[str, Any]]:
+    """Ollama's base64 images as chat image parts (data URLs), which routing sees as vision."""
+    if images is None:
+        return []
+    if not isinstance(images, list):
+        raise bad_request(f"{where}images: must be an array of base64 strings", "images")
+    parts = []
+    for i, image in enumerate(images):
+        if not isinstance(image, str) or not image:
+            raise bad_request(f"{where}images[{i}]: must be a base64 string", "images")
+        if image.startswith("data:"):
+            url = image
+        else:
+            media = next((m for sig, m in IMAGE_SIGNATURES if image.startswith(sig)), "image/png")
+            url = f"data:{media};base64,{image}"
+        parts.append({"type": "image_url", "image_url": {"url": url}})
+    return parts
+
+
+def ollama_tool_calls(calls: Any, where: str, pending: list[tuple[str, str]]) -> list[Any]:
+    """An assistant's tool calls (arguments as objects) as chat tool calls (arguments as JSON
+    text), each with an id; the ids wait in `pending` for the tool messages that answer them."""
+    if calls is None:
+        return []
+    if not isinstance(calls, list):
+        raise bad_request(f"{where}.tool_calls: must be an array", "messages")
+    out = []
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise bad_request(f"{where}.tool_calls[{j}]: needs a function with a name", "messages")
+        arguments = function.get("arguments")
+        if arguments is None:
+            arguments = {}
+        if isinstance(arguments, dict):
+            arguments = json.dumps(arguments, ensure_ascii=False)
+        elif not isinstance(arguments, str):
+            raise bad_request(
+                f"{where}.tool_calls[{j}].function.arguments: must be an object", "messages"
+            )
+        call_id = call.get("id")
+        if not isinstance(call_id, str) or not call_id:
+            call_id = new_block_id("call_")
+        pending.append((function["name"], call_id))
+        out.append(
+            {
+                "id": call_id,
+                "type": "function",
+                "function": {"name": function["name"], "arguments": arguments},
+            }
+        )
+    return out
+
+
+def answered_call_id(message: dict[str, Any], pending: list[tuple[str, str]]) -> str:
+    """The id of the tool call a tool message answers: its own, else the first open call of the
+    tool it names (Ollama's tool_name), else the first open call."""
+    if isinstance(message.get("tool_call_id"), str) and message["tool_call_id"]:
+        found = message["tool_call_id"]
+        pending[:] = [p for p in pending if p[1] != found]
+        return found
+    name = message.get("tool_name") or message.get("name")
+    for i, (tool, call_id) in enumerate(pending):
+        if tool == name:
+            del pending[i]
+            return call_id
+    return pending.pop(0)[1] if pending else new_block_id("call_")
+
+
+def ollama_messages(messages: Any) -> list[dict[str, Any]]:
+    """Ollama chat messages as chat messages: images become image parts, tool calls get ids and
+    their arguments as JSON text, tool messages the id of the call they answer."""
+    if not isinstance(messages, list):
+        raise bad_request("messages: must be an array of messages", "messages")
+    out: list[dict[str, Any]] = []
+    pending: list[tuple[str, str]] = []
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise bad_request(f"{where}: must be an object", "messages")
+        role = message.get("role")
+        if role not in OLLAMA_ROLES:
+            raise bad_request(f"{where}.role: must be one of {', '.join(OLLAMA_ROLES)}", "messages")
+        content = message.get("content")
+        if content is None:
+            content = ""
+        if not isinstance(content, str):
+            raise bad_request(f"{where}.content: must be a string", "messages")
+        images = ollama_image_parts(message.get("images"), where + ".")
+        chat: dict[str, Any] = {"role": role, "content": content}
+        if images:
+            chat["content"] = [{"type": "text", "text": content}, *images] if content else images
+        if role == "assistant":
+            calls = ollama_tool_calls(message.get("tool_calls"), where, pending)
+            if calls:
+                chat["tool_calls"] = calls
+        elif role == "tool":
+            chat["tool_call_id"] = answered_call_id(message, pending)
+        out.append(chat)
+    return out
+
+
+def ollama_tools(tools: Any) -> list[dict[str, Any]]:
+    """Ollama's tools as chat tools (the same function definitions, checked)."""
+    if not isinstance(tools, list):
+        raise bad_request("tools: must be an array", "tools")
+    out = []
+    for i, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise bad_request(f"tools[{i}]: needs a function with a name", "tools")
+        out.append({"type": "function", "function": function})
+    return out
+
+
+def ollama_to_chat(body: dict[str, Any]) -> dict[str, Any]:
+    """An /api/chat request as the internal chat request."""
+    chat: dict[str, Any] = {"model": require_model(body)}
+    chat["messages"] = ollama_messages(body.get("messages"))
+    if body.get("tools") is not None:
+        tools = ollama_tools(body["tools"])
+        if tools:
+            chat["tools"] = tools
+    ollama_shared_fields(body, chat)
+    return chat
+
+
+def optional_text(body: dict[str, Any], name: str) -> str:
+    """A field that may be absent or a string; "" when absent."""
+    value = body.get(name)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise bad_request(f"{name}: must be a string", name)
+    return value
+
+
+def ollama_generate_to_internal(body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """An /api/generate request as the internal request: chat (system and the prompt, with its
+    images), or a completion where the prompt is raw or has a suffix (fill in the middle)."""
+    model = require_model(body)
+    prompt = optional_text(body, "prompt")
+    suffix = optional_text(body, "suffix")
+    system = optional_text(body, "system")
+    raw = body.get("raw")
+    if raw is not None and not isinstance(raw, bool):
+        raise bad_request("raw: must be a boolean", "raw")
+    images = ollama_image_parts(body.get("images"), "")
+    if raw or suffix:
+        if images:
+            raise bad_request(
+                "images: not served with raw or suffix (a plain completion)", "images"
+            )
+        request: dict[str, Any] = {"model": model, "prompt": prompt}
+        if suffix:
+            request["suffix"] = suffix
+        ollama_shared_fields(body, request)
+        return "completions", request
+    messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
+    content: Any = [{"type": "text", "text": prompt}, *images] if images else prompt
+    messages.append({"role": "user", "content": content})
+    chat = {"model": model, "messages": messages}
+    ollama_shared_fields(body, chat)
+    return "chat", chat
+
+
+def ollama_embed_to_internal(body: dict[str, Any], legacy: bool) -> dict[str, Any]:
+    """/api/embed (input: a string or strings) or the older /api/embeddings (prompt: one
+    string) as an embeddings request."""
+    model = require_model(body)
+    if legacy:
+        text = body.get("prompt")
+        if not isinstance(text, str):
+            raise bad_request("prompt: must be a string", "prompt")
+        return {"model": model, "input": text}
+    value = body.get("input")
+    if not (
+        isinstance(value, str)
+        or (isinstance(value, list) and value and all(isinstance(v, str) for v in value))
+    ):
+        raise bad_request("input: must be a string or a non-empty array of strings", "input")
+    out: dict[str, Any] = {"model": model, "input": value}
+    dimensions = body.get("dimensions")
+    if dimensions is not None:
+        if positive_int(dimensions) is None:
+            raise bad_request("dimensions: must be a positive integer", "dimensions")
+        out["dimensions"] = dimensions
+    return out
+
+
+def ollama_error(error: NexusError) -> dict[str, Any]:
+    """An error as Ollama's API writes it."""
+    return {"error": error.message}
+
+
+class OllamaLines(NativeStream):
+    """An Ollama backend's own NDJSON stream, relayed line by line as it is: the done line ends
+    it (its counts kept for usage), an error line is the backend's error; a line that is not an
+    object is dropped."""
+
+    def line(self, line: bytes) -> tuple[bytes, str | None]:
+        try:
+            document = parse_json(line)
+        except ValueError:
+            return b"", None
+        if not isinstance(document, dict):
+            return b"", None
+        if "error" in document:
+            self.failed = True
+            return line + b"\n", "error"
+        if document.get("done") is True:
+            self.usage = document
+            return line + b"\n", "end"
+        return line + b"\n", None
+
+    def error(self, endpoint: str, model: str, message: str) -> bytes:
+        if self.failed:
+            return b""  # the backend's own error line said it
+        self.failed = True
+        return OllamaFormat.line({"error": message})
+
+
+class OllamaFormat(OpenAIFormat):
+    """Writes chat, completion and embedding answers as Ollama's: the whole answer, or an NDJSON
+    stream whose last line says done with the token counts and durations. One instance serves
+    one request. `kind` is the Ollama endpoint: chat, generate, embed or embeddings.
+
+    Streamed tool calls are gathered (their arguments come in fragments) and sent whole, with
+    arguments as objects, when the answer finishes, as Ollama sends them.
+
+    An Ollama backend speaks this API itself: it is sent `native_body` (the client's own
+    request) at `native_path`, and its answer, an NDJSON stream included (OllamaLines), is
+    relayed as it is."""
+
+    keeps_usage = True
+    native_api = "ollama"
+    content_type = NDJSON
+    chat_request = staticmethod(ollama_to_chat)
+    error_document = staticmethod(ollama_error)
+
+    def __init__(self, body: dict[str, Any], kind: str) -> None:
+        self.native_body = body
+        self.native_path = OLLAMA_PREFIX + kind
+        self.kind = kind
+        self.model = ""  # the model asked for, until the answer names the one that served
+        self.prompt_estimate = 0  # prompt tokens, for a backend that reports no usage
+        self.started = time.perf_counter()
+        self.first: float | None = None  # when the first answer text came
+        self.output_chars = 0
+        self.usage: dict[str, Any] | None = None
+        self.timings: dict[str, Any] | None = None  # llama.cpp's, on its last chunk
+        self.done_reason = "stop"
+        self.calls: dict[Any, dict[str, Any]] = {}  # a streamed tool call, by its index or id
+        self.last_call: Any = None
+        self.failed = False
+        self.head_model = ""  # the model named in the encoded head of text lines
+        self.head = b""
+
+    def piece(self, text: str, thinking: str = "", calls: list[Any] | None = None) -> dict:
+        """One answer object (a stream line, or the whole answer's start)."""
+        out: dict[str, Any] = {"model": self.model, "created_at": ollama_time()}
+        if self.kind == "chat":
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            if thinking:
+                message["thinking"] = thinking
+            if calls:
+                message["tool_calls"] = calls
+            out["message"] = message
+        else:
+            out["response"] = text
+            if thinking:
+                out["thinking"] = thinking
+        out["done"] = False
+        return out
+
+    def counts(self, usage: Any, timings: Any = None) -> dict[str, int]:
+        """The done object's token counts (the backend's, else estimated) and durations (the
+        backend's timings where it gives them, else measured here)."""
+        usage = usage if isinstance(usage, dict) else {}
+        prompt = token_count(usage.get("prompt_tokens"))
+        completion = token_count(usage.get("completion_tokens"))
+        now = time.perf_counter()
+        first = self.first or self.started  # a whole answer: its time was all generation
+        prompt_seconds, eval_seconds = first - self.started, now - first
+        if isinstance(timings, dict):  # llama.cpp's, in milliseconds
+            prompt_ms, predicted_ms = timings.get("prompt_ms"), timings.get("predicted_ms")
+            if isinstance(prompt_ms, int | float) and isinstance(predicted_ms, int | float):
+                prompt_seconds, eval_seconds = prompt_ms / 1000, predicted_ms / 1000
+        return {
+            "total_duration": int((now - self.started) * NANOSECONDS),
+            "load_duration": 0,
+            "prompt_eval_count": self.prompt_estimate if prompt is None else prompt,
+            "prompt_eval_duration": max(int(prompt_seconds * NANOSECONDS), 1),
+            "eval_count": -(-self.output_chars // CHARS_PER_TOKEN)
+            if completion is None
+            else completion,
+            "eval_duration": max(int(eval_seconds * NANOSECONDS), 1),
+        }
+
+    def body(self, answer: bytes, parsed: dict[str, Any]) -> bytes:
+        if self.kind in ("embed", "embeddings"):
+            return json.dumps(self.embeddings(parsed)).encode()
+        self.model = parsed.get("model") or self.model
+        choices = parsed.get("choices")
+        choice = choices[0] if isinstance(choices, list) and choices else {}
+        choice = choice if isinstance(choice, dict) else {}
+        message = object_of(choice.get("message"))
+        text = message.get("content") if message else choice.get("text")
+        if isinstance(text, list):  # some servers answer with content parts
+            text = "".join(p.get("text", "") for p in text if isinstance(p, dict))
+        text = text if isinstance(text, str) else ""
+        thinking = reasoning_of(message)
+        calls = [
+            ollama_tool_call(call, i) for i, call in enumerate(message.get("tool_calls") or ())
+        ]
+        calls = [c for c in calls if c is not None]
+        self.output_chars = len(text) + len(thinking)
+        out = self.piece(text, thinking, calls)
+        out["done"] = True
+        out["done_reason"] = "length" if choice.get("finish_reason") == "length" else "stop"
+        out.update(self.counts(parsed.get("usage"), parsed.get("timings")))
+        return json.dumps(out, ensure_ascii=False).encode()
+
+    def embeddings(self, parsed: dict[str, Any]) -> dict[str, Any]:
+        data = parsed.get("data")
+        items = [d for d in data if isinstance(d, dict)] if isinstance(data, list) else []
+        items.sort(key=lambda d: d.get("index") if isinstance(d.get("index"), int) else 0)
+        vectors = [d.get("embedding") for d in items if isinstance(d.get("embedding"), list)]
+        if self.kind == "embeddings":
+            return {"embedding": vectors[0] if vectors else []}
+        usage = object_of(parsed.get("usage"))
+        return {
+            "model": parsed.get("model") or self.model,
+            "embeddings": vectors,
+            "total_duration": int((time.perf_counter() - self.started) * NANOSECONDS),
+            "load_duration": 0,
+            "prompt_eval_count": token_count(usage.get("prompt_tokens")) or 0,
+        }
+
+    def chunk(self, data: bytes, chunk: dict[str, Any]) -> bytes:
+        if isinstance(chunk.get("usage"), dict):
+            self.usage = chunk["usage"]
+        if isinstance(chunk.get("timings"), dict):
+            self.timings = chunk["timings"]
+        if isinstance(chunk.get("model"), str) and chunk["model"]:
+            self.model = chunk["model"]
+        choices = chunk.get("choices")
+        choice = choices[0] if isinstance(choices, list) and choices else None
+        if not isinstance(choice, dict):
+            return b""
+        delta = object_of(choice.get("delta"))
+        text = delta.get("content") if delta else choice.get("text")
+        text = text if isinstance(text, str) else ""
+        thinking = reasoning_of(delta)
+        calls = delta.get("tool_calls")
+        for call in calls if isinstance(calls, list) else ():
+            self.gather_call(call)
+        out = b""
+        if text or thinking:
+            if self.first is None:
+                self.first = time.perf_counter()
+            self.output_chars += len(text) + len(thinking)
+            out = self.text_line(text) if not thinking else self.line(self.piece(text, thinking))
+        if choice.get("finish_reason"):
+            if choice["finish_reason"] == "length":
+                self.done_reason = "length"
+            out += self.flush_calls()
+        return out
+
+    def gather_call(self, call: Any) -> None:
+        """A streamed tool call's head (id, name) or a fragment of its arguments."""
+        if not isinstance(call, dict):
+            return
+        function = object_of(call.get("function"))
+        key = call.get("index") if isinstance(call.get("index"), int) else call.get("id")
+        key = self.last_call if key is None else key
+        self.last_call = key
+        gathered = self.calls.setdefault(key, {"id": None, "name": "", "arguments": []})
+        if call.get("id") and not gathered["id"]:
+            gathered["id"] = call["id"]
+        if isinstance(function.get("name"), str) and function["name"]:
+            gathered["name"] = function["name"]
+        arguments = function.get("arguments")
+        if isinstance(arguments, dict):  # some servers send the whole input as an object
+            arguments = json.dumps(arguments)
+        if isinstance(arguments, str):
+            gathered["arguments"].append(arguments)
+            self.output_chars += len(arguments)
+
+    def flush_calls(self) -> bytes:
+        if not self.calls:
+            return b""
+        calls = []
+        for i, gathered in enumerate(self.calls.values()):
+            function = {"name": gathered["name"], "arguments": "".join(gathered["arguments"])}
+            calls.append(ollama_tool_call({"id": gathered["id"], "function": function}, i))
+        self.calls.clear()
+        if self.first is None:
+            self.first = time.perf_counter()
+        return self.line(self.piece("", "", [c for c in calls if c is not None]))
+
+    @staticmethod
+    def line(document: dict[str, Any]) -> bytes:
+        return json.dumps(document, ensure_ascii=False).encode() + b"\n"
+
+    def text_line(self, text: str) -> bytes:
+        """A stream line of answer text, the line piece() makes, from a head encoded once per
+        model: encoding each line whole costs several times more (`make bench`)."""
+        if self.head_model != self.model:
+            self.head_model = self.model
+            self.head = b'{"model": ' + JSON_TEXT(self.model).encode() + b', "created_at": "'
+        field = (
+            b'", "message": {"role": "assistant", "content": '
+            if self.kind == "chat"
+            else (b'", "response": ')
+        )
+        tail = b'}, "done": false}\n' if self.kind == "chat" else b', "done": false}\n'
+        parts = (self.head, ollama_time().encode(), field, JSON_TEXT(text).encode(), tail)
+        return b"".join(parts)
+
+    def answer_usage(self, parsed: dict[str, Any]) -> dict[str, Any]:
+        """A native whole answer carries its counts at the top (usage_from reads them)."""
+        return parsed
+
+    def native_stream(self) -> OllamaLines:
+        return OllamaLines()
+
+    def error(self, endpoint: str, model: str, message: str) -> bytes:
+        if self.failed:
+            return b""  # the backend's own error line said it
+        self.failed = True
+        return self.line({"error": message})
+
+    def end(self) -> bytes:
+        if self.failed:
+            return b""  # the error line was the stream's last word
+        out = self.flush_calls()
+        final = self.piece("")
+        final["done"] = True
+        final["done_reason"] = self.done_reason
+        final.update(self.counts(self.usage, self.timings))
+        return out + self.line(final)
+
+
+def ollama_tool_call(call: Any, index: int) -> dict[str, Any] | None:
+    """A chat tool call as Ollama's: arguments as an object, not JSON text."""
+    if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
+        return None
+    function = call["function"]
+    out: dict[str, Any] = {
+        "function": {
+            "index": index,
+            "name": function.get("name") or "",
+            "arguments": tool_arguments(function.get("arguments")),
+        }
+    }
+    if isinstance(call.get("id"), str) and call["id"]:
+        out["id"] = call["id"]
+    return out
+
+
+def visible_model(request: web.Request, name: str) -> dict[str, Any]:
+    """The /v1/models entry of a model the caller may see; 404 otherwise."""
+    entries = model_entries(request.app[REGISTRY], request.app[SETTINGS])
+    if name not in entries or not may_see_model(request, name):
+        key = request.get(API_KEY)
+        raise model_not_found(name, request.app[REGISTRY], request.app[SETTINGS], key)
+    return entries[name]
+
+
+def ollama_details(entry: dict[str, Any]) -> dict[str, Any]:
+    """A model's details as Ollama lists them: what Nexus knows (the alias's target), no more."""
+    return {
+        "parent_model": entry.get("alias_of", ""),
+        "format": "",
+        "family": "",
+        "families": None,
+        "parameter_size": "",
+        "quantization_level": "",
+    }
+
+
+def ollama_model(entry: dict[str, Any], modified_at: str) -> dict[str, Any]:
+    """A model as Ollama lists it. Size and digest describe files Nexus does not hold: the size
+    is 0 and the digest stands for the name."""
+    name = entry["id"]
+    return {
+        "name": name,
+        "model": name,
+        "modified_at": modified_at,
+        "size": 0,
+        "digest": hashlib.sha256(name.encode()).hexdigest(),
+        "details": ollama_details(entry),
+    }
+
+
+def visible_models(request: web.Request) -> list[dict[str, Any]]:
+    """Every model /v1/models lists for this caller, in order."""
+    entries = model_entries(request.app[REGISTRY], request.app[SETTINGS])
+    return [entries[k] for k in sorted(entries) if may_see_model(request, k)]
+
+
+def started_at(request: web.Request) -> str:
+    """When this Nexus started, as Ollama writes times (the models' modified_at)."""
+    uptime = time.monotonic() - request.app[STATS].started
+    return ollama_time(time.time() - uptime)
+
+
+async def ollama_version(request: web.Request) -> web.Response:
+    """GET /api/version."""
+    return web.json_response({"version": OLLAMA_VERSION})
+
+
+async def ollama_tags(request: web.Request) -> web.Response:
+    """GET /api/tags: the models of /v1/models, aliases included, in Ollama's shape."""
+    modified = started_at(request)
+    return web.json_response(
+        {"models": [ollama_model(e, modified) for e in visible_models(request)]}
+    )
+
+
+async def ollama_ps(request: web.Request) -> web.Response:
+    """GET /api/ps: the models a healthy backend serves now."""
+    models = []
+    for entry in visible_models(request):
+        model = ollama_model(entry, started_at(request))
+        del model["modified_at"]
+        model["size_vram"] = 0
+        if entry["context_length"]:
+            model["context_length"] = entry["context_length"]
+        models.append(model)
+    return web.json_response({"models": models})
+
+
+def ollama_capabilities(entry: dict[str, Any]) -> list[str]:
+    """Ollama's capability names: tools unless every backend says no (as routing assumes), vision
+    only where a backend says yes (an image sent to a text model is the worse mistake)."""
+    caps = ["completion"]
+    if entry["capabilities"]["tools"] is not False:
+        caps.append("tools")
+    if entry["capabilities"]["vision"] is True:
+        caps.append("vision")
+    return caps
+
+
+async def ollama_show(request: web.Request) -> web.Response:
+    """POST /api/show: a model's details; model_info carries the context length Nexus routes by."""
+    body = parse_json_body(await request.read())
+    name = body.get("model") if body.get("model") is not None else body.get("name")
+    if not isinstance(name, str) or not name:
+        raise bad_request("model: a model name (a string) is required", "model")
+    entry = visible_model(request, name)
+    info: dict[str, Any] = {"general.architecture": OLLAMA_ARCHITECTURE, "general.name": name}
+    if entry["context_length"]:
+        info[f"{OLLAMA_ARCHITECTURE}.context_length"] = entry["context_length"]
+    return web.json_response(
+        {
+            "modelfile": "",
+            "parameters": "",
+            "template": "",
+            "details": ollama_details(entry),
+            "model_info": info,
+            "capabilities": ollama_capabilities(entry),
+            "modified_at": started_at(request),
+        }
+    )
+
+
+def ollama_loaded(request: web.Request, body: dict[str, Any], kind: str) -> web.Response:
+    """A request with nothing to answer (no prompt, no messages): Ollama's way to load a model
+    (or, with keep_alive 0, to unload it). Backends load and unload models themselves, so it is
+    answered done at once, for a model there is."""
+    model = require_model(body)
+    ollama_stream_flag(body)
+    visible_model(request, model)
+    answer: dict[str, Any] = {"model": model, "created_at": ollama_time()}
+    if kind == "chat":
+        answer["message"] = {"role": "assistant", "content": ""}
+    else:
+        answer["response"] = ""
+    unload = body.get("keep_alive") in (0, "0", "0s", "0m")  # Ollama's way to unload
+    answer.update(done=True, done_reason="unload" if unload else "load")
+    return web.json_response(answer)
+
+
+async def ollama_proxy(
+    request: web.Request, endpoint: str, internal: dict[str, Any], fmt: OllamaFormat
+) -> web.StreamResponse:
+    """Route and send the internal request as chat completions are; a backend's refusal comes
+    back in Ollama's error shape."""
+    needs = NEEDS_READERS[endpoint](internal)
+    fmt.model, fmt.prompt_estimate = needs.model, needs.prompt_tokens
+    return await send_through_door(request, endpoint, internal, needs, fmt)
+
+
+async def ollama_chat(request: web.Request) -> web.StreamResponse:
+    """POST /api/chat: translated to a chat completion, routed and answered like one."""
+    body = parse_json_body(await request.read())
+    if body.get("messages") in (None, []):
+        return ollama_loaded(request, body, "chat")
+    chat = OllamaFormat.chat_request(body)
+    return await ollama_proxy(request, "chat", chat, OllamaFormat(body, "chat"))
+
+
+async def ollama_generate(request: web.Request) -> web.StreamResponse:
+    """POST /api/generate: a prompt (with system, suffix, images), as chat or a completion."""
+    body = parse_json_body(await request.read())
+    if body.get("prompt") in (None, "") and not body.get("suffix") and not body.get("images"):
+        return ollama_loaded(request, body, "generate")
+    endpoint, internal = ollama_generate_to_internal(body)
+    fmt = OllamaFormat(body, "generate")
+    return await ollama_proxy(request, endpoint, internal, fmt)
+
+
+async def ollama_embed(request: web.Request) -> web.StreamResponse:
+    """POST /api/embed and the older /api/embeddings."""
+    body = parse_json_body(await request.read())
+    kind = request.path.removeprefix(OLLAMA_PREFIX)
+    internal = ollama_embed_to_internal(body, kind == "embeddings")
+    return await ollama_proxy(request, "embeddings", internal, OllamaFormat(body, kind))
+
+
+async def ollama_management(request: web.Request) -> web.Response:
+    """Pull, push, create, copy, delete: Nexus routes to models, it does not keep any."""
+    raise NexusError(
+        501,
+        "not_implemented",
+        "model_management",
+        "Nexus routes requests to the models its backends serve and does not manage models: "
+        "pull, push, create, copy and delete them on the backend itself.",
+    )
+
+
+def add_ollama_routes(app: web.Application) -> None:
+    """The /api/* routes; other paths under /api/ are 404s in Ollama's shape."""
+    app.router.add_get("/api/version", ollama_version)
+    app.router.add_get("/api/tags", ollama_tags)
+    app.router.add_get("/api/ps", ollama_ps)
+    app.router.add_post("/api/show", ollama_show)
+    app.router.add_post("/api/chat", ollama_chat)
+    app.router.add_post("/api/generate", ollama_generate)
+    app.router.add_post("/api/embed", ollama_embed)
+    app.router.add_post("/api/embeddings", ollama_embed)
+    for path in OLLAMA_MANAGEMENT_PATHS:
+        app.router.add_route("*", path, ollama_management)
 
 
 # ==============================================================================================
@@ -7530,8 +8981,8 @@ CONTENT_LOG_CHARS = 10_000
 
 
 def answer_text(response: web.StreamResponse | None) -> str | None:
-    """The text of a non-streamed answer (OpenAI's or Anthropic's shape); streamed answers are
-    relayed chunk by chunk and never kept."""
+    """The text of a non-streamed answer (chat's, Anthropic's or the Responses API's shape);
+    streamed answers are relayed chunk by chunk and never kept."""
     if not isinstance(response, web.Response) or not isinstance(response.body, bytes):
         return None
     try:
@@ -7543,6 +8994,10 @@ def answer_text(response: web.StreamResponse | None) -> str | None:
     texts: list[Any] = []
     if isinstance(answer.get("content"), list):  # Anthropic's Messages
         texts = [block.get("text") for block in answer["content"] if isinstance(block, dict)]
+    elif isinstance(answer.get("output"), list):  # a Responses API response
+        for item in answer["output"]:
+            if isinstance(item, dict) and item.get("type") == "message":
+                texts += [p.get("text") for p in item.get("content") or () if isinstance(p, dict)]
     elif isinstance(answer.get("choices"), list):
         for choice in answer["choices"]:
             if isinstance(choice, dict):
@@ -7763,10 +9218,24 @@ TOKENS_CHARGED = web.RequestKey("tokens_charged", int)  # tpm taken up front, se
 PAYLOAD = web.RequestKey("payload", dict)  # the request's JSON, while it is served (counting)
 ENDPOINT = web.RequestKey("endpoint", str)
 STREAMING = web.RequestKey("streaming", web.StreamResponse)  # a stream's prepared response
+# The doors other than OpenAI's, by path prefix: their errors take their API's shape.
+FRONT_DOORS: tuple[tuple[str, type[OpenAIFormat]], ...] = (
+    (MESSAGES_PATH, AnthropicFormat),
+    (RESPONSES_PATH, ResponsesFormat),
+    (OLLAMA_PREFIX.rstrip("/"), OllamaFormat),
+)
+
+
+def door_at(path: str) -> type[OpenAIFormat]:
+    """The front door a path belongs to: its prefix's, else OpenAI's."""
+    for prefix, door in FRONT_DOORS:
+        if path == prefix or path.startswith(prefix + "/"):
+            return door
+    return OpenAIFormat
 
 
 def error_response(error: NexusError, request: web.Request) -> web.Response:
-    """The one place errors are rendered: Anthropic's shape on its paths, OpenAI's elsewhere."""
+    """The one place errors are rendered, in the shape of the API the path belongs to."""
     headers = dict(error.headers)
     headers["X-Request-Id"] = request.get(REQUEST_ID, "")
     budget = request.app[BUDGET]
@@ -7774,7 +9243,7 @@ def error_response(error: NexusError, request: web.Request) -> web.Response:
         headers["X-Nexus-Budget-Status"] = budget.status
     if error.code == "budget_exceeded":
         headers["Retry-After"] = str(budget.seconds_to_reset())
-    document = anthropic_error(error) if is_messages_path(request.path) else error.envelope()
+    document = door_at(request.path).error_document(error)
     return web.json_response(document, status=error.status, headers=headers)
 
 
@@ -7792,6 +9261,8 @@ INFERENCE_PATHS = {
     "/v1/completions": "completions",
     "/v1/embeddings": "embeddings",
     MESSAGES_PATH: "chat",
+    RESPONSES_PATH: "chat",
+    **OLLAMA_INFERENCE_PATHS,
 }
 
 
@@ -7965,6 +9436,8 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_post(MESSAGES_PATH, messages)
     app.router.add_post(MESSAGES_PATH + "/count_tokens", messages_count_tokens)
+    app.router.add_post(RESPONSES_PATH, responses)
+    add_ollama_routes(app)
     app.router.add_get("/v1/models", list_models)
     app.router.add_post("/v1/models/load", load_model)
     app.router.add_post("/v1/models/migrate", migrate_model)

@@ -16,6 +16,9 @@ What the sections measure:
              spread over those 100 ms, so they do not move in lockstep waves).
   stream     20-chunk streams back to back: first chunk (TTFB) and whole stream; then
              chunks 1 ms apart: how much later each chunk arrives through the gateway.
+  doors      each front door (the Responses API, Ollama's API) beside chat completions, on
+             the same gateway and mock: what the door's translation adds at p50, whole and
+             streamed.
   throughput 64 connections as fast as they go (wrk), and the gateway's CPU per request
              from /proc/<pid>/stat (utime + stime) before and after.
   openloop   500 requests/s on a fixed schedule whatever the answers (no coordinated
@@ -573,6 +576,14 @@ def chat_request(port: int, stream: bool = False, **extra: object) -> bytes:
     ).encode() + data
 
 
+def post_request(port: int, path: str, body: dict) -> bytes:
+    data = json.dumps(body).encode()
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
+    ).encode() + data
+
+
 def get_request(port: int, path: str) -> bytes:
     return f"GET {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\n\r\n".encode()
 
@@ -982,6 +993,63 @@ async def sequential(ports: Ports, total: int, batch: int, stream: bool, **extra
     for c in clients.values():
         c.close()
     return {"replies": replies, "errors": errors, "warmup": warmup}
+
+
+# Nexus's front doors other than chat completions: where each takes a request, and what ends
+# its stream. Each is asked what chat_request asks, through the same gateway and mock.
+DOORS: dict[str, tuple[str, bytes]] = {
+    "chat": ("/v1/chat/completions", b"data: [DONE]"),
+    "responses": ("/v1/responses", b"event: response.completed"),
+    "ollama": ("/api/chat", b'"done": true'),
+}
+
+
+def door_request(port: int, door: str, stream: bool) -> bytes:
+    """The same question as chat_request, asked through a front door."""
+    if door == "chat":
+        return chat_request(port, stream=stream)
+    if door == "responses":
+        body: dict = {"model": MODEL, "input": "Say hello.", "max_output_tokens": 32}
+    else:  # Ollama's API streams unless told not to
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "Say hello."}]}
+        body["options"] = {"num_predict": 32}
+    body["stream"] = stream
+    return post_request(port, DOORS[door][0], body)
+
+
+async def door_latency(port: int, total: int, batch: int, stream: bool) -> dict:
+    """Sequential requests through each front door of the gateway, one keep-alive connection
+    per door, batches taking turns so drift falls on every door alike; latency from the write
+    to the last byte, and to the first stream event."""
+    clients = {door: Client(port) for door in DOORS}
+    raws = {door: door_request(port, door, stream) for door in DOORS}
+    lat: dict[str, list[float]] = {door: [] for door in DOORS}
+    ttfb: dict[str, list[float]] = {door: [] for door in DOORS}
+    errors = {door: 0 for door in DOORS}
+    for door in DOORS:  # warm-up
+        for _ in range(max(20, total // 10)):
+            await clients[door].send(raws[door])
+    deadline = time.monotonic() + 120
+    for r in range(max(1, total // batch)):
+        order = list(DOORS)[r % len(DOORS) :] + list(DOORS)[: r % len(DOORS)]
+        for door in order:
+            for _ in range(batch):
+                try:
+                    reply = await clients[door].send(raws[door])
+                except (OSError, TimeoutError, ValueError):
+                    errors[door] += 1
+                    continue
+                ended = not stream or DOORS[door][1] in reply.body
+                if reply.status == 200 and ended:
+                    lat[door].append(reply.ms)
+                    ttfb[door].append(reply.ttfb_ms)
+                else:
+                    errors[door] += 1
+        if time.monotonic() > deadline:
+            break
+    for client in clients.values():
+        client.close()
+    return {"latency": lat, "ttfb": ttfb, "errors": errors}
 
 
 async def concurrent(
@@ -1542,6 +1610,10 @@ TARGETS: dict[str, tuple[float, float | None]] = {
     "ttfb_p50": (0.6, None),
     "stream20_p50": (1.0, None),
     "rps64": (3000, None),
+    "door_responses_p50": (0.2, None),
+    "door_responses_stream_p50": (0.2, None),
+    "door_ollama_p50": (0.2, None),
+    "door_ollama_stream_p50": (0.2, None),
     "open_p99": (5.0, None),
     "streams_err": (0, None),
     "reload_p99": (1.0, 5.0),  # SPEC: a reload adds at most 5 ms to its second's p99
@@ -1683,6 +1755,12 @@ async def bench(
                 gateway=None,
                 note=f"worst chunk {max(late):+.3f} ms",
             )
+
+    if want("doors"):
+        if args.target in ("nexus", "binary"):
+            await bench_doors(gw.port, 200 if q else 1000, row, raw, notes)
+        else:
+            notes.append(f"doors: {args.target} has no front doors but chat completions")
 
     if want("throughput"):
         seconds = 3 if q else args.duration
@@ -1942,6 +2020,36 @@ async def lifecycle_rows(
         gateway=None,
         note=f"p99 {res[1000]['p99']:.3f} ms",
     )
+
+
+async def bench_doors(
+    port: int, total: int, row: Callable[..., None], raw: dict, notes: list[str]
+) -> None:
+    """What each front door adds to chat completions on the same gateway and mock: the door's
+    p50 minus chat completions' p50, whole answers and 20-chunk streams."""
+    for stream in (False, True):
+        res = await door_latency(port, total, 50, stream)
+        kind = "stream" if stream else "non-stream"
+        raw[f"doors_{kind}"] = {
+            "latency": {d: pcts(v) for d, v in res["latency"].items() if v},
+            "errors": res["errors"],
+        }
+        chat = res["latency"]["chat"]
+        for door, lat in res["latency"].items():
+            if door == "chat" or not lat or not chat:
+                continue
+            key = f"door_{door}_stream_p50" if stream else f"door_{door}_p50"
+            row(
+                key,
+                f"{door} door beside chat completions, {kind}, added p50",
+                "ms",
+                pct(lat, 50) - pct(chat, 50),
+                direct=pct(chat, 50),
+                gateway=pct(lat, 50),
+            )
+        if sum(res["errors"].values()):
+            notes.append(f"doors {kind} errors: {res['errors']}")
+    notes.append("doors: the direct column is chat completions through the same gateway")
 
 
 async def loadgen_ceiling(args: argparse.Namespace, workdir: Path) -> dict:
@@ -2367,7 +2475,7 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="short run for development")
     p.add_argument(
         "--only",
-        help="comma list of sections: rss,seq,conc,stream,throughput,openloop,streams,"
+        help="comma list of sections: rss,seq,conc,stream,doors,throughput,openloop,streams,"
         "reload,backends,routing,ledger,lifecycle,binary,ceiling,instructions,affinity",
     )
     p.add_argument(

@@ -123,6 +123,10 @@ class MockBackend:
         if self.kind == "ollama":
             app.router.add_get("/api/tags", self.ollama_tags)
             app.router.add_post("/api/show", self.ollama_show)
+            app.router.add_post("/api/chat", self.ollama_chat)
+            app.router.add_post("/api/generate", self.ollama_chat)
+            app.router.add_post("/api/embed", self.ollama_embed)
+            app.router.add_post("/api/embeddings", self.ollama_embed)
         if self.kind in ("vllm", "llamacpp"):
             app.router.add_get("/health", self.health)
         if self.kind == "llamacpp":
@@ -353,6 +357,70 @@ class MockBackend:
                 "model": body["model"],
                 "usage": {"prompt_tokens": 2 * len(inputs), "total_tokens": 2 * len(inputs)},
             }
+        )
+
+    # --- Ollama's own API ---------------------------------------------------------------------
+
+    async def ollama_chat(self, request: web.Request) -> web.StreamResponse:
+        return await self.serve(request, self.ollama_answer)
+
+    async def ollama_embed(self, request: web.Request) -> web.StreamResponse:
+        return await self.serve(request, self.ollama_embed_answer)
+
+    async def ollama_answer(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        """/api/chat and /api/generate: NDJSON unless stream is false, the counts on the last
+        line; `tool_call` ({"name", "input"}) becomes a chat tool call with object arguments."""
+        chat = request.path == "/api/chat"
+        calls = None
+        if chat and self.tool_call is not None:
+            function = {"name": self.tool_call["name"], "arguments": self.tool_call["input"]}
+            calls = [{"function": function}]
+
+        def piece(text: str, done: bool = False, tool_calls: Any = None) -> dict[str, Any]:
+            doc: dict[str, Any] = {"model": body["model"], "created_at": "2025-01-01T00:00:00Z"}
+            if chat:
+                doc["message"] = {"role": "assistant", "content": text}
+                if tool_calls:
+                    doc["message"]["tool_calls"] = tool_calls
+            else:
+                doc["response"] = text
+            doc["done"] = done
+            if done:
+                doc.update(
+                    done_reason="stop",
+                    total_duration=900_000,
+                    load_duration=1_000,
+                    prompt_eval_count=11,
+                    prompt_eval_duration=100_000,
+                    eval_count=len(self.words()),
+                    eval_duration=700_000,
+                )
+            return doc
+
+        if body.get("stream") is False:
+            return web.json_response(piece(self.reply, True, calls))
+        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await response.prepare(request)
+        lines = [piece(word) for word in self.words()]
+        if calls:
+            lines.append(piece("", tool_calls=calls))
+        lines.append(piece("", True))
+        for line in lines:
+            await response.write(json.dumps(line).encode() + b"\n")
+            if self.chunk_delay:
+                await asyncio.sleep(self.chunk_delay)
+        await response.write_eof()
+        return response
+
+    async def ollama_embed_answer(
+        self, request: web.Request, body: dict[str, Any]
+    ) -> web.StreamResponse:
+        if request.path == "/api/embeddings":
+            return web.json_response({"embedding": [0.5, 0.25]})
+        inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
+        vectors = [[0.5, 0.25, float(i)] for i in range(len(inputs))]
+        return web.json_response(
+            {"model": body["model"], "embeddings": vectors, "prompt_eval_count": 2 * len(inputs)}
         )
 
     # --- Anthropic's Messages API -----------------------------------------------------------

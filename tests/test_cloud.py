@@ -848,3 +848,73 @@ async def test_a_scrubbed_messages_request_sends_no_orphan_tool_result(
     sent = claude.received[-1][1]
     assert sent["system"] == "Be brief."
     assert sent["messages"] == [{"role": "user", "content": "Read tests/test_x.py first."}]
+
+
+async def test_a_native_stream_the_backend_breaks_off_counts_against_it(
+    backend_factory, nexus_factory
+):
+    """An error event after the answer began reaches the client as Anthropic sent it, and is a
+    failed request and a failure of the backend, as a cut translated stream is."""
+    claude = await backend_factory("anthropic", {"claude-sonnet-4-5": {}}, name="claude")
+
+    async def breaks_off(request, body):
+        response = await start_sse(request)
+        message = {"id": "msg_1", "type": "message", "role": "assistant", "content": []}
+        message.update(model=body["model"], usage={"input_tokens": 5, "output_tokens": 1})
+        error = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
+        for name, data in (
+            ("message_start", {"type": "message_start", "message": message}),
+            ("error", error),
+        ):
+            await response.write(f"event: {name}\ndata: {json.dumps(data)}\n\n".encode())
+        await response.write_eof()
+        return response
+
+    claude.behaviours.append(breaks_off)
+    nx = await cloud_nexus(nexus_factory, claude)
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(nx.url + "/v1/messages", json=native_stream_body()) as resp,
+    ):
+        assert resp.status == 200
+        text = (await resp.read()).decode()
+    names = [block.split("\n")[0] for block in text.split("\n\n") if block]
+    assert names == ["event: message_start", "event: error"]  # relayed once, nothing after it
+    backend = nx.backend("claude")
+    assert backend.errors == 1
+    assert backend.fail_streak == 1 and "error" in backend.last_error
+    stats = nx.app[nexus.STATS]
+    assert (stats.success, stats.errors) == (0, 1)
+
+
+async def test_a_native_stream_failing_at_once_leaves_nothing_for_a_translated_fallback(
+    backend_factory, nexus_factory
+):
+    """An anthropic backend's stream that opens with an error event fails over to a local
+    backend of the same model, whose chat stream the Messages door then writes in full."""
+    import anthropic
+
+    claude = await backend_factory("anthropic", {"m": {}}, name="claude")
+    local = await backend_factory("vllm", {"m": {}}, name="local")
+
+    async def overloaded_stream(request, body):
+        response = await start_sse(request)
+        error = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
+        await response.write(b"event: error\ndata: " + json.dumps(error).encode() + b"\n\n")
+        await response.write_eof()
+        return response
+
+    claude.behaviours.append(overloaded_stream)
+    nx = await cloud_nexus(
+        nexus_factory, claude, local, claude={"priority": 1}, local={"priority": 2}
+    )
+    sdk = anthropic.AsyncAnthropic(base_url=nx.url, api_key="unused", max_retries=0)
+    body = dict(native_stream_body(), model="m")
+    del body["stream"]
+    async with sdk.messages.stream(**body) as stream:
+        names = [event.type async for event in stream]
+        final = await stream.get_final_message()
+    await sdk.close()
+    assert final.content[0].text == "Hello from local"
+    assert names[0] == "message_start" and names[-1] == "message_stop"
+    assert len(claude.received) == 1 and len(local.received) == 1
