@@ -6523,11 +6523,19 @@ def messages_to_chat(body: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(turns, list) or not turns:
         raise bad_request("messages: must be a non-empty array of messages", "messages")
     chat_messages: list[dict[str, Any]] = []
-    system = system_text(body.get("system"))
+    # A "system" turn among the messages (Claude Code sends its environment so for a model it
+    # does not know) joins the system prompt: chat templates refuse a system message later on.
+    system = "\n\n".join(
+        text
+        for text in [system_text(body.get("system"))]
+        + [system_text(t.get("content")) for t in turns if is_system_turn(t)]
+        if text
+    )
     if system:
         chat_messages.append({"role": "system", "content": system})
     for i, turn in enumerate(turns):
-        chat_messages.extend(chat_turns(turn, f"messages.{i}"))
+        if not is_system_turn(turn):
+            chat_messages.extend(chat_turns(turn, f"messages.{i}"))
     chat: dict[str, Any] = {"model": model, "messages": chat_messages, "max_tokens": max_tokens}
     if "stream" in body:
         if not isinstance(body["stream"], bool):
@@ -6596,6 +6604,11 @@ def unsupported_block(kind: str, where: str) -> NexusError:
         f"{where}: content blocks of type {kind!r} cannot be translated for this backend",
         "messages",
     )
+
+
+def is_system_turn(turn: Any) -> bool:
+    """A Messages turn with the role "system", which Anthropic's API itself does not know."""
+    return isinstance(turn, dict) and turn.get("role") == "system"
 
 
 def chat_turns(turn: Any, where: str) -> list[dict[str, Any]]:

@@ -193,6 +193,35 @@ async def test_system_prompt_string_and_blocks(backend_factory, nexus_factory, c
     assert "cache_control" not in json.dumps(sent(backend))
 
 
+async def test_a_system_turn_among_the_messages_joins_the_system_prompt(
+    backend_factory, nexus_factory
+):
+    """Claude Code with a model name it does not know sends its environment as a "system"
+    turn after the first user turn; local chat templates refuse a system message there, so
+    its text joins the system prompt at the top."""
+    backend, nx = await start(backend_factory, nexus_factory)
+    body = {
+        "model": "qwen",
+        "max_tokens": 50,
+        "system": "You are Claude Code.",
+        "messages": [
+            {"role": "user", "content": "hi"},
+            {"role": "system", "content": [{"type": "text", "text": "# Environment\ncwd: /"}]},
+            {"role": "user", "content": "list files"},
+        ],
+    }
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(nx.url + "/v1/messages", json=body) as resp,
+    ):
+        assert resp.status == 200, await resp.text()
+    assert sent(backend)["messages"] == [
+        {"role": "system", "content": "You are Claude Code.\n\n# Environment\ncwd: /"},
+        {"role": "user", "content": "hi"},
+        {"role": "user", "content": "list files"},
+    ]
+
+
 async def test_multi_turn_and_sampling_options(backend_factory, nexus_factory, client):
     backend, nx = await start(backend_factory, nexus_factory)
     await client(nx).messages.create(
