@@ -8288,12 +8288,18 @@ async def ollama_tags(request: web.Request) -> web.Response:
 
 
 async def ollama_ps(request: web.Request) -> web.Response:
-    """GET /api/ps: the models a healthy backend serves now."""
+    """GET /api/ps: the models in memory somewhere on the fleet now (`loaded_on`), with the most
+    bytes one backend holds of each where the backend says (Ollama's own /api/ps)."""
+    backends = request.app[REGISTRY].backends
     models = []
     for entry in visible_models(request):
+        if not entry.get("loaded_on"):
+            continue
+        model_id = entry.get("alias_of") or entry["id"]
         model = ollama_model(entry, started_at(request))
         del model["modified_at"]
-        model["size_vram"] = 0
+        held = [(backends[n].loaded or {}).get(model_id, 0) for n in entry["loaded_on"]]
+        model["size"] = model["size_vram"] = max(held, default=0)
         if entry["context_length"]:
             model["context_length"] = entry["context_length"]
         models.append(model)

@@ -898,3 +898,23 @@ async def test_load_chat_and_unload_on_a_real_llama_server_router(engine, nexus_
 async def call_text(nx, path: str, body: Any) -> tuple[int, dict[str, str], str]:
     async with aiohttp.ClientSession() as session, session.post(nx.url + path, json=body) as resp:
         return resp.status, dict(resp.headers), await resp.text()
+
+
+async def test_ollama_clients_see_what_is_loaded_through_api_ps(stop_later, nexus_factory):
+    """/api/ps through the Ollama door lists the models in memory somewhere on the fleet, with
+    the bytes they hold: a model no backend has loaded is not running."""
+    import ollama
+
+    (gpu,) = await start_fleet(
+        stop_later, FleetOllama("gpu", sizes={MODEL: 4 * GIB, "qwen:7b": 5 * GIB}, loaded=(MODEL,))
+    )
+    nx = await nexus_factory(backends_toml(gpu))
+    client = ollama.AsyncClient(host=nx.url)
+    running = await client.ps()
+    assert [(m.model, m.size_vram) for m in running.models] == [(MODEL, 4 * GIB)]
+    _, op, _ = await call(
+        nx, "POST", "/v1/models/load", {"model_id": "qwen:7b", "backend_id": "gpu"}
+    )
+    assert (await wait_done(nx, op["operation_id"]))["status"] == "completed"
+    running = await client.ps()
+    assert sorted(m.model for m in running.models) == [MODEL, "qwen:7b"]
