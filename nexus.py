@@ -5409,6 +5409,7 @@ class OpenAIFormat:
     native_api: str | None = None
     native_path = ""  # where such a backend takes the request
     content_type = "text/event-stream"  # a stream's: SSE, or NDJSON for Ollama's API
+    prompt_param = "messages"  # the request field a too-long prompt's error names
     native_body: dict[str, Any]
 
     @staticmethod
@@ -6449,6 +6450,7 @@ async def serve_door(request: web.Request, door: type[OpenAIFormat]) -> web.Stre
     chat = door.chat_request(body)
     needs = chat_needs(chat)
     needs.prompt_tokens = estimate_chat_tokens(chat)  # tool definitions count too
+    needs.prompt_param = door.prompt_param
     return await send_through_door(request, "chat", chat, needs, door(body, needs))
 
 
@@ -7342,6 +7344,7 @@ class ResponsesFormat(OpenAIFormat):
     reason and usage."""
 
     keeps_usage = True
+    prompt_param = "input"
     chat_request = staticmethod(responses_to_chat)
 
     def __init__(self, body: dict[str, Any], needs: RequestNeeds) -> None:

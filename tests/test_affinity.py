@@ -230,6 +230,53 @@ async def test_an_unkeyed_messages_conversation_sticks(backend_factory, nexus_fa
     assert served == [served[0]] * 3
 
 
+async def test_prompt_cache_key_keys_a_responses_session(backend_factory, nexus_factory):
+    """Codex sends prompt_cache_key with each /v1/responses turn: its turns stay together."""
+    nx, _ = await pair(backend_factory, nexus_factory)
+    client = openai.AsyncOpenAI(base_url=nx.url + "/v1", api_key="unused", max_retries=0)
+    try:
+        served, reasons = [], []
+        for key in ("codex-1", "codex-2", "codex-1", "codex-2", "codex-1", "codex-2"):
+            raw = await client.responses.with_raw_response.create(
+                model="m", input=f"question {len(served)}", prompt_cache_key=key
+            )
+            served.append(raw.headers["X-Nexus-Backend"])
+            reasons.append(raw.headers["X-Nexus-Route-Reason"])
+    finally:
+        await client.close()
+    assert served[0] != served[1]
+    assert served[0::2] == [served[0]] * 3 and served[1::2] == [served[1]] * 3
+    assert reasons[2:] == ["session-affinity"] * 4
+
+
+async def test_an_unkeyed_ollama_conversation_sticks(backend_factory, nexus_factory):
+    """An app speaking Ollama's API sends no key: the conversation's opening names it."""
+    import ollama
+
+    nx, _ = await pair(backend_factory, nexus_factory)
+    client = ollama.AsyncClient(host=nx.url)
+    messages: list[dict] = [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": "Explain the build"},
+    ]
+    served = []
+    for i in range(3):
+        async with aiohttp.ClientSession() as session:
+            body = {"model": "m", "messages": messages, "stream": False}
+            async with session.post(nx.url + "/api/chat", json=body) as resp:
+                assert resp.status == 200
+                served.append(resp.headers["X-Nexus-Backend"])
+                answer = (await resp.json())["message"]["content"]
+        messages = [
+            *messages,
+            {"role": "assistant", "content": answer},
+            {"role": "user", "content": f"and step {i}?"},
+        ]
+    assert served == [served[0]] * 3
+    reply = await client.chat(model="m", messages=messages)  # the official client, same session
+    assert reply.message.content == f"Hello from {served[0]}"
+
+
 def headers_of(**values: str) -> CIMultiDict:
     """Request headers as aiohttp has them (case-insensitive); `_` in a name becomes `-`."""
     return CIMultiDict({k.replace("_", "-"): v for k, v in values.items()})

@@ -178,6 +178,46 @@ async def test_beyond_every_context_is_400_even_with_the_largest_backend_down(
 # --- it fits after all: clamped, or on a fallback --------------------------------------------
 
 
+@pytest.mark.parametrize("stream", [False, True])
+async def test_responses_prompt_beyond_every_context_is_400_naming_input(
+    backend_factory, nexus_factory, stream
+):
+    nx, backends = await small_world(backend_factory, nexus_factory)
+    text = text_of(21_000)
+    with pytest.raises(openai.BadRequestError) as caught:
+        await openai_client(nx).responses.create(model="m", input=text, stream=stream)
+    error = caught.value.body
+    assert caught.value.status_code == 400
+    assert error["code"] == "context_length_exceeded" and error["param"] == "input"
+    assert "maximum context length is 8192 tokens" in error["message"]
+    assert error["context"]["context_length"] == 8192
+    assert error["context"]["prompt_tokens"] > 8192
+    assert "Retry-After" not in caught.value.response.headers
+    assert all(b.received == [] for b in backends)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_ollama_prompt_beyond_every_context_is_400_with_both_sizes(
+    backend_factory, nexus_factory, stream
+):
+    import ollama
+
+    nx, backends = await small_world(backend_factory, nexus_factory)
+    text = text_of(21_000)
+    client = ollama.AsyncClient(host=nx.url)
+    with pytest.raises(ollama.ResponseError) as caught:
+        answer = await client.chat(
+            model="m", messages=[{"role": "user", "content": text}], stream=stream
+        )
+        if stream:
+            [part async for part in answer]
+    assert caught.value.status_code == 400
+    message = caught.value.error
+    assert "maximum context length is 8192 tokens" in message
+    assert f"you requested {chat_tokens(text)} tokens" in message
+    assert all(b.received == [] for b in backends)
+
+
 async def test_prompt_that_fits_only_with_max_tokens_clamped_goes_through(
     backend_factory, nexus_factory
 ):
