@@ -2922,7 +2922,8 @@ class SessionTable:
         entries = self.entries
         entries[key] = (backend, now)
         entries.move_to_end(key)
-        self.expire(now)
+        if len(entries) > SESSIONS_MAX:  # idle ones go when counted: backend_of ignores them
+            entries.popitem(last=False)
 
     def expire(self, now: float) -> None:
         entries = self.entries
@@ -3078,7 +3079,8 @@ def candidates_for(
     order_candidates(found, settings.routing.strategy, settings.routing.weights)
     if needs.last_backend is not None and len(found) > 1:
         keep_session(found, needs.last_backend)
-    warm_first(found, model_id)
+    if len(found) > 1:
+        warm_first(found, model_id)
     if registry.moving and len(found) > 1:
         found.sort(key=lambda b: model_id in b.draining)
     if needs.max_tokens is not None and len(found) > 1:
@@ -5722,7 +5724,12 @@ def follow_session(
     request: web.Request, record: RequestRecord, body: dict[str, Any], needs: RequestNeeds
 ) -> None:
     """Find the request's session (SPEC §3.7) and the backend of its last turn, for routing to
-    keep when it is still a candidate; the backend that serves is noted by note_success."""
+    keep when it is still a candidate; the backend that serves is noted by note_success. A
+    model only one backend serves leaves nothing to choose: no key is made, nothing noted."""
+    app = request.app
+    model = resolve_alias(needs.model, app[SETTINGS].routing.aliases)
+    if len(app[REGISTRY].by_model.get(model, ())) < 2:
+        return
     found = session_key(request.headers, body)
     if found is None:
         return
