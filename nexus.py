@@ -610,6 +610,44 @@ def check_alias_cycles(aliases: dict[str, str]) -> None:
 
 
 # ==============================================================================================
+# App keys
+# Owns: the names of what the app and each request carry (aiohttp's typed AppKey/RequestKey).
+# Must not: hold values. A key's type is its annotation, so a key may name a class defined below.
+# ==============================================================================================
+
+SETTINGS: web.AppKey[Settings] = web.AppKey("settings")
+REGISTRY: web.AppKey[Registry] = web.AppKey("registry")
+STATS: web.AppKey[Stats] = web.AppKey("stats")
+CLIENT: web.AppKey[BackendPool] = web.AppKey("client")
+QUEUE: web.AppKey[WaitQueue] = web.AppKey("queue")
+STATE: web.AppKey[dict] = web.AppKey("state")
+# The month's cloud spend: BUDGET.spent_usd, .status.
+BUDGET: web.AppKey[Budget] = web.AppKey("budget")
+# Set at shutdown: live feeds end.
+STOPPING: web.AppKey[asyncio.Event] = web.AppKey("stopping")
+# The backend of each session's last turn.
+SESSIONS: web.AppKey[SessionTable] = web.AppKey("sessions")
+# ApiKey per [auth] key; empty: no auth.
+KEYS: web.AppKey[list] = web.AppKey("keys")
+# The month's usage; in nexus.db with a monthly limit.
+LEDGER: web.AppKey[Ledger] = web.AppKey("ledger")
+# Load/unload/migrate operations (SPEC §5.1).
+LIFECYCLE: web.AppKey[Lifecycle] = web.AppKey("lifecycle")
+
+REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id")
+RECORD: web.RequestKey[RequestRecord] = web.RequestKey("record")
+# The caller's key, once authenticated.
+API_KEY: web.RequestKey[ApiKey] = web.RequestKey("api_key")
+# The tpm taken up front, settled after.
+TOKENS_CHARGED: web.RequestKey[int] = web.RequestKey("tokens_charged")
+# The request's JSON, while it is served (counting).
+PAYLOAD: web.RequestKey[dict] = web.RequestKey("payload")
+ENDPOINT: web.RequestKey[str] = web.RequestKey("endpoint")
+# A stream's prepared response.
+STREAMING: web.RequestKey[web.StreamResponse] = web.RequestKey("streaming")
+
+
+# ==============================================================================================
 # World model
 # Owns: what Nexus knows about backends and models. One Backend per server, one Model per
 # model a backend serves, and the Registry that indexes them by model id.
@@ -9221,25 +9259,6 @@ async def metrics(request: web.Request) -> web.Response:
 # tasks (health, discovery) that live as long as the app.
 # ==============================================================================================
 
-SETTINGS = web.AppKey("settings", Settings)
-REGISTRY = web.AppKey("registry", Registry)
-STATS = web.AppKey("stats", Stats)
-CLIENT = web.AppKey("client", BackendPool)
-QUEUE = web.AppKey("queue", WaitQueue)
-STATE = web.AppKey("state", dict)
-BUDGET = web.AppKey("budget", Budget)  # the month's cloud spend: BUDGET.spent_usd, .status
-STOPPING = web.AppKey("stopping", asyncio.Event)  # set at shutdown: live feeds end
-SESSIONS = web.AppKey("sessions", SessionTable)  # the backend of each session's last turn
-KEYS = web.AppKey("keys", list)  # ApiKey per [auth] key; empty: no auth
-LEDGER = web.AppKey("ledger", Ledger)  # the month's usage; in nexus.db with a monthly limit
-LIFECYCLE = web.AppKey("lifecycle", Lifecycle)  # load/unload/migrate operations (SPEC §5.1)
-REQUEST_ID = web.RequestKey("request_id", str)
-RECORD = web.RequestKey("record", RequestRecord)
-API_KEY = web.RequestKey("api_key", ApiKey)  # the caller's key, once authenticated
-TOKENS_CHARGED = web.RequestKey("tokens_charged", int)  # tpm taken up front, settled after
-PAYLOAD = web.RequestKey("payload", dict)  # the request's JSON, while it is served (counting)
-ENDPOINT = web.RequestKey("endpoint", str)
-STREAMING = web.RequestKey("streaming", web.StreamResponse)  # a stream's prepared response
 # The doors other than OpenAI's, by path prefix: their errors take their API's shape.
 FRONT_DOORS: tuple[tuple[str, type[OpenAIFormat]], ...] = (
     (MESSAGES_PATH, AnthropicFormat),
