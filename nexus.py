@@ -620,7 +620,8 @@ REGISTRY: web.AppKey[Registry] = web.AppKey("registry")
 STATS: web.AppKey[Stats] = web.AppKey("stats")
 CLIENT: web.AppKey[BackendPool] = web.AppKey("client")
 QUEUE: web.AppKey[WaitQueue] = web.AppKey("queue")
-STATE: web.AppKey[dict] = web.AppKey("state")
+# The background work: its tasks, the health loop's task and when that next polls.
+BACKGROUND: web.AppKey[dict] = web.AppKey("background")
 # The month's cloud spend: BUDGET.spent_usd, .status.
 BUDGET: web.AppKey[Budget] = web.AppKey("budget")
 # Set at shutdown: live feeds end.
@@ -693,7 +694,6 @@ class Backend:
     latency_ema_ms: float | None = None
     ttft_ema_ms: float | None = None
     last_error: str = ""
-    last_check: float = 0.0
     lost_at: float | None = None
     rpm_bucket: TokenBucket | None = None  # [[backends]] rpm: how fast it may be sent requests
     vram_gb: float = 0.0
@@ -849,10 +849,8 @@ async def poll_backend(app: web.Application, backend: Backend) -> None:
     except asyncio.CancelledError:
         raise
     except Exception as exc:  # any failure of a poll is the backend's, never Nexus's
-        backend.last_check = time.time()
         record_failure(backend, settings.health_check, describe_failure(exc))
         return
-    backend.last_check = time.time()
     if backend.name in app[REGISTRY].backends:
         app[REGISTRY].set_models(backend, models)
     record_success(backend, settings.health_check)
@@ -903,7 +901,7 @@ async def health_loop(app: web.Application) -> None:
         backends = list(app[REGISTRY].backends.values())
         if backends:
             await asyncio.gather(*(poll(b) for b in backends))
-        app[STATE]["next_health_check"] = time.monotonic() + interval
+        app[BACKGROUND]["next_health_check"] = time.monotonic() + interval
         await asyncio.sleep(interval)
 
 
@@ -1300,7 +1298,7 @@ class Discovery:
         except ValueError as exc:
             log.debug("discovered %r: %s; ignored", name, exc)
             return
-        if await self.known(name, url):
+        if await self.update_existing(name, url):
             return
         kind = await detect_backend_type(self.app[CLIENT], url)
         if kind is None:
@@ -1313,9 +1311,10 @@ class Discovery:
         # The announced type is trusted where detection can only say "OpenAI-compatible".
         await self.add(name, url, type_hint if kind == "generic" and type_hint else kind, name)
 
-    async def known(self, name: str, url: str) -> bool:
+    async def update_existing(self, name: str, url: str) -> bool:
         """Whether url is a backend already (or was removed through the admin API: it stays
-        removed); a lost discovered one is kept, since it came back."""
+        removed), bringing that backend up to date: one moved to url is removed (re-added
+        next), a lost one is revived and polled, one whose first poll was cut short is polled."""
         registry = self.app[REGISTRY]
         mapped = self.names.get(name)
         previous = registry.backends.get(mapped) if mapped is not None else None
@@ -1345,7 +1344,7 @@ class Discovery:
 
     async def add(self, name: str, url: str, kind: str, wanted: str) -> None:
         registry = self.app[REGISTRY]
-        if await self.known(name, url):  # it may have been added while detection ran
+        if await self.update_existing(name, url):  # it may have been added while detection ran
             return
         unique = base = backend_name(wanted)
         for n in itertools.count(2):
@@ -2619,14 +2618,15 @@ class ApiKey:
     spent_usd: float = 0.0  # on cloud backends in `month`, priced like the global budget
     month: str = ""
 
-    def spent_in(self, month: str) -> float:
-        """The key's spend this month (UTC calendar months, like the global budget)."""
+    def roll_month(self, month: str) -> float:
+        """Begin `month` (from 0 when it is a new one) and return the key's spend in it: UTC
+        calendar months, like the global budget."""
         if month != self.month:
             self.month, self.spent_usd = month, 0.0
         return self.spent_usd
 
     def over_budget(self, month: str) -> bool:
-        return 0 < self.monthly_limit_usd <= self.spent_in(month)
+        return 0 < self.monthly_limit_usd <= self.roll_month(month)
 
     def may_use(self, model: str, aliases: dict[str, str]) -> bool:
         """Whether the allow-list names the model, or the model an alias of it leads to."""
@@ -2759,7 +2759,7 @@ def settle(key: ApiKey, record: RequestRecord, status: int, charged: int, now: f
     unanswered request costs nothing; an answer without usage keeps the estimate)."""
     key.requests += 1
     if record.cost_usd:
-        key.spent_in(month_of(dt.datetime.now(dt.UTC)))
+        key.roll_month(month_of(dt.datetime.now(dt.UTC)))
         key.spent_usd += record.cost_usd
     used = (record.prompt_tokens or 0) + (record.completion_tokens or 0)
     key.tokens += used
@@ -5604,7 +5604,7 @@ def health_eta(app: web.Application) -> int | None:
     """Seconds until a backend that is down now could be healthy again: the next poll, plus
     the further polls recovery takes."""
     health = app[SETTINGS].health_check
-    next_check = app[STATE].get("next_health_check")
+    next_check = app[BACKGROUND].get("next_health_check")
     if not health.enabled or next_check is None:
         return None
     wait = max(next_check - time.monotonic(), 0.0)
@@ -8935,7 +8935,7 @@ def stats_snapshot(app: web.Application) -> dict[str, Any]:
                 "requests": k.requests,
                 "tokens": k.tokens,
                 "rate_limited": k.rate_limited,
-                "spent_usd": round(k.spent_in(month_of(dt.datetime.now(dt.UTC))), 6),
+                "spent_usd": round(k.roll_month(month_of(dt.datetime.now(dt.UTC))), 6),
                 "monthly_limit_usd": k.monthly_limit_usd or None,
             }
             for k in app[KEYS]
@@ -9242,7 +9242,7 @@ def render_metrics(app: web.Application) -> str:
             "nexus_key_spending_usd",
             "gauge",
             "Estimated spend on cloud backends this month with each API key, in USD.",
-            [f'nexus_key_spending_usd{{key="{name}"}} {k.spent_in(month)!r}' for name, k in keys],
+            [f'nexus_key_spending_usd{{key="{name}"}} {k.roll_month(month)!r}' for name, k in keys],
         )
     lines.append("")
     return "\n".join(lines)
@@ -9409,7 +9409,7 @@ async def first_poll(app: web.Application, backend: Backend) -> None:
 
 def in_background(app: web.Application, job: Awaitable[None]) -> asyncio.Task:
     """A task that lives at most as long as the app (cancelled at its cleanup)."""
-    tasks: set[asyncio.Task] = app[STATE].setdefault("background", set())
+    tasks: set[asyncio.Task] = app[BACKGROUND].setdefault("background", set())
     task = asyncio.ensure_future(job)
     tasks.add(task)
     task.add_done_callback(tasks.discard)
@@ -9420,7 +9420,7 @@ def start_health(app: web.Application, backends: Iterable[Backend]) -> None:
     """The health loop (its first round polls every backend), or without health checks one
     first poll of each of `backends`."""
     if app[SETTINGS].health_check.enabled:
-        app[STATE]["health_loop"] = in_background(app, health_loop(app))
+        app[BACKGROUND]["health_loop"] = in_background(app, health_loop(app))
     else:
         for backend in backends:
             in_background(app, first_poll(app, backend))
@@ -9436,7 +9436,7 @@ async def background_ctx(app: web.Application) -> AsyncIterator[None]:
     await app[LIFECYCLE].stop()
     if discovery is not None:
         await discovery.stop()
-    tasks = app[STATE].pop("background", set())
+    tasks = app[BACKGROUND].pop("background", set())
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
@@ -9454,7 +9454,7 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app[REGISTRY] = Registry()
     app[STATS] = Stats()
-    app[STATE] = {}
+    app[BACKGROUND] = {}
     app[BUDGET] = Budget(settings.routing.budget)
     app[KEYS] = api_keys(settings.auth)
     env = dict(os.environ)
@@ -9680,7 +9680,7 @@ def swap_settings(app: web.Application, new: Settings) -> list[str]:
     for f in fields(Settings):
         setattr(live, f.name, getattr(new, f.name))
     if "health_check" in changed:  # a new loop: new interval, new timeout, or none at all
-        polling = app[STATE].pop("health_loop", None)
+        polling = app[BACKGROUND].pop("health_loop", None)
         if polling is not None:
             polling.cancel()
         start_health(app, app[REGISTRY].backends.values())
