@@ -92,6 +92,21 @@ def asset_path(name: str) -> Path:
 # ==============================================================================================
 
 
+# The OpenAI error type of each status Nexus answers with on its own account.
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "invalid_request_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    409: "invalid_request_error",
+    429: "rate_limit_error",
+    501: "not_implemented",
+    503: "service_unavailable",
+}
+# The codes whose type is not their status's: a spent budget is a quota, not a rate limit.
+CODE_TYPES = {"budget_exceeded": "insufficient_quota", "key_budget_exceeded": "insufficient_quota"}
+
+
 class NexusError(Exception):
     """An error that becomes an OpenAI-format error response with the given HTTP status."""
 
@@ -114,7 +129,22 @@ class NexusError(Exception):
         self.context = context
         self.headers = headers or {}
 
+    @classmethod
+    def of(
+        cls,
+        status: int,
+        code: str | None,
+        message: str,
+        param: str | None = None,
+        context: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> NexusError:
+        """The error for a status and code, its type looked up in ERROR_TYPES (or CODE_TYPES)."""
+        type_ = CODE_TYPES.get(code or "") or ERROR_TYPES[status]
+        return cls(status, type_, code, message, param, context, headers)
+
     def envelope(self) -> dict[str, Any]:
+        """The OpenAI error envelope: {"error": {message, type, param, code[, context]}}."""
         error: dict[str, Any] = {
             "message": self.message,
             "type": self.type,
@@ -127,7 +157,8 @@ class NexusError(Exception):
 
 
 def bad_request(message: str, param: str | None = None) -> NexusError:
-    return NexusError(400, "invalid_request_error", "invalid_request", message, param)
+    """The plain 400 for a request that breaks a rule, naming the field (param) at fault."""
+    return NexusError.of(400, "invalid_request", message, param)
 
 
 class ConfigError(Exception):
@@ -152,17 +183,24 @@ BACKEND_TYPES = LOCAL_TYPES + CLOUD_TYPES
 STRATEGIES = ("smart", "round_robin", "priority_only", "random")
 BUDGET_ACTIONS = ("warn", "shift_local", "block_cloud", "block_all")
 MAX_ALIAS_HOPS = 3
+LOG_LEVELS = tuple(name.lower() for name in logging.getLevelNamesMapping())
+
+
+def setting(default: Any, **rules: Any) -> Any:
+    """A settings field with the rules its value must meet, kept in the field's metadata and
+    checked by check_fields: positive, non_negative, min and max (or below), choices."""
+    return field(default=default, metadata=rules)
 
 
 @dataclass(slots=True)
 class ServerSettings:
     host: str = "0.0.0.0"
-    port: int = 8000
-    request_timeout_seconds: float = 300.0
-    connect_timeout_seconds: float = 5.0
-    first_byte_timeout_seconds: float = 60.0
-    stream_idle_timeout_seconds: float = 30.0
-    max_body_mb: float = 10.0
+    port: int = setting(8000, min=1, max=65535)
+    request_timeout_seconds: float = setting(300.0, positive=True)
+    connect_timeout_seconds: float = setting(5.0, positive=True)
+    first_byte_timeout_seconds: float = setting(60.0, positive=True)
+    stream_idle_timeout_seconds: float = setting(30.0, positive=True)
+    max_body_mb: float = setting(10.0, positive=True)
     watch_config: bool = True  # reload when the config file changes (SIGHUP always reloads)
     data_dir: str = ""  # where the ledger lives (only with monthly limits); "": the platform's
 
@@ -170,38 +208,38 @@ class ServerSettings:
 @dataclass(slots=True)
 class DiscoverySettings:
     enabled: bool = True
-    grace_period_seconds: float = 60.0
+    grace_period_seconds: float = setting(60.0, non_negative=True)
 
 
 @dataclass(slots=True)
 class HealthSettings:
     enabled: bool = True
-    interval_seconds: float = 30.0
-    timeout_seconds: float = 5.0
-    failure_threshold: int = 3
-    recovery_threshold: int = 2
+    interval_seconds: float = setting(30.0, positive=True)
+    timeout_seconds: float = setting(5.0, positive=True)
+    failure_threshold: int = setting(3, positive=True)
+    recovery_threshold: int = setting(2, positive=True)
 
 
 @dataclass(slots=True)
 class PolicySettings:
     model_pattern: str = "*"
-    privacy: str = "open"
-    min_tier: int = 0
-    overflow: str = "block"
+    privacy: str = setting("open", choices=("restricted", "open"))
+    min_tier: int = setting(0, min=0, max=5)
+    overflow: str = setting("block", choices=("block", "scrub"))
 
 
 @dataclass(slots=True)
 class BudgetSettings:
-    monthly_limit_usd: float = 0.0
-    soft_limit_percent: float = 75.0
-    hard_limit_action: str = "shift_local"
+    monthly_limit_usd: float = setting(0.0, non_negative=True)
+    soft_limit_percent: float = setting(75.0, min=0, max=100)
+    hard_limit_action: str = setting("shift_local", choices=BUDGET_ACTIONS)
     prices: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
 class RoutingSettings:
-    strategy: str = "smart"
-    max_retries: int = 2
+    strategy: str = setting("smart", choices=STRATEGIES)
+    max_retries: int = setting(2, non_negative=True)
     weights: dict[str, float] = field(
         default_factory=lambda: {"priority": 50.0, "load": 30.0, "latency": 20.0}
     )
@@ -215,22 +253,24 @@ class RoutingSettings:
 @dataclass(slots=True)
 class QueueSettings:
     enabled: bool = True
-    max_size: int = 100
-    max_wait_seconds: float = 30.0
+    max_size: int = setting(100, non_negative=True)
+    max_wait_seconds: float = setting(30.0, non_negative=True)
 
 
 @dataclass(slots=True)
 class LifecycleSettings:
     """[lifecycle]: what loads through the lifecycle API (SPEC §5.1) may take, and how long."""
 
-    vram_headroom_percent: float = 20.0  # a load must leave this much of a backend's vram_gb free
-    timeout_seconds: float = 300.0  # every load, unload or migration ends within this
+    # A load must leave this much of a backend's vram_gb free.
+    vram_headroom_percent: float = setting(20.0, min=0, below=100)
+    # Every load, unload or migration ends within this.
+    timeout_seconds: float = setting(300.0, positive=True)
 
 
 @dataclass(slots=True)
 class LoggingSettings:
-    level: str = "info"
-    format: str = "pretty"
+    level: str = setting("info", choices=LOG_LEVELS, any_case=True)
+    format: str = setting("pretty", choices=("pretty", "json"))
     log_content: bool = False
 
 
@@ -238,9 +278,9 @@ class LoggingSettings:
 class ApiKeySettings:
     name: str = ""
     key_env: str = ""
-    monthly_limit_usd: float = 0.0
-    rpm: int = 0
-    tpm: int = 0
+    monthly_limit_usd: float = setting(0.0, non_negative=True)
+    rpm: int = setting(0, non_negative=True)
+    tpm: int = setting(0, non_negative=True)
     models: list[str] = field(default_factory=list)
     admin: bool = False
     # Derived at start-up from the key_env variable, never read from the file.
@@ -256,14 +296,14 @@ class AuthSettings:
 class BackendSettings:
     name: str = ""
     url: str = ""
-    type: str = "generic"
-    priority: int = 50
-    zone: str = ""
-    tier: int = 0
-    max_concurrent: int = 0
+    type: str = setting("generic", choices=BACKEND_TYPES)
+    priority: int = setting(50, min=0, max=100)
+    zone: str = setting("", choices=("restricted", "open"))  # "": by type
+    tier: int = setting(0, min=0, max=5)
+    max_concurrent: int = setting(0, non_negative=True)
     api_key_env: str = ""
-    rpm: int = 0  # requests per minute this backend is sent at most; 0: no limit
-    vram_gb: float = 0.0  # what the lifecycle API may fill with models; 0: not declared
+    rpm: int = setting(0, non_negative=True)  # requests a minute it is sent at most; 0: no limit
+    vram_gb: float = setting(0.0, non_negative=True)  # what loads may fill; 0: not declared
 
 
 @dataclass(slots=True)
@@ -406,58 +446,55 @@ def load_settings(
         if var in env:
             value = _parse_env_value(var, env[var], getattr(getattr(settings, section), name))
             setattr(getattr(settings, section), name, value)
-            _validate_one(f"{var}", section, name, value)
+            rules = next(f.metadata for f in fields(getattr(settings, section)) if f.name == name)
+            check_setting(var, value, rules)
     for (section, name), value in overrides.items():
         setattr(getattr(settings, section), name, value)
     validate_settings(settings, env)
     return settings
 
 
-def _validate_one(key: str, section: str, name: str, value: Any) -> None:
-    if (section, name) == ("server", "port") and not 1 <= value <= 65535:
-        raise ConfigError(key, f"{value} is not a port (1-65535)")
-    if (section, name) == (
-        "logging",
-        "level",
-    ) and value.upper() not in logging.getLevelNamesMapping():
-        raise ConfigError(key, f"unknown log level {value!r}")
-    if (section, name) == ("logging", "format") and value not in ("pretty", "json"):
-        raise ConfigError(key, f"expected pretty or json, got {value!r}")
+def check_setting(key: str, value: Any, rules: Mapping[str, Any]) -> None:
+    """One value against the rules in its field's metadata (see setting())."""
+    if rules.get("positive") and value <= 0:
+        raise ConfigError(key, f"must be greater than 0, got {value}")
+    if rules.get("non_negative") and value < 0:
+        raise ConfigError(key, f"must not be negative, got {value}")
+    if "min" in rules:  # with max (inclusive) or below (exclusive)
+        low, high = rules["min"], rules.get("max")
+        if high is None:
+            fits, high = value < rules["below"], rules["below"] - 1
+        else:
+            fits = value <= high
+        if value < low or not fits:
+            raise ConfigError(key, f"expected {low}-{high}, got {value}")
+    choices = rules.get("choices")
+    if choices and (value.lower() if rules.get("any_case") else value) not in choices:
+        words = " or ".join(choices) if len(choices) == 2 else "one of " + ", ".join(choices)
+        raise ConfigError(key, f"expected {words}, got {value!r}")
+
+
+def check_fields(obj: Any, key: str, skip: tuple[str, ...] = ()) -> None:
+    """Check every field of a settings dataclass against its rules, and the sections and lists
+    of sections inside it (key: where obj is, for the message)."""
+    for f in fields(obj):
+        if f.name in skip:
+            continue
+        value = getattr(obj, f.name)
+        sub = f"{key}.{f.name}" if key else f.name
+        if f.metadata:
+            check_setting(sub, value, f.metadata)
+        elif hasattr(value, "__dataclass_fields__"):
+            check_fields(value, sub)
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if hasattr(item, "__dataclass_fields__"):
+                    check_fields(item, f"{sub}[{i}]")
 
 
 def validate_settings(s: Settings, env: dict[str, str]) -> None:
     """Every rule that one value's type cannot express. The first problem found is raised."""
-    _validate_one("server.port", "server", "port", s.server.port)
-    _validate_one("logging.level", "logging", "level", s.logging.level)
-    _validate_one("logging.format", "logging", "format", s.logging.format)
-    positive = [
-        ("server.request_timeout_seconds", s.server.request_timeout_seconds),
-        ("server.connect_timeout_seconds", s.server.connect_timeout_seconds),
-        ("server.first_byte_timeout_seconds", s.server.first_byte_timeout_seconds),
-        ("server.stream_idle_timeout_seconds", s.server.stream_idle_timeout_seconds),
-        ("server.max_body_mb", s.server.max_body_mb),
-        ("health_check.interval_seconds", s.health_check.interval_seconds),
-        ("health_check.timeout_seconds", s.health_check.timeout_seconds),
-        ("health_check.failure_threshold", s.health_check.failure_threshold),
-        ("health_check.recovery_threshold", s.health_check.recovery_threshold),
-        ("lifecycle.timeout_seconds", s.lifecycle.timeout_seconds),
-    ]
-    for key, value in positive:
-        if value <= 0:
-            raise ConfigError(key, f"must be greater than 0, got {value}")
-    non_negative = [
-        ("discovery.grace_period_seconds", s.discovery.grace_period_seconds),
-        ("routing.max_retries", s.routing.max_retries),
-        ("queue.max_size", s.queue.max_size),
-        ("queue.max_wait_seconds", s.queue.max_wait_seconds),
-    ]
-    for key, value in non_negative:
-        if value < 0:
-            raise ConfigError(key, f"must not be negative, got {value}")
-    if not 0 <= s.lifecycle.vram_headroom_percent < 100:
-        raise ConfigError("lifecycle.vram_headroom_percent", "expected 0-99")
-    if s.routing.strategy not in STRATEGIES:
-        raise ConfigError("routing.strategy", f"expected one of {', '.join(STRATEGIES)}")
+    check_fields(s, "", skip=("auth", "backends"))  # those two after their defaults are set
     for name in ("priority", "load", "latency"):
         weight = s.routing.weights.get(name, 0)
         if isinstance(weight, bool) or not isinstance(weight, int | float) or weight < 0:
@@ -472,24 +509,8 @@ def validate_settings(s: Settings, env: dict[str, str]) -> None:
     for model, chain in s.routing.fallbacks.items():
         if not isinstance(chain, list) or not all(isinstance(m, str) for m in chain):
             raise ConfigError(f"routing.fallbacks.{model}", "must be a list of model names")
-    for i, policy in enumerate(s.routing.policies):
-        key = f"routing.policies[{i}]"
-        if policy.privacy not in ("restricted", "open"):
-            raise ConfigError(f"{key}.privacy", "expected restricted or open")
-        if policy.overflow not in ("block", "scrub"):
-            raise ConfigError(f"{key}.overflow", "expected block or scrub")
-        if not 0 <= policy.min_tier <= 5:
-            raise ConfigError(f"{key}.min_tier", "expected 0-5")
     budget = s.routing.budget
     if budget is not None:
-        if budget.monthly_limit_usd < 0:
-            raise ConfigError("routing.budget.monthly_limit_usd", "must not be negative")
-        if not 0 <= budget.soft_limit_percent <= 100:
-            raise ConfigError("routing.budget.soft_limit_percent", "expected 0-100")
-        if budget.hard_limit_action not in BUDGET_ACTIONS:
-            raise ConfigError(
-                "routing.budget.hard_limit_action", f"expected one of {', '.join(BUDGET_ACTIONS)}"
-            )
         for model, price in budget.prices.items():
             validate_price(f"routing.budget.prices.{model}", price)
     validate_api_keys(s.auth, env)
@@ -535,9 +556,7 @@ def validate_api_keys(auth: AuthSettings, env: dict[str, str]) -> None:
             raise ConfigError(f"{key}.key_env", "is required")
         if not env.get(k.key_env):
             raise ConfigError(f"{key}.key_env", f"variable {k.key_env} is not set")
-        for name in ("rpm", "tpm", "monthly_limit_usd"):
-            if getattr(k, name) < 0:
-                raise ConfigError(f"{key}.{name}", "must not be negative")
+        check_fields(k, key)
         k.digest = key_digest(env[k.key_env])
         if k.digest in digests:
             raise ConfigError(f"{key}.key_env", f"holds the same key as {digests[k.digest]}")
@@ -546,28 +565,16 @@ def validate_api_keys(auth: AuthSettings, env: dict[str, str]) -> None:
 
 def validate_backend(b: BackendSettings, key: str, env: dict[str, str]) -> None:
     """Check one backend's settings and fill in what defaults from others (name, zone)."""
-    if b.type not in BACKEND_TYPES:
-        raise ConfigError(f"{key}.type", f"unknown backend type {b.type!r}")
+    check_setting(f"{key}.type", b.type, {"choices": BACKEND_TYPES})
     try:
         b.url = normalise_url(b.url)
     except ValueError as exc:
         raise ConfigError(f"{key}.url", str(exc)) from None
     if not b.name:
         b.name = urllib.parse.urlsplit(b.url).netloc.rpartition("@")[2]  # host:port only
-    if not 0 <= b.priority <= 100:
-        raise ConfigError(f"{key}.priority", f"expected 0-100, got {b.priority}")
     if not b.zone:
         b.zone = "open" if b.type in CLOUD_TYPES else "restricted"
-    if b.zone not in ("restricted", "open"):
-        raise ConfigError(f"{key}.zone", f"expected restricted or open, got {b.zone!r}")
-    if not 0 <= b.tier <= 5:
-        raise ConfigError(f"{key}.tier", f"expected 1-5, got {b.tier}")
-    if b.max_concurrent < 0:
-        raise ConfigError(f"{key}.max_concurrent", "must not be negative")
-    if b.rpm < 0:
-        raise ConfigError(f"{key}.rpm", "must not be negative")
-    if b.vram_gb < 0:
-        raise ConfigError(f"{key}.vram_gb", "must not be negative")
+    check_fields(b, key)
     if b.type in CLOUD_TYPES and not b.api_key_env:
         raise ConfigError(f"{key}.api_key_env", f"a {b.type} backend needs api_key_env")
     if b.api_key_env and not env.get(b.api_key_env):
@@ -2011,6 +2018,12 @@ def next_month_start(now: dt.datetime) -> dt.datetime:
     return dt.datetime(year, month, 1, tzinfo=dt.UTC)
 
 
+def seconds_to_next_month(now: dt.datetime | None = None) -> int:
+    """Whole seconds (at least 1) until monthly limits start again: a refusal's Retry-After."""
+    now = now or dt.datetime.now(dt.UTC)
+    return max(int((next_month_start(now) - now).total_seconds()), 1)
+
+
 class Budget:
     """The current calendar month's cloud spend (UTC months) and where it stands against the
     configured limit: normal, soft_limit (cloud deprioritised) or hard_limit (the action)."""
@@ -2078,8 +2091,8 @@ class Budget:
         return "normal"
 
     def seconds_to_reset(self, now: dt.datetime | None = None) -> int:
-        now = now or dt.datetime.now(dt.UTC)
-        return max(int((next_month_start(now) - now).total_seconds()), 1)
+        """Seconds until the month's spend starts again from 0."""
+        return seconds_to_next_month(now)
 
     def snapshot(self) -> dict[str, Any] | None:
         """The budget in /v1/stats; None when no limit is configured."""
@@ -2174,13 +2187,13 @@ def route_rules(
 
 def budget_exceeded(needs: RequestNeeds, action: str, why: str) -> NexusError:
     """The hard budget limit's clear refusal (429); Retry-After is the start of next month."""
-    return NexusError(
+    return NexusError.of(
         429,
-        "insufficient_quota",
         "budget_exceeded",
         f"The monthly cloud budget is spent and routing.budget.hard_limit_action is "
         f"{action!r}: {why}. Model '{needs.model}' was not sent anywhere; the budget starts "
         "again on the 1st of next month (UTC).",
+        headers={"Retry-After": str(seconds_to_next_month())},
     )
 
 
@@ -2684,18 +2697,16 @@ def needs_admin(path: str) -> bool:
 
 
 def admin_forbidden(key: ApiKey) -> NexusError:
-    return NexusError(
+    return NexusError.of(
         403,
-        "permission_error",
         "admin_forbidden",
         f"The key '{key.name}' may not use this; it needs a key with admin = true.",
     )
 
 
 def unauthorized(message: str) -> NexusError:
-    return NexusError(
+    return NexusError.of(
         401,
-        "invalid_request_error",
         "invalid_api_key",
         message,
         headers={"WWW-Authenticate": 'Bearer realm="nexus"'},
@@ -2722,9 +2733,8 @@ def authenticate(keys: list[ApiKey], path: str, headers: Any) -> ApiKey | None:
 
 def rate_limited(what: str, wait: float) -> NexusError:
     retry = retry_after_header(wait)
-    return NexusError(
+    return NexusError.of(
         429,
-        "rate_limit_error",
         "rate_limit_exceeded",
         f"Rate limit reached for {what}. Try again in {retry} s.",
         headers={"Retry-After": retry},
@@ -2866,9 +2876,8 @@ def allowed_attempts(
 
 
 def key_budget_spent(key: ApiKey, needs: RequestNeeds, seconds_to_reset: int) -> NexusError:
-    return NexusError(
+    return NexusError.of(
         429,
-        "insufficient_quota",
         "key_budget_exceeded",
         f"Key '{key.name}' has spent its monthly limit of {key.monthly_limit_usd:g} USD, so cloud "
         f"backends are off for it and no local backend can serve model '{needs.model}' now; "
@@ -3225,9 +3234,8 @@ def model_not_found(
     if key is not None:
         available = [m for m in available if key.may_use(m, settings.routing.aliases)]
     listed = ", ".join(available[:50]) if available else "none (no backend is serving a model)"
-    return NexusError(
+    return NexusError.of(
         404,
-        "invalid_request_error",
         "model_not_found",
         f"The model '{model}' does not exist or is not served by any backend. "
         f"Available models: {listed}",
@@ -3261,9 +3269,8 @@ def context_exceeded(
 
 def context_length_exceeded(prompt: int, largest: int, how: str, param: str | None) -> NexusError:
     """OpenAI's context_length_exceeded, with both sizes in `context` for other doors' words."""
-    return NexusError(
+    return NexusError.of(
         400,
-        "invalid_request_error",
         "context_length_exceeded",
         f"This model's maximum context length is {largest} tokens, however you requested "
         f"{prompt} tokens ({how}). Serve it with a larger context, or add a fallback with one.",
@@ -3382,9 +3389,8 @@ def no_capacity(
         why = shortfall_reason(needs, found)
     else:
         why = "no backend serves it"
-    return NexusError(
+    return NexusError.of(
         503,
-        "service_unavailable",
         "no_backend_available",
         f"No backend can serve model '{needs.model}' now: {why}.",
         context={
@@ -4508,9 +4514,8 @@ class AnthropicAdapter(OpenAICompatibleAdapter):
 
     def url(self, backend: Backend, endpoint: str) -> str:
         if endpoint != "chat":
-            raise NexusError(
+            raise NexusError.of(
                 400,
-                "invalid_request_error",
                 "unsupported_endpoint",
                 f"Backend {backend.name} (anthropic) serves chat completions only.",
             )
@@ -4571,9 +4576,8 @@ def chat_to_anthropic(chat: dict[str, Any]) -> dict[str, Any]:
     `system`; tool calls and tool results become tool_use and tool_result blocks; images
     become image blocks; consecutive turns of one role are merged, as the API wants."""
     if not isinstance(chat.get("messages"), list):
-        raise NexusError(
+        raise NexusError.of(
             400,
-            "invalid_request_error",
             "unsupported_endpoint",
             "Anthropic backends serve chat completions only (no legacy completions, embeddings).",
         )
@@ -5007,9 +5011,8 @@ class Lifecycle:
         """409 when an operation on the model is running on one of the backends."""
         for backend in backends:
             if (busy := self.running.get((model, backend.name))) is not None:
-                raise NexusError(
+                raise NexusError.of(
                     409,
-                    "invalid_request_error",
                     "operation_in_progress",
                     f"Operation {busy.id} ({busy.kind} of {model}) is still running on "
                     f"{backend.name}; wait for it (GET /v1/operations/{busy.id}).",
@@ -5101,17 +5104,15 @@ def lifecycle_backend(registry: Registry, name: Any, param: str) -> Backend:
     backend = registry.backends.get(name)
     if backend is None:
         known = ", ".join(sorted(registry.backends)[:50]) or "none"
-        raise NexusError(
+        raise NexusError.of(
             404,
-            "invalid_request_error",
             "backend_not_found",
             f"No backend {name!r}. Backends: {known}",
             param=param,
         )
     if not ADAPTERS[backend.type].manages_models(backend):
-        raise NexusError(
+        raise NexusError.of(
             501,
-            "not_implemented",
             "lifecycle_unsupported",
             f"Backend {name} is of type {backend.type}, whose API offers no way to load or "
             "unload a model; Nexus does that on ollama backends and llama-servers in router "
@@ -5128,9 +5129,8 @@ def lifecycle_model(backend: Backend, model: Any, aliases: dict[str, str]) -> st
         raise bad_request("model_id is required", "model_id")
     model_id = resolve_alias(model, aliases)
     if model_id not in backend.models:
-        raise NexusError(
+        raise NexusError.of(
             404,
-            "invalid_request_error",
             "model_not_found",
             f"Backend {backend.name} has no model '{model}' (Nexus never pulls models: pull it "
             f"on the backend first). Its models: {', '.join(sorted(backend.models)) or 'none'}",
@@ -9282,8 +9282,6 @@ def error_response(error: NexusError, request: web.Request) -> web.Response:
     budget = request.app[BUDGET]
     if budget.enabled:
         headers["X-Nexus-Budget-Status"] = budget.status
-    if error.code == "budget_exceeded":
-        headers["Retry-After"] = str(budget.seconds_to_reset())
     document = door_at(request.path).error_document(error)
     return web.json_response(document, status=error.status, headers=headers)
 
