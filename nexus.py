@@ -616,6 +616,22 @@ def check_alias_cycles(aliases: dict[str, str]) -> None:
             )
 
 
+def resolve_alias(model: str, aliases: dict[str, str]) -> str:
+    """Follow aliases up to MAX_ALIAS_HOPS; cycles and longer chains were rejected at start-up."""
+    for _ in range(MAX_ALIAS_HOPS):
+        if model not in aliases:
+            return model
+        model = aliases[model]
+    return model
+
+
+def model_chain(model: str, routing: RoutingSettings) -> list[str]:
+    """The models a request naming `model` may be served by, in order: the model its alias
+    leads to, then that model's fallbacks (each once). Routing, counting and 404s all use it."""
+    model_id = resolve_alias(model, routing.aliases)
+    return list(dict.fromkeys([model_id, *routing.fallbacks.get(model_id, ())]))
+
+
 # ==============================================================================================
 # App keys
 # Owns: the names of what the app and each request carry (aiohttp's typed AppKey/RequestKey).
@@ -1791,9 +1807,8 @@ async def refine_prompt_tokens(
     """Count the prompt exactly when it matters for routing: its estimate is near the context
     length of a backend that could serve it and whose tokenizer is exact (OpenAI's models on
     OpenAI-style clouds). Everything else keeps the estimate; no encoding is loaded for it."""
-    model_id = resolve_alias(needs.model, settings.routing.aliases)
     low, high = NEAR_LIMIT_RANGE
-    for model in (model_id, *settings.routing.fallbacks.get(model_id, ())):
+    for model in model_chain(needs.model, settings.routing):
         for backend in registry.by_model.get(model, ()):
             context = backend.models[model].context_length
             if not context or not low * context <= needs.prompt_tokens <= high * context:
@@ -2825,9 +2840,8 @@ def authenticate_request(request: web.Request) -> None:
 
 
 def model_known(model: str, registry: Registry, settings: Settings) -> bool:
-    model_id = resolve_alias(model, settings.routing.aliases)
-    chain = [model_id, *settings.routing.fallbacks.get(model_id, ())]
-    return any(m in registry.by_model for m in chain)
+    """Whether any backend serves the model, its alias's target or one of their fallbacks."""
+    return any(m in registry.by_model for m in model_chain(model, settings.routing))
 
 
 def check_model(request: web.Request, model: str) -> None:
@@ -2990,15 +3004,6 @@ class SessionTable:
             "moves": self.moves,
             "new": self.new,
         }
-
-
-def resolve_alias(model: str, aliases: dict[str, str]) -> str:
-    """Follow aliases up to MAX_ALIAS_HOPS; cycles and longer chains were rejected at start-up."""
-    for _ in range(MAX_ALIAS_HOPS):
-        if model not in aliases:
-            return model
-        model = aliases[model]
-    return model
 
 
 def meets_needs(model: Model, needs: RequestNeeds) -> bool:
@@ -3167,8 +3172,8 @@ def route(needs: RequestNeeds, registry: Registry, settings: Settings) -> RouteD
     no backend of the model or its fallbacks can hold, and 503 with an actionable context when
     nothing can serve it now.
     """
-    model_id = resolve_alias(needs.model, settings.routing.aliases)
-    chain = list(dict.fromkeys([model_id, *settings.routing.fallbacks.get(model_id, ())]))
+    chain = model_chain(needs.model, settings.routing)
+    model_id = chain[0]
     if not any(m in registry.by_model for m in chain):
         raise model_not_found(needs.model, registry, settings)
     rules = route_rules(needs, chain, registry, settings)
@@ -5592,8 +5597,7 @@ def route_now(app: web.Application, needs: RequestNeeds) -> RouteDecision:
         return route(needs, registry, settings)
     except NexusError as error:
         if error.code == "no_backend_available":
-            model_id = resolve_alias(needs.model, settings.routing.aliases)
-            chain = [model_id, *settings.routing.fallbacks.get(model_id, ())]
+            chain = model_chain(needs.model, settings.routing)
             down = [b for m in chain for b in registry.by_model.get(m, ()) if b.status != "healthy"]
             if down:
                 set_eta(error, health_eta(app))
@@ -7095,7 +7099,7 @@ async def messages_count_tokens(request: web.Request) -> web.Response:
     check_model(request, model)
     settings = request.app[SETTINGS]
     registry = request.app[REGISTRY]
-    if resolve_alias(model, settings.routing.aliases) not in registry.by_model:
+    if not model_known(model, registry, settings):
         raise model_not_found(model, registry, settings)
     return web.json_response({"input_tokens": count_message_tokens(body)})
 
