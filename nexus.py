@@ -675,9 +675,46 @@ STREAMING: web.RequestKey[web.StreamResponse] = web.RequestKey("streaming")
 # ==============================================================================================
 # World model
 # Owns: what Nexus knows about backends and models. One Backend per server, one Model per
-# model a backend serves, and the Registry that indexes them by model id.
+# model a backend serves, the Registry that indexes them by model id, and the TokenBucket that
+# paces a backend's requests (and, in Auth, a key's).
 # Must not: do I/O. Health and discovery change it; routing reads it.
 # ==============================================================================================
+
+
+class TokenBucket:
+    """`per_minute` units a minute, refilled continuously, holding at most a minute's worth.
+
+    An amount larger than a minute's worth waits for a full bucket and then runs it into debt,
+    so one huge request is served rather than refused forever."""
+
+    __slots__ = ("level", "per_minute", "updated")
+
+    def __init__(self, per_minute: float, now: float) -> None:
+        self.per_minute = float(per_minute)
+        self.level = self.per_minute
+        self.updated = now
+
+    def refill(self, now: float) -> None:
+        elapsed = max(now - self.updated, 0.0)
+        self.level = min(self.per_minute, self.level + elapsed * self.per_minute / 60.0)
+        self.updated = max(now, self.updated)
+
+    def wait(self, amount: float, now: float) -> float:
+        """Seconds until `amount` can be taken; 0 when it can be taken now."""
+        self.refill(now)
+        missing = min(amount, self.per_minute) - self.level
+        if missing <= 1e-9:
+            return 0.0
+        return missing * 60.0 / self.per_minute
+
+    def take(self, amount: float, now: float) -> None:
+        self.refill(now)
+        self.level -= amount
+
+    def adjust(self, extra: float, now: float) -> None:
+        """Charge `extra` more (or give back, when negative): real usage replacing an estimate."""
+        self.refill(now)
+        self.level = min(self.per_minute, self.level - extra)
 
 
 @dataclass(slots=True)
@@ -2585,42 +2622,6 @@ PROXY_HEADERS = ("X-Forwarded-For", "Forwarded", "X-Real-IP")
 
 def key_digest(secret: str) -> bytes:
     return hashlib.sha256(secret.encode()).digest()
-
-
-class TokenBucket:
-    """`per_minute` units a minute, refilled continuously, holding at most a minute's worth.
-
-    An amount larger than a minute's worth waits for a full bucket and then runs it into debt,
-    so one huge request is served rather than refused forever."""
-
-    __slots__ = ("level", "per_minute", "updated")
-
-    def __init__(self, per_minute: float, now: float) -> None:
-        self.per_minute = float(per_minute)
-        self.level = self.per_minute
-        self.updated = now
-
-    def refill(self, now: float) -> None:
-        elapsed = max(now - self.updated, 0.0)
-        self.level = min(self.per_minute, self.level + elapsed * self.per_minute / 60.0)
-        self.updated = max(now, self.updated)
-
-    def wait(self, amount: float, now: float) -> float:
-        """Seconds until `amount` can be taken; 0 when it can be taken now."""
-        self.refill(now)
-        missing = min(amount, self.per_minute) - self.level
-        if missing <= 1e-9:
-            return 0.0
-        return missing * 60.0 / self.per_minute
-
-    def take(self, amount: float, now: float) -> None:
-        self.refill(now)
-        self.level -= amount
-
-    def adjust(self, extra: float, now: float) -> None:
-        """Charge `extra` more (or give back, when negative): real usage replacing an estimate."""
-        self.refill(now)
-        self.level = min(self.per_minute, self.level - extra)
 
 
 def retry_after_header(wait: float) -> str:
