@@ -195,6 +195,8 @@ def setting(default: Any, **rules: Any) -> Any:
 
 @dataclass(slots=True)
 class ServerSettings:
+    """[server]: where Nexus listens, how long it waits on backends, what it accepts."""
+
     host: str = "0.0.0.0"
     port: int = setting(8000, min=1, max=65535)
     request_timeout_seconds: float = setting(300.0, positive=True)
@@ -208,12 +210,16 @@ class ServerSettings:
 
 @dataclass(slots=True)
 class DiscoverySettings:
+    """[discovery]: whether backends are found without configuration, and kept once lost."""
+
     enabled: bool = True
     grace_period_seconds: float = setting(60.0, non_negative=True)
 
 
 @dataclass(slots=True)
 class HealthSettings:
+    """[health_check]: how often backends are polled and how many polls flip their state."""
+
     enabled: bool = True
     interval_seconds: float = setting(30.0, positive=True)
     timeout_seconds: float = setting(5.0, positive=True)
@@ -223,6 +229,8 @@ class HealthSettings:
 
 @dataclass(slots=True)
 class PolicySettings:
+    """One [[routing.policies]] entry: the zone, minimum tier and overflow of matching models."""
+
     model_pattern: str = "*"
     privacy: str = setting("open", choices=("restricted", "open"))
     min_tier: int = setting(0, min=0, max=5)
@@ -231,6 +239,8 @@ class PolicySettings:
 
 @dataclass(slots=True)
 class BudgetSettings:
+    """[routing.budget]: the monthly cloud limit, what happens at it, and price overrides."""
+
     monthly_limit_usd: float = setting(0.0, non_negative=True)
     soft_limit_percent: float = setting(75.0, min=0, max=100)
     hard_limit_action: str = setting("shift_local", choices=BUDGET_ACTIONS)
@@ -239,6 +249,8 @@ class BudgetSettings:
 
 @dataclass(slots=True)
 class RoutingSettings:
+    """[routing]: the strategy, retries, score weights, aliases, fallbacks, policies and budget."""
+
     strategy: str = setting("smart", choices=STRATEGIES)
     max_retries: int = setting(2, non_negative=True)
     weights: dict[str, float] = field(
@@ -253,6 +265,8 @@ class RoutingSettings:
 
 @dataclass(slots=True)
 class QueueSettings:
+    """[queue]: whether requests wait for a busy backend, how many and for how long."""
+
     enabled: bool = True
     max_size: int = setting(100, non_negative=True)
     max_wait_seconds: float = setting(30.0, non_negative=True)
@@ -270,6 +284,8 @@ class LifecycleSettings:
 
 @dataclass(slots=True)
 class LoggingSettings:
+    """[logging]: level, format (pretty or json) and whether prompts may be logged."""
+
     level: str = setting("info", choices=LOG_LEVELS, any_case=True)
     format: str = setting("pretty", choices=("pretty", "json"))
     log_content: bool = False
@@ -277,6 +293,8 @@ class LoggingSettings:
 
 @dataclass(slots=True)
 class ApiKeySettings:
+    """One [[auth.api_keys]] entry: a key's name, its variable, limits and allow-list."""
+
     name: str = ""
     key_env: str = ""
     monthly_limit_usd: float = setting(0.0, non_negative=True)
@@ -290,11 +308,15 @@ class ApiKeySettings:
 
 @dataclass(slots=True)
 class AuthSettings:
+    """[auth]: the API keys; none configured means no key is asked for."""
+
     api_keys: list[ApiKeySettings] = field(default_factory=list)
 
 
 @dataclass(slots=True)
 class BackendSettings:
+    """One [[backends]] entry: a server Nexus is told about, with its zone, tier and limits."""
+
     name: str = ""
     url: str = ""
     type: str = setting("generic", choices=BACKEND_TYPES)
@@ -309,6 +331,8 @@ class BackendSettings:
 
 @dataclass(slots=True)
 class Settings:
+    """Every setting, by section: what load_settings returns and a reload replaces."""
+
     server: ServerSettings = field(default_factory=ServerSettings)
     discovery: DiscoverySettings = field(default_factory=DiscoverySettings)
     health_check: HealthSettings = field(default_factory=HealthSettings)
@@ -366,6 +390,7 @@ def _build(cls: type, table: Any, key: str) -> Any:
 
 
 def _convert_field(key: str, value: Any, default: Any, cls: type, name: str) -> Any:
+    """One field's TOML value, checked and converted: sections, lists, tables, scalars."""
     nested = {
         (Settings, "server"): ServerSettings,
         (Settings, "discovery"): DiscoverySettings,
@@ -400,6 +425,7 @@ def _convert_field(key: str, value: Any, default: Any, cls: type, name: str) -> 
 
 
 def _parse_env_value(var: str, text: str, default: Any) -> Any:
+    """A NEXUS_* variable's text as the type of the setting it sets."""
     if isinstance(default, bool):
         if text.strip().lower() in TRUE_WORDS:
             return True
@@ -600,6 +626,7 @@ def normalise_url(url: str) -> str:
 
 
 def check_alias_cycles(aliases: dict[str, str]) -> None:
+    """Refuse an alias that leads back to itself or takes more than MAX_ALIAS_HOPS hops."""
     for start in aliases:
         seen = [start]
         current = start
@@ -695,6 +722,7 @@ class TokenBucket:
         self.updated = now
 
     def refill(self, now: float) -> None:
+        """Add what the time since the last update earned, up to a minute's worth."""
         elapsed = max(now - self.updated, 0.0)
         self.level = min(self.per_minute, self.level + elapsed * self.per_minute / 60.0)
         self.updated = max(now, self.updated)
@@ -708,6 +736,7 @@ class TokenBucket:
         return missing * 60.0 / self.per_minute
 
     def take(self, amount: float, now: float) -> None:
+        """Take `amount` now, running into debt if it is more than is there."""
         self.refill(now)
         self.level -= amount
 
@@ -772,9 +801,11 @@ class Backend:
 
     @property
     def is_cloud(self) -> bool:
+        """Whether the backend is a cloud API (its spend counts against budgets)."""
         return self.type in CLOUD_TYPES
 
     def at_capacity(self) -> bool:
+        """Whether it holds max_concurrent requests already (0: no limit)."""
         return 0 < self.max_concurrent <= self.in_flight
 
     def is_warm(self, model_id: str) -> bool:
@@ -783,6 +814,7 @@ class Backend:
 
     @classmethod
     def from_settings(cls, b: BackendSettings, source: str = "static") -> Backend:
+        """A Backend for one [[backends]] entry (or one the admin API adds)."""
         return cls(
             name=b.name,
             url=b.url,
@@ -828,27 +860,32 @@ class Registry:
         self.moving = 0
 
     def add(self, backend: Backend) -> None:
+        """Add a backend (replacing one of the same name) and reindex."""
         self.backends[backend.name] = backend
         self.reindex()
 
     def remove(self, name: str) -> Backend | None:
+        """Remove a backend by name and reindex; the backend, or None if there was none."""
         backend = self.backends.pop(name, None)
         if backend is not None:
             self.reindex()
         return backend
 
     def find_url(self, url: str) -> Backend | None:
+        """The backend at a URL, if any."""
         for backend in self.backends.values():
             if backend.url == url:
                 return backend
         return None
 
     def set_models(self, backend: Backend, models: dict[str, Model]) -> None:
+        """Set a backend's models from a poll, reindexing only when they changed."""
         if models.keys() != backend.models.keys() or models != backend.models:
             backend.models = models
             self.reindex()
 
     def reindex(self) -> None:
+        """Rebuild by_model, the backends serving each model id."""
         index: dict[str, list[Backend]] = {}
         for backend in self.backends.values():
             for model_id in backend.models:
@@ -856,6 +893,7 @@ class Registry:
         self.by_model = index
 
     def healthy(self) -> list[Backend]:
+        """The backends whose last polls say they are healthy."""
         return [b for b in self.backends.values() if b.status == "healthy"]
 
 
@@ -878,6 +916,7 @@ def loaded_on(registry: Registry, model_id: str) -> list[str]:
 
 
 def record_success(backend: Backend, settings: HealthSettings) -> None:
+    """Count a good poll: unknown turns healthy, unhealthy after recovery_threshold of them."""
     backend.fail_streak = 0
     backend.ok_streak += 1
     if backend.status == "unknown" or (
@@ -889,6 +928,7 @@ def record_success(backend: Backend, settings: HealthSettings) -> None:
 
 
 def record_failure(backend: Backend, settings: HealthSettings, reason: str) -> None:
+    """Count a failed poll: unknown turns unhealthy, healthy after failure_threshold of them."""
     backend.ok_streak = 0
     backend.fail_streak += 1
     backend.last_error = shown_reason(backend, reason)
@@ -955,6 +995,7 @@ async def health_loop(app: web.Application) -> None:
     slots = asyncio.Semaphore(POLLS_AT_ONCE)
 
     async def poll(backend: Backend) -> None:
+        """Poll one backend, holding one of the round's slots."""
         async with slots:
             await poll_backend(app, backend)
 
@@ -1002,6 +1043,7 @@ async def probe_json(pool: BackendPool, url: str, timeout: float) -> tuple[int, 
 
 
 def answered_list(answer: tuple[int, Any] | None, key: str) -> bool:
+    """Whether a probe's answer was a 200 JSON object holding a list under `key`."""
     return (
         answer is not None
         and answer[0] == 200
@@ -1181,6 +1223,7 @@ class MdnsDiscovery:
         self.zeroconf = None
 
     async def announce(self) -> None:
+        """Announce this Nexus by mDNS on the machine's non-loopback IPv4 addresses."""
         assert self.zeroconf is not None
         addresses = announce_addresses(self.announce_host)
         if not addresses:
@@ -1207,6 +1250,7 @@ class MdnsDiscovery:
     def on_change(
         self, zeroconf: Any, service_type: str, name: str, state_change: ServiceStateChange
     ) -> None:
+        """Zeroconf's callback: resolve a service that appeared, lose one that left."""
         if self.own is not None and name.lower() == self.own.name.lower():
             log.debug("mDNS service %r is this Nexus; skipped", name)
             return
@@ -1221,12 +1265,14 @@ class MdnsDiscovery:
         task.add_done_callback(lambda done: self.resolved(name, done))
 
     def resolved(self, name: str, task: asyncio.Task) -> None:
+        """A resolve task is done: forget it, and log what it failed with."""
         if self.resolving.get(name) is task:
             del self.resolving[name]
         if not task.cancelled() and task.exception() is not None:
             log.warning("mDNS service %r: %s", name, describe_failure(task.exception()))
 
     async def resolve(self, service_type: str, name: str) -> None:
+        """Resolve a service to an address and port, and report what it is."""
         assert self.zeroconf is not None
         instance = self.instance_name(service_type, name)
         info = AsyncServiceInfo(service_type, name)
@@ -1273,6 +1319,7 @@ class MdnsDiscovery:
         raise AssertionError("unreachable")
 
     def lose(self, name: str) -> None:
+        """A service left: report its backend as lost."""
         service = self.services.pop(name, None)
         if service is not None:
             log.debug("mDNS service %r left", service.name)
@@ -1280,6 +1327,7 @@ class MdnsDiscovery:
 
 
 def log_task_failure(task: asyncio.Task) -> None:
+    """Log a discovery task that died of an exception (a cancelled one is no failure)."""
     if not task.cancelled() and task.exception() is not None:
         log.error("discovery stopped", exc_info=task.exception())
 
@@ -1316,6 +1364,7 @@ class Discovery:
             self.tasks.append(task)
 
     async def stop(self) -> None:
+        """Cancel probing and pending removals, then stop mDNS (browsing and the announcement)."""
         tasks = self.tasks + list(self.removals.values())
         for task in tasks:
             task.cancel()
@@ -1336,6 +1385,7 @@ class Discovery:
             await asyncio.sleep(self.app[SETTINGS].health_check.interval_seconds)
 
     async def probe_round(self) -> None:
+        """Probe the well-known local ports once: add what answers, lose what stopped."""
         registry = self.app[REGISTRY]
         # Backends that are up are not probed again; a probed one that is down and no longer
         # answers a probe has vanished.
@@ -1404,6 +1454,7 @@ class Discovery:
         return True
 
     async def add(self, name: str, url: str, kind: str, wanted: str) -> None:
+        """Add a discovered server as a backend under a unique name, and poll it at once."""
         registry = self.app[REGISTRY]
         if await self.update_existing(name, url):  # it may have been added while detection ran
             return
@@ -1432,6 +1483,7 @@ class Discovery:
         self.removals[backend.name] = asyncio.create_task(self.remove_later(backend, grace))
 
     async def remove_later(self, backend: Backend, grace: float) -> None:
+        """After the grace period, remove a lost backend unless it came back."""
         await asyncio.sleep(grace)
         self.removals.pop(backend.name, None)
         registry = self.app[REGISTRY]
@@ -1492,6 +1544,7 @@ def parse_json(data: bytes) -> Any:
 
 
 def parse_json_body(raw: bytes) -> dict[str, Any]:
+    """A request body as a JSON object, or the 400 a client expects."""
     try:
         body = parse_json(raw)
     except (ValueError, UnicodeDecodeError):
@@ -1502,6 +1555,7 @@ def parse_json_body(raw: bytes) -> dict[str, Any]:
 
 
 def require_model(body: dict[str, Any]) -> str:
+    """The body's model, a non-empty string, or a 400 naming the field."""
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise bad_request("you must provide a model parameter (a string)", "model")
@@ -1509,6 +1563,7 @@ def require_model(body: dict[str, Any]) -> str:
 
 
 def optional_int(body: dict[str, Any], name: str) -> int | None:
+    """The body's non-negative integer field, None when absent, or a 400 naming it."""
     value = body.get(name)
     if value is None:
         return None
@@ -1518,6 +1573,7 @@ def optional_int(body: dict[str, Any], name: str) -> int | None:
 
 
 def chat_needs(body: dict[str, Any]) -> RequestNeeds:
+    """What a chat completion needs of a backend: checks its shape, estimates its prompt."""
     model = require_model(body)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -1576,6 +1632,7 @@ def chat_needs(body: dict[str, Any]) -> RequestNeeds:
 
 
 def completion_needs(body: dict[str, Any]) -> RequestNeeds:
+    """What a legacy completion needs of a backend: checks its prompt, estimates its size."""
     model = require_model(body)
     prompt = body.get("prompt")
     if isinstance(prompt, str):
@@ -1596,6 +1653,7 @@ def completion_needs(body: dict[str, Any]) -> RequestNeeds:
 
 
 def embedding_needs(body: dict[str, Any]) -> RequestNeeds:
+    """What an embeddings request needs of a backend: checks its input, estimates its size."""
     model = require_model(body)
     data = body.get("input")
     if isinstance(data, str):
@@ -1859,6 +1917,7 @@ async def refine_prompt_tokens(
 
 
 def count_texts(texts: list[str], encoding: str) -> int:
+    """The exact tokens of texts in an encoding (loaded on first use; blocking)."""
     encoder = load_encoding(encoding)
     return sum(len(encoder.encode_ordinary(text)) for text in texts)
 
@@ -1918,6 +1977,7 @@ class Price:
 
     @classmethod
     def from_table(cls, entry: dict[str, Any]) -> Price:
+        """A Price from a table entry: input and output, optional cached_input and cache_write."""
         return cls(
             float(entry["input"]),
             float(entry["output"]),
@@ -1975,6 +2035,7 @@ class TokenUsage:
 
 
 def token_count(value: Any) -> int | None:
+    """A usage field's value when it is a count (a non-negative int), else None."""
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
     return None
@@ -2043,6 +2104,7 @@ def price_for(model: str, overrides: dict[str, Price]) -> Price | None:
 
 
 def cost_usd(price: Price, usage: TokenUsage) -> float:
+    """What an answer cost at a price: fresh, cached and cache-written prompt tokens and output."""
     cached_price = price.input if price.cached_input is None else price.cached_input
     write_price = price.input if price.cache_write is None else price.cache_write
     fresh = max(usage.prompt - usage.cached - usage.cache_write, 0)
@@ -2062,6 +2124,7 @@ def format_usd(usd: float) -> str:
 
 
 def month_of(now: dt.datetime) -> str:
+    """The UTC calendar month of a moment as YYYY-MM: the budgets' and the ledger's key."""
     return f"{now.year:04d}-{now.month:02d}"
 
 
@@ -2098,10 +2161,12 @@ class Budget:
 
     @property
     def enabled(self) -> bool:
+        """Whether a monthly limit is configured."""
         return self.monthly_limit_usd > 0
 
     @property
     def spent_usd(self) -> float:
+        """This month's cloud spend so far."""
         self.roll()
         return self._spent_usd
 
@@ -2118,6 +2183,7 @@ class Budget:
         self._spent_usd = spent_usd
 
     def charge(self, usd: float) -> None:
+        """Add a cloud answer's cost, logging when the status changes."""
         self.roll()
         before = self.status
         self._spent_usd += usd
@@ -2133,6 +2199,7 @@ class Budget:
 
     @property
     def status(self) -> str:
+        """normal, soft_limit or hard_limit, by this month's spend against the limit."""
         if not self.enabled:
             return "normal"
         spent = self.spent_usd
@@ -2201,6 +2268,7 @@ class RouteRules:
         )
 
     def allows(self, backend: Backend) -> bool:
+        """Whether a backend may serve the request; a refusal records why in `excluded`."""
         if self.restricted_only and backend.zone != "restricted":
             self.excluded.add("privacy")
             return False
@@ -2219,6 +2287,7 @@ class RouteRules:
 def route_rules(
     needs: RequestNeeds, chain: list[str], registry: Registry, settings: Settings
 ) -> RouteRules:
+    """What the matching policy and the budget allow a request (raises when the budget says no)."""
     policy = policy_for(needs.model, settings.routing)
     rules = RouteRules()
     if policy is not None:
@@ -2343,6 +2412,7 @@ class LedgerFile:
         self.unsaved: set[tuple[str, str]] = set()
 
     def open(self) -> None:
+        """Open nexus.db with SQLite's exclusive lock and write-ahead log, making it if needed."""
         import sqlite3  # only a Nexus with a monthly limit pays for loading SQLite
 
         if self.path.parent.exists() and not self.path.parent.is_dir():
@@ -2460,6 +2530,7 @@ class Ledger:
 
     @property
     def persistent(self) -> bool:
+        """Whether counts are kept in nexus.db (else in memory only)."""
         return self.file is not None
 
     async def open(self) -> None:
@@ -2490,6 +2561,7 @@ class Ledger:
         )
 
     async def in_worker(self, call: Callable[..., Any], *args: Any) -> Any:
+        """Run a LedgerFile call on the ledger's one worker thread."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.executor, call, *args)
 
@@ -2621,6 +2693,7 @@ PROXY_HEADERS = ("X-Forwarded-For", "Forwarded", "X-Real-IP")
 
 
 def key_digest(secret: str) -> bytes:
+    """The SHA-256 of a key: all Nexus keeps of it, and what a presented key is compared to."""
     return hashlib.sha256(secret.encode()).digest()
 
 
@@ -2656,6 +2729,7 @@ class ApiKey:
         return self.spent_usd
 
     def over_budget(self, month: str) -> bool:
+        """Whether the key has spent its monthly limit (0: no limit)."""
         return 0 < self.monthly_limit_usd <= self.roll_month(month)
 
     def may_use(self, model: str, aliases: dict[str, str]) -> bool:
@@ -2667,6 +2741,7 @@ class ApiKey:
 
 
 def api_keys(auth: AuthSettings) -> list[ApiKey]:
+    """The ApiKey of each configured key, with its rpm and tpm buckets full."""
     now = time.monotonic()
     return [
         ApiKey(
@@ -2704,16 +2779,19 @@ def find_key(keys: list[ApiKey], presented: str) -> ApiKey | None:
 
 
 def needs_key(path: str) -> bool:
+    """Whether a path needs an API key when keys are configured."""
     if path.startswith("/api/"):  # Ollama's API (its version, like /health, stays open)
         return path != "/api/version"
     return path.startswith("/v1/") or path == "/metrics"
 
 
 def needs_admin(path: str) -> bool:
+    """Whether a path needs an admin key (the operations views and admin API)."""
     return path in ADMIN_PATHS or path.startswith("/v1/backends/")
 
 
 def admin_forbidden(key: ApiKey) -> NexusError:
+    """The 403 for a key without admin = true on an admin path."""
     return NexusError.of(
         403,
         "admin_forbidden",
@@ -2722,6 +2800,7 @@ def admin_forbidden(key: ApiKey) -> NexusError:
 
 
 def unauthorized(message: str) -> NexusError:
+    """The 401 for a missing or unknown key, asking for a Bearer token."""
     return NexusError.of(
         401,
         "invalid_api_key",
@@ -2749,6 +2828,7 @@ def authenticate(keys: list[ApiKey], path: str, headers: Any) -> ApiKey | None:
 
 
 def rate_limited(what: str, wait: float) -> NexusError:
+    """The 429 for a key over its rpm or tpm, with an honest Retry-After."""
     retry = retry_after_header(wait)
     return NexusError.of(
         429,
@@ -2892,6 +2972,7 @@ def allowed_attempts(
 
 
 def key_budget_spent(key: ApiKey, needs: RequestNeeds, seconds_to_reset: int) -> NexusError:
+    """The 429 for a key over its monthly limit when no local backend can serve it."""
     return NexusError.of(
         429,
         "key_budget_exceeded",
@@ -2911,6 +2992,7 @@ def settle_request(request: web.Request, record: RequestRecord, status: int) -> 
 
 
 def may_see_model(request: web.Request, model: str) -> bool:
+    """Whether the caller's key (if any) may see a model in the model lists."""
     key = request.get(API_KEY)
     return key is None or key.may_use(model, request.app[SETTINGS].routing.aliases)
 
@@ -2969,6 +3051,7 @@ class SessionTable:
         self.new = 0  # turns without a session to follow: first turns, one-off requests
 
     def backend_of(self, key: int, now: float) -> str | None:
+        """The backend a session's last turn went to, unless it has been idle too long."""
         entry = self.entries.get(key)
         if entry is None or now - entry[1] > SESSION_IDLE_SECONDS:
             return None
@@ -2988,6 +3071,7 @@ class SessionTable:
         self.expire(now)
 
     def expire(self, now: float) -> None:
+        """Drop sessions idle too long, and the oldest beyond SESSIONS_MAX."""
         entries = self.entries
         while entries and (
             len(entries) > SESSIONS_MAX
@@ -2996,10 +3080,12 @@ class SessionTable:
             entries.popitem(last=False)
 
     def tracked(self, now: float) -> int:
+        """How many sessions are remembered now."""
         self.expire(now)
         return len(self.entries)
 
     def snapshot(self, now: float) -> dict[str, int]:
+        """The session counts for /v1/stats."""
         return {
             "tracked": self.tracked(now),
             "hits": self.hits,
@@ -3021,6 +3107,7 @@ def meets_needs(model: Model, needs: RequestNeeds) -> bool:
 
 
 def fits_entirely(model: Model, needs: RequestNeeds) -> bool:
+    """Whether the prompt plus max_tokens fits the model's context (unknown sizes fit)."""
     if not model.context_length or needs.max_tokens is None:
         return True
     return needs.prompt_tokens + needs.max_tokens <= model.context_length
@@ -3041,6 +3128,7 @@ def scorer(weights: dict[str, float]) -> Callable[[Backend], float]:
     per_ms = weights.get("latency", 0.0) / LATENCY_SCALE_MS
 
     def score(backend: Backend) -> float:
+        """A backend's score: priority, load and latency, weighted."""
         load = backend.in_flight / (backend.max_concurrent or 10)
         latency = backend.latency_ema_ms
         ttft = backend.ttft_ema_ms
@@ -3497,6 +3585,7 @@ def request_start(method: str, url: str) -> tuple[Origin, str]:
 def encode_request(
     method: str, url: str, headers: dict[str, str], body: bytes, keep_alive: bool
 ) -> tuple[Origin, bytes]:
+    """A request's bytes for HTTP/1.1: the start line, headers and body, and its origin."""
     origin, start = request_start(method, url)
     lines = [start]
     for name, value in headers.items():
@@ -3589,9 +3678,11 @@ class BackendConnection(asyncio.Protocol):
     # --- the protocol: called by the loop -------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """asyncio's callback: the connection is open."""
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        """asyncio's callback: parse what arrived; a malformed answer fails the request."""
         if self.rest:
             data, self.rest = self.rest + data, b""
         try:
@@ -3609,6 +3700,7 @@ class BackendConnection(asyncio.Protocol):
         self.wake()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        """asyncio's callback: the connection closed; an answer cut short fails."""
         self.closed = True
         self.pool.open.discard(self)
         if self.state == "close" and exc is None:  # a reset cuts an answer short; a FIN ends it
@@ -3623,6 +3715,7 @@ class BackendConnection(asyncio.Protocol):
     # --- parsing ----------------------------------------------------------------------------------
 
     def parse(self, data: bytes) -> None:
+        """Parse received bytes: the head, then the body by its framing."""
         pos, end = 0, len(data)
         while pos < end:
             state = self.state
@@ -3682,6 +3775,7 @@ class BackendConnection(asyncio.Protocol):
             self.rest = data[pos:]
 
     def read_head(self, head: bytes) -> None:
+        """Parse the status line and headers, and set up the body's framing and decoding."""
         text = head.decode("latin-1")  # latin-1: any byte, one character each
         if text.count("\n") != text.count("\r\n"):
             raise BackendHTTPError(BARE_LF_HEAD)
@@ -3737,6 +3831,7 @@ class BackendConnection(asyncio.Protocol):
         self.status, self.headers = status, headers  # last: a head that fails sets no status
 
     def add_body(self, block: bytes) -> None:
+        """Queue a block of body (decoded), pausing the socket while the reader lags."""
         if self.drain:
             return  # the reader is gone; only the answer's end is awaited
         if self.decoder is not None:
@@ -3750,6 +3845,7 @@ class BackendConnection(asyncio.Protocol):
             self.transport.pause_reading()  # type: ignore[union-attr]
 
     def decode(self, block: bytes) -> bytes:
+        """Decompress a block of a gzip or deflate body, refusing one that expands too far."""
         decoder = self.decoder
         if decoder is True:  # deflate: zlib-wrapped as HTTP says, or raw as some servers send
             head = int.from_bytes(block[:2])
@@ -3765,6 +3861,7 @@ class BackendConnection(asyncio.Protocol):
         return data
 
     def fail(self, error: BackendHTTPError) -> None:
+        """Record the first error and abort the connection."""
         if self.error is None:
             self.error = error
         self.keep_alive = False
@@ -3772,11 +3869,13 @@ class BackendConnection(asyncio.Protocol):
             self.transport.abort()
 
     def wake(self) -> None:
+        """Wake the reader waiting for more of the answer."""
         waiter = self.waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
     async def wait(self) -> None:
+        """Wait until more of the answer (or its end) arrives."""
         self.waiter = self.pool.loop.create_future()
         try:
             await self.waiter
@@ -3804,6 +3903,7 @@ class BackendConnection(asyncio.Protocol):
         return self.state == "done"
 
     def take(self) -> bytes:
+        """All body bytes buffered so far, resuming the socket."""
         body = self.body
         data = body.popleft() if len(body) == 1 else b"".join(body)
         body.clear()
@@ -3812,6 +3912,7 @@ class BackendConnection(asyncio.Protocol):
         return data
 
     def resume(self) -> None:
+        """Resume reading the socket if it was paused."""
         if self.paused:
             self.paused = False
             self.transport.resume_reading()  # type: ignore[union-attr]
@@ -3855,12 +3956,14 @@ class BackendConnection(asyncio.Protocol):
             self.close()
 
     def end_drain(self) -> None:
+        """The drain's time is up: close the connection instead of reusing it."""
         self.drain_timer = None
         if self.drain:  # the last bytes never came
             self.drain = False
             self.close()
 
     def close(self) -> None:
+        """Close the connection; it is not reused."""
         self.keep_alive = False
         if self.transport is not None and not self.closed:
             self.transport.close()
@@ -4005,6 +4108,7 @@ class BackendPool:
             conn.close()
 
     def reuse(self, origin: Origin) -> BackendConnection | None:
+        """An idle connection to the origin that is still fresh, or None."""
         idle = self.idle.get(origin)
         if not idle:
             return None
@@ -4021,6 +4125,7 @@ class BackendPool:
         return None
 
     def put(self, conn: BackendConnection) -> None:
+        """Keep a connection whose answer ended cleanly, for the origin's next request."""
         now = self.loop.time()
         conn.idle_since = now
         idle = self.idle.get(conn.origin)
@@ -4031,6 +4136,7 @@ class BackendPool:
         idle.append(conn)
 
     async def connect(self, origin: Origin) -> BackendConnection:
+        """Open a new connection to an origin (through HTTPS_PROXY for https when set)."""
         scheme, host, port = origin
         tls = (self.tls or tls_context()) if scheme == "https" else None
         try:
@@ -4064,6 +4170,7 @@ class BackendPool:
         return self.opened(conn)
 
     def opened(self, conn: BackendConnection) -> BackendConnection:
+        """Track a connection just opened, unless Nexus is shutting down."""
         if self.closing:  # Nexus stopped while this connection was being made
             conn.close()
             raise BackendHTTPError("Nexus is shutting down")
@@ -4083,6 +4190,7 @@ class BackendPool:
         return self.https_proxy
 
     def close(self) -> None:
+        """Close every connection: Nexus is stopping."""
         self.closing = True
         for conn in list(self.open):
             conn.close()
@@ -4117,6 +4225,7 @@ async def fetch_json(
     headers: dict[str, str] | None = None,
     payload: Any = None,
 ) -> Any:
+    """Send a request to a backend and return its JSON answer; any other answer raises."""
     body = b"" if payload is None else json.dumps(payload).encode()
     if payload is not None:
         headers = {**headers, **JSON_HEADERS} if headers else JSON_HEADERS
@@ -4140,6 +4249,7 @@ def status_problem(status: int, path: str) -> str:
 
 
 def positive_int(value: Any) -> int | None:
+    """A value when it is a positive int (not a bool), else None."""
     if isinstance(value, int) and not isinstance(value, bool) and value > 0:
         return value
     return None
@@ -4198,9 +4308,11 @@ class OpenAICompatibleAdapter:
         return SseLines(content)
 
     def url(self, backend: Backend, endpoint: str) -> str:
+        """The URL of an endpoint (chat, completions, embeddings) on the backend."""
         return backend.url + ENDPOINT_PATHS[endpoint]
 
     async def poll(self, pool: BackendPool, backend: Backend) -> dict[str, Model]:
+        """The backend's models, from its /v1/models."""
         data = await fetch_json(pool, "GET", backend.url + "/v1/models", self.headers(backend))
         return models_from_openai_list(data)
 
@@ -4213,9 +4325,11 @@ class OpenAICompatibleAdapter:
         return None
 
     async def load(self, pool: BackendPool, backend: Backend, model: str, keep_alive: Any) -> None:
+        """Load a model: only types that manage models can."""
         raise NotImplementedError(backend.type)
 
     async def unload(self, pool: BackendPool, backend: Backend, model: str) -> None:
+        """Unload a model: only types that manage models can."""
         raise NotImplementedError(backend.type)
 
 
@@ -4225,6 +4339,7 @@ class VllmAdapter(OpenAICompatibleAdapter):
     stream_usage = True
 
     async def poll(self, pool: BackendPool, backend: Backend) -> dict[str, Model]:
+        """vLLM's models: /health must answer 200, then /v1/models."""
         status, _ = await pool.fetch(
             "GET", backend.url + "/health", self.headers(backend), limit=POLL_MAX_BODY
         )
@@ -4271,13 +4386,16 @@ class LlamaCppAdapter(OpenAICompatibleAdapter):
     stream_usage = True
 
     def manages_models(self, backend: Backend) -> bool:
+        """Whether it is a llama-server in router mode (it may load and unload)."""
         return backend.loaded is not None  # a router: its last poll said what it runs
 
     async def loaded_models(self, pool: BackendPool, backend: Backend) -> dict[str, int] | None:
+        """What a router runs now, from its /v1/models statuses."""
         url = backend.url + "/v1/models"
         return router_loaded(await fetch_json(pool, "GET", url, self.headers(backend)))
 
     async def load(self, pool: BackendPool, backend: Backend, model: str, keep_alive: Any) -> None:
+        """Ask the router to load a model and wait until its status says loaded."""
         await self.router_call(pool, backend, "/models/load", model)
         while True:  # the router starts the model's server; its status says how that went
             data = await fetch_json(pool, "GET", backend.url + "/v1/models", self.headers(backend))
@@ -4289,6 +4407,7 @@ class LlamaCppAdapter(OpenAICompatibleAdapter):
             await asyncio.sleep(ROUTER_CHECK_SECONDS)
 
     async def unload(self, pool: BackendPool, backend: Backend, model: str) -> None:
+        """Ask the router to unload a model."""
         await self.router_call(pool, backend, "/models/unload", model)
 
     async def router_call(self, pool: BackendPool, backend: Backend, path: str, model: str) -> None:
@@ -4308,6 +4427,7 @@ class LlamaCppAdapter(OpenAICompatibleAdapter):
         raise BackendReplyError(f"{path} answered HTTP {status}: {why[:200]}")
 
     async def poll(self, pool: BackendPool, backend: Backend) -> dict[str, Model]:
+        """llama-server's models: /health must answer 200, then /v1/models."""
         status, _ = await pool.fetch(
             "GET", backend.url + "/health", self.headers(backend), limit=POLL_MAX_BODY
         )
@@ -4337,6 +4457,7 @@ class LmStudioAdapter(OpenAICompatibleAdapter):
     and whether each model is loaded (`state`)."""
 
     async def poll(self, pool: BackendPool, backend: Backend) -> dict[str, Model]:
+        """LM Studio's models from /api/v0/models, with context lengths and what is loaded."""
         data = await fetch_json(pool, "GET", backend.url + "/api/v0/models", self.headers(backend))
         if not isinstance(data, dict) or not isinstance(data.get("data"), list):
             raise BackendReplyError("not an LLM server: /api/v0/models has no data list")
@@ -4378,6 +4499,7 @@ class OllamaAdapter(OpenAICompatibleAdapter):
     api = "ollama"  # its own API too: /api/* requests are sent to it as they are
 
     def manages_models(self, backend: Backend) -> bool:
+        """Ollama always loads and unloads models."""
         return True
 
     def __init__(self) -> None:
@@ -4405,6 +4527,7 @@ class OllamaAdapter(OpenAICompatibleAdapter):
             return None
 
     async def loaded_models(self, pool: BackendPool, backend: Backend) -> dict[str, int] | None:
+        """The models in memory, from /api/ps, with the bytes each holds."""
         data = await fetch_json(pool, "GET", backend.url + "/api/ps", self.headers(backend))
         if not isinstance(data, dict) or not isinstance(data.get("models"), list):
             raise BackendReplyError("/api/ps: no models list")
@@ -4419,9 +4542,11 @@ class OllamaAdapter(OpenAICompatibleAdapter):
         return loaded
 
     async def load(self, pool: BackendPool, backend: Backend, model: str, keep_alive: Any) -> None:
+        """Load a model by generating nothing with it, kept for keep_alive."""
         await self.generate_nothing(pool, backend, model, keep_alive)
 
     async def unload(self, pool: BackendPool, backend: Backend, model: str) -> None:
+        """Unload a model by generating nothing with keep_alive 0."""
         await self.generate_nothing(pool, backend, model, 0)
 
     async def generate_nothing(
@@ -4442,6 +4567,7 @@ class OllamaAdapter(OpenAICompatibleAdapter):
             raise BackendReplyError(f"/api/generate answered HTTP {status}: {why[:200]}")
 
     async def models(self, pool: BackendPool, backend: Backend) -> dict[str, Model]:
+        """Ollama's models from /api/tags, each described once by /api/show."""
         data = await fetch_json(pool, "GET", backend.url + "/api/tags", self.headers(backend))
         if not isinstance(data, dict) or not isinstance(data.get("models"), list):
             raise BackendReplyError("not an LLM server: /api/tags has no models list")
@@ -4459,6 +4585,7 @@ class OllamaAdapter(OpenAICompatibleAdapter):
         limit = asyncio.Semaphore(OLLAMA_SHOWS_AT_ONCE)
 
         async def learn(key: tuple[str, str, str]) -> None:
+            """Describe one model by /api/show and remember it by its digest."""
             async with limit:
                 model = await self.show(pool, backend, key[1])
                 model.size = sizes[key[1]]  # the same for the same digest
@@ -4473,6 +4600,7 @@ class OllamaAdapter(OpenAICompatibleAdapter):
         return {name: self.details[key] for name, key in keys.items()}
 
     async def show(self, pool: BackendPool, backend: Backend, name: str) -> Model:
+        """One model's context length and capabilities, from /api/show."""
         try:
             info = await fetch_json(
                 pool, "POST", backend.url + "/api/show", self.headers(backend), {"model": name}
@@ -4514,12 +4642,14 @@ class AnthropicAdapter(OpenAICompatibleAdapter):
     api = "anthropic"
 
     def headers(self, backend: Backend) -> dict[str, str]:
+        """Anthropic's key header and API version."""
         return {
             "x-api-key": os.environ.get(backend.api_key_env, ""),
             "anthropic-version": ANTHROPIC_VERSION,
         }
 
     def url(self, backend: Backend, endpoint: str) -> str:
+        """The Messages endpoint; other endpoints are a 400."""
         if endpoint != "chat":
             raise NexusError.of(
                 400,
@@ -4529,9 +4659,11 @@ class AnthropicAdapter(OpenAICompatibleAdapter):
         return backend.url + "/v1/messages"
 
     def request_body(self, payload: dict[str, Any]) -> bytes:
+        """A chat request as a Messages request."""
         return json.dumps(chat_to_anthropic(payload)).encode()
 
     def answer(self, parsed: dict[str, Any]) -> dict[str, Any]:
+        """A Messages answer as a chat completion."""
         return anthropic_to_chat(parsed)
 
     def error_body(self, answer: bytes) -> bytes:
@@ -4548,9 +4680,11 @@ class AnthropicAdapter(OpenAICompatibleAdapter):
         return json.dumps({"error": envelope}).encode()
 
     def stream_reader(self, content: BackendConnection, model: str) -> AnthropicStream:
+        """A reader turning Anthropic's stream into chat completion chunks."""
         return AnthropicStream(content, model)
 
     async def poll(self, pool: BackendPool, backend: Backend) -> dict[str, Model]:
+        """Anthropic's models, from its paged /v1/models."""
         url = backend.url + "/v1/models?limit=1000"  # the list is paged, 20 by default
         return models_from_openai_list(await fetch_json(pool, "GET", url, self.headers(backend)))
 
@@ -4648,6 +4782,7 @@ def chat_to_anthropic(chat: dict[str, Any]) -> dict[str, Any]:
 
 
 def add_turn(turns: list[dict[str, Any]], role: str, blocks: list[dict[str, Any]]) -> None:
+    """Append blocks to Anthropic's turns, merging into the last turn when the role repeats."""
     if not blocks:
         return
     if turns and turns[-1]["role"] == role:
@@ -4685,6 +4820,7 @@ def anthropic_blocks(content: Any, index: int) -> list[dict[str, Any]]:
 
 
 def anthropic_image(url: Any, index: int) -> dict[str, Any]:
+    """An OpenAI image_url as an Anthropic image block: base64 data URLs or plain URLs."""
     if not isinstance(url, str) or not url:
         raise bad_request(f"messages[{index}]: image_url needs a url", "messages")
     if url.startswith("data:"):
@@ -4714,6 +4850,7 @@ def tool_arguments(arguments: Any) -> dict[str, Any]:
 
 
 def new_block_id(prefix: str) -> str:
+    """A fresh random id with a prefix, for blocks and messages Nexus names itself."""
     return prefix + os.urandom(12).hex()
 
 
@@ -4731,6 +4868,7 @@ def tool_use_block(call: Any) -> dict[str, Any] | None:
 
 
 def anthropic_tool(tool: Any) -> dict[str, Any]:
+    """An OpenAI function tool as an Anthropic tool (name, description, input_schema)."""
     function = tool.get("function") if isinstance(tool, dict) else None
     if not isinstance(function, dict) or not isinstance(function.get("name"), str):
         raise bad_request("tools: each tool needs a function with a name", "tools")
@@ -4835,6 +4973,7 @@ class AnthropicStream:
         self.done = False
 
     async def readline(self) -> bytes:
+        """The next chat SSE line, translated from Anthropic's events; b"" at the end."""
         while not self.pending:
             if self.done:
                 return b""
@@ -4859,9 +4998,11 @@ class AnthropicStream:
         return self.pending.popleft()
 
     def buffered(self) -> bytes | None:
+        """A translated line already waiting, if any."""
         return self.pending.popleft() if self.pending else None
 
     def chunk(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        """A chat completion chunk carrying a delta (and a finish reason)."""
         return {
             "id": self.id,
             "object": "chat.completion.chunk",
@@ -4871,6 +5012,7 @@ class AnthropicStream:
         }
 
     def feed(self, event: dict[str, Any]) -> list[dict[str, Any]]:
+        """The chat chunks one Anthropic stream event becomes."""
         kind = event.get("type")
         index = event.get("index") if isinstance(event.get("index"), int) else 0
         if kind == "message_start":
@@ -4972,6 +5114,7 @@ class Operation:
     held: list[tuple[Backend, str]] = field(default_factory=list)  # (backend, loading|draining)
 
     def backends(self) -> list[str]:
+        """The backends the operation works on: the target, and a migration's source."""
         return [self.backend] if self.source is None else [self.source, self.backend]
 
     def public(self) -> dict[str, Any]:
@@ -5029,6 +5172,7 @@ class Lifecycle:
     def start(
         self, op: Operation, work: Callable[[Operation], Awaitable[None]], timeout: float
     ) -> None:
+        """Record an operation as running and start its work in the background."""
         for name in op.backends():
             self.running[op.model, name] = op
         self.operations[op.id] = op
@@ -5043,6 +5187,7 @@ class Lifecycle:
     async def run(
         self, op: Operation, work: Callable[[Operation], Awaitable[None]], timeout: float
     ) -> None:
+        """Do an operation's work within its timeout, recording how it ended."""
         try:
             async with asyncio.timeout(timeout) as limit:
                 await work(op)
@@ -5063,6 +5208,7 @@ class Lifecycle:
             self.finish(op)
 
     def finish(self, op: Operation) -> None:
+        """End an operation: give back what it held and free its backends."""
         if op.status == "in_progress":
             op.status = "failed"
         op.finished = time.time()
@@ -5094,6 +5240,7 @@ class Lifecycle:
             )
 
     async def stop(self) -> None:
+        """Cancel every running operation: Nexus is stopping."""
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
