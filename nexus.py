@@ -2966,12 +2966,12 @@ def allowed_attempts(
     if key.over_budget(month_of(dt.datetime.now(dt.UTC))):
         attempts = [a for a in attempts if not a.backend.is_cloud]
         if not attempts:
-            raise key_budget_spent(key, needs, request.app[BUDGET].seconds_to_reset())
+            raise key_budget_spent(key, needs)
     decision.attempts = attempts
     return decision
 
 
-def key_budget_spent(key: ApiKey, needs: RequestNeeds, seconds_to_reset: int) -> NexusError:
+def key_budget_spent(key: ApiKey, needs: RequestNeeds) -> NexusError:
     """The 429 for a key over its monthly limit when no local backend can serve it."""
     return NexusError.of(
         429,
@@ -2979,7 +2979,7 @@ def key_budget_spent(key: ApiKey, needs: RequestNeeds, seconds_to_reset: int) ->
         f"Key '{key.name}' has spent its monthly limit of {key.monthly_limit_usd:g} USD, so cloud "
         f"backends are off for it and no local backend can serve model '{needs.model}' now; "
         "the limit starts again on the 1st of next month (UTC).",
-        headers={"Retry-After": str(seconds_to_reset)},
+        headers={"Retry-After": str(seconds_to_next_month())},
     )
 
 
