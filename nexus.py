@@ -1995,7 +1995,6 @@ class TokenUsage:
     completion: int = 0
     cached: int = 0  # of the prompt, read from the provider's prompt cache
     cache_write: int = 0  # of the prompt, written to it
-    counted: bool = False  # counted by Nexus because the backend reported none
 
     def as_chat(self) -> dict[str, Any]:
         """Chat's usage: cached tokens inside prompt_tokens, told apart in its details."""
@@ -2077,7 +2076,7 @@ def usage_from(usage: Any) -> TokenUsage | None:
 
 def usage_or_estimate(usage: Any, prompt: int, completion: int) -> TokenUsage:
     """The usage a backend reported, or the estimates when it reported none."""
-    return usage_from(usage) or TokenUsage(prompt, completion, counted=True)
+    return usage_from(usage) or TokenUsage(prompt, completion)
 
 
 @functools.cache
@@ -6223,7 +6222,7 @@ def settle_cost_now(
 
 
 def note_counted(record: RequestRecord, prompt: int, completion: int) -> None:
-    record.usage = TokenUsage(prompt, completion, counted=True)
+    record.usage = TokenUsage(prompt, completion)
     record.prompt_tokens, record.completion_tokens = prompt, completion
 
 
