@@ -450,37 +450,6 @@ def config_file_path(cli_path: str | None, env: dict[str, str]) -> Path | None:
     return local if local.is_file() else None
 
 
-def load_settings(
-    path: Path | None,
-    env: dict[str, str],
-    overrides: dict[tuple[str, str], Any],
-    text: str | None = None,
-) -> Settings:
-    """Defaults < TOML file < NEXUS_* variables < CLI overrides, then validation. `text` is the
-    file's content when the caller has read it already (a reload reads it its own way)."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        try:
-            raw = tomllib.loads(path.read_text(encoding="utf-8") if text is None else text)
-        except FileNotFoundError:
-            raise ConfigError("config", f"file {path} not found") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError("config", f"cannot read {path}: {exc}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError("config", f"{path} is not valid TOML: {exc}") from None
-    settings = _build(Settings, raw, "")
-    for var, (section, name) in ENV_SETTINGS.items():
-        if var in env:
-            value = _parse_env_value(var, env[var], getattr(getattr(settings, section), name))
-            setattr(getattr(settings, section), name, value)
-            rules = next(f.metadata for f in fields(getattr(settings, section)) if f.name == name)
-            check_setting(var, value, rules)
-    for (section, name), value in overrides.items():
-        setattr(getattr(settings, section), name, value)
-    validate_settings(settings, env)
-    return settings
-
-
 def check_setting(key: str, value: Any, rules: Mapping[str, Any]) -> None:
     """One value against the rules in its field's metadata (see setting())."""
     if rules.get("positive") and value <= 0:
@@ -517,36 +486,6 @@ def check_fields(obj: Any, key: str, skip: tuple[str, ...] = ()) -> None:
             for i, item in enumerate(value):
                 if hasattr(item, "__dataclass_fields__"):
                     check_fields(item, f"{sub}[{i}]")
-
-
-def validate_settings(s: Settings, env: dict[str, str]) -> None:
-    """Every rule that one value's type cannot express. The first problem found is raised."""
-    check_fields(s, "", skip=("auth", "backends"))  # those two after their defaults are set
-    for name in ("priority", "load", "latency"):
-        weight = s.routing.weights.get(name, 0)
-        if isinstance(weight, bool) or not isinstance(weight, int | float) or weight < 0:
-            raise ConfigError(f"routing.weights.{name}", "must be a number of 0 or more")
-    for name in s.routing.weights:
-        if name not in ("priority", "load", "latency"):
-            raise ConfigError(f"routing.weights.{name}", "unknown weight")
-    for alias, target in s.routing.aliases.items():
-        if not isinstance(target, str) or not target:
-            raise ConfigError(f"routing.aliases.{alias}", "must name a model")
-    check_alias_cycles(s.routing.aliases)
-    for model, chain in s.routing.fallbacks.items():
-        if not isinstance(chain, list) or not all(isinstance(m, str) for m in chain):
-            raise ConfigError(f"routing.fallbacks.{model}", "must be a list of model names")
-    budget = s.routing.budget
-    if budget is not None:
-        for model, price in budget.prices.items():
-            validate_price(f"routing.budget.prices.{model}", price)
-    validate_api_keys(s.auth, env)
-    names: set[str] = set()
-    for i, backend in enumerate(s.backends):
-        validate_backend(backend, f"backends[{i}]", env)
-        if backend.name in names:
-            raise ConfigError(f"backends[{i}].name", f"duplicate backend name {backend.name!r}")
-        names.add(backend.name)
 
 
 def validate_price(key: str, price: Any) -> None:
@@ -590,6 +529,23 @@ def validate_api_keys(auth: AuthSettings, env: dict[str, str]) -> None:
         digests[k.digest] = key
 
 
+def normalise_url(url: str) -> str:
+    """A backend URL is the server's root: no trailing slash, no trailing /v1."""
+    url = url.strip().rstrip("/")
+    parts = urllib.parse.urlsplit(url)
+    if "@" in parts.netloc:  # checked first: the message must not repeat the password
+        raise ValueError("credentials do not belong in the URL; use api_key_env")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{url!r} is not an http(s) URL")
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError:
+        raise ValueError(f"{url!r} has an invalid port") from None
+    if url.endswith("/v1"):
+        url = url[:-3]
+    return url
+
+
 def validate_backend(b: BackendSettings, key: str, env: dict[str, str]) -> None:
     """Check one backend's settings and fill in what defaults from others (name, zone)."""
     check_setting(f"{key}.type", b.type, {"choices": BACKEND_TYPES})
@@ -606,23 +562,6 @@ def validate_backend(b: BackendSettings, key: str, env: dict[str, str]) -> None:
         raise ConfigError(f"{key}.api_key_env", f"a {b.type} backend needs api_key_env")
     if b.api_key_env and not env.get(b.api_key_env):
         raise ConfigError(f"{key}.api_key_env", f"variable {b.api_key_env} is not set")
-
-
-def normalise_url(url: str) -> str:
-    """A backend URL is the server's root: no trailing slash, no trailing /v1."""
-    url = url.strip().rstrip("/")
-    parts = urllib.parse.urlsplit(url)
-    if "@" in parts.netloc:  # checked first: the message must not repeat the password
-        raise ValueError("credentials do not belong in the URL; use api_key_env")
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"{url!r} is not an http(s) URL")
-    try:
-        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
-    except ValueError:
-        raise ValueError(f"{url!r} has an invalid port") from None
-    if url.endswith("/v1"):
-        url = url[:-3]
-    return url
 
 
 def check_alias_cycles(aliases: dict[str, str]) -> None:
@@ -642,6 +581,67 @@ def check_alias_cycles(aliases: dict[str, str]) -> None:
                 f"routing.aliases.{start}",
                 f"alias chain longer than {MAX_ALIAS_HOPS} hops: {chain}",
             )
+
+
+def validate_settings(s: Settings, env: dict[str, str]) -> None:
+    """Every rule that one value's type cannot express. The first problem found is raised."""
+    check_fields(s, "", skip=("auth", "backends"))  # those two after their defaults are set
+    for name in ("priority", "load", "latency"):
+        weight = s.routing.weights.get(name, 0)
+        if isinstance(weight, bool) or not isinstance(weight, int | float) or weight < 0:
+            raise ConfigError(f"routing.weights.{name}", "must be a number of 0 or more")
+    for name in s.routing.weights:
+        if name not in ("priority", "load", "latency"):
+            raise ConfigError(f"routing.weights.{name}", "unknown weight")
+    for alias, target in s.routing.aliases.items():
+        if not isinstance(target, str) or not target:
+            raise ConfigError(f"routing.aliases.{alias}", "must name a model")
+    check_alias_cycles(s.routing.aliases)
+    for model, chain in s.routing.fallbacks.items():
+        if not isinstance(chain, list) or not all(isinstance(m, str) for m in chain):
+            raise ConfigError(f"routing.fallbacks.{model}", "must be a list of model names")
+    budget = s.routing.budget
+    if budget is not None:
+        for model, price in budget.prices.items():
+            validate_price(f"routing.budget.prices.{model}", price)
+    validate_api_keys(s.auth, env)
+    names: set[str] = set()
+    for i, backend in enumerate(s.backends):
+        validate_backend(backend, f"backends[{i}]", env)
+        if backend.name in names:
+            raise ConfigError(f"backends[{i}].name", f"duplicate backend name {backend.name!r}")
+        names.add(backend.name)
+
+
+def load_settings(
+    path: Path | None,
+    env: dict[str, str],
+    overrides: dict[tuple[str, str], Any],
+    text: str | None = None,
+) -> Settings:
+    """Defaults < TOML file < NEXUS_* variables < CLI overrides, then validation. `text` is the
+    file's content when the caller has read it already (a reload reads it its own way)."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8") if text is None else text)
+        except FileNotFoundError:
+            raise ConfigError("config", f"file {path} not found") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError("config", f"cannot read {path}: {exc}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError("config", f"{path} is not valid TOML: {exc}") from None
+    settings = _build(Settings, raw, "")
+    for var, (section, name) in ENV_SETTINGS.items():
+        if var in env:
+            value = _parse_env_value(var, env[var], getattr(getattr(settings, section), name))
+            setattr(getattr(settings, section), name, value)
+            rules = next(f.metadata for f in fields(getattr(settings, section)) if f.name == name)
+            check_setting(var, value, rules)
+    for (section, name), value in overrides.items():
+        setattr(getattr(settings, section), name, value)
+    validate_settings(settings, env)
+    return settings
 
 
 def resolve_alias(model: str, aliases: dict[str, str]) -> str:
@@ -927,6 +927,21 @@ def record_success(backend: Backend, settings: HealthSettings) -> None:
         backend.status = "healthy"
 
 
+# user:password@ in a URL that a message repeats (Nexus refuses such URLs, but a backend's own
+# error text may carry one).
+URL_CREDENTIALS = re.compile(r"(?<=://)[^/\s@]*@")
+
+
+def shown_reason(backend: Backend, reason: str) -> str:
+    """A failure as it may be shown anywhere: no credentials of a URL, and never the backend's
+    own key, whatever the backend's error text repeated."""
+    reason = URL_CREDENTIALS.sub("", reason)
+    secret = os.environ.get(backend.api_key_env, "") if backend.api_key_env else ""
+    if secret and secret in reason:
+        reason = reason.replace(secret, "[redacted]")
+    return reason
+
+
 def record_failure(backend: Backend, settings: HealthSettings, reason: str) -> None:
     """Count a failed poll: unknown turns unhealthy, healthy after failure_threshold of them."""
     backend.ok_streak = 0
@@ -938,6 +953,18 @@ def record_failure(backend: Backend, settings: HealthSettings, reason: str) -> N
         if backend.status != "unhealthy":
             log.warning("backend %s is unhealthy: %s", backend.name, reason)
         backend.status = "unhealthy"
+
+
+def describe_failure(exc: BaseException) -> str:
+    """Why a poll or a request failed, in the words /v1/backends and the dashboard show: refused,
+    timed out, HTTP 401, not an LLM server, ..."""
+    if isinstance(exc, BackendConnectTimeout):
+        return "timed out connecting"
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, BackendHTTPError | BackendReplyError):
+        return str(exc)[:200]
+    return f"{type(exc).__name__}: {exc}"[:200]
 
 
 async def poll_backend(app: web.Application, backend: Backend) -> None:
@@ -955,33 +982,6 @@ async def poll_backend(app: web.Application, backend: Backend) -> None:
     if backend.name in app[REGISTRY].backends:
         app[REGISTRY].set_models(backend, models)
     record_success(backend, settings.health_check)
-
-
-def describe_failure(exc: BaseException) -> str:
-    """Why a poll or a request failed, in the words /v1/backends and the dashboard show: refused,
-    timed out, HTTP 401, not an LLM server, ..."""
-    if isinstance(exc, BackendConnectTimeout):
-        return "timed out connecting"
-    if isinstance(exc, TimeoutError):
-        return "timed out"
-    if isinstance(exc, BackendHTTPError | BackendReplyError):
-        return str(exc)[:200]
-    return f"{type(exc).__name__}: {exc}"[:200]
-
-
-# user:password@ in a URL that a message repeats (Nexus refuses such URLs, but a backend's own
-# error text may carry one).
-URL_CREDENTIALS = re.compile(r"(?<=://)[^/\s@]*@")
-
-
-def shown_reason(backend: Backend, reason: str) -> str:
-    """A failure as it may be shown anywhere: no credentials of a URL, and never the backend's
-    own key, whatever the backend's error text repeated."""
-    reason = URL_CREDENTIALS.sub("", reason)
-    secret = os.environ.get(backend.api_key_env, "") if backend.api_key_env else ""
-    if secret and secret in reason:
-        reason = reason.replace(secret, "[redacted]")
-    return reason
 
 
 # Polls in flight at once: enough for any home lab in one round, while a thousand backends do
@@ -1672,6 +1672,22 @@ SESSION_HEADERS = ("X-Nexus-Session", "session-id", "session_id", "X-Claude-Code
 CLAUDE_SESSION_MARK = "_session_"  # user_<hash>_account_<uuid>_session_<uuid>
 
 
+def claude_session(user_id: Any) -> str | None:
+    """The session_id in Claude Code's metadata.user_id: a JSON object's field, or the tail of
+    the older user_<hash>_account_<uuid>_session_<uuid> form. A plain user id names no session."""
+    if not isinstance(user_id, str):
+        return None
+    if user_id.startswith("{"):
+        try:
+            found = json.loads(user_id)
+        except ValueError:
+            return None
+        session = found.get("session_id") if isinstance(found, dict) else None
+        return session if isinstance(session, str) and session else None
+    _, mark, session = user_id.rpartition(CLAUDE_SESSION_MARK)
+    return session if mark and session else None
+
+
 def session_key(headers: Mapping[str, str], body: dict[str, Any]) -> tuple[int, bool] | None:
     """A request's session as a hash (no text is kept), and whether it may follow the session's
     last backend: the first key found of SPEC §3.7, else the conversation's opening (system
@@ -1705,22 +1721,6 @@ def session_key(headers: Mapping[str, str], body: dict[str, Any]) -> tuple[int, 
             if role == "user":
                 return hash(tuple(opening)), i + 1 < len(messages)
     return None
-
-
-def claude_session(user_id: Any) -> str | None:
-    """The session_id in Claude Code's metadata.user_id: a JSON object's field, or the tail of
-    the older user_<hash>_account_<uuid>_session_<uuid> form. A plain user id names no session."""
-    if not isinstance(user_id, str):
-        return None
-    if user_id.startswith("{"):
-        try:
-            found = json.loads(user_id)
-        except ValueError:
-            return None
-        session = found.get("session_id") if isinstance(found, dict) else None
-        return session if isinstance(session, str) and session else None
-    _, mark, session = user_id.rpartition(CLAUDE_SESSION_MARK)
-    return session if mark and session else None
 
 
 # ==============================================================================================
@@ -1897,6 +1897,19 @@ def payload_texts(endpoint: str, payload: dict[str, Any]) -> tuple[list[str], in
 NEAR_LIMIT_RANGE = (0.25, 2.0)
 
 
+def count_texts(texts: list[str], encoding: str) -> int:
+    """The exact tokens of texts in an encoding (loaded on first use; blocking)."""
+    encoder = load_encoding(encoding)
+    return sum(len(encoder.encode_ordinary(text)) for text in texts)
+
+
+async def count_texts_async(texts: list[str], encoding: str) -> int:
+    """count_texts, in a worker thread when the texts are long or the encoding not loaded."""
+    if encoding in _loaded_encodings and sum(map(len, texts)) <= EXACT_INLINE_CHARS:
+        return count_texts(texts, encoding)
+    return await asyncio.to_thread(count_texts, texts, encoding)
+
+
 async def refine_prompt_tokens(
     endpoint: str, body: dict[str, Any], needs: RequestNeeds, registry: Registry, settings: Settings
 ) -> None:
@@ -1914,19 +1927,6 @@ async def refine_prompt_tokens(
                 texts, framing = payload_texts(endpoint, body)
                 needs.prompt_tokens = await count_texts_async(texts, encoding) + framing
                 return
-
-
-def count_texts(texts: list[str], encoding: str) -> int:
-    """The exact tokens of texts in an encoding (loaded on first use; blocking)."""
-    encoder = load_encoding(encoding)
-    return sum(len(encoder.encode_ordinary(text)) for text in texts)
-
-
-async def count_texts_async(texts: list[str], encoding: str) -> int:
-    """count_texts, in a worker thread when the texts are long or the encoding not loaded."""
-    if encoding in _loaded_encodings and sum(map(len, texts)) <= EXACT_INLINE_CHARS:
-        return count_texts(texts, encoding)
-    return await asyncio.to_thread(count_texts, texts, encoding)
 
 
 def answer_texts(endpoint: str, answer: dict[str, Any]) -> list[str]:
@@ -2283,6 +2283,18 @@ class RouteRules:
         return True
 
 
+def budget_exceeded(needs: RequestNeeds, action: str, why: str) -> NexusError:
+    """The hard budget limit's clear refusal (429); Retry-After is the start of next month."""
+    return NexusError.of(
+        429,
+        "budget_exceeded",
+        f"The monthly cloud budget is spent and routing.budget.hard_limit_action is "
+        f"{action!r}: {why}. Model '{needs.model}' was not sent anywhere; the budget starts "
+        "again on the 1st of next month (UTC).",
+        headers={"Retry-After": str(seconds_to_next_month())},
+    )
+
+
 def route_rules(
     needs: RequestNeeds, chain: list[str], registry: Registry, settings: Settings
 ) -> RouteRules:
@@ -2304,18 +2316,6 @@ def route_rules(
         rules.no_cloud = budget.hard_limit_action in ("shift_local", "block_cloud")
     rules.cloud_last = needs.budget_status == "soft_limit"
     return rules
-
-
-def budget_exceeded(needs: RequestNeeds, action: str, why: str) -> NexusError:
-    """The hard budget limit's clear refusal (429); Retry-After is the start of next month."""
-    return NexusError.of(
-        429,
-        "budget_exceeded",
-        f"The monthly cloud budget is spent and routing.budget.hard_limit_action is "
-        f"{action!r}: {why}. Model '{needs.model}' was not sent anywhere; the budget starts "
-        "again on the 1st of next month (UTC).",
-        headers={"Retry-After": str(seconds_to_next_month())},
-    )
 
 
 # ==============================================================================================
@@ -2701,6 +2701,17 @@ def retry_after_header(wait: float) -> str:
     return str(max(math.ceil(wait - 1e-9), 1))
 
 
+def rate_limited(what: str, wait: float) -> NexusError:
+    """The 429 for a key over its rpm or tpm, with an honest Retry-After."""
+    retry = retry_after_header(wait)
+    return NexusError.of(
+        429,
+        "rate_limit_exceeded",
+        f"Rate limit reached for {what}. Try again in {retry} s.",
+        headers={"Retry-After": retry},
+    )
+
+
 @dataclass(slots=True, eq=False)
 class ApiKey:
     """One configured key: its name, what it may do, its buckets and its usage so far."""
@@ -2826,17 +2837,6 @@ def authenticate(keys: list[ApiKey], path: str, headers: Any) -> ApiKey | None:
     return key
 
 
-def rate_limited(what: str, wait: float) -> NexusError:
-    """The 429 for a key over its rpm or tpm, with an honest Retry-After."""
-    retry = retry_after_header(wait)
-    return NexusError.of(
-        429,
-        "rate_limit_exceeded",
-        f"Rate limit reached for {what}. Try again in {retry} s.",
-        headers={"Retry-After": retry},
-    )
-
-
 def admit(key: ApiKey, needs: RequestNeeds, now: float) -> int:
     """Check a key's rpm and tpm for a request and take from its buckets; 429 when over.
 
@@ -2947,6 +2947,18 @@ def admit_request(request: web.Request, needs: RequestNeeds) -> None:
     request[TOKENS_CHARGED] = admit(key, needs, time.monotonic())
 
 
+def key_budget_spent(key: ApiKey, needs: RequestNeeds) -> NexusError:
+    """The 429 for a key over its monthly limit when no local backend can serve it."""
+    return NexusError.of(
+        429,
+        "key_budget_exceeded",
+        f"Key '{key.name}' has spent its monthly limit of {key.monthly_limit_usd:g} USD, so cloud "
+        f"backends are off for it and no local backend can serve model '{needs.model}' now; "
+        "the limit starts again on the 1st of next month (UTC).",
+        headers={"Retry-After": str(seconds_to_next_month())},
+    )
+
+
 def allowed_attempts(
     request: web.Request, decision: RouteDecision, needs: RequestNeeds
 ) -> RouteDecision:
@@ -2968,18 +2980,6 @@ def allowed_attempts(
             raise key_budget_spent(key, needs)
     decision.attempts = attempts
     return decision
-
-
-def key_budget_spent(key: ApiKey, needs: RequestNeeds) -> NexusError:
-    """The 429 for a key over its monthly limit when no local backend can serve it."""
-    return NexusError.of(
-        429,
-        "key_budget_exceeded",
-        f"Key '{key.name}' has spent its monthly limit of {key.monthly_limit_usd:g} USD, so cloud "
-        f"backends are off for it and no local backend can serve model '{needs.model}' now; "
-        "the limit starts again on the 1st of next month (UTC).",
-        headers={"Retry-After": str(seconds_to_next_month())},
-    )
 
 
 def settle_request(request: web.Request, record: RequestRecord, status: int) -> None:
@@ -3253,73 +3253,6 @@ def clamp_max_tokens(model: Model, needs: RequestNeeds) -> int | None:
     return max(model.context_length - needs.prompt_tokens, 1)
 
 
-def route(needs: RequestNeeds, registry: Registry, settings: Settings) -> RouteDecision:
-    """Plan the attempts for a request: the model's candidates, then its fallback chain, each
-    model's list cut to 1 + max_retries backends, free ones before those at capacity.
-
-    Raises NexusError 404 for a model no backend serves and no alias names, 400 for a prompt
-    no backend of the model or its fallbacks can hold, and 503 with an actionable context when
-    nothing can serve it now.
-    """
-    chain = model_chain(needs.model, settings.routing)
-    model_id = chain[0]
-    if not any(m in registry.by_model for m in chain):
-        raise model_not_found(needs.model, registry, settings)
-    rules = route_rules(needs, chain, registry, settings)
-    budget = settings.routing.budget
-    full_chain = chain
-    if rules.no_cloud and budget is not None and budget.hard_limit_action == "block_cloud":
-        chain = chain[:1]  # block_cloud keeps cloud work out without serving another model
-    ranked_models = [(m, candidates_for(m, needs, registry, settings, rules)) for m in chain]
-    if rules.min_tier and needs.flexible and not any(r for _, r in ranked_models):
-        rules.min_tier = 0  # nothing meets the tier anywhere: the flexible request takes less
-        rules.lowered_tier = True
-        ranked_models = [(m, candidates_for(m, needs, registry, settings, rules)) for m in chain]
-    decision = RouteDecision(model=model_id, attempts=[])
-    per_model = settings.routing.max_retries + 1
-    for position, (candidate_model, ranked) in enumerate(ranked_models):
-        if not ranked:
-            continue
-        free = [b for b in ranked if not b.at_capacity()]
-        if not decision.attempts:  # the first servable model decides the reason and queueing
-            decision.all_full = not free
-            if position > 0 and registry.by_model.get(model_id):
-                if not any(b.status == "healthy" for b in registry.by_model[model_id]):
-                    decision.reason = "failover"
-            elif rules.excluded & {"privacy", "overflow"}:
-                decision.reason = "privacy-requirement"
-            elif free and len(free) < len(ranked) and passed_over_full(ranked, free[0], settings):
-                decision.reason = "capacity-overflow"
-            if free and free[0].name == needs.last_backend and decision.reason in AFFINITY_REASONS:
-                decision.reason = "session-affinity"
-        if len(free) < len(ranked):
-            ranked = free + [b for b in ranked if b.at_capacity()]
-        for backend in ranked[:per_model]:
-            model = backend.models[candidate_model]
-            decision.attempts.append(
-                Attempt(
-                    backend,
-                    candidate_model,
-                    fallback=position > 0,
-                    max_tokens=clamp_max_tokens(model, needs),
-                    alone=len(ranked) == 1,
-                    scrub=rules.overflow == "scrub" and backend.zone != "restricted",
-                )
-            )
-    if not decision.attempts:
-        too_long = context_exceeded(needs, full_chain, registry)
-        if too_long is not None:
-            raise too_long
-        if "budget" in rules.excluded and budget is not None:
-            raise budget_exceeded(
-                needs,
-                budget.hard_limit_action,
-                "cloud backends are off and no local backend can serve it now",
-            )
-        raise no_capacity(needs, model_id, registry, rules, chain)
-    return decision
-
-
 def model_not_found(
     model: str, registry: Registry, settings: Settings, key: ApiKey | None = None
 ) -> NexusError:
@@ -3334,6 +3267,18 @@ def model_not_found(
         f"The model '{model}' does not exist or is not served by any backend. "
         f"Available models: {listed}",
         param="model",
+    )
+
+
+def context_length_exceeded(prompt: int, largest: int, how: str, param: str | None) -> NexusError:
+    """OpenAI's context_length_exceeded, with both sizes in `context` for other doors' words."""
+    return NexusError.of(
+        400,
+        "context_length_exceeded",
+        f"This model's maximum context length is {largest} tokens, however you requested "
+        f"{prompt} tokens ({how}). Serve it with a larger context, or add a fallback with one.",
+        param=param,
+        context={"prompt_tokens": prompt, "context_length": largest},
     )
 
 
@@ -3361,22 +3306,6 @@ def context_exceeded(
     )
 
 
-def context_length_exceeded(prompt: int, largest: int, how: str, param: str | None) -> NexusError:
-    """OpenAI's context_length_exceeded, with both sizes in `context` for other doors' words."""
-    return NexusError.of(
-        400,
-        "context_length_exceeded",
-        f"This model's maximum context length is {largest} tokens, however you requested "
-        f"{prompt} tokens ({how}). Serve it with a larger context, or add a fallback with one.",
-        param=param,
-        context={"prompt_tokens": prompt, "context_length": largest},
-    )
-
-
-# What a 503 calls each failed need, and how many backends its message names (the rest are
-# counted; error.context lists up to MAX_LISTED_SHORTFALLS).
-NEED_WORDS = {"vision": "vision", "tools": "tools", "json_mode": "JSON mode", "context": "context"}
-MAX_NAMED_BACKENDS = 8
 MAX_LISTED_SHORTFALLS = 100
 
 
@@ -3415,6 +3344,12 @@ def shortfalls(needs: RequestNeeds, chain: list[str], registry: Registry) -> lis
                     entry["context_length"] = model.context_length
                 found.append(entry)
     return found
+
+
+# What a 503 calls each failed need, and how many backends its message names (the rest are
+# counted; error.context lists up to MAX_LISTED_SHORTFALLS).
+NEED_WORDS = {"vision": "vision", "tools": "tools", "json_mode": "JSON mode", "context": "context"}
+MAX_NAMED_BACKENDS = 8
 
 
 def shortfall_words(entry: dict[str, Any]) -> str:
@@ -3495,6 +3430,73 @@ def no_capacity(
             "backends": found[:MAX_LISTED_SHORTFALLS],
         },
     )
+
+
+def route(needs: RequestNeeds, registry: Registry, settings: Settings) -> RouteDecision:
+    """Plan the attempts for a request: the model's candidates, then its fallback chain, each
+    model's list cut to 1 + max_retries backends, free ones before those at capacity.
+
+    Raises NexusError 404 for a model no backend serves and no alias names, 400 for a prompt
+    no backend of the model or its fallbacks can hold, and 503 with an actionable context when
+    nothing can serve it now.
+    """
+    chain = model_chain(needs.model, settings.routing)
+    model_id = chain[0]
+    if not any(m in registry.by_model for m in chain):
+        raise model_not_found(needs.model, registry, settings)
+    rules = route_rules(needs, chain, registry, settings)
+    budget = settings.routing.budget
+    full_chain = chain
+    if rules.no_cloud and budget is not None and budget.hard_limit_action == "block_cloud":
+        chain = chain[:1]  # block_cloud keeps cloud work out without serving another model
+    ranked_models = [(m, candidates_for(m, needs, registry, settings, rules)) for m in chain]
+    if rules.min_tier and needs.flexible and not any(r for _, r in ranked_models):
+        rules.min_tier = 0  # nothing meets the tier anywhere: the flexible request takes less
+        rules.lowered_tier = True
+        ranked_models = [(m, candidates_for(m, needs, registry, settings, rules)) for m in chain]
+    decision = RouteDecision(model=model_id, attempts=[])
+    per_model = settings.routing.max_retries + 1
+    for position, (candidate_model, ranked) in enumerate(ranked_models):
+        if not ranked:
+            continue
+        free = [b for b in ranked if not b.at_capacity()]
+        if not decision.attempts:  # the first servable model decides the reason and queueing
+            decision.all_full = not free
+            if position > 0 and registry.by_model.get(model_id):
+                if not any(b.status == "healthy" for b in registry.by_model[model_id]):
+                    decision.reason = "failover"
+            elif rules.excluded & {"privacy", "overflow"}:
+                decision.reason = "privacy-requirement"
+            elif free and len(free) < len(ranked) and passed_over_full(ranked, free[0], settings):
+                decision.reason = "capacity-overflow"
+            if free and free[0].name == needs.last_backend and decision.reason in AFFINITY_REASONS:
+                decision.reason = "session-affinity"
+        if len(free) < len(ranked):
+            ranked = free + [b for b in ranked if b.at_capacity()]
+        for backend in ranked[:per_model]:
+            model = backend.models[candidate_model]
+            decision.attempts.append(
+                Attempt(
+                    backend,
+                    candidate_model,
+                    fallback=position > 0,
+                    max_tokens=clamp_max_tokens(model, needs),
+                    alone=len(ranked) == 1,
+                    scrub=rules.overflow == "scrub" and backend.zone != "restricted",
+                )
+            )
+    if not decision.attempts:
+        too_long = context_exceeded(needs, full_chain, registry)
+        if too_long is not None:
+            raise too_long
+        if "budget" in rules.excluded and budget is not None:
+            raise budget_exceeded(
+                needs,
+                budget.hard_limit_action,
+                "cloud backends are off and no local backend can serve it now",
+            )
+        raise no_capacity(needs, model_id, registry, rules, chain)
+    return decision
 
 
 # ==============================================================================================
@@ -4217,6 +4219,15 @@ class BackendReplyError(Exception):
 POLL_MAX_BODY = 32 * 1024 * 1024  # a poll's answer cut here fails as not JSON, not as memory
 
 
+def status_problem(status: int, path: str) -> str:
+    """A poll's answer that is not 200, as the reason a backend is down."""
+    if status in (401, 403):
+        return f"HTTP {status} on {path}: a key is missing or refused (api_key_env)"
+    if status in (404, 405):
+        return f"HTTP {status} on {path}: not an LLM server (or not of its configured type)"
+    return f"HTTP {status} on {path}"
+
+
 async def fetch_json(
     pool: BackendPool,
     method: str,
@@ -4236,15 +4247,6 @@ async def fetch_json(
         return json.loads(answer)
     except ValueError:
         raise BackendReplyError(f"not an LLM server: {path} answered something not JSON") from None
-
-
-def status_problem(status: int, path: str) -> str:
-    """A poll's answer that is not 200, as the reason a backend is down."""
-    if status in (401, 403):
-        return f"HTTP {status} on {path}: a key is missing or refused (api_key_env)"
-    if status in (404, 405):
-        return f"HTTP {status} on {path}: not an LLM server (or not of its configured type)"
-    return f"HTTP {status} on {path}"
 
 
 def positive_int(value: Any) -> int | None:
@@ -4631,84 +4633,136 @@ class OpenAICloudAdapter(OpenAICompatibleAdapter):
     stream_usage = True
 
 
-class AnthropicAdapter(OpenAICompatibleAdapter):
-    """Anthropic's Messages API, spoken natively: `x-api-key` and `anthropic-version` headers,
-    chat completions translated into Messages requests and the answers (whole or streamed)
-    back into chat completions. Health is the model list, which spends no tokens."""
-
-    translates = True
-    stream_usage = True  # every Messages stream reports usage
-    api = "anthropic"
-
-    def headers(self, backend: Backend) -> dict[str, str]:
-        """Anthropic's key header and API version."""
-        return {
-            "x-api-key": os.environ.get(backend.api_key_env, ""),
-            "anthropic-version": ANTHROPIC_VERSION,
-        }
-
-    def url(self, backend: Backend, endpoint: str) -> str:
-        """The Messages endpoint; other endpoints are a 400."""
-        if endpoint != "chat":
-            raise NexusError.of(
-                400,
-                "unsupported_endpoint",
-                f"Backend {backend.name} (anthropic) serves chat completions only.",
-            )
-        return backend.url + "/v1/messages"
-
-    def request_body(self, payload: dict[str, Any]) -> bytes:
-        """A chat request as a Messages request."""
-        return json.dumps(chat_to_anthropic(payload)).encode()
-
-    def answer(self, parsed: dict[str, Any]) -> dict[str, Any]:
-        """A Messages answer as a chat completion."""
-        return anthropic_to_chat(parsed)
-
-    def error_body(self, answer: bytes) -> bytes:
-        """Anthropic's error document as OpenAI's envelope, its message kept."""
-        try:
-            document = json.loads(answer)
-        except ValueError:
-            return answer
-        error = document.get("error") if isinstance(document, dict) else None
-        if not isinstance(error, dict):
-            return answer
-        message = str(error.get("message") or "the backend refused the request")
-        envelope = {"message": message, "type": error.get("type"), "param": None, "code": None}
-        return json.dumps({"error": envelope}).encode()
-
-    def stream_reader(self, content: BackendConnection, model: str) -> AnthropicStream:
-        """A reader turning Anthropic's stream into chat completion chunks."""
-        return AnthropicStream(content, model)
-
-    async def poll(self, pool: BackendPool, backend: Backend) -> dict[str, Model]:
-        """Anthropic's models, from its paged /v1/models."""
-        url = backend.url + "/v1/models?limit=1000"  # the list is paged, 20 by default
-        return models_from_openai_list(await fetch_json(pool, "GET", url, self.headers(backend)))
-
-
 ANTHROPIC_VERSION = "2023-06-01"
 # Anthropic requires max_tokens; a chat request may leave it out.
 ANTHROPIC_DEFAULT_MAX_TOKENS = 4096
-# Chat's finish_reason and Anthropic's stop_reason for the same ending, both ways: the first
-# pair that names a reason says what it becomes in the other API.
-STOP_REASON_PAIRS = (
-    ("stop", "end_turn"),
-    ("stop", "stop_sequence"),
-    ("stop", "pause_turn"),
-    ("length", "max_tokens"),
-    ("length", "model_context_window_exceeded"),
-    ("tool_calls", "tool_use"),
-    ("function_call", "tool_use"),
-    ("content_filter", "refusal"),
-)
-STOP_REASONS = {finish: stop for finish, stop in reversed(STOP_REASON_PAIRS)}
-FINISH_REASONS = {stop: finish for finish, stop in reversed(STOP_REASON_PAIRS)}
-# tool_choice in chat's words and in Anthropic's (whose choices are {"type": ...} objects).
-TOOL_CHOICE_PAIRS = (("auto", "auto"), ("required", "any"), ("none", "none"))
 # Fields a chat request may carry that mean the same in a Messages request.
 ANTHROPIC_NATIVE_FIELDS = ("top_p", "top_k", "metadata", "thinking", "service_tier")
+
+
+def add_turn(turns: list[dict[str, Any]], role: str, blocks: list[dict[str, Any]]) -> None:
+    """Append blocks to Anthropic's turns, merging into the last turn when the role repeats."""
+    if not blocks:
+        return
+    if turns and turns[-1]["role"] == role:
+        turns[-1]["content"].extend(blocks)
+    else:
+        turns.append({"role": role, "content": blocks})
+
+
+def anthropic_image(url: Any, index: int) -> dict[str, Any]:
+    """An OpenAI image_url as an Anthropic image block: base64 data URLs or plain URLs."""
+    if not isinstance(url, str) or not url:
+        raise bad_request(f"messages[{index}]: image_url needs a url", "messages")
+    if url.startswith("data:"):
+        head, _, data = url.partition(",")
+        media_type = head[5:].split(";")[0]
+        if not data or ";base64" not in head:
+            raise bad_request(f"messages[{index}]: expected a base64 data URL", "messages")
+        return {
+            "type": "image",
+            "source": {"type": "base64", "media_type": media_type, "data": data},
+        }
+    return {"type": "image", "source": {"type": "url", "url": url}}
+
+
+def anthropic_blocks(content: Any, index: int) -> list[dict[str, Any]]:
+    """Chat message content (a string or parts) as Messages content blocks; empty text is
+    left out (the API refuses empty text blocks)."""
+    if content is None:
+        return []
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}] if content else []
+    blocks = []
+    for part in content if isinstance(content, list) else ():
+        if not isinstance(part, dict):
+            continue
+        kind = part.get("type")
+        if kind == "text" and isinstance(part.get("text"), str):
+            if part["text"]:
+                blocks.append({"type": "text", "text": part["text"]})
+        elif kind == "image_url":
+            image = part.get("image_url")
+            url = image.get("url") if isinstance(image, dict) else image
+            blocks.append(anthropic_image(url, index))
+        else:
+            raise bad_request(
+                f"messages[{index}]: content of type {kind!r} cannot be sent to an "
+                "anthropic backend",
+                "messages",
+            )
+    return blocks
+
+
+def tool_arguments(arguments: Any) -> dict[str, Any]:
+    """A tool call's arguments (a JSON string in chat) as the object other APIs want; a model's
+    malformed arguments become none rather than junk."""
+    if isinstance(arguments, dict):
+        return arguments
+    if isinstance(arguments, str) and arguments.strip():
+        try:
+            value = json.loads(arguments)
+        except ValueError:
+            return {}
+        return value if isinstance(value, dict) else {}
+    return {}
+
+
+def new_block_id(prefix: str) -> str:
+    """A fresh random id with a prefix, for blocks and messages Nexus names itself."""
+    return prefix + os.urandom(12).hex()
+
+
+def tool_use_block(call: Any) -> dict[str, Any] | None:
+    """A chat tool call as an Anthropic tool_use block (its id kept); None if it is no call."""
+    if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
+        return None
+    function = call["function"]
+    return {
+        "type": "tool_use",
+        "id": call.get("id") or new_block_id("toolu_"),
+        "name": function.get("name") or "",
+        "input": tool_arguments(function.get("arguments")),
+    }
+
+
+def anthropic_tool(tool: Any) -> dict[str, Any]:
+    """An OpenAI function tool as an Anthropic tool (name, description, input_schema)."""
+    function = tool.get("function") if isinstance(tool, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise bad_request("tools: each tool needs a function with a name", "tools")
+    out: dict[str, Any] = {
+        "name": function["name"],
+        "input_schema": function.get("parameters") or {"type": "object", "properties": {}},
+    }
+    if isinstance(function.get("description"), str):
+        out["description"] = function["description"]
+    return out
+
+
+# tool_choice in chat's words and in Anthropic's (whose choices are {"type": ...} objects).
+TOOL_CHOICE_PAIRS = (("auto", "auto"), ("required", "any"), ("none", "none"))
+
+
+def tool_choice_for(api: str, choice: Any) -> Any:
+    """A tool_choice in `api`'s terms ("anthropic" or "chat") from the other API's; None when
+    there is none. A choice the other API cannot have said is a 400."""
+    if choice is None:
+        return None
+    if api == "anthropic":
+        for chat, anthropic in TOOL_CHOICE_PAIRS:
+            if choice == chat:
+                return {"type": anthropic}
+        if isinstance(choice, dict) and isinstance(choice.get("function"), dict):
+            return {"type": "tool", "name": choice["function"].get("name", "")}
+        raise bad_request("tool_choice: expected auto, required, none or a function", "tool_choice")
+    kind = choice.get("type") if isinstance(choice, dict) else None
+    for chat, anthropic in TOOL_CHOICE_PAIRS:
+        if kind == anthropic:
+            return chat
+    if kind == "tool" and isinstance(choice.get("name"), str):
+        return {"type": "function", "function": {"name": choice["name"]}}
+    raise bad_request("tool_choice: expected auto, any, none or tool (with a name)", "tool_choice")
 
 
 def chat_to_anthropic(chat: dict[str, Any]) -> dict[str, Any]:
@@ -4780,125 +4834,19 @@ def chat_to_anthropic(chat: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def add_turn(turns: list[dict[str, Any]], role: str, blocks: list[dict[str, Any]]) -> None:
-    """Append blocks to Anthropic's turns, merging into the last turn when the role repeats."""
-    if not blocks:
-        return
-    if turns and turns[-1]["role"] == role:
-        turns[-1]["content"].extend(blocks)
-    else:
-        turns.append({"role": role, "content": blocks})
-
-
-def anthropic_blocks(content: Any, index: int) -> list[dict[str, Any]]:
-    """Chat message content (a string or parts) as Messages content blocks; empty text is
-    left out (the API refuses empty text blocks)."""
-    if content is None:
-        return []
-    if isinstance(content, str):
-        return [{"type": "text", "text": content}] if content else []
-    blocks = []
-    for part in content if isinstance(content, list) else ():
-        if not isinstance(part, dict):
-            continue
-        kind = part.get("type")
-        if kind == "text" and isinstance(part.get("text"), str):
-            if part["text"]:
-                blocks.append({"type": "text", "text": part["text"]})
-        elif kind == "image_url":
-            image = part.get("image_url")
-            url = image.get("url") if isinstance(image, dict) else image
-            blocks.append(anthropic_image(url, index))
-        else:
-            raise bad_request(
-                f"messages[{index}]: content of type {kind!r} cannot be sent to an "
-                "anthropic backend",
-                "messages",
-            )
-    return blocks
-
-
-def anthropic_image(url: Any, index: int) -> dict[str, Any]:
-    """An OpenAI image_url as an Anthropic image block: base64 data URLs or plain URLs."""
-    if not isinstance(url, str) or not url:
-        raise bad_request(f"messages[{index}]: image_url needs a url", "messages")
-    if url.startswith("data:"):
-        head, _, data = url.partition(",")
-        media_type = head[5:].split(";")[0]
-        if not data or ";base64" not in head:
-            raise bad_request(f"messages[{index}]: expected a base64 data URL", "messages")
-        return {
-            "type": "image",
-            "source": {"type": "base64", "media_type": media_type, "data": data},
-        }
-    return {"type": "image", "source": {"type": "url", "url": url}}
-
-
-def tool_arguments(arguments: Any) -> dict[str, Any]:
-    """A tool call's arguments (a JSON string in chat) as the object other APIs want; a model's
-    malformed arguments become none rather than junk."""
-    if isinstance(arguments, dict):
-        return arguments
-    if isinstance(arguments, str) and arguments.strip():
-        try:
-            value = json.loads(arguments)
-        except ValueError:
-            return {}
-        return value if isinstance(value, dict) else {}
-    return {}
-
-
-def new_block_id(prefix: str) -> str:
-    """A fresh random id with a prefix, for blocks and messages Nexus names itself."""
-    return prefix + os.urandom(12).hex()
-
-
-def tool_use_block(call: Any) -> dict[str, Any] | None:
-    """A chat tool call as an Anthropic tool_use block (its id kept); None if it is no call."""
-    if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
-        return None
-    function = call["function"]
-    return {
-        "type": "tool_use",
-        "id": call.get("id") or new_block_id("toolu_"),
-        "name": function.get("name") or "",
-        "input": tool_arguments(function.get("arguments")),
-    }
-
-
-def anthropic_tool(tool: Any) -> dict[str, Any]:
-    """An OpenAI function tool as an Anthropic tool (name, description, input_schema)."""
-    function = tool.get("function") if isinstance(tool, dict) else None
-    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-        raise bad_request("tools: each tool needs a function with a name", "tools")
-    out: dict[str, Any] = {
-        "name": function["name"],
-        "input_schema": function.get("parameters") or {"type": "object", "properties": {}},
-    }
-    if isinstance(function.get("description"), str):
-        out["description"] = function["description"]
-    return out
-
-
-def tool_choice_for(api: str, choice: Any) -> Any:
-    """A tool_choice in `api`'s terms ("anthropic" or "chat") from the other API's; None when
-    there is none. A choice the other API cannot have said is a 400."""
-    if choice is None:
-        return None
-    if api == "anthropic":
-        for chat, anthropic in TOOL_CHOICE_PAIRS:
-            if choice == chat:
-                return {"type": anthropic}
-        if isinstance(choice, dict) and isinstance(choice.get("function"), dict):
-            return {"type": "tool", "name": choice["function"].get("name", "")}
-        raise bad_request("tool_choice: expected auto, required, none or a function", "tool_choice")
-    kind = choice.get("type") if isinstance(choice, dict) else None
-    for chat, anthropic in TOOL_CHOICE_PAIRS:
-        if kind == anthropic:
-            return chat
-    if kind == "tool" and isinstance(choice.get("name"), str):
-        return {"type": "function", "function": {"name": choice["name"]}}
-    raise bad_request("tool_choice: expected auto, any, none or tool (with a name)", "tool_choice")
+# Chat's finish_reason and Anthropic's stop_reason for the same ending, both ways: the first
+# pair that names a reason says what it becomes in the other API.
+STOP_REASON_PAIRS = (
+    ("stop", "end_turn"),
+    ("stop", "stop_sequence"),
+    ("stop", "pause_turn"),
+    ("length", "max_tokens"),
+    ("length", "model_context_window_exceeded"),
+    ("tool_calls", "tool_use"),
+    ("function_call", "tool_use"),
+    ("content_filter", "refusal"),
+)
+FINISH_REASONS = {stop: finish for finish, stop in reversed(STOP_REASON_PAIRS)}
 
 
 def anthropic_to_chat(message: dict[str, Any]) -> dict[str, Any]:
@@ -4950,6 +4898,11 @@ def anthropic_to_chat(message: dict[str, Any]) -> dict[str, Any]:
     if usage is not None:
         chat["usage"] = usage.as_chat()
     return chat
+
+
+def object_of(value: Any) -> dict[str, Any]:
+    """The value if it is a JSON object, else an empty one (a field of the wrong shape)."""
+    return value if isinstance(value, dict) else {}
 
 
 class AnthropicStream:
@@ -5064,9 +5017,64 @@ class AnthropicStream:
         return []  # ping, content_block_stop, and events added to the API later
 
 
-def object_of(value: Any) -> dict[str, Any]:
-    """The value if it is a JSON object, else an empty one (a field of the wrong shape)."""
-    return value if isinstance(value, dict) else {}
+class AnthropicAdapter(OpenAICompatibleAdapter):
+    """Anthropic's Messages API, spoken natively: `x-api-key` and `anthropic-version` headers,
+    chat completions translated into Messages requests and the answers (whole or streamed)
+    back into chat completions. Health is the model list, which spends no tokens."""
+
+    translates = True
+    stream_usage = True  # every Messages stream reports usage
+    api = "anthropic"
+
+    def headers(self, backend: Backend) -> dict[str, str]:
+        """Anthropic's key header and API version."""
+        return {
+            "x-api-key": os.environ.get(backend.api_key_env, ""),
+            "anthropic-version": ANTHROPIC_VERSION,
+        }
+
+    def url(self, backend: Backend, endpoint: str) -> str:
+        """The Messages endpoint; other endpoints are a 400."""
+        if endpoint != "chat":
+            raise NexusError.of(
+                400,
+                "unsupported_endpoint",
+                f"Backend {backend.name} (anthropic) serves chat completions only.",
+            )
+        return backend.url + "/v1/messages"
+
+    def request_body(self, payload: dict[str, Any]) -> bytes:
+        """A chat request as a Messages request."""
+        return json.dumps(chat_to_anthropic(payload)).encode()
+
+    def answer(self, parsed: dict[str, Any]) -> dict[str, Any]:
+        """A Messages answer as a chat completion."""
+        return anthropic_to_chat(parsed)
+
+    def error_body(self, answer: bytes) -> bytes:
+        """Anthropic's error document as OpenAI's envelope, its message kept."""
+        try:
+            document = json.loads(answer)
+        except ValueError:
+            return answer
+        error = document.get("error") if isinstance(document, dict) else None
+        if not isinstance(error, dict):
+            return answer
+        message = str(error.get("message") or "the backend refused the request")
+        envelope = {"message": message, "type": error.get("type"), "param": None, "code": None}
+        return json.dumps({"error": envelope}).encode()
+
+    def stream_reader(self, content: BackendConnection, model: str) -> AnthropicStream:
+        """A reader turning Anthropic's stream into chat completion chunks."""
+        return AnthropicStream(content, model)
+
+    async def poll(self, pool: BackendPool, backend: Backend) -> dict[str, Model]:
+        """Anthropic's models, from its paged /v1/models."""
+        url = backend.url + "/v1/models?limit=1000"  # the list is paged, 20 by default
+        return models_from_openai_list(await fetch_json(pool, "GET", url, self.headers(backend)))
+
+
+STOP_REASONS = {finish: stop for finish, stop in reversed(STOP_REASON_PAIRS)}
 
 
 ADAPTERS: dict[str, OpenAICompatibleAdapter] = {
@@ -5144,6 +5152,11 @@ def give_back(registry: Registry, backend: Backend, kind: str, model: str) -> No
     if model in current:
         setattr(backend, kind, current - {model})
         registry.moving -= 1
+
+
+def op_fields(op: Operation) -> dict[str, Any]:
+    """An operation's fields for a JSON log line."""
+    return {"fields": {k: v for k, v in op.public().items() if v is not None}}
 
 
 class Lifecycle:
@@ -5243,11 +5256,6 @@ class Lifecycle:
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
-
-
-def op_fields(op: Operation) -> dict[str, Any]:
-    """An operation's fields for a JSON log line."""
-    return {"fields": {k: v for k, v in op.public().items() if v is not None}}
 
 
 def lifecycle_backend(registry: Registry, name: Any, param: str) -> Backend:
