@@ -506,6 +506,11 @@ def validate_price(key: str, price: Any) -> None:
             raise ConfigError(f"{key}.{name}", f"expected a number of 0 or more, got {value!r}")
 
 
+def key_digest(secret: str) -> bytes:
+    """The SHA-256 of a key: all Nexus keeps of it, and what a presented key is compared to."""
+    return hashlib.sha256(secret.encode()).digest()
+
+
 def validate_api_keys(auth: AuthSettings, env: dict[str, str]) -> None:
     """Each key needs a name and a set variable; names and keys are unique. The key itself is
     kept only as its digest, and no message ever shows it."""
@@ -2689,11 +2694,6 @@ class Ledger:
 ADMIN_PATHS = ("/v1/stats", "/v1/stats/stream", "/v1/usage", "/metrics", "/v1/backends")
 # A request carrying one of these came through a proxy: its peer address is the proxy's.
 PROXY_HEADERS = ("X-Forwarded-For", "Forwarded", "X-Real-IP")
-
-
-def key_digest(secret: str) -> bytes:
-    """The SHA-256 of a key: all Nexus keeps of it, and what a presented key is compared to."""
-    return hashlib.sha256(secret.encode()).digest()
 
 
 def retry_after_header(wait: float) -> str:
