@@ -121,6 +121,7 @@ class NexusError(Exception):
         context: dict[str, Any] | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
+        """An error of a status, OpenAI type and code; `headers` go out with its response."""
         super().__init__(message)
         self.status = status
         self.type = type_
@@ -166,6 +167,7 @@ class ConfigError(Exception):
     """An invalid setting. Start-up prints it as one line and exits with code 2."""
 
     def __init__(self, key: str, problem: str) -> None:
+        """The problem with the setting at `key` (a dotted path, a variable or a flag)."""
         super().__init__(f"invalid setting {key}: {problem}")
         self.key = key
 
@@ -722,6 +724,7 @@ class TokenBucket:
     __slots__ = ("level", "per_minute", "updated")
 
     def __init__(self, per_minute: float, now: float) -> None:
+        """A full bucket of `per_minute` units at time `now`."""
         self.per_minute = float(per_minute)
         self.level = self.per_minute
         self.updated = now
@@ -858,6 +861,7 @@ class Registry:
     """All known backends, and for each model id the backends that serve it."""
 
     def __init__(self) -> None:
+        """An empty registry; start-up adds the configured backends."""
         self.backends: dict[str, Backend] = {}
         self.by_model: dict[str, list[Backend]] = {}
         # (backend, model) pairs a lifecycle operation is loading or draining now: while there
@@ -1193,6 +1197,7 @@ class MdnsDiscovery:
         announce_port: int,
         announce_host: str,
     ) -> None:
+        """Browsing starts with start(); found and lost servers are reported to the callbacks."""
         self.on_found = on_found
         self.on_lost = on_lost
         self.announce_port = announce_port
@@ -1352,6 +1357,7 @@ class Discovery:
     """
 
     def __init__(self, app: web.Application) -> None:
+        """Discovery for an app; start() begins browsing and probing."""
         self.app = app
         settings = app[SETTINGS]
         self.names: dict[str, str] = {}  # name as reported (mDNS instance, probed URL) -> backend
@@ -2149,6 +2155,7 @@ class Budget:
     configured limit: normal, soft_limit (cloud deprioritised) or hard_limit (the action)."""
 
     def __init__(self, settings: BudgetSettings | None) -> None:
+        """This month's budget from nothing spent; the ledger says what was spent before."""
         self.configure(settings)
         self.month = month_of(dt.datetime.now(dt.UTC))
         self._spent_usd = 0.0
@@ -2407,6 +2414,7 @@ class LedgerFile:
     Every method runs on that thread, never on the event loop."""
 
     def __init__(self, path: Path) -> None:
+        """The file at `path`, not opened yet (the worker opens it)."""
         self.path = path
         self.conn: Any = None  # a sqlite3.Connection while the file is open
         self.identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the file opened
@@ -2521,6 +2529,7 @@ class Ledger:
     loop; one worker thread writes the rows that changed at most once a second."""
 
     def __init__(self, path: Path | None) -> None:
+        """An empty ledger for this month; open() reads nexus.db when `path` is set."""
         self.path = path  # None: no monthly limit, nothing is written
         self.file: LedgerFile | None = None  # set while nexus.db is in use
         self.rows: dict[str, dict[str, UsageRow]] = {}  # month -> key name -> row
@@ -3044,6 +3053,7 @@ class SessionTable:
     __slots__ = ("entries", "hits", "moves", "new")
 
     def __init__(self) -> None:
+        """An empty table with its counters at 0."""
         self.entries: collections.OrderedDict[int, tuple[str, float]] = collections.OrderedDict()
         self.hits = 0  # turns served by the backend of the session's last turn
         self.moves = 0  # turns of a known session served elsewhere
@@ -3651,6 +3661,7 @@ class BackendConnection(asyncio.Protocol):
     )
 
     def __init__(self, pool: BackendPool, origin: Origin) -> None:
+        """A connection of `pool` to `origin`, not connected yet (the pool connects it)."""
         self.pool, self.origin = pool, origin
         self.transport: asyncio.Transport | None = None
         self.rest = b""  # bytes received and not parsed yet: part of a head or a chunk line
@@ -4065,6 +4076,7 @@ class BackendPool:
     """Every connection to every backend; idle ones kept per origin, newest reused first."""
 
     def __init__(self, connect_timeout: float, tls: ssl.SSLContext | None = None) -> None:
+        """A pool with no connections, on the running loop."""
         self.connect_timeout = connect_timeout
         self.tls = tls  # for https backends; None: the system's certificates (tls_context)
         self.loop = asyncio.get_running_loop()
@@ -4504,6 +4516,7 @@ class OllamaAdapter(OpenAICompatibleAdapter):
         return True
 
     def __init__(self) -> None:
+        """The adapter, with no model described yet."""
         self.details: dict[tuple[str, str, str], Model] = {}
 
     async def poll(self, pool: BackendPool, backend: Backend) -> dict[str, Model]:
@@ -4915,6 +4928,7 @@ class AnthropicStream:
     An error event ends the stream as a broken connection would."""
 
     def __init__(self, content: BackendConnection, model: str) -> None:
+        """A reader of the Messages stream on `content`, answering as `model`."""
         self.content = SseLines(content)
         self.pending: collections.deque[bytes] = collections.deque()
         self.id = new_block_id("msg_")
@@ -5164,6 +5178,7 @@ class Lifecycle:
     last OPERATIONS_KEPT, each a task of its own bounded by the lifecycle timeout."""
 
     def __init__(self, registry: Registry) -> None:
+        """No operations yet, over the registry whose backends they change."""
         self.registry = registry
         self.operations: dict[str, Operation] = {}  # oldest first
         self.running: dict[tuple[str, str], Operation] = {}  # by (model, backend name)
