@@ -11,13 +11,14 @@ This file is the whole program. It needs aiohttp, zeroconf and tiktoken, and use
 it is installed (not on Windows).
 It reads top to bottom in the order a request travels:
 
-    Errors -> Settings -> World model (Backend, Model, Registry) -> Health and Discovery (keep
-    the world current) -> Requests (what a payload needs) -> Tokens (exact counts, loaded lazily) ->
-    Policy (prices, budget) -> Ledger (the month's usage, on disk with a monthly limit) -> Auth
-    (keys, allow-lists, rate limits) -> Routing (pure functions) -> Backend adapters (the only
-    code that knows a backend's quirks) -> Model lifecycle (load, unload, migrate) -> Proxy
-    (send, retry, stream out) -> Anthropic Messages API (translated to chat and back) -> HTTP
-    handlers -> Stats -> Metrics -> App assembly -> Reload (the configuration, without a
+    Errors -> Settings -> App keys -> World model (Backend, Model, Registry) -> Health and
+    Discovery (keep the world current) -> Requests (what a payload needs) -> Tokens (exact counts,
+    loaded lazily) -> Policy (prices, budget) -> Ledger (the month's usage, on disk with a monthly
+    limit) -> Auth (keys, allow-lists, rate limits) -> Routing (pure functions) -> Backend
+    connections (HTTP/1.1 to backends) -> Backend adapters (the only code that knows a backend's
+    quirks) -> Model lifecycle (load, unload, migrate) -> Proxy (send, retry, stream out) -> Front
+    doors (Anthropic Messages, OpenAI Responses and Ollama APIs, translated to chat and back) ->
+    HTTP handlers -> Stats -> Metrics -> App assembly -> Reload (the configuration, without a
     restart) -> CLI and main().
 """
 
@@ -92,6 +93,21 @@ def asset_path(name: str) -> Path:
 # ==============================================================================================
 
 
+# The OpenAI error type of each status Nexus answers with on its own account.
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "invalid_request_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    409: "invalid_request_error",
+    429: "rate_limit_error",
+    501: "not_implemented",
+    503: "service_unavailable",
+}
+# The codes whose type is not their status's: a spent budget is a quota, not a rate limit.
+CODE_TYPES = {"budget_exceeded": "insufficient_quota", "key_budget_exceeded": "insufficient_quota"}
+
+
 class NexusError(Exception):
     """An error that becomes an OpenAI-format error response with the given HTTP status."""
 
@@ -105,6 +121,7 @@ class NexusError(Exception):
         context: dict[str, Any] | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
+        """An error of a status, OpenAI type and code; `headers` go out with its response."""
         super().__init__(message)
         self.status = status
         self.type = type_
@@ -114,7 +131,22 @@ class NexusError(Exception):
         self.context = context
         self.headers = headers or {}
 
+    @classmethod
+    def of(
+        cls,
+        status: int,
+        code: str | None,
+        message: str,
+        param: str | None = None,
+        context: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> NexusError:
+        """The error for a status and code, its type looked up in ERROR_TYPES (or CODE_TYPES)."""
+        type_ = CODE_TYPES.get(code or "") or ERROR_TYPES[status]
+        return cls(status, type_, code, message, param, context, headers)
+
     def envelope(self) -> dict[str, Any]:
+        """The OpenAI error envelope: {"error": {message, type, param, code[, context]}}."""
         error: dict[str, Any] = {
             "message": self.message,
             "type": self.type,
@@ -127,13 +159,15 @@ class NexusError(Exception):
 
 
 def bad_request(message: str, param: str | None = None) -> NexusError:
-    return NexusError(400, "invalid_request_error", "invalid_request", message, param)
+    """The plain 400 for a request that breaks a rule, naming the field (param) at fault."""
+    return NexusError.of(400, "invalid_request", message, param)
 
 
 class ConfigError(Exception):
     """An invalid setting. Start-up prints it as one line and exits with code 2."""
 
     def __init__(self, key: str, problem: str) -> None:
+        """The problem with the setting at `key` (a dotted path, a variable or a flag)."""
         super().__init__(f"invalid setting {key}: {problem}")
         self.key = key
 
@@ -152,56 +186,75 @@ BACKEND_TYPES = LOCAL_TYPES + CLOUD_TYPES
 STRATEGIES = ("smart", "round_robin", "priority_only", "random")
 BUDGET_ACTIONS = ("warn", "shift_local", "block_cloud", "block_all")
 MAX_ALIAS_HOPS = 3
+LOG_LEVELS = tuple(name.lower() for name in logging.getLevelNamesMapping())
+
+
+def setting(default: Any, **rules: Any) -> Any:
+    """A settings field with the rules its value must meet, kept in the field's metadata and
+    checked by check_fields: positive, non_negative, min and max (or below), choices."""
+    return field(default=default, metadata=rules)
 
 
 @dataclass(slots=True)
 class ServerSettings:
+    """[server]: where Nexus listens, how long it waits on backends, what it accepts."""
+
     host: str = "0.0.0.0"
-    port: int = 8000
-    request_timeout_seconds: float = 300.0
-    connect_timeout_seconds: float = 5.0
-    first_byte_timeout_seconds: float = 60.0
-    stream_idle_timeout_seconds: float = 30.0
-    max_body_mb: float = 10.0
+    port: int = setting(8000, min=1, max=65535)
+    request_timeout_seconds: float = setting(300.0, positive=True)
+    connect_timeout_seconds: float = setting(5.0, positive=True)
+    first_byte_timeout_seconds: float = setting(60.0, positive=True)
+    stream_idle_timeout_seconds: float = setting(30.0, positive=True)
+    max_body_mb: float = setting(10.0, positive=True)
     watch_config: bool = True  # reload when the config file changes (SIGHUP always reloads)
     data_dir: str = ""  # where the ledger lives (only with monthly limits); "": the platform's
 
 
 @dataclass(slots=True)
 class DiscoverySettings:
+    """[discovery]: whether backends are found without configuration, and kept once lost."""
+
     enabled: bool = True
-    grace_period_seconds: float = 60.0
+    grace_period_seconds: float = setting(60.0, non_negative=True)
 
 
 @dataclass(slots=True)
 class HealthSettings:
+    """[health_check]: how often backends are polled and how many polls flip their state."""
+
     enabled: bool = True
-    interval_seconds: float = 30.0
-    timeout_seconds: float = 5.0
-    failure_threshold: int = 3
-    recovery_threshold: int = 2
+    interval_seconds: float = setting(30.0, positive=True)
+    timeout_seconds: float = setting(5.0, positive=True)
+    failure_threshold: int = setting(3, positive=True)
+    recovery_threshold: int = setting(2, positive=True)
 
 
 @dataclass(slots=True)
 class PolicySettings:
+    """One [[routing.policies]] entry: the zone, minimum tier and overflow of matching models."""
+
     model_pattern: str = "*"
-    privacy: str = "open"
-    min_tier: int = 0
-    overflow: str = "block"
+    privacy: str = setting("open", choices=("restricted", "open"))
+    min_tier: int = setting(0, min=0, max=5)
+    overflow: str = setting("block", choices=("block", "scrub"))
 
 
 @dataclass(slots=True)
 class BudgetSettings:
-    monthly_limit_usd: float = 0.0
-    soft_limit_percent: float = 75.0
-    hard_limit_action: str = "shift_local"
+    """[routing.budget]: the monthly cloud limit, what happens at it, and price overrides."""
+
+    monthly_limit_usd: float = setting(0.0, non_negative=True)
+    soft_limit_percent: float = setting(75.0, min=0, max=100)
+    hard_limit_action: str = setting("shift_local", choices=BUDGET_ACTIONS)
     prices: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
 class RoutingSettings:
-    strategy: str = "smart"
-    max_retries: int = 2
+    """[routing]: the strategy, retries, score weights, aliases, fallbacks, policies and budget."""
+
+    strategy: str = setting("smart", choices=STRATEGIES)
+    max_retries: int = setting(2, non_negative=True)
     weights: dict[str, float] = field(
         default_factory=lambda: {"priority": 50.0, "load": 30.0, "latency": 20.0}
     )
@@ -214,33 +267,41 @@ class RoutingSettings:
 
 @dataclass(slots=True)
 class QueueSettings:
+    """[queue]: whether requests wait for a busy backend, how many and for how long."""
+
     enabled: bool = True
-    max_size: int = 100
-    max_wait_seconds: float = 30.0
+    max_size: int = setting(100, non_negative=True)
+    max_wait_seconds: float = setting(30.0, non_negative=True)
 
 
 @dataclass(slots=True)
 class LifecycleSettings:
     """[lifecycle]: what loads through the lifecycle API (SPEC §5.1) may take, and how long."""
 
-    vram_headroom_percent: float = 20.0  # a load must leave this much of a backend's vram_gb free
-    timeout_seconds: float = 300.0  # every load, unload or migration ends within this
+    # A load must leave this much of a backend's vram_gb free.
+    vram_headroom_percent: float = setting(20.0, min=0, below=100)
+    # Every load, unload or migration ends within this.
+    timeout_seconds: float = setting(300.0, positive=True)
 
 
 @dataclass(slots=True)
 class LoggingSettings:
-    level: str = "info"
-    format: str = "pretty"
+    """[logging]: level, format (pretty or json) and whether prompts may be logged."""
+
+    level: str = setting("info", choices=LOG_LEVELS, any_case=True)
+    format: str = setting("pretty", choices=("pretty", "json"))
     log_content: bool = False
 
 
 @dataclass(slots=True)
 class ApiKeySettings:
+    """One [[auth.api_keys]] entry: a key's name, its variable, limits and allow-list."""
+
     name: str = ""
     key_env: str = ""
-    monthly_limit_usd: float = 0.0
-    rpm: int = 0
-    tpm: int = 0
+    monthly_limit_usd: float = setting(0.0, non_negative=True)
+    rpm: int = setting(0, non_negative=True)
+    tpm: int = setting(0, non_negative=True)
     models: list[str] = field(default_factory=list)
     admin: bool = False
     # Derived at start-up from the key_env variable, never read from the file.
@@ -249,25 +310,31 @@ class ApiKeySettings:
 
 @dataclass(slots=True)
 class AuthSettings:
+    """[auth]: the API keys; none configured means no key is asked for."""
+
     api_keys: list[ApiKeySettings] = field(default_factory=list)
 
 
 @dataclass(slots=True)
 class BackendSettings:
+    """One [[backends]] entry: a server Nexus is told about, with its zone, tier and limits."""
+
     name: str = ""
     url: str = ""
-    type: str = "generic"
-    priority: int = 50
-    zone: str = ""
-    tier: int = 0
-    max_concurrent: int = 0
+    type: str = setting("generic", choices=BACKEND_TYPES)
+    priority: int = setting(50, min=0, max=100)
+    zone: str = setting("", choices=("restricted", "open"))  # "": by type
+    tier: int = setting(0, min=0, max=5)
+    max_concurrent: int = setting(0, non_negative=True)
     api_key_env: str = ""
-    rpm: int = 0  # requests per minute this backend is sent at most; 0: no limit
-    vram_gb: float = 0.0  # what the lifecycle API may fill with models; 0: not declared
+    rpm: int = setting(0, non_negative=True)  # requests a minute it is sent at most; 0: no limit
+    vram_gb: float = setting(0.0, non_negative=True)  # what loads may fill; 0: not declared
 
 
 @dataclass(slots=True)
 class Settings:
+    """Every setting, by section: what load_settings returns and a reload replaces."""
+
     server: ServerSettings = field(default_factory=ServerSettings)
     discovery: DiscoverySettings = field(default_factory=DiscoverySettings)
     health_check: HealthSettings = field(default_factory=HealthSettings)
@@ -325,6 +392,7 @@ def _build(cls: type, table: Any, key: str) -> Any:
 
 
 def _convert_field(key: str, value: Any, default: Any, cls: type, name: str) -> Any:
+    """One field's TOML value, checked and converted: sections, lists, tables, scalars."""
     nested = {
         (Settings, "server"): ServerSettings,
         (Settings, "discovery"): DiscoverySettings,
@@ -359,6 +427,7 @@ def _convert_field(key: str, value: Any, default: Any, cls: type, name: str) -> 
 
 
 def _parse_env_value(var: str, text: str, default: Any) -> Any:
+    """A NEXUS_* variable's text as the type of the setting it sets."""
     if isinstance(default, bool):
         if text.strip().lower() in TRUE_WORDS:
             return True
@@ -381,6 +450,174 @@ def config_file_path(cli_path: str | None, env: dict[str, str]) -> Path | None:
         return Path(env["NEXUS_CONFIG"])
     local = Path("nexus.toml")
     return local if local.is_file() else None
+
+
+def check_setting(key: str, value: Any, rules: Mapping[str, Any]) -> None:
+    """One value against the rules in its field's metadata (see setting())."""
+    if rules.get("positive") and value <= 0:
+        raise ConfigError(key, f"must be greater than 0, got {value}")
+    if rules.get("non_negative") and value < 0:
+        raise ConfigError(key, f"must not be negative, got {value}")
+    if "min" in rules:  # with max (inclusive) or below (exclusive)
+        low, high = rules["min"], rules.get("max")
+        if high is None:
+            fits, high = value < rules["below"], rules["below"] - 1
+        else:
+            fits = value <= high
+        if value < low or not fits:
+            raise ConfigError(key, f"expected {low}-{high}, got {value}")
+    choices = rules.get("choices")
+    if choices and (value.lower() if rules.get("any_case") else value) not in choices:
+        words = " or ".join(choices) if len(choices) == 2 else "one of " + ", ".join(choices)
+        raise ConfigError(key, f"expected {words}, got {value!r}")
+
+
+def check_fields(obj: Any, key: str, skip: tuple[str, ...] = ()) -> None:
+    """Check every field of a settings dataclass against its rules, and the sections and lists
+    of sections inside it (key: where obj is, for the message)."""
+    for f in fields(obj):
+        if f.name in skip:
+            continue
+        value = getattr(obj, f.name)
+        sub = f"{key}.{f.name}" if key else f.name
+        if f.metadata:
+            check_setting(sub, value, f.metadata)
+        elif hasattr(value, "__dataclass_fields__"):
+            check_fields(value, sub)
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if hasattr(item, "__dataclass_fields__"):
+                    check_fields(item, f"{sub}[{i}]")
+
+
+def validate_price(key: str, price: Any) -> None:
+    """A configured price: { input = USD, output = USD } per million tokens, both needed."""
+    if not isinstance(price, dict):
+        raise ConfigError(key, "expected { input = USD, output = USD } per million tokens")
+    known = ("input", "output", "cached_input", "cache_write")
+    for name in price:
+        if name not in known:
+            raise ConfigError(f"{key}.{name}", f"unknown key (expected {', '.join(known)})")
+    for name in known:
+        value = price.get(name)
+        if value is None:
+            if name in ("input", "output"):
+                raise ConfigError(f"{key}.{name}", "is required (USD per million tokens)")
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise ConfigError(f"{key}.{name}", f"expected a number of 0 or more, got {value!r}")
+
+
+def key_digest(secret: str) -> bytes:
+    """The SHA-256 of a key: all Nexus keeps of it, and what a presented key is compared to."""
+    return hashlib.sha256(secret.encode()).digest()
+
+
+def validate_api_keys(auth: AuthSettings, env: dict[str, str]) -> None:
+    """Each key needs a name and a set variable; names and keys are unique. The key itself is
+    kept only as its digest, and no message ever shows it."""
+    names: dict[str, str] = {}
+    digests: dict[bytes, str] = {}
+    for i, k in enumerate(auth.api_keys):
+        key = f"auth.api_keys[{i}]"
+        if not k.name:
+            raise ConfigError(f"{key}.name", "is required")
+        if k.name in names:
+            raise ConfigError(f"{key}.name", f"duplicate key name {k.name!r} (see {names[k.name]})")
+        names[k.name] = key
+        if not k.key_env:
+            raise ConfigError(f"{key}.key_env", "is required")
+        if not env.get(k.key_env):
+            raise ConfigError(f"{key}.key_env", f"variable {k.key_env} is not set")
+        check_fields(k, key)
+        k.digest = key_digest(env[k.key_env])
+        if k.digest in digests:
+            raise ConfigError(f"{key}.key_env", f"holds the same key as {digests[k.digest]}")
+        digests[k.digest] = key
+
+
+def normalise_url(url: str) -> str:
+    """A backend URL is the server's root: no trailing slash, no trailing /v1."""
+    url = url.strip().rstrip("/")
+    parts = urllib.parse.urlsplit(url)
+    if "@" in parts.netloc:  # checked first: the message must not repeat the password
+        raise ValueError("credentials do not belong in the URL; use api_key_env")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{url!r} is not an http(s) URL")
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError:
+        raise ValueError(f"{url!r} has an invalid port") from None
+    if url.endswith("/v1"):
+        url = url[:-3]
+    return url
+
+
+def validate_backend(b: BackendSettings, key: str, env: dict[str, str]) -> None:
+    """Check one backend's settings and fill in what defaults from others (name, zone)."""
+    check_setting(f"{key}.type", b.type, {"choices": BACKEND_TYPES})
+    try:
+        b.url = normalise_url(b.url)
+    except ValueError as exc:
+        raise ConfigError(f"{key}.url", str(exc)) from None
+    if not b.name:
+        b.name = urllib.parse.urlsplit(b.url).netloc.rpartition("@")[2]  # host:port only
+    if not b.zone:
+        b.zone = "open" if b.type in CLOUD_TYPES else "restricted"
+    check_fields(b, key)
+    if b.type in CLOUD_TYPES and not b.api_key_env:
+        raise ConfigError(f"{key}.api_key_env", f"a {b.type} backend needs api_key_env")
+    if b.api_key_env and not env.get(b.api_key_env):
+        raise ConfigError(f"{key}.api_key_env", f"variable {b.api_key_env} is not set")
+
+
+def check_alias_cycles(aliases: dict[str, str]) -> None:
+    """Refuse an alias that leads back to itself or takes more than MAX_ALIAS_HOPS hops."""
+    for start in aliases:
+        seen = [start]
+        current = start
+        while current in aliases:
+            current = aliases[current]
+            if current in seen:
+                chain = " -> ".join([*seen, current])
+                raise ConfigError(f"routing.aliases.{start}", f"alias cycle {chain}")
+            seen.append(current)
+        if len(seen) > MAX_ALIAS_HOPS + 1:
+            chain = " -> ".join(seen)
+            raise ConfigError(
+                f"routing.aliases.{start}",
+                f"alias chain longer than {MAX_ALIAS_HOPS} hops: {chain}",
+            )
+
+
+def validate_settings(s: Settings, env: dict[str, str]) -> None:
+    """Every rule that one value's type cannot express. The first problem found is raised."""
+    check_fields(s, "", skip=("auth", "backends"))  # those two after their defaults are set
+    for name in ("priority", "load", "latency"):
+        weight = s.routing.weights.get(name, 0)
+        if isinstance(weight, bool) or not isinstance(weight, int | float) or weight < 0:
+            raise ConfigError(f"routing.weights.{name}", "must be a number of 0 or more")
+    for name in s.routing.weights:
+        if name not in ("priority", "load", "latency"):
+            raise ConfigError(f"routing.weights.{name}", "unknown weight")
+    for alias, target in s.routing.aliases.items():
+        if not isinstance(target, str) or not target:
+            raise ConfigError(f"routing.aliases.{alias}", "must name a model")
+    check_alias_cycles(s.routing.aliases)
+    for model, chain in s.routing.fallbacks.items():
+        if not isinstance(chain, list) or not all(isinstance(m, str) for m in chain):
+            raise ConfigError(f"routing.fallbacks.{model}", "must be a list of model names")
+    budget = s.routing.budget
+    if budget is not None:
+        for model, price in budget.prices.items():
+            validate_price(f"routing.budget.prices.{model}", price)
+    validate_api_keys(s.auth, env)
+    names: set[str] = set()
+    for i, backend in enumerate(s.backends):
+        validate_backend(backend, f"backends[{i}]", env)
+        if backend.name in names:
+            raise ConfigError(f"backends[{i}].name", f"duplicate backend name {backend.name!r}")
+        names.add(backend.name)
 
 
 def load_settings(
@@ -406,215 +643,115 @@ def load_settings(
         if var in env:
             value = _parse_env_value(var, env[var], getattr(getattr(settings, section), name))
             setattr(getattr(settings, section), name, value)
-            _validate_one(f"{var}", section, name, value)
+            rules = next(f.metadata for f in fields(getattr(settings, section)) if f.name == name)
+            check_setting(var, value, rules)
     for (section, name), value in overrides.items():
         setattr(getattr(settings, section), name, value)
     validate_settings(settings, env)
     return settings
 
 
-def _validate_one(key: str, section: str, name: str, value: Any) -> None:
-    if (section, name) == ("server", "port") and not 1 <= value <= 65535:
-        raise ConfigError(key, f"{value} is not a port (1-65535)")
-    if (section, name) == (
-        "logging",
-        "level",
-    ) and value.upper() not in logging.getLevelNamesMapping():
-        raise ConfigError(key, f"unknown log level {value!r}")
-    if (section, name) == ("logging", "format") and value not in ("pretty", "json"):
-        raise ConfigError(key, f"expected pretty or json, got {value!r}")
+def resolve_alias(model: str, aliases: dict[str, str]) -> str:
+    """Follow aliases up to MAX_ALIAS_HOPS; cycles and longer chains were rejected at start-up."""
+    for _ in range(MAX_ALIAS_HOPS):
+        if model not in aliases:
+            return model
+        model = aliases[model]
+    return model
 
 
-def validate_settings(s: Settings, env: dict[str, str]) -> None:
-    """Every rule that one value's type cannot express. The first problem found is raised."""
-    _validate_one("server.port", "server", "port", s.server.port)
-    _validate_one("logging.level", "logging", "level", s.logging.level)
-    _validate_one("logging.format", "logging", "format", s.logging.format)
-    positive = [
-        ("server.request_timeout_seconds", s.server.request_timeout_seconds),
-        ("server.connect_timeout_seconds", s.server.connect_timeout_seconds),
-        ("server.first_byte_timeout_seconds", s.server.first_byte_timeout_seconds),
-        ("server.stream_idle_timeout_seconds", s.server.stream_idle_timeout_seconds),
-        ("server.max_body_mb", s.server.max_body_mb),
-        ("health_check.interval_seconds", s.health_check.interval_seconds),
-        ("health_check.timeout_seconds", s.health_check.timeout_seconds),
-        ("health_check.failure_threshold", s.health_check.failure_threshold),
-        ("health_check.recovery_threshold", s.health_check.recovery_threshold),
-        ("lifecycle.timeout_seconds", s.lifecycle.timeout_seconds),
-    ]
-    for key, value in positive:
-        if value <= 0:
-            raise ConfigError(key, f"must be greater than 0, got {value}")
-    non_negative = [
-        ("discovery.grace_period_seconds", s.discovery.grace_period_seconds),
-        ("routing.max_retries", s.routing.max_retries),
-        ("queue.max_size", s.queue.max_size),
-        ("queue.max_wait_seconds", s.queue.max_wait_seconds),
-    ]
-    for key, value in non_negative:
-        if value < 0:
-            raise ConfigError(key, f"must not be negative, got {value}")
-    if not 0 <= s.lifecycle.vram_headroom_percent < 100:
-        raise ConfigError("lifecycle.vram_headroom_percent", "expected 0-99")
-    if s.routing.strategy not in STRATEGIES:
-        raise ConfigError("routing.strategy", f"expected one of {', '.join(STRATEGIES)}")
-    for name in ("priority", "load", "latency"):
-        weight = s.routing.weights.get(name, 0)
-        if isinstance(weight, bool) or not isinstance(weight, int | float) or weight < 0:
-            raise ConfigError(f"routing.weights.{name}", "must be a number of 0 or more")
-    for name in s.routing.weights:
-        if name not in ("priority", "load", "latency"):
-            raise ConfigError(f"routing.weights.{name}", "unknown weight")
-    for alias, target in s.routing.aliases.items():
-        if not isinstance(target, str) or not target:
-            raise ConfigError(f"routing.aliases.{alias}", "must name a model")
-    check_alias_cycles(s.routing.aliases)
-    for model, chain in s.routing.fallbacks.items():
-        if not isinstance(chain, list) or not all(isinstance(m, str) for m in chain):
-            raise ConfigError(f"routing.fallbacks.{model}", "must be a list of model names")
-    for i, policy in enumerate(s.routing.policies):
-        key = f"routing.policies[{i}]"
-        if policy.privacy not in ("restricted", "open"):
-            raise ConfigError(f"{key}.privacy", "expected restricted or open")
-        if policy.overflow not in ("block", "scrub"):
-            raise ConfigError(f"{key}.overflow", "expected block or scrub")
-        if not 0 <= policy.min_tier <= 5:
-            raise ConfigError(f"{key}.min_tier", "expected 0-5")
-    budget = s.routing.budget
-    if budget is not None:
-        if budget.monthly_limit_usd < 0:
-            raise ConfigError("routing.budget.monthly_limit_usd", "must not be negative")
-        if not 0 <= budget.soft_limit_percent <= 100:
-            raise ConfigError("routing.budget.soft_limit_percent", "expected 0-100")
-        if budget.hard_limit_action not in BUDGET_ACTIONS:
-            raise ConfigError(
-                "routing.budget.hard_limit_action", f"expected one of {', '.join(BUDGET_ACTIONS)}"
-            )
-        for model, price in budget.prices.items():
-            validate_price(f"routing.budget.prices.{model}", price)
-    validate_api_keys(s.auth, env)
-    names: set[str] = set()
-    for i, backend in enumerate(s.backends):
-        validate_backend(backend, f"backends[{i}]", env)
-        if backend.name in names:
-            raise ConfigError(f"backends[{i}].name", f"duplicate backend name {backend.name!r}")
-        names.add(backend.name)
+def model_chain(model: str, routing: RoutingSettings) -> list[str]:
+    """The models a request naming `model` may be served by, in order: the model its alias
+    leads to, then that model's fallbacks (each once). Routing, counting and 404s all use it."""
+    model_id = resolve_alias(model, routing.aliases)
+    return list(dict.fromkeys([model_id, *routing.fallbacks.get(model_id, ())]))
 
 
-def validate_price(key: str, price: Any) -> None:
-    """A configured price: { input = USD, output = USD } per million tokens, both needed."""
-    if not isinstance(price, dict):
-        raise ConfigError(key, "expected { input = USD, output = USD } per million tokens")
-    known = ("input", "output", "cached_input", "cache_write")
-    for name in price:
-        if name not in known:
-            raise ConfigError(f"{key}.{name}", f"unknown key (expected {', '.join(known)})")
-    for name in known:
-        value = price.get(name)
-        if value is None:
-            if name in ("input", "output"):
-                raise ConfigError(f"{key}.{name}", "is required (USD per million tokens)")
-            continue
-        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-            raise ConfigError(f"{key}.{name}", f"expected a number of 0 or more, got {value!r}")
+# ==============================================================================================
+# App keys
+# Owns: the names of what the app and each request carry (aiohttp's typed AppKey/RequestKey).
+# Must not: hold values. A key's type is its annotation, so a key may name a class defined below.
+# ==============================================================================================
 
+SETTINGS: web.AppKey[Settings] = web.AppKey("settings")
+REGISTRY: web.AppKey[Registry] = web.AppKey("registry")
+STATS: web.AppKey[Stats] = web.AppKey("stats")
+CLIENT: web.AppKey[BackendPool] = web.AppKey("client")
+QUEUE: web.AppKey[WaitQueue] = web.AppKey("queue")
+# The background work: its tasks, the health loop's task and when that next polls.
+BACKGROUND: web.AppKey[dict] = web.AppKey("background")
+# The month's cloud spend: BUDGET.spent_usd, .status.
+BUDGET: web.AppKey[Budget] = web.AppKey("budget")
+# Set at shutdown: live feeds end.
+STOPPING: web.AppKey[asyncio.Event] = web.AppKey("stopping")
+# The backend of each session's last turn.
+SESSIONS: web.AppKey[SessionTable] = web.AppKey("sessions")
+# ApiKey per [auth] key; empty: no auth.
+KEYS: web.AppKey[list] = web.AppKey("keys")
+# The month's usage; in nexus.db with a monthly limit.
+LEDGER: web.AppKey[Ledger] = web.AppKey("ledger")
+# Load/unload/migrate operations (SPEC §5.1).
+LIFECYCLE: web.AppKey[Lifecycle] = web.AppKey("lifecycle")
 
-def validate_api_keys(auth: AuthSettings, env: dict[str, str]) -> None:
-    """Each key needs a name and a set variable; names and keys are unique. The key itself is
-    kept only as its digest, and no message ever shows it."""
-    names: dict[str, str] = {}
-    digests: dict[bytes, str] = {}
-    for i, k in enumerate(auth.api_keys):
-        key = f"auth.api_keys[{i}]"
-        if not k.name:
-            raise ConfigError(f"{key}.name", "is required")
-        if k.name in names:
-            raise ConfigError(f"{key}.name", f"duplicate key name {k.name!r} (see {names[k.name]})")
-        names[k.name] = key
-        if not k.key_env:
-            raise ConfigError(f"{key}.key_env", "is required")
-        if not env.get(k.key_env):
-            raise ConfigError(f"{key}.key_env", f"variable {k.key_env} is not set")
-        for name in ("rpm", "tpm", "monthly_limit_usd"):
-            if getattr(k, name) < 0:
-                raise ConfigError(f"{key}.{name}", "must not be negative")
-        k.digest = key_digest(env[k.key_env])
-        if k.digest in digests:
-            raise ConfigError(f"{key}.key_env", f"holds the same key as {digests[k.digest]}")
-        digests[k.digest] = key
-
-
-def validate_backend(b: BackendSettings, key: str, env: dict[str, str]) -> None:
-    """Check one backend's settings and fill in what defaults from others (name, zone)."""
-    if b.type not in BACKEND_TYPES:
-        raise ConfigError(f"{key}.type", f"unknown backend type {b.type!r}")
-    try:
-        b.url = normalise_url(b.url)
-    except ValueError as exc:
-        raise ConfigError(f"{key}.url", str(exc)) from None
-    if not b.name:
-        b.name = urllib.parse.urlsplit(b.url).netloc.rpartition("@")[2]  # host:port only
-    if not 0 <= b.priority <= 100:
-        raise ConfigError(f"{key}.priority", f"expected 0-100, got {b.priority}")
-    if not b.zone:
-        b.zone = "open" if b.type in CLOUD_TYPES else "restricted"
-    if b.zone not in ("restricted", "open"):
-        raise ConfigError(f"{key}.zone", f"expected restricted or open, got {b.zone!r}")
-    if not 0 <= b.tier <= 5:
-        raise ConfigError(f"{key}.tier", f"expected 1-5, got {b.tier}")
-    if b.max_concurrent < 0:
-        raise ConfigError(f"{key}.max_concurrent", "must not be negative")
-    if b.rpm < 0:
-        raise ConfigError(f"{key}.rpm", "must not be negative")
-    if b.vram_gb < 0:
-        raise ConfigError(f"{key}.vram_gb", "must not be negative")
-    if b.type in CLOUD_TYPES and not b.api_key_env:
-        raise ConfigError(f"{key}.api_key_env", f"a {b.type} backend needs api_key_env")
-    if b.api_key_env and not env.get(b.api_key_env):
-        raise ConfigError(f"{key}.api_key_env", f"variable {b.api_key_env} is not set")
-
-
-def normalise_url(url: str) -> str:
-    """A backend URL is the server's root: no trailing slash, no trailing /v1."""
-    url = url.strip().rstrip("/")
-    parts = urllib.parse.urlsplit(url)
-    if "@" in parts.netloc:  # checked first: the message must not repeat the password
-        raise ValueError("credentials do not belong in the URL; use api_key_env")
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"{url!r} is not an http(s) URL")
-    try:
-        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
-    except ValueError:
-        raise ValueError(f"{url!r} has an invalid port") from None
-    if url.endswith("/v1"):
-        url = url[:-3]
-    return url
-
-
-def check_alias_cycles(aliases: dict[str, str]) -> None:
-    for start in aliases:
-        seen = [start]
-        current = start
-        while current in aliases:
-            current = aliases[current]
-            if current in seen:
-                chain = " -> ".join([*seen, current])
-                raise ConfigError(f"routing.aliases.{start}", f"alias cycle {chain}")
-            seen.append(current)
-        if len(seen) > MAX_ALIAS_HOPS + 1:
-            chain = " -> ".join(seen)
-            raise ConfigError(
-                f"routing.aliases.{start}",
-                f"alias chain longer than {MAX_ALIAS_HOPS} hops: {chain}",
-            )
+REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id")
+RECORD: web.RequestKey[RequestRecord] = web.RequestKey("record")
+# The caller's key, once authenticated.
+API_KEY: web.RequestKey[ApiKey] = web.RequestKey("api_key")
+# The tpm taken up front, settled after.
+TOKENS_CHARGED: web.RequestKey[int] = web.RequestKey("tokens_charged")
+# The request's JSON, while it is served (counting).
+PAYLOAD: web.RequestKey[dict] = web.RequestKey("payload")
+ENDPOINT: web.RequestKey[str] = web.RequestKey("endpoint")
+# A stream's prepared response.
+STREAMING: web.RequestKey[web.StreamResponse] = web.RequestKey("streaming")
 
 
 # ==============================================================================================
 # World model
 # Owns: what Nexus knows about backends and models. One Backend per server, one Model per
-# model a backend serves, and the Registry that indexes them by model id.
+# model a backend serves, the Registry that indexes them by model id, and the TokenBucket that
+# paces a backend's requests (and, in Auth, a key's).
 # Must not: do I/O. Health and discovery change it; routing reads it.
 # ==============================================================================================
+
+
+class TokenBucket:
+    """`per_minute` units a minute, refilled continuously, holding at most a minute's worth.
+
+    An amount larger than a minute's worth waits for a full bucket and then runs it into debt,
+    so one huge request is served rather than refused forever."""
+
+    __slots__ = ("level", "per_minute", "updated")
+
+    def __init__(self, per_minute: float, now: float) -> None:
+        """A full bucket of `per_minute` units at time `now`."""
+        self.per_minute = float(per_minute)
+        self.level = self.per_minute
+        self.updated = now
+
+    def refill(self, now: float) -> None:
+        """Add what the time since the last update earned, up to a minute's worth."""
+        elapsed = max(now - self.updated, 0.0)
+        self.level = min(self.per_minute, self.level + elapsed * self.per_minute / 60.0)
+        self.updated = max(now, self.updated)
+
+    def wait(self, amount: float, now: float) -> float:
+        """Seconds until `amount` can be taken; 0 when it can be taken now."""
+        self.refill(now)
+        missing = min(amount, self.per_minute) - self.level
+        if missing <= 1e-9:
+            return 0.0
+        return missing * 60.0 / self.per_minute
+
+    def take(self, amount: float, now: float) -> None:
+        """Take `amount` now, running into debt if it is more than is there."""
+        self.refill(now)
+        self.level -= amount
+
+    def adjust(self, extra: float, now: float) -> None:
+        """Charge `extra` more (or give back, when negative): real usage replacing an estimate."""
+        self.refill(now)
+        self.level = min(self.per_minute, self.level - extra)
 
 
 @dataclass(slots=True)
@@ -655,7 +792,6 @@ class Backend:
     latency_ema_ms: float | None = None
     ttft_ema_ms: float | None = None
     last_error: str = ""
-    last_check: float = 0.0
     lost_at: float | None = None
     rpm_bucket: TokenBucket | None = None  # [[backends]] rpm: how fast it may be sent requests
     vram_gb: float = 0.0
@@ -673,9 +809,11 @@ class Backend:
 
     @property
     def is_cloud(self) -> bool:
+        """Whether the backend is a cloud API (its spend counts against budgets)."""
         return self.type in CLOUD_TYPES
 
     def at_capacity(self) -> bool:
+        """Whether it holds max_concurrent requests already (0: no limit)."""
         return 0 < self.max_concurrent <= self.in_flight
 
     def is_warm(self, model_id: str) -> bool:
@@ -684,6 +822,7 @@ class Backend:
 
     @classmethod
     def from_settings(cls, b: BackendSettings, source: str = "static") -> Backend:
+        """A Backend for one [[backends]] entry (or one the admin API adds)."""
         return cls(
             name=b.name,
             url=b.url,
@@ -722,6 +861,7 @@ class Registry:
     """All known backends, and for each model id the backends that serve it."""
 
     def __init__(self) -> None:
+        """An empty registry; start-up adds the configured backends."""
         self.backends: dict[str, Backend] = {}
         self.by_model: dict[str, list[Backend]] = {}
         # (backend, model) pairs a lifecycle operation is loading or draining now: while there
@@ -729,27 +869,32 @@ class Registry:
         self.moving = 0
 
     def add(self, backend: Backend) -> None:
+        """Add a backend (replacing one of the same name) and reindex."""
         self.backends[backend.name] = backend
         self.reindex()
 
     def remove(self, name: str) -> Backend | None:
+        """Remove a backend by name and reindex; the backend, or None if there was none."""
         backend = self.backends.pop(name, None)
         if backend is not None:
             self.reindex()
         return backend
 
     def find_url(self, url: str) -> Backend | None:
+        """The backend at a URL, if any."""
         for backend in self.backends.values():
             if backend.url == url:
                 return backend
         return None
 
     def set_models(self, backend: Backend, models: dict[str, Model]) -> None:
+        """Set a backend's models from a poll, reindexing only when they changed."""
         if models.keys() != backend.models.keys() or models != backend.models:
             backend.models = models
             self.reindex()
 
     def reindex(self) -> None:
+        """Rebuild by_model, the backends serving each model id."""
         index: dict[str, list[Backend]] = {}
         for backend in self.backends.values():
             for model_id in backend.models:
@@ -757,6 +902,7 @@ class Registry:
         self.by_model = index
 
     def healthy(self) -> list[Backend]:
+        """The backends whose last polls say they are healthy."""
         return [b for b in self.backends.values() if b.status == "healthy"]
 
 
@@ -779,6 +925,7 @@ def loaded_on(registry: Registry, model_id: str) -> list[str]:
 
 
 def record_success(backend: Backend, settings: HealthSettings) -> None:
+    """Count a good poll: unknown turns healthy, unhealthy after recovery_threshold of them."""
     backend.fail_streak = 0
     backend.ok_streak += 1
     if backend.status == "unknown" or (
@@ -787,49 +934,6 @@ def record_success(backend: Backend, settings: HealthSettings) -> None:
         if backend.status != "healthy":
             log.info("backend %s is healthy", backend.name)
         backend.status = "healthy"
-
-
-def record_failure(backend: Backend, settings: HealthSettings, reason: str) -> None:
-    backend.ok_streak = 0
-    backend.fail_streak += 1
-    backend.last_error = shown_reason(backend, reason)
-    if backend.status == "unknown" or (
-        backend.status == "healthy" and backend.fail_streak >= settings.failure_threshold
-    ):
-        if backend.status != "unhealthy":
-            log.warning("backend %s is unhealthy: %s", backend.name, reason)
-        backend.status = "unhealthy"
-
-
-async def poll_backend(app: web.Application, backend: Backend) -> None:
-    """One health poll: the type's own endpoints, bounded by the health timeout."""
-    settings = app[SETTINGS]
-    adapter = ADAPTERS[backend.type]
-    try:
-        async with asyncio.timeout(settings.health_check.timeout_seconds):
-            models = await adapter.poll(app[CLIENT], backend)
-    except asyncio.CancelledError:
-        raise
-    except Exception as exc:  # any failure of a poll is the backend's, never Nexus's
-        backend.last_check = time.time()
-        record_failure(backend, settings.health_check, describe_failure(exc))
-        return
-    backend.last_check = time.time()
-    if backend.name in app[REGISTRY].backends:
-        app[REGISTRY].set_models(backend, models)
-    record_success(backend, settings.health_check)
-
-
-def describe_failure(exc: BaseException) -> str:
-    """Why a poll or a request failed, in the words /v1/backends and the dashboard show: refused,
-    timed out, HTTP 401, not an LLM server, ..."""
-    if isinstance(exc, BackendConnectTimeout):
-        return "timed out connecting"
-    if isinstance(exc, TimeoutError):
-        return "timed out"
-    if isinstance(exc, BackendHTTPError | BackendReplyError):
-        return str(exc)[:200]
-    return f"{type(exc).__name__}: {exc}"[:200]
 
 
 # user:password@ in a URL that a message repeats (Nexus refuses such URLs, but a backend's own
@@ -847,6 +951,48 @@ def shown_reason(backend: Backend, reason: str) -> str:
     return reason
 
 
+def record_failure(backend: Backend, settings: HealthSettings, reason: str) -> None:
+    """Count a failed poll: unknown turns unhealthy, healthy after failure_threshold of them."""
+    backend.ok_streak = 0
+    backend.fail_streak += 1
+    backend.last_error = shown_reason(backend, reason)
+    if backend.status == "unknown" or (
+        backend.status == "healthy" and backend.fail_streak >= settings.failure_threshold
+    ):
+        if backend.status != "unhealthy":
+            log.warning("backend %s is unhealthy: %s", backend.name, reason)
+        backend.status = "unhealthy"
+
+
+def describe_failure(exc: BaseException) -> str:
+    """Why a poll or a request failed, in the words /v1/backends and the dashboard show: refused,
+    timed out, HTTP 401, not an LLM server, ..."""
+    if isinstance(exc, BackendConnectTimeout):
+        return "timed out connecting"
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, BackendHTTPError | BackendReplyError):
+        return str(exc)[:200]
+    return f"{type(exc).__name__}: {exc}"[:200]
+
+
+async def poll_backend(app: web.Application, backend: Backend) -> None:
+    """One health poll: the type's own endpoints, bounded by the health timeout."""
+    settings = app[SETTINGS]
+    adapter = ADAPTERS[backend.type]
+    try:
+        async with asyncio.timeout(settings.health_check.timeout_seconds):
+            models = await adapter.poll(app[CLIENT], backend)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # any failure of a poll is the backend's, never Nexus's
+        record_failure(backend, settings.health_check, describe_failure(exc))
+        return
+    if backend.name in app[REGISTRY].backends:
+        app[REGISTRY].set_models(backend, models)
+    record_success(backend, settings.health_check)
+
+
 # Polls in flight at once: enough for any home lab in one round, while a thousand backends do
 # not open a thousand connections (and their buffers) at the same moment.
 POLLS_AT_ONCE = 64
@@ -858,6 +1004,7 @@ async def health_loop(app: web.Application) -> None:
     slots = asyncio.Semaphore(POLLS_AT_ONCE)
 
     async def poll(backend: Backend) -> None:
+        """Poll one backend, holding one of the round's slots."""
         async with slots:
             await poll_backend(app, backend)
 
@@ -865,7 +1012,7 @@ async def health_loop(app: web.Application) -> None:
         backends = list(app[REGISTRY].backends.values())
         if backends:
             await asyncio.gather(*(poll(b) for b in backends))
-        app[STATE]["next_health_check"] = time.monotonic() + interval
+        app[BACKGROUND]["next_health_check"] = time.monotonic() + interval
         await asyncio.sleep(interval)
 
 
@@ -905,6 +1052,7 @@ async def probe_json(pool: BackendPool, url: str, timeout: float) -> tuple[int, 
 
 
 def answered_list(answer: tuple[int, Any] | None, key: str) -> bool:
+    """Whether a probe's answer was a 200 JSON object holding a list under `key`."""
     return (
         answer is not None
         and answer[0] == 200
@@ -1049,6 +1197,7 @@ class MdnsDiscovery:
         announce_port: int,
         announce_host: str,
     ) -> None:
+        """Browsing starts with start(); found and lost servers are reported to the callbacks."""
         self.on_found = on_found
         self.on_lost = on_lost
         self.announce_port = announce_port
@@ -1084,6 +1233,7 @@ class MdnsDiscovery:
         self.zeroconf = None
 
     async def announce(self) -> None:
+        """Announce this Nexus by mDNS on the machine's non-loopback IPv4 addresses."""
         assert self.zeroconf is not None
         addresses = announce_addresses(self.announce_host)
         if not addresses:
@@ -1110,6 +1260,7 @@ class MdnsDiscovery:
     def on_change(
         self, zeroconf: Any, service_type: str, name: str, state_change: ServiceStateChange
     ) -> None:
+        """Zeroconf's callback: resolve a service that appeared, lose one that left."""
         if self.own is not None and name.lower() == self.own.name.lower():
             log.debug("mDNS service %r is this Nexus; skipped", name)
             return
@@ -1124,12 +1275,14 @@ class MdnsDiscovery:
         task.add_done_callback(lambda done: self.resolved(name, done))
 
     def resolved(self, name: str, task: asyncio.Task) -> None:
+        """A resolve task is done: forget it, and log what it failed with."""
         if self.resolving.get(name) is task:
             del self.resolving[name]
         if not task.cancelled() and task.exception() is not None:
             log.warning("mDNS service %r: %s", name, describe_failure(task.exception()))
 
     async def resolve(self, service_type: str, name: str) -> None:
+        """Resolve a service to an address and port, and report what it is."""
         assert self.zeroconf is not None
         instance = self.instance_name(service_type, name)
         info = AsyncServiceInfo(service_type, name)
@@ -1176,6 +1329,7 @@ class MdnsDiscovery:
         raise AssertionError("unreachable")
 
     def lose(self, name: str) -> None:
+        """A service left: report its backend as lost."""
         service = self.services.pop(name, None)
         if service is not None:
             log.debug("mDNS service %r left", service.name)
@@ -1183,6 +1337,7 @@ class MdnsDiscovery:
 
 
 def log_task_failure(task: asyncio.Task) -> None:
+    """Log a discovery task that died of an exception (a cancelled one is no failure)."""
     if not task.cancelled() and task.exception() is not None:
         log.error("discovery stopped", exc_info=task.exception())
 
@@ -1202,6 +1357,7 @@ class Discovery:
     """
 
     def __init__(self, app: web.Application) -> None:
+        """Discovery for an app; start() begins browsing and probing."""
         self.app = app
         settings = app[SETTINGS]
         self.names: dict[str, str] = {}  # name as reported (mDNS instance, probed URL) -> backend
@@ -1219,6 +1375,7 @@ class Discovery:
             self.tasks.append(task)
 
     async def stop(self) -> None:
+        """Cancel probing and pending removals, then stop mDNS (browsing and the announcement)."""
         tasks = self.tasks + list(self.removals.values())
         for task in tasks:
             task.cancel()
@@ -1239,6 +1396,7 @@ class Discovery:
             await asyncio.sleep(self.app[SETTINGS].health_check.interval_seconds)
 
     async def probe_round(self) -> None:
+        """Probe the well-known local ports once: add what answers, lose what stopped."""
         registry = self.app[REGISTRY]
         # Backends that are up are not probed again; a probed one that is down and no longer
         # answers a probe has vanished.
@@ -1262,7 +1420,7 @@ class Discovery:
         except ValueError as exc:
             log.debug("discovered %r: %s; ignored", name, exc)
             return
-        if await self.known(name, url):
+        if await self.update_existing(name, url):
             return
         kind = await detect_backend_type(self.app[CLIENT], url)
         if kind is None:
@@ -1275,9 +1433,10 @@ class Discovery:
         # The announced type is trusted where detection can only say "OpenAI-compatible".
         await self.add(name, url, type_hint if kind == "generic" and type_hint else kind, name)
 
-    async def known(self, name: str, url: str) -> bool:
+    async def update_existing(self, name: str, url: str) -> bool:
         """Whether url is a backend already (or was removed through the admin API: it stays
-        removed); a lost discovered one is kept, since it came back."""
+        removed), bringing that backend up to date: one moved to url is removed (re-added
+        next), a lost one is revived and polled, one whose first poll was cut short is polled."""
         registry = self.app[REGISTRY]
         mapped = self.names.get(name)
         previous = registry.backends.get(mapped) if mapped is not None else None
@@ -1306,8 +1465,9 @@ class Discovery:
         return True
 
     async def add(self, name: str, url: str, kind: str, wanted: str) -> None:
+        """Add a discovered server as a backend under a unique name, and poll it at once."""
         registry = self.app[REGISTRY]
-        if await self.known(name, url):  # it may have been added while detection ran
+        if await self.update_existing(name, url):  # it may have been added while detection ran
             return
         unique = base = backend_name(wanted)
         for n in itertools.count(2):
@@ -1334,6 +1494,7 @@ class Discovery:
         self.removals[backend.name] = asyncio.create_task(self.remove_later(backend, grace))
 
     async def remove_later(self, backend: Backend, grace: float) -> None:
+        """After the grace period, remove a lost backend unless it came back."""
         await asyncio.sleep(grace)
         self.removals.pop(backend.name, None)
         registry = self.app[REGISTRY]
@@ -1394,6 +1555,7 @@ def parse_json(data: bytes) -> Any:
 
 
 def parse_json_body(raw: bytes) -> dict[str, Any]:
+    """A request body as a JSON object, or the 400 a client expects."""
     try:
         body = parse_json(raw)
     except (ValueError, UnicodeDecodeError):
@@ -1404,6 +1566,7 @@ def parse_json_body(raw: bytes) -> dict[str, Any]:
 
 
 def require_model(body: dict[str, Any]) -> str:
+    """The body's model, a non-empty string, or a 400 naming the field."""
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise bad_request("you must provide a model parameter (a string)", "model")
@@ -1411,6 +1574,7 @@ def require_model(body: dict[str, Any]) -> str:
 
 
 def optional_int(body: dict[str, Any], name: str) -> int | None:
+    """The body's non-negative integer field, None when absent, or a 400 naming it."""
     value = body.get(name)
     if value is None:
         return None
@@ -1420,6 +1584,7 @@ def optional_int(body: dict[str, Any], name: str) -> int | None:
 
 
 def chat_needs(body: dict[str, Any]) -> RequestNeeds:
+    """What a chat completion needs of a backend: checks its shape, estimates its prompt."""
     model = require_model(body)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -1478,6 +1643,7 @@ def chat_needs(body: dict[str, Any]) -> RequestNeeds:
 
 
 def completion_needs(body: dict[str, Any]) -> RequestNeeds:
+    """What a legacy completion needs of a backend: checks its prompt, estimates its size."""
     model = require_model(body)
     prompt = body.get("prompt")
     if isinstance(prompt, str):
@@ -1498,6 +1664,7 @@ def completion_needs(body: dict[str, Any]) -> RequestNeeds:
 
 
 def embedding_needs(body: dict[str, Any]) -> RequestNeeds:
+    """What an embeddings request needs of a backend: checks its input, estimates its size."""
     model = require_model(body)
     data = body.get("input")
     if isinstance(data, str):
@@ -1514,6 +1681,22 @@ def embedding_needs(body: dict[str, Any]) -> RequestNeeds:
 # which the Messages door carries as the chat request's `user`.
 SESSION_HEADERS = ("X-Nexus-Session", "session-id", "session_id", "X-Claude-Code-Session-Id")
 CLAUDE_SESSION_MARK = "_session_"  # user_<hash>_account_<uuid>_session_<uuid>
+
+
+def claude_session(user_id: Any) -> str | None:
+    """The session_id in Claude Code's metadata.user_id: a JSON object's field, or the tail of
+    the older user_<hash>_account_<uuid>_session_<uuid> form. A plain user id names no session."""
+    if not isinstance(user_id, str):
+        return None
+    if user_id.startswith("{"):
+        try:
+            found = json.loads(user_id)
+        except ValueError:
+            return None
+        session = found.get("session_id") if isinstance(found, dict) else None
+        return session if isinstance(session, str) and session else None
+    _, mark, session = user_id.rpartition(CLAUDE_SESSION_MARK)
+    return session if mark and session else None
 
 
 def session_key(headers: Mapping[str, str], body: dict[str, Any]) -> tuple[int, bool] | None:
@@ -1549,22 +1732,6 @@ def session_key(headers: Mapping[str, str], body: dict[str, Any]) -> tuple[int, 
             if role == "user":
                 return hash(tuple(opening)), i + 1 < len(messages)
     return None
-
-
-def claude_session(user_id: Any) -> str | None:
-    """The session_id in Claude Code's metadata.user_id: a JSON object's field, or the tail of
-    the older user_<hash>_account_<uuid>_session_<uuid> form. A plain user id names no session."""
-    if not isinstance(user_id, str):
-        return None
-    if user_id.startswith("{"):
-        try:
-            found = json.loads(user_id)
-        except ValueError:
-            return None
-        session = found.get("session_id") if isinstance(found, dict) else None
-        return session if isinstance(session, str) and session else None
-    _, mark, session = user_id.rpartition(CLAUDE_SESSION_MARK)
-    return session if mark and session else None
 
 
 # ==============================================================================================
@@ -1633,7 +1800,7 @@ def read_bpe_ranks(path: Path, sha256: str) -> dict[bytes, int]:
     if hashlib.sha256(data).hexdigest() != sha256:
         raise ValueError(f"{path.name}: SHA-256 mismatch, the embedded file is damaged")
     # The hash pins the content, so splitting on whitespace into (token, rank) pairs is safe,
-    # and three times faster than parsing line by line.
+    # and faster than parsing line by line.
     fields = data.split()
     return dict(zip(map(binascii.a2b_base64, fields[0::2]), map(int, fields[1::2]), strict=True))
 
@@ -1741,27 +1908,8 @@ def payload_texts(endpoint: str, payload: dict[str, Any]) -> tuple[list[str], in
 NEAR_LIMIT_RANGE = (0.25, 2.0)
 
 
-async def refine_prompt_tokens(
-    endpoint: str, body: dict[str, Any], needs: RequestNeeds, registry: Registry, settings: Settings
-) -> None:
-    """Count the prompt exactly when it matters for routing: its estimate is near the context
-    length of a backend that could serve it and whose tokenizer is exact (OpenAI's models on
-    OpenAI-style clouds). Everything else keeps the estimate; no encoding is loaded for it."""
-    model_id = resolve_alias(needs.model, settings.routing.aliases)
-    low, high = NEAR_LIMIT_RANGE
-    for model in (model_id, *settings.routing.fallbacks.get(model_id, ())):
-        for backend in registry.by_model.get(model, ()):
-            context = backend.models[model].context_length
-            if not context or not low * context <= needs.prompt_tokens <= high * context:
-                continue
-            encoding, exact = tokenizer_for(backend.type, model)
-            if exact:
-                texts, framing = payload_texts(endpoint, body)
-                needs.prompt_tokens = await count_texts_async(texts, encoding) + framing
-                return
-
-
 def count_texts(texts: list[str], encoding: str) -> int:
+    """The exact tokens of texts in an encoding (loaded on first use; blocking)."""
     encoder = load_encoding(encoding)
     return sum(len(encoder.encode_ordinary(text)) for text in texts)
 
@@ -1771,6 +1919,25 @@ async def count_texts_async(texts: list[str], encoding: str) -> int:
     if encoding in _loaded_encodings and sum(map(len, texts)) <= EXACT_INLINE_CHARS:
         return count_texts(texts, encoding)
     return await asyncio.to_thread(count_texts, texts, encoding)
+
+
+async def refine_prompt_tokens(
+    endpoint: str, body: dict[str, Any], needs: RequestNeeds, registry: Registry, settings: Settings
+) -> None:
+    """Count the prompt exactly when it matters for routing: its estimate is near the context
+    length of a backend that could serve it and whose tokenizer is exact (OpenAI's models on
+    OpenAI-style clouds). Everything else keeps the estimate; no encoding is loaded for it."""
+    low, high = NEAR_LIMIT_RANGE
+    for model in model_chain(needs.model, settings.routing):
+        for backend in registry.by_model.get(model, ()):
+            context = backend.models[model].context_length
+            if not context or not low * context <= needs.prompt_tokens <= high * context:
+                continue
+            encoding, exact = tokenizer_for(backend.type, model)
+            if exact:
+                texts, framing = payload_texts(endpoint, body)
+                needs.prompt_tokens = await count_texts_async(texts, encoding) + framing
+                return
 
 
 def answer_texts(endpoint: str, answer: dict[str, Any]) -> list[str]:
@@ -1821,6 +1988,7 @@ class Price:
 
     @classmethod
     def from_table(cls, entry: dict[str, Any]) -> Price:
+        """A Price from a table entry: input and output, optional cached_input and cache_write."""
         return cls(
             float(entry["input"]),
             float(entry["output"]),
@@ -1838,7 +2006,6 @@ class TokenUsage:
     completion: int = 0
     cached: int = 0  # of the prompt, read from the provider's prompt cache
     cache_write: int = 0  # of the prompt, written to it
-    counted: bool = False  # counted by Nexus because the backend reported none
 
     def as_chat(self) -> dict[str, Any]:
         """Chat's usage: cached tokens inside prompt_tokens, told apart in its details."""
@@ -1878,6 +2045,7 @@ class TokenUsage:
 
 
 def token_count(value: Any) -> int | None:
+    """A usage field's value when it is a count (a non-negative int), else None."""
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
     return None
@@ -1919,7 +2087,7 @@ def usage_from(usage: Any) -> TokenUsage | None:
 
 def usage_or_estimate(usage: Any, prompt: int, completion: int) -> TokenUsage:
     """The usage a backend reported, or the estimates when it reported none."""
-    return usage_from(usage) or TokenUsage(prompt, completion, counted=True)
+    return usage_from(usage) or TokenUsage(prompt, completion)
 
 
 @functools.cache
@@ -1946,6 +2114,7 @@ def price_for(model: str, overrides: dict[str, Price]) -> Price | None:
 
 
 def cost_usd(price: Price, usage: TokenUsage) -> float:
+    """What an answer cost at a price: fresh, cached and cache-written prompt tokens and output."""
     cached_price = price.input if price.cached_input is None else price.cached_input
     write_price = price.input if price.cache_write is None else price.cache_write
     fresh = max(usage.prompt - usage.cached - usage.cache_write, 0)
@@ -1965,6 +2134,7 @@ def format_usd(usd: float) -> str:
 
 
 def month_of(now: dt.datetime) -> str:
+    """The UTC calendar month of a moment as YYYY-MM: the budgets' and the ledger's key."""
     return f"{now.year:04d}-{now.month:02d}"
 
 
@@ -1974,11 +2144,18 @@ def next_month_start(now: dt.datetime) -> dt.datetime:
     return dt.datetime(year, month, 1, tzinfo=dt.UTC)
 
 
+def seconds_to_next_month(now: dt.datetime | None = None) -> int:
+    """Whole seconds (at least 1) until monthly limits start again: a refusal's Retry-After."""
+    now = now or dt.datetime.now(dt.UTC)
+    return max(int((next_month_start(now) - now).total_seconds()), 1)
+
+
 class Budget:
     """The current calendar month's cloud spend (UTC months) and where it stands against the
     configured limit: normal, soft_limit (cloud deprioritised) or hard_limit (the action)."""
 
     def __init__(self, settings: BudgetSettings | None) -> None:
+        """This month's budget from nothing spent; the ledger says what was spent before."""
         self.configure(settings)
         self.month = month_of(dt.datetime.now(dt.UTC))
         self._spent_usd = 0.0
@@ -1995,10 +2172,12 @@ class Budget:
 
     @property
     def enabled(self) -> bool:
+        """Whether a monthly limit is configured."""
         return self.monthly_limit_usd > 0
 
     @property
     def spent_usd(self) -> float:
+        """This month's cloud spend so far."""
         self.roll()
         return self._spent_usd
 
@@ -2015,6 +2194,7 @@ class Budget:
         self._spent_usd = spent_usd
 
     def charge(self, usd: float) -> None:
+        """Add a cloud answer's cost, logging when the status changes."""
         self.roll()
         before = self.status
         self._spent_usd += usd
@@ -2030,6 +2210,7 @@ class Budget:
 
     @property
     def status(self) -> str:
+        """normal, soft_limit or hard_limit, by this month's spend against the limit."""
         if not self.enabled:
             return "normal"
         spent = self.spent_usd
@@ -2041,8 +2222,8 @@ class Budget:
         return "normal"
 
     def seconds_to_reset(self, now: dt.datetime | None = None) -> int:
-        now = now or dt.datetime.now(dt.UTC)
-        return max(int((next_month_start(now) - now).total_seconds()), 1)
+        """Seconds until the month's spend starts again from 0."""
+        return seconds_to_next_month(now)
 
     def snapshot(self) -> dict[str, Any] | None:
         """The budget in /v1/stats; None when no limit is configured."""
@@ -2098,6 +2279,7 @@ class RouteRules:
         )
 
     def allows(self, backend: Backend) -> bool:
+        """Whether a backend may serve the request; a refusal records why in `excluded`."""
         if self.restricted_only and backend.zone != "restricted":
             self.excluded.add("privacy")
             return False
@@ -2113,9 +2295,22 @@ class RouteRules:
         return True
 
 
+def budget_exceeded(needs: RequestNeeds, action: str, why: str) -> NexusError:
+    """The hard budget limit's clear refusal (429); Retry-After is the start of next month."""
+    return NexusError.of(
+        429,
+        "budget_exceeded",
+        f"The monthly cloud budget is spent and routing.budget.hard_limit_action is "
+        f"{action!r}: {why}. Model '{needs.model}' was not sent anywhere; the budget starts "
+        "again on the 1st of next month (UTC).",
+        headers={"Retry-After": str(seconds_to_next_month())},
+    )
+
+
 def route_rules(
     needs: RequestNeeds, chain: list[str], registry: Registry, settings: Settings
 ) -> RouteRules:
+    """What the matching policy and the budget allow a request (raises when the budget says no)."""
     policy = policy_for(needs.model, settings.routing)
     rules = RouteRules()
     if policy is not None:
@@ -2133,18 +2328,6 @@ def route_rules(
         rules.no_cloud = budget.hard_limit_action in ("shift_local", "block_cloud")
     rules.cloud_last = needs.budget_status == "soft_limit"
     return rules
-
-
-def budget_exceeded(needs: RequestNeeds, action: str, why: str) -> NexusError:
-    """The hard budget limit's clear refusal (429); Retry-After is the start of next month."""
-    return NexusError(
-        429,
-        "insufficient_quota",
-        "budget_exceeded",
-        f"The monthly cloud budget is spent and routing.budget.hard_limit_action is "
-        f"{action!r}: {why}. Model '{needs.model}' was not sent anywhere; the budget starts "
-        "again on the 1st of next month (UTC).",
-    )
 
 
 # ==============================================================================================
@@ -2231,6 +2414,7 @@ class LedgerFile:
     Every method runs on that thread, never on the event loop."""
 
     def __init__(self, path: Path) -> None:
+        """The file at `path`, not opened yet (the worker opens it)."""
         self.path = path
         self.conn: Any = None  # a sqlite3.Connection while the file is open
         self.identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the file opened
@@ -2240,6 +2424,7 @@ class LedgerFile:
         self.unsaved: set[tuple[str, str]] = set()
 
     def open(self) -> None:
+        """Open nexus.db with SQLite's exclusive lock and write-ahead log, making it if needed."""
         import sqlite3  # only a Nexus with a monthly limit pays for loading SQLite
 
         if self.path.parent.exists() and not self.path.parent.is_dir():
@@ -2344,6 +2529,7 @@ class Ledger:
     loop; one worker thread writes the rows that changed at most once a second."""
 
     def __init__(self, path: Path | None) -> None:
+        """An empty ledger for this month; open() reads nexus.db when `path` is set."""
         self.path = path  # None: no monthly limit, nothing is written
         self.file: LedgerFile | None = None  # set while nexus.db is in use
         self.rows: dict[str, dict[str, UsageRow]] = {}  # month -> key name -> row
@@ -2357,6 +2543,7 @@ class Ledger:
 
     @property
     def persistent(self) -> bool:
+        """Whether counts are kept in nexus.db (else in memory only)."""
         return self.file is not None
 
     async def open(self) -> None:
@@ -2387,6 +2574,7 @@ class Ledger:
         )
 
     async def in_worker(self, call: Callable[..., Any], *args: Any) -> Any:
+        """Run a LedgerFile call on the ledger's one worker thread."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.executor, call, *args)
 
@@ -2517,49 +2705,20 @@ ADMIN_PATHS = ("/v1/stats", "/v1/stats/stream", "/v1/usage", "/metrics", "/v1/ba
 PROXY_HEADERS = ("X-Forwarded-For", "Forwarded", "X-Real-IP")
 
 
-def key_digest(secret: str) -> bytes:
-    return hashlib.sha256(secret.encode()).digest()
-
-
-class TokenBucket:
-    """`per_minute` units a minute, refilled continuously, holding at most a minute's worth.
-
-    An amount larger than a minute's worth waits for a full bucket and then runs it into debt,
-    so one huge request is served rather than refused forever."""
-
-    __slots__ = ("level", "per_minute", "updated")
-
-    def __init__(self, per_minute: float, now: float) -> None:
-        self.per_minute = float(per_minute)
-        self.level = self.per_minute
-        self.updated = now
-
-    def refill(self, now: float) -> None:
-        elapsed = max(now - self.updated, 0.0)
-        self.level = min(self.per_minute, self.level + elapsed * self.per_minute / 60.0)
-        self.updated = max(now, self.updated)
-
-    def wait(self, amount: float, now: float) -> float:
-        """Seconds until `amount` can be taken; 0 when it can be taken now."""
-        self.refill(now)
-        missing = min(amount, self.per_minute) - self.level
-        if missing <= 1e-9:
-            return 0.0
-        return missing * 60.0 / self.per_minute
-
-    def take(self, amount: float, now: float) -> None:
-        self.refill(now)
-        self.level -= amount
-
-    def adjust(self, extra: float, now: float) -> None:
-        """Charge `extra` more (or give back, when negative): real usage replacing an estimate."""
-        self.refill(now)
-        self.level = min(self.per_minute, self.level - extra)
-
-
 def retry_after_header(wait: float) -> str:
     """Whole seconds, rounded up, so that a client waiting that long is let through."""
     return str(max(math.ceil(wait - 1e-9), 1))
+
+
+def rate_limited(what: str, wait: float) -> NexusError:
+    """The 429 for a key over its rpm or tpm, with an honest Retry-After."""
+    retry = retry_after_header(wait)
+    return NexusError.of(
+        429,
+        "rate_limit_exceeded",
+        f"Rate limit reached for {what}. Try again in {retry} s.",
+        headers={"Retry-After": retry},
+    )
 
 
 @dataclass(slots=True, eq=False)
@@ -2581,14 +2740,16 @@ class ApiKey:
     spent_usd: float = 0.0  # on cloud backends in `month`, priced like the global budget
     month: str = ""
 
-    def spent_in(self, month: str) -> float:
-        """The key's spend this month (UTC calendar months, like the global budget)."""
+    def roll_month(self, month: str) -> float:
+        """Begin `month` (from 0 when it is a new one) and return the key's spend in it: UTC
+        calendar months, like the global budget."""
         if month != self.month:
             self.month, self.spent_usd = month, 0.0
         return self.spent_usd
 
     def over_budget(self, month: str) -> bool:
-        return 0 < self.monthly_limit_usd <= self.spent_in(month)
+        """Whether the key has spent its monthly limit (0: no limit)."""
+        return 0 < self.monthly_limit_usd <= self.roll_month(month)
 
     def may_use(self, model: str, aliases: dict[str, str]) -> bool:
         """Whether the allow-list names the model, or the model an alias of it leads to."""
@@ -2599,6 +2760,7 @@ class ApiKey:
 
 
 def api_keys(auth: AuthSettings) -> list[ApiKey]:
+    """The ApiKey of each configured key, with its rpm and tpm buckets full."""
     now = time.monotonic()
     return [
         ApiKey(
@@ -2636,28 +2798,30 @@ def find_key(keys: list[ApiKey], presented: str) -> ApiKey | None:
 
 
 def needs_key(path: str) -> bool:
+    """Whether a path needs an API key when keys are configured."""
     if path.startswith("/api/"):  # Ollama's API (its version, like /health, stays open)
         return path != "/api/version"
     return path.startswith("/v1/") or path == "/metrics"
 
 
 def needs_admin(path: str) -> bool:
+    """Whether a path needs an admin key (the operations views and admin API)."""
     return path in ADMIN_PATHS or path.startswith("/v1/backends/")
 
 
 def admin_forbidden(key: ApiKey) -> NexusError:
-    return NexusError(
+    """The 403 for a key without admin = true on an admin path."""
+    return NexusError.of(
         403,
-        "permission_error",
         "admin_forbidden",
         f"The key '{key.name}' may not use this; it needs a key with admin = true.",
     )
 
 
 def unauthorized(message: str) -> NexusError:
-    return NexusError(
+    """The 401 for a missing or unknown key, asking for a Bearer token."""
+    return NexusError.of(
         401,
-        "invalid_request_error",
         "invalid_api_key",
         message,
         headers={"WWW-Authenticate": 'Bearer realm="nexus"'},
@@ -2680,17 +2844,6 @@ def authenticate(keys: list[ApiKey], path: str, headers: Any) -> ApiKey | None:
     if not key.admin and needs_admin(path):
         raise admin_forbidden(key)
     return key
-
-
-def rate_limited(what: str, wait: float) -> NexusError:
-    retry = retry_after_header(wait)
-    return NexusError(
-        429,
-        "rate_limit_error",
-        "rate_limit_exceeded",
-        f"Rate limit reached for {what}. Try again in {retry} s.",
-        headers={"Retry-After": retry},
-    )
 
 
 def admit(key: ApiKey, needs: RequestNeeds, now: float) -> int:
@@ -2721,7 +2874,7 @@ def settle(key: ApiKey, record: RequestRecord, status: int, charged: int, now: f
     unanswered request costs nothing; an answer without usage keeps the estimate)."""
     key.requests += 1
     if record.cost_usd:
-        key.spent_in(month_of(dt.datetime.now(dt.UTC)))
+        key.roll_month(month_of(dt.datetime.now(dt.UTC)))
         key.spent_usd += record.cost_usd
     used = (record.prompt_tokens or 0) + (record.completion_tokens or 0)
     key.tokens += used
@@ -2777,9 +2930,8 @@ def authenticate_request(request: web.Request) -> None:
 
 
 def model_known(model: str, registry: Registry, settings: Settings) -> bool:
-    model_id = resolve_alias(model, settings.routing.aliases)
-    chain = [model_id, *settings.routing.fallbacks.get(model_id, ())]
-    return any(m in registry.by_model for m in chain)
+    """Whether any backend serves the model, its alias's target or one of their fallbacks."""
+    return any(m in registry.by_model for m in model_chain(model, settings.routing))
 
 
 def check_model(request: web.Request, model: str) -> None:
@@ -2804,6 +2956,18 @@ def admit_request(request: web.Request, needs: RequestNeeds) -> None:
     request[TOKENS_CHARGED] = admit(key, needs, time.monotonic())
 
 
+def key_budget_spent(key: ApiKey, needs: RequestNeeds) -> NexusError:
+    """The 429 for a key over its monthly limit when no local backend can serve it."""
+    return NexusError.of(
+        429,
+        "key_budget_exceeded",
+        f"Key '{key.name}' has spent its monthly limit of {key.monthly_limit_usd:g} USD, so cloud "
+        f"backends are off for it and no local backend can serve model '{needs.model}' now; "
+        "the limit starts again on the 1st of next month (UTC).",
+        headers={"Retry-After": str(seconds_to_next_month())},
+    )
+
+
 def allowed_attempts(
     request: web.Request, decision: RouteDecision, needs: RequestNeeds
 ) -> RouteDecision:
@@ -2822,21 +2986,9 @@ def allowed_attempts(
     if key.over_budget(month_of(dt.datetime.now(dt.UTC))):
         attempts = [a for a in attempts if not a.backend.is_cloud]
         if not attempts:
-            raise key_budget_spent(key, needs, request.app[BUDGET].seconds_to_reset())
+            raise key_budget_spent(key, needs)
     decision.attempts = attempts
     return decision
-
-
-def key_budget_spent(key: ApiKey, needs: RequestNeeds, seconds_to_reset: int) -> NexusError:
-    return NexusError(
-        429,
-        "insufficient_quota",
-        "key_budget_exceeded",
-        f"Key '{key.name}' has spent its monthly limit of {key.monthly_limit_usd:g} USD, so cloud "
-        f"backends are off for it and no local backend can serve model '{needs.model}' now; "
-        "the limit starts again on the 1st of next month (UTC).",
-        headers={"Retry-After": str(seconds_to_reset)},
-    )
 
 
 def settle_request(request: web.Request, record: RequestRecord, status: int) -> None:
@@ -2848,6 +3000,7 @@ def settle_request(request: web.Request, record: RequestRecord, status: int) -> 
 
 
 def may_see_model(request: web.Request, model: str) -> bool:
+    """Whether the caller's key (if any) may see a model in the model lists."""
     key = request.get(API_KEY)
     return key is None or key.may_use(model, request.app[SETTINGS].routing.aliases)
 
@@ -2900,12 +3053,14 @@ class SessionTable:
     __slots__ = ("entries", "hits", "moves", "new")
 
     def __init__(self) -> None:
+        """An empty table with its counters at 0."""
         self.entries: collections.OrderedDict[int, tuple[str, float]] = collections.OrderedDict()
         self.hits = 0  # turns served by the backend of the session's last turn
         self.moves = 0  # turns of a known session served elsewhere
         self.new = 0  # turns without a session to follow: first turns, one-off requests
 
     def backend_of(self, key: int, now: float) -> str | None:
+        """The backend a session's last turn went to, unless it has been idle too long."""
         entry = self.entries.get(key)
         if entry is None or now - entry[1] > SESSION_IDLE_SECONDS:
             return None
@@ -2926,6 +3081,7 @@ class SessionTable:
             entries.popitem(last=False)
 
     def expire(self, now: float) -> None:
+        """Drop sessions idle too long, and the oldest beyond SESSIONS_MAX."""
         entries = self.entries
         while entries and (
             len(entries) > SESSIONS_MAX
@@ -2934,25 +3090,18 @@ class SessionTable:
             entries.popitem(last=False)
 
     def tracked(self, now: float) -> int:
+        """How many sessions are remembered now."""
         self.expire(now)
         return len(self.entries)
 
     def snapshot(self, now: float) -> dict[str, int]:
+        """The session counts for /v1/stats."""
         return {
             "tracked": self.tracked(now),
             "hits": self.hits,
             "moves": self.moves,
             "new": self.new,
         }
-
-
-def resolve_alias(model: str, aliases: dict[str, str]) -> str:
-    """Follow aliases up to MAX_ALIAS_HOPS; cycles and longer chains were rejected at start-up."""
-    for _ in range(MAX_ALIAS_HOPS):
-        if model not in aliases:
-            return model
-        model = aliases[model]
-    return model
 
 
 def meets_needs(model: Model, needs: RequestNeeds) -> bool:
@@ -2968,6 +3117,7 @@ def meets_needs(model: Model, needs: RequestNeeds) -> bool:
 
 
 def fits_entirely(model: Model, needs: RequestNeeds) -> bool:
+    """Whether the prompt plus max_tokens fits the model's context (unknown sizes fit)."""
     if not model.context_length or needs.max_tokens is None:
         return True
     return needs.prompt_tokens + needs.max_tokens <= model.context_length
@@ -2988,6 +3138,7 @@ def scorer(weights: dict[str, float]) -> Callable[[Backend], float]:
     per_ms = weights.get("latency", 0.0) / LATENCY_SCALE_MS
 
     def score(backend: Backend) -> float:
+        """A backend's score: priority, load and latency, weighted."""
         load = backend.in_flight / (backend.max_concurrent or 10)
         latency = backend.latency_ema_ms
         ttft = backend.ttft_ema_ms
@@ -3114,73 +3265,6 @@ def clamp_max_tokens(model: Model, needs: RequestNeeds) -> int | None:
     return max(model.context_length - needs.prompt_tokens, 1)
 
 
-def route(needs: RequestNeeds, registry: Registry, settings: Settings) -> RouteDecision:
-    """Plan the attempts for a request: the model's candidates, then its fallback chain, each
-    model's list cut to 1 + max_retries backends, free ones before those at capacity.
-
-    Raises NexusError 404 for a model no backend serves and no alias names, 400 for a prompt
-    no backend of the model or its fallbacks can hold, and 503 with an actionable context when
-    nothing can serve it now.
-    """
-    model_id = resolve_alias(needs.model, settings.routing.aliases)
-    chain = list(dict.fromkeys([model_id, *settings.routing.fallbacks.get(model_id, ())]))
-    if not any(m in registry.by_model for m in chain):
-        raise model_not_found(needs.model, registry, settings)
-    rules = route_rules(needs, chain, registry, settings)
-    budget = settings.routing.budget
-    full_chain = chain
-    if rules.no_cloud and budget is not None and budget.hard_limit_action == "block_cloud":
-        chain = chain[:1]  # block_cloud keeps cloud work out without serving another model
-    ranked_models = [(m, candidates_for(m, needs, registry, settings, rules)) for m in chain]
-    if rules.min_tier and needs.flexible and not any(r for _, r in ranked_models):
-        rules.min_tier = 0  # nothing meets the tier anywhere: the flexible request takes less
-        rules.lowered_tier = True
-        ranked_models = [(m, candidates_for(m, needs, registry, settings, rules)) for m in chain]
-    decision = RouteDecision(model=model_id, attempts=[])
-    per_model = settings.routing.max_retries + 1
-    for position, (candidate_model, ranked) in enumerate(ranked_models):
-        if not ranked:
-            continue
-        free = [b for b in ranked if not b.at_capacity()]
-        if not decision.attempts:  # the first servable model decides the reason and queueing
-            decision.all_full = not free
-            if position > 0 and registry.by_model.get(model_id):
-                if not any(b.status == "healthy" for b in registry.by_model[model_id]):
-                    decision.reason = "failover"
-            elif rules.excluded & {"privacy", "overflow"}:
-                decision.reason = "privacy-requirement"
-            elif free and len(free) < len(ranked) and passed_over_full(ranked, free[0], settings):
-                decision.reason = "capacity-overflow"
-            if free and free[0].name == needs.last_backend and decision.reason in AFFINITY_REASONS:
-                decision.reason = "session-affinity"
-        if len(free) < len(ranked):
-            ranked = free + [b for b in ranked if b.at_capacity()]
-        for backend in ranked[:per_model]:
-            model = backend.models[candidate_model]
-            decision.attempts.append(
-                Attempt(
-                    backend,
-                    candidate_model,
-                    fallback=position > 0,
-                    max_tokens=clamp_max_tokens(model, needs),
-                    alone=len(ranked) == 1,
-                    scrub=rules.overflow == "scrub" and backend.zone != "restricted",
-                )
-            )
-    if not decision.attempts:
-        too_long = context_exceeded(needs, full_chain, registry)
-        if too_long is not None:
-            raise too_long
-        if "budget" in rules.excluded and budget is not None:
-            raise budget_exceeded(
-                needs,
-                budget.hard_limit_action,
-                "cloud backends are off and no local backend can serve it now",
-            )
-        raise no_capacity(needs, model_id, registry, rules, chain)
-    return decision
-
-
 def model_not_found(
     model: str, registry: Registry, settings: Settings, key: ApiKey | None = None
 ) -> NexusError:
@@ -3189,13 +3273,24 @@ def model_not_found(
     if key is not None:
         available = [m for m in available if key.may_use(m, settings.routing.aliases)]
     listed = ", ".join(available[:50]) if available else "none (no backend is serving a model)"
-    return NexusError(
+    return NexusError.of(
         404,
-        "invalid_request_error",
         "model_not_found",
         f"The model '{model}' does not exist or is not served by any backend. "
         f"Available models: {listed}",
         param="model",
+    )
+
+
+def context_length_exceeded(prompt: int, largest: int, how: str, param: str | None) -> NexusError:
+    """OpenAI's context_length_exceeded, with both sizes in `context` for other doors' words."""
+    return NexusError.of(
+        400,
+        "context_length_exceeded",
+        f"This model's maximum context length is {largest} tokens, however you requested "
+        f"{prompt} tokens ({how}). Serve it with a larger context, or add a fallback with one.",
+        param=param,
+        context={"prompt_tokens": prompt, "context_length": largest},
     )
 
 
@@ -3223,23 +3318,6 @@ def context_exceeded(
     )
 
 
-def context_length_exceeded(prompt: int, largest: int, how: str, param: str | None) -> NexusError:
-    """OpenAI's context_length_exceeded, with both sizes in `context` for other doors' words."""
-    return NexusError(
-        400,
-        "invalid_request_error",
-        "context_length_exceeded",
-        f"This model's maximum context length is {largest} tokens, however you requested "
-        f"{prompt} tokens ({how}). Serve it with a larger context, or add a fallback with one.",
-        param=param,
-        context={"prompt_tokens": prompt, "context_length": largest},
-    )
-
-
-# What a 503 calls each failed need, and how many backends its message names (the rest are
-# counted; error.context lists up to MAX_LISTED_SHORTFALLS).
-NEED_WORDS = {"vision": "vision", "tools": "tools", "json_mode": "JSON mode", "context": "context"}
-MAX_NAMED_BACKENDS = 8
 MAX_LISTED_SHORTFALLS = 100
 
 
@@ -3278,6 +3356,12 @@ def shortfalls(needs: RequestNeeds, chain: list[str], registry: Registry) -> lis
                     entry["context_length"] = model.context_length
                 found.append(entry)
     return found
+
+
+# What a 503 calls each failed need, and how many backends its message names (the rest are
+# counted; error.context lists up to MAX_LISTED_SHORTFALLS).
+NEED_WORDS = {"vision": "vision", "tools": "tools", "json_mode": "JSON mode", "context": "context"}
+MAX_NAMED_BACKENDS = 8
 
 
 def shortfall_words(entry: dict[str, Any]) -> str:
@@ -3346,9 +3430,8 @@ def no_capacity(
         why = shortfall_reason(needs, found)
     else:
         why = "no backend serves it"
-    return NexusError(
+    return NexusError.of(
         503,
-        "service_unavailable",
         "no_backend_available",
         f"No backend can serve model '{needs.model}' now: {why}.",
         context={
@@ -3361,6 +3444,73 @@ def no_capacity(
     )
 
 
+def route(needs: RequestNeeds, registry: Registry, settings: Settings) -> RouteDecision:
+    """Plan the attempts for a request: the model's candidates, then its fallback chain, each
+    model's list cut to 1 + max_retries backends, free ones before those at capacity.
+
+    Raises NexusError 404 for a model no backend serves and no alias names, 400 for a prompt
+    no backend of the model or its fallbacks can hold, and 503 with an actionable context when
+    nothing can serve it now.
+    """
+    chain = model_chain(needs.model, settings.routing)
+    model_id = chain[0]
+    if not any(m in registry.by_model for m in chain):
+        raise model_not_found(needs.model, registry, settings)
+    rules = route_rules(needs, chain, registry, settings)
+    budget = settings.routing.budget
+    full_chain = chain
+    if rules.no_cloud and budget is not None and budget.hard_limit_action == "block_cloud":
+        chain = chain[:1]  # block_cloud keeps cloud work out without serving another model
+    ranked_models = [(m, candidates_for(m, needs, registry, settings, rules)) for m in chain]
+    if rules.min_tier and needs.flexible and not any(r for _, r in ranked_models):
+        rules.min_tier = 0  # nothing meets the tier anywhere: the flexible request takes less
+        rules.lowered_tier = True
+        ranked_models = [(m, candidates_for(m, needs, registry, settings, rules)) for m in chain]
+    decision = RouteDecision(model=model_id, attempts=[])
+    per_model = settings.routing.max_retries + 1
+    for position, (candidate_model, ranked) in enumerate(ranked_models):
+        if not ranked:
+            continue
+        free = [b for b in ranked if not b.at_capacity()]
+        if not decision.attempts:  # the first servable model decides the reason and queueing
+            decision.all_full = not free
+            if position > 0 and registry.by_model.get(model_id):
+                if not any(b.status == "healthy" for b in registry.by_model[model_id]):
+                    decision.reason = "failover"
+            elif rules.excluded & {"privacy", "overflow"}:
+                decision.reason = "privacy-requirement"
+            elif free and len(free) < len(ranked) and passed_over_full(ranked, free[0], settings):
+                decision.reason = "capacity-overflow"
+            if free and free[0].name == needs.last_backend and decision.reason in AFFINITY_REASONS:
+                decision.reason = "session-affinity"
+        if len(free) < len(ranked):
+            ranked = free + [b for b in ranked if b.at_capacity()]
+        for backend in ranked[:per_model]:
+            model = backend.models[candidate_model]
+            decision.attempts.append(
+                Attempt(
+                    backend,
+                    candidate_model,
+                    fallback=position > 0,
+                    max_tokens=clamp_max_tokens(model, needs),
+                    alone=len(ranked) == 1,
+                    scrub=rules.overflow == "scrub" and backend.zone != "restricted",
+                )
+            )
+    if not decision.attempts:
+        too_long = context_exceeded(needs, full_chain, registry)
+        if too_long is not None:
+            raise too_long
+        if "budget" in rules.excluded and budget is not None:
+            raise budget_exceeded(
+                needs,
+                budget.hard_limit_action,
+                "cloud backends are off and no local backend can serve it now",
+            )
+        raise no_capacity(needs, model_id, registry, rules, chain)
+    return decision
+
+
 # ==============================================================================================
 # Backend connections
 # Owns: HTTP/1.1 to the backends: connections opened, kept alive, reused and closed; requests
@@ -3368,10 +3518,10 @@ def no_capacity(
 # the connection's end) and read as they arrive, with reading paused while a reader lags.
 # Must not: know backend types or APIs. Adapters say what to send; the proxy what to do next.
 # ==============================================================================================
-# Why not aiohttp's client: a request through its ClientSession cost a bare relay about 0.17 ms
-# of CPU here (URL objects, multidict headers, cookies, traces, payload registry), twice all the
-# rest of the relay (`make bench`). Backends are JSON and SSE APIs, so this asks for no
-# compression (and decodes gzip from a server that compresses anyway) and follows no redirects
+# Why not aiohttp's client: a request through its ClientSession costs more CPU than all the rest
+# of the relay (URL objects, multidict headers, cookies, traces, payload registry; the README
+# has the figures). Backends are JSON and SSE APIs, so this sends Accept-Encoding: identity
+# (and decodes gzip or deflate from a server that compresses anyway) and follows no redirects
 # (a clear error instead); each connection carries one request at a time. Connecting is where
 # the rest is: Happy Eyeballs for dual-stack names, HTTPS_PROXY's tunnel for https backends.
 
@@ -3448,6 +3598,7 @@ def request_start(method: str, url: str) -> tuple[Origin, str]:
 def encode_request(
     method: str, url: str, headers: dict[str, str], body: bytes, keep_alive: bool
 ) -> tuple[Origin, bytes]:
+    """A request's bytes for HTTP/1.1: the start line, headers and body, and its origin."""
     origin, start = request_start(method, url)
     lines = [start]
     for name, value in headers.items():
@@ -3512,6 +3663,7 @@ class BackendConnection(asyncio.Protocol):
     )
 
     def __init__(self, pool: BackendPool, origin: Origin) -> None:
+        """A connection of `pool` to `origin`, not connected yet (the pool connects it)."""
         self.pool, self.origin = pool, origin
         self.transport: asyncio.Transport | None = None
         self.rest = b""  # bytes received and not parsed yet: part of a head or a chunk line
@@ -3540,9 +3692,11 @@ class BackendConnection(asyncio.Protocol):
     # --- the protocol: called by the loop -------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """asyncio's callback: the connection is open."""
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        """asyncio's callback: parse what arrived; a malformed answer fails the request."""
         if self.rest:
             data, self.rest = self.rest + data, b""
         try:
@@ -3560,6 +3714,7 @@ class BackendConnection(asyncio.Protocol):
         self.wake()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        """asyncio's callback: the connection closed; an answer cut short fails."""
         self.closed = True
         self.pool.open.discard(self)
         if self.state == "close" and exc is None:  # a reset cuts an answer short; a FIN ends it
@@ -3574,6 +3729,7 @@ class BackendConnection(asyncio.Protocol):
     # --- parsing ----------------------------------------------------------------------------------
 
     def parse(self, data: bytes) -> None:
+        """Parse received bytes: the head, then the body by its framing."""
         pos, end = 0, len(data)
         while pos < end:
             state = self.state
@@ -3633,6 +3789,7 @@ class BackendConnection(asyncio.Protocol):
             self.rest = data[pos:]
 
     def read_head(self, head: bytes) -> None:
+        """Parse the status line and headers, and set up the body's framing and decoding."""
         text = head.decode("latin-1")  # latin-1: any byte, one character each
         if text.count("\n") != text.count("\r\n"):
             raise BackendHTTPError(BARE_LF_HEAD)
@@ -3688,6 +3845,7 @@ class BackendConnection(asyncio.Protocol):
         self.status, self.headers = status, headers  # last: a head that fails sets no status
 
     def add_body(self, block: bytes) -> None:
+        """Queue a block of body (decoded), pausing the socket while the reader lags."""
         if self.drain:
             return  # the reader is gone; only the answer's end is awaited
         if self.decoder is not None:
@@ -3701,6 +3859,7 @@ class BackendConnection(asyncio.Protocol):
             self.transport.pause_reading()  # type: ignore[union-attr]
 
     def decode(self, block: bytes) -> bytes:
+        """Decompress a block of a gzip or deflate body, refusing one that expands too far."""
         decoder = self.decoder
         if decoder is True:  # deflate: zlib-wrapped as HTTP says, or raw as some servers send
             head = int.from_bytes(block[:2])
@@ -3716,6 +3875,7 @@ class BackendConnection(asyncio.Protocol):
         return data
 
     def fail(self, error: BackendHTTPError) -> None:
+        """Record the first error and abort the connection."""
         if self.error is None:
             self.error = error
         self.keep_alive = False
@@ -3723,11 +3883,13 @@ class BackendConnection(asyncio.Protocol):
             self.transport.abort()
 
     def wake(self) -> None:
+        """Wake the reader waiting for more of the answer."""
         waiter = self.waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
     async def wait(self) -> None:
+        """Wait until more of the answer (or its end) arrives."""
         self.waiter = self.pool.loop.create_future()
         try:
             await self.waiter
@@ -3755,6 +3917,7 @@ class BackendConnection(asyncio.Protocol):
         return self.state == "done"
 
     def take(self) -> bytes:
+        """All body bytes buffered so far, resuming the socket."""
         body = self.body
         data = body.popleft() if len(body) == 1 else b"".join(body)
         body.clear()
@@ -3763,6 +3926,7 @@ class BackendConnection(asyncio.Protocol):
         return data
 
     def resume(self) -> None:
+        """Resume reading the socket if it was paused."""
         if self.paused:
             self.paused = False
             self.transport.resume_reading()  # type: ignore[union-attr]
@@ -3806,12 +3970,14 @@ class BackendConnection(asyncio.Protocol):
             self.close()
 
     def end_drain(self) -> None:
+        """The drain's time is up: close the connection instead of reusing it."""
         self.drain_timer = None
         if self.drain:  # the last bytes never came
             self.drain = False
             self.close()
 
     def close(self) -> None:
+        """Close the connection; it is not reused."""
         self.keep_alive = False
         if self.transport is not None and not self.closed:
             self.transport.close()
@@ -3912,6 +4078,7 @@ class BackendPool:
     """Every connection to every backend; idle ones kept per origin, newest reused first."""
 
     def __init__(self, connect_timeout: float, tls: ssl.SSLContext | None = None) -> None:
+        """A pool with no connections, on the running loop."""
         self.connect_timeout = connect_timeout
         self.tls = tls  # for https backends; None: the system's certificates (tls_context)
         self.loop = asyncio.get_running_loop()
@@ -3956,6 +4123,7 @@ class BackendPool:
             conn.close()
 
     def reuse(self, origin: Origin) -> BackendConnection | None:
+        """An idle connection to the origin that is still fresh, or None."""
         idle = self.idle.get(origin)
         if not idle:
             return None
@@ -3972,6 +4140,7 @@ class BackendPool:
         return None
 
     def put(self, conn: BackendConnection) -> None:
+        """Keep a connection whose answer ended cleanly, for the origin's next request."""
         now = self.loop.time()
         conn.idle_since = now
         idle = self.idle.get(conn.origin)
@@ -3982,6 +4151,7 @@ class BackendPool:
         idle.append(conn)
 
     async def connect(self, origin: Origin) -> BackendConnection:
+        """Open a new connection to an origin (through HTTPS_PROXY for https when set)."""
         scheme, host, port = origin
         tls = (self.tls or tls_context()) if scheme == "https" else None
         try:
@@ -4015,6 +4185,7 @@ class BackendPool:
         return self.opened(conn)
 
     def opened(self, conn: BackendConnection) -> BackendConnection:
+        """Track a connection just opened, unless Nexus is shutting down."""
         if self.closing:  # Nexus stopped while this connection was being made
             conn.close()
             raise BackendHTTPError("Nexus is shutting down")
@@ -4034,6 +4205,7 @@ class BackendPool:
         return self.https_proxy
 
     def close(self) -> None:
+        """Close every connection: Nexus is stopping."""
         self.closing = True
         for conn in list(self.open):
             conn.close()
@@ -4061,6 +4233,15 @@ class BackendReplyError(Exception):
 POLL_MAX_BODY = 32 * 1024 * 1024  # a poll's answer cut here fails as not JSON, not as memory
 
 
+def status_problem(status: int, path: str) -> str:
+    """A poll's answer that is not 200, as the reason a backend is down."""
+    if status in (401, 403):
+        return f"HTTP {status} on {path}: a key is missing or refused (api_key_env)"
+    if status in (404, 405):
+        return f"HTTP {status} on {path}: not an LLM server (or not of its configured type)"
+    return f"HTTP {status} on {path}"
+
+
 async def fetch_json(
     pool: BackendPool,
     method: str,
@@ -4068,6 +4249,7 @@ async def fetch_json(
     headers: dict[str, str] | None = None,
     payload: Any = None,
 ) -> Any:
+    """Send a request to a backend and return its JSON answer; any other answer raises."""
     body = b"" if payload is None else json.dumps(payload).encode()
     if payload is not None:
         headers = {**headers, **JSON_HEADERS} if headers else JSON_HEADERS
@@ -4081,16 +4263,8 @@ async def fetch_json(
         raise BackendReplyError(f"not an LLM server: {path} answered something not JSON") from None
 
 
-def status_problem(status: int, path: str) -> str:
-    """A poll's answer that is not 200, as the reason a backend is down."""
-    if status in (401, 403):
-        return f"HTTP {status} on {path}: a key is missing or refused (api_key_env)"
-    if status in (404, 405):
-        return f"HTTP {status} on {path}: not an LLM server (or not of its configured type)"
-    return f"HTTP {status} on {path}"
-
-
 def positive_int(value: Any) -> int | None:
+    """A value when it is a positive int (not a bool), else None."""
     if isinstance(value, int) and not isinstance(value, bool) and value > 0:
         return value
     return None
@@ -4149,9 +4323,11 @@ class OpenAICompatibleAdapter:
         return SseLines(content)
 
     def url(self, backend: Backend, endpoint: str) -> str:
+        """The URL of an endpoint (chat, completions, embeddings) on the backend."""
         return backend.url + ENDPOINT_PATHS[endpoint]
 
     async def poll(self, pool: BackendPool, backend: Backend) -> dict[str, Model]:
+        """The backend's models, from its /v1/models."""
         data = await fetch_json(pool, "GET", backend.url + "/v1/models", self.headers(backend))
         return models_from_openai_list(data)
 
@@ -4164,9 +4340,11 @@ class OpenAICompatibleAdapter:
         return None
 
     async def load(self, pool: BackendPool, backend: Backend, model: str, keep_alive: Any) -> None:
+        """Load a model: only types that manage models can."""
         raise NotImplementedError(backend.type)
 
     async def unload(self, pool: BackendPool, backend: Backend, model: str) -> None:
+        """Unload a model: only types that manage models can."""
         raise NotImplementedError(backend.type)
 
 
@@ -4176,6 +4354,7 @@ class VllmAdapter(OpenAICompatibleAdapter):
     stream_usage = True
 
     async def poll(self, pool: BackendPool, backend: Backend) -> dict[str, Model]:
+        """vLLM's models: /health must answer 200, then /v1/models."""
         status, _ = await pool.fetch(
             "GET", backend.url + "/health", self.headers(backend), limit=POLL_MAX_BODY
         )
@@ -4222,13 +4401,16 @@ class LlamaCppAdapter(OpenAICompatibleAdapter):
     stream_usage = True
 
     def manages_models(self, backend: Backend) -> bool:
+        """Whether it is a llama-server in router mode (it may load and unload)."""
         return backend.loaded is not None  # a router: its last poll said what it runs
 
     async def loaded_models(self, pool: BackendPool, backend: Backend) -> dict[str, int] | None:
+        """What a router runs now, from its /v1/models statuses."""
         url = backend.url + "/v1/models"
         return router_loaded(await fetch_json(pool, "GET", url, self.headers(backend)))
 
     async def load(self, pool: BackendPool, backend: Backend, model: str, keep_alive: Any) -> None:
+        """Ask the router to load a model and wait until its status says loaded."""
         await self.router_call(pool, backend, "/models/load", model)
         while True:  # the router starts the model's server; its status says how that went
             data = await fetch_json(pool, "GET", backend.url + "/v1/models", self.headers(backend))
@@ -4240,6 +4422,7 @@ class LlamaCppAdapter(OpenAICompatibleAdapter):
             await asyncio.sleep(ROUTER_CHECK_SECONDS)
 
     async def unload(self, pool: BackendPool, backend: Backend, model: str) -> None:
+        """Ask the router to unload a model."""
         await self.router_call(pool, backend, "/models/unload", model)
 
     async def router_call(self, pool: BackendPool, backend: Backend, path: str, model: str) -> None:
@@ -4259,6 +4442,7 @@ class LlamaCppAdapter(OpenAICompatibleAdapter):
         raise BackendReplyError(f"{path} answered HTTP {status}: {why[:200]}")
 
     async def poll(self, pool: BackendPool, backend: Backend) -> dict[str, Model]:
+        """llama-server's models: /health must answer 200, then /v1/models."""
         status, _ = await pool.fetch(
             "GET", backend.url + "/health", self.headers(backend), limit=POLL_MAX_BODY
         )
@@ -4288,6 +4472,7 @@ class LmStudioAdapter(OpenAICompatibleAdapter):
     and whether each model is loaded (`state`)."""
 
     async def poll(self, pool: BackendPool, backend: Backend) -> dict[str, Model]:
+        """LM Studio's models from /api/v0/models, with context lengths and what is loaded."""
         data = await fetch_json(pool, "GET", backend.url + "/api/v0/models", self.headers(backend))
         if not isinstance(data, dict) or not isinstance(data.get("data"), list):
             raise BackendReplyError("not an LLM server: /api/v0/models has no data list")
@@ -4329,9 +4514,11 @@ class OllamaAdapter(OpenAICompatibleAdapter):
     api = "ollama"  # its own API too: /api/* requests are sent to it as they are
 
     def manages_models(self, backend: Backend) -> bool:
+        """Ollama always loads and unloads models."""
         return True
 
     def __init__(self) -> None:
+        """The adapter, with no model described yet."""
         self.details: dict[tuple[str, str, str], Model] = {}
 
     async def poll(self, pool: BackendPool, backend: Backend) -> dict[str, Model]:
@@ -4356,6 +4543,7 @@ class OllamaAdapter(OpenAICompatibleAdapter):
             return None
 
     async def loaded_models(self, pool: BackendPool, backend: Backend) -> dict[str, int] | None:
+        """The models in memory, from /api/ps, with the bytes each holds."""
         data = await fetch_json(pool, "GET", backend.url + "/api/ps", self.headers(backend))
         if not isinstance(data, dict) or not isinstance(data.get("models"), list):
             raise BackendReplyError("/api/ps: no models list")
@@ -4370,9 +4558,11 @@ class OllamaAdapter(OpenAICompatibleAdapter):
         return loaded
 
     async def load(self, pool: BackendPool, backend: Backend, model: str, keep_alive: Any) -> None:
+        """Load a model by generating nothing with it, kept for keep_alive."""
         await self.generate_nothing(pool, backend, model, keep_alive)
 
     async def unload(self, pool: BackendPool, backend: Backend, model: str) -> None:
+        """Unload a model by generating nothing with keep_alive 0."""
         await self.generate_nothing(pool, backend, model, 0)
 
     async def generate_nothing(
@@ -4393,6 +4583,7 @@ class OllamaAdapter(OpenAICompatibleAdapter):
             raise BackendReplyError(f"/api/generate answered HTTP {status}: {why[:200]}")
 
     async def models(self, pool: BackendPool, backend: Backend) -> dict[str, Model]:
+        """Ollama's models from /api/tags, each described once by /api/show."""
         data = await fetch_json(pool, "GET", backend.url + "/api/tags", self.headers(backend))
         if not isinstance(data, dict) or not isinstance(data.get("models"), list):
             raise BackendReplyError("not an LLM server: /api/tags has no models list")
@@ -4410,6 +4601,7 @@ class OllamaAdapter(OpenAICompatibleAdapter):
         limit = asyncio.Semaphore(OLLAMA_SHOWS_AT_ONCE)
 
         async def learn(key: tuple[str, str, str]) -> None:
+            """Describe one model by /api/show and remember it by its digest."""
             async with limit:
                 model = await self.show(pool, backend, key[1])
                 model.size = sizes[key[1]]  # the same for the same digest
@@ -4424,6 +4616,7 @@ class OllamaAdapter(OpenAICompatibleAdapter):
         return {name: self.details[key] for name, key in keys.items()}
 
     async def show(self, pool: BackendPool, backend: Backend, name: str) -> Model:
+        """One model's context length and capabilities, from /api/show."""
         try:
             info = await fetch_json(
                 pool, "POST", backend.url + "/api/show", self.headers(backend), {"model": name}
@@ -4455,79 +4648,136 @@ class OpenAICloudAdapter(OpenAICompatibleAdapter):
     stream_usage = True
 
 
-class AnthropicAdapter(OpenAICompatibleAdapter):
-    """Anthropic's Messages API, spoken natively: `x-api-key` and `anthropic-version` headers,
-    chat completions translated into Messages requests and the answers (whole or streamed)
-    back into chat completions. Health is the model list, which spends no tokens."""
-
-    translates = True
-    stream_usage = True  # every Messages stream reports usage
-    api = "anthropic"
-
-    def headers(self, backend: Backend) -> dict[str, str]:
-        return {
-            "x-api-key": os.environ.get(backend.api_key_env, ""),
-            "anthropic-version": ANTHROPIC_VERSION,
-        }
-
-    def url(self, backend: Backend, endpoint: str) -> str:
-        if endpoint != "chat":
-            raise NexusError(
-                400,
-                "invalid_request_error",
-                "unsupported_endpoint",
-                f"Backend {backend.name} (anthropic) serves chat completions only.",
-            )
-        return backend.url + "/v1/messages"
-
-    def request_body(self, payload: dict[str, Any]) -> bytes:
-        return json.dumps(chat_to_anthropic(payload)).encode()
-
-    def answer(self, parsed: dict[str, Any]) -> dict[str, Any]:
-        return anthropic_to_chat(parsed)
-
-    def error_body(self, answer: bytes) -> bytes:
-        """Anthropic's error document as OpenAI's envelope, its message kept."""
-        try:
-            document = json.loads(answer)
-        except ValueError:
-            return answer
-        error = document.get("error") if isinstance(document, dict) else None
-        if not isinstance(error, dict):
-            return answer
-        message = str(error.get("message") or "the backend refused the request")
-        envelope = {"message": message, "type": error.get("type"), "param": None, "code": None}
-        return json.dumps({"error": envelope}).encode()
-
-    def stream_reader(self, content: BackendConnection, model: str) -> AnthropicStream:
-        return AnthropicStream(content, model)
-
-    async def poll(self, pool: BackendPool, backend: Backend) -> dict[str, Model]:
-        url = backend.url + "/v1/models?limit=1000"  # the list is paged, 20 by default
-        return models_from_openai_list(await fetch_json(pool, "GET", url, self.headers(backend)))
-
-
 ANTHROPIC_VERSION = "2023-06-01"
 # Anthropic requires max_tokens; a chat request may leave it out.
 ANTHROPIC_DEFAULT_MAX_TOKENS = 4096
-# Chat's finish_reason and Anthropic's stop_reason for the same ending, both ways: the first
-# pair that names a reason says what it becomes in the other API.
-STOP_REASON_PAIRS = (
-    ("stop", "end_turn"),
-    ("stop", "stop_sequence"),
-    ("stop", "pause_turn"),
-    ("length", "max_tokens"),
-    ("length", "model_context_window_exceeded"),
-    ("tool_calls", "tool_use"),
-    ("function_call", "tool_use"),
-    ("content_filter", "refusal"),
-)
-STOP_REASONS = {finish: stop for finish, stop in reversed(STOP_REASON_PAIRS)}
-FINISH_REASONS = {stop: finish for finish, stop in reversed(STOP_REASON_PAIRS)}
-# tool_choice in chat's words and in Anthropic's (whose choices are {"type": ...} objects).
-TOOL_CHOICE_PAIRS = (("auto", "auto"), ("required", "any"), ("none", "none"))
 # Fields a chat request may carry that mean the same in a Messages request.
 ANTHROPIC_NATIVE_FIELDS = ("top_p", "top_k", "metadata", "thinking", "service_tier")
+
+
+def add_turn(turns: list[dict[str, Any]], role: str, blocks: list[dict[str, Any]]) -> None:
+    """Append blocks to Anthropic's turns, merging into the last turn when the role repeats."""
+    if not blocks:
+        return
+    if turns and turns[-1]["role"] == role:
+        turns[-1]["content"].extend(blocks)
+    else:
+        turns.append({"role": role, "content": blocks})
+
+
+def anthropic_image(url: Any, index: int) -> dict[str, Any]:
+    """An OpenAI image_url as an Anthropic image block: base64 data URLs or plain URLs."""
+    if not isinstance(url, str) or not url:
+        raise bad_request(f"messages[{index}]: image_url needs a url", "messages")
+    if url.startswith("data:"):
+        head, _, data = url.partition(",")
+        media_type = head[5:].split(";")[0]
+        if not data or ";base64" not in head:
+            raise bad_request(f"messages[{index}]: expected a base64 data URL", "messages")
+        return {
+            "type": "image",
+            "source": {"type": "base64", "media_type": media_type, "data": data},
+        }
+    return {"type": "image", "source": {"type": "url", "url": url}}
+
+
+def anthropic_blocks(content: Any, index: int) -> list[dict[str, Any]]:
+    """Chat message content (a string or parts) as Messages content blocks; empty text is
+    left out (the API refuses empty text blocks)."""
+    if content is None:
+        return []
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}] if content else []
+    blocks = []
+    for part in content if isinstance(content, list) else ():
+        if not isinstance(part, dict):
+            continue
+        kind = part.get("type")
+        if kind == "text" and isinstance(part.get("text"), str):
+            if part["text"]:
+                blocks.append({"type": "text", "text": part["text"]})
+        elif kind == "image_url":
+            image = part.get("image_url")
+            url = image.get("url") if isinstance(image, dict) else image
+            blocks.append(anthropic_image(url, index))
+        else:
+            raise bad_request(
+                f"messages[{index}]: content of type {kind!r} cannot be sent to an "
+                "anthropic backend",
+                "messages",
+            )
+    return blocks
+
+
+def tool_arguments(arguments: Any) -> dict[str, Any]:
+    """A tool call's arguments (a JSON string in chat) as the object other APIs want; a model's
+    malformed arguments become none rather than junk."""
+    if isinstance(arguments, dict):
+        return arguments
+    if isinstance(arguments, str) and arguments.strip():
+        try:
+            value = json.loads(arguments)
+        except ValueError:
+            return {}
+        return value if isinstance(value, dict) else {}
+    return {}
+
+
+def new_block_id(prefix: str) -> str:
+    """A fresh random id with a prefix, for blocks and messages Nexus names itself."""
+    return prefix + os.urandom(12).hex()
+
+
+def tool_use_block(call: Any) -> dict[str, Any] | None:
+    """A chat tool call as an Anthropic tool_use block (its id kept); None if it is no call."""
+    if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
+        return None
+    function = call["function"]
+    return {
+        "type": "tool_use",
+        "id": call.get("id") or new_block_id("toolu_"),
+        "name": function.get("name") or "",
+        "input": tool_arguments(function.get("arguments")),
+    }
+
+
+def anthropic_tool(tool: Any) -> dict[str, Any]:
+    """An OpenAI function tool as an Anthropic tool (name, description, input_schema)."""
+    function = tool.get("function") if isinstance(tool, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise bad_request("tools: each tool needs a function with a name", "tools")
+    out: dict[str, Any] = {
+        "name": function["name"],
+        "input_schema": function.get("parameters") or {"type": "object", "properties": {}},
+    }
+    if isinstance(function.get("description"), str):
+        out["description"] = function["description"]
+    return out
+
+
+# tool_choice in chat's words and in Anthropic's (whose choices are {"type": ...} objects).
+TOOL_CHOICE_PAIRS = (("auto", "auto"), ("required", "any"), ("none", "none"))
+
+
+def tool_choice_for(api: str, choice: Any) -> Any:
+    """A tool_choice in `api`'s terms ("anthropic" or "chat") from the other API's; None when
+    there is none. A choice the other API cannot have said is a 400."""
+    if choice is None:
+        return None
+    if api == "anthropic":
+        for chat, anthropic in TOOL_CHOICE_PAIRS:
+            if choice == chat:
+                return {"type": anthropic}
+        if isinstance(choice, dict) and isinstance(choice.get("function"), dict):
+            return {"type": "tool", "name": choice["function"].get("name", "")}
+        raise bad_request("tool_choice: expected auto, required, none or a function", "tool_choice")
+    kind = choice.get("type") if isinstance(choice, dict) else None
+    for chat, anthropic in TOOL_CHOICE_PAIRS:
+        if kind == anthropic:
+            return chat
+    if kind == "tool" and isinstance(choice.get("name"), str):
+        return {"type": "function", "function": {"name": choice["name"]}}
+    raise bad_request("tool_choice: expected auto, any, none or tool (with a name)", "tool_choice")
 
 
 def chat_to_anthropic(chat: dict[str, Any]) -> dict[str, Any]:
@@ -4535,9 +4785,8 @@ def chat_to_anthropic(chat: dict[str, Any]) -> dict[str, Any]:
     `system`; tool calls and tool results become tool_use and tool_result blocks; images
     become image blocks; consecutive turns of one role are merged, as the API wants."""
     if not isinstance(chat.get("messages"), list):
-        raise NexusError(
+        raise NexusError.of(
             400,
-            "invalid_request_error",
             "unsupported_endpoint",
             "Anthropic backends serve chat completions only (no legacy completions, embeddings).",
         )
@@ -4600,121 +4849,19 @@ def chat_to_anthropic(chat: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def add_turn(turns: list[dict[str, Any]], role: str, blocks: list[dict[str, Any]]) -> None:
-    if not blocks:
-        return
-    if turns and turns[-1]["role"] == role:
-        turns[-1]["content"].extend(blocks)
-    else:
-        turns.append({"role": role, "content": blocks})
-
-
-def anthropic_blocks(content: Any, index: int) -> list[dict[str, Any]]:
-    """Chat message content (a string or parts) as Messages content blocks; empty text is
-    left out (the API refuses empty text blocks)."""
-    if content is None:
-        return []
-    if isinstance(content, str):
-        return [{"type": "text", "text": content}] if content else []
-    blocks = []
-    for part in content if isinstance(content, list) else ():
-        if not isinstance(part, dict):
-            continue
-        kind = part.get("type")
-        if kind == "text" and isinstance(part.get("text"), str):
-            if part["text"]:
-                blocks.append({"type": "text", "text": part["text"]})
-        elif kind == "image_url":
-            image = part.get("image_url")
-            url = image.get("url") if isinstance(image, dict) else image
-            blocks.append(anthropic_image(url, index))
-        else:
-            raise bad_request(
-                f"messages[{index}]: content of type {kind!r} cannot be sent to an "
-                "anthropic backend",
-                "messages",
-            )
-    return blocks
-
-
-def anthropic_image(url: Any, index: int) -> dict[str, Any]:
-    if not isinstance(url, str) or not url:
-        raise bad_request(f"messages[{index}]: image_url needs a url", "messages")
-    if url.startswith("data:"):
-        head, _, data = url.partition(",")
-        media_type = head[5:].split(";")[0]
-        if not data or ";base64" not in head:
-            raise bad_request(f"messages[{index}]: expected a base64 data URL", "messages")
-        return {
-            "type": "image",
-            "source": {"type": "base64", "media_type": media_type, "data": data},
-        }
-    return {"type": "image", "source": {"type": "url", "url": url}}
-
-
-def tool_arguments(arguments: Any) -> dict[str, Any]:
-    """A tool call's arguments (a JSON string in chat) as the object other APIs want; a model's
-    malformed arguments become none rather than junk."""
-    if isinstance(arguments, dict):
-        return arguments
-    if isinstance(arguments, str) and arguments.strip():
-        try:
-            value = json.loads(arguments)
-        except ValueError:
-            return {}
-        return value if isinstance(value, dict) else {}
-    return {}
-
-
-def new_block_id(prefix: str) -> str:
-    return prefix + os.urandom(12).hex()
-
-
-def tool_use_block(call: Any) -> dict[str, Any] | None:
-    """A chat tool call as an Anthropic tool_use block (its id kept); None if it is no call."""
-    if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
-        return None
-    function = call["function"]
-    return {
-        "type": "tool_use",
-        "id": call.get("id") or new_block_id("toolu_"),
-        "name": function.get("name") or "",
-        "input": tool_arguments(function.get("arguments")),
-    }
-
-
-def anthropic_tool(tool: Any) -> dict[str, Any]:
-    function = tool.get("function") if isinstance(tool, dict) else None
-    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-        raise bad_request("tools: each tool needs a function with a name", "tools")
-    out: dict[str, Any] = {
-        "name": function["name"],
-        "input_schema": function.get("parameters") or {"type": "object", "properties": {}},
-    }
-    if isinstance(function.get("description"), str):
-        out["description"] = function["description"]
-    return out
-
-
-def tool_choice_for(api: str, choice: Any) -> Any:
-    """A tool_choice in `api`'s terms ("anthropic" or "chat") from the other API's; None when
-    there is none. A choice the other API cannot have said is a 400."""
-    if choice is None:
-        return None
-    if api == "anthropic":
-        for chat, anthropic in TOOL_CHOICE_PAIRS:
-            if choice == chat:
-                return {"type": anthropic}
-        if isinstance(choice, dict) and isinstance(choice.get("function"), dict):
-            return {"type": "tool", "name": choice["function"].get("name", "")}
-        raise bad_request("tool_choice: expected auto, required, none or a function", "tool_choice")
-    kind = choice.get("type") if isinstance(choice, dict) else None
-    for chat, anthropic in TOOL_CHOICE_PAIRS:
-        if kind == anthropic:
-            return chat
-    if kind == "tool" and isinstance(choice.get("name"), str):
-        return {"type": "function", "function": {"name": choice["name"]}}
-    raise bad_request("tool_choice: expected auto, any, none or tool (with a name)", "tool_choice")
+# Chat's finish_reason and Anthropic's stop_reason for the same ending, both ways: the first
+# pair that names a reason says what it becomes in the other API.
+STOP_REASON_PAIRS = (
+    ("stop", "end_turn"),
+    ("stop", "stop_sequence"),
+    ("stop", "pause_turn"),
+    ("length", "max_tokens"),
+    ("length", "model_context_window_exceeded"),
+    ("tool_calls", "tool_use"),
+    ("function_call", "tool_use"),
+    ("content_filter", "refusal"),
+)
+FINISH_REASONS = {stop: finish for finish, stop in reversed(STOP_REASON_PAIRS)}
 
 
 def anthropic_to_chat(message: dict[str, Any]) -> dict[str, Any]:
@@ -4768,6 +4915,11 @@ def anthropic_to_chat(message: dict[str, Any]) -> dict[str, Any]:
     return chat
 
 
+def object_of(value: Any) -> dict[str, Any]:
+    """The value if it is a JSON object, else an empty one (a field of the wrong shape)."""
+    return value if isinstance(value, dict) else {}
+
+
 class AnthropicStream:
     """Reads one Messages event stream and gives it out as chat-completion SSE lines, with the
     readline() of the body it wraps, so the proxy relays it like any OpenAI stream.
@@ -4778,6 +4930,7 @@ class AnthropicStream:
     An error event ends the stream as a broken connection would."""
 
     def __init__(self, content: BackendConnection, model: str) -> None:
+        """A reader of the Messages stream on `content`, answering as `model`."""
         self.content = SseLines(content)
         self.pending: collections.deque[bytes] = collections.deque()
         self.id = new_block_id("msg_")
@@ -4788,6 +4941,7 @@ class AnthropicStream:
         self.done = False
 
     async def readline(self) -> bytes:
+        """The next chat SSE line, translated from Anthropic's events; b"" at the end."""
         while not self.pending:
             if self.done:
                 return b""
@@ -4812,9 +4966,11 @@ class AnthropicStream:
         return self.pending.popleft()
 
     def buffered(self) -> bytes | None:
+        """A translated line already waiting, if any."""
         return self.pending.popleft() if self.pending else None
 
     def chunk(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        """A chat completion chunk carrying a delta (and a finish reason)."""
         return {
             "id": self.id,
             "object": "chat.completion.chunk",
@@ -4824,6 +4980,7 @@ class AnthropicStream:
         }
 
     def feed(self, event: dict[str, Any]) -> list[dict[str, Any]]:
+        """The chat chunks one Anthropic stream event becomes."""
         kind = event.get("type")
         index = event.get("index") if isinstance(event.get("index"), int) else 0
         if kind == "message_start":
@@ -4876,9 +5033,64 @@ class AnthropicStream:
         return []  # ping, content_block_stop, and events added to the API later
 
 
-def object_of(value: Any) -> dict[str, Any]:
-    """The value if it is a JSON object, else an empty one (a field of the wrong shape)."""
-    return value if isinstance(value, dict) else {}
+class AnthropicAdapter(OpenAICompatibleAdapter):
+    """Anthropic's Messages API, spoken natively: `x-api-key` and `anthropic-version` headers,
+    chat completions translated into Messages requests and the answers (whole or streamed)
+    back into chat completions. Health is the model list, which spends no tokens."""
+
+    translates = True
+    stream_usage = True  # every Messages stream reports usage
+    api = "anthropic"
+
+    def headers(self, backend: Backend) -> dict[str, str]:
+        """Anthropic's key header and API version."""
+        return {
+            "x-api-key": os.environ.get(backend.api_key_env, ""),
+            "anthropic-version": ANTHROPIC_VERSION,
+        }
+
+    def url(self, backend: Backend, endpoint: str) -> str:
+        """The Messages endpoint; other endpoints are a 400."""
+        if endpoint != "chat":
+            raise NexusError.of(
+                400,
+                "unsupported_endpoint",
+                f"Backend {backend.name} (anthropic) serves chat completions only.",
+            )
+        return backend.url + "/v1/messages"
+
+    def request_body(self, payload: dict[str, Any]) -> bytes:
+        """A chat request as a Messages request."""
+        return json.dumps(chat_to_anthropic(payload)).encode()
+
+    def answer(self, parsed: dict[str, Any]) -> dict[str, Any]:
+        """A Messages answer as a chat completion."""
+        return anthropic_to_chat(parsed)
+
+    def error_body(self, answer: bytes) -> bytes:
+        """Anthropic's error document as OpenAI's envelope, its message kept."""
+        try:
+            document = json.loads(answer)
+        except ValueError:
+            return answer
+        error = document.get("error") if isinstance(document, dict) else None
+        if not isinstance(error, dict):
+            return answer
+        message = str(error.get("message") or "the backend refused the request")
+        envelope = {"message": message, "type": error.get("type"), "param": None, "code": None}
+        return json.dumps({"error": envelope}).encode()
+
+    def stream_reader(self, content: BackendConnection, model: str) -> AnthropicStream:
+        """A reader turning Anthropic's stream into chat completion chunks."""
+        return AnthropicStream(content, model)
+
+    async def poll(self, pool: BackendPool, backend: Backend) -> dict[str, Model]:
+        """Anthropic's models, from its paged /v1/models."""
+        url = backend.url + "/v1/models?limit=1000"  # the list is paged, 20 by default
+        return models_from_openai_list(await fetch_json(pool, "GET", url, self.headers(backend)))
+
+
+STOP_REASONS = {finish: stop for finish, stop in reversed(STOP_REASON_PAIRS)}
 
 
 ADAPTERS: dict[str, OpenAICompatibleAdapter] = {
@@ -4925,6 +5137,7 @@ class Operation:
     held: list[tuple[Backend, str]] = field(default_factory=list)  # (backend, loading|draining)
 
     def backends(self) -> list[str]:
+        """The backends the operation works on: the target, and a migration's source."""
         return [self.backend] if self.source is None else [self.source, self.backend]
 
     def public(self) -> dict[str, Any]:
@@ -4957,11 +5170,17 @@ def give_back(registry: Registry, backend: Backend, kind: str, model: str) -> No
         registry.moving -= 1
 
 
+def op_fields(op: Operation) -> dict[str, Any]:
+    """An operation's fields for a JSON log line."""
+    return {"fields": {k: v for k, v in op.public().items() if v is not None}}
+
+
 class Lifecycle:
     """The lifecycle operations: those running, one per model and backend at a time, and the
     last OPERATIONS_KEPT, each a task of its own bounded by the lifecycle timeout."""
 
     def __init__(self, registry: Registry) -> None:
+        """No operations yet, over the registry whose backends they change."""
         self.registry = registry
         self.operations: dict[str, Operation] = {}  # oldest first
         self.running: dict[tuple[str, str], Operation] = {}  # by (model, backend name)
@@ -4971,9 +5190,8 @@ class Lifecycle:
         """409 when an operation on the model is running on one of the backends."""
         for backend in backends:
             if (busy := self.running.get((model, backend.name))) is not None:
-                raise NexusError(
+                raise NexusError.of(
                     409,
-                    "invalid_request_error",
                     "operation_in_progress",
                     f"Operation {busy.id} ({busy.kind} of {model}) is still running on "
                     f"{backend.name}; wait for it (GET /v1/operations/{busy.id}).",
@@ -4983,6 +5201,7 @@ class Lifecycle:
     def start(
         self, op: Operation, work: Callable[[Operation], Awaitable[None]], timeout: float
     ) -> None:
+        """Record an operation as running and start its work in the background."""
         for name in op.backends():
             self.running[op.model, name] = op
         self.operations[op.id] = op
@@ -4997,6 +5216,7 @@ class Lifecycle:
     async def run(
         self, op: Operation, work: Callable[[Operation], Awaitable[None]], timeout: float
     ) -> None:
+        """Do an operation's work within its timeout, recording how it ended."""
         try:
             async with asyncio.timeout(timeout) as limit:
                 await work(op)
@@ -5017,6 +5237,7 @@ class Lifecycle:
             self.finish(op)
 
     def finish(self, op: Operation) -> None:
+        """End an operation: give back what it held and free its backends."""
         if op.status == "in_progress":
             op.status = "failed"
         op.finished = time.time()
@@ -5048,14 +5269,10 @@ class Lifecycle:
             )
 
     async def stop(self) -> None:
+        """Cancel every running operation: Nexus is stopping."""
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
-
-
-def op_fields(op: Operation) -> dict[str, Any]:
-    """An operation's fields for a JSON log line."""
-    return {"fields": {k: v for k, v in op.public().items() if v is not None}}
 
 
 def lifecycle_backend(registry: Registry, name: Any, param: str) -> Backend:
@@ -5065,17 +5282,15 @@ def lifecycle_backend(registry: Registry, name: Any, param: str) -> Backend:
     backend = registry.backends.get(name)
     if backend is None:
         known = ", ".join(sorted(registry.backends)[:50]) or "none"
-        raise NexusError(
+        raise NexusError.of(
             404,
-            "invalid_request_error",
             "backend_not_found",
             f"No backend {name!r}. Backends: {known}",
             param=param,
         )
     if not ADAPTERS[backend.type].manages_models(backend):
-        raise NexusError(
+        raise NexusError.of(
             501,
-            "not_implemented",
             "lifecycle_unsupported",
             f"Backend {name} is of type {backend.type}, whose API offers no way to load or "
             "unload a model; Nexus does that on ollama backends and llama-servers in router "
@@ -5092,9 +5307,8 @@ def lifecycle_model(backend: Backend, model: Any, aliases: dict[str, str]) -> st
         raise bad_request("model_id is required", "model_id")
     model_id = resolve_alias(model, aliases)
     if model_id not in backend.models:
-        raise NexusError(
+        raise NexusError.of(
             404,
-            "invalid_request_error",
             "model_not_found",
             f"Backend {backend.name} has no model '{model}' (Nexus never pulls models: pull it "
             f"on the backend first). Its models: {', '.join(sorted(backend.models)) or 'none'}",
@@ -5556,8 +5770,7 @@ def route_now(app: web.Application, needs: RequestNeeds) -> RouteDecision:
         return route(needs, registry, settings)
     except NexusError as error:
         if error.code == "no_backend_available":
-            model_id = resolve_alias(needs.model, settings.routing.aliases)
-            chain = [model_id, *settings.routing.fallbacks.get(model_id, ())]
+            chain = model_chain(needs.model, settings.routing)
             down = [b for m in chain for b in registry.by_model.get(m, ()) if b.status != "healthy"]
             if down:
                 set_eta(error, health_eta(app))
@@ -5568,7 +5781,7 @@ def health_eta(app: web.Application) -> int | None:
     """Seconds until a backend that is down now could be healthy again: the next poll, plus
     the further polls recovery takes."""
     health = app[SETTINGS].health_check
-    next_check = app[STATE].get("next_health_check")
+    next_check = app[BACKGROUND].get("next_health_check")
     if not health.enabled or next_check is None:
         return None
     wait = max(next_check - time.monotonic(), 0.0)
@@ -6039,7 +6252,7 @@ def settle_cost_now(
 
 
 def note_counted(record: RequestRecord, prompt: int, completion: int) -> None:
-    record.usage = TokenUsage(prompt, completion, counted=True)
+    record.usage = TokenUsage(prompt, completion)
     record.prompt_tokens, record.completion_tokens = prompt, completion
 
 
@@ -7064,7 +7277,7 @@ async def messages_count_tokens(request: web.Request) -> web.Response:
     check_model(request, model)
     settings = request.app[SETTINGS]
     registry = request.app[REGISTRY]
-    if resolve_alias(model, settings.routing.aliases) not in registry.by_model:
+    if not model_known(model, registry, settings):
         raise model_not_found(model, registry, settings)
     return web.json_response({"input_tokens": count_message_tokens(body)})
 
@@ -8904,7 +9117,7 @@ def stats_snapshot(app: web.Application) -> dict[str, Any]:
                 "requests": k.requests,
                 "tokens": k.tokens,
                 "rate_limited": k.rate_limited,
-                "spent_usd": round(k.spent_in(month_of(dt.datetime.now(dt.UTC))), 6),
+                "spent_usd": round(k.roll_month(month_of(dt.datetime.now(dt.UTC))), 6),
                 "monthly_limit_usd": k.monthly_limit_usd or None,
             }
             for k in app[KEYS]
@@ -9211,7 +9424,7 @@ def render_metrics(app: web.Application) -> str:
             "nexus_key_spending_usd",
             "gauge",
             "Estimated spend on cloud backends this month with each API key, in USD.",
-            [f'nexus_key_spending_usd{{key="{name}"}} {k.spent_in(month)!r}' for name, k in keys],
+            [f'nexus_key_spending_usd{{key="{name}"}} {k.roll_month(month)!r}' for name, k in keys],
         )
     lines.append("")
     return "\n".join(lines)
@@ -9228,25 +9441,6 @@ async def metrics(request: web.Request) -> web.Response:
 # tasks (health, discovery) that live as long as the app.
 # ==============================================================================================
 
-SETTINGS = web.AppKey("settings", Settings)
-REGISTRY = web.AppKey("registry", Registry)
-STATS = web.AppKey("stats", Stats)
-CLIENT = web.AppKey("client", BackendPool)
-QUEUE = web.AppKey("queue", WaitQueue)
-STATE = web.AppKey("state", dict)
-BUDGET = web.AppKey("budget", Budget)  # the month's cloud spend: BUDGET.spent_usd, .status
-STOPPING = web.AppKey("stopping", asyncio.Event)  # set at shutdown: live feeds end
-SESSIONS = web.AppKey("sessions", SessionTable)  # the backend of each session's last turn
-KEYS = web.AppKey("keys", list)  # ApiKey per [auth] key; empty: no auth
-LEDGER = web.AppKey("ledger", Ledger)  # the month's usage; in nexus.db with a monthly limit
-LIFECYCLE = web.AppKey("lifecycle", Lifecycle)  # load/unload/migrate operations (SPEC §5.1)
-REQUEST_ID = web.RequestKey("request_id", str)
-RECORD = web.RequestKey("record", RequestRecord)
-API_KEY = web.RequestKey("api_key", ApiKey)  # the caller's key, once authenticated
-TOKENS_CHARGED = web.RequestKey("tokens_charged", int)  # tpm taken up front, settled after
-PAYLOAD = web.RequestKey("payload", dict)  # the request's JSON, while it is served (counting)
-ENDPOINT = web.RequestKey("endpoint", str)
-STREAMING = web.RequestKey("streaming", web.StreamResponse)  # a stream's prepared response
 # The doors other than OpenAI's, by path prefix: their errors take their API's shape.
 FRONT_DOORS: tuple[tuple[str, type[OpenAIFormat]], ...] = (
     (MESSAGES_PATH, AnthropicFormat),
@@ -9270,8 +9464,6 @@ def error_response(error: NexusError, request: web.Request) -> web.Response:
     budget = request.app[BUDGET]
     if budget.enabled:
         headers["X-Nexus-Budget-Status"] = budget.status
-    if error.code == "budget_exceeded":
-        headers["Retry-After"] = str(budget.seconds_to_reset())
     document = door_at(request.path).error_document(error)
     return web.json_response(document, status=error.status, headers=headers)
 
@@ -9397,7 +9589,7 @@ async def first_poll(app: web.Application, backend: Backend) -> None:
 
 def in_background(app: web.Application, job: Awaitable[None]) -> asyncio.Task:
     """A task that lives at most as long as the app (cancelled at its cleanup)."""
-    tasks: set[asyncio.Task] = app[STATE].setdefault("background", set())
+    tasks: set[asyncio.Task] = app[BACKGROUND].setdefault("background", set())
     task = asyncio.ensure_future(job)
     tasks.add(task)
     task.add_done_callback(tasks.discard)
@@ -9408,7 +9600,7 @@ def start_health(app: web.Application, backends: Iterable[Backend]) -> None:
     """The health loop (its first round polls every backend), or without health checks one
     first poll of each of `backends`."""
     if app[SETTINGS].health_check.enabled:
-        app[STATE]["health_loop"] = in_background(app, health_loop(app))
+        app[BACKGROUND]["health_loop"] = in_background(app, health_loop(app))
     else:
         for backend in backends:
             in_background(app, first_poll(app, backend))
@@ -9424,7 +9616,7 @@ async def background_ctx(app: web.Application) -> AsyncIterator[None]:
     await app[LIFECYCLE].stop()
     if discovery is not None:
         await discovery.stop()
-    tasks = app[STATE].pop("background", set())
+    tasks = app[BACKGROUND].pop("background", set())
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
@@ -9442,7 +9634,7 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app[REGISTRY] = Registry()
     app[STATS] = Stats()
-    app[STATE] = {}
+    app[BACKGROUND] = {}
     app[BUDGET] = Budget(settings.routing.budget)
     app[KEYS] = api_keys(settings.auth)
     env = dict(os.environ)
@@ -9668,7 +9860,7 @@ def swap_settings(app: web.Application, new: Settings) -> list[str]:
     for f in fields(Settings):
         setattr(live, f.name, getattr(new, f.name))
     if "health_check" in changed:  # a new loop: new interval, new timeout, or none at all
-        polling = app[STATE].pop("health_loop", None)
+        polling = app[BACKGROUND].pop("health_loop", None)
         if polling is not None:
             polling.cancel()
         start_health(app, app[REGISTRY].backends.values())

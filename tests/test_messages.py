@@ -601,6 +601,29 @@ async def test_count_tokens(backend_factory, nexus_factory, client):
         await c.messages.count_tokens(model="nope", messages=[{"role": "user", "content": "x"}])
 
 
+async def test_count_tokens_knows_the_models_routing_knows(backend_factory, nexus_factory, client):
+    """A model served only through its fallback (or an alias leading to one) is counted, as it
+    is answered, not refused as unknown."""
+    extra = (
+        '[routing.aliases]\n"claude-x" = "gone"\n'
+        '[routing.fallbacks]\n"gone" = ["qwen"]\n"big" = ["qwen"]\n'
+    )
+    backend, nx = await start(backend_factory, nexus_factory, extra=extra)
+    c = client(nx)
+    for model in ("claude-x", "big", "qwen"):
+        counted = await c.messages.count_tokens(
+            model=model, messages=[{"role": "user", "content": "hi"}]
+        )
+        assert counted.input_tokens > 0
+    answer = await c.messages.create(
+        model="claude-x", max_tokens=10, messages=[{"role": "user", "content": "hi"}]
+    )
+    assert answer.content
+    assert sent(backend)["model"] == "qwen"
+    with pytest.raises(anthropic.NotFoundError):
+        await c.messages.count_tokens(model="gone-too", messages=[{"role": "user", "content": "x"}])
+
+
 async def test_unknown_model_is_not_found_error(backend_factory, nexus_factory, client):
     _backend, nx = await start(backend_factory, nexus_factory)
     with pytest.raises(anthropic.NotFoundError) as caught:
