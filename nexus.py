@@ -5289,10 +5289,12 @@ class RequestRecord:
 
 
 def new_request_id() -> str:
+    """A fresh request id, as X-Request-Id and the log line carry it."""
     return "req-" + os.urandom(8).hex()
 
 
 def response_headers(record: RequestRecord, attempt: Attempt, reason: str) -> dict[str, str]:
+    """The X-Nexus-* headers that tell a client which backend served and why."""
     backend = attempt.backend
     headers = {
         "X-Request-Id": record.id,
@@ -5346,6 +5348,7 @@ def scrubbed_messages(messages: list[Any]) -> list[Any]:
 
 
 def is_context_error(status: int, text: str) -> bool:
+    """Whether a backend's 400 or 413 says the prompt is over the model's context."""
     lowered = text.lower()
     return status in (400, 413) and any(marker in lowered for marker in CONTEXT_ERROR_MARKERS)
 
@@ -5423,15 +5426,19 @@ class OpenAIFormat:
         return error.envelope()
 
     def body(self, answer: bytes, parsed: dict[str, Any]) -> bytes:
+        """A whole chat answer in this door's shape."""
         return answer
 
     def chunk(self, data: bytes, chunk: dict[str, Any]) -> bytes:
+        """One chat stream chunk in this door's stream."""
         return b"data: " + data + b"\n\n"
 
     def error(self, endpoint: str, model: str, message: str) -> bytes:
+        """The last words of a stream Nexus had to cut."""
         return error_chunk(endpoint, model, message)
 
     def end(self) -> bytes:
+        """The stream's own end."""
         return DONE_EVENT
 
     def answer_usage(self, parsed: dict[str, Any]) -> Any:
@@ -5462,6 +5469,7 @@ class NativeStream:
         raise NotImplementedError
 
     def end(self) -> bytes:
+        """The stream's end: nothing, the backend's own last line ended it."""
         return b""  # the backend's own last line ended it
 
 
@@ -5499,19 +5507,23 @@ class WaitQueue:
         self.arrivals = itertools.count()
 
     def __len__(self) -> int:
+        """How many requests wait."""
         return len(self.waiting)
 
     def join(self, high_priority: bool) -> tuple[tuple[int, int], asyncio.Event]:
+        """Queue a request in rank order; its entry, with the event that wakes it."""
         entry = ((0 if high_priority else 1, next(self.arrivals)), asyncio.Event())
         self.waiting.append(entry)
         self.waiting.sort(key=lambda e: e[0])
         return entry
 
     def leave(self, entry: tuple[tuple[int, int], asyncio.Event]) -> None:
+        """Take a request off the queue (it got a slot or gave up)."""
         with contextlib.suppress(ValueError):
             self.waiting.remove(entry)
 
     def wake(self) -> None:
+        """Wake every waiter to route again: a slot freed up."""
         for _, event in self.waiting:
             event.set()
 
@@ -5586,6 +5598,7 @@ def queue_eta(app: web.Application, decision: RouteDecision) -> int:
 def queue_full(
     app: web.Application, needs: RequestNeeds, decision: RouteDecision, why: str
 ) -> NexusError:
+    """The 503 for a request that found every candidate busy and could not wait."""
     error = NexusError(
         503,
         "service_unavailable",
@@ -5608,6 +5621,7 @@ def queue_full(
 
 
 def set_eta(error: NexusError, eta: int | None) -> None:
+    """Put the seconds until a retry may succeed in the error's context and Retry-After."""
     if error.context is not None:
         error.context["eta_seconds"] = eta
     if eta is not None:
@@ -5759,6 +5773,7 @@ class WaitLimits:
         self._expired = False
 
     def read_by(self) -> float:
+        """When the next read of a begun answer must have come."""
         return min(self._loop.time() + self.idle, self.deadline)
 
     async def wait(self, awaitable: Awaitable[Any], until: float) -> Any:
@@ -5780,6 +5795,7 @@ class WaitLimits:
             self._until = None
 
     def _check(self) -> None:
+        """The timer fired: cancel the wait that is past its limit, or re-arm."""
         self._timer = None
         if self._until is None:  # fired between waits: the next wait arms it again
             return
@@ -5790,12 +5806,14 @@ class WaitLimits:
             self._task.cancel()
 
     def close(self) -> None:
+        """Cancel the timer: the attempt is over."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
 
 
 def request_timed_out(limit: float) -> NexusError:
+    """The 504 for a request past server.request_timeout_seconds."""
     return NexusError(
         504,
         "timeout",
@@ -5976,6 +5994,7 @@ def upstream_error(
 
 
 def note_usage(record: RequestRecord, usage: Any) -> None:
+    """Note the token usage an answer reported on the request's record."""
     found = usage_from(usage)
     if found is not None:
         record.usage = found
@@ -6032,6 +6051,7 @@ def settle_cost_now(
 
 
 def note_counted(record: RequestRecord, prompt: int, completion: int) -> None:
+    """Note the usage Nexus counted itself, for an answer that reported none."""
     record.usage = TokenUsage(prompt, completion, counted=True)
     record.prompt_tokens, record.completion_tokens = prompt, completion
 
@@ -6082,6 +6102,7 @@ def note_success(app: web.Application, record: RequestRecord, backend: Backend) 
 
 
 def speaks_natively(fmt: OpenAIFormat, adapter: OpenAICompatibleAdapter) -> bool:
+    """Whether the backend speaks the door's own API (the request passes as it is)."""
     return fmt.native_api is not None and fmt.native_api == adapter.api
 
 
@@ -6113,6 +6134,7 @@ INTERNAL_STREAM_ERROR = "Nexus hit an internal error."
 
 
 def stalled_problem(now: float, deadline: float) -> str:
+    """Why a stream that went quiet is cut: the request's deadline or a stall."""
     if now >= deadline:
         return "the request took longer than server.request_timeout_seconds"
     return "the backend stalled"
@@ -6375,6 +6397,7 @@ class SseLines:
 async def start_stream(
     request: web.Request, headers: dict[str, str], content_type: str = "text/event-stream"
 ) -> web.StreamResponse:
+    """Send a stream's status and headers; the chunks follow."""
     response = web.StreamResponse(status=200, headers=headers)
     response.content_type = content_type
     response.headers["Cache-Control"] = "no-cache"
@@ -6590,18 +6613,21 @@ def system_text(system: Any) -> str:
 
 
 def block_kind(block: Any, where: str) -> str:
+    """A Messages content block's type (a 400 for a block without one)."""
     if not isinstance(block, dict) or not isinstance(block.get("type"), str):
         raise bad_request(f"{where}: expected a content block with a type", "messages")
     return block["type"]
 
 
 def block_text(block: dict[str, Any], where: str) -> str:
+    """A text block's text (a 400 when it is not a string)."""
     if not isinstance(block.get("text"), str):
         raise bad_request(f"{where}.text: must be a string", "messages")
     return block["text"]
 
 
 def unsupported_block(kind: str, where: str) -> NexusError:
+    """The 400 for a content block that has no chat equivalent."""
     return bad_request(
         f"{where}: content blocks of type {kind!r} cannot be translated for this backend",
         "messages",
@@ -6631,6 +6657,7 @@ def chat_turns(turn: Any, where: str) -> list[dict[str, Any]]:
 
 
 def assistant_turn(blocks: list[Any], where: str) -> dict[str, Any]:
+    """A Messages assistant turn as a chat assistant message (text and tool calls)."""
     texts: list[str] = []
     calls: list[dict[str, Any]] = []
     for j, block in enumerate(blocks):
@@ -6664,6 +6691,7 @@ def assistant_turn(blocks: list[Any], where: str) -> dict[str, Any]:
 
 
 def user_turns(blocks: list[Any], where: str) -> list[dict[str, Any]]:
+    """A Messages user turn as chat messages: its tool results, then what the user said."""
     tool_messages: list[dict[str, Any]] = []
     parts: list[dict[str, Any]] = []
     for j, block in enumerate(blocks):
@@ -6696,6 +6724,7 @@ def user_turns(blocks: list[Any], where: str) -> list[dict[str, Any]]:
 
 
 def image_part(block: dict[str, Any], where: str) -> dict[str, Any]:
+    """A Messages image block as a chat image_url part."""
     source = block.get("source")
     if isinstance(source, dict):
         if (
@@ -6738,6 +6767,7 @@ def tool_result_content(block: dict[str, Any], where: str) -> tuple[str, list[di
 
 
 def chat_tool(tool: Any, where: str) -> dict[str, Any]:
+    """A Messages tool definition as a chat function tool."""
     if not isinstance(tool, dict) or not isinstance(tool.get("name"), str):
         raise bad_request(f"{where}: a tool needs a name", "tools")
     if tool.get("type") not in (None, "custom") or not isinstance(tool.get("input_schema"), dict):
@@ -6836,6 +6866,7 @@ def chat_to_message(
 
 
 def sse_event(name: str, data: dict[str, Any]) -> bytes:
+    """One named SSE event with its JSON data."""
     return f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
 
 
@@ -7303,6 +7334,7 @@ def response_text_format(text: Any) -> dict[str, Any] | None:
 
 
 def output_message(text: str, status: str) -> dict[str, Any]:
+    """A Responses output item for the assistant's text."""
     part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
     return {
         "id": new_block_id("msg_"),
@@ -7314,6 +7346,7 @@ def output_message(text: str, status: str) -> dict[str, Any]:
 
 
 def output_reasoning(text: str, status: str) -> dict[str, Any]:
+    """A Responses output item for the model's reasoning text."""
     return {
         "id": new_block_id("rs_"),
         "type": "reasoning",
@@ -7324,6 +7357,7 @@ def output_reasoning(text: str, status: str) -> dict[str, Any]:
 
 
 def output_call(call_id: str, name: str, arguments: str, status: str) -> dict[str, Any]:
+    """A Responses output item for one function call."""
     return {
         "id": new_block_id("fc_"),
         "type": "function_call",
@@ -8431,18 +8465,21 @@ def add_ollama_routes(app: web.Application) -> None:
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
+    """POST /v1/chat/completions."""
     raw = await request.read()
     body = parse_json_body(raw)
     return await proxy(request, "chat", body, raw, chat_needs(body))
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
+    """POST /v1/completions."""
     raw = await request.read()
     body = parse_json_body(raw)
     return await proxy(request, "completions", body, raw, completion_needs(body))
 
 
 async def embeddings(request: web.Request) -> web.StreamResponse:
+    """POST /v1/embeddings."""
     raw = await request.read()
     body = parse_json_body(raw)
     return await proxy(request, "embeddings", body, raw, embedding_needs(body))
@@ -8474,6 +8511,7 @@ def merge_flag(values: Iterable[bool | None]) -> bool | None:
 
 
 def model_entry(model_id: str, served: list[tuple[Backend, Model]]) -> dict[str, Any]:
+    """One model as /v1/models lists it, merged over the backends that serve it."""
     contexts = [m.context_length for _, m in served if m.context_length]
     return {
         "id": model_id,
@@ -8491,12 +8529,14 @@ def model_entry(model_id: str, served: list[tuple[Backend, Model]]) -> dict[str,
 
 
 async def list_models(request: web.Request) -> web.Response:
+    """GET /v1/models: the models the caller may use."""
     entries = model_entries(request.app[REGISTRY], request.app[SETTINGS])
     listed = [entries[k] for k in sorted(entries) if may_see_model(request, k)]
     return web.json_response({"object": "list", "data": listed})
 
 
 async def get_model(request: web.Request) -> web.Response:
+    """GET /v1/models/{model_id}."""
     model_id = request.match_info["model_id"]
     entries = model_entries(request.app[REGISTRY], request.app[SETTINGS])
     if model_id not in entries or not may_see_model(request, model_id):
@@ -8506,6 +8546,7 @@ async def get_model(request: web.Request) -> web.Response:
 
 
 def overall_status(registry: Registry) -> str:
+    """The fleet in one word: healthy, degraded or unhealthy."""
     total = len(registry.backends)
     healthy = len(registry.healthy())
     if total and healthy == total:
@@ -8514,6 +8555,7 @@ def overall_status(registry: Registry) -> str:
 
 
 async def health(request: web.Request) -> web.Response:
+    """GET /health: the fleet's status and Nexus's version and uptime."""
     registry = request.app[REGISTRY]
     healthy = len(registry.healthy())
     return web.json_response(
@@ -8562,11 +8604,13 @@ def require_admin(request: web.Request) -> None:
 
 
 async def list_backends(request: web.Request) -> web.Response:
+    """GET /v1/backends."""
     backends = request.app[REGISTRY].backends.values()
     return web.json_response({"object": "list", "data": [b.public() for b in backends]})
 
 
 async def add_backend(request: web.Request) -> web.Response:
+    """POST /v1/backends (admin): register a backend while Nexus runs."""
     require_admin(request)
     body = parse_json_body(await request.read())
     app = request.app
@@ -8615,6 +8659,7 @@ async def add_backend(request: web.Request) -> web.Response:
 
 
 async def remove_backend(request: web.Request) -> web.Response:
+    """DELETE /v1/backends/{name} (admin)."""
     require_admin(request)
     name = request.match_info["name"]
     if request.app[REGISTRY].remove(name) is None:
@@ -8738,6 +8783,7 @@ async def get_operation(request: web.Request) -> web.Response:
 
 
 async def dashboard(request: web.Request) -> web.StreamResponse:
+    """GET /: the bundled dashboard page."""
     path = asset_path("dashboard.html")
     if not path.is_file():
         raise NexusError(404, "not_found_error", "not_found", "The dashboard is not bundled.")
@@ -8780,6 +8826,7 @@ class Histogram:
         self.sum = 0.0
 
     def observe(self, seconds: float) -> None:
+        """Count one value in its bucket."""
         self.counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
         self.sum += seconds
 
@@ -8807,6 +8854,7 @@ class Stats:
     def record(
         self, record: RequestRecord, status: int, seconds: float, error: str | None = None
     ) -> None:
+        """Count a finished request and keep its record among the recent ones."""
         self.total += 1
         if status < 400:
             self.success += 1
@@ -8847,6 +8895,7 @@ def recent_entry(when: float, record: RequestRecord, status: int, seconds: float
 
 
 def stats_snapshot(app: web.Application) -> dict[str, Any]:
+    """/v1/stats as a dict: the fleet, the counters and the recent requests."""
     registry = app[REGISTRY]
     stats = app[STATS]
     entries = model_entries(registry, app[SETTINGS])
@@ -8906,6 +8955,7 @@ def stats_snapshot(app: web.Application) -> dict[str, Any]:
 
 
 async def get_stats(request: web.Request) -> web.Response:
+    """GET /v1/stats."""
     return web.json_response(stats_snapshot(request.app))
 
 
@@ -8928,6 +8978,7 @@ async def stream_stats(request: web.Request) -> web.StreamResponse:
 
 
 def usage_entry(row: UsageRow | None, limit: float) -> dict[str, Any]:
+    """One ledger row as /v1/usage shows it."""
     row = row or [0.0, 0, 0]
     return {
         "spent_usd": round(row[0], 6),
@@ -9067,10 +9118,12 @@ METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 def escape_label(value: str) -> str:
+    """A Prometheus label value, escaped."""
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 def histogram_lines(name: str, histogram: Histogram) -> list[str]:
+    """The exposition lines of one histogram: cumulative buckets, sum and count."""
     lines = []
     cumulative = 0
     for bound, count in zip((*LATENCY_BUCKETS, "+Inf"), histogram.counts, strict=True):
@@ -9082,6 +9135,7 @@ def histogram_lines(name: str, histogram: Histogram) -> list[str]:
 
 
 def render_metrics(app: web.Application) -> str:
+    """The whole /metrics page, from Stats and the registry as they are now."""
     stats = app[STATS]
     registry = app[REGISTRY]
     lines: list[str] = []
@@ -9211,6 +9265,7 @@ def render_metrics(app: web.Application) -> str:
 
 
 async def metrics(request: web.Request) -> web.Response:
+    """GET /metrics."""
     body = render_metrics(request.app).encode()
     return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
 
@@ -9383,6 +9438,7 @@ async def ledger_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def first_poll(app: web.Application, backend: Backend) -> None:
+    """A new backend's first poll (its models); without health checks it is trusted as healthy."""
     await poll_backend(app, backend)
     if not app[SETTINGS].health_check.enabled:
         backend.status = "healthy"  # without health checks, configured backends are trusted
@@ -9424,10 +9480,12 @@ async def background_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def signal_stopping(app: web.Application) -> None:
+    """Tell live feeds (the stats stream) that Nexus is shutting down."""
     app[STOPPING].set()
 
 
 def create_app(settings: Settings) -> web.Application:
+    """The aiohttp application for these settings: state, routes and background tasks."""
     app = web.Application(
         client_max_size=int(settings.server.max_body_mb * 1024 * 1024),
         middlewares=[request_middleware],
@@ -9706,6 +9764,7 @@ class Reloader:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     async def run(self) -> None:
+        """Watch the file and take reload requests until the app stops."""
         while True:
             await self.wanted.wait()
             await asyncio.sleep(RELOAD_COALESCE_SECONDS)  # the rest of a storm joins this one
@@ -9759,6 +9818,7 @@ class JsonLogFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message, and a request's fields."""
 
     def format(self, record: logging.LogRecord) -> str:
+        """One log record as one JSON line."""
         try:
             message = record.getMessage()
         except (TypeError, ValueError):  # a library's malformed call: keep what it said
@@ -9786,6 +9846,7 @@ class JsonLogFormatter(logging.Formatter):
 
     @staticmethod
     def stamp(created: float) -> str:
+        """A record's time in ISO 8601 with milliseconds, UTC."""
         return f"{second_stamp(int(created), '%Y-%m-%dT%H:%M:%S', True)}.{millis(created):03d}Z"
 
 
@@ -9809,6 +9870,7 @@ def second_stamp(second: int, layout: str, utc: bool) -> str:
 
 
 def millis(created: float) -> int:
+    """The milliseconds part of a log record's time."""
     return int((created - int(created)) * 1000)
 
 
@@ -9880,6 +9942,7 @@ def setup_logging(settings: Settings, env: dict[str, str]) -> None:
 
 
 def log_uncaught(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+    """Log an exception nothing caught (sys.excepthook), instead of a bare traceback."""
     if issubclass(kind, KeyboardInterrupt):
         sys.__excepthook__(kind, value, tb)
         return
@@ -9924,6 +9987,7 @@ def tune_gc() -> None:
 
 
 async def run_server(settings: Settings, source: ConfigSource | None = None) -> int:
+    """Serve until a signal stops Nexus; the exit code."""
     app = create_app(settings)
     reloader = Reloader(app, source or ConfigSource())
     app.cleanup_ctx.append(reloader.ctx)
@@ -9969,6 +10033,7 @@ async def run_server(settings: Settings, source: ConfigSource | None = None) -> 
 
 
 def serve_command(args: argparse.Namespace) -> int:
+    """`nexus serve`: settings from file, environment and flags, then run_server."""
     env = dict(os.environ)
     overrides: dict[tuple[str, str], Any] = {}
     if args.port is not None:
@@ -10004,6 +10069,7 @@ def serve_command(args: argparse.Namespace) -> int:
 
 
 def nexus_url(args: argparse.Namespace) -> str:
+    """The running Nexus a CLI command talks to."""
     return (args.url or os.environ.get("NEXUS_URL") or DEFAULT_NEXUS_URL).rstrip("/")
 
 
@@ -10034,12 +10100,14 @@ def call_nexus(args: argparse.Namespace, method: str, path: str, payload: Any = 
 
 
 def print_table(rows: list[list[str]], header: list[str]) -> None:
+    """Print rows as aligned columns under a header."""
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         print("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
 
 
 def backends_command(args: argparse.Namespace) -> int:
+    """`nexus backends list|add|remove`."""
     if args.action == "list":
         data = call_nexus(args, "GET", "/v1/backends")
         if args.json:
@@ -10116,6 +10184,7 @@ def lifecycle_command(args: argparse.Namespace) -> int:
 
 
 def models_command(args: argparse.Namespace) -> int:
+    """`nexus models` and its load, unload and migrate actions."""
     if args.action is not None:
         return lifecycle_command(args)
     data = call_nexus(args, "GET", "/v1/models")
@@ -10139,6 +10208,7 @@ def models_command(args: argparse.Namespace) -> int:
 
 
 def health_command(args: argparse.Namespace) -> int:
+    """`nexus health`."""
     data = call_nexus(args, "GET", "/health")
     if args.json:
         print(json.dumps(data, indent=2))
@@ -10152,6 +10222,7 @@ def health_command(args: argparse.Namespace) -> int:
 
 
 def usage_command(args: argparse.Namespace) -> int:
+    """`nexus usage`: the month's spend in total and per key."""
     query = "?month=" + urllib.parse.quote(args.month) if args.month else ""
     data = call_nexus(args, "GET", "/v1/usage" + query)
     if args.json:
@@ -10171,6 +10242,7 @@ def usage_command(args: argparse.Namespace) -> int:
 
 
 def config_init_command(args: argparse.Namespace) -> int:
+    """`nexus config init`: write the example configuration."""
     target = Path(args.output)
     if target.exists() and not args.force:
         print(f"nexus: {target} already exists; use --force to overwrite it", file=sys.stderr)
@@ -10199,6 +10271,7 @@ def completion_script(shell: str, parser: argparse.ArgumentParser) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line: `nexus serve` and the commands that talk to a running Nexus."""
     parser = argparse.ArgumentParser(
         prog="nexus", description="One OpenAI-compatible endpoint in front of every LLM server."
     )
@@ -10274,6 +10347,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The `nexus` command: parse the arguments and run the chosen command."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.version:
