@@ -9122,144 +9122,171 @@ def escape_label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def histogram_lines(name: str, histogram: Histogram) -> list[str]:
-    """The exposition lines of one histogram: cumulative buckets, sum and count."""
-    lines = []
+def histogram_samples(histogram: Histogram) -> list[tuple[str, Any]]:
+    """A histogram's samples: its cumulative buckets, sum and count."""
+    samples: list[tuple[str, Any]] = []
     cumulative = 0
     for bound, count in zip((*LATENCY_BUCKETS, "+Inf"), histogram.counts, strict=True):
         cumulative += count
-        lines.append(f'{name}_bucket{{le="{bound}"}} {cumulative}')
-    lines.append(f"{name}_sum {histogram.sum!r}")
-    lines.append(f"{name}_count {cumulative}")
-    return lines
+        samples.append((f'_bucket{{le="{bound}"}}', cumulative))
+    samples.append(("_sum", histogram.sum))
+    samples.append(("_count", cumulative))
+    return samples
 
 
-def render_metrics(app: web.Application) -> str:
-    """The whole /metrics page, from Stats and the registry as they are now."""
-    stats = app[STATS]
-    registry = app[REGISTRY]
-    lines: list[str] = []
+# A metric's samples, read from the app when scraped: (what follows the name: a suffix and/or
+# labels, value) pairs, or None to leave the family out.
+MetricSamples = Callable[[web.Application], "Iterable[tuple[str, Any]] | None"]
 
-    def family(name: str, kind: str, text: str, samples: list[str]) -> None:
-        lines.append(f"# HELP {name} {text}")
-        lines.append(f"# TYPE {name} {kind}")
-        lines.extend(samples)
 
-    family(
+def outcome_samples(app: web.Application) -> list[tuple[str, Any]]:
+    """nexus_requests_total's samples, one per model, backend and status."""
+    return [
+        (
+            f'{{model="{escape_label(model)}",'
+            f'backend="{escape_label(backend)}",status="{status}"}}',
+            n,
+        )
+        for (model, backend, status), n in sorted(app[STATS].by_outcome.items())
+    ]
+
+
+def affinity_samples(app: web.Application) -> list[tuple[str, Any]]:
+    """nexus_session_affinity_total's samples, one per outcome."""
+    sessions = app[SESSIONS]
+    counts = (("hit", sessions.hits), ("move", sessions.moves), ("new", sessions.new))
+    return [(f'{{outcome="{outcome}"}}', count) for outcome, count in counts]
+
+
+def key_samples(
+    app: web.Application, value: Callable[[ApiKey], Any]
+) -> list[tuple[str, Any]] | None:
+    """A per-key metric's samples, by the key's name (a key itself never shows); None without
+    keys: the family is left out."""
+    return [(f'{{key="{escape_label(k.name)}"}}', value(k)) for k in app[KEYS]] or None
+
+
+def key_spending(key: ApiKey) -> float:
+    """What a key spent this month, for nexus_key_spending_usd."""
+    month = month_of(dt.datetime.now(dt.UTC))
+    return key.spent_in(month)
+
+
+# What /metrics shows: name, type, help, samples.
+METRICS: tuple[tuple[str, str, str, MetricSamples], ...] = (
+    (
         "nexus_requests_total",
         "counter",
         "Inference requests answered, by model asked for, backend that answered and HTTP status.",
-        [
-            f'nexus_requests_total{{model="{escape_label(model)}",'
-            f'backend="{escape_label(backend)}",status="{status}"}} {count}'
-            for (model, backend, status), count in sorted(stats.by_outcome.items())
-        ],
-    )
-    family(
+        outcome_samples,
+    ),
+    (
         "nexus_errors_total",
         "counter",
         "Inference requests answered with an error, by kind (the error code).",
-        [
-            f'nexus_errors_total{{type="{escape_label(kind)}"}} {count}'
-            for kind, count in sorted(stats.error_kinds.items())
+        lambda app: [
+            (f'{{type="{escape_label(kind)}"}}', count)
+            for kind, count in sorted(app[STATS].error_kinds.items())
         ],
-    )
-    family(
+    ),
+    (
         "nexus_fallbacks_total",
         "counter",
         "Requests served by a fallback model.",
-        [f"nexus_fallbacks_total {stats.fallbacks}"],
-    )
-    family(
+        lambda app: [("", app[STATS].fallbacks)],
+    ),
+    (
         "nexus_request_duration_seconds",
         "histogram",
         "Time from receiving an inference request to its last byte.",
-        histogram_lines("nexus_request_duration_seconds", stats.duration),
-    )
-    family(
+        lambda app: histogram_samples(app[STATS].duration),
+    ),
+    (
         "nexus_ttft_seconds",
         "histogram",
         "Time to the first streamed chunk of an answer.",
-        histogram_lines("nexus_ttft_seconds", stats.ttft),
-    )
-    family(
+        lambda app: histogram_samples(app[STATS].ttft),
+    ),
+    (
         "nexus_tokens_total",
         "counter",
         "Tokens reported by backends, by type.",
-        [f'nexus_tokens_total{{type="{kind}"}} {count}' for kind, count in stats.tokens.items()],
-    )
-    family(
+        lambda app: [(f'{{type="{kind}"}}', n) for kind, n in app[STATS].tokens.items()],
+    ),
+    (
         "nexus_backends_total",
         "gauge",
         "Backends known.",
-        [f"nexus_backends_total {len(registry.backends)}"],
-    )
-    family(
+        lambda app: [("", len(app[REGISTRY].backends))],
+    ),
+    (
         "nexus_backends_healthy",
         "gauge",
         "Backends healthy now.",
-        [f"nexus_backends_healthy {len(registry.healthy())}"],
-    )
-    family(
+        lambda app: [("", len(app[REGISTRY].healthy()))],
+    ),
+    (
         "nexus_models_available",
         "gauge",
         "Models (and aliases) a healthy backend serves now.",
-        [f"nexus_models_available {len(model_entries(registry, app[SETTINGS]))}"],
-    )
-    family(
+        lambda app: [("", len(model_entries(app[REGISTRY], app[SETTINGS])))],
+    ),
+    (
         "nexus_queue_depth",
         "gauge",
         "Requests waiting in the queue for a backend slot.",
-        [f"nexus_queue_depth {len(app[QUEUE])}"],
-    )
-    sessions = app[SESSIONS]
-    family(
+        lambda app: [("", len(app[QUEUE]))],
+    ),
+    (
         "nexus_sessions_tracked",
         "gauge",
         "Sessions whose last backend Nexus remembers, for session affinity.",
-        [f"nexus_sessions_tracked {sessions.tracked(time.monotonic())}"],
-    )
-    family(
+        lambda app: [("", app[SESSIONS].tracked(time.monotonic()))],
+    ),
+    (
         "nexus_session_affinity_total",
         "counter",
         "Requests served by the backend of their session's last turn (hit), by another (move),"
         " or with no session to follow (new).",
-        [
-            f'nexus_session_affinity_total{{outcome="{outcome}"}} {count}'
-            for outcome, count in (
-                ("hit", sessions.hits),
-                ("move", sessions.moves),
-                ("new", sessions.new),
-            )
-        ],
-    )
-    family(
+        affinity_samples,
+    ),
+    (
         "nexus_budget_spending_usd",
         "gauge",
         "Estimated spend on cloud backends this month, in USD.",
-        [f"nexus_budget_spending_usd {app[BUDGET].spent_usd!r}"],
-    )
-    if app[KEYS]:  # per key, by name: a key itself never shows
-        month = month_of(dt.datetime.now(dt.UTC))
-        keys = [(escape_label(k.name), k) for k in app[KEYS]]
-        family(
-            "nexus_key_requests_total",
-            "counter",
-            "Inference requests made with each API key, by the key's name.",
-            [f'nexus_key_requests_total{{key="{name}"}} {k.requests}' for name, k in keys],
-        )
-        family(
-            "nexus_key_rate_limited_total",
-            "counter",
-            "Requests refused (429) by each API key's rpm or tpm limit, by the key's name.",
-            [f'nexus_key_rate_limited_total{{key="{name}"}} {k.rate_limited}' for name, k in keys],
-        )
-        family(
-            "nexus_key_spending_usd",
-            "gauge",
-            "Estimated spend on cloud backends this month with each API key, in USD.",
-            [f'nexus_key_spending_usd{{key="{name}"}} {k.spent_in(month)!r}' for name, k in keys],
-        )
+        lambda app: [("", app[BUDGET].spent_usd)],
+    ),
+    (
+        "nexus_key_requests_total",
+        "counter",
+        "Inference requests made with each API key, by the key's name.",
+        lambda app: key_samples(app, operator.attrgetter("requests")),
+    ),
+    (
+        "nexus_key_rate_limited_total",
+        "counter",
+        "Requests refused (429) by each API key's rpm or tpm limit, by the key's name.",
+        lambda app: key_samples(app, operator.attrgetter("rate_limited")),
+    ),
+    (
+        "nexus_key_spending_usd",
+        "gauge",
+        "Estimated spend on cloud backends this month with each API key, in USD.",
+        lambda app: key_samples(app, key_spending),
+    ),
+)
+
+
+def render_metrics(app: web.Application) -> str:
+    """The whole /metrics page, from Stats and the registry as they are now."""
+    lines: list[str] = []
+    for name, kind, text, read in METRICS:
+        samples = read(app)
+        if samples is None:
+            continue
+        lines.append(f"# HELP {name} {text}")
+        lines.append(f"# TYPE {name} {kind}")
+        lines.extend(f"{name}{labels} {value!r}" for labels, value in samples)
     lines.append("")
     return "\n".join(lines)
 
