@@ -5288,6 +5288,23 @@ class RequestRecord:
     followed: str | None = None  # the backend of the session's last turn, when routing kept it
 
 
+@dataclass(slots=True)
+class InFlight:
+    """One attempt on its way: the request it serves, the backend and model it tries, the bytes
+    it sends, and how its answer goes back (streamed or whole, by when, through which door)."""
+
+    request: web.Request
+    record: RequestRecord
+    attempt: Attempt
+    endpoint: str
+    payload: bytes  # what the backend is sent
+    stream: bool
+    strip_usage: bool  # the usage chunk was Nexus's question, not the client's: not relayed
+    reason: str  # why routing chose this attempt (X-Nexus-Route-Reason)
+    deadline: float  # the loop time by which the request must be done
+    fmt: OpenAIFormat  # the front door the client came through
+
+
 def new_request_id() -> str:
     """A fresh request id, as X-Request-Id and the log line carry it."""
     return "req-" + os.urandom(8).hex()
@@ -5628,6 +5645,29 @@ def set_eta(error: NexusError, eta: int | None) -> None:
         error.headers["Retry-After"] = str(eta)
 
 
+async def plan_request(
+    request: web.Request, endpoint: str, body: dict[str, Any], needs: RequestNeeds
+) -> tuple[RequestRecord, RouteDecision, float]:
+    """A request's record, its admission (keys and limits), its session and its route, waiting
+    in the queue for a slot if need be; with the loop time by which it must be done."""
+    app = request.app
+    settings = app[SETTINGS]
+    record = RequestRecord(request[REQUEST_ID], needs.model, endpoint, time.perf_counter())
+    request[RECORD] = record
+    request[PAYLOAD] = body
+    request[ENDPOINT] = endpoint
+    needs.flexible = request.headers.get("X-Nexus-Flexible", "").lower() == "true"
+    needs.high_priority = request.headers.get("X-Nexus-Priority", "").lower() == "high"
+    needs.budget_status = app[BUDGET].status
+    await refine_prompt_tokens(endpoint, body, needs, app[REGISTRY], settings)
+    admit_request(request, needs)
+    if settings.routing.session_affinity and endpoint != "embeddings":
+        follow_session(request, record, body, needs)
+    deadline = asyncio.get_running_loop().time() + settings.server.request_timeout_seconds
+    decision = allowed_attempts(request, await plan_route(app, needs, deadline), needs)
+    return record, decision, deadline
+
+
 async def proxy(
     request: web.Request,
     endpoint: str,
@@ -5641,22 +5681,9 @@ async def proxy(
     Before any byte reached the client a failure moves on to the next attempt. The same
     backend is asked again only when it is its model's only candidate, after a short pause
     (or the 429's Retry-After), up to max_retries, and never after it stayed silent."""
-    app = request.app
-    settings = app[SETTINGS]
+    settings = request.app[SETTINGS]
     loop = asyncio.get_running_loop()
-    record = RequestRecord(request[REQUEST_ID], needs.model, endpoint, time.perf_counter())
-    request[RECORD] = record
-    request[PAYLOAD] = body
-    request[ENDPOINT] = endpoint
-    needs.flexible = request.headers.get("X-Nexus-Flexible", "").lower() == "true"
-    needs.high_priority = request.headers.get("X-Nexus-Priority", "").lower() == "high"
-    needs.budget_status = app[BUDGET].status
-    await refine_prompt_tokens(endpoint, body, needs, app[REGISTRY], settings)
-    admit_request(request, needs)
-    if settings.routing.session_affinity and endpoint != "embeddings":
-        follow_session(request, record, body, needs)
-    deadline = loop.time() + settings.server.request_timeout_seconds
-    decision = allowed_attempts(request, await plan_route(app, needs, deadline), needs)
+    record, decision, deadline = await plan_request(request, endpoint, body, needs)
     stream = body.get("stream") is True and endpoint != "embeddings"
     client_wants_usage = isinstance(body.get("stream_options"), dict) and bool(
         body["stream_options"].get("include_usage")
@@ -5674,18 +5701,24 @@ async def proxy(
         reason = decision.reason if attempt is decision.attempts[0] else "failover"
         record.route_reason = reason
         record.fallback = attempt.fallback
-        ask_usage = (
-            stream and not client_wants_usage and ADAPTERS[attempt.backend.type].stream_usage
-        )
+        ask_usage = stream and not client_wants_usage and ADAPTERS[backend.type].stream_usage
         try:  # a request this backend's API cannot carry: the next attempt may take it
-            ADAPTERS[backend.type].url(backend, endpoint)
-            if speaks_natively(fmt, ADAPTERS[backend.type]):
-                payload = native_payload(fmt, attempt)
-            else:
-                payload = attempt_payload(body, raw, attempt, ask_usage)
+            payload = attempt_bytes(fmt, endpoint, body, raw, attempt, ask_usage)
         except NexusError as error:
             failure = AttemptFailed(error)
             continue
+        flight = InFlight(
+            request=request,
+            record=record,
+            attempt=attempt,
+            endpoint=endpoint,
+            payload=payload,
+            stream=stream,
+            strip_usage=ask_usage and not fmt.keeps_usage,
+            reason=reason,
+            deadline=deadline,
+            fmt=fmt,
+        )
         same_backend_retries = 0
         while True:
             if loop.time() >= deadline:
@@ -5693,18 +5726,7 @@ async def proxy(
             record.retries = tried  # the attempts after the first
             tried += 1
             try:
-                return await send_attempt(
-                    request,
-                    record,
-                    attempt,
-                    endpoint,
-                    payload,
-                    stream,
-                    ask_usage and not fmt.keeps_usage,
-                    reason,
-                    deadline,
-                    fmt,
-                )
+                return await send_attempt(flight)
             except AttemptFailed as exc:
                 failure = exc
             if failure.silent or (failure.retry_after or 0) > MAX_RETRY_AFTER_SECONDS:
@@ -5712,17 +5734,9 @@ async def proxy(
             if failure.skip_model:
                 skip_model = attempt.model
                 break
-            if (
-                not attempt.alone
-                or backend.name in passed_over
-                or backend.status != "healthy"
-                or same_backend_retries >= settings.routing.max_retries
-            ):
-                break
-            pause = failure.retry_after
+            max_retries = settings.routing.max_retries
+            pause = retry_pause(flight, failure, passed_over, same_backend_retries, max_retries)
             if pause is None:
-                pause = random.uniform(*RETRY_BACKOFF_SECONDS)
-            if loop.time() + pause >= deadline:
                 break
             same_backend_retries += 1
             await asyncio.sleep(pause)
@@ -5730,6 +5744,50 @@ async def proxy(
     if failure.error.code == "context_length_exceeded":
         failure.error.param = needs.prompt_param
     raise failure.error
+
+
+def retry_pause(
+    flight: InFlight,
+    failure: AttemptFailed,
+    passed_over: set[str],
+    retries: int,
+    max_retries: int,
+) -> float | None:
+    """How long to wait before asking the same backend again, or None to go on to the next
+    attempt: a backend is asked again only as its model's only candidate, healthy, not passed
+    over, up to routing.max_retries times, and only if the pause ends before the deadline."""
+    backend = flight.attempt.backend
+    if (
+        not flight.attempt.alone
+        or backend.name in passed_over
+        or backend.status != "healthy"
+        or retries >= max_retries
+    ):
+        return None
+    pause = failure.retry_after
+    if pause is None:
+        pause = random.uniform(*RETRY_BACKOFF_SECONDS)
+    if asyncio.get_running_loop().time() + pause >= flight.deadline:
+        return None
+    return pause
+
+
+def attempt_bytes(
+    fmt: OpenAIFormat,
+    endpoint: str,
+    body: dict[str, Any],
+    raw: bytes,
+    attempt: Attempt,
+    ask_usage: bool,
+) -> bytes:
+    """What an attempt sends: the client's own request to a backend that speaks its door's API,
+    else the chat request for this attempt. A NexusError when the backend's API cannot carry
+    the request (the next attempt may take it)."""
+    adapter = ADAPTERS[attempt.backend.type]
+    adapter.url(attempt.backend, endpoint)
+    if speaks_natively(fmt, adapter):
+        return native_payload(fmt, attempt)
+    return attempt_payload(body, raw, attempt, ask_usage)
 
 
 def follow_session(
@@ -5822,21 +5880,10 @@ def request_timed_out(limit: float) -> NexusError:
     )
 
 
-async def send_attempt(
-    request: web.Request,
-    record: RequestRecord,
-    attempt: Attempt,
-    endpoint: str,
-    payload: bytes,
-    stream: bool,
-    strip_usage: bool,
-    reason: str,
-    deadline: float,
-    fmt: OpenAIFormat,
-) -> web.StreamResponse:
+async def send_attempt(flight: InFlight) -> web.StreamResponse:
     """One attempt on one backend, bounded by the first-byte limit until its answer begins."""
+    request, record, attempt = flight.request, flight.record, flight.attempt
     app = request.app
-    settings = app[SETTINGS]
     backend = attempt.backend
     adapter = ADAPTERS[backend.type]
     loop = asyncio.get_running_loop()
@@ -5845,8 +5892,9 @@ async def send_attempt(
         raise AttemptFailed(busy, retry_after=retry_after_seconds(busy.headers["Retry-After"]))
     headers = adapter.headers(backend)
     headers.update(JSON_HEADERS)
-    native = speaks_natively(fmt, adapter)
-    server = settings.server
+    native = speaks_natively(flight.fmt, adapter)
+    stream, deadline = flight.stream, flight.deadline
+    server = app[SETTINGS].server
     limits = WaitLimits(
         min(loop.time() + server.first_byte_timeout_seconds, deadline),
         server.stream_idle_timeout_seconds,
@@ -5861,10 +5909,13 @@ async def send_attempt(
     upstream: BackendConnection | None = None
     try:
         try:
-            url = backend.url + fmt.native_path if native else adapter.url(backend, endpoint)
+            if native:
+                url = backend.url + flight.fmt.native_path
+            else:
+                url = adapter.url(backend, flight.endpoint)
             # A non-streamed answer comes when it is done: only the request's limit bounds it.
             upstream = await limits.wait(
-                app[CLIENT].request("POST", url, headers, payload),
+                app[CLIENT].request("POST", url, headers, flight.payload),
                 limits.first_byte_by if stream else deadline,
             )
             if upstream.status >= 400 or not stream:
@@ -5881,43 +5932,16 @@ async def send_attempt(
         if upstream.status >= 400:
             if adapter.translates:
                 answer = adapter.error_body(answer)
-            return upstream_error(app, record, attempt, reason, upstream, answer)
-        out_headers = response_headers(record, attempt, reason)
+            return upstream_error(app, record, attempt, flight.reason, upstream, answer)
+        out_headers = response_headers(record, attempt, flight.reason)
         if app[BUDGET].enabled:
             out_headers["X-Nexus-Budget-Status"] = app[BUDGET].status
-        if stream:
-            if backend.is_cloud:  # headers go before the answer: the prompt's cost, estimated
-                out_headers["X-Nexus-Cost-Estimated"] = await prompt_cost(request, attempt)
-            return await relay_stream(
-                request, record, attempt, upstream, out_headers, strip_usage, limits, fmt
-            )
-        try:
-            parsed = parse_json(answer)
-        except ValueError:
-            parsed = None
-        if not isinstance(parsed, dict):
-            raise attempt_failure(app, backend, 502, "answered something that is not JSON")
-        if native:
-            note_usage(record, fmt.answer_usage(parsed))
-        elif adapter.translates:
-            parsed = adapter.answer(parsed)
-            answer = json.dumps(parsed).encode()
-        if not native:
-            if not backend.is_cloud and parsed.get("model", attempt.model) != attempt.model:
-                parsed["model"] = attempt.model  # the response names the model that served
-                answer = json.dumps(parsed).encode()
-            note_usage(record, parsed.get("usage"))
-        if backend.is_cloud:
-            texts = answer_texts(endpoint, parsed)
-            out_headers["X-Nexus-Cost-Estimated"] = await settle_cost(
-                request, record, attempt, texts
-            )
-        note_success(app, record, backend)
-        return web.Response(
-            body=answer if native else fmt.body(answer, parsed),
-            status=upstream.status,
-            headers=out_headers,
-            content_type="application/json",
+        if not stream:
+            return await whole_answer(flight, upstream.status, answer, out_headers)
+        if backend.is_cloud:  # headers go before the answer: the prompt's cost, estimated
+            out_headers["X-Nexus-Cost-Estimated"] = await prompt_cost(request, attempt)
+        return await relay_stream(
+            request, record, attempt, upstream, out_headers, flight.strip_usage, limits, flight.fmt
         )
     finally:
         limits.close()
@@ -5926,6 +5950,43 @@ async def send_attempt(
         if upstream is not None:
             upstream.release()  # an answer not read to its end closes its connection
         app[QUEUE].wake()
+
+
+async def whole_answer(
+    flight: InFlight, status: int, answer: bytes, headers: dict[str, str]
+) -> web.Response:
+    """A whole (not streamed) answer that succeeded, in the door's shape: its usage noted, its
+    cost settled (cloud backends), the backend's success counted."""
+    request, record, attempt, fmt = flight.request, flight.record, flight.attempt, flight.fmt
+    backend = attempt.backend
+    adapter = ADAPTERS[backend.type]
+    native = speaks_natively(fmt, adapter)
+    try:
+        parsed = parse_json(answer)
+    except ValueError:
+        parsed = None
+    if not isinstance(parsed, dict):
+        raise attempt_failure(request.app, backend, 502, "answered something that is not JSON")
+    if native:
+        note_usage(record, fmt.answer_usage(parsed))
+    elif adapter.translates:
+        parsed = adapter.answer(parsed)
+        answer = json.dumps(parsed).encode()
+    if not native:
+        if not backend.is_cloud and parsed.get("model", attempt.model) != attempt.model:
+            parsed["model"] = attempt.model  # the response names the model that served
+            answer = json.dumps(parsed).encode()
+        note_usage(record, parsed.get("usage"))
+    if backend.is_cloud:
+        texts = answer_texts(flight.endpoint, parsed)
+        headers["X-Nexus-Cost-Estimated"] = await settle_cost(request, record, attempt, texts)
+    note_success(request.app, record, backend)
+    return web.Response(
+        body=answer if native else fmt.body(answer, parsed),
+        status=status,
+        headers=headers,
+        content_type="application/json",
+    )
 
 
 def attempt_failure(app: web.Application, backend: Backend, status: int, why: str) -> AttemptFailed:
