@@ -6212,14 +6212,34 @@ def note_stream_problem(
 
 
 async def end_after_internal_error(
-    record: RequestRecord, backend: Backend, response: web.StreamResponse, ending: bytes
+    record: RequestRecord,
+    attempt: Attempt,
+    writer: OpenAIFormat | NativeStream,
+    response: web.StreamResponse,
+    pending: list[bytes],
 ) -> None:
-    """A bug met mid-stream: logged, and the stream ended honestly with the given last bytes."""
-    log.exception("unexpected error relaying a stream from %s", backend.name)
+    """A bug met mid-stream: logged, and the stream ended honestly, after what is pending, with
+    the door's last words for an error."""
+    pending += (
+        writer.error(record.endpoint, attempt.model, INTERNAL_STREAM_ERROR),
+        writer.end(),
+    )
+    log.exception("unexpected error relaying a stream from %s", attempt.backend.name)
     record.status = 500
     with contextlib.suppress(ConnectionError):
-        await response.write(ending)
+        await response.write(b"".join(pending))
         await response.write_eof()
+
+
+def stream_source(
+    fmt: OpenAIFormat, attempt: Attempt, upstream: BackendConnection
+) -> tuple[NativeStream | None, Any]:
+    """Where a stream's lines come from: the backend's own lines in the door's API (read by the
+    door's NativeStream) where both speak it, else chat chunks from the backend's adapter."""
+    adapter = ADAPTERS[attempt.backend.type]
+    if speaks_natively(fmt, adapter):
+        return fmt.native_stream(), SseLines(upstream)
+    return None, adapter.stream_reader(upstream, attempt.model)
 
 
 async def relay_stream(
@@ -6238,15 +6258,12 @@ async def relay_stream(
     itself, honestly, the door's way (with [DONE] for chat clients)."""
     app = request.app
     backend = attempt.backend
-    adapter = ADAPTERS[backend.type]
-    native = fmt.native_stream() if speaks_natively(fmt, adapter) else None
+    native, content = stream_source(fmt, attempt, upstream)
     writer = native or fmt  # what writes the stream's last words
-    content = SseLines(upstream) if native else adapter.stream_reader(upstream, attempt.model)
     answered: list[str] | None = [] if backend.is_cloud else None  # to count, if no usage
     local_model = None if backend.is_cloud else attempt.model  # what local chunks must name
     response: web.StreamResponse | None = None
-    finished = False
-    settled = False
+    finished = settled = False
     problem = ""
     pending: list[bytes] = []  # chunks that arrived together go out in one write
     try:
@@ -6298,11 +6315,7 @@ async def relay_stream(
     except Exception:
         if response is None:
             raise  # nothing sent yet: the request ends in a plain error answer
-        pending += (
-            writer.error(record.endpoint, attempt.model, INTERNAL_STREAM_ERROR),
-            writer.end(),
-        )
-        await end_after_internal_error(record, backend, response, b"".join(pending))
+        await end_after_internal_error(record, attempt, writer, response, pending)
     finally:
         if answered is not None and response is not None and not settled:
             if native is not None:
