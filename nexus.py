@@ -5204,9 +5204,10 @@ def start_operation(
 
 
 # ==============================================================================================
-# Proxy
-# Owns: sending a routed request, retrying on the next attempt before the first byte, relaying
-# answers (streams chunk by chunk, as they arrive) and ending every stream honestly.
+# Proxy: the request in flight
+# Owns: the shapes every step of serving a request shares: its record, an attempt in flight and
+# its failure, the bytes an attempt sends, the door's duties (OpenAIFormat), the limits on its
+# waits, and what a served or failed attempt tells the backend's health and averages.
 # Must not: choose backends (routing did) or know backend quirks (adapters do).
 # ==============================================================================================
 
@@ -5223,12 +5224,6 @@ CONTEXT_ERROR_MARKERS = (
     "exceeds the context length",  # Ollama: "the input length exceeds the context length"
     "prompt is too long:",  # Anthropic: "prompt is too long: 208310 tokens > 200000 maximum"
 )
-
-
-# Retries on the same backend (only when it is the only candidate) wait a little first; a
-# 429's Retry-After is honoured up to a limit, a longer one sends the request elsewhere.
-RETRY_BACKOFF_SECONDS = (0.25, 1.0)
-MAX_RETRY_AFTER_SECONDS = 10.0
 
 
 class AttemptFailed(Exception):
@@ -5510,6 +5505,515 @@ def error_chunk(endpoint: str, model: str, message: str) -> bytes:
         "error": {"message": message, "type": "backend_error", "code": "stream_interrupted"},
     }
     return b"data: " + json.dumps(chunk).encode() + b"\n\n"
+
+
+class WaitLimits:
+    """The limits on one attempt's waits for its backend (SPEC §3.5): the answer begins by
+    first_byte_by, each later read comes within the idle limit, nothing waits past the
+    request's deadline. One timer serves every wait of the attempt and is re-armed only when
+    it fires before the current wait's limit, where asyncio.timeout would arm and cancel a
+    timer per wait, and a stream waits once per chunk (`make bench`)."""
+
+    __slots__ = (
+        "_expired",
+        "_loop",
+        "_task",
+        "_timer",
+        "_until",
+        "deadline",
+        "first_byte_by",
+        "idle",
+    )
+
+    def __init__(self, first_byte_by: float, idle: float, deadline: float) -> None:
+        self.first_byte_by, self.idle, self.deadline = first_byte_by, idle, deadline
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task()
+        self._until: float | None = None  # the current wait's limit; None between waits
+        self._timer: asyncio.TimerHandle | None = None
+        self._expired = False
+
+    def read_by(self) -> float:
+        """When the next read of a begun answer must have come."""
+        return min(self._loop.time() + self.idle, self.deadline)
+
+    async def wait(self, awaitable: Awaitable[Any], until: float) -> Any:
+        """The awaitable's result, or TimeoutError once `until` has passed."""
+        self._until = until
+        if self._timer is None or self._timer.when() > until:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self._loop.call_at(until, self._check)
+        try:
+            return await awaitable
+        except asyncio.CancelledError:
+            if self._expired:
+                self._expired = False
+                if self._task is not None and self._task.uncancel() == 0:  # only ours
+                    raise TimeoutError from None
+            raise
+        finally:
+            self._until = None
+
+    def _check(self) -> None:
+        """The timer fired: cancel the wait that is past its limit, or re-arm."""
+        self._timer = None
+        if self._until is None:  # fired between waits: the next wait arms it again
+            return
+        if self._loop.time() < self._until:  # the limit moved on since the timer was armed
+            self._timer = self._loop.call_at(self._until, self._check)
+        elif self._task is not None:
+            self._expired = True
+            self._task.cancel()
+
+    def close(self) -> None:
+        """Cancel the timer: the attempt is over."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+def attempt_failure(app: web.Application, backend: Backend, status: int, why: str) -> AttemptFailed:
+    """Count a failed attempt against the backend's health and make the error it may end in."""
+    backend.errors += 1
+    if app[SETTINGS].health_check.enabled:
+        record_failure(backend, app[SETTINGS].health_check, why)
+    kind = "timeout" if status == 504 else "backend_error"
+    code = "backend_timeout" if status == 504 else "backend_failed"
+    return AttemptFailed(
+        NexusError(status, kind, code, f"Backend {backend.name} failed: {why}."),
+        silent=status == 504,
+    )
+
+
+EMA_WEIGHT = 0.2
+
+
+def note_success(app: web.Application, record: RequestRecord, backend: Backend) -> None:
+    """A request served: the backend's latency and TTFT averages, measured from the attempt's
+    send (a queue wait or an earlier attempt that failed is not the backend's time), its
+    health, and the session's backend."""
+    elapsed_ms = (time.perf_counter() - record.sent) * 1000
+    if backend.latency_ema_ms is None:
+        backend.latency_ema_ms = elapsed_ms
+    else:
+        backend.latency_ema_ms += EMA_WEIGHT * (elapsed_ms - backend.latency_ema_ms)
+    if record.ttft_ms is not None:  # the client's wait for the first byte, from its request
+        ttft_ms = record.ttft_ms - (record.sent - record.started) * 1000
+        if backend.ttft_ema_ms is None:
+            backend.ttft_ema_ms = ttft_ms
+        else:
+            backend.ttft_ema_ms += EMA_WEIGHT * (ttft_ms - backend.ttft_ema_ms)
+    if app[SETTINGS].health_check.enabled:
+        record_success(backend, app[SETTINGS].health_check)
+    if record.session is not None:
+        app[SESSIONS].note(record.session, backend.name, record.followed, time.monotonic())
+
+
+def speaks_natively(fmt: OpenAIFormat, adapter: OpenAICompatibleAdapter) -> bool:
+    """Whether the backend speaks the door's own API (the request passes as it is)."""
+    return fmt.native_api is not None and fmt.native_api == adapter.api
+
+
+# ==============================================================================================
+# Cost settlement
+# Owns: what an answer from a cloud backend cost: the usage it reported (or Nexus's own count of
+# prompt and answer when it reported none) times the model's price, charged to the budget.
+# Must not: decide prices or limits (Policy does) or keep any prompt or answer text.
+# ==============================================================================================
+
+
+def note_usage(record: RequestRecord, usage: Any) -> None:
+    """Note the token usage an answer reported on the request's record."""
+    found = usage_from(usage)
+    if found is not None:
+        record.usage = found
+        record.prompt_tokens = found.prompt or record.prompt_tokens
+        record.completion_tokens = found.completion or record.completion_tokens
+
+
+UNPRICED_WARNED: set[str] = set()
+
+
+async def prompt_cost(request: web.Request, attempt: Attempt) -> str:
+    """A stream's cost header: its prompt counted (exactly where the tokenizer is exact) times
+    the input price. The whole cost, output included, is charged when the stream ends."""
+    price = price_for(attempt.model, request.app[BUDGET].prices)
+    if price is None:
+        return "unknown"
+    texts, framing = payload_texts(request[ENDPOINT], request[PAYLOAD])
+    encoding, _ = tokenizer_for(attempt.backend.type, attempt.model)
+    prompt = await count_texts_async(texts, encoding) + framing
+    return format_usd(cost_usd(price, TokenUsage(prompt=prompt)))
+
+
+async def settle_cost(
+    request: web.Request, record: RequestRecord, attempt: Attempt, answered: list[str]
+) -> str:
+    """What a cloud answer cost: the usage the backend reported, or Nexus's own count of the
+    prompt and the answer when it reported none, times the model's price. Charged to the
+    month's budget; the header value is returned ("unknown" for a model without a price)."""
+    if record.usage is None:
+        encoding, _ = tokenizer_for(attempt.backend.type, attempt.model)
+        texts, framing = payload_texts(request[ENDPOINT], request[PAYLOAD])
+        prompt = await count_texts_async(texts, encoding) + framing
+        completion = await count_texts_async(answered, encoding)
+        note_counted(record, prompt, completion)
+    return charge_cost(request, record, attempt)
+
+
+def settle_cost_now(
+    request: web.Request, record: RequestRecord, attempt: Attempt, answered: list[str]
+) -> None:
+    """settle_cost without awaiting, for a stream its client left (the handler may be being
+    cancelled): counted where the encoding is loaded already, else estimated from characters."""
+    if record.usage is None:
+        encoding, _ = tokenizer_for(attempt.backend.type, attempt.model)
+        texts, framing = payload_texts(request[ENDPOINT], request[PAYLOAD])
+        if encoding in _loaded_encodings:
+            prompt = count_texts(texts, encoding) + framing
+            completion = count_texts(answered, encoding)
+        else:
+            prompt = sum(map(len, texts)) // CHARS_PER_TOKEN + framing
+            completion = -(-sum(map(len, answered)) // CHARS_PER_TOKEN)
+        note_counted(record, prompt, completion)
+    charge_cost(request, record, attempt)
+
+
+def note_counted(record: RequestRecord, prompt: int, completion: int) -> None:
+    """Note the usage Nexus counted itself, for an answer that reported none."""
+    record.usage = TokenUsage(prompt, completion, counted=True)
+    record.prompt_tokens, record.completion_tokens = prompt, completion
+
+
+def charge_cost(request: web.Request, record: RequestRecord, attempt: Attempt) -> str:
+    """Charge the record's usage times the model's price to the month's budget."""
+    app = request.app
+    usage = record.usage
+    assert usage is not None
+    price = price_for(attempt.model, app[BUDGET].prices)
+    if price is None:
+        if attempt.model not in UNPRICED_WARNED:
+            UNPRICED_WARNED.add(attempt.model)
+            log.warning(
+                "no price for model %s: its cost is not counted against the budget; "
+                "add it under [routing.budget] prices",
+                attempt.model,
+            )
+        return "unknown"
+    record.cost_usd = cost_usd(price, usage)
+    app[BUDGET].charge(record.cost_usd)
+    app[LEDGER].add(TOTAL_ROW, record.cost_usd, 0, 0)
+    return format_usd(record.cost_usd)
+
+
+# ==============================================================================================
+# Stream relay
+# Owns: the one stream relay: a backend's stream to the client chunk by chunk as it arrives, in
+# the client's API (written by its door), its waits bounded, and every stream ended honestly.
+# Must not: retry once the first byte went out, or translate (doors and adapters do that).
+# ==============================================================================================
+
+INTERNAL_STREAM_ERROR = "Nexus hit an internal error."
+
+
+def stalled_problem(now: float, deadline: float) -> str:
+    """Why a stream that went quiet is cut: the request's deadline or a stall."""
+    if now >= deadline:
+        return "the request took longer than server.request_timeout_seconds"
+    return "the backend stalled"
+
+
+def note_stream_problem(
+    app: web.Application, record: RequestRecord, backend: Backend, problem: str
+) -> None:
+    """A stream that broke after it began: a failed request, and a failure of its backend."""
+    record.status = 502
+    backend.errors += 1
+    if app[SETTINGS].health_check.enabled:
+        record_failure(backend, app[SETTINGS].health_check, problem)
+
+
+async def end_after_internal_error(
+    record: RequestRecord,
+    attempt: Attempt,
+    writer: OpenAIFormat | NativeStream,
+    response: web.StreamResponse,
+    pending: list[bytes],
+) -> None:
+    """A bug met mid-stream: logged, and the stream ended honestly, after what is pending, with
+    the door's last words for an error."""
+    pending += (
+        writer.error(record.endpoint, attempt.model, INTERNAL_STREAM_ERROR),
+        writer.end(),
+    )
+    log.exception("unexpected error relaying a stream from %s", attempt.backend.name)
+    record.status = 500
+    with contextlib.suppress(ConnectionError):
+        await response.write(b"".join(pending))
+        await response.write_eof()
+
+
+def stream_source(
+    fmt: OpenAIFormat, attempt: Attempt, upstream: BackendConnection
+) -> tuple[NativeStream | None, Any]:
+    """Where a stream's lines come from: the backend's own lines in the door's API (read by the
+    door's NativeStream) where both speak it, else chat chunks from the backend's adapter."""
+    adapter = ADAPTERS[attempt.backend.type]
+    if speaks_natively(fmt, adapter):
+        return fmt.native_stream(), SseLines(upstream)
+    return None, adapter.stream_reader(upstream, attempt.model)
+
+
+async def relay_stream(
+    request: web.Request,
+    record: RequestRecord,
+    attempt: Attempt,
+    upstream: BackendConnection,
+    headers: dict[str, str],
+    strip_usage: bool,
+    limits: WaitLimits,
+    fmt: OpenAIFormat,
+) -> web.StreamResponse:
+    """Relay a stream as it arrives, in the client's API: chat chunks written by its door or,
+    where door and backend speak the same API, the backend's own lines as they are. Until the
+    first byte is out a failure may still be retried elsewhere; after it, Nexus ends the stream
+    itself, honestly, the door's way (with [DONE] for chat clients)."""
+    app = request.app
+    backend = attempt.backend
+    native, content = stream_source(fmt, attempt, upstream)
+    writer = native or fmt  # what writes the stream's last words
+    answered: list[str] | None = [] if backend.is_cloud else None  # to count, if no usage
+    local_model = None if backend.is_cloud else attempt.model  # what local chunks must name
+    response: web.StreamResponse | None = None
+    finished = settled = False
+    problem = ""
+    pending: list[bytes] = []  # chunks that arrived together go out in one write
+    try:
+        while not (native is not None and finished):
+            line = content.buffered()
+            if line is None:
+                if pending:
+                    await response.write(b"".join(pending))  # type: ignore[union-attr]
+                    pending.clear()
+                line, problem = await next_stream_line(
+                    app, backend, content, response is not None, limits
+                )
+            if not line:
+                if not finished and not problem:
+                    problem = "the backend ended the stream before the answer was complete"
+                break
+            if native is not None:
+                out, kind = native.line(line)
+            else:
+                out, kind = chat_line(line, record, fmt, strip_usage, local_model, answered)
+            if kind is not None:
+                if kind == "error":
+                    if response is None:
+                        raise attempt_failure(app, backend, 502, "reported an error")
+                    problem = "the backend reported an error mid-stream"
+                finished = True
+                upstream.whole = kind == "end"  # its connection may serve the next request
+                if kind == "end" and native is None:
+                    break  # [DONE]
+            if not out:
+                continue
+            if response is None:
+                record.ttft_ms = (time.perf_counter() - record.started) * 1000
+                response = await start_stream(request, headers, fmt.content_type)
+            pending.append(out)
+        if native is not None:
+            note_usage(record, native.usage)
+        if response is None:  # [DONE] with no chunk at all: an empty answer, but an honest one
+            response = await start_stream(request, headers, fmt.content_type)
+        settled = await end_stream(
+            request, record, attempt, writer, response, answered, problem, pending
+        )
+        await response.write_eof(b"".join(pending))
+    except ConnectionError:
+        record.status = 499  # the client went away: the backend request ends with this one
+        upstream.close()
+        if response is None:
+            raise
+    except Exception:
+        if response is None:
+            raise  # nothing sent yet: the request ends in a plain error answer
+        await end_after_internal_error(record, attempt, writer, response, pending)
+    finally:
+        if answered is not None and response is not None and not settled:
+            if native is not None:
+                note_usage(record, native.usage)
+            settle_cost_now(request, record, attempt, answered)  # the client left: no await
+    return response
+
+
+def chat_line(
+    line: bytes,
+    record: RequestRecord,
+    fmt: OpenAIFormat,
+    strip_usage: bool,
+    local_model: str | None,
+    answered: list[str] | None,
+) -> tuple[bytes, str | None]:
+    """One line of a chat stream as the door writes it (b"" for nothing: a separator, comment,
+    malformed chunk or a usage chunk the client did not ask for), and "end" for [DONE],
+    "finish" for the chunk with the finish reason, else None. Usage is noted on the way."""
+    if not line.startswith(b"data:"):
+        return b"", None  # blank separators, comments, event names
+    data = line[5:].strip()
+    if data == b"[DONE]":
+        return b"", "end"
+    try:
+        chunk = parse_json(data)
+    except ValueError:
+        return b"", None  # a malformed chunk is dropped; the stream goes on
+    if not well_formed(chunk):
+        return b"", None  # a chunk of the wrong shape is dropped too
+    usage = chunk.get("usage")
+    if usage:
+        note_usage(record, usage)
+        if strip_usage:
+            if not chunk.get("choices"):
+                return b"", None
+            del chunk["usage"]
+            data = b""
+    if local_model is not None and chunk.get("model", local_model) != local_model:
+        chunk["model"] = local_model  # the stream names the model that served
+        data = b""
+    if not data:
+        data = json.dumps(chunk).encode()
+    choices = chunk.get("choices")
+    if answered is not None and choices:
+        answered.extend(answer_texts(record.endpoint, chunk))
+    finish = choices and isinstance(choices[0], dict) and choices[0].get("finish_reason")
+    return fmt.chunk(data, chunk), "finish" if finish else None
+
+
+async def end_stream(
+    request: web.Request,
+    record: RequestRecord,
+    attempt: Attempt,
+    fmt: OpenAIFormat | NativeStream,
+    response: web.StreamResponse,
+    answered: list[str] | None,
+    problem: str,
+    pending: list[bytes],
+) -> bool:
+    """A relayed stream's accounts and its last words, added to `pending`: its cost (what a cut
+    stream generated costs too), then a success, or a failure of the request and its backend
+    that the door's error ends. Returns True once the cost is settled."""
+    if answered is not None:
+        if pending:
+            await response.write(b"".join(pending))
+            pending.clear()
+        await settle_cost(request, record, attempt, answered)
+    if problem:
+        note_stream_problem(request.app, record, attempt.backend, problem)
+        pending.append(fmt.error(record.endpoint, attempt.model, problem + "."))
+    else:
+        record.status = 200
+        note_success(request.app, record, attempt.backend)
+    pending.append(fmt.end())
+    return True
+
+
+async def next_stream_line(
+    app: web.Application, backend: Backend, content: Any, started: bool, limits: WaitLimits
+) -> tuple[bytes, str]:
+    """A stream's next line, waiting at most until the first-byte limit (before anything went
+    to the client) or the idle limit; at the end, b"" and why the stream ended early ("" for
+    its plain end). Before anything was sent, a failure raises AttemptFailed instead, so the
+    request may still be served by the next attempt."""
+    line = content.buffered()  # lines already read need no wait
+    if line is not None:
+        return line, ""
+    try:
+        line = await limits.wait(
+            content.readline(), limits.read_by() if started else limits.first_byte_by
+        )
+    except TimeoutError:
+        if not started:
+            raise attempt_failure(app, backend, 504, "sent no data in time") from None
+        return b"", stalled_problem(asyncio.get_running_loop().time(), limits.deadline)
+    except BackendHTTPError as exc:
+        if not started:
+            raise attempt_failure(app, backend, 502, describe_failure(exc)) from None
+        return b"", "the backend connection broke"
+    if not line and not started:
+        raise attempt_failure(app, backend, 502, "ended the stream before any data")
+    return line, ""
+
+
+NO_DELTA: dict[str, Any] = {}  # a chunk choice without a delta is well formed
+
+
+def well_formed(chunk: Any) -> bool:
+    """Whether a stream chunk has the shape Nexus reads: an object whose choices, if any, are a
+    list of objects, each delta an object."""
+    if type(chunk) is not dict:
+        return False
+    choices = chunk.get("choices")
+    if choices is None:
+        return True
+    if type(choices) is not list:
+        return False
+    for choice in choices:
+        if type(choice) is not dict or type(choice.get("delta", NO_DELTA)) is not dict:
+            return False
+    return True
+
+
+class SseLines:
+    """The non-blank lines of an SSE body as they arrive. One network read may carry several
+    events or part of one; reading whole blocks costs one await per read, not one per line."""
+
+    __slots__ = ("content", "lines", "partial")
+
+    def __init__(self, content: BackendConnection) -> None:
+        self.content = content
+        self.lines: collections.deque[bytes] = collections.deque()
+        self.partial = b""
+
+    def buffered(self) -> bytes | None:
+        """The next line if it has arrived already, else None."""
+        return self.lines.popleft() if self.lines else None
+
+    async def readline(self) -> bytes:
+        """The next line (without its end), waiting for it; b"" at the end of the body."""
+        while not self.lines:
+            block = await self.content.readany()
+            if not block:
+                line, self.partial = self.partial.strip(), b""
+                return line
+            parts = (self.partial + block).split(b"\n") if self.partial else block.split(b"\n")
+            self.partial = parts.pop()
+            self.lines.extend(line for line in parts if line and line != b"\r")
+        return self.lines.popleft()
+
+
+async def start_stream(
+    request: web.Request, headers: dict[str, str], content_type: str = "text/event-stream"
+) -> web.StreamResponse:
+    """Send a stream's status and headers; the chunks follow."""
+    response = web.StreamResponse(status=200, headers=headers)
+    response.content_type = content_type
+    response.headers["Cache-Control"] = "no-cache"
+    await response.prepare(request)
+    request[STREAMING] = response
+    return response
+
+
+# ==============================================================================================
+# Proxy: queue and attempts
+# Owns: a request from admission to its answer: the wait for a slot, the attempts in the order
+# routing gave, retries before the first byte, a whole answer or the hand-over to the relay.
+# Must not: choose backends (routing did) or know backend quirks (adapters do).
+# ==============================================================================================
+
+# Retries on the same backend (only when it is the only candidate) wait a little first; a
+# 429's Retry-After is honoured up to a limit, a longer one sends the request elsewhere.
+RETRY_BACKOFF_SECONDS = (0.25, 1.0)
+MAX_RETRY_AFTER_SECONDS = 10.0
 
 
 class WaitQueue:
@@ -5804,72 +6308,6 @@ def follow_session(
         record.followed = needs.last_backend
 
 
-class WaitLimits:
-    """The limits on one attempt's waits for its backend (SPEC §3.5): the answer begins by
-    first_byte_by, each later read comes within the idle limit, nothing waits past the
-    request's deadline. One timer serves every wait of the attempt and is re-armed only when
-    it fires before the current wait's limit, where asyncio.timeout would arm and cancel a
-    timer per wait, and a stream waits once per chunk (`make bench`)."""
-
-    __slots__ = (
-        "_expired",
-        "_loop",
-        "_task",
-        "_timer",
-        "_until",
-        "deadline",
-        "first_byte_by",
-        "idle",
-    )
-
-    def __init__(self, first_byte_by: float, idle: float, deadline: float) -> None:
-        self.first_byte_by, self.idle, self.deadline = first_byte_by, idle, deadline
-        self._loop = asyncio.get_running_loop()
-        self._task = asyncio.current_task()
-        self._until: float | None = None  # the current wait's limit; None between waits
-        self._timer: asyncio.TimerHandle | None = None
-        self._expired = False
-
-    def read_by(self) -> float:
-        """When the next read of a begun answer must have come."""
-        return min(self._loop.time() + self.idle, self.deadline)
-
-    async def wait(self, awaitable: Awaitable[Any], until: float) -> Any:
-        """The awaitable's result, or TimeoutError once `until` has passed."""
-        self._until = until
-        if self._timer is None or self._timer.when() > until:
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer = self._loop.call_at(until, self._check)
-        try:
-            return await awaitable
-        except asyncio.CancelledError:
-            if self._expired:
-                self._expired = False
-                if self._task is not None and self._task.uncancel() == 0:  # only ours
-                    raise TimeoutError from None
-            raise
-        finally:
-            self._until = None
-
-    def _check(self) -> None:
-        """The timer fired: cancel the wait that is past its limit, or re-arm."""
-        self._timer = None
-        if self._until is None:  # fired between waits: the next wait arms it again
-            return
-        if self._loop.time() < self._until:  # the limit moved on since the timer was armed
-            self._timer = self._loop.call_at(self._until, self._check)
-        elif self._task is not None:
-            self._expired = True
-            self._task.cancel()
-
-    def close(self) -> None:
-        """Cancel the timer: the attempt is over."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-
 def request_timed_out(limit: float) -> NexusError:
     """The 504 for a request past server.request_timeout_seconds."""
     return NexusError(
@@ -5989,19 +6427,6 @@ async def whole_answer(
     )
 
 
-def attempt_failure(app: web.Application, backend: Backend, status: int, why: str) -> AttemptFailed:
-    """Count a failed attempt against the backend's health and make the error it may end in."""
-    backend.errors += 1
-    if app[SETTINGS].health_check.enabled:
-        record_failure(backend, app[SETTINGS].health_check, why)
-    kind = "timeout" if status == 504 else "backend_error"
-    code = "backend_timeout" if status == 504 else "backend_failed"
-    return AttemptFailed(
-        NexusError(status, kind, code, f"Backend {backend.name} failed: {why}."),
-        silent=status == 504,
-    )
-
-
 def upstream_error(
     app: web.Application,
     record: RequestRecord,
@@ -6054,119 +6479,6 @@ def upstream_error(
     return web.Response(body=answer, status=status, headers=headers, content_type=content_type)
 
 
-def note_usage(record: RequestRecord, usage: Any) -> None:
-    """Note the token usage an answer reported on the request's record."""
-    found = usage_from(usage)
-    if found is not None:
-        record.usage = found
-        record.prompt_tokens = found.prompt or record.prompt_tokens
-        record.completion_tokens = found.completion or record.completion_tokens
-
-
-UNPRICED_WARNED: set[str] = set()
-
-
-async def prompt_cost(request: web.Request, attempt: Attempt) -> str:
-    """A stream's cost header: its prompt counted (exactly where the tokenizer is exact) times
-    the input price. The whole cost, output included, is charged when the stream ends."""
-    price = price_for(attempt.model, request.app[BUDGET].prices)
-    if price is None:
-        return "unknown"
-    texts, framing = payload_texts(request[ENDPOINT], request[PAYLOAD])
-    encoding, _ = tokenizer_for(attempt.backend.type, attempt.model)
-    prompt = await count_texts_async(texts, encoding) + framing
-    return format_usd(cost_usd(price, TokenUsage(prompt=prompt)))
-
-
-async def settle_cost(
-    request: web.Request, record: RequestRecord, attempt: Attempt, answered: list[str]
-) -> str:
-    """What a cloud answer cost: the usage the backend reported, or Nexus's own count of the
-    prompt and the answer when it reported none, times the model's price. Charged to the
-    month's budget; the header value is returned ("unknown" for a model without a price)."""
-    if record.usage is None:
-        encoding, _ = tokenizer_for(attempt.backend.type, attempt.model)
-        texts, framing = payload_texts(request[ENDPOINT], request[PAYLOAD])
-        prompt = await count_texts_async(texts, encoding) + framing
-        completion = await count_texts_async(answered, encoding)
-        note_counted(record, prompt, completion)
-    return charge_cost(request, record, attempt)
-
-
-def settle_cost_now(
-    request: web.Request, record: RequestRecord, attempt: Attempt, answered: list[str]
-) -> None:
-    """settle_cost without awaiting, for a stream its client left (the handler may be being
-    cancelled): counted where the encoding is loaded already, else estimated from characters."""
-    if record.usage is None:
-        encoding, _ = tokenizer_for(attempt.backend.type, attempt.model)
-        texts, framing = payload_texts(request[ENDPOINT], request[PAYLOAD])
-        if encoding in _loaded_encodings:
-            prompt = count_texts(texts, encoding) + framing
-            completion = count_texts(answered, encoding)
-        else:
-            prompt = sum(map(len, texts)) // CHARS_PER_TOKEN + framing
-            completion = -(-sum(map(len, answered)) // CHARS_PER_TOKEN)
-        note_counted(record, prompt, completion)
-    charge_cost(request, record, attempt)
-
-
-def note_counted(record: RequestRecord, prompt: int, completion: int) -> None:
-    """Note the usage Nexus counted itself, for an answer that reported none."""
-    record.usage = TokenUsage(prompt, completion, counted=True)
-    record.prompt_tokens, record.completion_tokens = prompt, completion
-
-
-def charge_cost(request: web.Request, record: RequestRecord, attempt: Attempt) -> str:
-    """Charge the record's usage times the model's price to the month's budget."""
-    app = request.app
-    usage = record.usage
-    assert usage is not None
-    price = price_for(attempt.model, app[BUDGET].prices)
-    if price is None:
-        if attempt.model not in UNPRICED_WARNED:
-            UNPRICED_WARNED.add(attempt.model)
-            log.warning(
-                "no price for model %s: its cost is not counted against the budget; "
-                "add it under [routing.budget] prices",
-                attempt.model,
-            )
-        return "unknown"
-    record.cost_usd = cost_usd(price, usage)
-    app[BUDGET].charge(record.cost_usd)
-    app[LEDGER].add(TOTAL_ROW, record.cost_usd, 0, 0)
-    return format_usd(record.cost_usd)
-
-
-EMA_WEIGHT = 0.2
-
-
-def note_success(app: web.Application, record: RequestRecord, backend: Backend) -> None:
-    """A request served: the backend's latency and TTFT averages, measured from the attempt's
-    send (a queue wait or an earlier attempt that failed is not the backend's time), its
-    health, and the session's backend."""
-    elapsed_ms = (time.perf_counter() - record.sent) * 1000
-    if backend.latency_ema_ms is None:
-        backend.latency_ema_ms = elapsed_ms
-    else:
-        backend.latency_ema_ms += EMA_WEIGHT * (elapsed_ms - backend.latency_ema_ms)
-    if record.ttft_ms is not None:  # the client's wait for the first byte, from its request
-        ttft_ms = record.ttft_ms - (record.sent - record.started) * 1000
-        if backend.ttft_ema_ms is None:
-            backend.ttft_ema_ms = ttft_ms
-        else:
-            backend.ttft_ema_ms += EMA_WEIGHT * (ttft_ms - backend.ttft_ema_ms)
-    if app[SETTINGS].health_check.enabled:
-        record_success(backend, app[SETTINGS].health_check)
-    if record.session is not None:
-        app[SESSIONS].note(record.session, backend.name, record.followed, time.monotonic())
-
-
-def speaks_natively(fmt: OpenAIFormat, adapter: OpenAICompatibleAdapter) -> bool:
-    """Whether the backend speaks the door's own API (the request passes as it is)."""
-    return fmt.native_api is not None and fmt.native_api == adapter.api
-
-
 def native_payload(fmt: OpenAIFormat, attempt: Attempt) -> bytes:
     """The client's own request, for a backend that speaks its API: only the model that serves
     is set, and a scrubbed overflow keeps the system prompt and the last user turn."""
@@ -6189,295 +6501,6 @@ def scrubbed_user_turn(messages: list[Any]) -> list[Any]:
         if said:
             return [dict(message, content=said)]
     return users[-1:]
-
-
-INTERNAL_STREAM_ERROR = "Nexus hit an internal error."
-
-
-def stalled_problem(now: float, deadline: float) -> str:
-    """Why a stream that went quiet is cut: the request's deadline or a stall."""
-    if now >= deadline:
-        return "the request took longer than server.request_timeout_seconds"
-    return "the backend stalled"
-
-
-def note_stream_problem(
-    app: web.Application, record: RequestRecord, backend: Backend, problem: str
-) -> None:
-    """A stream that broke after it began: a failed request, and a failure of its backend."""
-    record.status = 502
-    backend.errors += 1
-    if app[SETTINGS].health_check.enabled:
-        record_failure(backend, app[SETTINGS].health_check, problem)
-
-
-async def end_after_internal_error(
-    record: RequestRecord,
-    attempt: Attempt,
-    writer: OpenAIFormat | NativeStream,
-    response: web.StreamResponse,
-    pending: list[bytes],
-) -> None:
-    """A bug met mid-stream: logged, and the stream ended honestly, after what is pending, with
-    the door's last words for an error."""
-    pending += (
-        writer.error(record.endpoint, attempt.model, INTERNAL_STREAM_ERROR),
-        writer.end(),
-    )
-    log.exception("unexpected error relaying a stream from %s", attempt.backend.name)
-    record.status = 500
-    with contextlib.suppress(ConnectionError):
-        await response.write(b"".join(pending))
-        await response.write_eof()
-
-
-def stream_source(
-    fmt: OpenAIFormat, attempt: Attempt, upstream: BackendConnection
-) -> tuple[NativeStream | None, Any]:
-    """Where a stream's lines come from: the backend's own lines in the door's API (read by the
-    door's NativeStream) where both speak it, else chat chunks from the backend's adapter."""
-    adapter = ADAPTERS[attempt.backend.type]
-    if speaks_natively(fmt, adapter):
-        return fmt.native_stream(), SseLines(upstream)
-    return None, adapter.stream_reader(upstream, attempt.model)
-
-
-async def relay_stream(
-    request: web.Request,
-    record: RequestRecord,
-    attempt: Attempt,
-    upstream: BackendConnection,
-    headers: dict[str, str],
-    strip_usage: bool,
-    limits: WaitLimits,
-    fmt: OpenAIFormat,
-) -> web.StreamResponse:
-    """Relay a stream as it arrives, in the client's API: chat chunks written by its door or,
-    where door and backend speak the same API, the backend's own lines as they are. Until the
-    first byte is out a failure may still be retried elsewhere; after it, Nexus ends the stream
-    itself, honestly, the door's way (with [DONE] for chat clients)."""
-    app = request.app
-    backend = attempt.backend
-    native, content = stream_source(fmt, attempt, upstream)
-    writer = native or fmt  # what writes the stream's last words
-    answered: list[str] | None = [] if backend.is_cloud else None  # to count, if no usage
-    local_model = None if backend.is_cloud else attempt.model  # what local chunks must name
-    response: web.StreamResponse | None = None
-    finished = settled = False
-    problem = ""
-    pending: list[bytes] = []  # chunks that arrived together go out in one write
-    try:
-        while not (native is not None and finished):
-            line = content.buffered()
-            if line is None:
-                if pending:
-                    await response.write(b"".join(pending))  # type: ignore[union-attr]
-                    pending.clear()
-                line, problem = await next_stream_line(
-                    app, backend, content, response is not None, limits
-                )
-            if not line:
-                if not finished and not problem:
-                    problem = "the backend ended the stream before the answer was complete"
-                break
-            if native is not None:
-                out, kind = native.line(line)
-            else:
-                out, kind = chat_line(line, record, fmt, strip_usage, local_model, answered)
-            if kind is not None:
-                if kind == "error":
-                    if response is None:
-                        raise attempt_failure(app, backend, 502, "reported an error")
-                    problem = "the backend reported an error mid-stream"
-                finished = True
-                upstream.whole = kind == "end"  # its connection may serve the next request
-                if kind == "end" and native is None:
-                    break  # [DONE]
-            if not out:
-                continue
-            if response is None:
-                record.ttft_ms = (time.perf_counter() - record.started) * 1000
-                response = await start_stream(request, headers, fmt.content_type)
-            pending.append(out)
-        if native is not None:
-            note_usage(record, native.usage)
-        if response is None:  # [DONE] with no chunk at all: an empty answer, but an honest one
-            response = await start_stream(request, headers, fmt.content_type)
-        settled = await end_stream(
-            request, record, attempt, writer, response, answered, problem, pending
-        )
-        await response.write_eof(b"".join(pending))
-    except ConnectionError:
-        record.status = 499  # the client went away: the backend request ends with this one
-        upstream.close()
-        if response is None:
-            raise
-    except Exception:
-        if response is None:
-            raise  # nothing sent yet: the request ends in a plain error answer
-        await end_after_internal_error(record, attempt, writer, response, pending)
-    finally:
-        if answered is not None and response is not None and not settled:
-            if native is not None:
-                note_usage(record, native.usage)
-            settle_cost_now(request, record, attempt, answered)  # the client left: no await
-    return response
-
-
-def chat_line(
-    line: bytes,
-    record: RequestRecord,
-    fmt: OpenAIFormat,
-    strip_usage: bool,
-    local_model: str | None,
-    answered: list[str] | None,
-) -> tuple[bytes, str | None]:
-    """One line of a chat stream as the door writes it (b"" for nothing: a separator, comment,
-    malformed chunk or a usage chunk the client did not ask for), and "end" for [DONE],
-    "finish" for the chunk with the finish reason, else None. Usage is noted on the way."""
-    if not line.startswith(b"data:"):
-        return b"", None  # blank separators, comments, event names
-    data = line[5:].strip()
-    if data == b"[DONE]":
-        return b"", "end"
-    try:
-        chunk = parse_json(data)
-    except ValueError:
-        return b"", None  # a malformed chunk is dropped; the stream goes on
-    if not well_formed(chunk):
-        return b"", None  # a chunk of the wrong shape is dropped too
-    usage = chunk.get("usage")
-    if usage:
-        note_usage(record, usage)
-        if strip_usage:
-            if not chunk.get("choices"):
-                return b"", None
-            del chunk["usage"]
-            data = b""
-    if local_model is not None and chunk.get("model", local_model) != local_model:
-        chunk["model"] = local_model  # the stream names the model that served
-        data = b""
-    if not data:
-        data = json.dumps(chunk).encode()
-    choices = chunk.get("choices")
-    if answered is not None and choices:
-        answered.extend(answer_texts(record.endpoint, chunk))
-    finish = choices and isinstance(choices[0], dict) and choices[0].get("finish_reason")
-    return fmt.chunk(data, chunk), "finish" if finish else None
-
-
-async def end_stream(
-    request: web.Request,
-    record: RequestRecord,
-    attempt: Attempt,
-    fmt: OpenAIFormat | NativeStream,
-    response: web.StreamResponse,
-    answered: list[str] | None,
-    problem: str,
-    pending: list[bytes],
-) -> bool:
-    """A relayed stream's accounts and its last words, added to `pending`: its cost (what a cut
-    stream generated costs too), then a success, or a failure of the request and its backend
-    that the door's error ends. Returns True once the cost is settled."""
-    if answered is not None:
-        if pending:
-            await response.write(b"".join(pending))
-            pending.clear()
-        await settle_cost(request, record, attempt, answered)
-    if problem:
-        note_stream_problem(request.app, record, attempt.backend, problem)
-        pending.append(fmt.error(record.endpoint, attempt.model, problem + "."))
-    else:
-        record.status = 200
-        note_success(request.app, record, attempt.backend)
-    pending.append(fmt.end())
-    return True
-
-
-async def next_stream_line(
-    app: web.Application, backend: Backend, content: Any, started: bool, limits: WaitLimits
-) -> tuple[bytes, str]:
-    """A stream's next line, waiting at most until the first-byte limit (before anything went
-    to the client) or the idle limit; at the end, b"" and why the stream ended early ("" for
-    its plain end). Before anything was sent, a failure raises AttemptFailed instead, so the
-    request may still be served by the next attempt."""
-    line = content.buffered()  # lines already read need no wait
-    if line is not None:
-        return line, ""
-    try:
-        line = await limits.wait(
-            content.readline(), limits.read_by() if started else limits.first_byte_by
-        )
-    except TimeoutError:
-        if not started:
-            raise attempt_failure(app, backend, 504, "sent no data in time") from None
-        return b"", stalled_problem(asyncio.get_running_loop().time(), limits.deadline)
-    except BackendHTTPError as exc:
-        if not started:
-            raise attempt_failure(app, backend, 502, describe_failure(exc)) from None
-        return b"", "the backend connection broke"
-    if not line and not started:
-        raise attempt_failure(app, backend, 502, "ended the stream before any data")
-    return line, ""
-
-
-NO_DELTA: dict[str, Any] = {}  # a chunk choice without a delta is well formed
-
-
-def well_formed(chunk: Any) -> bool:
-    """Whether a stream chunk has the shape Nexus reads: an object whose choices, if any, are a
-    list of objects, each delta an object."""
-    if type(chunk) is not dict:
-        return False
-    choices = chunk.get("choices")
-    if choices is None:
-        return True
-    if type(choices) is not list:
-        return False
-    for choice in choices:
-        if type(choice) is not dict or type(choice.get("delta", NO_DELTA)) is not dict:
-            return False
-    return True
-
-
-class SseLines:
-    """The non-blank lines of an SSE body as they arrive. One network read may carry several
-    events or part of one; reading whole blocks costs one await per read, not one per line."""
-
-    __slots__ = ("content", "lines", "partial")
-
-    def __init__(self, content: BackendConnection) -> None:
-        self.content = content
-        self.lines: collections.deque[bytes] = collections.deque()
-        self.partial = b""
-
-    def buffered(self) -> bytes | None:
-        """The next line if it has arrived already, else None."""
-        return self.lines.popleft() if self.lines else None
-
-    async def readline(self) -> bytes:
-        """The next line (without its end), waiting for it; b"" at the end of the body."""
-        while not self.lines:
-            block = await self.content.readany()
-            if not block:
-                line, self.partial = self.partial.strip(), b""
-                return line
-            parts = (self.partial + block).split(b"\n") if self.partial else block.split(b"\n")
-            self.partial = parts.pop()
-            self.lines.extend(line for line in parts if line and line != b"\r")
-        return self.lines.popleft()
-
-
-async def start_stream(
-    request: web.Request, headers: dict[str, str], content_type: str = "text/event-stream"
-) -> web.StreamResponse:
-    """Send a stream's status and headers; the chunks follow."""
-    response = web.StreamResponse(status=200, headers=headers)
-    response.content_type = content_type
-    response.headers["Cache-Control"] = "no-cache"
-    await response.prepare(request)
-    request[STREAMING] = response
-    return response
 
 
 # ==============================================================================================
