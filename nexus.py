@@ -8307,7 +8307,7 @@ class OllamaFormat(OpenAIFormat):
 
     def text_line(self, text: str) -> bytes:
         """A stream line of answer text, the line piece() makes, from a head encoded once per
-        model: encoding each line whole costs several times more (`make bench`)."""
+        model: encoding each line whole costs more (`make bench`)."""
         if self.head_model != self.model:
             self.head_model = self.model
             self.head = b'{"model": ' + JSON_TEXT(self.model).encode() + b', "created_at": "'
@@ -9123,7 +9123,7 @@ def log_request(record: RequestRecord, status: int, seconds: float) -> None:
     )
     handlers = logging.root.handlers
     if len(handlers) == 1 and type(handlers[0]) is LogHandler:  # `nexus serve`'s own
-        handlers[0].request_line(message, record, status, latency_ms)
+        handlers[0].write_request_line(message, record, status, latency_ms)
     else:  # logging set up by another program (a test capturing records): a record as usual
         fields = request_fields(record, status, latency_ms)
         log.info("%s", message, extra={"fields": fields})
@@ -9963,6 +9963,7 @@ class JsonLogFormatter(logging.Formatter):
     def request_line(
         self, created: float, message: str, record: RequestRecord, status: int, latency_ms: float
     ) -> str:
+        """One request's log line: its fields in the JSON object."""
         line = {"time": self.stamp(created), "level": "info", "logger": log.name}
         line["message"] = message
         line.update(request_fields(record, status, latency_ms))
@@ -9983,6 +9984,7 @@ class PrettyLogFormatter(logging.Formatter):
     def request_line(
         self, created: float, message: str, record: RequestRecord, status: int, latency_ms: float
     ) -> str:
+        """One request's log line: the message (the fields are in it already)."""
         stamp = second_stamp(int(created), "%Y-%m-%d %H:%M:%S", False)
         return f"{stamp},{millis(created):03d} INFO    {message}"
 
@@ -10001,18 +10003,19 @@ def millis(created: float) -> int:
 class LogHandler(logging.StreamHandler):
     """stderr through the configured formatter, keys masked. The line for each inference request
     (the hot path) skips the logger's dispatch and its LogRecord: the same line, written for
-    less than half the instructions (`make bench`)."""
+    fewer instructions (`make bench` counts them)."""
 
     def __init__(self, formatter: JsonLogFormatter | PrettyLogFormatter, secrets: list[str]):
         super().__init__(sys.stderr)
-        self.lines = formatter
+        self.request_formatter = formatter  # writes the request lines; .formatter redacts
         self.redacting = RedactingFormatter(formatter, secrets)
         self.setFormatter(self.redacting)
 
-    def request_line(
+    def write_request_line(
         self, message: str, record: RequestRecord, status: int, latency_ms: float
     ) -> None:
-        line = self.lines.request_line(time.time(), message, record, status, latency_ms)
+        """Write one request's log line, keys masked, without a LogRecord."""
+        line = self.request_formatter.request_line(time.time(), message, record, status, latency_ms)
         text = self.redacting.redact(line)
         # stderr closed or gone: like logging's own handlers, go on serving
         with self.lock, contextlib.suppress(OSError, ValueError):
@@ -10096,8 +10099,8 @@ def build_commit() -> str:
 
 # Young objects per cyclic collection (Python's default is 700). With dozens of requests in
 # flight each young collection scans their coroutines, futures and buffers, most of them
-# alive, and promotes them to be scanned again: about a tenth of the CPU per proxied request
-# at the default (`make bench`). Nexus makes few reference cycles, so this costs little memory.
+# alive, and promotes them to be scanned again: a share of the CPU per proxied request at the
+# default (`make bench` measures it). Nexus makes few reference cycles: this costs little memory.
 GC_YOUNG_THRESHOLD = 10_000
 
 
@@ -10186,7 +10189,7 @@ def serve_command(args: argparse.Namespace) -> int:
         return 2
     setup_logging(settings, env)
     # uvloop, where there is one, runs the same asyncio API for less CPU per proxied request
-    # (an HTTP round trip on loopback: about 350 -> 230 µs here; `make bench`).
+    # (`make bench` measures it).
     loop_factory = uvloop.new_event_loop if uvloop is not None else None
     with asyncio.Runner(loop_factory=loop_factory) as runner:
         return runner.run(run_server(settings, ConfigSource(path, overrides)))
