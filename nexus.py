@@ -6977,6 +6977,7 @@ class AnthropicEvents(NativeStream):
         self.begun = False  # a data line went out
 
     def line(self, line: bytes) -> tuple[bytes, str | None]:
+        """One line of the event stream: an event name is held until its data line comes."""
         if not line.startswith(b"data:"):
             if self.begun or not line.startswith(b":"):
                 self.held.append(line)
@@ -6998,6 +6999,7 @@ class AnthropicEvents(NativeStream):
         return out, "end" if kind == "message_stop" else None
 
     def error(self, endpoint: str, model: str, message: str) -> bytes:
+        """An error event, unless the backend's own error event said it already."""
         if self.failed:
             return b""  # the backend's own error event said it
         self.failed = True
@@ -7040,10 +7042,12 @@ class AnthropicFormat(OpenAIFormat):
         self.text_tail = ""  # the end of the text, to find a stop sequence it ends with
 
     def body(self, answer: bytes, parsed: dict[str, Any]) -> bytes:
+        """A whole chat answer as a Messages answer."""
         message = chat_to_message(parsed, self.model, self.stop_sequences, self.input_estimate)
         return json.dumps(message).encode()
 
     def chunk(self, data: bytes, chunk: dict[str, Any]) -> bytes:
+        """One chat chunk as the Messages events it makes (blocks opened, deltas)."""
         out = [self.start(chunk.get("model"))]
         if isinstance(chunk.get("usage"), dict):
             self.usage = chunk["usage"]
@@ -7091,6 +7095,7 @@ class AnthropicFormat(OpenAIFormat):
         )
 
     def open(self, kind: str, block: dict[str, Any]) -> bytes:
+        """Open a content block of this kind (closing the one open), unless it is open."""
         if self.open_kind == kind:
             return b""
         closed = self.close()
@@ -7100,12 +7105,14 @@ class AnthropicFormat(OpenAIFormat):
         return closed + sse_event("content_block_start", start)
 
     def close(self) -> bytes:
+        """Close the open content block, if any."""
         if self.open_kind is None:
             return b""
         self.open_kind = None
         return sse_event("content_block_stop", {"type": "content_block_stop", "index": self.index})
 
     def delta(self, delta: dict[str, Any], index: int | None = None) -> bytes:
+        """A content_block_delta event for the open block (or the one at index)."""
         event = {
             "type": "content_block_delta",
             "index": self.index if index is None else index,
@@ -7146,14 +7153,17 @@ class AnthropicFormat(OpenAIFormat):
         return out
 
     def error(self, endpoint: str, model: str, message: str) -> bytes:
+        """The error event that ends a stream Nexus had to cut."""
         self.failed = True
         error = anthropic_error(NexusError(502, "backend_error", None, message))
         return self.start(model) + sse_event("error", error)
 
     def native_stream(self) -> AnthropicEvents:
+        """A reader for an Anthropic backend's own Messages events."""
         return AnthropicEvents()
 
     def end(self) -> bytes:
+        """The stream's last events: the open block closed, message_delta, message_stop."""
         if self.failed:
             return b""  # the error event was the stream's last word
         out = [self.start(None), self.close()]
@@ -7539,11 +7549,13 @@ class ResponsesFormat(OpenAIFormat):
         return "incomplete" if self.finish in INCOMPLETE_REASONS else "completed"
 
     def final_usage(self, usage: Any, reasoning_chars: int) -> dict[str, Any]:
+        """The response's usage: reported, or estimated from characters."""
         output = -(-self.output_chars // CHARS_PER_TOKEN)
         found = usage_or_estimate(usage, self.input_estimate, output)
         return found.as_responses(min(-(-reasoning_chars // CHARS_PER_TOKEN), found.completion))
 
     def body(self, answer: bytes, parsed: dict[str, Any]) -> bytes:
+        """A whole chat answer as a `response` object."""
         choices = parsed.get("choices")
         choice = choices[0] if isinstance(choices, list) and choices else {}
         choice = choice if isinstance(choice, dict) else {}
@@ -7580,6 +7592,7 @@ class ResponsesFormat(OpenAIFormat):
     # --- the event stream ---------------------------------------------------------------------
 
     def event(self, kind: str, data: dict[str, Any]) -> bytes:
+        """One Responses event, numbered in sequence."""
         data["type"] = kind
         data["sequence_number"] = self.sequence
         self.sequence += 1
@@ -7596,6 +7609,7 @@ class ResponsesFormat(OpenAIFormat):
         )
 
     def chunk(self, data: bytes, chunk: dict[str, Any]) -> bytes:
+        """One chat chunk as the Responses events it makes."""
         if not self.started and isinstance(chunk.get("model"), str) and chunk["model"]:
             self.model = chunk["model"]
         out = [self.start()]
@@ -7620,6 +7634,7 @@ class ResponsesFormat(OpenAIFormat):
         return b"".join(out)
 
     def add_item(self, item: dict[str, Any]) -> tuple[int, bytes]:
+        """Add an output item; its index and the output_item.added event."""
         index = len(self.output)
         self.output.append(item)
         self.pieces[index] = []
@@ -7659,6 +7674,7 @@ class ResponsesFormat(OpenAIFormat):
         return f"event: {kind}\ndata: {{{fields},".encode()
 
     def delta_event(self, text: str) -> bytes:
+        """A text delta event for the open item, from a head encoded once."""
         self.sequence += 1
         number = str(self.sequence - 1).encode()
         return (
@@ -7722,6 +7738,7 @@ class ResponsesFormat(OpenAIFormat):
         return out + self.delta_event(arguments)
 
     def close_calls(self) -> bytes:
+        """The done events of every function call gathered so far."""
         out = []
         for index in self.calls.values():
             item = self.output[index]
@@ -7736,6 +7753,7 @@ class ResponsesFormat(OpenAIFormat):
         return b"".join(out)
 
     def end(self) -> bytes:
+        """The stream's last events: every item done, then the response completed or incomplete."""
         if self.failed:
             return b""  # response.failed was the stream's last word
         out = [self.start(), self.close_open(), self.close_calls()]
@@ -7748,6 +7766,7 @@ class ResponsesFormat(OpenAIFormat):
         return b"".join(out)
 
     def error(self, endpoint: str, model: str, message: str) -> bytes:
+        """response.failed, with what was said before the failure, as incomplete."""
         if self.failed:
             return b""
         self.failed = True
@@ -8101,6 +8120,7 @@ class OllamaLines(NativeStream):
     object is dropped."""
 
     def line(self, line: bytes) -> tuple[bytes, str | None]:
+        """One NDJSON line of an Ollama backend's own stream, relayed as it is."""
         try:
             document = parse_json(line)
         except ValueError:
@@ -8116,6 +8136,7 @@ class OllamaLines(NativeStream):
         return line + b"\n", None
 
     def error(self, endpoint: str, model: str, message: str) -> bytes:
+        """An error line, unless the backend's own error line said it already."""
         if self.failed:
             return b""  # the backend's own error line said it
         self.failed = True
@@ -8200,6 +8221,7 @@ class OllamaFormat(OpenAIFormat):
         }
 
     def body(self, answer: bytes, parsed: dict[str, Any]) -> bytes:
+        """A whole chat, completions or embeddings answer in Ollama's shape."""
         if self.kind in ("embed", "embeddings"):
             return json.dumps(self.embeddings(parsed)).encode()
         self.model = parsed.get("model") or self.model
@@ -8224,6 +8246,7 @@ class OllamaFormat(OpenAIFormat):
         return json.dumps(out, ensure_ascii=False).encode()
 
     def embeddings(self, parsed: dict[str, Any]) -> dict[str, Any]:
+        """An embeddings answer as /api/embed or /api/embeddings answers."""
         data = parsed.get("data")
         items = [d for d in data if isinstance(d, dict)] if isinstance(data, list) else []
         items.sort(key=lambda d: d.get("index") if isinstance(d.get("index"), int) else 0)
@@ -8240,6 +8263,7 @@ class OllamaFormat(OpenAIFormat):
         }
 
     def chunk(self, data: bytes, chunk: dict[str, Any]) -> bytes:
+        """One chat chunk as Ollama's NDJSON stream lines."""
         if isinstance(chunk.get("usage"), dict):
             self.usage = chunk["usage"]
         if isinstance(chunk.get("timings"), dict):
@@ -8290,6 +8314,7 @@ class OllamaFormat(OpenAIFormat):
             self.output_chars += len(arguments)
 
     def flush_calls(self) -> bytes:
+        """The line with the tool calls gathered so far (Ollama sends them whole)."""
         if not self.calls:
             return b""
         calls = []
@@ -8303,6 +8328,7 @@ class OllamaFormat(OpenAIFormat):
 
     @staticmethod
     def line(document: dict[str, Any]) -> bytes:
+        """One NDJSON line."""
         return json.dumps(document, ensure_ascii=False).encode() + b"\n"
 
     def text_line(self, text: str) -> bytes:
@@ -8325,15 +8351,18 @@ class OllamaFormat(OpenAIFormat):
         return parsed
 
     def native_stream(self) -> OllamaLines:
+        """A reader for an Ollama backend's own NDJSON stream."""
         return OllamaLines()
 
     def error(self, endpoint: str, model: str, message: str) -> bytes:
+        """The error line that ends a stream Nexus had to cut."""
         if self.failed:
             return b""  # the backend's own error line said it
         self.failed = True
         return self.line({"error": message})
 
     def end(self) -> bytes:
+        """The stream's last line: done, its reason and its counts."""
         if self.failed:
             return b""  # the error line was the stream's last word
         out = self.flush_calls()
@@ -10032,9 +10061,11 @@ class RedactingFormatter(logging.Formatter):
         self.secrets = sorted(set(secrets), key=len, reverse=True)
 
     def format(self, record: logging.LogRecord) -> str:
+        """The inner formatter's line, keys masked."""
         return self.redact(self.inner.format(record))
 
     def redact(self, text: str) -> str:
+        """A text with every known key replaced by [redacted]."""
         for secret in self.secrets:
             if secret in text:
                 text = text.replace(secret, "[redacted]")
