@@ -5204,10 +5204,10 @@ def start_operation(
 
 
 # ==============================================================================================
-# Proxy: the request in flight
-# Owns: the shapes every step of serving a request shares: its record, an attempt in flight and
-# its failure, the bytes an attempt sends, the door's duties (OpenAIFormat), the limits on its
-# waits, and what a served or failed attempt tells the backend's health and averages.
+# Proxy: queue and attempts
+# Owns: a request from admission to its answer: its record, the wait for a slot, the attempts
+# in the order routing gave, retries before the first byte, a whole answer or the hand-over to
+# the Stream relay. The door's duties (OpenAIFormat) are defined here; the doors follow below.
 # Must not: choose backends (routing did) or know backend quirks (adapters do).
 # ==============================================================================================
 
@@ -5224,6 +5224,12 @@ CONTEXT_ERROR_MARKERS = (
     "exceeds the context length",  # Ollama: "the input length exceeds the context length"
     "prompt is too long:",  # Anthropic: "prompt is too long: 208310 tokens > 200000 maximum"
 )
+
+
+# Retries on the same backend (only when it is the only candidate) wait a little first; a
+# 429's Retry-After is honoured up to a limit, a longer one sends the request elsewhere.
+RETRY_BACKOFF_SECONDS = (0.25, 1.0)
+MAX_RETRY_AFTER_SECONDS = 10.0
 
 
 class AttemptFailed(Exception):
@@ -5507,6 +5513,298 @@ def error_chunk(endpoint: str, model: str, message: str) -> bytes:
     return b"data: " + json.dumps(chunk).encode() + b"\n\n"
 
 
+class WaitQueue:
+    """Requests waiting for a backend slot when every candidate is at max_concurrent.
+
+    Small on purpose: each waiter has an event; whenever a backend's in_flight drops, every
+    waiter is woken in rank order (high priority first, then first come) and re-runs routing.
+    The first to find a free slot takes it before the others run, so the order holds."""
+
+    def __init__(self) -> None:
+        self.waiting: list[tuple[tuple[int, int], asyncio.Event]] = []
+        self.arrivals = itertools.count()
+
+    def __len__(self) -> int:
+        """How many requests wait."""
+        return len(self.waiting)
+
+    def join(self, high_priority: bool) -> tuple[tuple[int, int], asyncio.Event]:
+        """Queue a request in rank order; its entry, with the event that wakes it."""
+        entry = ((0 if high_priority else 1, next(self.arrivals)), asyncio.Event())
+        self.waiting.append(entry)
+        self.waiting.sort(key=lambda e: e[0])
+        return entry
+
+    def leave(self, entry: tuple[tuple[int, int], asyncio.Event]) -> None:
+        """Take a request off the queue (it got a slot or gave up)."""
+        with contextlib.suppress(ValueError):
+            self.waiting.remove(entry)
+
+    def wake(self) -> None:
+        """Wake every waiter to route again: a slot freed up."""
+        for _, event in self.waiting:
+            event.set()
+
+
+async def plan_route(app: web.Application, needs: RequestNeeds, deadline: float) -> RouteDecision:
+    """Route the request; while every candidate is at max_concurrent, wait in the queue for a
+    slot (SPEC §3.6), up to queue.max_wait_seconds, re-routing each time one frees up."""
+    settings = app[SETTINGS]
+    loop = asyncio.get_running_loop()
+    decision = route_now(app, needs)
+    if not decision.all_full:
+        return decision
+    queue = app[QUEUE]
+    if not settings.queue.enabled:
+        raise queue_full(app, needs, decision, "the queue is off (queue.enabled = false)")
+    if len(queue) >= settings.queue.max_size:
+        raise queue_full(app, needs, decision, "the queue is full")
+    wait_until = min(loop.time() + settings.queue.max_wait_seconds, deadline)
+    entry = queue.join(needs.high_priority)
+    try:
+        while decision.all_full:
+            entry[1].clear()
+            try:
+                async with asyncio.timeout_at(wait_until):
+                    await entry[1].wait()
+            except TimeoutError:
+                raise queue_full(app, needs, decision, "no slot freed up in time") from None
+            decision = route_now(app, needs)
+    finally:
+        queue.leave(entry)
+    return decision
+
+
+def route_now(app: web.Application, needs: RequestNeeds) -> RouteDecision:
+    """route(), with the 503's eta_seconds filled in from the health checks when a backend of
+    the model is down (it may be back after the next polls)."""
+    registry = app[REGISTRY]
+    settings = app[SETTINGS]
+    try:
+        return route(needs, registry, settings)
+    except NexusError as error:
+        if error.code == "no_backend_available":
+            model_id = resolve_alias(needs.model, settings.routing.aliases)
+            chain = [model_id, *settings.routing.fallbacks.get(model_id, ())]
+            down = [b for m in chain for b in registry.by_model.get(m, ()) if b.status != "healthy"]
+            if down:
+                set_eta(error, health_eta(app))
+        raise
+
+
+def health_eta(app: web.Application) -> int | None:
+    """Seconds until a backend that is down now could be healthy again: the next poll, plus
+    the further polls recovery takes."""
+    health = app[SETTINGS].health_check
+    next_check = app[STATE].get("next_health_check")
+    if not health.enabled or next_check is None:
+        return None
+    wait = max(next_check - time.monotonic(), 0.0)
+    wait += (health.recovery_threshold - 1) * health.interval_seconds
+    return max(math.ceil(wait), 1)
+
+
+def queue_eta(app: web.Application, decision: RouteDecision) -> int:
+    """Seconds until a slot is likely free: the queue ahead, served at the candidates' pace."""
+    backends = {a.backend.name: a.backend for a in decision.attempts if not a.fallback}
+    slots = sum(b.max_concurrent or 1 for b in backends.values())
+    known = [b.latency_ema_ms for b in backends.values() if b.latency_ema_ms is not None]
+    per_request = (min(known) / 1000.0) if known else 1.0
+    return max(math.ceil(per_request * (len(app[QUEUE]) + 1) / max(slots, 1)), 1)
+
+
+def queue_full(
+    app: web.Application, needs: RequestNeeds, decision: RouteDecision, why: str
+) -> NexusError:
+    """The 503 for a request that found every candidate busy and could not wait."""
+    error = NexusError(
+        503,
+        "service_unavailable",
+        "no_backend_available",
+        f"Every backend serving model '{needs.model}' is at its max_concurrent and {why}.",
+        context={
+            "available_nodes": [b.name for b in app[REGISTRY].healthy()],
+            "eta_seconds": None,
+            "required_tier": None,
+            "privacy_zone_required": None,
+            "backends": [
+                {"backend": a.backend.name, "model": a.model, "failed": ["busy"]}
+                for a in decision.attempts[:MAX_LISTED_SHORTFALLS]
+                if not a.fallback
+            ],
+        },
+    )
+    set_eta(error, queue_eta(app, decision))
+    return error
+
+
+def set_eta(error: NexusError, eta: int | None) -> None:
+    """Put the seconds until a retry may succeed in the error's context and Retry-After."""
+    if error.context is not None:
+        error.context["eta_seconds"] = eta
+    if eta is not None:
+        error.headers["Retry-After"] = str(eta)
+
+
+async def plan_request(
+    request: web.Request, endpoint: str, body: dict[str, Any], needs: RequestNeeds
+) -> tuple[RequestRecord, RouteDecision, float]:
+    """A request's record, its admission (keys and limits), its session and its route, waiting
+    in the queue for a slot if need be; with the loop time by which it must be done."""
+    app = request.app
+    settings = app[SETTINGS]
+    record = RequestRecord(request[REQUEST_ID], needs.model, endpoint, time.perf_counter())
+    request[RECORD] = record
+    request[PAYLOAD] = body
+    request[ENDPOINT] = endpoint
+    needs.flexible = request.headers.get("X-Nexus-Flexible", "").lower() == "true"
+    needs.high_priority = request.headers.get("X-Nexus-Priority", "").lower() == "high"
+    needs.budget_status = app[BUDGET].status
+    await refine_prompt_tokens(endpoint, body, needs, app[REGISTRY], settings)
+    admit_request(request, needs)
+    if settings.routing.session_affinity and endpoint != "embeddings":
+        follow_session(request, record, body, needs)
+    deadline = asyncio.get_running_loop().time() + settings.server.request_timeout_seconds
+    decision = allowed_attempts(request, await plan_route(app, needs, deadline), needs)
+    return record, decision, deadline
+
+
+async def proxy(
+    request: web.Request,
+    endpoint: str,
+    body: dict[str, Any],
+    raw: bytes,
+    needs: RequestNeeds,
+    fmt: OpenAIFormat = OPENAI_FORMAT,
+) -> web.StreamResponse:
+    """Route a request and try its attempts in order until one answers (SPEC §3.5).
+
+    Before any byte reached the client a failure moves on to the next attempt. The same
+    backend is asked again only when it is its model's only candidate, after a short pause
+    (or the 429's Retry-After), up to max_retries, and never after it stayed silent."""
+    settings = request.app[SETTINGS]
+    loop = asyncio.get_running_loop()
+    record, decision, deadline = await plan_request(request, endpoint, body, needs)
+    stream = body.get("stream") is True and endpoint != "embeddings"
+    client_wants_usage = isinstance(body.get("stream_options"), dict) and bool(
+        body["stream_options"].get("include_usage")
+    )
+    failure: AttemptFailed | None = None
+    skip_model: str | None = None
+    passed_over: set[str] = set()  # backends not to ask again for this request
+    tried = 0
+    for attempt in decision.attempts:
+        backend = attempt.backend
+        if attempt.model == skip_model or backend.name in passed_over:
+            continue
+        if failure is not None and backend.status != "healthy":
+            continue  # it went down while this request was on its way
+        reason = decision.reason if attempt is decision.attempts[0] else "failover"
+        record.route_reason = reason
+        record.fallback = attempt.fallback
+        ask_usage = stream and not client_wants_usage and ADAPTERS[backend.type].stream_usage
+        try:  # a request this backend's API cannot carry: the next attempt may take it
+            payload = attempt_bytes(fmt, endpoint, body, raw, attempt, ask_usage)
+        except NexusError as error:
+            failure = AttemptFailed(error)
+            continue
+        flight = InFlight(
+            request=request,
+            record=record,
+            attempt=attempt,
+            endpoint=endpoint,
+            payload=payload,
+            stream=stream,
+            strip_usage=ask_usage and not fmt.keeps_usage,
+            reason=reason,
+            deadline=deadline,
+            fmt=fmt,
+        )
+        same_backend_retries = 0
+        while True:
+            if loop.time() >= deadline:
+                raise request_timed_out(settings.server.request_timeout_seconds)
+            record.retries = tried  # the attempts after the first
+            tried += 1
+            try:
+                return await send_attempt(flight)
+            except AttemptFailed as exc:
+                failure = exc
+            if failure.silent or (failure.retry_after or 0) > MAX_RETRY_AFTER_SECONDS:
+                passed_over.add(backend.name)
+            if failure.skip_model:
+                skip_model = attempt.model
+                break
+            max_retries = settings.routing.max_retries
+            pause = retry_pause(flight, failure, passed_over, same_backend_retries, max_retries)
+            if pause is None:
+                break
+            same_backend_retries += 1
+            await asyncio.sleep(pause)
+    assert failure is not None  # the first attempt is always tried
+    if failure.error.code == "context_length_exceeded":
+        failure.error.param = needs.prompt_param
+    raise failure.error
+
+
+def retry_pause(
+    flight: InFlight,
+    failure: AttemptFailed,
+    passed_over: set[str],
+    retries: int,
+    max_retries: int,
+) -> float | None:
+    """How long to wait before asking the same backend again, or None to go on to the next
+    attempt: a backend is asked again only as its model's only candidate, healthy, not passed
+    over, up to routing.max_retries times, and only if the pause ends before the deadline."""
+    backend = flight.attempt.backend
+    if (
+        not flight.attempt.alone
+        or backend.name in passed_over
+        or backend.status != "healthy"
+        or retries >= max_retries
+    ):
+        return None
+    pause = failure.retry_after
+    if pause is None:
+        pause = random.uniform(*RETRY_BACKOFF_SECONDS)
+    if asyncio.get_running_loop().time() + pause >= flight.deadline:
+        return None
+    return pause
+
+
+def attempt_bytes(
+    fmt: OpenAIFormat,
+    endpoint: str,
+    body: dict[str, Any],
+    raw: bytes,
+    attempt: Attempt,
+    ask_usage: bool,
+) -> bytes:
+    """What an attempt sends: the client's own request to a backend that speaks its door's API,
+    else the chat request for this attempt. A NexusError when the backend's API cannot carry
+    the request (the next attempt may take it)."""
+    adapter = ADAPTERS[attempt.backend.type]
+    adapter.url(attempt.backend, endpoint)
+    if speaks_natively(fmt, adapter):
+        return native_payload(fmt, attempt)
+    return attempt_payload(body, raw, attempt, ask_usage)
+
+
+def follow_session(
+    request: web.Request, record: RequestRecord, body: dict[str, Any], needs: RequestNeeds
+) -> None:
+    """Find the request's session (SPEC §3.7) and the backend of its last turn, for routing to
+    keep when it is still a candidate; the backend that serves is noted by note_success."""
+    found = session_key(request.headers, body)
+    if found is None:
+        return
+    record.session, follows = found
+    if follows:
+        needs.last_backend = request.app[SESSIONS].backend_of(record.session, time.monotonic())
+        record.followed = needs.last_backend
+
+
 class WaitLimits:
     """The limits on one attempt's waits for its backend (SPEC §3.5): the answer begins by
     first_byte_by, each later read comes within the idle limit, nothing waits past the
@@ -5573,6 +5871,125 @@ class WaitLimits:
             self._timer = None
 
 
+def request_timed_out(limit: float) -> NexusError:
+    """The 504 for a request past server.request_timeout_seconds."""
+    return NexusError(
+        504,
+        "timeout",
+        "request_timeout",
+        f"The request took longer than {limit:g} s (server.request_timeout_seconds).",
+    )
+
+
+async def send_attempt(flight: InFlight) -> web.StreamResponse:
+    """One attempt on one backend, bounded by the first-byte limit until its answer begins."""
+    request, record, attempt = flight.request, flight.record, flight.attempt
+    app = request.app
+    backend = attempt.backend
+    adapter = ADAPTERS[backend.type]
+    loop = asyncio.get_running_loop()
+    if (busy := backend_turn(backend, time.monotonic())) is not None:
+        # Like the backend's own 429: a short wait is waited out when it is the only candidate.
+        raise AttemptFailed(busy, retry_after=retry_after_seconds(busy.headers["Retry-After"]))
+    headers = adapter.headers(backend)
+    headers.update(JSON_HEADERS)
+    native = speaks_natively(flight.fmt, adapter)
+    stream, deadline = flight.stream, flight.deadline
+    server = app[SETTINGS].server
+    limits = WaitLimits(
+        min(loop.time() + server.first_byte_timeout_seconds, deadline),
+        server.stream_idle_timeout_seconds,
+        deadline,
+    )
+    backend.in_flight += 1
+    per_model = backend.model_in_flight  # what an unload or a migration waits for (§5.1)
+    per_model[attempt.model] = per_model.get(attempt.model, 0) + 1
+    backend.requests += 1
+    record.backend = backend.name
+    record.sent = time.perf_counter()
+    upstream: BackendConnection | None = None
+    try:
+        try:
+            if native:
+                url = backend.url + flight.fmt.native_path
+            else:
+                url = adapter.url(backend, flight.endpoint)
+            # A non-streamed answer comes when it is done: only the request's limit bounds it.
+            upstream = await limits.wait(
+                app[CLIENT].request("POST", url, headers, flight.payload),
+                limits.first_byte_by if stream else deadline,
+            )
+            if upstream.status >= 400 or not stream:
+                if upstream.complete:  # all of it came with the headers: no wait
+                    answer = await upstream.read()
+                else:
+                    answer = await limits.wait(
+                        upstream.read(), limits.read_by() if stream else deadline
+                    )
+        except TimeoutError:
+            raise attempt_failure(app, backend, 504, "timed out before answering") from None
+        except BackendHTTPError as exc:
+            raise attempt_failure(app, backend, 502, describe_failure(exc)) from None
+        if upstream.status >= 400:
+            if adapter.translates:
+                answer = adapter.error_body(answer)
+            return upstream_error(app, record, attempt, flight.reason, upstream, answer)
+        out_headers = response_headers(record, attempt, flight.reason)
+        if app[BUDGET].enabled:
+            out_headers["X-Nexus-Budget-Status"] = app[BUDGET].status
+        if not stream:
+            return await whole_answer(flight, upstream.status, answer, out_headers)
+        if backend.is_cloud:  # headers go before the answer: the prompt's cost, estimated
+            out_headers["X-Nexus-Cost-Estimated"] = await prompt_cost(request, attempt)
+        return await relay_stream(
+            request, record, attempt, upstream, out_headers, flight.strip_usage, limits, flight.fmt
+        )
+    finally:
+        limits.close()
+        backend.in_flight -= 1
+        per_model[attempt.model] -= 1
+        if upstream is not None:
+            upstream.release()  # an answer not read to its end closes its connection
+        app[QUEUE].wake()
+
+
+async def whole_answer(
+    flight: InFlight, status: int, answer: bytes, headers: dict[str, str]
+) -> web.Response:
+    """A whole (not streamed) answer that succeeded, in the door's shape: its usage noted, its
+    cost settled (cloud backends), the backend's success counted."""
+    request, record, attempt, fmt = flight.request, flight.record, flight.attempt, flight.fmt
+    backend = attempt.backend
+    adapter = ADAPTERS[backend.type]
+    native = speaks_natively(fmt, adapter)
+    try:
+        parsed = parse_json(answer)
+    except ValueError:
+        parsed = None
+    if not isinstance(parsed, dict):
+        raise attempt_failure(request.app, backend, 502, "answered something that is not JSON")
+    if native:
+        note_usage(record, fmt.answer_usage(parsed))
+    elif adapter.translates:
+        parsed = adapter.answer(parsed)
+        answer = json.dumps(parsed).encode()
+    if not native:
+        if not backend.is_cloud and parsed.get("model", attempt.model) != attempt.model:
+            parsed["model"] = attempt.model  # the response names the model that served
+            answer = json.dumps(parsed).encode()
+        note_usage(record, parsed.get("usage"))
+    if backend.is_cloud:
+        texts = answer_texts(flight.endpoint, parsed)
+        headers["X-Nexus-Cost-Estimated"] = await settle_cost(request, record, attempt, texts)
+    note_success(request.app, record, backend)
+    return web.Response(
+        body=answer if native else fmt.body(answer, parsed),
+        status=status,
+        headers=headers,
+        content_type="application/json",
+    )
+
+
 def attempt_failure(app: web.Application, backend: Backend, status: int, why: str) -> AttemptFailed:
     """Count a failed attempt against the backend's health and make the error it may end in."""
     backend.errors += 1
@@ -5584,6 +6001,58 @@ def attempt_failure(app: web.Application, backend: Backend, status: int, why: st
         NexusError(status, kind, code, f"Backend {backend.name} failed: {why}."),
         silent=status == 504,
     )
+
+
+def upstream_error(
+    app: web.Application,
+    record: RequestRecord,
+    attempt: Attempt,
+    reason: str,
+    upstream: BackendConnection,
+    answer: bytes,
+) -> web.Response:
+    """A backend's error answer: 5xx and 429 are retried, context overruns fall back, other 4xx
+    go back to the client untouched."""
+    backend = attempt.backend
+    status = upstream.status
+    text = answer[:2000].decode("utf-8", "replace")
+    if status >= 500:
+        raise attempt_failure(app, backend, 502, f"answered HTTP {status}")
+    if status == 429:  # alive but busy: not a health failure
+        backend.errors += 1
+        wait = retry_after_seconds(upstream.headers.get("retry-after"))
+        raise AttemptFailed(
+            NexusError(
+                429,
+                "rate_limit_error",
+                "rate_limited",
+                f"Backend {backend.name} is rate limited; try again later.",
+                headers={"Retry-After": str(math.ceil(wait)) if wait is not None else "1"},
+            ),
+            retry_after=wait,
+        )
+    if is_context_error(status, text):
+        raise AttemptFailed(backend_context_error(backend, text), skip_model=True)
+    record.status = status
+    headers = response_headers(record, attempt, reason)
+    if app[BUDGET].enabled:
+        headers["X-Nexus-Budget-Status"] = app[BUDGET].status
+    try:
+        parsed = json.loads(answer)
+    except (ValueError, UnicodeDecodeError):
+        parsed = None
+    if not (
+        isinstance(parsed, dict) and "error" in parsed
+    ):  # an HTML page or plain text: never handed to a client as it is (SPEC §4)
+        error = {
+            "message": text[:500],
+            "type": "invalid_request_error",
+            "param": None,
+            "code": "backend_error",
+        }
+        return web.json_response({"error": error}, status=status, headers=headers)
+    content_type = upstream.headers.get("content-type", "application/json").split(";")[0]
+    return web.Response(body=answer, status=status, headers=headers, content_type=content_type)
 
 
 EMA_WEIGHT = 0.2
@@ -5613,6 +6082,30 @@ def note_success(app: web.Application, record: RequestRecord, backend: Backend) 
 def speaks_natively(fmt: OpenAIFormat, adapter: OpenAICompatibleAdapter) -> bool:
     """Whether the backend speaks the door's own API (the request passes as it is)."""
     return fmt.native_api is not None and fmt.native_api == adapter.api
+
+
+def native_payload(fmt: OpenAIFormat, attempt: Attempt) -> bytes:
+    """The client's own request, for a backend that speaks its API: only the model that serves
+    is set, and a scrubbed overflow keeps the system prompt and the last user turn."""
+    payload = dict(fmt.native_body, model=attempt.model)
+    if attempt.scrub and isinstance(payload.get("messages"), list):
+        payload["messages"] = scrubbed_user_turn(payload["messages"])
+    return json.dumps(payload).encode()
+
+
+def scrubbed_user_turn(messages: list[Any]) -> list[Any]:
+    """The last user turn of a Messages conversation that says something itself, without its
+    tool results: as in chat, tool results are not the user's turn, and one without the
+    assistant's tool_use it answers is refused by the API."""
+    users = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
+    for message in reversed(users):
+        content = message.get("content")
+        if not isinstance(content, list):
+            return [message]  # plain text
+        said = [b for b in content if not (isinstance(b, dict) and b.get("type") == "tool_result")]
+        if said:
+            return [dict(message, content=said)]
+    return users[-1:]
 
 
 # ==============================================================================================
@@ -5681,7 +6174,6 @@ def settle_cost_now(
 
 
 def note_counted(record: RequestRecord, prompt: int, completion: int) -> None:
-    """Note the usage Nexus counted itself, for an answer that reported none."""
     record.usage = TokenUsage(prompt, completion, counted=True)
     record.prompt_tokens, record.completion_tokens = prompt, completion
 
@@ -6001,506 +6493,6 @@ async def start_stream(
     await response.prepare(request)
     request[STREAMING] = response
     return response
-
-
-# ==============================================================================================
-# Proxy: queue and attempts
-# Owns: a request from admission to its answer: the wait for a slot, the attempts in the order
-# routing gave, retries before the first byte, a whole answer or the hand-over to the relay.
-# Must not: choose backends (routing did) or know backend quirks (adapters do).
-# ==============================================================================================
-
-# Retries on the same backend (only when it is the only candidate) wait a little first; a
-# 429's Retry-After is honoured up to a limit, a longer one sends the request elsewhere.
-RETRY_BACKOFF_SECONDS = (0.25, 1.0)
-MAX_RETRY_AFTER_SECONDS = 10.0
-
-
-class WaitQueue:
-    """Requests waiting for a backend slot when every candidate is at max_concurrent.
-
-    Small on purpose: each waiter has an event; whenever a backend's in_flight drops, every
-    waiter is woken in rank order (high priority first, then first come) and re-runs routing.
-    The first to find a free slot takes it before the others run, so the order holds."""
-
-    def __init__(self) -> None:
-        self.waiting: list[tuple[tuple[int, int], asyncio.Event]] = []
-        self.arrivals = itertools.count()
-
-    def __len__(self) -> int:
-        """How many requests wait."""
-        return len(self.waiting)
-
-    def join(self, high_priority: bool) -> tuple[tuple[int, int], asyncio.Event]:
-        """Queue a request in rank order; its entry, with the event that wakes it."""
-        entry = ((0 if high_priority else 1, next(self.arrivals)), asyncio.Event())
-        self.waiting.append(entry)
-        self.waiting.sort(key=lambda e: e[0])
-        return entry
-
-    def leave(self, entry: tuple[tuple[int, int], asyncio.Event]) -> None:
-        """Take a request off the queue (it got a slot or gave up)."""
-        with contextlib.suppress(ValueError):
-            self.waiting.remove(entry)
-
-    def wake(self) -> None:
-        """Wake every waiter to route again: a slot freed up."""
-        for _, event in self.waiting:
-            event.set()
-
-
-async def plan_route(app: web.Application, needs: RequestNeeds, deadline: float) -> RouteDecision:
-    """Route the request; while every candidate is at max_concurrent, wait in the queue for a
-    slot (SPEC §3.6), up to queue.max_wait_seconds, re-routing each time one frees up."""
-    settings = app[SETTINGS]
-    loop = asyncio.get_running_loop()
-    decision = route_now(app, needs)
-    if not decision.all_full:
-        return decision
-    queue = app[QUEUE]
-    if not settings.queue.enabled:
-        raise queue_full(app, needs, decision, "the queue is off (queue.enabled = false)")
-    if len(queue) >= settings.queue.max_size:
-        raise queue_full(app, needs, decision, "the queue is full")
-    wait_until = min(loop.time() + settings.queue.max_wait_seconds, deadline)
-    entry = queue.join(needs.high_priority)
-    try:
-        while decision.all_full:
-            entry[1].clear()
-            try:
-                async with asyncio.timeout_at(wait_until):
-                    await entry[1].wait()
-            except TimeoutError:
-                raise queue_full(app, needs, decision, "no slot freed up in time") from None
-            decision = route_now(app, needs)
-    finally:
-        queue.leave(entry)
-    return decision
-
-
-def route_now(app: web.Application, needs: RequestNeeds) -> RouteDecision:
-    """route(), with the 503's eta_seconds filled in from the health checks when a backend of
-    the model is down (it may be back after the next polls)."""
-    registry = app[REGISTRY]
-    settings = app[SETTINGS]
-    try:
-        return route(needs, registry, settings)
-    except NexusError as error:
-        if error.code == "no_backend_available":
-            model_id = resolve_alias(needs.model, settings.routing.aliases)
-            chain = [model_id, *settings.routing.fallbacks.get(model_id, ())]
-            down = [b for m in chain for b in registry.by_model.get(m, ()) if b.status != "healthy"]
-            if down:
-                set_eta(error, health_eta(app))
-        raise
-
-
-def health_eta(app: web.Application) -> int | None:
-    """Seconds until a backend that is down now could be healthy again: the next poll, plus
-    the further polls recovery takes."""
-    health = app[SETTINGS].health_check
-    next_check = app[STATE].get("next_health_check")
-    if not health.enabled or next_check is None:
-        return None
-    wait = max(next_check - time.monotonic(), 0.0)
-    wait += (health.recovery_threshold - 1) * health.interval_seconds
-    return max(math.ceil(wait), 1)
-
-
-def queue_eta(app: web.Application, decision: RouteDecision) -> int:
-    """Seconds until a slot is likely free: the queue ahead, served at the candidates' pace."""
-    backends = {a.backend.name: a.backend for a in decision.attempts if not a.fallback}
-    slots = sum(b.max_concurrent or 1 for b in backends.values())
-    known = [b.latency_ema_ms for b in backends.values() if b.latency_ema_ms is not None]
-    per_request = (min(known) / 1000.0) if known else 1.0
-    return max(math.ceil(per_request * (len(app[QUEUE]) + 1) / max(slots, 1)), 1)
-
-
-def queue_full(
-    app: web.Application, needs: RequestNeeds, decision: RouteDecision, why: str
-) -> NexusError:
-    """The 503 for a request that found every candidate busy and could not wait."""
-    error = NexusError(
-        503,
-        "service_unavailable",
-        "no_backend_available",
-        f"Every backend serving model '{needs.model}' is at its max_concurrent and {why}.",
-        context={
-            "available_nodes": [b.name for b in app[REGISTRY].healthy()],
-            "eta_seconds": None,
-            "required_tier": None,
-            "privacy_zone_required": None,
-            "backends": [
-                {"backend": a.backend.name, "model": a.model, "failed": ["busy"]}
-                for a in decision.attempts[:MAX_LISTED_SHORTFALLS]
-                if not a.fallback
-            ],
-        },
-    )
-    set_eta(error, queue_eta(app, decision))
-    return error
-
-
-def set_eta(error: NexusError, eta: int | None) -> None:
-    """Put the seconds until a retry may succeed in the error's context and Retry-After."""
-    if error.context is not None:
-        error.context["eta_seconds"] = eta
-    if eta is not None:
-        error.headers["Retry-After"] = str(eta)
-
-
-async def plan_request(
-    request: web.Request, endpoint: str, body: dict[str, Any], needs: RequestNeeds
-) -> tuple[RequestRecord, RouteDecision, float]:
-    """A request's record, its admission (keys and limits), its session and its route, waiting
-    in the queue for a slot if need be; with the loop time by which it must be done."""
-    app = request.app
-    settings = app[SETTINGS]
-    record = RequestRecord(request[REQUEST_ID], needs.model, endpoint, time.perf_counter())
-    request[RECORD] = record
-    request[PAYLOAD] = body
-    request[ENDPOINT] = endpoint
-    needs.flexible = request.headers.get("X-Nexus-Flexible", "").lower() == "true"
-    needs.high_priority = request.headers.get("X-Nexus-Priority", "").lower() == "high"
-    needs.budget_status = app[BUDGET].status
-    await refine_prompt_tokens(endpoint, body, needs, app[REGISTRY], settings)
-    admit_request(request, needs)
-    if settings.routing.session_affinity and endpoint != "embeddings":
-        follow_session(request, record, body, needs)
-    deadline = asyncio.get_running_loop().time() + settings.server.request_timeout_seconds
-    decision = allowed_attempts(request, await plan_route(app, needs, deadline), needs)
-    return record, decision, deadline
-
-
-async def proxy(
-    request: web.Request,
-    endpoint: str,
-    body: dict[str, Any],
-    raw: bytes,
-    needs: RequestNeeds,
-    fmt: OpenAIFormat = OPENAI_FORMAT,
-) -> web.StreamResponse:
-    """Route a request and try its attempts in order until one answers (SPEC §3.5).
-
-    Before any byte reached the client a failure moves on to the next attempt. The same
-    backend is asked again only when it is its model's only candidate, after a short pause
-    (or the 429's Retry-After), up to max_retries, and never after it stayed silent."""
-    settings = request.app[SETTINGS]
-    loop = asyncio.get_running_loop()
-    record, decision, deadline = await plan_request(request, endpoint, body, needs)
-    stream = body.get("stream") is True and endpoint != "embeddings"
-    client_wants_usage = isinstance(body.get("stream_options"), dict) and bool(
-        body["stream_options"].get("include_usage")
-    )
-    failure: AttemptFailed | None = None
-    skip_model: str | None = None
-    passed_over: set[str] = set()  # backends not to ask again for this request
-    tried = 0
-    for attempt in decision.attempts:
-        backend = attempt.backend
-        if attempt.model == skip_model or backend.name in passed_over:
-            continue
-        if failure is not None and backend.status != "healthy":
-            continue  # it went down while this request was on its way
-        reason = decision.reason if attempt is decision.attempts[0] else "failover"
-        record.route_reason = reason
-        record.fallback = attempt.fallback
-        ask_usage = stream and not client_wants_usage and ADAPTERS[backend.type].stream_usage
-        try:  # a request this backend's API cannot carry: the next attempt may take it
-            payload = attempt_bytes(fmt, endpoint, body, raw, attempt, ask_usage)
-        except NexusError as error:
-            failure = AttemptFailed(error)
-            continue
-        flight = InFlight(
-            request=request,
-            record=record,
-            attempt=attempt,
-            endpoint=endpoint,
-            payload=payload,
-            stream=stream,
-            strip_usage=ask_usage and not fmt.keeps_usage,
-            reason=reason,
-            deadline=deadline,
-            fmt=fmt,
-        )
-        same_backend_retries = 0
-        while True:
-            if loop.time() >= deadline:
-                raise request_timed_out(settings.server.request_timeout_seconds)
-            record.retries = tried  # the attempts after the first
-            tried += 1
-            try:
-                return await send_attempt(flight)
-            except AttemptFailed as exc:
-                failure = exc
-            if failure.silent or (failure.retry_after or 0) > MAX_RETRY_AFTER_SECONDS:
-                passed_over.add(backend.name)
-            if failure.skip_model:
-                skip_model = attempt.model
-                break
-            max_retries = settings.routing.max_retries
-            pause = retry_pause(flight, failure, passed_over, same_backend_retries, max_retries)
-            if pause is None:
-                break
-            same_backend_retries += 1
-            await asyncio.sleep(pause)
-    assert failure is not None  # the first attempt is always tried
-    if failure.error.code == "context_length_exceeded":
-        failure.error.param = needs.prompt_param
-    raise failure.error
-
-
-def retry_pause(
-    flight: InFlight,
-    failure: AttemptFailed,
-    passed_over: set[str],
-    retries: int,
-    max_retries: int,
-) -> float | None:
-    """How long to wait before asking the same backend again, or None to go on to the next
-    attempt: a backend is asked again only as its model's only candidate, healthy, not passed
-    over, up to routing.max_retries times, and only if the pause ends before the deadline."""
-    backend = flight.attempt.backend
-    if (
-        not flight.attempt.alone
-        or backend.name in passed_over
-        or backend.status != "healthy"
-        or retries >= max_retries
-    ):
-        return None
-    pause = failure.retry_after
-    if pause is None:
-        pause = random.uniform(*RETRY_BACKOFF_SECONDS)
-    if asyncio.get_running_loop().time() + pause >= flight.deadline:
-        return None
-    return pause
-
-
-def attempt_bytes(
-    fmt: OpenAIFormat,
-    endpoint: str,
-    body: dict[str, Any],
-    raw: bytes,
-    attempt: Attempt,
-    ask_usage: bool,
-) -> bytes:
-    """What an attempt sends: the client's own request to a backend that speaks its door's API,
-    else the chat request for this attempt. A NexusError when the backend's API cannot carry
-    the request (the next attempt may take it)."""
-    adapter = ADAPTERS[attempt.backend.type]
-    adapter.url(attempt.backend, endpoint)
-    if speaks_natively(fmt, adapter):
-        return native_payload(fmt, attempt)
-    return attempt_payload(body, raw, attempt, ask_usage)
-
-
-def follow_session(
-    request: web.Request, record: RequestRecord, body: dict[str, Any], needs: RequestNeeds
-) -> None:
-    """Find the request's session (SPEC §3.7) and the backend of its last turn, for routing to
-    keep when it is still a candidate; the backend that serves is noted by note_success."""
-    found = session_key(request.headers, body)
-    if found is None:
-        return
-    record.session, follows = found
-    if follows:
-        needs.last_backend = request.app[SESSIONS].backend_of(record.session, time.monotonic())
-        record.followed = needs.last_backend
-
-
-def request_timed_out(limit: float) -> NexusError:
-    """The 504 for a request past server.request_timeout_seconds."""
-    return NexusError(
-        504,
-        "timeout",
-        "request_timeout",
-        f"The request took longer than {limit:g} s (server.request_timeout_seconds).",
-    )
-
-
-async def send_attempt(flight: InFlight) -> web.StreamResponse:
-    """One attempt on one backend, bounded by the first-byte limit until its answer begins."""
-    request, record, attempt = flight.request, flight.record, flight.attempt
-    app = request.app
-    backend = attempt.backend
-    adapter = ADAPTERS[backend.type]
-    loop = asyncio.get_running_loop()
-    if (busy := backend_turn(backend, time.monotonic())) is not None:
-        # Like the backend's own 429: a short wait is waited out when it is the only candidate.
-        raise AttemptFailed(busy, retry_after=retry_after_seconds(busy.headers["Retry-After"]))
-    headers = adapter.headers(backend)
-    headers.update(JSON_HEADERS)
-    native = speaks_natively(flight.fmt, adapter)
-    stream, deadline = flight.stream, flight.deadline
-    server = app[SETTINGS].server
-    limits = WaitLimits(
-        min(loop.time() + server.first_byte_timeout_seconds, deadline),
-        server.stream_idle_timeout_seconds,
-        deadline,
-    )
-    backend.in_flight += 1
-    per_model = backend.model_in_flight  # what an unload or a migration waits for (§5.1)
-    per_model[attempt.model] = per_model.get(attempt.model, 0) + 1
-    backend.requests += 1
-    record.backend = backend.name
-    record.sent = time.perf_counter()
-    upstream: BackendConnection | None = None
-    try:
-        try:
-            if native:
-                url = backend.url + flight.fmt.native_path
-            else:
-                url = adapter.url(backend, flight.endpoint)
-            # A non-streamed answer comes when it is done: only the request's limit bounds it.
-            upstream = await limits.wait(
-                app[CLIENT].request("POST", url, headers, flight.payload),
-                limits.first_byte_by if stream else deadline,
-            )
-            if upstream.status >= 400 or not stream:
-                if upstream.complete:  # all of it came with the headers: no wait
-                    answer = await upstream.read()
-                else:
-                    answer = await limits.wait(
-                        upstream.read(), limits.read_by() if stream else deadline
-                    )
-        except TimeoutError:
-            raise attempt_failure(app, backend, 504, "timed out before answering") from None
-        except BackendHTTPError as exc:
-            raise attempt_failure(app, backend, 502, describe_failure(exc)) from None
-        if upstream.status >= 400:
-            if adapter.translates:
-                answer = adapter.error_body(answer)
-            return upstream_error(app, record, attempt, flight.reason, upstream, answer)
-        out_headers = response_headers(record, attempt, flight.reason)
-        if app[BUDGET].enabled:
-            out_headers["X-Nexus-Budget-Status"] = app[BUDGET].status
-        if not stream:
-            return await whole_answer(flight, upstream.status, answer, out_headers)
-        if backend.is_cloud:  # headers go before the answer: the prompt's cost, estimated
-            out_headers["X-Nexus-Cost-Estimated"] = await prompt_cost(request, attempt)
-        return await relay_stream(
-            request, record, attempt, upstream, out_headers, flight.strip_usage, limits, flight.fmt
-        )
-    finally:
-        limits.close()
-        backend.in_flight -= 1
-        per_model[attempt.model] -= 1
-        if upstream is not None:
-            upstream.release()  # an answer not read to its end closes its connection
-        app[QUEUE].wake()
-
-
-async def whole_answer(
-    flight: InFlight, status: int, answer: bytes, headers: dict[str, str]
-) -> web.Response:
-    """A whole (not streamed) answer that succeeded, in the door's shape: its usage noted, its
-    cost settled (cloud backends), the backend's success counted."""
-    request, record, attempt, fmt = flight.request, flight.record, flight.attempt, flight.fmt
-    backend = attempt.backend
-    adapter = ADAPTERS[backend.type]
-    native = speaks_natively(fmt, adapter)
-    try:
-        parsed = parse_json(answer)
-    except ValueError:
-        parsed = None
-    if not isinstance(parsed, dict):
-        raise attempt_failure(request.app, backend, 502, "answered something that is not JSON")
-    if native:
-        note_usage(record, fmt.answer_usage(parsed))
-    elif adapter.translates:
-        parsed = adapter.answer(parsed)
-        answer = json.dumps(parsed).encode()
-    if not native:
-        if not backend.is_cloud and parsed.get("model", attempt.model) != attempt.model:
-            parsed["model"] = attempt.model  # the response names the model that served
-            answer = json.dumps(parsed).encode()
-        note_usage(record, parsed.get("usage"))
-    if backend.is_cloud:
-        texts = answer_texts(flight.endpoint, parsed)
-        headers["X-Nexus-Cost-Estimated"] = await settle_cost(request, record, attempt, texts)
-    note_success(request.app, record, backend)
-    return web.Response(
-        body=answer if native else fmt.body(answer, parsed),
-        status=status,
-        headers=headers,
-        content_type="application/json",
-    )
-
-
-def upstream_error(
-    app: web.Application,
-    record: RequestRecord,
-    attempt: Attempt,
-    reason: str,
-    upstream: BackendConnection,
-    answer: bytes,
-) -> web.Response:
-    """A backend's error answer: 5xx and 429 are retried, context overruns fall back, other 4xx
-    go back to the client untouched."""
-    backend = attempt.backend
-    status = upstream.status
-    text = answer[:2000].decode("utf-8", "replace")
-    if status >= 500:
-        raise attempt_failure(app, backend, 502, f"answered HTTP {status}")
-    if status == 429:  # alive but busy: not a health failure
-        backend.errors += 1
-        wait = retry_after_seconds(upstream.headers.get("retry-after"))
-        raise AttemptFailed(
-            NexusError(
-                429,
-                "rate_limit_error",
-                "rate_limited",
-                f"Backend {backend.name} is rate limited; try again later.",
-                headers={"Retry-After": str(math.ceil(wait)) if wait is not None else "1"},
-            ),
-            retry_after=wait,
-        )
-    if is_context_error(status, text):
-        raise AttemptFailed(backend_context_error(backend, text), skip_model=True)
-    record.status = status
-    headers = response_headers(record, attempt, reason)
-    if app[BUDGET].enabled:
-        headers["X-Nexus-Budget-Status"] = app[BUDGET].status
-    try:
-        parsed = json.loads(answer)
-    except (ValueError, UnicodeDecodeError):
-        parsed = None
-    if not (
-        isinstance(parsed, dict) and "error" in parsed
-    ):  # an HTML page or plain text: never handed to a client as it is (SPEC §4)
-        error = {
-            "message": text[:500],
-            "type": "invalid_request_error",
-            "param": None,
-            "code": "backend_error",
-        }
-        return web.json_response({"error": error}, status=status, headers=headers)
-    content_type = upstream.headers.get("content-type", "application/json").split(";")[0]
-    return web.Response(body=answer, status=status, headers=headers, content_type=content_type)
-
-
-def native_payload(fmt: OpenAIFormat, attempt: Attempt) -> bytes:
-    """The client's own request, for a backend that speaks its API: only the model that serves
-    is set, and a scrubbed overflow keeps the system prompt and the last user turn."""
-    payload = dict(fmt.native_body, model=attempt.model)
-    if attempt.scrub and isinstance(payload.get("messages"), list):
-        payload["messages"] = scrubbed_user_turn(payload["messages"])
-    return json.dumps(payload).encode()
-
-
-def scrubbed_user_turn(messages: list[Any]) -> list[Any]:
-    """The last user turn of a Messages conversation that says something itself, without its
-    tool results: as in chat, tool results are not the user's turn, and one without the
-    assistant's tool_use it answers is refused by the API."""
-    users = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
-    for message in reversed(users):
-        content = message.get("content")
-        if not isinstance(content, list):
-            return [message]  # plain text
-        said = [b for b in content if not (isinstance(b, dict) and b.get("type") == "tool_result")]
-        if said:
-            return [dict(message, content=said)]
-    return users[-1:]
 
 
 # ==============================================================================================
