@@ -6273,7 +6273,7 @@ async def relay_stream(
     itself, honestly, the door's way (with [DONE] for chat clients)."""
     app = request.app
     backend = attempt.backend
-    native, content = stream_source(fmt, attempt, upstream)
+    native, reader = stream_source(fmt, attempt, upstream)
     writer = native or fmt  # what writes the stream's last words
     answered: list[str] | None = [] if backend.is_cloud else None  # to count, if no usage
     local_model = None if backend.is_cloud else attempt.model  # what local chunks must name
@@ -6283,13 +6283,13 @@ async def relay_stream(
     pending: list[bytes] = []  # chunks that arrived together go out in one write
     try:
         while not (native is not None and finished):
-            line = content.buffered()
+            line = reader.buffered()
             if line is None:
                 if pending:
                     await response.write(b"".join(pending))  # type: ignore[union-attr]
                     pending.clear()
                 line, problem = await next_stream_line(
-                    app, backend, content, response is not None, limits
+                    app, backend, reader, response is not None, limits
                 )
             if not line:
                 if not finished and not problem:
@@ -6410,18 +6410,18 @@ async def end_stream(
 
 
 async def next_stream_line(
-    app: web.Application, backend: Backend, content: Any, started: bool, limits: WaitLimits
+    app: web.Application, backend: Backend, reader: Any, started: bool, limits: WaitLimits
 ) -> tuple[bytes, str]:
     """A stream's next line, waiting at most until the first-byte limit (before anything went
     to the client) or the idle limit; at the end, b"" and why the stream ended early ("" for
     its plain end). Before anything was sent, a failure raises AttemptFailed instead, so the
     request may still be served by the next attempt."""
-    line = content.buffered()  # lines already read need no wait
+    line = reader.buffered()  # lines already read need no wait
     if line is not None:
         return line, ""
     try:
         line = await limits.wait(
-            content.readline(), limits.read_by() if started else limits.first_byte_by
+            reader.readline(), limits.read_by() if started else limits.first_byte_by
         )
     except TimeoutError:
         if not started:
