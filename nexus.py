@@ -5420,9 +5420,10 @@ def start_operation(
 
 
 # ==============================================================================================
-# Proxy
-# Owns: sending a routed request, retrying on the next attempt before the first byte, relaying
-# answers (streams chunk by chunk, as they arrive) and ending every stream honestly.
+# Proxy: queue and attempts
+# Owns: a request from admission to its answer: its record, the wait for a slot, the attempts
+# in the order routing gave, retries before the first byte, a whole answer or the hand-over to
+# the Stream relay. The door's duties (OpenAIFormat) are defined here; the doors follow below.
 # Must not: choose backends (routing did) or know backend quirks (adapters do).
 # ==============================================================================================
 
@@ -5504,11 +5505,30 @@ class RequestRecord:
     followed: str | None = None  # the backend of the session's last turn, when routing kept it
 
 
+@dataclass(slots=True)
+class InFlight:
+    """One attempt on its way: the request it serves, the backend and model it tries, the bytes
+    it sends, and how its answer goes back (streamed or whole, by when, through which door)."""
+
+    request: web.Request
+    record: RequestRecord
+    attempt: Attempt
+    endpoint: str
+    payload: bytes  # what the backend is sent
+    stream: bool
+    strip_usage: bool  # the usage chunk was Nexus's question, not the client's: not relayed
+    reason: str  # why routing chose this attempt (X-Nexus-Route-Reason)
+    deadline: float  # the loop time by which the request must be done
+    fmt: OpenAIFormat  # the front door the client came through
+
+
 def new_request_id() -> str:
+    """A fresh request id, as X-Request-Id and the log line carry it."""
     return "req-" + os.urandom(8).hex()
 
 
 def response_headers(record: RequestRecord, attempt: Attempt, reason: str) -> dict[str, str]:
+    """The X-Nexus-* headers that tell a client which backend served and why."""
     backend = attempt.backend
     headers = {
         "X-Request-Id": record.id,
@@ -5562,6 +5582,7 @@ def scrubbed_messages(messages: list[Any]) -> list[Any]:
 
 
 def is_context_error(status: int, text: str) -> bool:
+    """Whether a backend's 400 or 413 says the prompt is over the model's context."""
     lowered = text.lower()
     return status in (400, 413) and any(marker in lowered for marker in CONTEXT_ERROR_MARKERS)
 
@@ -5639,15 +5660,19 @@ class OpenAIFormat:
         return error.envelope()
 
     def body(self, answer: bytes, parsed: dict[str, Any]) -> bytes:
+        """A whole chat answer in this door's shape."""
         return answer
 
     def chunk(self, data: bytes, chunk: dict[str, Any]) -> bytes:
+        """One chat stream chunk in this door's stream."""
         return b"data: " + data + b"\n\n"
 
     def error(self, endpoint: str, model: str, message: str) -> bytes:
+        """The last words of a stream Nexus had to cut."""
         return error_chunk(endpoint, model, message)
 
     def end(self) -> bytes:
+        """The stream's own end."""
         return DONE_EVENT
 
     def answer_usage(self, parsed: dict[str, Any]) -> Any:
@@ -5678,6 +5703,7 @@ class NativeStream:
         raise NotImplementedError
 
     def end(self) -> bytes:
+        """The stream's end: nothing, the backend's own last line ended it."""
         return b""  # the backend's own last line ended it
 
 
@@ -5715,19 +5741,23 @@ class WaitQueue:
         self.arrivals = itertools.count()
 
     def __len__(self) -> int:
+        """How many requests wait."""
         return len(self.waiting)
 
     def join(self, high_priority: bool) -> tuple[tuple[int, int], asyncio.Event]:
+        """Queue a request in rank order; its entry, with the event that wakes it."""
         entry = ((0 if high_priority else 1, next(self.arrivals)), asyncio.Event())
         self.waiting.append(entry)
         self.waiting.sort(key=lambda e: e[0])
         return entry
 
     def leave(self, entry: tuple[tuple[int, int], asyncio.Event]) -> None:
+        """Take a request off the queue (it got a slot or gave up)."""
         with contextlib.suppress(ValueError):
             self.waiting.remove(entry)
 
     def wake(self) -> None:
+        """Wake every waiter to route again: a slot freed up."""
         for _, event in self.waiting:
             event.set()
 
@@ -5801,6 +5831,7 @@ def queue_eta(app: web.Application, decision: RouteDecision) -> int:
 def queue_full(
     app: web.Application, needs: RequestNeeds, decision: RouteDecision, why: str
 ) -> NexusError:
+    """The 503 for a request that found every candidate busy and could not wait."""
     error = NexusError(
         503,
         "service_unavailable",
@@ -5823,10 +5854,34 @@ def queue_full(
 
 
 def set_eta(error: NexusError, eta: int | None) -> None:
+    """Put the seconds until a retry may succeed in the error's context and Retry-After."""
     if error.context is not None:
         error.context["eta_seconds"] = eta
     if eta is not None:
         error.headers["Retry-After"] = str(eta)
+
+
+async def plan_request(
+    request: web.Request, endpoint: str, body: dict[str, Any], needs: RequestNeeds
+) -> tuple[RequestRecord, RouteDecision, float]:
+    """A request's record, its admission (keys and limits), its session and its route, waiting
+    in the queue for a slot if need be; with the loop time by which it must be done."""
+    app = request.app
+    settings = app[SETTINGS]
+    record = RequestRecord(request[REQUEST_ID], needs.model, endpoint, time.perf_counter())
+    request[RECORD] = record
+    request[PAYLOAD] = body
+    request[ENDPOINT] = endpoint
+    needs.flexible = request.headers.get("X-Nexus-Flexible", "").lower() == "true"
+    needs.high_priority = request.headers.get("X-Nexus-Priority", "").lower() == "high"
+    needs.budget_status = app[BUDGET].status
+    await refine_prompt_tokens(endpoint, body, needs, app[REGISTRY], settings)
+    admit_request(request, needs)
+    if settings.routing.session_affinity and endpoint != "embeddings":
+        follow_session(request, record, body, needs)
+    deadline = asyncio.get_running_loop().time() + settings.server.request_timeout_seconds
+    decision = allowed_attempts(request, await plan_route(app, needs, deadline), needs)
+    return record, decision, deadline
 
 
 async def proxy(
@@ -5842,22 +5897,9 @@ async def proxy(
     Before any byte reached the client a failure moves on to the next attempt. The same
     backend is asked again only when it is its model's only candidate, after a short pause
     (or the 429's Retry-After), up to max_retries, and never after it stayed silent."""
-    app = request.app
-    settings = app[SETTINGS]
+    settings = request.app[SETTINGS]
     loop = asyncio.get_running_loop()
-    record = RequestRecord(request[REQUEST_ID], needs.model, endpoint, time.perf_counter())
-    request[RECORD] = record
-    request[PAYLOAD] = body
-    request[ENDPOINT] = endpoint
-    needs.flexible = request.headers.get("X-Nexus-Flexible", "").lower() == "true"
-    needs.high_priority = request.headers.get("X-Nexus-Priority", "").lower() == "high"
-    needs.budget_status = app[BUDGET].status
-    await refine_prompt_tokens(endpoint, body, needs, app[REGISTRY], settings)
-    admit_request(request, needs)
-    if settings.routing.session_affinity and endpoint != "embeddings":
-        follow_session(request, record, body, needs)
-    deadline = loop.time() + settings.server.request_timeout_seconds
-    decision = allowed_attempts(request, await plan_route(app, needs, deadline), needs)
+    record, decision, deadline = await plan_request(request, endpoint, body, needs)
     stream = body.get("stream") is True and endpoint != "embeddings"
     client_wants_usage = isinstance(body.get("stream_options"), dict) and bool(
         body["stream_options"].get("include_usage")
@@ -5875,18 +5917,24 @@ async def proxy(
         reason = decision.reason if attempt is decision.attempts[0] else "failover"
         record.route_reason = reason
         record.fallback = attempt.fallback
-        ask_usage = (
-            stream and not client_wants_usage and ADAPTERS[attempt.backend.type].stream_usage
-        )
+        ask_usage = stream and not client_wants_usage and ADAPTERS[backend.type].stream_usage
         try:  # a request this backend's API cannot carry: the next attempt may take it
-            ADAPTERS[backend.type].url(backend, endpoint)
-            if speaks_natively(fmt, ADAPTERS[backend.type]):
-                payload = native_payload(fmt, attempt)
-            else:
-                payload = attempt_payload(body, raw, attempt, ask_usage)
+            payload = attempt_bytes(fmt, endpoint, body, raw, attempt, ask_usage)
         except NexusError as error:
             failure = AttemptFailed(error)
             continue
+        flight = InFlight(
+            request=request,
+            record=record,
+            attempt=attempt,
+            endpoint=endpoint,
+            payload=payload,
+            stream=stream,
+            strip_usage=ask_usage and not fmt.keeps_usage,
+            reason=reason,
+            deadline=deadline,
+            fmt=fmt,
+        )
         same_backend_retries = 0
         while True:
             if loop.time() >= deadline:
@@ -5894,18 +5942,7 @@ async def proxy(
             record.retries = tried  # the attempts after the first
             tried += 1
             try:
-                return await send_attempt(
-                    request,
-                    record,
-                    attempt,
-                    endpoint,
-                    payload,
-                    stream,
-                    ask_usage and not fmt.keeps_usage,
-                    reason,
-                    deadline,
-                    fmt,
-                )
+                return await send_attempt(flight)
             except AttemptFailed as exc:
                 failure = exc
             if failure.silent or (failure.retry_after or 0) > MAX_RETRY_AFTER_SECONDS:
@@ -5913,17 +5950,9 @@ async def proxy(
             if failure.skip_model:
                 skip_model = attempt.model
                 break
-            if (
-                not attempt.alone
-                or backend.name in passed_over
-                or backend.status != "healthy"
-                or same_backend_retries >= settings.routing.max_retries
-            ):
-                break
-            pause = failure.retry_after
+            max_retries = settings.routing.max_retries
+            pause = retry_pause(flight, failure, passed_over, same_backend_retries, max_retries)
             if pause is None:
-                pause = random.uniform(*RETRY_BACKOFF_SECONDS)
-            if loop.time() + pause >= deadline:
                 break
             same_backend_retries += 1
             await asyncio.sleep(pause)
@@ -5931,6 +5960,50 @@ async def proxy(
     if failure.error.code == "context_length_exceeded":
         failure.error.param = needs.prompt_param
     raise failure.error
+
+
+def retry_pause(
+    flight: InFlight,
+    failure: AttemptFailed,
+    passed_over: set[str],
+    retries: int,
+    max_retries: int,
+) -> float | None:
+    """How long to wait before asking the same backend again, or None to go on to the next
+    attempt: a backend is asked again only as its model's only candidate, healthy, not passed
+    over, up to routing.max_retries times, and only if the pause ends before the deadline."""
+    backend = flight.attempt.backend
+    if (
+        not flight.attempt.alone
+        or backend.name in passed_over
+        or backend.status != "healthy"
+        or retries >= max_retries
+    ):
+        return None
+    pause = failure.retry_after
+    if pause is None:
+        pause = random.uniform(*RETRY_BACKOFF_SECONDS)
+    if asyncio.get_running_loop().time() + pause >= flight.deadline:
+        return None
+    return pause
+
+
+def attempt_bytes(
+    fmt: OpenAIFormat,
+    endpoint: str,
+    body: dict[str, Any],
+    raw: bytes,
+    attempt: Attempt,
+    ask_usage: bool,
+) -> bytes:
+    """What an attempt sends: the client's own request to a backend that speaks its door's API,
+    else the chat request for this attempt. A NexusError when the backend's API cannot carry
+    the request (the next attempt may take it)."""
+    adapter = ADAPTERS[attempt.backend.type]
+    adapter.url(attempt.backend, endpoint)
+    if speaks_natively(fmt, adapter):
+        return native_payload(fmt, attempt)
+    return attempt_payload(body, raw, attempt, ask_usage)
 
 
 def follow_session(
@@ -5979,6 +6052,7 @@ class WaitLimits:
         self._expired = False
 
     def read_by(self) -> float:
+        """When the next read of a begun answer must have come."""
         return min(self._loop.time() + self.idle, self.deadline)
 
     async def wait(self, awaitable: Awaitable[Any], until: float) -> Any:
@@ -6000,6 +6074,7 @@ class WaitLimits:
             self._until = None
 
     def _check(self) -> None:
+        """The timer fired: cancel the wait that is past its limit, or re-arm."""
         self._timer = None
         if self._until is None:  # fired between waits: the next wait arms it again
             return
@@ -6010,12 +6085,14 @@ class WaitLimits:
             self._task.cancel()
 
     def close(self) -> None:
+        """Cancel the timer: the attempt is over."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
 
 
 def request_timed_out(limit: float) -> NexusError:
+    """The 504 for a request past server.request_timeout_seconds."""
     return NexusError(
         504,
         "timeout",
@@ -6024,21 +6101,10 @@ def request_timed_out(limit: float) -> NexusError:
     )
 
 
-async def send_attempt(
-    request: web.Request,
-    record: RequestRecord,
-    attempt: Attempt,
-    endpoint: str,
-    payload: bytes,
-    stream: bool,
-    strip_usage: bool,
-    reason: str,
-    deadline: float,
-    fmt: OpenAIFormat,
-) -> web.StreamResponse:
+async def send_attempt(flight: InFlight) -> web.StreamResponse:
     """One attempt on one backend, bounded by the first-byte limit until its answer begins."""
+    request, record, attempt = flight.request, flight.record, flight.attempt
     app = request.app
-    settings = app[SETTINGS]
     backend = attempt.backend
     adapter = ADAPTERS[backend.type]
     loop = asyncio.get_running_loop()
@@ -6047,8 +6113,9 @@ async def send_attempt(
         raise AttemptFailed(busy, retry_after=retry_after_seconds(busy.headers["Retry-After"]))
     headers = adapter.headers(backend)
     headers.update(JSON_HEADERS)
-    native = speaks_natively(fmt, adapter)
-    server = settings.server
+    native = speaks_natively(flight.fmt, adapter)
+    stream, deadline = flight.stream, flight.deadline
+    server = app[SETTINGS].server
     limits = WaitLimits(
         min(loop.time() + server.first_byte_timeout_seconds, deadline),
         server.stream_idle_timeout_seconds,
@@ -6063,10 +6130,13 @@ async def send_attempt(
     upstream: BackendConnection | None = None
     try:
         try:
-            url = backend.url + fmt.native_path if native else adapter.url(backend, endpoint)
+            if native:
+                url = backend.url + flight.fmt.native_path
+            else:
+                url = adapter.url(backend, flight.endpoint)
             # A non-streamed answer comes when it is done: only the request's limit bounds it.
             upstream = await limits.wait(
-                app[CLIENT].request("POST", url, headers, payload),
+                app[CLIENT].request("POST", url, headers, flight.payload),
                 limits.first_byte_by if stream else deadline,
             )
             if upstream.status >= 400 or not stream:
@@ -6083,43 +6153,16 @@ async def send_attempt(
         if upstream.status >= 400:
             if adapter.translates:
                 answer = adapter.error_body(answer)
-            return upstream_error(app, record, attempt, reason, upstream, answer)
-        out_headers = response_headers(record, attempt, reason)
+            return upstream_error(app, record, attempt, flight.reason, upstream, answer)
+        out_headers = response_headers(record, attempt, flight.reason)
         if app[BUDGET].enabled:
             out_headers["X-Nexus-Budget-Status"] = app[BUDGET].status
-        if stream:
-            if backend.is_cloud:  # headers go before the answer: the prompt's cost, estimated
-                out_headers["X-Nexus-Cost-Estimated"] = await prompt_cost(request, attempt)
-            return await relay_stream(
-                request, record, attempt, upstream, out_headers, strip_usage, limits, fmt
-            )
-        try:
-            parsed = parse_json(answer)
-        except ValueError:
-            parsed = None
-        if not isinstance(parsed, dict):
-            raise attempt_failure(app, backend, 502, "answered something that is not JSON")
-        if native:
-            note_usage(record, fmt.answer_usage(parsed))
-        elif adapter.translates:
-            parsed = adapter.answer(parsed)
-            answer = json.dumps(parsed).encode()
-        if not native:
-            if not backend.is_cloud and parsed.get("model", attempt.model) != attempt.model:
-                parsed["model"] = attempt.model  # the response names the model that served
-                answer = json.dumps(parsed).encode()
-            note_usage(record, parsed.get("usage"))
-        if backend.is_cloud:
-            texts = answer_texts(endpoint, parsed)
-            out_headers["X-Nexus-Cost-Estimated"] = await settle_cost(
-                request, record, attempt, texts
-            )
-        note_success(app, record, backend)
-        return web.Response(
-            body=answer if native else fmt.body(answer, parsed),
-            status=upstream.status,
-            headers=out_headers,
-            content_type="application/json",
+        if not stream:
+            return await whole_answer(flight, upstream.status, answer, out_headers)
+        if backend.is_cloud:  # headers go before the answer: the prompt's cost, estimated
+            out_headers["X-Nexus-Cost-Estimated"] = await prompt_cost(request, attempt)
+        return await relay_stream(
+            request, record, attempt, upstream, out_headers, flight.strip_usage, limits, flight.fmt
         )
     finally:
         limits.close()
@@ -6128,6 +6171,43 @@ async def send_attempt(
         if upstream is not None:
             upstream.release()  # an answer not read to its end closes its connection
         app[QUEUE].wake()
+
+
+async def whole_answer(
+    flight: InFlight, status: int, answer: bytes, headers: dict[str, str]
+) -> web.Response:
+    """A whole (not streamed) answer that succeeded, in the door's shape: its usage noted, its
+    cost settled (cloud backends), the backend's success counted."""
+    request, record, attempt, fmt = flight.request, flight.record, flight.attempt, flight.fmt
+    backend = attempt.backend
+    adapter = ADAPTERS[backend.type]
+    native = speaks_natively(fmt, adapter)
+    try:
+        parsed = parse_json(answer)
+    except ValueError:
+        parsed = None
+    if not isinstance(parsed, dict):
+        raise attempt_failure(request.app, backend, 502, "answered something that is not JSON")
+    if native:
+        note_usage(record, fmt.answer_usage(parsed))
+    elif adapter.translates:
+        parsed = adapter.answer(parsed)
+        answer = json.dumps(parsed).encode()
+    if not native:
+        if not backend.is_cloud and parsed.get("model", attempt.model) != attempt.model:
+            parsed["model"] = attempt.model  # the response names the model that served
+            answer = json.dumps(parsed).encode()
+        note_usage(record, parsed.get("usage"))
+    if backend.is_cloud:
+        texts = answer_texts(flight.endpoint, parsed)
+        headers["X-Nexus-Cost-Estimated"] = await settle_cost(request, record, attempt, texts)
+    note_success(request.app, record, backend)
+    return web.Response(
+        body=answer if native else fmt.body(answer, parsed),
+        status=status,
+        headers=headers,
+        content_type="application/json",
+    )
 
 
 def attempt_failure(app: web.Application, backend: Backend, status: int, why: str) -> AttemptFailed:
@@ -6195,7 +6275,69 @@ def upstream_error(
     return web.Response(body=answer, status=status, headers=headers, content_type=content_type)
 
 
+EMA_WEIGHT = 0.2
+
+
+def note_success(app: web.Application, record: RequestRecord, backend: Backend) -> None:
+    """A request served: the backend's latency and TTFT averages, measured from the attempt's
+    send (a queue wait or an earlier attempt that failed is not the backend's time), its
+    health, and the session's backend."""
+    elapsed_ms = (time.perf_counter() - record.sent) * 1000
+    if backend.latency_ema_ms is None:
+        backend.latency_ema_ms = elapsed_ms
+    else:
+        backend.latency_ema_ms += EMA_WEIGHT * (elapsed_ms - backend.latency_ema_ms)
+    if record.ttft_ms is not None:  # the client's wait for the first byte, from its request
+        ttft_ms = record.ttft_ms - (record.sent - record.started) * 1000
+        if backend.ttft_ema_ms is None:
+            backend.ttft_ema_ms = ttft_ms
+        else:
+            backend.ttft_ema_ms += EMA_WEIGHT * (ttft_ms - backend.ttft_ema_ms)
+    if app[SETTINGS].health_check.enabled:
+        record_success(backend, app[SETTINGS].health_check)
+    if record.session is not None:
+        app[SESSIONS].note(record.session, backend.name, record.followed, time.monotonic())
+
+
+def speaks_natively(fmt: OpenAIFormat, adapter: OpenAICompatibleAdapter) -> bool:
+    """Whether the backend speaks the door's own API (the request passes as it is)."""
+    return fmt.native_api is not None and fmt.native_api == adapter.api
+
+
+def native_payload(fmt: OpenAIFormat, attempt: Attempt) -> bytes:
+    """The client's own request, for a backend that speaks its API: only the model that serves
+    is set, and a scrubbed overflow keeps the system prompt and the last user turn."""
+    payload = dict(fmt.native_body, model=attempt.model)
+    if attempt.scrub and isinstance(payload.get("messages"), list):
+        payload["messages"] = scrubbed_user_turn(payload["messages"])
+    return json.dumps(payload).encode()
+
+
+def scrubbed_user_turn(messages: list[Any]) -> list[Any]:
+    """The last user turn of a Messages conversation that says something itself, without its
+    tool results: as in chat, tool results are not the user's turn, and one without the
+    assistant's tool_use it answers is refused by the API."""
+    users = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
+    for message in reversed(users):
+        content = message.get("content")
+        if not isinstance(content, list):
+            return [message]  # plain text
+        said = [b for b in content if not (isinstance(b, dict) and b.get("type") == "tool_result")]
+        if said:
+            return [dict(message, content=said)]
+    return users[-1:]
+
+
+# ==============================================================================================
+# Cost settlement
+# Owns: what an answer from a cloud backend cost: the usage it reported (or Nexus's own count of
+# prompt and answer when it reported none) times the model's price, charged to the budget.
+# Must not: decide prices or limits (Policy does) or keep any prompt or answer text.
+# ==============================================================================================
+
+
 def note_usage(record: RequestRecord, usage: Any) -> None:
+    """Note the token usage an answer reported on the request's record."""
     found = usage_from(usage)
     if found is not None:
         record.usage = found
@@ -6277,62 +6419,18 @@ def charge_cost(request: web.Request, record: RequestRecord, attempt: Attempt) -
     return format_usd(record.cost_usd)
 
 
-EMA_WEIGHT = 0.2
-
-
-def note_success(app: web.Application, record: RequestRecord, backend: Backend) -> None:
-    """A request served: the backend's latency and TTFT averages, measured from the attempt's
-    send (a queue wait or an earlier attempt that failed is not the backend's time), its
-    health, and the session's backend."""
-    elapsed_ms = (time.perf_counter() - record.sent) * 1000
-    if backend.latency_ema_ms is None:
-        backend.latency_ema_ms = elapsed_ms
-    else:
-        backend.latency_ema_ms += EMA_WEIGHT * (elapsed_ms - backend.latency_ema_ms)
-    if record.ttft_ms is not None:  # the client's wait for the first byte, from its request
-        ttft_ms = record.ttft_ms - (record.sent - record.started) * 1000
-        if backend.ttft_ema_ms is None:
-            backend.ttft_ema_ms = ttft_ms
-        else:
-            backend.ttft_ema_ms += EMA_WEIGHT * (ttft_ms - backend.ttft_ema_ms)
-    if app[SETTINGS].health_check.enabled:
-        record_success(backend, app[SETTINGS].health_check)
-    if record.session is not None:
-        app[SESSIONS].note(record.session, backend.name, record.followed, time.monotonic())
-
-
-def speaks_natively(fmt: OpenAIFormat, adapter: OpenAICompatibleAdapter) -> bool:
-    return fmt.native_api is not None and fmt.native_api == adapter.api
-
-
-def native_payload(fmt: OpenAIFormat, attempt: Attempt) -> bytes:
-    """The client's own request, for a backend that speaks its API: only the model that serves
-    is set, and a scrubbed overflow keeps the system prompt and the last user turn."""
-    payload = dict(fmt.native_body, model=attempt.model)
-    if attempt.scrub and isinstance(payload.get("messages"), list):
-        payload["messages"] = scrubbed_user_turn(payload["messages"])
-    return json.dumps(payload).encode()
-
-
-def scrubbed_user_turn(messages: list[Any]) -> list[Any]:
-    """The last user turn of a Messages conversation that says something itself, without its
-    tool results: as in chat, tool results are not the user's turn, and one without the
-    assistant's tool_use it answers is refused by the API."""
-    users = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
-    for message in reversed(users):
-        content = message.get("content")
-        if not isinstance(content, list):
-            return [message]  # plain text
-        said = [b for b in content if not (isinstance(b, dict) and b.get("type") == "tool_result")]
-        if said:
-            return [dict(message, content=said)]
-    return users[-1:]
-
+# ==============================================================================================
+# Stream relay
+# Owns: the one stream relay: a backend's stream to the client chunk by chunk as it arrives, in
+# the client's API (written by its door), its waits bounded, and every stream ended honestly.
+# Must not: retry once the first byte went out, or translate (doors and adapters do that).
+# ==============================================================================================
 
 INTERNAL_STREAM_ERROR = "Nexus hit an internal error."
 
 
 def stalled_problem(now: float, deadline: float) -> str:
+    """Why a stream that went quiet is cut: the request's deadline or a stall."""
     if now >= deadline:
         return "the request took longer than server.request_timeout_seconds"
     return "the backend stalled"
@@ -6349,14 +6447,34 @@ def note_stream_problem(
 
 
 async def end_after_internal_error(
-    record: RequestRecord, backend: Backend, response: web.StreamResponse, ending: bytes
+    record: RequestRecord,
+    attempt: Attempt,
+    writer: OpenAIFormat | NativeStream,
+    response: web.StreamResponse,
+    pending: list[bytes],
 ) -> None:
-    """A bug met mid-stream: logged, and the stream ended honestly with the given last bytes."""
-    log.exception("unexpected error relaying a stream from %s", backend.name)
+    """A bug met mid-stream: logged, and the stream ended honestly, after what is pending, with
+    the door's last words for an error."""
+    pending += (
+        writer.error(record.endpoint, attempt.model, INTERNAL_STREAM_ERROR),
+        writer.end(),
+    )
+    log.exception("unexpected error relaying a stream from %s", attempt.backend.name)
     record.status = 500
     with contextlib.suppress(ConnectionError):
-        await response.write(ending)
+        await response.write(b"".join(pending))
         await response.write_eof()
+
+
+def stream_source(
+    fmt: OpenAIFormat, attempt: Attempt, upstream: BackendConnection
+) -> tuple[NativeStream | None, Any]:
+    """Where a stream's lines come from: the backend's own lines in the door's API (read by the
+    door's NativeStream) where both speak it, else chat chunks from the backend's adapter."""
+    adapter = ADAPTERS[attempt.backend.type]
+    if speaks_natively(fmt, adapter):
+        return fmt.native_stream(), SseLines(upstream)
+    return None, adapter.stream_reader(upstream, attempt.model)
 
 
 async def relay_stream(
@@ -6375,26 +6493,23 @@ async def relay_stream(
     itself, honestly, the door's way (with [DONE] for chat clients)."""
     app = request.app
     backend = attempt.backend
-    adapter = ADAPTERS[backend.type]
-    native = fmt.native_stream() if speaks_natively(fmt, adapter) else None
+    native, reader = stream_source(fmt, attempt, upstream)
     writer = native or fmt  # what writes the stream's last words
-    content = SseLines(upstream) if native else adapter.stream_reader(upstream, attempt.model)
     answered: list[str] | None = [] if backend.is_cloud else None  # to count, if no usage
     local_model = None if backend.is_cloud else attempt.model  # what local chunks must name
     response: web.StreamResponse | None = None
-    finished = False
-    settled = False
+    finished = settled = False
     problem = ""
     pending: list[bytes] = []  # chunks that arrived together go out in one write
     try:
         while not (native is not None and finished):
-            line = content.buffered()
+            line = reader.buffered()
             if line is None:
                 if pending:
                     await response.write(b"".join(pending))  # type: ignore[union-attr]
                     pending.clear()
                 line, problem = await next_stream_line(
-                    app, backend, content, response is not None, limits
+                    app, backend, reader, response is not None, limits
                 )
             if not line:
                 if not finished and not problem:
@@ -6435,11 +6550,7 @@ async def relay_stream(
     except Exception:
         if response is None:
             raise  # nothing sent yet: the request ends in a plain error answer
-        pending += (
-            writer.error(record.endpoint, attempt.model, INTERNAL_STREAM_ERROR),
-            writer.end(),
-        )
-        await end_after_internal_error(record, backend, response, b"".join(pending))
+        await end_after_internal_error(record, attempt, writer, response, pending)
     finally:
         if answered is not None and response is not None and not settled:
             if native is not None:
@@ -6519,18 +6630,18 @@ async def end_stream(
 
 
 async def next_stream_line(
-    app: web.Application, backend: Backend, content: Any, started: bool, limits: WaitLimits
+    app: web.Application, backend: Backend, reader: Any, started: bool, limits: WaitLimits
 ) -> tuple[bytes, str]:
     """A stream's next line, waiting at most until the first-byte limit (before anything went
     to the client) or the idle limit; at the end, b"" and why the stream ended early ("" for
     its plain end). Before anything was sent, a failure raises AttemptFailed instead, so the
     request may still be served by the next attempt."""
-    line = content.buffered()  # lines already read need no wait
+    line = reader.buffered()  # lines already read need no wait
     if line is not None:
         return line, ""
     try:
         line = await limits.wait(
-            content.readline(), limits.read_by() if started else limits.first_byte_by
+            reader.readline(), limits.read_by() if started else limits.first_byte_by
         )
     except TimeoutError:
         if not started:
@@ -6595,6 +6706,7 @@ class SseLines:
 async def start_stream(
     request: web.Request, headers: dict[str, str], content_type: str = "text/event-stream"
 ) -> web.StreamResponse:
+    """Send a stream's status and headers; the chunks follow."""
     response = web.StreamResponse(status=200, headers=headers)
     response.content_type = content_type
     response.headers["Cache-Control"] = "no-cache"
@@ -6810,18 +6922,21 @@ def system_text(system: Any) -> str:
 
 
 def block_kind(block: Any, where: str) -> str:
+    """A Messages content block's type (a 400 for a block without one)."""
     if not isinstance(block, dict) or not isinstance(block.get("type"), str):
         raise bad_request(f"{where}: expected a content block with a type", "messages")
     return block["type"]
 
 
 def block_text(block: dict[str, Any], where: str) -> str:
+    """A text block's text (a 400 when it is not a string)."""
     if not isinstance(block.get("text"), str):
         raise bad_request(f"{where}.text: must be a string", "messages")
     return block["text"]
 
 
 def unsupported_block(kind: str, where: str) -> NexusError:
+    """The 400 for a content block that has no chat equivalent."""
     return bad_request(
         f"{where}: content blocks of type {kind!r} cannot be translated for this backend",
         "messages",
@@ -6851,6 +6966,7 @@ def chat_turns(turn: Any, where: str) -> list[dict[str, Any]]:
 
 
 def assistant_turn(blocks: list[Any], where: str) -> dict[str, Any]:
+    """A Messages assistant turn as a chat assistant message (text and tool calls)."""
     texts: list[str] = []
     calls: list[dict[str, Any]] = []
     for j, block in enumerate(blocks):
@@ -6884,6 +7000,7 @@ def assistant_turn(blocks: list[Any], where: str) -> dict[str, Any]:
 
 
 def user_turns(blocks: list[Any], where: str) -> list[dict[str, Any]]:
+    """A Messages user turn as chat messages: its tool results, then what the user said."""
     tool_messages: list[dict[str, Any]] = []
     parts: list[dict[str, Any]] = []
     for j, block in enumerate(blocks):
@@ -6916,6 +7033,7 @@ def user_turns(blocks: list[Any], where: str) -> list[dict[str, Any]]:
 
 
 def image_part(block: dict[str, Any], where: str) -> dict[str, Any]:
+    """A Messages image block as a chat image_url part."""
     source = block.get("source")
     if isinstance(source, dict):
         if (
@@ -6958,6 +7076,7 @@ def tool_result_content(block: dict[str, Any], where: str) -> tuple[str, list[di
 
 
 def chat_tool(tool: Any, where: str) -> dict[str, Any]:
+    """A Messages tool definition as a chat function tool."""
     if not isinstance(tool, dict) or not isinstance(tool.get("name"), str):
         raise bad_request(f"{where}: a tool needs a name", "tools")
     if tool.get("type") not in (None, "custom") or not isinstance(tool.get("input_schema"), dict):
@@ -7056,6 +7175,7 @@ def chat_to_message(
 
 
 def sse_event(name: str, data: dict[str, Any]) -> bytes:
+    """One named SSE event with its JSON data."""
     return f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
 
 
@@ -7069,6 +7189,7 @@ class AnthropicEvents(NativeStream):
         self.begun = False  # a data line went out
 
     def line(self, line: bytes) -> tuple[bytes, str | None]:
+        """One line of the event stream: an event name is held until its data line comes."""
         if not line.startswith(b"data:"):
             if self.begun or not line.startswith(b":"):
                 self.held.append(line)
@@ -7090,6 +7211,7 @@ class AnthropicEvents(NativeStream):
         return out, "end" if kind == "message_stop" else None
 
     def error(self, endpoint: str, model: str, message: str) -> bytes:
+        """An error event, unless the backend's own error event said it already."""
         if self.failed:
             return b""  # the backend's own error event said it
         self.failed = True
@@ -7132,10 +7254,12 @@ class AnthropicFormat(OpenAIFormat):
         self.text_tail = ""  # the end of the text, to find a stop sequence it ends with
 
     def body(self, answer: bytes, parsed: dict[str, Any]) -> bytes:
+        """A whole chat answer as a Messages answer."""
         message = chat_to_message(parsed, self.model, self.stop_sequences, self.input_estimate)
         return json.dumps(message).encode()
 
     def chunk(self, data: bytes, chunk: dict[str, Any]) -> bytes:
+        """One chat chunk as the Messages events it makes (blocks opened, deltas)."""
         out = [self.start(chunk.get("model"))]
         if isinstance(chunk.get("usage"), dict):
             self.usage = chunk["usage"]
@@ -7183,6 +7307,7 @@ class AnthropicFormat(OpenAIFormat):
         )
 
     def open(self, kind: str, block: dict[str, Any]) -> bytes:
+        """Open a content block of this kind (closing the one open), unless it is open."""
         if self.open_kind == kind:
             return b""
         closed = self.close()
@@ -7192,12 +7317,14 @@ class AnthropicFormat(OpenAIFormat):
         return closed + sse_event("content_block_start", start)
 
     def close(self) -> bytes:
+        """Close the open content block, if any."""
         if self.open_kind is None:
             return b""
         self.open_kind = None
         return sse_event("content_block_stop", {"type": "content_block_stop", "index": self.index})
 
     def delta(self, delta: dict[str, Any], index: int | None = None) -> bytes:
+        """A content_block_delta event for the open block (or the one at index)."""
         event = {
             "type": "content_block_delta",
             "index": self.index if index is None else index,
@@ -7238,14 +7365,17 @@ class AnthropicFormat(OpenAIFormat):
         return out
 
     def error(self, endpoint: str, model: str, message: str) -> bytes:
+        """The error event that ends a stream Nexus had to cut."""
         self.failed = True
         error = anthropic_error(NexusError(502, "backend_error", None, message))
         return self.start(model) + sse_event("error", error)
 
     def native_stream(self) -> AnthropicEvents:
+        """A reader for an Anthropic backend's own Messages events."""
         return AnthropicEvents()
 
     def end(self) -> bytes:
+        """The stream's last events: the open block closed, message_delta, message_stop."""
         if self.failed:
             return b""  # the error event was the stream's last word
         out = [self.start(None), self.close()]
@@ -7523,6 +7653,7 @@ def response_text_format(text: Any) -> dict[str, Any] | None:
 
 
 def output_message(text: str, status: str) -> dict[str, Any]:
+    """A Responses output item for the assistant's text."""
     part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
     return {
         "id": new_block_id("msg_"),
@@ -7534,6 +7665,7 @@ def output_message(text: str, status: str) -> dict[str, Any]:
 
 
 def output_reasoning(text: str, status: str) -> dict[str, Any]:
+    """A Responses output item for the model's reasoning text."""
     return {
         "id": new_block_id("rs_"),
         "type": "reasoning",
@@ -7544,6 +7676,7 @@ def output_reasoning(text: str, status: str) -> dict[str, Any]:
 
 
 def output_call(call_id: str, name: str, arguments: str, status: str) -> dict[str, Any]:
+    """A Responses output item for one function call."""
     return {
         "id": new_block_id("fc_"),
         "type": "function_call",
@@ -7628,11 +7761,13 @@ class ResponsesFormat(OpenAIFormat):
         return "incomplete" if self.finish in INCOMPLETE_REASONS else "completed"
 
     def final_usage(self, usage: Any, reasoning_chars: int) -> dict[str, Any]:
+        """The response's usage: reported, or estimated from characters."""
         output = -(-self.output_chars // CHARS_PER_TOKEN)
         found = usage_or_estimate(usage, self.input_estimate, output)
         return found.as_responses(min(-(-reasoning_chars // CHARS_PER_TOKEN), found.completion))
 
     def body(self, answer: bytes, parsed: dict[str, Any]) -> bytes:
+        """A whole chat answer as a `response` object."""
         choices = parsed.get("choices")
         choice = choices[0] if isinstance(choices, list) and choices else {}
         choice = choice if isinstance(choice, dict) else {}
@@ -7669,6 +7804,7 @@ class ResponsesFormat(OpenAIFormat):
     # --- the event stream ---------------------------------------------------------------------
 
     def event(self, kind: str, data: dict[str, Any]) -> bytes:
+        """One Responses event, numbered in sequence."""
         data["type"] = kind
         data["sequence_number"] = self.sequence
         self.sequence += 1
@@ -7685,6 +7821,7 @@ class ResponsesFormat(OpenAIFormat):
         )
 
     def chunk(self, data: bytes, chunk: dict[str, Any]) -> bytes:
+        """One chat chunk as the Responses events it makes."""
         if not self.started and isinstance(chunk.get("model"), str) and chunk["model"]:
             self.model = chunk["model"]
         out = [self.start()]
@@ -7709,6 +7846,7 @@ class ResponsesFormat(OpenAIFormat):
         return b"".join(out)
 
     def add_item(self, item: dict[str, Any]) -> tuple[int, bytes]:
+        """Add an output item; its index and the output_item.added event."""
         index = len(self.output)
         self.output.append(item)
         self.pieces[index] = []
@@ -7748,6 +7886,7 @@ class ResponsesFormat(OpenAIFormat):
         return f"event: {kind}\ndata: {{{fields},".encode()
 
     def delta_event(self, text: str) -> bytes:
+        """A text delta event for the open item, from a head encoded once."""
         self.sequence += 1
         number = str(self.sequence - 1).encode()
         return (
@@ -7811,6 +7950,7 @@ class ResponsesFormat(OpenAIFormat):
         return out + self.delta_event(arguments)
 
     def close_calls(self) -> bytes:
+        """The done events of every function call gathered so far."""
         out = []
         for index in self.calls.values():
             item = self.output[index]
@@ -7825,6 +7965,7 @@ class ResponsesFormat(OpenAIFormat):
         return b"".join(out)
 
     def end(self) -> bytes:
+        """The stream's last events: every item done, then the response completed or incomplete."""
         if self.failed:
             return b""  # response.failed was the stream's last word
         out = [self.start(), self.close_open(), self.close_calls()]
@@ -7837,6 +7978,7 @@ class ResponsesFormat(OpenAIFormat):
         return b"".join(out)
 
     def error(self, endpoint: str, model: str, message: str) -> bytes:
+        """response.failed, with what was said before the failure, as incomplete."""
         if self.failed:
             return b""
         self.failed = True
@@ -8190,6 +8332,7 @@ class OllamaLines(NativeStream):
     object is dropped."""
 
     def line(self, line: bytes) -> tuple[bytes, str | None]:
+        """One NDJSON line of an Ollama backend's own stream, relayed as it is."""
         try:
             document = parse_json(line)
         except ValueError:
@@ -8205,6 +8348,7 @@ class OllamaLines(NativeStream):
         return line + b"\n", None
 
     def error(self, endpoint: str, model: str, message: str) -> bytes:
+        """An error line, unless the backend's own error line said it already."""
         if self.failed:
             return b""  # the backend's own error line said it
         self.failed = True
@@ -8289,6 +8433,7 @@ class OllamaFormat(OpenAIFormat):
         }
 
     def body(self, answer: bytes, parsed: dict[str, Any]) -> bytes:
+        """A whole chat, completions or embeddings answer in Ollama's shape."""
         if self.kind in ("embed", "embeddings"):
             return json.dumps(self.embeddings(parsed)).encode()
         self.model = parsed.get("model") or self.model
@@ -8313,6 +8458,7 @@ class OllamaFormat(OpenAIFormat):
         return json.dumps(out, ensure_ascii=False).encode()
 
     def embeddings(self, parsed: dict[str, Any]) -> dict[str, Any]:
+        """An embeddings answer as /api/embed or /api/embeddings answers."""
         data = parsed.get("data")
         items = [d for d in data if isinstance(d, dict)] if isinstance(data, list) else []
         items.sort(key=lambda d: d.get("index") if isinstance(d.get("index"), int) else 0)
@@ -8329,6 +8475,7 @@ class OllamaFormat(OpenAIFormat):
         }
 
     def chunk(self, data: bytes, chunk: dict[str, Any]) -> bytes:
+        """One chat chunk as Ollama's NDJSON stream lines."""
         if isinstance(chunk.get("usage"), dict):
             self.usage = chunk["usage"]
         if isinstance(chunk.get("timings"), dict):
@@ -8379,6 +8526,7 @@ class OllamaFormat(OpenAIFormat):
             self.output_chars += len(arguments)
 
     def flush_calls(self) -> bytes:
+        """The line with the tool calls gathered so far (Ollama sends them whole)."""
         if not self.calls:
             return b""
         calls = []
@@ -8392,11 +8540,12 @@ class OllamaFormat(OpenAIFormat):
 
     @staticmethod
     def line(document: dict[str, Any]) -> bytes:
+        """One NDJSON line."""
         return json.dumps(document, ensure_ascii=False).encode() + b"\n"
 
     def text_line(self, text: str) -> bytes:
         """A stream line of answer text, the line piece() makes, from a head encoded once per
-        model: encoding each line whole costs several times more (`make bench`)."""
+        model: encoding each line whole costs more (`make bench`)."""
         if self.head_model != self.model:
             self.head_model = self.model
             self.head = b'{"model": ' + JSON_TEXT(self.model).encode() + b', "created_at": "'
@@ -8414,15 +8563,18 @@ class OllamaFormat(OpenAIFormat):
         return parsed
 
     def native_stream(self) -> OllamaLines:
+        """A reader for an Ollama backend's own NDJSON stream."""
         return OllamaLines()
 
     def error(self, endpoint: str, model: str, message: str) -> bytes:
+        """The error line that ends a stream Nexus had to cut."""
         if self.failed:
             return b""  # the backend's own error line said it
         self.failed = True
         return self.line({"error": message})
 
     def end(self) -> bytes:
+        """The stream's last line: done, its reason and its counts."""
         if self.failed:
             return b""  # the error line was the stream's last word
         out = self.flush_calls()
@@ -8651,18 +8803,21 @@ def add_ollama_routes(app: web.Application) -> None:
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
+    """POST /v1/chat/completions."""
     raw = await request.read()
     body = parse_json_body(raw)
     return await proxy(request, "chat", body, raw, chat_needs(body))
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
+    """POST /v1/completions."""
     raw = await request.read()
     body = parse_json_body(raw)
     return await proxy(request, "completions", body, raw, completion_needs(body))
 
 
 async def embeddings(request: web.Request) -> web.StreamResponse:
+    """POST /v1/embeddings."""
     raw = await request.read()
     body = parse_json_body(raw)
     return await proxy(request, "embeddings", body, raw, embedding_needs(body))
@@ -8694,6 +8849,7 @@ def merge_flag(values: Iterable[bool | None]) -> bool | None:
 
 
 def model_entry(model_id: str, served: list[tuple[Backend, Model]]) -> dict[str, Any]:
+    """One model as /v1/models lists it, merged over the backends that serve it."""
     contexts = [m.context_length for _, m in served if m.context_length]
     return {
         "id": model_id,
@@ -8711,12 +8867,14 @@ def model_entry(model_id: str, served: list[tuple[Backend, Model]]) -> dict[str,
 
 
 async def list_models(request: web.Request) -> web.Response:
+    """GET /v1/models: the models the caller may use."""
     entries = model_entries(request.app[REGISTRY], request.app[SETTINGS])
     listed = [entries[k] for k in sorted(entries) if may_see_model(request, k)]
     return web.json_response({"object": "list", "data": listed})
 
 
 async def get_model(request: web.Request) -> web.Response:
+    """GET /v1/models/{model_id}."""
     model_id = request.match_info["model_id"]
     entries = model_entries(request.app[REGISTRY], request.app[SETTINGS])
     if model_id not in entries or not may_see_model(request, model_id):
@@ -8726,6 +8884,7 @@ async def get_model(request: web.Request) -> web.Response:
 
 
 def overall_status(registry: Registry) -> str:
+    """The fleet in one word: healthy, degraded or unhealthy."""
     total = len(registry.backends)
     healthy = len(registry.healthy())
     if total and healthy == total:
@@ -8734,6 +8893,7 @@ def overall_status(registry: Registry) -> str:
 
 
 async def health(request: web.Request) -> web.Response:
+    """GET /health: the fleet's status and Nexus's version and uptime."""
     registry = request.app[REGISTRY]
     healthy = len(registry.healthy())
     return web.json_response(
@@ -8782,11 +8942,13 @@ def require_admin(request: web.Request) -> None:
 
 
 async def list_backends(request: web.Request) -> web.Response:
+    """GET /v1/backends."""
     backends = request.app[REGISTRY].backends.values()
     return web.json_response({"object": "list", "data": [b.public() for b in backends]})
 
 
 async def add_backend(request: web.Request) -> web.Response:
+    """POST /v1/backends (admin): register a backend while Nexus runs."""
     require_admin(request)
     body = parse_json_body(await request.read())
     app = request.app
@@ -8835,6 +8997,7 @@ async def add_backend(request: web.Request) -> web.Response:
 
 
 async def remove_backend(request: web.Request) -> web.Response:
+    """DELETE /v1/backends/{name} (admin)."""
     require_admin(request)
     name = request.match_info["name"]
     if request.app[REGISTRY].remove(name) is None:
@@ -8958,6 +9121,7 @@ async def get_operation(request: web.Request) -> web.Response:
 
 
 async def dashboard(request: web.Request) -> web.StreamResponse:
+    """GET /: the bundled dashboard page."""
     path = asset_path("dashboard.html")
     if not path.is_file():
         raise NexusError(404, "not_found_error", "not_found", "The dashboard is not bundled.")
@@ -9000,6 +9164,7 @@ class Histogram:
         self.sum = 0.0
 
     def observe(self, seconds: float) -> None:
+        """Count one value in its bucket."""
         self.counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
         self.sum += seconds
 
@@ -9027,6 +9192,7 @@ class Stats:
     def record(
         self, record: RequestRecord, status: int, seconds: float, error: str | None = None
     ) -> None:
+        """Count a finished request and keep its record among the recent ones."""
         self.total += 1
         if status < 400:
             self.success += 1
@@ -9067,6 +9233,7 @@ def recent_entry(when: float, record: RequestRecord, status: int, seconds: float
 
 
 def stats_snapshot(app: web.Application) -> dict[str, Any]:
+    """/v1/stats as a dict: the fleet, the counters and the recent requests."""
     registry = app[REGISTRY]
     stats = app[STATS]
     entries = model_entries(registry, app[SETTINGS])
@@ -9126,6 +9293,7 @@ def stats_snapshot(app: web.Application) -> dict[str, Any]:
 
 
 async def get_stats(request: web.Request) -> web.Response:
+    """GET /v1/stats."""
     return web.json_response(stats_snapshot(request.app))
 
 
@@ -9148,6 +9316,7 @@ async def stream_stats(request: web.Request) -> web.StreamResponse:
 
 
 def usage_entry(row: UsageRow | None, limit: float) -> dict[str, Any]:
+    """One ledger row as /v1/usage shows it."""
     row = row or [0.0, 0, 0]
     return {
         "spent_usd": round(row[0], 6),
@@ -9195,7 +9364,7 @@ def log_request(record: RequestRecord, status: int, seconds: float) -> None:
     )
     handlers = logging.root.handlers
     if len(handlers) == 1 and type(handlers[0]) is LogHandler:  # `nexus serve`'s own
-        handlers[0].request_line(message, record, status, latency_ms)
+        handlers[0].write_request_line(message, record, status, latency_ms)
     else:  # logging set up by another program (a test capturing records): a record as usual
         fields = request_fields(record, status, latency_ms)
         log.info("%s", message, extra={"fields": fields})
@@ -9287,150 +9456,181 @@ METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 def escape_label(value: str) -> str:
+    """A Prometheus label value, escaped."""
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def histogram_lines(name: str, histogram: Histogram) -> list[str]:
-    lines = []
+def histogram_samples(histogram: Histogram) -> list[tuple[str, Any]]:
+    """A histogram's samples: its cumulative buckets, sum and count."""
+    samples: list[tuple[str, Any]] = []
     cumulative = 0
     for bound, count in zip((*LATENCY_BUCKETS, "+Inf"), histogram.counts, strict=True):
         cumulative += count
-        lines.append(f'{name}_bucket{{le="{bound}"}} {cumulative}')
-    lines.append(f"{name}_sum {histogram.sum!r}")
-    lines.append(f"{name}_count {cumulative}")
-    return lines
+        samples.append((f'_bucket{{le="{bound}"}}', cumulative))
+    samples.append(("_sum", histogram.sum))
+    samples.append(("_count", cumulative))
+    return samples
 
 
-def render_metrics(app: web.Application) -> str:
-    stats = app[STATS]
-    registry = app[REGISTRY]
-    lines: list[str] = []
+# A metric's samples, read from the app when scraped: (what follows the name: a suffix and/or
+# labels, value) pairs, or None to leave the family out.
+MetricSamples = Callable[[web.Application], "Iterable[tuple[str, Any]] | None"]
 
-    def family(name: str, kind: str, text: str, samples: list[str]) -> None:
-        lines.append(f"# HELP {name} {text}")
-        lines.append(f"# TYPE {name} {kind}")
-        lines.extend(samples)
 
-    family(
+def outcome_samples(app: web.Application) -> list[tuple[str, Any]]:
+    """nexus_requests_total's samples, one per model, backend and status."""
+    return [
+        (
+            f'{{model="{escape_label(model)}",'
+            f'backend="{escape_label(backend)}",status="{status}"}}',
+            n,
+        )
+        for (model, backend, status), n in sorted(app[STATS].by_outcome.items())
+    ]
+
+
+def affinity_samples(app: web.Application) -> list[tuple[str, Any]]:
+    """nexus_session_affinity_total's samples, one per outcome."""
+    sessions = app[SESSIONS]
+    counts = (("hit", sessions.hits), ("move", sessions.moves), ("new", sessions.new))
+    return [(f'{{outcome="{outcome}"}}', count) for outcome, count in counts]
+
+
+def key_samples(
+    app: web.Application, value: Callable[[ApiKey], Any]
+) -> list[tuple[str, Any]] | None:
+    """A per-key metric's samples, by the key's name (a key itself never shows); None without
+    keys: the family is left out."""
+    return [(f'{{key="{escape_label(k.name)}"}}', value(k)) for k in app[KEYS]] or None
+
+
+def key_spending(key: ApiKey) -> float:
+    """What a key spent this month, for nexus_key_spending_usd."""
+    month = month_of(dt.datetime.now(dt.UTC))
+    return key.roll_month(month)
+
+
+# What /metrics shows: name, type, help, samples.
+METRICS: tuple[tuple[str, str, str, MetricSamples], ...] = (
+    (
         "nexus_requests_total",
         "counter",
         "Inference requests answered, by model asked for, backend that answered and HTTP status.",
-        [
-            f'nexus_requests_total{{model="{escape_label(model)}",'
-            f'backend="{escape_label(backend)}",status="{status}"}} {count}'
-            for (model, backend, status), count in sorted(stats.by_outcome.items())
-        ],
-    )
-    family(
+        outcome_samples,
+    ),
+    (
         "nexus_errors_total",
         "counter",
         "Inference requests answered with an error, by kind (the error code).",
-        [
-            f'nexus_errors_total{{type="{escape_label(kind)}"}} {count}'
-            for kind, count in sorted(stats.error_kinds.items())
+        lambda app: [
+            (f'{{type="{escape_label(kind)}"}}', count)
+            for kind, count in sorted(app[STATS].error_kinds.items())
         ],
-    )
-    family(
+    ),
+    (
         "nexus_fallbacks_total",
         "counter",
         "Requests served by a fallback model.",
-        [f"nexus_fallbacks_total {stats.fallbacks}"],
-    )
-    family(
+        lambda app: [("", app[STATS].fallbacks)],
+    ),
+    (
         "nexus_request_duration_seconds",
         "histogram",
         "Time from receiving an inference request to its last byte.",
-        histogram_lines("nexus_request_duration_seconds", stats.duration),
-    )
-    family(
+        lambda app: histogram_samples(app[STATS].duration),
+    ),
+    (
         "nexus_ttft_seconds",
         "histogram",
         "Time to the first streamed chunk of an answer.",
-        histogram_lines("nexus_ttft_seconds", stats.ttft),
-    )
-    family(
+        lambda app: histogram_samples(app[STATS].ttft),
+    ),
+    (
         "nexus_tokens_total",
         "counter",
         "Tokens reported by backends, by type.",
-        [f'nexus_tokens_total{{type="{kind}"}} {count}' for kind, count in stats.tokens.items()],
-    )
-    family(
+        lambda app: [(f'{{type="{kind}"}}', n) for kind, n in app[STATS].tokens.items()],
+    ),
+    (
         "nexus_backends_total",
         "gauge",
         "Backends known.",
-        [f"nexus_backends_total {len(registry.backends)}"],
-    )
-    family(
+        lambda app: [("", len(app[REGISTRY].backends))],
+    ),
+    (
         "nexus_backends_healthy",
         "gauge",
         "Backends healthy now.",
-        [f"nexus_backends_healthy {len(registry.healthy())}"],
-    )
-    family(
+        lambda app: [("", len(app[REGISTRY].healthy()))],
+    ),
+    (
         "nexus_models_available",
         "gauge",
         "Models (and aliases) a healthy backend serves now.",
-        [f"nexus_models_available {len(model_entries(registry, app[SETTINGS]))}"],
-    )
-    family(
+        lambda app: [("", len(model_entries(app[REGISTRY], app[SETTINGS])))],
+    ),
+    (
         "nexus_queue_depth",
         "gauge",
         "Requests waiting in the queue for a backend slot.",
-        [f"nexus_queue_depth {len(app[QUEUE])}"],
-    )
-    sessions = app[SESSIONS]
-    family(
+        lambda app: [("", len(app[QUEUE]))],
+    ),
+    (
         "nexus_sessions_tracked",
         "gauge",
         "Sessions whose last backend Nexus remembers, for session affinity.",
-        [f"nexus_sessions_tracked {sessions.tracked(time.monotonic())}"],
-    )
-    family(
+        lambda app: [("", app[SESSIONS].tracked(time.monotonic()))],
+    ),
+    (
         "nexus_session_affinity_total",
         "counter",
         "Requests served by the backend of their session's last turn (hit), by another (move),"
         " or with no session to follow (new).",
-        [
-            f'nexus_session_affinity_total{{outcome="{outcome}"}} {count}'
-            for outcome, count in (
-                ("hit", sessions.hits),
-                ("move", sessions.moves),
-                ("new", sessions.new),
-            )
-        ],
-    )
-    family(
+        affinity_samples,
+    ),
+    (
         "nexus_budget_spending_usd",
         "gauge",
         "Estimated spend on cloud backends this month, in USD.",
-        [f"nexus_budget_spending_usd {app[BUDGET].spent_usd!r}"],
-    )
-    if app[KEYS]:  # per key, by name: a key itself never shows
-        month = month_of(dt.datetime.now(dt.UTC))
-        keys = [(escape_label(k.name), k) for k in app[KEYS]]
-        family(
-            "nexus_key_requests_total",
-            "counter",
-            "Inference requests made with each API key, by the key's name.",
-            [f'nexus_key_requests_total{{key="{name}"}} {k.requests}' for name, k in keys],
-        )
-        family(
-            "nexus_key_rate_limited_total",
-            "counter",
-            "Requests refused (429) by each API key's rpm or tpm limit, by the key's name.",
-            [f'nexus_key_rate_limited_total{{key="{name}"}} {k.rate_limited}' for name, k in keys],
-        )
-        family(
-            "nexus_key_spending_usd",
-            "gauge",
-            "Estimated spend on cloud backends this month with each API key, in USD.",
-            [f'nexus_key_spending_usd{{key="{name}"}} {k.roll_month(month)!r}' for name, k in keys],
-        )
+        lambda app: [("", app[BUDGET].spent_usd)],
+    ),
+    (
+        "nexus_key_requests_total",
+        "counter",
+        "Inference requests made with each API key, by the key's name.",
+        lambda app: key_samples(app, operator.attrgetter("requests")),
+    ),
+    (
+        "nexus_key_rate_limited_total",
+        "counter",
+        "Requests refused (429) by each API key's rpm or tpm limit, by the key's name.",
+        lambda app: key_samples(app, operator.attrgetter("rate_limited")),
+    ),
+    (
+        "nexus_key_spending_usd",
+        "gauge",
+        "Estimated spend on cloud backends this month with each API key, in USD.",
+        lambda app: key_samples(app, key_spending),
+    ),
+)
+
+
+def render_metrics(app: web.Application) -> str:
+    """The whole /metrics page, from Stats and the registry as they are now."""
+    lines: list[str] = []
+    for name, kind, text, read in METRICS:
+        samples = read(app)
+        if samples is None:
+            continue
+        lines.append(f"# HELP {name} {text}")
+        lines.append(f"# TYPE {name} {kind}")
+        lines.extend(f"{name}{labels} {value!r}" for labels, value in samples)
     lines.append("")
     return "\n".join(lines)
 
 
 async def metrics(request: web.Request) -> web.Response:
+    """GET /metrics."""
     body = render_metrics(request.app).encode()
     return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
 
@@ -9582,6 +9782,7 @@ async def ledger_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def first_poll(app: web.Application, backend: Backend) -> None:
+    """A new backend's first poll (its models); without health checks it is trusted as healthy."""
     await poll_backend(app, backend)
     if not app[SETTINGS].health_check.enabled:
         backend.status = "healthy"  # without health checks, configured backends are trusted
@@ -9623,10 +9824,12 @@ async def background_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def signal_stopping(app: web.Application) -> None:
+    """Tell live feeds (the stats stream) that Nexus is shutting down."""
     app[STOPPING].set()
 
 
 def create_app(settings: Settings) -> web.Application:
+    """The aiohttp application for these settings: state, routes and background tasks."""
     app = web.Application(
         client_max_size=int(settings.server.max_body_mb * 1024 * 1024),
         middlewares=[request_middleware],
@@ -9905,6 +10108,7 @@ class Reloader:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     async def run(self) -> None:
+        """Watch the file and take reload requests until the app stops."""
         while True:
             await self.wanted.wait()
             await asyncio.sleep(RELOAD_COALESCE_SECONDS)  # the rest of a storm joins this one
@@ -9958,6 +10162,7 @@ class JsonLogFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message, and a request's fields."""
 
     def format(self, record: logging.LogRecord) -> str:
+        """One log record as one JSON line."""
         try:
             message = record.getMessage()
         except (TypeError, ValueError):  # a library's malformed call: keep what it said
@@ -9978,6 +10183,7 @@ class JsonLogFormatter(logging.Formatter):
     def request_line(
         self, created: float, message: str, record: RequestRecord, status: int, latency_ms: float
     ) -> str:
+        """One request's log line: its fields in the JSON object."""
         line = {"time": self.stamp(created), "level": "info", "logger": log.name}
         line["message"] = message
         line.update(request_fields(record, status, latency_ms))
@@ -9985,6 +10191,7 @@ class JsonLogFormatter(logging.Formatter):
 
     @staticmethod
     def stamp(created: float) -> str:
+        """A record's time in ISO 8601 with milliseconds, UTC."""
         return f"{second_stamp(int(created), '%Y-%m-%dT%H:%M:%S', True)}.{millis(created):03d}Z"
 
 
@@ -9997,6 +10204,7 @@ class PrettyLogFormatter(logging.Formatter):
     def request_line(
         self, created: float, message: str, record: RequestRecord, status: int, latency_ms: float
     ) -> str:
+        """One request's log line: the message (the fields are in it already)."""
         stamp = second_stamp(int(created), "%Y-%m-%d %H:%M:%S", False)
         return f"{stamp},{millis(created):03d} INFO    {message}"
 
@@ -10008,24 +10216,26 @@ def second_stamp(second: int, layout: str, utc: bool) -> str:
 
 
 def millis(created: float) -> int:
+    """The milliseconds part of a log record's time."""
     return int((created - int(created)) * 1000)
 
 
 class LogHandler(logging.StreamHandler):
     """stderr through the configured formatter, keys masked. The line for each inference request
     (the hot path) skips the logger's dispatch and its LogRecord: the same line, written for
-    less than half the instructions (`make bench`)."""
+    fewer instructions (`make bench` counts them)."""
 
     def __init__(self, formatter: JsonLogFormatter | PrettyLogFormatter, secrets: list[str]):
         super().__init__(sys.stderr)
-        self.lines = formatter
+        self.request_formatter = formatter  # writes the request lines; .formatter redacts
         self.redacting = RedactingFormatter(formatter, secrets)
         self.setFormatter(self.redacting)
 
-    def request_line(
+    def write_request_line(
         self, message: str, record: RequestRecord, status: int, latency_ms: float
     ) -> None:
-        line = self.lines.request_line(time.time(), message, record, status, latency_ms)
+        """Write one request's log line, keys masked, without a LogRecord."""
+        line = self.request_formatter.request_line(time.time(), message, record, status, latency_ms)
         text = self.redacting.redact(line)
         # stderr closed or gone: like logging's own handlers, go on serving
         with self.lock, contextlib.suppress(OSError, ValueError):
@@ -10042,9 +10252,11 @@ class RedactingFormatter(logging.Formatter):
         self.secrets = sorted(set(secrets), key=len, reverse=True)
 
     def format(self, record: logging.LogRecord) -> str:
+        """The inner formatter's line, keys masked."""
         return self.redact(self.inner.format(record))
 
     def redact(self, text: str) -> str:
+        """A text with every known key replaced by [redacted]."""
         for secret in self.secrets:
             if secret in text:
                 text = text.replace(secret, "[redacted]")
@@ -10079,6 +10291,7 @@ def setup_logging(settings: Settings, env: dict[str, str]) -> None:
 
 
 def log_uncaught(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+    """Log an exception nothing caught (sys.excepthook), instead of a bare traceback."""
     if issubclass(kind, KeyboardInterrupt):
         sys.__excepthook__(kind, value, tb)
         return
@@ -10108,8 +10321,8 @@ def build_commit() -> str:
 
 # Young objects per cyclic collection (Python's default is 700). With dozens of requests in
 # flight each young collection scans their coroutines, futures and buffers, most of them
-# alive, and promotes them to be scanned again: about a tenth of the CPU per proxied request
-# at the default (`make bench`). Nexus makes few reference cycles, so this costs little memory.
+# alive, and promotes them to be scanned again: a share of the CPU per proxied request at the
+# default (`make bench` measures it). Nexus makes few reference cycles: this costs little memory.
 GC_YOUNG_THRESHOLD = 10_000
 
 
@@ -10123,6 +10336,7 @@ def tune_gc() -> None:
 
 
 async def run_server(settings: Settings, source: ConfigSource | None = None) -> int:
+    """Serve until a signal stops Nexus; the exit code."""
     app = create_app(settings)
     reloader = Reloader(app, source or ConfigSource())
     app.cleanup_ctx.append(reloader.ctx)
@@ -10168,6 +10382,7 @@ async def run_server(settings: Settings, source: ConfigSource | None = None) -> 
 
 
 def serve_command(args: argparse.Namespace) -> int:
+    """`nexus serve`: settings from file, environment and flags, then run_server."""
     env = dict(os.environ)
     overrides: dict[tuple[str, str], Any] = {}
     if args.port is not None:
@@ -10196,13 +10411,14 @@ def serve_command(args: argparse.Namespace) -> int:
         return 2
     setup_logging(settings, env)
     # uvloop, where there is one, runs the same asyncio API for less CPU per proxied request
-    # (an HTTP round trip on loopback: about 350 -> 230 µs here; `make bench`).
+    # (`make bench` measures it).
     loop_factory = uvloop.new_event_loop if uvloop is not None else None
     with asyncio.Runner(loop_factory=loop_factory) as runner:
         return runner.run(run_server(settings, ConfigSource(path, overrides)))
 
 
 def nexus_url(args: argparse.Namespace) -> str:
+    """The running Nexus a CLI command talks to."""
     return (args.url or os.environ.get("NEXUS_URL") or DEFAULT_NEXUS_URL).rstrip("/")
 
 
@@ -10233,12 +10449,14 @@ def call_nexus(args: argparse.Namespace, method: str, path: str, payload: Any = 
 
 
 def print_table(rows: list[list[str]], header: list[str]) -> None:
+    """Print rows as aligned columns under a header."""
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         print("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
 
 
 def backends_command(args: argparse.Namespace) -> int:
+    """`nexus backends list|add|remove`."""
     if args.action == "list":
         data = call_nexus(args, "GET", "/v1/backends")
         if args.json:
@@ -10315,6 +10533,7 @@ def lifecycle_command(args: argparse.Namespace) -> int:
 
 
 def models_command(args: argparse.Namespace) -> int:
+    """`nexus models` and its load, unload and migrate actions."""
     if args.action is not None:
         return lifecycle_command(args)
     data = call_nexus(args, "GET", "/v1/models")
@@ -10338,6 +10557,7 @@ def models_command(args: argparse.Namespace) -> int:
 
 
 def health_command(args: argparse.Namespace) -> int:
+    """`nexus health`."""
     data = call_nexus(args, "GET", "/health")
     if args.json:
         print(json.dumps(data, indent=2))
@@ -10351,6 +10571,7 @@ def health_command(args: argparse.Namespace) -> int:
 
 
 def usage_command(args: argparse.Namespace) -> int:
+    """`nexus usage`: the month's spend in total and per key."""
     query = "?month=" + urllib.parse.quote(args.month) if args.month else ""
     data = call_nexus(args, "GET", "/v1/usage" + query)
     if args.json:
@@ -10370,6 +10591,7 @@ def usage_command(args: argparse.Namespace) -> int:
 
 
 def config_init_command(args: argparse.Namespace) -> int:
+    """`nexus config init`: write the example configuration."""
     target = Path(args.output)
     if target.exists() and not args.force:
         print(f"nexus: {target} already exists; use --force to overwrite it", file=sys.stderr)
@@ -10398,6 +10620,7 @@ def completion_script(shell: str, parser: argparse.ArgumentParser) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line: `nexus serve` and the commands that talk to a running Nexus."""
     parser = argparse.ArgumentParser(
         prog="nexus", description="One OpenAI-compatible endpoint in front of every LLM server."
     )
@@ -10473,6 +10696,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The `nexus` command: parse the arguments and run the chosen command."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.version:
