@@ -6394,6 +6394,7 @@ def settle_cost_now(
 
 
 def note_counted(record: RequestRecord, prompt: int, completion: int) -> None:
+    """Token counts Nexus made itself (the backend reported none) become the record's usage."""
     record.usage = TokenUsage(prompt, completion)
     record.prompt_tokens, record.completion_tokens = prompt, completion
 
