@@ -1518,6 +1518,8 @@ class Discovery:
 # A prompt's size in tokens is estimated from its characters; exact counting is for cost and
 # for prompts near a context limit, never on the routing hot path.
 CHARS_PER_TOKEN = 4
+IMAGE_TOKENS = 1600  # what an image of unknown size is counted as (about a megapixel)
+MESSAGE_OVERHEAD_TOKENS = 4  # role and separators of one message in a chat template
 
 
 @dataclass(slots=True)
@@ -1583,8 +1585,10 @@ def optional_int(body: dict[str, Any], name: str) -> int | None:
     return value
 
 
-def chat_needs(body: dict[str, Any]) -> RequestNeeds:
-    """What a chat completion needs of a backend: checks its shape, estimates its prompt."""
+def chat_needs(body: dict[str, Any], image_tokens: int = 0) -> RequestNeeds:
+    """What a chat completion needs of a backend: checks its shape, estimates its prompt from
+    the characters of every text, tool call and tool definition, each image counted as
+    `image_tokens` (the doors count IMAGE_TOKENS; OpenAI's chat routes by text alone)."""
     model = require_model(body)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -1594,7 +1598,7 @@ def chat_needs(body: dict[str, Any]) -> RequestNeeds:
     if body.get("tools") is not None and not isinstance(body["tools"], list):
         raise bad_request("tools must be an array", "tools")
     chars = 0
-    vision = False
+    images = 0
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             raise bad_request(f"messages[{i}] must be an object", f"messages[{i}]")
@@ -1609,7 +1613,7 @@ def chat_needs(body: dict[str, Any]) -> RequestNeeds:
                 if kind == "text" and isinstance(part.get("text"), str):
                     chars += len(part["text"])
                 elif kind in ("image_url", "image", "input_image"):
-                    vision = True
+                    images += 1
         elif content is not None:
             raise bad_request(f"messages[{i}].content must be a string or an array", "messages")
         calls = message.get("tool_calls")
@@ -1621,7 +1625,7 @@ def chat_needs(body: dict[str, Any]) -> RequestNeeds:
                 "tool_calls must be an array of objects, each with a function object",
                 f"messages[{i}].tool_calls",
             )
-        for call in calls or ():  # counted as estimate_chat_tokens counts them for /v1/messages
+        for call in calls or ():
             for part in (call["function"].get("name"), call["function"].get("arguments")):
                 if isinstance(part, str):
                     chars += len(part)
@@ -1633,11 +1637,13 @@ def chat_needs(body: dict[str, Any]) -> RequestNeeds:
     format_ = body.get("response_format")
     return RequestNeeds(
         model=model,
-        vision=vision,
+        vision=images > 0,
         tools=bool(body.get("tools")),
         json_mode=isinstance(format_, dict)
         and format_.get("type") in ("json_object", "json_schema"),
-        prompt_tokens=chars // CHARS_PER_TOKEN + 4 * len(messages),
+        prompt_tokens=chars // CHARS_PER_TOKEN
+        + image_tokens * images
+        + MESSAGE_OVERHEAD_TOKENS * len(messages),
         max_tokens=max_tokens,
     )
 
@@ -6725,33 +6731,6 @@ async def start_stream(
 # ==============================================================================================
 
 
-IMAGE_TOKENS = 1600  # what an image of unknown size is counted as (about a megapixel)
-MESSAGE_OVERHEAD_TOKENS = 4  # role and separators of one message in a chat template
-
-
-def estimate_chat_tokens(chat: dict[str, Any]) -> int:
-    """Input tokens of a translated request, estimated: characters of every text, tool call
-    and tool definition, and images at a flat rate. The one place a better count goes."""
-    chars = 0
-    images = 0
-    for message in chat["messages"]:
-        content = message.get("content")
-        if isinstance(content, str):
-            chars += len(content)
-        elif isinstance(content, list):
-            for part in content:
-                if part.get("type") == "text":
-                    chars += len(part["text"])
-                else:
-                    images += 1
-        for call in message.get("tool_calls", ()):
-            chars += len(call["function"]["name"]) + len(call["function"]["arguments"])
-    if chat.get("tools"):
-        chars += len(json.dumps(chat["tools"]))
-    tokens = chars // CHARS_PER_TOKEN + IMAGE_TOKENS * images
-    return tokens + MESSAGE_OVERHEAD_TOKENS * len(chat["messages"])
-
-
 def backend_refusal(response: web.Response) -> NexusError:
     """A backend's own 4xx answer, re-said as an error for the door to write in its shape: its
     message and status kept, Nexus's headers too."""
@@ -6781,8 +6760,7 @@ async def serve_door(request: web.Request, door: type[OpenAIFormat]) -> web.Stre
     raw = await request.read()
     body = parse_json_body(raw)
     chat = door.chat_request(body)
-    needs = chat_needs(chat)
-    needs.prompt_tokens = estimate_chat_tokens(chat)  # tool definitions count too
+    needs = chat_needs(chat, IMAGE_TOKENS)
     needs.prompt_param = door.prompt_param
     return await send_through_door(request, "chat", chat, needs, door(body, needs))
 
@@ -7095,7 +7073,7 @@ def chat_tool(tool: Any, where: str) -> dict[str, Any]:
 def count_message_tokens(body: dict[str, Any]) -> int:
     """The input tokens of a Messages request (the body /v1/messages/count_tokens is sent)."""
     chat = messages_to_chat(dict(body, max_tokens=1))  # count_tokens bodies have no max_tokens
-    return estimate_chat_tokens(chat)
+    return chat_needs(chat, IMAGE_TOKENS).prompt_tokens
 
 
 def reasoning_of(message: dict[str, Any]) -> str:
