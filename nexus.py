@@ -6354,16 +6354,24 @@ def note_usage(record: RequestRecord, usage: Any) -> None:
 UNPRICED_WARNED: set[str] = set()
 
 
+async def count_usage(
+    request: web.Request, attempt: Attempt, answered: list[str] | None = None
+) -> TokenUsage:
+    """Nexus's own count of a request's prompt and of the texts answered so far, in the
+    attempt's tokenizer (exact where it is exact; long texts in a worker thread)."""
+    encoding, _ = tokenizer_for(attempt.backend.type, attempt.model)
+    texts, framing = payload_texts(request[ENDPOINT], request[PAYLOAD])
+    prompt = await count_texts_async(texts, encoding) + framing
+    return TokenUsage(prompt, await count_texts_async(answered, encoding) if answered else 0)
+
+
 async def prompt_cost(request: web.Request, attempt: Attempt) -> str:
     """A stream's cost header: its prompt counted (exactly where the tokenizer is exact) times
     the input price. The whole cost, output included, is charged when the stream ends."""
     price = price_for(attempt.model, request.app[BUDGET].prices)
     if price is None:
         return "unknown"
-    texts, framing = payload_texts(request[ENDPOINT], request[PAYLOAD])
-    encoding, _ = tokenizer_for(attempt.backend.type, attempt.model)
-    prompt = await count_texts_async(texts, encoding) + framing
-    return format_usd(cost_usd(price, TokenUsage(prompt=prompt)))
+    return format_usd(cost_usd(price, await count_usage(request, attempt)))
 
 
 async def settle_cost(
@@ -6373,11 +6381,7 @@ async def settle_cost(
     prompt and the answer when it reported none, times the model's price. Charged to the
     month's budget; the header value is returned ("unknown" for a model without a price)."""
     if record.usage is None:
-        encoding, _ = tokenizer_for(attempt.backend.type, attempt.model)
-        texts, framing = payload_texts(request[ENDPOINT], request[PAYLOAD])
-        prompt = await count_texts_async(texts, encoding) + framing
-        completion = await count_texts_async(answered, encoding)
-        note_counted(record, prompt, completion)
+        note_counted(record, await count_usage(request, attempt, answered))
     return charge_cost(request, record, attempt)
 
 
@@ -6390,19 +6394,20 @@ def settle_cost_now(
         encoding, _ = tokenizer_for(attempt.backend.type, attempt.model)
         texts, framing = payload_texts(request[ENDPOINT], request[PAYLOAD])
         if encoding in _loaded_encodings:
-            prompt = count_texts(texts, encoding) + framing
-            completion = count_texts(answered, encoding)
+            usage = TokenUsage(
+                count_texts(texts, encoding) + framing, count_texts(answered, encoding)
+            )
         else:
             prompt = sum(map(len, texts)) // CHARS_PER_TOKEN + framing
-            completion = -(-sum(map(len, answered)) // CHARS_PER_TOKEN)
-        note_counted(record, prompt, completion)
+            usage = TokenUsage(prompt, -(-sum(map(len, answered)) // CHARS_PER_TOKEN))
+        note_counted(record, usage)
     charge_cost(request, record, attempt)
 
 
-def note_counted(record: RequestRecord, prompt: int, completion: int) -> None:
+def note_counted(record: RequestRecord, usage: TokenUsage) -> None:
     """Token counts Nexus made itself (the backend reported none) become the record's usage."""
-    record.usage = TokenUsage(prompt, completion)
-    record.prompt_tokens, record.completion_tokens = prompt, completion
+    record.usage = usage
+    record.prompt_tokens, record.completion_tokens = usage.prompt, usage.completion
 
 
 def charge_cost(request: web.Request, record: RequestRecord, attempt: Attempt) -> str:
