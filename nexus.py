@@ -1520,6 +1520,7 @@ class Discovery:
 CHARS_PER_TOKEN = 4
 IMAGE_TOKENS = 1600  # what an image of unknown size is counted as (about a megapixel)
 MESSAGE_OVERHEAD_TOKENS = 4  # role and separators of one message in a chat template
+SYSTEM_ROLES = ("system", "developer")  # the roles that carry a system prompt
 
 
 @dataclass(slots=True)
@@ -4225,6 +4226,8 @@ class BackendPool:
 # Must not: make routing decisions. The router sees only Backend and Model.
 # ==============================================================================================
 
+JSON_HEADERS = {"Content-Type": "application/json"}
+DONE_EVENT = b"data: [DONE]\n\n"  # the end of an OpenAI-style event stream
 ENDPOINT_PATHS = {
     "chat": "/v1/chat/completions",
     "completions": "/v1/completions",
@@ -5433,8 +5436,6 @@ def start_operation(
 # Must not: choose backends (routing did) or know backend quirks (adapters do).
 # ==============================================================================================
 
-JSON_HEADERS = {"Content-Type": "application/json"}
-SYSTEM_ROLES = ("system", "developer")
 # How each backend says a prompt (with max_tokens) is over its context, lower-cased; anything
 # vaguer ("too long") also matches 400s about a field's length, which are the client's to fix.
 CONTEXT_ERROR_MARKERS = (
@@ -5625,9 +5626,6 @@ def backend_context_error(backend: Backend, text: str) -> NexusError:
         return NexusError(400, "invalid_request_error", "context_length_exceeded", text[:500])
     how = f"as backend {backend.name} counted them"
     return context_length_exceeded(found[0], found[1], how, None)
-
-
-DONE_EVENT = b"data: [DONE]\n\n"
 
 
 class OpenAIFormat:
