@@ -993,6 +993,13 @@ async def poll_backend(app: web.Application, backend: Backend) -> None:
     record_success(backend, settings.health_check)
 
 
+async def first_poll(app: web.Application, backend: Backend) -> None:
+    """A new backend's first poll (its models); without health checks it is trusted as healthy."""
+    await poll_backend(app, backend)
+    if not app[SETTINGS].health_check.enabled:
+        backend.status = "healthy"  # without health checks, configured backends are trusted
+
+
 # Polls in flight at once: enough for any home lab in one round, while a thousand backends do
 # not open a thousand connections (and their buffers) at the same moment.
 POLLS_AT_ONCE = 64
@@ -4079,6 +4086,19 @@ async def open_tunnel(
 def keepalive_seconds(origin: Origin) -> float:
     """How long an idle connection to this origin may be reused."""
     return BACKEND_TLS_KEEPALIVE_SECONDS if origin[0] == "https" else BACKEND_KEEPALIVE_SECONDS
+
+
+@functools.cache
+def tls_context() -> ssl.SSLContext:
+    """Certificates for https backends: the system's, plus certifi's bundle for systems whose
+    certificates the bundled OpenSSL cannot find (a one-file build on another OS or distro).
+    Made on first use: loading certificates costs tens of ms that start-up need not pay."""
+    context = ssl.create_default_context()
+    with contextlib.suppress(ImportError, OSError):
+        import certifi
+
+        context.load_verify_locations(certifi.where())
+    return context
 
 
 class BackendPool:
@@ -9725,19 +9745,6 @@ async def request_middleware(
                 await log_content(request, record, response)
 
 
-@functools.cache
-def tls_context() -> ssl.SSLContext:
-    """Certificates for https backends: the system's, plus certifi's bundle for systems whose
-    certificates the bundled OpenSSL cannot find (a one-file build on another OS or distro).
-    Made on first use: loading certificates costs tens of ms that start-up need not pay."""
-    context = ssl.create_default_context()
-    with contextlib.suppress(ImportError, OSError):
-        import certifi
-
-        context.load_verify_locations(certifi.where())
-    return context
-
-
 async def backend_pool_ctx(app: web.Application) -> AsyncIterator[None]:
     """One pool of connections for all backend traffic, for the life of the app."""
     app[CLIENT] = BackendPool(app[SETTINGS].server.connect_timeout_seconds)
@@ -9761,13 +9768,6 @@ async def ledger_ctx(app: web.Application) -> AsyncIterator[None]:
     start_from_ledger(app)
     yield
     await app[LEDGER].close()
-
-
-async def first_poll(app: web.Application, backend: Backend) -> None:
-    """A new backend's first poll (its models); without health checks it is trusted as healthy."""
-    await poll_backend(app, backend)
-    if not app[SETTINGS].health_check.enabled:
-        backend.status = "healthy"  # without health checks, configured backends are trusted
 
 
 def in_background(app: web.Application, job: Awaitable[None]) -> asyncio.Task:
