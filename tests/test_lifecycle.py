@@ -641,7 +641,9 @@ async def test_a_backend_loading_through_the_api_gets_no_request_until_loaded(
     a, b = await start_fleet(
         stop_later, FleetOllama("a", loaded=(MODEL,)), FleetOllama("b", load_delay=1.5)
     )
-    nx = await nexus_factory(backends_toml(a, b))
+    # Round-robin: once b is a candidate it gets turns (the smart strategy may rightly keep
+    # preferring a, whose answers came faster).
+    nx = await nexus_factory('[routing]\nstrategy = "round_robin"\n' + backends_toml(a, b))
     _, op, _ = await call(nx, "POST", "/v1/models/load", {"model_id": MODEL, "backend_id": "b"})
     assert nx.backend("b").loading == {MODEL}  # at once, not when the task first runs
     during: collections.Counter = collections.Counter()
@@ -660,7 +662,13 @@ async def test_a_backend_loading_through_the_api_gets_no_request_until_loaded(
         if served["b"]:
             break
     state = nx.backend("b")
-    assert served["b"] > 0, (served, state.status, state.loaded, state.loading, state.in_flight)
+    other = nx.backend("a")
+    assert served["b"] > 0, (
+        served,
+        (state.status, state.loaded, state.loading, state.draining, state.in_flight),
+        (state.latency_ema_ms, state.ttft_ema_ms, other.latency_ema_ms, other.ttft_ema_ms),
+        (state.priority, other.priority, nx.app[nexus.REGISTRY].moving),
+    )
     # Not one request reached b before it had loaded the model.
     assert b.chat_times and min(b.chat_times) > b.loaded_at[MODEL]
 
