@@ -664,7 +664,10 @@ def model_chain(model: str, routing: RoutingSettings) -> list[str]:
     """The models a request naming `model` may be served by, in order: the model its alias
     leads to, then that model's fallbacks (each once). Routing, counting and 404s all use it."""
     model_id = resolve_alias(model, routing.aliases)
-    return list(dict.fromkeys([model_id, *routing.fallbacks.get(model_id, ())]))
+    fallbacks = routing.fallbacks.get(model_id)
+    if not fallbacks:  # the usual case, on every request: no copies
+        return [model_id]
+    return list(dict.fromkeys([model_id, *fallbacks]))
 
 
 # ==============================================================================================
