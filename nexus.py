@@ -7820,10 +7820,19 @@ class ResponsesFormat(OpenAIFormat):
         if self.started:
             return b""
         self.started = True
-        created = self.event("response.created", {"response": self.response("in_progress")})
-        return created + self.event(
-            "response.in_progress", {"response": self.response("in_progress")}
+        response = json.dumps(self.response("in_progress"))  # the same object in both events
+        return self.response_event("response.created", response) + self.response_event(
+            "response.in_progress", response
         )
+
+    def response_event(self, kind: str, response: str) -> bytes:
+        """An event carrying the response object, already encoded (as `event` would write it)."""
+        number = self.sequence
+        self.sequence += 1
+        return (
+            f'event: {kind}\ndata: {{"response": {response}, "type": "{kind}", '
+            f'"sequence_number": {number}}}\n\n'
+        ).encode()
 
     def chunk(self, data: bytes, chunk: dict[str, Any]) -> bytes:
         """One chat chunk as the Responses events it makes."""
