@@ -7724,16 +7724,13 @@ class ResponsesFormat(OpenAIFormat):
         self.finish: str | None = None
         self.usage: Any = None
         self.output_chars = 0
+        self.echoed: dict[str, Any] | None = None  # what the response repeats of the request
 
     def response(
         self, status: str, usage: dict[str, Any] | None = None, error: Any = None
     ) -> dict[str, Any]:
         """The response object as it stands, echoing what the request asked for."""
-        body = self.native_body
         reason = INCOMPLETE_REASONS.get(self.finish or "") if status == "incomplete" else None
-        choice = body.get("tool_choice")
-        text = body.get("text") if isinstance(body.get("text"), dict) else {}
-        number = (int, float)
         return {
             "id": self.id,
             "object": "response",
@@ -7743,6 +7740,19 @@ class ResponsesFormat(OpenAIFormat):
             "output": self.output,
             "error": error,
             "incomplete_details": {"reason": reason} if reason else None,
+            **self.echo(),
+            "usage": usage,
+        }
+
+    def echo(self) -> dict[str, Any]:
+        """What the response repeats of the request, read once: it is the same in every event."""
+        if self.echoed is not None:
+            return self.echoed
+        body = self.native_body
+        choice = body.get("tool_choice")
+        text = body.get("text") if isinstance(body.get("text"), dict) else {}
+        number = (int, float)
+        self.echoed = {
             "instructions": body.get("instructions")
             if isinstance(body.get("instructions"), str)
             else None,
@@ -7758,8 +7768,8 @@ class ResponsesFormat(OpenAIFormat):
             "tool_choice": choice if isinstance(choice, str | dict) else "auto",
             "tools": function_tools(body.get("tools")),
             "truncation": "disabled",
-            "usage": usage,
         }
+        return self.echoed
 
     def status(self) -> str:
         """The response's status once the answer ended (its items' too)."""
