@@ -4152,6 +4152,37 @@ class BackendPool:
         finally:
             conn.close()
 
+    async def fetch_then(
+        self, url: str, then: str, headers: dict[str, str], limit: int, grace: float
+    ) -> tuple[tuple[int, bytes], tuple[int, bytes] | None]:
+        """Two GETs' whole answers, the second on the first's connection once that is in: a
+        poll's second read opens no connection of its own (unless the server keeps none). The
+        second is None when it fails or takes longer than `grace`: never the first's failure."""
+        origin, data = encode_request("GET", url, headers, b"", True)
+        conn = await self.connect(origin)
+        try:
+            await conn.send(data)
+            first = conn.status, await conn.read(limit)
+        finally:
+            reusable = conn.complete and conn.keep_alive and not conn.closed
+            if not reusable:
+                conn.close()
+        if not reusable:
+            try:
+                second = self.fetch("GET", then, headers, limit=limit)
+                return first, await asyncio.wait_for(second, grace)
+            except (OSError, BackendHTTPError):  # a TimeoutError is an OSError
+                return first, None
+        timer = self.loop.call_later(grace, conn.close)
+        try:
+            await conn.send(encode_request("GET", then, headers, b"", False)[1])
+            return first, (conn.status, await conn.read(limit))
+        except (OSError, BackendHTTPError):
+            return first, None
+        finally:
+            timer.cancel()
+            conn.close()
+
     def reuse(self, origin: Origin) -> BackendConnection | None:
         """An idle connection to the origin that is still fresh, or None."""
         idle = self.idle.get(origin)
@@ -4286,7 +4317,11 @@ async def fetch_json(
     if payload is not None:
         headers = {**headers, **JSON_HEADERS} if headers else JSON_HEADERS
     status, answer = await pool.fetch(method, url, headers or {}, body, limit=POLL_MAX_BODY)
-    path = urllib.parse.urlsplit(url).path
+    return json_answer(status, answer, urllib.parse.urlsplit(url).path)
+
+
+def json_answer(status: int, answer: bytes, path: str) -> Any:
+    """A backend's JSON answer from `path`; any other answer raises."""
     if status != 200:
         raise BackendReplyError(status_problem(status, path))
     try:
@@ -4529,8 +4564,8 @@ class LmStudioAdapter(OpenAICompatibleAdapter):
 
 
 OLLAMA_SHOWS_AT_ONCE = 8
-# How long a poll waits for /api/ps once the model list is in: it was asked at the same time,
-# so it is normally there already; a slow one keeps the last known state, never fails a poll.
+# How long a poll waits for /api/ps once the model list is in: a slow one keeps the last known
+# state, and never fails the poll.
 OLLAMA_PS_GRACE_SECONDS = 1.0
 
 
@@ -4554,29 +4589,34 @@ class OllamaAdapter(OpenAICompatibleAdapter):
         self.details: dict[tuple[str, str, str], Model] = {}
 
     async def poll(self, pool: BackendPool, backend: Backend) -> dict[str, Model]:
-        """The model list (/api/tags, /api/show); /api/ps alongside, into `backend.loaded`."""
+        """The model list (/api/tags, /api/show); /api/ps after the list on its connection, into
+        `backend.loaded`. A failing /api/ps never fails the poll; a slow one keeps the last
+        known state."""
         reads = backend.loaded_reads
-        ps = asyncio.ensure_future(self.loaded_or_none(pool, backend))
-        try:
-            models = await self.models(pool, backend)
-            await asyncio.wait((ps,), timeout=OLLAMA_PS_GRACE_SECONDS)
-        finally:
-            ps.cancel()  # still unanswered: the last known state stays
-        if ps.done() and not ps.cancelled() and backend.loaded_reads == reads:
-            backend.loaded = ps.result()
+        tags, ps = await pool.fetch_then(
+            backend.url + "/api/tags",
+            backend.url + "/api/ps",
+            self.headers(backend),
+            POLL_MAX_BODY,
+            OLLAMA_PS_GRACE_SECONDS,
+        )
+        models = await self.models(pool, backend, json_answer(*tags, "/api/tags"))
+        if ps is not None and backend.loaded_reads == reads:
+            try:
+                backend.loaded = self.loaded_in(ps)
+            except BackendReplyError as exc:  # an Ollama without /api/ps: it does not say, warm
+                log.debug("backend %s: %s", backend.name, exc)
+                backend.loaded = None
         return models
-
-    async def loaded_or_none(self, pool: BackendPool, backend: Backend) -> dict[str, int] | None:
-        """/api/ps, or None (does not say: warm) for an Ollama without it or a bad answer."""
-        try:
-            return await self.loaded_models(pool, backend)
-        except Exception as exc:  # never the poll's failure: the model list decides health
-            log.debug("backend %s: /api/ps: %s", backend.name, describe_failure(exc))
-            return None
 
     async def loaded_models(self, pool: BackendPool, backend: Backend) -> dict[str, int] | None:
         """The models in memory, from /api/ps, with the bytes each holds."""
-        data = await fetch_json(pool, "GET", backend.url + "/api/ps", self.headers(backend))
+        url, headers = backend.url + "/api/ps", self.headers(backend)
+        return self.loaded_in(await pool.fetch("GET", url, headers, limit=POLL_MAX_BODY))
+
+    def loaded_in(self, answer: tuple[int, bytes]) -> dict[str, int]:
+        """The models in memory by an /api/ps answer, with the bytes each holds."""
+        data = json_answer(*answer, "/api/ps")
         if not isinstance(data, dict) or not isinstance(data.get("models"), list):
             raise BackendReplyError("/api/ps: no models list")
         loaded = {}
@@ -4614,9 +4654,8 @@ class OllamaAdapter(OpenAICompatibleAdapter):
                 why = answer[:200].decode("utf-8", "replace").strip() or "no reason given"
             raise BackendReplyError(f"/api/generate answered HTTP {status}: {why[:200]}")
 
-    async def models(self, pool: BackendPool, backend: Backend) -> dict[str, Model]:
-        """Ollama's models from /api/tags, each described once by /api/show."""
-        data = await fetch_json(pool, "GET", backend.url + "/api/tags", self.headers(backend))
+    async def models(self, pool: BackendPool, backend: Backend, data: Any) -> dict[str, Model]:
+        """Ollama's models from its /api/tags answer, each described once by /api/show."""
         if not isinstance(data, dict) or not isinstance(data.get("models"), list):
             raise BackendReplyError("not an LLM server: /api/tags has no models list")
         keys = {}

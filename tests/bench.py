@@ -879,14 +879,16 @@ def bench_routing(
 
 
 async def bench_ollama_poll(nexus: ModuleType, port: int, polls: int) -> dict:
-    """An Ollama health poll as Nexus makes it (the model list, with /api/ps alongside) and
+    """An Ollama health poll as Nexus makes it (the model list, then /api/ps on its connection) and
     the same poll without /api/ps, against the mock, one after another in alternating batches:
     wall time per poll and this process's CPU per poll. The difference is what knowing the
     loaded models costs per backend and poll."""
 
     class WithoutPs(nexus.OllamaAdapter):
-        async def loaded_or_none(self, pool: object, backend: object) -> None:
-            return None
+        async def poll(self, pool: object, backend: object) -> dict:
+            url = backend.url + "/api/tags"  # type: ignore[attr-defined]
+            tags = await nexus.fetch_json(pool, "GET", url, self.headers(backend))
+            return await self.models(pool, backend, tags)
 
     pool = nexus.BackendPool(5.0)
     backend = nexus.Backend(name="ollama", url=f"http://{HOST}:{port}", type="ollama")

@@ -47,6 +47,8 @@ class FleetOllama(MockBackend):
         self.die_on_load = False
         self.loaded_at: dict[str, float] = {}  # when /api/generate finished loading a model
         self.chat_times: list[float] = []
+        self.peers: dict[str, list[Any]] = {}  # the client address of each /api/tags, /api/ps
+        self.close_after_tags = False  # a server (or a proxy before it) keeping no connection
 
     def build_app(self) -> web.Application:
         app = web.Application()
@@ -61,13 +63,18 @@ class FleetOllama(MockBackend):
     async def ollama_tags(self, request: web.Request) -> web.Response:
         if (down := self.unavailable()) is not None:
             return down
+        self.peers.setdefault("tags", []).append(request.transport.get_extra_info("peername"))
         models = [
             {"name": m, "model": m, "digest": f"sha-{m}", "size": size, "details": {}}
             for m, size in self.sizes.items()
         ]
-        return web.json_response({"models": models})
+        answer = web.json_response({"models": models})
+        if self.close_after_tags:
+            answer.force_close()
+        return answer
 
     async def ps(self, request: web.Request) -> web.Response:
+        self.peers.setdefault("ps", []).append(request.transport.get_extra_info("peername"))
         if self.ps_answer == "missing":
             return web.json_response({"error": "404 page not found"}, status=404)
         if self.ps_answer == "garbage":
@@ -704,6 +711,28 @@ async def test_the_health_poll_reads_api_ps(stop_later, nexus_factory):
     assert nx.backend("gpu").models[MODEL].size == 4 * GIB  # from /api/tags
     gpu.loaded.clear()  # Ollama let it expire
     await until(lambda: nx.backend("gpu").loaded == {})
+
+
+async def test_api_ps_is_read_on_the_poll_s_own_connection(stop_later, nexus_factory):
+    """/api/ps follows /api/tags on the same connection: knowing what is loaded costs a poll
+    no connection of its own."""
+    (gpu,) = await start_fleet(stop_later, FleetOllama("gpu", loaded=(MODEL,)))
+    nx = await nexus_factory(backends_toml(gpu) + "[health_check]\ninterval_seconds = 0.1\n")
+    await until(lambda: len(gpu.peers.get("ps", ())) >= 3)
+    tags, ps = gpu.peers["tags"], gpu.peers["ps"]
+    assert tags[: len(ps)] == ps[: len(tags)]  # each poll's two reads came from one address
+    assert len(set(ps)) == len(ps)  # and each poll opened a connection of its own
+    assert nx.backend("gpu").loaded == {MODEL: 4 * GIB}
+
+
+async def test_api_ps_is_read_from_a_server_that_keeps_no_connection(stop_later, nexus_factory):
+    (gpu,) = await start_fleet(stop_later, FleetOllama("gpu", loaded=(MODEL,)))
+    gpu.close_after_tags = True
+    nx = await nexus_factory(backends_toml(gpu) + "[health_check]\ninterval_seconds = 0.1\n")
+    assert nx.backend("gpu").loaded == {MODEL: 4 * GIB}
+    gpu.loaded.clear()
+    await until(lambda: nx.backend("gpu").loaded == {})
+    assert nx.backend("gpu").status == "healthy"
 
 
 # --- who may call it ---------------------------------------------------------------------------
