@@ -3670,6 +3670,7 @@ class BackendConnection(asyncio.Protocol):
         "left",
         "origin",
         "paused",
+        "pipelined",
         "pool",
         "rest",
         "state",
@@ -3703,6 +3704,7 @@ class BackendConnection(asyncio.Protocol):
         self.drain = False  # released before its answer's last bytes: back to the pool with them
         self.drain_timer: asyncio.TimerHandle | None = None  # closes it if they never come
         self.whole = False  # set by a reader that saw its answer's last event
+        self.pipelined = False  # a second request was sent with the first: its answer follows
         self.closed = False
         self.idle_since = 0.0
 
@@ -3798,6 +3800,8 @@ class BackendConnection(asyncio.Protocol):
                     break
                 self.read_head(data[pos:head_end])
                 pos = head_end + 4
+            elif self.pipelined:  # done: the next answer's first bytes, kept for it
+                break
             else:  # idle or done: bytes nobody asked for; the answer had, if any, is whole
                 self.keep_alive = False
                 self.transport.abort()  # type: ignore[union-attr]
@@ -3927,6 +3931,17 @@ class BackendConnection(asyncio.Protocol):
         except BaseException:  # cancelled or timed out too: the answer is not for anyone now
             self.close()
             raise
+
+    async def follow(self) -> None:
+        """Wait for the head of the answer to the request sent after the last (pipelined)."""
+        self.pipelined = False
+        self.state, self.status, self.error, self.whole = "head", 0, None, False
+        if self.rest:  # some of it came with the last answer
+            self.data_received(b"")
+        while not self.status:
+            if self.error is not None:
+                raise self.error
+            await self.wait()
 
     @property
     def complete(self) -> bool:
@@ -4160,8 +4175,9 @@ class BackendPool:
         second is None when it fails or takes longer than `grace`: never the first's failure."""
         origin, data = encode_request("GET", url, headers, b"", True)
         conn = await self.connect(origin)
+        conn.pipelined = True
         try:
-            await conn.send(data)
+            await conn.send(data + encode_request("GET", then, headers, b"", False)[1])
             first = conn.status, await conn.read(limit)
         finally:
             reusable = conn.complete and conn.keep_alive and not conn.closed
@@ -4175,7 +4191,7 @@ class BackendPool:
                 return first, None
         timer = self.loop.call_later(grace, conn.close)
         try:
-            await conn.send(encode_request("GET", then, headers, b"", False)[1])
+            await conn.follow()
             return first, (conn.status, await conn.read(limit))
         except (OSError, BackendHTTPError):
             return first, None

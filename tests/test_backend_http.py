@@ -618,6 +618,88 @@ async def test_an_ollama_poll_that_fails_stops_its_other_shows(pool, raw_server)
     assert len(hanging) == 2 and len(ended) == 2, "the other shows were stopped with the poll"
 
 
+def answer(body: bytes, *headers: bytes) -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n%s\r\n%s" % (
+        len(body),
+        b"".join(h + b"\r\n" for h in headers),
+        body,
+    )
+
+
+async def test_fetch_then_sends_both_requests_at_once_on_one_connection(pool, raw_server) -> None:
+    """The second request goes with the first (pipelined); both answers may come in one
+    segment, and neither spills into the other."""
+    connections: list[list[bytes]] = []
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        heads = [(await read_request(reader))[0], (await read_request(reader))[0]]
+        connections.append([h.split(b"\r\n")[0] for h in heads])
+        writer.write(answer(b'{"first": 1}') + answer(b'{"second": 2}'))  # one write
+        await writer.drain()
+        await reader.read()
+
+    url = await raw_server(script)
+    both = pool.fetch_then(url + "/api/tags", url + "/api/ps", {}, 1 << 20, 2.0)
+    first, second = await asyncio.wait_for(both, 5)
+    assert first == (200, b'{"first": 1}') and second == (200, b'{"second": 2}')
+    assert connections == [[b"GET /api/tags HTTP/1.1", b"GET /api/ps HTTP/1.1"]]
+
+
+async def test_fetch_then_second_answer_arriving_in_pieces(pool, raw_server) -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        await read_request(reader)
+        data = answer(b"[1]") + answer(b'{"models": []}')
+        cut = len(answer(b"[1]")) + 7  # the second head cut in the middle of its status line
+        for piece in (data[:cut], data[cut:-3], data[-3:]):
+            writer.write(piece)
+            await writer.drain()
+            await asyncio.sleep(0.05)
+        await reader.read()
+
+    url = await raw_server(script)
+    both = pool.fetch_then(url + "/a", url + "/b", {}, 1 << 20, 2.0)
+    first, second = await asyncio.wait_for(both, 5)
+    assert first == (200, b"[1]") and second == (200, b'{"models": []}')
+
+
+@pytest.mark.parametrize("tail", [b"", b"garbage\r\n\r\n"])
+async def test_fetch_then_second_answer_late_or_broken(pool, raw_server, tail: bytes) -> None:
+    """The second answer slower than its grace, or not HTTP, is None; the first stands."""
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        await read_request(reader)
+        writer.write(answer(b"[1]") + tail)
+        await writer.drain()
+        await reader.read()  # never answers the second (or answered garbage)
+
+    url = await raw_server(script)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    first, second = await pool.fetch_then(url + "/a", url + "/b", {}, 1 << 20, 0.3)
+    assert first == (200, b"[1]") and second is None
+    assert loop.time() - started < 2.0
+
+
+async def test_fetch_then_asks_again_when_the_first_answer_closes(pool, raw_server) -> None:
+    """A server (or a proxy before it) that keeps no connection: the second request is asked
+    again on a connection of its own."""
+    paths: list[bytes] = []
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head, _ = await read_request(reader)
+        paths.append(head.split(b" ")[1])
+        body = b"[%d]" % len(paths)
+        writer.write(answer(body, b"Connection: close"))
+        await writer.drain()
+
+    url = await raw_server(script)
+    first, second = await pool.fetch_then(url + "/a", url + "/b", {}, 1 << 20, 2.0)
+    assert first == (200, b"[1]") and second == (200, b"[2]")
+    assert paths == [b"/a", b"/b"]
+
+
 async def test_a_request_asks_for_no_compression(pool, raw_server) -> None:
     heads: list[bytes] = []
 
