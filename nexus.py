@@ -2816,7 +2816,7 @@ def authenticate(keys: list[ApiKey], path: str, headers: Any) -> ApiKey | None:
         )
     given = key_digest(presented)
     found = None
-    for key in keys:  # in constant time: every key is compared, whichever matches
+    for key in keys:  # constant time: every key compared (equal-length digests), whichever matches
         if hmac.compare_digest(given, key.digest):
             found = key
     if found is None:
@@ -3199,13 +3199,11 @@ def model_not_found(
     if key is not None:
         available = [m for m in available if key.may_use(m, settings.routing.aliases)]
     listed = ", ".join(available[:50]) if available else "none (no backend is serving a model)"
-    return NexusError.of(
-        404,
-        "model_not_found",
+    message = (
         f"The model '{model}' does not exist or is not served by any backend. "
-        f"Available models: {listed}",
-        param="model",
+        f"Available models: {listed}"
     )
+    return NexusError.of(404, "model_not_found", message, param="model")
 
 
 def context_length_exceeded(prompt: int, largest: int, how: str, param: str | None) -> NexusError:
@@ -3396,11 +3394,8 @@ def route(needs: RequestNeeds, registry: Registry, settings: Settings) -> RouteD
         if too_long is not None:
             raise too_long
         if "budget" in rules.excluded and budget is not None:
-            raise budget_exceeded(
-                needs,
-                budget.hard_limit_action,
-                "cloud backends are off and no local backend can serve it now",
-            )
+            why = "cloud backends are off and no local backend can serve it now"
+            raise budget_exceeded(needs, budget.hard_limit_action, why)
         raise no_capacity(needs, model_id, registry, rules, chain)
     return decision
 
