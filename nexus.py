@@ -2708,10 +2708,9 @@ class Ledger:
 
 # ==============================================================================================
 # Auth
-# Owns: API keys ([auth] api_keys, each read from its variable once, at start), who may call
-# what (model allow-lists; the operations views and the admin API, which need an admin key),
-# the token buckets behind rpm and tpm limits (per key, and per backend), and each key's usage
-# and monthly spend.
+# Owns: API keys (each read from its variable once, at start), who may call what (model
+# allow-lists; admin keys for the operations views and admin API), the rpm and tpm buckets of
+# keys and backends, and each key's usage and monthly spend.
 # Must not: let a key leave this section. Only a SHA-256 digest of each is kept; logs, errors,
 # stats and pages name a key by its name, never show it.
 # ==============================================================================================
@@ -2728,14 +2727,10 @@ def retry_after_header(wait: float) -> str:
 
 
 def rate_limited(what: str, wait: float) -> NexusError:
-    """The 429 for a key over its rpm or tpm, with an honest Retry-After."""
+    """The 429 for a key or backend over its rpm or tpm, with an honest Retry-After."""
     retry = retry_after_header(wait)
-    return NexusError.of(
-        429,
-        "rate_limit_exceeded",
-        f"Rate limit reached for {what}. Try again in {retry} s.",
-        headers={"Retry-After": retry},
-    )
+    message = f"Rate limit reached for {what}. Try again in {retry} s."
+    return NexusError.of(429, "rate_limit_exceeded", message, headers={"Retry-After": retry})
 
 
 @dataclass(slots=True, eq=False)
@@ -2758,8 +2753,7 @@ class ApiKey:
     month: str = ""
 
     def roll_month(self, month: str) -> float:
-        """Begin `month` (from 0 when it is a new one) and return the key's spend in it: UTC
-        calendar months, like the global budget."""
+        """Begin `month` (a UTC month, like the budget's) from 0 if it is new; its spend so far."""
         if month != self.month:
             self.month, self.spent_usd = month, 0.0
         return self.spent_usd
@@ -2779,39 +2773,13 @@ class ApiKey:
 def api_keys(auth: AuthSettings) -> list[ApiKey]:
     """The ApiKey of each configured key, with its rpm and tpm buckets full."""
     now = time.monotonic()
-    return [
-        ApiKey(
-            name=k.name,
-            digest=k.digest,
-            models=list(k.models),
-            admin=k.admin,
-            rpm=k.rpm,
-            tpm=k.tpm,
-            monthly_limit_usd=k.monthly_limit_usd,
-            requests_bucket=TokenBucket(k.rpm, now) if k.rpm else None,
-            tokens_bucket=TokenBucket(k.tpm, now) if k.tpm else None,
-        )
-        for k in auth.api_keys
-    ]
-
-
-def presented_key(headers: Any) -> str | None:
-    """The key a client sent: `Authorization: Bearer` (OpenAI) or `x-api-key` (Anthropic)."""
-    scheme, _, token = headers.get("Authorization", "").strip().partition(" ")
-    if scheme.lower() == "bearer" and token.strip():
-        return token.strip()
-    return headers.get("x-api-key", "").strip() or None
-
-
-def find_key(keys: list[ApiKey], presented: str) -> ApiKey | None:
-    """The configured key equal to `presented`, compared in constant time: every key is
-    compared, digests of equal length, whichever matches."""
-    given = key_digest(presented)
-    found = None
-    for key in keys:
-        if hmac.compare_digest(given, key.digest):
-            found = key
-    return found
+    keys = []
+    for k in auth.api_keys:
+        key = ApiKey(k.name, k.digest, list(k.models), k.admin, k.rpm, k.tpm, k.monthly_limit_usd)
+        key.requests_bucket = TokenBucket(k.rpm, now) if k.rpm else None
+        key.tokens_bucket = TokenBucket(k.tpm, now) if k.tpm else None
+        keys.append(key)
+    return keys
 
 
 def needs_key(path: str) -> bool:
@@ -2821,28 +2789,16 @@ def needs_key(path: str) -> bool:
     return path.startswith("/v1/") or path == "/metrics"
 
 
-def needs_admin(path: str) -> bool:
-    """Whether a path needs an admin key (the operations views and admin API)."""
-    return path in ADMIN_PATHS or path.startswith("/v1/backends/")
-
-
 def admin_forbidden(key: ApiKey) -> NexusError:
     """The 403 for a key without admin = true on an admin path."""
-    return NexusError.of(
-        403,
-        "admin_forbidden",
-        f"The key '{key.name}' may not use this; it needs a key with admin = true.",
-    )
+    message = f"The key '{key.name}' may not use this; it needs a key with admin = true."
+    return NexusError.of(403, "admin_forbidden", message)
 
 
 def unauthorized(message: str) -> NexusError:
     """The 401 for a missing or unknown key, asking for a Bearer token."""
-    return NexusError.of(
-        401,
-        "invalid_api_key",
-        message,
-        headers={"WWW-Authenticate": 'Bearer realm="nexus"'},
-    )
+    headers = {"WWW-Authenticate": 'Bearer realm="nexus"'}
+    return NexusError.of(401, "invalid_api_key", message, headers=headers)
 
 
 def authenticate(keys: list[ApiKey], path: str, headers: Any) -> ApiKey | None:
@@ -2850,57 +2806,24 @@ def authenticate(keys: list[ApiKey], path: str, headers: Any) -> ApiKey | None:
     missing or wrong, 403 when the path needs an admin key and it is not one."""
     if not keys or not needs_key(path):
         return None
-    presented = presented_key(headers)
-    if presented is None:
+    # OpenAI clients send `Authorization: Bearer`, Anthropic's `x-api-key`.
+    scheme, _, token = headers.get("Authorization", "").strip().partition(" ")
+    presented = token.strip() if scheme.lower() == "bearer" else ""
+    presented = presented or headers.get("x-api-key", "").strip()
+    if not presented:
         raise unauthorized(
             "No API key provided. Send it as 'Authorization: Bearer <key>' (or 'x-api-key: <key>')."
         )
-    key = find_key(keys, presented)
-    if key is None:
+    given = key_digest(presented)
+    found = None
+    for key in keys:  # constant time: every key compared (equal-length digests), whichever matches
+        if hmac.compare_digest(given, key.digest):
+            found = key
+    if found is None:
         raise unauthorized("The API key provided is not valid.")
-    if not key.admin and needs_admin(path):
-        raise admin_forbidden(key)
-    return key
-
-
-def admit(key: ApiKey, needs: RequestNeeds, now: float) -> int:
-    """Check a key's rpm and tpm for a request and take from its buckets; 429 when over.
-
-    Returns the tokens charged up front (the prompt estimate), which `settle` later replaces
-    with the real usage. Nothing is taken unless every limit lets the request through."""
-    charged = needs.prompt_tokens if key.tokens_bucket is not None else 0
-    if key.requests_bucket is not None:
-        wait = key.requests_bucket.wait(1, now)
-        if wait:
-            key.rate_limited += 1
-            raise rate_limited(f"key '{key.name}': {key.rpm} requests per minute", wait)
-    if key.tokens_bucket is not None:
-        wait = key.tokens_bucket.wait(charged, now)
-        if wait:
-            key.rate_limited += 1
-            raise rate_limited(f"key '{key.name}': {key.tpm} tokens per minute", wait)
-    if key.requests_bucket is not None:
-        key.requests_bucket.take(1, now)
-    if key.tokens_bucket is not None:
-        key.tokens_bucket.take(charged, now)
-    return charged
-
-
-def settle(key: ApiKey, record: RequestRecord, status: int, charged: int, now: float) -> None:
-    """After a request: count it for its key and correct the tpm charge with real usage (an
-    unanswered request costs nothing; an answer without usage keeps the estimate)."""
-    key.requests += 1
-    if record.cost_usd:
-        key.roll_month(month_of(dt.datetime.now(dt.UTC)))
-        key.spent_usd += record.cost_usd
-    used = (record.prompt_tokens or 0) + (record.completion_tokens or 0)
-    key.tokens += used
-    if key.tokens_bucket is not None:
-        if status >= 400 or record.backend is None:
-            used = 0
-        elif record.prompt_tokens is None and record.completion_tokens is None:
-            used = charged
-        key.tokens_bucket.adjust(used - charged, now)
+    if not found.admin and (path in ADMIN_PATHS or path.startswith("/v1/backends/")):
+        raise admin_forbidden(found)
+    return found
 
 
 def backend_turn(backend: Backend, now: float) -> NexusError | None:
@@ -2916,8 +2839,8 @@ def backend_turn(backend: Backend, now: float) -> NexusError | None:
     return None
 
 
-# The steps above as the app takes them: the middleware authenticates, the proxy admits and
-# filters the route, the middleware settles when the answer is out.
+# The steps as the app takes them: the middleware authenticates, the proxy admits and filters
+# the route, the middleware settles when the answer is out.
 
 
 def authenticate_request(request: web.Request) -> None:
@@ -2926,21 +2849,10 @@ def authenticate_request(request: web.Request) -> None:
     try:
         key = authenticate(request.app[KEYS], request.path, request.headers)
     except NexusError as error:
-        log.warning(
-            "request %s to %s from %s refused: %s",
-            request[REQUEST_ID],
-            request.path,
-            request.remote,
-            error.message,
-            extra={
-                "fields": {
-                    "request_id": request[REQUEST_ID],
-                    "path": request.path,
-                    "remote": request.remote,
-                    "status": error.status,
-                }
-            },
-        )
+        rid, path, remote = request[REQUEST_ID], request.path, request.remote
+        fields = {"request_id": rid, "path": path, "remote": remote, "status": error.status}
+        message = f"request {rid} to {path} from {remote} refused: {error.message}"
+        log.warning("%s", message, extra={"fields": fields})
         raise
     if key is not None:
         request[API_KEY] = key
@@ -2956,41 +2868,40 @@ def check_model(request: web.Request, model: str) -> None:
     key = request.get(API_KEY)
     if key is None or not key.models:
         return
-    settings = request.app[SETTINGS]
-    registry = request.app[REGISTRY]
-    if not key.may_use(model, settings.routing.aliases) or not model_known(
-        model, registry, settings
-    ):
+    settings, registry = request.app[SETTINGS], request.app[REGISTRY]
+    allowed = key.may_use(model, settings.routing.aliases)
+    if not allowed or not model_known(model, registry, settings):
         raise model_not_found(model, registry, settings, key)
 
 
 def admit_request(request: web.Request, needs: RequestNeeds) -> None:
-    """Before routing: the key's model allow-list, then its rpm and tpm."""
+    """Before routing: the key's model allow-list, then its rpm and tpm (429 when over); nothing
+    is taken from its buckets unless every limit lets the request through."""
     key = request.get(API_KEY)
     if key is None:
         return
     check_model(request, needs.model)
-    request[TOKENS_CHARGED] = admit(key, needs, time.monotonic())
-
-
-def key_budget_spent(key: ApiKey, needs: RequestNeeds) -> NexusError:
-    """The 429 for a key over its monthly limit when no local backend can serve it."""
-    return NexusError.of(
-        429,
-        "key_budget_exceeded",
-        f"Key '{key.name}' has spent its monthly limit of {key.monthly_limit_usd:g} USD, so cloud "
-        f"backends are off for it and no local backend can serve model '{needs.model}' now; "
-        "the limit starts again on the 1st of next month (UTC).",
-        headers={"Retry-After": str(seconds_to_next_month())},
-    )
+    now = time.monotonic()
+    # The prompt estimate is charged up front; settle_request() puts the real usage in its place.
+    charged = needs.prompt_tokens if key.tokens_bucket is not None else 0
+    if key.requests_bucket is not None and (wait := key.requests_bucket.wait(1, now)):
+        key.rate_limited += 1
+        raise rate_limited(f"key '{key.name}': {key.rpm} requests per minute", wait)
+    if key.tokens_bucket is not None and (wait := key.tokens_bucket.wait(charged, now)):
+        key.rate_limited += 1
+        raise rate_limited(f"key '{key.name}': {key.tpm} tokens per minute", wait)
+    if key.requests_bucket is not None:
+        key.requests_bucket.take(1, now)
+    if key.tokens_bucket is not None:
+        key.tokens_bucket.take(charged, now)
+    request[TOKENS_CHARGED] = charged
 
 
 def allowed_attempts(
     request: web.Request, decision: RouteDecision, needs: RequestNeeds
 ) -> RouteDecision:
     """The route without the fallback models the caller's key may not use and, once the key
-    has spent its monthly limit, without cloud backends (like the global budget's shift_local:
-    local backends still serve it; what only the cloud serves is a 429 until next month)."""
+    has spent its monthly limit, without cloud backends (like the budget's shift_local)."""
     key = request.get(API_KEY)
     if key is None:
         return decision
@@ -3002,18 +2913,40 @@ def allowed_attempts(
         raise no_capacity(needs, decision.model, request.app[REGISTRY])
     if key.over_budget(month_of(dt.datetime.now(dt.UTC))):
         attempts = [a for a in attempts if not a.backend.is_cloud]
-        if not attempts:
-            raise key_budget_spent(key, needs)
+    if not attempts:
+        raise NexusError.of(
+            429,
+            "key_budget_exceeded",
+            f"Key '{key.name}' has spent its monthly limit of {key.monthly_limit_usd:g} USD, so "
+            f"cloud backends are off for it and no local backend can serve model '{needs.model}' "
+            "now; the limit starts again on the 1st of next month (UTC).",
+            headers={"Retry-After": str(seconds_to_next_month())},
+        )
     decision.attempts = attempts
     return decision
 
 
 def settle_request(request: web.Request, record: RequestRecord, status: int) -> None:
-    """Once answered: the request counts for its key (by name in stats, logs and metrics)."""
+    """Once answered: the request counts for its key (by name in stats, logs and metrics) and
+    real usage corrects its tpm charge (an unanswered request costs nothing; an answer without
+    usage keeps the estimate)."""
     key = request.get(API_KEY)
-    if key is not None:
-        record.key = key.name
-        settle(key, record, status, request.get(TOKENS_CHARGED, 0), time.monotonic())
+    if key is None:
+        return
+    record.key = key.name
+    key.requests += 1
+    if record.cost_usd:
+        key.roll_month(month_of(dt.datetime.now(dt.UTC)))
+        key.spent_usd += record.cost_usd
+    used = (record.prompt_tokens or 0) + (record.completion_tokens or 0)
+    key.tokens += used
+    if key.tokens_bucket is not None:
+        charged = request.get(TOKENS_CHARGED, 0)
+        if status >= 400 or record.backend is None:
+            used = 0
+        elif record.prompt_tokens is None and record.completion_tokens is None:
+            used = charged
+        key.tokens_bucket.adjust(used - charged, time.monotonic())
 
 
 def may_see_model(request: web.Request, model: str) -> bool:
@@ -3028,6 +2961,19 @@ def may_see_model(request: web.Request, model: str) -> bool:
 # over the registry and settings: no awaits, no I/O, easy to property-test.
 # Must not: know any backend type's quirks.
 # ==============================================================================================
+
+ROUND_ROBIN = itertools.count()
+# The reasons session affinity may replace: a failover or a privacy rule says more.
+AFFINITY_REASONS = ("capability-match", "capacity-overflow")
+SESSIONS_MAX = 10_000  # sessions remembered; beyond that the least recently served go first
+SESSION_IDLE_SECONDS = 3600.0  # a session not served for an hour is forgotten
+LATENCY_SCALE_MS = 10_000.0  # observed latency counts in full from 10 s up
+CAPABILITIES = ("vision", "tools", "json_mode")  # what a request may need and a model lack
+# What a 503 calls each failed need, how many backends its message names (the rest are
+# counted) and how many its error.context lists.
+NEED_WORDS = {"vision": "vision", "tools": "tools", "json_mode": "JSON mode", "context": "context"}
+MAX_NAMED_BACKENDS = 8
+MAX_LISTED_SHORTFALLS = 100
 
 
 @dataclass(slots=True)
@@ -3044,23 +2990,12 @@ class Attempt:
 
 @dataclass(slots=True)
 class RouteDecision:
-    """The plan for a request: the attempts in order, and why the first was chosen.
-
-    `all_full` says every candidate of the first servable model is at `max_concurrent`: the
-    request should wait in the queue rather than push a backend past its limit.
-    """
+    """The plan for a request: the attempts in order, and why the first was chosen."""
 
     model: str
     attempts: list[Attempt]
     reason: str = "capability-match"
-    all_full: bool = False
-
-
-ROUND_ROBIN = itertools.count()
-# The reasons session affinity may replace: a failover or a privacy rule says more.
-AFFINITY_REASONS = ("capability-match", "capacity-overflow")
-SESSIONS_MAX = 10_000  # sessions remembered; beyond that the least recently served go first
-SESSION_IDLE_SECONDS = 3600.0  # a session not served for an hour is forgotten
+    all_full: bool = False  # the first servable model's candidates are all full: wait in queue
 
 
 class SessionTable:
@@ -3070,7 +3005,6 @@ class SessionTable:
     __slots__ = ("entries", "hits", "moves", "new")
 
     def __init__(self) -> None:
-        """An empty table with its counters at 0."""
         self.entries: collections.OrderedDict[int, tuple[str, float]] = collections.OrderedDict()
         self.hits = 0  # turns served by the backend of the session's last turn
         self.moves = 0  # turns of a known session served elsewhere
@@ -3097,28 +3031,16 @@ class SessionTable:
         if len(entries) > SESSIONS_MAX:  # idle ones go when counted: backend_of ignores them
             entries.popitem(last=False)
 
-    def expire(self, now: float) -> None:
-        """Drop sessions idle too long, and the oldest beyond SESSIONS_MAX."""
-        entries = self.entries
-        while entries and (
-            len(entries) > SESSIONS_MAX
-            or now - next(iter(entries.values()))[1] > SESSION_IDLE_SECONDS
-        ):
-            entries.popitem(last=False)
-
     def tracked(self, now: float) -> int:
-        """How many sessions are remembered now."""
-        self.expire(now)
-        return len(self.entries)
+        """How many sessions are remembered, once those idle too long are dropped."""
+        entries = self.entries
+        while entries and now - next(iter(entries.values()))[1] > SESSION_IDLE_SECONDS:
+            entries.popitem(last=False)
+        return len(entries)
 
     def snapshot(self, now: float) -> dict[str, int]:
         """The session counts for /v1/stats."""
-        return {
-            "tracked": self.tracked(now),
-            "hits": self.hits,
-            "moves": self.moves,
-            "new": self.new,
-        }
+        return dict(tracked=self.tracked(now), hits=self.hits, moves=self.moves, new=self.new)
 
 
 def meets_needs(model: Model, needs: RequestNeeds) -> bool:
@@ -3140,22 +3062,16 @@ def fits_entirely(model: Model, needs: RequestNeeds) -> bool:
     return needs.prompt_tokens + needs.max_tokens <= model.context_length
 
 
-LATENCY_SCALE_MS = 10_000.0  # observed latency counts in full from 10 s up
-
-
 def scorer(weights: dict[str, float]) -> Callable[[Backend], float]:
-    """The smart strategy's score for these weights; lower is better: priority, load against
-    capacity, and observed speed, weighted.
-
-    Speed is the mean of the latency and time-to-first-token EMAs that are known; a backend
-    never measured counts as fast, so new backends get traffic and a measurement. The weights
-    are read once here, not per backend: this runs for every candidate of every request."""
+    """The smart strategy's score for these weights, lower is better: priority, load against
+    capacity, and speed (the mean of the latency and time-to-first-token EMAs that are known;
+    a backend never measured counts as fast, so new backends get traffic and a measurement)."""
+    # The weights are read once here, not per backend: this runs for every candidate.
     per_priority = weights.get("priority", 0.0) / 100.0
     per_load = weights.get("load", 0.0)
     per_ms = weights.get("latency", 0.0) / LATENCY_SCALE_MS
 
     def score(backend: Backend) -> float:
-        """A backend's score: priority, load and latency, weighted."""
         load = backend.in_flight / (backend.max_concurrent or 10)
         latency = backend.latency_ema_ms
         ttft = backend.ttft_ema_ms
@@ -3188,10 +3104,8 @@ def order_candidates(backends: list[Backend], strategy: str, weights: dict[str, 
 
 
 def keep_session(ranked: list[Backend], name: str) -> None:
-    """Move the backend that served the session's last turn to the front (SPEC §3.7). The
-    orders applied after this one (warm before cold, draining last, fit, zone, cloud last,
-    tier) keep the order they find among equals, so it never goes before a backend that a rule
-    puts first; at capacity, route() puts it after the free ones."""
+    """Move the backend of the session's last turn to the front (SPEC §3.7); the orders after
+    this one are stable, so it goes first only among the equals of every later rule."""
     for i, backend in enumerate(ranked):
         if backend.name == name:
             if i:
@@ -3223,18 +3137,10 @@ def warm_first(backends: list[Backend], model_id: str) -> None:
 
 
 def candidates_for(
-    model_id: str,
-    needs: RequestNeeds,
-    registry: Registry,
-    settings: Settings,
-    rules: RouteRules | None = None,
+    model_id: str, needs: RequestNeeds, registry: Registry, settings: Settings, rules: RouteRules
 ) -> list[Backend]:
-    """Healthy backends serving the model that meet the request's requirements and pass its
-    policy, best first by strategy (warm before cold), with those where max_tokens fits
-    entirely ahead of those that would clamp it. Restricted backends come first for a
-    local-first request (overflow) and local ones first at the budget's soft limit. A backend
-    the lifecycle API is loading the model on is left out; one a migration drains goes last.
-    The backend of the session's last turn goes first among its equals under those rules."""
+    """Healthy backends serving the model that meet the request's needs and pass its policy,
+    best first; none the lifecycle API is loading the model on."""
     found = [
         backend
         for backend in registry.by_model.get(model_id, ())
@@ -3242,24 +3148,27 @@ def candidates_for(
     ]
     if registry.moving:
         found = [backend for backend in found if model_id not in backend.loading]
-    if rules is not None and rules.refuses_any():
+    if rules.refuses_any():
         found = [backend for backend in found if rules.allows(backend)]
+    if len(found) < 2:
+        return found
     order_candidates(found, settings.routing.strategy, settings.routing.weights)
-    if needs.last_backend is not None and len(found) > 1:
+    # Stable sorts, each a rule over the ones before: the session's backend, warm before cold,
+    # draining last, max_tokens fitting entirely, local before cloud at the budget's soft
+    # limit, restricted before open for a local-first request, best tier for a lowered one.
+    if needs.last_backend is not None:
         keep_session(found, needs.last_backend)
-    if len(found) > 1:
-        warm_first(found, model_id)
-    if registry.moving and len(found) > 1:
+    warm_first(found, model_id)
+    if registry.moving:
         found.sort(key=lambda b: model_id in b.draining)
-    if needs.max_tokens is not None and len(found) > 1:
+    if needs.max_tokens is not None:
         found.sort(key=lambda b: not fits_entirely(b.models[model_id], needs))
-    if rules is not None and len(found) > 1:
-        if rules.cloud_last:
-            found.sort(key=lambda b: b.is_cloud)
-        if rules.overflow is not None:
-            found.sort(key=lambda b: b.zone != "restricted")
-        if rules.lowered_tier:
-            found.sort(key=lambda b: -b.tier)  # lowered for a flexible request: best tier first
+    if rules.cloud_last:
+        found.sort(key=lambda b: b.is_cloud)
+    if rules.overflow is not None:
+        found.sort(key=lambda b: b.zone != "restricted")
+    if rules.lowered_tier:
+        found.sort(key=lambda b: -b.tier)
     return found
 
 
@@ -3290,13 +3199,11 @@ def model_not_found(
     if key is not None:
         available = [m for m in available if key.may_use(m, settings.routing.aliases)]
     listed = ", ".join(available[:50]) if available else "none (no backend is serving a model)"
-    return NexusError.of(
-        404,
-        "model_not_found",
+    message = (
         f"The model '{model}' does not exist or is not served by any backend. "
-        f"Available models: {listed}",
-        param="model",
+        f"Available models: {listed}"
     )
+    return NexusError.of(404, "model_not_found", message, param="model")
 
 
 def context_length_exceeded(prompt: int, largest: int, how: str, param: str | None) -> NexusError:
@@ -3314,9 +3221,8 @@ def context_length_exceeded(prompt: int, largest: int, how: str, param: str | No
 def context_exceeded(
     needs: RequestNeeds, chain: list[str], registry: Registry
 ) -> NexusError | None:
-    """The 400 for a prompt that no backend of the model or its fallbacks could hold, healthy
-    or not (waiting cannot make it fit; a lowered max_tokens was already counted on), or None
-    when one could or does not report its context."""
+    """The 400 for a prompt no backend of the model or its fallbacks could hold, healthy or
+    not (waiting cannot make it fit), or None when one could or does not report its context."""
     largest = 0
     for model_id in chain:
         for backend in registry.by_model.get(model_id, ()):
@@ -3326,41 +3232,23 @@ def context_exceeded(
             largest = max(largest, context)
     if not largest:
         return None
-    return context_length_exceeded(
-        needs.prompt_tokens,
-        largest,
+    how = (
         f"{needs.prompt_tokens} in the prompt, before any answer; no backend serving "
-        f"'{needs.model}' or its fallbacks has a larger context",
-        needs.prompt_param,
+        f"'{needs.model}' or its fallbacks has a larger context"
     )
-
-
-MAX_LISTED_SHORTFALLS = 100
-
-
-def unmet_needs(model: Model, needs: RequestNeeds) -> list[str]:
-    """The request's needs a backend's model fails, by name: meets_needs() spelt out, for
-    errors only (meets_needs stays allocation-free on the hot path)."""
-    failed = []
-    if needs.vision and model.vision is False:
-        failed.append("vision")
-    if needs.tools and model.tools is False:
-        failed.append("tools")
-    if needs.json_mode and model.json_mode is False:
-        failed.append("json_mode")
-    if model.context_length and needs.prompt_tokens >= model.context_length:
-        failed.append("context")
-    return failed
+    return context_length_exceeded(needs.prompt_tokens, largest, how, needs.prompt_param)
 
 
 def shortfalls(needs: RequestNeeds, chain: list[str], registry: Registry) -> list[dict[str, Any]]:
-    """Why each backend of the model and its fallbacks is no candidate now: the needs its
-    model fails, and "down" or "busy"."""
+    """Why each backend of the model and its fallbacks is no candidate now: the needs its model
+    fails (meets_needs() spelt out, which stays allocation-free), "down", "busy" or "loading"."""
     found = []
     for model_id in chain:
         for backend in registry.by_model.get(model_id, ()):
             model = backend.models[model_id]
-            failed = unmet_needs(model, needs)
+            failed = [n for n in CAPABILITIES if getattr(needs, n) and getattr(model, n) is False]
+            if model.context_length and needs.prompt_tokens >= model.context_length:
+                failed.append("context")
             if backend.status != "healthy":
                 failed.append("down")
             elif backend.at_capacity():
@@ -3375,22 +3263,14 @@ def shortfalls(needs: RequestNeeds, chain: list[str], registry: Registry) -> lis
     return found
 
 
-# What a 503 calls each failed need, and how many backends its message names (the rest are
-# counted; error.context lists up to MAX_LISTED_SHORTFALLS).
-NEED_WORDS = {"vision": "vision", "tools": "tools", "json_mode": "JSON mode", "context": "context"}
-MAX_NAMED_BACKENDS = 8
-
-
 def shortfall_words(entry: dict[str, Any]) -> str:
     """One backend's shortfall for a 503's message, e.g. "gpu2: no vision, down"."""
     words = []
     for failed in entry["failed"]:
         if failed == "context":
             words.append(f"a context of {entry['context_length']} tokens")
-        elif failed in NEED_WORDS:
-            words.append("no " + NEED_WORDS[failed])
         else:
-            words.append(failed)
+            words.append("no " + NEED_WORDS[failed] if failed in NEED_WORDS else failed)
     return f"{entry['backend']}: {', '.join(words)}"
 
 
@@ -3426,7 +3306,6 @@ def no_capacity(
     healthy = [b for b in serving if b.status == "healthy"]
     excluded = rules.excluded if rules is not None else set()
     required_tier = rules.min_tier if rules is not None and "tier" in excluded else None
-    zone = "restricted" if excluded & {"privacy", "overflow"} else None
     found = shortfalls(needs, chain or [model_id], registry)
     if "privacy" in excluded:
         why = "its policy is privacy = restricted and no restricted backend can serve it"
@@ -3455,20 +3334,16 @@ def no_capacity(
             "available_nodes": [b.name for b in registry.healthy()],
             "eta_seconds": None,
             "required_tier": required_tier,
-            "privacy_zone_required": zone,
+            "privacy_zone_required": "restricted" if excluded & {"privacy", "overflow"} else None,
             "backends": found[:MAX_LISTED_SHORTFALLS],
         },
     )
 
 
 def route(needs: RequestNeeds, registry: Registry, settings: Settings) -> RouteDecision:
-    """Plan the attempts for a request: the model's candidates, then its fallback chain, each
-    model's list cut to 1 + max_retries backends, free ones before those at capacity.
-
-    Raises NexusError 404 for a model no backend serves and no alias names, 400 for a prompt
-    no backend of the model or its fallbacks can hold, and 503 with an actionable context when
-    nothing can serve it now.
-    """
+    """Plan the attempts for a request: the model's candidates, then its fallbacks', each cut to
+    1 + max_retries backends, free ones first. 404 for a model nothing serves or names, 400 for
+    a prompt no backend can hold, 503 (saying why) when nothing can serve it now."""
     chain = model_chain(needs.model, settings.routing)
     model_id = chain[0]
     if not any(m in registry.by_model for m in chain):
@@ -3519,11 +3394,8 @@ def route(needs: RequestNeeds, registry: Registry, settings: Settings) -> RouteD
         if too_long is not None:
             raise too_long
         if "budget" in rules.excluded and budget is not None:
-            raise budget_exceeded(
-                needs,
-                budget.hard_limit_action,
-                "cloud backends are off and no local backend can serve it now",
-            )
+            why = "cloud backends are off and no local backend can serve it now"
+            raise budget_exceeded(needs, budget.hard_limit_action, why)
         raise no_capacity(needs, model_id, registry, rules, chain)
     return decision
 
@@ -5241,6 +5113,9 @@ class Operation:
         return view
 
 
+OperationWork = Callable[[Operation], Awaitable[None]]  # what an operation does, step by step
+
+
 def withhold(registry: Registry, backend: Backend, kind: str, model: str) -> None:
     """Tell routing the model is loading (`kind` "loading") or draining here."""
     current: frozenset[str] = getattr(backend, kind)
@@ -5267,7 +5142,6 @@ class Lifecycle:
     last OPERATIONS_KEPT, each a task of its own bounded by the lifecycle timeout."""
 
     def __init__(self, registry: Registry) -> None:
-        """No operations yet, over the registry whose backends they change."""
         self.registry = registry
         self.operations: dict[str, Operation] = {}  # oldest first
         self.running: dict[tuple[str, str], Operation] = {}  # by (model, backend name)
@@ -5285,9 +5159,7 @@ class Lifecycle:
                     context={"operation_id": busy.id},
                 )
 
-    def start(
-        self, op: Operation, work: Callable[[Operation], Awaitable[None]], timeout: float
-    ) -> None:
+    def start(self, op: Operation, work: OperationWork, timeout: float) -> None:
         """Record an operation as running and start its work in the background."""
         for name in op.backends():
             self.running[op.model, name] = op
@@ -5300,26 +5172,22 @@ class Lifecycle:
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def run(
-        self, op: Operation, work: Callable[[Operation], Awaitable[None]], timeout: float
-    ) -> None:
+    async def run(self, op: Operation, work: OperationWork, timeout: float) -> None:
         """Do an operation's work within its timeout, recording how it ended."""
         try:
             async with asyncio.timeout(timeout) as limit:
                 await work(op)
             op.status = "completed"
-        except TimeoutError as exc:
-            if limit.expired():
-                op.error = f"{op.step}: not done within {timeout:g} s (lifecycle.timeout_seconds)"
-            else:
-                op.error = f"{op.step}: {describe_failure(exc)}"
         except asyncio.CancelledError:
             op.error = f"{op.step}: Nexus stopped before it was done"
             raise
         except BackendReplyError as exc:  # the backend's own words
             op.error = f"{op.step}: {exc}"
         except Exception as exc:  # the backend's failure, told in the operation
-            op.error = f"{op.step}: {describe_failure(exc)}"
+            if isinstance(exc, TimeoutError) and limit.expired():
+                op.error = f"{op.step}: not done within {timeout:g} s (lifecycle.timeout_seconds)"
+            else:
+                op.error = f"{op.step}: {describe_failure(exc)}"
         finally:
             self.finish(op)
 
@@ -5335,25 +5203,11 @@ class Lifecycle:
             if self.running.get((op.model, name)) is op:
                 del self.running[op.model, name]
         took = op.finished - op.created
+        what = f"operation {op.id}: {op.kind} of {op.model}"
         if op.status == "completed":
-            log.info(
-                "operation %s: %s of %s completed in %.1f s",
-                op.id,
-                op.kind,
-                op.model,
-                took,
-                extra=op_fields(op),
-            )
+            log.info("%s completed in %.1f s", what, took, extra=op_fields(op))
         else:
-            log.warning(
-                "operation %s: %s of %s failed after %.1f s: %s",
-                op.id,
-                op.kind,
-                op.model,
-                took,
-                op.error,
-                extra=op_fields(op),
-            )
+            log.warning("%s failed after %.1f s: %s", what, took, op.error, extra=op_fields(op))
 
     async def stop(self) -> None:
         """Cancel every running operation: Nexus is stopping."""
@@ -5369,12 +5223,8 @@ def lifecycle_backend(registry: Registry, name: Any, param: str) -> Backend:
     backend = registry.backends.get(name)
     if backend is None:
         known = ", ".join(sorted(registry.backends)[:50]) or "none"
-        raise NexusError.of(
-            404,
-            "backend_not_found",
-            f"No backend {name!r}. Backends: {known}",
-            param=param,
-        )
+        message = f"No backend {name!r}. Backends: {known}"
+        raise NexusError.of(404, "backend_not_found", message, param=param)
     if not ADAPTERS[backend.type].manages_models(backend):
         raise NexusError.of(
             501,
@@ -5470,9 +5320,8 @@ async def unload_step(app: web.Application, op: Operation, backend: Backend) -> 
 
 
 async def drain_step(app: web.Application, op: Operation, source: Backend, target: Backend) -> None:
-    """Send new requests for the model to the source only after every other candidate, and
-    wait until it has none in flight. A target that goes down meanwhile ends the migration
-    with the source still serving."""
+    """Wait until the source has no request for the model in flight, sending it new ones only
+    after every other candidate; a target that goes down meanwhile ends the migration."""
     op.step = f"waiting for {source.name} to finish its requests"
     withhold(app[REGISTRY], source, "draining", op.model)
     op.held.append((source, "draining"))
@@ -5488,17 +5337,12 @@ def start_operation(
     model: str,
     target: Backend,
     source: Backend | None,
-    work: Callable[[Operation], Awaitable[None]],
+    work: OperationWork,
 ) -> Operation:
     """Begin an operation: a backend about to load the model stops being a candidate for it
     at once, before the task first runs."""
-    op = Operation(
-        id="op-" + os.urandom(8).hex(),
-        kind=kind,
-        model=model,
-        backend=target.name,
-        source=source.name if source is not None else None,
-    )
+    source_name = source.name if source is not None else None
+    op = Operation("op-" + os.urandom(8).hex(), kind, model, target.name, source_name)
     if kind != "unload" and not target.is_warm(model):
         withhold(app[REGISTRY], target, "loading", model)
         op.held.append((target, "loading"))
