@@ -2344,10 +2344,6 @@ class LedgerError(Exception):
     """nexus.db cannot be used: missing directory, unwritable, locked, not a database."""
 
 
-class LedgerReplaced(LedgerError):
-    """nexus.db was deleted or replaced by another file while Nexus was writing it."""
-
-
 class LedgerCorrupt(LedgerError):
     """nexus.db no longer holds a SQLite database (something wrote over it)."""
 
@@ -2421,18 +2417,20 @@ class LedgerFile:
             key: [float(usd), int(requests), int(tokens)] for key, usd, requests, tokens in found
         }
 
-    def check(self) -> None:
-        """Raise when the file on disk is no longer the one opened, or no longer a database."""
+    def replaced(self) -> bool:
+        """Whether nexus.db was deleted or replaced since it was opened; LedgerCorrupt when the
+        same file no longer holds a database."""
         try:
             stat = os.stat(self.path)
             with open(self.path, "rb") as file:
                 head = file.read(len(SQLITE_MAGIC))
-        except OSError as exc:
-            raise LedgerReplaced(ledger_problem(exc)) from exc
+        except OSError:
+            return True
         if (stat.st_dev, stat.st_ino) != self.identity:
-            raise LedgerReplaced("replaced by another file")
+            return True
         if head != SQLITE_MAGIC:
             raise LedgerCorrupt("it is no longer a SQLite database")
+        return False
 
     def write(self, rows: list[SavedRow]) -> bool:
         """Write the rows that changed and any a failed write left behind (each a month's total
@@ -2442,14 +2440,10 @@ class LedgerFile:
         for row in rows:
             self.known[row[:2]] = row
             self.unsaved.add(row[:2])
-        made_again = False
-        if self.conn is not None:
-            try:
-                self.check()
-            except LedgerReplaced:
-                self.close()
-                made_again = True
-                self.unsaved.update(self.known)
+        made_again = self.conn is not None and self.replaced()
+        if made_again:
+            self.close()
+            self.unsaved.update(self.known)
         if self.conn is None:
             self.open()
         try:
