@@ -2516,7 +2516,6 @@ class Ledger:
         )
 
     async def in_worker(self, call: Callable[..., Any], *args: Any) -> Any:
-        """Run a LedgerFile call on the ledger's one worker thread."""
         return await asyncio.get_running_loop().run_in_executor(self.executor, call, *args)
 
     def spent(self, key: str) -> float:
