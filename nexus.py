@@ -1531,6 +1531,12 @@ CHARS_PER_TOKEN = 4
 IMAGE_TOKENS = 1600  # what an image of unknown size is counted as (about a megapixel)
 MESSAGE_OVERHEAD_TOKENS = 4  # role and separators of one message in a chat template
 SYSTEM_ROLES = ("system", "developer")  # the roles that carry a system prompt
+JSON_DECODER = json.JSONDecoder()
+# Where clients name their session, first found first after the body's prompt_cache_key (SPEC
+# §3.7); Codex writes session_id. Claude Code also names it in Anthropic's metadata.user_id,
+# which the Messages door carries as the chat request's `user`.
+SESSION_HEADERS = ("X-Nexus-Session", "session-id", "session_id", "X-Claude-Code-Session-Id")
+CLAUDE_SESSION_MARK = "_session_"  # user_<hash>_account_<uuid>_session_<uuid>
 
 
 @dataclass(slots=True)
@@ -1550,13 +1556,9 @@ class RequestNeeds:
     last_backend: str | None = None  # where its session's last turn was served (SPEC §3.7)
 
 
-JSON_DECODER = json.JSONDecoder()
-
-
 def parse_json(data: bytes) -> Any:
-    """json.loads(data), minus the encoding sniffing and whitespace matching it does first on
-    every call, for the JSON on the hot path (request bodies, answers, every stream chunk):
-    UTF-8 without surrounding whitespace is decoded directly; anything else, json.loads."""
+    """json.loads(data) for the hot path (bodies, answers, stream chunks): UTF-8 without
+    surrounding whitespace skips the encoding sniffing and whitespace matching it does first."""
     try:
         text = data.decode()
         value, end = JSON_DECODER.raw_decode(text)
@@ -1589,26 +1591,25 @@ def require_model(body: dict[str, Any]) -> str:
 def optional_int(body: dict[str, Any], name: str) -> int | None:
     """The body's non-negative integer field, None when absent, or a 400 naming it."""
     value = body.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
         raise bad_request(f"{name} must be a non-negative integer", name)
     return value
 
 
 def chat_needs(body: dict[str, Any], image_tokens: int = 0) -> RequestNeeds:
     """What a chat completion needs of a backend: checks its shape, estimates its prompt from
-    the characters of every text, tool call and tool definition, each image counted as
-    `image_tokens` (the doors count IMAGE_TOKENS; OpenAI's chat routes by text alone)."""
+    the characters of every text, tool call and tool definition, and `image_tokens` per image
+    (the doors count IMAGE_TOKENS; OpenAI's chat routes by text alone)."""
     model = require_model(body)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad_request("messages must be a non-empty array", "messages")
     if "stream" in body and not isinstance(body["stream"], bool):
         raise bad_request("stream must be a boolean", "stream")
-    if body.get("tools") is not None and not isinstance(body["tools"], list):
+    tools = body.get("tools")
+    if tools is not None and not isinstance(tools, list):
         raise bad_request("tools must be an array", "tools")
-    chars = 0
+    chars = len(json.dumps(tools)) if tools else 0
     images = 0
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
@@ -1640,8 +1641,6 @@ def chat_needs(body: dict[str, Any], image_tokens: int = 0) -> RequestNeeds:
             for part in (call["function"].get("name"), call["function"].get("arguments")):
                 if isinstance(part, str):
                     chars += len(part)
-    if body.get("tools"):
-        chars += len(json.dumps(body["tools"]))
     max_tokens = optional_int(body, "max_completion_tokens")
     if max_tokens is None:
         max_tokens = optional_int(body, "max_tokens")
@@ -1649,7 +1648,7 @@ def chat_needs(body: dict[str, Any], image_tokens: int = 0) -> RequestNeeds:
     return RequestNeeds(
         model=model,
         vision=images > 0,
-        tools=bool(body.get("tools")),
+        tools=bool(tools),
         json_mode=isinstance(format_, dict)
         and format_.get("type") in ("json_object", "json_schema"),
         prompt_tokens=chars // CHARS_PER_TOKEN
@@ -1671,7 +1670,8 @@ def completion_needs(body: dict[str, Any]) -> RequestNeeds:
         raise bad_request("prompt must be a string or an array of strings", "prompt")
     if "stream" in body and not isinstance(body["stream"], bool):
         raise bad_request("stream must be a boolean", "stream")
-    chars += len(body.get("suffix") or "") if isinstance(body.get("suffix"), str) else 0
+    suffix = body.get("suffix")
+    chars += len(suffix) if isinstance(suffix, str) else 0
     return RequestNeeds(
         model=model,
         prompt_tokens=chars // CHARS_PER_TOKEN,
@@ -1693,16 +1693,13 @@ def embedding_needs(body: dict[str, Any]) -> RequestNeeds:
     return RequestNeeds(model=model, prompt_tokens=chars // CHARS_PER_TOKEN, prompt_param="input")
 
 
-# Where clients name their session, first found first after the body's prompt_cache_key (SPEC
-# §3.7); Codex writes session_id. Claude Code also names it in Anthropic's metadata.user_id,
-# which the Messages door carries as the chat request's `user`.
-SESSION_HEADERS = ("X-Nexus-Session", "session-id", "session_id", "X-Claude-Code-Session-Id")
-CLAUDE_SESSION_MARK = "_session_"  # user_<hash>_account_<uuid>_session_<uuid>
+def part_texts(parts: list[Any]) -> list[str]:
+    """The texts of a message's content parts (an image is known by the text around it)."""
+    return [p["text"] for p in parts if isinstance(p, dict) and isinstance(p.get("text"), str)]
 
 
 def claude_session(user_id: Any) -> str | None:
-    """The session_id in Claude Code's metadata.user_id: a JSON object's field, or the tail of
-    the older user_<hash>_account_<uuid>_session_<uuid> form. A plain user id names no session."""
+    """The session_id in Claude Code's metadata.user_id (JSON, or the older form's tail), if any."""
     if not isinstance(user_id, str):
         return None
     if user_id.startswith("{"):
@@ -1717,11 +1714,10 @@ def claude_session(user_id: Any) -> str | None:
 
 
 def session_key(headers: Mapping[str, str], body: dict[str, Any]) -> tuple[int, bool] | None:
-    """A request's session as a hash (no text is kept), and whether it may follow the session's
-    last backend: the first key found of SPEC §3.7, else the conversation's opening (system
-    prompt and first user turn), followed only from the second turn on, so that one prompt sent
-    by many clients still spreads. Per model: another model is another prompt cache. None when
-    the request names no session and has no conversation (a completion, an embedding)."""
+    """A request's session as a hash per model (no text is kept), and whether it may follow the
+    session's last backend: the first key of SPEC §3.7, else the conversation's opening (system
+    prompt and first user turn), followed only from the second turn on so that one prompt sent
+    by many clients still spreads. None for no session and no conversation (an embedding)."""
     model = body.get("model")
     model = model if isinstance(model, str) else ""
     named = body.get("prompt_cache_key")
@@ -1739,12 +1735,8 @@ def session_key(headers: Mapping[str, str], body: dict[str, Any]) -> tuple[int, 
         role = message.get("role") if isinstance(message, dict) else None
         if role in SYSTEM_ROLES or role == "user":
             content = message.get("content")
-            if isinstance(content, list):  # text parts; an image is known by the text around it
-                content = tuple(
-                    p["text"]
-                    for p in content
-                    if isinstance(p, dict) and isinstance(p.get("text"), str)
-                )
+            if isinstance(content, list):
+                content = tuple(part_texts(content))
             opening.append(content if isinstance(content, str | tuple) else None)
             if role == "user":
                 return hash(tuple(opening)), i + 1 < len(messages)
@@ -1759,23 +1751,25 @@ def session_key(headers: Mapping[str, str], body: dict[str, Any]) -> tuple[int, 
 # ==============================================================================================
 
 APPROXIMATE_ENCODING = "cl100k_base"  # for models whose tokenizer Nexus does not have
-
+# Chat prompts are counted as OpenAI bills them: each message costs its role and content plus
+# a few tokens of framing, and every reply is primed with a few more.
+CHAT_MESSAGE_TOKENS = 3
+CHAT_REPLY_TOKENS = 3
+# Texts longer than this (or any text while its encoding is not loaded yet) are counted in a
+# worker thread: exact counting must never hold up the event loop.
+EXACT_INLINE_CHARS = 20_000
+# An estimate within this range of a context length may be wrong about fitting: characters
+# over four undercounts CJK text and emoji up to several times, overcounts plain English.
+NEAR_LIMIT_RANGE = (0.25, 2.0)
 _CL100K_PATTERN = (
     r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
     r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
 )
-_O200K_PATTERN = "|".join(
-    (
-        r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"""
-        r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
-        r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"""
-        r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
-        r"""\p{N}{1,3}""",
-        r""" ?[^\s\p{L}\p{N}]+[\r\n/]*""",
-        r"""\s*[\r\n]+""",
-        r"""\s+(?!\S)""",
-        r"""\s+""",
-    )
+_O200K_PATTERN = (
+    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"""
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+"""
+    r"""[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+"""
+    r"""[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
 
 
@@ -1816,53 +1810,42 @@ def read_bpe_ranks(path: Path, sha256: str) -> dict[bytes, int]:
     data = path.read_bytes()
     if hashlib.sha256(data).hexdigest() != sha256:
         raise ValueError(f"{path.name}: SHA-256 mismatch, the embedded file is damaged")
-    # The hash pins the content, so splitting on whitespace into (token, rank) pairs is safe,
-    # and faster than parsing line by line.
+    # The hash pins the content: splitting on whitespace is safe, and faster than line by line.
     fields = data.split()
     return dict(zip(map(binascii.a2b_base64, fields[0::2]), map(int, fields[1::2]), strict=True))
 
 
 def load_encoding(name: str) -> tiktoken.Encoding:
     """The named encoding ("o200k_base" or "cl100k_base"), built once from the embedded file."""
-    encoding = _loaded_encodings.get(name)
-    if encoding is not None:
-        return encoding
-    spec = ENCODINGS.get(name)
-    if spec is None:
+    if name in _loaded_encodings:
+        return _loaded_encodings[name]
+    if name not in ENCODINGS:
         raise KeyError(f"unknown encoding {name!r}; known: {', '.join(ENCODINGS)}")
+    spec = ENCODINGS[name]
     with _encoding_lock:
-        encoding = _loaded_encodings.get(name)
-        if encoding is None:
+        if name not in _loaded_encodings:
             encoding = tiktoken.Encoding(
                 name,
                 pat_str=spec.pattern,
                 mergeable_ranks=read_bpe_ranks(asset_path(f"{name}.tiktoken"), spec.sha256),
                 special_tokens=spec.special_tokens,
             )
-            # The Rust core holds its own copy of the ranks; tiktoken keeps the Python dict
-            # only to pickle the encoding, which Nexus never does. Dropping it saves about
-            # 30 MB for o200k_base.
+            # tiktoken keeps the ranks only to pickle the encoding; its Rust core has its own copy.
             encoding._mergeable_ranks = {}
             _loaded_encodings[name] = encoding
-    return encoding
+    return _loaded_encodings[name]
 
 
 def encoding_for_model(model: str) -> tuple[str, bool]:
-    """(encoding name, exact) for a model id; unknown models get cl100k as an approximation.
-
-    Uses tiktoken's own model table (a lookup, no I/O). A provider prefix such as
-    "openai/gpt-4o" is ignored. gpt-oss's o200k_harmony differs from o200k_base only in
-    special tokens, so ordinary text counts the same.
-    """
+    """(encoding name, exact) for a model id by tiktoken's model table (no I/O), any provider
+    prefix ("openai/gpt-4o") ignored; unknown models get cl100k as an approximation."""
     try:
         name = tiktoken.encoding_name_for_model(model.rsplit("/", 1)[-1])
     except KeyError:
         return APPROXIMATE_ENCODING, False
-    if name == "o200k_harmony":
+    if name == "o200k_harmony":  # gpt-oss's: o200k_base but for special tokens
         name = "o200k_base"
-    if name in ENCODINGS:
-        return name, True
-    return APPROXIMATE_ENCODING, False
+    return (name, True) if name in ENCODINGS else (APPROXIMATE_ENCODING, False)
 
 
 def count_tokens(text: str, model: str) -> tuple[int, bool]:
@@ -1871,58 +1854,45 @@ def count_tokens(text: str, model: str) -> tuple[int, bool]:
     return len(load_encoding(name).encode_ordinary(text)), exact
 
 
-# Chat prompts are counted as OpenAI bills them: each message costs its role and content plus
-# a few tokens of framing, and every reply is primed with a few more.
-CHAT_MESSAGE_TOKENS = 3
-CHAT_REPLY_TOKENS = 3
-# Texts longer than this (or any text while its encoding is not loaded yet) are counted in a
-# worker thread: exact counting must never hold up the event loop.
-EXACT_INLINE_CHARS = 20_000
-
-
 def tokenizer_for(backend_type: str, model: str) -> tuple[str, bool]:
-    """The tokenizer registry: (encoding, exact) for a model on a type of backend. Only OpenAI's
-    own models on OpenAI's API are counted exactly; everything else with cl100k, marked as an
-    approximation (a local server's model names say nothing certain about its tokenizer)."""
+    """(encoding, exact) for a model on a type of backend: exact only on OpenAI's own API (a
+    local server's model names say nothing certain of its tokenizer)."""
     if backend_type == "openai":
         return encoding_for_model(model)
     return APPROXIMATE_ENCODING, False
 
 
+def tool_call_texts(calls: Any) -> list[str]:
+    """The name and arguments of each tool call, one text per call."""
+    texts = []
+    for call in calls or ():
+        function = call.get("function") if isinstance(call, dict) else None
+        if isinstance(function, dict):
+            texts.append(f"{function.get('name') or ''}{function.get('arguments') or ''}")
+    return texts
+
+
 def payload_texts(endpoint: str, payload: dict[str, Any]) -> tuple[list[str], int]:
     """The texts of a request that become prompt tokens, and the tokens of framing around them."""
-    if endpoint == "chat":
-        texts: list[str] = []
-        messages = payload.get("messages") or []
-        for message in messages:
-            if not isinstance(message, dict):
-                continue
-            texts.append(str(message.get("role") or ""))
-            content = message.get("content")
-            if isinstance(content, str):
-                texts.append(content)
-            elif isinstance(content, list):
-                texts.extend(
-                    p["text"]
-                    for p in content
-                    if isinstance(p, dict) and isinstance(p.get("text"), str)
-                )
-            for call in message.get("tool_calls") or ():
-                function = call.get("function") if isinstance(call, dict) else None
-                if isinstance(function, dict):
-                    texts.append(f"{function.get('name', '')}{function.get('arguments', '')}")
-        if payload.get("tools"):
-            texts.append(json.dumps(payload["tools"]))
-        return texts, CHAT_MESSAGE_TOKENS * len(messages) + CHAT_REPLY_TOKENS
-    key = "prompt" if endpoint == "completions" else "input"
-    value = payload.get(key)
-    items = value if isinstance(value, list) else [value]
-    return [v for v in items if isinstance(v, str)], 0
-
-
-# An estimate within this range of a context length may be wrong about fitting: characters
-# over four undercounts CJK text and emoji up to several times, overcounts plain English.
-NEAR_LIMIT_RANGE = (0.25, 2.0)
+    if endpoint != "chat":
+        value = payload.get("prompt" if endpoint == "completions" else "input")
+        items = value if isinstance(value, list) else [value]
+        return [v for v in items if isinstance(v, str)], 0
+    texts: list[str] = []
+    messages = payload.get("messages") or []
+    for message in messages:
+        if not isinstance(message, dict):
+            continue
+        texts.append(str(message.get("role") or ""))
+        content = message.get("content")
+        if isinstance(content, str):
+            texts.append(content)
+        elif isinstance(content, list):
+            texts.extend(part_texts(content))
+        texts.extend(tool_call_texts(message.get("tool_calls")))
+    if payload.get("tools"):
+        texts.append(json.dumps(payload["tools"]))
+    return texts, CHAT_MESSAGE_TOKENS * len(messages) + CHAT_REPLY_TOKENS
 
 
 def count_texts(texts: list[str], encoding: str) -> int:
@@ -1941,9 +1911,8 @@ async def count_texts_async(texts: list[str], encoding: str) -> int:
 async def refine_prompt_tokens(
     endpoint: str, body: dict[str, Any], needs: RequestNeeds, registry: Registry, settings: Settings
 ) -> None:
-    """Count the prompt exactly when it matters for routing: its estimate is near the context
-    length of a backend that could serve it and whose tokenizer is exact (OpenAI's models on
-    OpenAI-style clouds). Everything else keeps the estimate; no encoding is loaded for it."""
+    """Count the prompt exactly when its estimate is near the context length of a backend that
+    could serve it with an exact tokenizer; else no encoding is loaded and the estimate stays."""
     low, high = NEAR_LIMIT_RANGE
     for model in model_chain(needs.model, settings.routing):
         for backend in registry.by_model.get(model, ()):
@@ -1972,10 +1941,8 @@ def answer_texts(endpoint: str, answer: dict[str, Any]) -> list[str]:
         for key in ("content", "reasoning_content"):
             if isinstance(message.get(key), str):
                 texts.append(message[key])
-        for call in message.get("tool_calls") or ():
-            function = call.get("function") if isinstance(call, dict) else None
-            if isinstance(function, dict):
-                texts.append(f"{function.get('name') or ''}{function.get('arguments') or ''}")
+        if message.get("tool_calls"):
+            texts.extend(tool_call_texts(message["tool_calls"]))
     return texts
 
 
@@ -2003,21 +1970,10 @@ class Price:
     cached_input: float | None = None
     cache_write: float | None = None
 
-    @classmethod
-    def from_table(cls, entry: dict[str, Any]) -> Price:
-        """A Price from a table entry: input and output, optional cached_input and cache_write."""
-        return cls(
-            float(entry["input"]),
-            float(entry["output"]),
-            entry.get("cached_input"),
-            entry.get("cache_write"),
-        )
-
 
 @dataclass(slots=True)
 class TokenUsage:
-    """The tokens of one answer as its backend reported them (or as Nexus counted them), and
-    the one place usage is read from or written in any API's terms."""
+    """One answer's tokens as its backend reported (or Nexus counted) them, in any API's terms."""
 
     prompt: int = 0  # every prompt token, cached ones included
     completion: int = 0
@@ -2068,38 +2024,37 @@ def token_count(value: Any) -> int | None:
     return None
 
 
+def token_counts(fields: Any, *names: str) -> list[int]:
+    """The counts of a usage object's named fields, 0 for each absent or not a count."""
+    fields = fields if isinstance(fields, dict) else {}
+    return [token_count(fields.get(name)) or 0 for name in names]
+
+
 def usage_from(usage: Any) -> TokenUsage | None:
-    """Any API's usage object as TokenUsage: chat's (prompt_tokens, cached ones in its
-    details), Anthropic's (input_tokens without the cached ones, given apart), the Responses
-    API's (input_tokens with them, input_tokens_details) or the counts on an Ollama answer
-    (prompt_eval_count, eval_count). None when it says nothing."""
+    """Any API's usage object (chat's, the Responses API's, Anthropic's, the counts on an Ollama
+    answer) as TokenUsage; None when it says nothing."""
     if not isinstance(usage, dict):
         return None
     if "prompt_eval_count" in usage or "eval_count" in usage:
-        prompt = token_count(usage.get("prompt_eval_count")) or 0
-        completion = token_count(usage.get("eval_count")) or 0
-        cached = written = 0
+        found = TokenUsage(*token_counts(usage, "prompt_eval_count", "eval_count"))
     elif "prompt_tokens" in usage or "completion_tokens" in usage:
-        prompt = token_count(usage.get("prompt_tokens")) or 0
-        completion = token_count(usage.get("completion_tokens")) or 0
         details = usage.get("prompt_tokens_details")
-        details = details if isinstance(details, dict) else {}
-        cached = token_count(details.get("cached_tokens")) or 0
-        written = token_count(details.get("cache_creation_tokens")) or 0
-    else:
-        completion = token_count(usage.get("output_tokens")) or 0
-        prompt = token_count(usage.get("input_tokens")) or 0
-        details = usage.get("input_tokens_details")
-        if isinstance(details, dict):
-            cached = token_count(details.get("cached_tokens")) or 0
-            written = token_count(details.get("cache_write_tokens")) or 0
-        else:
-            cached = token_count(usage.get("cache_read_input_tokens")) or 0
-            written = token_count(usage.get("cache_creation_input_tokens")) or 0
-            prompt += cached + written
-    if not prompt and not completion:
-        return None
-    return TokenUsage(prompt, completion, cached=cached, cache_write=written)
+        found = TokenUsage(
+            *token_counts(usage, "prompt_tokens", "completion_tokens"),
+            *token_counts(details, "cached_tokens", "cache_creation_tokens"),
+        )
+    elif isinstance(details := usage.get("input_tokens_details"), dict):
+        found = TokenUsage(
+            *token_counts(usage, "input_tokens", "output_tokens"),
+            *token_counts(details, "cached_tokens", "cache_write_tokens"),
+        )
+    else:  # Anthropic's: its input_tokens leave out the cached ones
+        found = TokenUsage(
+            *token_counts(usage, "input_tokens", "output_tokens"),
+            *token_counts(usage, "cache_read_input_tokens", "cache_creation_input_tokens"),
+        )
+        found.prompt += found.cached + found.cache_write
+    return found if found.prompt or found.completion else None
 
 
 def usage_or_estimate(usage: Any, prompt: int, completion: int) -> TokenUsage:
@@ -2111,7 +2066,7 @@ def usage_or_estimate(usage: Any, prompt: int, completion: int) -> TokenUsage:
 def load_price_table() -> dict[str, Price]:
     """The embedded price table (assets/prices.json), read once."""
     data = json.loads(asset_path("prices.json").read_text(encoding="utf-8"))
-    return {model: Price.from_table(entry) for model, entry in data["models"].items()}
+    return {model: Price(**entry) for model, entry in data["models"].items()}
 
 
 def price_for(model: str, overrides: dict[str, Price]) -> Price | None:
@@ -2146,8 +2101,7 @@ def cost_usd(price: Price, usage: TokenUsage) -> float:
 
 def format_usd(usd: float) -> str:
     """A cost for the X-Nexus-Cost-Estimated header: plain decimal, no exponent."""
-    text = f"{usd:.8f}".rstrip("0").rstrip(".")
-    return text or "0"
+    return f"{usd:.8f}".rstrip("0").rstrip(".") or "0"
 
 
 def month_of(now: dt.datetime) -> str:
@@ -2178,14 +2132,10 @@ class Budget:
         self._spent_usd = 0.0
 
     def configure(self, settings: BudgetSettings | None) -> None:
-        """The limit, the action and the prices; a reload sets new ones, the spend stays."""
-        self.settings = settings
-        self.monthly_limit_usd = settings.monthly_limit_usd if settings else 0.0
-        self.action = settings.hard_limit_action if settings else "warn"
-        self.prices = {
-            model: Price.from_table(entry)
-            for model, entry in (settings.prices if settings else {}).items()
-        }
+        """The limit and the prices (none: no limit); a reload sets new ones, the spend stays."""
+        self.settings = settings or BudgetSettings()
+        self.monthly_limit_usd = self.settings.monthly_limit_usd
+        self.prices = {model: Price(**entry) for model, entry in self.settings.prices.items()}
 
     @property
     def enabled(self) -> bool:
@@ -2194,7 +2144,6 @@ class Budget:
 
     @property
     def spent_usd(self) -> float:
-        """This month's cloud spend so far."""
         self.roll()
         return self._spent_usd
 
@@ -2215,11 +2164,10 @@ class Budget:
         self.roll()
         before = self.status
         self._spent_usd += usd
-        after = self.status
-        if after != before:
+        if self.status != before:
             log.warning(
                 "budget %s: %.4f of %.2f USD spent this month (%s)",
-                after,
+                self.status,
                 self._spent_usd,
                 self.monthly_limit_usd,
                 self.month,
@@ -2233,32 +2181,25 @@ class Budget:
         spent = self.spent_usd
         if spent >= self.monthly_limit_usd:
             return "hard_limit"
-        soft = self.settings.soft_limit_percent if self.settings else 100.0
-        if spent >= self.monthly_limit_usd * soft / 100:
-            return "soft_limit"
-        return "normal"
-
-    def seconds_to_reset(self, now: dt.datetime | None = None) -> int:
-        """Seconds until the month's spend starts again from 0."""
-        return seconds_to_next_month(now)
+        soft = self.monthly_limit_usd * self.settings.soft_limit_percent / 100
+        return "soft_limit" if spent >= soft else "normal"
 
     def snapshot(self) -> dict[str, Any] | None:
         """The budget in /v1/stats; None when no limit is configured."""
-        if not self.enabled or self.settings is None:
+        if not self.enabled:
             return None
         return {
             "monthly_limit_usd": self.monthly_limit_usd,
             "spent_usd": round(self.spent_usd, 6),
             "status": self.status,
             "soft_limit_percent": self.settings.soft_limit_percent,
-            "hard_limit_action": self.action,
+            "hard_limit_action": self.settings.hard_limit_action,
             "month": self.month,
         }
 
 
 def policy_for(model: str, routing: RoutingSettings) -> PolicySettings | None:
-    """The first [[routing.policies]] entry whose model_pattern (a glob) matches the model
-    asked for or any name its aliases lead to; None when none does."""
+    """The first [[routing.policies]] entry whose model_pattern matches the model or an alias."""
     names = [model]
     for _ in range(MAX_ALIAS_HOPS):
         if names[-1] not in routing.aliases:
@@ -2272,13 +2213,10 @@ def policy_for(model: str, routing: RoutingSettings) -> PolicySettings | None:
 
 @dataclass(slots=True)
 class RouteRules:
-    """What policy and budget allow one request, resolved once per route.
-
-    Overflow: a request under an open policy is *local-first* when a restricted backend serves
-    its model or one of its fallbacks (whatever that backend's health). Its attempts on open
-    backends are overflow: removed with overflow = "block", kept after every restricted one
-    and scrubbed with "scrub". A request whose models only open backends serve was never local,
-    so it does not overflow; a request no policy matches may use either zone, by score."""
+    """What policy and budget allow one request, resolved once per route. A request under an
+    open policy is local-first when a restricted backend serves its model or a fallback (healthy
+    or not): its attempts on open backends are overflow, removed ("block") or kept after every
+    restricted one and scrubbed ("scrub"). A request no policy matches may use either zone."""
 
     restricted_only: bool = False  # privacy = "restricted"
     overflow: str | None = None  # block | scrub, for a local-first request
@@ -2289,8 +2227,7 @@ class RouteRules:
     excluded: set[str] = field(default_factory=set)  # why backends were left out
 
     def refuses_any(self) -> bool:
-        """Whether allows() can refuse a backend at all: most requests carry no policy, and
-        routing then skips the call for each of a thousand candidates."""
+        """Whether allows() can refuse any backend (most requests carry no policy)."""
         return (
             self.restricted_only or self.overflow == "block" or self.no_cloud or self.min_tier > 0
         )
@@ -2329,7 +2266,7 @@ def route_rules(
 ) -> RouteRules:
     """What the matching policy and the budget allow a request (raises when the budget says no)."""
     policy = policy_for(needs.model, settings.routing)
-    rules = RouteRules()
+    rules = RouteRules(cloud_last=needs.budget_status == "soft_limit")
     if policy is not None:
         rules.restricted_only = policy.privacy == "restricted"
         rules.min_tier = policy.min_tier
@@ -2343,7 +2280,6 @@ def route_rules(
         if budget.hard_limit_action == "block_all":
             raise budget_exceeded(needs, "block_all", "every request is refused")
         rules.no_cloud = budget.hard_limit_action in ("shift_local", "block_cloud")
-    rules.cloud_last = needs.budget_status == "soft_limit"
     return rules
 
 
@@ -2379,8 +2315,7 @@ SavedRow = tuple[str, str, float, int, int]  # (month, key, spent_usd, requests,
 
 
 def data_directory(configured: str, env: dict[str, str], platform: str = sys.platform) -> Path:
-    """Where nexus.db lives: --data-dir, $NEXUS_DATA_DIR or [server] data_dir (merged into
-    `configured` by the settings), else the platform's user data directory."""
+    """Where nexus.db lives: the configured data_dir, else the platform's user data directory."""
     if configured:
         return Path(configured).expanduser()
     home = Path(env["HOME"]) if env.get("HOME") else Path.home()
@@ -2409,10 +2344,6 @@ class LedgerError(Exception):
     """nexus.db cannot be used: missing directory, unwritable, locked, not a database."""
 
 
-class LedgerReplaced(LedgerError):
-    """nexus.db was deleted or replaced by another file while Nexus was writing it."""
-
-
 class LedgerCorrupt(LedgerError):
     """nexus.db no longer holds a SQLite database (something wrote over it)."""
 
@@ -2426,12 +2357,10 @@ def ledger_problem(exc: BaseException) -> str:
 
 
 class LedgerFile:
-    """nexus.db as one worker thread uses it: open it (holding SQLite's exclusive lock, so a
-    second Nexus given the same directory is refused at once), read a month, write rows.
-    Every method runs on that thread, never on the event loop."""
+    """nexus.db as the ledger's one worker thread uses it (never the event loop): opened with
+    SQLite's exclusive lock, so a second Nexus given the same directory is refused at once."""
 
     def __init__(self, path: Path) -> None:
-        """The file at `path`, not opened yet (the worker opens it)."""
         self.path = path
         self.conn: Any = None  # a sqlite3.Connection while the file is open
         self.identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the file opened
@@ -2455,8 +2384,8 @@ class LedgerFile:
                 check_same_thread=False,
             )
             try:
-                # Exclusive locking: one process owns the file for as long as it runs, and the
-                # write-ahead log's index lives in memory (no shared-memory file to map).
+                # One process owns the file for as long as it runs, and the write-ahead log's
+                # index lives in its memory (no shared-memory file to map).
                 conn.execute("PRAGMA locking_mode = EXCLUSIVE")
                 if str(conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]).lower() != "wal":
                     raise sqlite3.OperationalError("cannot use write-ahead logging")
@@ -2488,36 +2417,33 @@ class LedgerFile:
             key: [float(usd), int(requests), int(tokens)] for key, usd, requests, tokens in found
         }
 
-    def check(self) -> None:
-        """Raise when the file on disk is no longer the one opened, or no longer a database."""
+    def replaced(self) -> bool:
+        """Whether nexus.db was deleted or replaced since it was opened; LedgerCorrupt when the
+        same file no longer holds a database."""
         try:
             stat = os.stat(self.path)
             with open(self.path, "rb") as file:
                 head = file.read(len(SQLITE_MAGIC))
-        except OSError as exc:
-            raise LedgerReplaced(ledger_problem(exc)) from exc
+        except OSError:
+            return True
         if (stat.st_dev, stat.st_ino) != self.identity:
-            raise LedgerReplaced("replaced by another file")
+            return True
         if head != SQLITE_MAGIC:
             raise LedgerCorrupt("it is no longer a SQLite database")
+        return False
 
     def write(self, rows: list[SavedRow]) -> bool:
-        """Write the rows that changed, and any a failed write left behind. Each row is its
-        month's total so far, so writing one again does no harm. A file deleted or replaced
-        meanwhile is made again with every row known; returns True when it was."""
+        """Write the rows that changed and any a failed write left behind (each a month's total
+        so far: writing it again does no harm); True when a file deleted or replaced was remade."""
         import sqlite3
 
         for row in rows:
             self.known[row[:2]] = row
             self.unsaved.add(row[:2])
-        made_again = False
-        if self.conn is not None:
-            try:
-                self.check()
-            except LedgerReplaced:
-                self.close()
-                made_again = True
-                self.unsaved.update(self.known)
+        made_again = self.conn is not None and self.replaced()
+        if made_again:
+            self.close()
+            self.unsaved.update(self.known)
         if self.conn is None:
             self.open()
         try:
@@ -2541,9 +2467,8 @@ class LedgerFile:
 
 
 class Ledger:
-    """The month's usage, in total and per key, counted in memory as charges land, and kept
-    in nexus.db when a monthly limit is set. Counting is a few list additions on the event
-    loop; one worker thread writes the rows that changed at most once a second."""
+    """The month's usage, in total and per key, counted in memory as charges land (a few list
+    additions on the event loop), and kept in nexus.db when a monthly limit is set."""
 
     def __init__(self, path: Path | None) -> None:
         """An empty ledger for this month; open() reads nexus.db when `path` is set."""
@@ -2581,19 +2506,17 @@ class Ledger:
             return
         self.file = file
         self.current.update(saved)
-        total = saved.get(TOTAL_ROW, [0.0, 0, 0])
+        usd, requests, _ = saved.get(TOTAL_ROW, [0.0, 0, 0])
         log.info(
             "ledger %s: %.4f USD spent and %d requests so far in %s",
             self.path,
-            total[0],
-            total[1],
+            usd,
+            requests,
             self.month,
         )
 
     async def in_worker(self, call: Callable[..., Any], *args: Any) -> Any:
-        """Run a LedgerFile call on the ledger's one worker thread."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, call, *args)
+        return await asyncio.get_running_loop().run_in_executor(self.executor, call, *args)
 
     def spent(self, key: str) -> float:
         """This month's spend of a key (TOTAL_ROW: everyone's), for the budgets to start from."""
@@ -2671,8 +2594,7 @@ class Ledger:
             self.flush_handle = loop.call_later(LEDGER_FLUSH_SECONDS, self.flush)
 
     async def month_rows(self, month: str) -> dict[str, UsageRow]:
-        """A month's rows: counted here (this month, or any month this process has seen,
-        begun from the file), else read from the file; empty when there is none."""
+        """A month's rows: as counted here (any month this process has seen), else from the file."""
         if month in self.rows:
             return {key: list(row) for key, row in self.rows[month].items()}
         if self.file is None:
@@ -2684,8 +2606,7 @@ class Ledger:
             return {}
 
     async def close(self) -> None:
-        """Write what is left and close the file (SIGTERM loses nothing), waiting a few
-        seconds at most for a disk that does not answer."""
+        """Write what is left and close the file (SIGTERM loses nothing), in seconds at most."""
         if self.flush_handle is not None:
             self.flush_handle.cancel()
             self.flush_handle = None

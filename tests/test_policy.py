@@ -144,9 +144,8 @@ def test_no_budget_means_no_status_but_spend_is_still_counted():
 
 
 def test_seconds_until_the_month_resets():
-    state = budget()
     now = dt.datetime(2030, 12, 31, 23, 59, 0, tzinfo=dt.UTC)
-    assert state.seconds_to_reset(now) == 60
+    assert nexus.seconds_to_next_month(now) == 60
 
 
 async def test_stats_report_the_budget(nexus_factory):
