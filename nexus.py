@@ -702,9 +702,6 @@ RECORD: web.RequestKey[RequestRecord] = web.RequestKey("record")
 API_KEY: web.RequestKey[ApiKey] = web.RequestKey("api_key")
 # The tpm taken up front, settled after.
 TOKENS_CHARGED: web.RequestKey[int] = web.RequestKey("tokens_charged")
-# The request's JSON, while it is served (counting).
-PAYLOAD: web.RequestKey[dict] = web.RequestKey("payload")
-ENDPOINT: web.RequestKey[str] = web.RequestKey("endpoint")
 # A stream's prepared response.
 STREAMING: web.RequestKey[web.StreamResponse] = web.RequestKey("streaming")
 
@@ -5678,8 +5675,7 @@ def is_context_error(status: int, text: str) -> bool:
 
 
 def backend_context_error(backend: Backend, text: str) -> NexusError:
-    """A backend's own too-long refusal (it counted more than Nexus estimated) as the context
-    error, with the sizes when the backend gave them; its own words otherwise."""
+    """A backend's own too-long refusal as the context error, with the sizes if it gave them."""
     found: tuple[int, int] | None = None
     try:
         error = json.loads(text).get("error")
@@ -5699,8 +5695,7 @@ def backend_context_error(backend: Backend, text: str) -> NexusError:
 
 
 def scrubbed_messages(messages: list[Any]) -> list[Any]:
-    """What crosses to an open backend on a scrubbed overflow: the system prompt (system and
-    developer messages) and the last user turn, nothing else of the conversation."""
+    """What crosses to an open backend on a scrubbed overflow: system prompt, last user turn."""
     system = [m for m in messages if isinstance(m, dict) and m.get("role") in SYSTEM_ROLES]
     users = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
     return system + users[-1:]
@@ -5708,8 +5703,7 @@ def scrubbed_messages(messages: list[Any]) -> list[Any]:
 
 def scrubbed_user_turn(messages: list[Any]) -> list[Any]:
     """The last user turn of a Messages conversation that says something itself, without its
-    tool results: as in chat, tool results are not the user's turn, and one without the
-    assistant's tool_use it answers is refused by the API."""
+    tool results (the API refuses one without the assistant's tool_use it answers)."""
     users = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
     for message in reversed(users):
         content = message.get("content")
@@ -5739,14 +5733,9 @@ def attempt_request(
         if attempt.scrub and isinstance(native.get("messages"), list):
             native["messages"] = scrubbed_user_turn(native["messages"])
         return backend.url + fmt.native_path, json.dumps(native).encode(), True
-    if (
-        body["model"] == attempt.model
-        and attempt.max_tokens is None
-        and not ask_usage
-        and not attempt.scrub
-        and not adapter.translates
-    ):
-        return url, raw, False
+    changes = attempt.max_tokens is not None or ask_usage or attempt.scrub or adapter.translates
+    if body["model"] == attempt.model and not changes:
+        return url, raw, False  # the client's own bytes
     payload = dict(body)
     payload["model"] = attempt.model
     if attempt.max_tokens is not None:
@@ -5817,8 +5806,7 @@ def route_now(app: web.Application, needs: RequestNeeds) -> RouteDecision:
     except NexusError as error:
         if error.code == "no_backend_available":
             chain = model_chain(needs.model, settings.routing)
-            down = [b for m in chain for b in registry.by_model.get(m, ()) if b.status != "healthy"]
-            if down:
+            if any(b.status != "healthy" for m in chain for b in registry.by_model.get(m, ())):
                 set_eta(error, health_eta(app))
         raise
 
@@ -5857,8 +5845,7 @@ def queue_full(
 
 
 async def plan_route(app: web.Application, needs: RequestNeeds, deadline: float) -> RouteDecision:
-    """Route the request; while every candidate is at max_concurrent, wait in the queue for a
-    slot (SPEC §3.6), up to queue.max_wait_seconds, re-routing each time one frees up."""
+    """Route the request; while every candidate is at max_concurrent, wait in the queue (§3.6)."""
     decision = route_now(app, needs)
     if not decision.all_full:
         return decision
@@ -5926,12 +5913,8 @@ async def plan_request(
 
 def request_timed_out(limit: float) -> NexusError:
     """The 504 for a request past server.request_timeout_seconds."""
-    return NexusError(
-        504,
-        "timeout",
-        "request_timeout",
-        f"The request took longer than {limit:g} s (server.request_timeout_seconds).",
-    )
+    message = f"The request took longer than {limit:g} s (server.request_timeout_seconds)."
+    return NexusError(504, "timeout", "request_timeout", message)
 
 
 class WaitLimits:
@@ -6030,15 +6013,10 @@ def upstream_error(flight: InFlight, upstream: BackendConnection, answer: bytes)
     if status == 429:  # alive but busy: not a health failure
         backend.errors += 1
         wait = retry_after_seconds(upstream.headers.get("retry-after"))
-        raise AttemptFailed(
-            NexusError.of(
-                429,
-                "rate_limited",
-                f"Backend {backend.name} is rate limited; try again later.",
-                headers={"Retry-After": str(math.ceil(wait)) if wait is not None else "1"},
-            ),
-            retry_after=wait,
-        )
+        message = f"Backend {backend.name} is rate limited; try again later."
+        retry = {"Retry-After": str(math.ceil(wait)) if wait is not None else "1"}
+        error = NexusError.of(429, "rate_limited", message, headers=retry)
+        raise AttemptFailed(error, retry_after=wait)
     if is_context_error(status, text):
         raise AttemptFailed(backend_context_error(backend, text), skip_model=True)
     flight.record.status = status
@@ -6098,12 +6076,8 @@ async def whole_answer(
         texts = answer_texts(record.endpoint, parsed)
         headers["X-Nexus-Cost-Estimated"] = await settle_cost(flight, texts)
     note_success(request.app, record, backend)
-    return web.Response(
-        body=answer if flight.native else flight.fmt.body(answer, parsed),
-        status=status,
-        headers=headers,
-        content_type="application/json",
-    )
+    body = answer if flight.native else flight.fmt.body(answer, parsed)
+    return web.Response(body=body, status=status, headers=headers, content_type="application/json")
 
 
 async def send_attempt(flight: InFlight) -> web.StreamResponse:
@@ -6117,11 +6091,8 @@ async def send_attempt(flight: InFlight) -> web.StreamResponse:
     headers.update(JSON_HEADERS)
     stream, deadline = flight.stream, flight.deadline
     server = app[SETTINGS].server
-    limits = WaitLimits(
-        min(asyncio.get_running_loop().time() + server.first_byte_timeout_seconds, deadline),
-        server.stream_idle_timeout_seconds,
-        deadline,
-    )
+    first_byte_by = asyncio.get_running_loop().time() + server.first_byte_timeout_seconds
+    limits = WaitLimits(min(first_byte_by, deadline), server.stream_idle_timeout_seconds, deadline)
     backend.in_flight += 1
     per_model = backend.model_in_flight  # what an unload or a migration waits for (§5.1)
     per_model[attempt.model] = per_model.get(attempt.model, 0) + 1
@@ -6283,8 +6254,7 @@ async def count_usage(flight: InFlight, answered: list[str] | None = None) -> To
 
 
 def charge_cost(flight: InFlight, counted: TokenUsage | None) -> str:
-    """Charge the request's usage (`counted` by Nexus when the backend reported none) times the
-    model's price to the month's budget; the cost header's value ("unknown" without a price)."""
+    """Charge the usage (as Nexus `counted` it, if not reported) times the price to the budget."""
     record, model = flight.record, flight.attempt.model
     if counted is not None:
         record.usage = counted
@@ -6377,8 +6347,7 @@ class SseLines:
 
 
 def well_formed(chunk: Any) -> bool:
-    """Whether a stream chunk has the shape Nexus reads: an object whose choices, if any, are a
-    list of objects, each delta an object."""
+    """Whether a stream chunk is an object whose choices, if any, are objects with object deltas."""
     if type(chunk) is not dict:
         return False
     choices = chunk.get("choices")
@@ -6453,10 +6422,9 @@ async def next_stream_line(
     its plain end). Before anything was sent, a failure raises AttemptFailed instead, so the
     request may still be served by the next attempt."""
     app, backend = flight.request.app, flight.attempt.backend
+    until = limits.read_by() if started else limits.first_byte_by
     try:
-        line = await limits.wait(
-            reader.readline(), limits.read_by() if started else limits.first_byte_by
-        )
+        line = await limits.wait(reader.readline(), until)
     except TimeoutError:
         if not started:
             raise attempt_failure(app, backend, 504, "sent no data in time") from None
@@ -6588,24 +6556,17 @@ async def relay_stream(
 
 
 def backend_refusal(response: web.Response) -> NexusError:
-    """A backend's own 4xx answer, re-said as an error for the door to write in its shape: its
-    message and status kept, Nexus's headers too."""
-    message = f"The backend refused the request (HTTP {response.status})."
-    raw = response.body if isinstance(response.body, bytes) else b""
-    try:
-        document = json.loads(raw)
-    except ValueError:
-        document = None
-    if isinstance(document, dict):
-        error = document.get("error")
-        if isinstance(error, dict) and isinstance(error.get("message"), str):
-            message = error["message"]
-        elif isinstance(error, str):
-            message = error
-        elif isinstance(document.get("message"), str):
-            message = document["message"]
-    elif raw.strip():
-        message = raw.decode("utf-8", "replace")[:500]
+    """A backend's own 4xx answer as an error for the door to write (its status and message)."""
+    document = json.loads(response.body)  # upstream_error's: a JSON object with "error"
+    error = document["error"]
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        message = error["message"]
+    elif isinstance(error, str):
+        message = error
+    elif isinstance(document.get("message"), str):
+        message = document["message"]
+    else:
+        message = f"The backend refused the request (HTTP {response.status})."
     headers = {k: v for k, v in response.headers.items() if k.startswith("X-Nexus-")}
     return NexusError(response.status, "invalid_request_error", None, message, headers=headers)
 
@@ -6617,8 +6578,7 @@ async def send_through_door(
     needs: RequestNeeds,
     fmt: OpenAIFormat,
 ) -> web.StreamResponse:
-    """Route and send a door's internal request as a chat completions request is sent; a
-    backend's own refusal comes back in the door's error shape."""
+    """Send a door's internal request as chat is sent; a backend's refusal becomes an error."""
     raw = json.dumps(internal).encode()
     response = await proxy(request, endpoint, internal, raw, needs, fmt)
     if response.status >= 400 and isinstance(response, web.Response):
@@ -6627,8 +6587,7 @@ async def send_through_door(
 
 
 async def serve_door(request: web.Request, door: type[OpenAIFormat]) -> web.StreamResponse:
-    """A request through `door`: translated to chat, routed and answered like a chat request,
-    its answer and errors in the door's shape (a backend's own refusal included)."""
+    """A request through `door`: translated to chat, routed, answered in the door's shape."""
     body = parse_json_body(await request.read())
     chat = door.chat_request(body)
     needs = chat_needs(chat, IMAGE_TOKENS)
