@@ -5569,13 +5569,12 @@ class OpenAIFormat:
 
     def error(self, endpoint: str, model: str, message: str) -> bytes:
         """The last chunk of a stream Nexus had to cut: finish_reason "error" and the reason."""
-        if endpoint == "completions":
-            choice: dict[str, Any] = {"index": 0, "text": "", "finish_reason": "error"}
-        else:
-            choice = {"index": 0, "delta": {}, "finish_reason": "error"}
+        text = endpoint == "completions"
+        choice: dict[str, Any] = {"index": 0, "text": ""} if text else {"index": 0, "delta": {}}
+        choice["finish_reason"] = "error"
         chunk = {
             "id": "nexus-error",
-            "object": "text_completion" if endpoint == "completions" else "chat.completion.chunk",
+            "object": "text_completion" if text else "chat.completion.chunk",
             "created": int(time.time()),
             "model": model,
             "choices": [choice],
@@ -5644,7 +5643,7 @@ def new_request_id() -> str:
     return "req-" + os.urandom(8).hex()
 
 
-def response_headers(flight: InFlight) -> dict[str, str]:
+def response_headers(flight: InFlight, budget: Budget) -> dict[str, str]:
     """The X-Nexus-* headers that tell a client which backend served, why, and the budget."""
     attempt = flight.attempt
     backend = attempt.backend
@@ -5662,7 +5661,6 @@ def response_headers(flight: InFlight) -> dict[str, str]:
         headers["X-Nexus-Max-Tokens-Clamped"] = str(attempt.max_tokens)
     if attempt.scrub:
         headers["X-Nexus-Context-Scrubbed"] = "true"
-    budget = flight.request.app[BUDGET]
     if budget.enabled:
         headers["X-Nexus-Budget-Status"] = budget.status
     return headers
@@ -5763,8 +5761,7 @@ class WaitQueue:
     def join(self, high_priority: bool) -> tuple[tuple[int, int], asyncio.Event]:
         """Queue a request in rank order; its entry, with the event that wakes it."""
         entry = ((0 if high_priority else 1, next(self.arrivals)), asyncio.Event())
-        self.waiting.append(entry)
-        self.waiting.sort(key=lambda e: e[0])
+        bisect.insort(self.waiting, entry, key=lambda e: e[0])
         return entry
 
     def leave(self, entry: tuple[tuple[int, int], asyncio.Event]) -> None:
@@ -5799,8 +5796,7 @@ def health_eta(app: web.Application) -> int | None:
 
 def route_now(app: web.Application, needs: RequestNeeds) -> RouteDecision:
     """route(), its 503's eta_seconds from the health checks when a backend of the model is down."""
-    registry = app[REGISTRY]
-    settings = app[SETTINGS]
+    registry, settings = app[REGISTRY], app[SETTINGS]
     try:
         return route(needs, registry, settings)
     except NexusError as error:
@@ -5849,14 +5845,12 @@ async def plan_route(app: web.Application, needs: RequestNeeds, deadline: float)
     decision = route_now(app, needs)
     if not decision.all_full:
         return decision
-    settings = app[SETTINGS]
-    queue = app[QUEUE]
+    settings, queue = app[SETTINGS], app[QUEUE]
     if not settings.queue.enabled:
         raise queue_full(app, needs, decision, "the queue is off (queue.enabled = false)")
     if len(queue) >= settings.queue.max_size:
         raise queue_full(app, needs, decision, "the queue is full")
-    loop = asyncio.get_running_loop()
-    wait_until = min(loop.time() + settings.queue.max_wait_seconds, deadline)
+    wait_until = min(asyncio.get_running_loop().time() + settings.queue.max_wait_seconds, deadline)
     entry = queue.join(needs.high_priority)
     try:
         while decision.all_full:
@@ -5981,22 +5975,21 @@ class WaitLimits:
             self._timer = None
 
 
-def note_failure(app: web.Application, backend: Backend, why: str) -> None:
+def note_failure(flight: InFlight, why: str) -> None:
     """Count a failure against the backend: its errors, and its health when that is checked."""
+    backend, health = flight.attempt.backend, flight.request.app[SETTINGS].health_check
     backend.errors += 1
-    if app[SETTINGS].health_check.enabled:
-        record_failure(backend, app[SETTINGS].health_check, why)
+    if health.enabled:
+        record_failure(backend, health, why)
 
 
-def attempt_failure(app: web.Application, backend: Backend, status: int, why: str) -> AttemptFailed:
+def attempt_failure(flight: InFlight, status: int, why: str) -> AttemptFailed:
     """Count a failed attempt against the backend's health and make the error it may end in."""
-    note_failure(app, backend, why)
+    note_failure(flight, why)
     kind = "timeout" if status == 504 else "backend_error"
     code = "backend_timeout" if status == 504 else "backend_failed"
-    return AttemptFailed(
-        NexusError(status, kind, code, f"Backend {backend.name} failed: {why}."),
-        silent=status == 504,
-    )
+    message = f"Backend {flight.attempt.backend.name} failed: {why}."
+    return AttemptFailed(NexusError(status, kind, code, message), silent=status == 504)
 
 
 def upstream_error(flight: InFlight, upstream: BackendConnection, answer: bytes) -> web.Response:
@@ -6009,7 +6002,7 @@ def upstream_error(flight: InFlight, upstream: BackendConnection, answer: bytes)
         answer = adapter.error_body(answer)
     text = answer[:2000].decode("utf-8", "replace")
     if status >= 500:
-        raise attempt_failure(app, backend, 502, f"answered HTTP {status}")
+        raise attempt_failure(flight, 502, f"answered HTTP {status}")
     if status == 429:  # alive but busy: not a health failure
         backend.errors += 1
         wait = retry_after_seconds(upstream.headers.get("retry-after"))
@@ -6020,7 +6013,7 @@ def upstream_error(flight: InFlight, upstream: BackendConnection, answer: bytes)
     if is_context_error(status, text):
         raise AttemptFailed(backend_context_error(backend, text), skip_model=True)
     flight.record.status = status
-    headers = response_headers(flight)
+    headers = response_headers(flight, app[BUDGET])
     try:
         parsed = json.loads(answer)
     except (ValueError, UnicodeDecodeError):
@@ -6061,7 +6054,7 @@ async def whole_answer(
     except ValueError:
         parsed = None
     if not isinstance(parsed, dict):
-        raise attempt_failure(request.app, backend, 502, "answered something that is not JSON")
+        raise attempt_failure(flight, 502, "answered something that is not JSON")
     if flight.native:
         note_usage(record, flight.fmt.answer_usage(parsed))
     else:
@@ -6115,12 +6108,12 @@ async def send_attempt(flight: InFlight) -> web.StreamResponse:
                         upstream.read(), limits.read_by() if stream else deadline
                     )
         except TimeoutError:
-            raise attempt_failure(app, backend, 504, "timed out before answering") from None
+            raise attempt_failure(flight, 504, "timed out before answering") from None
         except BackendHTTPError as exc:
-            raise attempt_failure(app, backend, 502, describe_failure(exc)) from None
+            raise attempt_failure(flight, 502, describe_failure(exc)) from None
         if upstream.status >= 400:
             return upstream_error(flight, upstream, answer)
-        out_headers = response_headers(flight)
+        out_headers = response_headers(flight, app[BUDGET])
         if not stream:
             return await whole_answer(flight, upstream.status, answer, out_headers)
         if backend.is_cloud:  # headers go before the answer: the prompt's cost, estimated
@@ -6145,9 +6138,7 @@ def retry_pause(flight: InFlight, failure: AttemptFailed, retries: int) -> float
     pause = failure.retry_after
     if pause is None:
         pause = random.uniform(*RETRY_BACKOFF_SECONDS)
-    if asyncio.get_running_loop().time() + pause >= flight.deadline:
-        return None
-    return pause
+    return pause if asyncio.get_running_loop().time() + pause < flight.deadline else None
 
 
 async def proxy(
@@ -6421,22 +6412,21 @@ async def next_stream_line(
     """A stream's next line within its limits; at the end, b"" and why it ended early ("" for
     its plain end). Before anything was sent, a failure raises AttemptFailed instead, so the
     request may still be served by the next attempt."""
-    app, backend = flight.request.app, flight.attempt.backend
     until = limits.read_by() if started else limits.first_byte_by
     try:
         line = await limits.wait(reader.readline(), until)
     except TimeoutError:
         if not started:
-            raise attempt_failure(app, backend, 504, "sent no data in time") from None
+            raise attempt_failure(flight, 504, "sent no data in time") from None
         if asyncio.get_running_loop().time() >= limits.deadline:
             return b"", "the request took longer than server.request_timeout_seconds"
         return b"", "the backend stalled"
     except BackendHTTPError as exc:
         if not started:
-            raise attempt_failure(app, backend, 502, describe_failure(exc)) from None
+            raise attempt_failure(flight, 502, describe_failure(exc)) from None
         return b"", "the backend connection broke"
     if not line and not started:
-        raise attempt_failure(app, backend, 502, "ended the stream before any data")
+        raise attempt_failure(flight, 502, "ended the stream before any data")
     return line, ""
 
 
@@ -6458,7 +6448,7 @@ async def end_stream(
         await settle_cost(flight, answered)
     if problem:
         record.status = 502
-        note_failure(flight.request.app, attempt.backend, problem)
+        note_failure(flight, problem)
         pending.append(writer.error(record.endpoint, attempt.model, problem + "."))
     else:
         record.status = 200
@@ -6505,7 +6495,7 @@ async def relay_stream(
             if kind is not None:
                 if kind == "error":
                     if response is None:
-                        raise attempt_failure(request.app, backend, 502, "reported an error")
+                        raise attempt_failure(flight, 502, "reported an error")
                     problem = "the backend reported an error mid-stream"
                 finished = True
                 upstream.whole = kind == "end"  # its connection may serve the next request
