@@ -6026,9 +6026,10 @@ def upstream_error(flight: InFlight, upstream: BackendConnection, answer: bytes)
     return web.Response(body=answer, status=status, headers=headers, content_type=content_type)
 
 
-def note_success(app: web.Application, record: RequestRecord, backend: Backend) -> None:
+def note_success(flight: InFlight) -> None:
     """A request served: the backend's latency and TTFT averages (from the attempt's send, not
     the request's arrival), its health, and the session's backend."""
+    app, record, backend = flight.request.app, flight.record, flight.attempt.backend
     elapsed_ms = (time.perf_counter() - record.sent) * 1000
     ema = backend.latency_ema_ms
     backend.latency_ema_ms = elapsed_ms if ema is None else ema + EMA_WEIGHT * (elapsed_ms - ema)
@@ -6046,7 +6047,7 @@ async def whole_answer(
     flight: InFlight, status: int, answer: bytes, headers: dict[str, str]
 ) -> web.Response:
     """A whole answer that succeeded, in the door's shape: usage noted, cost settled."""
-    request, record, attempt = flight.request, flight.record, flight.attempt
+    record, attempt = flight.record, flight.attempt
     backend = attempt.backend
     adapter = ADAPTERS[backend.type]
     try:
@@ -6068,7 +6069,7 @@ async def whole_answer(
     if backend.is_cloud:
         texts = answer_texts(record.endpoint, parsed)
         headers["X-Nexus-Cost-Estimated"] = await settle_cost(flight, texts)
-    note_success(request.app, record, backend)
+    note_success(flight)
     body = answer if flight.native else flight.fmt.body(answer, parsed)
     return web.Response(body=body, status=status, headers=headers, content_type="application/json")
 
@@ -6452,7 +6453,7 @@ async def end_stream(
         pending.append(writer.error(record.endpoint, attempt.model, problem + "."))
     else:
         record.status = 200
-        note_success(flight.request.app, record, attempt.backend)
+        note_success(flight)
     pending.append(writer.end())
     return True
 
