@@ -702,9 +702,6 @@ RECORD: web.RequestKey[RequestRecord] = web.RequestKey("record")
 API_KEY: web.RequestKey[ApiKey] = web.RequestKey("api_key")
 # The tpm taken up front, settled after.
 TOKENS_CHARGED: web.RequestKey[int] = web.RequestKey("tokens_charged")
-# The request's JSON, while it is served (counting).
-PAYLOAD: web.RequestKey[dict] = web.RequestKey("payload")
-ENDPOINT: web.RequestKey[str] = web.RequestKey("endpoint")
 # A stream's prepared response.
 STREAMING: web.RequestKey[web.StreamResponse] = web.RequestKey("streaming")
 
@@ -5290,30 +5287,31 @@ CONTEXT_ERROR_MARKERS = (
     "exceeds the context length",  # Ollama: "the input length exceeds the context length"
     "prompt is too long:",  # Anthropic: "prompt is too long: 208310 tokens > 200000 maximum"
 )
-
-
+# How backends give the sizes in a too-long refusal: llama.cpp's words (it also sends n_ctx
+# and n_prompt_tokens), then OpenAI's and vLLM's.
+CONTEXT_SIZE_PATTERNS = (
+    re.compile(r"\((?P<prompt>\d+) tokens\) exceeds the available context size \((?P<context>\d+)"),
+    re.compile(
+        r"maximum context length is (?P<context>\d+) tokens.{0,40}?"
+        r"requested (?P<prompt>\d+) tokens",
+        re.S,
+    ),
+)
 # Retries on the same backend (only when it is the only candidate) wait a little first; a
 # 429's Retry-After is honoured up to a limit, a longer one sends the request elsewhere.
 RETRY_BACKOFF_SECONDS = (0.25, 1.0)
 MAX_RETRY_AFTER_SECONDS = 10.0
+EMA_WEIGHT = 0.2  # of a new measure in a backend's latency and TTFT averages
 
 
+@dataclass(eq=False)
 class AttemptFailed(Exception):
     """An attempt failed before any byte reached the client; another attempt may serve."""
 
-    def __init__(
-        self,
-        error: NexusError,
-        *,
-        skip_model: bool = False,
-        silent: bool = False,
-        retry_after: float | None = None,
-    ) -> None:
-        super().__init__(error.message)
-        self.error = error
-        self.skip_model = skip_model  # a context-length refusal: go on to the fallback models
-        self.silent = silent  # it timed out: not asked again for this request
-        self.retry_after = retry_after  # a 429 said when to come back
+    error: NexusError
+    skip_model: bool = False  # a context-length refusal: go on to the fallback models
+    silent: bool = False  # it timed out: not asked again for this request
+    retry_after: float | None = None  # a 429 said when to come back
 
 
 def retry_after_seconds(value: str | None) -> float | None:
@@ -5355,143 +5353,18 @@ class RequestRecord:
     followed: str | None = None  # the backend of the session's last turn, when routing kept it
 
 
-@dataclass(slots=True)
-class InFlight:
-    """One attempt on its way: the request it serves, the backend and model it tries, the bytes
-    it sends, and how its answer goes back (streamed or whole, by when, through which door)."""
-
-    request: web.Request
-    record: RequestRecord
-    attempt: Attempt
-    endpoint: str
-    payload: bytes  # what the backend is sent
-    stream: bool
-    strip_usage: bool  # the usage chunk was Nexus's question, not the client's: not relayed
-    reason: str  # why routing chose this attempt (X-Nexus-Route-Reason)
-    deadline: float  # the loop time by which the request must be done
-    fmt: OpenAIFormat  # the front door the client came through
-
-
-def new_request_id() -> str:
-    """A fresh request id, as X-Request-Id and the log line carry it."""
-    return "req-" + os.urandom(8).hex()
-
-
-def response_headers(record: RequestRecord, attempt: Attempt, reason: str) -> dict[str, str]:
-    """The X-Nexus-* headers that tell a client which backend served and why."""
-    backend = attempt.backend
-    headers = {
-        "X-Request-Id": record.id,
-        "X-Nexus-Backend": backend.name,
-        "X-Nexus-Backend-Type": "cloud" if backend.is_cloud else "local",
-        "X-Nexus-Route-Reason": reason,
-        "X-Nexus-Privacy-Zone": backend.zone,
-        "X-Nexus-Cost-Estimated": "0",
-    }
-    if attempt.fallback:
-        headers["X-Nexus-Fallback-Model"] = attempt.model
-    if attempt.max_tokens is not None:
-        headers["X-Nexus-Max-Tokens-Clamped"] = str(attempt.max_tokens)
-    if attempt.scrub:
-        headers["X-Nexus-Context-Scrubbed"] = "true"
-    return headers
-
-
-def attempt_payload(body: dict[str, Any], raw: bytes, attempt: Attempt, ask_usage: bool) -> bytes:
-    """The bytes to send: the client's own bytes unless the model, max_tokens or usage change,
-    the context is scrubbed, or the backend's adapter translates the request."""
-    adapter = ADAPTERS[attempt.backend.type]
-    if (
-        body["model"] == attempt.model
-        and attempt.max_tokens is None
-        and not ask_usage
-        and not attempt.scrub
-        and not adapter.translates
-    ):
-        return raw
-    payload = dict(body)
-    payload["model"] = attempt.model
-    if attempt.max_tokens is not None:
-        key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
-        payload[key] = attempt.max_tokens
-    if ask_usage:
-        options = dict(body.get("stream_options") or {})
-        options["include_usage"] = True
-        payload["stream_options"] = options
-    if attempt.scrub and isinstance(body.get("messages"), list):
-        payload["messages"] = scrubbed_messages(body["messages"])
-    return adapter.request_body(payload)
-
-
-def scrubbed_messages(messages: list[Any]) -> list[Any]:
-    """What crosses to an open backend on a scrubbed overflow: the system prompt (system and
-    developer messages) and the last user turn, nothing else of the conversation."""
-    system = [m for m in messages if isinstance(m, dict) and m.get("role") in SYSTEM_ROLES]
-    users = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
-    return system + users[-1:]
-
-
-def is_context_error(status: int, text: str) -> bool:
-    """Whether a backend's 400 or 413 says the prompt is over the model's context."""
-    lowered = text.lower()
-    return status in (400, 413) and any(marker in lowered for marker in CONTEXT_ERROR_MARKERS)
-
-
-# How backends give the sizes in a too-long refusal: llama.cpp's words (it also sends n_ctx
-# and n_prompt_tokens), then OpenAI's and vLLM's.
-CONTEXT_SIZE_PATTERNS = (
-    re.compile(r"\((?P<prompt>\d+) tokens\) exceeds the available context size \((?P<context>\d+)"),
-    re.compile(
-        r"maximum context length is (?P<context>\d+) tokens.{0,40}?"
-        r"requested (?P<prompt>\d+) tokens",
-        re.S,
-    ),
-)
-
-
-def backend_context_error(backend: Backend, text: str) -> NexusError:
-    """A backend's own too-long refusal (it counted more than Nexus estimated) as the context
-    error, with the sizes when the backend gave them; its own words otherwise."""
-    found: tuple[int, int] | None = None
-    try:
-        error = json.loads(text).get("error")
-        if isinstance(error, dict):
-            prompt, context = error.get("n_prompt_tokens"), error.get("n_ctx")
-            if isinstance(prompt, int) and isinstance(context, int):
-                found = prompt, context
-    except (ValueError, AttributeError):
-        pass
-    for pattern in CONTEXT_SIZE_PATTERNS:
-        match = pattern.search(text) if found is None else None
-        if match is not None:
-            found = int(match["prompt"]), int(match["context"])
-    if found is None:
-        return NexusError(400, "invalid_request_error", "context_length_exceeded", text[:500])
-    how = f"as backend {backend.name} counted them"
-    return context_length_exceeded(found[0], found[1], how, None)
-
-
 class OpenAIFormat:
-    """A front door: how the clients of one API are served. Every door has the same duties:
-    its request as the internal chat request (chat_request), the chat answer in its own shape,
-    whole (body) or streamed (chunk for each chat chunk, then end; error ends a stream Nexus
-    had to cut), errors in its API's shape (error_document), and its stream's content type.
-    One instance serves one request and may keep state across chunks.
-
-    Where a backend speaks the door's own API (native_api), the backend is sent the client's
-    own request (native_body, at native_path) and its answer goes back untranslated: whole,
-    its usage read with answer_usage; streamed, through the NativeStream of native_stream().
-
-    This base is OpenAI's chat API itself, which is also the internal request: the backend's
-    bytes pass through unchanged. A fifth API is one more subclass and nothing else."""
+    """A front door: how the clients of one API are served, one instance per request (it may
+    keep state across chunks). Its duties are the methods below. A backend that speaks the
+    door's own API (native_api) is sent the client's own request (native_body, at native_path)
+    and its answer goes back untranslated, streamed through native_stream(). This base is
+    OpenAI's chat API, also the internal request: the backend's bytes pass through unchanged."""
 
     # Whether the usage chunk Nexus asked the backend for reaches chunk(); OpenAI's format strips
     # it for a client that did not ask, a translating format may need it (token counts).
     keeps_usage = False
-    # The API this door speaks when it is not OpenAI's chat: a backend whose adapter speaks
-    # the same API is sent the client's own request, and its answer is relayed as it is.
     native_api: str | None = None
-    native_path = ""  # where such a backend takes the request
+    native_path = ""
     content_type = "text/event-stream"  # a stream's: SSE, or NDJSON for Ollama's API
     prompt_param = "messages"  # the request field a too-long prompt's error names
     native_body: dict[str, Any]
@@ -5515,8 +5388,19 @@ class OpenAIFormat:
         return b"data: " + data + b"\n\n"
 
     def error(self, endpoint: str, model: str, message: str) -> bytes:
-        """The last words of a stream Nexus had to cut."""
-        return error_chunk(endpoint, model, message)
+        """The last chunk of a stream Nexus had to cut: finish_reason "error" and the reason."""
+        text = endpoint == "completions"
+        choice: dict[str, Any] = {"index": 0, "text": ""} if text else {"index": 0, "delta": {}}
+        choice["finish_reason"] = "error"
+        chunk = {
+            "id": "nexus-error",
+            "object": "text_completion" if text else "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [choice],
+            "error": {"message": message, "type": "backend_error", "code": "stream_interrupted"},
+        }
+        return b"data: " + json.dumps(chunk).encode() + b"\n\n"
 
     def end(self) -> bytes:
         """The stream's own end."""
@@ -5533,8 +5417,7 @@ class OpenAIFormat:
 
 class NativeStream:
     """One attempt's stream in the client's own API, from a backend that speaks it, relayed
-    line by line as it arrives. Its state is the attempt's: an attempt that fails before its
-    first line went out leaves nothing behind for the next one."""
+    line by line; one per attempt, so a failed attempt leaves nothing for the next one."""
 
     def __init__(self) -> None:
         self.usage: dict[str, Any] = {}  # as the stream's lines report it (usage_from reads it)
@@ -5550,52 +5433,155 @@ class NativeStream:
         raise NotImplementedError
 
     def end(self) -> bytes:
-        """The stream's end: nothing, the backend's own last line ended it."""
-        return b""  # the backend's own last line ended it
+        """Nothing: the backend's own last line ended the stream."""
+        return b""
 
 
 OPENAI_FORMAT = OpenAIFormat()
 
 
-def error_chunk(endpoint: str, model: str, message: str) -> bytes:
-    """The last chunk of a stream Nexus had to end: finish_reason "error" and the reason."""
-    if endpoint == "completions":
-        choice: dict[str, Any] = {"index": 0, "text": "", "finish_reason": "error"}
-        kind = "text_completion"
-    else:
-        choice = {"index": 0, "delta": {}, "finish_reason": "error"}
-        kind = "chat.completion.chunk"
-    chunk = {
-        "id": "nexus-error",
-        "object": kind,
-        "created": int(time.time()),
-        "model": model,
-        "choices": [choice],
-        "error": {"message": message, "type": "backend_error", "code": "stream_interrupted"},
+@dataclass(slots=True)
+class InFlight:
+    """A request on its way on one attempt: what it sends where, and how its answer goes back."""
+
+    request: web.Request
+    record: RequestRecord
+    attempt: Attempt
+    body: dict[str, Any]  # the request as the internal chat request: the prompt Nexus counts
+    url: str
+    payload: bytes  # what the backend is sent
+    native: bool  # the backend speaks the door's own API: its answer goes back as it is
+    stream: bool
+    strip_usage: bool  # the usage chunk was Nexus's question, not the client's: not relayed
+    reason: str  # why routing chose this attempt (X-Nexus-Route-Reason)
+    deadline: float  # the loop time by which the request must be done
+    fmt: OpenAIFormat  # the front door the client came through
+
+
+def new_request_id() -> str:
+    """A fresh request id, as X-Request-Id and the log line carry it."""
+    return "req-" + os.urandom(8).hex()
+
+
+def response_headers(flight: InFlight, budget: Budget) -> dict[str, str]:
+    """The X-Nexus-* headers that tell a client which backend served, why, and the budget."""
+    attempt = flight.attempt
+    backend = attempt.backend
+    headers = {
+        "X-Request-Id": flight.record.id,
+        "X-Nexus-Backend": backend.name,
+        "X-Nexus-Backend-Type": "cloud" if backend.is_cloud else "local",
+        "X-Nexus-Route-Reason": flight.reason,
+        "X-Nexus-Privacy-Zone": backend.zone,
+        "X-Nexus-Cost-Estimated": "0",
     }
-    return b"data: " + json.dumps(chunk).encode() + b"\n\n"
+    if attempt.fallback:
+        headers["X-Nexus-Fallback-Model"] = attempt.model
+    if attempt.max_tokens is not None:
+        headers["X-Nexus-Max-Tokens-Clamped"] = str(attempt.max_tokens)
+    if attempt.scrub:
+        headers["X-Nexus-Context-Scrubbed"] = "true"
+    if budget.enabled:
+        headers["X-Nexus-Budget-Status"] = budget.status
+    return headers
+
+
+def is_context_error(status: int, text: str) -> bool:
+    """Whether a backend's 400 or 413 says the prompt is over the model's context."""
+    lowered = text.lower()
+    return status in (400, 413) and any(marker in lowered for marker in CONTEXT_ERROR_MARKERS)
+
+
+def backend_context_error(backend: Backend, text: str) -> NexusError:
+    """A backend's own too-long refusal as the context error, with the sizes if it gave them."""
+    found: tuple[int, int] | None = None
+    try:
+        error = json.loads(text).get("error")
+        if isinstance(error, dict):
+            prompt, context = error.get("n_prompt_tokens"), error.get("n_ctx")
+            if isinstance(prompt, int) and isinstance(context, int):
+                found = prompt, context
+    except (ValueError, AttributeError):
+        pass
+    for pattern in CONTEXT_SIZE_PATTERNS:
+        if found is None and (match := pattern.search(text)):
+            found = int(match["prompt"]), int(match["context"])
+    if found is None:
+        return NexusError(400, "invalid_request_error", "context_length_exceeded", text[:500])
+    how = f"as backend {backend.name} counted them"
+    return context_length_exceeded(found[0], found[1], how, None)
+
+
+def scrubbed_messages(messages: list[Any]) -> list[Any]:
+    """What crosses to an open backend on a scrubbed overflow: system prompt, last user turn."""
+    system = [m for m in messages if isinstance(m, dict) and m.get("role") in SYSTEM_ROLES]
+    users = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
+    return system + users[-1:]
+
+
+def scrubbed_user_turn(messages: list[Any]) -> list[Any]:
+    """The last user turn of a Messages conversation that says something itself, without its
+    tool results (the API refuses one without the assistant's tool_use it answers)."""
+    users = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
+    for message in reversed(users):
+        content = message.get("content")
+        if not isinstance(content, list):
+            return [message]  # plain text
+        said = [b for b in content if not (isinstance(b, dict) and b.get("type") == "tool_result")]
+        if said:
+            return [dict(message, content=said)]
+    return users[-1:]
+
+
+def attempt_request(
+    fmt: OpenAIFormat,
+    endpoint: str,
+    body: dict[str, Any],
+    raw: bytes,
+    attempt: Attempt,
+    ask_usage: bool,
+) -> tuple[str, bytes, bool]:
+    """Where an attempt is sent, what, and whether the backend speaks the door's API (it gets
+    the client's own request); a NexusError when the backend's API cannot carry the request."""
+    backend = attempt.backend
+    adapter = ADAPTERS[backend.type]
+    url = adapter.url(backend, endpoint)
+    if fmt.native_api == adapter.api:
+        native = dict(fmt.native_body, model=attempt.model)
+        if attempt.scrub and isinstance(native.get("messages"), list):
+            native["messages"] = scrubbed_user_turn(native["messages"])
+        return backend.url + fmt.native_path, json.dumps(native).encode(), True
+    changes = attempt.max_tokens is not None or ask_usage or attempt.scrub or adapter.translates
+    if body["model"] == attempt.model and not changes:
+        return url, raw, False  # the client's own bytes
+    payload = dict(body)
+    payload["model"] = attempt.model
+    if attempt.max_tokens is not None:
+        key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+        payload[key] = attempt.max_tokens
+    if ask_usage:
+        payload["stream_options"] = dict(body.get("stream_options") or {}, include_usage=True)
+    if attempt.scrub and isinstance(body.get("messages"), list):
+        payload["messages"] = scrubbed_messages(body["messages"])
+    return url, adapter.request_body(payload), False
 
 
 class WaitQueue:
-    """Requests waiting for a backend slot when every candidate is at max_concurrent.
-
-    Small on purpose: each waiter has an event; whenever a backend's in_flight drops, every
-    waiter is woken in rank order (high priority first, then first come) and re-runs routing.
-    The first to find a free slot takes it before the others run, so the order holds."""
+    """Requests waiting for a backend slot when every candidate is at max_concurrent. Whenever
+    a backend's in_flight drops every waiter is woken in rank order (high priority, then first
+    come) to route again; the first to find a free slot takes it, so the order holds."""
 
     def __init__(self) -> None:
         self.waiting: list[tuple[tuple[int, int], asyncio.Event]] = []
         self.arrivals = itertools.count()
 
     def __len__(self) -> int:
-        """How many requests wait."""
         return len(self.waiting)
 
     def join(self, high_priority: bool) -> tuple[tuple[int, int], asyncio.Event]:
         """Queue a request in rank order; its entry, with the event that wakes it."""
         entry = ((0 if high_priority else 1, next(self.arrivals)), asyncio.Event())
-        self.waiting.append(entry)
-        self.waiting.sort(key=lambda e: e[0])
+        bisect.insort(self.waiting, entry, key=lambda e: e[0])
         return entry
 
     def leave(self, entry: tuple[tuple[int, int], asyncio.Event]) -> None:
@@ -5609,54 +5595,16 @@ class WaitQueue:
             event.set()
 
 
-async def plan_route(app: web.Application, needs: RequestNeeds, deadline: float) -> RouteDecision:
-    """Route the request; while every candidate is at max_concurrent, wait in the queue for a
-    slot (SPEC §3.6), up to queue.max_wait_seconds, re-routing each time one frees up."""
-    settings = app[SETTINGS]
-    loop = asyncio.get_running_loop()
-    decision = route_now(app, needs)
-    if not decision.all_full:
-        return decision
-    queue = app[QUEUE]
-    if not settings.queue.enabled:
-        raise queue_full(app, needs, decision, "the queue is off (queue.enabled = false)")
-    if len(queue) >= settings.queue.max_size:
-        raise queue_full(app, needs, decision, "the queue is full")
-    wait_until = min(loop.time() + settings.queue.max_wait_seconds, deadline)
-    entry = queue.join(needs.high_priority)
-    try:
-        while decision.all_full:
-            entry[1].clear()
-            try:
-                async with asyncio.timeout_at(wait_until):
-                    await entry[1].wait()
-            except TimeoutError:
-                raise queue_full(app, needs, decision, "no slot freed up in time") from None
-            decision = route_now(app, needs)
-    finally:
-        queue.leave(entry)
-    return decision
-
-
-def route_now(app: web.Application, needs: RequestNeeds) -> RouteDecision:
-    """route(), with the 503's eta_seconds filled in from the health checks when a backend of
-    the model is down (it may be back after the next polls)."""
-    registry = app[REGISTRY]
-    settings = app[SETTINGS]
-    try:
-        return route(needs, registry, settings)
-    except NexusError as error:
-        if error.code == "no_backend_available":
-            chain = model_chain(needs.model, settings.routing)
-            down = [b for m in chain for b in registry.by_model.get(m, ()) if b.status != "healthy"]
-            if down:
-                set_eta(error, health_eta(app))
-        raise
+def set_eta(error: NexusError, eta: int | None) -> None:
+    """Put the seconds until a retry may succeed in the error's context and Retry-After."""
+    if error.context is not None:
+        error.context["eta_seconds"] = eta
+    if eta is not None:
+        error.headers["Retry-After"] = str(eta)
 
 
 def health_eta(app: web.Application) -> int | None:
-    """Seconds until a backend that is down now could be healthy again: the next poll, plus
-    the further polls recovery takes."""
+    """Seconds until a backend that is down could be healthy: the polls recovery takes."""
     health = app[SETTINGS].health_check
     next_check = app[BACKGROUND].get("next_health_check")
     if not health.enabled or next_check is None:
@@ -5664,6 +5612,19 @@ def health_eta(app: web.Application) -> int | None:
     wait = max(next_check - time.monotonic(), 0.0)
     wait += (health.recovery_threshold - 1) * health.interval_seconds
     return max(math.ceil(wait), 1)
+
+
+def route_now(app: web.Application, needs: RequestNeeds) -> RouteDecision:
+    """route(), its 503's eta_seconds from the health checks when a backend of the model is down."""
+    registry, settings = app[REGISTRY], app[SETTINGS]
+    try:
+        return route(needs, registry, settings)
+    except NexusError as error:
+        if error.code == "no_backend_available":
+            chain = model_chain(needs.model, settings.routing)
+            if any(b.status != "healthy" for m in chain for b in registry.by_model.get(m, ())):
+                set_eta(error, health_eta(app))
+        raise
 
 
 def queue_eta(app: web.Application, decision: RouteDecision) -> int:
@@ -5679,9 +5640,8 @@ def queue_full(
     app: web.Application, needs: RequestNeeds, decision: RouteDecision, why: str
 ) -> NexusError:
     """The 503 for a request that found every candidate busy and could not wait."""
-    error = NexusError(
+    error = NexusError.of(
         503,
-        "service_unavailable",
         "no_backend_available",
         f"Every backend serving model '{needs.model}' is at its max_concurrent and {why}.",
         context={
@@ -5700,12 +5660,48 @@ def queue_full(
     return error
 
 
-def set_eta(error: NexusError, eta: int | None) -> None:
-    """Put the seconds until a retry may succeed in the error's context and Retry-After."""
-    if error.context is not None:
-        error.context["eta_seconds"] = eta
-    if eta is not None:
-        error.headers["Retry-After"] = str(eta)
+async def plan_route(app: web.Application, needs: RequestNeeds, deadline: float) -> RouteDecision:
+    """Route the request; while every candidate is at max_concurrent, wait in the queue (§3.6)."""
+    decision = route_now(app, needs)
+    if not decision.all_full:
+        return decision
+    settings, queue = app[SETTINGS], app[QUEUE]
+    if not settings.queue.enabled:
+        raise queue_full(app, needs, decision, "the queue is off (queue.enabled = false)")
+    if len(queue) >= settings.queue.max_size:
+        raise queue_full(app, needs, decision, "the queue is full")
+    wait_until = min(asyncio.get_running_loop().time() + settings.queue.max_wait_seconds, deadline)
+    entry = queue.join(needs.high_priority)
+    try:
+        while decision.all_full:
+            entry[1].clear()
+            try:
+                async with asyncio.timeout_at(wait_until):
+                    await entry[1].wait()
+            except TimeoutError:
+                raise queue_full(app, needs, decision, "no slot freed up in time") from None
+            decision = route_now(app, needs)
+    finally:
+        queue.leave(entry)
+    return decision
+
+
+def follow_session(
+    request: web.Request, record: RequestRecord, body: dict[str, Any], needs: RequestNeeds
+) -> None:
+    """Find the request's session (SPEC §3.7) and the backend of its last turn, for routing to
+    keep; a model only one backend serves leaves nothing to choose, so nothing is noted."""
+    app = request.app
+    model = resolve_alias(needs.model, app[SETTINGS].routing.aliases)
+    if len(app[REGISTRY].by_model.get(model, ())) < 2:
+        return
+    found = session_key(request.headers, body)
+    if found is None:
+        return
+    record.session, follows = found
+    if follows:
+        needs.last_backend = app[SESSIONS].backend_of(record.session, time.monotonic())
+        record.followed = needs.last_backend
 
 
 async def plan_request(
@@ -5717,8 +5713,6 @@ async def plan_request(
     settings = app[SETTINGS]
     record = RequestRecord(request[REQUEST_ID], needs.model, endpoint, time.perf_counter())
     request[RECORD] = record
-    request[PAYLOAD] = body
-    request[ENDPOINT] = endpoint
     needs.flexible = request.headers.get("X-Nexus-Flexible", "").lower() == "true"
     needs.high_priority = request.headers.get("X-Nexus-Priority", "").lower() == "high"
     needs.budget_status = app[BUDGET].status
@@ -5731,153 +5725,16 @@ async def plan_request(
     return record, decision, deadline
 
 
-async def proxy(
-    request: web.Request,
-    endpoint: str,
-    body: dict[str, Any],
-    raw: bytes,
-    needs: RequestNeeds,
-    fmt: OpenAIFormat = OPENAI_FORMAT,
-) -> web.StreamResponse:
-    """Route a request and try its attempts in order until one answers (SPEC §3.5).
-
-    Before any byte reached the client a failure moves on to the next attempt. The same
-    backend is asked again only when it is its model's only candidate, after a short pause
-    (or the 429's Retry-After), up to max_retries, and never after it stayed silent."""
-    settings = request.app[SETTINGS]
-    loop = asyncio.get_running_loop()
-    record, decision, deadline = await plan_request(request, endpoint, body, needs)
-    stream = body.get("stream") is True and endpoint != "embeddings"
-    client_wants_usage = isinstance(body.get("stream_options"), dict) and bool(
-        body["stream_options"].get("include_usage")
-    )
-    failure: AttemptFailed | None = None
-    skip_model: str | None = None
-    passed_over: set[str] = set()  # backends not to ask again for this request
-    tried = 0
-    for attempt in decision.attempts:
-        backend = attempt.backend
-        if attempt.model == skip_model or backend.name in passed_over:
-            continue
-        if failure is not None and backend.status != "healthy":
-            continue  # it went down while this request was on its way
-        reason = decision.reason if attempt is decision.attempts[0] else "failover"
-        record.route_reason = reason
-        record.fallback = attempt.fallback
-        ask_usage = stream and not client_wants_usage and ADAPTERS[backend.type].stream_usage
-        try:  # a request this backend's API cannot carry: the next attempt may take it
-            payload = attempt_bytes(fmt, endpoint, body, raw, attempt, ask_usage)
-        except NexusError as error:
-            failure = AttemptFailed(error)
-            continue
-        flight = InFlight(
-            request=request,
-            record=record,
-            attempt=attempt,
-            endpoint=endpoint,
-            payload=payload,
-            stream=stream,
-            strip_usage=ask_usage and not fmt.keeps_usage,
-            reason=reason,
-            deadline=deadline,
-            fmt=fmt,
-        )
-        same_backend_retries = 0
-        while True:
-            if loop.time() >= deadline:
-                raise request_timed_out(settings.server.request_timeout_seconds)
-            record.retries = tried  # the attempts after the first
-            tried += 1
-            try:
-                return await send_attempt(flight)
-            except AttemptFailed as exc:
-                failure = exc
-            if failure.silent or (failure.retry_after or 0) > MAX_RETRY_AFTER_SECONDS:
-                passed_over.add(backend.name)
-            if failure.skip_model:
-                skip_model = attempt.model
-                break
-            max_retries = settings.routing.max_retries
-            pause = retry_pause(flight, failure, passed_over, same_backend_retries, max_retries)
-            if pause is None:
-                break
-            same_backend_retries += 1
-            await asyncio.sleep(pause)
-    assert failure is not None  # the first attempt is always tried
-    if failure.error.code == "context_length_exceeded":
-        failure.error.param = needs.prompt_param
-    raise failure.error
-
-
-def retry_pause(
-    flight: InFlight,
-    failure: AttemptFailed,
-    passed_over: set[str],
-    retries: int,
-    max_retries: int,
-) -> float | None:
-    """How long to wait before asking the same backend again, or None to go on to the next
-    attempt: a backend is asked again only as its model's only candidate, healthy, not passed
-    over, up to routing.max_retries times, and only if the pause ends before the deadline."""
-    backend = flight.attempt.backend
-    if (
-        not flight.attempt.alone
-        or backend.name in passed_over
-        or backend.status != "healthy"
-        or retries >= max_retries
-    ):
-        return None
-    pause = failure.retry_after
-    if pause is None:
-        pause = random.uniform(*RETRY_BACKOFF_SECONDS)
-    if asyncio.get_running_loop().time() + pause >= flight.deadline:
-        return None
-    return pause
-
-
-def attempt_bytes(
-    fmt: OpenAIFormat,
-    endpoint: str,
-    body: dict[str, Any],
-    raw: bytes,
-    attempt: Attempt,
-    ask_usage: bool,
-) -> bytes:
-    """What an attempt sends: the client's own request to a backend that speaks its door's API,
-    else the chat request for this attempt. A NexusError when the backend's API cannot carry
-    the request (the next attempt may take it)."""
-    adapter = ADAPTERS[attempt.backend.type]
-    adapter.url(attempt.backend, endpoint)
-    if speaks_natively(fmt, adapter):
-        return native_payload(fmt, attempt)
-    return attempt_payload(body, raw, attempt, ask_usage)
-
-
-def follow_session(
-    request: web.Request, record: RequestRecord, body: dict[str, Any], needs: RequestNeeds
-) -> None:
-    """Find the request's session (SPEC §3.7) and the backend of its last turn, for routing to
-    keep when it is still a candidate; the backend that serves is noted by note_success. A
-    model only one backend serves leaves nothing to choose: no key is made, nothing noted."""
-    app = request.app
-    model = resolve_alias(needs.model, app[SETTINGS].routing.aliases)
-    if len(app[REGISTRY].by_model.get(model, ())) < 2:
-        return
-    found = session_key(request.headers, body)
-    if found is None:
-        return
-    record.session, follows = found
-    if follows:
-        needs.last_backend = request.app[SESSIONS].backend_of(record.session, time.monotonic())
-        record.followed = needs.last_backend
+def request_timed_out(limit: float) -> NexusError:
+    """The 504 for a request past server.request_timeout_seconds."""
+    message = f"The request took longer than {limit:g} s (server.request_timeout_seconds)."
+    return NexusError(504, "timeout", "request_timeout", message)
 
 
 class WaitLimits:
     """The limits on one attempt's waits for its backend (SPEC §3.5): the answer begins by
-    first_byte_by, each later read comes within the idle limit, nothing waits past the
-    request's deadline. One timer serves every wait of the attempt and is re-armed only when
-    it fires before the current wait's limit, where asyncio.timeout would arm and cancel a
-    timer per wait, and a stream waits once per chunk (`make bench`)."""
+    first_byte_by, each later read comes within `idle`, nothing waits past the deadline. One
+    timer serves every wait (asyncio.timeout would arm and cancel one per chunk)."""
 
     __slots__ = (
         "_expired",
@@ -5938,36 +5795,118 @@ class WaitLimits:
             self._timer = None
 
 
-def request_timed_out(limit: float) -> NexusError:
-    """The 504 for a request past server.request_timeout_seconds."""
-    return NexusError(
-        504,
-        "timeout",
-        "request_timeout",
-        f"The request took longer than {limit:g} s (server.request_timeout_seconds).",
-    )
+def note_failure(flight: InFlight, why: str) -> None:
+    """Count a failure against the backend: its errors, and its health when that is checked."""
+    backend, health = flight.attempt.backend, flight.request.app[SETTINGS].health_check
+    backend.errors += 1
+    if health.enabled:
+        record_failure(backend, health, why)
+
+
+def attempt_failure(flight: InFlight, status: int, why: str) -> AttemptFailed:
+    """Count a failed attempt against the backend's health and make the error it may end in."""
+    note_failure(flight, why)
+    kind = "timeout" if status == 504 else "backend_error"
+    code = "backend_timeout" if status == 504 else "backend_failed"
+    message = f"Backend {flight.attempt.backend.name} failed: {why}."
+    return AttemptFailed(NexusError(status, kind, code, message), silent=status == 504)
+
+
+def upstream_error(flight: InFlight, upstream: BackendConnection, answer: bytes) -> web.Response:
+    """A backend's error answer: 5xx and 429 are retried, context overruns fall back, other 4xx
+    go back to the client untouched (in an error envelope when they are not a JSON error)."""
+    app, backend = flight.request.app, flight.attempt.backend
+    adapter = ADAPTERS[backend.type]
+    status = upstream.status
+    if adapter.translates:
+        answer = adapter.error_body(answer)
+    text = answer[:2000].decode("utf-8", "replace")
+    if status >= 500:
+        raise attempt_failure(flight, 502, f"answered HTTP {status}")
+    if status == 429:  # alive but busy: not a health failure
+        backend.errors += 1
+        wait = retry_after_seconds(upstream.headers.get("retry-after"))
+        message = f"Backend {backend.name} is rate limited; try again later."
+        retry = {"Retry-After": str(math.ceil(wait)) if wait is not None else "1"}
+        error = NexusError.of(429, "rate_limited", message, headers=retry)
+        raise AttemptFailed(error, retry_after=wait)
+    if is_context_error(status, text):
+        raise AttemptFailed(backend_context_error(backend, text), skip_model=True)
+    flight.record.status = status
+    headers = response_headers(flight, app[BUDGET])
+    try:
+        parsed = json.loads(answer)
+    except (ValueError, UnicodeDecodeError):
+        parsed = None
+    if not (isinstance(parsed, dict) and "error" in parsed):
+        # An HTML page or plain text is never handed to a client as it is (SPEC §4).
+        error = NexusError(status, "invalid_request_error", "backend_error", text[:500])
+        return web.json_response(error.envelope(), status=status, headers=headers)
+    content_type = upstream.headers.get("content-type", "application/json").split(";")[0]
+    return web.Response(body=answer, status=status, headers=headers, content_type=content_type)
+
+
+def note_success(flight: InFlight) -> None:
+    """A request served: the backend's latency and TTFT averages (from the attempt's send, not
+    the request's arrival), its health, and the session's backend."""
+    app, record, backend = flight.request.app, flight.record, flight.attempt.backend
+    elapsed_ms = (time.perf_counter() - record.sent) * 1000
+    ema = backend.latency_ema_ms
+    backend.latency_ema_ms = elapsed_ms if ema is None else ema + EMA_WEIGHT * (elapsed_ms - ema)
+    if record.ttft_ms is not None:  # the client's wait for the first byte, from its request
+        ttft_ms = record.ttft_ms - (record.sent - record.started) * 1000
+        ema = backend.ttft_ema_ms
+        backend.ttft_ema_ms = ttft_ms if ema is None else ema + EMA_WEIGHT * (ttft_ms - ema)
+    if app[SETTINGS].health_check.enabled:
+        record_success(backend, app[SETTINGS].health_check)
+    if record.session is not None:
+        app[SESSIONS].note(record.session, backend.name, record.followed, time.monotonic())
+
+
+async def whole_answer(
+    flight: InFlight, status: int, answer: bytes, headers: dict[str, str]
+) -> web.Response:
+    """A whole answer that succeeded, in the door's shape: usage noted, cost settled."""
+    record, attempt = flight.record, flight.attempt
+    backend = attempt.backend
+    adapter = ADAPTERS[backend.type]
+    try:
+        parsed = parse_json(answer)
+    except ValueError:
+        parsed = None
+    if not isinstance(parsed, dict):
+        raise attempt_failure(flight, 502, "answered something that is not JSON")
+    if flight.native:
+        note_usage(record, flight.fmt.answer_usage(parsed))
+    else:
+        if adapter.translates:
+            parsed = adapter.answer(parsed)
+            answer = json.dumps(parsed).encode()
+        if not backend.is_cloud and parsed.get("model", attempt.model) != attempt.model:
+            parsed["model"] = attempt.model  # the response names the model that served
+            answer = json.dumps(parsed).encode()
+        note_usage(record, parsed.get("usage"))
+    if backend.is_cloud:
+        texts = answer_texts(record.endpoint, parsed)
+        headers["X-Nexus-Cost-Estimated"] = await settle_cost(flight, texts)
+    note_success(flight)
+    body = answer if flight.native else flight.fmt.body(answer, parsed)
+    return web.Response(body=body, status=status, headers=headers, content_type="application/json")
 
 
 async def send_attempt(flight: InFlight) -> web.StreamResponse:
     """One attempt on one backend, bounded by the first-byte limit until its answer begins."""
-    request, record, attempt = flight.request, flight.record, flight.attempt
-    app = request.app
+    app, record, attempt = flight.request.app, flight.record, flight.attempt
     backend = attempt.backend
-    adapter = ADAPTERS[backend.type]
-    loop = asyncio.get_running_loop()
     if (busy := backend_turn(backend, time.monotonic())) is not None:
         # Like the backend's own 429: a short wait is waited out when it is the only candidate.
         raise AttemptFailed(busy, retry_after=retry_after_seconds(busy.headers["Retry-After"]))
-    headers = adapter.headers(backend)
+    headers = ADAPTERS[backend.type].headers(backend)
     headers.update(JSON_HEADERS)
-    native = speaks_natively(flight.fmt, adapter)
     stream, deadline = flight.stream, flight.deadline
     server = app[SETTINGS].server
-    limits = WaitLimits(
-        min(loop.time() + server.first_byte_timeout_seconds, deadline),
-        server.stream_idle_timeout_seconds,
-        deadline,
-    )
+    first_byte_by = asyncio.get_running_loop().time() + server.first_byte_timeout_seconds
+    limits = WaitLimits(min(first_byte_by, deadline), server.stream_idle_timeout_seconds, deadline)
     backend.in_flight += 1
     per_model = backend.model_in_flight  # what an unload or a migration waits for (§5.1)
     per_model[attempt.model] = per_model.get(attempt.model, 0) + 1
@@ -5977,13 +5916,9 @@ async def send_attempt(flight: InFlight) -> web.StreamResponse:
     upstream: BackendConnection | None = None
     try:
         try:
-            if native:
-                url = backend.url + flight.fmt.native_path
-            else:
-                url = adapter.url(backend, flight.endpoint)
             # A non-streamed answer comes when it is done: only the request's limit bounds it.
             upstream = await limits.wait(
-                app[CLIENT].request("POST", url, headers, flight.payload),
+                app[CLIENT].request("POST", flight.url, headers, flight.payload),
                 limits.first_byte_by if stream else deadline,
             )
             if upstream.status >= 400 or not stream:
@@ -5994,23 +5929,17 @@ async def send_attempt(flight: InFlight) -> web.StreamResponse:
                         upstream.read(), limits.read_by() if stream else deadline
                     )
         except TimeoutError:
-            raise attempt_failure(app, backend, 504, "timed out before answering") from None
+            raise attempt_failure(flight, 504, "timed out before answering") from None
         except BackendHTTPError as exc:
-            raise attempt_failure(app, backend, 502, describe_failure(exc)) from None
+            raise attempt_failure(flight, 502, describe_failure(exc)) from None
         if upstream.status >= 400:
-            if adapter.translates:
-                answer = adapter.error_body(answer)
-            return upstream_error(app, record, attempt, flight.reason, upstream, answer)
-        out_headers = response_headers(record, attempt, flight.reason)
-        if app[BUDGET].enabled:
-            out_headers["X-Nexus-Budget-Status"] = app[BUDGET].status
+            return upstream_error(flight, upstream, answer)
+        out_headers = response_headers(flight, app[BUDGET])
         if not stream:
             return await whole_answer(flight, upstream.status, answer, out_headers)
         if backend.is_cloud:  # headers go before the answer: the prompt's cost, estimated
-            out_headers["X-Nexus-Cost-Estimated"] = await prompt_cost(request, attempt)
-        return await relay_stream(
-            request, record, attempt, upstream, out_headers, flight.strip_usage, limits, flight.fmt
-        )
+            out_headers["X-Nexus-Cost-Estimated"] = await prompt_cost(flight)
+        return await relay_stream(flight, upstream, out_headers, limits)
     finally:
         limits.close()
         backend.in_flight -= 1
@@ -6020,159 +5949,93 @@ async def send_attempt(flight: InFlight) -> web.StreamResponse:
         app[QUEUE].wake()
 
 
-async def whole_answer(
-    flight: InFlight, status: int, answer: bytes, headers: dict[str, str]
-) -> web.Response:
-    """A whole (not streamed) answer that succeeded, in the door's shape: its usage noted, its
-    cost settled (cloud backends), the backend's success counted."""
-    request, record, attempt, fmt = flight.request, flight.record, flight.attempt, flight.fmt
-    backend = attempt.backend
-    adapter = ADAPTERS[backend.type]
-    native = speaks_natively(fmt, adapter)
-    try:
-        parsed = parse_json(answer)
-    except ValueError:
-        parsed = None
-    if not isinstance(parsed, dict):
-        raise attempt_failure(request.app, backend, 502, "answered something that is not JSON")
-    if native:
-        note_usage(record, fmt.answer_usage(parsed))
-    elif adapter.translates:
-        parsed = adapter.answer(parsed)
-        answer = json.dumps(parsed).encode()
-    if not native:
-        if not backend.is_cloud and parsed.get("model", attempt.model) != attempt.model:
-            parsed["model"] = attempt.model  # the response names the model that served
-            answer = json.dumps(parsed).encode()
-        note_usage(record, parsed.get("usage"))
-    if backend.is_cloud:
-        texts = answer_texts(flight.endpoint, parsed)
-        headers["X-Nexus-Cost-Estimated"] = await settle_cost(request, record, attempt, texts)
-    note_success(request.app, record, backend)
-    return web.Response(
-        body=answer if native else fmt.body(answer, parsed),
-        status=status,
-        headers=headers,
-        content_type="application/json",
-    )
+def retry_pause(flight: InFlight, failure: AttemptFailed, retries: int) -> float | None:
+    """The pause before asking the same backend again, or None to go on: only for its model's
+    only candidate, healthy, up to routing.max_retries times, if it ends before the deadline."""
+    attempt = flight.attempt
+    max_retries = flight.request.app[SETTINGS].routing.max_retries
+    if not attempt.alone or attempt.backend.status != "healthy" or retries >= max_retries:
+        return None
+    pause = failure.retry_after
+    if pause is None:
+        pause = random.uniform(*RETRY_BACKOFF_SECONDS)
+    return pause if asyncio.get_running_loop().time() + pause < flight.deadline else None
 
 
-def attempt_failure(app: web.Application, backend: Backend, status: int, why: str) -> AttemptFailed:
-    """Count a failed attempt against the backend's health and make the error it may end in."""
-    backend.errors += 1
-    if app[SETTINGS].health_check.enabled:
-        record_failure(backend, app[SETTINGS].health_check, why)
-    kind = "timeout" if status == 504 else "backend_error"
-    code = "backend_timeout" if status == 504 else "backend_failed"
-    return AttemptFailed(
-        NexusError(status, kind, code, f"Backend {backend.name} failed: {why}."),
-        silent=status == 504,
-    )
-
-
-def upstream_error(
-    app: web.Application,
-    record: RequestRecord,
-    attempt: Attempt,
-    reason: str,
-    upstream: BackendConnection,
-    answer: bytes,
-) -> web.Response:
-    """A backend's error answer: 5xx and 429 are retried, context overruns fall back, other 4xx
-    go back to the client untouched."""
-    backend = attempt.backend
-    status = upstream.status
-    text = answer[:2000].decode("utf-8", "replace")
-    if status >= 500:
-        raise attempt_failure(app, backend, 502, f"answered HTTP {status}")
-    if status == 429:  # alive but busy: not a health failure
-        backend.errors += 1
-        wait = retry_after_seconds(upstream.headers.get("retry-after"))
-        raise AttemptFailed(
-            NexusError(
-                429,
-                "rate_limit_error",
-                "rate_limited",
-                f"Backend {backend.name} is rate limited; try again later.",
-                headers={"Retry-After": str(math.ceil(wait)) if wait is not None else "1"},
-            ),
-            retry_after=wait,
+async def proxy(
+    request: web.Request,
+    endpoint: str,
+    body: dict[str, Any],
+    raw: bytes,
+    needs: RequestNeeds,
+    fmt: OpenAIFormat = OPENAI_FORMAT,
+) -> web.StreamResponse:
+    """Route a request and try its attempts in order until one answers (SPEC §3.5): before any
+    byte reached the client a failure moves on to the next attempt or, see retry_pause, the
+    same one again; a backend that stayed silent is not asked again."""
+    loop = asyncio.get_running_loop()
+    record, decision, deadline = await plan_request(request, endpoint, body, needs)
+    stream = body.get("stream") is True and endpoint != "embeddings"
+    options = body.get("stream_options")
+    client_wants_usage = isinstance(options, dict) and bool(options.get("include_usage"))
+    failure: AttemptFailed | None = None
+    skip_model: str | None = None
+    passed_over: set[str] = set()  # backends not to ask again for this request
+    tried = 0
+    for attempt in decision.attempts:
+        backend = attempt.backend
+        if attempt.model == skip_model or backend.name in passed_over:
+            continue
+        if failure is not None and backend.status != "healthy":
+            continue  # it went down while this request was on its way
+        reason = decision.reason if attempt is decision.attempts[0] else "failover"
+        record.route_reason = reason
+        record.fallback = attempt.fallback
+        ask_usage = stream and not client_wants_usage and ADAPTERS[backend.type].stream_usage
+        try:  # a request this backend's API cannot carry: the next attempt may take it
+            url, payload, native = attempt_request(fmt, endpoint, body, raw, attempt, ask_usage)
+        except NexusError as error:
+            failure = AttemptFailed(error)
+            continue
+        flight = InFlight(
+            request=request,
+            record=record,
+            attempt=attempt,
+            body=body,
+            url=url,
+            payload=payload,
+            native=native,
+            stream=stream,
+            strip_usage=ask_usage and not fmt.keeps_usage,
+            reason=reason,
+            deadline=deadline,
+            fmt=fmt,
         )
-    if is_context_error(status, text):
-        raise AttemptFailed(backend_context_error(backend, text), skip_model=True)
-    record.status = status
-    headers = response_headers(record, attempt, reason)
-    if app[BUDGET].enabled:
-        headers["X-Nexus-Budget-Status"] = app[BUDGET].status
-    try:
-        parsed = json.loads(answer)
-    except (ValueError, UnicodeDecodeError):
-        parsed = None
-    if not (
-        isinstance(parsed, dict) and "error" in parsed
-    ):  # an HTML page or plain text: never handed to a client as it is (SPEC §4)
-        error = {
-            "message": text[:500],
-            "type": "invalid_request_error",
-            "param": None,
-            "code": "backend_error",
-        }
-        return web.json_response({"error": error}, status=status, headers=headers)
-    content_type = upstream.headers.get("content-type", "application/json").split(";")[0]
-    return web.Response(body=answer, status=status, headers=headers, content_type=content_type)
-
-
-EMA_WEIGHT = 0.2
-
-
-def note_success(app: web.Application, record: RequestRecord, backend: Backend) -> None:
-    """A request served: the backend's latency and TTFT averages, measured from the attempt's
-    send (a queue wait or an earlier attempt that failed is not the backend's time), its
-    health, and the session's backend."""
-    elapsed_ms = (time.perf_counter() - record.sent) * 1000
-    if backend.latency_ema_ms is None:
-        backend.latency_ema_ms = elapsed_ms
-    else:
-        backend.latency_ema_ms += EMA_WEIGHT * (elapsed_ms - backend.latency_ema_ms)
-    if record.ttft_ms is not None:  # the client's wait for the first byte, from its request
-        ttft_ms = record.ttft_ms - (record.sent - record.started) * 1000
-        if backend.ttft_ema_ms is None:
-            backend.ttft_ema_ms = ttft_ms
-        else:
-            backend.ttft_ema_ms += EMA_WEIGHT * (ttft_ms - backend.ttft_ema_ms)
-    if app[SETTINGS].health_check.enabled:
-        record_success(backend, app[SETTINGS].health_check)
-    if record.session is not None:
-        app[SESSIONS].note(record.session, backend.name, record.followed, time.monotonic())
-
-
-def speaks_natively(fmt: OpenAIFormat, adapter: OpenAICompatibleAdapter) -> bool:
-    """Whether the backend speaks the door's own API (the request passes as it is)."""
-    return fmt.native_api is not None and fmt.native_api == adapter.api
-
-
-def native_payload(fmt: OpenAIFormat, attempt: Attempt) -> bytes:
-    """The client's own request, for a backend that speaks its API: only the model that serves
-    is set, and a scrubbed overflow keeps the system prompt and the last user turn."""
-    payload = dict(fmt.native_body, model=attempt.model)
-    if attempt.scrub and isinstance(payload.get("messages"), list):
-        payload["messages"] = scrubbed_user_turn(payload["messages"])
-    return json.dumps(payload).encode()
-
-
-def scrubbed_user_turn(messages: list[Any]) -> list[Any]:
-    """The last user turn of a Messages conversation that says something itself, without its
-    tool results: as in chat, tool results are not the user's turn, and one without the
-    assistant's tool_use it answers is refused by the API."""
-    users = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
-    for message in reversed(users):
-        content = message.get("content")
-        if not isinstance(content, list):
-            return [message]  # plain text
-        said = [b for b in content if not (isinstance(b, dict) and b.get("type") == "tool_result")]
-        if said:
-            return [dict(message, content=said)]
-    return users[-1:]
+        retries = 0  # of this attempt, on the same backend
+        while True:
+            if loop.time() >= deadline:
+                raise request_timed_out(request.app[SETTINGS].server.request_timeout_seconds)
+            record.retries = tried  # the attempts after the first
+            tried += 1
+            try:
+                return await send_attempt(flight)
+            except AttemptFailed as exc:
+                failure = exc
+            if failure.skip_model:
+                skip_model = attempt.model
+                break
+            if failure.silent or (failure.retry_after or 0) > MAX_RETRY_AFTER_SECONDS:
+                passed_over.add(backend.name)
+                break
+            pause = retry_pause(flight, failure, retries)
+            if pause is None:
+                break
+            retries += 1
+            await asyncio.sleep(pause)
+    assert failure is not None  # the first attempt is always tried
+    if failure.error.code == "context_length_exceeded":
+        failure.error.param = needs.prompt_param
+    raise failure.error
 
 
 # ==============================================================================================
@@ -6181,6 +6044,8 @@ def scrubbed_user_turn(messages: list[Any]) -> list[Any]:
 # prompt and answer when it reported none) times the model's price, charged to the budget.
 # Must not: decide prices or limits (Policy does) or keep any prompt or answer text.
 # ==============================================================================================
+
+UNPRICED_WARNED: set[str] = set()  # the models without a price already warned about
 
 
 def note_usage(record: RequestRecord, usage: Any) -> None:
@@ -6192,84 +6057,66 @@ def note_usage(record: RequestRecord, usage: Any) -> None:
         record.completion_tokens = found.completion or record.completion_tokens
 
 
-UNPRICED_WARNED: set[str] = set()
-
-
-async def count_usage(
-    request: web.Request, attempt: Attempt, answered: list[str] | None = None
-) -> TokenUsage:
-    """Nexus's own count of a request's prompt and of the texts answered so far, in the
-    attempt's tokenizer (exact where it is exact; long texts in a worker thread)."""
-    encoding, _ = tokenizer_for(attempt.backend.type, attempt.model)
-    texts, framing = payload_texts(request[ENDPOINT], request[PAYLOAD])
+async def count_usage(flight: InFlight, answered: list[str] | None = None) -> TokenUsage:
+    """Nexus's own count of the prompt and the texts answered so far, in the attempt's tokenizer."""
+    encoding, _ = tokenizer_for(flight.attempt.backend.type, flight.attempt.model)
+    texts, framing = payload_texts(flight.record.endpoint, flight.body)
     prompt = await count_texts_async(texts, encoding) + framing
     return TokenUsage(prompt, await count_texts_async(answered, encoding) if answered else 0)
 
 
-async def prompt_cost(request: web.Request, attempt: Attempt) -> str:
-    """A stream's cost header: its prompt counted (exactly where the tokenizer is exact) times
-    the input price. The whole cost, output included, is charged when the stream ends."""
-    price = price_for(attempt.model, request.app[BUDGET].prices)
+def charge_cost(flight: InFlight, counted: TokenUsage | None) -> str:
+    """Charge the usage (as Nexus `counted` it, if not reported) times the price to the budget."""
+    record, model = flight.record, flight.attempt.model
+    if counted is not None:
+        record.usage = counted
+        record.prompt_tokens, record.completion_tokens = counted.prompt, counted.completion
+    assert record.usage is not None
+    app = flight.request.app
+    price = price_for(model, app[BUDGET].prices)
     if price is None:
-        return "unknown"
-    return format_usd(cost_usd(price, await count_usage(request, attempt)))
-
-
-async def settle_cost(
-    request: web.Request, record: RequestRecord, attempt: Attempt, answered: list[str]
-) -> str:
-    """What a cloud answer cost: the usage the backend reported, or Nexus's own count of the
-    prompt and the answer when it reported none, times the model's price. Charged to the
-    month's budget; the header value is returned ("unknown" for a model without a price)."""
-    if record.usage is None:
-        note_counted(record, await count_usage(request, attempt, answered))
-    return charge_cost(request, record, attempt)
-
-
-def settle_cost_now(
-    request: web.Request, record: RequestRecord, attempt: Attempt, answered: list[str]
-) -> None:
-    """settle_cost without awaiting, for a stream its client left (the handler may be being
-    cancelled): counted where the encoding is loaded already, else estimated from characters."""
-    if record.usage is None:
-        encoding, _ = tokenizer_for(attempt.backend.type, attempt.model)
-        texts, framing = payload_texts(request[ENDPOINT], request[PAYLOAD])
-        if encoding in _loaded_encodings:
-            usage = TokenUsage(
-                count_texts(texts, encoding) + framing, count_texts(answered, encoding)
-            )
-        else:
-            prompt = sum(map(len, texts)) // CHARS_PER_TOKEN + framing
-            usage = TokenUsage(prompt, -(-sum(map(len, answered)) // CHARS_PER_TOKEN))
-        note_counted(record, usage)
-    charge_cost(request, record, attempt)
-
-
-def note_counted(record: RequestRecord, usage: TokenUsage) -> None:
-    """Token counts Nexus made itself (the backend reported none) become the record's usage."""
-    record.usage = usage
-    record.prompt_tokens, record.completion_tokens = usage.prompt, usage.completion
-
-
-def charge_cost(request: web.Request, record: RequestRecord, attempt: Attempt) -> str:
-    """Charge the record's usage times the model's price to the month's budget."""
-    app = request.app
-    usage = record.usage
-    assert usage is not None
-    price = price_for(attempt.model, app[BUDGET].prices)
-    if price is None:
-        if attempt.model not in UNPRICED_WARNED:
-            UNPRICED_WARNED.add(attempt.model)
+        if model not in UNPRICED_WARNED:
+            UNPRICED_WARNED.add(model)
             log.warning(
                 "no price for model %s: its cost is not counted against the budget; "
                 "add it under [routing.budget] prices",
-                attempt.model,
+                model,
             )
         return "unknown"
-    record.cost_usd = cost_usd(price, usage)
+    record.cost_usd = cost_usd(price, record.usage)
     app[BUDGET].charge(record.cost_usd)
     app[LEDGER].add(TOTAL_ROW, record.cost_usd, 0, 0)
     return format_usd(record.cost_usd)
+
+
+async def prompt_cost(flight: InFlight) -> str:
+    """A stream's cost header: its prompt's cost. The whole cost is charged when it ends."""
+    price = price_for(flight.attempt.model, flight.request.app[BUDGET].prices)
+    if price is None:
+        return "unknown"
+    return format_usd(cost_usd(price, await count_usage(flight)))
+
+
+async def settle_cost(flight: InFlight, answered: list[str]) -> str:
+    """Charge what a cloud answer cost, counting its tokens when the backend reported none."""
+    counted = None if flight.record.usage is not None else await count_usage(flight, answered)
+    return charge_cost(flight, counted)
+
+
+def settle_cost_now(flight: InFlight, answered: list[str]) -> None:
+    """settle_cost without awaiting, for a stream its client left (the handler may be being
+    cancelled): counted if the encoding is loaded already, else estimated from characters."""
+    counted = None
+    if flight.record.usage is None:
+        encoding, _ = tokenizer_for(flight.attempt.backend.type, flight.attempt.model)
+        texts, framing = payload_texts(flight.record.endpoint, flight.body)
+        if encoding in _loaded_encodings:
+            prompt = count_texts(texts, encoding) + framing
+            counted = TokenUsage(prompt, count_texts(answered, encoding))
+        else:
+            prompt = sum(map(len, texts)) // CHARS_PER_TOKEN + framing
+            counted = TokenUsage(prompt, -(-sum(map(len, answered)) // CHARS_PER_TOKEN))
+    charge_cost(flight, counted)
 
 
 # ==============================================================================================
@@ -6280,135 +6127,61 @@ def charge_cost(request: web.Request, record: RequestRecord, attempt: Attempt) -
 # ==============================================================================================
 
 INTERNAL_STREAM_ERROR = "Nexus hit an internal error."
+NO_DELTA: dict[str, Any] = {}  # a chunk choice without a delta is well formed
 
 
-def stalled_problem(now: float, deadline: float) -> str:
-    """Why a stream that went quiet is cut: the request's deadline or a stall."""
-    if now >= deadline:
-        return "the request took longer than server.request_timeout_seconds"
-    return "the backend stalled"
+class SseLines:
+    """The non-blank lines of an SSE body as they arrive. One network read may carry several
+    events or part of one; reading whole blocks costs one await per read, not one per line."""
+
+    __slots__ = ("content", "lines", "partial")
+
+    def __init__(self, content: BackendConnection) -> None:
+        self.content = content
+        self.lines: collections.deque[bytes] = collections.deque()
+        self.partial = b""
+
+    def buffered(self) -> bytes | None:
+        """The next line if it has arrived already, else None."""
+        return self.lines.popleft() if self.lines else None
+
+    async def readline(self) -> bytes:
+        """The next line (without its end), waiting for it; b"" at the end of the body."""
+        while not self.lines:
+            block = await self.content.readany()
+            if not block:
+                line, self.partial = self.partial.strip(), b""
+                return line
+            parts = (self.partial + block).split(b"\n") if self.partial else block.split(b"\n")
+            self.partial = parts.pop()
+            self.lines.extend(line for line in parts if line and line != b"\r")
+        return self.lines.popleft()
 
 
-def note_stream_problem(
-    app: web.Application, record: RequestRecord, backend: Backend, problem: str
-) -> None:
-    """A stream that broke after it began: a failed request, and a failure of its backend."""
-    record.status = 502
-    backend.errors += 1
-    if app[SETTINGS].health_check.enabled:
-        record_failure(backend, app[SETTINGS].health_check, problem)
+def well_formed(chunk: Any) -> bool:
+    """Whether a stream chunk is an object whose choices, if any, are objects with object deltas."""
+    if type(chunk) is not dict:
+        return False
+    choices = chunk.get("choices")
+    if choices is None:
+        return True
+    if type(choices) is not list:
+        return False
+    for choice in choices:
+        if type(choice) is not dict or type(choice.get("delta", NO_DELTA)) is not dict:
+            return False
+    return True
 
 
-async def end_after_internal_error(
-    record: RequestRecord,
-    attempt: Attempt,
-    writer: OpenAIFormat | NativeStream,
-    response: web.StreamResponse,
-    pending: list[bytes],
-) -> None:
-    """A bug met mid-stream: logged, and the stream ended honestly, after what is pending, with
-    the door's last words for an error."""
-    pending += (
-        writer.error(record.endpoint, attempt.model, INTERNAL_STREAM_ERROR),
-        writer.end(),
-    )
-    log.exception("unexpected error relaying a stream from %s", attempt.backend.name)
-    record.status = 500
-    with contextlib.suppress(ConnectionError):
-        await response.write(b"".join(pending))
-        await response.write_eof()
-
-
-def stream_source(
-    fmt: OpenAIFormat, attempt: Attempt, upstream: BackendConnection
-) -> tuple[NativeStream | None, Any]:
-    """Where a stream's lines come from: the backend's own lines in the door's API (read by the
-    door's NativeStream) where both speak it, else chat chunks from the backend's adapter."""
-    adapter = ADAPTERS[attempt.backend.type]
-    if speaks_natively(fmt, adapter):
-        return fmt.native_stream(), SseLines(upstream)
-    return None, adapter.stream_reader(upstream, attempt.model)
-
-
-async def relay_stream(
-    request: web.Request,
-    record: RequestRecord,
-    attempt: Attempt,
-    upstream: BackendConnection,
-    headers: dict[str, str],
-    strip_usage: bool,
-    limits: WaitLimits,
-    fmt: OpenAIFormat,
+async def start_stream(
+    request: web.Request, headers: dict[str, str], content_type: str = "text/event-stream"
 ) -> web.StreamResponse:
-    """Relay a stream as it arrives, in the client's API: chat chunks written by its door or,
-    where door and backend speak the same API, the backend's own lines as they are. Until the
-    first byte is out a failure may still be retried elsewhere; after it, Nexus ends the stream
-    itself, honestly, the door's way (with [DONE] for chat clients)."""
-    app = request.app
-    backend = attempt.backend
-    native, reader = stream_source(fmt, attempt, upstream)
-    writer = native or fmt  # what writes the stream's last words
-    answered: list[str] | None = [] if backend.is_cloud else None  # to count, if no usage
-    local_model = None if backend.is_cloud else attempt.model  # what local chunks must name
-    response: web.StreamResponse | None = None
-    finished = settled = False
-    problem = ""
-    pending: list[bytes] = []  # chunks that arrived together go out in one write
-    try:
-        while not (native is not None and finished):
-            line = reader.buffered()
-            if line is None:
-                if pending:
-                    await response.write(b"".join(pending))  # type: ignore[union-attr]
-                    pending.clear()
-                line, problem = await next_stream_line(
-                    app, backend, reader, response is not None, limits
-                )
-            if not line:
-                if not finished and not problem:
-                    problem = "the backend ended the stream before the answer was complete"
-                break
-            if native is not None:
-                out, kind = native.line(line)
-            else:
-                out, kind = chat_line(line, record, fmt, strip_usage, local_model, answered)
-            if kind is not None:
-                if kind == "error":
-                    if response is None:
-                        raise attempt_failure(app, backend, 502, "reported an error")
-                    problem = "the backend reported an error mid-stream"
-                finished = True
-                upstream.whole = kind == "end"  # its connection may serve the next request
-                if kind == "end" and native is None:
-                    break  # [DONE]
-            if not out:
-                continue
-            if response is None:
-                record.ttft_ms = (time.perf_counter() - record.started) * 1000
-                response = await start_stream(request, headers, fmt.content_type)
-            pending.append(out)
-        if native is not None:
-            note_usage(record, native.usage)
-        if response is None:  # [DONE] with no chunk at all: an empty answer, but an honest one
-            response = await start_stream(request, headers, fmt.content_type)
-        settled = await end_stream(
-            request, record, attempt, writer, response, answered, problem, pending
-        )
-        await response.write_eof(b"".join(pending))
-    except ConnectionError:
-        record.status = 499  # the client went away: the backend request ends with this one
-        upstream.close()
-        if response is None:
-            raise
-    except Exception:
-        if response is None:
-            raise  # nothing sent yet: the request ends in a plain error answer
-        await end_after_internal_error(record, attempt, writer, response, pending)
-    finally:
-        if answered is not None and response is not None and not settled:
-            if native is not None:
-                note_usage(record, native.usage)
-            settle_cost_now(request, record, attempt, answered)  # the client left: no await
+    """Send a stream's status and headers; the chunks follow."""
+    response = web.StreamResponse(status=200, headers=headers)
+    response.content_type = content_type
+    response.headers["Cache-Control"] = "no-cache"
+    await response.prepare(request)
+    request[STREAMING] = response
     return response
 
 
@@ -6454,117 +6227,133 @@ def chat_line(
     return fmt.chunk(data, chunk), "finish" if finish else None
 
 
+async def next_stream_line(
+    flight: InFlight, reader: Any, started: bool, limits: WaitLimits
+) -> tuple[bytes, str]:
+    """A stream's next line within its limits; at the end, b"" and why it ended early ("" for
+    its plain end). Before anything was sent, a failure raises AttemptFailed instead, so the
+    request may still be served by the next attempt."""
+    until = limits.read_by() if started else limits.first_byte_by
+    try:
+        line = await limits.wait(reader.readline(), until)
+    except TimeoutError:
+        if not started:
+            raise attempt_failure(flight, 504, "sent no data in time") from None
+        if asyncio.get_running_loop().time() >= limits.deadline:
+            return b"", "the request took longer than server.request_timeout_seconds"
+        return b"", "the backend stalled"
+    except BackendHTTPError as exc:
+        if not started:
+            raise attempt_failure(flight, 502, describe_failure(exc)) from None
+        return b"", "the backend connection broke"
+    if not line and not started:
+        raise attempt_failure(flight, 502, "ended the stream before any data")
+    return line, ""
+
+
 async def end_stream(
-    request: web.Request,
-    record: RequestRecord,
-    attempt: Attempt,
-    fmt: OpenAIFormat | NativeStream,
+    flight: InFlight,
+    writer: OpenAIFormat | NativeStream,
     response: web.StreamResponse,
     answered: list[str] | None,
     problem: str,
     pending: list[bytes],
 ) -> bool:
-    """A relayed stream's accounts and its last words, added to `pending`: its cost (what a cut
-    stream generated costs too), then a success, or a failure of the request and its backend
-    that the door's error ends. Returns True once the cost is settled."""
+    """A relayed stream's accounts and its last words, added to `pending`: its cost (a cut
+    stream's too), then a success, or a failure the door's error ends. True once settled."""
+    record, attempt = flight.record, flight.attempt
     if answered is not None:
         if pending:
             await response.write(b"".join(pending))
             pending.clear()
-        await settle_cost(request, record, attempt, answered)
+        await settle_cost(flight, answered)
     if problem:
-        note_stream_problem(request.app, record, attempt.backend, problem)
-        pending.append(fmt.error(record.endpoint, attempt.model, problem + "."))
+        record.status = 502
+        note_failure(flight, problem)
+        pending.append(writer.error(record.endpoint, attempt.model, problem + "."))
     else:
         record.status = 200
-        note_success(request.app, record, attempt.backend)
-    pending.append(fmt.end())
+        note_success(flight)
+    pending.append(writer.end())
     return True
 
 
-async def next_stream_line(
-    app: web.Application, backend: Backend, reader: Any, started: bool, limits: WaitLimits
-) -> tuple[bytes, str]:
-    """A stream's next line, waiting at most until the first-byte limit (before anything went
-    to the client) or the idle limit; at the end, b"" and why the stream ended early ("" for
-    its plain end). Before anything was sent, a failure raises AttemptFailed instead, so the
-    request may still be served by the next attempt."""
-    line = reader.buffered()  # lines already read need no wait
-    if line is not None:
-        return line, ""
-    try:
-        line = await limits.wait(
-            reader.readline(), limits.read_by() if started else limits.first_byte_by
-        )
-    except TimeoutError:
-        if not started:
-            raise attempt_failure(app, backend, 504, "sent no data in time") from None
-        return b"", stalled_problem(asyncio.get_running_loop().time(), limits.deadline)
-    except BackendHTTPError as exc:
-        if not started:
-            raise attempt_failure(app, backend, 502, describe_failure(exc)) from None
-        return b"", "the backend connection broke"
-    if not line and not started:
-        raise attempt_failure(app, backend, 502, "ended the stream before any data")
-    return line, ""
-
-
-NO_DELTA: dict[str, Any] = {}  # a chunk choice without a delta is well formed
-
-
-def well_formed(chunk: Any) -> bool:
-    """Whether a stream chunk has the shape Nexus reads: an object whose choices, if any, are a
-    list of objects, each delta an object."""
-    if type(chunk) is not dict:
-        return False
-    choices = chunk.get("choices")
-    if choices is None:
-        return True
-    if type(choices) is not list:
-        return False
-    for choice in choices:
-        if type(choice) is not dict or type(choice.get("delta", NO_DELTA)) is not dict:
-            return False
-    return True
-
-
-class SseLines:
-    """The non-blank lines of an SSE body as they arrive. One network read may carry several
-    events or part of one; reading whole blocks costs one await per read, not one per line."""
-
-    __slots__ = ("content", "lines", "partial")
-
-    def __init__(self, content: BackendConnection) -> None:
-        self.content = content
-        self.lines: collections.deque[bytes] = collections.deque()
-        self.partial = b""
-
-    def buffered(self) -> bytes | None:
-        """The next line if it has arrived already, else None."""
-        return self.lines.popleft() if self.lines else None
-
-    async def readline(self) -> bytes:
-        """The next line (without its end), waiting for it; b"" at the end of the body."""
-        while not self.lines:
-            block = await self.content.readany()
-            if not block:
-                line, self.partial = self.partial.strip(), b""
-                return line
-            parts = (self.partial + block).split(b"\n") if self.partial else block.split(b"\n")
-            self.partial = parts.pop()
-            self.lines.extend(line for line in parts if line and line != b"\r")
-        return self.lines.popleft()
-
-
-async def start_stream(
-    request: web.Request, headers: dict[str, str], content_type: str = "text/event-stream"
+async def relay_stream(
+    flight: InFlight, upstream: BackendConnection, headers: dict[str, str], limits: WaitLimits
 ) -> web.StreamResponse:
-    """Send a stream's status and headers; the chunks follow."""
-    response = web.StreamResponse(status=200, headers=headers)
-    response.content_type = content_type
-    response.headers["Cache-Control"] = "no-cache"
-    await response.prepare(request)
-    request[STREAMING] = response
+    """Relay a stream as it arrives, in the client's API (chat chunks written by its door, or a
+    native backend's own lines). Until the first byte is out a failure may still be retried
+    elsewhere; after it, Nexus ends the stream itself, honestly, the door's way."""
+    request, record, attempt, fmt = flight.request, flight.record, flight.attempt, flight.fmt
+    backend = attempt.backend
+    adapter = ADAPTERS[backend.type]
+    native = fmt.native_stream() if flight.native else None
+    reader = SseLines(upstream) if flight.native else adapter.stream_reader(upstream, attempt.model)
+    writer = native or fmt  # what writes the stream's last words
+    answered: list[str] | None = [] if backend.is_cloud else None  # to count, if no usage
+    local_model = None if backend.is_cloud else attempt.model  # what local chunks must name
+    strip_usage = flight.strip_usage
+    response: web.StreamResponse | None = None
+    finished = settled = False
+    problem = ""
+    pending: list[bytes] = []  # chunks that arrived together go out in one write
+    try:
+        while not (native is not None and finished):
+            line = reader.buffered()
+            if line is None:
+                if pending:
+                    await response.write(b"".join(pending))  # type: ignore[union-attr]
+                    pending.clear()
+                line, problem = await next_stream_line(flight, reader, response is not None, limits)
+            if not line:
+                if not finished and not problem:
+                    problem = "the backend ended the stream before the answer was complete"
+                break
+            if native is not None:
+                out, kind = native.line(line)
+            else:
+                out, kind = chat_line(line, record, fmt, strip_usage, local_model, answered)
+            if kind is not None:
+                if kind == "error":
+                    if response is None:
+                        raise attempt_failure(flight, 502, "reported an error")
+                    problem = "the backend reported an error mid-stream"
+                finished = True
+                upstream.whole = kind == "end"  # its connection may serve the next request
+                if kind == "end" and native is None:
+                    break  # [DONE]
+            if not out:
+                continue
+            if response is None:
+                record.ttft_ms = (time.perf_counter() - record.started) * 1000
+                response = await start_stream(request, headers, fmt.content_type)
+            pending.append(out)
+        if native is not None:
+            note_usage(record, native.usage)
+        if response is None:  # [DONE] with no chunk at all: an empty answer, but an honest one
+            response = await start_stream(request, headers, fmt.content_type)
+        settled = await end_stream(flight, writer, response, answered, problem, pending)
+        await response.write_eof(b"".join(pending))
+    except ConnectionError:
+        record.status = 499  # the client went away: the backend request ends with this one
+        upstream.close()
+        if response is None:
+            raise
+    except Exception:
+        if response is None:
+            raise  # nothing sent yet: the request ends in a plain error answer
+        last_words = writer.error(record.endpoint, attempt.model, INTERNAL_STREAM_ERROR)
+        pending += (last_words, writer.end())  # a bug met mid-stream: the stream ends honestly
+        log.exception("unexpected error relaying a stream from %s", backend.name)
+        record.status = 500
+        with contextlib.suppress(ConnectionError):
+            await response.write(b"".join(pending))
+            await response.write_eof()
+    finally:
+        if answered is not None and response is not None and not settled:
+            if native is not None:
+                note_usage(record, native.usage)
+            settle_cost_now(flight, answered)  # the client left: no await
     return response
 
 
@@ -6578,37 +6367,19 @@ async def start_stream(
 
 
 def backend_refusal(response: web.Response) -> NexusError:
-    """A backend's own 4xx answer, re-said as an error for the door to write in its shape: its
-    message and status kept, Nexus's headers too."""
-    message = f"The backend refused the request (HTTP {response.status})."
-    raw = response.body if isinstance(response.body, bytes) else b""
-    try:
-        document = json.loads(raw)
-    except ValueError:
-        document = None
-    if isinstance(document, dict):
-        error = document.get("error")
-        if isinstance(error, dict) and isinstance(error.get("message"), str):
-            message = error["message"]
-        elif isinstance(error, str):
-            message = error
-        elif isinstance(document.get("message"), str):
-            message = document["message"]
-    elif raw.strip():
-        message = raw.decode("utf-8", "replace")[:500]
+    """A backend's own 4xx answer as an error for the door to write (its status and message)."""
+    document = json.loads(response.body)  # upstream_error's: a JSON object with "error"
+    error = document["error"]
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        message = error["message"]
+    elif isinstance(error, str):
+        message = error
+    elif isinstance(document.get("message"), str):
+        message = document["message"]
+    else:
+        message = f"The backend refused the request (HTTP {response.status})."
     headers = {k: v for k, v in response.headers.items() if k.startswith("X-Nexus-")}
     return NexusError(response.status, "invalid_request_error", None, message, headers=headers)
-
-
-async def serve_door(request: web.Request, door: type[OpenAIFormat]) -> web.StreamResponse:
-    """A request through `door`: translated to chat, routed and answered like a chat request,
-    its answer and errors in the door's shape (a backend's own refusal included)."""
-    raw = await request.read()
-    body = parse_json_body(raw)
-    chat = door.chat_request(body)
-    needs = chat_needs(chat, IMAGE_TOKENS)
-    needs.prompt_param = door.prompt_param
-    return await send_through_door(request, "chat", chat, needs, door(body, needs))
 
 
 async def send_through_door(
@@ -6618,13 +6389,21 @@ async def send_through_door(
     needs: RequestNeeds,
     fmt: OpenAIFormat,
 ) -> web.StreamResponse:
-    """Route and send a door's internal request as a chat completions request is sent; a
-    backend's own refusal comes back in the door's error shape."""
+    """Send a door's internal request as chat is sent; a backend's refusal becomes an error."""
     raw = json.dumps(internal).encode()
     response = await proxy(request, endpoint, internal, raw, needs, fmt)
     if response.status >= 400 and isinstance(response, web.Response):
         raise backend_refusal(response)
     return response
+
+
+async def serve_door(request: web.Request, door: type[OpenAIFormat]) -> web.StreamResponse:
+    """A request through `door`: translated to chat, routed, answered in the door's shape."""
+    body = parse_json_body(await request.read())
+    chat = door.chat_request(body)
+    needs = chat_needs(chat, IMAGE_TOKENS)
+    needs.prompt_param = door.prompt_param
+    return await send_through_door(request, "chat", chat, needs, door(body, needs))
 
 
 # ==============================================================================================

@@ -1064,8 +1064,8 @@ async def test_an_error_after_a_stream_began_never_writes_a_second_response(
     a = await backend_factory("generic", {"m": {}}, name="a")
     nx = await nexus_factory(FAST + backends_toml(a))
 
-    async def begins_then_breaks(request, record, attempt, upstream, headers, *rest):
-        response = await nexus.start_stream(request, headers)
+    async def begins_then_breaks(flight, upstream, headers, *rest):
+        response = await nexus.start_stream(flight.request, headers)
         await response.write(b"data: [DONE]\n\n")
         raise RuntimeError("a bug after the stream began")
 
