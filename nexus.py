@@ -3671,7 +3671,6 @@ class BackendConnection(asyncio.Protocol):
     idle_since: float = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        """asyncio's callback: the connection is open."""
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
@@ -3859,13 +3858,11 @@ class BackendConnection(asyncio.Protocol):
             self.transport.abort()
 
     def wake(self) -> None:
-        """Wake the reader waiting for more of the answer."""
         waiter = self.waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
     async def wait(self) -> None:
-        """Wait until more of the answer (or its end) arrives."""
         self.waiter = self.pool.loop.create_future()
         try:
             await self.waiter
@@ -3900,7 +3897,6 @@ class BackendConnection(asyncio.Protocol):
         return data
 
     def resume(self) -> None:
-        """Resume reading the socket if it was paused."""
         if self.paused:
             self.paused = False
             self.transport.resume_reading()  # type: ignore[union-attr]
@@ -3949,7 +3945,6 @@ class BackendConnection(asyncio.Protocol):
             self.close()
 
     def close(self) -> None:
-        """Close the connection; it is not reused."""
         self.keep_alive = False
         if self.transport is not None and not self.closed:
             self.transport.close()
@@ -3999,11 +3994,8 @@ def https_proxy(proxies: dict[str, str]) -> Proxy | None:
         )
     authorization = None
     if parts.username is not None:
-        user = urllib.parse.unquote(parts.username)
-        secret = urllib.parse.unquote(parts.password or "")
-        authorization = (
-            "Basic " + binascii.b2a_base64(f"{user}:{secret}".encode(), newline=False).decode()
-        )
+        credentials = urllib.parse.unquote(f"{parts.username}:{parts.password or ''}").encode()
+        authorization = "Basic " + binascii.b2a_base64(credentials, newline=False).decode()
     return Proxy(parts.hostname, port, authorization)
 
 
@@ -4057,7 +4049,6 @@ class BackendPool:
     """Every connection to every backend; idle ones kept per origin, newest reused first."""
 
     def __init__(self, connect_timeout: float, tls: ssl.SSLContext | None = None) -> None:
-        """A pool with no connections, on the running loop."""
         self.connect_timeout = connect_timeout
         self.tls = tls  # for https backends; None: the system's certificates (tls_context)
         self.loop = asyncio.get_running_loop()
@@ -4170,7 +4161,6 @@ class BackendPool:
         return conn
 
     def proxy_for(self, origin: Origin) -> Proxy | None:
-        """The proxy to tunnel through to this origin, if any."""
         if origin[0] != "https":
             return None
         if self.proxy_error is not None:
@@ -4181,7 +4171,6 @@ class BackendPool:
         return None if bypass else self.https_proxy
 
     def close(self) -> None:
-        """Close every connection: Nexus is stopping."""
         self.closing = True
         for conn in list(self.open):
             conn.close()
@@ -4241,9 +4230,7 @@ async def fetch_json(
 
 def positive_int(value: Any) -> int | None:
     """A value when it is a positive int (not a bool), else None."""
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value
-    return None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
 def object_of(value: Any) -> dict[str, Any]:
@@ -4371,8 +4358,7 @@ class OpenAICloudAdapter(OpenAICompatibleAdapter):
 
 
 def router_statuses(data: Any) -> dict[str, dict[str, Any]] | None:
-    """Each model's status in a llama-server router's `/v1/models` ({"value": "loaded", ...});
-    None for a server of one model, which gives none."""
+    """Each model's status in a llama-server router's `/v1/models`; None from a server of one."""
     entries = object_of(data).get("data")
     statuses = {
         e["id"]: e["status"]
@@ -4385,8 +4371,7 @@ def router_statuses(data: Any) -> dict[str, dict[str, Any]] | None:
 
 
 def router_loaded(data: Any) -> dict[str, int] | None:
-    """The models a llama-server in router mode has running (their sizes unknown: 0); None
-    for a server of one model."""
+    """The models a llama-server router runs (sizes unknown: 0); None from a server of one."""
     statuses = router_statuses(data)
     if statuses is None:
         return None
@@ -4394,7 +4379,7 @@ def router_loaded(data: Any) -> dict[str, int] | None:
 
 
 ROUTER_CHECK_SECONDS = 0.25  # how often a loading router model's status is read
-LLAMACPP_ROUTER_ANSWERS = ("model is already running", "model is not running")
+ROUTER_DONE_ANSWERS = ("model is already running", "model is not running")
 
 
 class LlamaCppAdapter(OpenAICompatibleAdapter):
@@ -4417,7 +4402,7 @@ class LlamaCppAdapter(OpenAICompatibleAdapter):
 
     async def load(self, pool: BackendPool, backend: Backend, model: str, keep_alive: Any) -> None:
         """Ask the router to load a model and wait until its status says loaded."""
-        await self.command(pool, backend, "/models/load", {"model": model}, LLAMACPP_ROUTER_ANSWERS)
+        await self.command(pool, backend, "/models/load", {"model": model}, ROUTER_DONE_ANSWERS)
         while True:  # the router starts the model's server; its status says how that went
             data = await fetch_json(pool, "GET", backend.url + "/v1/models", self.headers(backend))
             status = (router_statuses(data) or {}).get(model, {})
@@ -4429,9 +4414,7 @@ class LlamaCppAdapter(OpenAICompatibleAdapter):
 
     async def unload(self, pool: BackendPool, backend: Backend, model: str) -> None:
         """Ask the router to unload a model ("not running" is done already)."""
-        await self.command(
-            pool, backend, "/models/unload", {"model": model}, LLAMACPP_ROUTER_ANSWERS
-        )
+        await self.command(pool, backend, "/models/unload", {"model": model}, ROUTER_DONE_ANSWERS)
 
     async def poll(self, pool: BackendPool, backend: Backend) -> dict[str, Model]:
         """llama-server's models: /health must answer 200, then /props and /v1/models."""
@@ -4497,7 +4480,6 @@ class OllamaAdapter(OpenAICompatibleAdapter):
         return True
 
     def __init__(self) -> None:
-        """The adapter, with no model described yet."""
         self.details: dict[tuple[str, str, str], Model] = {}
 
     async def poll(self, pool: BackendPool, backend: Backend) -> dict[str, Model]:
@@ -4537,8 +4519,7 @@ class OllamaAdapter(OpenAICompatibleAdapter):
         return loaded
 
     async def load(self, pool: BackendPool, backend: Backend, model: str, keep_alive: Any) -> None:
-        """Load a model for keep_alive (0: unload it): /api/generate with no prompt answers once
-        Ollama has."""
+        """Load a model for keep_alive (0: unload it), by /api/generate with no prompt."""
         payload = {"model": model, "keep_alive": keep_alive, "stream": False}
         await self.command(pool, backend, "/api/generate", payload)
 
@@ -4661,17 +4642,13 @@ def anthropic_blocks(content: Any, index: int) -> list[dict[str, Any]]:
             url = image.get("url") if isinstance(image, dict) else image
             blocks.append(anthropic_image(url, index))
         else:
-            raise bad_request(
-                f"messages[{index}]: content of type {kind!r} cannot be sent to an "
-                "anthropic backend",
-                "messages",
-            )
+            what = f"messages[{index}]: content of type {kind!r}"
+            raise bad_request(f"{what} cannot be sent to an anthropic backend", "messages")
     return blocks
 
 
 def tool_arguments(arguments: Any) -> dict[str, Any]:
-    """A tool call's arguments (a JSON string in chat) as the object other APIs want; a model's
-    malformed arguments become none rather than junk."""
+    """A tool call's arguments (a JSON string in chat) as an object; malformed ones become {}."""
     if isinstance(arguments, dict):
         return arguments
     try:
@@ -4742,15 +4719,13 @@ def tool_choice_for(api: str, choice: Any) -> Any:
 
 
 def chat_to_anthropic(chat: dict[str, Any]) -> dict[str, Any]:
-    """A chat completion request as a Messages request. System and developer messages become
-    `system`; tool calls and tool results become tool_use and tool_result blocks; images
-    become image blocks; consecutive turns of one role are merged, as the API wants."""
+    """A chat completion request as a Messages request: system and developer messages become
+    `system`, consecutive turns of one role are merged, as the API wants."""
     if not isinstance(chat.get("messages"), list):
-        raise NexusError.of(
-            400,
-            "unsupported_endpoint",
-            "Anthropic backends serve chat completions only (no legacy completions, embeddings).",
+        message = (
+            "Anthropic backends serve chat completions only (no legacy completions, embeddings)."
         )
+        raise NexusError.of(400, "unsupported_endpoint", message)
     max_tokens = chat.get("max_completion_tokens") or chat.get("max_tokens")
     out: dict[str, Any] = {
         "model": chat["model"],
@@ -4801,8 +4776,7 @@ def chat_to_anthropic(chat: dict[str, Any]) -> dict[str, Any]:
 
 
 def anthropic_to_chat(message: dict[str, Any]) -> dict[str, Any]:
-    """A Messages answer as a chat completion: text joined, tool_use blocks as tool_calls,
-    thinking as reasoning_content, the stop reason as finish_reason."""
+    """A Messages answer as a chat completion (thinking as reasoning_content)."""
     texts: list[str] = []
     reasoning: list[str] = []
     calls: list[dict[str, Any]] = []
@@ -4839,15 +4813,10 @@ def anthropic_to_chat(message: dict[str, Any]) -> dict[str, Any]:
 
 class AnthropicStream:
     """Reads one Messages event stream and gives it out as chat-completion SSE lines, with the
-    readline() of the body it wraps, so the proxy relays it like any OpenAI stream.
-
-    Text deltas become content, a tool_use block becomes a tool call (its head, then argument
-    fragments, numbered in order of appearance), thinking becomes reasoning_content, the stop
-    reason a finish_reason, and message_stop a final usage chunk (choices empty) then [DONE].
-    An error event ends the stream as a broken connection would."""
+    readline() and buffered() of SseLines, so the proxy relays it like any OpenAI stream. An
+    error event ends the stream as a broken connection would."""
 
     def __init__(self, content: BackendConnection, model: str) -> None:
-        """A reader of the Messages stream on `content`, answering as `model`."""
         self.content = SseLines(content)
         self.pending: collections.deque[bytes] = collections.deque()
         self.id = new_block_id("msg_")
@@ -4880,7 +4849,6 @@ class AnthropicStream:
         return self.pending.popleft()
 
     def buffered(self) -> bytes | None:
-        """A translated line already waiting, if any."""
         return self.pending.popleft() if self.pending else None
 
     def chunk(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
@@ -4950,28 +4918,20 @@ class AnthropicAdapter(OpenAICompatibleAdapter):
     models_path = "/v1/models?limit=1000"  # the list is paged, 20 by default
 
     def headers(self, backend: Backend) -> dict[str, str]:
-        """Anthropic's key header and API version."""
-        return {
-            "x-api-key": os.environ.get(backend.api_key_env, ""),
-            "anthropic-version": ANTHROPIC_VERSION,
-        }
+        key = os.environ.get(backend.api_key_env, "")
+        return {"x-api-key": key, "anthropic-version": ANTHROPIC_VERSION}
 
     def url(self, backend: Backend, endpoint: str) -> str:
         """The Messages endpoint; other endpoints are a 400."""
         if endpoint != "chat":
-            raise NexusError.of(
-                400,
-                "unsupported_endpoint",
-                f"Backend {backend.name} (anthropic) serves chat completions only.",
-            )
+            message = f"Backend {backend.name} (anthropic) serves chat completions only."
+            raise NexusError.of(400, "unsupported_endpoint", message)
         return backend.url + "/v1/messages"
 
     def request_body(self, payload: dict[str, Any]) -> bytes:
-        """A chat request as a Messages request."""
         return json.dumps(chat_to_anthropic(payload)).encode()
 
     def answer(self, parsed: dict[str, Any]) -> dict[str, Any]:
-        """A Messages answer as a chat completion."""
         return anthropic_to_chat(parsed)
 
     def error_body(self, answer: bytes) -> bytes:
@@ -4985,7 +4945,6 @@ class AnthropicAdapter(OpenAICompatibleAdapter):
         return json.dumps({"error": envelope}).encode()
 
     def stream_reader(self, content: BackendConnection, model: str) -> AnthropicStream:
-        """A reader turning Anthropic's stream into chat completion chunks."""
         return AnthropicStream(content, model)
 
 
