@@ -4384,9 +4384,7 @@ ROUTER_DONE_ANSWERS = ("model is already running", "model is not running")
 
 class LlamaCppAdapter(OpenAICompatibleAdapter):
     """llama.cpp's llama-server: `/health`, `/props` for `n_ctx` and modalities, `/v1/models`.
-
-    In router mode (started without a model) it runs models on demand: `/v1/models` gives each
-    one's status, `/models/load` and `/models/unload` start and stop them."""
+    In router mode (started without a model) it runs models on demand, told by `/models/load`."""
 
     stream_usage = True
     health_path = "/health"
@@ -4435,8 +4433,7 @@ class LlamaCppAdapter(OpenAICompatibleAdapter):
 
 
 class LmStudioAdapter(OpenAICompatibleAdapter):
-    """LM Studio: its `/api/v0/models` says type (llm, vlm, embeddings), context, tool use,
-    and whether each model is loaded (`state`)."""
+    """LM Studio: `/api/v0/models` says each model's type (vlm), context, tool use and state."""
 
     async def poll(self, pool: BackendPool, backend: Backend) -> dict[str, Model]:
         """LM Studio's models from /api/v0/models, with context lengths and what is loaded."""
@@ -4467,10 +4464,8 @@ OLLAMA_PS_GRACE_SECONDS = 1.0
 
 
 class OllamaAdapter(OpenAICompatibleAdapter):
-    """Ollama: `/api/tags` lists models; `/api/show` gives capabilities and context length;
-    `/api/ps` says which are in memory. `/api/generate` without a prompt loads a model for
-    its `keep_alive`, and unloads it with `keep_alive: 0`. `/api/show` is asked once per model
-    digest, not on every poll."""
+    """Ollama: `/api/tags` lists models, `/api/show` (asked once per model digest) gives their
+    capabilities and context length, `/api/ps` says which are in memory."""
 
     stream_usage = True
     api = "ollama"  # its own API too: /api/* requests are sent to it as they are
@@ -4625,8 +4620,7 @@ def anthropic_image(url: Any, index: int) -> dict[str, Any]:
 
 
 def anthropic_blocks(content: Any, index: int) -> list[dict[str, Any]]:
-    """Chat message content (a string or parts) as Messages content blocks; empty text is
-    left out (the API refuses empty text blocks)."""
+    """Chat message content (a string or parts) as Messages blocks, but empty text (refused)."""
     if isinstance(content, str):
         content = [{"type": "text", "text": content}]
     blocks = []
@@ -4908,9 +4902,8 @@ class AnthropicStream:
 
 
 class AnthropicAdapter(OpenAICompatibleAdapter):
-    """Anthropic's Messages API, spoken natively: `x-api-key` and `anthropic-version` headers,
-    chat completions translated into Messages requests and the answers (whole or streamed)
-    back into chat completions. Health is the model list, which spends no tokens."""
+    """Anthropic's Messages API: chat requests translated into Messages requests and answers
+    (whole or streamed) back. Health is the model list, which spends no tokens."""
 
     translates = True
     stream_usage = True  # every Messages stream reports usage
