@@ -3326,23 +3326,21 @@ def route(needs: RequestNeeds, registry: Registry, settings: Settings) -> RouteD
 # Must not: know backend types or APIs. Adapters say what to send; the proxy what to do next.
 # ==============================================================================================
 # Why not aiohttp's client: a request through its ClientSession costs more CPU than all the rest
-# of the relay (URL objects, multidict headers, cookies, traces, payload registry; the README
-# has the figures). Backends are JSON and SSE APIs, so this sends Accept-Encoding: identity
-# (and decodes gzip or deflate from a server that compresses anyway) and follows no redirects
-# (a clear error instead); each connection carries one request at a time. Connecting is where
-# the rest is: Happy Eyeballs for dual-stack names, HTTPS_PROXY's tunnel for https backends.
+# of the relay (the README has the figures). Backends speak JSON and SSE: Nexus asks for no
+# compression (and decodes gzip or deflate sent anyway), follows no redirects (a clear error
+# instead) and sends one request at a time per connection.
 
 BACKEND_HEAD_MAX = 16 * 1024  # an answer's status line and headers
 BACKEND_CHUNK_LINE_MAX = 1024  # a chunk's size line, extensions included
 BACKEND_BUFFER_HIGH = 256 * 1024  # unread body bytes at which reading the socket pauses
 BACKEND_DECODED_BLOCK_MAX = 64 * 1024 * 1024  # what one compressed network read may become
-# An idle connection older than this is closed, not reused. A request is never sent twice (a
-# backend may have acted on it), so a connection is not reused when its server may be closing
-# it: local servers close idle ones after 5 s (vLLM's uvicorn, llama-server, LM Studio's Node),
-# and a new one costs them well under a millisecond; a TLS handshake to a cloud costs more.
+# An idle connection older than this is closed, not reused: a request is never sent twice (a
+# backend may have acted on it), local servers close idle ones after 5 s, and a new connection
+# costs them well under a millisecond (a TLS handshake to a cloud costs more).
 BACKEND_KEEPALIVE_SECONDS = 4.0  # http
 BACKEND_TLS_KEEPALIVE_SECONDS = 60.0  # https
 BACKEND_DRAIN_SECONDS = 2.0  # how long a finished stream's last bytes are waited for
+BACKEND_HAPPY_EYEBALLS_DELAY = 0.25  # RFC 8305: the next address is tried this much later
 BACKEND_USER_AGENT = f"nexus/{__version__}"
 
 Origin = tuple[str, str, int]  # scheme, host, port: which connections can serve a URL
@@ -3354,13 +3352,11 @@ class BackendHTTPError(Exception):
 
 
 class BackendConnectTimeout(BackendHTTPError, TimeoutError):
-    """A backend that did not take the connection in time: a timeout like a silent backend's
-    (504, not asked again for the request), not a failure that is retried."""
+    """A backend that did not take the connection in time: a 504 like a silent one, not retried."""
 
 
 def connect_problem(exc: OSError) -> str:
-    """Why a connection could not be made, the same words whichever event loop runs (the
-    standard one says "Connect call failed" for a refusal)."""
+    """Why a connection could not be made, in the same words whichever event loop runs."""
     if isinstance(exc, ConnectionRefusedError):
         return "connection refused"
     if isinstance(exc, socket.gaierror):
@@ -3369,8 +3365,8 @@ def connect_problem(exc: OSError) -> str:
 
 
 @functools.lru_cache(maxsize=4096)
-def split_url(url: str) -> tuple[Origin, str, str]:
-    """A backend URL's origin, request target and Host header (computed once per URL)."""
+def request_start(method: str, url: str) -> tuple[Origin, str]:
+    """A request's origin and its first lines, which are the same for every request to a URL."""
     parts = urllib.parse.urlsplit(url)
     try:
         port = parts.port
@@ -3378,27 +3374,21 @@ def split_url(url: str) -> tuple[Origin, str, str]:
         raise BackendHTTPError(f"has a bad port in its URL {url}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise BackendHTTPError(f"has a URL Nexus cannot reach: {url}")
-    https = parts.scheme == "https"
     try:
         host = parts.hostname.encode("idna").decode()
     except UnicodeError:  # an empty label, or one longer than 63 characters
         raise BackendHTTPError(f"has a host name Nexus cannot use: {url}") from None
     if ":" in host:
         host = f"[{host}]"  # an IPv6 address
-    host_header = host if port is None else f"{host}:{port}"
-    path = urllib.parse.quote(parts.path or "/", safe="/%:@!$&'()*+,;=-._~")
-    target = path + (f"?{parts.query}" if parts.query else "")
-    return (parts.scheme, parts.hostname, port or (443 if https else 80)), target, host_header
-
-
-@functools.lru_cache(maxsize=4096)
-def request_start(method: str, url: str) -> tuple[Origin, str]:
-    """A request's origin and its first lines, which are the same for every request to a URL."""
-    origin, target, host = split_url(url)
-    return (
-        origin,
+    if port is not None:
+        host += f":{port}"
+    target = urllib.parse.quote(parts.path or "/", safe="/%:@!$&'()*+,;=-._~")
+    if parts.query:
+        target += f"?{parts.query}"
+    origin = (parts.scheme, parts.hostname, port or (443 if parts.scheme == "https" else 80))
+    return origin, (
         f"{method} {target} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: {BACKEND_USER_AGENT}\r\n"
-        "Accept-Encoding: identity\r\n",  # JSON and SSE, read as they come: no compression
+        "Accept-Encoding: identity\r\n"
     )
 
 
@@ -3421,8 +3411,7 @@ def encode_request(
 
 
 def body_decoder(coding: str | None) -> Any:
-    """What decodes a body in this Content-Encoding: None for none, a zlib decompressor for
-    gzip, True for deflate (its first bytes decide which); another encoding is an error."""
+    """A body's decoder for its Content-Encoding: None, a gzip decompressor or True (deflate)."""
     if coding is None:
         return None
     coding = coding.strip().lower()
@@ -3435,73 +3424,44 @@ def body_decoder(coding: str | None) -> Any:
     raise BackendHTTPError(f"answered a body in an encoding Nexus cannot decode: {coding[:40]}")
 
 
+@dataclass(slots=True, eq=False)
 class BackendConnection(asyncio.Protocol):
     """One connection to a backend and the answer it is reading, one request at a time.
 
-    BackendPool.request() writes a request and returns the connection once the answer's head
-    (status, headers with lower-case names) is in. The body is then read as it arrives with
-    readany(), or whole with read(); release() gives the connection back to its pool when the
-    answer was read to its end, and closes it otherwise. A broken connection or an answer that
-    is not HTTP raises BackendHTTPError from the wait that meets it, after the body read so far.
-    """
+    BackendPool.request() returns it once the answer's head (status, headers with lower-case
+    names) is in; the body is then read as it arrives (readany) or whole (read), and release()
+    gives the connection back to its pool, or closes it if the answer was not read to its end.
+    A broken connection or an answer that is not HTTP raises BackendHTTPError from the wait
+    that meets it, after the body read so far."""
 
-    __slots__ = (
-        "body",
-        "buffered",
-        "closed",
-        "collect",
-        "decoder",
-        "drain",
-        "drain_timer",
-        "error",
-        "headers",
-        "idle_since",
-        "keep_alive",
-        "left",
-        "origin",
-        "paused",
-        "pipelined",
-        "pool",
-        "rest",
-        "state",
-        "status",
-        "transport",
-        "waiter",
-        "whole",
-    )
-
-    def __init__(self, pool: BackendPool, origin: Origin) -> None:
-        """A connection of `pool` to `origin`, not connected yet (the pool connects it)."""
-        self.pool, self.origin = pool, origin
-        self.transport: asyncio.Transport | None = None
-        self.rest = b""  # bytes received and not parsed yet: part of a head or a chunk line
-        self.body: collections.deque[bytes] = collections.deque()  # body blocks not read yet
-        self.buffered = 0  # their size
-        # idle (between answers), head, length, chunked, trailer, close (ends with the
-        # connection), done (the whole answer is in)
-        self.state = "idle"
-        self.left = 0  # body bytes still to come (length), or of this chunk; -1: its CRLF next
-        self.status = 0
-        self.headers: dict[str, str] = {}
-        # The answer's Content-Encoding, when a server compresses although asked not to: a zlib
-        # decompressor, or True for deflate until its first bytes say zlib-wrapped or raw.
-        self.decoder: Any = None
-        self.keep_alive = True
-        self.error: BackendHTTPError | None = None
-        self.waiter: asyncio.Future[None] | None = None
-        self.paused = False
-        self.collect = False  # read() takes the whole body: no pausing for it
-        self.drain = False  # released before its answer's last bytes: back to the pool with them
-        self.drain_timer: asyncio.TimerHandle | None = None  # closes it if they never come
-        self.whole = False  # set by a reader that saw its answer's last event
-        self.pipelined = False  # a second request was sent with the first: its answer follows
-        self.closed = False
-        self.idle_since = 0.0
-
-    # --- the protocol: called by the loop -------------------------------------------------------
+    pool: BackendPool
+    origin: Origin
+    transport: asyncio.Transport | None = None  # set once connected
+    rest: bytes = b""  # bytes received and not parsed yet: part of a head or a chunk line
+    body: collections.deque[bytes] = field(default_factory=collections.deque)  # not read yet
+    buffered: int = 0  # the size of `body`
+    # idle (between answers), head, length, chunked, trailer, close (ends with the
+    # connection), done (the whole answer is in)
+    state: str = "idle"
+    left: int = 0  # body bytes still to come (length), or of this chunk; -1: its CRLF next
+    status: int = 0
+    headers: dict[str, str] = field(default_factory=dict)
+    # A zlib decompressor for a body compressed although Nexus asked for none, or True for
+    # deflate until its first bytes say zlib-wrapped or raw.
+    decoder: Any = None
+    keep_alive: bool = True
+    error: BackendHTTPError | None = None
+    waiter: asyncio.Future[None] | None = None
+    paused: bool = False
+    collect: bool = False  # read() takes the whole body: no pausing for it
+    drain: bool = False  # released before its answer's last bytes: back to the pool with them
+    drain_timer: asyncio.TimerHandle | None = None  # closes it if they never come
+    whole: bool = False  # set by a reader that saw its answer's last event
+    pipelined: bool = False  # a second request was sent with the first: its answer follows
+    closed: bool = False
+    idle_since: float = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        """asyncio's callback: the connection is open."""
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
@@ -3529,13 +3489,10 @@ class BackendConnection(asyncio.Protocol):
         if self.state == "close" and exc is None:  # a reset cuts an answer short; a FIN ends it
             self.state = "done"
         elif self.state not in ("idle", "done") and self.error is None:
-            if self.state == "head" and not self.rest:
-                self.error = BackendHTTPError("closed the connection without answering")
-            else:
-                self.error = BackendHTTPError("closed the connection in the middle of its answer")
+            silent = self.state == "head" and not self.rest
+            where = "without answering" if silent else "in the middle of its answer"
+            self.error = BackendHTTPError(f"closed the connection {where}")
         self.wake()
-
-    # --- parsing ----------------------------------------------------------------------------------
 
     def parse(self, data: bytes) -> None:
         """Parse received bytes: the head, then the body by its framing."""
@@ -3694,20 +3651,16 @@ class BackendConnection(asyncio.Protocol):
             self.transport.abort()
 
     def wake(self) -> None:
-        """Wake the reader waiting for more of the answer."""
         waiter = self.waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
     async def wait(self) -> None:
-        """Wait until more of the answer (or its end) arrives."""
         self.waiter = self.pool.loop.create_future()
         try:
             await self.waiter
         finally:
             self.waiter = None
-
-    # --- for the reader ----------------------------------------------------------------------
 
     async def send(self, data: bytes) -> None:
         """Write a request and wait for its answer's head; on any failure, close."""
@@ -3748,7 +3701,6 @@ class BackendConnection(asyncio.Protocol):
         return data
 
     def resume(self) -> None:
-        """Resume reading the socket if it was paused."""
         if self.paused:
             self.paused = False
             self.transport.resume_reading()  # type: ignore[union-attr]
@@ -3775,10 +3727,8 @@ class BackendConnection(asyncio.Protocol):
         return data[:limit] if limit else data
 
     def release(self) -> None:
-        """Back to the pool if the answer was read to its end; closed otherwise, which tells
-        the backend to stop. A stream whose last event was read (`whole`, set by its reader)
-        may still lack its final bytes (the chunked coding's end): it goes back to the pool
-        when they come."""
+        """Back to the pool if the answer was read to its end (a stream whose last event was read,
+        `whole`, once its last bytes come); closed otherwise, which tells the backend to stop."""
         reusable = self.keep_alive and not self.closed and self.error is None
         if self.state == "done" and reusable:
             self.state, self.collect = "idle", False
@@ -3799,13 +3749,9 @@ class BackendConnection(asyncio.Protocol):
             self.close()
 
     def close(self) -> None:
-        """Close the connection; it is not reused."""
         self.keep_alive = False
         if self.transport is not None and not self.closed:
             self.transport.close()
-
-
-BACKEND_HAPPY_EYEBALLS_DELAY = 0.25  # RFC 8305: the next address is tried this much later
 
 
 def is_address(host: str) -> bool:
@@ -3818,9 +3764,7 @@ def is_address(host: str) -> bool:
 
 
 async def open_socket(loop: asyncio.AbstractEventLoop, host: str, port: int) -> socket.socket:
-    """A TCP socket connected to host:port. A name with IPv6 and IPv4 addresses is connected
-    with Happy Eyeballs (RFC 8305): where IPv6 is broken, IPv4 answers a moment later, not
-    after a timeout."""
+    """A TCP socket connected to host:port, racing a name's IPv6 and IPv4 addresses (RFC 8305)."""
     infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     sock = await aiohappyeyeballs.start_connection(
         infos, happy_eyeballs_delay=BACKEND_HAPPY_EYEBALLS_DELAY, loop=loop
@@ -3854,11 +3798,8 @@ def https_proxy(proxies: dict[str, str]) -> Proxy | None:
         )
     authorization = None
     if parts.username is not None:
-        user = urllib.parse.unquote(parts.username)
-        secret = urllib.parse.unquote(parts.password or "")
-        authorization = (
-            "Basic " + binascii.b2a_base64(f"{user}:{secret}".encode(), newline=False).decode()
-        )
+        credentials = urllib.parse.unquote(f"{parts.username}:{parts.password or ''}").encode()
+        authorization = "Basic " + binascii.b2a_base64(credentials, newline=False).decode()
     return Proxy(parts.hostname, port, authorization)
 
 
@@ -3898,9 +3839,8 @@ def keepalive_seconds(origin: Origin) -> float:
 
 @functools.cache
 def tls_context() -> ssl.SSLContext:
-    """Certificates for https backends: the system's, plus certifi's bundle for systems whose
-    certificates the bundled OpenSSL cannot find (a one-file build on another OS or distro).
-    Made on first use: loading certificates costs tens of ms that start-up need not pay."""
+    """Certificates for https backends, made on first use: the system's, plus certifi's bundle
+    for a one-file build whose OpenSSL cannot find the system's (on another OS or distro)."""
     context = ssl.create_default_context()
     with contextlib.suppress(ImportError, OSError):
         import certifi
@@ -3913,7 +3853,6 @@ class BackendPool:
     """Every connection to every backend; idle ones kept per origin, newest reused first."""
 
     def __init__(self, connect_timeout: float, tls: ssl.SSLContext | None = None) -> None:
-        """A pool with no connections, on the running loop."""
         self.connect_timeout = connect_timeout
         self.tls = tls  # for https backends; None: the system's certificates (tls_context)
         self.loop = asyncio.get_running_loop()
@@ -3948,9 +3887,8 @@ class BackendPool:
     async def fetch(
         self, method: str, url: str, headers: dict[str, str], body: bytes = b"", limit: int = 0
     ) -> tuple[int, bytes]:
-        """A whole answer (status, body) on a connection of its own, closed after it: a poll
-        or probe, which would otherwise keep an idle connection per backend. With a limit, only
-        the body's first `limit` bytes are read."""
+        """A whole answer (status, body; only its first `limit` bytes with a limit) on a
+        connection of its own, closed after it: a poll's, not to keep one idle per backend."""
         conn = await self.request(method, url, headers, body, keep_alive=False)
         try:
             return conn.status, await conn.read(limit)
@@ -3998,8 +3936,7 @@ class BackendPool:
         while idle:
             conn = idle.pop()
             if conn.idle_since < oldest:  # the rest are older still
-                conn.close()
-                for stale in idle:
+                for stale in (conn, *idle):
                     stale.close()
                 idle.clear()
             elif not conn.closed and conn.keep_alive and not conn.transport.is_closing():  # type: ignore[union-attr]
@@ -4060,19 +3997,16 @@ class BackendPool:
         return conn
 
     def proxy_for(self, origin: Origin) -> Proxy | None:
-        """The proxy to tunnel through to this origin, if any."""
         if origin[0] != "https":
             return None
         if self.proxy_error is not None:
             raise self.proxy_error
-        if self.https_proxy is None or urllib.request.proxy_bypass_environment(
-            origin[1], self.proxies
-        ):
+        if self.https_proxy is None:
             return None
-        return self.https_proxy
+        bypass = urllib.request.proxy_bypass_environment(origin[1], self.proxies)
+        return None if bypass else self.https_proxy
 
     def close(self) -> None:
-        """Close every connection: Nexus is stopping."""
         self.closing = True
         for conn in list(self.open):
             conn.close()
@@ -4093,13 +4027,11 @@ ENDPOINT_PATHS = {
     "completions": "/v1/completions",
     "embeddings": "/v1/embeddings",
 }
+POLL_MAX_BODY = 32 * 1024 * 1024  # a poll's answer cut here fails as not JSON, not as memory
 
 
 class BackendReplyError(Exception):
     """A backend answered a poll with a status or body that is not what its type sends."""
-
-
-POLL_MAX_BODY = 32 * 1024 * 1024  # a poll's answer cut here fails as not JSON, not as memory
 
 
 def status_problem(status: int, path: str) -> str:
@@ -4138,9 +4070,12 @@ def json_answer(status: int, answer: bytes, path: str) -> Any:
 
 def positive_int(value: Any) -> int | None:
     """A value when it is a positive int (not a bool), else None."""
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value
-    return None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def object_of(value: Any) -> dict[str, Any]:
+    """The value if it is a JSON object, else an empty one (a field of the wrong shape)."""
+    return value if isinstance(value, dict) else {}
 
 
 def models_from_openai_list(data: Any) -> dict[str, Model]:
@@ -4151,12 +4086,11 @@ def models_from_openai_list(data: Any) -> dict[str, Model]:
     for entry in data["data"]:
         if not isinstance(entry, dict) or not isinstance(entry.get("id"), str):
             continue
-        meta = entry.get("meta") if isinstance(entry.get("meta"), dict) else {}
         context = (
             positive_int(entry.get("max_model_len"))
             or positive_int(entry.get("context_length"))
             or positive_int(entry.get("context_window"))
-            or positive_int(meta.get("n_ctx_train"))
+            or positive_int(object_of(entry.get("meta")).get("n_ctx_train"))
         )
         models[entry["id"]] = Model(id=entry["id"], context_length=context)
     return models
@@ -4165,12 +4099,13 @@ def models_from_openai_list(data: Any) -> dict[str, Model]:
 class OpenAICompatibleAdapter:
     """Any server that speaks OpenAI's API: `/v1/models` is both its health and its model list."""
 
-    # Whether the server honours stream_options.include_usage, so Nexus can count tokens.
-    stream_usage = False
+    stream_usage = False  # it honours stream_options.include_usage, so Nexus can count tokens
     # Whether requests and answers are translated (another API than OpenAI's). When not, the
-    # proxy relays bytes as they are and none of the methods below is called.
+    # proxy relays bytes as they are and none of the translating methods is called.
     translates = False
     api = "openai"  # the API the backend speaks
+    health_path = ""  # where the type says it is up (200) before its model list is read
+    models_path = "/v1/models"
 
     def headers(self, backend: Backend) -> dict[str, str]:
         """What every request and poll carries: the Bearer key of a server started with one
@@ -4199,10 +4134,38 @@ class OpenAICompatibleAdapter:
         """The URL of an endpoint (chat, completions, embeddings) on the backend."""
         return backend.url + ENDPOINT_PATHS[endpoint]
 
+    async def check_health(self, pool: BackendPool, backend: Backend) -> None:
+        """Fail unless the type's health endpoint, where it has one, answers 200."""
+        if self.health_path:
+            url = backend.url + self.health_path
+            status, _ = await pool.fetch("GET", url, self.headers(backend), limit=POLL_MAX_BODY)
+            if status != 200:
+                raise BackendReplyError(status_problem(status, self.health_path))
+
     async def poll(self, pool: BackendPool, backend: Backend) -> dict[str, Model]:
-        """The backend's models, from its /v1/models."""
-        data = await fetch_json(pool, "GET", backend.url + "/v1/models", self.headers(backend))
-        return models_from_openai_list(data)
+        """The backend's models, from its model list once its health endpoint says it is up."""
+        await self.check_health(pool, backend)
+        url = backend.url + self.models_path
+        return models_from_openai_list(await fetch_json(pool, "GET", url, self.headers(backend)))
+
+    async def command(
+        self, pool: BackendPool, backend: Backend, path: str, payload: Any, done: Iterable[str] = ()
+    ) -> None:
+        """POST a command (load, unload) to the backend: an answer other than 200 fails in the
+        backend's own words, unless it is a 400 whose words are among `done` (done already)."""
+        headers = {**self.headers(backend), **JSON_HEADERS}
+        body = json.dumps(payload).encode()
+        url = backend.url + path
+        status, answer = await pool.fetch("POST", url, headers, body, limit=POLL_MAX_BODY)
+        if status == 200:
+            return
+        why = answer[:200].decode("utf-8", "replace").strip() or "no reason given"
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            error = json.loads(answer)["error"]  # llama-server's is an object, Ollama's a string
+            why = str((error.get("message") if isinstance(error, dict) else error) or why)
+        if status == 400 and why in done:
+            return
+        raise BackendReplyError(f"{path} answered HTTP {status}: {why[:200]}")
 
     def manages_models(self, backend: Backend) -> bool:
         """Whether the backend's own API loads and unloads models (SPEC §5.1)."""
@@ -4225,26 +4188,21 @@ class VllmAdapter(OpenAICompatibleAdapter):
     """vLLM: `/health` says it is up; `/v1/models` carries `max_model_len`."""
 
     stream_usage = True
+    health_path = "/health"
 
-    async def poll(self, pool: BackendPool, backend: Backend) -> dict[str, Model]:
-        """vLLM's models: /health must answer 200, then /v1/models."""
-        status, _ = await pool.fetch(
-            "GET", backend.url + "/health", self.headers(backend), limit=POLL_MAX_BODY
-        )
-        if status != 200:
-            raise BackendReplyError(status_problem(status, "/health"))
-        return await super().poll(pool, backend)
+
+class OpenAICloudAdapter(OpenAICompatibleAdapter):
+    """OpenAI's API (or any cloud speaking it): Bearer key read from the environment."""
+
+    stream_usage = True
 
 
 def router_statuses(data: Any) -> dict[str, dict[str, Any]] | None:
-    """Each model's status in a llama-server router's `/v1/models` ({"value": "loaded", ...});
-    None for a server of one model, which gives none."""
-    entries = data.get("data") if isinstance(data, dict) else None
-    if not isinstance(entries, list):
-        return None
+    """Each model's status in a llama-server router's `/v1/models`; None from a server of one."""
+    entries = object_of(data).get("data")
     statuses = {
         e["id"]: e["status"]
-        for e in entries
+        for e in (entries if isinstance(entries, list) else ())
         if isinstance(e, dict)
         and isinstance(e.get("id"), str)
         and isinstance(e.get("status"), dict)
@@ -4253,8 +4211,7 @@ def router_statuses(data: Any) -> dict[str, dict[str, Any]] | None:
 
 
 def router_loaded(data: Any) -> dict[str, int] | None:
-    """The models a llama-server in router mode has running (their sizes unknown: 0); None
-    for a server of one model."""
+    """The models a llama-server router runs (sizes unknown: 0); None from a server of one."""
     statuses = router_statuses(data)
     if statuses is None:
         return None
@@ -4262,20 +4219,19 @@ def router_loaded(data: Any) -> dict[str, int] | None:
 
 
 ROUTER_CHECK_SECONDS = 0.25  # how often a loading router model's status is read
-LLAMACPP_ROUTER_ANSWERS = ("model is already running", "model is not running")
+ROUTER_DONE_ANSWERS = ("model is already running", "model is not running")
 
 
 class LlamaCppAdapter(OpenAICompatibleAdapter):
     """llama.cpp's llama-server: `/health`, `/props` for `n_ctx` and modalities, `/v1/models`.
-
-    In router mode (started without a model) it runs models on demand: `/v1/models` gives each
-    one's status, `/models/load` and `/models/unload` start and stop them."""
+    In router mode (started without a model) it runs models on demand, told by `/models/load`."""
 
     stream_usage = True
+    health_path = "/health"
 
     def manages_models(self, backend: Backend) -> bool:
-        """Whether it is a llama-server in router mode (it may load and unload)."""
-        return backend.loaded is not None  # a router: its last poll said what it runs
+        """Whether it is a llama-server in router mode (its last poll said what it runs)."""
+        return backend.loaded is not None
 
     async def loaded_models(self, pool: BackendPool, backend: Backend) -> dict[str, int] | None:
         """What a router runs now, from its /v1/models statuses."""
@@ -4284,7 +4240,7 @@ class LlamaCppAdapter(OpenAICompatibleAdapter):
 
     async def load(self, pool: BackendPool, backend: Backend, model: str, keep_alive: Any) -> None:
         """Ask the router to load a model and wait until its status says loaded."""
-        await self.router_call(pool, backend, "/models/load", model)
+        await self.command(pool, backend, "/models/load", {"model": model}, ROUTER_DONE_ANSWERS)
         while True:  # the router starts the model's server; its status says how that went
             data = await fetch_json(pool, "GET", backend.url + "/v1/models", self.headers(backend))
             status = (router_statuses(data) or {}).get(model, {})
@@ -4295,44 +4251,20 @@ class LlamaCppAdapter(OpenAICompatibleAdapter):
             await asyncio.sleep(ROUTER_CHECK_SECONDS)
 
     async def unload(self, pool: BackendPool, backend: Backend, model: str) -> None:
-        """Ask the router to unload a model."""
-        await self.router_call(pool, backend, "/models/unload", model)
-
-    async def router_call(self, pool: BackendPool, backend: Backend, path: str, model: str) -> None:
-        """POST {model} to a router endpoint; "already running" (or "not running") is done."""
-        headers = {**self.headers(backend), **JSON_HEADERS}
-        body = json.dumps({"model": model}).encode()
-        status, answer = await pool.fetch(
-            "POST", backend.url + path, headers, body, limit=POLL_MAX_BODY
-        )
-        if status == 200:
-            return
-        why = answer[:300].decode("utf-8", "replace")
-        with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
-            why = str(json.loads(answer)["error"].get("message") or why)
-        if status == 400 and why in LLAMACPP_ROUTER_ANSWERS:
-            return
-        raise BackendReplyError(f"{path} answered HTTP {status}: {why[:200]}")
+        """Ask the router to unload a model ("not running" is done already)."""
+        await self.command(pool, backend, "/models/unload", {"model": model}, ROUTER_DONE_ANSWERS)
 
     async def poll(self, pool: BackendPool, backend: Backend) -> dict[str, Model]:
-        """llama-server's models: /health must answer 200, then /v1/models."""
-        status, _ = await pool.fetch(
-            "GET", backend.url + "/health", self.headers(backend), limit=POLL_MAX_BODY
-        )
-        if status != 200:
-            raise BackendReplyError(status_problem(status, "/health"))
+        """llama-server's models: /health must answer 200, then /props and /v1/models."""
+        await self.check_health(pool, backend)
         props = await fetch_json(pool, "GET", backend.url + "/props", self.headers(backend))
         data = await fetch_json(pool, "GET", backend.url + "/v1/models", self.headers(backend))
         models = models_from_openai_list(data)
         backend.loaded = router_loaded(data)
-        if not isinstance(props, dict):
-            return models
-        settings = props.get("default_generation_settings")
-        n_ctx = positive_int(props.get("n_ctx")) or (
-            positive_int(settings.get("n_ctx")) if isinstance(settings, dict) else None
-        )
-        modalities = props.get("modalities")
-        vision = modalities.get("vision") if isinstance(modalities, dict) else None
+        props = object_of(props)
+        settings = object_of(props.get("default_generation_settings"))
+        n_ctx = positive_int(props.get("n_ctx")) or positive_int(settings.get("n_ctx"))
+        vision = object_of(props.get("modalities")).get("vision")
         for model in models.values():
             model.context_length = n_ctx or model.context_length
             if isinstance(vision, bool):
@@ -4341,19 +4273,16 @@ class LlamaCppAdapter(OpenAICompatibleAdapter):
 
 
 class LmStudioAdapter(OpenAICompatibleAdapter):
-    """LM Studio: its `/api/v0/models` says type (llm, vlm, embeddings), context, tool use,
-    and whether each model is loaded (`state`)."""
+    """LM Studio: `/api/v0/models` says each model's type (vlm), context, tool use and state."""
 
     async def poll(self, pool: BackendPool, backend: Backend) -> dict[str, Model]:
         """LM Studio's models from /api/v0/models, with context lengths and what is loaded."""
         data = await fetch_json(pool, "GET", backend.url + "/api/v0/models", self.headers(backend))
         if not isinstance(data, dict) or not isinstance(data.get("data"), list):
             raise BackendReplyError("not an LLM server: /api/v0/models has no data list")
+        entries = [e for e in data["data"] if isinstance(e, dict) and isinstance(e.get("id"), str)]
         models = {}
-        loaded: dict[str, int] | None = None
-        for entry in data["data"]:
-            if not isinstance(entry, dict) or not isinstance(entry.get("id"), str):
-                continue
+        for entry in entries:
             caps = entry.get("capabilities")
             models[entry["id"]] = Model(
                 id=entry["id"],
@@ -4361,11 +4290,10 @@ class LmStudioAdapter(OpenAICompatibleAdapter):
                 vision=entry.get("type") == "vlm",
                 tools=("tool_use" in caps) if isinstance(caps, list) else None,
             )
-            if isinstance(entry.get("state"), str):  # "loaded" or "not-loaded"
-                loaded = loaded if loaded is not None else {}
-                if entry["state"] == "loaded":
-                    loaded[entry["id"]] = 0
-        backend.loaded = loaded
+        # Each model's state, "loaded" or "not-loaded", where this LM Studio says.
+        states = {e["id"]: e["state"] for e in entries if isinstance(e.get("state"), str)}
+        loaded = {model: 0 for model, state in states.items() if state == "loaded"}
+        backend.loaded = loaded if states else None
         return models
 
 
@@ -4376,12 +4304,8 @@ OLLAMA_PS_GRACE_SECONDS = 1.0
 
 
 class OllamaAdapter(OpenAICompatibleAdapter):
-    """Ollama: `/api/tags` lists models; `/api/show` gives capabilities and context length;
-    `/api/ps` says which are in memory. `/api/generate` without a prompt loads a model for
-    its `keep_alive`, and unloads it with `keep_alive: 0`.
-
-    `/api/show` is asked once per model digest, not on every poll.
-    """
+    """Ollama: `/api/tags` lists models, `/api/show` (asked once per model digest) gives their
+    capabilities and context length, `/api/ps` says which are in memory."""
 
     stream_usage = True
     api = "ollama"  # its own API too: /api/* requests are sent to it as they are
@@ -4391,7 +4315,6 @@ class OllamaAdapter(OpenAICompatibleAdapter):
         return True
 
     def __init__(self) -> None:
-        """The adapter, with no model described yet."""
         self.details: dict[tuple[str, str, str], Model] = {}
 
     async def poll(self, pool: BackendPool, backend: Backend) -> dict[str, Model]:
@@ -4436,29 +4359,13 @@ class OllamaAdapter(OpenAICompatibleAdapter):
         return loaded
 
     async def load(self, pool: BackendPool, backend: Backend, model: str, keep_alive: Any) -> None:
-        """Load a model by generating nothing with it, kept for keep_alive."""
-        await self.generate_nothing(pool, backend, model, keep_alive)
+        """Load a model for keep_alive (0: unload it), by /api/generate with no prompt."""
+        payload = {"model": model, "keep_alive": keep_alive, "stream": False}
+        await self.command(pool, backend, "/api/generate", payload)
 
     async def unload(self, pool: BackendPool, backend: Backend, model: str) -> None:
-        """Unload a model by generating nothing with keep_alive 0."""
-        await self.generate_nothing(pool, backend, model, 0)
-
-    async def generate_nothing(
-        self, pool: BackendPool, backend: Backend, model: str, keep_alive: Any
-    ) -> None:
-        """/api/generate with no prompt: Ollama loads (or with keep_alive 0 unloads) the model
-        and answers when it has; an error answer's own words become the failure."""
-        payload = {"model": model, "keep_alive": keep_alive, "stream": False}
-        body = json.dumps(payload).encode()
-        url = backend.url + "/api/generate"
-        headers = {**self.headers(backend), **JSON_HEADERS}
-        status, answer = await pool.fetch("POST", url, headers, body, limit=POLL_MAX_BODY)
-        if status != 200:
-            try:
-                why = str(json.loads(answer)["error"])
-            except (ValueError, KeyError, TypeError):
-                why = answer[:200].decode("utf-8", "replace").strip() or "no reason given"
-            raise BackendReplyError(f"/api/generate answered HTTP {status}: {why[:200]}")
+        """Unload a model: load it for no time (keep_alive 0)."""
+        await self.load(pool, backend, model, 0)
 
     async def models(self, pool: BackendPool, backend: Backend, data: Any) -> dict[str, Model]:
         """Ollama's models from its /api/tags answer, each described once by /api/show."""
@@ -4500,36 +4407,37 @@ class OllamaAdapter(OpenAICompatibleAdapter):
             )
         except BackendReplyError:
             return Model(id=name)
-        if not isinstance(info, dict):
-            return Model(id=name)
+        info = object_of(info)
+        model_info = object_of(info.get("model_info"))
+        lengths = (value for key, value in model_info.items() if key.endswith(".context_length"))
+        model = Model(id=name, context_length=positive_int(next(lengths, None)))
         caps = info.get("capabilities")
-        model_info = info.get("model_info") if isinstance(info.get("model_info"), dict) else {}
-        context = None
-        for key, value in model_info.items():
-            if key.endswith(".context_length"):
-                context = positive_int(value)
-                break
-        if not isinstance(caps, list):
-            return Model(id=name, context_length=context)
-        return Model(
-            id=name,
-            context_length=context,
-            vision="vision" in caps,
-            tools="tools" in caps,
-        )
-
-
-class OpenAICloudAdapter(OpenAICompatibleAdapter):
-    """OpenAI's API (or any cloud speaking it): Bearer key read from the environment."""
-
-    stream_usage = True
+        if isinstance(caps, list):
+            model.vision = "vision" in caps
+            model.tools = "tools" in caps
+        return model
 
 
 ANTHROPIC_VERSION = "2023-06-01"
-# Anthropic requires max_tokens; a chat request may leave it out.
-ANTHROPIC_DEFAULT_MAX_TOKENS = 4096
+ANTHROPIC_DEFAULT_MAX_TOKENS = 4096  # Anthropic requires max_tokens; a chat request may omit it
 # Fields a chat request may carry that mean the same in a Messages request.
 ANTHROPIC_NATIVE_FIELDS = ("top_p", "top_k", "metadata", "thinking", "service_tier")
+# tool_choice in chat's words and in Anthropic's (whose choices are {"type": ...} objects).
+TOOL_CHOICE_PAIRS = (("auto", "auto"), ("required", "any"), ("none", "none"))
+# Chat's finish_reason and Anthropic's stop_reason for the same ending, both ways: the first
+# pair that names a reason says what it becomes in the other API.
+STOP_REASON_PAIRS = (
+    ("stop", "end_turn"),
+    ("stop", "stop_sequence"),
+    ("stop", "pause_turn"),
+    ("length", "max_tokens"),
+    ("length", "model_context_window_exceeded"),
+    ("tool_calls", "tool_use"),
+    ("function_call", "tool_use"),
+    ("content_filter", "refusal"),
+)
+FINISH_REASONS = {stop: finish for finish, stop in reversed(STOP_REASON_PAIRS)}
+STOP_REASONS = {finish: stop for finish, stop in reversed(STOP_REASON_PAIRS)}
 
 
 def add_turn(turns: list[dict[str, Any]], role: str, blocks: list[dict[str, Any]]) -> None:
@@ -4546,25 +4454,19 @@ def anthropic_image(url: Any, index: int) -> dict[str, Any]:
     """An OpenAI image_url as an Anthropic image block: base64 data URLs or plain URLs."""
     if not isinstance(url, str) or not url:
         raise bad_request(f"messages[{index}]: image_url needs a url", "messages")
-    if url.startswith("data:"):
-        head, _, data = url.partition(",")
-        media_type = head[5:].split(";")[0]
-        if not data or ";base64" not in head:
-            raise bad_request(f"messages[{index}]: expected a base64 data URL", "messages")
-        return {
-            "type": "image",
-            "source": {"type": "base64", "media_type": media_type, "data": data},
-        }
-    return {"type": "image", "source": {"type": "url", "url": url}}
+    if not url.startswith("data:"):
+        return {"type": "image", "source": {"type": "url", "url": url}}
+    head, _, data = url.partition(",")
+    if not data or ";base64" not in head:
+        raise bad_request(f"messages[{index}]: expected a base64 data URL", "messages")
+    source = {"type": "base64", "media_type": head[5:].split(";")[0], "data": data}
+    return {"type": "image", "source": source}
 
 
 def anthropic_blocks(content: Any, index: int) -> list[dict[str, Any]]:
-    """Chat message content (a string or parts) as Messages content blocks; empty text is
-    left out (the API refuses empty text blocks)."""
-    if content is None:
-        return []
+    """Chat message content (a string or parts) as Messages blocks, but empty text (refused)."""
     if isinstance(content, str):
-        return [{"type": "text", "text": content}] if content else []
+        content = [{"type": "text", "text": content}]
     blocks = []
     for part in content if isinstance(content, list) else ():
         if not isinstance(part, dict):
@@ -4578,26 +4480,20 @@ def anthropic_blocks(content: Any, index: int) -> list[dict[str, Any]]:
             url = image.get("url") if isinstance(image, dict) else image
             blocks.append(anthropic_image(url, index))
         else:
-            raise bad_request(
-                f"messages[{index}]: content of type {kind!r} cannot be sent to an "
-                "anthropic backend",
-                "messages",
-            )
+            what = f"messages[{index}]: content of type {kind!r}"
+            raise bad_request(f"{what} cannot be sent to an anthropic backend", "messages")
     return blocks
 
 
 def tool_arguments(arguments: Any) -> dict[str, Any]:
-    """A tool call's arguments (a JSON string in chat) as the object other APIs want; a model's
-    malformed arguments become none rather than junk."""
+    """A tool call's arguments (a JSON string in chat) as an object; malformed ones become {}."""
     if isinstance(arguments, dict):
         return arguments
-    if isinstance(arguments, str) and arguments.strip():
-        try:
-            value = json.loads(arguments)
-        except ValueError:
-            return {}
-        return value if isinstance(value, dict) else {}
-    return {}
+    try:
+        value = json.loads(arguments)
+    except (TypeError, ValueError):  # no arguments, or not JSON
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def new_block_id(prefix: str) -> str:
@@ -4618,6 +4514,13 @@ def tool_use_block(call: Any) -> dict[str, Any] | None:
     }
 
 
+def chat_tool_call(block: dict[str, Any], arguments: str) -> dict[str, Any]:
+    """An Anthropic tool_use block as a chat tool call (its id kept) with these arguments."""
+    function = {"name": block.get("name") or "", "arguments": arguments}
+    call_id = block.get("id") or new_block_id("toolu_")
+    return {"id": call_id, "type": "function", "function": function}
+
+
 def anthropic_tool(tool: Any) -> dict[str, Any]:
     """An OpenAI function tool as an Anthropic tool (name, description, input_schema)."""
     function = tool.get("function") if isinstance(tool, dict) else None
@@ -4630,10 +4533,6 @@ def anthropic_tool(tool: Any) -> dict[str, Any]:
     if isinstance(function.get("description"), str):
         out["description"] = function["description"]
     return out
-
-
-# tool_choice in chat's words and in Anthropic's (whose choices are {"type": ...} objects).
-TOOL_CHOICE_PAIRS = (("auto", "auto"), ("required", "any"), ("none", "none"))
 
 
 def tool_choice_for(api: str, choice: Any) -> Any:
@@ -4658,15 +4557,13 @@ def tool_choice_for(api: str, choice: Any) -> Any:
 
 
 def chat_to_anthropic(chat: dict[str, Any]) -> dict[str, Any]:
-    """A chat completion request as a Messages request. System and developer messages become
-    `system`; tool calls and tool results become tool_use and tool_result blocks; images
-    become image blocks; consecutive turns of one role are merged, as the API wants."""
+    """A chat completion request as a Messages request: system and developer messages become
+    `system`, consecutive turns of one role are merged, as the API wants."""
     if not isinstance(chat.get("messages"), list):
-        raise NexusError.of(
-            400,
-            "unsupported_endpoint",
-            "Anthropic backends serve chat completions only (no legacy completions, embeddings).",
+        message = (
+            "Anthropic backends serve chat completions only (no legacy completions, embeddings)."
         )
+        raise NexusError.of(400, "unsupported_endpoint", message)
     max_tokens = chat.get("max_completion_tokens") or chat.get("max_tokens")
     out: dict[str, Any] = {
         "model": chat["model"],
@@ -4676,27 +4573,20 @@ def chat_to_anthropic(chat: dict[str, Any]) -> dict[str, Any]:
     turns: list[dict[str, Any]] = []
     for i, message in enumerate(chat["messages"]):
         role = message.get("role")
-        content = message.get("content")
+        blocks = anthropic_blocks(message.get("content"), i)
         if role in ("system", "developer"):
-            text = "\n\n".join(b["text"] for b in anthropic_blocks(content, i) if "text" in b)
-            if text:
-                system.append(text)
+            system.extend(block["text"] for block in blocks if "text" in block)
         elif role == "tool":
-            result: dict[str, Any] = {
-                "type": "tool_result",
-                "tool_use_id": str(message.get("tool_call_id") or ""),
-            }
-            blocks = anthropic_blocks(content, i)
+            call_id = str(message.get("tool_call_id") or "")
+            result: dict[str, Any] = {"type": "tool_result", "tool_use_id": call_id}
             if blocks:
                 result["content"] = blocks
             add_turn(turns, "user", [result])
         elif role == "assistant":
-            blocks = anthropic_blocks(content, i)
             calls = map(tool_use_block, message.get("tool_calls") or ())
-            blocks.extend(block for block in calls if block is not None)
-            add_turn(turns, "assistant", blocks)
+            add_turn(turns, "assistant", blocks + [block for block in calls if block is not None])
         else:
-            add_turn(turns, "user", anthropic_blocks(content, i))
+            add_turn(turns, "user", blocks)
     if system:
         out["system"] = "\n\n".join(system)
     out["messages"] = turns
@@ -4706,13 +4596,10 @@ def chat_to_anthropic(chat: dict[str, Any]) -> dict[str, Any]:
     if isinstance(temperature, int | float) and not isinstance(temperature, bool):
         out["temperature"] = min(float(temperature), 1.0)  # OpenAI's scale goes to 2, this to 1
     stop = chat.get("stop")
-    if isinstance(stop, str):
-        out["stop_sequences"] = [stop]
-    elif isinstance(stop, list) and stop:
+    stop = [stop] if isinstance(stop, str) else stop
+    if isinstance(stop, list) and stop:
         out["stop_sequences"] = stop
-    for name in ANTHROPIC_NATIVE_FIELDS:
-        if name in chat:
-            out[name] = chat[name]
+    out.update({name: chat[name] for name in ANTHROPIC_NATIVE_FIELDS if name in chat})
     if isinstance(chat.get("user"), str) and "metadata" not in out:
         out["metadata"] = {"user_id": chat["user"]}
     tools = chat.get("tools")
@@ -4726,24 +4613,8 @@ def chat_to_anthropic(chat: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-# Chat's finish_reason and Anthropic's stop_reason for the same ending, both ways: the first
-# pair that names a reason says what it becomes in the other API.
-STOP_REASON_PAIRS = (
-    ("stop", "end_turn"),
-    ("stop", "stop_sequence"),
-    ("stop", "pause_turn"),
-    ("length", "max_tokens"),
-    ("length", "model_context_window_exceeded"),
-    ("tool_calls", "tool_use"),
-    ("function_call", "tool_use"),
-    ("content_filter", "refusal"),
-)
-FINISH_REASONS = {stop: finish for finish, stop in reversed(STOP_REASON_PAIRS)}
-
-
 def anthropic_to_chat(message: dict[str, Any]) -> dict[str, Any]:
-    """A Messages answer as a chat completion: text joined, tool_use blocks as tool_calls,
-    thinking as reasoning_content, the stop reason as finish_reason."""
+    """A Messages answer as a chat completion (thinking as reasoning_content)."""
     texts: list[str] = []
     reasoning: list[str] = []
     calls: list[dict[str, Any]] = []
@@ -4756,35 +4627,21 @@ def anthropic_to_chat(message: dict[str, Any]) -> dict[str, Any]:
         elif kind == "thinking" and isinstance(block.get("thinking"), str):
             reasoning.append(block["thinking"])
         elif kind == "tool_use":
-            calls.append(
-                {
-                    "id": block.get("id") or new_block_id("toolu_"),
-                    "type": "function",
-                    "function": {
-                        "name": block.get("name") or "",
-                        "arguments": json.dumps(block.get("input") or {}, ensure_ascii=False),
-                    },
-                }
-            )
-    reply: dict[str, Any] = {"role": "assistant", "content": "".join(texts) or None}
+            arguments = json.dumps(block.get("input") or {}, ensure_ascii=False)
+            calls.append(chat_tool_call(block, arguments))
+    content = "".join(texts) or (None if calls else "")
+    reply: dict[str, Any] = {"role": "assistant", "content": content}
     if reasoning:
         reply["reasoning_content"] = "".join(reasoning)
     if calls:
         reply["tool_calls"] = calls
-    elif reply["content"] is None:
-        reply["content"] = ""
+    finish = FINISH_REASONS.get(message.get("stop_reason"), "stop")
     chat: dict[str, Any] = {
         "id": str(message.get("id") or new_block_id("msg_")),
         "object": "chat.completion",
         "created": int(time.time()),
         "model": message.get("model") or "",
-        "choices": [
-            {
-                "index": 0,
-                "message": reply,
-                "finish_reason": FINISH_REASONS.get(message.get("stop_reason"), "stop"),
-            }
-        ],
+        "choices": [{"index": 0, "message": reply, "finish_reason": finish}],
     }
     usage = usage_from(message.get("usage"))
     if usage is not None:
@@ -4792,22 +4649,12 @@ def anthropic_to_chat(message: dict[str, Any]) -> dict[str, Any]:
     return chat
 
 
-def object_of(value: Any) -> dict[str, Any]:
-    """The value if it is a JSON object, else an empty one (a field of the wrong shape)."""
-    return value if isinstance(value, dict) else {}
-
-
 class AnthropicStream:
     """Reads one Messages event stream and gives it out as chat-completion SSE lines, with the
-    readline() of the body it wraps, so the proxy relays it like any OpenAI stream.
-
-    Text deltas become content, a tool_use block becomes a tool call (its head, then argument
-    fragments, numbered in order of appearance), thinking becomes reasoning_content, the stop
-    reason a finish_reason, and message_stop a final usage chunk (choices empty) then [DONE].
-    An error event ends the stream as a broken connection would."""
+    readline() and buffered() of SseLines, so the proxy relays it like any OpenAI stream. An
+    error event ends the stream as a broken connection would."""
 
     def __init__(self, content: BackendConnection, model: str) -> None:
-        """A reader of the Messages stream on `content`, answering as `model`."""
         self.content = SseLines(content)
         self.pending: collections.deque[bytes] = collections.deque()
         self.id = new_block_id("msg_")
@@ -4833,17 +4680,13 @@ class AnthropicStream:
                 continue
             if not isinstance(event, dict):
                 continue
-            try:
-                chunks = self.feed(event)
-            except BackendReplyError as exc:
-                raise BackendHTTPError(str(exc)) from None
+            chunks = self.feed(event)
             self.pending.extend(b"data: " + json.dumps(c).encode() + b"\n" for c in chunks)
             if self.done:
                 self.pending.append(DONE_EVENT)
         return self.pending.popleft()
 
     def buffered(self) -> bytes | None:
-        """A translated line already waiting, if any."""
         return self.pending.popleft() if self.pending else None
 
     def chunk(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
@@ -4870,12 +4713,7 @@ class AnthropicStream:
             block = object_of(event.get("content_block"))
             if block.get("type") == "tool_use":
                 position = self.tools.setdefault(index, len(self.tools))
-                call = {
-                    "index": position,
-                    "id": block.get("id") or new_block_id("toolu_"),
-                    "type": "function",
-                    "function": {"name": block.get("name") or "", "arguments": ""},
-                }
+                call = {"index": position, **chat_tool_call(block, "")}
                 return [self.chunk({"tool_calls": [call]})]
             if block.get("type") == "text" and block.get("text"):
                 return [self.chunk({"content": block["text"]})]
@@ -4900,74 +4738,51 @@ class AnthropicStream:
             usage = usage_from(self.usage)
             if usage is None:
                 return []
-            final = self.chunk({})
-            final["choices"] = []
-            final["usage"] = usage.as_chat()
-            return [final]
+            return [{**self.chunk({}), "choices": [], "usage": usage.as_chat()}]
         if kind == "error":
-            error = event.get("error") if isinstance(event.get("error"), dict) else {}
-            raise BackendReplyError(str(error.get("message") or "the stream reported an error"))
+            message = object_of(event.get("error")).get("message")
+            raise BackendHTTPError(str(message or "the stream reported an error"))
         return []  # ping, content_block_stop, and events added to the API later
 
 
 class AnthropicAdapter(OpenAICompatibleAdapter):
-    """Anthropic's Messages API, spoken natively: `x-api-key` and `anthropic-version` headers,
-    chat completions translated into Messages requests and the answers (whole or streamed)
-    back into chat completions. Health is the model list, which spends no tokens."""
+    """Anthropic's Messages API: chat requests translated into Messages requests and answers
+    (whole or streamed) back. Health is the model list, which spends no tokens."""
 
     translates = True
     stream_usage = True  # every Messages stream reports usage
     api = "anthropic"
+    models_path = "/v1/models?limit=1000"  # the list is paged, 20 by default
 
     def headers(self, backend: Backend) -> dict[str, str]:
-        """Anthropic's key header and API version."""
-        return {
-            "x-api-key": os.environ.get(backend.api_key_env, ""),
-            "anthropic-version": ANTHROPIC_VERSION,
-        }
+        key = os.environ.get(backend.api_key_env, "")
+        return {"x-api-key": key, "anthropic-version": ANTHROPIC_VERSION}
 
     def url(self, backend: Backend, endpoint: str) -> str:
         """The Messages endpoint; other endpoints are a 400."""
         if endpoint != "chat":
-            raise NexusError.of(
-                400,
-                "unsupported_endpoint",
-                f"Backend {backend.name} (anthropic) serves chat completions only.",
-            )
+            message = f"Backend {backend.name} (anthropic) serves chat completions only."
+            raise NexusError.of(400, "unsupported_endpoint", message)
         return backend.url + "/v1/messages"
 
     def request_body(self, payload: dict[str, Any]) -> bytes:
-        """A chat request as a Messages request."""
         return json.dumps(chat_to_anthropic(payload)).encode()
 
     def answer(self, parsed: dict[str, Any]) -> dict[str, Any]:
-        """A Messages answer as a chat completion."""
         return anthropic_to_chat(parsed)
 
     def error_body(self, answer: bytes) -> bytes:
         """Anthropic's error document as OpenAI's envelope, its message kept."""
         try:
-            document = json.loads(answer)
-        except ValueError:
+            error = json.loads(answer)["error"]
+            message = str(error.get("message") or "the backend refused the request")
+        except (ValueError, KeyError, TypeError, AttributeError):  # not an error document
             return answer
-        error = document.get("error") if isinstance(document, dict) else None
-        if not isinstance(error, dict):
-            return answer
-        message = str(error.get("message") or "the backend refused the request")
         envelope = {"message": message, "type": error.get("type"), "param": None, "code": None}
         return json.dumps({"error": envelope}).encode()
 
     def stream_reader(self, content: BackendConnection, model: str) -> AnthropicStream:
-        """A reader turning Anthropic's stream into chat completion chunks."""
         return AnthropicStream(content, model)
-
-    async def poll(self, pool: BackendPool, backend: Backend) -> dict[str, Model]:
-        """Anthropic's models, from its paged /v1/models."""
-        url = backend.url + "/v1/models?limit=1000"  # the list is paged, 20 by default
-        return models_from_openai_list(await fetch_json(pool, "GET", url, self.headers(backend)))
-
-
-STOP_REASONS = {finish: stop for finish, stop in reversed(STOP_REASON_PAIRS)}
 
 
 ADAPTERS: dict[str, OpenAICompatibleAdapter] = {
