@@ -8089,10 +8089,9 @@ def ollama_shared_fields(body: dict[str, Any], out: dict[str, Any]) -> dict[str,
     `out`; options only the Ollama server knows (num_ctx, num_gpu, ...) are left out."""
     out["stream"] = ollama_stream_flag(body)
     options = body.get("options")
-    if options is None:
-        options = {}
-    elif not isinstance(options, dict):
+    if not isinstance(options, dict | None):
         raise bad_request("options: must be an object", "options")
+    options = options or {}
     for name in OLLAMA_SAMPLING:
         value = options.get(name)
         if isinstance(value, bool) or not isinstance(value, int | float | None):
@@ -8147,22 +8146,20 @@ def ollama_image_parts(images: Any, where: str) -> list[dict[str, Any]]:
 
 
 def ollama_tool_calls(calls: Any, where: str, pending: list[tuple[str, str]]) -> list[Any]:
-    """An assistant's tool calls (arguments as objects) as chat tool calls (arguments as JSON
-    text), each with an id; the ids wait in `pending` for the tool messages that answer them."""
+    """An assistant's tool calls as chat's (arguments as JSON text), their ids put in `pending`."""
     if not isinstance(calls, list | None):
         raise bad_request(f"{where}.tool_calls: must be an array", "messages")
     out = []
     for j, call in enumerate(calls or ()):
+        at = f"{where}.tool_calls[{j}]"
         function = call.get("function") if isinstance(call, dict) else None
         if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-            raise bad_request(f"{where}.tool_calls[{j}]: needs a function with a name", "messages")
+            raise bad_request(f"{at}: needs a function with a name", "messages")
         arguments = function.get("arguments")
         if arguments is None or isinstance(arguments, dict):
             arguments = json.dumps(arguments or {}, ensure_ascii=False)
         elif not isinstance(arguments, str):
-            raise bad_request(
-                f"{where}.tool_calls[{j}].function.arguments: must be an object", "messages"
-            )
+            raise bad_request(f"{at}.function.arguments: must be an object", "messages")
         call_id = call.get("id")
         if not isinstance(call_id, str) or not call_id:
             call_id = new_block_id("call_")
@@ -8239,8 +8236,7 @@ def ollama_to_chat(body: dict[str, Any]) -> dict[str, Any]:
 
 
 def ollama_generate_to_internal(body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """An /api/generate request as the internal request: chat (system and the prompt, with its
-    images), or a completion where the prompt is raw or has a suffix (fill in the middle)."""
+    """An /api/generate request as chat, or as a completion when raw or with a suffix (FIM)."""
     model = require_model(body)
     prompt = optional_text(body, "prompt")
     suffix = optional_text(body, "suffix")
@@ -8249,11 +8245,9 @@ def ollama_generate_to_internal(body: dict[str, Any]) -> tuple[str, dict[str, An
     if raw is not None and not isinstance(raw, bool):
         raise bad_request("raw: must be a boolean", "raw")
     images = ollama_image_parts(body.get("images"), "")
+    if (raw or suffix) and images:
+        raise bad_request("images: not served with raw or suffix (a plain completion)", "images")
     if raw or suffix:
-        if images:
-            raise bad_request(
-                "images: not served with raw or suffix (a plain completion)", "images"
-            )
         request: dict[str, Any] = {"model": model, "prompt": prompt}
         if suffix:
             request["suffix"] = suffix
@@ -8277,10 +8271,9 @@ def ollama_embed_to_internal(body: dict[str, Any], legacy: bool) -> dict[str, An
     if not isinstance(value, str) and not strings:
         raise bad_request("input: must be a string or a non-empty array of strings", "input")
     out: dict[str, Any] = {"model": model, "input": value}
-    dimensions = body.get("dimensions")
-    if dimensions is not None and positive_int(dimensions) is None:
-        raise bad_request("dimensions: must be a positive integer", "dimensions")
-    if dimensions is not None:
+    if (dimensions := body.get("dimensions")) is not None:
+        if positive_int(dimensions) is None:
+            raise bad_request("dimensions: must be a positive integer", "dimensions")
         out["dimensions"] = dimensions
     return out
 
@@ -8320,7 +8313,6 @@ class OllamaLines(NativeStream):
         return line + b"\n", None
 
     def error(self, endpoint: str, model: str, message: str) -> bytes:
-        """An error line, unless the backend's own error line said it already."""
         if self.failed:
             return b""
         self.failed = True
@@ -8360,7 +8352,6 @@ class OllamaFormat(OpenAIFormat):
 
     @staticmethod
     def error_document(error: NexusError) -> dict[str, Any]:
-        """An error as Ollama's API writes it."""
         return {"error": error.message}
 
     @staticmethod
@@ -8387,8 +8378,7 @@ class OllamaFormat(OpenAIFormat):
         return out
 
     def counts(self, reason: str, usage: Any, timings: Any = None) -> dict[str, Any]:
-        """The last object's reason, token counts (the backend's, else estimated) and durations
-        (the backend's timings where it gives them, else measured here)."""
+        """The last object's reason, token counts and durations: the backend's, else Nexus's."""
         output = -(-self.output_chars // CHARS_PER_TOKEN)
         found = usage_or_estimate(usage, self.prompt_estimate, output)
         now = time.perf_counter()
@@ -8409,7 +8399,6 @@ class OllamaFormat(OpenAIFormat):
         }
 
     def body(self, answer: bytes, parsed: dict[str, Any]) -> bytes:
-        """A whole chat, completions or embeddings answer in Ollama's shape."""
         if self.kind in ("embed", "embeddings"):
             return json.dumps(self.embeddings(parsed)).encode()
         self.model = parsed.get("model") or self.model
@@ -8428,7 +8417,6 @@ class OllamaFormat(OpenAIFormat):
         return json.dumps(last, ensure_ascii=False).encode()
 
     def embeddings(self, parsed: dict[str, Any]) -> dict[str, Any]:
-        """An embeddings answer as /api/embed or /api/embeddings answers."""
         data = parsed.get("data")
         items = [d for d in data if isinstance(d, dict)] if isinstance(data, list) else []
         items.sort(key=lambda d: d.get("index") if isinstance(d.get("index"), int) else 0)
@@ -8445,7 +8433,6 @@ class OllamaFormat(OpenAIFormat):
         }
 
     def chunk(self, data: bytes, chunk: dict[str, Any]) -> bytes:
-        """One chat chunk as Ollama's NDJSON stream lines."""
         if isinstance(chunk.get("usage"), dict):
             self.usage = chunk["usage"]
         if isinstance(chunk.get("timings"), dict):
@@ -8524,7 +8511,6 @@ class OllamaFormat(OpenAIFormat):
         return parsed
 
     def end(self) -> bytes:
-        """The stream's last line: done, its reason and its counts."""
         if self.failed:
             return b""  # the error line was the stream's last word
         out = self.flush_calls()  # first: it may be the first answer, which counts() times
@@ -8591,8 +8577,7 @@ async def ollama_tags(request: web.Request) -> web.Response:
 
 
 async def ollama_ps(request: web.Request) -> web.Response:
-    """GET /api/ps: the models in memory somewhere on the fleet now (`loaded_on`), with the most
-    bytes one backend holds of each where the backend says (Ollama's own /api/ps)."""
+    """GET /api/ps: the models loaded on the fleet now, each with the most bytes one holds."""
     backends = request.app[REGISTRY].backends
     models = []
     for entry in visible_models(request):
@@ -8651,8 +8636,7 @@ def ollama_loaded(request: web.Request, body: dict[str, Any], kind: str) -> web.
 
 
 async def ollama_inference(request: web.Request) -> web.StreamResponse:
-    """POST /api/chat, /api/generate, /api/embed and the older /api/embeddings: translated to a
-    chat, completions or embeddings request, routed and answered like one."""
+    """POST /api/chat, generate, embed and embeddings: translated, routed and answered."""
     body = parse_json_body(await request.read())
     kind = request.path.removeprefix(OLLAMA_PREFIX)
     if kind == "chat":
@@ -8767,8 +8751,7 @@ async def get_model(request: web.Request) -> web.Response:
 
 
 async def health(request: web.Request) -> web.Response:
-    """GET /health: the fleet in one word (healthy, degraded or unhealthy), Nexus's version and
-    uptime."""
+    """GET /health: the fleet's status in one word, Nexus's version and uptime."""
     registry = request.app[REGISTRY]
     total, healthy = len(registry.backends), len(registry.healthy())
     status = "healthy" if total and healthy == total else "degraded" if healthy else "unhealthy"
@@ -8876,22 +8859,20 @@ def lifecycle_response(op: Operation, status: int = 202) -> web.Response:
 
 
 def keep_alive_of(body: dict[str, Any]) -> Any:
-    """How long a loaded model stays (Ollama's keep_alive: seconds or "30m"); default: until
-    unloaded."""
+    """How long a loaded model stays (seconds or a duration such as "30m"); default: for good."""
     keep_alive = body.get("keep_alive", DEFAULT_KEEP_ALIVE)
     if isinstance(keep_alive, bool) or not isinstance(keep_alive, int | float | str):
         raise bad_request('keep_alive must be seconds or a duration such as "30m"', "keep_alive")
     return keep_alive
 
 
-async def check_loadable(
-    app: web.Application, model_id: str, target: Backend, *others: Backend
-) -> None:
-    """409 while an operation on the model runs on the target or the others; 400 when a load on
-    the target would eat into its VRAM headroom, saying how much is missing."""
-    app[LIFECYCLE].check_free(model_id, *others, target)
+async def check_loadable(app: web.Application, model_id: str, *backends: Backend) -> None:
+    """409 while an operation on the model runs on the backends; 400 when a load on the last
+    would eat into its VRAM headroom, saying how much is missing."""
+    target = backends[-1]
+    app[LIFECYCLE].check_free(model_id, *backends)
     await refresh_loaded(app, target)
-    app[LIFECYCLE].check_free(model_id, *others, target)  # one may have begun meanwhile
+    app[LIFECYCLE].check_free(model_id, *backends)  # another may have begun while it was read
     headroom = app[SETTINGS].lifecycle.vram_headroom_percent
     missing, why = vram_missing(target, model_id, headroom)
     if missing > 0:
@@ -8916,8 +8897,7 @@ async def load_model(request: web.Request) -> web.Response:
 
 
 async def unload_model(request: web.Request) -> web.Response:
-    """DELETE /v1/models/{model_id}?backend_id=...: 202 and an operation; 409 while requests
-    for the model are in flight there."""
+    """DELETE /v1/models/{model_id}?backend_id=...: 202 and an operation; 409 while in use."""
     require_admin(request)
     app = request.app
     backend = lifecycle_backend(app[REGISTRY], request.query.get("backend_id"), "backend_id")
@@ -8951,7 +8931,7 @@ async def migrate_model(request: web.Request) -> web.Response:
     model_id = lifecycle_model(source, body.get("model_id"), app[SETTINGS].routing.aliases)
     lifecycle_model(target, model_id, {})
     keep_alive = keep_alive_of(body)
-    await check_loadable(app, model_id, target, source)
+    await check_loadable(app, model_id, source, target)
 
     async def work(op: Operation) -> None:
         await load_step(app, op, target, keep_alive)
@@ -8967,11 +8947,8 @@ async def get_operation(request: web.Request) -> web.Response:
     op_id = request.match_info["operation_id"]
     op = request.app[LIFECYCLE].operations.get(op_id)
     if op is None:
-        raise NexusError.of(
-            404,
-            "operation_not_found",
-            f"No operation {op_id!r} (the last {OPERATIONS_KEPT} finished ones are kept).",
-        )
+        kept = f"the last {OPERATIONS_KEPT} finished ones are kept"
+        raise NexusError.of(404, "operation_not_found", f"No operation {op_id!r} ({kept}).")
     return lifecycle_response(op, status=200)
 
 
