@@ -7460,25 +7460,9 @@ OLLAMA_INFERENCE_PATHS = {
     "/api/embed": "embeddings",
     "/api/embeddings": "embeddings",
 }
-OLLAMA_MANAGEMENT_PATHS = (
-    "/api/pull",
-    "/api/push",
-    "/api/create",
-    "/api/copy",
-    "/api/delete",
-    "/api/blobs/{digest}",
-)
-NDJSON = "application/x-ndjson"
 JSON_TEXT = json.encoder.encode_basestring  # a str as JSON, as json.dumps(ensure_ascii=False)
 # Ollama's sampling options that mean the same in a chat or completions request.
-OLLAMA_SAMPLING_OPTIONS = (
-    "temperature",
-    "top_p",
-    "top_k",
-    "seed",
-    "presence_penalty",
-    "frequency_penalty",
-)
+OLLAMA_SAMPLING = ("temperature", "top_p", "top_k", "seed", "presence_penalty", "frequency_penalty")
 OLLAMA_THINK_LEVELS = ("low", "medium", "high")
 OLLAMA_ROLES = ("system", "user", "assistant", "tool")
 # Base64 images carry no media type; the first bytes of the common formats tell it.
@@ -7495,8 +7479,7 @@ NEEDS_READERS = {"chat": chat_needs, "completions": completion_needs, "embedding
 
 @functools.lru_cache(maxsize=4)
 def utc_second(whole: int) -> str:
-    """A whole second since the epoch as RFC 3339's date and time, UTC (every stream line says
-    when it was made, so the formatting is done once a second)."""
+    """A second since the epoch in RFC 3339, UTC, formatted once: every stream line says when."""
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
 
 
@@ -7510,48 +7493,37 @@ def ollama_time(seconds: float | None = None) -> str:
 def ollama_stream_flag(body: dict[str, Any]) -> bool:
     """Ollama streams unless told not to."""
     stream = body.get("stream")
-    if stream is None:
-        return True
-    if not isinstance(stream, bool):
+    if stream is not None and not isinstance(stream, bool):
         raise bad_request("stream: must be a boolean", "stream")
-    return stream
+    return stream is not False
 
 
-def ollama_options(body: dict[str, Any], out: dict[str, Any]) -> None:
-    """`options` as chat fields: sampling, stop and num_predict (max_tokens); the rest (num_ctx,
-    num_gpu, ...) are the Ollama server's own and mean nothing to other backends."""
+def ollama_shared_fields(body: dict[str, Any], out: dict[str, Any]) -> dict[str, Any]:
+    """What chat and generate requests share (stream, options, format, think) as chat fields in
+    `out`; options only the Ollama server knows (num_ctx, num_gpu, ...) are left out."""
+    out["stream"] = ollama_stream_flag(body)
     options = body.get("options")
-    if options is None:
-        return
-    if not isinstance(options, dict):
+    if not isinstance(options, dict | None):
         raise bad_request("options: must be an object", "options")
-    for name in OLLAMA_SAMPLING_OPTIONS:
+    options = options or {}
+    for name in OLLAMA_SAMPLING:
         value = options.get(name)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int | float):
+        if isinstance(value, bool) or not isinstance(value, int | float | None):
             raise bad_request(f"options.{name}: must be a number", "options")
-        out[name] = value
+        if value is not None:
+            out[name] = value
     stop = options.get("stop")
     if isinstance(stop, str):
         stop = [stop]
-    if stop is not None:
-        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
-            raise bad_request("options.stop: must be an array of strings", "options")
-        if stop:
-            out["stop"] = stop
+    if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
+        raise bad_request("options.stop: must be an array of strings", "options")
+    if stop:
+        out["stop"] = stop
     predict = options.get("num_predict")
-    if predict is not None:
-        if isinstance(predict, bool) or not isinstance(predict, int):
-            raise bad_request("options.num_predict: must be an integer", "options")
-        if predict > 0:  # -1 and -2 mean "until the model stops" / "fill the context"
-            out["max_tokens"] = predict
-
-
-def ollama_shared_fields(body: dict[str, Any], out: dict[str, Any]) -> None:
-    """What chat and generate requests share: stream, options, format and think."""
-    out["stream"] = ollama_stream_flag(body)
-    ollama_options(body, out)
+    if isinstance(predict, bool) or not isinstance(predict, int | None):
+        raise bad_request("options.num_predict: must be an integer", "options")
+    if predict is not None and predict > 0:  # -1 and -2: until the model stops, fill the context
+        out["max_tokens"] = predict
     form = body.get("format")
     if form == "json":
         out["response_format"] = {"type": "json_object"}
@@ -7567,6 +7539,7 @@ def ollama_shared_fields(body: dict[str, Any], out: dict[str, Any]) -> None:
         out["reasoning_effort"] = think
     elif think is not None:
         raise bad_request('think: must be true, false, "low", "medium" or "high"', "think")
+    return out
 
 
 def ollama_image_parts(images: Any, where: str) -> list[dict[str, Any]]:
@@ -7579,55 +7552,42 @@ def ollama_image_parts(images: Any, where: str) -> list[dict[str, Any]]:
     for i, image in enumerate(images):
         if not isinstance(image, str) or not image:
             raise bad_request(f"{where}images[{i}]: must be a base64 string", "images")
-        if image.startswith("data:"):
-            url = image
-        else:
+        if not image.startswith("data:"):
             media = next((m for sig, m in IMAGE_SIGNATURES if image.startswith(sig)), "image/png")
-            url = f"data:{media};base64,{image}"
-        parts.append({"type": "image_url", "image_url": {"url": url}})
+            image = f"data:{media};base64,{image}"
+        parts.append({"type": "image_url", "image_url": {"url": image}})
     return parts
 
 
 def ollama_tool_calls(calls: Any, where: str, pending: list[tuple[str, str]]) -> list[Any]:
-    """An assistant's tool calls (arguments as objects) as chat tool calls (arguments as JSON
-    text), each with an id; the ids wait in `pending` for the tool messages that answer them."""
-    if calls is None:
-        return []
-    if not isinstance(calls, list):
+    """An assistant's tool calls as chat's (arguments as JSON text), their ids put in `pending`."""
+    if not isinstance(calls, list | None):
         raise bad_request(f"{where}.tool_calls: must be an array", "messages")
     out = []
-    for j, call in enumerate(calls):
+    for j, call in enumerate(calls or ()):
+        at = f"{where}.tool_calls[{j}]"
         function = call.get("function") if isinstance(call, dict) else None
         if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-            raise bad_request(f"{where}.tool_calls[{j}]: needs a function with a name", "messages")
+            raise bad_request(f"{at}: needs a function with a name", "messages")
         arguments = function.get("arguments")
-        if arguments is None:
-            arguments = {}
-        if isinstance(arguments, dict):
-            arguments = json.dumps(arguments, ensure_ascii=False)
+        if arguments is None or isinstance(arguments, dict):
+            arguments = json.dumps(arguments or {}, ensure_ascii=False)
         elif not isinstance(arguments, str):
-            raise bad_request(
-                f"{where}.tool_calls[{j}].function.arguments: must be an object", "messages"
-            )
+            raise bad_request(f"{at}.function.arguments: must be an object", "messages")
         call_id = call.get("id")
         if not isinstance(call_id, str) or not call_id:
             call_id = new_block_id("call_")
         pending.append((function["name"], call_id))
-        out.append(
-            {
-                "id": call_id,
-                "type": "function",
-                "function": {"name": function["name"], "arguments": arguments},
-            }
-        )
+        function = {"name": function["name"], "arguments": arguments}
+        out.append({"id": call_id, "type": "function", "function": function})
     return out
 
 
 def answered_call_id(message: dict[str, Any], pending: list[tuple[str, str]]) -> str:
     """The id of the tool call a tool message answers: its own, else the first open call of the
     tool it names (Ollama's tool_name), else the first open call."""
-    if isinstance(message.get("tool_call_id"), str) and message["tool_call_id"]:
-        found = message["tool_call_id"]
+    found = message.get("tool_call_id")
+    if isinstance(found, str) and found:
         pending[:] = [p for p in pending if p[1] != found]
         return found
     name = message.get("tool_name") or message.get("name")
@@ -7638,9 +7598,16 @@ def answered_call_id(message: dict[str, Any], pending: list[tuple[str, str]]) ->
     return pending.pop(0)[1] if pending else new_block_id("call_")
 
 
+def optional_text(body: dict[str, Any], name: str, where: str = "", param: str = "") -> str:
+    """A field that may be absent or a string; "" when absent."""
+    value = body.get(name)
+    if value is not None and not isinstance(value, str):
+        raise bad_request(f"{where}{name}: must be a string", param or name)
+    return value or ""
+
+
 def ollama_messages(messages: Any) -> list[dict[str, Any]]:
-    """Ollama chat messages as chat messages: images become image parts, tool calls get ids and
-    their arguments as JSON text, tool messages the id of the call they answer."""
+    """Ollama chat messages as chat's: images as parts, tool calls and answers paired by id."""
     if not isinstance(messages, list):
         raise bad_request("messages: must be an array of messages", "messages")
     out: list[dict[str, Any]] = []
@@ -7652,14 +7619,9 @@ def ollama_messages(messages: Any) -> list[dict[str, Any]]:
         role = message.get("role")
         if role not in OLLAMA_ROLES:
             raise bad_request(f"{where}.role: must be one of {', '.join(OLLAMA_ROLES)}", "messages")
-        content = message.get("content")
-        if content is None:
-            content = ""
-        if not isinstance(content, str):
-            raise bad_request(f"{where}.content: must be a string", "messages")
-        images = ollama_image_parts(message.get("images"), where + ".")
+        content = optional_text(message, "content", where + ".", "messages")
         chat: dict[str, Any] = {"role": role, "content": content}
-        if images:
+        if images := ollama_image_parts(message.get("images"), where + "."):
             chat["content"] = [{"type": "text", "text": content}, *images] if content else images
         if role == "assistant":
             calls = ollama_tool_calls(message.get("tool_calls"), where, pending)
@@ -7671,44 +7633,24 @@ def ollama_messages(messages: Any) -> list[dict[str, Any]]:
     return out
 
 
-def ollama_tools(tools: Any) -> list[dict[str, Any]]:
-    """Ollama's tools as chat tools (the same function definitions, checked)."""
-    if not isinstance(tools, list):
+def ollama_to_chat(body: dict[str, Any]) -> dict[str, Any]:
+    """An /api/chat request as the internal chat request (Ollama's tools are chat's, checked)."""
+    model = require_model(body)
+    chat: dict[str, Any] = {"model": model, "messages": ollama_messages(body.get("messages"))}
+    tools = body.get("tools")
+    if not isinstance(tools, list | None):
         raise bad_request("tools: must be an array", "tools")
-    out = []
-    for i, tool in enumerate(tools):
+    for i, tool in enumerate(tools or ()):
         function = tool.get("function") if isinstance(tool, dict) else None
         if not isinstance(function, dict) or not isinstance(function.get("name"), str):
             raise bad_request(f"tools[{i}]: needs a function with a name", "tools")
-        out.append({"type": "function", "function": function})
-    return out
-
-
-def ollama_to_chat(body: dict[str, Any]) -> dict[str, Any]:
-    """An /api/chat request as the internal chat request."""
-    chat: dict[str, Any] = {"model": require_model(body)}
-    chat["messages"] = ollama_messages(body.get("messages"))
-    if body.get("tools") is not None:
-        tools = ollama_tools(body["tools"])
-        if tools:
-            chat["tools"] = tools
-    ollama_shared_fields(body, chat)
-    return chat
-
-
-def optional_text(body: dict[str, Any], name: str) -> str:
-    """A field that may be absent or a string; "" when absent."""
-    value = body.get(name)
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise bad_request(f"{name}: must be a string", name)
-    return value
+    if tools:
+        chat["tools"] = [{"type": "function", "function": tool["function"]} for tool in tools]
+    return ollama_shared_fields(body, chat)
 
 
 def ollama_generate_to_internal(body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """An /api/generate request as the internal request: chat (system and the prompt, with its
-    images), or a completion where the prompt is raw or has a suffix (fill in the middle)."""
+    """An /api/generate request as chat, or as a completion when raw or with a suffix (FIM)."""
     model = require_model(body)
     prompt = optional_text(body, "prompt")
     suffix = optional_text(body, "suffix")
@@ -7717,27 +7659,21 @@ def ollama_generate_to_internal(body: dict[str, Any]) -> tuple[str, dict[str, An
     if raw is not None and not isinstance(raw, bool):
         raise bad_request("raw: must be a boolean", "raw")
     images = ollama_image_parts(body.get("images"), "")
+    if (raw or suffix) and images:
+        raise bad_request("images: not served with raw or suffix (a plain completion)", "images")
     if raw or suffix:
-        if images:
-            raise bad_request(
-                "images: not served with raw or suffix (a plain completion)", "images"
-            )
         request: dict[str, Any] = {"model": model, "prompt": prompt}
         if suffix:
             request["suffix"] = suffix
-        ollama_shared_fields(body, request)
-        return "completions", request
+        return "completions", ollama_shared_fields(body, request)
     messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
     content: Any = [{"type": "text", "text": prompt}, *images] if images else prompt
     messages.append({"role": "user", "content": content})
-    chat = {"model": model, "messages": messages}
-    ollama_shared_fields(body, chat)
-    return "chat", chat
+    return "chat", ollama_shared_fields(body, {"model": model, "messages": messages})
 
 
 def ollama_embed_to_internal(body: dict[str, Any], legacy: bool) -> dict[str, Any]:
-    """/api/embed (input: a string or strings) or the older /api/embeddings (prompt: one
-    string) as an embeddings request."""
+    """/api/embed (input: text or texts) or the older /api/embeddings (prompt) as embeddings."""
     model = require_model(body)
     if legacy:
         text = body.get("prompt")
@@ -7745,32 +7681,37 @@ def ollama_embed_to_internal(body: dict[str, Any], legacy: bool) -> dict[str, An
             raise bad_request("prompt: must be a string", "prompt")
         return {"model": model, "input": text}
     value = body.get("input")
-    if not (
-        isinstance(value, str)
-        or (isinstance(value, list) and value and all(isinstance(v, str) for v in value))
-    ):
+    strings = isinstance(value, list) and value and all(isinstance(v, str) for v in value)
+    if not isinstance(value, str) and not strings:
         raise bad_request("input: must be a string or a non-empty array of strings", "input")
     out: dict[str, Any] = {"model": model, "input": value}
-    dimensions = body.get("dimensions")
-    if dimensions is not None:
+    if (dimensions := body.get("dimensions")) is not None:
         if positive_int(dimensions) is None:
             raise bad_request("dimensions: must be a positive integer", "dimensions")
         out["dimensions"] = dimensions
     return out
 
 
-def ollama_error(error: NexusError) -> dict[str, Any]:
-    """An error as Ollama's API writes it."""
-    return {"error": error.message}
+def ollama_calls(calls: Any) -> list[dict[str, Any]]:
+    """Chat tool calls as Ollama's: numbered, their arguments as objects, not JSON text."""
+    out = []
+    for index, call in enumerate(calls if isinstance(calls, list) else ()):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict):
+            continue
+        arguments = tool_arguments(function.get("arguments"))
+        named = {"index": index, "name": function.get("name") or "", "arguments": arguments}
+        out.append({"function": named})
+        if isinstance(call.get("id"), str) and call["id"]:
+            out[-1]["id"] = call["id"]
+    return out
 
 
 class OllamaLines(NativeStream):
-    """An Ollama backend's own NDJSON stream, relayed line by line as it is: the done line ends
-    it (its counts kept for usage), an error line is the backend's error; a line that is not an
-    object is dropped."""
+    """An Ollama backend's own NDJSON stream, relayed as it is: the done line ends it (its counts
+    are the usage), an error line is the backend's error, a line that is no object is dropped."""
 
     def line(self, line: bytes) -> tuple[bytes, str | None]:
-        """One NDJSON line of an Ollama backend's own stream, relayed as it is."""
         try:
             document = parse_json(line)
         except ValueError:
@@ -7786,30 +7727,24 @@ class OllamaLines(NativeStream):
         return line + b"\n", None
 
     def error(self, endpoint: str, model: str, message: str) -> bytes:
-        """An error line, unless the backend's own error line said it already."""
         if self.failed:
-            return b""  # the backend's own error line said it
+            return b""
         self.failed = True
         return OllamaFormat.line({"error": message})
 
 
 class OllamaFormat(OpenAIFormat):
-    """Writes chat, completion and embedding answers as Ollama's: the whole answer, or an NDJSON
-    stream whose last line says done with the token counts and durations. One instance serves
-    one request. `kind` is the Ollama endpoint: chat, generate, embed or embeddings.
-
-    Streamed tool calls are gathered (their arguments come in fragments) and sent whole, with
-    arguments as objects, when the answer finishes, as Ollama sends them.
-
-    An Ollama backend speaks this API itself: it is sent `native_body` (the client's own
-    request) at `native_path`, and its answer, an NDJSON stream included (OllamaLines), is
-    relayed as it is."""
+    """Writes answers as Ollama's endpoint `kind` (chat, generate, embed, embeddings) does: whole,
+    or an NDJSON stream whose last line says done, with token counts and durations. Streamed
+    tool calls are gathered and sent whole when the answer finishes, as Ollama sends them. An
+    Ollama backend is sent the client's own request and its answer is relayed as it is."""
 
     keeps_usage = True
     native_api = "ollama"
-    content_type = NDJSON
+    content_type = "application/x-ndjson"
     chat_request = staticmethod(ollama_to_chat)
-    error_document = staticmethod(ollama_error)
+    native_stream = OllamaLines
+    error = OllamaLines.error  # the last words of a stream Nexus had to cut, as a backend's
 
     def __init__(self, body: dict[str, Any], kind: str) -> None:
         self.native_body = body
@@ -7829,8 +7764,17 @@ class OllamaFormat(OpenAIFormat):
         self.head_model = ""  # the model named in the encoded head of text lines
         self.head = b""
 
-    def piece(self, text: str, thinking: str = "", calls: list[Any] | None = None) -> dict:
-        """One answer object (a stream line, or the whole answer's start)."""
+    @staticmethod
+    def error_document(error: NexusError) -> dict[str, Any]:
+        return {"error": error.message}
+
+    @staticmethod
+    def line(document: dict[str, Any]) -> bytes:
+        """One NDJSON line."""
+        return json.dumps(document, ensure_ascii=False).encode() + b"\n"
+
+    def piece(self, text: str, thinking: str = "", calls: Any = None, **done: Any) -> dict:
+        """One answer object: a stream line, or the last one given `done` (reason and counts)."""
         out: dict[str, Any] = {"model": self.model, "created_at": ollama_time()}
         if self.kind == "chat":
             message: dict[str, Any] = {"role": "assistant", "content": text}
@@ -7843,15 +7787,14 @@ class OllamaFormat(OpenAIFormat):
             out["response"] = text
             if thinking:
                 out["thinking"] = thinking
-        out["done"] = False
+        out["done"] = bool(done)
+        out.update(done)
         return out
 
-    def counts(self, usage: Any, timings: Any = None) -> dict[str, int]:
-        """The done object's token counts (the backend's, else estimated) and durations (the
-        backend's timings where it gives them, else measured here)."""
-        usage = usage if isinstance(usage, dict) else {}
-        prompt = token_count(usage.get("prompt_tokens"))
-        completion = token_count(usage.get("completion_tokens"))
+    def counts(self, reason: str, usage: Any, timings: Any = None) -> dict[str, Any]:
+        """The last object's reason, token counts and durations: the backend's, else Nexus's."""
+        output = -(-self.output_chars // CHARS_PER_TOKEN)
+        found = usage_or_estimate(usage, self.prompt_estimate, output)
         now = time.perf_counter()
         first = self.first or self.started  # a whole answer: its time was all generation
         prompt_seconds, eval_seconds = first - self.started, now - first
@@ -7860,43 +7803,34 @@ class OllamaFormat(OpenAIFormat):
             if isinstance(prompt_ms, int | float) and isinstance(predicted_ms, int | float):
                 prompt_seconds, eval_seconds = prompt_ms / 1000, predicted_ms / 1000
         return {
+            "done_reason": reason,
             "total_duration": int((now - self.started) * NANOSECONDS),
             "load_duration": 0,
-            "prompt_eval_count": self.prompt_estimate if prompt is None else prompt,
+            "prompt_eval_count": found.prompt,
             "prompt_eval_duration": max(int(prompt_seconds * NANOSECONDS), 1),
-            "eval_count": -(-self.output_chars // CHARS_PER_TOKEN)
-            if completion is None
-            else completion,
+            "eval_count": found.completion,
             "eval_duration": max(int(eval_seconds * NANOSECONDS), 1),
         }
 
     def body(self, answer: bytes, parsed: dict[str, Any]) -> bytes:
-        """A whole chat, completions or embeddings answer in Ollama's shape."""
         if self.kind in ("embed", "embeddings"):
             return json.dumps(self.embeddings(parsed)).encode()
         self.model = parsed.get("model") or self.model
         choices = parsed.get("choices")
-        choice = choices[0] if isinstance(choices, list) and choices else {}
-        choice = choice if isinstance(choice, dict) else {}
+        choice = object_of(choices[0] if isinstance(choices, list) and choices else None)
         message = object_of(choice.get("message"))
         text = message.get("content") if message else choice.get("text")
         if isinstance(text, list):  # some servers answer with content parts
             text = "".join(p.get("text", "") for p in text if isinstance(p, dict))
         text = text if isinstance(text, str) else ""
         thinking = reasoning_of(message)
-        calls = [
-            ollama_tool_call(call, i) for i, call in enumerate(message.get("tool_calls") or ())
-        ]
-        calls = [c for c in calls if c is not None]
         self.output_chars = len(text) + len(thinking)
-        out = self.piece(text, thinking, calls)
-        out["done"] = True
-        out["done_reason"] = "length" if choice.get("finish_reason") == "length" else "stop"
-        out.update(self.counts(parsed.get("usage"), parsed.get("timings")))
-        return json.dumps(out, ensure_ascii=False).encode()
+        reason = "length" if choice.get("finish_reason") == "length" else "stop"
+        done = self.counts(reason, parsed.get("usage"), parsed.get("timings"))
+        last = self.piece(text, thinking, ollama_calls(message.get("tool_calls")), **done)
+        return json.dumps(last, ensure_ascii=False).encode()
 
     def embeddings(self, parsed: dict[str, Any]) -> dict[str, Any]:
-        """An embeddings answer as /api/embed or /api/embeddings answers."""
         data = parsed.get("data")
         items = [d for d in data if isinstance(d, dict)] if isinstance(data, list) else []
         items.sort(key=lambda d: d.get("index") if isinstance(d.get("index"), int) else 0)
@@ -7913,7 +7847,6 @@ class OllamaFormat(OpenAIFormat):
         }
 
     def chunk(self, data: bytes, chunk: dict[str, Any]) -> bytes:
-        """One chat chunk as Ollama's NDJSON stream lines."""
         if isinstance(chunk.get("usage"), dict):
             self.usage = chunk["usage"]
         if isinstance(chunk.get("timings"), dict):
@@ -7943,6 +7876,17 @@ class OllamaFormat(OpenAIFormat):
             out += self.flush_calls()
         return out
 
+    def text_line(self, text: str) -> bytes:
+        """The line piece() makes for answer text, from a head encoded once per model (faster)."""
+        if self.head_model != self.model:
+            self.head_model = self.model
+            self.head = b'{"model": ' + JSON_TEXT(self.model).encode() + b', "created_at": "'
+        chat = self.kind == "chat"
+        field = b'", "message": {"role": "assistant", "content": ' if chat else b'", "response": '
+        tail = b'}, "done": false}\n' if chat else b', "done": false}\n'
+        parts = (self.head, ollama_time().encode(), field, JSON_TEXT(text).encode(), tail)
+        return b"".join(parts)
+
     def gather_call(self, call: Any) -> None:
         """A streamed tool call's head (id, name) or a fragment of its arguments."""
         if not isinstance(call, dict):
@@ -7967,77 +7911,31 @@ class OllamaFormat(OpenAIFormat):
         """The line with the tool calls gathered so far (Ollama sends them whole)."""
         if not self.calls:
             return b""
-        calls = []
-        for i, gathered in enumerate(self.calls.values()):
-            function = {"name": gathered["name"], "arguments": "".join(gathered["arguments"])}
-            calls.append(ollama_tool_call({"id": gathered["id"], "function": function}, i))
+        calls = [
+            {"id": c["id"], "function": {"name": c["name"], "arguments": "".join(c["arguments"])}}
+            for c in self.calls.values()
+        ]
         self.calls.clear()
         if self.first is None:
             self.first = time.perf_counter()
-        return self.line(self.piece("", "", [c for c in calls if c is not None]))
-
-    @staticmethod
-    def line(document: dict[str, Any]) -> bytes:
-        """One NDJSON line."""
-        return json.dumps(document, ensure_ascii=False).encode() + b"\n"
-
-    def text_line(self, text: str) -> bytes:
-        """A stream line of answer text, the line piece() makes, from a head encoded once per
-        model: encoding each line whole costs more (`make bench`)."""
-        if self.head_model != self.model:
-            self.head_model = self.model
-            self.head = b'{"model": ' + JSON_TEXT(self.model).encode() + b', "created_at": "'
-        field = (
-            b'", "message": {"role": "assistant", "content": '
-            if self.kind == "chat"
-            else (b'", "response": ')
-        )
-        tail = b'}, "done": false}\n' if self.kind == "chat" else b', "done": false}\n'
-        parts = (self.head, ollama_time().encode(), field, JSON_TEXT(text).encode(), tail)
-        return b"".join(parts)
+        return self.line(self.piece("", "", ollama_calls(calls)))
 
     def answer_usage(self, parsed: dict[str, Any]) -> dict[str, Any]:
         """A native whole answer carries its counts at the top (usage_from reads them)."""
         return parsed
 
-    def native_stream(self) -> OllamaLines:
-        """A reader for an Ollama backend's own NDJSON stream."""
-        return OllamaLines()
-
-    def error(self, endpoint: str, model: str, message: str) -> bytes:
-        """The error line that ends a stream Nexus had to cut."""
-        if self.failed:
-            return b""  # the backend's own error line said it
-        self.failed = True
-        return self.line({"error": message})
-
     def end(self) -> bytes:
-        """The stream's last line: done, its reason and its counts."""
         if self.failed:
             return b""  # the error line was the stream's last word
-        out = self.flush_calls()
-        final = self.piece("")
-        final["done"] = True
-        final["done_reason"] = self.done_reason
-        final.update(self.counts(self.usage, self.timings))
-        return out + self.line(final)
+        out = self.flush_calls()  # first: it may be the first answer, which counts() times
+        done = self.counts(self.done_reason, self.usage, self.timings)
+        return out + self.line(self.piece("", **done))
 
 
-def ollama_tool_call(call: Any, index: int) -> dict[str, Any] | None:
-    """A chat tool call as Ollama's: arguments as an object, not JSON text."""
-    if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
-        return None
-    function = call["function"]
-    out: dict[str, Any] = {
-        "function": {
-            "index": index,
-            "name": function.get("name") or "",
-            "arguments": tool_arguments(function.get("arguments")),
-        }
-    }
-    if isinstance(call.get("id"), str) and call["id"]:
-        out["id"] = call["id"]
-    return out
+def visible_models(request: web.Request) -> list[dict[str, Any]]:
+    """Every model /v1/models lists for this caller, in order."""
+    entries = model_entries(request.app[REGISTRY], request.app[SETTINGS])
+    return [entries[k] for k in sorted(entries) if may_see_model(request, k)]
 
 
 def visible_model(request: web.Request, name: str) -> dict[str, Any]:
@@ -8062,8 +7960,7 @@ def ollama_details(entry: dict[str, Any]) -> dict[str, Any]:
 
 
 def ollama_model(entry: dict[str, Any], modified_at: str) -> dict[str, Any]:
-    """A model as Ollama lists it. Size and digest describe files Nexus does not hold: the size
-    is 0 and the digest stands for the name."""
+    """A model as Ollama lists it: size 0 and a digest of the name, as Nexus holds no files."""
     name = entry["id"]
     return {
         "name": name,
@@ -8073,12 +7970,6 @@ def ollama_model(entry: dict[str, Any], modified_at: str) -> dict[str, Any]:
         "digest": hashlib.sha256(name.encode()).hexdigest(),
         "details": ollama_details(entry),
     }
-
-
-def visible_models(request: web.Request) -> list[dict[str, Any]]:
-    """Every model /v1/models lists for this caller, in order."""
-    entries = model_entries(request.app[REGISTRY], request.app[SETTINGS])
-    return [entries[k] for k in sorted(entries) if may_see_model(request, k)]
 
 
 def started_at(request: web.Request) -> str:
@@ -8095,21 +7986,19 @@ async def ollama_version(request: web.Request) -> web.Response:
 async def ollama_tags(request: web.Request) -> web.Response:
     """GET /api/tags: the models of /v1/models, aliases included, in Ollama's shape."""
     modified = started_at(request)
-    return web.json_response(
-        {"models": [ollama_model(e, modified) for e in visible_models(request)]}
-    )
+    models = [ollama_model(entry, modified) for entry in visible_models(request)]
+    return web.json_response({"models": models})
 
 
 async def ollama_ps(request: web.Request) -> web.Response:
-    """GET /api/ps: the models in memory somewhere on the fleet now (`loaded_on`), with the most
-    bytes one backend holds of each where the backend says (Ollama's own /api/ps)."""
+    """GET /api/ps: the models loaded on the fleet now, each with the most bytes one holds."""
     backends = request.app[REGISTRY].backends
     models = []
     for entry in visible_models(request):
         if not entry.get("loaded_on"):
             continue
         model_id = entry.get("alias_of") or entry["id"]
-        model = ollama_model(entry, started_at(request))
+        model = ollama_model(entry, "")
         del model["modified_at"]
         held = [(backends[n].loaded or {}).get(model_id, 0) for n in entry["loaded_on"]]
         model["size"] = model["size_vram"] = max(held, default=0)
@@ -8119,19 +8008,10 @@ async def ollama_ps(request: web.Request) -> web.Response:
     return web.json_response({"models": models})
 
 
-def ollama_capabilities(entry: dict[str, Any]) -> list[str]:
-    """Ollama's capability names: tools unless every backend says no (as routing assumes), vision
-    only where a backend says yes (an image sent to a text model is the worse mistake)."""
-    caps = ["completion"]
-    if entry["capabilities"]["tools"] is not False:
-        caps.append("tools")
-    if entry["capabilities"]["vision"] is True:
-        caps.append("vision")
-    return caps
-
-
 async def ollama_show(request: web.Request) -> web.Response:
-    """POST /api/show: a model's details; model_info carries the context length Nexus routes by."""
+    """POST /api/show: a model's details; model_info carries the context length Nexus routes by.
+    Its capabilities: tools unless every backend says no (as routing assumes), vision only where
+    a backend says yes (an image sent to a text model is the worse mistake)."""
     body = parse_json_body(await request.read())
     name = body.get("model") if body.get("model") is not None else body.get("name")
     if not isinstance(name, str) or not name:
@@ -8140,6 +8020,11 @@ async def ollama_show(request: web.Request) -> web.Response:
     info: dict[str, Any] = {"general.architecture": OLLAMA_ARCHITECTURE, "general.name": name}
     if entry["context_length"]:
         info[f"{OLLAMA_ARCHITECTURE}.context_length"] = entry["context_length"]
+    capabilities = ["completion"]
+    if entry["capabilities"]["tools"] is not False:
+        capabilities.append("tools")
+    if entry["capabilities"]["vision"] is True:
+        capabilities.append("vision")
     return web.json_response(
         {
             "modelfile": "",
@@ -8147,71 +8032,47 @@ async def ollama_show(request: web.Request) -> web.Response:
             "template": "",
             "details": ollama_details(entry),
             "model_info": info,
-            "capabilities": ollama_capabilities(entry),
+            "capabilities": capabilities,
             "modified_at": started_at(request),
         }
     )
 
 
 def ollama_loaded(request: web.Request, body: dict[str, Any], kind: str) -> web.Response:
-    """A request with nothing to answer (no prompt, no messages): Ollama's way to load a model
-    (or, with keep_alive 0, to unload it). Backends load and unload models themselves, so it is
-    answered done at once, for a model there is."""
-    model = require_model(body)
+    """A request with nothing to answer, Ollama's way to load (or with keep_alive 0 unload) a
+    model: done at once for a model there is, as backends load and unload models themselves."""
+    fmt = OllamaFormat(body, kind)
+    fmt.model = require_model(body)
     ollama_stream_flag(body)
-    visible_model(request, model)
-    answer: dict[str, Any] = {"model": model, "created_at": ollama_time()}
-    if kind == "chat":
-        answer["message"] = {"role": "assistant", "content": ""}
-    else:
-        answer["response"] = ""
+    visible_model(request, fmt.model)
     unload = body.get("keep_alive") in (0, "0", "0s", "0m")  # Ollama's way to unload
-    answer.update(done=True, done_reason="unload" if unload else "load")
-    return web.json_response(answer)
+    return web.json_response(fmt.piece("", done_reason="unload" if unload else "load"))
 
 
-async def ollama_proxy(
-    request: web.Request, endpoint: str, internal: dict[str, Any], fmt: OllamaFormat
-) -> web.StreamResponse:
-    """Route and send the internal request as chat completions are; a backend's refusal comes
-    back in Ollama's error shape."""
+async def ollama_inference(request: web.Request) -> web.StreamResponse:
+    """POST /api/chat, generate, embed and embeddings: translated, routed and answered."""
+    body = parse_json_body(await request.read())
+    kind = request.path.removeprefix(OLLAMA_PREFIX)
+    if kind == "chat":
+        if body.get("messages") in (None, []):
+            return ollama_loaded(request, body, kind)
+        endpoint, internal = "chat", ollama_to_chat(body)
+    elif kind == "generate":
+        if body.get("prompt") in (None, "") and not body.get("suffix") and not body.get("images"):
+            return ollama_loaded(request, body, kind)
+        endpoint, internal = ollama_generate_to_internal(body)
+    else:
+        endpoint, internal = "embeddings", ollama_embed_to_internal(body, kind == "embeddings")
+    fmt = OllamaFormat(body, kind)
     needs = NEEDS_READERS[endpoint](internal)
     fmt.model, fmt.prompt_estimate = needs.model, needs.prompt_tokens
     return await send_through_door(request, endpoint, internal, needs, fmt)
 
 
-async def ollama_chat(request: web.Request) -> web.StreamResponse:
-    """POST /api/chat: translated to a chat completion, routed and answered like one."""
-    body = parse_json_body(await request.read())
-    if body.get("messages") in (None, []):
-        return ollama_loaded(request, body, "chat")
-    chat = OllamaFormat.chat_request(body)
-    return await ollama_proxy(request, "chat", chat, OllamaFormat(body, "chat"))
-
-
-async def ollama_generate(request: web.Request) -> web.StreamResponse:
-    """POST /api/generate: a prompt (with system, suffix, images), as chat or a completion."""
-    body = parse_json_body(await request.read())
-    if body.get("prompt") in (None, "") and not body.get("suffix") and not body.get("images"):
-        return ollama_loaded(request, body, "generate")
-    endpoint, internal = ollama_generate_to_internal(body)
-    fmt = OllamaFormat(body, "generate")
-    return await ollama_proxy(request, endpoint, internal, fmt)
-
-
-async def ollama_embed(request: web.Request) -> web.StreamResponse:
-    """POST /api/embed and the older /api/embeddings."""
-    body = parse_json_body(await request.read())
-    kind = request.path.removeprefix(OLLAMA_PREFIX)
-    internal = ollama_embed_to_internal(body, kind == "embeddings")
-    return await ollama_proxy(request, "embeddings", internal, OllamaFormat(body, kind))
-
-
 async def ollama_management(request: web.Request) -> web.Response:
     """Pull, push, create, copy, delete: Nexus routes to models, it does not keep any."""
-    raise NexusError(
+    raise NexusError.of(
         501,
-        "not_implemented",
         "model_management",
         "Nexus routes requests to the models its backends serve and does not manage models: "
         "pull, push, create, copy and delete them on the backend itself.",
@@ -8224,12 +8085,10 @@ def add_ollama_routes(app: web.Application) -> None:
     app.router.add_get("/api/tags", ollama_tags)
     app.router.add_get("/api/ps", ollama_ps)
     app.router.add_post("/api/show", ollama_show)
-    app.router.add_post("/api/chat", ollama_chat)
-    app.router.add_post("/api/generate", ollama_generate)
-    app.router.add_post("/api/embed", ollama_embed)
-    app.router.add_post("/api/embeddings", ollama_embed)
-    for path in OLLAMA_MANAGEMENT_PATHS:
-        app.router.add_route("*", path, ollama_management)
+    for path in OLLAMA_INFERENCE_PATHS:
+        app.router.add_post(path, ollama_inference)
+    for verb in ("pull", "push", "create", "copy", "delete", "blobs/{digest}"):
+        app.router.add_route("*", OLLAMA_PREFIX + verb, ollama_management)
 
 
 # ==============================================================================================
@@ -8240,25 +8099,21 @@ def add_ollama_routes(app: web.Application) -> None:
 # ==============================================================================================
 
 
-async def chat_completions(request: web.Request) -> web.StreamResponse:
-    """POST /v1/chat/completions."""
-    raw = await request.read()
-    body = parse_json_body(raw)
-    return await proxy(request, "chat", body, raw, chat_needs(body))
+def openai_handler(endpoint: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """The handler of an OpenAI endpoint: the client's own request is routed and sent."""
+    needs_of = NEEDS_READERS[endpoint]
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        raw = await request.read()
+        body = parse_json_body(raw)
+        return await proxy(request, endpoint, body, raw, needs_of(body))
+
+    return handler
 
 
-async def completions(request: web.Request) -> web.StreamResponse:
-    """POST /v1/completions."""
-    raw = await request.read()
-    body = parse_json_body(raw)
-    return await proxy(request, "completions", body, raw, completion_needs(body))
-
-
-async def embeddings(request: web.Request) -> web.StreamResponse:
-    """POST /v1/embeddings."""
-    raw = await request.read()
-    body = parse_json_body(raw)
-    return await proxy(request, "embeddings", body, raw, embedding_needs(body))
+chat_completions = openai_handler("chat")  # POST /v1/chat/completions
+completions = openai_handler("completions")  # POST /v1/completions
+embeddings = openai_handler("embeddings")  # POST /v1/embeddings
 
 
 def model_entries(registry: Registry, settings: Settings) -> dict[str, dict[str, Any]]:
@@ -8278,72 +8133,48 @@ def model_entries(registry: Registry, settings: Settings) -> dict[str, dict[str,
 
 def merge_flag(values: Iterable[bool | None]) -> bool | None:
     """True if any backend has it, False if every backend reports it absent, None if unknown."""
-    seen = list(values)
-    if any(v is True for v in seen):
+    seen = set(values)
+    if True in seen:
         return True
-    if seen and all(v is False for v in seen):
-        return False
-    return None
+    return False if seen == {False} else None
 
 
 def model_entry(model_id: str, served: list[tuple[Backend, Model]]) -> dict[str, Any]:
     """One model as /v1/models lists it, merged over the backends that serve it."""
     contexts = [m.context_length for _, m in served if m.context_length]
+    flags = ("vision", "tools", "json_mode")
     return {
         "id": model_id,
         "object": "model",
         "created": 0,
         "owned_by": served[0][0].type,
         "context_length": max(contexts) if contexts else None,
-        "capabilities": {
-            "vision": merge_flag(m.vision for _, m in served),
-            "tools": merge_flag(m.tools for _, m in served),
-            "json_mode": merge_flag(m.json_mode for _, m in served),
-        },
+        "capabilities": {f: merge_flag(getattr(m, f) for _, m in served) for f in flags},
         "backends": sorted(b.name for b, _ in served),
     }
 
 
 async def list_models(request: web.Request) -> web.Response:
     """GET /v1/models: the models the caller may use."""
-    entries = model_entries(request.app[REGISTRY], request.app[SETTINGS])
-    listed = [entries[k] for k in sorted(entries) if may_see_model(request, k)]
-    return web.json_response({"object": "list", "data": listed})
+    return web.json_response({"object": "list", "data": visible_models(request)})
 
 
 async def get_model(request: web.Request) -> web.Response:
     """GET /v1/models/{model_id}."""
-    model_id = request.match_info["model_id"]
-    entries = model_entries(request.app[REGISTRY], request.app[SETTINGS])
-    if model_id not in entries or not may_see_model(request, model_id):
-        key = request.get(API_KEY)
-        raise model_not_found(model_id, request.app[REGISTRY], request.app[SETTINGS], key)
-    return web.json_response(entries[model_id])
-
-
-def overall_status(registry: Registry) -> str:
-    """The fleet in one word: healthy, degraded or unhealthy."""
-    total = len(registry.backends)
-    healthy = len(registry.healthy())
-    if total and healthy == total:
-        return "healthy"
-    return "degraded" if healthy else "unhealthy"
+    return web.json_response(visible_model(request, request.match_info["model_id"]))
 
 
 async def health(request: web.Request) -> web.Response:
-    """GET /health: the fleet's status and Nexus's version and uptime."""
+    """GET /health: the fleet's status in one word, Nexus's version and uptime."""
     registry = request.app[REGISTRY]
-    healthy = len(registry.healthy())
+    total, healthy = len(registry.backends), len(registry.healthy())
+    status = "healthy" if total and healthy == total else "degraded" if healthy else "unhealthy"
     return web.json_response(
         {
-            "status": overall_status(registry),
+            "status": status,
             "version": __version__,
             "uptime_seconds": round(time.monotonic() - request.app[STATS].started, 1),
-            "backends": {
-                "total": len(registry.backends),
-                "healthy": healthy,
-                "unhealthy": len(registry.backends) - healthy,
-            },
+            "backends": {"total": total, "healthy": healthy, "unhealthy": total - healthy},
             "models": len(model_entries(registry, request.app[SETTINGS])),
         }
     )
@@ -8361,22 +8192,17 @@ def require_admin(request: web.Request) -> None:
             raise admin_forbidden(key)
         return
     peer = request.remote or ""
-    if peer not in ("127.0.0.1", "::1") and not peer.startswith("127."):
-        raise NexusError(
-            403,
-            "permission_error",
-            "admin_forbidden",
-            "The admin API only answers requests from this machine (loopback).",
-        )
     proxied = [name for name in PROXY_HEADERS if name in request.headers]
-    if proxied:
-        raise NexusError(
-            403,
-            "permission_error",
-            "admin_forbidden",
+    if peer not in ("127.0.0.1", "::1") and not peer.startswith("127."):
+        why = "The admin API only answers requests from this machine (loopback)."
+    elif proxied:
+        why = (
             f"The admin API only answers requests from this machine, and this one came through "
-            f"a proxy ({proxied[0]}); configure [auth] keys to use it from elsewhere.",
+            f"a proxy ({proxied[0]}); configure [auth] keys to use it from elsewhere."
         )
+    else:
+        return
+    raise NexusError.of(403, "admin_forbidden", why)
 
 
 async def list_backends(request: web.Request) -> web.Response:
@@ -8418,13 +8244,9 @@ async def add_backend(request: web.Request) -> web.Response:
         raise bad_request(str(exc), exc.key.split(".")[-1]) from None
     registry = app[REGISTRY]
     if settings.name in registry.backends:
-        raise NexusError(
-            409, "invalid_request_error", "backend_exists", f"{settings.name} already exists"
-        )
+        raise NexusError.of(409, "backend_exists", f"{settings.name} already exists")
     if registry.find_url(settings.url):
-        raise NexusError(
-            409, "invalid_request_error", "backend_exists", f"{settings.url} is already a backend"
-        )
+        raise NexusError.of(409, "backend_exists", f"{settings.url} is already a backend")
     backend = Backend.from_settings(settings, source="admin")
     registry.add(backend)
     await poll_backend(app, backend)
@@ -8439,7 +8261,7 @@ async def remove_backend(request: web.Request) -> web.Response:
     require_admin(request)
     name = request.match_info["name"]
     if request.app[REGISTRY].remove(name) is None:
-        raise NexusError(404, "invalid_request_error", "backend_not_found", f"No backend {name!r}")
+        raise NexusError.of(404, "backend_not_found", f"No backend {name!r}")
     log.info("backend %s removed", name)
     return web.json_response({"name": name, "deleted": True})
 
@@ -8450,28 +8272,26 @@ def lifecycle_response(op: Operation, status: int = 202) -> web.Response:
     return web.json_response(op.public(), status=status, headers=headers)
 
 
-def check_vram(app: web.Application, backend: Backend, model_id: str) -> None:
-    """400 when the load would eat into the backend's VRAM headroom, saying how much is
-    missing."""
-    missing, why = vram_missing(backend, model_id, app[SETTINGS].lifecycle.vram_headroom_percent)
-    if missing > 0:
-        raise NexusError(
-            400,
-            "invalid_request_error",
-            "insufficient_vram",
-            why,
-            param="model_id",
-            context={"missing_gb": round(missing / GIB, 2), "backend_id": backend.name},
-        )
-
-
 def keep_alive_of(body: dict[str, Any]) -> Any:
-    """How long a loaded model stays (Ollama's keep_alive: seconds or "30m"); default: until
-    unloaded."""
+    """How long a loaded model stays (seconds or a duration such as "30m"); default: for good."""
     keep_alive = body.get("keep_alive", DEFAULT_KEEP_ALIVE)
     if isinstance(keep_alive, bool) or not isinstance(keep_alive, int | float | str):
         raise bad_request('keep_alive must be seconds or a duration such as "30m"', "keep_alive")
     return keep_alive
+
+
+async def check_loadable(app: web.Application, model_id: str, *backends: Backend) -> None:
+    """409 while an operation on the model runs on the backends; 400 when a load on the last
+    would eat into its VRAM headroom, saying how much is missing."""
+    target = backends[-1]
+    app[LIFECYCLE].check_free(model_id, *backends)
+    await refresh_loaded(app, target)
+    app[LIFECYCLE].check_free(model_id, *backends)  # another may have begun while it was read
+    headroom = app[SETTINGS].lifecycle.vram_headroom_percent
+    missing, why = vram_missing(target, model_id, headroom)
+    if missing > 0:
+        context = {"missing_gb": round(missing / GIB, 2), "backend_id": target.name}
+        raise NexusError.of(400, "insufficient_vram", why, param="model_id", context=context)
 
 
 async def load_model(request: web.Request) -> web.Response:
@@ -8482,10 +8302,7 @@ async def load_model(request: web.Request) -> web.Response:
     backend = lifecycle_backend(app[REGISTRY], body.get("backend_id"), "backend_id")
     model_id = lifecycle_model(backend, body.get("model_id"), app[SETTINGS].routing.aliases)
     keep_alive = keep_alive_of(body)
-    app[LIFECYCLE].check_free(model_id, backend)
-    await refresh_loaded(app, backend)
-    app[LIFECYCLE].check_free(model_id, backend)  # another may have begun while it was read
-    check_vram(app, backend, model_id)
+    await check_loadable(app, model_id, backend)
 
     async def work(op: Operation) -> None:
         await load_step(app, op, backend, keep_alive)
@@ -8494,17 +8311,15 @@ async def load_model(request: web.Request) -> web.Response:
 
 
 async def unload_model(request: web.Request) -> web.Response:
-    """DELETE /v1/models/{model_id}?backend_id=...: 202 and an operation; 409 while requests
-    for the model are in flight there."""
+    """DELETE /v1/models/{model_id}?backend_id=...: 202 and an operation; 409 while in use."""
     require_admin(request)
     app = request.app
     backend = lifecycle_backend(app[REGISTRY], request.query.get("backend_id"), "backend_id")
     model_id = lifecycle_model(backend, request.match_info["model_id"], {})
     app[LIFECYCLE].check_free(model_id, backend)
     if in_flight := backend.model_in_flight.get(model_id, 0):
-        raise NexusError(
+        raise NexusError.of(
             409,
-            "invalid_request_error",
             "model_in_use",
             f"{backend.name} has {in_flight} request(s) for {model_id} in flight; unload it once "
             "they are done, or migrate it (POST /v1/models/migrate), which waits for them.",
@@ -8530,10 +8345,7 @@ async def migrate_model(request: web.Request) -> web.Response:
     model_id = lifecycle_model(source, body.get("model_id"), app[SETTINGS].routing.aliases)
     lifecycle_model(target, model_id, {})
     keep_alive = keep_alive_of(body)
-    app[LIFECYCLE].check_free(model_id, source, target)
-    await refresh_loaded(app, target)
-    app[LIFECYCLE].check_free(model_id, source, target)
-    check_vram(app, target, model_id)
+    await check_loadable(app, model_id, source, target)
 
     async def work(op: Operation) -> None:
         await load_step(app, op, target, keep_alive)
@@ -8546,15 +8358,11 @@ async def migrate_model(request: web.Request) -> web.Response:
 async def get_operation(request: web.Request) -> web.Response:
     """GET /v1/operations/{id}: where an operation is (in_progress, completed, failed: why)."""
     require_admin(request)
-    op = request.app[LIFECYCLE].operations.get(request.match_info["operation_id"])
+    op_id = request.match_info["operation_id"]
+    op = request.app[LIFECYCLE].operations.get(op_id)
     if op is None:
-        raise NexusError(
-            404,
-            "invalid_request_error",
-            "operation_not_found",
-            f"No operation {request.match_info['operation_id']!r} (the last "
-            f"{OPERATIONS_KEPT} finished ones are kept).",
-        )
+        kept = f"the last {OPERATIONS_KEPT} finished ones are kept"
+        raise NexusError.of(404, "operation_not_found", f"No operation {op_id!r} ({kept}).")
     return lifecycle_response(op, status=200)
 
 
