@@ -9,14 +9,11 @@ monthly limit is set (the ledger, nexus.db).
 
 This file is the whole program. It needs aiohttp, zeroconf and tiktoken, and uses uvloop where
 it is installed (not on Windows). It reads top to bottom in the order a request travels, each
-section's banner saying what it owns:
-
-    Errors -> Settings -> App keys -> World model -> Health and Discovery (keep the world
-    current) -> Requests -> Tokens -> Policy -> Ledger -> Auth -> Routing (pure functions) ->
-    Backend connections -> Backend adapters (the only code that knows a backend's quirks) ->
-    Model lifecycle -> Proxy -> Front doors (Anthropic Messages, OpenAI Responses and Ollama
-    APIs, translated to chat and back) -> HTTP handlers -> Stats -> Metrics -> App assembly ->
-    Reload -> CLI and main().
+section's banner saying what it owns: Errors, Settings, App keys, World model, Health and
+Discovery (keep the world current), Requests, Tokens, Policy, Ledger, Auth, Routing (pure
+functions), Backend connections, Backend adapters (the only code that knows a backend's quirks),
+Model lifecycle, Proxy, Front doors (Anthropic Messages, OpenAI Responses and Ollama APIs,
+translated to chat and back), HTTP handlers, Stats, Metrics, App assembly, Reload, CLI and main().
 """
 
 from __future__ import annotations
@@ -58,7 +55,7 @@ import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Container, Iterable, Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_type_hints
 
 import aiohappyeyeballs  # comes with aiohttp: dual-stack connects (RFC 8305)
 import ifaddr  # comes with zeroconf: the machine's interfaces, for announcing
@@ -118,13 +115,11 @@ class NexusError(Exception):
         self.headers = self.headers or {}
 
     @classmethod
-    def of(
-        cls, status: int, code: str | None, message: str, *rest: Any, **named: Any
-    ) -> NexusError:
+    def of(cls, status: int, code: str | None, message: str, *rest: Any, **kw: Any) -> NexusError:
         """The error for a status and code, its type looked up in ERROR_TYPES (or CODE_TYPES);
         param, context and headers follow as for NexusError itself."""
         type_ = CODE_TYPES.get(code or "") or ERROR_TYPES[status]
-        return cls(status, type_, code, message, *rest, **named)
+        return cls(status, type_, code, message, *rest, **kw)
 
     def envelope(self) -> dict[str, Any]:
         """The OpenAI error envelope: {"error": {message, type, param, code[, context]}}."""
@@ -168,8 +163,8 @@ WEIGHTS = ("priority", "load", "latency")
 
 def setting(default: Any, **rules: Any) -> Any:
     """A settings field with the rules its value must meet, kept in the field's metadata and
-    checked by check_setting: positive, non_negative, min and max (or below), choices. A field
-    holding sections names their class in its metadata: "table" (one) or "tables" (a list)."""
+    checked by check_setting: positive, non_negative, min and max (or below), choices; and env,
+    the NEXUS_* variable that sets it."""
     return field(default=default, metadata=rules)
 
 
@@ -177,22 +172,22 @@ def setting(default: Any, **rules: Any) -> Any:
 class ServerSettings:
     """[server]: where Nexus listens, how long it waits on backends, what it accepts."""
 
-    host: str = "0.0.0.0"
-    port: int = setting(8000, min=1, max=65535)
+    host: str = setting("0.0.0.0", env="NEXUS_HOST")
+    port: int = setting(8000, min=1, max=65535, env="NEXUS_PORT")
     request_timeout_seconds: float = setting(300.0, positive=True)
     connect_timeout_seconds: float = setting(5.0, positive=True)
     first_byte_timeout_seconds: float = setting(60.0, positive=True)
     stream_idle_timeout_seconds: float = setting(30.0, positive=True)
     max_body_mb: float = setting(10.0, positive=True)
     watch_config: bool = True  # reload when the config file changes (SIGHUP always reloads)
-    data_dir: str = ""  # where the ledger lives (only with monthly limits); "": the platform's
+    data_dir: str = setting("", env="NEXUS_DATA_DIR")  # the ledger's (monthly limits only)
 
 
 @dataclass(slots=True)
 class DiscoverySettings:
     """[discovery]: whether backends are found without configuration, and kept once lost."""
 
-    enabled: bool = True
+    enabled: bool = setting(True, env="NEXUS_DISCOVERY")
     grace_period_seconds: float = setting(60.0, non_negative=True)
 
 
@@ -200,7 +195,7 @@ class DiscoverySettings:
 class HealthSettings:
     """[health_check]: how often backends are polled and how many polls flip their state."""
 
-    enabled: bool = True
+    enabled: bool = setting(True, env="NEXUS_HEALTH_CHECK")
     interval_seconds: float = setting(30.0, positive=True)
     timeout_seconds: float = setting(5.0, positive=True)
     failure_threshold: int = setting(3, positive=True)
@@ -238,10 +233,8 @@ class RoutingSettings:
     )
     aliases: dict[str, str] = field(default_factory=dict)
     fallbacks: dict[str, list[str]] = field(default_factory=dict)
-    policies: list[PolicySettings] = field(
-        default_factory=list, metadata={"tables": PolicySettings}
-    )
-    budget: BudgetSettings | None = field(default=None, metadata={"table": BudgetSettings})
+    policies: list[PolicySettings] = field(default_factory=list)
+    budget: BudgetSettings | None = None
     session_affinity: bool = True  # a conversation's turns stay where its prompt cache is
 
 
@@ -258,18 +251,16 @@ class QueueSettings:
 class LifecycleSettings:
     """[lifecycle]: what loads through the lifecycle API (SPEC §5.1) may take, and how long."""
 
-    # A load must leave this much of a backend's vram_gb free.
-    vram_headroom_percent: float = setting(20.0, min=0, below=100)
-    # Every load, unload or migration ends within this.
-    timeout_seconds: float = setting(300.0, positive=True)
+    vram_headroom_percent: float = setting(20.0, min=0, below=100)  # of vram_gb, left free
+    timeout_seconds: float = setting(300.0, positive=True)  # for a load, unload or migration
 
 
 @dataclass(slots=True)
 class LoggingSettings:
     """[logging]: level, format (pretty or json) and whether prompts may be logged."""
 
-    level: str = setting("info", choices=LOG_LEVELS, any_case=True)
-    format: str = setting("pretty", choices=("pretty", "json"))
+    level: str = setting("info", choices=LOG_LEVELS, any_case=True, env="NEXUS_LOG_LEVEL")
+    format: str = setting("pretty", choices=("pretty", "json"), env="NEXUS_LOG_FORMAT")
     log_content: bool = False
 
 
@@ -292,9 +283,7 @@ class ApiKeySettings:
 class AuthSettings:
     """[auth]: the API keys; none configured means no key is asked for."""
 
-    api_keys: list[ApiKeySettings] = field(
-        default_factory=list, metadata={"tables": ApiKeySettings}
-    )
+    api_keys: list[ApiKeySettings] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -325,21 +314,9 @@ class Settings:
     lifecycle: LifecycleSettings = field(default_factory=LifecycleSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
-    backends: list[BackendSettings] = field(
-        default_factory=list, metadata={"tables": BackendSettings}
-    )
+    backends: list[BackendSettings] = field(default_factory=list)
 
 
-# Which setting each NEXUS_* variable and CLI flag sets.
-ENV_SETTINGS = {
-    "NEXUS_HOST": ("server", "host"),
-    "NEXUS_PORT": ("server", "port"),
-    "NEXUS_LOG_LEVEL": ("logging", "level"),
-    "NEXUS_LOG_FORMAT": ("logging", "format"),
-    "NEXUS_DISCOVERY": ("discovery", "enabled"),
-    "NEXUS_HEALTH_CHECK": ("health_check", "enabled"),
-    "NEXUS_DATA_DIR": ("server", "data_dir"),
-}
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off")
 # What a value must be, by the type of its setting's default, in the words of the message.
@@ -360,23 +337,26 @@ def _build(cls: type, table: Any, key: str) -> Any:
     if not isinstance(table, dict):
         raise ConfigError(key, f"expected a table, got {table!r}")
     obj = cls()
-    known = {f.name: f.metadata for f in fields(cls) if f.init}
+    known = {f.name for f in fields(cls) if f.init}
+    types = get_type_hints(cls)
     for name, value in table.items():
         sub = f"{key}.{name}" if key else name
         if name not in known:
             raise ConfigError(sub, "unknown key")
-        setattr(obj, name, _convert_field(sub, value, getattr(obj, name), known[name]))
+        setattr(obj, name, _convert_field(sub, value, getattr(obj, name), types[name]))
     return obj
 
 
-def _convert_field(key: str, value: Any, default: Any, meta: Mapping[str, Any]) -> Any:
-    """One field's TOML value, checked and converted: sections, lists, tables, scalars."""
-    if is_dataclass(default) or "table" in meta:  # a section, or one that defaults to None
-        return _build(meta.get("table", type(default)), value, key)
-    if "tables" in meta:
+def _convert_field(key: str, value: Any, default: Any, kind: Any) -> Any:
+    """One field's TOML value, checked and converted: sections (the field's type is a settings
+    class: X, X | None or list[X]), tables, lists and scalars."""
+    section = next((t for t in (kind, *get_args(kind)) if is_dataclass(t)), None)
+    if section is not None and isinstance(default, list):
         if not isinstance(value, list):
             raise ConfigError(key, "expected a list of tables")
-        return [_build(meta["tables"], item, f"{key}[{i}]") for i, item in enumerate(value)]
+        return [_build(section, item, f"{key}[{i}]") for i, item in enumerate(value)]
+    if section is not None:
+        return _build(section, value, key)
     if isinstance(default, dict):
         if not isinstance(value, dict):
             raise ConfigError(key, f"expected a table, got {value!r}")
@@ -439,18 +419,14 @@ def check_fields(obj: Any, key: str, skip: tuple[str, ...] = ()) -> None:
         sub = f"{key}.{f.name}" if key else f.name
         if f.name in skip:
             continue
-        if "tables" in f.metadata:
+        if isinstance(value, list):
             for i, item in enumerate(value):
-                check_fields(item, f"{sub}[{i}]")
+                if is_dataclass(item):
+                    check_fields(item, f"{sub}[{i}]")
         elif is_dataclass(value):
             check_fields(value, sub)
         else:
             check_setting(sub, value, f.metadata)
-
-
-def is_amount(value: Any) -> bool:
-    """Whether a value is a number of 0 or more (not a bool)."""
-    return not isinstance(value, bool) and isinstance(value, int | float) and value >= 0
 
 
 def validate_price(key: str, price: Any) -> None:
@@ -463,9 +439,11 @@ def validate_price(key: str, price: Any) -> None:
             raise ConfigError(f"{key}.{name}", f"unknown key (expected {', '.join(known)})")
     for name in known:
         value = price.get(name)
-        if value is None and name in ("input", "output"):
-            raise ConfigError(f"{key}.{name}", "is required (USD per million tokens)")
-        if value is not None and not is_amount(value):
+        if value is None:
+            if name in ("input", "output"):
+                raise ConfigError(f"{key}.{name}", "is required (USD per million tokens)")
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
             raise ConfigError(f"{key}.{name}", f"expected a number of 0 or more, got {value!r}")
 
 
@@ -552,7 +530,7 @@ def validate_settings(s: Settings, env: dict[str, str]) -> None:
     for name, weight in s.routing.weights.items():  # the defaults' three first
         if name not in WEIGHTS:
             raise ConfigError(f"routing.weights.{name}", "unknown weight")
-        if not is_amount(weight):
+        if isinstance(weight, bool) or not isinstance(weight, int | float) or weight < 0:
             raise ConfigError(f"routing.weights.{name}", "must be a number of 0 or more")
     for alias, target in s.routing.aliases.items():
         if not isinstance(target, str) or not target:
@@ -592,14 +570,15 @@ def load_settings(
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError("config", f"{path} is not valid TOML: {exc}") from None
     settings = _build(Settings, raw, "")
-    for var, (part, name) in ENV_SETTINGS.items():
-        if var in env:
-            section = getattr(settings, part)
-            value = _parse_env_value(var, env[var], getattr(section, name))
-            setattr(section, name, value)
-            check_setting(var, value, type(section).__dataclass_fields__[name].metadata)
-    for (part, name), value in overrides.items():
-        setattr(getattr(settings, part), name, value)
+    for section in (getattr(settings, f.name) for f in fields(settings)):
+        for f in fields(section) if is_dataclass(section) else ():
+            var = f.metadata.get("env")
+            if var in env:
+                value = _parse_env_value(var, env[var], getattr(section, f.name))
+                setattr(section, f.name, value)
+                check_setting(var, value, f.metadata)
+    for (section, name), value in overrides.items():
+        setattr(getattr(settings, section), name, value)
     validate_settings(settings, env)
     return settings
 
