@@ -661,9 +661,7 @@ class TokenBucket:
         """Seconds until `amount` can be taken; 0 when it can be taken now."""
         self.refill(now)
         missing = min(amount, self.per_minute) - self.level
-        if missing <= 1e-9:
-            return 0.0
-        return missing * 60.0 / self.per_minute
+        return missing * 60.0 / self.per_minute if missing > 1e-9 else 0.0
 
     def take(self, amount: float, now: float) -> None:
         """Take `amount` now, running into debt if it is more than is there."""
@@ -769,19 +767,17 @@ class Backend:
         return (self.last_error or None) if self.status != "healthy" else None
 
 
+@dataclass(slots=True, eq=False)
 class Registry:
     """All known backends, and for each model id the backends that serve it."""
 
-    def __init__(self) -> None:
-        """An empty registry; start-up adds the configured backends."""
-        self.backends: dict[str, Backend] = {}
-        self.by_model: dict[str, list[Backend]] = {}
-        # (backend, model) pairs a lifecycle operation is loading or draining now: while there
-        # are none, routing does not look at Backend.loading and .draining at all.
-        self.moving = 0
+    backends: dict[str, Backend] = field(default_factory=dict)
+    by_model: dict[str, list[Backend]] = field(default_factory=dict)
+    # (backend, model) pairs a lifecycle operation is loading or draining now: while there are
+    # none, routing does not look at Backend.loading and .draining at all.
+    moving: int = 0
 
     def add(self, backend: Backend) -> None:
-        """Add a backend (replacing one of the same name) and reindex."""
         self.backends[backend.name] = backend
         self.reindex()
 
@@ -793,7 +789,6 @@ class Registry:
         return backend
 
     def find_url(self, url: str) -> Backend | None:
-        """The backend at a URL, if any."""
         return next((b for b in self.backends.values() if b.url == url), None)
 
     def set_models(self, backend: Backend, models: dict[str, Model]) -> None:
@@ -811,7 +806,6 @@ class Registry:
         self.by_model = index
 
     def healthy(self) -> list[Backend]:
-        """The backends whose last polls say they are healthy."""
         return [b for b in self.backends.values() if b.status == "healthy"]
 
 
@@ -832,11 +826,9 @@ def loaded_on(registry: Registry, model_id: str) -> list[str]:
 # Must not: spend tokens. Polls use model-list and health endpoints only.
 # ==============================================================================================
 
-# user:password@ in a URL that a message repeats (Nexus refuses such URLs, but a backend's own
-# error text may carry one).
+# user:password@ of a URL a backend's error text repeats (Nexus refuses such URLs itself).
 URL_CREDENTIALS = re.compile(r"(?<=://)[^/\s@]*@")
-# Polls in flight at once: enough for any home lab in one round, while a thousand backends do
-# not open a thousand connections (and their buffers) at the same moment.
+# Polls in flight at once: any home lab in one round, yet not a thousand connections at once.
 POLLS_AT_ONCE = 64
 
 
@@ -1002,21 +994,6 @@ async def detect_backend_type(
         return "exo"
     entries = [e for e in answered_object(answer)["data"] if isinstance(e, dict)]
     return "vllm" if any("max_model_len" in e for e in entries) else "generic"
-
-
-async def probe_local_ports(pool: BackendPool, own_port: int, skip: set[str]) -> dict[str, str]:
-    """{url: type} of the LLM servers on the well-known loopback ports, all probed at once, but
-    for Nexus's own port, URLs in skip and anything that turns out to be a Nexus."""
-    urls = [f"http://127.0.0.1:{port}" for port in LOCAL_PORTS if port != own_port]
-    urls = [url for url in urls if url not in skip]
-    kinds = await asyncio.gather(*(detect_backend_type(pool, url) for url in urls))
-    found = {}
-    for url, kind in zip(urls, kinds, strict=True):
-        if kind == NEXUS_TYPE:
-            log.debug("probe: %s is a Nexus; not a backend", url)
-        elif kind is not None:
-            found[url] = kind
-    return found
 
 
 def txt_text(service: str, properties: dict[bytes, bytes | None], key: str) -> str | None:
@@ -1250,7 +1227,6 @@ class Discovery:
     """
 
     def __init__(self, app: web.Application) -> None:
-        """Discovery for an app; start() begins browsing and probing."""
         self.app = app
         server = app[SETTINGS].server
         self.names: dict[str, str] = {}  # name as reported (mDNS instance, probed URL) -> backend
@@ -1289,16 +1265,25 @@ class Discovery:
             await asyncio.sleep(self.app[SETTINGS].health_check.interval_seconds)
 
     async def probe_round(self) -> None:
-        """Probe the well-known local ports once: add what answers, lose what stopped."""
+        """Probe the well-known local ports (all at once, but Nexus's own) once: add what
+        answers and is not a Nexus, lose what stopped answering."""
         # Backends that are up are not probed again; a probed one that is down and no longer
         # answers a probe has vanished.
         backends = self.app[REGISTRY].backends.values()
         settled = {b.url for b in backends if b.status != "unhealthy" and not b.lost_at}
-        found = await probe_local_ports(self.app[CLIENT], self.app[SETTINGS].server.port, settled)
-        for url, kind in found.items():
-            await self.add(url, url, kind, f"local-{kind}")
-            self.probed.add(url)
-        for url in self.probed - found.keys() - settled:
+        own_port = self.app[SETTINGS].server.port
+        urls = [f"http://127.0.0.1:{port}" for port in LOCAL_PORTS if port != own_port]
+        urls = [url for url in urls if url not in settled]
+        kinds = await asyncio.gather(*(detect_backend_type(self.app[CLIENT], u) for u in urls))
+        found = set()
+        for url, kind in zip(urls, kinds, strict=True):
+            if kind == NEXUS_TYPE:
+                log.debug("probe: %s is a Nexus; not a backend", url)
+            elif kind is not None:
+                found.add(url)
+                await self.add(url, url, kind, f"local-{kind}")
+                self.probed.add(url)
+        for url in self.probed - found - settled:
             self.lost(url)
         for name, (url, type_hint) in list(self.unverified.items()):
             await self.found(name, url, type_hint)
