@@ -517,11 +517,8 @@ def check_alias_cycles(aliases: dict[str, str]) -> None:
             if seen[-1] in seen[:-1]:
                 raise ConfigError(f"routing.aliases.{start}", f"alias cycle {' -> '.join(seen)}")
         if len(seen) > MAX_ALIAS_HOPS + 1:
-            chain = " -> ".join(seen)
-            raise ConfigError(
-                f"routing.aliases.{start}",
-                f"alias chain longer than {MAX_ALIAS_HOPS} hops: {chain}",
-            )
+            problem = f"alias chain longer than {MAX_ALIAS_HOPS} hops: {' -> '.join(seen)}"
+            raise ConfigError(f"routing.aliases.{start}", problem)
 
 
 def validate_settings(s: Settings, env: dict[str, str]) -> None:
@@ -749,18 +746,10 @@ class Backend:
 
     def public(self) -> dict[str, Any]:
         """The admin/CLI view of a backend. Never includes a key, only the variable's name."""
-        return {
-            "name": self.name,
-            "url": self.url,
-            "type": self.type,
-            "status": self.status,
-            "zone": self.zone,
-            "tier": self.tier or None,
-            "priority": self.priority,
-            "source": self.source,
-            "models": sorted(self.models),
-            "last_error": self.why_down(),
-        }
+        view = {name: getattr(self, name) for name in ("name", "url", "type", "status", "zone")}
+        view.update(tier=self.tier or None, priority=self.priority, source=self.source)
+        view.update(models=sorted(self.models), last_error=self.why_down())
+        return view
 
     def why_down(self) -> str | None:
         """The last failure of a backend that is not healthy (refused, timed out, HTTP 401...)."""
@@ -1069,10 +1058,8 @@ class MdnsService:
 @dataclass(eq=False)
 class MdnsDiscovery:
     """Browses mDNS for LLM servers, reports what comes and goes, and announces this Nexus.
-
-    zeroconf's defaults (every interface, IPv4), like any mDNS client on the machine. Services
-    announcing TXT type=nexus (other gateways, and this one) are never reported.
-    """
+    zeroconf's defaults (every interface, IPv4), like any mDNS client on the machine; services
+    announcing TXT type=nexus (other gateways, and this one) are never reported."""
 
     on_found: Callable[[str, str, str | None], Awaitable[None]]
     on_lost: Callable[[str], None]
@@ -1219,12 +1206,9 @@ def backend_name(text: str) -> str:
 
 
 class Discovery:
-    """Keeps discovered backends in the registry, for as long as discovery runs.
-
-    Adds what mDNS and probing find, once checked to be an LLM server and not a Nexus; a URL
-    already served by a static or admin backend is left to it. A backend that vanishes goes
-    to unknown and is removed after the grace period unless it comes back first.
-    """
+    """Keeps discovered backends in the registry: what mDNS and probing find, once checked to be
+    an LLM server and not a Nexus (a static or admin backend's URL is left to it). One that
+    vanishes turns unknown, and is removed after the grace period unless it comes back first."""
 
     def __init__(self, app: web.Application) -> None:
         self.app = app
