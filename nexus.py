@@ -944,11 +944,7 @@ def answered_object(answer: tuple[int, Any] | None) -> dict[str, Any]:
 
 def answered_list(answer: tuple[int, Any] | None, key: str) -> bool:
     """Whether a probe's answer was a 200 JSON object holding a list under `key`."""
-    return (
-        answer is not None
-        and answer[0] == 200
-        and isinstance(answered_object(answer).get(key), list)
-    )
+    return isinstance(answered_object(answer).get(key), list) and answer[0] == 200
 
 
 async def is_nexus(pool: BackendPool, url: str, timeout: float) -> bool:
