@@ -8,18 +8,12 @@ operational (health, load, counters) and lives in memory, except the month's spe
 monthly limit is set (the ledger, nexus.db).
 
 This file is the whole program. It needs aiohttp, zeroconf and tiktoken, and uses uvloop where
-it is installed (not on Windows).
-It reads top to bottom in the order a request travels:
-
-    Errors -> Settings -> App keys -> World model (Backend, Model, Registry) -> Health and
-    Discovery (keep the world current) -> Requests (what a payload needs) -> Tokens (exact counts,
-    loaded lazily) -> Policy (prices, budget) -> Ledger (the month's usage, on disk with a monthly
-    limit) -> Auth (keys, allow-lists, rate limits) -> Routing (pure functions) -> Backend
-    connections (HTTP/1.1 to backends) -> Backend adapters (the only code that knows a backend's
-    quirks) -> Model lifecycle (load, unload, migrate) -> Proxy (send, retry, stream out) -> Front
-    doors (Anthropic Messages, OpenAI Responses and Ollama APIs, translated to chat and back) ->
-    HTTP handlers -> Stats -> Metrics -> App assembly -> Reload (the configuration, without a
-    restart) -> CLI and main().
+it is installed (not on Windows). It reads top to bottom in the order a request travels, each
+section's banner saying what it owns: Errors, Settings, App keys, World model, Health and
+Discovery (keep the world current), Requests, Tokens, Policy, Ledger, Auth, Routing (pure
+functions), Backend connections, Backend adapters (the only code that knows a backend's quirks),
+Model lifecycle, Proxy, Front doors (Anthropic Messages, OpenAI Responses and Ollama APIs,
+translated to chat and back), HTTP handlers, Stats, Metrics, App assembly, Reload, CLI and main().
 """
 
 from __future__ import annotations
@@ -58,10 +52,10 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass, field, fields
+from collections.abc import AsyncIterator, Awaitable, Callable, Container, Iterable, Mapping
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_type_hints
 
 import aiohappyeyeballs  # comes with aiohttp: dual-stack connects (RFC 8305)
 import ifaddr  # comes with zeroconf: the machine's interfaces, for announcing
@@ -92,14 +86,10 @@ def asset_path(name: str) -> Path:
 # Must not: format responses anywhere else; handlers raise, the middleware answers.
 # ==============================================================================================
 
-
 # The OpenAI error type of each status Nexus answers with on its own account.
 ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "invalid_request_error",
+    **dict.fromkeys((400, 401, 404, 409), "invalid_request_error"),
     403: "permission_error",
-    404: "invalid_request_error",
-    409: "invalid_request_error",
     429: "rate_limit_error",
     501: "not_implemented",
     503: "service_unavailable",
@@ -108,51 +98,32 @@ ERROR_TYPES = {
 CODE_TYPES = {"budget_exceeded": "insufficient_quota", "key_budget_exceeded": "insufficient_quota"}
 
 
+@dataclass(eq=False, repr=False)
 class NexusError(Exception):
-    """An error that becomes an OpenAI-format error response with the given HTTP status."""
+    """An error that becomes an OpenAI-format error response; `headers` go out with it."""
 
-    def __init__(
-        self,
-        status: int,
-        type_: str,
-        code: str | None,
-        message: str,
-        param: str | None = None,
-        context: dict[str, Any] | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        """An error of a status, OpenAI type and code; `headers` go out with its response."""
-        super().__init__(message)
-        self.status = status
-        self.type = type_
-        self.code = code
-        self.message = message
-        self.param = param
-        self.context = context
-        self.headers = headers or {}
+    status: int
+    type: str
+    code: str | None
+    message: str
+    param: str | None = None
+    context: dict[str, Any] | None = None
+    headers: dict[str, str] | None = None
+
+    def __post_init__(self) -> None:
+        super().__init__(self.message)
+        self.headers = self.headers or {}
 
     @classmethod
-    def of(
-        cls,
-        status: int,
-        code: str | None,
-        message: str,
-        param: str | None = None,
-        context: dict[str, Any] | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> NexusError:
-        """The error for a status and code, its type looked up in ERROR_TYPES (or CODE_TYPES)."""
+    def of(cls, status: int, code: str | None, message: str, *rest: Any, **kw: Any) -> NexusError:
+        """The error for a status and code, its type looked up in ERROR_TYPES (or CODE_TYPES);
+        param, context and headers follow as for NexusError itself."""
         type_ = CODE_TYPES.get(code or "") or ERROR_TYPES[status]
-        return cls(status, type_, code, message, param, context, headers)
+        return cls(status, type_, code, message, *rest, **kw)
 
     def envelope(self) -> dict[str, Any]:
         """The OpenAI error envelope: {"error": {message, type, param, code[, context]}}."""
-        error: dict[str, Any] = {
-            "message": self.message,
-            "type": self.type,
-            "param": self.param,
-            "code": self.code,
-        }
+        error = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
         if self.context is not None:
             error["context"] = self.context
         return {"error": error}
@@ -187,11 +158,13 @@ STRATEGIES = ("smart", "round_robin", "priority_only", "random")
 BUDGET_ACTIONS = ("warn", "shift_local", "block_cloud", "block_all")
 MAX_ALIAS_HOPS = 3
 LOG_LEVELS = tuple(name.lower() for name in logging.getLevelNamesMapping())
+WEIGHTS = ("priority", "load", "latency")
 
 
 def setting(default: Any, **rules: Any) -> Any:
     """A settings field with the rules its value must meet, kept in the field's metadata and
-    checked by check_fields: positive, non_negative, min and max (or below), choices."""
+    checked by check_setting: positive, non_negative, min and max (or below), choices; and env,
+    the NEXUS_* variable that sets it."""
     return field(default=default, metadata=rules)
 
 
@@ -199,22 +172,22 @@ def setting(default: Any, **rules: Any) -> Any:
 class ServerSettings:
     """[server]: where Nexus listens, how long it waits on backends, what it accepts."""
 
-    host: str = "0.0.0.0"
-    port: int = setting(8000, min=1, max=65535)
+    host: str = setting("0.0.0.0", env="NEXUS_HOST")
+    port: int = setting(8000, min=1, max=65535, env="NEXUS_PORT")
     request_timeout_seconds: float = setting(300.0, positive=True)
     connect_timeout_seconds: float = setting(5.0, positive=True)
     first_byte_timeout_seconds: float = setting(60.0, positive=True)
     stream_idle_timeout_seconds: float = setting(30.0, positive=True)
     max_body_mb: float = setting(10.0, positive=True)
     watch_config: bool = True  # reload when the config file changes (SIGHUP always reloads)
-    data_dir: str = ""  # where the ledger lives (only with monthly limits); "": the platform's
+    data_dir: str = setting("", env="NEXUS_DATA_DIR")  # the ledger's (monthly limits only)
 
 
 @dataclass(slots=True)
 class DiscoverySettings:
     """[discovery]: whether backends are found without configuration, and kept once lost."""
 
-    enabled: bool = True
+    enabled: bool = setting(True, env="NEXUS_DISCOVERY")
     grace_period_seconds: float = setting(60.0, non_negative=True)
 
 
@@ -222,7 +195,7 @@ class DiscoverySettings:
 class HealthSettings:
     """[health_check]: how often backends are polled and how many polls flip their state."""
 
-    enabled: bool = True
+    enabled: bool = setting(True, env="NEXUS_HEALTH_CHECK")
     interval_seconds: float = setting(30.0, positive=True)
     timeout_seconds: float = setting(5.0, positive=True)
     failure_threshold: int = setting(3, positive=True)
@@ -278,18 +251,16 @@ class QueueSettings:
 class LifecycleSettings:
     """[lifecycle]: what loads through the lifecycle API (SPEC §5.1) may take, and how long."""
 
-    # A load must leave this much of a backend's vram_gb free.
-    vram_headroom_percent: float = setting(20.0, min=0, below=100)
-    # Every load, unload or migration ends within this.
-    timeout_seconds: float = setting(300.0, positive=True)
+    vram_headroom_percent: float = setting(20.0, min=0, below=100)  # of vram_gb, left free
+    timeout_seconds: float = setting(300.0, positive=True)  # for a load, unload or migration
 
 
 @dataclass(slots=True)
 class LoggingSettings:
     """[logging]: level, format (pretty or json) and whether prompts may be logged."""
 
-    level: str = setting("info", choices=LOG_LEVELS, any_case=True)
-    format: str = setting("pretty", choices=("pretty", "json"))
+    level: str = setting("info", choices=LOG_LEVELS, any_case=True, env="NEXUS_LOG_LEVEL")
+    format: str = setting("pretty", choices=("pretty", "json"), env="NEXUS_LOG_FORMAT")
     log_content: bool = False
 
 
@@ -346,35 +317,19 @@ class Settings:
     backends: list[BackendSettings] = field(default_factory=list)
 
 
-# Which setting each NEXUS_* variable and CLI flag sets.
-ENV_SETTINGS = {
-    "NEXUS_HOST": ("server", "host"),
-    "NEXUS_PORT": ("server", "port"),
-    "NEXUS_LOG_LEVEL": ("logging", "level"),
-    "NEXUS_LOG_FORMAT": ("logging", "format"),
-    "NEXUS_DISCOVERY": ("discovery", "enabled"),
-    "NEXUS_HEALTH_CHECK": ("health_check", "enabled"),
-    "NEXUS_DATA_DIR": ("server", "data_dir"),
-}
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off")
+# What a value must be, by the type of its setting's default, in the words of the message.
+SCALAR_WORDS = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}
 
 
 def _check_scalar(key: str, value: Any, default: Any) -> Any:
     """Check a value against the type of its default; ints are accepted where floats are."""
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise ConfigError(key, f"expected true or false, got {value!r}")
-    elif isinstance(default, int):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(key, f"expected a whole number, got {value!r}")
-    elif isinstance(default, float):
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(key, f"expected a number, got {value!r}")
-        value = float(value)
-    elif isinstance(default, str) and not isinstance(value, str):
-        raise ConfigError(key, f"expected a string, got {value!r}")
-    return value
+    kind = type(default)
+    accepted = int | float if kind is float else kind
+    if isinstance(value, bool) is not (kind is bool) or not isinstance(value, accepted):
+        raise ConfigError(key, f"expected {SCALAR_WORDS[kind]}, got {value!r}")
+    return float(value) if kind is float else value
 
 
 def _build(cls: type, table: Any, key: str) -> Any:
@@ -383,38 +338,25 @@ def _build(cls: type, table: Any, key: str) -> Any:
         raise ConfigError(key, f"expected a table, got {table!r}")
     obj = cls()
     known = {f.name for f in fields(cls) if f.init}
+    types = get_type_hints(cls)
     for name, value in table.items():
         sub = f"{key}.{name}" if key else name
         if name not in known:
             raise ConfigError(sub, "unknown key")
-        setattr(obj, name, _convert_field(sub, value, getattr(obj, name), cls, name))
+        setattr(obj, name, _convert_field(sub, value, getattr(obj, name), types[name]))
     return obj
 
 
-def _convert_field(key: str, value: Any, default: Any, cls: type, name: str) -> Any:
-    """One field's TOML value, checked and converted: sections, lists, tables, scalars."""
-    nested = {
-        (Settings, "server"): ServerSettings,
-        (Settings, "discovery"): DiscoverySettings,
-        (Settings, "health_check"): HealthSettings,
-        (Settings, "routing"): RoutingSettings,
-        (Settings, "queue"): QueueSettings,
-        (Settings, "lifecycle"): LifecycleSettings,
-        (Settings, "logging"): LoggingSettings,
-        (Settings, "auth"): AuthSettings,
-        (RoutingSettings, "budget"): BudgetSettings,
-    }
-    lists = {
-        (Settings, "backends"): BackendSettings,
-        (RoutingSettings, "policies"): PolicySettings,
-        (AuthSettings, "api_keys"): ApiKeySettings,
-    }
-    if (cls, name) in nested:
-        return _build(nested[cls, name], value, key)
-    if (cls, name) in lists:
+def _convert_field(key: str, value: Any, default: Any, kind: Any) -> Any:
+    """One field's TOML value, checked and converted: sections (the field's type is a settings
+    class: X, X | None or list[X]), tables, lists and scalars."""
+    section = next((t for t in (kind, *get_args(kind)) if is_dataclass(t)), None)
+    if section is not None and isinstance(default, list):
         if not isinstance(value, list):
             raise ConfigError(key, "expected a list of tables")
-        return [_build(lists[cls, name], item, f"{key}[{i}]") for i, item in enumerate(value)]
+        return [_build(section, item, f"{key}[{i}]") for i, item in enumerate(value)]
+    if section is not None:
+        return _build(section, value, key)
     if isinstance(default, dict):
         if not isinstance(value, dict):
             raise ConfigError(key, f"expected a table, got {value!r}")
@@ -429,17 +371,15 @@ def _convert_field(key: str, value: Any, default: Any, cls: type, name: str) -> 
 def _parse_env_value(var: str, text: str, default: Any) -> Any:
     """A NEXUS_* variable's text as the type of the setting it sets."""
     if isinstance(default, bool):
-        if text.strip().lower() in TRUE_WORDS:
-            return True
-        if text.strip().lower() in FALSE_WORDS:
-            return False
-        raise ConfigError(var, f"expected true or false, got {text!r}")
-    if isinstance(default, int):
-        try:
+        word = text.strip().lower()
+        if word in TRUE_WORDS or word in FALSE_WORDS:
+            return word in TRUE_WORDS
+    elif isinstance(default, int):
+        with contextlib.suppress(ValueError):
             return int(text)
-        except ValueError:
-            raise ConfigError(var, f"expected a whole number, got {text!r}") from None
-    return text
+    else:
+        return text
+    raise ConfigError(var, f"expected {SCALAR_WORDS[type(default)]}, got {text!r}")
 
 
 def config_file_path(cli_path: str | None, env: dict[str, str]) -> Path | None:
@@ -473,21 +413,20 @@ def check_setting(key: str, value: Any, rules: Mapping[str, Any]) -> None:
 
 
 def check_fields(obj: Any, key: str, skip: tuple[str, ...] = ()) -> None:
-    """Check every field of a settings dataclass against its rules, and the sections and lists
-    of sections inside it (key: where obj is, for the message)."""
+    """Check every field of a settings dataclass, and the sections in it, against its rules."""
     for f in fields(obj):
-        if f.name in skip:
-            continue
         value = getattr(obj, f.name)
         sub = f"{key}.{f.name}" if key else f.name
-        if f.metadata:
-            check_setting(sub, value, f.metadata)
-        elif hasattr(value, "__dataclass_fields__"):
-            check_fields(value, sub)
-        elif isinstance(value, list):
+        if f.name in skip:
+            continue
+        if isinstance(value, list):
             for i, item in enumerate(value):
-                if hasattr(item, "__dataclass_fields__"):
+                if is_dataclass(item):
                     check_fields(item, f"{sub}[{i}]")
+        elif is_dataclass(value):
+            check_fields(value, sub)
+        else:
+            check_setting(sub, value, f.metadata)
 
 
 def validate_price(key: str, price: Any) -> None:
@@ -548,9 +487,7 @@ def normalise_url(url: str) -> str:
         parts.port  # noqa: B018 - raises ValueError for a port that is not a number
     except ValueError:
         raise ValueError(f"{url!r} has an invalid port") from None
-    if url.endswith("/v1"):
-        url = url[:-3]
-    return url
+    return url.removesuffix("/v1")
 
 
 def validate_backend(b: BackendSettings, key: str, env: dict[str, str]) -> None:
@@ -575,31 +512,23 @@ def check_alias_cycles(aliases: dict[str, str]) -> None:
     """Refuse an alias that leads back to itself or takes more than MAX_ALIAS_HOPS hops."""
     for start in aliases:
         seen = [start]
-        current = start
-        while current in aliases:
-            current = aliases[current]
-            if current in seen:
-                chain = " -> ".join([*seen, current])
-                raise ConfigError(f"routing.aliases.{start}", f"alias cycle {chain}")
-            seen.append(current)
+        while seen[-1] in aliases:
+            seen.append(aliases[seen[-1]])
+            if seen[-1] in seen[:-1]:
+                raise ConfigError(f"routing.aliases.{start}", f"alias cycle {' -> '.join(seen)}")
         if len(seen) > MAX_ALIAS_HOPS + 1:
-            chain = " -> ".join(seen)
-            raise ConfigError(
-                f"routing.aliases.{start}",
-                f"alias chain longer than {MAX_ALIAS_HOPS} hops: {chain}",
-            )
+            problem = f"alias chain longer than {MAX_ALIAS_HOPS} hops: {' -> '.join(seen)}"
+            raise ConfigError(f"routing.aliases.{start}", problem)
 
 
 def validate_settings(s: Settings, env: dict[str, str]) -> None:
     """Every rule that one value's type cannot express. The first problem found is raised."""
     check_fields(s, "", skip=("auth", "backends"))  # those two after their defaults are set
-    for name in ("priority", "load", "latency"):
-        weight = s.routing.weights.get(name, 0)
+    for name, weight in s.routing.weights.items():  # the defaults' three first
+        if name not in WEIGHTS:
+            raise ConfigError(f"routing.weights.{name}", "unknown weight")
         if isinstance(weight, bool) or not isinstance(weight, int | float) or weight < 0:
             raise ConfigError(f"routing.weights.{name}", "must be a number of 0 or more")
-    for name in s.routing.weights:
-        if name not in ("priority", "load", "latency"):
-            raise ConfigError(f"routing.weights.{name}", "unknown weight")
     for alias, target in s.routing.aliases.items():
         if not isinstance(target, str) or not target:
             raise ConfigError(f"routing.aliases.{alias}", "must name a model")
@@ -607,9 +536,8 @@ def validate_settings(s: Settings, env: dict[str, str]) -> None:
     for model, chain in s.routing.fallbacks.items():
         if not isinstance(chain, list) or not all(isinstance(m, str) for m in chain):
             raise ConfigError(f"routing.fallbacks.{model}", "must be a list of model names")
-    budget = s.routing.budget
-    if budget is not None:
-        for model, price in budget.prices.items():
+    if s.routing.budget is not None:
+        for model, price in s.routing.budget.prices.items():
             validate_price(f"routing.budget.prices.{model}", price)
     validate_api_keys(s.auth, env)
     names: set[str] = set()
@@ -639,12 +567,13 @@ def load_settings(
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError("config", f"{path} is not valid TOML: {exc}") from None
     settings = _build(Settings, raw, "")
-    for var, (section, name) in ENV_SETTINGS.items():
-        if var in env:
-            value = _parse_env_value(var, env[var], getattr(getattr(settings, section), name))
-            setattr(getattr(settings, section), name, value)
-            rules = next(f.metadata for f in fields(getattr(settings, section)) if f.name == name)
-            check_setting(var, value, rules)
+    for section in (getattr(settings, f.name) for f in fields(settings)):
+        for f in fields(section) if is_dataclass(section) else ():
+            var = f.metadata.get("env")
+            if var in env:
+                value = _parse_env_value(var, env[var], getattr(section, f.name))
+                setattr(section, f.name, value)
+                check_setting(var, value, f.metadata)
     for (section, name), value in overrides.items():
         setattr(getattr(settings, section), name, value)
     validate_settings(settings, env)
@@ -681,29 +610,19 @@ REGISTRY: web.AppKey[Registry] = web.AppKey("registry")
 STATS: web.AppKey[Stats] = web.AppKey("stats")
 CLIENT: web.AppKey[BackendPool] = web.AppKey("client")
 QUEUE: web.AppKey[WaitQueue] = web.AppKey("queue")
-# The background work: its tasks, the health loop's task and when that next polls.
-BACKGROUND: web.AppKey[dict] = web.AppKey("background")
-# The month's cloud spend: BUDGET.spent_usd, .status.
-BUDGET: web.AppKey[Budget] = web.AppKey("budget")
-# Set at shutdown: live feeds end.
-STOPPING: web.AppKey[asyncio.Event] = web.AppKey("stopping")
-# The backend of each session's last turn.
-SESSIONS: web.AppKey[SessionTable] = web.AppKey("sessions")
-# ApiKey per [auth] key; empty: no auth.
-KEYS: web.AppKey[list] = web.AppKey("keys")
-# The month's usage; in nexus.db with a monthly limit.
-LEDGER: web.AppKey[Ledger] = web.AppKey("ledger")
-# Load/unload/migrate operations (SPEC §5.1).
-LIFECYCLE: web.AppKey[Lifecycle] = web.AppKey("lifecycle")
+BACKGROUND: web.AppKey[dict] = web.AppKey("background")  # tasks, health_loop, next_health_check
+BUDGET: web.AppKey[Budget] = web.AppKey("budget")  # the month's cloud spend
+STOPPING: web.AppKey[asyncio.Event] = web.AppKey("stopping")  # set at shutdown: live feeds end
+SESSIONS: web.AppKey[SessionTable] = web.AppKey("sessions")  # each session's last backend
+KEYS: web.AppKey[list] = web.AppKey("keys")  # an ApiKey per [auth] key; empty: no auth
+LEDGER: web.AppKey[Ledger] = web.AppKey("ledger")  # the month's usage (nexus.db with a limit)
+LIFECYCLE: web.AppKey[Lifecycle] = web.AppKey("lifecycle")  # load/unload/migrate (SPEC §5.1)
 
 REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id")
 RECORD: web.RequestKey[RequestRecord] = web.RequestKey("record")
-# The caller's key, once authenticated.
-API_KEY: web.RequestKey[ApiKey] = web.RequestKey("api_key")
-# The tpm taken up front, settled after.
-TOKENS_CHARGED: web.RequestKey[int] = web.RequestKey("tokens_charged")
-# A stream's prepared response.
-STREAMING: web.RequestKey[web.StreamResponse] = web.RequestKey("streaming")
+API_KEY: web.RequestKey[ApiKey] = web.RequestKey("api_key")  # the caller's, once authenticated
+TOKENS_CHARGED: web.RequestKey[int] = web.RequestKey("tokens_charged")  # tpm taken up front
+STREAMING: web.RequestKey[web.StreamResponse] = web.RequestKey("streaming")  # prepared stream
 
 
 # ==============================================================================================
@@ -717,9 +636,7 @@ STREAMING: web.RequestKey[web.StreamResponse] = web.RequestKey("streaming")
 
 class TokenBucket:
     """`per_minute` units a minute, refilled continuously, holding at most a minute's worth.
-
-    An amount larger than a minute's worth waits for a full bucket and then runs it into debt,
-    so one huge request is served rather than refused forever."""
+    A larger amount waits for a full bucket and runs it into debt: served, not refused forever."""
 
     __slots__ = ("level", "per_minute", "updated")
 
@@ -739,9 +656,7 @@ class TokenBucket:
         """Seconds until `amount` can be taken; 0 when it can be taken now."""
         self.refill(now)
         missing = min(amount, self.per_minute) - self.level
-        if missing <= 1e-9:
-            return 0.0
-        return missing * 60.0 / self.per_minute
+        return missing * 60.0 / self.per_minute if missing > 1e-9 else 0.0
 
     def take(self, amount: float, now: float) -> None:
         """Take `amount` now, running into debt if it is more than is there."""
@@ -823,53 +738,33 @@ class Backend:
     @classmethod
     def from_settings(cls, b: BackendSettings, source: str = "static") -> Backend:
         """A Backend for one [[backends]] entry (or one the admin API adds)."""
-        return cls(
-            name=b.name,
-            url=b.url,
-            type=b.type,
-            priority=b.priority,
-            zone=b.zone,
-            tier=b.tier,
-            max_concurrent=b.max_concurrent,
-            api_key_env=b.api_key_env,
-            source=source,
-            rpm_bucket=TokenBucket(b.rpm, time.monotonic()) if b.rpm else None,
-            vram_gb=b.vram_gb,
-        )
+        kept = {f.name: getattr(b, f.name) for f in fields(b) if f.name != "rpm"}
+        bucket = TokenBucket(b.rpm, time.monotonic()) if b.rpm else None
+        return cls(**kept, source=source, rpm_bucket=bucket)
 
     def public(self) -> dict[str, Any]:
         """The admin/CLI view of a backend. Never includes a key, only the variable's name."""
-        return {
-            "name": self.name,
-            "url": self.url,
-            "type": self.type,
-            "status": self.status,
-            "zone": self.zone,
-            "tier": self.tier or None,
-            "priority": self.priority,
-            "source": self.source,
-            "models": sorted(self.models),
-            "last_error": self.why_down(),
-        }
+        view = {name: getattr(self, name) for name in ("name", "url", "type", "status", "zone")}
+        view.update(tier=self.tier or None, priority=self.priority, source=self.source)
+        view.update(models=sorted(self.models), last_error=self.why_down())
+        return view
 
     def why_down(self) -> str | None:
         """The last failure of a backend that is not healthy (refused, timed out, HTTP 401...)."""
         return (self.last_error or None) if self.status != "healthy" else None
 
 
+@dataclass(slots=True, eq=False)
 class Registry:
     """All known backends, and for each model id the backends that serve it."""
 
-    def __init__(self) -> None:
-        """An empty registry; start-up adds the configured backends."""
-        self.backends: dict[str, Backend] = {}
-        self.by_model: dict[str, list[Backend]] = {}
-        # (backend, model) pairs a lifecycle operation is loading or draining now: while there
-        # are none, routing does not look at Backend.loading and .draining at all.
-        self.moving = 0
+    backends: dict[str, Backend] = field(default_factory=dict)
+    by_model: dict[str, list[Backend]] = field(default_factory=dict)
+    # (backend, model) pairs a lifecycle operation is loading or draining now: while there are
+    # none, routing does not look at Backend.loading and .draining at all.
+    moving: int = 0
 
     def add(self, backend: Backend) -> None:
-        """Add a backend (replacing one of the same name) and reindex."""
         self.backends[backend.name] = backend
         self.reindex()
 
@@ -881,11 +776,7 @@ class Registry:
         return backend
 
     def find_url(self, url: str) -> Backend | None:
-        """The backend at a URL, if any."""
-        for backend in self.backends.values():
-            if backend.url == url:
-                return backend
-        return None
+        return next((b for b in self.backends.values() if b.url == url), None)
 
     def set_models(self, backend: Backend, models: dict[str, Model]) -> None:
         """Set a backend's models from a poll, reindexing only when they changed."""
@@ -902,7 +793,6 @@ class Registry:
         self.by_model = index
 
     def healthy(self) -> list[Backend]:
-        """The backends whose last polls say they are healthy."""
         return [b for b in self.backends.values() if b.status == "healthy"]
 
 
@@ -923,32 +813,28 @@ def loaded_on(registry: Registry, model_id: str) -> list[str]:
 # Must not: spend tokens. Polls use model-list and health endpoints only.
 # ==============================================================================================
 
+# user:password@ of a URL a backend's error text repeats (Nexus refuses such URLs itself).
+URL_CREDENTIALS = re.compile(r"(?<=://)[^/\s@]*@")
+# Polls in flight at once: any home lab in one round, yet not a thousand connections at once.
+POLLS_AT_ONCE = 64
+
 
 def record_success(backend: Backend, settings: HealthSettings) -> None:
     """Count a good poll: unknown turns healthy, unhealthy after recovery_threshold of them."""
     backend.fail_streak = 0
     backend.ok_streak += 1
-    if backend.status == "unknown" or (
-        backend.status == "unhealthy" and backend.ok_streak >= settings.recovery_threshold
-    ):
-        if backend.status != "healthy":
-            log.info("backend %s is healthy", backend.name)
+    if backend.status == "unhealthy" and backend.ok_streak < settings.recovery_threshold:
+        return
+    if backend.status != "healthy":
+        log.info("backend %s is healthy", backend.name)
         backend.status = "healthy"
 
 
-# user:password@ in a URL that a message repeats (Nexus refuses such URLs, but a backend's own
-# error text may carry one).
-URL_CREDENTIALS = re.compile(r"(?<=://)[^/\s@]*@")
-
-
 def shown_reason(backend: Backend, reason: str) -> str:
-    """A failure as it may be shown anywhere: no credentials of a URL, and never the backend's
-    own key, whatever the backend's error text repeated."""
+    """A failure without a URL's credentials or the backend's own key, whatever it repeated."""
     reason = URL_CREDENTIALS.sub("", reason)
-    secret = os.environ.get(backend.api_key_env, "") if backend.api_key_env else ""
-    if secret and secret in reason:
-        reason = reason.replace(secret, "[redacted]")
-    return reason
+    secret = os.environ.get(backend.api_key_env) if backend.api_key_env else None
+    return reason.replace(secret, "[redacted]") if secret else reason
 
 
 def record_failure(backend: Backend, settings: HealthSettings, reason: str) -> None:
@@ -956,17 +842,15 @@ def record_failure(backend: Backend, settings: HealthSettings, reason: str) -> N
     backend.ok_streak = 0
     backend.fail_streak += 1
     backend.last_error = shown_reason(backend, reason)
-    if backend.status == "unknown" or (
-        backend.status == "healthy" and backend.fail_streak >= settings.failure_threshold
-    ):
-        if backend.status != "unhealthy":
-            log.warning("backend %s is unhealthy: %s", backend.name, reason)
+    if backend.status == "healthy" and backend.fail_streak < settings.failure_threshold:
+        return
+    if backend.status != "unhealthy":
+        log.warning("backend %s is unhealthy: %s", backend.name, reason)
         backend.status = "unhealthy"
 
 
 def describe_failure(exc: BaseException) -> str:
-    """Why a poll or a request failed, in the words /v1/backends and the dashboard show: refused,
-    timed out, HTTP 401, not an LLM server, ..."""
+    """Why a poll or a request failed, in the words /v1/backends and the dashboard show."""
     if isinstance(exc, BackendConnectTimeout):
         return "timed out connecting"
     if isinstance(exc, TimeoutError):
@@ -978,31 +862,25 @@ def describe_failure(exc: BaseException) -> str:
 
 async def poll_backend(app: web.Application, backend: Backend) -> None:
     """One health poll: the type's own endpoints, bounded by the health timeout."""
-    settings = app[SETTINGS]
-    adapter = ADAPTERS[backend.type]
+    settings = app[SETTINGS].health_check
     try:
-        async with asyncio.timeout(settings.health_check.timeout_seconds):
-            models = await adapter.poll(app[CLIENT], backend)
+        async with asyncio.timeout(settings.timeout_seconds):
+            models = await ADAPTERS[backend.type].poll(app[CLIENT], backend)
     except asyncio.CancelledError:
         raise
     except Exception as exc:  # any failure of a poll is the backend's, never Nexus's
-        record_failure(backend, settings.health_check, describe_failure(exc))
+        record_failure(backend, settings, describe_failure(exc))
         return
     if backend.name in app[REGISTRY].backends:
         app[REGISTRY].set_models(backend, models)
-    record_success(backend, settings.health_check)
+    record_success(backend, settings)
 
 
 async def first_poll(app: web.Application, backend: Backend) -> None:
     """A new backend's first poll (its models); without health checks it is trusted as healthy."""
     await poll_backend(app, backend)
     if not app[SETTINGS].health_check.enabled:
-        backend.status = "healthy"  # without health checks, configured backends are trusted
-
-
-# Polls in flight at once: enough for any home lab in one round, while a thousand backends do
-# not open a thousand connections (and their buffers) at the same moment.
-POLLS_AT_ONCE = 64
+        backend.status = "healthy"
 
 
 async def health_loop(app: web.Application) -> None:
@@ -1011,7 +889,6 @@ async def health_loop(app: web.Application) -> None:
     slots = asyncio.Semaphore(POLLS_AT_ONCE)
 
     async def poll(backend: Backend) -> None:
-        """Poll one backend, holding one of the round's slots."""
         async with slots:
             await poll_backend(app, backend)
 
@@ -1058,35 +935,27 @@ async def probe_json(pool: BackendPool, url: str, timeout: float) -> tuple[int, 
         return status, None
 
 
+def answered_object(answer: tuple[int, Any] | None) -> dict[str, Any]:
+    """A probe's answer when it is a JSON object (of any status), else {}."""
+    return answer[1] if answer is not None and isinstance(answer[1], dict) else {}
+
+
 def answered_list(answer: tuple[int, Any] | None, key: str) -> bool:
     """Whether a probe's answer was a 200 JSON object holding a list under `key`."""
-    return (
-        answer is not None
-        and answer[0] == 200
-        and isinstance(answer[1], dict)
-        and isinstance(answer[1].get(key), list)
-    )
+    return isinstance(answered_object(answer).get(key), list) and answer[0] == 200
 
 
 async def is_nexus(pool: BackendPool, url: str, timeout: float) -> bool:
     """Whether a Nexus answers at url: its `/health` has Nexus's fields."""
     health = await probe_json(pool, url + "/health", timeout)
-    return bool(
-        health and isinstance(health[1], dict) and {"version", "backends"} <= health[1].keys()
-    )
+    return {"version", "backends"} <= answered_object(health).keys()
 
 
 async def detect_backend_type(
     pool: BackendPool, url: str, timeout: float = PROBE_TIMEOUT_SECONDS
 ) -> str | None:
     """What answers at url (a server's root): a backend type, "nexus", or None if no LLM server.
-
-    By the endpoints only that kind has: `/api/tags` → ollama, `/props` → llamacpp,
-    `/api/v0/models` → lmstudio, `/v1/models` with `max_model_len` → vllm, on exo's port → exo,
-    else generic; a `/health` with Nexus's fields → nexus (which answers `/api/tags` and
-    `/v1/models` too). Each request is bounded by timeout; when nothing answers at all the first
-    one ends the search.
-    """
+    Each probe is bounded by timeout; when nothing answers the first, the search ends."""
     on_exo_port = urllib.parse.urlsplit(url).port == EXO_PORT
     if not on_exo_port:  # exo also speaks other dialects; on its own port it is exo
         answer = await probe_json(pool, url + "/api/tags", timeout)
@@ -1095,7 +964,7 @@ async def detect_backend_type(
         if answered_list(answer, "models"):  # a Nexus answers Ollama's API too
             return NEXUS_TYPE if await is_nexus(pool, url, timeout) else "ollama"
         answer = await probe_json(pool, url + "/props", timeout)
-        if answer and isinstance(answer[1], dict) and "default_generation_settings" in answer[1]:
+        if "default_generation_settings" in answered_object(answer):
             return "llamacpp"
         if answered_list(await probe_json(pool, url + "/api/v0/models", timeout), "data"):
             return "lmstudio"
@@ -1106,25 +975,8 @@ async def detect_backend_type(
         return NEXUS_TYPE
     if on_exo_port:
         return "exo"
-    assert answer is not None
-    entries = [e for e in answer[1]["data"] if isinstance(e, dict)]
+    entries = [e for e in answered_object(answer)["data"] if isinstance(e, dict)]
     return "vllm" if any("max_model_len" in e for e in entries) else "generic"
-
-
-async def probe_local_ports(pool: BackendPool, own_port: int, skip: set[str]) -> dict[str, str]:
-    """{url: type} of the LLM servers answering on the well-known loopback ports, all probed at
-    once. Nexus's own port, URLs in skip and anything that turns out to be a Nexus are left out.
-    """
-    urls = [f"http://127.0.0.1:{port}" for port in LOCAL_PORTS if port != own_port]
-    urls = [url for url in urls if url not in skip]
-    kinds = await asyncio.gather(*(detect_backend_type(pool, url) for url in urls))
-    found = {}
-    for url, kind in zip(urls, kinds, strict=True):
-        if kind == NEXUS_TYPE:
-            log.debug("probe: %s is a Nexus; not a backend", url)
-        elif kind is not None:
-            found[url] = kind
-    return found
 
 
 def txt_text(service: str, properties: dict[bytes, bytes | None], key: str) -> str | None:
@@ -1181,6 +1033,13 @@ def announce_addresses(host: str) -> list[str]:
     return sorted(found)
 
 
+def unique_name(base: str, taken: Container[str]) -> str:
+    """base, or the first of base-2, base-3, ... that is not taken."""
+    if base not in taken:
+        return base
+    return next(f"{base}-{n}" for n in itertools.count(2) if f"{base}-{n}" not in taken)
+
+
 @dataclass(slots=True)
 class MdnsService:
     """What one mDNS announcement says: its instance name, where it answers, its TXT type."""
@@ -1190,30 +1049,21 @@ class MdnsService:
     type_hint: str | None
 
 
+@dataclass(eq=False)
 class MdnsDiscovery:
     """Browses mDNS for LLM servers, reports what comes and goes, and announces this Nexus.
+    zeroconf's defaults (every interface, IPv4), like any mDNS client on the machine; services
+    announcing TXT type=nexus (other gateways, and this one) are never reported."""
 
-    zeroconf's defaults (every interface, IPv4), like any mDNS client on the machine. Services
-    announcing TXT type=nexus (other gateways, and this one) are never reported.
-    """
-
-    def __init__(
-        self,
-        on_found: Callable[[str, str, str | None], Awaitable[None]],
-        on_lost: Callable[[str], None],
-        announce_port: int,
-        announce_host: str,
-    ) -> None:
-        """Browsing starts with start(); found and lost servers are reported to the callbacks."""
-        self.on_found = on_found
-        self.on_lost = on_lost
-        self.announce_port = announce_port
-        self.announce_host = announce_host
-        self.services: dict[str, MdnsService] = {}  # by full mDNS name
-        self.zeroconf: AsyncZeroconf | None = None
-        self.browser: AsyncServiceBrowser | None = None
-        self.own: AsyncServiceInfo | None = None
-        self.resolving: dict[str, asyncio.Task] = {}  # by full mDNS name
+    on_found: Callable[[str, str, str | None], Awaitable[None]]
+    on_lost: Callable[[str], None]
+    announce_port: int
+    announce_host: str
+    services: dict[str, MdnsService] = field(default_factory=dict)  # by full mDNS name
+    resolving: dict[str, asyncio.Task] = field(default_factory=dict)  # by full mDNS name
+    zeroconf: AsyncZeroconf | None = None
+    browser: AsyncServiceBrowser | None = None
+    own: AsyncServiceInfo | None = None
 
     async def start(self) -> None:
         """Browse, then announce (which takes a second of mDNS probing). Failures only log."""
@@ -1326,14 +1176,8 @@ class MdnsDiscovery:
         """The instance part of the name, made unique when another type announces it too."""
         if name in self.services:
             return self.services[name].name
-        instance = name.removesuffix("." + service_type)
         taken = {s.name for s in self.services.values()}
-        candidate = instance
-        for n in itertools.count(2):
-            if candidate not in taken:
-                return candidate
-            candidate = f"{instance}-{n}"
-        raise AssertionError("unreachable")
+        return unique_name(name.removesuffix("." + service_type), taken)
 
     def lose(self, name: str) -> None:
         """A service left: report its backend as lost."""
@@ -1356,23 +1200,19 @@ def backend_name(text: str) -> str:
 
 
 class Discovery:
-    """Keeps discovered backends in the registry, for as long as discovery runs.
-
-    Adds what mDNS and probing find, once checked to be an LLM server and not a Nexus; a URL
-    already served by a static or admin backend is left to it. A backend that vanishes goes
-    to unknown and is removed after the grace period unless it comes back first.
-    """
+    """Keeps discovered backends in the registry: what mDNS and probing find, once checked to be
+    an LLM server and not a Nexus (a static or admin backend's URL is left to it). One that
+    vanishes turns unknown, and is removed after the grace period unless it comes back first."""
 
     def __init__(self, app: web.Application) -> None:
-        """Discovery for an app; start() begins browsing and probing."""
         self.app = app
-        settings = app[SETTINGS]
+        server = app[SETTINGS].server
         self.names: dict[str, str] = {}  # name as reported (mDNS instance, probed URL) -> backend
         self.probed: set[str] = set()  # reported names that came from probing (their URLs)
         self.unverified: dict[str, tuple[str, str | None]] = {}  # did not answer: retried
         self.removals: dict[str, asyncio.Task] = {}  # backend name -> its pending removal
         self.tasks: list[asyncio.Task] = []
-        self.mdns = MdnsDiscovery(self.found, self.lost, settings.server.port, settings.server.host)
+        self.mdns = MdnsDiscovery(self.found, self.lost, server.port, server.host)
 
     def start(self) -> None:
         """Start mDNS and probing as background tasks: nothing here waits on the network."""
@@ -1403,18 +1243,25 @@ class Discovery:
             await asyncio.sleep(self.app[SETTINGS].health_check.interval_seconds)
 
     async def probe_round(self) -> None:
-        """Probe the well-known local ports once: add what answers, lose what stopped."""
-        registry = self.app[REGISTRY]
+        """Probe the well-known local ports (all at once, but Nexus's own) once: add what
+        answers and is not a Nexus, lose what stopped answering."""
         # Backends that are up are not probed again; a probed one that is down and no longer
         # answers a probe has vanished.
-        settled = {
-            b.url for b in registry.backends.values() if b.status != "unhealthy" and not b.lost_at
-        }
-        found = await probe_local_ports(self.app[CLIENT], self.app[SETTINGS].server.port, settled)
-        for url, kind in found.items():
-            await self.add(url, url, kind, f"local-{kind}")
-            self.probed.add(url)
-        for url in self.probed - found.keys() - settled:
+        backends = self.app[REGISTRY].backends.values()
+        settled = {b.url for b in backends if b.status != "unhealthy" and not b.lost_at}
+        own_port = self.app[SETTINGS].server.port
+        urls = [f"http://127.0.0.1:{port}" for port in LOCAL_PORTS if port != own_port]
+        urls = [url for url in urls if url not in settled]
+        kinds = await asyncio.gather(*(detect_backend_type(self.app[CLIENT], u) for u in urls))
+        found = set()
+        for url, kind in zip(urls, kinds, strict=True):
+            if kind == NEXUS_TYPE:
+                log.debug("probe: %s is a Nexus; not a backend", url)
+            elif kind is not None:
+                found.add(url)
+                await self.add(url, url, kind, f"local-{kind}")
+                self.probed.add(url)
+        for url in self.probed - found - settled:
             self.lost(url)
         for name, (url, type_hint) in list(self.unverified.items()):
             await self.found(name, url, type_hint)
@@ -1476,11 +1323,7 @@ class Discovery:
         registry = self.app[REGISTRY]
         if await self.update_existing(name, url):  # it may have been added while detection ran
             return
-        unique = base = backend_name(wanted)
-        for n in itertools.count(2):
-            if unique not in registry.backends:
-                break
-            unique = f"{base}-{n}"
+        unique = unique_name(backend_name(wanted), registry.backends)
         backend = Backend(name=unique, url=url, type=kind, source="discovered")
         registry.add(backend)
         self.names[name] = unique
