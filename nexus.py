@@ -9200,16 +9200,13 @@ class Stats:
 
     def __init__(self) -> None:
         self.started = time.monotonic()
-        self.total = 0
-        self.success = 0
-        self.errors = 0
+        self.total = self.success = self.errors = self.fallbacks = 0
         self.per_model: collections.Counter[str] = collections.Counter()
         self.recent: collections.deque[tuple[float, RequestRecord, int, float]] = collections.deque(
             maxlen=RECENT_REQUESTS
         )
         self.by_outcome: collections.Counter[tuple[str, str, int]] = collections.Counter()
         self.error_kinds: collections.Counter[str] = collections.Counter()
-        self.fallbacks = 0
         self.tokens = {"prompt": 0, "completion": 0}
         self.duration = Histogram()
         self.ttft = Histogram()
@@ -9270,6 +9267,11 @@ def backend_stats(b: Backend) -> dict[str, Any]:
     }
 
 
+def key_spending(key: ApiKey) -> float:
+    """What a key spent this month."""
+    return key.roll_month(month_of(dt.datetime.now(dt.UTC)))
+
+
 def stats_snapshot(app: web.Application) -> dict[str, Any]:
     """/v1/stats as a dict: the fleet, the counters and the recent requests."""
     stats = app[STATS]
@@ -9287,7 +9289,6 @@ def stats_snapshot(app: web.Application) -> dict[str, Any]:
                 "loaded_on": entry.get("loaded_on", []),
             }
         )
-    month = month_of(dt.datetime.now(dt.UTC))
     return {
         "version": __version__,
         "uptime_seconds": round(time.monotonic() - stats.started, 1),
@@ -9303,7 +9304,7 @@ def stats_snapshot(app: web.Application) -> dict[str, Any]:
                 "requests": k.requests,
                 "tokens": k.tokens,
                 "rate_limited": k.rate_limited,
-                "spent_usd": round(k.roll_month(month), 6),
+                "spent_usd": round(key_spending(k), 6),
                 "monthly_limit_usd": k.monthly_limit_usd or None,
             }
             for k in app[KEYS]
@@ -9447,13 +9448,9 @@ async def log_content(
     prompt_text = json.dumps(prompt)[:CONTENT_LOG_CHARS]
     answer = answer_text(response)
     answer = answer[:CONTENT_LOG_CHARS] if answer is not None else None
-    log.debug(
-        "content %s prompt=%s answer=%s",
-        record.id,
-        prompt_text,
-        json.dumps(answer),
-        extra={"fields": {"request_id": record.id, "prompt": prompt_text, "answer": answer}},
-    )
+    content = {"request_id": record.id, "prompt": prompt_text, "answer": answer}
+    message = "content %s prompt=%s answer=%s"
+    log.debug(message, record.id, prompt_text, json.dumps(answer), extra={"fields": content})
 
 
 # ==============================================================================================
@@ -9516,117 +9513,96 @@ def key_samples(
     return labelled("key", [(k.name, value(k)) for k in app[KEYS]]) or None
 
 
-def key_spending(key: ApiKey) -> float:
-    """What a key spent this month, for nexus_key_spending_usd."""
-    return key.roll_month(month_of(dt.datetime.now(dt.UTC)))
-
-
-# What /metrics shows: name, type, help, samples.
-METRICS: tuple[tuple[str, str, str, MetricSamples], ...] = (
-    (
-        "nexus_requests_total",
+# What /metrics shows, in this order: each family's name, type, help and samples.
+METRICS: dict[str, tuple[str, str, MetricSamples]] = {
+    "nexus_requests_total": (
         "counter",
         "Inference requests answered, by model asked for, backend that answered and HTTP status.",
         outcome_samples,
     ),
-    (
-        "nexus_errors_total",
+    "nexus_errors_total": (
         "counter",
         "Inference requests answered with an error, by kind (the error code).",
         lambda app: labelled("type", sorted(app[STATS].error_kinds.items())),
     ),
-    (
-        "nexus_fallbacks_total",
+    "nexus_fallbacks_total": (
         "counter",
         "Requests served by a fallback model.",
         lambda app: [("", app[STATS].fallbacks)],
     ),
-    (
-        "nexus_request_duration_seconds",
+    "nexus_request_duration_seconds": (
         "histogram",
         "Time from receiving an inference request to its last byte.",
         lambda app: histogram_samples(app[STATS].duration),
     ),
-    (
-        "nexus_ttft_seconds",
+    "nexus_ttft_seconds": (
         "histogram",
         "Time to the first streamed chunk of an answer.",
         lambda app: histogram_samples(app[STATS].ttft),
     ),
-    (
-        "nexus_tokens_total",
+    "nexus_tokens_total": (
         "counter",
         "Tokens reported by backends, by type.",
         lambda app: labelled("type", app[STATS].tokens.items()),
     ),
-    (
-        "nexus_backends_total",
+    "nexus_backends_total": (
         "gauge",
         "Backends known.",
         lambda app: [("", len(app[REGISTRY].backends))],
     ),
-    (
-        "nexus_backends_healthy",
+    "nexus_backends_healthy": (
         "gauge",
         "Backends healthy now.",
         lambda app: [("", len(app[REGISTRY].healthy()))],
     ),
-    (
-        "nexus_models_available",
+    "nexus_models_available": (
         "gauge",
         "Models (and aliases) a healthy backend serves now.",
         lambda app: [("", len(model_entries(app[REGISTRY], app[SETTINGS])))],
     ),
-    (
-        "nexus_queue_depth",
+    "nexus_queue_depth": (
         "gauge",
         "Requests waiting in the queue for a backend slot.",
         lambda app: [("", len(app[QUEUE]))],
     ),
-    (
-        "nexus_sessions_tracked",
+    "nexus_sessions_tracked": (
         "gauge",
         "Sessions whose last backend Nexus remembers, for session affinity.",
         lambda app: [("", app[SESSIONS].tracked(time.monotonic()))],
     ),
-    (
-        "nexus_session_affinity_total",
+    "nexus_session_affinity_total": (
         "counter",
         "Requests served by the backend of their session's last turn (hit), by another (move),"
         " or with no session to follow (new).",
         affinity_samples,
     ),
-    (
-        "nexus_budget_spending_usd",
+    "nexus_budget_spending_usd": (
         "gauge",
         "Estimated spend on cloud backends this month, in USD.",
         lambda app: [("", app[BUDGET].spent_usd)],
     ),
-    (
-        "nexus_key_requests_total",
+    "nexus_key_requests_total": (
         "counter",
         "Inference requests made with each API key, by the key's name.",
         lambda app: key_samples(app, operator.attrgetter("requests")),
     ),
-    (
-        "nexus_key_rate_limited_total",
+    "nexus_key_rate_limited_total": (
         "counter",
         "Requests refused (429) by each API key's rpm or tpm limit, by the key's name.",
         lambda app: key_samples(app, operator.attrgetter("rate_limited")),
     ),
-    (
-        "nexus_key_spending_usd",
+    "nexus_key_spending_usd": (
         "gauge",
         "Estimated spend on cloud backends this month with each API key, in USD.",
         lambda app: key_samples(app, key_spending),
     ),
-)
+}
 
 
 def render_metrics(app: web.Application) -> str:
     """The whole /metrics page, from Stats and the registry as they are now."""
     lines: list[str] = []
-    for name, kind, text, read in METRICS:
+    for name, (kind, text, read) in METRICS.items():
         samples = read(app)
         if samples is None:
             continue
@@ -9682,14 +9658,11 @@ HTTP_ERROR_TYPES = {
 
 # The inference endpoints: each request to one is counted and logged once, even one refused
 # before routing (a body that is not JSON, a missing field, a body over the size limit).
-INFERENCE_PATHS = {
-    "/v1/chat/completions": "chat",
-    "/v1/completions": "completions",
-    "/v1/embeddings": "embeddings",
-    MESSAGES_PATH: "chat",
-    RESPONSES_PATH: "chat",
-    **OLLAMA_INFERENCE_PATHS,
-}
+INFERENCE_PATHS = (
+    {path: endpoint for endpoint, path in ENDPOINT_PATHS.items()}
+    | {MESSAGES_PATH: "chat", RESPONSES_PATH: "chat"}
+    | OLLAMA_INFERENCE_PATHS
+)
 
 
 @web.middleware
@@ -9885,13 +9858,9 @@ RESTART_SETTINGS = {
 }
 # A Backend's (or ApiKey's) attributes that come from its settings; everything else on it
 # (health, load, latency, usage) is what Nexus has learned, and a reload keeps it.
-BACKEND_SETTINGS = tuple(
-    f.name for f in fields(BackendSettings) if f.name in {g.name for g in fields(Backend)}
-)
+BACKEND_SETTINGS = tuple(f.name for f in fields(BackendSettings) if f.name in Backend.__slots__)
 KEY_SETTINGS = tuple(
-    f.name
-    for f in fields(ApiKeySettings)
-    if f.name in {g.name for g in fields(ApiKey)} and f.name != "name"
+    f.name for f in fields(ApiKeySettings) if f.name in ApiKey.__slots__ and f.name != "name"
 )
 
 
@@ -10040,13 +10009,6 @@ def swap_settings(app: web.Application, new: Settings) -> list[str]:
     return changes
 
 
-def reconfigure_logging(settings: Settings) -> None:
-    """The new level and format, and the new keys masked, where `nexus serve` set logging up
-    (a program embedding the app keeps its own)."""
-    if any(isinstance(h, LogHandler) for h in logging.root.handlers):
-        setup_logging(settings, dict(os.environ))
-
-
 class Reloader:
     """Reloads the configuration when asked (SIGHUP) and when its file changes (the watch).
     One reload at a time; requests that come while one waits or runs make one more."""
@@ -10084,7 +10046,7 @@ class Reloader:
             except Exception:  # a bug here must not end reloading, or Nexus
                 log.exception("config reload failed; the running configuration stays")
 
-    async def reload(self, trigger: str) -> bool:
+    async def reload(self, trigger: str) -> None:
         """Read, validate and apply the configuration; refused whole when anything is wrong."""
         path = self.source.path()
         env = dict(os.environ)
@@ -10093,11 +10055,13 @@ class Reloader:
             settings = load_settings(path, env, self.source.overrides, text)
         except ConfigError as exc:
             log.error("config not reloaded (%s): %s; the running configuration stays", trigger, exc)
-            return False
+            return
         changes = swap_settings(self.app, settings)
         log.info("config reloaded (%s): %s", trigger, " ".join(changes) or "no changes")
-        reconfigure_logging(settings)  # after that line: a new level may hide the next ones
-        return True
+        # After that line (a new level may hide the next ones), and only where `nexus serve`
+        # set logging up: a program embedding the app keeps its own.
+        if any(isinstance(h, LogHandler) for h in logging.root.handlers):
+            setup_logging(settings, env)
 
     async def watch(self) -> None:
         """Every CONFIG_POLL_SECONDS, while server.watch_config is on: has the file changed?"""
