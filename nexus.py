@@ -9468,9 +9468,9 @@ def escape_label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def labelled(label: str, values: Iterable[tuple[str, Any]]) -> list[tuple[str, Any]]:
-    """Samples with one label: a (label value, sample value) pair each."""
-    return [(f'{{{label}="{escape_label(name)}"}}', value) for name, value in values]
+def labels(**values: Any) -> str:
+    """A sample's labels, as they follow its name: {name="value",...}."""
+    return "{" + ",".join(f'{k}="{escape_label(str(v))}"' for k, v in values.items()) + "}"
 
 
 def histogram_samples(histogram: Histogram) -> list[tuple[str, Any]]:
@@ -9488,21 +9488,15 @@ MetricSamples = Callable[[web.Application], "Iterable[tuple[str, Any]] | None"]
 
 def outcome_samples(app: web.Application) -> list[tuple[str, Any]]:
     """nexus_requests_total's samples, one per model, backend and status."""
-    return [
-        (
-            f'{{model="{escape_label(model)}",'
-            f'backend="{escape_label(backend)}",status="{status}"}}',
-            n,
-        )
-        for (model, backend, status), n in sorted(app[STATS].by_outcome.items())
-    ]
+    outcomes = sorted(app[STATS].by_outcome.items())
+    return [(labels(model=m, backend=b, status=s), n) for (m, b, s), n in outcomes]
 
 
 def affinity_samples(app: web.Application) -> list[tuple[str, Any]]:
     """nexus_session_affinity_total's samples, one per outcome."""
     sessions = app[SESSIONS]
     counts = [("hit", sessions.hits), ("move", sessions.moves), ("new", sessions.new)]
-    return labelled("outcome", counts)
+    return [(labels(outcome=outcome), n) for outcome, n in counts]
 
 
 def key_samples(
@@ -9510,7 +9504,7 @@ def key_samples(
 ) -> list[tuple[str, Any]] | None:
     """A per-key metric's samples, by the key's name (a key itself never shows); None without
     keys: the family is left out."""
-    return labelled("key", [(k.name, value(k)) for k in app[KEYS]]) or None
+    return [(labels(key=k.name), value(k)) for k in app[KEYS]] or None
 
 
 # What /metrics shows, in this order: each family's name, type, help and samples.
@@ -9523,7 +9517,7 @@ METRICS: dict[str, tuple[str, str, MetricSamples]] = {
     "nexus_errors_total": (
         "counter",
         "Inference requests answered with an error, by kind (the error code).",
-        lambda app: labelled("type", sorted(app[STATS].error_kinds.items())),
+        lambda app: [(labels(type=k), n) for k, n in sorted(app[STATS].error_kinds.items())],
     ),
     "nexus_fallbacks_total": (
         "counter",
@@ -9543,7 +9537,7 @@ METRICS: dict[str, tuple[str, str, MetricSamples]] = {
     "nexus_tokens_total": (
         "counter",
         "Tokens reported by backends, by type.",
-        lambda app: labelled("type", app[STATS].tokens.items()),
+        lambda app: [(labels(type=k), n) for k, n in app[STATS].tokens.items()],
     ),
     "nexus_backends_total": (
         "gauge",
@@ -9849,9 +9843,8 @@ CONFIG_SETTLE_SECONDS = 0.3
 CONFIG_READ_TRIES = 10
 # Requests (signals, file changes) this close together make one reload: a storm is one.
 RELOAD_COALESCE_SECONDS = 0.2
-# What a running process cannot change: the listening socket, the body limit aiohttp was
-# built with, where the ledger lives, whether discovery (mDNS) runs. A reload logs that a
-# restart is needed.
+# What a running process cannot change (the socket, the body limit aiohttp was built with,
+# where the ledger lives, mDNS): a reload logs that it takes a restart.
 RESTART_SETTINGS = {
     "server": ("host", "port", "max_body_mb", "data_dir"),
     "discovery": ("enabled",),
@@ -10091,8 +10084,7 @@ MIN_SECRET_LENGTH = 8
 # flight each young collection scans their coroutines, futures and buffers, most of them alive,
 # and promotes them to be scanned again. Nexus makes few reference cycles: this costs little.
 GC_YOUNG_THRESHOLD = 10_000
-# `nexus serve`'s flags (as argparse names them) and the settings they set; a --no- flag is
-# False when given.
+# `nexus serve`'s flags and the settings they set (a --no- flag is False when given).
 SERVE_FLAGS = {
     "port": ("server", "port"),
     "host": ("server", "host"),
@@ -10106,6 +10098,17 @@ SERVE_FLAGS = {
 # most (a running Nexus ends every operation within its own lifecycle.timeout_seconds).
 OPERATION_POLL_SECONDS = 0.5
 OPERATION_WAIT_SECONDS = 3600.0
+
+
+@functools.lru_cache(maxsize=4)
+def second_stamp(second: int, layout: str, utc: bool) -> str:
+    """A log line's time to the second: the same for every line in that second."""
+    return time.strftime(layout, time.gmtime(second) if utc else time.localtime(second))
+
+
+def millis(created: float) -> int:
+    """The milliseconds part of a log record's time."""
+    return int((created - int(created)) * 1000)
 
 
 class JsonLogFormatter(logging.Formatter):
@@ -10155,17 +10158,6 @@ class PrettyLogFormatter(logging.Formatter):
         """One request's log line: the message (the fields are in it already)."""
         stamp = second_stamp(int(created), "%Y-%m-%d %H:%M:%S", False)
         return f"{stamp},{millis(created):03d} INFO    {message}"
-
-
-@functools.lru_cache(maxsize=4)
-def second_stamp(second: int, layout: str, utc: bool) -> str:
-    """A log line's time to the second: the same for every line in that second."""
-    return time.strftime(layout, time.gmtime(second) if utc else time.localtime(second))
-
-
-def millis(created: float) -> int:
-    """The milliseconds part of a log record's time."""
-    return int((created - int(created)) * 1000)
 
 
 class RedactingFormatter(logging.Formatter):
@@ -10284,11 +10276,9 @@ async def run_server(settings: Settings, source: ConfigSource | None = None) -> 
         await runner.cleanup()
         return 1
     tune_gc()
-    backends = f"{len(settings.backends)} configured backends"
     loop_kind = "uvloop" if uvloop is not None else "asyncio loop"
-    log.info(
-        "Nexus %s listening on http://%s:%d (%s, %s)", __version__, host, port, backends, loop_kind
-    )
+    detail = f"{len(settings.backends)} configured backends, {loop_kind}"
+    log.info("Nexus %s listening on http://%s:%d (%s)", __version__, host, port, detail)
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
