@@ -8224,6 +8224,8 @@ async def dashboard(request: web.Request) -> web.StreamResponse:
 # ==============================================================================================
 
 RECENT_REQUESTS = 100
+STATS_PUSH_SECONDS = 1.0
+CONTENT_LOG_CHARS = 10_000
 # Latency buckets in seconds, from a cached answer on loopback to a long generation on a CPU.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120)
 # The error kind counted for an answer that carries no error code of Nexus's own (a backend's
@@ -8253,7 +8255,6 @@ class Histogram:
         self.sum = 0.0
 
     def observe(self, seconds: float) -> None:
-        """Count one value in its bucket."""
         self.counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
         self.sum += seconds
 
@@ -8264,16 +8265,13 @@ class Stats:
 
     def __init__(self) -> None:
         self.started = time.monotonic()
-        self.total = 0
-        self.success = 0
-        self.errors = 0
+        self.total = self.success = self.errors = self.fallbacks = 0
         self.per_model: collections.Counter[str] = collections.Counter()
         self.recent: collections.deque[tuple[float, RequestRecord, int, float]] = collections.deque(
             maxlen=RECENT_REQUESTS
         )
         self.by_outcome: collections.Counter[tuple[str, str, int]] = collections.Counter()
         self.error_kinds: collections.Counter[str] = collections.Counter()
-        self.fallbacks = 0
         self.tokens = {"prompt": 0, "completion": 0}
         self.duration = Histogram()
         self.ttft = Histogram()
@@ -8321,48 +8319,46 @@ def recent_entry(when: float, record: RequestRecord, status: int, seconds: float
     }
 
 
+def backend_stats(b: Backend) -> dict[str, Any]:
+    """One backend as /v1/stats lists it: its public view (but its source), load and latency."""
+    entry = b.public()
+    del entry["source"]
+    return entry | {
+        "requests": b.requests,
+        "pending": b.in_flight,
+        "avg_latency_ms": round(b.latency_ema_ms, 2) if b.latency_ema_ms else None,
+        "avg_ttft_ms": round(b.ttft_ema_ms, 2) if b.ttft_ema_ms else None,
+        "error_rate": round(b.errors / b.requests, 4) if b.requests else 0.0,
+    }
+
+
+def key_spending(key: ApiKey) -> float:
+    """What a key spent this month."""
+    return key.roll_month(month_of(dt.datetime.now(dt.UTC)))
+
+
 def stats_snapshot(app: web.Application) -> dict[str, Any]:
     """/v1/stats as a dict: the fleet, the counters and the recent requests."""
-    registry = app[REGISTRY]
     stats = app[STATS]
-    entries = model_entries(registry, app[SETTINGS])
-    backends = []
-    for b in registry.backends.values():
-        backends.append(
+    entries = model_entries(app[REGISTRY], app[SETTINGS])
+    models = []
+    for name in sorted(set(entries) | set(stats.per_model)):
+        entry = entries.get(name, {})
+        models.append(
             {
-                "name": b.name,
-                "type": b.type,
-                "url": b.url,
-                "status": b.status,
-                "zone": b.zone,
-                "tier": b.tier or None,
-                "priority": b.priority,
-                "requests": b.requests,
-                "pending": b.in_flight,
-                "avg_latency_ms": round(b.latency_ema_ms, 2) if b.latency_ema_ms else None,
-                "avg_ttft_ms": round(b.ttft_ema_ms, 2) if b.ttft_ema_ms else None,
-                "error_rate": round(b.errors / b.requests, 4) if b.requests else 0.0,
-                "models": sorted(b.models),
-                "last_error": b.why_down(),
+                "name": name,
+                "requests": stats.per_model.get(name, 0),
+                "backends": entry.get("backends", []),
+                "context_length": entry.get("context_length"),
+                "capabilities": entry.get("capabilities"),
+                "loaded_on": entry.get("loaded_on", []),
             }
         )
-    names = sorted(set(entries) | set(stats.per_model))
-    models = [
-        {
-            "name": name,
-            "requests": stats.per_model.get(name, 0),
-            "backends": entries[name]["backends"] if name in entries else [],
-            "context_length": entries[name]["context_length"] if name in entries else None,
-            "capabilities": entries[name]["capabilities"] if name in entries else None,
-            "loaded_on": entries[name]["loaded_on"] if name in entries else [],
-        }
-        for name in names
-    ]
     return {
         "version": __version__,
         "uptime_seconds": round(time.monotonic() - stats.started, 1),
         "requests": {"total": stats.total, "success": stats.success, "errors": stats.errors},
-        "backends": backends,
+        "backends": [backend_stats(b) for b in app[REGISTRY].backends.values()],
         "models": models,
         "recent": [recent_entry(*entry) for entry in stats.recent],
         "budget": app[BUDGET].snapshot(),
@@ -8373,7 +8369,7 @@ def stats_snapshot(app: web.Application) -> dict[str, Any]:
                 "requests": k.requests,
                 "tokens": k.tokens,
                 "rate_limited": k.rate_limited,
-                "spent_usd": round(k.roll_month(month_of(dt.datetime.now(dt.UTC))), 6),
+                "spent_usd": round(key_spending(k), 6),
                 "monthly_limit_usd": k.monthly_limit_usd or None,
             }
             for k in app[KEYS]
@@ -8384,9 +8380,6 @@ def stats_snapshot(app: web.Application) -> dict[str, Any]:
 async def get_stats(request: web.Request) -> web.Response:
     """GET /v1/stats."""
     return web.json_response(stats_snapshot(request.app))
-
-
-STATS_PUSH_SECONDS = 1.0
 
 
 async def stream_stats(request: web.Request) -> web.StreamResponse:
@@ -8416,8 +8409,8 @@ def usage_entry(row: UsageRow | None, limit: float) -> dict[str, Any]:
 
 
 async def usage(request: web.Request) -> web.Response:
-    """A month's spend, requests and tokens per key and in total (`nexus usage` prints it):
-    from the ledger where there is one, else what this process counted."""
+    """GET /v1/usage: a month's spend, requests and tokens per key and in total, from the ledger
+    where there is one, else as this process counted them."""
     app = request.app
     ledger = app[LEDGER]
     month = request.query.get("month") or month_of(dt.datetime.now(dt.UTC))
@@ -8425,19 +8418,17 @@ async def usage(request: web.Request) -> web.Response:
         raise bad_request(f"month must be YYYY-MM (e.g. {ledger.month}), got {month!r}", "month")
     rows = await ledger.month_rows(month)
     limits = {k.name: k.monthly_limit_usd for k in app[KEYS]}
-    names = sorted(set(limits) | set(rows) - {TOTAL_ROW})
-    return web.json_response(
-        {
-            "object": "usage",
-            "month": month,
-            "source": "ledger" if ledger.persistent else "memory",
-            "total": usage_entry(rows.get(TOTAL_ROW), app[BUDGET].monthly_limit_usd),
-            "keys": [
-                {"name": name} | usage_entry(rows.get(name), limits.get(name, 0.0))
-                for name in names
-            ],
-        }
-    )
+    document = {
+        "object": "usage",
+        "month": month,
+        "source": "ledger" if ledger.persistent else "memory",
+        "total": usage_entry(rows.get(TOTAL_ROW), app[BUDGET].monthly_limit_usd),
+        "keys": [
+            {"name": name} | usage_entry(rows.get(name), limits.get(name, 0.0))
+            for name in sorted(set(limits) | set(rows) - {TOTAL_ROW})
+        ],
+    }
+    return web.json_response(document)
 
 
 def log_request(record: RequestRecord, status: int, seconds: float) -> None:
@@ -8475,9 +8466,6 @@ def request_fields(record: RequestRecord, status: int, latency_ms: float) -> dic
         "fallback": record.fallback,
         "key": record.key,
     }
-
-
-CONTENT_LOG_CHARS = 10_000
 
 
 def answer_text(response: web.StreamResponse | None) -> str | None:
@@ -8525,13 +8513,9 @@ async def log_content(
     prompt_text = json.dumps(prompt)[:CONTENT_LOG_CHARS]
     answer = answer_text(response)
     answer = answer[:CONTENT_LOG_CHARS] if answer is not None else None
-    log.debug(
-        "content %s prompt=%s answer=%s",
-        record.id,
-        prompt_text,
-        json.dumps(answer),
-        extra={"fields": {"request_id": record.id, "prompt": prompt_text, "answer": answer}},
-    )
+    content = {"request_id": record.id, "prompt": prompt_text, "answer": answer}
+    message = "content %s prompt=%s answer=%s"
+    log.debug(message, record.id, prompt_text, json.dumps(answer), extra={"fields": content})
 
 
 # ==============================================================================================
@@ -8549,16 +8533,17 @@ def escape_label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
+def labels(**values: Any) -> str:
+    """A sample's labels, as they follow its name: {name="value",...}."""
+    return "{" + ",".join(f'{k}="{escape_label(str(v))}"' for k, v in values.items()) + "}"
+
+
 def histogram_samples(histogram: Histogram) -> list[tuple[str, Any]]:
     """A histogram's samples: its cumulative buckets, sum and count."""
-    samples: list[tuple[str, Any]] = []
-    cumulative = 0
-    for bound, count in zip((*LATENCY_BUCKETS, "+Inf"), histogram.counts, strict=True):
-        cumulative += count
-        samples.append((f'_bucket{{le="{bound}"}}', cumulative))
-    samples.append(("_sum", histogram.sum))
-    samples.append(("_count", cumulative))
-    return samples
+    cumulative = list(itertools.accumulate(histogram.counts))
+    bounds = (*LATENCY_BUCKETS, "+Inf")
+    samples = [(f'_bucket{{le="{b}"}}', n) for b, n in zip(bounds, cumulative, strict=True)]
+    return [*samples, ("_sum", histogram.sum), ("_count", cumulative[-1])]
 
 
 # A metric's samples, read from the app when scraped: (what follows the name: a suffix and/or
@@ -8568,21 +8553,15 @@ MetricSamples = Callable[[web.Application], "Iterable[tuple[str, Any]] | None"]
 
 def outcome_samples(app: web.Application) -> list[tuple[str, Any]]:
     """nexus_requests_total's samples, one per model, backend and status."""
-    return [
-        (
-            f'{{model="{escape_label(model)}",'
-            f'backend="{escape_label(backend)}",status="{status}"}}',
-            n,
-        )
-        for (model, backend, status), n in sorted(app[STATS].by_outcome.items())
-    ]
+    outcomes = sorted(app[STATS].by_outcome.items())
+    return [(labels(model=m, backend=b, status=s), n) for (m, b, s), n in outcomes]
 
 
 def affinity_samples(app: web.Application) -> list[tuple[str, Any]]:
     """nexus_session_affinity_total's samples, one per outcome."""
     sessions = app[SESSIONS]
-    counts = (("hit", sessions.hits), ("move", sessions.moves), ("new", sessions.new))
-    return [(f'{{outcome="{outcome}"}}', count) for outcome, count in counts]
+    counts = [("hit", sessions.hits), ("move", sessions.moves), ("new", sessions.new)]
+    return [(labels(outcome=outcome), n) for outcome, n in counts]
 
 
 def key_samples(
@@ -8590,132 +8569,105 @@ def key_samples(
 ) -> list[tuple[str, Any]] | None:
     """A per-key metric's samples, by the key's name (a key itself never shows); None without
     keys: the family is left out."""
-    return [(f'{{key="{escape_label(k.name)}"}}', value(k)) for k in app[KEYS]] or None
+    return [(labels(key=k.name), value(k)) for k in app[KEYS]] or None
 
 
-def key_spending(key: ApiKey) -> float:
-    """What a key spent this month, for nexus_key_spending_usd."""
-    month = month_of(dt.datetime.now(dt.UTC))
-    return key.roll_month(month)
-
-
-# What /metrics shows: name, type, help, samples.
-METRICS: tuple[tuple[str, str, str, MetricSamples], ...] = (
-    (
-        "nexus_requests_total",
+# What /metrics shows, in this order: each family's name, type, help and samples.
+METRICS: dict[str, tuple[str, str, MetricSamples]] = {
+    "nexus_requests_total": (
         "counter",
         "Inference requests answered, by model asked for, backend that answered and HTTP status.",
         outcome_samples,
     ),
-    (
-        "nexus_errors_total",
+    "nexus_errors_total": (
         "counter",
         "Inference requests answered with an error, by kind (the error code).",
-        lambda app: [
-            (f'{{type="{escape_label(kind)}"}}', count)
-            for kind, count in sorted(app[STATS].error_kinds.items())
-        ],
+        lambda app: [(labels(type=k), n) for k, n in sorted(app[STATS].error_kinds.items())],
     ),
-    (
-        "nexus_fallbacks_total",
+    "nexus_fallbacks_total": (
         "counter",
         "Requests served by a fallback model.",
         lambda app: [("", app[STATS].fallbacks)],
     ),
-    (
-        "nexus_request_duration_seconds",
+    "nexus_request_duration_seconds": (
         "histogram",
         "Time from receiving an inference request to its last byte.",
         lambda app: histogram_samples(app[STATS].duration),
     ),
-    (
-        "nexus_ttft_seconds",
+    "nexus_ttft_seconds": (
         "histogram",
         "Time to the first streamed chunk of an answer.",
         lambda app: histogram_samples(app[STATS].ttft),
     ),
-    (
-        "nexus_tokens_total",
+    "nexus_tokens_total": (
         "counter",
         "Tokens reported by backends, by type.",
-        lambda app: [(f'{{type="{kind}"}}', n) for kind, n in app[STATS].tokens.items()],
+        lambda app: [(labels(type=k), n) for k, n in app[STATS].tokens.items()],
     ),
-    (
-        "nexus_backends_total",
+    "nexus_backends_total": (
         "gauge",
         "Backends known.",
         lambda app: [("", len(app[REGISTRY].backends))],
     ),
-    (
-        "nexus_backends_healthy",
+    "nexus_backends_healthy": (
         "gauge",
         "Backends healthy now.",
         lambda app: [("", len(app[REGISTRY].healthy()))],
     ),
-    (
-        "nexus_models_available",
+    "nexus_models_available": (
         "gauge",
         "Models (and aliases) a healthy backend serves now.",
         lambda app: [("", len(model_entries(app[REGISTRY], app[SETTINGS])))],
     ),
-    (
-        "nexus_queue_depth",
+    "nexus_queue_depth": (
         "gauge",
         "Requests waiting in the queue for a backend slot.",
         lambda app: [("", len(app[QUEUE]))],
     ),
-    (
-        "nexus_sessions_tracked",
+    "nexus_sessions_tracked": (
         "gauge",
         "Sessions whose last backend Nexus remembers, for session affinity.",
         lambda app: [("", app[SESSIONS].tracked(time.monotonic()))],
     ),
-    (
-        "nexus_session_affinity_total",
+    "nexus_session_affinity_total": (
         "counter",
         "Requests served by the backend of their session's last turn (hit), by another (move),"
         " or with no session to follow (new).",
         affinity_samples,
     ),
-    (
-        "nexus_budget_spending_usd",
+    "nexus_budget_spending_usd": (
         "gauge",
         "Estimated spend on cloud backends this month, in USD.",
         lambda app: [("", app[BUDGET].spent_usd)],
     ),
-    (
-        "nexus_key_requests_total",
+    "nexus_key_requests_total": (
         "counter",
         "Inference requests made with each API key, by the key's name.",
         lambda app: key_samples(app, operator.attrgetter("requests")),
     ),
-    (
-        "nexus_key_rate_limited_total",
+    "nexus_key_rate_limited_total": (
         "counter",
         "Requests refused (429) by each API key's rpm or tpm limit, by the key's name.",
         lambda app: key_samples(app, operator.attrgetter("rate_limited")),
     ),
-    (
-        "nexus_key_spending_usd",
+    "nexus_key_spending_usd": (
         "gauge",
         "Estimated spend on cloud backends this month with each API key, in USD.",
         lambda app: key_samples(app, key_spending),
     ),
-)
+}
 
 
 def render_metrics(app: web.Application) -> str:
     """The whole /metrics page, from Stats and the registry as they are now."""
     lines: list[str] = []
-    for name, kind, text, read in METRICS:
+    for name, (kind, text, read) in METRICS.items():
         samples = read(app)
         if samples is None:
             continue
-        lines.append(f"# HELP {name} {text}")
-        lines.append(f"# TYPE {name} {kind}")
+        lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
         lines.extend(f"{name}{labels} {value!r}" for labels, value in samples)
-    lines.append("")
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n"
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -8748,8 +8700,7 @@ def door_at(path: str) -> type[OpenAIFormat]:
 
 def error_response(error: NexusError, request: web.Request) -> web.Response:
     """The one place errors are rendered, in the shape of the API the path belongs to."""
-    headers = dict(error.headers)
-    headers["X-Request-Id"] = request.get(REQUEST_ID, "")
+    headers = {**error.headers, "X-Request-Id": request.get(REQUEST_ID, "")}
     budget = request.app[BUDGET]
     if budget.enabled:
         headers["X-Nexus-Budget-Status"] = budget.status
@@ -8766,14 +8717,11 @@ HTTP_ERROR_TYPES = {
 
 # The inference endpoints: each request to one is counted and logged once, even one refused
 # before routing (a body that is not JSON, a missing field, a body over the size limit).
-INFERENCE_PATHS = {
-    "/v1/chat/completions": "chat",
-    "/v1/completions": "completions",
-    "/v1/embeddings": "embeddings",
-    MESSAGES_PATH: "chat",
-    RESPONSES_PATH: "chat",
-    **OLLAMA_INFERENCE_PATHS,
-}
+INFERENCE_PATHS = (
+    {path: endpoint for endpoint, path in ENDPOINT_PATHS.items()}
+    | {MESSAGES_PATH: "chat", RESPONSES_PATH: "chat"}
+    | OLLAMA_INFERENCE_PATHS
+)
 
 
 @web.middleware
@@ -8839,12 +8787,9 @@ async def backend_pool_ctx(app: web.Application) -> AsyncIterator[None]:
     app[CLIENT].close()
 
 
-def start_from_ledger(app: web.Application) -> None:
-    """The budget and each key begin from the month's spend in the ledger (at start, or when
-    they are made anew)."""
-    ledger = app[LEDGER]
-    app[BUDGET].start_from(ledger.spent(TOTAL_ROW))
-    for key in app[KEYS]:
+def start_keys(ledger: Ledger, keys: Iterable[ApiKey]) -> None:
+    """Keys begin from their month's spend in the ledger (at start, or new in a reload)."""
+    for key in keys:
         key.month, key.spent_usd = ledger.month, ledger.spent(key.name)
 
 
@@ -8852,7 +8797,8 @@ async def ledger_ctx(app: web.Application) -> AsyncIterator[None]:
     """Read the month's spend before serving (the budget and each key start from it); write
     what is left when Nexus stops, after the last request in flight."""
     await app[LEDGER].open()
-    start_from_ledger(app)
+    app[BUDGET].start_from(app[LEDGER].spent(TOTAL_ROW))
+    start_keys(app[LEDGER], app[KEYS])
     yield
     await app[LEDGER].close()
 
@@ -8909,10 +8855,9 @@ def create_app(settings: Settings) -> web.Application:
     app[BACKGROUND] = {}
     app[BUDGET] = Budget(settings.routing.budget)
     app[KEYS] = api_keys(settings.auth)
-    env = dict(os.environ)
     wanted = ledger_wanted(settings)
     app[LEDGER] = Ledger(
-        data_directory(settings.server.data_dir, env) / LEDGER_FILE if wanted else None
+        data_directory(settings.server.data_dir, dict(os.environ)) / LEDGER_FILE if wanted else None
     )
     app[QUEUE] = WaitQueue()
     app[SESSIONS] = SessionTable()
@@ -8963,25 +8908,17 @@ CONFIG_SETTLE_SECONDS = 0.3
 CONFIG_READ_TRIES = 10
 # Requests (signals, file changes) this close together make one reload: a storm is one.
 RELOAD_COALESCE_SECONDS = 0.2
-# What a running process cannot change: the listening socket, the body limit aiohttp was
-# built with, where the ledger lives, whether discovery (mDNS) runs. A reload logs that a
-# restart is needed.
-RESTART_SETTINGS = (
-    ("server", "host"),
-    ("server", "port"),
-    ("server", "max_body_mb"),
-    ("server", "data_dir"),
-    ("discovery", "enabled"),
-)
+# What a running process cannot change (the socket, the body limit aiohttp was built with,
+# where the ledger lives, mDNS): a reload logs that it takes a restart.
+RESTART_SETTINGS = {
+    "server": ("host", "port", "max_body_mb", "data_dir"),
+    "discovery": ("enabled",),
+}
 # A Backend's (or ApiKey's) attributes that come from its settings; everything else on it
 # (health, load, latency, usage) is what Nexus has learned, and a reload keeps it.
-BACKEND_SETTINGS = tuple(
-    f.name for f in fields(BackendSettings) if f.name in {g.name for g in fields(Backend)}
-)
+BACKEND_SETTINGS = tuple(f.name for f in fields(BackendSettings) if f.name in Backend.__slots__)
 KEY_SETTINGS = tuple(
-    f.name
-    for f in fields(ApiKeySettings)
-    if f.name in {g.name for g in fields(ApiKey)} and f.name != "name"
+    f.name for f in fields(ApiKeySettings) if f.name in ApiKey.__slots__ and f.name != "name"
 )
 
 
@@ -9037,11 +8974,10 @@ def file_fingerprint(path: Path | None) -> tuple[Any, ...] | None:
 def swap_backends(
     app: web.Application, old: list[BackendSettings], new: list[BackendSettings]
 ) -> tuple[list[str], list[Backend]]:
-    """Static backends as the new settings list them: added, removed, changed. Discovered and
-    admin-added ones stay. One that stays keeps its Backend, so its health, load and latency;
-    one whose URL or type changed is another server, so a new Backend. A removed Backend
-    leaves the registry only: requests in flight hold it and finish. Returns what changed
-    and the backends to poll now."""
+    """Static backends as the new settings list them (discovered and admin-added ones stay);
+    returns what changed and the backends to poll now. One that stays keeps its Backend (health,
+    load, latency); one whose URL or type changed is another server. A removed one only leaves
+    the registry: requests in flight hold it and finish."""
     registry = app[REGISTRY]
     before = {b.name: b for b in old}
     after = {b.name: b for b in new}
@@ -9057,22 +8993,20 @@ def swap_backends(
             continue  # unchanged (or removed through the admin API: it stays removed)
         current = registry.backends.get(name)
         made = Backend.from_settings(wanted)
+        changes.append(f"+{name}" if current is None else f"~{name}")
         if current is None or (current.url, current.type) != (made.url, made.type):
             duplicate = registry.find_url(made.url)  # static wins over a discovered duplicate
             if duplicate is not None and duplicate.source == "discovered":
                 registry.backends.pop(duplicate.name)
             registry.backends[name] = made
-            fresh.append(made)
-            changes.append(f"+{name}" if current is None else f"~{name}")
-            continue
-        rpm_kept = name in before and before[name].rpm == wanted.rpm
-        for attribute in BACKEND_SETTINGS:
-            setattr(current, attribute, getattr(made, attribute))
-        if not rpm_kept:
-            current.rpm_bucket = made.rpm_bucket
-        current.source = "static"
-        fresh.append(current)
-        changes.append(f"~{name}")
+        else:  # the same server: what Nexus has learned of it stays
+            for attribute in BACKEND_SETTINGS:
+                setattr(current, attribute, getattr(made, attribute))
+            if name not in before or before[name].rpm != wanted.rpm:
+                current.rpm_bucket = made.rpm_bucket
+            current.source = "static"
+            made = current
+        fresh.append(made)
     registry.reindex()
     return changes, fresh
 
@@ -9097,36 +9031,25 @@ def swap_keys(current: list[ApiKey], auth: AuthSettings) -> list[ApiKey]:
 
 
 def swap_settings(app: web.Application, new: Settings) -> list[str]:
-    """Put validated settings in place of the running ones; returns what changed.
-
-    aiohttp freezes the app's state once it runs, so the one Settings object stays and each
-    of its sections is replaced by the new one. Nothing here awaits, so no request runs in
-    between: each sees the old settings or the new ones, never half of each. Sections are
-    replaced, never changed in place, so a request holding one (settings.server for its
-    timeouts) keeps a consistent view of it."""
+    """Put validated settings in place of the running ones; returns what changed. Nothing here
+    awaits, so each request sees the old settings or the new, never half of each. The one
+    Settings object stays (aiohttp freezes the app's state) and each of its sections is replaced,
+    never changed in place, so a request holding one keeps a consistent view of it."""
     live = app[SETTINGS]
-    for section, name in RESTART_SETTINGS:
-        running = getattr(getattr(live, section), name)
-        wanted = getattr(getattr(new, section), name)
-        if running != wanted:
-            log.warning(
-                "%s.%s changed from %r to %r: that takes a restart; %r stays until then",
-                section,
-                name,
-                running,
-                wanted,
-                running,
-            )
-            setattr(getattr(new, section), name, running)
+    for section, names in RESTART_SETTINGS.items():
+        running, wanted = getattr(live, section), getattr(new, section)
+        for name in names:
+            was, now = getattr(running, name), getattr(wanted, name)
+            if was != now:
+                message = "%s.%s changed from %r to %r: that takes a restart; %r stays until then"
+                log.warning(message, section, name, was, now, was)
+                setattr(wanted, name, was)
     changes, fresh = swap_backends(app, live.backends, new.backends)
     changed = [f.name for f in fields(Settings) if getattr(live, f.name) != getattr(new, f.name)]
     changes += [name for name in changed if name != "backends"]
     known = {key.name for key in app[KEYS]}
     app[KEYS][:] = swap_keys(app[KEYS], new.auth)
-    ledger = app[LEDGER]
-    for key in app[KEYS]:  # a key new to this process starts from its month in the ledger
-        if key.name not in known:
-            key.month, key.spent_usd = ledger.month, ledger.spent(key.name)
+    start_keys(app[LEDGER], [key for key in app[KEYS] if key.name not in known])
     app[BUDGET].configure(new.routing.budget)
     app[CLIENT].connect_timeout = new.server.connect_timeout_seconds
     for f in fields(Settings):
@@ -9142,13 +9065,6 @@ def swap_settings(app: web.Application, new: Settings) -> list[str]:
     for backend in fresh:  # new or changed: known now, not at the next round
         in_background(app, first_poll(app, backend))
     return changes
-
-
-def reconfigure_logging(settings: Settings) -> None:
-    """The new level and format, and the new keys masked, where `nexus serve` set logging up
-    (a program embedding the app keeps its own)."""
-    if any(isinstance(h, LogHandler) for h in logging.root.handlers):
-        setup_logging(settings, dict(os.environ))
 
 
 class Reloader:
@@ -9177,7 +9093,7 @@ class Reloader:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     async def run(self) -> None:
-        """Watch the file and take reload requests until the app stops."""
+        """Take reload requests until the app stops, coalescing those close together."""
         while True:
             await self.wanted.wait()
             await asyncio.sleep(RELOAD_COALESCE_SECONDS)  # the rest of a storm joins this one
@@ -9188,7 +9104,7 @@ class Reloader:
             except Exception:  # a bug here must not end reloading, or Nexus
                 log.exception("config reload failed; the running configuration stays")
 
-    async def reload(self, trigger: str) -> bool:
+    async def reload(self, trigger: str) -> None:
         """Read, validate and apply the configuration; refused whole when anything is wrong."""
         path = self.source.path()
         env = dict(os.environ)
@@ -9197,11 +9113,13 @@ class Reloader:
             settings = load_settings(path, env, self.source.overrides, text)
         except ConfigError as exc:
             log.error("config not reloaded (%s): %s; the running configuration stays", trigger, exc)
-            return False
+            return
         changes = swap_settings(self.app, settings)
         log.info("config reloaded (%s): %s", trigger, " ".join(changes) or "no changes")
-        reconfigure_logging(settings)  # after that line: a new level may hide the next ones
-        return True
+        # After that line (a new level may hide the next ones), and only where `nexus serve`
+        # set logging up: a program embedding the app keeps its own.
+        if any(isinstance(h, LogHandler) for h in logging.root.handlers):
+            setup_logging(settings, env)
 
     async def watch(self) -> None:
         """Every CONFIG_POLL_SECONDS, while server.watch_config is on: has the file changed?"""
@@ -9225,13 +9143,43 @@ class Reloader:
 
 DEFAULT_NEXUS_URL = "http://127.0.0.1:8000"
 SHUTDOWN_GRACE_SECONDS = 10.0
+# A value this short is no key, and masking it would garble ordinary words.
+MIN_SECRET_LENGTH = 8
+# Young objects per cyclic collection (Python's default is 700). With dozens of requests in
+# flight each young collection scans their coroutines, futures and buffers, most of them alive,
+# and promotes them to be scanned again. Nexus makes few reference cycles: this costs little.
+GC_YOUNG_THRESHOLD = 10_000
+# `nexus serve`'s flags and the settings they set (a --no- flag is False when given).
+SERVE_FLAGS = {
+    "port": ("server", "port"),
+    "host": ("server", "host"),
+    "log_level": ("logging", "level"),
+    "log_format": ("logging", "format"),
+    "no_discovery": ("discovery", "enabled"),
+    "no_health_check": ("health_check", "enabled"),
+    "data_dir": ("server", "data_dir"),
+}
+# How often `nexus models load|unload|migrate` asks where its operation is, and for how long at
+# most (a running Nexus ends every operation within its own lifecycle.timeout_seconds).
+OPERATION_POLL_SECONDS = 0.5
+OPERATION_WAIT_SECONDS = 3600.0
+
+
+@functools.lru_cache(maxsize=4)
+def second_stamp(second: int, layout: str, utc: bool) -> str:
+    """A log line's time to the second: the same for every line in that second."""
+    return time.strftime(layout, time.gmtime(second) if utc else time.localtime(second))
+
+
+def millis(created: float) -> int:
+    """The milliseconds part of a log record's time."""
+    return int((created - int(created)) * 1000)
 
 
 class JsonLogFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message, and a request's fields."""
 
     def format(self, record: logging.LogRecord) -> str:
-        """One log record as one JSON line."""
         try:
             message = record.getMessage()
         except (TypeError, ValueError):  # a library's malformed call: keep what it said
@@ -9252,7 +9200,6 @@ class JsonLogFormatter(logging.Formatter):
     def request_line(
         self, created: float, message: str, record: RequestRecord, status: int, latency_ms: float
     ) -> str:
-        """One request's log line: its fields in the JSON object."""
         line = {"time": self.stamp(created), "level": "info", "logger": log.name}
         line["message"] = message
         line.update(request_fields(record, status, latency_ms))
@@ -9278,39 +9225,6 @@ class PrettyLogFormatter(logging.Formatter):
         return f"{stamp},{millis(created):03d} INFO    {message}"
 
 
-@functools.lru_cache(maxsize=4)
-def second_stamp(second: int, layout: str, utc: bool) -> str:
-    """A log line's time to the second: the same for every line in that second."""
-    return time.strftime(layout, time.gmtime(second) if utc else time.localtime(second))
-
-
-def millis(created: float) -> int:
-    """The milliseconds part of a log record's time."""
-    return int((created - int(created)) * 1000)
-
-
-class LogHandler(logging.StreamHandler):
-    """stderr through the configured formatter, keys masked. The line for each inference request
-    (the hot path) skips the logger's dispatch and its LogRecord: the same line, written for
-    fewer instructions (`make bench` counts them)."""
-
-    def __init__(self, formatter: JsonLogFormatter | PrettyLogFormatter, secrets: list[str]):
-        super().__init__(sys.stderr)
-        self.request_formatter = formatter  # writes the request lines; .formatter redacts
-        self.redacting = RedactingFormatter(formatter, secrets)
-        self.setFormatter(self.redacting)
-
-    def write_request_line(
-        self, message: str, record: RequestRecord, status: int, latency_ms: float
-    ) -> None:
-        """Write one request's log line, keys masked, without a LogRecord."""
-        line = self.request_formatter.request_line(time.time(), message, record, status, latency_ms)
-        text = self.redacting.redact(line)
-        # stderr closed or gone: like logging's own handlers, go on serving
-        with self.lock, contextlib.suppress(OSError, ValueError):
-            self.stream.write(text + "\n")
-
-
 class RedactingFormatter(logging.Formatter):
     """Masks every key Nexus knows of in whatever another formatter wrote. Nexus never logs a
     key on purpose; this catches one that an exception or a URL carries along."""
@@ -9321,19 +9235,33 @@ class RedactingFormatter(logging.Formatter):
         self.secrets = sorted(set(secrets), key=len, reverse=True)
 
     def format(self, record: logging.LogRecord) -> str:
-        """The inner formatter's line, keys masked."""
         return self.redact(self.inner.format(record))
 
     def redact(self, text: str) -> str:
-        """A text with every known key replaced by [redacted]."""
         for secret in self.secrets:
             if secret in text:
                 text = text.replace(secret, "[redacted]")
         return text
 
 
-# A value this short is no key, and masking it would garble ordinary words.
-MIN_SECRET_LENGTH = 8
+class LogHandler(logging.StreamHandler):
+    """stderr through the configured formatter, keys masked. Each inference request's line (the
+    hot path) skips the logger's dispatch and its LogRecord: the same line, for less work."""
+
+    def __init__(self, formatter: JsonLogFormatter | PrettyLogFormatter, secrets: list[str]):
+        super().__init__(sys.stderr)
+        self.request_formatter = formatter  # writes the request lines; .formatter redacts
+        self.redacting = RedactingFormatter(formatter, secrets)
+        self.setFormatter(self.redacting)
+
+    def write_request_line(
+        self, message: str, record: RequestRecord, status: int, latency_ms: float
+    ) -> None:
+        line = self.request_formatter.request_line(time.time(), message, record, status, latency_ms)
+        text = self.redacting.redact(line)
+        # stderr closed or gone: like logging's own handlers, go on serving
+        with self.lock, contextlib.suppress(OSError, ValueError):
+            self.stream.write(text + "\n")
 
 
 def known_secrets(settings: Settings, env: dict[str, str]) -> list[str]:
@@ -9347,8 +9275,8 @@ def setup_logging(settings: Settings, env: dict[str, str]) -> None:
     """Every line on stderr, ours and other libraries', in the configured format."""
     inner = JsonLogFormatter() if settings.logging.format == "json" else PrettyLogFormatter()
     handler = LogHandler(inner, known_secrets(settings, env))
-    # Nothing Nexus logs uses the caller's file, thread or process; skipping them takes a
-    # third off each record (logging's own documented optimisation).
+    # Nothing Nexus logs uses the caller's file, thread or process: skipping them makes each
+    # record cheaper (logging's own documented optimisation).
     logging._srcfile = None
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     root = logging.getLogger()
@@ -9375,24 +9303,13 @@ def build_commit() -> str:
             return str(json.loads(info.read_text()).get("commit", "unknown"))
     import subprocess
 
+    command = ["git", "rev-parse", "--short", "HEAD"]
+    here = Path(__file__).resolve().parent
     with contextlib.suppress(OSError, subprocess.SubprocessError):
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=2,
-        )
+        out = subprocess.run(command, cwd=here, capture_output=True, text=True, timeout=2)
         if out.returncode == 0:
             return out.stdout.strip()
     return "unknown"
-
-
-# Young objects per cyclic collection (Python's default is 700). With dozens of requests in
-# flight each young collection scans their coroutines, futures and buffers, most of them
-# alive, and promotes them to be scanned again: a share of the CPU per proxied request at the
-# default (`make bench` measures it). Nexus makes few reference cycles: this costs little memory.
-GC_YOUNG_THRESHOLD = 10_000
 
 
 def tune_gc() -> None:
@@ -9416,27 +9333,17 @@ async def run_server(settings: Settings, source: ConfigSource | None = None) -> 
         app, handler_cancellation=True, shutdown_timeout=SHUTDOWN_GRACE_SECONDS, access_log=None
     )
     await runner.setup()
-    site = web.TCPSite(runner, settings.server.host, settings.server.port, backlog=1024)
+    host, port = settings.server.host, settings.server.port
     try:
-        await site.start()
+        await web.TCPSite(runner, host, port, backlog=1024).start()
     except OSError as exc:
-        log.error(
-            "cannot listen on %s:%d: %s",
-            settings.server.host,
-            settings.server.port,
-            exc.strerror or exc,
-        )
+        log.error("cannot listen on %s:%d: %s", host, port, exc.strerror or exc)
         await runner.cleanup()
         return 1
     tune_gc()
-    log.info(
-        "Nexus %s listening on http://%s:%d (%d configured backends, %s)",
-        __version__,
-        settings.server.host,
-        settings.server.port,
-        len(settings.backends),
-        "uvloop" if uvloop is not None else "asyncio loop",
-    )
+    loop_kind = "uvloop" if uvloop is not None else "asyncio loop"
+    detail = f"{len(settings.backends)} configured backends, {loop_kind}"
+    log.info("Nexus %s listening on http://%s:%d (%s)", __version__, host, port, detail)
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
@@ -9453,21 +9360,8 @@ async def run_server(settings: Settings, source: ConfigSource | None = None) -> 
 def serve_command(args: argparse.Namespace) -> int:
     """`nexus serve`: settings from file, environment and flags, then run_server."""
     env = dict(os.environ)
-    overrides: dict[tuple[str, str], Any] = {}
-    if args.port is not None:
-        overrides["server", "port"] = args.port
-    if args.host is not None:
-        overrides["server", "host"] = args.host
-    if args.log_level is not None:
-        overrides["logging", "level"] = args.log_level
-    if args.log_format is not None:
-        overrides["logging", "format"] = args.log_format
-    if args.no_discovery:
-        overrides["discovery", "enabled"] = False
-    if args.no_health_check:
-        overrides["health_check", "enabled"] = False
-    if args.data_dir is not None:
-        overrides["server", "data_dir"] = args.data_dir
+    flags = {key: getattr(args, flag) for flag, key in SERVE_FLAGS.items()}
+    overrides = {key: value for key, value in flags.items() if value is not None}
     path = config_file_path(args.config, env)
     try:
         settings = load_settings(path, env, overrides)
@@ -9479,27 +9373,20 @@ def serve_command(args: argparse.Namespace) -> int:
             print(f"nexus: {exc}", file=sys.stderr)
         return 2
     setup_logging(settings, env)
-    # uvloop, where there is one, runs the same asyncio API for less CPU per proxied request
-    # (`make bench` measures it).
+    # uvloop, where there is one, runs the same asyncio API for less CPU per proxied request.
     loop_factory = uvloop.new_event_loop if uvloop is not None else None
     with asyncio.Runner(loop_factory=loop_factory) as runner:
         return runner.run(run_server(settings, ConfigSource(path, overrides)))
 
 
-def nexus_url(args: argparse.Namespace) -> str:
-    """The running Nexus a CLI command talks to."""
-    return (args.url or os.environ.get("NEXUS_URL") or DEFAULT_NEXUS_URL).rstrip("/")
-
-
 def call_nexus(args: argparse.Namespace, method: str, path: str, payload: Any = None) -> Any:
     """Ask a running Nexus; its OpenAI-format errors become one readable line."""
+    url = (args.url or os.environ.get("NEXUS_URL") or DEFAULT_NEXUS_URL).rstrip("/")
     data = json.dumps(payload).encode() if payload is not None else None
     headers = dict(JSON_HEADERS)
     if os.environ.get("NEXUS_API_KEY"):  # a Nexus with [auth] keys wants one
         headers["Authorization"] = "Bearer " + os.environ["NEXUS_API_KEY"]
-    request = urllib.request.Request(
-        nexus_url(args) + path, data=data, method=method, headers=headers
-    )
+    request = urllib.request.Request(url + path, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=30) as resp:
             return json.loads(resp.read())
@@ -9512,92 +9399,86 @@ def call_nexus(args: argparse.Namespace, method: str, path: str, payload: Any = 
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise SystemExit(
-            f"nexus: cannot reach Nexus at {nexus_url(args)} ({reason}); "
+            f"nexus: cannot reach Nexus at {url} ({reason}); "
             "is `nexus serve` running? (set --url or NEXUS_URL)"
         ) from None
 
 
-def print_table(rows: list[list[str]], header: list[str]) -> None:
-    """Print rows as aligned columns under a header."""
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        print("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+def print_json(args: argparse.Namespace, data: Any) -> bool:
+    """With --json, print what Nexus answered as JSON (and say so: the caller prints no table)."""
+    if args.json:
+        print(json.dumps(data, indent=2))
+    return args.json
+
+
+def print_table(rows: list[list[Any]]) -> None:
+    """Print rows as aligned columns, the first row being the header."""
+    cells = [[str(cell) for cell in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
+    for row in cells:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
 
 
 def backends_command(args: argparse.Namespace) -> int:
     """`nexus backends list|add|remove`."""
-    if args.action == "list":
-        data = call_nexus(args, "GET", "/v1/backends")
-        if args.json:
-            print(json.dumps(data, indent=2))
-        else:
-            rows = [
-                [b["name"], b["type"], b["status"], b["zone"], b["url"], str(len(b["models"]))]
-                for b in data["data"]
-            ]
-            header = ["NAME", "TYPE", "STATUS", "ZONE", "URL", "MODELS"]
-            if any(b.get("last_error") for b in data["data"]):  # why each one down is down
-                for row, b in zip(rows, data["data"], strict=True):
-                    row.append(b.get("last_error") or "")
-                header.append("LAST ERROR")
-            print_table(rows, header)
-    elif args.action == "add":
-        payload = {"url": args.backend_url}
-        for key in ("name", "type", "priority"):
-            if getattr(args, key) is not None:
-                payload[key] = getattr(args, key)
+    if args.action == "add":
+        flags = {"name": args.name, "type": args.type, "priority": args.priority}
+        payload = {"url": args.backend_url} | {k: v for k, v in flags.items() if v is not None}
         added = call_nexus(args, "POST", "/v1/backends", payload)
-        print(
-            f"added {added['name']} ({added['type']}, {added['status']}, "
-            f"{len(added['models'])} models)"
-        )
-    else:
+        models = len(added["models"])
+        print(f"added {added['name']} ({added['type']}, {added['status']}, {models} models)")
+    elif args.action == "remove":
         call_nexus(args, "DELETE", "/v1/backends/" + urllib.parse.quote(args.name, safe=""))
         print(f"removed {args.name}")
+    else:
+        data = call_nexus(args, "GET", "/v1/backends")
+        if print_json(args, data):
+            return 0
+        rows = [["NAME", "TYPE", "STATUS", "ZONE", "URL", "MODELS"]]
+        for b in data["data"]:
+            rows.append([b["name"], b["type"], b["status"], b["zone"], b["url"], len(b["models"])])
+        errors = ["LAST ERROR"] + [b.get("last_error") or "" for b in data["data"]]
+        if any(errors[1:]):  # why each backend that is down is down
+            rows = [[*row, error] for row, error in zip(rows, errors, strict=True)]
+        print_table(rows)
     return 0
-
-
-# How often `nexus models load|unload|migrate` asks where its operation is, and for how long at
-# most (a running Nexus ends every operation within its own lifecycle.timeout_seconds).
-OPERATION_POLL_SECONDS = 0.5
-OPERATION_WAIT_SECONDS = 3600.0
 
 
 def lifecycle_command(args: argparse.Namespace) -> int:
     """Start a load, unload or migration on a running Nexus and wait for its end state."""
-    model = args.model
     if args.action == "load":
-        payload = {"model_id": model, "backend_id": args.backend}
+        payload = {"model_id": args.model, "backend_id": args.backend}
         if args.keep_alive is not None:  # seconds as a number, else a duration such as "30m"
-            keep_alive = args.keep_alive
+            payload["keep_alive"] = args.keep_alive
             with contextlib.suppress(ValueError):
-                keep_alive = int(keep_alive)
-            payload["keep_alive"] = keep_alive
+                payload["keep_alive"] = int(args.keep_alive)
         op = call_nexus(args, "POST", "/v1/models/load", payload)
         where = f"on {args.backend}"
     elif args.action == "unload":
         query = "?backend_id=" + urllib.parse.quote(args.backend, safe="")
-        op = call_nexus(args, "DELETE", "/v1/models/" + urllib.parse.quote(model) + query)
+        op = call_nexus(args, "DELETE", "/v1/models/" + urllib.parse.quote(args.model) + query)
         where = f"from {args.backend}"
     else:
         payload = {
-            "model_id": model,
+            "model_id": args.model,
             "source_backend_id": args.source,
             "target_backend_id": args.target,
         }
         op = call_nexus(args, "POST", "/v1/models/migrate", payload)
         where = f"from {args.source} to {args.target}"
-    print(f"{args.action} of {model} {where}: {op['operation_id']} in progress", flush=True)
+    what = f"{args.action} of {args.model} {where}"
+    print(f"{what}: {op['operation_id']} in progress", flush=True)
     deadline = time.monotonic() + OPERATION_WAIT_SECONDS
     path = "/v1/operations/" + urllib.parse.quote(op["operation_id"], safe="")
     while op["status"] == "in_progress" and time.monotonic() < deadline:
         time.sleep(OPERATION_POLL_SECONDS)
         op = call_nexus(args, "GET", path)
     if op["status"] == "completed":
-        print(f"{args.action} of {model} {where}: completed")
+        print(f"{what}: completed")
         return 0
-    why = op.get("error") or "still in progress"
-    print(f"nexus: {args.action} of {model} {where}: {op['status']}: {why}", file=sys.stderr)
+    print(
+        f"nexus: {what}: {op['status']}: {op.get('error') or 'still in progress'}", file=sys.stderr
+    )
     return 1
 
 
@@ -9606,31 +9487,22 @@ def models_command(args: argparse.Namespace) -> int:
     if args.action is not None:
         return lifecycle_command(args)
     data = call_nexus(args, "GET", "/v1/models")
-    if args.json:
-        print(json.dumps(data, indent=2))
+    if print_json(args, data):
         return 0
-    rows = []
+    rows = [["MODEL", "CONTEXT", "CAPABILITIES", "BACKENDS", "LOADED ON"]]
     for m in data["data"]:
-        caps = [name for name, on in m["capabilities"].items() if on]
-        rows.append(
-            [
-                m["id"],
-                str(m["context_length"] or "-"),
-                ",".join(caps) or "-",
-                ",".join(m["backends"]),
-                ",".join(m.get("loaded_on", ())) or "-",
-            ]
-        )
-    print_table(rows, ["MODEL", "CONTEXT", "CAPABILITIES", "BACKENDS", "LOADED ON"])
+        caps = ",".join(name for name, on in m["capabilities"].items() if on)
+        backends = ",".join(m["backends"])
+        loaded = ",".join(m.get("loaded_on", ()))
+        rows.append([m["id"], m["context_length"] or "-", caps or "-", backends, loaded or "-"])
+    print_table(rows)
     return 0
 
 
 def health_command(args: argparse.Namespace) -> int:
-    """`nexus health`."""
+    """`nexus health`: exits 1 when no backend is healthy."""
     data = call_nexus(args, "GET", "/health")
-    if args.json:
-        print(json.dumps(data, indent=2))
-    else:
+    if not print_json(args, data):
         b = data["backends"]
         print(
             f"{data['status']}: {b['healthy']}/{b['total']} backends healthy, "
@@ -9643,19 +9515,15 @@ def usage_command(args: argparse.Namespace) -> int:
     """`nexus usage`: the month's spend in total and per key."""
     query = "?month=" + urllib.parse.quote(args.month) if args.month else ""
     data = call_nexus(args, "GET", "/v1/usage" + query)
-    if args.json:
-        print(json.dumps(data, indent=2))
+    if print_json(args, data):
         return 0
-
-    def usd(entry: dict[str, Any]) -> str:
+    rows = [["KEY", "SPENT USD", "REQUESTS", "TOKENS"]]
+    for entry in [*data["keys"], dict(data["total"], name="(total)")]:
         limit = entry["monthly_limit_usd"]
-        return f"{entry['spent_usd']:.4f}" + (f" of {limit:g}" if limit else "")
-
-    rows = [[k["name"], usd(k), str(k["requests"]), str(k["tokens"])] for k in data["keys"]]
-    total = data["total"]
-    rows.append(["(total)", usd(total), str(total["requests"]), str(total["tokens"])])
+        spent = f"{entry['spent_usd']:.4f}" + (f" of {limit:g}" if limit else "")
+        rows.append([entry["name"], spent, entry["requests"], entry["tokens"]])
     print(f"usage in {data['month']} ({data['source']})")
-    print_table(rows, ["KEY", "SPENT USD", "REQUESTS", "TOKENS"])
+    print_table(rows)
     return 0
 
 
@@ -9688,6 +9556,17 @@ def completion_script(shell: str, parser: argparse.ArgumentParser) -> str:
     return "".join(f"complete -c nexus -f -a {w}\n" for w in words)
 
 
+def client_flags(
+    parser: argparse.ArgumentParser, json_flag: bool = True
+) -> argparse.ArgumentParser:
+    """--url, and --json unless told not to, for a command that talks to a running Nexus."""
+    url_help = f"the running Nexus (default $NEXUS_URL or {DEFAULT_NEXUS_URL})"
+    parser.add_argument("--url", help=url_help)
+    if json_flag:
+        parser.add_argument("--json", action="store_true", help="print JSON")
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line: `nexus serve` and the commands that talk to a running Nexus."""
     parser = argparse.ArgumentParser(
@@ -9704,18 +9583,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("-H", "--host", help="address to listen on (default 0.0.0.0)")
     serve.add_argument("-l", "--log-level", help="debug, info, warning or error")
     serve.add_argument("--log-format", choices=["pretty", "json"])
-    serve.add_argument("--no-discovery", action="store_true", help="turn off mDNS and port probes")
-    serve.add_argument("--no-health-check", action="store_true", help="turn off health polling")
+    for name, what in (("discovery", "mDNS and port probes"), ("health-check", "health polling")):
+        serve.add_argument(
+            f"--no-{name}", action="store_const", const=False, help=f"turn off {what}"
+        )
     serve.add_argument(
         "--data-dir", help="where nexus.db (the month's spend, only with monthly limits) lives"
     )
-
-    def client_flags(p: argparse.ArgumentParser, json_flag: bool = True) -> None:
-        p.add_argument(
-            "--url", help=f"the running Nexus (default $NEXUS_URL or {DEFAULT_NEXUS_URL})"
-        )
-        if json_flag:
-            p.add_argument("--json", action="store_true", help="print JSON")
 
     backends = sub.add_parser("backends", help="list, add or remove backends of a running Nexus")
     actions = backends.add_subparsers(dest="action", required=True)
@@ -9768,25 +9642,22 @@ def main(argv: list[str] | None = None) -> int:
     """The `nexus` command: parse the arguments and run the chosen command."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    commands = {
+        "serve": serve_command,
+        "backends": backends_command,
+        "models": models_command,
+        "health": health_command,
+        "usage": usage_command,
+        "config": config_init_command,
+    }
     if args.version:
         print(f"nexus {__version__} (commit {build_commit()})")
-        return 0
-    if args.command == "serve":
-        return serve_command(args)
-    if args.command == "backends":
-        return backends_command(args)
-    if args.command == "models":
-        return models_command(args)
-    if args.command == "health":
-        return health_command(args)
-    if args.command == "usage":
-        return usage_command(args)
-    if args.command == "config":
-        return config_init_command(args)
-    if args.command == "completions":
+    elif args.command == "completions":
         print(completion_script(args.shell, parser), end="")
-        return 0
-    parser.print_help()
+    elif args.command in commands:
+        return commands[args.command](args)
+    else:
+        parser.print_help()
     return 0
 
 
