@@ -6854,9 +6854,7 @@ def error_event(message: str) -> bytes:
     return sse_event("error", anthropic_error(NexusError(502, "backend_error", None, message)))
 
 
-def copy_options(
-    body: dict[str, Any], chat: dict[str, Any], names: tuple[str, ...], kind: str
-) -> None:
+def copy_options(body: dict[str, Any], chat: dict[str, Any], names: tuple, kind: str) -> None:
     """Copy the named options a request sets to its chat request, each a "boolean" or a
     "number" as `kind` says (a 400 otherwise)."""
     for name in names:
@@ -6933,13 +6931,11 @@ def tool_message(block: dict[str, Any], where: str) -> tuple[dict[str, Any], lis
     return message, [part for part in parts if part["type"] != "text"]
 
 
-def chat_parts(
-    blocks: list[Any], where: str, role: str
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
-    """Content blocks in chat terms: parts (text, images), tool calls and "tool" messages. The
-    blocks that may come depend on whose they are: an assistant's text, tool_use and thinking
-    (dropped, as chat templates drop earlier reasoning); a user's text, images, tool results
-    and plain-text documents; a tool result's ("tool") text and images."""
+def chat_parts(blocks: list[Any], where: str, role: str) -> tuple[list, list, list]:
+    """Content blocks as chat parts (text, images), tool calls and "tool" messages. Which may
+    come depends on the role: an assistant's text, tool_use and thinking (dropped, as chat
+    templates drop earlier reasoning); a user's text, images, tool results and plain-text
+    documents; a tool result's ("tool") text and images."""
     parts: list[dict[str, Any]] = []
     calls: list[dict[str, Any]] = []
     results: list[dict[str, Any]] = []
@@ -7017,11 +7013,9 @@ def chat_tool(tool: Any, where: str) -> dict[str, Any]:
 
 
 def messages_to_chat(body: dict[str, Any]) -> dict[str, Any]:
-    """A Messages request as the chat completion an OpenAI-style backend serves.
-
-    What only Anthropic's servers understand (cache_control, context_management, thinking
-    budgets, betas) is left out; what cannot be said in chat terms at all is a 400.
-    """
+    """A Messages request as the chat completion an OpenAI-style backend serves. What only
+    Anthropic's servers understand (cache_control, context_management, thinking budgets, betas)
+    is left out; what cannot be said in chat terms at all is a 400."""
     model = require_model(body)
     max_tokens = positive_int(body.get("max_tokens"))
     if max_tokens is None:
@@ -7073,11 +7067,10 @@ def messages_to_chat(body: dict[str, Any]) -> dict[str, Any]:
 
 def reasoning_of(message: dict[str, Any]) -> str:
     """Reasoning text as backends name it: vLLM, llama.cpp and Ollama differ."""
-    for key in ("reasoning_content", "reasoning"):
-        value = message.get(key)
-        if isinstance(value, str) and value:
-            return value
-    return ""
+    value = message.get("reasoning_content")
+    if not isinstance(value, str) or not value:
+        value = message.get("reasoning")
+    return value if isinstance(value, str) else ""
 
 
 def reply_parts(parsed: dict[str, Any]) -> tuple[dict[str, Any], str, str, list[dict[str, Any]]]:
@@ -7111,22 +7104,14 @@ def stop_reason_of(
     return STOP_REASONS.get(finish or "stop", "end_turn"), None
 
 
-def estimated_tokens(chars: int) -> int:
-    """The tokens of `chars` characters of answer, estimated (rounded up)."""
-    return -(-chars // CHARS_PER_TOKEN)
-
-
 def chat_to_message(
-    parsed: dict[str, Any],
-    model: str,
-    stop_sequences: list[str] | None = None,
-    input_estimate: int = 0,
+    parsed: dict[str, Any], model: str, sequences: list[str] | None = None, input_estimate: int = 0
 ) -> dict[str, Any]:
     """A chat completion as a Messages answer: reasoning first as a thinking block, then the
     text, then tool calls as tool_use blocks (their ids kept)."""
     choice, reasoning, text, calls = reply_parts(parsed)
     blocks = [block for block in map(tool_use_block, calls) if block is not None]
-    reason, sequence = stop_reason_of(choice, text, stop_sequences or [], bool(blocks))
+    reason, sequence = stop_reason_of(choice, text, sequences or [], bool(blocks))
     if sequence is not None and text.endswith(sequence):
         text = text[: -len(sequence)]  # Anthropic's answers never include the sequence
     content = [{"type": "thinking", "thinking": reasoning, "signature": ""}] if reasoning else []
@@ -7134,7 +7119,7 @@ def chat_to_message(
         content.append({"type": "text", "text": text})
     content.extend(blocks)
     chars = len(reasoning) + len(text) + sum(len(json.dumps(b["input"])) for b in blocks)
-    usage = usage_or_estimate(parsed.get("usage"), input_estimate, estimated_tokens(chars))
+    usage = usage_or_estimate(parsed.get("usage"), input_estimate, -(-chars // CHARS_PER_TOKEN))
     return {
         "id": "msg_" + str(parsed.get("id") or new_block_id("")),
         "type": "message",
@@ -7187,11 +7172,10 @@ class AnthropicEvents(NativeStream):
 
 
 class ChatTranslator(OpenAIFormat):
-    """A door that writes chat answers in its own API's shape (Messages, Responses): a chat
-    stream is read here chunk by chunk and each piece handed to the door's writer: thinking or
-    text (content_delta), a tool call's head (open_call) and its argument fragments
-    (arguments_delta), the finish (finished). The output is counted in characters, for the
-    usage of a backend that reports none. One instance serves one request."""
+    """What the Messages and Responses doors share: a chat stream read chunk by chunk, each piece
+    handed to the door's own writer (start, content_delta for thinking or text, open_call and
+    arguments_delta for a tool call, finished), and the output counted in characters for the
+    usage of a backend that reports none."""
 
     keeps_usage = True
 
@@ -7206,10 +7190,6 @@ class ChatTranslator(OpenAIFormat):
         self.calls: dict[Any, int] = {}  # a chat tool call's index (or id) -> its block or item
         self.last_call: Any = None
 
-    def start(self) -> bytes:
-        """The stream's first events, once."""
-        raise NotImplementedError
-
     def begin(self, model: Any) -> bytes:
         """The stream's first events, naming the model that serves where the backend says."""
         if not self.started and isinstance(model, str) and model:
@@ -7217,8 +7197,8 @@ class ChatTranslator(OpenAIFormat):
         return self.start()
 
     def estimated_usage(self, usage: Any) -> TokenUsage:
-        """The usage the backend reported, or the estimates when it reported none."""
-        return usage_or_estimate(usage, self.input_estimate, estimated_tokens(self.output_chars))
+        output = -(-self.output_chars // CHARS_PER_TOKEN)
+        return usage_or_estimate(usage, self.input_estimate, output)
 
     def chunk(self, data: bytes, chunk: dict[str, Any]) -> bytes:
         """One chat chunk (well formed: chat_line drops any other) as the door's events."""
@@ -7247,8 +7227,7 @@ class ChatTranslator(OpenAIFormat):
         return b"".join(out)
 
     def tool_call(self, call: dict[str, Any]) -> bytes:
-        """OpenAI streams a tool call as a head (id, name) then argument fragments, keyed by its
-        index (or id); the head opens the door's block or item for it."""
+        """A streamed tool call's head (id, name) or argument fragment, keyed by index (or id)."""
         function = call.get("function") if isinstance(call.get("function"), dict) else {}
         if isinstance(call.get("index"), int):
             key = call["index"]
@@ -7264,30 +7243,11 @@ class ChatTranslator(OpenAIFormat):
         self.output_chars += len(arguments)
         return out + self.arguments_delta(self.calls[key], arguments)
 
-    def content_delta(self, kind: str, text: str) -> bytes:
-        """Thinking or text ("thinking", "text") in the door's events."""
-        raise NotImplementedError
-
-    def open_call(self, key: Any, call: dict[str, Any], function: dict[str, Any]) -> bytes:
-        """A new tool call's block or item, its index kept in calls[key]."""
-        raise NotImplementedError
-
-    def arguments_delta(self, index: int, arguments: str) -> bytes:
-        """A fragment of the arguments of the tool call at index."""
-        raise NotImplementedError
-
-    def finished(self, choice: dict[str, Any]) -> bytes:
-        """The chunk that carries the finish reason."""
-        raise NotImplementedError
-
 
 class AnthropicFormat(ChatTranslator):
     """Writes chat-completion answers as Messages answers: the whole message, or Anthropic's
-    event stream, one content block open at a time (thinking, text or one per tool call).
-
-    An anthropic backend speaks Messages itself: it is sent the client's own request and its
-    answer, events included, is relayed untranslated (AnthropicEvents reads them on the way).
-    """
+    event stream, one content block open at a time (thinking, text or one per tool call). An
+    anthropic backend speaks Messages itself: its answer is relayed as it is (AnthropicEvents)."""
 
     native_api = "anthropic"
     native_path = MESSAGES_PATH
@@ -7304,7 +7264,6 @@ class AnthropicFormat(ChatTranslator):
         self.text_tail = ""  # the end of the text, to find a stop sequence it ends with
 
     def body(self, answer: bytes, parsed: dict[str, Any]) -> bytes:
-        """A whole chat answer as a Messages answer."""
         message = chat_to_message(parsed, self.model, self.stop_sequences, self.input_estimate)
         return json.dumps(message).encode()
 
@@ -7326,29 +7285,26 @@ class AnthropicFormat(ChatTranslator):
         start = sse_event("message_start", {"type": "message_start", "message": message})
         return start + sse_event("ping", {"type": "ping"})
 
-    def open(self, kind: str, block: dict[str, Any]) -> bytes:
-        """Open a content block of this kind, closing the one open."""
+    def open(self, block: dict[str, Any]) -> bytes:
         closed = self.close()
         self.index += 1
-        self.open_kind = kind
+        self.open_kind = block["type"]
         start = {"type": "content_block_start", "index": self.index, "content_block": block}
         return closed + sse_event("content_block_start", start)
 
     def close(self) -> bytes:
-        """Close the open content block, if any."""
         if self.open_kind is None:
             return b""
         self.open_kind = None
         return sse_event("content_block_stop", {"type": "content_block_stop", "index": self.index})
 
     def content_delta(self, kind: str, text: str) -> bytes:
-        """Thinking or text, in the open block of its kind (opened first if need be)."""
         out = b""
         if self.open_kind != kind:
             block = {"type": kind, kind: ""}
             if kind == "thinking":
                 block["signature"] = ""
-            out = self.open(kind, block)
+            out = self.open(block)
         if kind == "text":
             self.text_tail = (self.text_tail + text)[-200:]
         delta = {"type": kind + "_delta", kind: text}
@@ -7356,35 +7312,25 @@ class AnthropicFormat(ChatTranslator):
         return out + sse_event("content_block_delta", event)
 
     def open_call(self, key: Any, call: dict[str, Any], function: dict[str, Any]) -> bytes:
-        """A tool call as a tool_use block; its input follows as input_json_delta events."""
-        block = {
-            "type": "tool_use",
-            "id": call.get("id") or new_block_id("toolu_"),
-            "name": function.get("name") or "",
-            "input": {},
-        }
-        out = self.open("tool_use", block)
+        call_id, name = call.get("id") or new_block_id("toolu_"), function.get("name") or ""
+        out = self.open({"type": "tool_use", "id": call_id, "name": name, "input": {}})
         self.calls[key] = self.index
         return out
 
     def arguments_delta(self, index: int, arguments: str) -> bytes:
-        """A fragment of a tool call's arguments as an input_json_delta of its block."""
         delta = {"type": "input_json_delta", "partial_json": arguments}
         event = {"type": "content_block_delta", "index": index, "delta": delta}
         return sse_event("content_block_delta", event)
 
     def finished(self, choice: dict[str, Any]) -> bytes:
-        """The finish: the open block closed, the choice kept for the stop reason."""
         self.finish = choice
         return self.close()
 
     def error(self, endpoint: str, model: str, message: str) -> bytes:
-        """The error event that ends a stream Nexus had to cut."""
         self.failed = True
         return self.begin(model) + error_event(message)
 
     def native_stream(self) -> AnthropicEvents:
-        """A reader for an Anthropic backend's own Messages events."""
         return AnthropicEvents()
 
     def end(self) -> bytes:
@@ -7431,7 +7377,6 @@ async def messages_count_tokens(request: web.Request) -> web.Response:
 
 RESPONSES_PATH = "/v1/responses"
 JSON_STRING = json.encoder.encode_basestring_ascii  # a str as JSON, as json.dumps writes it
-RESPONSE_TEXT_PARTS = ("input_text", "output_text", "text")
 # Why an answer stopped short, by chat finish_reason: the response is "incomplete" then.
 INCOMPLETE_REASONS = {"length": "max_output_tokens", "content_filter": "content_filter"}
 # The events of a text item's deltas, by the kind of text: its reasoning or its answer.
@@ -7448,7 +7393,7 @@ def input_parts(content: Any, where: str) -> list[dict[str, Any]]:
     for j, part in enumerate(content):
         at = f"{where}.content[{j}]"
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind in RESPONSE_TEXT_PARTS or kind == "refusal":
+        if kind in ("input_text", "output_text", "text", "refusal"):
             text = part.get("refusal" if kind == "refusal" else "text")
             if not isinstance(text, str):
                 raise bad_request(f"{at}.text: must be a string", "input")
@@ -7477,9 +7422,8 @@ def add_input_item(
     if kind == "message":
         role = item.get("role")
         if role not in ("user", "assistant", "system", "developer"):
-            raise bad_request(
-                f"{where}.role: must be user, assistant, system or developer", "input"
-            )
+            message = f"{where}.role: must be user, assistant, system or developer"
+            raise bad_request(message, "input")
         content = chat_content(input_parts(item.get("content"), where))
         if role != "user" and not isinstance(content, str):
             raise bad_request(f"{where}.content: only user messages carry images", "input")
@@ -7637,21 +7581,14 @@ def responses_to_chat(body: dict[str, Any]) -> dict[str, Any]:
 
 
 def output_text(kind: str, text: str, status: str) -> dict[str, Any]:
-    """A Responses output item of text: the answer's ("text"), a message, or its reasoning
-    ("thinking")."""
+    """A Responses output item of text: the answer ("text") or its reasoning ("thinking")."""
     if kind == "thinking":
+        item: dict[str, Any] = {"id": new_block_id("rs_"), "type": "reasoning", "summary": []}
         part: dict[str, Any] = {"type": "reasoning_text", "text": text}
-        item = {"id": new_block_id("rs_"), "type": "reasoning", "status": status, "summary": []}
     else:
+        item = {"id": new_block_id("msg_"), "type": "message", "role": "assistant"}
         part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
-        item = {
-            "id": new_block_id("msg_"),
-            "type": "message",
-            "status": status,
-            "role": "assistant",
-        }
-    item["content"] = [part]
-    return item
+    return {**item, "status": status, "content": [part]}
 
 
 def output_call(call: dict[str, Any], arguments: str, status: str) -> dict[str, Any]:
@@ -7677,8 +7614,8 @@ def delta_head(kind: str, where: dict[str, Any]) -> bytes:
 class ResponsesFormat(ChatTranslator):
     """Writes chat-completion answers as the Responses API does: a `response` object, or its
     event stream (created, in_progress, then per output item added, its deltas, done, and at the
-    end completed, incomplete or failed), each event numbered. Reasoning and text go to the open
-    reasoning or message item; a function call stays open until the answer ends."""
+    end completed, incomplete or failed), each event numbered. Function calls stay open to the
+    end."""
 
     prompt_param = "input"
     chat_request = staticmethod(responses_to_chat)
@@ -7695,10 +7632,9 @@ class ResponsesFormat(ChatTranslator):
         self.text_head = b""  # the encoded start of its delta events
         self.call_heads: dict[int, bytes] = {}  # the same for each function call item
         self.finish: str | None = None
+        self.echoed: dict[str, Any] | None = None  # what the response repeats of the request
 
-    def response(
-        self, status: str, usage: dict[str, Any] | None = None, error: Any = None
-    ) -> dict[str, Any]:
+    def response(self, status: str, usage: Any = None, error: Any = None) -> dict[str, Any]:
         """The response object as it stands, echoing what the request asked for."""
         reason = INCOMPLETE_REASONS.get(self.finish or "") if status == "incomplete" else None
         return {
@@ -7710,18 +7646,19 @@ class ResponsesFormat(ChatTranslator):
             "output": self.output,
             "error": error,
             "incomplete_details": {"reason": reason} if reason else None,
-            **self.echo,
+            **self.echo(),
             "usage": usage,
         }
 
-    @functools.cached_property
     def echo(self) -> dict[str, Any]:
         """What the response repeats of the request, read once: it is the same in every event."""
+        if self.echoed is not None:
+            return self.echoed
         body = self.native_body
         choice = body.get("tool_choice")
         text = object_of(body.get("text"))
         number = (int, float)
-        return {
+        self.echoed = {
             "instructions": body.get("instructions")
             if isinstance(body.get("instructions"), str)
             else None,
@@ -7738,6 +7675,7 @@ class ResponsesFormat(ChatTranslator):
             "tools": function_tools(body.get("tools")),
             "truncation": "disabled",
         }
+        return self.echoed
 
     def status(self) -> str:
         """The response's status once the answer ended (its items' too)."""
@@ -7746,10 +7684,9 @@ class ResponsesFormat(ChatTranslator):
     def final_usage(self, usage: Any, reasoning_chars: int) -> dict[str, Any]:
         """The response's usage: reported, or estimated from characters."""
         found = self.estimated_usage(usage)
-        return found.as_responses(min(estimated_tokens(reasoning_chars), found.completion))
+        return found.as_responses(min(-(-reasoning_chars // CHARS_PER_TOKEN), found.completion))
 
     def body(self, answer: bytes, parsed: dict[str, Any]) -> bytes:
-        """A whole chat answer as a `response` object."""
         choice, reasoning, text, calls = reply_parts(parsed)
         self.finished(choice)
         if isinstance(parsed.get("model"), str) and parsed["model"]:
@@ -7795,18 +7732,9 @@ class ResponsesFormat(ChatTranslator):
 
     def delta_event(self, head: bytes, text: str) -> bytes:
         """A delta event of an item, from its encoded head: its text and its number."""
+        text_json = JSON_STRING(text).encode()
         self.sequence += 1
-        number = str(self.sequence - 1).encode()
-        return b"".join(
-            (
-                head,
-                b'"delta":',
-                JSON_STRING(text).encode(),
-                b',"sequence_number":',
-                number,
-                b"}\n\n",
-            )
-        )
+        return b'%s"delta":%s,"sequence_number":%d}\n\n' % (head, text_json, self.sequence - 1)
 
     def add_item(self, item: dict[str, Any]) -> tuple[int, bytes]:
         """Add an output item; its index and the output_item.added event."""
@@ -7828,7 +7756,6 @@ class ResponsesFormat(ChatTranslator):
         return item
 
     def content_delta(self, kind: str, text: str) -> bytes:
-        """Reasoning or answer text, in the open item of its kind (opened first if need be)."""
         out = b"" if self.open_kind == kind else self.open_item(kind)
         self.pieces[self.open].append(text)
         return out + self.delta_event(self.text_head, text)
@@ -7848,7 +7775,6 @@ class ResponsesFormat(ChatTranslator):
         return out
 
     def close_open(self) -> bytes:
-        """The open reasoning or message item's done events."""
         if self.open is None:
             return b""
         index, kind = self.open, self.open_kind
@@ -7864,7 +7790,6 @@ class ResponsesFormat(ChatTranslator):
         return out + self.event("response.output_item.done", {"output_index": index, "item": item})
 
     def open_call(self, key: Any, call: dict[str, Any], function: dict[str, Any]) -> bytes:
-        """A tool call's head as a function_call item (the open text item closed)."""
         out = self.close_open()
         index, added = self.add_item(output_call(call, "", "in_progress"))
         self.calls[key] = index
@@ -7873,28 +7798,22 @@ class ResponsesFormat(ChatTranslator):
         return out + added
 
     def arguments_delta(self, index: int, arguments: str) -> bytes:
-        """A fragment of a function call's arguments."""
         self.pieces[index].append(arguments)
         return self.delta_event(self.call_heads[index], arguments)
 
     def finished(self, choice: dict[str, Any]) -> bytes:
-        """The finish reason kept: it decides the response's status."""
         if isinstance(choice.get("finish_reason"), str):
             self.finish = choice["finish_reason"]
         return b""
 
     def close_calls(self) -> bytes:
-        """The done events of every function call."""
-        out = []
+        out = b""
         for index in self.calls.values():
             item = self.settle(index, "completed")
             done = {"item_id": item["id"], "output_index": index, "arguments": item["arguments"]}
-            out.append(self.event("response.function_call_arguments.done", done))
-            out.append(
-                self.event("response.output_item.done", {"output_index": index, "item": item})
-            )
-        self.calls.clear()
-        return b"".join(out)
+            out += self.event("response.function_call_arguments.done", done)
+            out += self.event("response.output_item.done", {"output_index": index, "item": item})
+        return out
 
     def end(self) -> bytes:
         """The stream's last events: every item done, then the response completed or incomplete."""
@@ -7922,6 +7841,9 @@ class ResponsesFormat(ChatTranslator):
 async def responses(request: web.Request) -> web.StreamResponse:
     """POST /v1/responses: translated to a chat completion, routed and answered like one."""
     return await serve_door(request, ResponsesFormat)
+
+
+# ==============================================================================================
 
 
 # ==============================================================================================
