@@ -6855,8 +6855,7 @@ def error_event(message: str) -> bytes:
 
 
 def copy_options(body: dict[str, Any], chat: dict[str, Any], names: tuple, kind: str) -> None:
-    """Copy the named options a request sets to its chat request, each a "boolean" or a
-    "number" as `kind` says (a 400 otherwise)."""
+    """Copy the named options a request sets to its chat request; each must be a `kind`."""
     for name in names:
         value = body.get(name)
         if value is None:
@@ -6874,8 +6873,10 @@ def chat_content(parts: list[dict[str, Any]]) -> str | list[dict[str, Any]]:
     return parts
 
 
-def chat_call(call_id: str, name: str, arguments: str) -> dict[str, Any]:
-    """A tool call as a chat assistant message carries it."""
+def chat_call(call_id: str, name: str, arguments: Any) -> dict[str, Any]:
+    """A tool call as a chat assistant message carries it, its arguments as JSON text."""
+    if not isinstance(arguments, str):
+        arguments = json.dumps(arguments, ensure_ascii=False)
     return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
 
 
@@ -6951,8 +6952,7 @@ def chat_parts(blocks: list[Any], where: str, role: str) -> tuple[list, list, li
         elif role == "assistant" and kind == "tool_use":
             if not isinstance(block.get("id"), str) or not isinstance(block.get("name"), str):
                 raise bad_request(f"{at}: a tool_use block needs an id and a name", "messages")
-            given = block.get("input")
-            arguments = json.dumps({} if given is None else given, ensure_ascii=False)
+            arguments = {} if block.get("input") is None else block["input"]
             calls.append(chat_call(block["id"], block["name"], arguments))
         elif role == "assistant" and kind in ("thinking", "redacted_thinking"):
             continue
@@ -6973,8 +6973,7 @@ def chat_parts(blocks: list[Any], where: str, role: str) -> tuple[list, list, li
 
 
 def chat_turns(turn: Any, where: str) -> list[dict[str, Any]]:
-    """One Messages turn as chat messages: a user turn's tool results first, as "tool"
-    messages, then what the user said."""
+    """One Messages turn as chat messages (a user turn's tool results first, as "tool" ones)."""
     if not isinstance(turn, dict):
         raise bad_request(f"{where}: must be an object", "messages")
     role = turn.get("role")
@@ -7088,9 +7087,8 @@ def reply_parts(parsed: dict[str, Any]) -> tuple[dict[str, Any], str, str, list[
 def stop_reason_of(
     choice: dict[str, Any], text: str, sequences: list[str], tool_use: bool
 ) -> tuple[str, str | None]:
-    """Anthropic's stop_reason and stop_sequence for a chat answer's finish. The sequence that
-    matched is the backend's word for it when it says, else one the text still ends with (some
-    servers keep it)."""
+    """Anthropic's stop_reason and stop_sequence for a chat answer's finish: the sequence is the
+    backend's word for it when it says, else one the text still ends with (some servers keep it)."""
     finish = choice.get("finish_reason")
     if tool_use and finish in (None, "stop", "tool_calls", "function_call"):
         return "tool_use", None
@@ -7435,10 +7433,7 @@ def add_input_item(
         call_id, name = item.get("call_id"), item.get("name")
         if not isinstance(call_id, str) or not isinstance(name, str):
             raise bad_request(f"{where}: a function_call needs a call_id and a name", "input")
-        arguments = item.get("arguments", "{}")
-        if not isinstance(arguments, str):
-            arguments = json.dumps(arguments, ensure_ascii=False)
-        call = chat_call(call_id, name, arguments)
+        call = chat_call(call_id, name, item.get("arguments", "{}"))
         if messages and messages[-1]["role"] == "assistant":  # the same turn's text and calls
             messages[-1].setdefault("tool_calls", []).append(call)
         else:
@@ -7460,8 +7455,7 @@ def add_input_item(
 
 
 def function_tools(tools: Any) -> list[dict[str, Any]]:
-    """The request's function tools; other kinds (web_search, file_search, namespace, mcp, ...)
-    are not offered to the model."""
+    """The request's function tools; hosted ones (web_search, mcp...) are not offered."""
     if tools is None:
         return []
     if not isinstance(tools, list):
@@ -7528,9 +7522,7 @@ def response_text_format(text: Any) -> dict[str, Any] | None:
 
 def responses_to_chat(body: dict[str, Any]) -> dict[str, Any]:
     """A Responses request as the chat completion a backend serves: instructions and system or
-    developer messages lead as one system message, function calls and their outputs become
-    tool calls and tool messages, reasoning items are dropped, and only function tools are
-    offered (hosted tools such as web_search need OpenAI's servers)."""
+    developer messages lead as one system message; hosted tools (web_search...) are left out."""
     model = require_model(body)
     for name in ("previous_response_id", "conversation"):
         if body.get(name) is not None:
@@ -7614,8 +7606,7 @@ def delta_head(kind: str, where: dict[str, Any]) -> bytes:
 class ResponsesFormat(ChatTranslator):
     """Writes chat-completion answers as the Responses API does: a `response` object, or its
     event stream (created, in_progress, then per output item added, its deltas, done, and at the
-    end completed, incomplete or failed), each event numbered. Function calls stay open to the
-    end."""
+    end completed, incomplete or failed), each event numbered."""
 
     prompt_param = "input"
     chat_request = staticmethod(responses_to_chat)
