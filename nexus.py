@@ -7704,22 +7704,21 @@ class ResponsesFormat(ChatTranslator):
         self.sequence += 1
         return sse_event(kind, data)
 
-    def response_event(self, kind: str, response: str) -> bytes:
-        """An event carrying the response object, already encoded (as `event` would write it)."""
-        self.sequence += 1
-        return (
-            f'event: {kind}\ndata: {{"response": {response}, "type": "{kind}", '
-            f'"sequence_number": {self.sequence - 1}}}\n\n'
-        ).encode()
-
     def start(self) -> bytes:
-        """response.created and response.in_progress, once, before anything else."""
+        """response.created and response.in_progress, once, before anything else: both carry
+        the same response object, encoded once (as `event` would write it)."""
         if self.started:
             return b""
         self.started = True
-        response = json.dumps(self.response("in_progress"))  # the same object in both events
-        created = self.response_event("response.created", response)
-        return created + self.response_event("response.in_progress", response)
+        response = json.dumps(self.response("in_progress"))
+        out = b""
+        for kind in ("response.created", "response.in_progress"):
+            self.sequence += 1
+            out += (
+                f'event: {kind}\ndata: {{"response": {response}, "type": "{kind}", '
+                f'"sequence_number": {self.sequence - 1}}}\n\n'
+            ).encode()
+        return out
 
     def delta_event(self, head: bytes, text: str) -> bytes:
         """A delta event of an item, from its encoded head: its text and its number."""
@@ -7738,7 +7737,7 @@ class ResponsesFormat(ChatTranslator):
     def settle(self, index: int, status: str) -> dict[str, Any]:
         """An item with its whole text (or arguments) and its last status."""
         item = self.output[index]
-        text = "".join(self.pieces.pop(index, ()))
+        text = "".join(self.pieces.pop(index))
         if item["type"] == "function_call":
             item["arguments"] = text
         else:
@@ -7747,23 +7746,20 @@ class ResponsesFormat(ChatTranslator):
         return item
 
     def content_delta(self, kind: str, text: str) -> bytes:
-        out = b"" if self.open_kind == kind else self.open_item(kind)
+        out = b""
+        if self.open_kind != kind:  # a reasoning or message item opens, the open one closes
+            out = self.close_open()
+            item = output_text(kind, "", "in_progress")
+            part = item["content"].pop()  # the item is added empty, then its part
+            self.open, added = self.add_item(item)
+            self.open_kind = kind
+            where = {"item_id": item["id"], "output_index": self.open, "content_index": 0}
+            out += added + self.event("response.content_part.added", {**where, "part": part})
+            item["content"].append(part)
+            fields = {**where, "logprobs": []} if kind == "text" else where
+            self.text_head = delta_head(TEXT_EVENTS[kind] + ".delta", fields)
         self.pieces[self.open].append(text)
         return out + self.delta_event(self.text_head, text)
-
-    def open_item(self, kind: str) -> bytes:
-        """A reasoning or message item opened (the open one closed), with its content part."""
-        out = self.close_open()
-        item = output_text(kind, "", "in_progress")
-        part = item["content"].pop()  # the item is added empty, then its part
-        self.open, added = self.add_item(item)
-        self.open_kind = kind
-        where = {"item_id": item["id"], "output_index": self.open, "content_index": 0}
-        out += added + self.event("response.content_part.added", {**where, "part": part})
-        item["content"].append(part)
-        fields = {**where, "logprobs": []} if kind == "text" else where
-        self.text_head = delta_head(TEXT_EVENTS[kind] + ".delta", fields)
-        return out
 
     def close_open(self) -> bytes:
         if self.open is None:
@@ -7797,20 +7793,16 @@ class ResponsesFormat(ChatTranslator):
             self.finish = choice["finish_reason"]
         return b""
 
-    def close_calls(self) -> bytes:
-        out = b""
+    def end(self) -> bytes:
+        """The stream's last events: every item done, then the response completed or incomplete."""
+        if self.failed:
+            return b""  # response.failed was the stream's last word
+        out = self.start() + self.close_open()
         for index in self.calls.values():
             item = self.settle(index, "completed")
             done = {"item_id": item["id"], "output_index": index, "arguments": item["arguments"]}
             out += self.event("response.function_call_arguments.done", done)
             out += self.event("response.output_item.done", {"output_index": index, "item": item})
-        return out
-
-    def end(self) -> bytes:
-        """The stream's last events: every item done, then the response completed or incomplete."""
-        if self.failed:
-            return b""  # response.failed was the stream's last word
-        out = self.start() + self.close_open() + self.close_calls()
         reasoning = sum(
             len(item["content"][0]["text"]) for item in self.output if item["type"] == "reasoning"
         )
