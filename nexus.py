@@ -6868,9 +6868,10 @@ def copy_options(body: dict[str, Any], chat: dict[str, Any], names: tuple, kind:
 
 def chat_content(parts: list[dict[str, Any]]) -> str | list[dict[str, Any]]:
     """Chat parts as a message's content: one string, blank-line joined, when all are text."""
-    if all(part["type"] == "text" for part in parts):
-        return "\n\n".join(part["text"] for part in parts)
-    return parts
+    if len(parts) == 1 and parts[0]["type"] == "text":
+        return parts[0]["text"]  # the usual case, without a pass over the parts
+    texts = [part["text"] for part in parts if part["type"] == "text"]
+    return "\n\n".join(texts) if len(texts) == len(parts) else parts
 
 
 def chat_call(call_id: str, name: str, arguments: Any) -> dict[str, Any]:
@@ -6889,7 +6890,7 @@ def system_text(system: Any) -> str:
     for i, block in enumerate(system):
         if not isinstance(block, dict) or not isinstance(block.get("text"), str):
             raise bad_request(f"system.{i}: expected a text block", "system")
-    return "\n\n".join(block["text"] for block in system)
+    return "\n\n".join([block["text"] for block in system])
 
 
 def unsupported_block(kind: str, where: str) -> NexusError:
@@ -6919,17 +6920,17 @@ def tool_message(block: dict[str, Any], where: str) -> tuple[dict[str, Any], lis
     if not isinstance(block.get("tool_use_id"), str):
         raise bad_request(f"{where}.tool_use_id: must be a string", "messages")
     content = block.get("content")
+    images: list[dict[str, Any]] = []
     if isinstance(content, list):
         parts = chat_parts(content, where, "tool")[0]
-    elif isinstance(content, str) or content is None:
-        parts = [{"type": "text", "text": content or ""}]
-    else:
+        images = [part for part in parts if part["type"] != "text"]
+        content = "\n\n".join([part["text"] for part in parts if part["type"] == "text"])
+    elif content is not None and not isinstance(content, str):
         raise bad_request(f"{where}.content: must be a string or an array", "messages")
-    text = "\n\n".join(part["text"] for part in parts if part["type"] == "text")
+    text = content or ""
     if block.get("is_error") is True:
         text = f"Error: {text}"
-    message = {"role": "tool", "tool_call_id": block["tool_use_id"], "content": text}
-    return message, [part for part in parts if part["type"] != "text"]
+    return {"role": "tool", "tool_call_id": block["tool_use_id"], "content": text}, images
 
 
 def chat_parts(blocks: list[Any], where: str, role: str) -> tuple[list, list, list]:
@@ -6986,7 +6987,7 @@ def chat_turns(turn: Any, where: str) -> list[dict[str, Any]]:
         raise bad_request(f"{where}.content: must be a string or an array of blocks", "messages")
     parts, calls, results = chat_parts(content, where, role)
     if role == "assistant":
-        text = chat_content(parts)
+        text = chat_content(parts)  # a string: an assistant's parts are all text
         if calls:
             return [{"role": "assistant", "content": text or None, "tool_calls": calls}]
         return [{"role": "assistant", "content": text}]
@@ -7031,7 +7032,7 @@ def messages_to_chat(body: dict[str, Any]) -> dict[str, Any]:
             system.append(system_text(turn.get("content")))
         else:
             messages.extend(chat_turns(turn, f"messages.{i}"))
-    system_prompt = "\n\n".join(text for text in system if text)
+    system_prompt = "\n\n".join([text for text in system if text])
     if system_prompt:
         messages.insert(0, {"role": "system", "content": system_prompt})
     chat: dict[str, Any] = {"model": model, "messages": messages, "max_tokens": max_tokens}
