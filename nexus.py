@@ -7299,11 +7299,9 @@ class AnthropicFormat(ChatTranslator):
 
     def content_delta(self, kind: str, text: str) -> bytes:
         out = b""
-        if self.open_kind != kind:
-            block = {"type": kind, kind: ""}
-            if kind == "thinking":
-                block["signature"] = ""
-            out = self.open(block)
+        if self.open_kind != kind:  # a thinking block carries a signature (empty: not Claude's)
+            signature = {"signature": ""} if kind == "thinking" else {}
+            out = self.open({"type": kind, kind: "", **signature})
         if kind == "text":
             self.text_tail = (self.text_tail + text)[-200:]
         delta = {"type": kind + "_delta", kind: text}
