@@ -7081,7 +7081,9 @@ def reply_parts(parsed: dict[str, Any]) -> tuple[dict[str, Any], str, str, list[
     text = message.get("content")
     if isinstance(text, list):  # some servers answer with content parts
         text = "".join(p.get("text", "") for p in text if isinstance(p, dict))
-    calls = [call for call in message.get("tool_calls") or () if isinstance(call, dict)]
+    calls = message.get("tool_calls") or []
+    if calls:
+        calls = [call for call in calls if isinstance(call, dict)]
     return choice, reasoning_of(message), text if isinstance(text, str) else "", calls
 
 
