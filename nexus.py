@@ -6088,113 +6088,66 @@ SAMPLING_FIELDS = ("temperature", "top_p", "top_k")  # the same name and meaning
 MATCHED_STOP_FIELDS = ("stop_reason", "stopping_word", "stop_word")
 
 
-def anthropic_message(error: NexusError) -> str:
-    """An error's message in Anthropic's words where clients act on them: Claude Code compacts
-    on exactly "prompt is too long: N tokens > M maximum" (nothing after it)."""
-    if error.code == "context_length_exceeded" and error.context:
-        prompt, context = error.context["prompt_tokens"], error.context["context_length"]
-        return f"prompt is too long: {prompt} tokens > {context} maximum"
-    return error.message
-
-
 def anthropic_error(error: NexusError) -> dict[str, Any]:
-    """An error as Anthropic's API writes it, for the same status."""
+    """An error as Anthropic's API writes it, for the same status. Claude Code compacts on
+    exactly "prompt is too long: N tokens > M maximum" (nothing after it)."""
     kind = ANTHROPIC_ERROR_TYPES.get(error.status)
     if kind is None:
         kind = "api_error" if error.status >= 500 else "invalid_request_error"
-    return {"type": "error", "error": {"type": kind, "message": anthropic_message(error)}}
+    message = error.message
+    if error.code == "context_length_exceeded" and error.context:
+        prompt, context = error.context["prompt_tokens"], error.context["context_length"]
+        message = f"prompt is too long: {prompt} tokens > {context} maximum"
+    return {"type": "error", "error": {"type": kind, "message": message}}
 
 
-def messages_to_chat(body: dict[str, Any]) -> dict[str, Any]:
-    """A Messages request as the chat completion an OpenAI-style backend serves.
+def sse_event(name: str, data: dict[str, Any]) -> bytes:
+    """One named SSE event with its JSON data."""
+    return f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
 
-    What only Anthropic's servers understand (cache_control, context_management, thinking
-    budgets, betas) is left out; what cannot be said in chat terms at all is a 400.
-    """
-    model = require_model(body)
-    max_tokens = body.get("max_tokens")
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-        raise bad_request("max_tokens: a positive integer is required", "max_tokens")
-    turns = body.get("messages")
-    if not isinstance(turns, list) or not turns:
-        raise bad_request("messages: must be a non-empty array of messages", "messages")
-    chat_messages: list[dict[str, Any]] = []
-    # A "system" turn among the messages (Claude Code sends its environment so for a model it
-    # does not know) joins the system prompt: chat templates refuse a system message later on.
-    system = "\n\n".join(
-        text
-        for text in [system_text(body.get("system"))]
-        + [system_text(t.get("content")) for t in turns if is_system_turn(t)]
-        if text
-    )
-    if system:
-        chat_messages.append({"role": "system", "content": system})
-    for i, turn in enumerate(turns):
-        if not is_system_turn(turn):
-            chat_messages.extend(chat_turns(turn, f"messages.{i}"))
-    chat: dict[str, Any] = {"model": model, "messages": chat_messages, "max_tokens": max_tokens}
-    if "stream" in body:
-        if not isinstance(body["stream"], bool):
-            raise bad_request("stream: must be a boolean", "stream")
-        chat["stream"] = body["stream"]
-    for name in SAMPLING_FIELDS:
+
+def error_event(message: str) -> bytes:
+    """The error event that ends a Messages stream Nexus had to cut."""
+    return sse_event("error", anthropic_error(NexusError(502, "backend_error", None, message)))
+
+
+def copy_options(body: dict[str, Any], chat: dict[str, Any], names: tuple, kind: str) -> None:
+    """Copy the named options a request sets to its chat request; each must be a `kind`."""
+    for name in names:
         value = body.get(name)
-        if value is not None:
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise bad_request(f"{name}: must be a number", name)
-            chat[name] = value
-    stop = body.get("stop_sequences")
-    if stop is not None:
-        if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
-            raise bad_request("stop_sequences: must be an array of strings", "stop_sequences")
-        if stop:
-            chat["stop"] = stop
-    metadata = body.get("metadata")
-    if isinstance(metadata, dict) and isinstance(metadata.get("user_id"), str):
-        chat["user"] = metadata["user_id"]
-    tools = body.get("tools")
-    if tools is not None and not isinstance(tools, list):
-        raise bad_request("tools: must be an array", "tools")
-    if tools:
-        chat["tools"] = [chat_tool(tool, f"tools.{i}") for i, tool in enumerate(tools)]
-        choice = body.get("tool_choice")
-        if choice is not None:
-            if not isinstance(choice, dict):
-                raise bad_request("tool_choice: must be an object", "tool_choice")
-            chat["tool_choice"] = tool_choice_for("chat", choice)
-            if choice.get("disable_parallel_tool_use") is True and choice.get("type") != "none":
-                chat["parallel_tool_calls"] = False
-    return chat
+        if value is None:
+            continue
+        # A bool is an int to Python: a boolean must be one, a number must not.
+        if isinstance(value, bool) != (kind == "boolean") or not isinstance(value, int | float):
+            raise bad_request(f"{name}: must be a {kind}", name)
+        chat[name] = value
+
+
+def chat_content(parts: list[dict[str, Any]]) -> str | list[dict[str, Any]]:
+    """Chat parts as a message's content: one string, blank-line joined, when all are text."""
+    if len(parts) == 1 and parts[0]["type"] == "text":
+        return parts[0]["text"]  # the usual case, without a pass over the parts
+    texts = [part["text"] for part in parts if part["type"] == "text"]
+    return "\n\n".join(texts) if len(texts) == len(parts) else parts
+
+
+def chat_call(call_id: str, name: str, arguments: Any) -> dict[str, Any]:
+    """A tool call as a chat assistant message carries it, its arguments as JSON text."""
+    if not isinstance(arguments, str):
+        arguments = json.dumps(arguments, ensure_ascii=False)
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
 
 
 def system_text(system: Any) -> str:
     """The system prompt: a string, or text blocks joined (their cache_control is Anthropic's)."""
-    if system is None:
-        return ""
-    if isinstance(system, str):
-        return system
-    if isinstance(system, list):
-        texts = []
-        for i, block in enumerate(system):
-            if not isinstance(block, dict) or not isinstance(block.get("text"), str):
-                raise bad_request(f"system.{i}: expected a text block", "system")
-            texts.append(block["text"])
-        return "\n\n".join(texts)
-    raise bad_request("system: must be a string or an array of text blocks", "system")
-
-
-def block_kind(block: Any, where: str) -> str:
-    """A Messages content block's type (a 400 for a block without one)."""
-    if not isinstance(block, dict) or not isinstance(block.get("type"), str):
-        raise bad_request(f"{where}: expected a content block with a type", "messages")
-    return block["type"]
-
-
-def block_text(block: dict[str, Any], where: str) -> str:
-    """A text block's text (a 400 when it is not a string)."""
-    if not isinstance(block.get("text"), str):
-        raise bad_request(f"{where}.text: must be a string", "messages")
-    return block["text"]
+    if system is None or isinstance(system, str):
+        return system or ""
+    if not isinstance(system, list):
+        raise bad_request("system: must be a string or an array of text blocks", "system")
+    for i, block in enumerate(system):
+        if not isinstance(block, dict) or not isinstance(block.get("text"), str):
+            raise bad_request(f"system.{i}: expected a text block", "system")
+    return "\n\n".join([block["text"] for block in system])
 
 
 def unsupported_block(kind: str, where: str) -> NexusError:
@@ -6205,13 +6158,80 @@ def unsupported_block(kind: str, where: str) -> NexusError:
     )
 
 
-def is_system_turn(turn: Any) -> bool:
-    """A Messages turn with the role "system", which Anthropic's API itself does not know."""
-    return isinstance(turn, dict) and turn.get("role") == "system"
+def image_part(block: dict[str, Any], where: str) -> dict[str, Any]:
+    """A Messages image block as a chat image_url part."""
+    source = object_of(block.get("source"))
+    url = source.get("url") if source.get("type") == "url" else None
+    if source.get("type") == "base64":
+        media_type, data = source.get("media_type"), source.get("data")
+        if isinstance(media_type, str) and isinstance(data, str):
+            url = f"data:{media_type};base64,{data}"
+    if not isinstance(url, str):
+        raise bad_request(f"{where}.source: expected a base64 or url image source", "messages")
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def tool_message(block: dict[str, Any], where: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A tool_result block as a chat "tool" message, and its images: a "tool" message carries
+    text only, so they travel in the user message that follows."""
+    if not isinstance(block.get("tool_use_id"), str):
+        raise bad_request(f"{where}.tool_use_id: must be a string", "messages")
+    content = block.get("content")
+    images: list[dict[str, Any]] = []
+    if isinstance(content, list):
+        parts = chat_parts(content, where, "tool")[0]
+        images = [part for part in parts if part["type"] != "text"]
+        content = "\n\n".join([part["text"] for part in parts if part["type"] == "text"])
+    elif content is not None and not isinstance(content, str):
+        raise bad_request(f"{where}.content: must be a string or an array", "messages")
+    text = content or ""
+    if block.get("is_error") is True:
+        text = f"Error: {text}"
+    return {"role": "tool", "tool_call_id": block["tool_use_id"], "content": text}, images
+
+
+def chat_parts(blocks: list[Any], where: str, role: str) -> tuple[list, list, list]:
+    """Content blocks as chat parts (text, images), tool calls and "tool" messages. Which may
+    come depends on the role: an assistant's text, tool_use and thinking (dropped, as chat
+    templates drop earlier reasoning); a user's text, images, tool results and plain-text
+    documents; a tool result's ("tool") text and images."""
+    parts: list[dict[str, Any]] = []
+    calls: list[dict[str, Any]] = []
+    results: list[dict[str, Any]] = []
+    for j, block in enumerate(blocks):
+        at = f"{where}.content.{j}"
+        if not isinstance(block, dict) or not isinstance(block.get("type"), str):
+            raise bad_request(f"{at}: expected a content block with a type", "messages")
+        kind = block["type"]
+        if kind == "text":
+            if not isinstance(block.get("text"), str):
+                raise bad_request(f"{at}.text: must be a string", "messages")
+            parts.append({"type": "text", "text": block["text"]})
+        elif role == "assistant" and kind == "tool_use":
+            if not isinstance(block.get("id"), str) or not isinstance(block.get("name"), str):
+                raise bad_request(f"{at}: a tool_use block needs an id and a name", "messages")
+            arguments = {} if block.get("input") is None else block["input"]
+            calls.append(chat_call(block["id"], block["name"], arguments))
+        elif role == "assistant" and kind in ("thinking", "redacted_thinking"):
+            continue
+        elif role != "assistant" and kind == "image":
+            parts.append(image_part(block, at))
+        elif role == "user" and kind == "tool_result":
+            result, images = tool_message(block, at)
+            results.append(result)
+            parts.extend(images)
+        elif role == "user" and kind == "document" and isinstance(block.get("source"), dict):
+            source = block["source"]
+            if source.get("type") != "text" or not isinstance(source.get("data"), str):
+                raise unsupported_block("document (other than plain text)", at)
+            parts.append({"type": "text", "text": source["data"]})
+        else:
+            raise unsupported_block(kind, at)
+    return parts, calls, results
 
 
 def chat_turns(turn: Any, where: str) -> list[dict[str, Any]]:
-    """One Messages turn as chat messages: a user turn's tool results become "tool" messages."""
+    """One Messages turn as chat messages (a user turn's tool results first, as "tool" ones)."""
     if not isinstance(turn, dict):
         raise bad_request(f"{where}: must be an object", "messages")
     role = turn.get("role")
@@ -6222,119 +6242,15 @@ def chat_turns(turn: Any, where: str) -> list[dict[str, Any]]:
         return [{"role": role, "content": content}]
     if not isinstance(content, list):
         raise bad_request(f"{where}.content: must be a string or an array of blocks", "messages")
+    parts, calls, results = chat_parts(content, where, role)
     if role == "assistant":
-        return [assistant_turn(content, where)]
-    return user_turns(content, where)
-
-
-def assistant_turn(blocks: list[Any], where: str) -> dict[str, Any]:
-    """A Messages assistant turn as a chat assistant message (text and tool calls)."""
-    texts: list[str] = []
-    calls: list[dict[str, Any]] = []
-    for j, block in enumerate(blocks):
-        at = f"{where}.content.{j}"
-        kind = block_kind(block, at)
-        if kind == "text":
-            texts.append(block_text(block, at))
-        elif kind == "tool_use":
-            if not isinstance(block.get("id"), str) or not isinstance(block.get("name"), str):
-                raise bad_request(f"{at}: a tool_use block needs an id and a name", "messages")
-            arguments = block.get("input") if block.get("input") is not None else {}
-            calls.append(
-                {
-                    "id": block["id"],
-                    "type": "function",
-                    "function": {
-                        "name": block["name"],
-                        "arguments": json.dumps(arguments, ensure_ascii=False),
-                    },
-                }
-            )
-        elif kind not in ("thinking", "redacted_thinking"):
-            # Reasoning from earlier turns is not sent back, as chat templates drop it too.
-            raise unsupported_block(kind, at)
-    message: dict[str, Any] = {"role": "assistant", "content": "\n\n".join(texts) or None}
-    if calls:
-        message["tool_calls"] = calls
-    elif message["content"] is None:
-        message["content"] = ""
-    return message
-
-
-def user_turns(blocks: list[Any], where: str) -> list[dict[str, Any]]:
-    """A Messages user turn as chat messages: its tool results, then what the user said."""
-    tool_messages: list[dict[str, Any]] = []
-    parts: list[dict[str, Any]] = []
-    for j, block in enumerate(blocks):
-        at = f"{where}.content.{j}"
-        kind = block_kind(block, at)
-        if kind == "text":
-            parts.append({"type": "text", "text": block_text(block, at)})
-        elif kind == "image":
-            parts.append(image_part(block, at))
-        elif kind == "tool_result":
-            text, images = tool_result_content(block, at)
-            tool_messages.append(
-                {"role": "tool", "tool_call_id": block["tool_use_id"], "content": text}
-            )
-            parts.extend(images)  # a chat "tool" message carries text only
-        elif kind == "document" and isinstance(block.get("source"), dict):
-            source = block["source"]
-            if source.get("type") != "text" or not isinstance(source.get("data"), str):
-                raise unsupported_block("document (other than plain text)", at)
-            parts.append({"type": "text", "text": source["data"]})
-        else:
-            raise unsupported_block(kind, at)
+        text = chat_content(parts)  # a string: an assistant's parts are all text
+        if calls:
+            return [{"role": "assistant", "content": text or None, "tool_calls": calls}]
+        return [{"role": "assistant", "content": text}]
     if parts:
-        if all(part["type"] == "text" for part in parts):
-            content: Any = "\n\n".join(part["text"] for part in parts)
-        else:
-            content = parts
-        tool_messages.append({"role": "user", "content": content})
-    return tool_messages or [{"role": "user", "content": ""}]
-
-
-def image_part(block: dict[str, Any], where: str) -> dict[str, Any]:
-    """A Messages image block as a chat image_url part."""
-    source = block.get("source")
-    if isinstance(source, dict):
-        if (
-            source.get("type") == "base64"
-            and isinstance(source.get("media_type"), str)
-            and isinstance(source.get("data"), str)
-        ):
-            url = f"data:{source['media_type']};base64,{source['data']}"
-            return {"type": "image_url", "image_url": {"url": url}}
-        if source.get("type") == "url" and isinstance(source.get("url"), str):
-            return {"type": "image_url", "image_url": {"url": source["url"]}}
-    raise bad_request(f"{where}.source: expected a base64 or url image source", "messages")
-
-
-def tool_result_content(block: dict[str, Any], where: str) -> tuple[str, list[dict[str, Any]]]:
-    """A tool result's text, and its images (which must travel in a user message)."""
-    if not isinstance(block.get("tool_use_id"), str):
-        raise bad_request(f"{where}.tool_use_id: must be a string", "messages")
-    content = block.get("content")
-    texts: list[str] = []
-    images: list[dict[str, Any]] = []
-    if isinstance(content, str):
-        texts.append(content)
-    elif isinstance(content, list):
-        for k, item in enumerate(content):
-            at = f"{where}.content.{k}"
-            kind = block_kind(item, at)
-            if kind == "text":
-                texts.append(block_text(item, at))
-            elif kind == "image":
-                images.append(image_part(item, at))
-            else:
-                raise unsupported_block(kind, at)
-    elif content is not None:
-        raise bad_request(f"{where}.content: must be a string or an array", "messages")
-    text = "\n\n".join(texts)
-    if block.get("is_error") is True:
-        text = f"Error: {text}"
-    return text, images
+        results.append({"role": "user", "content": chat_content(parts)})
+    return results or [{"role": "user", "content": ""}]
 
 
 def chat_tool(tool: Any, where: str) -> dict[str, Any]:
@@ -6353,75 +6269,115 @@ def chat_tool(tool: Any, where: str) -> dict[str, Any]:
     return {"type": "function", "function": function}
 
 
-def count_message_tokens(body: dict[str, Any]) -> int:
-    """The input tokens of a Messages request (the body /v1/messages/count_tokens is sent)."""
-    chat = messages_to_chat(dict(body, max_tokens=1))  # count_tokens bodies have no max_tokens
-    return chat_needs(chat, IMAGE_TOKENS).prompt_tokens
+def messages_to_chat(body: dict[str, Any]) -> dict[str, Any]:
+    """A Messages request as the chat completion an OpenAI-style backend serves. What only
+    Anthropic's servers understand (cache_control, context_management, thinking budgets, betas)
+    is left out; what cannot be said in chat terms at all is a 400."""
+    model = require_model(body)
+    max_tokens = positive_int(body.get("max_tokens"))
+    if max_tokens is None:
+        raise bad_request("max_tokens: a positive integer is required", "max_tokens")
+    turns = body.get("messages")
+    if not isinstance(turns, list) or not turns:
+        raise bad_request("messages: must be a non-empty array of messages", "messages")
+    # A "system" turn among the messages (Claude Code sends its environment so for a model it
+    # does not know) joins the system prompt: chat templates refuse a system message later on.
+    system = [system_text(body.get("system"))]
+    messages: list[dict[str, Any]] = []
+    for i, turn in enumerate(turns):
+        if isinstance(turn, dict) and turn.get("role") == "system":
+            system.append(system_text(turn.get("content")))
+        else:
+            messages.extend(chat_turns(turn, f"messages.{i}"))
+    system_prompt = "\n\n".join([text for text in system if text])
+    if system_prompt:
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    chat: dict[str, Any] = {"model": model, "messages": messages, "max_tokens": max_tokens}
+    if "stream" in body:
+        if not isinstance(body["stream"], bool):
+            raise bad_request("stream: must be a boolean", "stream")
+        chat["stream"] = body["stream"]
+    copy_options(body, chat, SAMPLING_FIELDS, "number")
+    stop = body.get("stop_sequences")
+    if stop is not None:
+        if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+            raise bad_request("stop_sequences: must be an array of strings", "stop_sequences")
+        if stop:
+            chat["stop"] = stop
+    metadata = object_of(body.get("metadata"))
+    if isinstance(metadata.get("user_id"), str):
+        chat["user"] = metadata["user_id"]
+    tools = body.get("tools")
+    if tools is not None and not isinstance(tools, list):
+        raise bad_request("tools: must be an array", "tools")
+    if tools:
+        chat["tools"] = [chat_tool(tool, f"tools.{i}") for i, tool in enumerate(tools)]
+        choice = body.get("tool_choice")
+        if choice is not None:
+            if not isinstance(choice, dict):
+                raise bad_request("tool_choice: must be an object", "tool_choice")
+            chat["tool_choice"] = tool_choice_for("chat", choice)
+            if choice.get("disable_parallel_tool_use") is True and choice.get("type") != "none":
+                chat["parallel_tool_calls"] = False
+    return chat
 
 
 def reasoning_of(message: dict[str, Any]) -> str:
     """Reasoning text as backends name it: vLLM, llama.cpp and Ollama differ."""
-    for key in ("reasoning_content", "reasoning"):
-        value = message.get(key)
-        if isinstance(value, str) and value:
-            return value
-    return ""
+    value = message.get("reasoning_content")
+    if not isinstance(value, str) or not value:
+        value = message.get("reasoning")
+    return value if isinstance(value, str) else ""
 
 
-def matched_stop_sequence(choice: dict[str, Any], text: str, sequences: list[str]) -> str | None:
-    """Which requested stop sequence ended the answer: the backend's word for it when it says,
-    else one the text still ends with (some servers keep it); None when none did."""
-    for key in MATCHED_STOP_FIELDS:
-        if choice.get(key) in sequences:
-            return choice[key]
-    for sequence in sequences:
-        if text.endswith(sequence):
-            return sequence
-    return None
+def reply_parts(parsed: dict[str, Any]) -> tuple[dict[str, Any], str, str, list[dict[str, Any]]]:
+    """A whole chat answer's first choice, and its reasoning, text and tool calls."""
+    choices = parsed.get("choices")
+    choice = object_of(choices[0]) if isinstance(choices, list) and choices else {}
+    message = object_of(choice.get("message"))
+    text = message.get("content")
+    if isinstance(text, list):  # some servers answer with content parts
+        text = "".join(p.get("text", "") for p in text if isinstance(p, dict))
+    calls = message.get("tool_calls") or []
+    if calls:
+        calls = [call for call in calls if isinstance(call, dict)]
+    return choice, reasoning_of(message), text if isinstance(text, str) else "", calls
 
 
 def stop_reason_of(
     choice: dict[str, Any], text: str, sequences: list[str], tool_use: bool
 ) -> tuple[str, str | None]:
-    """Anthropic's stop_reason and stop_sequence for a chat answer's finish."""
+    """Anthropic's stop_reason and stop_sequence for a chat answer's finish: the sequence is the
+    backend's word for it when it says, else one the text still ends with (some servers keep it)."""
     finish = choice.get("finish_reason")
     if tool_use and finish in (None, "stop", "tool_calls", "function_call"):
         return "tool_use", None
     if finish in (None, "stop"):
-        sequence = matched_stop_sequence(choice, text, sequences)
-        if sequence is not None:
-            return "stop_sequence", sequence
+        for key in MATCHED_STOP_FIELDS:
+            if choice.get(key) in sequences:
+                return "stop_sequence", choice[key]
+        for sequence in sequences:
+            if text.endswith(sequence):
+                return "stop_sequence", sequence
     return STOP_REASONS.get(finish or "stop", "end_turn"), None
 
 
 def chat_to_message(
-    parsed: dict[str, Any],
-    model: str,
-    stop_sequences: list[str] | None = None,
-    input_estimate: int = 0,
+    parsed: dict[str, Any], model: str, sequences: list[str] | None = None, input_estimate: int = 0
 ) -> dict[str, Any]:
     """A chat completion as a Messages answer: reasoning first as a thinking block, then the
     text, then tool calls as tool_use blocks (their ids kept)."""
-    choices = parsed.get("choices")
-    choice = choices[0] if isinstance(choices, list) and choices else {}
-    choice = choice if isinstance(choice, dict) else {}
-    message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
-    content: list[dict[str, Any]] = []
-    reasoning = reasoning_of(message)
-    if reasoning:
-        content.append({"type": "thinking", "thinking": reasoning, "signature": ""})
-    text = message.get("content")
-    if isinstance(text, list):  # some servers answer with content parts
-        text = "".join(p.get("text", "") for p in text if isinstance(p, dict))
-    text = text if isinstance(text, str) else ""
-    calls = [b for b in map(tool_use_block, message.get("tool_calls") or ()) if b is not None]
-    reason, sequence = stop_reason_of(choice, text, stop_sequences or [], bool(calls))
+    choice, reasoning, text, calls = reply_parts(parsed)
+    blocks = [block for block in map(tool_use_block, calls) if block is not None]
+    reason, sequence = stop_reason_of(choice, text, sequences or [], bool(blocks))
     if sequence is not None and text.endswith(sequence):
         text = text[: -len(sequence)]  # Anthropic's answers never include the sequence
+    content = [{"type": "thinking", "thinking": reasoning, "signature": ""}] if reasoning else []
     if text:
         content.append({"type": "text", "text": text})
-    content.extend(calls)
-    output_chars = len(reasoning) + len(text) + sum(len(json.dumps(c["input"])) for c in calls)
+    content.extend(blocks)
+    chars = len(reasoning) + len(text) + sum(len(json.dumps(b["input"])) for b in blocks)
+    usage = usage_or_estimate(parsed.get("usage"), input_estimate, -(-chars // CHARS_PER_TOKEN))
     return {
         "id": "msg_" + str(parsed.get("id") or new_block_id("")),
         "type": "message",
@@ -6430,15 +6386,8 @@ def chat_to_message(
         "content": content,
         "stop_reason": reason,
         "stop_sequence": sequence,
-        "usage": usage_or_estimate(
-            parsed.get("usage"), input_estimate, -(-output_chars // CHARS_PER_TOKEN)
-        ).as_anthropic(),
+        "usage": usage.as_anthropic(),
     }
-
-
-def sse_event(name: str, data: dict[str, Any]) -> bytes:
-    """One named SSE event with its JSON data."""
-    return f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
 
 
 class AnthropicEvents(NativeStream):
@@ -6475,81 +6424,108 @@ class AnthropicEvents(NativeStream):
     def error(self, endpoint: str, model: str, message: str) -> bytes:
         """An error event, unless the backend's own error event said it already."""
         if self.failed:
-            return b""  # the backend's own error event said it
+            return b""
         self.failed = True
-        return sse_event("error", anthropic_error(NexusError(502, "backend_error", None, message)))
+        return error_event(message)
 
 
-class AnthropicFormat(OpenAIFormat):
-    """Writes chat-completion answers as Messages answers: the whole message, or Anthropic's
-    event stream translated chunk by chunk. One instance serves one request.
-
-    Stream state: which content block is open (thinking, text or one per tool call), the
-    finish reason and the usage the backend reported, characters sent (an output estimate
-    for backends that report no usage).
-
-    An anthropic backend speaks Messages itself: it is sent the client's own request and its
-    answer, events included, is relayed untranslated (AnthropicEvents reads them on the way).
-    """
+class ChatTranslator(OpenAIFormat):
+    """What the Messages and Responses doors share: a chat stream read chunk by chunk, each piece
+    handed to the door's own writer (start, content_delta for thinking or text, open_call and
+    arguments_delta for a tool call, finished), and the output counted in characters for the
+    usage of a backend that reports none."""
 
     keeps_usage = True
+
+    def __init__(self, body: dict[str, Any], needs: RequestNeeds) -> None:
+        self.native_body = body
+        self.model = needs.model
+        self.input_estimate = needs.prompt_tokens
+        self.started = False
+        self.failed = False
+        self.usage: Any = None  # as the backend reported it
+        self.output_chars = 0
+        self.calls: dict[Any, int] = {}  # a chat tool call's index (or id) -> its block or item
+        self.last_call: Any = None
+
+    def begin(self, model: Any) -> bytes:
+        """The stream's first events, naming the model that serves where the backend says."""
+        if not self.started and isinstance(model, str) and model:
+            self.model = model
+        return self.start()
+
+    def estimated_usage(self, usage: Any) -> TokenUsage:
+        output = -(-self.output_chars // CHARS_PER_TOKEN)
+        return usage_or_estimate(usage, self.input_estimate, output)
+
+    def chunk(self, data: bytes, chunk: dict[str, Any]) -> bytes:
+        """One chat chunk (well formed: chat_line drops any other) as the door's events."""
+        out = [b"" if self.started else self.begin(chunk.get("model"))]
+        if isinstance(chunk.get("usage"), dict):
+            self.usage = chunk["usage"]
+        choices = chunk.get("choices")
+        if not choices:
+            return out[0]
+        choice = choices[0]
+        delta = choice.get("delta") or {}
+        reasoning = reasoning_of(delta)
+        if reasoning:
+            self.output_chars += len(reasoning)
+            out.append(self.content_delta("thinking", reasoning))
+        text = delta.get("content")
+        if isinstance(text, str) and text:
+            self.output_chars += len(text)
+            out.append(self.content_delta("text", text))
+        calls = delta.get("tool_calls")
+        for call in calls if isinstance(calls, list) else ():
+            if isinstance(call, dict):
+                out.append(self.tool_call(call))
+        if choice.get("finish_reason"):
+            out.append(self.finished(choice))
+        return b"".join(out)
+
+    def tool_call(self, call: dict[str, Any]) -> bytes:
+        """A streamed tool call's head (id, name) or argument fragment, keyed by index (or id)."""
+        function = call.get("function") if isinstance(call.get("function"), dict) else {}
+        if isinstance(call.get("index"), int):
+            key = call["index"]
+        else:
+            key = call.get("id") or self.last_call
+        self.last_call = key
+        out = b"" if key in self.calls else self.open_call(key, call, function)
+        arguments = function.get("arguments")
+        if isinstance(arguments, dict):  # some servers send the whole input as an object
+            arguments = json.dumps(arguments)
+        if not isinstance(arguments, str) or not arguments:
+            return out
+        self.output_chars += len(arguments)
+        return out + self.arguments_delta(self.calls[key], arguments)
+
+
+class AnthropicFormat(ChatTranslator):
+    """Writes chat-completion answers as Messages answers: the whole message, or Anthropic's
+    event stream, one content block open at a time (thinking, text or one per tool call). An
+    anthropic backend speaks Messages itself: its answer is relayed as it is (AnthropicEvents)."""
+
     native_api = "anthropic"
     native_path = MESSAGES_PATH
     chat_request = staticmethod(messages_to_chat)
     error_document = staticmethod(anthropic_error)
 
     def __init__(self, body: dict[str, Any], needs: RequestNeeds) -> None:
-        self.native_body = body
-        self.model = needs.model
+        super().__init__(body, needs)
         self.stop_sequences: list[str] = list(body.get("stop_sequences") or [])
-        self.input_estimate = needs.prompt_tokens
         self.id = new_block_id("msg_")
-        self.started = False
-        self.failed = False
         self.index = -1  # the last content block opened
-        self.open_kind: str | None = None  # the open block: thinking, text or tool_use
-        self.tools: dict[Any, int] = {}  # a tool call's index (or id) in chat -> its block
-        self.last_tool: Any = None
+        self.open_kind: str | None = None  # the open block's: thinking, text or tool_use
         self.finish: dict[str, Any] = {}  # the choice that carried the finish reason
-        self.usage: dict[str, Any] | None = None
-        self.output_chars = 0
         self.text_tail = ""  # the end of the text, to find a stop sequence it ends with
 
     def body(self, answer: bytes, parsed: dict[str, Any]) -> bytes:
-        """A whole chat answer as a Messages answer."""
         message = chat_to_message(parsed, self.model, self.stop_sequences, self.input_estimate)
         return json.dumps(message).encode()
 
-    def chunk(self, data: bytes, chunk: dict[str, Any]) -> bytes:
-        """One chat chunk as the Messages events it makes (blocks opened, deltas)."""
-        out = [self.start(chunk.get("model"))]
-        if isinstance(chunk.get("usage"), dict):
-            self.usage = chunk["usage"]
-        choices = chunk.get("choices")
-        choice = choices[0] if isinstance(choices, list) and choices else None
-        if not isinstance(choice, dict):
-            return b"".join(out)
-        delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
-        reasoning = reasoning_of(delta)
-        if reasoning:
-            out.append(self.open("thinking", {"type": "thinking", "thinking": "", "signature": ""}))
-            out.append(self.delta({"type": "thinking_delta", "thinking": reasoning}))
-            self.output_chars += len(reasoning)
-        text = delta.get("content")
-        if isinstance(text, str) and text:
-            out.append(self.open("text", {"type": "text", "text": ""}))
-            out.append(self.delta({"type": "text_delta", "text": text}))
-            self.output_chars += len(text)
-            self.text_tail = (self.text_tail + text)[-200:]
-        calls = delta.get("tool_calls")
-        for call in calls if isinstance(calls, list) else ():
-            out.append(self.tool_call_delta(call))
-        if choice.get("finish_reason"):
-            self.finish = choice
-            out.append(self.close())
-        return b"".join(out)
-
-    def start(self, model: Any) -> bytes:
+    def start(self) -> bytes:
         """message_start and a ping, once, before anything else."""
         if self.started:
             return b""
@@ -6558,103 +6534,76 @@ class AnthropicFormat(OpenAIFormat):
             "id": self.id,
             "type": "message",
             "role": "assistant",
-            "model": model if isinstance(model, str) and model else self.model,
+            "model": self.model,
             "content": [],
             "stop_reason": None,
             "stop_sequence": None,
             "usage": TokenUsage(self.input_estimate).as_anthropic(),
         }
-        return sse_event("message_start", {"type": "message_start", "message": message}) + (
-            sse_event("ping", {"type": "ping"})
-        )
+        start = sse_event("message_start", {"type": "message_start", "message": message})
+        return start + sse_event("ping", {"type": "ping"})
 
-    def open(self, kind: str, block: dict[str, Any]) -> bytes:
-        """Open a content block of this kind (closing the one open), unless it is open."""
-        if self.open_kind == kind:
-            return b""
+    def open(self, block: dict[str, Any]) -> bytes:
         closed = self.close()
         self.index += 1
-        self.open_kind = kind
+        self.open_kind = block["type"]
         start = {"type": "content_block_start", "index": self.index, "content_block": block}
         return closed + sse_event("content_block_start", start)
 
     def close(self) -> bytes:
-        """Close the open content block, if any."""
         if self.open_kind is None:
             return b""
         self.open_kind = None
         return sse_event("content_block_stop", {"type": "content_block_stop", "index": self.index})
 
-    def delta(self, delta: dict[str, Any], index: int | None = None) -> bytes:
-        """A content_block_delta event for the open block (or the one at index)."""
-        event = {
-            "type": "content_block_delta",
-            "index": self.index if index is None else index,
-            "delta": delta,
-        }
-        return sse_event("content_block_delta", event)
-
-    def tool_call_delta(self, call: Any) -> bytes:
-        """OpenAI sends a tool call as a head (id, name) then argument fragments, keyed by its
-        index; each call becomes a tool_use block and each fragment an input_json_delta."""
-        if not isinstance(call, dict):
-            return b""
-        function = call.get("function") if isinstance(call.get("function"), dict) else {}
-        if isinstance(call.get("index"), int):
-            key = call["index"]
-        elif call.get("id"):
-            key = call["id"]
-        else:
-            key = self.last_tool
+    def content_delta(self, kind: str, text: str) -> bytes:
         out = b""
-        if key not in self.tools:
-            block = {
-                "type": "tool_use",
-                "id": call.get("id") or new_block_id("toolu_"),
-                "name": function.get("name") or "",
-                "input": {},
-            }
-            out = self.open("tool_use:" + str(key), block)
-            self.tools[key] = self.index
-        self.last_tool = key
-        arguments = function.get("arguments")
-        if isinstance(arguments, dict):  # some servers send the whole input as an object
-            arguments = json.dumps(arguments)
-        if isinstance(arguments, str) and arguments:
-            self.output_chars += len(arguments)
-            delta = {"type": "input_json_delta", "partial_json": arguments}
-            out += self.delta(delta, self.tools[key])
+        if self.open_kind != kind:  # a thinking block carries a signature (empty: not Claude's)
+            signature = {"signature": ""} if kind == "thinking" else {}
+            out = self.open({"type": kind, kind: "", **signature})
+        if kind == "text":
+            self.text_tail = (self.text_tail + text)[-200:]
+        delta = {"type": kind + "_delta", kind: text}
+        event = {"type": "content_block_delta", "index": self.index, "delta": delta}
+        return out + sse_event("content_block_delta", event)
+
+    def open_call(self, key: Any, call: dict[str, Any], function: dict[str, Any]) -> bytes:
+        call_id, name = call.get("id") or new_block_id("toolu_"), function.get("name") or ""
+        out = self.open({"type": "tool_use", "id": call_id, "name": name, "input": {}})
+        self.calls[key] = self.index
         return out
 
+    def arguments_delta(self, index: int, arguments: str) -> bytes:
+        delta = {"type": "input_json_delta", "partial_json": arguments}
+        event = {"type": "content_block_delta", "index": index, "delta": delta}
+        return sse_event("content_block_delta", event)
+
+    def finished(self, choice: dict[str, Any]) -> bytes:
+        self.finish = choice
+        return self.close()
+
     def error(self, endpoint: str, model: str, message: str) -> bytes:
-        """The error event that ends a stream Nexus had to cut."""
         self.failed = True
-        error = anthropic_error(NexusError(502, "backend_error", None, message))
-        return self.start(model) + sse_event("error", error)
+        return self.begin(model) + error_event(message)
 
     def native_stream(self) -> AnthropicEvents:
-        """A reader for an Anthropic backend's own Messages events."""
         return AnthropicEvents()
 
     def end(self) -> bytes:
         """The stream's last events: the open block closed, message_delta, message_stop."""
         if self.failed:
             return b""  # the error event was the stream's last word
-        out = [self.start(None), self.close()]
+        out = self.start() + self.close()
         reason, sequence = stop_reason_of(
-            self.finish, self.text_tail, self.stop_sequences, bool(self.tools)
+            self.finish, self.text_tail, self.stop_sequences, bool(self.calls)
         )
-        usage = usage_or_estimate(
-            self.usage, self.input_estimate, -(-self.output_chars // CHARS_PER_TOKEN)
-        ).as_anthropic()
         delta = {
             "type": "message_delta",
             "delta": {"stop_reason": reason, "stop_sequence": sequence},
-            "usage": usage,
+            "usage": self.estimated_usage(self.usage).as_anthropic(),
         }
-        out.append(sse_event("message_delta", delta))
-        out.append(sse_event("message_stop", {"type": "message_stop"}))
-        return b"".join(out)
+        stop = sse_event("message_stop", {"type": "message_stop"})
+        return out + sse_event("message_delta", delta) + stop
 
 
 async def messages(request: web.Request) -> web.StreamResponse:
@@ -6667,11 +6616,11 @@ async def messages_count_tokens(request: web.Request) -> web.Response:
     body = parse_json_body(await request.read())
     model = require_model(body)
     check_model(request, model)
-    settings = request.app[SETTINGS]
-    registry = request.app[REGISTRY]
+    settings, registry = request.app[SETTINGS], request.app[REGISTRY]
     if not model_known(model, registry, settings):
         raise model_not_found(model, registry, settings)
-    return web.json_response({"input_tokens": count_message_tokens(body)})
+    chat = messages_to_chat(dict(body, max_tokens=1))  # count_tokens bodies have no max_tokens
+    return web.json_response({"input_tokens": chat_needs(chat, IMAGE_TOKENS).prompt_tokens})
 
 
 # ==============================================================================================
@@ -6684,145 +6633,23 @@ async def messages_count_tokens(request: web.Request) -> web.Response:
 
 RESPONSES_PATH = "/v1/responses"
 JSON_STRING = json.encoder.encode_basestring_ascii  # a str as JSON, as json.dumps writes it
-RESPONSE_TEXT_PARTS = ("input_text", "output_text", "text")
 # Why an answer stopped short, by chat finish_reason: the response is "incomplete" then.
 INCOMPLETE_REASONS = {"length": "max_output_tokens", "content_filter": "content_filter"}
+# The events of a text item's deltas, by the kind of text: its reasoning or its answer.
+TEXT_EVENTS = {"thinking": "response.reasoning_text", "text": "response.output_text"}
 
 
-def responses_to_chat(body: dict[str, Any]) -> dict[str, Any]:
-    """A Responses request as the chat completion a backend serves: instructions and system or
-    developer messages lead as one system message, function calls and their outputs become
-    tool calls and tool messages, reasoning items are dropped, and only function tools are
-    offered (hosted tools such as web_search need OpenAI's servers)."""
-    model = require_model(body)
-    for name in ("previous_response_id", "conversation"):
-        if body.get(name) is not None:
-            raise bad_request(
-                f"{name}: Nexus keeps no conversations; send the whole conversation in input",
-                name,
-            )
-    system: list[str] = []
-    instructions = body.get("instructions")
-    if instructions is not None and not isinstance(instructions, str):
-        raise bad_request("instructions: must be a string", "instructions")
-    if instructions:
-        system.append(instructions)
-    items = body.get("input")
-    messages: list[dict[str, Any]] = []
-    if isinstance(items, str):
-        messages.append({"role": "user", "content": items})
-    elif isinstance(items, list) and items:
-        for i, item in enumerate(items):
-            add_input_item(messages, system, item, f"input[{i}]")
-    else:
-        raise bad_request("input: must be a string or a non-empty array of items", "input")
-    if system:
-        messages.insert(0, {"role": "system", "content": "\n\n".join(system)})
-    if not messages:
-        raise bad_request("input: holds no message to answer", "input")
-    chat: dict[str, Any] = {"model": model, "messages": messages}
-    for name in ("stream", "parallel_tool_calls"):
-        if body.get(name) is not None:
-            if not isinstance(body[name], bool):
-                raise bad_request(f"{name}: must be a boolean", name)
-            chat[name] = body[name]
-    for name in ("temperature", "top_p"):
-        value = body.get(name)
-        if value is not None:
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise bad_request(f"{name}: must be a number", name)
-            chat[name] = value
-    limit = body.get("max_output_tokens")
-    if limit is not None:
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-            raise bad_request("max_output_tokens: must be a positive integer", "max_output_tokens")
-        chat["max_tokens"] = limit
-    for name in ("prompt_cache_key", "user"):  # the cache key is a session key (SPEC 3.7)
-        if isinstance(body.get(name), str):
-            chat[name] = body[name]
-    tools = function_tools(body.get("tools"))
-    if tools:
-        chat["tools"] = [{"type": "function", "function": chat_function(t)} for t in tools]
-        choice = responses_tool_choice(body.get("tool_choice"))
-        if choice is not None:
-            chat["tool_choice"] = choice
-    else:
-        chat.pop("parallel_tool_calls", None)
-    text_format = response_text_format(body.get("text"))
-    if text_format is not None:
-        chat["response_format"] = text_format
-    return chat
-
-
-def add_input_item(
-    messages: list[dict[str, Any]], system: list[str], item: Any, where: str
-) -> None:
-    """One input item as chat messages (or system text)."""
-    if not isinstance(item, dict):
-        raise bad_request(f"{where}: must be an object", "input")
-    kind = item.get("type", "message" if "role" in item else None)
-    if kind == "message":
-        role = item.get("role")
-        if role not in ("user", "assistant", "system", "developer"):
-            raise bad_request(
-                f"{where}.role: must be user, assistant, system or developer", "input"
-            )
-        content = input_content(item.get("content"), where)
-        if role == "user":
-            messages.append({"role": "user", "content": content})
-            return
-        if not isinstance(content, str):
-            if any(part["type"] != "text" for part in content):
-                raise bad_request(f"{where}.content: only user messages carry images", "input")
-            content = "\n\n".join(part["text"] for part in content)
-        if role == "assistant":
-            messages.append({"role": "assistant", "content": content})
-        elif content:
-            system.append(content)
-    elif kind == "function_call":
-        call_id, name = item.get("call_id"), item.get("name")
-        if not isinstance(call_id, str) or not isinstance(name, str):
-            raise bad_request(f"{where}: a function_call needs a call_id and a name", "input")
-        arguments = item.get("arguments", "{}")
-        if not isinstance(arguments, str):
-            arguments = json.dumps(arguments, ensure_ascii=False)
-        call = {
-            "id": call_id,
-            "type": "function",
-            "function": {"name": name, "arguments": arguments},
-        }
-        last = messages[-1] if messages else None
-        if last is not None and last["role"] == "assistant":  # the same turn's text and calls
-            last.setdefault("tool_calls", []).append(call)
-        else:
-            messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
-    elif kind == "function_call_output":
-        if not isinstance(item.get("call_id"), str):
-            raise bad_request(f"{where}.call_id: must be a string", "input")
-        output = item.get("output")
-        if not isinstance(output, str):
-            parts = input_content(output, where)
-            output = "\n\n".join(p["text"] for p in parts if p["type"] == "text")
-        messages.append({"role": "tool", "tool_call_id": item["call_id"], "content": output})
-    elif kind != "reasoning":  # earlier reasoning is not sent back, as chat templates drop it
-        raise bad_request(
-            f"{where}.type: items of type {kind!r} cannot be served here (messages, "
-            "function_call, function_call_output and reasoning can)",
-            "input",
-        )
-
-
-def input_content(content: Any, where: str) -> str | list[dict[str, Any]]:
-    """A message's content: a string, or its parts as chat parts (text and image_url)."""
+def input_parts(content: Any, where: str) -> list[dict[str, Any]]:
+    """A message's content (a string or its parts) as chat parts: text and image_url."""
     if isinstance(content, str):
-        return content
+        return [{"type": "text", "text": content}]
     if not isinstance(content, list):
         raise bad_request(f"{where}.content: must be a string or an array of parts", "input")
     parts: list[dict[str, Any]] = []
     for j, part in enumerate(content):
         at = f"{where}.content[{j}]"
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind in RESPONSE_TEXT_PARTS or kind == "refusal":
+        if kind in ("input_text", "output_text", "text", "refusal"):
             text = part.get("refusal" if kind == "refusal" else "text")
             if not isinstance(text, str):
                 raise bad_request(f"{at}.text: must be a string", "input")
@@ -6838,14 +6665,55 @@ def input_content(content: Any, where: str) -> str | list[dict[str, Any]]:
                 "and input_image with an image_url can; files need OpenAI's storage)",
                 "input",
             )
-    if all(part["type"] == "text" for part in parts):
-        return "\n\n".join(part["text"] for part in parts)
     return parts
 
 
+def add_input_item(
+    messages: list[dict[str, Any]], system: list[str], item: Any, where: str
+) -> None:
+    """One input item as chat messages (or system text)."""
+    if not isinstance(item, dict):
+        raise bad_request(f"{where}: must be an object", "input")
+    kind = item.get("type", "message" if "role" in item else None)
+    if kind == "message":
+        role = item.get("role")
+        if role not in ("user", "assistant", "system", "developer"):
+            message = f"{where}.role: must be user, assistant, system or developer"
+            raise bad_request(message, "input")
+        content = chat_content(input_parts(item.get("content"), where))
+        if role != "user" and not isinstance(content, str):
+            raise bad_request(f"{where}.content: only user messages carry images", "input")
+        if role in ("user", "assistant"):
+            messages.append({"role": role, "content": content})
+        elif content:
+            system.append(content)
+    elif kind == "function_call":
+        call_id, name = item.get("call_id"), item.get("name")
+        if not isinstance(call_id, str) or not isinstance(name, str):
+            raise bad_request(f"{where}: a function_call needs a call_id and a name", "input")
+        call = chat_call(call_id, name, item.get("arguments", "{}"))
+        if messages and messages[-1]["role"] == "assistant":  # the same turn's text and calls
+            messages[-1].setdefault("tool_calls", []).append(call)
+        else:
+            messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+    elif kind == "function_call_output":
+        if not isinstance(item.get("call_id"), str):
+            raise bad_request(f"{where}.call_id: must be a string", "input")
+        output = item.get("output")
+        if not isinstance(output, str):
+            parts = input_parts(output, where)
+            output = "\n\n".join(part["text"] for part in parts if part["type"] == "text")
+        messages.append({"role": "tool", "tool_call_id": item["call_id"], "content": output})
+    elif kind != "reasoning":  # earlier reasoning is not sent back, as chat templates drop it
+        raise bad_request(
+            f"{where}.type: items of type {kind!r} cannot be served here (messages, "
+            "function_call, function_call_output and reasoning can)",
+            "input",
+        )
+
+
 def function_tools(tools: Any) -> list[dict[str, Any]]:
-    """The request's function tools; other kinds (web_search, file_search, namespace, mcp, ...)
-    are not offered to the model."""
+    """The request's function tools; hosted ones (web_search, mcp...) are not offered."""
     if tools is None:
         return []
     if not isinstance(tools, list):
@@ -6865,7 +6733,7 @@ def function_tools(tools: Any) -> list[dict[str, Any]]:
 
 
 def chat_function(tool: dict[str, Any]) -> dict[str, Any]:
-    """A Responses function tool (flat) as chat's function definition."""
+    """A Responses function tool (flat) as a chat function tool."""
     function: dict[str, Any] = {
         "name": tool["name"],
         "parameters": tool.get("parameters") or {"type": "object", "properties": {}},
@@ -6874,7 +6742,7 @@ def chat_function(tool: dict[str, Any]) -> dict[str, Any]:
         function["description"] = tool["description"]
     if isinstance(tool.get("strict"), bool):
         function["strict"] = tool["strict"]
-    return function
+    return {"type": "function", "function": function}
 
 
 def responses_tool_choice(choice: Any) -> Any:
@@ -6883,11 +6751,11 @@ def responses_tool_choice(choice: Any) -> Any:
         return choice
     if not isinstance(choice, dict):
         raise bad_request("tool_choice: expected auto, none, required or an object", "tool_choice")
-    if choice.get("type") == "function":
-        if not isinstance(choice.get("name"), str):
-            raise bad_request("tool_choice.name: must be a string", "tool_choice")
-        return {"type": "function", "function": {"name": choice["name"]}}
-    return None
+    if choice.get("type") != "function":
+        return None
+    if not isinstance(choice.get("name"), str):
+        raise bad_request("tool_choice.name: must be a string", "tool_choice")
+    return {"type": "function", "function": {"name": choice["name"]}}
 
 
 def response_text_format(text: Any) -> dict[str, Any] | None:
@@ -6897,10 +6765,8 @@ def response_text_format(text: Any) -> dict[str, Any] | None:
     if not isinstance(text, dict):
         raise bad_request("text: must be an object", "text")
     form = text.get("format")
-    if form is None:
-        return None
     kind = form.get("type") if isinstance(form, dict) else None
-    if kind == "text":
+    if form is None or kind == "text":
         return None
     if kind == "json_object":
         return {"type": "json_object"}
@@ -6908,84 +6774,116 @@ def response_text_format(text: Any) -> dict[str, Any] | None:
         raise bad_request("text.format.type: must be text, json_object or json_schema", "text")
     if not isinstance(form.get("name"), str) or not isinstance(form.get("schema"), dict):
         raise bad_request("text.format: a json_schema format needs a name and a schema", "text")
-    schema = {
-        name: form[name] for name in ("name", "schema", "description", "strict") if name in form
-    }
-    return {"type": "json_schema", "json_schema": schema}
+    fields = ("name", "schema", "description", "strict")
+    return {"type": "json_schema", "json_schema": {f: form[f] for f in fields if f in form}}
 
 
-def output_message(text: str, status: str) -> dict[str, Any]:
-    """A Responses output item for the assistant's text."""
-    part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
-    return {
-        "id": new_block_id("msg_"),
-        "type": "message",
-        "status": status,
-        "role": "assistant",
-        "content": [part],
-    }
+def responses_to_chat(body: dict[str, Any]) -> dict[str, Any]:
+    """A Responses request as the chat completion a backend serves: instructions and system or
+    developer messages lead as one system message; hosted tools (web_search...) are left out."""
+    model = require_model(body)
+    for name in ("previous_response_id", "conversation"):
+        if body.get(name) is not None:
+            raise bad_request(
+                f"{name}: Nexus keeps no conversations; send the whole conversation in input",
+                name,
+            )
+    instructions = body.get("instructions")
+    if instructions is not None and not isinstance(instructions, str):
+        raise bad_request("instructions: must be a string", "instructions")
+    system = [instructions] if instructions else []
+    items = body.get("input")
+    messages: list[dict[str, Any]] = []
+    if isinstance(items, str):
+        messages.append({"role": "user", "content": items})
+    elif isinstance(items, list) and items:
+        for i, item in enumerate(items):
+            add_input_item(messages, system, item, f"input[{i}]")
+    else:
+        raise bad_request("input: must be a string or a non-empty array of items", "input")
+    if system:
+        messages.insert(0, {"role": "system", "content": "\n\n".join(system)})
+    if not messages:
+        raise bad_request("input: holds no message to answer", "input")
+    chat: dict[str, Any] = {"model": model, "messages": messages}
+    copy_options(body, chat, ("stream", "parallel_tool_calls"), "boolean")
+    copy_options(body, chat, ("temperature", "top_p"), "number")
+    limit = body.get("max_output_tokens")
+    if limit is not None:
+        if positive_int(limit) is None:
+            raise bad_request("max_output_tokens: must be a positive integer", "max_output_tokens")
+        chat["max_tokens"] = limit
+    for name in ("prompt_cache_key", "user"):  # the cache key is a session key (SPEC 3.7)
+        if isinstance(body.get(name), str):
+            chat[name] = body[name]
+    tools = function_tools(body.get("tools"))
+    if tools:
+        chat["tools"] = [chat_function(tool) for tool in tools]
+        choice = responses_tool_choice(body.get("tool_choice"))
+        if choice is not None:
+            chat["tool_choice"] = choice
+    else:
+        chat.pop("parallel_tool_calls", None)
+    text_format = response_text_format(body.get("text"))
+    if text_format is not None:
+        chat["response_format"] = text_format
+    return chat
 
 
-def output_reasoning(text: str, status: str) -> dict[str, Any]:
-    """A Responses output item for the model's reasoning text."""
-    return {
-        "id": new_block_id("rs_"),
-        "type": "reasoning",
-        "status": status,
-        "summary": [],
-        "content": [{"type": "reasoning_text", "text": text}],
-    }
+def output_text(kind: str, text: str, status: str) -> dict[str, Any]:
+    """A Responses output item of text: the answer ("text") or its reasoning ("thinking")."""
+    if kind == "thinking":
+        item: dict[str, Any] = {"id": new_block_id("rs_"), "type": "reasoning", "summary": []}
+        part: dict[str, Any] = {"type": "reasoning_text", "text": text}
+    else:
+        item = {"id": new_block_id("msg_"), "type": "message", "role": "assistant"}
+        part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+    return {**item, "status": status, "content": [part]}
 
 
-def output_call(call_id: str, name: str, arguments: str, status: str) -> dict[str, Any]:
-    """A Responses output item for one function call."""
+def output_call(call: dict[str, Any], arguments: str, status: str) -> dict[str, Any]:
+    """A chat tool call as a Responses function_call output item (its id kept)."""
+    function = object_of(call.get("function"))
     return {
         "id": new_block_id("fc_"),
         "type": "function_call",
         "status": status,
-        "call_id": call_id,
-        "name": name,
+        "call_id": call["id"] if isinstance(call.get("id"), str) else new_block_id("call_"),
+        "name": function["name"] if isinstance(function.get("name"), str) else "",
         "arguments": arguments,
     }
 
 
-class ResponsesFormat(OpenAIFormat):
+def delta_head(kind: str, where: dict[str, Any]) -> bytes:
+    """The start of an item's delta events, encoded once: each delta only adds its text and
+    sequence number (encoding each event whole costs ten times as much)."""
+    fields = json.dumps({"type": kind, **where})[1:-1]
+    return f"event: {kind}\ndata: {{{fields},".encode()
+
+
+class ResponsesFormat(ChatTranslator):
     """Writes chat-completion answers as the Responses API does: a `response` object, or its
     event stream (created, in_progress, then per output item added, its deltas, done, and at the
-    end completed, incomplete or failed), each event numbered. One instance serves one request.
+    end completed, incomplete or failed), each event numbered."""
 
-    Stream state: the output items so far (reasoning, message, function calls) and the text of
-    each, the open text item (a function call stays open until the answer ends), the finish
-    reason and usage."""
-
-    keeps_usage = True
     prompt_param = "input"
     chat_request = staticmethod(responses_to_chat)
 
     def __init__(self, body: dict[str, Any], needs: RequestNeeds) -> None:
-        self.native_body = body
-        self.model = needs.model
-        self.input_estimate = needs.prompt_tokens
+        super().__init__(body, needs)
         self.id = new_block_id("resp_")
         self.created = int(time.time())
         self.sequence = 0
-        self.started = False
-        self.failed = False
         self.output: list[dict[str, Any]] = []
-        self.pieces: dict[int, list[str]] = {}  # an open item's text (or arguments) so far
+        self.pieces: dict[int, list[str]] = {}  # an unfinished item's text (or arguments)
         self.open: int | None = None  # the open reasoning or message item
-        self.calls: dict[Any, int] = {}  # a chat tool call's index (or id) -> its item
-        self.last_call: Any = None
-        self.delta_head = b""  # the encoded start of the current item's delta events
+        self.open_kind: str | None = None  # its kind of text: thinking or text
+        self.text_head = b""  # the encoded start of its delta events
         self.call_heads: dict[int, bytes] = {}  # the same for each function call item
         self.finish: str | None = None
-        self.usage: Any = None
-        self.output_chars = 0
         self.echoed: dict[str, Any] | None = None  # what the response repeats of the request
 
-    def response(
-        self, status: str, usage: dict[str, Any] | None = None, error: Any = None
-    ) -> dict[str, Any]:
+    def response(self, status: str, usage: Any = None, error: Any = None) -> dict[str, Any]:
         """The response object as it stands, echoing what the request asked for."""
         reason = INCOMPLETE_REASONS.get(self.finish or "") if status == "incomplete" else None
         return {
@@ -7007,14 +6905,14 @@ class ResponsesFormat(OpenAIFormat):
             return self.echoed
         body = self.native_body
         choice = body.get("tool_choice")
-        text = body.get("text") if isinstance(body.get("text"), dict) else {}
+        text = object_of(body.get("text"))
         number = (int, float)
         self.echoed = {
             "instructions": body.get("instructions")
             if isinstance(body.get("instructions"), str)
             else None,
             "max_output_tokens": token_count(body.get("max_output_tokens")),
-            "metadata": body.get("metadata") if isinstance(body.get("metadata"), dict) else {},
+            "metadata": object_of(body.get("metadata")),
             "parallel_tool_calls": body.get("parallel_tool_calls") is not False,
             "previous_response_id": None,
             "temperature": body.get("temperature")
@@ -7034,252 +6932,159 @@ class ResponsesFormat(OpenAIFormat):
 
     def final_usage(self, usage: Any, reasoning_chars: int) -> dict[str, Any]:
         """The response's usage: reported, or estimated from characters."""
-        output = -(-self.output_chars // CHARS_PER_TOKEN)
-        found = usage_or_estimate(usage, self.input_estimate, output)
+        found = self.estimated_usage(usage)
         return found.as_responses(min(-(-reasoning_chars // CHARS_PER_TOKEN), found.completion))
 
     def body(self, answer: bytes, parsed: dict[str, Any]) -> bytes:
-        """A whole chat answer as a `response` object."""
-        choices = parsed.get("choices")
-        choice = choices[0] if isinstance(choices, list) and choices else {}
-        choice = choice if isinstance(choice, dict) else {}
-        message = object_of(choice.get("message"))
-        self.finish = (
-            choice.get("finish_reason") if isinstance(choice.get("finish_reason"), str) else None
-        )
+        choice, reasoning, text, calls = reply_parts(parsed)
+        self.finished(choice)
         if isinstance(parsed.get("model"), str) and parsed["model"]:
             self.model = parsed["model"]
         status = self.status()
-        reasoning = reasoning_of(message)
         if reasoning:
-            self.output.append(output_reasoning(reasoning, status))
-        text = message.get("content")
-        if isinstance(text, list):  # some servers answer with content parts
-            text = "".join(p.get("text", "") for p in text if isinstance(p, dict))
-        text = text if isinstance(text, str) else ""
-        calls = [c for c in message.get("tool_calls") or () if isinstance(c, dict)]
+            self.output.append(output_text("thinking", reasoning, status))
         if text or not calls:
-            self.output.append(output_message(text, status))
+            self.output.append(output_text("text", text, status))
         for call in calls:
-            function = object_of(call.get("function"))
-            arguments = function.get("arguments")
+            arguments = object_of(call.get("function")).get("arguments")
             if not isinstance(arguments, str):
                 arguments = json.dumps(arguments or {}, ensure_ascii=False)
-            call_id = call.get("id") if isinstance(call.get("id"), str) else new_block_id("call_")
-            name = function.get("name") if isinstance(function.get("name"), str) else ""
-            self.output.append(output_call(call_id, name, arguments, "completed"))
+            self.output.append(output_call(call, arguments, "completed"))
             self.output_chars += len(arguments)
         self.output_chars += len(text) + len(reasoning)
         usage = self.final_usage(parsed.get("usage"), len(reasoning))
         return json.dumps(self.response(status, usage)).encode()
-
-    # --- the event stream ---------------------------------------------------------------------
 
     def event(self, kind: str, data: dict[str, Any]) -> bytes:
         """One Responses event, numbered in sequence."""
         data["type"] = kind
         data["sequence_number"] = self.sequence
         self.sequence += 1
-        return b"event: " + kind.encode() + b"\ndata: " + json.dumps(data).encode() + b"\n\n"
+        return sse_event(kind, data)
 
     def start(self) -> bytes:
-        """response.created and response.in_progress, once, before anything else."""
+        """response.created and response.in_progress, once, before anything else: both carry
+        the same response object, encoded once (as `event` would write it)."""
         if self.started:
             return b""
         self.started = True
-        response = json.dumps(self.response("in_progress"))  # the same object in both events
-        return self.response_event("response.created", response) + self.response_event(
-            "response.in_progress", response
-        )
+        response = json.dumps(self.response("in_progress"))
+        out = b""
+        for kind in ("response.created", "response.in_progress"):
+            self.sequence += 1
+            out += (
+                f'event: {kind}\ndata: {{"response": {response}, "type": "{kind}", '
+                f'"sequence_number": {self.sequence - 1}}}\n\n'
+            ).encode()
+        return out
 
-    def response_event(self, kind: str, response: str) -> bytes:
-        """An event carrying the response object, already encoded (as `event` would write it)."""
-        number = self.sequence
+    def delta_event(self, head: bytes, text: str) -> bytes:
+        """A delta event of an item, from its encoded head: its text and its number."""
+        text_json = JSON_STRING(text).encode()
         self.sequence += 1
-        return (
-            f'event: {kind}\ndata: {{"response": {response}, "type": "{kind}", '
-            f'"sequence_number": {number}}}\n\n'
-        ).encode()
-
-    def chunk(self, data: bytes, chunk: dict[str, Any]) -> bytes:
-        """One chat chunk as the Responses events it makes."""
-        if not self.started and isinstance(chunk.get("model"), str) and chunk["model"]:
-            self.model = chunk["model"]
-        out = [self.start()]
-        if isinstance(chunk.get("usage"), dict):
-            self.usage = chunk["usage"]
-        choices = chunk.get("choices")
-        choice = choices[0] if isinstance(choices, list) and choices else None
-        if not isinstance(choice, dict):
-            return b"".join(out)
-        delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
-        reasoning = reasoning_of(delta)
-        if reasoning:
-            out.append(self.text_delta("reasoning", reasoning))
-        text = delta.get("content")
-        if isinstance(text, str) and text:
-            out.append(self.text_delta("message", text))
-        calls = delta.get("tool_calls")
-        for call in calls if isinstance(calls, list) else ():
-            out.append(self.call_delta(call))
-        if isinstance(choice.get("finish_reason"), str):
-            self.finish = choice["finish_reason"]
-        return b"".join(out)
+        return b'%s"delta":%s,"sequence_number":%d}\n\n' % (head, text_json, self.sequence - 1)
 
     def add_item(self, item: dict[str, Any]) -> tuple[int, bytes]:
         """Add an output item; its index and the output_item.added event."""
         index = len(self.output)
         self.output.append(item)
         self.pieces[index] = []
-        return index, self.event(
-            "response.output_item.added", {"output_index": index, "item": item}
-        )
+        added = self.event("response.output_item.added", {"output_index": index, "item": item})
+        return index, added
 
-    def text_delta(self, kind: str, text: str) -> bytes:
-        """Text for the open item of `kind` (reasoning or message), opened first if need be."""
+    def settle(self, index: int, status: str) -> dict[str, Any]:
+        """An item with its whole text (or arguments) and its last status."""
+        item = self.output[index]
+        text = "".join(self.pieces.pop(index))
+        if item["type"] == "function_call":
+            item["arguments"] = text
+        else:
+            item["content"][0]["text"] = text
+        item["status"] = status
+        return item
+
+    def content_delta(self, kind: str, text: str) -> bytes:
         out = b""
-        if self.open is None or self.output[self.open]["type"] != kind:
+        if self.open_kind != kind:  # a reasoning or message item opens, the open one closes
             out = self.close_open()
-            item = (
-                output_reasoning("", "in_progress")
-                if kind == "reasoning"
-                else output_message("", "in_progress")
-            )
-            part = item.pop("content")[0]
-            item["content"] = []
+            item = output_text(kind, "", "in_progress")
+            part = item["content"].pop()  # the item is added empty, then its part
             self.open, added = self.add_item(item)
-            out += added
+            self.open_kind = kind
             where = {"item_id": item["id"], "output_index": self.open, "content_index": 0}
-            out += self.event("response.content_part.added", {**where, "part": part})
+            out += added + self.event("response.content_part.added", {**where, "part": part})
             item["content"].append(part)
-            kind = "reasoning_text" if kind == "reasoning" else "output_text"
-            self.delta_head = self.event_head(f"response.{kind}.delta", where)
-            if kind == "output_text":
-                self.delta_head += b'"logprobs":[],'
+            fields = {**where, "logprobs": []} if kind == "text" else where
+            self.text_head = delta_head(TEXT_EVENTS[kind] + ".delta", fields)
         self.pieces[self.open].append(text)
-        self.output_chars += len(text)
-        return out + self.delta_event(text)
-
-    def event_head(self, kind: str, where: dict[str, Any]) -> bytes:
-        """The start of a delta event of one item, encoded once: each delta only adds its text
-        and sequence number (JSON encoding each event whole costs ten times as much)."""
-        fields = json.dumps({"type": kind, **where})[1:-1]
-        return f"event: {kind}\ndata: {{{fields},".encode()
-
-    def delta_event(self, text: str) -> bytes:
-        """A text delta event for the open item, from a head encoded once."""
-        self.sequence += 1
-        number = str(self.sequence - 1).encode()
-        return (
-            b"".join(
-                (self.delta_head, b'"delta":', JSON_STRING(text).encode(), b',"sequence_number":')
-            )
-            + number
-            + b"}\n\n"
-        )
+        return out + self.delta_event(self.text_head, text)
 
     def close_open(self) -> bytes:
-        """The open reasoning or message item's done events."""
         if self.open is None:
             return b""
-        index, self.open = self.open, None
-        item = self.output[index]
+        index, kind = self.open, self.open_kind
+        self.open = self.open_kind = None
+        item = self.settle(index, self.status())  # cut short, it is as incomplete as the answer
         part = item["content"][0]
-        part["text"] = "".join(self.pieces.pop(index))
         where = {"item_id": item["id"], "output_index": index, "content_index": 0}
-        if item["type"] == "reasoning":
-            out = self.event("response.reasoning_text.done", {**where, "text": part["text"]})
-        else:
-            done = {**where, "text": part["text"], "logprobs": []}
-            out = self.event("response.output_text.done", done)
+        done = {**where, "text": part["text"]}
+        if kind == "text":
+            done["logprobs"] = []
+        out = self.event(TEXT_EVENTS[kind] + ".done", done)
         out += self.event("response.content_part.done", {**where, "part": part})
-        item["status"] = self.status()  # an item cut short is as incomplete as its response
         return out + self.event("response.output_item.done", {"output_index": index, "item": item})
 
-    def call_delta(self, call: Any) -> bytes:
-        """A chat tool call's head or argument fragment: a function_call item and its deltas."""
-        if not isinstance(call, dict):
-            return b""
-        function = call.get("function") if isinstance(call.get("function"), dict) else {}
-        if isinstance(call.get("index"), int):
-            key = call["index"]
-        elif call.get("id"):
-            key = call["id"]
-        else:
-            key = self.last_call
-        self.last_call = key
-        out = b""
-        if key not in self.calls:
-            out = self.close_open()
-            call_id = call.get("id") if isinstance(call.get("id"), str) else new_block_id("call_")
-            name = function.get("name") if isinstance(function.get("name"), str) else ""
-            self.calls[key], added = self.add_item(output_call(call_id, name, "", "in_progress"))
-            out += added
-        index = self.calls[key]
-        arguments = function.get("arguments")
-        if isinstance(arguments, dict):  # some servers send the whole input as an object
-            arguments = json.dumps(arguments)
-        if not isinstance(arguments, str) or not arguments:
-            return out
-        self.pieces[index].append(arguments)
-        self.output_chars += len(arguments)
-        if index not in self.call_heads:
-            where = {"item_id": self.output[index]["id"], "output_index": index}
-            kind = "response.function_call_arguments.delta"
-            self.call_heads[index] = self.event_head(kind, where)
-        self.delta_head = self.call_heads[index]
-        return out + self.delta_event(arguments)
+    def open_call(self, key: Any, call: dict[str, Any], function: dict[str, Any]) -> bytes:
+        out = self.close_open()
+        index, added = self.add_item(output_call(call, "", "in_progress"))
+        self.calls[key] = index
+        where = {"item_id": self.output[index]["id"], "output_index": index}
+        self.call_heads[index] = delta_head("response.function_call_arguments.delta", where)
+        return out + added
 
-    def close_calls(self) -> bytes:
-        """The done events of every function call gathered so far."""
-        out = []
-        for index in self.calls.values():
-            item = self.output[index]
-            item["arguments"] = "".join(self.pieces.pop(index, ()))
-            item["status"] = "completed"
-            done = {"item_id": item["id"], "output_index": index, "arguments": item["arguments"]}
-            out.append(self.event("response.function_call_arguments.done", done))
-            out.append(
-                self.event("response.output_item.done", {"output_index": index, "item": item})
-            )
-        self.calls.clear()
-        return b"".join(out)
+    def arguments_delta(self, index: int, arguments: str) -> bytes:
+        self.pieces[index].append(arguments)
+        return self.delta_event(self.call_heads[index], arguments)
+
+    def finished(self, choice: dict[str, Any]) -> bytes:
+        if isinstance(choice.get("finish_reason"), str):
+            self.finish = choice["finish_reason"]
+        return b""
 
     def end(self) -> bytes:
         """The stream's last events: every item done, then the response completed or incomplete."""
         if self.failed:
             return b""  # response.failed was the stream's last word
-        out = [self.start(), self.close_open(), self.close_calls()]
+        out = self.start() + self.close_open()
+        for index in self.calls.values():
+            item = self.settle(index, "completed")
+            done = {"item_id": item["id"], "output_index": index, "arguments": item["arguments"]}
+            out += self.event("response.function_call_arguments.done", done)
+            out += self.event("response.output_item.done", {"output_index": index, "item": item})
         reasoning = sum(
             len(item["content"][0]["text"]) for item in self.output if item["type"] == "reasoning"
         )
         status = self.status()
         response = self.response(status, self.final_usage(self.usage, reasoning))
-        out.append(self.event(f"response.{status}", {"response": response}))
-        return b"".join(out)
+        return out + self.event(f"response.{status}", {"response": response})
 
     def error(self, endpoint: str, model: str, message: str) -> bytes:
         """response.failed, with what was said before the failure, as incomplete."""
         if self.failed:
             return b""
         self.failed = True
-        for index, pieces in self.pieces.items():  # what was said before the failure
-            item = self.output[index]
-            item["status"] = "incomplete"
-            if item["type"] == "function_call":
-                item["arguments"] = "".join(pieces)
-            else:
-                item["content"][0]["text"] = "".join(pieces)
-        error = {"code": "server_error", "message": message}
-        out = self.start()
-        return out + self.event(
-            "response.failed", {"response": self.response("failed", error=error)}
-        )
+        for index in list(self.pieces):
+            self.settle(index, "incomplete")
+        response = self.response("failed", error={"code": "server_error", "message": message})
+        return self.start() + self.event("response.failed", {"response": response})
 
 
 async def responses(request: web.Request) -> web.StreamResponse:
     """POST /v1/responses: translated to a chat completion, routed and answered like one."""
     return await serve_door(request, ResponsesFormat)
+
+
+# ==============================================================================================
 
 
 # ==============================================================================================
