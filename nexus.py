@@ -332,42 +332,6 @@ def _check_scalar(key: str, value: Any, default: Any) -> Any:
     return float(value) if kind is float else value
 
 
-def _build(cls: type, table: Any, key: str) -> Any:
-    """Build a settings dataclass from a TOML table: unknown keys and wrong types are errors."""
-    if not isinstance(table, dict):
-        raise ConfigError(key, f"expected a table, got {table!r}")
-    obj = cls()
-    known = {f.name for f in fields(cls) if f.init}
-    types = get_type_hints(cls)
-    for name, value in table.items():
-        sub = f"{key}.{name}" if key else name
-        if name not in known:
-            raise ConfigError(sub, "unknown key")
-        setattr(obj, name, _convert_field(sub, value, getattr(obj, name), types[name]))
-    return obj
-
-
-def _convert_field(key: str, value: Any, default: Any, kind: Any) -> Any:
-    """One field's TOML value, checked and converted: sections (the field's type is a settings
-    class: X, X | None or list[X]), tables, lists and scalars."""
-    section = next((t for t in (kind, *get_args(kind)) if is_dataclass(t)), None)
-    if section is not None and isinstance(default, list):
-        if not isinstance(value, list):
-            raise ConfigError(key, "expected a list of tables")
-        return [_build(section, item, f"{key}[{i}]") for i, item in enumerate(value)]
-    if section is not None:
-        return _build(section, value, key)
-    if isinstance(default, dict):
-        if not isinstance(value, dict):
-            raise ConfigError(key, f"expected a table, got {value!r}")
-        return {**default, **value}  # a partial table (routing.weights) keeps the other defaults
-    if isinstance(default, list):
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(key, f"expected a list of strings, got {value!r}")
-        return value
-    return _check_scalar(key, value, default)
-
-
 def _parse_env_value(var: str, text: str, default: Any) -> Any:
     """A NEXUS_* variable's text as the type of the setting it sets."""
     if isinstance(default, bool):
@@ -548,6 +512,61 @@ def validate_settings(s: Settings, env: dict[str, str]) -> None:
         names.add(backend.name)
 
 
+def resolve_alias(model: str, aliases: dict[str, str]) -> str:
+    """Follow aliases up to MAX_ALIAS_HOPS; cycles and longer chains were rejected at start-up."""
+    for _ in range(MAX_ALIAS_HOPS):
+        if model not in aliases:
+            return model
+        model = aliases[model]
+    return model
+
+
+def model_chain(model: str, routing: RoutingSettings) -> list[str]:
+    """The models a request naming `model` may be served by, in order: the model its alias
+    leads to, then that model's fallbacks (each once). Routing, counting and 404s all use it."""
+    model_id = resolve_alias(model, routing.aliases)
+    fallbacks = routing.fallbacks.get(model_id)
+    if not fallbacks:  # the usual case, on every request: no copies
+        return [model_id]
+    return list(dict.fromkeys([model_id, *fallbacks]))
+
+
+def _build(cls: type, table: Any, key: str) -> Any:
+    """Build a settings dataclass from a TOML table: unknown keys and wrong types are errors."""
+    if not isinstance(table, dict):
+        raise ConfigError(key, f"expected a table, got {table!r}")
+    obj = cls()
+    known = {f.name for f in fields(cls) if f.init}
+    types = get_type_hints(cls)
+    for name, value in table.items():
+        sub = f"{key}.{name}" if key else name
+        if name not in known:
+            raise ConfigError(sub, "unknown key")
+        setattr(obj, name, _convert_field(sub, value, getattr(obj, name), types[name]))
+    return obj
+
+
+def _convert_field(key: str, value: Any, default: Any, kind: Any) -> Any:
+    """One field's TOML value, checked and converted: sections (the field's type is a settings
+    class: X, X | None or list[X]), tables, lists and scalars."""
+    section = next((t for t in (kind, *get_args(kind)) if is_dataclass(t)), None)
+    if section is not None and isinstance(default, list):
+        if not isinstance(value, list):
+            raise ConfigError(key, "expected a list of tables")
+        return [_build(section, item, f"{key}[{i}]") for i, item in enumerate(value)]
+    if section is not None:
+        return _build(section, value, key)
+    if isinstance(default, dict):
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"expected a table, got {value!r}")
+        return {**default, **value}  # a partial table (routing.weights) keeps the other defaults
+    if isinstance(default, list):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(key, f"expected a list of strings, got {value!r}")
+        return value
+    return _check_scalar(key, value, default)
+
+
 def load_settings(
     path: Path | None,
     env: dict[str, str],
@@ -578,25 +597,6 @@ def load_settings(
         setattr(getattr(settings, section), name, value)
     validate_settings(settings, env)
     return settings
-
-
-def resolve_alias(model: str, aliases: dict[str, str]) -> str:
-    """Follow aliases up to MAX_ALIAS_HOPS; cycles and longer chains were rejected at start-up."""
-    for _ in range(MAX_ALIAS_HOPS):
-        if model not in aliases:
-            return model
-        model = aliases[model]
-    return model
-
-
-def model_chain(model: str, routing: RoutingSettings) -> list[str]:
-    """The models a request naming `model` may be served by, in order: the model its alias
-    leads to, then that model's fallbacks (each once). Routing, counting and 404s all use it."""
-    model_id = resolve_alias(model, routing.aliases)
-    fallbacks = routing.fallbacks.get(model_id)
-    if not fallbacks:  # the usual case, on every request: no copies
-        return [model_id]
-    return list(dict.fromkeys([model_id, *fallbacks]))
 
 
 # ==============================================================================================
@@ -804,559 +804,6 @@ def loaded_on(registry: Registry, model_id: str) -> list[str]:
         for b in registry.by_model.get(model_id, ())
         if b.status == "healthy" and not b.is_cloud and b.is_warm(model_id)
     )
-
-
-# ==============================================================================================
-# Health
-# Owns: the per-backend state machine (unknown -> healthy/unhealthy, thresholds against
-# flapping) and the poll loop that refreshes status and model lists.
-# Must not: spend tokens. Polls use model-list and health endpoints only.
-# ==============================================================================================
-
-# user:password@ of a URL a backend's error text repeats (Nexus refuses such URLs itself).
-URL_CREDENTIALS = re.compile(r"(?<=://)[^/\s@]*@")
-# Polls in flight at once: any home lab in one round, yet not a thousand connections at once.
-POLLS_AT_ONCE = 64
-
-
-def record_success(backend: Backend, settings: HealthSettings) -> None:
-    """Count a good poll: unknown turns healthy, unhealthy after recovery_threshold of them."""
-    backend.fail_streak = 0
-    backend.ok_streak += 1
-    if backend.status == "unhealthy" and backend.ok_streak < settings.recovery_threshold:
-        return
-    if backend.status != "healthy":
-        log.info("backend %s is healthy", backend.name)
-        backend.status = "healthy"
-
-
-def shown_reason(backend: Backend, reason: str) -> str:
-    """A failure without a URL's credentials or the backend's own key, whatever it repeated."""
-    reason = URL_CREDENTIALS.sub("", reason)
-    secret = os.environ.get(backend.api_key_env) if backend.api_key_env else None
-    return reason.replace(secret, "[redacted]") if secret else reason
-
-
-def record_failure(backend: Backend, settings: HealthSettings, reason: str) -> None:
-    """Count a failed poll: unknown turns unhealthy, healthy after failure_threshold of them."""
-    backend.ok_streak = 0
-    backend.fail_streak += 1
-    backend.last_error = shown_reason(backend, reason)
-    if backend.status == "healthy" and backend.fail_streak < settings.failure_threshold:
-        return
-    if backend.status != "unhealthy":
-        log.warning("backend %s is unhealthy: %s", backend.name, reason)
-        backend.status = "unhealthy"
-
-
-def describe_failure(exc: BaseException) -> str:
-    """Why a poll or a request failed, in the words /v1/backends and the dashboard show."""
-    if isinstance(exc, BackendConnectTimeout):
-        return "timed out connecting"
-    if isinstance(exc, TimeoutError):
-        return "timed out"
-    if isinstance(exc, BackendHTTPError | BackendReplyError):
-        return str(exc)[:200]
-    return f"{type(exc).__name__}: {exc}"[:200]
-
-
-async def poll_backend(app: web.Application, backend: Backend) -> None:
-    """One health poll: the type's own endpoints, bounded by the health timeout."""
-    settings = app[SETTINGS].health_check
-    try:
-        async with asyncio.timeout(settings.timeout_seconds):
-            models = await ADAPTERS[backend.type].poll(app[CLIENT], backend)
-    except asyncio.CancelledError:
-        raise
-    except Exception as exc:  # any failure of a poll is the backend's, never Nexus's
-        record_failure(backend, settings, describe_failure(exc))
-        return
-    if backend.name in app[REGISTRY].backends:
-        app[REGISTRY].set_models(backend, models)
-    record_success(backend, settings)
-
-
-async def first_poll(app: web.Application, backend: Backend) -> None:
-    """A new backend's first poll (its models); without health checks it is trusted as healthy."""
-    await poll_backend(app, backend)
-    if not app[SETTINGS].health_check.enabled:
-        backend.status = "healthy"
-
-
-async def health_loop(app: web.Application) -> None:
-    """Poll every backend once per interval, in parallel. A poll never outlives its timeout."""
-    interval = app[SETTINGS].health_check.interval_seconds
-    slots = asyncio.Semaphore(POLLS_AT_ONCE)
-
-    async def poll(backend: Backend) -> None:
-        async with slots:
-            await poll_backend(app, backend)
-
-    while True:
-        backends = list(app[REGISTRY].backends.values())
-        if backends:
-            await asyncio.gather(*(poll(b) for b in backends))
-        app[BACKGROUND]["next_health_check"] = time.monotonic() + interval
-        await asyncio.sleep(interval)
-
-
-# ==============================================================================================
-# Discovery
-# Owns: finding backends without configuration (mDNS browsing, probing well-known local
-# ports), announcing this Nexus, and adding, keeping and (after the grace period) removing
-# discovered backends.
-# Must not: slow start-up, change static or admin backends, or add a Nexus (itself or another).
-# ==============================================================================================
-
-MDNS_SERVICE_TYPES = ("_ollama._tcp.local.", "_llm._tcp.local.")
-NEXUS_SERVICE_TYPE = "_llm._tcp.local."
-NEXUS_TYPE = "nexus"  # TXT type of a Nexus announcement, and what detection says of a Nexus
-MDNS_RESOLVE_TIMEOUT_MS = 3000
-MDNS_STOP_TIMEOUT_SECONDS = 3.0
-TXT_VALUE_MAX = 255  # one TXT string holds at most 255 bytes; anything longer is garbage
-# Ollama, LM Studio, llama.cpp, vLLM, exo: what a server there is gets detected, not assumed.
-LOCAL_PORTS = (11434, 1234, 8080, 8000, 52415)
-EXO_PORT = 52415
-PROBE_TIMEOUT_SECONDS = 1.0
-PROBE_MAX_BODY = 4 * 1024 * 1024
-
-
-async def probe_json(pool: BackendPool, url: str, timeout: float) -> tuple[int, Any] | None:
-    """(status, parsed JSON or None) for GET url, bounded by timeout; None if nothing answered."""
-    try:
-        async with asyncio.timeout(timeout):
-            status, body = await pool.fetch("GET", url, {}, limit=PROBE_MAX_BODY)
-    except (BackendHTTPError, TimeoutError, ValueError) as exc:
-        log.debug("probe %s: %s", url, describe_failure(exc))
-        return None
-    try:
-        return status, json.loads(body)
-    except ValueError:  # a page, garbage or a cut-off body: something answered, not JSON
-        return status, None
-
-
-def answered_object(answer: tuple[int, Any] | None) -> dict[str, Any]:
-    """A probe's answer when it is a JSON object (of any status), else {}."""
-    return answer[1] if answer is not None and isinstance(answer[1], dict) else {}
-
-
-def answered_list(answer: tuple[int, Any] | None, key: str) -> bool:
-    """Whether a probe's answer was a 200 JSON object holding a list under `key`."""
-    return isinstance(answered_object(answer).get(key), list) and answer[0] == 200
-
-
-async def is_nexus(pool: BackendPool, url: str, timeout: float) -> bool:
-    """Whether a Nexus answers at url: its `/health` has Nexus's fields."""
-    health = await probe_json(pool, url + "/health", timeout)
-    return {"version", "backends"} <= answered_object(health).keys()
-
-
-async def detect_backend_type(
-    pool: BackendPool, url: str, timeout: float = PROBE_TIMEOUT_SECONDS
-) -> str | None:
-    """What answers at url (a server's root): a backend type, "nexus", or None if no LLM server.
-    Each probe is bounded by timeout; when nothing answers the first, the search ends."""
-    on_exo_port = urllib.parse.urlsplit(url).port == EXO_PORT
-    if not on_exo_port:  # exo also speaks other dialects; on its own port it is exo
-        answer = await probe_json(pool, url + "/api/tags", timeout)
-        if answer is None:
-            return None
-        if answered_list(answer, "models"):  # a Nexus answers Ollama's API too
-            return NEXUS_TYPE if await is_nexus(pool, url, timeout) else "ollama"
-        answer = await probe_json(pool, url + "/props", timeout)
-        if "default_generation_settings" in answered_object(answer):
-            return "llamacpp"
-        if answered_list(await probe_json(pool, url + "/api/v0/models", timeout), "data"):
-            return "lmstudio"
-    answer = await probe_json(pool, url + "/v1/models", timeout)
-    if not answered_list(answer, "data"):
-        return None
-    if await is_nexus(pool, url, timeout):
-        return NEXUS_TYPE
-    if on_exo_port:
-        return "exo"
-    entries = [e for e in answered_object(answer)["data"] if isinstance(e, dict)]
-    return "vllm" if any("max_model_len" in e for e in entries) else "generic"
-
-
-def txt_text(service: str, properties: dict[bytes, bytes | None], key: str) -> str | None:
-    """One TXT value as clean text, or None when missing or garbage (logged, never raised)."""
-    raw = properties.get(key.encode())
-    if raw is None:
-        return None
-    try:
-        text = raw.decode("utf-8").strip() if len(raw) <= TXT_VALUE_MAX else ""
-    except UnicodeDecodeError:
-        text = ""
-    if not text or not text.isprintable():
-        log.debug("mDNS service %r: TXT %s %r ignored", service, key, raw[:40])
-        return None
-    return text
-
-
-def clean_api_path(service: str, value: str | None) -> str:
-    """TXT `api_path` as a plain URL path without a trailing slash; "" for the root or garbage."""
-    if value is None:
-        return ""
-    if not value.startswith("/") or "//" in value or any(c in value for c in " ?#%\\@"):
-        log.debug("mDNS service %r: TXT api_path %r ignored", service, value)
-        return ""
-    return value.rstrip("/")
-
-
-def service_host(info: AsyncServiceInfo) -> str | None:
-    """Where to reach a resolved service: IPv4 first, then a routable IPv6 address."""
-    v4 = info.parsed_addresses(IPVersion.V4Only)
-    if v4:
-        return v4[0]
-    for text in info.parsed_addresses(IPVersion.V6Only):
-        # A link-local IPv6 address needs an interface scope that URLs carry badly.
-        if not ipaddress.IPv6Address(text).is_link_local:
-            return f"[{text}]"
-    return None
-
-
-def announce_addresses(host: str) -> list[str]:
-    """IPv4 addresses to announce this Nexus at: the bound one, or every non-loopback one."""
-    if host not in ("0.0.0.0", "", "::"):
-        try:
-            address = ipaddress.ip_address(host)
-        except ValueError:
-            return []
-        return [host] if address.version == 4 and not address.is_loopback else []
-    found = {
-        ip.ip
-        for adapter in ifaddr.get_adapters()
-        for ip in adapter.ips
-        if ip.is_IPv4 and not ipaddress.IPv4Address(ip.ip).is_loopback
-    }
-    return sorted(found)
-
-
-def unique_name(base: str, taken: Container[str]) -> str:
-    """base, or the first of base-2, base-3, ... that is not taken."""
-    if base not in taken:
-        return base
-    return next(f"{base}-{n}" for n in itertools.count(2) if f"{base}-{n}" not in taken)
-
-
-@dataclass(slots=True)
-class MdnsService:
-    """What one mDNS announcement says: its instance name, where it answers, its TXT type."""
-
-    name: str
-    url: str
-    type_hint: str | None
-
-
-@dataclass(eq=False)
-class MdnsDiscovery:
-    """Browses mDNS for LLM servers, reports what comes and goes, and announces this Nexus.
-    zeroconf's defaults (every interface, IPv4), like any mDNS client on the machine; services
-    announcing TXT type=nexus (other gateways, and this one) are never reported."""
-
-    on_found: Callable[[str, str, str | None], Awaitable[None]]
-    on_lost: Callable[[str], None]
-    announce_port: int
-    announce_host: str
-    services: dict[str, MdnsService] = field(default_factory=dict)  # by full mDNS name
-    resolving: dict[str, asyncio.Task] = field(default_factory=dict)  # by full mDNS name
-    zeroconf: AsyncZeroconf | None = None
-    browser: AsyncServiceBrowser | None = None
-    own: AsyncServiceInfo | None = None
-
-    async def start(self) -> None:
-        """Browse, then announce (which takes a second of mDNS probing). Failures only log."""
-        try:
-            self.zeroconf = AsyncZeroconf()
-        except (OSError, RuntimeError) as exc:  # RuntimeError: no interface to listen on
-            log.warning("mDNS discovery unavailable: %s", exc)
-            return
-        self.browser = AsyncServiceBrowser(
-            self.zeroconf.zeroconf, list(MDNS_SERVICE_TYPES), handlers=[self.on_change]
-        )
-        await self.announce()
-
-    async def stop(self) -> None:
-        """Stop browsing, withdraw the announcement, close the sockets."""
-        for task in self.resolving.values():
-            task.cancel()
-        self.resolving.clear()
-        if self.zeroconf is None:
-            return
-        if self.browser is not None:
-            await self.browser.async_cancel()
-        await self.zeroconf.async_close()  # also says goodbye for our announcement
-        self.zeroconf = None
-
-    async def announce(self) -> None:
-        """Announce this Nexus by mDNS on the machine's non-loopback IPv4 addresses."""
-        assert self.zeroconf is not None
-        addresses = announce_addresses(self.announce_host)
-        if not addresses:
-            log.debug("not announcing Nexus by mDNS: no non-loopback IPv4 address")
-            return
-        instance = f"Nexus on {socket.gethostname()}"[:63]
-        info = AsyncServiceInfo(
-            NEXUS_SERVICE_TYPE,
-            f"{instance}.{NEXUS_SERVICE_TYPE}",
-            port=self.announce_port,
-            properties={"type": NEXUS_TYPE, "api_path": "/v1", "version": __version__},
-            parsed_addresses=addresses,
-        )
-        self.own = info  # before registering: our own announcement may be seen at once
-        try:
-            # A second Nexus with the same host name becomes "Nexus on host (2)".
-            await self.zeroconf.async_register_service(info, allow_name_change=True)
-        except (NonUniqueNameException, OSError) as exc:
-            log.warning("could not announce Nexus by mDNS: %s", exc)
-            self.own = None
-            return
-        log.info("announcing Nexus by mDNS as %r on port %d", info.name, self.announce_port)
-
-    def on_change(
-        self, zeroconf: Any, service_type: str, name: str, state_change: ServiceStateChange
-    ) -> None:
-        """Zeroconf's callback: resolve a service that appeared, lose one that left."""
-        if self.own is not None and name.lower() == self.own.name.lower():
-            log.debug("mDNS service %r is this Nexus; skipped", name)
-            return
-        previous = self.resolving.pop(name, None)
-        if previous is not None:
-            previous.cancel()
-        if state_change is ServiceStateChange.Removed:
-            self.lose(name)
-            return
-        task = asyncio.create_task(self.resolve(service_type, name))
-        self.resolving[name] = task
-        task.add_done_callback(lambda done: self.resolved(name, done))
-
-    def resolved(self, name: str, task: asyncio.Task) -> None:
-        """A resolve task is done: forget it, and log what it failed with."""
-        if self.resolving.get(name) is task:
-            del self.resolving[name]
-        if not task.cancelled() and task.exception() is not None:
-            log.warning("mDNS service %r: %s", name, describe_failure(task.exception()))
-
-    async def resolve(self, service_type: str, name: str) -> None:
-        """Resolve a service to an address and port, and report what it is."""
-        assert self.zeroconf is not None
-        instance = self.instance_name(service_type, name)
-        info = AsyncServiceInfo(service_type, name)
-        if not await info.async_request(self.zeroconf.zeroconf, MDNS_RESOLVE_TIMEOUT_MS):
-            log.debug("mDNS service %r did not resolve in time; ignored", instance)
-            return
-        props = info.properties if isinstance(info.properties, dict) else {}
-        type_hint = (txt_text(instance, props, "type") or "").lower() or None
-        if type_hint == NEXUS_TYPE:
-            log.debug("mDNS service %r is a Nexus; not a backend", instance)
-            self.lose(name)  # in case it served as a backend before
-            return
-        if type_hint is not None and type_hint not in LOCAL_TYPES:
-            log.debug("mDNS service %r: unknown TXT type %r ignored", instance, type_hint)
-            type_hint = None
-        if type_hint is None and service_type == "_ollama._tcp.local.":
-            type_hint = "ollama"
-        host = service_host(info)
-        if host is None or not info.port:
-            log.debug("mDNS service %r has no usable address or port; ignored", instance)
-            return
-        api_path = clean_api_path(instance, txt_text(instance, props, "api_path"))
-        service = MdnsService(instance, f"http://{host}:{info.port}{api_path}", type_hint)
-        await self.report(name, service)
-
-    async def report(self, name: str, service: MdnsService) -> None:
-        """Report a service that is new or changed. It counts as reported only once on_found
-        returns: cancelled midway (the name changed again), the next event reports it anew."""
-        if self.services.get(name) != service:
-            await self.on_found(service.name, service.url, service.type_hint)
-            self.services[name] = service
-
-    def instance_name(self, service_type: str, name: str) -> str:
-        """The instance part of the name, made unique when another type announces it too."""
-        if name in self.services:
-            return self.services[name].name
-        taken = {s.name for s in self.services.values()}
-        return unique_name(name.removesuffix("." + service_type), taken)
-
-    def lose(self, name: str) -> None:
-        """A service left: report its backend as lost."""
-        service = self.services.pop(name, None)
-        if service is not None:
-            log.debug("mDNS service %r left", service.name)
-            self.on_lost(service.name)
-
-
-def log_task_failure(task: asyncio.Task) -> None:
-    """Log a discovery task that died of an exception (a cancelled one is no failure)."""
-    if not task.cancelled() and task.exception() is not None:
-        log.error("discovery stopped", exc_info=task.exception())
-
-
-def backend_name(text: str) -> str:
-    """A name safe in headers, logs and URLs, made from an mDNS instance name."""
-    cleaned = "".join(c if c.isascii() and (c.isalnum() or c in "._-") else "-" for c in text)
-    return cleaned.strip("-")[:63] or "backend"
-
-
-class Discovery:
-    """Keeps discovered backends in the registry: what mDNS and probing find, once checked to be
-    an LLM server and not a Nexus (a static or admin backend's URL is left to it). One that
-    vanishes turns unknown, and is removed after the grace period unless it comes back first."""
-
-    def __init__(self, app: web.Application) -> None:
-        self.app = app
-        server = app[SETTINGS].server
-        self.names: dict[str, str] = {}  # name as reported (mDNS instance, probed URL) -> backend
-        self.probed: set[str] = set()  # reported names that came from probing (their URLs)
-        self.unverified: dict[str, tuple[str, str | None]] = {}  # did not answer: retried
-        self.removals: dict[str, asyncio.Task] = {}  # backend name -> its pending removal
-        self.tasks: list[asyncio.Task] = []
-        self.mdns = MdnsDiscovery(self.found, self.lost, server.port, server.host)
-
-    def start(self) -> None:
-        """Start mDNS and probing as background tasks: nothing here waits on the network."""
-        for job in (self.mdns.start(), self.probe_loop()):
-            task = asyncio.create_task(job)
-            task.add_done_callback(log_task_failure)
-            self.tasks.append(task)
-
-    async def stop(self) -> None:
-        """Cancel probing and pending removals, then stop mDNS (browsing and the announcement)."""
-        tasks = self.tasks + list(self.removals.values())
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        try:
-            async with asyncio.timeout(MDNS_STOP_TIMEOUT_SECONDS):
-                await self.mdns.stop()
-        except TimeoutError:
-            log.warning("mDNS did not stop within %gs", MDNS_STOP_TIMEOUT_SECONDS)
-
-    async def probe_loop(self) -> None:
-        """Probe the well-known local ports at start, then once per health interval."""
-        while True:
-            try:
-                await self.probe_round()
-            except Exception:  # a bug in one round must not end probing for good
-                log.exception("probing local ports failed")
-            await asyncio.sleep(self.app[SETTINGS].health_check.interval_seconds)
-
-    async def probe_round(self) -> None:
-        """Probe the well-known local ports (all at once, but Nexus's own) once: add what
-        answers and is not a Nexus, lose what stopped answering."""
-        # Backends that are up are not probed again; a probed one that is down and no longer
-        # answers a probe has vanished.
-        backends = self.app[REGISTRY].backends.values()
-        settled = {b.url for b in backends if b.status != "unhealthy" and not b.lost_at}
-        own_port = self.app[SETTINGS].server.port
-        urls = [f"http://127.0.0.1:{port}" for port in LOCAL_PORTS if port != own_port]
-        urls = [url for url in urls if url not in settled]
-        kinds = await asyncio.gather(*(detect_backend_type(self.app[CLIENT], u) for u in urls))
-        found = set()
-        for url, kind in zip(urls, kinds, strict=True):
-            if kind == NEXUS_TYPE:
-                log.debug("probe: %s is a Nexus; not a backend", url)
-            elif kind is not None:
-                found.add(url)
-                await self.add(url, url, kind, f"local-{kind}")
-                self.probed.add(url)
-        for url in self.probed - found - settled:
-            self.lost(url)
-        for name, (url, type_hint) in list(self.unverified.items()):
-            await self.found(name, url, type_hint)
-
-    async def found(self, name: str, url: str, type_hint: str | None) -> None:
-        """A server announced itself as name at url: check what it is, then add it."""
-        self.unverified.pop(name, None)
-        try:
-            url = normalise_url(url)
-        except ValueError as exc:
-            log.debug("discovered %r: %s; ignored", name, exc)
-            return
-        if await self.update_existing(name, url):
-            return
-        kind = await detect_backend_type(self.app[CLIENT], url)
-        if kind is None:
-            log.debug("discovered %r at %s is not an LLM server (yet); ignored", name, url)
-            self.unverified[name] = (url, type_hint)
-            return
-        if kind == NEXUS_TYPE:
-            log.debug("discovered %r at %s is a Nexus; not a backend", name, url)
-            return
-        # The announced type is trusted where detection can only say "OpenAI-compatible".
-        await self.add(name, url, type_hint if kind == "generic" and type_hint else kind, name)
-
-    async def update_existing(self, name: str, url: str) -> bool:
-        """Whether url is a backend already (or was removed through the admin API: it stays
-        removed), bringing that backend up to date: one moved to url is removed (re-added
-        next), a lost one is revived and polled, one whose first poll was cut short is polled."""
-        registry = self.app[REGISTRY]
-        mapped = self.names.get(name)
-        previous = registry.backends.get(mapped) if mapped is not None else None
-        if mapped is not None and previous is None:
-            log.debug("discovered %r at %s was removed through the admin API; skipped", name, url)
-            return True
-        if previous is not None and previous.source == "discovered" and previous.url != url:
-            log.info("backend %s moved from %s to %s", previous.name, previous.url, url)
-            registry.remove(previous.name)  # moved: replaced by what is added next
-            del self.names[name]
-        backend = registry.find_url(url)
-        if backend is None:
-            return False
-        if backend.source != "discovered":
-            log.debug("discovered %r at %s is already backend %s; skipped", name, url, backend.name)
-        elif backend.status == "unknown" and not self.app[SETTINGS].health_check.enabled:
-            await first_poll(self.app, backend)  # its first poll was cut short: no other comes
-        elif backend.lost_at is not None:
-            self.names[name] = backend.name
-            backend.lost_at = None
-            removal = self.removals.pop(backend.name, None)
-            if removal is not None:
-                removal.cancel()
-            log.info("backend %s is back", backend.name)
-            await first_poll(self.app, backend)
-        return True
-
-    async def add(self, name: str, url: str, kind: str, wanted: str) -> None:
-        """Add a discovered server as a backend under a unique name, and poll it at once."""
-        registry = self.app[REGISTRY]
-        if await self.update_existing(name, url):  # it may have been added while detection ran
-            return
-        unique = unique_name(backend_name(wanted), registry.backends)
-        backend = Backend(name=unique, url=url, type=kind, source="discovered")
-        registry.add(backend)
-        self.names[name] = unique
-        log.info("backend %s discovered (%s, %s)", unique, kind, url)
-        await first_poll(self.app, backend)
-
-    def lost(self, name: str) -> None:
-        """What name reported has vanished: out of routing now, removed after the grace period."""
-        self.unverified.pop(name, None)
-        backend = self.app[REGISTRY].backends.get(self.names.get(name, ""))
-        if backend is None or backend.source != "discovered" or backend.lost_at is not None:
-            return
-        grace = self.app[SETTINGS].discovery.grace_period_seconds
-        backend.lost_at = time.time()
-        backend.status = "unknown"
-        backend.ok_streak = backend.fail_streak = 0
-        log.info("backend %s vanished; removed in %gs unless it comes back", backend.name, grace)
-        self.removals[backend.name] = asyncio.create_task(self.remove_later(backend, grace))
-
-    async def remove_later(self, backend: Backend, grace: float) -> None:
-        """After the grace period, remove a lost backend unless it came back."""
-        await asyncio.sleep(grace)
-        self.removals.pop(backend.name, None)
-        registry = self.app[REGISTRY]
-        if registry.backends.get(backend.name) is not backend or backend.lost_at is None:
-            return
-        if backend.status == "healthy":  # lost made it unknown: a health poll has answered since
-            backend.lost_at = None
-            log.info("backend %s is back", backend.name)
-        else:
-            registry.remove(backend.name)
-            self.names = {key: name for key, name in self.names.items() if name != backend.name}
-            log.info("backend %s removed: gone for %gs", backend.name, grace)
 
 
 # ==============================================================================================
@@ -2468,255 +1915,6 @@ class Ledger:
 
 
 # ==============================================================================================
-# Auth
-# Owns: API keys (each read from its variable once, at start), who may call what (model
-# allow-lists; admin keys for the operations views and admin API), the rpm and tpm buckets of
-# keys and backends, and each key's usage and monthly spend.
-# Must not: let a key leave this section. Only a SHA-256 digest of each is kept; logs, errors,
-# stats and pages name a key by its name, never show it.
-# ==============================================================================================
-
-# What shows backend URLs, key names and spend: with keys, only an admin key may see it.
-ADMIN_PATHS = ("/v1/stats", "/v1/stats/stream", "/v1/usage", "/metrics", "/v1/backends")
-# A request carrying one of these came through a proxy: its peer address is the proxy's.
-PROXY_HEADERS = ("X-Forwarded-For", "Forwarded", "X-Real-IP")
-
-
-def retry_after_header(wait: float) -> str:
-    """Whole seconds, rounded up, so that a client waiting that long is let through."""
-    return str(max(math.ceil(wait - 1e-9), 1))
-
-
-def rate_limited(what: str, wait: float) -> NexusError:
-    """The 429 for a key or backend over its rpm or tpm, with an honest Retry-After."""
-    retry = retry_after_header(wait)
-    message = f"Rate limit reached for {what}. Try again in {retry} s."
-    return NexusError.of(429, "rate_limit_exceeded", message, headers={"Retry-After": retry})
-
-
-@dataclass(slots=True, eq=False)
-class ApiKey:
-    """One configured key: its name, what it may do, its buckets and its usage so far."""
-
-    name: str
-    digest: bytes = field(repr=False)
-    models: list[str] = field(default_factory=list)
-    admin: bool = False
-    rpm: int = 0
-    tpm: int = 0
-    monthly_limit_usd: float = 0.0
-    requests_bucket: TokenBucket | None = field(default=None, repr=False)
-    tokens_bucket: TokenBucket | None = field(default=None, repr=False)
-    requests: int = 0
-    tokens: int = 0
-    rate_limited: int = 0
-    spent_usd: float = 0.0  # on cloud backends in `month`, priced like the global budget
-    month: str = ""
-
-    def roll_month(self, month: str) -> float:
-        """Begin `month` (a UTC month, like the budget's) from 0 if it is new; its spend so far."""
-        if month != self.month:
-            self.month, self.spent_usd = month, 0.0
-        return self.spent_usd
-
-    def over_budget(self, month: str) -> bool:
-        """Whether the key has spent its monthly limit (0: no limit)."""
-        return 0 < self.monthly_limit_usd <= self.roll_month(month)
-
-    def may_use(self, model: str, aliases: dict[str, str]) -> bool:
-        """Whether the allow-list names the model, or the model an alias of it leads to."""
-        if not self.models:
-            return True
-        target = resolve_alias(model, aliases)
-        return any(fnmatch.fnmatchcase(m, glob) for glob in self.models for m in (model, target))
-
-
-def api_keys(auth: AuthSettings) -> list[ApiKey]:
-    """The ApiKey of each configured key, with its rpm and tpm buckets full."""
-    now = time.monotonic()
-    keys = []
-    for k in auth.api_keys:
-        key = ApiKey(k.name, k.digest, list(k.models), k.admin, k.rpm, k.tpm, k.monthly_limit_usd)
-        key.requests_bucket = TokenBucket(k.rpm, now) if k.rpm else None
-        key.tokens_bucket = TokenBucket(k.tpm, now) if k.tpm else None
-        keys.append(key)
-    return keys
-
-
-def needs_key(path: str) -> bool:
-    """Whether a path needs an API key when keys are configured."""
-    if path.startswith("/api/"):  # Ollama's API (its version, like /health, stays open)
-        return path != "/api/version"
-    return path.startswith("/v1/") or path == "/metrics"
-
-
-def admin_forbidden(key: ApiKey) -> NexusError:
-    """The 403 for a key without admin = true on an admin path."""
-    message = f"The key '{key.name}' may not use this; it needs a key with admin = true."
-    return NexusError.of(403, "admin_forbidden", message)
-
-
-def unauthorized(message: str) -> NexusError:
-    """The 401 for a missing or unknown key, asking for a Bearer token."""
-    headers = {"WWW-Authenticate": 'Bearer realm="nexus"'}
-    return NexusError.of(401, "invalid_api_key", message, headers=headers)
-
-
-def authenticate(keys: list[ApiKey], path: str, headers: Any) -> ApiKey | None:
-    """The caller's key when keys are configured and the path needs one: 401 when it is
-    missing or wrong, 403 when the path needs an admin key and it is not one."""
-    if not keys or not needs_key(path):
-        return None
-    # OpenAI clients send `Authorization: Bearer`, Anthropic's `x-api-key`.
-    scheme, _, token = headers.get("Authorization", "").strip().partition(" ")
-    presented = token.strip() if scheme.lower() == "bearer" else ""
-    presented = presented or headers.get("x-api-key", "").strip()
-    if not presented:
-        raise unauthorized(
-            "No API key provided. Send it as 'Authorization: Bearer <key>' (or 'x-api-key: <key>')."
-        )
-    given = key_digest(presented)
-    found = None
-    for key in keys:  # constant time: every key compared (equal-length digests), whichever matches
-        if hmac.compare_digest(given, key.digest):
-            found = key
-    if found is None:
-        raise unauthorized("The API key provided is not valid.")
-    if not found.admin and (path in ADMIN_PATHS or path.startswith("/v1/backends/")):
-        raise admin_forbidden(found)
-    return found
-
-
-def backend_turn(backend: Backend, now: float) -> NexusError | None:
-    """Take one request from a backend's rpm bucket; a 429 to give when it is empty."""
-    bucket = backend.rpm_bucket
-    if bucket is None:
-        return None
-    wait = bucket.wait(1, now)
-    if wait:
-        what = f"backend {backend.name}: {bucket.per_minute:g} requests per minute"
-        return rate_limited(what, wait)
-    bucket.take(1, now)
-    return None
-
-
-# The steps as the app takes them: the middleware authenticates, the proxy admits and filters
-# the route, the middleware settles when the answer is out.
-
-
-def authenticate_request(request: web.Request) -> None:
-    """Find the caller's key (401 when one is needed and missing or wrong, logged by path and
-    address, never by what was sent)."""
-    try:
-        key = authenticate(request.app[KEYS], request.path, request.headers)
-    except NexusError as error:
-        rid, path, remote = request[REQUEST_ID], request.path, request.remote
-        fields = {"request_id": rid, "path": path, "remote": remote, "status": error.status}
-        message = f"request {rid} to {path} from {remote} refused: {error.message}"
-        log.warning("%s", message, extra={"fields": fields})
-        raise
-    if key is not None:
-        request[API_KEY] = key
-
-
-def model_known(model: str, registry: Registry, settings: Settings) -> bool:
-    """Whether any backend serves the model, its alias's target or one of their fallbacks."""
-    return any(m in registry.by_model for m in model_chain(model, settings.routing))
-
-
-def check_model(request: web.Request, model: str) -> None:
-    """404 for a model the caller's key may not use, listing only the models it may use."""
-    key = request.get(API_KEY)
-    if key is None or not key.models:
-        return
-    settings, registry = request.app[SETTINGS], request.app[REGISTRY]
-    allowed = key.may_use(model, settings.routing.aliases)
-    if not allowed or not model_known(model, registry, settings):
-        raise model_not_found(model, registry, settings, key)
-
-
-def admit_request(request: web.Request, needs: RequestNeeds) -> None:
-    """Before routing: the key's model allow-list, then its rpm and tpm (429 when over); nothing
-    is taken from its buckets unless every limit lets the request through."""
-    key = request.get(API_KEY)
-    if key is None:
-        return
-    check_model(request, needs.model)
-    now = time.monotonic()
-    # The prompt estimate is charged up front; settle_request() puts the real usage in its place.
-    charged = needs.prompt_tokens if key.tokens_bucket is not None else 0
-    if key.requests_bucket is not None and (wait := key.requests_bucket.wait(1, now)):
-        key.rate_limited += 1
-        raise rate_limited(f"key '{key.name}': {key.rpm} requests per minute", wait)
-    if key.tokens_bucket is not None and (wait := key.tokens_bucket.wait(charged, now)):
-        key.rate_limited += 1
-        raise rate_limited(f"key '{key.name}': {key.tpm} tokens per minute", wait)
-    if key.requests_bucket is not None:
-        key.requests_bucket.take(1, now)
-    if key.tokens_bucket is not None:
-        key.tokens_bucket.take(charged, now)
-    request[TOKENS_CHARGED] = charged
-
-
-def allowed_attempts(
-    request: web.Request, decision: RouteDecision, needs: RequestNeeds
-) -> RouteDecision:
-    """The route without the fallback models the caller's key may not use and, once the key
-    has spent its monthly limit, without cloud backends (like the budget's shift_local)."""
-    key = request.get(API_KEY)
-    if key is None:
-        return decision
-    aliases = request.app[SETTINGS].routing.aliases
-    attempts = [
-        a for a in decision.attempts if a.model == decision.model or key.may_use(a.model, aliases)
-    ]
-    if not attempts:
-        raise no_capacity(needs, decision.model, request.app[REGISTRY])
-    if key.over_budget(month_of(dt.datetime.now(dt.UTC))):
-        attempts = [a for a in attempts if not a.backend.is_cloud]
-    if not attempts:
-        raise NexusError.of(
-            429,
-            "key_budget_exceeded",
-            f"Key '{key.name}' has spent its monthly limit of {key.monthly_limit_usd:g} USD, so "
-            f"cloud backends are off for it and no local backend can serve model '{needs.model}' "
-            "now; the limit starts again on the 1st of next month (UTC).",
-            headers={"Retry-After": str(seconds_to_next_month())},
-        )
-    decision.attempts = attempts
-    return decision
-
-
-def settle_request(request: web.Request, record: RequestRecord, status: int) -> None:
-    """Once answered: the request counts for its key (by name in stats, logs and metrics) and
-    real usage corrects its tpm charge (an unanswered request costs nothing; an answer without
-    usage keeps the estimate)."""
-    key = request.get(API_KEY)
-    if key is None:
-        return
-    record.key = key.name
-    key.requests += 1
-    if record.cost_usd:
-        key.roll_month(month_of(dt.datetime.now(dt.UTC)))
-        key.spent_usd += record.cost_usd
-    used = (record.prompt_tokens or 0) + (record.completion_tokens or 0)
-    key.tokens += used
-    if key.tokens_bucket is not None:
-        charged = request.get(TOKENS_CHARGED, 0)
-        if status >= 400 or record.backend is None:
-            used = 0
-        elif record.prompt_tokens is None and record.completion_tokens is None:
-            used = charged
-        key.tokens_bucket.adjust(used - charged, time.monotonic())
-
-
-def may_see_model(request: web.Request, model: str) -> bool:
-    """Whether the caller's key (if any) may see a model in the model lists."""
-    key = request.get(API_KEY)
-    return key is None or key.may_use(model, request.app[SETTINGS].routing.aliases)
-
-
-# ==============================================================================================
 # Routing
 # Owns: the decision, which backends to try for a request and in what order. Pure functions
 # over the registry and settings: no awaits, no I/O, easy to property-test.
@@ -3159,6 +2357,255 @@ def route(needs: RequestNeeds, registry: Registry, settings: Settings) -> RouteD
             raise budget_exceeded(needs, budget.hard_limit_action, why)
         raise no_capacity(needs, model_id, registry, rules, chain)
     return decision
+
+
+# ==============================================================================================
+# Auth
+# Owns: API keys (each read from its variable once, at start), who may call what (model
+# allow-lists; admin keys for the operations views and admin API), the rpm and tpm buckets of
+# keys and backends, and each key's usage and monthly spend.
+# Must not: let a key leave this section. Only a SHA-256 digest of each is kept; logs, errors,
+# stats and pages name a key by its name, never show it.
+# ==============================================================================================
+
+# What shows backend URLs, key names and spend: with keys, only an admin key may see it.
+ADMIN_PATHS = ("/v1/stats", "/v1/stats/stream", "/v1/usage", "/metrics", "/v1/backends")
+# A request carrying one of these came through a proxy: its peer address is the proxy's.
+PROXY_HEADERS = ("X-Forwarded-For", "Forwarded", "X-Real-IP")
+
+
+def retry_after_header(wait: float) -> str:
+    """Whole seconds, rounded up, so that a client waiting that long is let through."""
+    return str(max(math.ceil(wait - 1e-9), 1))
+
+
+def rate_limited(what: str, wait: float) -> NexusError:
+    """The 429 for a key or backend over its rpm or tpm, with an honest Retry-After."""
+    retry = retry_after_header(wait)
+    message = f"Rate limit reached for {what}. Try again in {retry} s."
+    return NexusError.of(429, "rate_limit_exceeded", message, headers={"Retry-After": retry})
+
+
+@dataclass(slots=True, eq=False)
+class ApiKey:
+    """One configured key: its name, what it may do, its buckets and its usage so far."""
+
+    name: str
+    digest: bytes = field(repr=False)
+    models: list[str] = field(default_factory=list)
+    admin: bool = False
+    rpm: int = 0
+    tpm: int = 0
+    monthly_limit_usd: float = 0.0
+    requests_bucket: TokenBucket | None = field(default=None, repr=False)
+    tokens_bucket: TokenBucket | None = field(default=None, repr=False)
+    requests: int = 0
+    tokens: int = 0
+    rate_limited: int = 0
+    spent_usd: float = 0.0  # on cloud backends in `month`, priced like the global budget
+    month: str = ""
+
+    def roll_month(self, month: str) -> float:
+        """Begin `month` (a UTC month, like the budget's) from 0 if it is new; its spend so far."""
+        if month != self.month:
+            self.month, self.spent_usd = month, 0.0
+        return self.spent_usd
+
+    def over_budget(self, month: str) -> bool:
+        """Whether the key has spent its monthly limit (0: no limit)."""
+        return 0 < self.monthly_limit_usd <= self.roll_month(month)
+
+    def may_use(self, model: str, aliases: dict[str, str]) -> bool:
+        """Whether the allow-list names the model, or the model an alias of it leads to."""
+        if not self.models:
+            return True
+        target = resolve_alias(model, aliases)
+        return any(fnmatch.fnmatchcase(m, glob) for glob in self.models for m in (model, target))
+
+
+def api_keys(auth: AuthSettings) -> list[ApiKey]:
+    """The ApiKey of each configured key, with its rpm and tpm buckets full."""
+    now = time.monotonic()
+    keys = []
+    for k in auth.api_keys:
+        key = ApiKey(k.name, k.digest, list(k.models), k.admin, k.rpm, k.tpm, k.monthly_limit_usd)
+        key.requests_bucket = TokenBucket(k.rpm, now) if k.rpm else None
+        key.tokens_bucket = TokenBucket(k.tpm, now) if k.tpm else None
+        keys.append(key)
+    return keys
+
+
+def needs_key(path: str) -> bool:
+    """Whether a path needs an API key when keys are configured."""
+    if path.startswith("/api/"):  # Ollama's API (its version, like /health, stays open)
+        return path != "/api/version"
+    return path.startswith("/v1/") or path == "/metrics"
+
+
+def admin_forbidden(key: ApiKey) -> NexusError:
+    """The 403 for a key without admin = true on an admin path."""
+    message = f"The key '{key.name}' may not use this; it needs a key with admin = true."
+    return NexusError.of(403, "admin_forbidden", message)
+
+
+def unauthorized(message: str) -> NexusError:
+    """The 401 for a missing or unknown key, asking for a Bearer token."""
+    headers = {"WWW-Authenticate": 'Bearer realm="nexus"'}
+    return NexusError.of(401, "invalid_api_key", message, headers=headers)
+
+
+def authenticate(keys: list[ApiKey], path: str, headers: Any) -> ApiKey | None:
+    """The caller's key when keys are configured and the path needs one: 401 when it is
+    missing or wrong, 403 when the path needs an admin key and it is not one."""
+    if not keys or not needs_key(path):
+        return None
+    # OpenAI clients send `Authorization: Bearer`, Anthropic's `x-api-key`.
+    scheme, _, token = headers.get("Authorization", "").strip().partition(" ")
+    presented = token.strip() if scheme.lower() == "bearer" else ""
+    presented = presented or headers.get("x-api-key", "").strip()
+    if not presented:
+        raise unauthorized(
+            "No API key provided. Send it as 'Authorization: Bearer <key>' (or 'x-api-key: <key>')."
+        )
+    given = key_digest(presented)
+    found = None
+    for key in keys:  # constant time: every key compared (equal-length digests), whichever matches
+        if hmac.compare_digest(given, key.digest):
+            found = key
+    if found is None:
+        raise unauthorized("The API key provided is not valid.")
+    if not found.admin and (path in ADMIN_PATHS or path.startswith("/v1/backends/")):
+        raise admin_forbidden(found)
+    return found
+
+
+def backend_turn(backend: Backend, now: float) -> NexusError | None:
+    """Take one request from a backend's rpm bucket; a 429 to give when it is empty."""
+    bucket = backend.rpm_bucket
+    if bucket is None:
+        return None
+    wait = bucket.wait(1, now)
+    if wait:
+        what = f"backend {backend.name}: {bucket.per_minute:g} requests per minute"
+        return rate_limited(what, wait)
+    bucket.take(1, now)
+    return None
+
+
+# The steps as the app takes them: the middleware authenticates, the proxy admits and filters
+# the route, the middleware settles when the answer is out.
+
+
+def authenticate_request(request: web.Request) -> None:
+    """Find the caller's key (401 when one is needed and missing or wrong, logged by path and
+    address, never by what was sent)."""
+    try:
+        key = authenticate(request.app[KEYS], request.path, request.headers)
+    except NexusError as error:
+        rid, path, remote = request[REQUEST_ID], request.path, request.remote
+        fields = {"request_id": rid, "path": path, "remote": remote, "status": error.status}
+        message = f"request {rid} to {path} from {remote} refused: {error.message}"
+        log.warning("%s", message, extra={"fields": fields})
+        raise
+    if key is not None:
+        request[API_KEY] = key
+
+
+def model_known(model: str, registry: Registry, settings: Settings) -> bool:
+    """Whether any backend serves the model, its alias's target or one of their fallbacks."""
+    return any(m in registry.by_model for m in model_chain(model, settings.routing))
+
+
+def check_model(request: web.Request, model: str) -> None:
+    """404 for a model the caller's key may not use, listing only the models it may use."""
+    key = request.get(API_KEY)
+    if key is None or not key.models:
+        return
+    settings, registry = request.app[SETTINGS], request.app[REGISTRY]
+    allowed = key.may_use(model, settings.routing.aliases)
+    if not allowed or not model_known(model, registry, settings):
+        raise model_not_found(model, registry, settings, key)
+
+
+def admit_request(request: web.Request, needs: RequestNeeds) -> None:
+    """Before routing: the key's model allow-list, then its rpm and tpm (429 when over); nothing
+    is taken from its buckets unless every limit lets the request through."""
+    key = request.get(API_KEY)
+    if key is None:
+        return
+    check_model(request, needs.model)
+    now = time.monotonic()
+    # The prompt estimate is charged up front; settle_request() puts the real usage in its place.
+    charged = needs.prompt_tokens if key.tokens_bucket is not None else 0
+    if key.requests_bucket is not None and (wait := key.requests_bucket.wait(1, now)):
+        key.rate_limited += 1
+        raise rate_limited(f"key '{key.name}': {key.rpm} requests per minute", wait)
+    if key.tokens_bucket is not None and (wait := key.tokens_bucket.wait(charged, now)):
+        key.rate_limited += 1
+        raise rate_limited(f"key '{key.name}': {key.tpm} tokens per minute", wait)
+    if key.requests_bucket is not None:
+        key.requests_bucket.take(1, now)
+    if key.tokens_bucket is not None:
+        key.tokens_bucket.take(charged, now)
+    request[TOKENS_CHARGED] = charged
+
+
+def allowed_attempts(
+    request: web.Request, decision: RouteDecision, needs: RequestNeeds
+) -> RouteDecision:
+    """The route without the fallback models the caller's key may not use and, once the key
+    has spent its monthly limit, without cloud backends (like the budget's shift_local)."""
+    key = request.get(API_KEY)
+    if key is None:
+        return decision
+    aliases = request.app[SETTINGS].routing.aliases
+    attempts = [
+        a for a in decision.attempts if a.model == decision.model or key.may_use(a.model, aliases)
+    ]
+    if not attempts:
+        raise no_capacity(needs, decision.model, request.app[REGISTRY])
+    if key.over_budget(month_of(dt.datetime.now(dt.UTC))):
+        attempts = [a for a in attempts if not a.backend.is_cloud]
+    if not attempts:
+        raise NexusError.of(
+            429,
+            "key_budget_exceeded",
+            f"Key '{key.name}' has spent its monthly limit of {key.monthly_limit_usd:g} USD, so "
+            f"cloud backends are off for it and no local backend can serve model '{needs.model}' "
+            "now; the limit starts again on the 1st of next month (UTC).",
+            headers={"Retry-After": str(seconds_to_next_month())},
+        )
+    decision.attempts = attempts
+    return decision
+
+
+def settle_request(request: web.Request, record: RequestRecord, status: int) -> None:
+    """Once answered: the request counts for its key (by name in stats, logs and metrics) and
+    real usage corrects its tpm charge (an unanswered request costs nothing; an answer without
+    usage keeps the estimate)."""
+    key = request.get(API_KEY)
+    if key is None:
+        return
+    record.key = key.name
+    key.requests += 1
+    if record.cost_usd:
+        key.roll_month(month_of(dt.datetime.now(dt.UTC)))
+        key.spent_usd += record.cost_usd
+    used = (record.prompt_tokens or 0) + (record.completion_tokens or 0)
+    key.tokens += used
+    if key.tokens_bucket is not None:
+        charged = request.get(TOKENS_CHARGED, 0)
+        if status >= 400 or record.backend is None:
+            used = 0
+        elif record.prompt_tokens is None and record.completion_tokens is None:
+            used = charged
+        key.tokens_bucket.adjust(used - charged, time.monotonic())
+
+
+def may_see_model(request: web.Request, model: str) -> bool:
+    """Whether the caller's key (if any) may see a model in the model lists."""
+    key = request.get(API_KEY)
+    return key is None or key.may_use(model, request.app[SETTINGS].routing.aliases)
 
 
 # ==============================================================================================
@@ -3856,6 +3303,34 @@ class BackendPool:
         self.idle.clear()
 
 
+class SseLines:
+    """The non-blank lines of an SSE body as they arrive. One network read may carry several
+    events or part of one; reading whole blocks costs one await per read, not one per line."""
+
+    __slots__ = ("content", "lines", "partial")
+
+    def __init__(self, content: BackendConnection) -> None:
+        self.content = content
+        self.lines: collections.deque[bytes] = collections.deque()
+        self.partial = b""
+
+    def buffered(self) -> bytes | None:
+        """The next line if it has arrived already, else None."""
+        return self.lines.popleft() if self.lines else None
+
+    async def readline(self) -> bytes:
+        """The next line (without its end), waiting for it; b"" at the end of the body."""
+        while not self.lines:
+            block = await self.content.readany()
+            if not block:
+                line, self.partial = self.partial.strip(), b""
+                return line
+            parts = (self.partial + block).split(b"\n") if self.partial else block.split(b"\n")
+            self.partial = parts.pop()
+            self.lines.extend(line for line in parts if line and line != b"\r")
+        return self.lines.popleft()
+
+
 # ==============================================================================================
 # Backend adapters
 # Owns: every quirk of every backend type: where its model list and health live, how its
@@ -3886,6 +3361,16 @@ def status_problem(status: int, path: str) -> str:
     return f"HTTP {status} on {path}"
 
 
+def json_answer(status: int, answer: bytes, path: str) -> Any:
+    """A backend's JSON answer from `path`; any other answer raises."""
+    if status != 200:
+        raise BackendReplyError(status_problem(status, path))
+    try:
+        return json.loads(answer)
+    except ValueError:
+        raise BackendReplyError(f"not an LLM server: {path} answered something not JSON") from None
+
+
 async def fetch_json(
     pool: BackendPool,
     method: str,
@@ -3899,16 +3384,6 @@ async def fetch_json(
         headers = {**headers, **JSON_HEADERS} if headers else JSON_HEADERS
     status, answer = await pool.fetch(method, url, headers or {}, body, limit=POLL_MAX_BODY)
     return json_answer(status, answer, urllib.parse.urlsplit(url).path)
-
-
-def json_answer(status: int, answer: bytes, path: str) -> Any:
-    """A backend's JSON answer from `path`; any other answer raises."""
-    if status != 200:
-        raise BackendReplyError(status_problem(status, path))
-    try:
-        return json.loads(answer)
-    except ValueError:
-        raise BackendReplyError(f"not an LLM server: {path} answered something not JSON") from None
 
 
 def positive_int(value: Any) -> int | None:
@@ -4641,6 +4116,559 @@ ADAPTERS: dict[str, OpenAICompatibleAdapter] = {
 
 
 # ==============================================================================================
+# Health
+# Owns: the per-backend state machine (unknown -> healthy/unhealthy, thresholds against
+# flapping) and the poll loop that refreshes status and model lists.
+# Must not: spend tokens. Polls use model-list and health endpoints only.
+# ==============================================================================================
+
+# user:password@ of a URL a backend's error text repeats (Nexus refuses such URLs itself).
+URL_CREDENTIALS = re.compile(r"(?<=://)[^/\s@]*@")
+# Polls in flight at once: any home lab in one round, yet not a thousand connections at once.
+POLLS_AT_ONCE = 64
+
+
+def record_success(backend: Backend, settings: HealthSettings) -> None:
+    """Count a good poll: unknown turns healthy, unhealthy after recovery_threshold of them."""
+    backend.fail_streak = 0
+    backend.ok_streak += 1
+    if backend.status == "unhealthy" and backend.ok_streak < settings.recovery_threshold:
+        return
+    if backend.status != "healthy":
+        log.info("backend %s is healthy", backend.name)
+        backend.status = "healthy"
+
+
+def shown_reason(backend: Backend, reason: str) -> str:
+    """A failure without a URL's credentials or the backend's own key, whatever it repeated."""
+    reason = URL_CREDENTIALS.sub("", reason)
+    secret = os.environ.get(backend.api_key_env) if backend.api_key_env else None
+    return reason.replace(secret, "[redacted]") if secret else reason
+
+
+def record_failure(backend: Backend, settings: HealthSettings, reason: str) -> None:
+    """Count a failed poll: unknown turns unhealthy, healthy after failure_threshold of them."""
+    backend.ok_streak = 0
+    backend.fail_streak += 1
+    backend.last_error = shown_reason(backend, reason)
+    if backend.status == "healthy" and backend.fail_streak < settings.failure_threshold:
+        return
+    if backend.status != "unhealthy":
+        log.warning("backend %s is unhealthy: %s", backend.name, reason)
+        backend.status = "unhealthy"
+
+
+def describe_failure(exc: BaseException) -> str:
+    """Why a poll or a request failed, in the words /v1/backends and the dashboard show."""
+    if isinstance(exc, BackendConnectTimeout):
+        return "timed out connecting"
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, BackendHTTPError | BackendReplyError):
+        return str(exc)[:200]
+    return f"{type(exc).__name__}: {exc}"[:200]
+
+
+async def poll_backend(app: web.Application, backend: Backend) -> None:
+    """One health poll: the type's own endpoints, bounded by the health timeout."""
+    settings = app[SETTINGS].health_check
+    try:
+        async with asyncio.timeout(settings.timeout_seconds):
+            models = await ADAPTERS[backend.type].poll(app[CLIENT], backend)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # any failure of a poll is the backend's, never Nexus's
+        record_failure(backend, settings, describe_failure(exc))
+        return
+    if backend.name in app[REGISTRY].backends:
+        app[REGISTRY].set_models(backend, models)
+    record_success(backend, settings)
+
+
+async def first_poll(app: web.Application, backend: Backend) -> None:
+    """A new backend's first poll (its models); without health checks it is trusted as healthy."""
+    await poll_backend(app, backend)
+    if not app[SETTINGS].health_check.enabled:
+        backend.status = "healthy"
+
+
+async def health_loop(app: web.Application) -> None:
+    """Poll every backend once per interval, in parallel. A poll never outlives its timeout."""
+    interval = app[SETTINGS].health_check.interval_seconds
+    slots = asyncio.Semaphore(POLLS_AT_ONCE)
+
+    async def poll(backend: Backend) -> None:
+        async with slots:
+            await poll_backend(app, backend)
+
+    while True:
+        backends = list(app[REGISTRY].backends.values())
+        if backends:
+            await asyncio.gather(*(poll(b) for b in backends))
+        app[BACKGROUND]["next_health_check"] = time.monotonic() + interval
+        await asyncio.sleep(interval)
+
+
+# ==============================================================================================
+# Discovery
+# Owns: finding backends without configuration (mDNS browsing, probing well-known local
+# ports), announcing this Nexus, and adding, keeping and (after the grace period) removing
+# discovered backends.
+# Must not: slow start-up, change static or admin backends, or add a Nexus (itself or another).
+# ==============================================================================================
+
+MDNS_SERVICE_TYPES = ("_ollama._tcp.local.", "_llm._tcp.local.")
+NEXUS_SERVICE_TYPE = "_llm._tcp.local."
+NEXUS_TYPE = "nexus"  # TXT type of a Nexus announcement, and what detection says of a Nexus
+MDNS_RESOLVE_TIMEOUT_MS = 3000
+MDNS_STOP_TIMEOUT_SECONDS = 3.0
+TXT_VALUE_MAX = 255  # one TXT string holds at most 255 bytes; anything longer is garbage
+# Ollama, LM Studio, llama.cpp, vLLM, exo: what a server there is gets detected, not assumed.
+LOCAL_PORTS = (11434, 1234, 8080, 8000, 52415)
+EXO_PORT = 52415
+PROBE_TIMEOUT_SECONDS = 1.0
+PROBE_MAX_BODY = 4 * 1024 * 1024
+
+
+async def probe_json(pool: BackendPool, url: str, timeout: float) -> tuple[int, Any] | None:
+    """(status, parsed JSON or None) for GET url, bounded by timeout; None if nothing answered."""
+    try:
+        async with asyncio.timeout(timeout):
+            status, body = await pool.fetch("GET", url, {}, limit=PROBE_MAX_BODY)
+    except (BackendHTTPError, TimeoutError, ValueError) as exc:
+        log.debug("probe %s: %s", url, describe_failure(exc))
+        return None
+    try:
+        return status, json.loads(body)
+    except ValueError:  # a page, garbage or a cut-off body: something answered, not JSON
+        return status, None
+
+
+def answered_object(answer: tuple[int, Any] | None) -> dict[str, Any]:
+    """A probe's answer when it is a JSON object (of any status), else {}."""
+    return answer[1] if answer is not None and isinstance(answer[1], dict) else {}
+
+
+def answered_list(answer: tuple[int, Any] | None, key: str) -> bool:
+    """Whether a probe's answer was a 200 JSON object holding a list under `key`."""
+    return isinstance(answered_object(answer).get(key), list) and answer[0] == 200
+
+
+async def is_nexus(pool: BackendPool, url: str, timeout: float) -> bool:
+    """Whether a Nexus answers at url: its `/health` has Nexus's fields."""
+    health = await probe_json(pool, url + "/health", timeout)
+    return {"version", "backends"} <= answered_object(health).keys()
+
+
+async def detect_backend_type(
+    pool: BackendPool, url: str, timeout: float = PROBE_TIMEOUT_SECONDS
+) -> str | None:
+    """What answers at url (a server's root): a backend type, "nexus", or None if no LLM server.
+    Each probe is bounded by timeout; when nothing answers the first, the search ends."""
+    on_exo_port = urllib.parse.urlsplit(url).port == EXO_PORT
+    if not on_exo_port:  # exo also speaks other dialects; on its own port it is exo
+        answer = await probe_json(pool, url + "/api/tags", timeout)
+        if answer is None:
+            return None
+        if answered_list(answer, "models"):  # a Nexus answers Ollama's API too
+            return NEXUS_TYPE if await is_nexus(pool, url, timeout) else "ollama"
+        answer = await probe_json(pool, url + "/props", timeout)
+        if "default_generation_settings" in answered_object(answer):
+            return "llamacpp"
+        if answered_list(await probe_json(pool, url + "/api/v0/models", timeout), "data"):
+            return "lmstudio"
+    answer = await probe_json(pool, url + "/v1/models", timeout)
+    if not answered_list(answer, "data"):
+        return None
+    if await is_nexus(pool, url, timeout):
+        return NEXUS_TYPE
+    if on_exo_port:
+        return "exo"
+    entries = [e for e in answered_object(answer)["data"] if isinstance(e, dict)]
+    return "vllm" if any("max_model_len" in e for e in entries) else "generic"
+
+
+def txt_text(service: str, properties: dict[bytes, bytes | None], key: str) -> str | None:
+    """One TXT value as clean text, or None when missing or garbage (logged, never raised)."""
+    raw = properties.get(key.encode())
+    if raw is None:
+        return None
+    try:
+        text = raw.decode("utf-8").strip() if len(raw) <= TXT_VALUE_MAX else ""
+    except UnicodeDecodeError:
+        text = ""
+    if not text or not text.isprintable():
+        log.debug("mDNS service %r: TXT %s %r ignored", service, key, raw[:40])
+        return None
+    return text
+
+
+def clean_api_path(service: str, value: str | None) -> str:
+    """TXT `api_path` as a plain URL path without a trailing slash; "" for the root or garbage."""
+    if value is None:
+        return ""
+    if not value.startswith("/") or "//" in value or any(c in value for c in " ?#%\\@"):
+        log.debug("mDNS service %r: TXT api_path %r ignored", service, value)
+        return ""
+    return value.rstrip("/")
+
+
+def service_host(info: AsyncServiceInfo) -> str | None:
+    """Where to reach a resolved service: IPv4 first, then a routable IPv6 address."""
+    v4 = info.parsed_addresses(IPVersion.V4Only)
+    if v4:
+        return v4[0]
+    for text in info.parsed_addresses(IPVersion.V6Only):
+        # A link-local IPv6 address needs an interface scope that URLs carry badly.
+        if not ipaddress.IPv6Address(text).is_link_local:
+            return f"[{text}]"
+    return None
+
+
+def announce_addresses(host: str) -> list[str]:
+    """IPv4 addresses to announce this Nexus at: the bound one, or every non-loopback one."""
+    if host not in ("0.0.0.0", "", "::"):
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return []
+        return [host] if address.version == 4 and not address.is_loopback else []
+    found = {
+        ip.ip
+        for adapter in ifaddr.get_adapters()
+        for ip in adapter.ips
+        if ip.is_IPv4 and not ipaddress.IPv4Address(ip.ip).is_loopback
+    }
+    return sorted(found)
+
+
+def unique_name(base: str, taken: Container[str]) -> str:
+    """base, or the first of base-2, base-3, ... that is not taken."""
+    if base not in taken:
+        return base
+    return next(f"{base}-{n}" for n in itertools.count(2) if f"{base}-{n}" not in taken)
+
+
+@dataclass(slots=True)
+class MdnsService:
+    """What one mDNS announcement says: its instance name, where it answers, its TXT type."""
+
+    name: str
+    url: str
+    type_hint: str | None
+
+
+@dataclass(eq=False)
+class MdnsDiscovery:
+    """Browses mDNS for LLM servers, reports what comes and goes, and announces this Nexus.
+    zeroconf's defaults (every interface, IPv4), like any mDNS client on the machine; services
+    announcing TXT type=nexus (other gateways, and this one) are never reported."""
+
+    on_found: Callable[[str, str, str | None], Awaitable[None]]
+    on_lost: Callable[[str], None]
+    announce_port: int
+    announce_host: str
+    services: dict[str, MdnsService] = field(default_factory=dict)  # by full mDNS name
+    resolving: dict[str, asyncio.Task] = field(default_factory=dict)  # by full mDNS name
+    zeroconf: AsyncZeroconf | None = None
+    browser: AsyncServiceBrowser | None = None
+    own: AsyncServiceInfo | None = None
+
+    async def start(self) -> None:
+        """Browse, then announce (which takes a second of mDNS probing). Failures only log."""
+        try:
+            self.zeroconf = AsyncZeroconf()
+        except (OSError, RuntimeError) as exc:  # RuntimeError: no interface to listen on
+            log.warning("mDNS discovery unavailable: %s", exc)
+            return
+        self.browser = AsyncServiceBrowser(
+            self.zeroconf.zeroconf, list(MDNS_SERVICE_TYPES), handlers=[self.on_change]
+        )
+        await self.announce()
+
+    async def stop(self) -> None:
+        """Stop browsing, withdraw the announcement, close the sockets."""
+        for task in self.resolving.values():
+            task.cancel()
+        self.resolving.clear()
+        if self.zeroconf is None:
+            return
+        if self.browser is not None:
+            await self.browser.async_cancel()
+        await self.zeroconf.async_close()  # also says goodbye for our announcement
+        self.zeroconf = None
+
+    async def announce(self) -> None:
+        """Announce this Nexus by mDNS on the machine's non-loopback IPv4 addresses."""
+        assert self.zeroconf is not None
+        addresses = announce_addresses(self.announce_host)
+        if not addresses:
+            log.debug("not announcing Nexus by mDNS: no non-loopback IPv4 address")
+            return
+        instance = f"Nexus on {socket.gethostname()}"[:63]
+        info = AsyncServiceInfo(
+            NEXUS_SERVICE_TYPE,
+            f"{instance}.{NEXUS_SERVICE_TYPE}",
+            port=self.announce_port,
+            properties={"type": NEXUS_TYPE, "api_path": "/v1", "version": __version__},
+            parsed_addresses=addresses,
+        )
+        self.own = info  # before registering: our own announcement may be seen at once
+        try:
+            # A second Nexus with the same host name becomes "Nexus on host (2)".
+            await self.zeroconf.async_register_service(info, allow_name_change=True)
+        except (NonUniqueNameException, OSError) as exc:
+            log.warning("could not announce Nexus by mDNS: %s", exc)
+            self.own = None
+            return
+        log.info("announcing Nexus by mDNS as %r on port %d", info.name, self.announce_port)
+
+    def on_change(
+        self, zeroconf: Any, service_type: str, name: str, state_change: ServiceStateChange
+    ) -> None:
+        """Zeroconf's callback: resolve a service that appeared, lose one that left."""
+        if self.own is not None and name.lower() == self.own.name.lower():
+            log.debug("mDNS service %r is this Nexus; skipped", name)
+            return
+        previous = self.resolving.pop(name, None)
+        if previous is not None:
+            previous.cancel()
+        if state_change is ServiceStateChange.Removed:
+            self.lose(name)
+            return
+        task = asyncio.create_task(self.resolve(service_type, name))
+        self.resolving[name] = task
+        task.add_done_callback(lambda done: self.resolved(name, done))
+
+    def resolved(self, name: str, task: asyncio.Task) -> None:
+        """A resolve task is done: forget it, and log what it failed with."""
+        if self.resolving.get(name) is task:
+            del self.resolving[name]
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("mDNS service %r: %s", name, describe_failure(task.exception()))
+
+    async def resolve(self, service_type: str, name: str) -> None:
+        """Resolve a service to an address and port, and report what it is."""
+        assert self.zeroconf is not None
+        instance = self.instance_name(service_type, name)
+        info = AsyncServiceInfo(service_type, name)
+        if not await info.async_request(self.zeroconf.zeroconf, MDNS_RESOLVE_TIMEOUT_MS):
+            log.debug("mDNS service %r did not resolve in time; ignored", instance)
+            return
+        props = info.properties if isinstance(info.properties, dict) else {}
+        type_hint = (txt_text(instance, props, "type") or "").lower() or None
+        if type_hint == NEXUS_TYPE:
+            log.debug("mDNS service %r is a Nexus; not a backend", instance)
+            self.lose(name)  # in case it served as a backend before
+            return
+        if type_hint is not None and type_hint not in LOCAL_TYPES:
+            log.debug("mDNS service %r: unknown TXT type %r ignored", instance, type_hint)
+            type_hint = None
+        if type_hint is None and service_type == "_ollama._tcp.local.":
+            type_hint = "ollama"
+        host = service_host(info)
+        if host is None or not info.port:
+            log.debug("mDNS service %r has no usable address or port; ignored", instance)
+            return
+        api_path = clean_api_path(instance, txt_text(instance, props, "api_path"))
+        service = MdnsService(instance, f"http://{host}:{info.port}{api_path}", type_hint)
+        await self.report(name, service)
+
+    async def report(self, name: str, service: MdnsService) -> None:
+        """Report a service that is new or changed. It counts as reported only once on_found
+        returns: cancelled midway (the name changed again), the next event reports it anew."""
+        if self.services.get(name) != service:
+            await self.on_found(service.name, service.url, service.type_hint)
+            self.services[name] = service
+
+    def instance_name(self, service_type: str, name: str) -> str:
+        """The instance part of the name, made unique when another type announces it too."""
+        if name in self.services:
+            return self.services[name].name
+        taken = {s.name for s in self.services.values()}
+        return unique_name(name.removesuffix("." + service_type), taken)
+
+    def lose(self, name: str) -> None:
+        """A service left: report its backend as lost."""
+        service = self.services.pop(name, None)
+        if service is not None:
+            log.debug("mDNS service %r left", service.name)
+            self.on_lost(service.name)
+
+
+def log_task_failure(task: asyncio.Task) -> None:
+    """Log a discovery task that died of an exception (a cancelled one is no failure)."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("discovery stopped", exc_info=task.exception())
+
+
+def backend_name(text: str) -> str:
+    """A name safe in headers, logs and URLs, made from an mDNS instance name."""
+    cleaned = "".join(c if c.isascii() and (c.isalnum() or c in "._-") else "-" for c in text)
+    return cleaned.strip("-")[:63] or "backend"
+
+
+class Discovery:
+    """Keeps discovered backends in the registry: what mDNS and probing find, once checked to be
+    an LLM server and not a Nexus (a static or admin backend's URL is left to it). One that
+    vanishes turns unknown, and is removed after the grace period unless it comes back first."""
+
+    def __init__(self, app: web.Application) -> None:
+        self.app = app
+        server = app[SETTINGS].server
+        self.names: dict[str, str] = {}  # name as reported (mDNS instance, probed URL) -> backend
+        self.probed: set[str] = set()  # reported names that came from probing (their URLs)
+        self.unverified: dict[str, tuple[str, str | None]] = {}  # did not answer: retried
+        self.removals: dict[str, asyncio.Task] = {}  # backend name -> its pending removal
+        self.tasks: list[asyncio.Task] = []
+        self.mdns = MdnsDiscovery(self.found, self.lost, server.port, server.host)
+
+    def start(self) -> None:
+        """Start mDNS and probing as background tasks: nothing here waits on the network."""
+        for job in (self.mdns.start(), self.probe_loop()):
+            task = asyncio.create_task(job)
+            task.add_done_callback(log_task_failure)
+            self.tasks.append(task)
+
+    async def stop(self) -> None:
+        """Cancel probing and pending removals, then stop mDNS (browsing and the announcement)."""
+        tasks = self.tasks + list(self.removals.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        try:
+            async with asyncio.timeout(MDNS_STOP_TIMEOUT_SECONDS):
+                await self.mdns.stop()
+        except TimeoutError:
+            log.warning("mDNS did not stop within %gs", MDNS_STOP_TIMEOUT_SECONDS)
+
+    async def probe_loop(self) -> None:
+        """Probe the well-known local ports at start, then once per health interval."""
+        while True:
+            try:
+                await self.probe_round()
+            except Exception:  # a bug in one round must not end probing for good
+                log.exception("probing local ports failed")
+            await asyncio.sleep(self.app[SETTINGS].health_check.interval_seconds)
+
+    async def probe_round(self) -> None:
+        """Probe the well-known local ports (all at once, but Nexus's own) once: add what
+        answers and is not a Nexus, lose what stopped answering."""
+        # Backends that are up are not probed again; a probed one that is down and no longer
+        # answers a probe has vanished.
+        backends = self.app[REGISTRY].backends.values()
+        settled = {b.url for b in backends if b.status != "unhealthy" and not b.lost_at}
+        own_port = self.app[SETTINGS].server.port
+        urls = [f"http://127.0.0.1:{port}" for port in LOCAL_PORTS if port != own_port]
+        urls = [url for url in urls if url not in settled]
+        kinds = await asyncio.gather(*(detect_backend_type(self.app[CLIENT], u) for u in urls))
+        found = set()
+        for url, kind in zip(urls, kinds, strict=True):
+            if kind == NEXUS_TYPE:
+                log.debug("probe: %s is a Nexus; not a backend", url)
+            elif kind is not None:
+                found.add(url)
+                await self.add(url, url, kind, f"local-{kind}")
+                self.probed.add(url)
+        for url in self.probed - found - settled:
+            self.lost(url)
+        for name, (url, type_hint) in list(self.unverified.items()):
+            await self.found(name, url, type_hint)
+
+    async def found(self, name: str, url: str, type_hint: str | None) -> None:
+        """A server announced itself as name at url: check what it is, then add it."""
+        self.unverified.pop(name, None)
+        try:
+            url = normalise_url(url)
+        except ValueError as exc:
+            log.debug("discovered %r: %s; ignored", name, exc)
+            return
+        if await self.update_existing(name, url):
+            return
+        kind = await detect_backend_type(self.app[CLIENT], url)
+        if kind is None:
+            log.debug("discovered %r at %s is not an LLM server (yet); ignored", name, url)
+            self.unverified[name] = (url, type_hint)
+            return
+        if kind == NEXUS_TYPE:
+            log.debug("discovered %r at %s is a Nexus; not a backend", name, url)
+            return
+        # The announced type is trusted where detection can only say "OpenAI-compatible".
+        await self.add(name, url, type_hint if kind == "generic" and type_hint else kind, name)
+
+    async def update_existing(self, name: str, url: str) -> bool:
+        """Whether url is a backend already (or was removed through the admin API: it stays
+        removed), bringing that backend up to date: one moved to url is removed (re-added
+        next), a lost one is revived and polled, one whose first poll was cut short is polled."""
+        registry = self.app[REGISTRY]
+        mapped = self.names.get(name)
+        previous = registry.backends.get(mapped) if mapped is not None else None
+        if mapped is not None and previous is None:
+            log.debug("discovered %r at %s was removed through the admin API; skipped", name, url)
+            return True
+        if previous is not None and previous.source == "discovered" and previous.url != url:
+            log.info("backend %s moved from %s to %s", previous.name, previous.url, url)
+            registry.remove(previous.name)  # moved: replaced by what is added next
+            del self.names[name]
+        backend = registry.find_url(url)
+        if backend is None:
+            return False
+        if backend.source != "discovered":
+            log.debug("discovered %r at %s is already backend %s; skipped", name, url, backend.name)
+        elif backend.status == "unknown" and not self.app[SETTINGS].health_check.enabled:
+            await first_poll(self.app, backend)  # its first poll was cut short: no other comes
+        elif backend.lost_at is not None:
+            self.names[name] = backend.name
+            backend.lost_at = None
+            removal = self.removals.pop(backend.name, None)
+            if removal is not None:
+                removal.cancel()
+            log.info("backend %s is back", backend.name)
+            await first_poll(self.app, backend)
+        return True
+
+    async def add(self, name: str, url: str, kind: str, wanted: str) -> None:
+        """Add a discovered server as a backend under a unique name, and poll it at once."""
+        registry = self.app[REGISTRY]
+        if await self.update_existing(name, url):  # it may have been added while detection ran
+            return
+        unique = unique_name(backend_name(wanted), registry.backends)
+        backend = Backend(name=unique, url=url, type=kind, source="discovered")
+        registry.add(backend)
+        self.names[name] = unique
+        log.info("backend %s discovered (%s, %s)", unique, kind, url)
+        await first_poll(self.app, backend)
+
+    def lost(self, name: str) -> None:
+        """What name reported has vanished: out of routing now, removed after the grace period."""
+        self.unverified.pop(name, None)
+        backend = self.app[REGISTRY].backends.get(self.names.get(name, ""))
+        if backend is None or backend.source != "discovered" or backend.lost_at is not None:
+            return
+        grace = self.app[SETTINGS].discovery.grace_period_seconds
+        backend.lost_at = time.time()
+        backend.status = "unknown"
+        backend.ok_streak = backend.fail_streak = 0
+        log.info("backend %s vanished; removed in %gs unless it comes back", backend.name, grace)
+        self.removals[backend.name] = asyncio.create_task(self.remove_later(backend, grace))
+
+    async def remove_later(self, backend: Backend, grace: float) -> None:
+        """After the grace period, remove a lost backend unless it came back."""
+        await asyncio.sleep(grace)
+        self.removals.pop(backend.name, None)
+        registry = self.app[REGISTRY]
+        if registry.backends.get(backend.name) is not backend or backend.lost_at is None:
+            return
+        if backend.status == "healthy":  # lost made it unknown: a health poll has answered since
+            backend.lost_at = None
+            log.info("backend %s is back", backend.name)
+        else:
+            registry.remove(backend.name)
+            self.names = {key: name for key, name in self.names.items() if name != backend.name}
+            log.info("backend %s removed: gone for %gs", backend.name, grace)
+
+
+# ==============================================================================================
 # Model lifecycle
 # Owns: loading, unloading and migrating models on backends (SPEC §5.1): the operations that
 # run in the background, one per model and backend at a time, bounded by
@@ -4927,38 +4955,13 @@ def start_operation(
 
 
 # ==============================================================================================
-# Proxy: queue and attempts
-# Owns: a request from admission to its answer: its record, the wait for a slot, the attempts
-# in the order routing gave, retries before the first byte, a whole answer or the hand-over to
-# the Stream relay. The door's duties (OpenAIFormat) are defined here; the doors follow below.
-# Must not: choose backends (routing did) or know backend quirks (adapters do).
+# Requests in flight
+# Owns: the shapes a request has while the proxy serves it (its record, the attempt in flight,
+# the door it answers through, a failed attempt) and what an attempt's outcome tells health.
+# Must not: send anything; the proxy below does.
 # ==============================================================================================
 
-# How each backend says a prompt (with max_tokens) is over its context, lower-cased; anything
-# vaguer ("too long") also matches 400s about a field's length, which are the client's to fix.
-CONTEXT_ERROR_MARKERS = (
-    "context_length_exceeded",  # OpenAI's code
-    "maximum context length",  # vLLM, OpenAI: "This model's maximum context length is 8192..."
-    "exceeds the context window",  # OpenAI: "Your input exceeds the context window..."
-    "exceed_context_size_error",  # llama.cpp server's type
-    "exceeds the available context size",  # llama.cpp server's message
-    "exceeds the context length",  # Ollama: "the input length exceeds the context length"
-    "prompt is too long:",  # Anthropic: "prompt is too long: 208310 tokens > 200000 maximum"
-)
-# How backends give the sizes in a too-long refusal: llama.cpp's words (it also sends n_ctx
-# and n_prompt_tokens), then OpenAI's and vLLM's.
-CONTEXT_SIZE_PATTERNS = (
-    re.compile(r"\((?P<prompt>\d+) tokens\) exceeds the available context size \((?P<context>\d+)"),
-    re.compile(
-        r"maximum context length is (?P<context>\d+) tokens.{0,40}?"
-        r"requested (?P<prompt>\d+) tokens",
-        re.S,
-    ),
-)
-# Retries on the same backend (only when it is the only candidate) wait a little first; a
-# 429's Retry-After is honoured up to a limit, a longer one sends the request elsewhere.
-RETRY_BACKOFF_SECONDS = (0.25, 1.0)
-MAX_RETRY_AFTER_SECONDS = 10.0
+
 EMA_WEIGHT = 0.2  # of a new measure in a backend's latency and TTFT averages
 
 
@@ -4970,21 +4973,6 @@ class AttemptFailed(Exception):
     skip_model: bool = False  # a context-length refusal: go on to the fallback models
     silent: bool = False  # it timed out: not asked again for this request
     retry_after: float | None = None  # a 429 said when to come back
-
-
-def retry_after_seconds(value: str | None) -> float | None:
-    """A Retry-After header as seconds from now: delta-seconds or an HTTP date."""
-    if not value:
-        return None
-    try:
-        return max(float(value), 0.0)
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(when.timestamp() - time.time(), 0.0)
 
 
 @dataclass(slots=True)
@@ -5095,9 +5083,6 @@ class NativeStream:
         return b""
 
 
-OPENAI_FORMAT = OpenAIFormat()
-
-
 @dataclass(slots=True)
 class InFlight:
     """A request on its way on one attempt: what it sends where, and how its answer goes back."""
@@ -5114,6 +5099,384 @@ class InFlight:
     reason: str  # why routing chose this attempt (X-Nexus-Route-Reason)
     deadline: float  # the loop time by which the request must be done
     fmt: OpenAIFormat  # the front door the client came through
+
+
+def note_failure(flight: InFlight, why: str) -> None:
+    """Count a failure against the backend: its errors, and its health when that is checked."""
+    backend, health = flight.attempt.backend, flight.request.app[SETTINGS].health_check
+    backend.errors += 1
+    if health.enabled:
+        record_failure(backend, health, why)
+
+
+def attempt_failure(flight: InFlight, status: int, why: str) -> AttemptFailed:
+    """Count a failed attempt against the backend's health and make the error it may end in."""
+    note_failure(flight, why)
+    kind = "timeout" if status == 504 else "backend_error"
+    code = "backend_timeout" if status == 504 else "backend_failed"
+    message = f"Backend {flight.attempt.backend.name} failed: {why}."
+    return AttemptFailed(NexusError(status, kind, code, message), silent=status == 504)
+
+
+def note_success(flight: InFlight) -> None:
+    """A request served: the backend's latency and TTFT averages (from the attempt's send, not
+    the request's arrival), its health, and the session's backend."""
+    app, record, backend = flight.request.app, flight.record, flight.attempt.backend
+    elapsed_ms = (time.perf_counter() - record.sent) * 1000
+    ema = backend.latency_ema_ms
+    backend.latency_ema_ms = elapsed_ms if ema is None else ema + EMA_WEIGHT * (elapsed_ms - ema)
+    if record.ttft_ms is not None:  # the client's wait for the first byte, from its request
+        ttft_ms = record.ttft_ms - (record.sent - record.started) * 1000
+        ema = backend.ttft_ema_ms
+        backend.ttft_ema_ms = ttft_ms if ema is None else ema + EMA_WEIGHT * (ttft_ms - ema)
+    if app[SETTINGS].health_check.enabled:
+        record_success(backend, app[SETTINGS].health_check)
+    if record.session is not None:
+        app[SESSIONS].note(record.session, backend.name, record.followed, time.monotonic())
+
+
+# ==============================================================================================
+# Cost settlement
+# Owns: what an answer from a cloud backend cost: the usage it reported (or Nexus's own count of
+# prompt and answer when it reported none) times the model's price, charged to the budget.
+# Must not: decide prices or limits (Policy does) or keep any prompt or answer text.
+# ==============================================================================================
+
+UNPRICED_WARNED: set[str] = set()  # the models without a price already warned about
+
+
+def note_usage(record: RequestRecord, usage: Any) -> None:
+    """Note the token usage an answer reported on the request's record."""
+    found = usage_from(usage)
+    if found is not None:
+        record.usage = found
+        record.prompt_tokens = found.prompt or record.prompt_tokens
+        record.completion_tokens = found.completion or record.completion_tokens
+
+
+async def count_usage(flight: InFlight, answered: list[str] | None = None) -> TokenUsage:
+    """Nexus's own count of the prompt and the texts answered so far, in the attempt's tokenizer."""
+    encoding, _ = tokenizer_for(flight.attempt.backend.type, flight.attempt.model)
+    texts, framing = payload_texts(flight.record.endpoint, flight.body)
+    prompt = await count_texts_async(texts, encoding) + framing
+    return TokenUsage(prompt, await count_texts_async(answered, encoding) if answered else 0)
+
+
+def charge_cost(flight: InFlight, counted: TokenUsage | None) -> str:
+    """Charge the usage (as Nexus `counted` it, if not reported) times the price to the budget."""
+    record, model = flight.record, flight.attempt.model
+    if counted is not None:
+        record.usage = counted
+        record.prompt_tokens, record.completion_tokens = counted.prompt, counted.completion
+    assert record.usage is not None
+    app = flight.request.app
+    price = price_for(model, app[BUDGET].prices)
+    if price is None:
+        if model not in UNPRICED_WARNED:
+            UNPRICED_WARNED.add(model)
+            log.warning(
+                "no price for model %s: its cost is not counted against the budget; "
+                "add it under [routing.budget] prices",
+                model,
+            )
+        return "unknown"
+    record.cost_usd = cost_usd(price, record.usage)
+    app[BUDGET].charge(record.cost_usd)
+    app[LEDGER].add(TOTAL_ROW, record.cost_usd, 0, 0)
+    return format_usd(record.cost_usd)
+
+
+async def prompt_cost(flight: InFlight) -> str:
+    """A stream's cost header: its prompt's cost. The whole cost is charged when it ends."""
+    price = price_for(flight.attempt.model, flight.request.app[BUDGET].prices)
+    if price is None:
+        return "unknown"
+    return format_usd(cost_usd(price, await count_usage(flight)))
+
+
+async def settle_cost(flight: InFlight, answered: list[str]) -> str:
+    """Charge what a cloud answer cost, counting its tokens when the backend reported none."""
+    counted = None if flight.record.usage is not None else await count_usage(flight, answered)
+    return charge_cost(flight, counted)
+
+
+def settle_cost_now(flight: InFlight, answered: list[str]) -> None:
+    """settle_cost without awaiting, for a stream its client left (the handler may be being
+    cancelled): counted if the encoding is loaded already, else estimated from characters."""
+    counted = None
+    if flight.record.usage is None:
+        encoding, _ = tokenizer_for(flight.attempt.backend.type, flight.attempt.model)
+        texts, framing = payload_texts(flight.record.endpoint, flight.body)
+        if encoding in _loaded_encodings:
+            prompt = count_texts(texts, encoding) + framing
+            counted = TokenUsage(prompt, count_texts(answered, encoding))
+        else:
+            prompt = sum(map(len, texts)) // CHARS_PER_TOKEN + framing
+            counted = TokenUsage(prompt, -(-sum(map(len, answered)) // CHARS_PER_TOKEN))
+    charge_cost(flight, counted)
+
+
+# ==============================================================================================
+# Stream relay
+# Owns: the one stream relay: a backend's stream to the client chunk by chunk as it arrives, in
+# the client's API (written by its door), its waits bounded, and every stream ended honestly.
+# Must not: retry once the first byte went out, or translate (doors and adapters do that).
+# ==============================================================================================
+
+INTERNAL_STREAM_ERROR = "Nexus hit an internal error."
+NO_DELTA: dict[str, Any] = {}  # a chunk choice without a delta is well formed
+
+
+def well_formed(chunk: Any) -> bool:
+    """Whether a stream chunk is an object whose choices, if any, are objects with object deltas."""
+    if type(chunk) is not dict:
+        return False
+    choices = chunk.get("choices")
+    if choices is None:
+        return True
+    if type(choices) is not list:
+        return False
+    for choice in choices:
+        if type(choice) is not dict or type(choice.get("delta", NO_DELTA)) is not dict:
+            return False
+    return True
+
+
+async def start_stream(
+    request: web.Request, headers: dict[str, str], content_type: str = "text/event-stream"
+) -> web.StreamResponse:
+    """Send a stream's status and headers; the chunks follow."""
+    response = web.StreamResponse(status=200, headers=headers)
+    response.content_type = content_type
+    response.headers["Cache-Control"] = "no-cache"
+    await response.prepare(request)
+    request[STREAMING] = response
+    return response
+
+
+def chat_line(
+    line: bytes,
+    record: RequestRecord,
+    fmt: OpenAIFormat,
+    strip_usage: bool,
+    local_model: str | None,
+    answered: list[str] | None,
+) -> tuple[bytes, str | None]:
+    """One line of a chat stream as the door writes it (b"" for nothing: a separator, comment,
+    malformed chunk or a usage chunk the client did not ask for), and "end" for [DONE],
+    "finish" for the chunk with the finish reason, else None. Usage is noted on the way."""
+    if not line.startswith(b"data:"):
+        return b"", None  # blank separators, comments, event names
+    data = line[5:].strip()
+    if data == b"[DONE]":
+        return b"", "end"
+    try:
+        chunk = parse_json(data)
+    except ValueError:
+        return b"", None  # a malformed chunk is dropped; the stream goes on
+    if not well_formed(chunk):
+        return b"", None  # a chunk of the wrong shape is dropped too
+    usage = chunk.get("usage")
+    if usage:
+        note_usage(record, usage)
+        if strip_usage:
+            if not chunk.get("choices"):
+                return b"", None
+            del chunk["usage"]
+            data = b""
+    if local_model is not None and chunk.get("model", local_model) != local_model:
+        chunk["model"] = local_model  # the stream names the model that served
+        data = b""
+    if not data:
+        data = json.dumps(chunk).encode()
+    choices = chunk.get("choices")
+    if answered is not None and choices:
+        answered.extend(answer_texts(record.endpoint, chunk))
+    finish = choices and isinstance(choices[0], dict) and choices[0].get("finish_reason")
+    return fmt.chunk(data, chunk), "finish" if finish else None
+
+
+async def next_stream_line(
+    flight: InFlight, reader: Any, started: bool, limits: WaitLimits
+) -> tuple[bytes, str]:
+    """A stream's next line within its limits; at the end, b"" and why it ended early ("" for
+    its plain end). Before anything was sent, a failure raises AttemptFailed instead, so the
+    request may still be served by the next attempt."""
+    until = limits.read_by() if started else limits.first_byte_by
+    try:
+        line = await limits.wait(reader.readline(), until)
+    except TimeoutError:
+        if not started:
+            raise attempt_failure(flight, 504, "sent no data in time") from None
+        if asyncio.get_running_loop().time() >= limits.deadline:
+            return b"", "the request took longer than server.request_timeout_seconds"
+        return b"", "the backend stalled"
+    except BackendHTTPError as exc:
+        if not started:
+            raise attempt_failure(flight, 502, describe_failure(exc)) from None
+        return b"", "the backend connection broke"
+    if not line and not started:
+        raise attempt_failure(flight, 502, "ended the stream before any data")
+    return line, ""
+
+
+async def end_stream(
+    flight: InFlight,
+    writer: OpenAIFormat | NativeStream,
+    response: web.StreamResponse,
+    answered: list[str] | None,
+    problem: str,
+    pending: list[bytes],
+) -> bool:
+    """A relayed stream's accounts and its last words, added to `pending`: its cost (a cut
+    stream's too), then a success, or a failure the door's error ends. True once settled."""
+    record, attempt = flight.record, flight.attempt
+    if answered is not None:
+        if pending:
+            await response.write(b"".join(pending))
+            pending.clear()
+        await settle_cost(flight, answered)
+    if problem:
+        record.status = 502
+        note_failure(flight, problem)
+        pending.append(writer.error(record.endpoint, attempt.model, problem + "."))
+    else:
+        record.status = 200
+        note_success(flight)
+    pending.append(writer.end())
+    return True
+
+
+async def relay_stream(
+    flight: InFlight, upstream: BackendConnection, headers: dict[str, str], limits: WaitLimits
+) -> web.StreamResponse:
+    """Relay a stream as it arrives, in the client's API (chat chunks written by its door, or a
+    native backend's own lines). Until the first byte is out a failure may still be retried
+    elsewhere; after it, Nexus ends the stream itself, honestly, the door's way."""
+    request, record, attempt, fmt = flight.request, flight.record, flight.attempt, flight.fmt
+    backend = attempt.backend
+    adapter = ADAPTERS[backend.type]
+    native = fmt.native_stream() if flight.native else None
+    reader = SseLines(upstream) if flight.native else adapter.stream_reader(upstream, attempt.model)
+    writer = native or fmt  # what writes the stream's last words
+    answered: list[str] | None = [] if backend.is_cloud else None  # to count, if no usage
+    local_model = None if backend.is_cloud else attempt.model  # what local chunks must name
+    strip_usage = flight.strip_usage
+    response: web.StreamResponse | None = None
+    finished = settled = False
+    problem = ""
+    pending: list[bytes] = []  # chunks that arrived together go out in one write
+    try:
+        while not (native is not None and finished):
+            line = reader.buffered()
+            if line is None:
+                if pending:
+                    await response.write(b"".join(pending))  # type: ignore[union-attr]
+                    pending.clear()
+                line, problem = await next_stream_line(flight, reader, response is not None, limits)
+            if not line:
+                if not finished and not problem:
+                    problem = "the backend ended the stream before the answer was complete"
+                break
+            if native is not None:
+                out, kind = native.line(line)
+            else:
+                out, kind = chat_line(line, record, fmt, strip_usage, local_model, answered)
+            if kind is not None:
+                if kind == "error":
+                    if response is None:
+                        raise attempt_failure(flight, 502, "reported an error")
+                    problem = "the backend reported an error mid-stream"
+                finished = True
+                upstream.whole = kind == "end"  # its connection may serve the next request
+                if kind == "end" and native is None:
+                    break  # [DONE]
+            if not out:
+                continue
+            if response is None:
+                record.ttft_ms = (time.perf_counter() - record.started) * 1000
+                response = await start_stream(request, headers, fmt.content_type)
+            pending.append(out)
+        if native is not None:
+            note_usage(record, native.usage)
+        if response is None:  # [DONE] with no chunk at all: an empty answer, but an honest one
+            response = await start_stream(request, headers, fmt.content_type)
+        settled = await end_stream(flight, writer, response, answered, problem, pending)
+        await response.write_eof(b"".join(pending))
+    except ConnectionError:
+        record.status = 499  # the client went away: the backend request ends with this one
+        upstream.close()
+        if response is None:
+            raise
+    except Exception:
+        if response is None:
+            raise  # nothing sent yet: the request ends in a plain error answer
+        last_words = writer.error(record.endpoint, attempt.model, INTERNAL_STREAM_ERROR)
+        pending += (last_words, writer.end())  # a bug met mid-stream: the stream ends honestly
+        log.exception("unexpected error relaying a stream from %s", backend.name)
+        record.status = 500
+        with contextlib.suppress(ConnectionError):
+            await response.write(b"".join(pending))
+            await response.write_eof()
+    finally:
+        if answered is not None and response is not None and not settled:
+            if native is not None:
+                note_usage(record, native.usage)
+            settle_cost_now(flight, answered)  # the client left: no await
+    return response
+
+
+# ==============================================================================================
+# Proxy: queue and attempts
+# Owns: a request from admission to its answer: its record, the wait for a slot, the attempts
+# in the order routing gave, retries before the first byte, a whole answer or the hand-over to
+# the Stream relay. The door's duties (OpenAIFormat) are defined here; the doors follow below.
+# Must not: choose backends (routing did) or know backend quirks (adapters do).
+# ==============================================================================================
+
+# How each backend says a prompt (with max_tokens) is over its context, lower-cased; anything
+# vaguer ("too long") also matches 400s about a field's length, which are the client's to fix.
+CONTEXT_ERROR_MARKERS = (
+    "context_length_exceeded",  # OpenAI's code
+    "maximum context length",  # vLLM, OpenAI: "This model's maximum context length is 8192..."
+    "exceeds the context window",  # OpenAI: "Your input exceeds the context window..."
+    "exceed_context_size_error",  # llama.cpp server's type
+    "exceeds the available context size",  # llama.cpp server's message
+    "exceeds the context length",  # Ollama: "the input length exceeds the context length"
+    "prompt is too long:",  # Anthropic: "prompt is too long: 208310 tokens > 200000 maximum"
+)
+# How backends give the sizes in a too-long refusal: llama.cpp's words (it also sends n_ctx
+# and n_prompt_tokens), then OpenAI's and vLLM's.
+CONTEXT_SIZE_PATTERNS = (
+    re.compile(r"\((?P<prompt>\d+) tokens\) exceeds the available context size \((?P<context>\d+)"),
+    re.compile(
+        r"maximum context length is (?P<context>\d+) tokens.{0,40}?"
+        r"requested (?P<prompt>\d+) tokens",
+        re.S,
+    ),
+)
+# Retries on the same backend (only when it is the only candidate) wait a little first; a
+# 429's Retry-After is honoured up to a limit, a longer one sends the request elsewhere.
+RETRY_BACKOFF_SECONDS = (0.25, 1.0)
+MAX_RETRY_AFTER_SECONDS = 10.0
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """A Retry-After header as seconds from now: delta-seconds or an HTTP date."""
+    if not value:
+        return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(when.timestamp() - time.time(), 0.0)
+
+
+OPENAI_FORMAT = OpenAIFormat()
 
 
 def new_request_id() -> str:
@@ -5453,23 +5816,6 @@ class WaitLimits:
             self._timer = None
 
 
-def note_failure(flight: InFlight, why: str) -> None:
-    """Count a failure against the backend: its errors, and its health when that is checked."""
-    backend, health = flight.attempt.backend, flight.request.app[SETTINGS].health_check
-    backend.errors += 1
-    if health.enabled:
-        record_failure(backend, health, why)
-
-
-def attempt_failure(flight: InFlight, status: int, why: str) -> AttemptFailed:
-    """Count a failed attempt against the backend's health and make the error it may end in."""
-    note_failure(flight, why)
-    kind = "timeout" if status == 504 else "backend_error"
-    code = "backend_timeout" if status == 504 else "backend_failed"
-    message = f"Backend {flight.attempt.backend.name} failed: {why}."
-    return AttemptFailed(NexusError(status, kind, code, message), silent=status == 504)
-
-
 def upstream_error(flight: InFlight, upstream: BackendConnection, answer: bytes) -> web.Response:
     """A backend's error answer: 5xx and 429 are retried, context overruns fall back, other 4xx
     go back to the client untouched (in an error envelope when they are not a JSON error)."""
@@ -5502,23 +5848,6 @@ def upstream_error(flight: InFlight, upstream: BackendConnection, answer: bytes)
         return web.json_response(error.envelope(), status=status, headers=headers)
     content_type = upstream.headers.get("content-type", "application/json").split(";")[0]
     return web.Response(body=answer, status=status, headers=headers, content_type=content_type)
-
-
-def note_success(flight: InFlight) -> None:
-    """A request served: the backend's latency and TTFT averages (from the attempt's send, not
-    the request's arrival), its health, and the session's backend."""
-    app, record, backend = flight.request.app, flight.record, flight.attempt.backend
-    elapsed_ms = (time.perf_counter() - record.sent) * 1000
-    ema = backend.latency_ema_ms
-    backend.latency_ema_ms = elapsed_ms if ema is None else ema + EMA_WEIGHT * (elapsed_ms - ema)
-    if record.ttft_ms is not None:  # the client's wait for the first byte, from its request
-        ttft_ms = record.ttft_ms - (record.sent - record.started) * 1000
-        ema = backend.ttft_ema_ms
-        backend.ttft_ema_ms = ttft_ms if ema is None else ema + EMA_WEIGHT * (ttft_ms - ema)
-    if app[SETTINGS].health_check.enabled:
-        record_success(backend, app[SETTINGS].health_check)
-    if record.session is not None:
-        app[SESSIONS].note(record.session, backend.name, record.followed, time.monotonic())
 
 
 async def whole_answer(
@@ -5697,325 +6026,6 @@ async def proxy(
 
 
 # ==============================================================================================
-# Cost settlement
-# Owns: what an answer from a cloud backend cost: the usage it reported (or Nexus's own count of
-# prompt and answer when it reported none) times the model's price, charged to the budget.
-# Must not: decide prices or limits (Policy does) or keep any prompt or answer text.
-# ==============================================================================================
-
-UNPRICED_WARNED: set[str] = set()  # the models without a price already warned about
-
-
-def note_usage(record: RequestRecord, usage: Any) -> None:
-    """Note the token usage an answer reported on the request's record."""
-    found = usage_from(usage)
-    if found is not None:
-        record.usage = found
-        record.prompt_tokens = found.prompt or record.prompt_tokens
-        record.completion_tokens = found.completion or record.completion_tokens
-
-
-async def count_usage(flight: InFlight, answered: list[str] | None = None) -> TokenUsage:
-    """Nexus's own count of the prompt and the texts answered so far, in the attempt's tokenizer."""
-    encoding, _ = tokenizer_for(flight.attempt.backend.type, flight.attempt.model)
-    texts, framing = payload_texts(flight.record.endpoint, flight.body)
-    prompt = await count_texts_async(texts, encoding) + framing
-    return TokenUsage(prompt, await count_texts_async(answered, encoding) if answered else 0)
-
-
-def charge_cost(flight: InFlight, counted: TokenUsage | None) -> str:
-    """Charge the usage (as Nexus `counted` it, if not reported) times the price to the budget."""
-    record, model = flight.record, flight.attempt.model
-    if counted is not None:
-        record.usage = counted
-        record.prompt_tokens, record.completion_tokens = counted.prompt, counted.completion
-    assert record.usage is not None
-    app = flight.request.app
-    price = price_for(model, app[BUDGET].prices)
-    if price is None:
-        if model not in UNPRICED_WARNED:
-            UNPRICED_WARNED.add(model)
-            log.warning(
-                "no price for model %s: its cost is not counted against the budget; "
-                "add it under [routing.budget] prices",
-                model,
-            )
-        return "unknown"
-    record.cost_usd = cost_usd(price, record.usage)
-    app[BUDGET].charge(record.cost_usd)
-    app[LEDGER].add(TOTAL_ROW, record.cost_usd, 0, 0)
-    return format_usd(record.cost_usd)
-
-
-async def prompt_cost(flight: InFlight) -> str:
-    """A stream's cost header: its prompt's cost. The whole cost is charged when it ends."""
-    price = price_for(flight.attempt.model, flight.request.app[BUDGET].prices)
-    if price is None:
-        return "unknown"
-    return format_usd(cost_usd(price, await count_usage(flight)))
-
-
-async def settle_cost(flight: InFlight, answered: list[str]) -> str:
-    """Charge what a cloud answer cost, counting its tokens when the backend reported none."""
-    counted = None if flight.record.usage is not None else await count_usage(flight, answered)
-    return charge_cost(flight, counted)
-
-
-def settle_cost_now(flight: InFlight, answered: list[str]) -> None:
-    """settle_cost without awaiting, for a stream its client left (the handler may be being
-    cancelled): counted if the encoding is loaded already, else estimated from characters."""
-    counted = None
-    if flight.record.usage is None:
-        encoding, _ = tokenizer_for(flight.attempt.backend.type, flight.attempt.model)
-        texts, framing = payload_texts(flight.record.endpoint, flight.body)
-        if encoding in _loaded_encodings:
-            prompt = count_texts(texts, encoding) + framing
-            counted = TokenUsage(prompt, count_texts(answered, encoding))
-        else:
-            prompt = sum(map(len, texts)) // CHARS_PER_TOKEN + framing
-            counted = TokenUsage(prompt, -(-sum(map(len, answered)) // CHARS_PER_TOKEN))
-    charge_cost(flight, counted)
-
-
-# ==============================================================================================
-# Stream relay
-# Owns: the one stream relay: a backend's stream to the client chunk by chunk as it arrives, in
-# the client's API (written by its door), its waits bounded, and every stream ended honestly.
-# Must not: retry once the first byte went out, or translate (doors and adapters do that).
-# ==============================================================================================
-
-INTERNAL_STREAM_ERROR = "Nexus hit an internal error."
-NO_DELTA: dict[str, Any] = {}  # a chunk choice without a delta is well formed
-
-
-class SseLines:
-    """The non-blank lines of an SSE body as they arrive. One network read may carry several
-    events or part of one; reading whole blocks costs one await per read, not one per line."""
-
-    __slots__ = ("content", "lines", "partial")
-
-    def __init__(self, content: BackendConnection) -> None:
-        self.content = content
-        self.lines: collections.deque[bytes] = collections.deque()
-        self.partial = b""
-
-    def buffered(self) -> bytes | None:
-        """The next line if it has arrived already, else None."""
-        return self.lines.popleft() if self.lines else None
-
-    async def readline(self) -> bytes:
-        """The next line (without its end), waiting for it; b"" at the end of the body."""
-        while not self.lines:
-            block = await self.content.readany()
-            if not block:
-                line, self.partial = self.partial.strip(), b""
-                return line
-            parts = (self.partial + block).split(b"\n") if self.partial else block.split(b"\n")
-            self.partial = parts.pop()
-            self.lines.extend(line for line in parts if line and line != b"\r")
-        return self.lines.popleft()
-
-
-def well_formed(chunk: Any) -> bool:
-    """Whether a stream chunk is an object whose choices, if any, are objects with object deltas."""
-    if type(chunk) is not dict:
-        return False
-    choices = chunk.get("choices")
-    if choices is None:
-        return True
-    if type(choices) is not list:
-        return False
-    for choice in choices:
-        if type(choice) is not dict or type(choice.get("delta", NO_DELTA)) is not dict:
-            return False
-    return True
-
-
-async def start_stream(
-    request: web.Request, headers: dict[str, str], content_type: str = "text/event-stream"
-) -> web.StreamResponse:
-    """Send a stream's status and headers; the chunks follow."""
-    response = web.StreamResponse(status=200, headers=headers)
-    response.content_type = content_type
-    response.headers["Cache-Control"] = "no-cache"
-    await response.prepare(request)
-    request[STREAMING] = response
-    return response
-
-
-def chat_line(
-    line: bytes,
-    record: RequestRecord,
-    fmt: OpenAIFormat,
-    strip_usage: bool,
-    local_model: str | None,
-    answered: list[str] | None,
-) -> tuple[bytes, str | None]:
-    """One line of a chat stream as the door writes it (b"" for nothing: a separator, comment,
-    malformed chunk or a usage chunk the client did not ask for), and "end" for [DONE],
-    "finish" for the chunk with the finish reason, else None. Usage is noted on the way."""
-    if not line.startswith(b"data:"):
-        return b"", None  # blank separators, comments, event names
-    data = line[5:].strip()
-    if data == b"[DONE]":
-        return b"", "end"
-    try:
-        chunk = parse_json(data)
-    except ValueError:
-        return b"", None  # a malformed chunk is dropped; the stream goes on
-    if not well_formed(chunk):
-        return b"", None  # a chunk of the wrong shape is dropped too
-    usage = chunk.get("usage")
-    if usage:
-        note_usage(record, usage)
-        if strip_usage:
-            if not chunk.get("choices"):
-                return b"", None
-            del chunk["usage"]
-            data = b""
-    if local_model is not None and chunk.get("model", local_model) != local_model:
-        chunk["model"] = local_model  # the stream names the model that served
-        data = b""
-    if not data:
-        data = json.dumps(chunk).encode()
-    choices = chunk.get("choices")
-    if answered is not None and choices:
-        answered.extend(answer_texts(record.endpoint, chunk))
-    finish = choices and isinstance(choices[0], dict) and choices[0].get("finish_reason")
-    return fmt.chunk(data, chunk), "finish" if finish else None
-
-
-async def next_stream_line(
-    flight: InFlight, reader: Any, started: bool, limits: WaitLimits
-) -> tuple[bytes, str]:
-    """A stream's next line within its limits; at the end, b"" and why it ended early ("" for
-    its plain end). Before anything was sent, a failure raises AttemptFailed instead, so the
-    request may still be served by the next attempt."""
-    until = limits.read_by() if started else limits.first_byte_by
-    try:
-        line = await limits.wait(reader.readline(), until)
-    except TimeoutError:
-        if not started:
-            raise attempt_failure(flight, 504, "sent no data in time") from None
-        if asyncio.get_running_loop().time() >= limits.deadline:
-            return b"", "the request took longer than server.request_timeout_seconds"
-        return b"", "the backend stalled"
-    except BackendHTTPError as exc:
-        if not started:
-            raise attempt_failure(flight, 502, describe_failure(exc)) from None
-        return b"", "the backend connection broke"
-    if not line and not started:
-        raise attempt_failure(flight, 502, "ended the stream before any data")
-    return line, ""
-
-
-async def end_stream(
-    flight: InFlight,
-    writer: OpenAIFormat | NativeStream,
-    response: web.StreamResponse,
-    answered: list[str] | None,
-    problem: str,
-    pending: list[bytes],
-) -> bool:
-    """A relayed stream's accounts and its last words, added to `pending`: its cost (a cut
-    stream's too), then a success, or a failure the door's error ends. True once settled."""
-    record, attempt = flight.record, flight.attempt
-    if answered is not None:
-        if pending:
-            await response.write(b"".join(pending))
-            pending.clear()
-        await settle_cost(flight, answered)
-    if problem:
-        record.status = 502
-        note_failure(flight, problem)
-        pending.append(writer.error(record.endpoint, attempt.model, problem + "."))
-    else:
-        record.status = 200
-        note_success(flight)
-    pending.append(writer.end())
-    return True
-
-
-async def relay_stream(
-    flight: InFlight, upstream: BackendConnection, headers: dict[str, str], limits: WaitLimits
-) -> web.StreamResponse:
-    """Relay a stream as it arrives, in the client's API (chat chunks written by its door, or a
-    native backend's own lines). Until the first byte is out a failure may still be retried
-    elsewhere; after it, Nexus ends the stream itself, honestly, the door's way."""
-    request, record, attempt, fmt = flight.request, flight.record, flight.attempt, flight.fmt
-    backend = attempt.backend
-    adapter = ADAPTERS[backend.type]
-    native = fmt.native_stream() if flight.native else None
-    reader = SseLines(upstream) if flight.native else adapter.stream_reader(upstream, attempt.model)
-    writer = native or fmt  # what writes the stream's last words
-    answered: list[str] | None = [] if backend.is_cloud else None  # to count, if no usage
-    local_model = None if backend.is_cloud else attempt.model  # what local chunks must name
-    strip_usage = flight.strip_usage
-    response: web.StreamResponse | None = None
-    finished = settled = False
-    problem = ""
-    pending: list[bytes] = []  # chunks that arrived together go out in one write
-    try:
-        while not (native is not None and finished):
-            line = reader.buffered()
-            if line is None:
-                if pending:
-                    await response.write(b"".join(pending))  # type: ignore[union-attr]
-                    pending.clear()
-                line, problem = await next_stream_line(flight, reader, response is not None, limits)
-            if not line:
-                if not finished and not problem:
-                    problem = "the backend ended the stream before the answer was complete"
-                break
-            if native is not None:
-                out, kind = native.line(line)
-            else:
-                out, kind = chat_line(line, record, fmt, strip_usage, local_model, answered)
-            if kind is not None:
-                if kind == "error":
-                    if response is None:
-                        raise attempt_failure(flight, 502, "reported an error")
-                    problem = "the backend reported an error mid-stream"
-                finished = True
-                upstream.whole = kind == "end"  # its connection may serve the next request
-                if kind == "end" and native is None:
-                    break  # [DONE]
-            if not out:
-                continue
-            if response is None:
-                record.ttft_ms = (time.perf_counter() - record.started) * 1000
-                response = await start_stream(request, headers, fmt.content_type)
-            pending.append(out)
-        if native is not None:
-            note_usage(record, native.usage)
-        if response is None:  # [DONE] with no chunk at all: an empty answer, but an honest one
-            response = await start_stream(request, headers, fmt.content_type)
-        settled = await end_stream(flight, writer, response, answered, problem, pending)
-        await response.write_eof(b"".join(pending))
-    except ConnectionError:
-        record.status = 499  # the client went away: the backend request ends with this one
-        upstream.close()
-        if response is None:
-            raise
-    except Exception:
-        if response is None:
-            raise  # nothing sent yet: the request ends in a plain error answer
-        last_words = writer.error(record.endpoint, attempt.model, INTERNAL_STREAM_ERROR)
-        pending += (last_words, writer.end())  # a bug met mid-stream: the stream ends honestly
-        log.exception("unexpected error relaying a stream from %s", backend.name)
-        record.status = 500
-        with contextlib.suppress(ConnectionError):
-            await response.write(b"".join(pending))
-            await response.write_eof()
-    finally:
-        if answered is not None and response is not None and not settled:
-            if native is not None:
-                note_usage(record, native.usage)
-            settle_cost_now(flight, answered)  # the client left: no await
-    return response
-
-
-# ==============================================================================================
 # Front doors
 # Owns: serving a request that came through a door other than OpenAI's chat (SPEC 2.1): its
 # body becomes the internal chat request, the proxy routes and sends that, and the door writes
@@ -6062,6 +6072,44 @@ async def serve_door(request: web.Request, door: type[OpenAIFormat]) -> web.Stre
     needs = chat_needs(chat, IMAGE_TOKENS)
     needs.prompt_param = door.prompt_param
     return await send_through_door(request, "chat", chat, needs, door(body, needs))
+
+
+def merge_flag(values: Iterable[bool | None]) -> bool | None:
+    """True if any backend has it, False if every backend reports it absent, None if unknown."""
+    seen = set(values)
+    if True in seen:
+        return True
+    return False if seen == {False} else None
+
+
+def model_entry(model_id: str, served: list[tuple[Backend, Model]]) -> dict[str, Any]:
+    """One model as /v1/models lists it, merged over the backends that serve it."""
+    contexts = [m.context_length for _, m in served if m.context_length]
+    flags = ("vision", "tools", "json_mode")
+    return {
+        "id": model_id,
+        "object": "model",
+        "created": 0,
+        "owned_by": served[0][0].type,
+        "context_length": max(contexts) if contexts else None,
+        "capabilities": {f: merge_flag(getattr(m, f) for _, m in served) for f in flags},
+        "backends": sorted(b.name for b, _ in served),
+    }
+
+
+def model_entries(registry: Registry, settings: Settings) -> dict[str, dict[str, Any]]:
+    """Every routable model (served by a healthy backend) and every alias that leads to one."""
+    entries: dict[str, dict[str, Any]] = {}
+    for model_id, backends in registry.by_model.items():
+        healthy = [b for b in backends if b.status == "healthy"]
+        if healthy:
+            entries[model_id] = model_entry(model_id, [(b, b.models[model_id]) for b in healthy])
+            entries[model_id]["loaded_on"] = loaded_on(registry, model_id)
+    for alias in settings.routing.aliases:
+        target = resolve_alias(alias, settings.routing.aliases)
+        if target in entries and alias not in entries:
+            entries[alias] = dict(entries[target], id=alias, alias_of=target)
+    return entries
 
 
 # ==============================================================================================
@@ -6171,88 +6219,6 @@ def image_part(block: dict[str, Any], where: str) -> dict[str, Any]:
     return {"type": "image_url", "image_url": {"url": url}}
 
 
-def tool_message(block: dict[str, Any], where: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """A tool_result block as a chat "tool" message, and its images: a "tool" message carries
-    text only, so they travel in the user message that follows."""
-    if not isinstance(block.get("tool_use_id"), str):
-        raise bad_request(f"{where}.tool_use_id: must be a string", "messages")
-    content = block.get("content")
-    images: list[dict[str, Any]] = []
-    if isinstance(content, list):
-        parts = chat_parts(content, where, "tool")[0]
-        images = [part for part in parts if part["type"] != "text"]
-        content = "\n\n".join([part["text"] for part in parts if part["type"] == "text"])
-    elif content is not None and not isinstance(content, str):
-        raise bad_request(f"{where}.content: must be a string or an array", "messages")
-    text = content or ""
-    if block.get("is_error") is True:
-        text = f"Error: {text}"
-    return {"role": "tool", "tool_call_id": block["tool_use_id"], "content": text}, images
-
-
-def chat_parts(blocks: list[Any], where: str, role: str) -> tuple[list, list, list]:
-    """Content blocks as chat parts (text, images), tool calls and "tool" messages. Which may
-    come depends on the role: an assistant's text, tool_use and thinking (dropped, as chat
-    templates drop earlier reasoning); a user's text, images, tool results and plain-text
-    documents; a tool result's ("tool") text and images."""
-    parts: list[dict[str, Any]] = []
-    calls: list[dict[str, Any]] = []
-    results: list[dict[str, Any]] = []
-    for j, block in enumerate(blocks):
-        at = f"{where}.content.{j}"
-        if not isinstance(block, dict) or not isinstance(block.get("type"), str):
-            raise bad_request(f"{at}: expected a content block with a type", "messages")
-        kind = block["type"]
-        if kind == "text":
-            if not isinstance(block.get("text"), str):
-                raise bad_request(f"{at}.text: must be a string", "messages")
-            parts.append({"type": "text", "text": block["text"]})
-        elif role == "assistant" and kind == "tool_use":
-            if not isinstance(block.get("id"), str) or not isinstance(block.get("name"), str):
-                raise bad_request(f"{at}: a tool_use block needs an id and a name", "messages")
-            arguments = {} if block.get("input") is None else block["input"]
-            calls.append(chat_call(block["id"], block["name"], arguments))
-        elif role == "assistant" and kind in ("thinking", "redacted_thinking"):
-            continue
-        elif role != "assistant" and kind == "image":
-            parts.append(image_part(block, at))
-        elif role == "user" and kind == "tool_result":
-            result, images = tool_message(block, at)
-            results.append(result)
-            parts.extend(images)
-        elif role == "user" and kind == "document" and isinstance(block.get("source"), dict):
-            source = block["source"]
-            if source.get("type") != "text" or not isinstance(source.get("data"), str):
-                raise unsupported_block("document (other than plain text)", at)
-            parts.append({"type": "text", "text": source["data"]})
-        else:
-            raise unsupported_block(kind, at)
-    return parts, calls, results
-
-
-def chat_turns(turn: Any, where: str) -> list[dict[str, Any]]:
-    """One Messages turn as chat messages (a user turn's tool results first, as "tool" ones)."""
-    if not isinstance(turn, dict):
-        raise bad_request(f"{where}: must be an object", "messages")
-    role = turn.get("role")
-    if role not in ("user", "assistant"):
-        raise bad_request(f"{where}.role: must be 'user' or 'assistant'", "messages")
-    content = turn.get("content")
-    if isinstance(content, str):
-        return [{"role": role, "content": content}]
-    if not isinstance(content, list):
-        raise bad_request(f"{where}.content: must be a string or an array of blocks", "messages")
-    parts, calls, results = chat_parts(content, where, role)
-    if role == "assistant":
-        text = chat_content(parts)  # a string: an assistant's parts are all text
-        if calls:
-            return [{"role": "assistant", "content": text or None, "tool_calls": calls}]
-        return [{"role": "assistant", "content": text}]
-    if parts:
-        results.append({"role": "user", "content": chat_content(parts)})
-    return results or [{"role": "user", "content": ""}]
-
-
 def chat_tool(tool: Any, where: str) -> dict[str, Any]:
     """A Messages tool definition as a chat function tool."""
     if not isinstance(tool, dict) or not isinstance(tool.get("name"), str):
@@ -6267,59 +6233,6 @@ def chat_tool(tool: Any, where: str) -> dict[str, Any]:
     if isinstance(tool.get("description"), str):
         function["description"] = tool["description"]
     return {"type": "function", "function": function}
-
-
-def messages_to_chat(body: dict[str, Any]) -> dict[str, Any]:
-    """A Messages request as the chat completion an OpenAI-style backend serves. What only
-    Anthropic's servers understand (cache_control, context_management, thinking budgets, betas)
-    is left out; what cannot be said in chat terms at all is a 400."""
-    model = require_model(body)
-    max_tokens = positive_int(body.get("max_tokens"))
-    if max_tokens is None:
-        raise bad_request("max_tokens: a positive integer is required", "max_tokens")
-    turns = body.get("messages")
-    if not isinstance(turns, list) or not turns:
-        raise bad_request("messages: must be a non-empty array of messages", "messages")
-    # A "system" turn among the messages (Claude Code sends its environment so for a model it
-    # does not know) joins the system prompt: chat templates refuse a system message later on.
-    system = [system_text(body.get("system"))]
-    messages: list[dict[str, Any]] = []
-    for i, turn in enumerate(turns):
-        if isinstance(turn, dict) and turn.get("role") == "system":
-            system.append(system_text(turn.get("content")))
-        else:
-            messages.extend(chat_turns(turn, f"messages.{i}"))
-    system_prompt = "\n\n".join([text for text in system if text])
-    if system_prompt:
-        messages.insert(0, {"role": "system", "content": system_prompt})
-    chat: dict[str, Any] = {"model": model, "messages": messages, "max_tokens": max_tokens}
-    if "stream" in body:
-        if not isinstance(body["stream"], bool):
-            raise bad_request("stream: must be a boolean", "stream")
-        chat["stream"] = body["stream"]
-    copy_options(body, chat, SAMPLING_FIELDS, "number")
-    stop = body.get("stop_sequences")
-    if stop is not None:
-        if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
-            raise bad_request("stop_sequences: must be an array of strings", "stop_sequences")
-        if stop:
-            chat["stop"] = stop
-    metadata = object_of(body.get("metadata"))
-    if isinstance(metadata.get("user_id"), str):
-        chat["user"] = metadata["user_id"]
-    tools = body.get("tools")
-    if tools is not None and not isinstance(tools, list):
-        raise bad_request("tools: must be an array", "tools")
-    if tools:
-        chat["tools"] = [chat_tool(tool, f"tools.{i}") for i, tool in enumerate(tools)]
-        choice = body.get("tool_choice")
-        if choice is not None:
-            if not isinstance(choice, dict):
-                raise bad_request("tool_choice: must be an object", "tool_choice")
-            chat["tool_choice"] = tool_choice_for("chat", choice)
-            if choice.get("disable_parallel_tool_use") is True and choice.get("type") != "none":
-                chat["parallel_tool_calls"] = False
-    return chat
 
 
 def reasoning_of(message: dict[str, Any]) -> str:
@@ -6500,6 +6413,141 @@ class ChatTranslator(OpenAIFormat):
             return out
         self.output_chars += len(arguments)
         return out + self.arguments_delta(self.calls[key], arguments)
+
+
+def tool_message(block: dict[str, Any], where: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A tool_result block as a chat "tool" message, and its images: a "tool" message carries
+    text only, so they travel in the user message that follows."""
+    if not isinstance(block.get("tool_use_id"), str):
+        raise bad_request(f"{where}.tool_use_id: must be a string", "messages")
+    content = block.get("content")
+    images: list[dict[str, Any]] = []
+    if isinstance(content, list):
+        parts = chat_parts(content, where, "tool")[0]
+        images = [part for part in parts if part["type"] != "text"]
+        content = "\n\n".join([part["text"] for part in parts if part["type"] == "text"])
+    elif content is not None and not isinstance(content, str):
+        raise bad_request(f"{where}.content: must be a string or an array", "messages")
+    text = content or ""
+    if block.get("is_error") is True:
+        text = f"Error: {text}"
+    return {"role": "tool", "tool_call_id": block["tool_use_id"], "content": text}, images
+
+
+def chat_parts(blocks: list[Any], where: str, role: str) -> tuple[list, list, list]:
+    """Content blocks as chat parts (text, images), tool calls and "tool" messages. Which may
+    come depends on the role: an assistant's text, tool_use and thinking (dropped, as chat
+    templates drop earlier reasoning); a user's text, images, tool results and plain-text
+    documents; a tool result's ("tool") text and images."""
+    parts: list[dict[str, Any]] = []
+    calls: list[dict[str, Any]] = []
+    results: list[dict[str, Any]] = []
+    for j, block in enumerate(blocks):
+        at = f"{where}.content.{j}"
+        if not isinstance(block, dict) or not isinstance(block.get("type"), str):
+            raise bad_request(f"{at}: expected a content block with a type", "messages")
+        kind = block["type"]
+        if kind == "text":
+            if not isinstance(block.get("text"), str):
+                raise bad_request(f"{at}.text: must be a string", "messages")
+            parts.append({"type": "text", "text": block["text"]})
+        elif role == "assistant" and kind == "tool_use":
+            if not isinstance(block.get("id"), str) or not isinstance(block.get("name"), str):
+                raise bad_request(f"{at}: a tool_use block needs an id and a name", "messages")
+            arguments = {} if block.get("input") is None else block["input"]
+            calls.append(chat_call(block["id"], block["name"], arguments))
+        elif role == "assistant" and kind in ("thinking", "redacted_thinking"):
+            continue
+        elif role != "assistant" and kind == "image":
+            parts.append(image_part(block, at))
+        elif role == "user" and kind == "tool_result":
+            result, images = tool_message(block, at)
+            results.append(result)
+            parts.extend(images)
+        elif role == "user" and kind == "document" and isinstance(block.get("source"), dict):
+            source = block["source"]
+            if source.get("type") != "text" or not isinstance(source.get("data"), str):
+                raise unsupported_block("document (other than plain text)", at)
+            parts.append({"type": "text", "text": source["data"]})
+        else:
+            raise unsupported_block(kind, at)
+    return parts, calls, results
+
+
+def chat_turns(turn: Any, where: str) -> list[dict[str, Any]]:
+    """One Messages turn as chat messages (a user turn's tool results first, as "tool" ones)."""
+    if not isinstance(turn, dict):
+        raise bad_request(f"{where}: must be an object", "messages")
+    role = turn.get("role")
+    if role not in ("user", "assistant"):
+        raise bad_request(f"{where}.role: must be 'user' or 'assistant'", "messages")
+    content = turn.get("content")
+    if isinstance(content, str):
+        return [{"role": role, "content": content}]
+    if not isinstance(content, list):
+        raise bad_request(f"{where}.content: must be a string or an array of blocks", "messages")
+    parts, calls, results = chat_parts(content, where, role)
+    if role == "assistant":
+        text = chat_content(parts)  # a string: an assistant's parts are all text
+        if calls:
+            return [{"role": "assistant", "content": text or None, "tool_calls": calls}]
+        return [{"role": "assistant", "content": text}]
+    if parts:
+        results.append({"role": "user", "content": chat_content(parts)})
+    return results or [{"role": "user", "content": ""}]
+
+
+def messages_to_chat(body: dict[str, Any]) -> dict[str, Any]:
+    """A Messages request as the chat completion an OpenAI-style backend serves. What only
+    Anthropic's servers understand (cache_control, context_management, thinking budgets, betas)
+    is left out; what cannot be said in chat terms at all is a 400."""
+    model = require_model(body)
+    max_tokens = positive_int(body.get("max_tokens"))
+    if max_tokens is None:
+        raise bad_request("max_tokens: a positive integer is required", "max_tokens")
+    turns = body.get("messages")
+    if not isinstance(turns, list) or not turns:
+        raise bad_request("messages: must be a non-empty array of messages", "messages")
+    # A "system" turn among the messages (Claude Code sends its environment so for a model it
+    # does not know) joins the system prompt: chat templates refuse a system message later on.
+    system = [system_text(body.get("system"))]
+    messages: list[dict[str, Any]] = []
+    for i, turn in enumerate(turns):
+        if isinstance(turn, dict) and turn.get("role") == "system":
+            system.append(system_text(turn.get("content")))
+        else:
+            messages.extend(chat_turns(turn, f"messages.{i}"))
+    system_prompt = "\n\n".join([text for text in system if text])
+    if system_prompt:
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    chat: dict[str, Any] = {"model": model, "messages": messages, "max_tokens": max_tokens}
+    if "stream" in body:
+        if not isinstance(body["stream"], bool):
+            raise bad_request("stream: must be a boolean", "stream")
+        chat["stream"] = body["stream"]
+    copy_options(body, chat, SAMPLING_FIELDS, "number")
+    stop = body.get("stop_sequences")
+    if stop is not None:
+        if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+            raise bad_request("stop_sequences: must be an array of strings", "stop_sequences")
+        if stop:
+            chat["stop"] = stop
+    metadata = object_of(body.get("metadata"))
+    if isinstance(metadata.get("user_id"), str):
+        chat["user"] = metadata["user_id"]
+    tools = body.get("tools")
+    if tools is not None and not isinstance(tools, list):
+        raise bad_request("tools: must be an array", "tools")
+    if tools:
+        chat["tools"] = [chat_tool(tool, f"tools.{i}") for i, tool in enumerate(tools)]
+        choice = body.get("tool_choice")
+        if choice is not None:
+            if not isinstance(choice, dict):
+                raise bad_request("tool_choice: must be an object", "tool_choice")
+            chat["tool_choice"] = tool_choice_for("chat", choice)
+            if choice.get("disable_parallel_tool_use") is True and choice.get("type") != "none":
+                chat["parallel_tool_calls"] = False
+    return chat
 
 
 class AnthropicFormat(ChatTranslator):
@@ -7355,6 +7403,122 @@ def ollama_calls(calls: Any) -> list[dict[str, Any]]:
     return out
 
 
+def visible_models(request: web.Request) -> list[dict[str, Any]]:
+    """Every model /v1/models lists for this caller, in order."""
+    entries = model_entries(request.app[REGISTRY], request.app[SETTINGS])
+    return [entries[k] for k in sorted(entries) if may_see_model(request, k)]
+
+
+def visible_model(request: web.Request, name: str) -> dict[str, Any]:
+    """The /v1/models entry of a model the caller may see; 404 otherwise."""
+    entries = model_entries(request.app[REGISTRY], request.app[SETTINGS])
+    if name not in entries or not may_see_model(request, name):
+        key = request.get(API_KEY)
+        raise model_not_found(name, request.app[REGISTRY], request.app[SETTINGS], key)
+    return entries[name]
+
+
+def ollama_details(entry: dict[str, Any]) -> dict[str, Any]:
+    """A model's details as Ollama lists them: what Nexus knows (the alias's target), no more."""
+    return {
+        "parent_model": entry.get("alias_of", ""),
+        "format": "",
+        "family": "",
+        "families": None,
+        "parameter_size": "",
+        "quantization_level": "",
+    }
+
+
+def ollama_model(entry: dict[str, Any], modified_at: str) -> dict[str, Any]:
+    """A model as Ollama lists it: size 0 and a digest of the name, as Nexus holds no files."""
+    name = entry["id"]
+    return {
+        "name": name,
+        "model": name,
+        "modified_at": modified_at,
+        "size": 0,
+        "digest": hashlib.sha256(name.encode()).hexdigest(),
+        "details": ollama_details(entry),
+    }
+
+
+def started_at(request: web.Request) -> str:
+    """When this Nexus started, as Ollama writes times (the models' modified_at)."""
+    uptime = time.monotonic() - request.app[STATS].started
+    return ollama_time(time.time() - uptime)
+
+
+async def ollama_version(request: web.Request) -> web.Response:
+    """GET /api/version."""
+    return web.json_response({"version": OLLAMA_VERSION})
+
+
+async def ollama_tags(request: web.Request) -> web.Response:
+    """GET /api/tags: the models of /v1/models, aliases included, in Ollama's shape."""
+    modified = started_at(request)
+    models = [ollama_model(entry, modified) for entry in visible_models(request)]
+    return web.json_response({"models": models})
+
+
+async def ollama_ps(request: web.Request) -> web.Response:
+    """GET /api/ps: the models loaded on the fleet now, each with the most bytes one holds."""
+    backends = request.app[REGISTRY].backends
+    models = []
+    for entry in visible_models(request):
+        if not entry.get("loaded_on"):
+            continue
+        model_id = entry.get("alias_of") or entry["id"]
+        model = ollama_model(entry, "")
+        del model["modified_at"]
+        held = [(backends[n].loaded or {}).get(model_id, 0) for n in entry["loaded_on"]]
+        model["size"] = model["size_vram"] = max(held, default=0)
+        if entry["context_length"]:
+            model["context_length"] = entry["context_length"]
+        models.append(model)
+    return web.json_response({"models": models})
+
+
+async def ollama_show(request: web.Request) -> web.Response:
+    """POST /api/show: a model's details; model_info carries the context length Nexus routes by.
+    Its capabilities: tools unless every backend says no (as routing assumes), vision only where
+    a backend says yes (an image sent to a text model is the worse mistake)."""
+    body = parse_json_body(await request.read())
+    name = body.get("model") if body.get("model") is not None else body.get("name")
+    if not isinstance(name, str) or not name:
+        raise bad_request("model: a model name (a string) is required", "model")
+    entry = visible_model(request, name)
+    info: dict[str, Any] = {"general.architecture": OLLAMA_ARCHITECTURE, "general.name": name}
+    if entry["context_length"]:
+        info[f"{OLLAMA_ARCHITECTURE}.context_length"] = entry["context_length"]
+    capabilities = ["completion"]
+    if entry["capabilities"]["tools"] is not False:
+        capabilities.append("tools")
+    if entry["capabilities"]["vision"] is True:
+        capabilities.append("vision")
+    return web.json_response(
+        {
+            "modelfile": "",
+            "parameters": "",
+            "template": "",
+            "details": ollama_details(entry),
+            "model_info": info,
+            "capabilities": capabilities,
+            "modified_at": started_at(request),
+        }
+    )
+
+
+async def ollama_management(request: web.Request) -> web.Response:
+    """Pull, push, create, copy, delete: Nexus routes to models, it does not keep any."""
+    raise NexusError.of(
+        501,
+        "model_management",
+        "Nexus routes requests to the models its backends serve and does not manage models: "
+        "pull, push, create, copy and delete them on the backend itself.",
+    )
+
+
 class OllamaLines(NativeStream):
     """An Ollama backend's own NDJSON stream, relayed as it is: the done line ends it (its counts
     are the usage), an error line is the backend's error, a line that is no object is dropped."""
@@ -7580,112 +7744,6 @@ class OllamaFormat(OpenAIFormat):
         return out + self.line(self.piece("", **done))
 
 
-def visible_models(request: web.Request) -> list[dict[str, Any]]:
-    """Every model /v1/models lists for this caller, in order."""
-    entries = model_entries(request.app[REGISTRY], request.app[SETTINGS])
-    return [entries[k] for k in sorted(entries) if may_see_model(request, k)]
-
-
-def visible_model(request: web.Request, name: str) -> dict[str, Any]:
-    """The /v1/models entry of a model the caller may see; 404 otherwise."""
-    entries = model_entries(request.app[REGISTRY], request.app[SETTINGS])
-    if name not in entries or not may_see_model(request, name):
-        key = request.get(API_KEY)
-        raise model_not_found(name, request.app[REGISTRY], request.app[SETTINGS], key)
-    return entries[name]
-
-
-def ollama_details(entry: dict[str, Any]) -> dict[str, Any]:
-    """A model's details as Ollama lists them: what Nexus knows (the alias's target), no more."""
-    return {
-        "parent_model": entry.get("alias_of", ""),
-        "format": "",
-        "family": "",
-        "families": None,
-        "parameter_size": "",
-        "quantization_level": "",
-    }
-
-
-def ollama_model(entry: dict[str, Any], modified_at: str) -> dict[str, Any]:
-    """A model as Ollama lists it: size 0 and a digest of the name, as Nexus holds no files."""
-    name = entry["id"]
-    return {
-        "name": name,
-        "model": name,
-        "modified_at": modified_at,
-        "size": 0,
-        "digest": hashlib.sha256(name.encode()).hexdigest(),
-        "details": ollama_details(entry),
-    }
-
-
-def started_at(request: web.Request) -> str:
-    """When this Nexus started, as Ollama writes times (the models' modified_at)."""
-    uptime = time.monotonic() - request.app[STATS].started
-    return ollama_time(time.time() - uptime)
-
-
-async def ollama_version(request: web.Request) -> web.Response:
-    """GET /api/version."""
-    return web.json_response({"version": OLLAMA_VERSION})
-
-
-async def ollama_tags(request: web.Request) -> web.Response:
-    """GET /api/tags: the models of /v1/models, aliases included, in Ollama's shape."""
-    modified = started_at(request)
-    models = [ollama_model(entry, modified) for entry in visible_models(request)]
-    return web.json_response({"models": models})
-
-
-async def ollama_ps(request: web.Request) -> web.Response:
-    """GET /api/ps: the models loaded on the fleet now, each with the most bytes one holds."""
-    backends = request.app[REGISTRY].backends
-    models = []
-    for entry in visible_models(request):
-        if not entry.get("loaded_on"):
-            continue
-        model_id = entry.get("alias_of") or entry["id"]
-        model = ollama_model(entry, "")
-        del model["modified_at"]
-        held = [(backends[n].loaded or {}).get(model_id, 0) for n in entry["loaded_on"]]
-        model["size"] = model["size_vram"] = max(held, default=0)
-        if entry["context_length"]:
-            model["context_length"] = entry["context_length"]
-        models.append(model)
-    return web.json_response({"models": models})
-
-
-async def ollama_show(request: web.Request) -> web.Response:
-    """POST /api/show: a model's details; model_info carries the context length Nexus routes by.
-    Its capabilities: tools unless every backend says no (as routing assumes), vision only where
-    a backend says yes (an image sent to a text model is the worse mistake)."""
-    body = parse_json_body(await request.read())
-    name = body.get("model") if body.get("model") is not None else body.get("name")
-    if not isinstance(name, str) or not name:
-        raise bad_request("model: a model name (a string) is required", "model")
-    entry = visible_model(request, name)
-    info: dict[str, Any] = {"general.architecture": OLLAMA_ARCHITECTURE, "general.name": name}
-    if entry["context_length"]:
-        info[f"{OLLAMA_ARCHITECTURE}.context_length"] = entry["context_length"]
-    capabilities = ["completion"]
-    if entry["capabilities"]["tools"] is not False:
-        capabilities.append("tools")
-    if entry["capabilities"]["vision"] is True:
-        capabilities.append("vision")
-    return web.json_response(
-        {
-            "modelfile": "",
-            "parameters": "",
-            "template": "",
-            "details": ollama_details(entry),
-            "model_info": info,
-            "capabilities": capabilities,
-            "modified_at": started_at(request),
-        }
-    )
-
-
 def ollama_loaded(request: web.Request, body: dict[str, Any], kind: str) -> web.Response:
     """A request with nothing to answer, Ollama's way to load (or with keep_alive 0 unload) a
     model: done at once for a model there is, as backends load and unload models themselves."""
@@ -7715,16 +7773,6 @@ async def ollama_inference(request: web.Request) -> web.StreamResponse:
     needs = NEEDS_READERS[endpoint](internal)
     fmt.model, fmt.prompt_estimate = needs.model, needs.prompt_tokens
     return await send_through_door(request, endpoint, internal, needs, fmt)
-
-
-async def ollama_management(request: web.Request) -> web.Response:
-    """Pull, push, create, copy, delete: Nexus routes to models, it does not keep any."""
-    raise NexusError.of(
-        501,
-        "model_management",
-        "Nexus routes requests to the models its backends serve and does not manage models: "
-        "pull, push, create, copy and delete them on the backend itself.",
-    )
 
 
 def add_ollama_routes(app: web.Application) -> None:
@@ -7762,44 +7810,6 @@ def openai_handler(endpoint: str) -> Callable[[web.Request], Awaitable[web.Strea
 chat_completions = openai_handler("chat")  # POST /v1/chat/completions
 completions = openai_handler("completions")  # POST /v1/completions
 embeddings = openai_handler("embeddings")  # POST /v1/embeddings
-
-
-def model_entries(registry: Registry, settings: Settings) -> dict[str, dict[str, Any]]:
-    """Every routable model (served by a healthy backend) and every alias that leads to one."""
-    entries: dict[str, dict[str, Any]] = {}
-    for model_id, backends in registry.by_model.items():
-        healthy = [b for b in backends if b.status == "healthy"]
-        if healthy:
-            entries[model_id] = model_entry(model_id, [(b, b.models[model_id]) for b in healthy])
-            entries[model_id]["loaded_on"] = loaded_on(registry, model_id)
-    for alias in settings.routing.aliases:
-        target = resolve_alias(alias, settings.routing.aliases)
-        if target in entries and alias not in entries:
-            entries[alias] = dict(entries[target], id=alias, alias_of=target)
-    return entries
-
-
-def merge_flag(values: Iterable[bool | None]) -> bool | None:
-    """True if any backend has it, False if every backend reports it absent, None if unknown."""
-    seen = set(values)
-    if True in seen:
-        return True
-    return False if seen == {False} else None
-
-
-def model_entry(model_id: str, served: list[tuple[Backend, Model]]) -> dict[str, Any]:
-    """One model as /v1/models lists it, merged over the backends that serve it."""
-    contexts = [m.context_length for _, m in served if m.context_length]
-    flags = ("vision", "tools", "json_mode")
-    return {
-        "id": model_id,
-        "object": "model",
-        "created": 0,
-        "owned_by": served[0][0].type,
-        "context_length": max(contexts) if contexts else None,
-        "capabilities": {f: merge_flag(getattr(m, f) for _, m in served) for f in flags},
-        "backends": sorted(b.name for b, _ in served),
-    }
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -8020,6 +8030,166 @@ async def dashboard(request: web.Request) -> web.StreamResponse:
     if not path.is_file():
         raise NexusError(404, "not_found_error", "not_found", "The dashboard is not bundled.")
     return web.FileResponse(path, headers={"Cache-Control": "no-cache"})
+
+
+# ==============================================================================================
+# Logging
+# Owns: Nexus's log: its formats (pretty or JSON lines), the request lines, and the secrets
+# kept out of every line.
+# Must not: log a prompt, an answer or a key.
+# ==============================================================================================
+
+
+def request_fields(record: RequestRecord, status: int, latency_ms: float) -> dict[str, Any]:
+    """A request line's fields, as a JSON log line carries them."""
+    return {
+        "request_id": record.id,
+        "endpoint": record.endpoint,
+        "model": record.model,
+        "backend": record.backend,
+        "status": status,
+        "latency_ms": latency_ms,
+        "prompt_tokens": record.prompt_tokens,
+        "completion_tokens": record.completion_tokens,
+        "route_reason": record.route_reason,
+        "retries": record.retries,
+        "fallback": record.fallback,
+        "key": record.key,
+    }
+
+
+# A value this short is no key, and masking it would garble ordinary words.
+MIN_SECRET_LENGTH = 8
+
+
+@functools.lru_cache(maxsize=4)
+def second_stamp(second: int, layout: str, utc: bool) -> str:
+    """A log line's time to the second: the same for every line in that second."""
+    return time.strftime(layout, time.gmtime(second) if utc else time.localtime(second))
+
+
+def millis(created: float) -> int:
+    """The milliseconds part of a log record's time."""
+    return int((created - int(created)) * 1000)
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, and a request's fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):  # a library's malformed call: keep what it said
+            message = f"{record.msg} {record.args}"
+        line: dict[str, Any] = {
+            "time": self.stamp(record.created),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": message,
+        }
+        line.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        elif record.stack_info:
+            line["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(line, default=str)
+
+    def request_line(
+        self, created: float, message: str, record: RequestRecord, status: int, latency_ms: float
+    ) -> str:
+        line = {"time": self.stamp(created), "level": "info", "logger": log.name}
+        line["message"] = message
+        line.update(request_fields(record, status, latency_ms))
+        return json.dumps(line, default=str)
+
+    @staticmethod
+    def stamp(created: float) -> str:
+        """A record's time in ISO 8601 with milliseconds, UTC."""
+        return f"{second_stamp(int(created), '%Y-%m-%dT%H:%M:%S', True)}.{millis(created):03d}Z"
+
+
+class PrettyLogFormatter(logging.Formatter):
+    """`2026-01-01 12:00:00,123 INFO    message`: logging's own layout, in local time."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)-7s %(message)s")
+
+    def request_line(
+        self, created: float, message: str, record: RequestRecord, status: int, latency_ms: float
+    ) -> str:
+        """One request's log line: the message (the fields are in it already)."""
+        stamp = second_stamp(int(created), "%Y-%m-%d %H:%M:%S", False)
+        return f"{stamp},{millis(created):03d} INFO    {message}"
+
+
+class RedactingFormatter(logging.Formatter):
+    """Masks every key Nexus knows of in whatever another formatter wrote. Nexus never logs a
+    key on purpose; this catches one that an exception or a URL carries along."""
+
+    def __init__(self, inner: logging.Formatter, secrets: Iterable[str]) -> None:
+        super().__init__()
+        self.inner = inner
+        self.secrets = sorted(set(secrets), key=len, reverse=True)
+
+    def format(self, record: logging.LogRecord) -> str:
+        return self.redact(self.inner.format(record))
+
+    def redact(self, text: str) -> str:
+        for secret in self.secrets:
+            if secret in text:
+                text = text.replace(secret, "[redacted]")
+        return text
+
+
+class LogHandler(logging.StreamHandler):
+    """stderr through the configured formatter, keys masked. Each inference request's line (the
+    hot path) skips the logger's dispatch and its LogRecord: the same line, for less work."""
+
+    def __init__(self, formatter: JsonLogFormatter | PrettyLogFormatter, secrets: list[str]):
+        super().__init__(sys.stderr)
+        self.request_formatter = formatter  # writes the request lines; .formatter redacts
+        self.redacting = RedactingFormatter(formatter, secrets)
+        self.setFormatter(self.redacting)
+
+    def write_request_line(
+        self, message: str, record: RequestRecord, status: int, latency_ms: float
+    ) -> None:
+        line = self.request_formatter.request_line(time.time(), message, record, status, latency_ms)
+        text = self.redacting.redact(line)
+        # stderr closed or gone: like logging's own handlers, go on serving
+        with self.lock, contextlib.suppress(OSError, ValueError):
+            self.stream.write(text + "\n")
+
+
+def known_secrets(settings: Settings, env: dict[str, str]) -> list[str]:
+    """The values of every variable the settings read a key from."""
+    names = [b.api_key_env for b in settings.backends] + [k.key_env for k in settings.auth.api_keys]
+    values = [env.get(name, "") for name in names if name]
+    return [value for value in values if len(value) >= MIN_SECRET_LENGTH]
+
+
+def log_uncaught(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+    """Log an exception nothing caught (sys.excepthook), instead of a bare traceback."""
+    if issubclass(kind, KeyboardInterrupt):
+        sys.__excepthook__(kind, value, tb)
+        return
+    log.critical("Nexus stopped on an unexpected error", exc_info=(kind, value, tb))
+
+
+def setup_logging(settings: Settings, env: dict[str, str]) -> None:
+    """Every line on stderr, ours and other libraries', in the configured format."""
+    inner = JsonLogFormatter() if settings.logging.format == "json" else PrettyLogFormatter()
+    handler = LogHandler(inner, known_secrets(settings, env))
+    # Nothing Nexus logs uses the caller's file, thread or process: skipping them makes each
+    # record cheaper (logging's own documented optimisation).
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(settings.logging.level.upper())
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    logging.captureWarnings(True)  # Python's warnings become log lines too
+    sys.excepthook = log_uncaught
 
 
 # ==============================================================================================
@@ -8253,24 +8423,6 @@ def log_request(record: RequestRecord, status: int, seconds: float) -> None:
     else:  # logging set up by another program (a test capturing records): a record as usual
         fields = request_fields(record, status, latency_ms)
         log.info("%s", message, extra={"fields": fields})
-
-
-def request_fields(record: RequestRecord, status: int, latency_ms: float) -> dict[str, Any]:
-    """A request line's fields, as a JSON log line carries them."""
-    return {
-        "request_id": record.id,
-        "endpoint": record.endpoint,
-        "model": record.model,
-        "backend": record.backend,
-        "status": status,
-        "latency_ms": latency_ms,
-        "prompt_tokens": record.prompt_tokens,
-        "completion_tokens": record.completion_tokens,
-        "route_reason": record.route_reason,
-        "retries": record.retries,
-        "fallback": record.fallback,
-        "key": record.key,
-    }
 
 
 def answer_text(response: web.StreamResponse | None) -> str | None:
@@ -8948,8 +9100,6 @@ class Reloader:
 
 DEFAULT_NEXUS_URL = "http://127.0.0.1:8000"
 SHUTDOWN_GRACE_SECONDS = 10.0
-# A value this short is no key, and masking it would garble ordinary words.
-MIN_SECRET_LENGTH = 8
 # Young objects per cyclic collection (Python's default is 700). With dozens of requests in
 # flight each young collection scans their coroutines, futures and buffers, most of them alive,
 # and promotes them to be scanned again. Nexus makes few reference cycles: this costs little.
@@ -8968,136 +9118,6 @@ SERVE_FLAGS = {
 # most (a running Nexus ends every operation within its own lifecycle.timeout_seconds).
 OPERATION_POLL_SECONDS = 0.5
 OPERATION_WAIT_SECONDS = 3600.0
-
-
-@functools.lru_cache(maxsize=4)
-def second_stamp(second: int, layout: str, utc: bool) -> str:
-    """A log line's time to the second: the same for every line in that second."""
-    return time.strftime(layout, time.gmtime(second) if utc else time.localtime(second))
-
-
-def millis(created: float) -> int:
-    """The milliseconds part of a log record's time."""
-    return int((created - int(created)) * 1000)
-
-
-class JsonLogFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message, and a request's fields."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        try:
-            message = record.getMessage()
-        except (TypeError, ValueError):  # a library's malformed call: keep what it said
-            message = f"{record.msg} {record.args}"
-        line: dict[str, Any] = {
-            "time": self.stamp(record.created),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": message,
-        }
-        line.update(getattr(record, "fields", {}))
-        if record.exc_info:
-            line["exception"] = self.formatException(record.exc_info)
-        elif record.stack_info:
-            line["stack"] = self.formatStack(record.stack_info)
-        return json.dumps(line, default=str)
-
-    def request_line(
-        self, created: float, message: str, record: RequestRecord, status: int, latency_ms: float
-    ) -> str:
-        line = {"time": self.stamp(created), "level": "info", "logger": log.name}
-        line["message"] = message
-        line.update(request_fields(record, status, latency_ms))
-        return json.dumps(line, default=str)
-
-    @staticmethod
-    def stamp(created: float) -> str:
-        """A record's time in ISO 8601 with milliseconds, UTC."""
-        return f"{second_stamp(int(created), '%Y-%m-%dT%H:%M:%S', True)}.{millis(created):03d}Z"
-
-
-class PrettyLogFormatter(logging.Formatter):
-    """`2026-01-01 12:00:00,123 INFO    message`: logging's own layout, in local time."""
-
-    def __init__(self) -> None:
-        super().__init__("%(asctime)s %(levelname)-7s %(message)s")
-
-    def request_line(
-        self, created: float, message: str, record: RequestRecord, status: int, latency_ms: float
-    ) -> str:
-        """One request's log line: the message (the fields are in it already)."""
-        stamp = second_stamp(int(created), "%Y-%m-%d %H:%M:%S", False)
-        return f"{stamp},{millis(created):03d} INFO    {message}"
-
-
-class RedactingFormatter(logging.Formatter):
-    """Masks every key Nexus knows of in whatever another formatter wrote. Nexus never logs a
-    key on purpose; this catches one that an exception or a URL carries along."""
-
-    def __init__(self, inner: logging.Formatter, secrets: Iterable[str]) -> None:
-        super().__init__()
-        self.inner = inner
-        self.secrets = sorted(set(secrets), key=len, reverse=True)
-
-    def format(self, record: logging.LogRecord) -> str:
-        return self.redact(self.inner.format(record))
-
-    def redact(self, text: str) -> str:
-        for secret in self.secrets:
-            if secret in text:
-                text = text.replace(secret, "[redacted]")
-        return text
-
-
-class LogHandler(logging.StreamHandler):
-    """stderr through the configured formatter, keys masked. Each inference request's line (the
-    hot path) skips the logger's dispatch and its LogRecord: the same line, for less work."""
-
-    def __init__(self, formatter: JsonLogFormatter | PrettyLogFormatter, secrets: list[str]):
-        super().__init__(sys.stderr)
-        self.request_formatter = formatter  # writes the request lines; .formatter redacts
-        self.redacting = RedactingFormatter(formatter, secrets)
-        self.setFormatter(self.redacting)
-
-    def write_request_line(
-        self, message: str, record: RequestRecord, status: int, latency_ms: float
-    ) -> None:
-        line = self.request_formatter.request_line(time.time(), message, record, status, latency_ms)
-        text = self.redacting.redact(line)
-        # stderr closed or gone: like logging's own handlers, go on serving
-        with self.lock, contextlib.suppress(OSError, ValueError):
-            self.stream.write(text + "\n")
-
-
-def known_secrets(settings: Settings, env: dict[str, str]) -> list[str]:
-    """The values of every variable the settings read a key from."""
-    names = [b.api_key_env for b in settings.backends] + [k.key_env for k in settings.auth.api_keys]
-    values = [env.get(name, "") for name in names if name]
-    return [value for value in values if len(value) >= MIN_SECRET_LENGTH]
-
-
-def setup_logging(settings: Settings, env: dict[str, str]) -> None:
-    """Every line on stderr, ours and other libraries', in the configured format."""
-    inner = JsonLogFormatter() if settings.logging.format == "json" else PrettyLogFormatter()
-    handler = LogHandler(inner, known_secrets(settings, env))
-    # Nothing Nexus logs uses the caller's file, thread or process: skipping them makes each
-    # record cheaper (logging's own documented optimisation).
-    logging._srcfile = None
-    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(settings.logging.level.upper())
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-    logging.captureWarnings(True)  # Python's warnings become log lines too
-    sys.excepthook = log_uncaught
-
-
-def log_uncaught(kind: type[BaseException], value: BaseException, tb: Any) -> None:
-    """Log an exception nothing caught (sys.excepthook), instead of a bare traceback."""
-    if issubclass(kind, KeyboardInterrupt):
-        sys.__excepthook__(kind, value, tb)
-        return
-    log.critical("Nexus stopped on an unexpected error", exc_info=(kind, value, tb))
 
 
 def build_commit() -> str:
