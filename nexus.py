@@ -8040,6 +8040,10 @@ async def dashboard(request: web.Request) -> web.StreamResponse:
 # ==============================================================================================
 
 
+# A value this short is no key, and masking it would garble ordinary words.
+MIN_SECRET_LENGTH = 8
+
+
 def request_fields(record: RequestRecord, status: int, latency_ms: float) -> dict[str, Any]:
     """A request line's fields, as a JSON log line carries them."""
     return {
@@ -8056,10 +8060,6 @@ def request_fields(record: RequestRecord, status: int, latency_ms: float) -> dic
         "fallback": record.fallback,
         "key": record.key,
     }
-
-
-# A value this short is no key, and masking it would garble ordinary words.
-MIN_SECRET_LENGTH = 8
 
 
 @functools.lru_cache(maxsize=4)
@@ -9093,8 +9093,8 @@ class Reloader:
 
 # ==============================================================================================
 # CLI and main()
-# Owns: argument parsing, logging set-up, `nexus serve`, and the small HTTP client behind the
-# other commands (they talk to a running Nexus).
+# Owns: argument parsing, `nexus serve`, and the small HTTP client behind the other commands
+# (they talk to a running Nexus).
 # Must not: print a traceback for anything a user can cause.
 # ==============================================================================================
 
