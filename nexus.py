@@ -2282,8 +2282,7 @@ def unavailable(
     required_tier: int | None = None,
     privacy_zone_required: str | None = None,
 ) -> NexusError:
-    """The actionable 503: the nodes up, what the request required, why each backend could not
-    serve it, and (where known) when to retry."""
+    """The actionable 503: the nodes up, what was required, what each backend lacked, any ETA."""
     error = NexusError.of(
         503,
         "no_backend_available",
@@ -5862,8 +5861,7 @@ def refusal_message(document: dict[str, Any], status: int) -> str:
 
 def upstream_error(flight: InFlight, upstream: BackendConnection, answer: bytes) -> web.Response:
     """A backend's error answer: 5xx and 429 are retried, context overruns fall back, other 4xx
-    go back to the client untouched (in an error envelope when they are not a JSON error), with
-    the refusal as an error under REFUSAL for a door that writes errors in its own shape."""
+    go back to the client untouched (in an error envelope when they are not a JSON error)."""
     app, backend = flight.request.app, flight.attempt.backend
     adapter = ADAPTERS[backend.type]
     status = upstream.status
