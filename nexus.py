@@ -601,7 +601,7 @@ def load_settings(
 
 # ==============================================================================================
 # App keys
-# Owns: the names of what the app and each request carry (aiohttp's typed AppKey/RequestKey).
+# Owns: the names of what the app, each request and each response carry (aiohttp's typed keys).
 # Must not: hold values. A key's type is its annotation, so a key may name a class defined below.
 # ==============================================================================================
 
@@ -623,6 +623,8 @@ RECORD: web.RequestKey[RequestRecord] = web.RequestKey("record")
 API_KEY: web.RequestKey[ApiKey] = web.RequestKey("api_key")  # the caller's, once authenticated
 TOKENS_CHARGED: web.RequestKey[int] = web.RequestKey("tokens_charged")  # tpm taken up front
 STREAMING: web.RequestKey[web.StreamResponse] = web.RequestKey("streaming")  # prepared stream
+# A backend's 4xx refusal of the request, for a door that writes errors in its own API's shape.
+REFUSAL: web.ResponseKey[NexusError] = web.ResponseKey("refusal")
 
 
 # ==============================================================================================
@@ -682,6 +684,9 @@ class Model:
 
 
 NOTHING_MOVING: frozenset[str] = frozenset()
+# A Backend's attributes that come from its [[backends]] entry (its rpm becomes its rpm_bucket);
+# everything else on it (health, load, latency) is what Nexus learns, and a reload keeps it.
+BACKEND_SETTINGS = tuple(f.name for f in fields(BackendSettings) if f.name != "rpm")
 
 
 @dataclass(slots=True, eq=False)
@@ -738,7 +743,7 @@ class Backend:
     @classmethod
     def from_settings(cls, b: BackendSettings, source: str = "static") -> Backend:
         """A Backend for one [[backends]] entry (or one the admin API adds)."""
-        kept = {f.name: getattr(b, f.name) for f in fields(b) if f.name != "rpm"}
+        kept = {name: getattr(b, name) for name in BACKEND_SETTINGS}
         bucket = TokenBucket(b.rpm, time.monotonic()) if b.rpm else None
         return cls(**kept, source=source, rpm_bucket=bucket)
 
@@ -1536,15 +1541,23 @@ class RouteRules:
         return True
 
 
-def budget_exceeded(needs: RequestNeeds, action: str, why: str) -> NexusError:
-    """The hard budget limit's clear refusal (429); Retry-After is the start of next month."""
+def monthly_limit_spent(code: str, message: str, limit: str) -> NexusError:
+    """The 429 for a request a spent monthly limit refuses; Retry-After is when it starts again."""
     return NexusError.of(
         429,
+        code,
+        f"{message}; the {limit} starts again on the 1st of next month (UTC).",
+        headers={"Retry-After": str(seconds_to_next_month())},
+    )
+
+
+def budget_exceeded(needs: RequestNeeds, action: str, why: str) -> NexusError:
+    """The hard budget limit's clear refusal."""
+    return monthly_limit_spent(
         "budget_exceeded",
         f"The monthly cloud budget is spent and routing.budget.hard_limit_action is "
-        f"{action!r}: {why}. Model '{needs.model}' was not sent anywhere; the budget starts "
-        "again on the 1st of next month (UTC).",
-        headers={"Retry-After": str(seconds_to_next_month())},
+        f"{action!r}: {why}. Model '{needs.model}' was not sent anywhere",
+        "budget",
     )
 
 
@@ -2253,6 +2266,39 @@ def shortfall_reason(needs: RequestNeeds, found: list[dict[str, Any]]) -> str:
     return f"it needs {words}, which no healthy backend serving it has ({per_backend})"
 
 
+def set_eta(error: NexusError, eta: int | None) -> None:
+    """Put the seconds until a retry may succeed in the error's context and Retry-After."""
+    if error.context is not None:
+        error.context["eta_seconds"] = eta
+    if eta is not None:
+        error.headers["Retry-After"] = str(eta)
+
+
+def unavailable(
+    message: str,
+    registry: Registry,
+    backends: list[dict[str, Any]],
+    eta: int | None = None,
+    required_tier: int | None = None,
+    privacy_zone_required: str | None = None,
+) -> NexusError:
+    """The actionable 503: the nodes up, what was required, what each backend lacked, any ETA."""
+    error = NexusError.of(
+        503,
+        "no_backend_available",
+        message,
+        context={
+            "available_nodes": [b.name for b in registry.healthy()],
+            "eta_seconds": None,
+            "required_tier": required_tier,
+            "privacy_zone_required": privacy_zone_required,
+            "backends": backends,
+        },
+    )
+    set_eta(error, eta)
+    return error
+
+
 def no_capacity(
     needs: RequestNeeds,
     model_id: str,
@@ -2285,17 +2331,12 @@ def no_capacity(
         why = shortfall_reason(needs, found)
     else:
         why = "no backend serves it"
-    return NexusError.of(
-        503,
-        "no_backend_available",
+    return unavailable(
         f"No backend can serve model '{needs.model}' now: {why}.",
-        context={
-            "available_nodes": [b.name for b in registry.healthy()],
-            "eta_seconds": None,
-            "required_tier": required_tier,
-            "privacy_zone_required": "restricted" if excluded & {"privacy", "overflow"} else None,
-            "backends": found[:MAX_LISTED_SHORTFALLS],
-        },
+        registry,
+        found[:MAX_LISTED_SHORTFALLS],
+        required_tier=required_tier,
+        privacy_zone_required="restricted" if excluded & {"privacy", "overflow"} else None,
     )
 
 
@@ -2516,13 +2557,14 @@ def model_known(model: str, registry: Registry, settings: Settings) -> bool:
     return any(m in registry.by_model for m in model_chain(model, settings.routing))
 
 
-def check_model(request: web.Request, model: str) -> None:
-    """404 for a model the caller's key may not use, listing only the models it may use."""
+def check_model(request: web.Request, model: str, must_exist: bool = False) -> None:
+    """404 for a model the caller's key may not use (listing only the models it may use) or,
+    when it `must_exist`, one no backend serves."""
     key = request.get(API_KEY)
-    if key is None or not key.models:
+    if not must_exist and (key is None or not key.models):
         return
     settings, registry = request.app[SETTINGS], request.app[REGISTRY]
-    allowed = key.may_use(model, settings.routing.aliases)
+    allowed = key is None or key.may_use(model, settings.routing.aliases)
     if not allowed or not model_known(model, registry, settings):
         raise model_not_found(model, registry, settings, key)
 
@@ -2567,13 +2609,12 @@ def allowed_attempts(
     if key.over_budget(month_of(dt.datetime.now(dt.UTC))):
         attempts = [a for a in attempts if not a.backend.is_cloud]
     if not attempts:
-        raise NexusError.of(
-            429,
+        raise monthly_limit_spent(
             "key_budget_exceeded",
             f"Key '{key.name}' has spent its monthly limit of {key.monthly_limit_usd:g} USD, so "
             f"cloud backends are off for it and no local backend can serve model '{needs.model}' "
-            "now; the limit starts again on the 1st of next month (UTC).",
-            headers={"Retry-After": str(seconds_to_next_month())},
+            "now",
+            "limit",
         )
     decision.attempts = attempts
     return decision
@@ -4496,6 +4537,14 @@ class MdnsDiscovery:
             self.on_lost(service.name)
 
 
+async def cancel_all(tasks: Iterable[asyncio.Task]) -> None:
+    """Cancel the tasks and wait until each has ended (how it ended is not raised here)."""
+    pending = list(tasks)
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+
+
 def log_task_failure(task: asyncio.Task) -> None:
     """Log a discovery task that died of an exception (a cancelled one is no failure)."""
     if not task.cancelled() and task.exception() is not None:
@@ -4532,10 +4581,7 @@ class Discovery:
 
     async def stop(self) -> None:
         """Cancel probing and pending removals, then stop mDNS (browsing and the announcement)."""
-        tasks = self.tasks + list(self.removals.values())
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_all(self.tasks + list(self.removals.values()))
         try:
             async with asyncio.timeout(MDNS_STOP_TIMEOUT_SECONDS):
                 await self.mdns.stop()
@@ -4815,9 +4861,7 @@ class Lifecycle:
 
     async def stop(self) -> None:
         """Cancel every running operation: Nexus is stopping."""
-        for task in self.tasks:
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await cancel_all(self.tasks)
 
 
 def lifecycle_backend(registry: Registry, name: Any, param: str) -> Backend:
@@ -4883,24 +4927,26 @@ def vram_missing(backend: Backend, model_id: str, headroom_percent: float) -> tu
     return missing, why
 
 
+async def read_loaded(app: web.Application, backend: Backend) -> None:
+    """Read /api/ps into `backend.loaded`, counted so that an older poll's read leaves it be."""
+    backend.loaded = await ADAPTERS[backend.type].loaded_models(app[CLIENT], backend)
+    backend.loaded_reads += 1
+
+
 async def refresh_loaded(app: web.Application, backend: Backend) -> None:
     """Read what the backend holds now (the last poll may be seconds old); kept as it was when
     the backend does not answer in time."""
-    adapter = ADAPTERS[backend.type]
     try:
         async with asyncio.timeout(app[SETTINGS].health_check.timeout_seconds):
-            backend.loaded = await adapter.loaded_models(app[CLIENT], backend)
-            backend.loaded_reads += 1
+            await read_loaded(app, backend)
     except Exception as exc:  # the operation itself will tell what is wrong with the backend
         log.debug("backend %s: /api/ps: %s", backend.name, describe_failure(exc))
 
 
 async def until_state(app: web.Application, backend: Backend, model: str, loaded: bool) -> None:
     """Read /api/ps until it shows the model loaded (or gone), as routing will see it."""
-    adapter = ADAPTERS[backend.type]
     while True:
-        backend.loaded = await adapter.loaded_models(app[CLIENT], backend)
-        backend.loaded_reads += 1
+        await read_loaded(app, backend)
         if (backend.loaded is None or model in backend.loaded) == loaded:
             return
         await asyncio.sleep(LIFECYCLE_CHECK_SECONDS)
@@ -5616,14 +5662,6 @@ class WaitQueue:
             event.set()
 
 
-def set_eta(error: NexusError, eta: int | None) -> None:
-    """Put the seconds until a retry may succeed in the error's context and Retry-After."""
-    if error.context is not None:
-        error.context["eta_seconds"] = eta
-    if eta is not None:
-        error.headers["Retry-After"] = str(eta)
-
-
 def health_eta(app: web.Application) -> int | None:
     """Seconds until a backend that is down could be healthy: the polls recovery takes."""
     health = app[SETTINGS].health_check
@@ -5661,24 +5699,17 @@ def queue_full(
     app: web.Application, needs: RequestNeeds, decision: RouteDecision, why: str
 ) -> NexusError:
     """The 503 for a request that found every candidate busy and could not wait."""
-    error = NexusError.of(
-        503,
-        "no_backend_available",
+    busy = [
+        {"backend": a.backend.name, "model": a.model, "failed": ["busy"]}
+        for a in decision.attempts[:MAX_LISTED_SHORTFALLS]
+        if not a.fallback
+    ]
+    return unavailable(
         f"Every backend serving model '{needs.model}' is at its max_concurrent and {why}.",
-        context={
-            "available_nodes": [b.name for b in app[REGISTRY].healthy()],
-            "eta_seconds": None,
-            "required_tier": None,
-            "privacy_zone_required": None,
-            "backends": [
-                {"backend": a.backend.name, "model": a.model, "failed": ["busy"]}
-                for a in decision.attempts[:MAX_LISTED_SHORTFALLS]
-                if not a.fallback
-            ],
-        },
+        app[REGISTRY],
+        busy,
+        eta=queue_eta(app, decision),
     )
-    set_eta(error, queue_eta(app, decision))
-    return error
 
 
 async def plan_route(app: web.Application, needs: RequestNeeds, deadline: float) -> RouteDecision:
@@ -5816,6 +5847,18 @@ class WaitLimits:
             self._timer = None
 
 
+def refusal_message(document: dict[str, Any], status: int) -> str:
+    """The message of a backend's JSON error answer, wherever its API puts it."""
+    error = document["error"]
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        return error["message"]
+    if isinstance(error, str):
+        return error
+    if isinstance(document.get("message"), str):
+        return document["message"]
+    return f"The backend refused the request (HTTP {status})."
+
+
 def upstream_error(flight: InFlight, upstream: BackendConnection, answer: bytes) -> web.Response:
     """A backend's error answer: 5xx and 429 are retried, context overruns fall back, other 4xx
     go back to the client untouched (in an error envelope when they are not a JSON error)."""
@@ -5842,12 +5885,18 @@ def upstream_error(flight: InFlight, upstream: BackendConnection, answer: bytes)
         parsed = json.loads(answer)
     except (ValueError, UnicodeDecodeError):
         parsed = None
-    if not (isinstance(parsed, dict) and "error" in parsed):
-        # An HTML page or plain text is never handed to a client as it is (SPEC §4).
-        error = NexusError(status, "invalid_request_error", "backend_error", text[:500])
-        return web.json_response(error.envelope(), status=status, headers=headers)
-    content_type = upstream.headers.get("content-type", "application/json").split(";")[0]
-    return web.Response(body=answer, status=status, headers=headers, content_type=content_type)
+    if isinstance(parsed, dict) and "error" in parsed:
+        message = refusal_message(parsed, status)
+        mime = upstream.headers.get("content-type", "application/json").split(";")[0]
+        response = web.Response(body=answer, status=status, headers=headers, content_type=mime)
+    else:  # an HTML page or plain text is never handed to a client as it is (SPEC §4)
+        message = text[:500]
+        error = NexusError(status, "invalid_request_error", "backend_error", message)
+        response = web.json_response(error.envelope(), status=status, headers=headers)
+    nexus_headers = {k: v for k, v in headers.items() if k.startswith("X-Nexus-")}
+    refusal = NexusError(status, "invalid_request_error", None, message, headers=nexus_headers)
+    response[REFUSAL] = refusal
+    return response
 
 
 async def whole_answer(
@@ -6034,22 +6083,6 @@ async def proxy(
 # ==============================================================================================
 
 
-def backend_refusal(response: web.Response) -> NexusError:
-    """A backend's own 4xx answer as an error for the door to write (its status and message)."""
-    document = json.loads(response.body)  # upstream_error's: a JSON object with "error"
-    error = document["error"]
-    if isinstance(error, dict) and isinstance(error.get("message"), str):
-        message = error["message"]
-    elif isinstance(error, str):
-        message = error
-    elif isinstance(document.get("message"), str):
-        message = document["message"]
-    else:
-        message = f"The backend refused the request (HTTP {response.status})."
-    headers = {k: v for k, v in response.headers.items() if k.startswith("X-Nexus-")}
-    return NexusError(response.status, "invalid_request_error", None, message, headers=headers)
-
-
 async def send_through_door(
     request: web.Request,
     endpoint: str,
@@ -6060,8 +6093,8 @@ async def send_through_door(
     """Send a door's internal request as chat is sent; a backend's refusal becomes an error."""
     raw = json.dumps(internal).encode()
     response = await proxy(request, endpoint, internal, raw, needs, fmt)
-    if response.status >= 400 and isinstance(response, web.Response):
-        raise backend_refusal(response)
+    if (refusal := response.get(REFUSAL)) is not None:
+        raise refusal
     return response
 
 
@@ -6663,10 +6696,7 @@ async def messages_count_tokens(request: web.Request) -> web.Response:
     """POST /v1/messages/count_tokens: the request's input tokens, for a model Nexus serves."""
     body = parse_json_body(await request.read())
     model = require_model(body)
-    check_model(request, model)
-    settings, registry = request.app[SETTINGS], request.app[REGISTRY]
-    if not model_known(model, registry, settings):
-        raise model_not_found(model, registry, settings)
+    check_model(request, model, must_exist=True)
     chat = messages_to_chat(dict(body, max_tokens=1))  # count_tokens bodies have no max_tokens
     return web.json_response({"input_tokens": chat_needs(chat, IMAGE_TOKENS).prompt_tokens})
 
@@ -7907,9 +7937,7 @@ async def add_backend(request: web.Request) -> web.Response:
         raise NexusError.of(409, "backend_exists", f"{settings.url} is already a backend")
     backend = Backend.from_settings(settings, source="admin")
     registry.add(backend)
-    await poll_backend(app, backend)
-    if not app[SETTINGS].health_check.enabled:
-        backend.status = "healthy"
+    await first_poll(app, backend)
     log.info("backend %s added (%s, %s)", backend.name, backend.type, backend.url)
     return web.json_response(backend.public(), status=201)
 
@@ -8789,10 +8817,7 @@ async def background_ctx(app: web.Application) -> AsyncIterator[None]:
     await app[LIFECYCLE].stop()
     if discovery is not None:
         await discovery.stop()
-    tasks = app[BACKGROUND].pop("background", set())
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    await cancel_all(app[BACKGROUND].pop("background", set()))
 
 
 async def signal_stopping(app: web.Application) -> None:
@@ -8871,9 +8896,7 @@ RESTART_SETTINGS = {
     "server": ("host", "port", "max_body_mb", "data_dir"),
     "discovery": ("enabled",),
 }
-# A Backend's (or ApiKey's) attributes that come from its settings; everything else on it
-# (health, load, latency, usage) is what Nexus has learned, and a reload keeps it.
-BACKEND_SETTINGS = tuple(f.name for f in fields(BackendSettings) if f.name in Backend.__slots__)
+# An ApiKey's attributes that come from its settings (as BACKEND_SETTINGS for a Backend).
 KEY_SETTINGS = tuple(
     f.name for f in fields(ApiKeySettings) if f.name in ApiKey.__slots__ and f.name != "name"
 )
@@ -9045,9 +9068,7 @@ class Reloader:
         for task in tasks:
             task.add_done_callback(log_task_failure)
         yield
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_all(tasks)
 
     async def run(self) -> None:
         """Take reload requests until the app stops, coalescing those close together."""
