@@ -3837,11 +3837,16 @@ def tool_use_block(call: Any) -> dict[str, Any] | None:
     }
 
 
+def chat_call(call_id: str | None, name: str, arguments: Any) -> dict[str, Any]:
+    """A tool call as a chat assistant message carries it, its arguments as JSON text."""
+    if not isinstance(arguments, str):
+        arguments = json.dumps(arguments, ensure_ascii=False)
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
 def chat_tool_call(block: dict[str, Any], arguments: str) -> dict[str, Any]:
     """An Anthropic tool_use block as a chat tool call (its id kept) with these arguments."""
-    function = {"name": block.get("name") or "", "arguments": arguments}
-    call_id = block.get("id") or new_block_id("toolu_")
-    return {"id": call_id, "type": "function", "function": function}
+    return chat_call(block.get("id") or new_block_id("toolu_"), block.get("name") or "", arguments)
 
 
 def anthropic_tool(tool: Any) -> dict[str, Any]:
@@ -6142,13 +6147,6 @@ def chat_content(parts: list[dict[str, Any]]) -> str | list[dict[str, Any]]:
     return "\n\n".join(texts) if len(texts) == len(parts) else parts
 
 
-def chat_call(call_id: str, name: str, arguments: Any) -> dict[str, Any]:
-    """A tool call as a chat assistant message carries it, its arguments as JSON text."""
-    if not isinstance(arguments, str):
-        arguments = json.dumps(arguments, ensure_ascii=False)
-    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
-
-
 def reasoning_of(message: dict[str, Any]) -> str:
     """Reasoning text as backends name it: vLLM, llama.cpp and Ollama differ."""
     value = message.get("reasoning_content")
@@ -7569,7 +7567,7 @@ class OllamaFormat(OpenAIFormat):
         self.native_path = OLLAMA_PREFIX + kind
         self.kind = kind
         self.model = ""  # the model asked for, until the answer names the one that served
-        self.prompt_estimate = 0  # prompt tokens, for a backend that reports no usage
+        self.input_estimate = 0  # prompt tokens, for a backend that reports no usage
         self.started = time.perf_counter()
         self.first: float | None = None  # when the first answer text came
         self.output_chars = 0
@@ -7611,7 +7609,7 @@ class OllamaFormat(OpenAIFormat):
 
     def counts(self, reason: str, usage: Any, timings: Any = None) -> dict[str, Any]:
         """The last object's reason, token counts and durations: the backend's, else Nexus's."""
-        found = usage_or_estimate(usage, self.prompt_estimate, answer_tokens(self.output_chars))
+        found = usage_or_estimate(usage, self.input_estimate, answer_tokens(self.output_chars))
         now = time.perf_counter()
         first = self.first or self.started  # a whole answer: its time was all generation
         prompt_seconds, eval_seconds = first - self.started, now - first
@@ -7715,10 +7713,8 @@ class OllamaFormat(OpenAIFormat):
         """The line with the tool calls gathered so far (Ollama sends them whole)."""
         if not self.calls:
             return b""
-        calls = [
-            {"id": c["id"], "function": {"name": c["name"], "arguments": "".join(c["arguments"])}}
-            for c in self.calls.values()
-        ]
+        gathered = self.calls.values()
+        calls = [chat_call(c["id"], c["name"], "".join(c["arguments"])) for c in gathered]
         self.calls.clear()
         if self.first is None:
             self.first = time.perf_counter()
@@ -7763,7 +7759,7 @@ async def ollama_inference(request: web.Request) -> web.StreamResponse:
         endpoint, internal = "embeddings", ollama_embed_to_internal(body, kind == "embeddings")
     fmt = OllamaFormat(body, kind)
     needs = NEEDS_READERS[endpoint](internal)
-    fmt.model, fmt.prompt_estimate = needs.model, needs.prompt_tokens
+    fmt.model, fmt.input_estimate = needs.model, needs.prompt_tokens
     return await send_through_door(request, endpoint, internal, needs, fmt)
 
 
