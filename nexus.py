@@ -1349,6 +1349,11 @@ def usage_from(usage: Any) -> TokenUsage | None:
     return found if found.prompt or found.completion else None
 
 
+def answer_tokens(chars: int) -> int:
+    """An answer's tokens estimated from its characters, rounded up: any text counts as one."""
+    return -(-chars // CHARS_PER_TOKEN)
+
+
 def usage_or_estimate(usage: Any, prompt: int, completion: int) -> TokenUsage:
     """The usage a backend reported, or the estimates when it reported none."""
     return usage_from(usage) or TokenUsage(prompt, completion)
@@ -3873,11 +3878,16 @@ def tool_use_block(call: Any) -> dict[str, Any] | None:
     }
 
 
+def chat_call(call_id: str | None, name: str, arguments: Any) -> dict[str, Any]:
+    """A tool call as a chat assistant message carries it, its arguments as JSON text."""
+    if not isinstance(arguments, str):
+        arguments = json.dumps(arguments, ensure_ascii=False)
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
 def chat_tool_call(block: dict[str, Any], arguments: str) -> dict[str, Any]:
     """An Anthropic tool_use block as a chat tool call (its id kept) with these arguments."""
-    function = {"name": block.get("name") or "", "arguments": arguments}
-    call_id = block.get("id") or new_block_id("toolu_")
-    return {"id": call_id, "type": "function", "function": function}
+    return chat_call(block.get("id") or new_block_id("toolu_"), block.get("name") or "", arguments)
 
 
 def anthropic_tool(tool: Any) -> dict[str, Any]:
@@ -5258,7 +5268,7 @@ def settle_cost_now(flight: InFlight, answered: list[str]) -> None:
             counted = TokenUsage(prompt, count_texts(answered, encoding))
         else:
             prompt = sum(map(len, texts)) // CHARS_PER_TOKEN + framing
-            counted = TokenUsage(prompt, -(-sum(map(len, answered)) // CHARS_PER_TOKEN))
+            counted = TokenUsage(prompt, answer_tokens(sum(map(len, answered))))
     charge_cost(flight, counted)
 
 
@@ -6078,7 +6088,7 @@ async def proxy(
 # Front doors
 # Owns: serving a request that came through a door other than OpenAI's chat (SPEC 2.1): its
 # body becomes the internal chat request, the proxy routes and sends that, and the door writes
-# the answer and any error in its own API's shape.
+# the answer and any error in its own API's shape, with what the doors share to read chat.
 # Must not: know any one API; each door (an OpenAIFormat) does.
 # ==============================================================================================
 
@@ -6145,6 +6155,130 @@ def model_entries(registry: Registry, settings: Settings) -> dict[str, dict[str,
     return entries
 
 
+def sse_event(name: str, data: dict[str, Any]) -> bytes:
+    """One named SSE event with its JSON data."""
+    return f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+def copy_options(body: dict[str, Any], chat: dict[str, Any], names: tuple, kind: str) -> None:
+    """Copy the named options a request sets to its chat request; each must be a `kind`."""
+    for name in names:
+        value = body.get(name)
+        if value is None:
+            continue
+        # A bool is an int to Python: a boolean must be one, a number must not.
+        if isinstance(value, bool) != (kind == "boolean") or not isinstance(value, int | float):
+            raise bad_request(f"{name}: must be a {kind}", name)
+        chat[name] = value
+
+
+def chat_content(parts: list[dict[str, Any]]) -> str | list[dict[str, Any]]:
+    """Chat parts as a message's content: one string, blank-line joined, when all are text."""
+    if len(parts) == 1 and parts[0]["type"] == "text":
+        return parts[0]["text"]  # the usual case, without a pass over the parts
+    texts = [part["text"] for part in parts if part["type"] == "text"]
+    return "\n\n".join(texts) if len(texts) == len(parts) else parts
+
+
+def reasoning_of(message: dict[str, Any]) -> str:
+    """Reasoning text as backends name it: vLLM, llama.cpp and Ollama differ."""
+    value = message.get("reasoning_content")
+    if not isinstance(value, str) or not value:
+        value = message.get("reasoning")
+    return value if isinstance(value, str) else ""
+
+
+def call_delta(call: dict[str, Any], last: Any) -> tuple[Any, dict[str, Any], str]:
+    """A streamed tool call's piece: the call it continues (its index, else its id, else the last
+    one), its function, and its fragment of the arguments as text ("" for none)."""
+    index = call.get("index")
+    function = object_of(call.get("function"))
+    arguments = function.get("arguments")
+    if isinstance(arguments, dict):  # some servers send the whole input as an object
+        arguments = json.dumps(arguments)
+    key = index if isinstance(index, int) else call.get("id") or last
+    return key, function, arguments if isinstance(arguments, str) else ""
+
+
+def reply_parts(parsed: dict[str, Any]) -> tuple[dict[str, Any], str, str, list[dict[str, Any]]]:
+    """A whole answer's first choice, and its reasoning, text (a completion's too), tool calls."""
+    choices = parsed.get("choices")
+    choice = object_of(choices[0]) if isinstance(choices, list) and choices else {}
+    message = object_of(choice.get("message"))
+    text = message.get("content") if message else choice.get("text")
+    if isinstance(text, list):  # some servers answer with content parts
+        text = "".join(p.get("text", "") for p in text if isinstance(p, dict))
+    calls = message.get("tool_calls") or []
+    if calls:
+        calls = [call for call in calls if isinstance(call, dict)]
+    return choice, reasoning_of(message), text if isinstance(text, str) else "", calls
+
+
+class ChatTranslator(OpenAIFormat):
+    """What the Messages and Responses doors share: a chat stream read chunk by chunk, each piece
+    handed to the door's own writer (start, content_delta for thinking or text, open_call and
+    arguments_delta for a tool call, finished), and the output counted in characters for the
+    usage of a backend that reports none."""
+
+    keeps_usage = True
+
+    def __init__(self, body: dict[str, Any], needs: RequestNeeds) -> None:
+        self.native_body = body
+        self.model = needs.model
+        self.input_estimate = needs.prompt_tokens
+        self.started = False
+        self.failed = False
+        self.usage: Any = None  # as the backend reported it
+        self.output_chars = 0
+        self.calls: dict[Any, int] = {}  # a chat tool call's index (or id) -> its block or item
+        self.last_call: Any = None
+
+    def begin(self, model: Any) -> bytes:
+        """The stream's first events, naming the model that serves where the backend says."""
+        if not self.started and isinstance(model, str) and model:
+            self.model = model
+        return self.start()
+
+    def estimated_usage(self, usage: Any) -> TokenUsage:
+        return usage_or_estimate(usage, self.input_estimate, answer_tokens(self.output_chars))
+
+    def chunk(self, data: bytes, chunk: dict[str, Any]) -> bytes:
+        """One chat chunk (well formed: chat_line drops any other) as the door's events."""
+        out = [b"" if self.started else self.begin(chunk.get("model"))]
+        if isinstance(chunk.get("usage"), dict):
+            self.usage = chunk["usage"]
+        choices = chunk.get("choices")
+        if not choices:
+            return out[0]
+        choice = choices[0]
+        delta = choice.get("delta") or {}
+        reasoning = reasoning_of(delta)
+        if reasoning:
+            self.output_chars += len(reasoning)
+            out.append(self.content_delta("thinking", reasoning))
+        text = delta.get("content")
+        if isinstance(text, str) and text:
+            self.output_chars += len(text)
+            out.append(self.content_delta("text", text))
+        calls = delta.get("tool_calls")
+        for call in calls if isinstance(calls, list) else ():
+            if isinstance(call, dict):
+                out.append(self.tool_call(call))
+        if choice.get("finish_reason"):
+            out.append(self.finished(choice))
+        return b"".join(out)
+
+    def tool_call(self, call: dict[str, Any]) -> bytes:
+        """A streamed tool call's head (id, name) or argument fragment."""
+        key, function, arguments = call_delta(call, self.last_call)
+        self.last_call = key
+        out = b"" if key in self.calls else self.open_call(key, call, function)
+        if not arguments:
+            return out
+        self.output_chars += len(arguments)
+        return out + self.arguments_delta(self.calls[key], arguments)
+
+
 # ==============================================================================================
 # Anthropic Messages API
 # Owns: POST /v1/messages and /v1/messages/count_tokens. A Messages request becomes a chat
@@ -6182,41 +6316,9 @@ def anthropic_error(error: NexusError) -> dict[str, Any]:
     return {"type": "error", "error": {"type": kind, "message": message}}
 
 
-def sse_event(name: str, data: dict[str, Any]) -> bytes:
-    """One named SSE event with its JSON data."""
-    return f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
-
-
 def error_event(message: str) -> bytes:
     """The error event that ends a Messages stream Nexus had to cut."""
     return sse_event("error", anthropic_error(NexusError(502, "backend_error", None, message)))
-
-
-def copy_options(body: dict[str, Any], chat: dict[str, Any], names: tuple, kind: str) -> None:
-    """Copy the named options a request sets to its chat request; each must be a `kind`."""
-    for name in names:
-        value = body.get(name)
-        if value is None:
-            continue
-        # A bool is an int to Python: a boolean must be one, a number must not.
-        if isinstance(value, bool) != (kind == "boolean") or not isinstance(value, int | float):
-            raise bad_request(f"{name}: must be a {kind}", name)
-        chat[name] = value
-
-
-def chat_content(parts: list[dict[str, Any]]) -> str | list[dict[str, Any]]:
-    """Chat parts as a message's content: one string, blank-line joined, when all are text."""
-    if len(parts) == 1 and parts[0]["type"] == "text":
-        return parts[0]["text"]  # the usual case, without a pass over the parts
-    texts = [part["text"] for part in parts if part["type"] == "text"]
-    return "\n\n".join(texts) if len(texts) == len(parts) else parts
-
-
-def chat_call(call_id: str, name: str, arguments: Any) -> dict[str, Any]:
-    """A tool call as a chat assistant message carries it, its arguments as JSON text."""
-    if not isinstance(arguments, str):
-        arguments = json.dumps(arguments, ensure_ascii=False)
-    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
 
 
 def system_text(system: Any) -> str:
@@ -6268,28 +6370,6 @@ def chat_tool(tool: Any, where: str) -> dict[str, Any]:
     return {"type": "function", "function": function}
 
 
-def reasoning_of(message: dict[str, Any]) -> str:
-    """Reasoning text as backends name it: vLLM, llama.cpp and Ollama differ."""
-    value = message.get("reasoning_content")
-    if not isinstance(value, str) or not value:
-        value = message.get("reasoning")
-    return value if isinstance(value, str) else ""
-
-
-def reply_parts(parsed: dict[str, Any]) -> tuple[dict[str, Any], str, str, list[dict[str, Any]]]:
-    """A whole chat answer's first choice, and its reasoning, text and tool calls."""
-    choices = parsed.get("choices")
-    choice = object_of(choices[0]) if isinstance(choices, list) and choices else {}
-    message = object_of(choice.get("message"))
-    text = message.get("content")
-    if isinstance(text, list):  # some servers answer with content parts
-        text = "".join(p.get("text", "") for p in text if isinstance(p, dict))
-    calls = message.get("tool_calls") or []
-    if calls:
-        calls = [call for call in calls if isinstance(call, dict)]
-    return choice, reasoning_of(message), text if isinstance(text, str) else "", calls
-
-
 def stop_reason_of(
     choice: dict[str, Any], text: str, sequences: list[str], tool_use: bool
 ) -> tuple[str, str | None]:
@@ -6323,7 +6403,7 @@ def chat_to_message(
         content.append({"type": "text", "text": text})
     content.extend(blocks)
     chars = len(reasoning) + len(text) + sum(len(json.dumps(b["input"])) for b in blocks)
-    usage = usage_or_estimate(parsed.get("usage"), input_estimate, -(-chars // CHARS_PER_TOKEN))
+    usage = usage_or_estimate(parsed.get("usage"), input_estimate, answer_tokens(chars))
     return {
         "id": "msg_" + str(parsed.get("id") or new_block_id("")),
         "type": "message",
@@ -6373,79 +6453,6 @@ class AnthropicEvents(NativeStream):
             return b""
         self.failed = True
         return error_event(message)
-
-
-class ChatTranslator(OpenAIFormat):
-    """What the Messages and Responses doors share: a chat stream read chunk by chunk, each piece
-    handed to the door's own writer (start, content_delta for thinking or text, open_call and
-    arguments_delta for a tool call, finished), and the output counted in characters for the
-    usage of a backend that reports none."""
-
-    keeps_usage = True
-
-    def __init__(self, body: dict[str, Any], needs: RequestNeeds) -> None:
-        self.native_body = body
-        self.model = needs.model
-        self.input_estimate = needs.prompt_tokens
-        self.started = False
-        self.failed = False
-        self.usage: Any = None  # as the backend reported it
-        self.output_chars = 0
-        self.calls: dict[Any, int] = {}  # a chat tool call's index (or id) -> its block or item
-        self.last_call: Any = None
-
-    def begin(self, model: Any) -> bytes:
-        """The stream's first events, naming the model that serves where the backend says."""
-        if not self.started and isinstance(model, str) and model:
-            self.model = model
-        return self.start()
-
-    def estimated_usage(self, usage: Any) -> TokenUsage:
-        output = -(-self.output_chars // CHARS_PER_TOKEN)
-        return usage_or_estimate(usage, self.input_estimate, output)
-
-    def chunk(self, data: bytes, chunk: dict[str, Any]) -> bytes:
-        """One chat chunk (well formed: chat_line drops any other) as the door's events."""
-        out = [b"" if self.started else self.begin(chunk.get("model"))]
-        if isinstance(chunk.get("usage"), dict):
-            self.usage = chunk["usage"]
-        choices = chunk.get("choices")
-        if not choices:
-            return out[0]
-        choice = choices[0]
-        delta = choice.get("delta") or {}
-        reasoning = reasoning_of(delta)
-        if reasoning:
-            self.output_chars += len(reasoning)
-            out.append(self.content_delta("thinking", reasoning))
-        text = delta.get("content")
-        if isinstance(text, str) and text:
-            self.output_chars += len(text)
-            out.append(self.content_delta("text", text))
-        calls = delta.get("tool_calls")
-        for call in calls if isinstance(calls, list) else ():
-            if isinstance(call, dict):
-                out.append(self.tool_call(call))
-        if choice.get("finish_reason"):
-            out.append(self.finished(choice))
-        return b"".join(out)
-
-    def tool_call(self, call: dict[str, Any]) -> bytes:
-        """A streamed tool call's head (id, name) or argument fragment, keyed by index (or id)."""
-        function = call.get("function") if isinstance(call.get("function"), dict) else {}
-        if isinstance(call.get("index"), int):
-            key = call["index"]
-        else:
-            key = call.get("id") or self.last_call
-        self.last_call = key
-        out = b"" if key in self.calls else self.open_call(key, call, function)
-        arguments = function.get("arguments")
-        if isinstance(arguments, dict):  # some servers send the whole input as an object
-            arguments = json.dumps(arguments)
-        if not isinstance(arguments, str) or not arguments:
-            return out
-        self.output_chars += len(arguments)
-        return out + self.arguments_delta(self.calls[key], arguments)
 
 
 def tool_message(block: dict[str, Any], where: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -7011,7 +7018,7 @@ class ResponsesFormat(ChatTranslator):
     def final_usage(self, usage: Any, reasoning_chars: int) -> dict[str, Any]:
         """The response's usage: reported, or estimated from characters."""
         found = self.estimated_usage(usage)
-        return found.as_responses(min(-(-reasoning_chars // CHARS_PER_TOKEN), found.completion))
+        return found.as_responses(min(answer_tokens(reasoning_chars), found.completion))
 
     def body(self, answer: bytes, parsed: dict[str, Any]) -> bytes:
         choice, reasoning, text, calls = reply_parts(parsed)
@@ -7296,16 +7303,13 @@ def ollama_tool_calls(calls: Any, where: str, pending: list[tuple[str, str]]) ->
         if not isinstance(function, dict) or not isinstance(function.get("name"), str):
             raise bad_request(f"{at}: needs a function with a name", "messages")
         arguments = function.get("arguments")
-        if arguments is None or isinstance(arguments, dict):
-            arguments = json.dumps(arguments or {}, ensure_ascii=False)
-        elif not isinstance(arguments, str):
+        if not isinstance(arguments, dict | str | None):
             raise bad_request(f"{at}.function.arguments: must be an object", "messages")
         call_id = call.get("id")
         if not isinstance(call_id, str) or not call_id:
             call_id = new_block_id("call_")
         pending.append((function["name"], call_id))
-        function = {"name": function["name"], "arguments": arguments}
-        out.append({"id": call_id, "type": "function", "function": function})
+        out.append(chat_call(call_id, function["name"], {} if arguments is None else arguments))
     return out
 
 
@@ -7593,7 +7597,7 @@ class OllamaFormat(OpenAIFormat):
         self.native_path = OLLAMA_PREFIX + kind
         self.kind = kind
         self.model = ""  # the model asked for, until the answer names the one that served
-        self.prompt_estimate = 0  # prompt tokens, for a backend that reports no usage
+        self.input_estimate = 0  # prompt tokens, for a backend that reports no usage
         self.started = time.perf_counter()
         self.first: float | None = None  # when the first answer text came
         self.output_chars = 0
@@ -7635,8 +7639,7 @@ class OllamaFormat(OpenAIFormat):
 
     def counts(self, reason: str, usage: Any, timings: Any = None) -> dict[str, Any]:
         """The last object's reason, token counts and durations: the backend's, else Nexus's."""
-        output = -(-self.output_chars // CHARS_PER_TOKEN)
-        found = usage_or_estimate(usage, self.prompt_estimate, output)
+        found = usage_or_estimate(usage, self.input_estimate, answer_tokens(self.output_chars))
         now = time.perf_counter()
         first = self.first or self.started  # a whole answer: its time was all generation
         prompt_seconds, eval_seconds = first - self.started, now - first
@@ -7658,18 +7661,11 @@ class OllamaFormat(OpenAIFormat):
         if self.kind in ("embed", "embeddings"):
             return json.dumps(self.embeddings(parsed)).encode()
         self.model = parsed.get("model") or self.model
-        choices = parsed.get("choices")
-        choice = object_of(choices[0] if isinstance(choices, list) and choices else None)
-        message = object_of(choice.get("message"))
-        text = message.get("content") if message else choice.get("text")
-        if isinstance(text, list):  # some servers answer with content parts
-            text = "".join(p.get("text", "") for p in text if isinstance(p, dict))
-        text = text if isinstance(text, str) else ""
-        thinking = reasoning_of(message)
+        choice, thinking, text, calls = reply_parts(parsed)
         self.output_chars = len(text) + len(thinking)
         reason = "length" if choice.get("finish_reason") == "length" else "stop"
         done = self.counts(reason, parsed.get("usage"), parsed.get("timings"))
-        last = self.piece(text, thinking, ollama_calls(message.get("tool_calls")), **done)
+        last = self.piece(text, thinking, ollama_calls(calls), **done)
         return json.dumps(last, ensure_ascii=False).encode()
 
     def embeddings(self, parsed: dict[str, Any]) -> dict[str, Any]:
@@ -7679,13 +7675,12 @@ class OllamaFormat(OpenAIFormat):
         vectors = [d.get("embedding") for d in items if isinstance(d.get("embedding"), list)]
         if self.kind == "embeddings":
             return {"embedding": vectors[0] if vectors else []}
-        usage = object_of(parsed.get("usage"))
         return {
             "model": parsed.get("model") or self.model,
             "embeddings": vectors,
             "total_duration": int((time.perf_counter() - self.started) * NANOSECONDS),
             "load_duration": 0,
-            "prompt_eval_count": token_count(usage.get("prompt_tokens")) or 0,
+            "prompt_eval_count": usage_or_estimate(parsed.get("usage"), 0, 0).prompt,
         }
 
     def chunk(self, data: bytes, chunk: dict[str, Any]) -> bytes:
@@ -7696,10 +7691,10 @@ class OllamaFormat(OpenAIFormat):
         if isinstance(chunk.get("model"), str) and chunk["model"]:
             self.model = chunk["model"]
         choices = chunk.get("choices")
-        choice = choices[0] if isinstance(choices, list) and choices else None
-        if not isinstance(choice, dict):
+        if not choices:
             return b""
-        delta = object_of(choice.get("delta"))
+        choice = choices[0]
+        delta = choice.get("delta") or {}
         text = delta.get("content") if delta else choice.get("text")
         text = text if isinstance(text, str) else ""
         thinking = reasoning_of(delta)
@@ -7733,19 +7728,14 @@ class OllamaFormat(OpenAIFormat):
         """A streamed tool call's head (id, name) or a fragment of its arguments."""
         if not isinstance(call, dict):
             return
-        function = object_of(call.get("function"))
-        key = call.get("index") if isinstance(call.get("index"), int) else call.get("id")
-        key = self.last_call if key is None else key
+        key, function, arguments = call_delta(call, self.last_call)
         self.last_call = key
         gathered = self.calls.setdefault(key, {"id": None, "name": "", "arguments": []})
         if call.get("id") and not gathered["id"]:
             gathered["id"] = call["id"]
         if isinstance(function.get("name"), str) and function["name"]:
             gathered["name"] = function["name"]
-        arguments = function.get("arguments")
-        if isinstance(arguments, dict):  # some servers send the whole input as an object
-            arguments = json.dumps(arguments)
-        if isinstance(arguments, str):
+        if arguments:
             gathered["arguments"].append(arguments)
             self.output_chars += len(arguments)
 
@@ -7753,10 +7743,8 @@ class OllamaFormat(OpenAIFormat):
         """The line with the tool calls gathered so far (Ollama sends them whole)."""
         if not self.calls:
             return b""
-        calls = [
-            {"id": c["id"], "function": {"name": c["name"], "arguments": "".join(c["arguments"])}}
-            for c in self.calls.values()
-        ]
+        gathered = self.calls.values()
+        calls = [chat_call(c["id"], c["name"], "".join(c["arguments"])) for c in gathered]
         self.calls.clear()
         if self.first is None:
             self.first = time.perf_counter()
@@ -7801,7 +7789,7 @@ async def ollama_inference(request: web.Request) -> web.StreamResponse:
         endpoint, internal = "embeddings", ollama_embed_to_internal(body, kind == "embeddings")
     fmt = OllamaFormat(body, kind)
     needs = NEEDS_READERS[endpoint](internal)
-    fmt.model, fmt.prompt_estimate = needs.model, needs.prompt_tokens
+    fmt.model, fmt.input_estimate = needs.model, needs.prompt_tokens
     return await send_through_door(request, endpoint, internal, needs, fmt)
 
 
