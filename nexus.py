@@ -759,7 +759,7 @@ class Backend:
         return (self.last_error or None) if self.status != "healthy" else None
 
 
-@dataclass(slots=True, eq=False)
+@dataclass(slots=True, eq=False, repr=False)
 class Registry:
     """All known backends, and for each model id the backends that serve it."""
 
@@ -2760,7 +2760,7 @@ def body_decoder(coding: str | None) -> Any:
     raise BackendHTTPError(f"answered a body in an encoding Nexus cannot decode: {coding[:40]}")
 
 
-@dataclass(slots=True, eq=False)
+@dataclass(slots=True, eq=False, repr=False)
 class BackendConnection(asyncio.Protocol):
     """One connection to a backend and the answer it is reading, one request at a time.
 
@@ -3233,10 +3233,11 @@ class BackendPool:
 
     async def fetch_then(
         self, url: str, then: str, headers: dict[str, str], limit: int, grace: float
-    ) -> tuple[tuple[int, bytes], tuple[int, bytes] | None]:
-        """Two GETs' whole answers, the second on the first's connection once that is in: a
-        poll's second read opens no connection of its own (unless the server keeps none). The
-        second is None when it fails or takes longer than `grace`: never the first's failure."""
+    ) -> tuple[tuple[int, bytes], tuple[int, bytes] | Exception | None]:
+        """Two GETs' whole answers, the second sent with the first (pipelined) and read after it:
+        a poll's second read opens no connection of its own (unless the server keeps none). The
+        second's failure is returned, never raised; it is None when it takes longer than
+        `grace`."""
         origin, data = encode_request("GET", url, headers, b"", True)
         conn = await self.connect(origin)
         conn.pipelined = True
@@ -3251,14 +3252,17 @@ class BackendPool:
             try:
                 second = self.fetch("GET", then, headers, limit=limit)
                 return first, await asyncio.wait_for(second, grace)
-            except (OSError, BackendHTTPError):  # a TimeoutError is an OSError
+            except TimeoutError:
                 return first, None
-        timer = self.loop.call_later(grace, conn.close)
+            except (OSError, BackendHTTPError) as exc:
+                return first, exc
+        deadline = self.loop.time() + grace
+        timer = self.loop.call_at(deadline, conn.close)
         try:
             await conn.follow()
             return first, (conn.status, await conn.read(limit))
-        except (OSError, BackendHTTPError):
-            return first, None
+        except (OSError, BackendHTTPError) as exc:
+            return first, None if self.loop.time() >= deadline else exc
         finally:
             timer.cancel()
             conn.close()
@@ -3693,23 +3697,28 @@ class OllamaAdapter(OpenAICompatibleAdapter):
             POLL_MAX_BODY,
             OLLAMA_PS_GRACE_SECONDS,
         )
-        models = await self.models(pool, backend, json_answer(*tags, "/api/tags"))
+        path = urllib.parse.urlsplit(backend.url).path
+        models = await self.models(pool, backend, json_answer(*tags, path + "/api/tags"))
         if ps is not None and backend.loaded_reads == reads:
             try:
-                backend.loaded = self.loaded_in(ps)
-            except BackendReplyError as exc:  # an Ollama without /api/ps: it does not say, warm
-                log.debug("backend %s: %s", backend.name, exc)
+                if isinstance(ps, Exception):
+                    raise ps
+                backend.loaded = self.loaded_in(ps, path)
+            except (OSError, BackendHTTPError, BackendReplyError) as exc:  # it does not say: warm
+                log.debug("backend %s: /api/ps: %r", backend.name, exc)
                 backend.loaded = None
         return models
 
     async def loaded_models(self, pool: BackendPool, backend: Backend) -> dict[str, int] | None:
         """The models in memory, from /api/ps, with the bytes each holds."""
         url, headers = backend.url + "/api/ps", self.headers(backend)
-        return self.loaded_in(await pool.fetch("GET", url, headers, limit=POLL_MAX_BODY))
+        answer = await pool.fetch("GET", url, headers, limit=POLL_MAX_BODY)
+        return self.loaded_in(answer, urllib.parse.urlsplit(backend.url).path)
 
-    def loaded_in(self, answer: tuple[int, bytes]) -> dict[str, int]:
-        """The models in memory by an /api/ps answer, with the bytes each holds."""
-        data = json_answer(*answer, "/api/ps")
+    def loaded_in(self, answer: tuple[int, bytes], path: str) -> dict[str, int]:
+        """The models in memory by an /api/ps answer (at the backend's `path`), with the bytes
+        each holds."""
+        data = json_answer(*answer, path + "/api/ps")
         if not isinstance(data, dict) or not isinstance(data.get("models"), list):
             raise BackendReplyError("/api/ps: no models list")
         loaded = {}
@@ -4409,7 +4418,7 @@ class MdnsService:
     type_hint: str | None
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, repr=False)
 class MdnsDiscovery:
     """Browses mDNS for LLM servers, reports what comes and goes, and announces this Nexus.
     zeroconf's defaults (every interface, IPv4), like any mDNS client on the machine; services

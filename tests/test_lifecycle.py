@@ -81,6 +81,10 @@ class FleetOllama(MockBackend):
             return web.Response(text="<html>busy</html>")
         if self.ps_answer == "slow":
             await asyncio.sleep(5)
+        if self.ps_answer == "reset":
+            assert request.transport is not None
+            request.transport.abort()
+            return web.Response()
         models = [
             {"name": m, "model": m, "size": size + GIB // 2, "size_vram": size, "digest": "x"}
             for m, size in self.loaded.items()
@@ -711,6 +715,22 @@ async def test_the_health_poll_reads_api_ps(stop_later, nexus_factory):
     assert nx.backend("gpu").models[MODEL].size == 4 * GIB  # from /api/tags
     gpu.loaded.clear()  # Ollama let it expire
     await until(lambda: nx.backend("gpu").loaded == {})
+
+
+async def test_an_api_ps_that_breaks_says_nothing_and_a_slow_one_keeps_what_was_known(
+    stop_later, nexus_factory
+):
+    (gpu,) = await start_fleet(stop_later, FleetOllama("gpu", loaded=(MODEL,)))
+    toml = "[health_check]\ninterval_seconds = 0.1\ntimeout_seconds = 3\n"
+    nx = await nexus_factory(backends_toml(gpu) + toml)
+    assert nx.backend("gpu").loaded == {MODEL: 4 * GIB}
+    gpu.ps_answer = "slow"
+    polls = gpu.polls
+    await until(lambda: gpu.polls >= polls + 2)
+    assert nx.backend("gpu").loaded == {MODEL: 4 * GIB}  # the last known state stays
+    gpu.ps_answer = "reset"
+    await until(lambda: nx.backend("gpu").loaded is None)  # broken: it does not say, warm
+    assert nx.backend("gpu").status == "healthy"
 
 
 async def test_api_ps_is_read_on_the_poll_s_own_connection(stop_later, nexus_factory):
