@@ -6217,9 +6217,8 @@ def reply_parts(parsed: dict[str, Any]) -> tuple[dict[str, Any], str, str, list[
     text = message.get("content") if message else choice.get("text")
     if isinstance(text, list):  # some servers answer with content parts
         text = "".join(p.get("text", "") for p in text if isinstance(p, dict))
-    calls = message.get("tool_calls") or []
-    if calls:
-        calls = [call for call in calls if isinstance(call, dict)]
+    calls = message.get("tool_calls")
+    calls = [call for call in calls if isinstance(call, dict)] if isinstance(calls, list) else []
     return choice, reasoning_of(message), text if isinstance(text, str) else "", calls
 
 
@@ -6504,7 +6503,8 @@ def chat_parts(blocks: list[Any], where: str, role: str) -> tuple[list, list, li
             if not isinstance(block.get("id"), str) or not isinstance(block.get("name"), str):
                 raise bad_request(f"{at}: a tool_use block needs an id and a name", "messages")
             arguments = {} if block.get("input") is None else block["input"]
-            calls.append(chat_call(block["id"], block["name"], arguments))
+            encoded = json.dumps(arguments, ensure_ascii=False)  # a string input stays a string
+            calls.append(chat_call(block["id"], block["name"], encoded))
         elif role == "assistant" and kind in ("thinking", "redacted_thinking"):
             continue
         elif role != "assistant" and kind == "image":

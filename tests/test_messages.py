@@ -895,6 +895,47 @@ def test_messages_to_chat_tool_result_variants():
     assert len(messages) == 4
 
 
+def test_messages_to_chat_tool_use_input_is_sent_as_json_text():
+    """An input of any JSON type becomes the call's arguments as JSON text: a string input is
+    a JSON string, never passed through as if it were the arguments' text."""
+    for given, arguments in (({"x": 1}, '{"x": 1}'), ("s", '"s"'), ('{"a":1}', '"{\\"a\\":1}"')):
+        chat = nexus.messages_to_chat(
+            {
+                "model": "m",
+                "max_tokens": 10,
+                "messages": [
+                    {"role": "user", "content": "run it"},
+                    {
+                        "role": "assistant",
+                        "content": [{"type": "tool_use", "id": "t", "name": "a", "input": given}],
+                    },
+                ],
+            }
+        )
+        call = chat["messages"][1]["tool_calls"][0]["function"]
+        assert call["arguments"] == arguments and json.loads(call["arguments"]) == given
+
+
+async def test_an_answer_with_junk_tool_calls_is_still_answered(
+    backend_factory, nexus_factory, client
+):
+    """A backend's `tool_calls` that is no list (or holds no objects) is no call: the answer's
+    text still comes back, never a 500."""
+    backend, nx = await start(backend_factory, nexus_factory)
+    for junk in (True, 5, ["junk"]):
+
+        async def reply(request: web.Request, body: dict) -> web.Response:
+            message = {"role": "assistant", "content": "fine", "tool_calls": junk}  # noqa: B023
+            choice = {"index": 0, "message": message, "finish_reason": "stop"}
+            return web.json_response({"id": "x", "object": "chat.completion", "choices": [choice]})
+
+        backend.behaviours.append(reply)
+        message = await client(nx).messages.create(
+            model="qwen", max_tokens=10, messages=[{"role": "user", "content": "hi"}]
+        )
+        assert [b.type for b in message.content] == ["text"] and message.content[0].text == "fine"
+
+
 def test_messages_to_chat_tool_choice_any_and_none():
     base = {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}
     tools = [WEATHER_TOOL]
