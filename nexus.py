@@ -628,6 +628,66 @@ REFUSAL: web.ResponseKey[NexusError] = web.ResponseKey("refusal")
 
 
 # ==============================================================================================
+# Request shapes
+# Owns: what a request is while Nexus serves it: its record (for stats and its log line, never
+# any content), the attempt in flight, and a failed attempt. Used from Auth down.
+# Must not: act; the sections below do.
+# ==============================================================================================
+
+
+@dataclass(eq=False)
+class AttemptFailed(Exception):
+    """An attempt failed before any byte reached the client; another attempt may serve."""
+
+    error: NexusError
+    skip_model: bool = False  # a context-length refusal: go on to the fallback models
+    silent: bool = False  # it timed out: not asked again for this request
+    retry_after: float | None = None  # a 429 said when to come back
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    """What Nexus remembers of one request for stats and its log line. Never any content."""
+
+    id: str
+    model: str
+    endpoint: str
+    started: float
+    backend: str | None = None
+    status: int = 0
+    route_reason: str | None = None
+    retries: int = 0
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    ttft_ms: float | None = None
+    fallback: bool = False  # a fallback model is being tried (it served, if the status is good)
+    usage: TokenUsage | None = None  # as the backend reported it (or Nexus counted it)
+    cost_usd: float | None = None  # what the answer cost (cloud backends), charged to the budget
+    key: str | None = None  # the name of the caller's API key, when keys are configured
+    sent: float = 0.0  # when the attempt on `backend` was sent: its latency starts there
+    session: int | None = None  # the session key's hash (SPEC §3.7), never its text
+    followed: str | None = None  # the backend of the session's last turn, when routing kept it
+
+
+@dataclass(slots=True)
+class InFlight:
+    """A request on its way on one attempt: what it sends where, and how its answer goes back."""
+
+    request: web.Request
+    record: RequestRecord
+    attempt: Attempt
+    body: dict[str, Any]  # the request as the internal chat request: the prompt Nexus counts
+    url: str
+    payload: bytes  # what the backend is sent
+    native: bool  # the backend speaks the door's own API: its answer goes back as it is
+    stream: bool
+    strip_usage: bool  # the usage chunk was Nexus's question, not the client's: not relayed
+    reason: str  # why routing chose this attempt (X-Nexus-Route-Reason)
+    deadline: float  # the loop time by which the request must be done
+    fmt: OpenAIFormat  # the front door the client came through
+
+
+# ==============================================================================================
 # World model
 # Owns: what Nexus knows about backends and models. One Backend per server, one Model per
 # model a backend serves, the Registry that indexes them by model id, and the TokenBucket that
@@ -5020,48 +5080,14 @@ def start_operation(
 
 
 # ==============================================================================================
-# Requests in flight
-# Owns: the shapes a request has while the proxy serves it (its record, the attempt in flight,
-# the door it answers through, a failed attempt) and what an attempt's outcome tells health.
+# The door interface and attempt outcomes
+# Owns: what the proxy asks of every front door (OpenAIFormat, NativeStream), and what an
+# attempt's outcome tells the backend's health, its latency averages and the session table.
 # Must not: send anything; the proxy below does.
 # ==============================================================================================
 
 
 EMA_WEIGHT = 0.2  # of a new measure in a backend's latency and TTFT averages
-
-
-@dataclass(eq=False)
-class AttemptFailed(Exception):
-    """An attempt failed before any byte reached the client; another attempt may serve."""
-
-    error: NexusError
-    skip_model: bool = False  # a context-length refusal: go on to the fallback models
-    silent: bool = False  # it timed out: not asked again for this request
-    retry_after: float | None = None  # a 429 said when to come back
-
-
-@dataclass(slots=True)
-class RequestRecord:
-    """What Nexus remembers of one request for stats and its log line. Never any content."""
-
-    id: str
-    model: str
-    endpoint: str
-    started: float
-    backend: str | None = None
-    status: int = 0
-    route_reason: str | None = None
-    retries: int = 0
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    ttft_ms: float | None = None
-    fallback: bool = False  # a fallback model is being tried (it served, if the status is good)
-    usage: TokenUsage | None = None  # as the backend reported it (or Nexus counted it)
-    cost_usd: float | None = None  # what the answer cost (cloud backends), charged to the budget
-    key: str | None = None  # the name of the caller's API key, when keys are configured
-    sent: float = 0.0  # when the attempt on `backend` was sent: its latency starts there
-    session: int | None = None  # the session key's hash (SPEC §3.7), never its text
-    followed: str | None = None  # the backend of the session's last turn, when routing kept it
 
 
 class OpenAIFormat:
@@ -5146,24 +5172,6 @@ class NativeStream:
     def end(self) -> bytes:
         """Nothing: the backend's own last line ended the stream."""
         return b""
-
-
-@dataclass(slots=True)
-class InFlight:
-    """A request on its way on one attempt: what it sends where, and how its answer goes back."""
-
-    request: web.Request
-    record: RequestRecord
-    attempt: Attempt
-    body: dict[str, Any]  # the request as the internal chat request: the prompt Nexus counts
-    url: str
-    payload: bytes  # what the backend is sent
-    native: bool  # the backend speaks the door's own API: its answer goes back as it is
-    stream: bool
-    strip_usage: bool  # the usage chunk was Nexus's question, not the client's: not relayed
-    reason: str  # why routing chose this attempt (X-Nexus-Route-Reason)
-    deadline: float  # the loop time by which the request must be done
-    fmt: OpenAIFormat  # the front door the client came through
 
 
 def note_failure(flight: InFlight, why: str) -> None:
