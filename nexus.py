@@ -6688,6 +6688,8 @@ class AnthropicFormat(ChatTranslator):
         return self.close()
 
     def error(self, endpoint: str, model: str, message: str) -> bytes:
+        if self.failed:
+            return b""  # the stream's error event is written once
         self.failed = True
         return self.begin(model) + error_event(message)
 

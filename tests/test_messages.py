@@ -1115,3 +1115,19 @@ def test_stream_translator_ignores_events_of_the_wrong_shape():
     ):
         chunks = translator.feed(odd)
         assert all(isinstance(c, dict) for c in chunks)
+
+
+def test_a_stream_cut_twice_says_so_once():
+    """Every door writes one error for a stream it cut, however many problems follow (a
+    backend's error, then an internal one while ending): a client reads one last word."""
+    needs = nexus.RequestNeeds(model="m", prompt_tokens=1)
+    formats = [
+        nexus.AnthropicFormat({"model": "m", "max_tokens": 5, "messages": []}, needs),
+        nexus.ResponsesFormat({"model": "m", "input": "hi"}, needs),
+        nexus.OllamaFormat({}, "chat"),
+    ]
+    for fmt in formats:
+        first = fmt.error("chat", "m", "The backend stopped answering.")
+        assert first and b"The backend stopped answering." in first
+        assert fmt.error("chat", "m", "Nexus hit an internal error.") == b"", type(fmt).__name__
+        assert fmt.end() == b""
