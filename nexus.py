@@ -6206,8 +6206,7 @@ def reasoning_of(message: dict[str, Any]) -> str:
 
 
 def call_delta(call: dict[str, Any], last: Any) -> tuple[Any, dict[str, Any], str]:
-    """A streamed tool call's piece: the call it continues (its index, else its id, else the last
-    one), its function, and its fragment of the arguments as text ("" for none)."""
+    """A streamed tool call's piece: the call it continues, its function, its argument text."""
     index = call.get("index")
     function = object_of(call.get("function"))
     arguments = function.get("arguments")
@@ -6231,10 +6230,7 @@ def reply_parts(parsed: dict[str, Any]) -> tuple[dict[str, Any], str, str, list[
 
 
 class ChatTranslator(OpenAIFormat):
-    """What the Messages and Responses doors share: a chat stream read chunk by chunk, each piece
-    handed to the door's own writer (start, content_delta for thinking or text, open_call and
-    arguments_delta for a tool call, finished), and the output counted in characters for the
-    usage of a backend that reports none."""
+    """What the Messages and Responses doors share: a chat stream, piece by piece to a writer."""
 
     keeps_usage = True
 
@@ -6322,9 +6318,8 @@ MATCHED_STOP_FIELDS = ("stop_reason", "stopping_word", "stop_word")
 def anthropic_error(error: NexusError) -> dict[str, Any]:
     """An error as Anthropic's API writes it, for the same status. Claude Code compacts on
     exactly "prompt is too long: N tokens > M maximum" (nothing after it)."""
-    kind = ANTHROPIC_ERROR_TYPES.get(error.status)
-    if kind is None:
-        kind = "api_error" if error.status >= 500 else "invalid_request_error"
+    other = "api_error" if error.status >= 500 else "invalid_request_error"
+    kind = ANTHROPIC_ERROR_TYPES.get(error.status, other)
     message = error.message
     if error.code == "context_length_exceeded" and error.context:
         prompt, context = error.context["prompt_tokens"], error.context["context_length"]
@@ -6407,8 +6402,7 @@ def stop_reason_of(
 def chat_to_message(
     parsed: dict[str, Any], model: str, sequences: list[str] | None = None, input_estimate: int = 0
 ) -> dict[str, Any]:
-    """A chat completion as a Messages answer: reasoning first as a thinking block, then the
-    text, then tool calls as tool_use blocks (their ids kept)."""
+    """A chat completion as a Messages answer: thinking, text, then tool_use blocks."""
     choice, reasoning, text, calls = reply_parts(parsed)
     blocks = [block for block in map(tool_use_block, calls) if block is not None]
     reason, sequence = stop_reason_of(choice, text, sequences or [], bool(blocks))
@@ -6433,8 +6427,7 @@ def chat_to_message(
 
 
 class AnthropicEvents(NativeStream):
-    """An anthropic backend's own event stream, relayed as it is: an event name waits for its
-    data line, comments before the answer are dropped, usage is kept for the cost."""
+    """An anthropic backend's own event stream, relayed as it is, its usage kept for the cost."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -6491,10 +6484,8 @@ def tool_message(block: dict[str, Any], where: str) -> tuple[dict[str, Any], lis
 
 
 def chat_parts(blocks: list[Any], where: str, role: str) -> tuple[list, list, list]:
-    """Content blocks as chat parts (text, images), tool calls and "tool" messages. Which may
-    come depends on the role: an assistant's text, tool_use and thinking (dropped, as chat
-    templates drop earlier reasoning); a user's text, images, tool results and plain-text
-    documents; a tool result's ("tool") text and images."""
+    """Content blocks as chat parts (text, images), tool calls and "tool" messages, as the role
+    allows; an assistant's thinking is dropped, as chat templates drop earlier reasoning."""
     parts: list[dict[str, Any]] = []
     calls: list[dict[str, Any]] = []
     results: list[dict[str, Any]] = []
@@ -6555,9 +6546,7 @@ def chat_turns(turn: Any, where: str) -> list[dict[str, Any]]:
 
 
 def messages_to_chat(body: dict[str, Any]) -> dict[str, Any]:
-    """A Messages request as the chat completion an OpenAI-style backend serves. What only
-    Anthropic's servers understand (cache_control, context_management, thinking budgets, betas)
-    is left out; what cannot be said in chat terms at all is a 400."""
+    """A Messages request as a chat completion; what only Anthropic's servers read is left out."""
     model = require_model(body)
     max_tokens = positive_int(body.get("max_tokens"))
     if max_tokens is None:
@@ -6608,9 +6597,7 @@ def messages_to_chat(body: dict[str, Any]) -> dict[str, Any]:
 
 
 class AnthropicFormat(ChatTranslator):
-    """Writes chat-completion answers as Messages answers: the whole message, or Anthropic's
-    event stream, one content block open at a time (thinking, text or one per tool call). An
-    anthropic backend speaks Messages itself: its answer is relayed as it is (AnthropicEvents)."""
+    """Writes chat answers as Messages answers: whole, or as Anthropic's event stream."""
 
     native_api = "anthropic"
     native_path = MESSAGES_PATH
@@ -6883,8 +6870,7 @@ def response_text_format(text: Any) -> dict[str, Any] | None:
 
 
 def responses_to_chat(body: dict[str, Any]) -> dict[str, Any]:
-    """A Responses request as the chat completion a backend serves: instructions and system or
-    developer messages lead as one system message; hosted tools (web_search...) are left out."""
+    """A Responses request as the chat completion a backend serves; hosted tools are left out."""
     model = require_model(body)
     for name in ("previous_response_id", "conversation"):
         if body.get(name) is not None:
@@ -6959,16 +6945,13 @@ def output_call(call: dict[str, Any], arguments: str, status: str) -> dict[str, 
 
 
 def delta_head(kind: str, where: dict[str, Any]) -> bytes:
-    """The start of an item's delta events, encoded once: each delta only adds its text and
-    sequence number (encoding each event whole costs ten times as much)."""
+    """The start of an item's delta events, encoded once: each delta adds its text and number."""
     fields = json.dumps({"type": kind, **where})[1:-1]
     return f"event: {kind}\ndata: {{{fields},".encode()
 
 
 class ResponsesFormat(ChatTranslator):
-    """Writes chat-completion answers as the Responses API does: a `response` object, or its
-    event stream (created, in_progress, then per output item added, its deltas, done, and at the
-    end completed, incomplete or failed), each event numbered."""
+    """Writes chat answers as the Responses API does: a `response` object, or its event stream."""
 
     prompt_param = "input"
     chat_request = staticmethod(responses_to_chat)
@@ -7008,21 +6991,18 @@ class ResponsesFormat(ChatTranslator):
         if self.echoed is not None:
             return self.echoed
         body = self.native_body
-        choice = body.get("tool_choice")
+        choice, instructions = body.get("tool_choice"), body.get("instructions")
+        temperature, top_p = body.get("temperature"), body.get("top_p")
         text = object_of(body.get("text"))
         number = (int, float)
         self.echoed = {
-            "instructions": body.get("instructions")
-            if isinstance(body.get("instructions"), str)
-            else None,
+            "instructions": instructions if isinstance(instructions, str) else None,
             "max_output_tokens": token_count(body.get("max_output_tokens")),
             "metadata": object_of(body.get("metadata")),
             "parallel_tool_calls": body.get("parallel_tool_calls") is not False,
             "previous_response_id": None,
-            "temperature": body.get("temperature")
-            if isinstance(body.get("temperature"), number)
-            else None,
-            "top_p": body.get("top_p") if isinstance(body.get("top_p"), number) else None,
+            "temperature": temperature if isinstance(temperature, number) else None,
+            "top_p": top_p if isinstance(top_p, number) else None,
             "text": {"format": text.get("format") or {"type": "text"}},
             "tool_choice": choice if isinstance(choice, str | dict) else "auto",
             "tools": function_tools(body.get("tools")),
@@ -7067,8 +7047,7 @@ class ResponsesFormat(ChatTranslator):
         return sse_event(kind, data)
 
     def start(self) -> bytes:
-        """response.created and response.in_progress, once, before anything else: both carry
-        the same response object, encoded once (as `event` would write it)."""
+        """response.created and response.in_progress, once: one response object, encoded once."""
         if self.started:
             return b""
         self.started = True
@@ -7189,9 +7168,6 @@ async def responses(request: web.Request) -> web.StreamResponse:
 
 
 # ==============================================================================================
-
-
-# ==============================================================================================
 # Ollama API
 # Owns: /api/* (SPEC §2.1), Ollama's own API in front of every backend. A chat, generate or
 # embed request becomes the internal chat, completions or embeddings request; its answer (whole,
@@ -7251,8 +7227,7 @@ def ollama_stream_flag(body: dict[str, Any]) -> bool:
 
 
 def ollama_shared_fields(body: dict[str, Any], out: dict[str, Any]) -> dict[str, Any]:
-    """What chat and generate requests share (stream, options, format, think) as chat fields in
-    `out`; options only the Ollama server knows (num_ctx, num_gpu, ...) are left out."""
+    """What chat and generate requests share (stream, options, format, think) as chat fields."""
     out["stream"] = ollama_stream_flag(body)
     options = body.get("options")
     if not isinstance(options, dict | None):
@@ -7333,8 +7308,7 @@ def ollama_tool_calls(calls: Any, where: str, pending: list[tuple[str, str]]) ->
 
 
 def answered_call_id(message: dict[str, Any], pending: list[tuple[str, str]]) -> str:
-    """The id of the tool call a tool message answers: its own, else the first open call of the
-    tool it names (Ollama's tool_name), else the first open call."""
+    """The id of the tool call a tool message answers: its own, else an open call's, by tool."""
     found = message.get("tool_call_id")
     if isinstance(found, str) and found:
         pending[:] = [p for p in pending if p[1] != found]
@@ -7573,8 +7547,7 @@ async def ollama_management(request: web.Request) -> web.Response:
 
 
 class OllamaLines(NativeStream):
-    """An Ollama backend's own NDJSON stream, relayed as it is: the done line ends it (its counts
-    are the usage), an error line is the backend's error, a line that is no object is dropped."""
+    """An Ollama backend's own NDJSON stream, relayed as it is; its done line's counts are usage."""
 
     def line(self, line: bytes) -> tuple[bytes, str | None]:
         try:
@@ -7599,10 +7572,8 @@ class OllamaLines(NativeStream):
 
 
 class OllamaFormat(OpenAIFormat):
-    """Writes answers as Ollama's endpoint `kind` (chat, generate, embed, embeddings) does: whole,
-    or an NDJSON stream whose last line says done, with token counts and durations. Streamed
-    tool calls are gathered and sent whole when the answer finishes, as Ollama sends them. An
-    Ollama backend is sent the client's own request and its answer is relayed as it is."""
+    """Writes answers as Ollama's endpoint `kind` does: whole, or NDJSON ending in a done line;
+    streamed tool calls are sent whole when the answer finishes, as Ollama sends them."""
 
     keeps_usage = True
     native_api = "ollama"
@@ -7974,8 +7945,7 @@ def keep_alive_of(body: dict[str, Any]) -> Any:
 
 
 async def check_loadable(app: web.Application, model_id: str, *backends: Backend) -> None:
-    """409 while an operation on the model runs on the backends; 400 when a load on the last
-    would eat into its VRAM headroom, saying how much is missing."""
+    """409 while an operation on the model runs; 400 when a load would eat into VRAM headroom."""
     target = backends[-1]
     app[LIFECYCLE].check_free(model_id, *backends)
     await refresh_loaded(app, target)
@@ -7996,10 +7966,7 @@ async def load_model(request: web.Request) -> web.Response:
     model_id = lifecycle_model(backend, body.get("model_id"), app[SETTINGS].routing.aliases)
     keep_alive = keep_alive_of(body)
     await check_loadable(app, model_id, backend)
-
-    async def work(op: Operation) -> None:
-        await load_step(app, op, backend, keep_alive)
-
+    work = functools.partial(load_step, app, backend=backend, keep_alive=keep_alive)
     return lifecycle_response(start_operation(app, "load", model_id, backend, None, work))
 
 
@@ -8017,10 +7984,7 @@ async def unload_model(request: web.Request) -> web.Response:
             f"{backend.name} has {in_flight} request(s) for {model_id} in flight; unload it once "
             "they are done, or migrate it (POST /v1/models/migrate), which waits for them.",
         )
-
-    async def work(op: Operation) -> None:
-        await unload_step(app, op, backend)
-
+    work = functools.partial(unload_step, app, backend=backend)
     return lifecycle_response(start_operation(app, "unload", model_id, backend, None, work))
 
 
