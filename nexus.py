@@ -6177,15 +6177,15 @@ def sse_event(name: str, data: dict[str, Any]) -> bytes:
     return f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
 
 
-def copy_options(body: dict[str, Any], chat: dict[str, Any], names: tuple, kind: str) -> None:
-    """Copy the named options a request sets to its chat request; each must be a `kind`."""
+def copy_options(body: dict, chat: dict, names: tuple, kind: str, where: str = "") -> None:
+    """Copy the named options a request (or its field `where`) sets; each must be a `kind`."""
     for name in names:
         value = body.get(name)
         if value is None:
             continue
         # A bool is an int to Python: a boolean must be one, a number must not.
         if isinstance(value, bool) != (kind == "boolean") or not isinstance(value, int | float):
-            raise bad_request(f"{name}: must be a {kind}", name)
+            raise bad_request(f"{where}{name}: must be a {kind}", where.rstrip(".") or name)
         chat[name] = value
 
 
@@ -6603,6 +6603,7 @@ class AnthropicFormat(ChatTranslator):
     native_path = MESSAGES_PATH
     chat_request = staticmethod(messages_to_chat)
     error_document = staticmethod(anthropic_error)
+    native_stream = AnthropicEvents
 
     def __init__(self, body: dict[str, Any], needs: RequestNeeds) -> None:
         super().__init__(body, needs)
@@ -6679,9 +6680,6 @@ class AnthropicFormat(ChatTranslator):
             return b""  # the stream's error event is written once
         self.failed = True
         return self.begin(model) + error_event(message)
-
-    def native_stream(self) -> AnthropicEvents:
-        return AnthropicEvents()
 
     def end(self) -> bytes:
         """The stream's last events: the open block closed, message_delta, message_stop."""
@@ -7233,12 +7231,7 @@ def ollama_shared_fields(body: dict[str, Any], out: dict[str, Any]) -> dict[str,
     if not isinstance(options, dict | None):
         raise bad_request("options: must be an object", "options")
     options = options or {}
-    for name in OLLAMA_SAMPLING:
-        value = options.get(name)
-        if isinstance(value, bool) or not isinstance(value, int | float | None):
-            raise bad_request(f"options.{name}: must be a number", "options")
-        if value is not None:
-            out[name] = value
+    copy_options(options, out, OLLAMA_SAMPLING, "number", "options.")
     stop = options.get("stop")
     if isinstance(stop, str):
         stop = [stop]
@@ -7507,9 +7500,8 @@ async def ollama_ps(request: web.Request) -> web.Response:
 
 
 async def ollama_show(request: web.Request) -> web.Response:
-    """POST /api/show: a model's details; model_info carries the context length Nexus routes by.
-    Its capabilities: tools unless every backend says no (as routing assumes), vision only where
-    a backend says yes (an image sent to a text model is the worse mistake)."""
+    """POST /api/show: a model's details. It has tools unless every backend says no (as routing
+    assumes), vision only where one says yes (an image sent to a text model is the worse error)."""
     body = parse_json_body(await request.read())
     name = body.get("model") if body.get("model") is not None else body.get("name")
     if not isinstance(name, str) or not name:
@@ -7900,9 +7892,8 @@ async def add_backend(request: web.Request) -> web.Response:
         timeout = app[SETTINGS].health_check.timeout_seconds
         kind = await detect_backend_type(app[CLIENT], url, timeout)
         if kind is None:
-            raise bad_request(
-                f"No LLM server answered at {url}; check the URL or pass type.", "url"
-            )
+            why = f"No LLM server answered at {url}; check the URL or pass type."
+            raise bad_request(why, "url")
     settings = BackendSettings(name=body.get("name") or "", url=url, type=kind, priority=priority)
     try:
         validate_backend(settings, "backend", dict(os.environ))
