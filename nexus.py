@@ -6676,10 +6676,7 @@ class AnthropicFormat(ChatTranslator):
         return self.close()
 
     def error(self, endpoint: str, model: str, message: str) -> bytes:
-        if self.failed:
-            return b""  # the stream's error event is written once
-        self.failed = True
-        return self.begin(model) + error_event(message)
+        return self.begin(model) + AnthropicEvents.error(self, endpoint, model, message)  # once
 
     def end(self) -> bytes:
         """The stream's last events: the open block closed, message_delta, message_stop."""
@@ -6803,12 +6800,10 @@ def add_input_item(
 
 def function_tools(tools: Any) -> list[dict[str, Any]]:
     """The request's function tools; hosted ones (web_search, mcp...) are not offered."""
-    if tools is None:
-        return []
-    if not isinstance(tools, list):
+    if not isinstance(tools, list | None):
         raise bad_request("tools: must be an array", "tools")
     found = []
-    for i, tool in enumerate(tools):
+    for i, tool in enumerate(tools or ()):
         if not isinstance(tool, dict) or not isinstance(tool.get("type"), str):
             raise bad_request(f"tools[{i}]: a tool needs a type", "tools")
         if tool["type"] != "function":
@@ -6849,11 +6844,9 @@ def responses_tool_choice(choice: Any) -> Any:
 
 def response_text_format(text: Any) -> dict[str, Any] | None:
     """text.format as chat's response_format; None for plain text."""
-    if text is None:
-        return None
-    if not isinstance(text, dict):
+    if not isinstance(text, dict | None):
         raise bad_request("text: must be an object", "text")
-    form = text.get("format")
+    form = (text or {}).get("format")
     kind = form.get("type") if isinstance(form, dict) else None
     if form is None or kind == "text":
         return None
@@ -7264,12 +7257,10 @@ def ollama_shared_fields(body: dict[str, Any], out: dict[str, Any]) -> dict[str,
 
 def ollama_image_parts(images: Any, where: str) -> list[dict[str, Any]]:
     """Ollama's base64 images as chat image parts (data URLs), which routing sees as vision."""
-    if images is None:
-        return []
-    if not isinstance(images, list):
+    if not isinstance(images, list | None):
         raise bad_request(f"{where}images: must be an array of base64 strings", "images")
     parts = []
-    for i, image in enumerate(images):
+    for i, image in enumerate(images or ()):
         if not isinstance(image, str) or not image:
             raise bad_request(f"{where}images[{i}]: must be a base64 string", "images")
         if not image.startswith("data:"):
