@@ -6465,8 +6465,7 @@ class AnthropicEvents(NativeStream):
 
 
 def tool_message(block: dict[str, Any], where: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """A tool_result block as a chat "tool" message, and its images: a "tool" message carries
-    text only, so they travel in the user message that follows."""
+    """A tool_result block as a chat "tool" message (text only), and its images, for a user's."""
     if not isinstance(block.get("tool_use_id"), str):
         raise bad_request(f"{where}.tool_use_id: must be a string", "messages")
     content = block.get("content")
@@ -6676,7 +6675,7 @@ class AnthropicFormat(ChatTranslator):
         return self.close()
 
     def error(self, endpoint: str, model: str, message: str) -> bytes:
-        return self.begin(model) + AnthropicEvents.error(self, endpoint, model, message)  # once
+        return self.begin(model) + AnthropicEvents.error(self, endpoint, model, message)
 
     def end(self) -> bytes:
         """The stream's last events: the open block closed, message_delta, message_stop."""
@@ -7736,8 +7735,7 @@ class OllamaFormat(OpenAIFormat):
 
 
 def ollama_loaded(request: web.Request, body: dict[str, Any], kind: str) -> web.Response:
-    """A request with nothing to answer, Ollama's way to load (or with keep_alive 0 unload) a
-    model: done at once for a model there is, as backends load and unload models themselves."""
+    """Ollama's load (or unload) request: done at once, as backends load models themselves."""
     fmt = OllamaFormat(body, kind)
     fmt.model = require_model(body)
     ollama_stream_flag(body)
@@ -7830,9 +7828,8 @@ async def health(request: web.Request) -> web.Response:
 
 
 def require_admin(request: web.Request) -> None:
-    """The admin API changes what Nexus routes to: with keys configured only an admin key may
-    use it, from anywhere; without keys only callers on this machine, and a request that came
-    through a proxy (even one on this machine) is not one."""
+    """The admin API takes an admin key when keys are configured; else only a caller on this
+    machine, not through a proxy (even one on this machine)."""
     if request.app[KEYS]:
         key = request.get(API_KEY)  # the middleware has checked it is a valid key
         if key is None:
@@ -7960,12 +7957,11 @@ async def unload_model(request: web.Request) -> web.Response:
     model_id = lifecycle_model(backend, request.match_info["model_id"], {})
     app[LIFECYCLE].check_free(model_id, backend)
     if in_flight := backend.model_in_flight.get(model_id, 0):
-        raise NexusError.of(
-            409,
-            "model_in_use",
+        why = (
             f"{backend.name} has {in_flight} request(s) for {model_id} in flight; unload it once "
-            "they are done, or migrate it (POST /v1/models/migrate), which waits for them.",
+            "they are done, or migrate it (POST /v1/models/migrate), which waits for them."
         )
+        raise NexusError.of(409, "model_in_use", why)
     work = functools.partial(unload_step, app, backend=backend)
     return lifecycle_response(start_operation(app, "unload", model_id, backend, None, work))
 
