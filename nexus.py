@@ -3115,8 +3115,8 @@ class BackendConnection(asyncio.Protocol):
         return data[:limit] if limit else data
 
     def release(self) -> None:
-        """Back to the pool if the answer was read to its end (a stream whose last event was read,
-        `whole`, once its last bytes come); closed otherwise, which tells the backend to stop."""
+        """Back to the pool if its answer was read to its end (or is `whole`, once its last bytes
+        come); closed otherwise, which tells the backend to stop."""
         reusable = self.keep_alive and not self.closed and self.error is None
         if self.state == "done" and reusable:
             self.state, self.collect = "idle", False
@@ -3285,9 +3285,7 @@ class BackendPool:
     async def fetch_then(
         self, url: str, then: str, headers: dict[str, str], limit: int, grace: float
     ) -> tuple[tuple[int, bytes], tuple[int, bytes] | Exception | None]:
-        """Two GETs' whole answers, the second sent with the first (pipelined) and read after it
-        on the same connection unless the server keeps none; the second's failure is returned,
-        never raised, and it is None when it takes longer than `grace`."""
+        """Two GETs' answers, the second pipelined: its failure returned, None when past `grace`."""
         origin, data = encode_request("GET", url, headers, b"", True)
         conn = await self.connect(origin)
         conn.pipelined = True
@@ -3563,8 +3561,7 @@ class OpenAICompatibleAdapter:
     async def command(
         self, pool: BackendPool, backend: Backend, path: str, payload: Any, done: Iterable[str] = ()
     ) -> None:
-        """POST a command (load, unload) to the backend: an answer other than 200 fails in the
-        backend's own words, unless it is a 400 whose words are among `done` (done already)."""
+        """POST a command (load, unload): not 200 fails in its words, unless a 400 in `done`."""
         headers = {**self.headers(backend), **JSON_HEADERS}
         body = json.dumps(payload).encode()
         url = backend.url + path
@@ -3705,14 +3702,12 @@ OLLAMA_PS_GRACE_SECONDS = 1.0
 
 
 class OllamaAdapter(OpenAICompatibleAdapter):
-    """Ollama: `/api/tags` lists models, `/api/show` (once per digest) describes each, `/api/ps`
-    says which are in memory."""
+    """Ollama: models from `/api/tags`, each described once by `/api/show`, loaded in `/api/ps`."""
 
     stream_usage = True
     api = "ollama"  # its own API too: /api/* requests are sent to it as they are
 
     def manages_models(self, backend: Backend) -> bool:
-        """Ollama always loads and unloads models."""
         return True
 
     def __init__(self) -> None:
@@ -3944,8 +3939,7 @@ def anthropic_tool(tool: Any) -> dict[str, Any]:
 
 
 def tool_choice_for(api: str, choice: Any) -> Any:
-    """A tool_choice in `api`'s terms ("anthropic" or "chat") from the other API's; None when
-    there is none. A choice the other API cannot have said is a 400."""
+    """A tool_choice in `api`'s terms ("anthropic" or "chat") from the other API's (None: none)."""
     if choice is None:
         return None
     if api == "anthropic":
@@ -3965,8 +3959,7 @@ def tool_choice_for(api: str, choice: Any) -> Any:
 
 
 def chat_to_anthropic(chat: dict[str, Any]) -> dict[str, Any]:
-    """A chat completion request as a Messages request: system and developer messages become
-    `system`, consecutive turns of one role are merged, as the API wants."""
+    """A chat request as a Messages request: system messages in `system`, turns of a role merged."""
     if not isinstance(chat.get("messages"), list):
         message = (
             "Anthropic backends serve chat completions only (no legacy completions, embeddings)."
@@ -4056,9 +4049,8 @@ def anthropic_to_chat(message: dict[str, Any]) -> dict[str, Any]:
 
 
 class AnthropicStream:
-    """Reads one Messages event stream and gives it out as chat-completion SSE lines, with the
-    readline() and buffered() of SseLines, so the proxy relays it like any OpenAI stream. An
-    error event ends the stream as a broken connection would."""
+    """A Messages event stream read as chat-completion SSE lines by SseLines' readline() and
+    buffered(), so the proxy relays it like any other; an error event is a broken connection."""
 
     def __init__(self, content: BackendConnection, model: str) -> None:
         self.content = SseLines(content)
@@ -4152,8 +4144,7 @@ class AnthropicStream:
 
 
 class AnthropicAdapter(OpenAICompatibleAdapter):
-    """Anthropic's Messages API: chat requests translated into Messages requests and answers
-    (whole or streamed) back. Health is the model list, which spends no tokens."""
+    """Anthropic's Messages API, chat translated both ways; health is the model list (no tokens)."""
 
     translates = True
     stream_usage = True  # every Messages stream reports usage
