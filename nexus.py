@@ -2824,11 +2824,8 @@ def body_decoder(coding: str | None) -> Any:
 class BackendConnection(asyncio.Protocol):
     """One connection to a backend and the answer it is reading, one request at a time.
 
-    BackendPool.request() returns it once the answer's head (status, headers with lower-case
-    names) is in; the body is then read as it arrives (readany) or whole (read), and release()
-    gives the connection back to its pool, or closes it if the answer was not read to its end.
-    A broken connection or an answer that is not HTTP raises BackendHTTPError from the wait
-    that meets it, after the body read so far."""
+    Its head is in when BackendPool.request() returns it (header names lower-case); a broken
+    connection or an answer not HTTP raises BackendHTTPError from the wait that meets it."""
 
     pool: BackendPool
     origin: Origin
@@ -3052,6 +3049,9 @@ class BackendConnection(asyncio.Protocol):
             waiter.set_result(None)
 
     async def wait(self) -> None:
+        """Wait for the next bytes or the end; raise the connection's error if it has one."""
+        if self.error is not None:
+            raise self.error
         self.waiter = self.pool.loop.create_future()
         try:
             await self.waiter
@@ -3064,8 +3064,6 @@ class BackendConnection(asyncio.Protocol):
         self.transport.write(data)  # type: ignore[union-attr]
         try:
             while not self.status:
-                if self.error is not None:
-                    raise self.error
                 await self.wait()
         except BaseException:  # cancelled or timed out too: the answer is not for anyone now
             self.close()
@@ -3078,8 +3076,6 @@ class BackendConnection(asyncio.Protocol):
         if self.rest:  # some of it came with the last answer
             self.data_received(b"")
         while not self.status:
-            if self.error is not None:
-                raise self.error
             await self.wait()
 
     @property
@@ -3104,9 +3100,7 @@ class BackendConnection(asyncio.Protocol):
     async def readany(self) -> bytes:
         """The body bytes that have arrived, waiting for some; b"" at the answer's end."""
         while not self.body:
-            if self.error is not None:
-                raise self.error
-            if self.state == "done":
+            if self.state == "done":  # a connection's error never comes once its answer is whole
                 return b""
             await self.wait()
         return self.take()
@@ -3116,15 +3110,13 @@ class BackendConnection(asyncio.Protocol):
         self.collect = True
         self.resume()
         while self.state != "done" and not (limit and self.buffered >= limit):
-            if self.error is not None:
-                raise self.error
             await self.wait()
         data = self.take() if self.body else b""
         return data[:limit] if limit else data
 
     def release(self) -> None:
-        """Back to the pool if the answer was read to its end (a stream whose last event was read,
-        `whole`, once its last bytes come); closed otherwise, which tells the backend to stop."""
+        """Back to the pool if its answer was read to its end (or is `whole`, once its last bytes
+        come); closed otherwise, which tells the backend to stop."""
         reusable = self.keep_alive and not self.closed and self.error is None
         if self.state == "done" and reusable:
             self.state, self.collect = "idle", False
@@ -3283,8 +3275,7 @@ class BackendPool:
     async def fetch(
         self, method: str, url: str, headers: dict[str, str], body: bytes = b"", limit: int = 0
     ) -> tuple[int, bytes]:
-        """A whole answer (status, body; only its first `limit` bytes with a limit) on a
-        connection of its own, closed after it: a poll's, not to keep one idle per backend."""
+        """A poll's whole answer (its first `limit` bytes) on a connection closed after it."""
         conn = await self.request(method, url, headers, body, keep_alive=False)
         try:
             return conn.status, await conn.read(limit)
@@ -3294,37 +3285,31 @@ class BackendPool:
     async def fetch_then(
         self, url: str, then: str, headers: dict[str, str], limit: int, grace: float
     ) -> tuple[tuple[int, bytes], tuple[int, bytes] | Exception | None]:
-        """Two GETs' whole answers, the second sent with the first (pipelined) and read after it:
-        a poll's second read opens no connection of its own (unless the server keeps none). The
-        second's failure is returned, never raised; it is None when it takes longer than
-        `grace`."""
+        """Two GETs' answers, the second pipelined: its failure returned, None when past `grace`."""
         origin, data = encode_request("GET", url, headers, b"", True)
         conn = await self.connect(origin)
         conn.pipelined = True
         try:
             await conn.send(data + encode_request("GET", then, headers, b"", False)[1])
             first = conn.status, await conn.read(limit)
-        finally:
-            reusable = conn.complete and conn.keep_alive and not conn.closed
-            if not reusable:
+        except BaseException:
+            conn.close()
+            raise
+
+        async def second() -> tuple[int, bytes]:
+            if not (conn.complete and conn.keep_alive and not conn.closed):
                 conn.close()
-        if not reusable:
-            try:
-                second = self.fetch("GET", then, headers, limit=limit)
-                return first, await asyncio.wait_for(second, grace)
-            except TimeoutError:
-                return first, None
-            except (OSError, BackendHTTPError) as exc:
-                return first, exc
-        deadline = self.loop.time() + grace
-        timer = self.loop.call_at(deadline, conn.close)
-        try:
+                return await self.fetch("GET", then, headers, limit=limit)
             await conn.follow()
-            return first, (conn.status, await conn.read(limit))
+            return conn.status, await conn.read(limit)
+
+        try:
+            return first, await asyncio.wait_for(second(), grace)
+        except TimeoutError:
+            return first, None
         except (OSError, BackendHTTPError) as exc:
-            return first, None if self.loop.time() >= deadline else exc
+            return first, exc
         finally:
-            timer.cancel()
             conn.close()
 
     def reuse(self, origin: Origin) -> BackendConnection | None:
@@ -3414,8 +3399,7 @@ class BackendPool:
 
 
 class SseLines:
-    """The non-blank lines of an SSE body as they arrive. One network read may carry several
-    events or part of one; reading whole blocks costs one await per read, not one per line."""
+    """The non-blank lines of an SSE body as they arrive, read a network block at a time."""
 
     __slots__ = ("content", "lines", "partial")
 
@@ -3536,8 +3520,7 @@ class OpenAICompatibleAdapter:
     models_path = "/v1/models"
 
     def headers(self, backend: Backend) -> dict[str, str]:
-        """What every request and poll carries: the Bearer key of a server started with one
-        (vLLM or llama-server --api-key, LM Studio with auth, a cloud); a new dict each time."""
+        """What every request and poll carries (a new dict): the Bearer key, if it has one."""
         key = os.environ.get(backend.api_key_env) if backend.api_key_env else None
         return {"Authorization": f"Bearer {key}"} if key else {}
 
@@ -3554,8 +3537,7 @@ class OpenAICompatibleAdapter:
         return answer
 
     def stream_reader(self, content: BackendConnection, model: str) -> Any:
-        """Where a stream's SSE lines are read: the body's lines themselves, or a translator
-        with the same readline() and buffered() that turns another API's events into chunks."""
+        """A stream's chat SSE lines: an SseLines, or a translator with its readline, buffered."""
         return SseLines(content)
 
     def url(self, backend: Backend, endpoint: str) -> str:
@@ -3579,8 +3561,7 @@ class OpenAICompatibleAdapter:
     async def command(
         self, pool: BackendPool, backend: Backend, path: str, payload: Any, done: Iterable[str] = ()
     ) -> None:
-        """POST a command (load, unload) to the backend: an answer other than 200 fails in the
-        backend's own words, unless it is a 400 whose words are among `done` (done already)."""
+        """POST a command (load, unload): not 200 fails in its words, unless a 400 in `done`."""
         headers = {**self.headers(backend), **JSON_HEADERS}
         body = json.dumps(payload).encode()
         url = backend.url + path
@@ -3596,20 +3577,9 @@ class OpenAICompatibleAdapter:
         raise BackendReplyError(f"{path} answered HTTP {status}: {why[:200]}")
 
     def manages_models(self, backend: Backend) -> bool:
-        """Whether the backend's own API loads and unloads models (SPEC §5.1)."""
+        """Whether the backend's own API loads and unloads models (SPEC §5.1): then its adapter
+        has loaded_models() (the bytes each model in memory holds), load() and unload()."""
         return False
-
-    async def loaded_models(self, pool: BackendPool, backend: Backend) -> dict[str, int] | None:
-        """The models in memory and the bytes each holds; None: the backend does not say."""
-        return None
-
-    async def load(self, pool: BackendPool, backend: Backend, model: str, keep_alive: Any) -> None:
-        """Load a model: only types that manage models can."""
-        raise NotImplementedError(backend.type)
-
-    async def unload(self, pool: BackendPool, backend: Backend, model: str) -> None:
-        """Unload a model: only types that manage models can."""
-        raise NotImplementedError(backend.type)
 
 
 class VllmAdapter(OpenAICompatibleAdapter):
@@ -3732,23 +3702,19 @@ OLLAMA_PS_GRACE_SECONDS = 1.0
 
 
 class OllamaAdapter(OpenAICompatibleAdapter):
-    """Ollama: `/api/tags` lists models, `/api/show` (asked once per model digest) gives their
-    capabilities and context length, `/api/ps` says which are in memory."""
+    """Ollama: models from `/api/tags`, each described once by `/api/show`, loaded in `/api/ps`."""
 
     stream_usage = True
     api = "ollama"  # its own API too: /api/* requests are sent to it as they are
 
     def manages_models(self, backend: Backend) -> bool:
-        """Ollama always loads and unloads models."""
         return True
 
     def __init__(self) -> None:
         self.details: dict[tuple[str, str, str], Model] = {}
 
     async def poll(self, pool: BackendPool, backend: Backend) -> dict[str, Model]:
-        """The model list (/api/tags, /api/show); /api/ps after the list on its connection, into
-        `backend.loaded`. A failing /api/ps never fails the poll; a slow one keeps the last
-        known state."""
+        """The model list (/api/tags, /api/show), and /api/ps after it into `backend.loaded`."""
         reads = backend.loaded_reads
         tags, ps = await pool.fetch_then(
             backend.url + "/api/tags",
@@ -3776,8 +3742,7 @@ class OllamaAdapter(OpenAICompatibleAdapter):
         return self.loaded_in(answer, urllib.parse.urlsplit(backend.url).path)
 
     def loaded_in(self, answer: tuple[int, bytes], path: str) -> dict[str, int]:
-        """The models in memory by an /api/ps answer (at the backend's `path`), with the bytes
-        each holds."""
+        """The bytes each model in memory holds, by an /api/ps answer under the URL's `path`."""
         data = json_answer(*answer, path + "/api/ps")
         if not isinstance(data, dict) or not isinstance(data.get("models"), list):
             raise BackendReplyError("/api/ps: no models list")
@@ -3974,8 +3939,7 @@ def anthropic_tool(tool: Any) -> dict[str, Any]:
 
 
 def tool_choice_for(api: str, choice: Any) -> Any:
-    """A tool_choice in `api`'s terms ("anthropic" or "chat") from the other API's; None when
-    there is none. A choice the other API cannot have said is a 400."""
+    """A tool_choice in `api`'s terms ("anthropic" or "chat") from the other API's (None: none)."""
     if choice is None:
         return None
     if api == "anthropic":
@@ -3995,18 +3959,15 @@ def tool_choice_for(api: str, choice: Any) -> Any:
 
 
 def chat_to_anthropic(chat: dict[str, Any]) -> dict[str, Any]:
-    """A chat completion request as a Messages request: system and developer messages become
-    `system`, consecutive turns of one role are merged, as the API wants."""
+    """A chat request as a Messages request: system messages in `system`, turns of a role merged."""
     if not isinstance(chat.get("messages"), list):
         message = (
             "Anthropic backends serve chat completions only (no legacy completions, embeddings)."
         )
         raise NexusError.of(400, "unsupported_endpoint", message)
     max_tokens = chat.get("max_completion_tokens") or chat.get("max_tokens")
-    out: dict[str, Any] = {
-        "model": chat["model"],
-        "max_tokens": max_tokens or ANTHROPIC_DEFAULT_MAX_TOKENS,
-    }
+    max_tokens = max_tokens or ANTHROPIC_DEFAULT_MAX_TOKENS
+    out: dict[str, Any] = {"model": chat["model"], "max_tokens": max_tokens}
     system: list[str] = []
     turns: list[dict[str, Any]] = []
     for i, message in enumerate(chat["messages"]):
@@ -4088,9 +4049,8 @@ def anthropic_to_chat(message: dict[str, Any]) -> dict[str, Any]:
 
 
 class AnthropicStream:
-    """Reads one Messages event stream and gives it out as chat-completion SSE lines, with the
-    readline() and buffered() of SseLines, so the proxy relays it like any OpenAI stream. An
-    error event ends the stream as a broken connection would."""
+    """A Messages event stream read as chat-completion SSE lines by SseLines' readline() and
+    buffered(), so the proxy relays it like any other; an error event is a broken connection."""
 
     def __init__(self, content: BackendConnection, model: str) -> None:
         self.content = SseLines(content)
@@ -4184,8 +4144,7 @@ class AnthropicStream:
 
 
 class AnthropicAdapter(OpenAICompatibleAdapter):
-    """Anthropic's Messages API: chat requests translated into Messages requests and answers
-    (whole or streamed) back. Health is the model list, which spends no tokens."""
+    """Anthropic's Messages API, chat translated both ways; health is the model list (no tokens)."""
 
     translates = True
     stream_usage = True  # every Messages stream reports usage
