@@ -3285,31 +3285,36 @@ class BackendPool:
     async def fetch_then(
         self, url: str, then: str, headers: dict[str, str], limit: int, grace: float
     ) -> tuple[tuple[int, bytes], tuple[int, bytes] | Exception | None]:
-        """Two GETs' answers, the second pipelined: its failure returned, None when past `grace`."""
+        """Two GETs' answers, the second pipelined: its failure returned, None when past `grace`.
+        A timer, not asyncio.wait_for, bounds the second: a task of its own would cost a poll
+        more than the read itself."""
         origin, data = encode_request("GET", url, headers, b"", True)
         conn = await self.connect(origin)
         conn.pipelined = True
         try:
             await conn.send(data + encode_request("GET", then, headers, b"", False)[1])
             first = conn.status, await conn.read(limit)
-        except BaseException:
-            conn.close()
-            raise
-
-        async def second() -> tuple[int, bytes]:
-            if not (conn.complete and conn.keep_alive and not conn.closed):
-                conn.close()
-                return await self.fetch("GET", then, headers, limit=limit)
-            await conn.follow()
-            return conn.status, await conn.read(limit)
-
-        try:
-            return first, await asyncio.wait_for(second(), grace)
-        except TimeoutError:
-            return first, None
-        except (OSError, BackendHTTPError) as exc:
-            return first, exc
         finally:
+            reusable = conn.complete and conn.keep_alive and not conn.closed
+            if not reusable:
+                conn.close()
+        if not reusable:  # a server that keeps no connection: asked again on one of its own
+            try:
+                second = self.fetch("GET", then, headers, limit=limit)
+                return first, await asyncio.wait_for(second, grace)
+            except TimeoutError:
+                return first, None
+            except (OSError, BackendHTTPError) as exc:
+                return first, exc
+        deadline = self.loop.time() + grace
+        timer = self.loop.call_at(deadline, conn.close)
+        try:
+            await conn.follow()
+            return first, (conn.status, await conn.read(limit))
+        except (OSError, BackendHTTPError) as exc:
+            return first, None if self.loop.time() >= deadline else exc
+        finally:
+            timer.cancel()
             conn.close()
 
     def reuse(self, origin: Origin) -> BackendConnection | None:
