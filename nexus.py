@@ -571,14 +571,14 @@ def load_settings(
     path: Path | None,
     env: dict[str, str],
     overrides: dict[tuple[str, str], Any],
-    text: str | None = None,
+    read: Callable[[Path], str] | None = None,
 ) -> Settings:
-    """Defaults < TOML file < NEXUS_* variables < CLI overrides, then validation. `text` is the
-    file's content when the caller has read it already (a reload reads it its own way)."""
+    """Defaults < TOML file < NEXUS_* variables < CLI overrides, then validation. `read` reads
+    the file when a plain read will not do (a reload reads it its own way)."""
     raw: dict[str, Any] = {}
     if path is not None:
         try:
-            raw = tomllib.loads(path.read_text(encoding="utf-8") if text is None else text)
+            raw = tomllib.loads(read(path) if read else path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError("config", f"file {path} not found") from None
         except (OSError, UnicodeDecodeError) as exc:
@@ -1862,23 +1862,14 @@ class Ledger:
         try:
             saved = await self.in_worker(file.read, self.month)
         except LedgerError as exc:
-            log.warning(
-                "ledger %s cannot be used (%s): this month's spend is counted in memory only, "
-                "and a restart forgets it",
-                self.path,
-                exc,
-            )
+            unusable = "ledger %s cannot be used (%s): this month's spend is counted in memory only"
+            log.warning(unusable + ", and a restart forgets it", self.path, exc)
             return
         self.file = file
         self.current.update(saved)
         usd, requests, _ = saved.get(TOTAL_ROW, [0.0, 0, 0])
-        log.info(
-            "ledger %s: %.4f USD spent and %d requests so far in %s",
-            self.path,
-            usd,
-            requests,
-            self.month,
-        )
+        so_far = "ledger %s: %.4f USD spent and %d requests so far in %s"
+        log.info(so_far, self.path, usd, requests, self.month)
 
     async def in_worker(self, call: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, call, *args)
@@ -1903,8 +1894,7 @@ class Ledger:
         if self.file is not None:
             self.changed[self.month, key] = row
             if self.flush_handle is None:
-                loop = asyncio.get_running_loop()
-                self.flush_handle = loop.call_later(LEDGER_FLUSH_SECONDS, self.flush)
+                self.flush_later()
 
     def count(self, record: RequestRecord) -> None:
         """One request answered: its tokens in the total, and its cost too under its key."""
@@ -1919,15 +1909,18 @@ class Ledger:
         self.changed.clear()
         return rows
 
+    def flush_later(self) -> None:
+        self.flush_handle = asyncio.get_running_loop().call_later(LEDGER_FLUSH_SECONDS, self.flush)
+
     def flush(self) -> None:
         """Hand every row to the worker thread (one write at a time)."""
         self.flush_handle = None
         if self.file is None:
             return
-        loop = asyncio.get_running_loop()
         if self.writing is not None and not self.writing.done():
-            self.flush_handle = loop.call_later(LEDGER_FLUSH_SECONDS, self.flush)
+            self.flush_later()
             return
+        loop = asyncio.get_running_loop()
         self.writing = loop.run_in_executor(self.executor, self.file.write, self.take_changed())
         self.writing.add_done_callback(self.written)
 
@@ -1944,19 +1937,20 @@ class Ledger:
             self.problem = None
             return
         problem = str(exc)
+        corrupt = isinstance(exc, LedgerCorrupt)
         if problem != self.problem:
+            retrying = "" if corrupt else ", retrying every second"
             log.warning(
                 "ledger %s cannot be written (%s): counting in memory%s",
                 self.path,
                 problem,
-                "" if isinstance(exc, LedgerCorrupt) else ", retrying every second",
+                retrying,
             )
         self.problem = problem
-        if isinstance(exc, LedgerCorrupt):
+        if corrupt:
             self.file = None  # another program's file now: leave it alone
         elif self.flush_handle is None:
-            loop = asyncio.get_running_loop()
-            self.flush_handle = loop.call_later(LEDGER_FLUSH_SECONDS, self.flush)
+            self.flush_later()
 
     async def month_rows(self, month: str) -> dict[str, UsageRow]:
         """A month's rows: as counted here (any month this process has seen), else from the file."""
@@ -8158,8 +8152,7 @@ class PrettyLogFormatter(logging.Formatter):
 
 
 class RedactingFormatter(logging.Formatter):
-    """Masks every key Nexus knows of in whatever another formatter wrote. Nexus never logs a
-    key on purpose; this catches one that an exception or a URL carries along."""
+    """Masks every key Nexus knows of in another formatter's line (an exception's, a URL's)."""
 
     def __init__(self, inner: logging.Formatter, secrets: Iterable[str]) -> None:
         super().__init__()
@@ -8234,6 +8227,7 @@ def setup_logging(settings: Settings, env: dict[str, str]) -> None:
 # ==============================================================================================
 
 RECENT_REQUESTS = 100
+RecentRequest = tuple[float, RequestRecord, int, float]  # time.time(), record, status, seconds
 STATS_PUSH_SECONDS = 1.0
 CONTENT_LOG_CHARS = 10_000
 # Latency buckets in seconds, from a cached answer on loopback to a long generation on a CPU.
@@ -8277,9 +8271,7 @@ class Stats:
         self.started = time.monotonic()
         self.total = self.success = self.errors = self.fallbacks = 0
         self.per_model: collections.Counter[str] = collections.Counter()
-        self.recent: collections.deque[tuple[float, RequestRecord, int, float]] = collections.deque(
-            maxlen=RECENT_REQUESTS
-        )
+        self.recent: collections.deque[RecentRequest] = collections.deque(maxlen=RECENT_REQUESTS)
         self.by_outcome: collections.Counter[tuple[str, str, int]] = collections.Counter()
         self.error_kinds: collections.Counter[str] = collections.Counter()
         self.tokens = {"prompt": 0, "completion": 0}
@@ -8311,7 +8303,7 @@ class Stats:
             self.tokens["prompt"] += record.prompt_tokens
         if record.completion_tokens:
             self.tokens["completion"] += record.completion_tokens
-        self.recent.append((time.time(), record, status, seconds))  # as /v1/stats shows it
+        self.recent.append((time.time(), record, status, seconds))
 
 
 def recent_entry(when: float, record: RequestRecord, status: int, seconds: float) -> dict[str, Any]:
@@ -8419,8 +8411,7 @@ def usage_entry(row: UsageRow | None, limit: float) -> dict[str, Any]:
 
 
 async def usage(request: web.Request) -> web.Response:
-    """GET /v1/usage: a month's spend, requests and tokens per key and in total, from the ledger
-    where there is one, else as this process counted them."""
+    """GET /v1/usage: a month's spend, requests and tokens per key and in total."""
     app = request.app
     ledger = app[LEDGER]
     month = request.query.get("month") or month_of(dt.datetime.now(dt.UTC))
@@ -8461,8 +8452,7 @@ def log_request(record: RequestRecord, status: int, seconds: float) -> None:
 
 
 def answer_text(response: web.StreamResponse | None) -> str | None:
-    """The text of a non-streamed answer (chat's, Anthropic's or the Responses API's shape);
-    streamed answers are relayed chunk by chunk and never kept."""
+    """The text of a non-streamed answer: chat's, Anthropic's or the Responses API's shape."""
     if not isinstance(response, web.Response) or not isinstance(response.body, bytes):
         return None
     try:
@@ -8499,9 +8489,8 @@ async def log_content(
         body = json.loads(await request.read())
     except (ValueError, web.HTTPException, ConnectionError):
         body = None
-    prompt = None
-    if isinstance(body, dict):
-        prompt = next((body[k] for k in ("messages", "prompt", "input") if k in body), None)
+    keys = body.keys() if isinstance(body, dict) else ()
+    prompt = next((body[k] for k in ("messages", "prompt", "input") if k in keys), None)
     prompt_text = json.dumps(prompt)[:CONTENT_LOG_CHARS]
     answer = answer_text(response)
     answer = answer[:CONTENT_LOG_CHARS] if answer is not None else None
@@ -8925,22 +8914,18 @@ class ConfigSource:
 
 def read_settled(path: Path) -> str:
     """The file's text once two reads CONFIG_SETTLE_SECONDS apart agree, so a file caught
-    while it is being saved is never taken whole. Blocking: run in a thread."""
-    try:
-        previous = path.read_bytes()
-        for _ in range(CONFIG_READ_TRIES):
-            time.sleep(CONFIG_SETTLE_SECONDS)
-            current = path.read_bytes()
-            if current == previous:
-                break
-            previous = current
-        else:
-            raise ConfigError("config", f"{path} kept changing while it was read")
-        text = current.decode("utf-8")
-    except FileNotFoundError:
-        raise ConfigError("config", f"file {path} not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError("config", f"cannot read {path}: {exc}") from None
+    while it is being saved is never taken whole. Blocking: a reload passes it to load_settings
+    in a thread, which words what it raises."""
+    previous = path.read_bytes()
+    for _ in range(CONFIG_READ_TRIES):
+        time.sleep(CONFIG_SETTLE_SECONDS)
+        current = path.read_bytes()
+        if current == previous:
+            break
+        previous = current
+    else:
+        raise ConfigError("config", f"{path} kept changing while it was read")
+    text = current.decode("utf-8")
     if not text.strip():  # an editor's truncate-then-write, caught in between
         raise ConfigError("config", f"{path} is empty")
     return text
@@ -9094,8 +9079,8 @@ class Reloader:
         path = self.source.path()
         env = dict(os.environ)
         try:
-            text = await asyncio.to_thread(read_settled, path) if path is not None else None
-            settings = load_settings(path, env, self.source.overrides, text)
+            load = (path, env, self.source.overrides, read_settled)
+            settings = await asyncio.to_thread(load_settings, *load)
         except ConfigError as exc:
             log.error("config not reloaded (%s): %s; the running configuration stays", trigger, exc)
             return
