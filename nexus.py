@@ -417,8 +417,7 @@ def key_digest(secret: str) -> bytes:
 
 
 def validate_api_keys(auth: AuthSettings, env: dict[str, str]) -> None:
-    """Each key needs a name and a set variable; names and keys are unique. The key itself is
-    kept only as its digest, and no message ever shows it."""
+    """Each key needs a name and a set variable, names and keys unique; only its digest is kept."""
     names: dict[str, str] = {}
     digests: dict[bytes, str] = {}
     for i, k in enumerate(auth.api_keys):
@@ -522,8 +521,7 @@ def resolve_alias(model: str, aliases: dict[str, str]) -> str:
 
 
 def model_chain(model: str, routing: RoutingSettings) -> list[str]:
-    """The models a request naming `model` may be served by, in order: the model its alias
-    leads to, then that model's fallbacks (each once). Routing, counting and 404s all use it."""
+    """The models a request naming `model` may be served by: its alias's target, then fallbacks."""
     model_id = resolve_alias(model, routing.aliases)
     fallbacks = routing.fallbacks.get(model_id)
     if not fallbacks:  # the usual case, on every request: no copies
@@ -547,8 +545,7 @@ def _build(cls: type, table: Any, key: str) -> Any:
 
 
 def _convert_field(key: str, value: Any, default: Any, kind: Any) -> Any:
-    """One field's TOML value, checked and converted: sections (the field's type is a settings
-    class: X, X | None or list[X]), tables, lists and scalars."""
+    """One TOML value, checked and converted: a section (X, X | None, list[X]) or a value."""
     section = next((t for t in (kind, *get_args(kind)) if is_dataclass(t)), None)
     if section is not None and isinstance(default, list):
         if not isinstance(value, list):
@@ -1776,11 +1773,9 @@ class LedgerFile:
             found = self.conn.execute(query, (month,)).fetchall()
         except sqlite3.Error as exc:
             raise LedgerError(ledger_problem(exc)) from exc
-        for key, usd, requests, tokens in found:
-            self.known.setdefault((month, key), (month, key, usd, requests, tokens))
-        return {
-            key: [float(usd), int(requests), int(tokens)] for key, usd, requests, tokens in found
-        }
+        for row in found:
+            self.known.setdefault((month, row[0]), (month, *row))
+        return {key: [float(usd), int(n), int(tokens)] for key, usd, n, tokens in found}
 
     def replaced(self) -> bool:
         """Whether nexus.db was deleted or replaced since it was opened; LedgerCorrupt when the
@@ -1832,8 +1827,7 @@ class LedgerFile:
 
 
 class Ledger:
-    """The month's usage, in total and per key, counted in memory as charges land (a few list
-    additions on the event loop), and kept in nexus.db when a monthly limit is set."""
+    """The month's usage in total and per key: counted in memory, kept in nexus.db with a limit."""
 
     def __init__(self, path: Path | None) -> None:
         """An empty ledger for this month; open() reads nexus.db when `path` is set."""
@@ -1876,8 +1870,7 @@ class Ledger:
 
     def spent(self, key: str) -> float:
         """This month's spend of a key (TOTAL_ROW: everyone's), for the budgets to start from."""
-        row = self.current.get(key)
-        return row[0] if row is not None else 0.0
+        return self.current.get(key, [0.0])[0]
 
     def add(self, key: str, usd: float, requests: int, tokens: int) -> None:
         """Count usage for a key (or TOTAL_ROW) this month; the file follows within a second."""
@@ -4647,10 +4640,9 @@ class Discovery:
 
     def start(self) -> None:
         """Start mDNS and probing as background tasks: nothing here waits on the network."""
-        for job in (self.mdns.start(), self.probe_loop()):
-            task = asyncio.create_task(job)
+        self.tasks = [asyncio.create_task(job) for job in (self.mdns.start(), self.probe_loop())]
+        for task in self.tasks:
             task.add_done_callback(log_task_failure)
-            self.tasks.append(task)
 
     async def stop(self) -> None:
         """Cancel probing and pending removals, then stop mDNS (browsing and the announcement)."""
@@ -4671,8 +4663,7 @@ class Discovery:
             await asyncio.sleep(self.app[SETTINGS].health_check.interval_seconds)
 
     async def probe_round(self) -> None:
-        """Probe the well-known local ports (all at once, but Nexus's own) once: add what
-        answers and is not a Nexus, lose what stopped answering."""
+        """Probe the local ports but Nexus's own: add what answers (not a Nexus), lose the rest."""
         # Backends that are up are not probed again; a probed one that is down and no longer
         # answers a probe has vanished.
         backends = self.app[REGISTRY].backends.values()
@@ -8264,8 +8255,7 @@ class Histogram:
 
 
 class Stats:
-    """Request counters since start and the most recent requests, for /v1/stats, /metrics and
-    logs. Recording is a few dict increments per request; /metrics renders only when scraped."""
+    """Request counters since start and the most recent requests, for /v1/stats and /metrics."""
 
     def __init__(self) -> None:
         self.started = time.monotonic()
@@ -8548,8 +8538,7 @@ def affinity_samples(app: web.Application) -> list[tuple[str, Any]]:
 def key_samples(
     app: web.Application, value: Callable[[ApiKey], Any]
 ) -> list[tuple[str, Any]] | None:
-    """A per-key metric's samples, by the key's name (a key itself never shows); None without
-    keys: the family is left out."""
+    """A per-key metric's samples by the key's name; None (the family left out) without keys."""
     return [(labels(key=k.name), value(k)) for k in app[KEYS]] or None
 
 
@@ -8709,8 +8698,7 @@ INFERENCE_PATHS = (
 async def request_middleware(
     request: web.Request, handler: Callable[[web.Request], Any]
 ) -> web.StreamResponse:
-    """Give every request an id, turn every failure into an OpenAI error envelope, and count
-    and log every inference request exactly once."""
+    """Give every request an id and every failure its error envelope; count inference requests."""
     started = time.perf_counter()
     request[REQUEST_ID] = new_request_id()
     status = 500
@@ -8794,8 +8782,7 @@ def in_background(app: web.Application, job: Awaitable[None]) -> asyncio.Task:
 
 
 def start_health(app: web.Application, backends: Iterable[Backend]) -> None:
-    """The health loop (its first round polls every backend), or without health checks one
-    first poll of each of `backends`."""
+    """The health loop, or without health checks one first poll of each of `backends`."""
     if app[SETTINGS].health_check.enabled:
         app[BACKGROUND]["health_loop"] = in_background(app, health_loop(app))
     else:
@@ -8900,8 +8887,7 @@ KEY_SETTINGS = tuple(
 
 @dataclass(slots=True)
 class ConfigSource:
-    """How the running settings were made, so that a reload makes them the same way: the file
-    found at start (--config, else $NEXUS_CONFIG, else ./nexus.toml) and the flags."""
+    """How the running settings were made (the file found at start, the flags), for a reload."""
 
     file: Path | None = None
     overrides: dict[tuple[str, str], Any] = field(default_factory=dict)
@@ -8913,9 +8899,8 @@ class ConfigSource:
 
 
 def read_settled(path: Path) -> str:
-    """The file's text once two reads CONFIG_SETTLE_SECONDS apart agree, so a file caught
-    while it is being saved is never taken whole. Blocking: a reload passes it to load_settings
-    in a thread, which words what it raises."""
+    """The file's text once two reads CONFIG_SETTLE_SECONDS apart agree (never a file half-saved).
+    Blocking: a reload runs load_settings with it in a thread, which words what it raises."""
     previous = path.read_bytes()
     for _ in range(CONFIG_READ_TRIES):
         time.sleep(CONFIG_SETTLE_SECONDS)
@@ -9040,8 +9025,7 @@ def swap_settings(app: web.Application, new: Settings) -> list[str]:
 
 
 class Reloader:
-    """Reloads the configuration when asked (SIGHUP) and when its file changes (the watch).
-    One reload at a time; requests that come while one waits or runs make one more."""
+    """Reloads the configuration on SIGHUP and when its file changes, one reload at a time."""
 
     def __init__(self, app: web.Application, source: ConfigSource) -> None:
         self.app = app
@@ -9394,15 +9378,12 @@ def completion_script(shell: str, parser: argparse.ArgumentParser) -> str:
     return "".join(f"complete -c nexus -f -a {w}\n" for w in words)
 
 
-def client_flags(
-    parser: argparse.ArgumentParser, json_flag: bool = True
-) -> argparse.ArgumentParser:
+def client_flags(parser: argparse.ArgumentParser, json_flag: bool = True) -> None:
     """--url, and --json unless told not to, for a command that talks to a running Nexus."""
     url_help = f"the running Nexus (default $NEXUS_URL or {DEFAULT_NEXUS_URL})"
     parser.add_argument("--url", help=url_help)
     if json_flag:
         parser.add_argument("--json", action="store_true", help="print JSON")
-    return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
