@@ -4335,36 +4335,33 @@ LOCAL_PORTS = (11434, 1234, 8080, 8000, 52415)
 EXO_PORT = 52415
 PROBE_TIMEOUT_SECONDS = 1.0
 PROBE_MAX_BODY = 4 * 1024 * 1024
+ProbeAnswer = tuple[int, dict[str, Any]]  # a status and the JSON object answered (else {})
 
 
-async def probe_json(pool: BackendPool, url: str, timeout: float) -> tuple[int, Any] | None:
-    """(status, parsed JSON or None) for GET url, bounded by timeout; None if nothing answered."""
+async def probe_json(pool: BackendPool, url: str, timeout: float) -> ProbeAnswer | None:
+    """GET url within timeout: its status and JSON object (or {}); None if nothing answered."""
     try:
         async with asyncio.timeout(timeout):
             status, body = await pool.fetch("GET", url, {}, limit=PROBE_MAX_BODY)
     except (BackendHTTPError, TimeoutError, ValueError) as exc:
         log.debug("probe %s: %s", url, describe_failure(exc))
         return None
-    try:
-        return status, json.loads(body)
-    except ValueError:  # a page, garbage or a cut-off body: something answered, not JSON
-        return status, None
+    with contextlib.suppress(ValueError):  # a page, garbage or a cut-off body: not JSON
+        answer = json.loads(body)
+        if isinstance(answer, dict):
+            return status, answer
+    return status, {}
 
 
-def answered_object(answer: tuple[int, Any] | None) -> dict[str, Any]:
-    """A probe's answer when it is a JSON object (of any status), else {}."""
-    return answer[1] if answer is not None and isinstance(answer[1], dict) else {}
-
-
-def answered_list(answer: tuple[int, Any] | None, key: str) -> bool:
+def answered_list(answer: ProbeAnswer | None, key: str) -> bool:
     """Whether a probe's answer was a 200 JSON object holding a list under `key`."""
-    return isinstance(answered_object(answer).get(key), list) and answer[0] == 200
+    return answer is not None and answer[0] == 200 and isinstance(answer[1].get(key), list)
 
 
 async def is_nexus(pool: BackendPool, url: str, timeout: float) -> bool:
     """Whether a Nexus answers at url: its `/health` has Nexus's fields."""
     health = await probe_json(pool, url + "/health", timeout)
-    return {"version", "backends"} <= answered_object(health).keys()
+    return health is not None and {"version", "backends"} <= health[1].keys()
 
 
 async def detect_backend_type(
@@ -4380,7 +4377,7 @@ async def detect_backend_type(
         if answered_list(answer, "models"):  # a Nexus answers Ollama's API too
             return NEXUS_TYPE if await is_nexus(pool, url, timeout) else "ollama"
         answer = await probe_json(pool, url + "/props", timeout)
-        if "default_generation_settings" in answered_object(answer):
+        if answer is not None and "default_generation_settings" in answer[1]:
             return "llamacpp"
         if answered_list(await probe_json(pool, url + "/api/v0/models", timeout), "data"):
             return "lmstudio"
@@ -4391,7 +4388,7 @@ async def detect_backend_type(
         return NEXUS_TYPE
     if on_exo_port:
         return "exo"
-    entries = [e for e in answered_object(answer)["data"] if isinstance(e, dict)]
+    entries = [e for e in answer[1]["data"] if isinstance(e, dict)]
     return "vllm" if any("max_model_len" in e for e in entries) else "generic"
 
 
@@ -9298,9 +9295,8 @@ def lifecycle_command(args: argparse.Namespace) -> int:
     if op["status"] == "completed":
         print(f"{what}: completed")
         return 0
-    print(
-        f"nexus: {what}: {op['status']}: {op.get('error') or 'still in progress'}", file=sys.stderr
-    )
+    problem = op.get("error") or "still in progress"
+    print(f"nexus: {what}: {op['status']}: {problem}", file=sys.stderr)
     return 1
 
 
