@@ -1932,13 +1932,9 @@ class Ledger:
         problem = str(exc)
         corrupt = isinstance(exc, LedgerCorrupt)
         if problem != self.problem:
+            unwritable = "ledger %s cannot be written (%s): counting in memory%s"
             retrying = "" if corrupt else ", retrying every second"
-            log.warning(
-                "ledger %s cannot be written (%s): counting in memory%s",
-                self.path,
-                problem,
-                retrying,
-            )
+            log.warning(unwritable, self.path, problem, retrying)
         self.problem = problem
         if corrupt:
             self.file = None  # another program's file now: leave it alone
@@ -8235,6 +8231,8 @@ ERROR_KINDS = {
     503: "no_backend_available",
     504: "backend_timeout",
 }
+# A model's fields in /v1/stats, and their value for a model no healthy backend serves now.
+MODEL_STATS = {"backends": (), "context_length": None, "capabilities": None, "loaded_on": ()}
 
 
 class Histogram:
@@ -8333,16 +8331,8 @@ def stats_snapshot(app: web.Application) -> dict[str, Any]:
     models = []
     for name in sorted(set(entries) | set(stats.per_model)):
         entry = entries.get(name, {})
-        models.append(
-            {
-                "name": name,
-                "requests": stats.per_model.get(name, 0),
-                "backends": entry.get("backends", []),
-                "context_length": entry.get("context_length"),
-                "capabilities": entry.get("capabilities"),
-                "loaded_on": entry.get("loaded_on", []),
-            }
-        )
+        shown = {key: entry.get(key, empty) for key, empty in MODEL_STATS.items()}
+        models.append({"name": name, "requests": stats.per_model.get(name, 0)} | shown)
     return {
         "version": __version__,
         "uptime_seconds": round(time.monotonic() - stats.started, 1),
