@@ -9047,10 +9047,9 @@ class Reloader:
 
     async def reload(self, trigger: str) -> None:
         """Read, validate and apply the configuration; refused whole when anything is wrong."""
-        path = self.source.path()
         env = dict(os.environ)
+        load = (self.source.path(), env, self.source.overrides, read_settled)
         try:
-            load = (path, env, self.source.overrides, read_settled)
             settings = await asyncio.to_thread(load_settings, *load)
         except ConfigError as exc:
             log.error("config not reloaded (%s): %s; the running configuration stays", trigger, exc)
