@@ -417,8 +417,7 @@ def key_digest(secret: str) -> bytes:
 
 
 def validate_api_keys(auth: AuthSettings, env: dict[str, str]) -> None:
-    """Each key needs a name and a set variable; names and keys are unique. The key itself is
-    kept only as its digest, and no message ever shows it."""
+    """Each key needs a name and a set variable, names and keys unique; only its digest is kept."""
     names: dict[str, str] = {}
     digests: dict[bytes, str] = {}
     for i, k in enumerate(auth.api_keys):
@@ -522,8 +521,7 @@ def resolve_alias(model: str, aliases: dict[str, str]) -> str:
 
 
 def model_chain(model: str, routing: RoutingSettings) -> list[str]:
-    """The models a request naming `model` may be served by, in order: the model its alias
-    leads to, then that model's fallbacks (each once). Routing, counting and 404s all use it."""
+    """The models a request naming `model` may be served by: its alias's target, then fallbacks."""
     model_id = resolve_alias(model, routing.aliases)
     fallbacks = routing.fallbacks.get(model_id)
     if not fallbacks:  # the usual case, on every request: no copies
@@ -547,8 +545,7 @@ def _build(cls: type, table: Any, key: str) -> Any:
 
 
 def _convert_field(key: str, value: Any, default: Any, kind: Any) -> Any:
-    """One field's TOML value, checked and converted: sections (the field's type is a settings
-    class: X, X | None or list[X]), tables, lists and scalars."""
+    """One TOML value, checked and converted: a section (X, X | None, list[X]) or a value."""
     section = next((t for t in (kind, *get_args(kind)) if is_dataclass(t)), None)
     if section is not None and isinstance(default, list):
         if not isinstance(value, list):
@@ -571,14 +568,14 @@ def load_settings(
     path: Path | None,
     env: dict[str, str],
     overrides: dict[tuple[str, str], Any],
-    text: str | None = None,
+    read: Callable[[Path], str] | None = None,
 ) -> Settings:
-    """Defaults < TOML file < NEXUS_* variables < CLI overrides, then validation. `text` is the
-    file's content when the caller has read it already (a reload reads it its own way)."""
+    """Defaults < TOML file < NEXUS_* variables < CLI overrides, then validation. `read` reads
+    the file when a plain read will not do (a reload reads it its own way)."""
     raw: dict[str, Any] = {}
     if path is not None:
         try:
-            raw = tomllib.loads(path.read_text(encoding="utf-8") if text is None else text)
+            raw = tomllib.loads(read(path) if read else path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError("config", f"file {path} not found") from None
         except (OSError, UnicodeDecodeError) as exc:
@@ -1776,11 +1773,9 @@ class LedgerFile:
             found = self.conn.execute(query, (month,)).fetchall()
         except sqlite3.Error as exc:
             raise LedgerError(ledger_problem(exc)) from exc
-        for key, usd, requests, tokens in found:
-            self.known.setdefault((month, key), (month, key, usd, requests, tokens))
-        return {
-            key: [float(usd), int(requests), int(tokens)] for key, usd, requests, tokens in found
-        }
+        for row in found:
+            self.known.setdefault((month, row[0]), (month, *row))
+        return {key: [float(usd), int(n), int(tokens)] for key, usd, n, tokens in found}
 
     def replaced(self) -> bool:
         """Whether nexus.db was deleted or replaced since it was opened; LedgerCorrupt when the
@@ -1832,8 +1827,7 @@ class LedgerFile:
 
 
 class Ledger:
-    """The month's usage, in total and per key, counted in memory as charges land (a few list
-    additions on the event loop), and kept in nexus.db when a monthly limit is set."""
+    """The month's usage in total and per key: counted in memory, kept in nexus.db with a limit."""
 
     def __init__(self, path: Path | None) -> None:
         """An empty ledger for this month; open() reads nexus.db when `path` is set."""
@@ -1862,31 +1856,21 @@ class Ledger:
         try:
             saved = await self.in_worker(file.read, self.month)
         except LedgerError as exc:
-            log.warning(
-                "ledger %s cannot be used (%s): this month's spend is counted in memory only, "
-                "and a restart forgets it",
-                self.path,
-                exc,
-            )
+            unusable = "ledger %s cannot be used (%s): this month's spend is counted in memory only"
+            log.warning(unusable + ", and a restart forgets it", self.path, exc)
             return
         self.file = file
         self.current.update(saved)
         usd, requests, _ = saved.get(TOTAL_ROW, [0.0, 0, 0])
-        log.info(
-            "ledger %s: %.4f USD spent and %d requests so far in %s",
-            self.path,
-            usd,
-            requests,
-            self.month,
-        )
+        so_far = "ledger %s: %.4f USD spent and %d requests so far in %s"
+        log.info(so_far, self.path, usd, requests, self.month)
 
     async def in_worker(self, call: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, call, *args)
 
     def spent(self, key: str) -> float:
         """This month's spend of a key (TOTAL_ROW: everyone's), for the budgets to start from."""
-        row = self.current.get(key)
-        return row[0] if row is not None else 0.0
+        return self.current.get(key, [0.0])[0]
 
     def add(self, key: str, usd: float, requests: int, tokens: int) -> None:
         """Count usage for a key (or TOTAL_ROW) this month; the file follows within a second."""
@@ -1903,8 +1887,7 @@ class Ledger:
         if self.file is not None:
             self.changed[self.month, key] = row
             if self.flush_handle is None:
-                loop = asyncio.get_running_loop()
-                self.flush_handle = loop.call_later(LEDGER_FLUSH_SECONDS, self.flush)
+                self.flush_later()
 
     def count(self, record: RequestRecord) -> None:
         """One request answered: its tokens in the total, and its cost too under its key."""
@@ -1919,15 +1902,18 @@ class Ledger:
         self.changed.clear()
         return rows
 
+    def flush_later(self) -> None:
+        self.flush_handle = asyncio.get_running_loop().call_later(LEDGER_FLUSH_SECONDS, self.flush)
+
     def flush(self) -> None:
         """Hand every row to the worker thread (one write at a time)."""
         self.flush_handle = None
         if self.file is None:
             return
-        loop = asyncio.get_running_loop()
         if self.writing is not None and not self.writing.done():
-            self.flush_handle = loop.call_later(LEDGER_FLUSH_SECONDS, self.flush)
+            self.flush_later()
             return
+        loop = asyncio.get_running_loop()
         self.writing = loop.run_in_executor(self.executor, self.file.write, self.take_changed())
         self.writing.add_done_callback(self.written)
 
@@ -1944,19 +1930,16 @@ class Ledger:
             self.problem = None
             return
         problem = str(exc)
+        corrupt = isinstance(exc, LedgerCorrupt)
         if problem != self.problem:
-            log.warning(
-                "ledger %s cannot be written (%s): counting in memory%s",
-                self.path,
-                problem,
-                "" if isinstance(exc, LedgerCorrupt) else ", retrying every second",
-            )
+            unwritable = "ledger %s cannot be written (%s): counting in memory%s"
+            retrying = "" if corrupt else ", retrying every second"
+            log.warning(unwritable, self.path, problem, retrying)
         self.problem = problem
-        if isinstance(exc, LedgerCorrupt):
+        if corrupt:
             self.file = None  # another program's file now: leave it alone
         elif self.flush_handle is None:
-            loop = asyncio.get_running_loop()
-            self.flush_handle = loop.call_later(LEDGER_FLUSH_SECONDS, self.flush)
+            self.flush_later()
 
     async def month_rows(self, month: str) -> dict[str, UsageRow]:
         """A month's rows: as counted here (any month this process has seen), else from the file."""
@@ -4312,36 +4295,33 @@ LOCAL_PORTS = (11434, 1234, 8080, 8000, 52415)
 EXO_PORT = 52415
 PROBE_TIMEOUT_SECONDS = 1.0
 PROBE_MAX_BODY = 4 * 1024 * 1024
+ProbeAnswer = tuple[int, dict[str, Any]]  # a status and the JSON object answered (else {})
 
 
-async def probe_json(pool: BackendPool, url: str, timeout: float) -> tuple[int, Any] | None:
-    """(status, parsed JSON or None) for GET url, bounded by timeout; None if nothing answered."""
+async def probe_json(pool: BackendPool, url: str, timeout: float) -> ProbeAnswer | None:
+    """GET url within timeout: its status and JSON object (or {}); None if nothing answered."""
     try:
         async with asyncio.timeout(timeout):
             status, body = await pool.fetch("GET", url, {}, limit=PROBE_MAX_BODY)
     except (BackendHTTPError, TimeoutError, ValueError) as exc:
         log.debug("probe %s: %s", url, describe_failure(exc))
         return None
-    try:
-        return status, json.loads(body)
-    except ValueError:  # a page, garbage or a cut-off body: something answered, not JSON
-        return status, None
+    with contextlib.suppress(ValueError):  # a page, garbage or a cut-off body: not JSON
+        answer = json.loads(body)
+        if isinstance(answer, dict):
+            return status, answer
+    return status, {}
 
 
-def answered_object(answer: tuple[int, Any] | None) -> dict[str, Any]:
-    """A probe's answer when it is a JSON object (of any status), else {}."""
-    return answer[1] if answer is not None and isinstance(answer[1], dict) else {}
-
-
-def answered_list(answer: tuple[int, Any] | None, key: str) -> bool:
+def answered_list(answer: ProbeAnswer | None, key: str) -> bool:
     """Whether a probe's answer was a 200 JSON object holding a list under `key`."""
-    return isinstance(answered_object(answer).get(key), list) and answer[0] == 200
+    return answer is not None and answer[0] == 200 and isinstance(answer[1].get(key), list)
 
 
 async def is_nexus(pool: BackendPool, url: str, timeout: float) -> bool:
     """Whether a Nexus answers at url: its `/health` has Nexus's fields."""
     health = await probe_json(pool, url + "/health", timeout)
-    return {"version", "backends"} <= answered_object(health).keys()
+    return health is not None and {"version", "backends"} <= health[1].keys()
 
 
 async def detect_backend_type(
@@ -4357,7 +4337,7 @@ async def detect_backend_type(
         if answered_list(answer, "models"):  # a Nexus answers Ollama's API too
             return NEXUS_TYPE if await is_nexus(pool, url, timeout) else "ollama"
         answer = await probe_json(pool, url + "/props", timeout)
-        if "default_generation_settings" in answered_object(answer):
+        if answer is not None and "default_generation_settings" in answer[1]:
             return "llamacpp"
         if answered_list(await probe_json(pool, url + "/api/v0/models", timeout), "data"):
             return "lmstudio"
@@ -4368,7 +4348,7 @@ async def detect_backend_type(
         return NEXUS_TYPE
     if on_exo_port:
         return "exo"
-    entries = [e for e in answered_object(answer)["data"] if isinstance(e, dict)]
+    entries = [e for e in answer[1]["data"] if isinstance(e, dict)]
     return "vllm" if any("max_model_len" in e for e in entries) else "generic"
 
 
@@ -4617,10 +4597,9 @@ class Discovery:
 
     def start(self) -> None:
         """Start mDNS and probing as background tasks: nothing here waits on the network."""
-        for job in (self.mdns.start(), self.probe_loop()):
-            task = asyncio.create_task(job)
+        self.tasks = [asyncio.create_task(job) for job in (self.mdns.start(), self.probe_loop())]
+        for task in self.tasks:
             task.add_done_callback(log_task_failure)
-            self.tasks.append(task)
 
     async def stop(self) -> None:
         """Cancel probing and pending removals, then stop mDNS (browsing and the announcement)."""
@@ -4641,8 +4620,7 @@ class Discovery:
             await asyncio.sleep(self.app[SETTINGS].health_check.interval_seconds)
 
     async def probe_round(self) -> None:
-        """Probe the well-known local ports (all at once, but Nexus's own) once: add what
-        answers and is not a Nexus, lose what stopped answering."""
+        """Probe the local ports but Nexus's own: add what answers (not a Nexus), lose the rest."""
         # Backends that are up are not probed again; a probed one that is down and no longer
         # answers a probe has vanished.
         backends = self.app[REGISTRY].backends.values()
@@ -8064,8 +8042,7 @@ class PrettyLogFormatter(logging.Formatter):
 
 
 class RedactingFormatter(logging.Formatter):
-    """Masks every key Nexus knows of in whatever another formatter wrote. Nexus never logs a
-    key on purpose; this catches one that an exception or a URL carries along."""
+    """Masks every key Nexus knows of in another formatter's line (an exception's, a URL's)."""
 
     def __init__(self, inner: logging.Formatter, secrets: Iterable[str]) -> None:
         super().__init__()
@@ -8140,6 +8117,7 @@ def setup_logging(settings: Settings, env: dict[str, str]) -> None:
 # ==============================================================================================
 
 RECENT_REQUESTS = 100
+RecentRequest = tuple[float, RequestRecord, int, float]  # time.time(), record, status, seconds
 STATS_PUSH_SECONDS = 1.0
 CONTENT_LOG_CHARS = 10_000
 # Latency buckets in seconds, from a cached answer on loopback to a long generation on a CPU.
@@ -8159,6 +8137,8 @@ ERROR_KINDS = {
     503: "no_backend_available",
     504: "backend_timeout",
 }
+# A model's fields in /v1/stats, and their value for a model no healthy backend serves now.
+MODEL_STATS = {"backends": (), "context_length": None, "capabilities": None, "loaded_on": ()}
 
 
 class Histogram:
@@ -8176,16 +8156,13 @@ class Histogram:
 
 
 class Stats:
-    """Request counters since start and the most recent requests, for /v1/stats, /metrics and
-    logs. Recording is a few dict increments per request; /metrics renders only when scraped."""
+    """Request counters since start and the most recent requests, for /v1/stats and /metrics."""
 
     def __init__(self) -> None:
         self.started = time.monotonic()
         self.total = self.success = self.errors = self.fallbacks = 0
         self.per_model: collections.Counter[str] = collections.Counter()
-        self.recent: collections.deque[tuple[float, RequestRecord, int, float]] = collections.deque(
-            maxlen=RECENT_REQUESTS
-        )
+        self.recent: collections.deque[RecentRequest] = collections.deque(maxlen=RECENT_REQUESTS)
         self.by_outcome: collections.Counter[tuple[str, str, int]] = collections.Counter()
         self.error_kinds: collections.Counter[str] = collections.Counter()
         self.tokens = {"prompt": 0, "completion": 0}
@@ -8217,7 +8194,7 @@ class Stats:
             self.tokens["prompt"] += record.prompt_tokens
         if record.completion_tokens:
             self.tokens["completion"] += record.completion_tokens
-        self.recent.append((time.time(), record, status, seconds))  # as /v1/stats shows it
+        self.recent.append((time.time(), record, status, seconds))
 
 
 def recent_entry(when: float, record: RequestRecord, status: int, seconds: float) -> dict[str, Any]:
@@ -8260,16 +8237,8 @@ def stats_snapshot(app: web.Application) -> dict[str, Any]:
     models = []
     for name in sorted(set(entries) | set(stats.per_model)):
         entry = entries.get(name, {})
-        models.append(
-            {
-                "name": name,
-                "requests": stats.per_model.get(name, 0),
-                "backends": entry.get("backends", []),
-                "context_length": entry.get("context_length"),
-                "capabilities": entry.get("capabilities"),
-                "loaded_on": entry.get("loaded_on", []),
-            }
-        )
+        shown = {key: entry.get(key, empty) for key, empty in MODEL_STATS.items()}
+        models.append({"name": name, "requests": stats.per_model.get(name, 0)} | shown)
     return {
         "version": __version__,
         "uptime_seconds": round(time.monotonic() - stats.started, 1),
@@ -8325,8 +8294,7 @@ def usage_entry(row: UsageRow | None, limit: float) -> dict[str, Any]:
 
 
 async def usage(request: web.Request) -> web.Response:
-    """GET /v1/usage: a month's spend, requests and tokens per key and in total, from the ledger
-    where there is one, else as this process counted them."""
+    """GET /v1/usage: a month's spend, requests and tokens per key and in total."""
     app = request.app
     ledger = app[LEDGER]
     month = request.query.get("month") or month_of(dt.datetime.now(dt.UTC))
@@ -8367,8 +8335,7 @@ def log_request(record: RequestRecord, status: int, seconds: float) -> None:
 
 
 def answer_text(response: web.StreamResponse | None) -> str | None:
-    """The text of a non-streamed answer (chat's, Anthropic's or the Responses API's shape);
-    streamed answers are relayed chunk by chunk and never kept."""
+    """The text of a non-streamed answer: chat's, Anthropic's or the Responses API's shape."""
     if not isinstance(response, web.Response) or not isinstance(response.body, bytes):
         return None
     try:
@@ -8405,9 +8372,8 @@ async def log_content(
         body = json.loads(await request.read())
     except (ValueError, web.HTTPException, ConnectionError):
         body = None
-    prompt = None
-    if isinstance(body, dict):
-        prompt = next((body[k] for k in ("messages", "prompt", "input") if k in body), None)
+    keys = body.keys() if isinstance(body, dict) else ()
+    prompt = next((body[k] for k in ("messages", "prompt", "input") if k in keys), None)
     prompt_text = json.dumps(prompt)[:CONTENT_LOG_CHARS]
     answer = answer_text(response)
     answer = answer[:CONTENT_LOG_CHARS] if answer is not None else None
@@ -8465,8 +8431,7 @@ def affinity_samples(app: web.Application) -> list[tuple[str, Any]]:
 def key_samples(
     app: web.Application, value: Callable[[ApiKey], Any]
 ) -> list[tuple[str, Any]] | None:
-    """A per-key metric's samples, by the key's name (a key itself never shows); None without
-    keys: the family is left out."""
+    """A per-key metric's samples by the key's name; None (the family left out) without keys."""
     return [(labels(key=k.name), value(k)) for k in app[KEYS]] or None
 
 
@@ -8626,8 +8591,7 @@ INFERENCE_PATHS = (
 async def request_middleware(
     request: web.Request, handler: Callable[[web.Request], Any]
 ) -> web.StreamResponse:
-    """Give every request an id, turn every failure into an OpenAI error envelope, and count
-    and log every inference request exactly once."""
+    """Give every request an id and every failure its error envelope; count inference requests."""
     started = time.perf_counter()
     request[REQUEST_ID] = new_request_id()
     status = 500
@@ -8711,8 +8675,7 @@ def in_background(app: web.Application, job: Awaitable[None]) -> asyncio.Task:
 
 
 def start_health(app: web.Application, backends: Iterable[Backend]) -> None:
-    """The health loop (its first round polls every backend), or without health checks one
-    first poll of each of `backends`."""
+    """The health loop, or without health checks one first poll of each of `backends`."""
     if app[SETTINGS].health_check.enabled:
         app[BACKGROUND]["health_loop"] = in_background(app, health_loop(app))
     else:
@@ -8817,8 +8780,7 @@ KEY_SETTINGS = tuple(
 
 @dataclass(slots=True)
 class ConfigSource:
-    """How the running settings were made, so that a reload makes them the same way: the file
-    found at start (--config, else $NEXUS_CONFIG, else ./nexus.toml) and the flags."""
+    """How the running settings were made (the file found at start, the flags), for a reload."""
 
     file: Path | None = None
     overrides: dict[tuple[str, str], Any] = field(default_factory=dict)
@@ -8830,23 +8792,18 @@ class ConfigSource:
 
 
 def read_settled(path: Path) -> str:
-    """The file's text once two reads CONFIG_SETTLE_SECONDS apart agree, so a file caught
-    while it is being saved is never taken whole. Blocking: run in a thread."""
-    try:
-        previous = path.read_bytes()
-        for _ in range(CONFIG_READ_TRIES):
-            time.sleep(CONFIG_SETTLE_SECONDS)
-            current = path.read_bytes()
-            if current == previous:
-                break
-            previous = current
-        else:
-            raise ConfigError("config", f"{path} kept changing while it was read")
-        text = current.decode("utf-8")
-    except FileNotFoundError:
-        raise ConfigError("config", f"file {path} not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError("config", f"cannot read {path}: {exc}") from None
+    """The file's text once two reads CONFIG_SETTLE_SECONDS apart agree (never a file half-saved).
+    Blocking: a reload runs load_settings with it in a thread, which words what it raises."""
+    previous = path.read_bytes()
+    for _ in range(CONFIG_READ_TRIES):
+        time.sleep(CONFIG_SETTLE_SECONDS)
+        current = path.read_bytes()
+        if current == previous:
+            break
+        previous = current
+    else:
+        raise ConfigError("config", f"{path} kept changing while it was read")
+    text = current.decode("utf-8")
     if not text.strip():  # an editor's truncate-then-write, caught in between
         raise ConfigError("config", f"{path} is empty")
     return text
@@ -8961,8 +8918,7 @@ def swap_settings(app: web.Application, new: Settings) -> list[str]:
 
 
 class Reloader:
-    """Reloads the configuration when asked (SIGHUP) and when its file changes (the watch).
-    One reload at a time; requests that come while one waits or runs make one more."""
+    """Reloads the configuration on SIGHUP and when its file changes, one reload at a time."""
 
     def __init__(self, app: web.Application, source: ConfigSource) -> None:
         self.app = app
@@ -8997,11 +8953,10 @@ class Reloader:
 
     async def reload(self, trigger: str) -> None:
         """Read, validate and apply the configuration; refused whole when anything is wrong."""
-        path = self.source.path()
         env = dict(os.environ)
+        load = (self.source.path(), env, self.source.overrides, read_settled)
         try:
-            text = await asyncio.to_thread(read_settled, path) if path is not None else None
-            settings = load_settings(path, env, self.source.overrides, text)
+            settings = await asyncio.to_thread(load_settings, *load)
         except ConfigError as exc:
             log.error("config not reloaded (%s): %s; the running configuration stays", trigger, exc)
             return
@@ -9235,9 +9190,8 @@ def lifecycle_command(args: argparse.Namespace) -> int:
     if op["status"] == "completed":
         print(f"{what}: completed")
         return 0
-    print(
-        f"nexus: {what}: {op['status']}: {op.get('error') or 'still in progress'}", file=sys.stderr
-    )
+    problem = op.get("error") or "still in progress"
+    print(f"nexus: {what}: {op['status']}: {problem}", file=sys.stderr)
     return 1
 
 
@@ -9315,15 +9269,12 @@ def completion_script(shell: str, parser: argparse.ArgumentParser) -> str:
     return "".join(f"complete -c nexus -f -a {w}\n" for w in words)
 
 
-def client_flags(
-    parser: argparse.ArgumentParser, json_flag: bool = True
-) -> argparse.ArgumentParser:
+def client_flags(parser: argparse.ArgumentParser, json_flag: bool = True) -> None:
     """--url, and --json unless told not to, for a command that talks to a running Nexus."""
     url_help = f"the running Nexus (default $NEXUS_URL or {DEFAULT_NEXUS_URL})"
     parser.add_argument("--url", help=url_help)
     if json_flag:
         parser.add_argument("--json", action="store_true", help="print JSON")
-    return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
