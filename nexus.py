@@ -3083,7 +3083,9 @@ class BackendConnection(asyncio.Protocol):
     async def readany(self) -> bytes:
         """The body bytes that have arrived, waiting for some; b"" at the answer's end."""
         while not self.body:
-            if self.state == "done":  # a connection's error never comes once its answer is whole
+            # An answer framed by its connection's end is whole once that closes, even when
+            # Nexus closed it over a broken body: its error still comes first.
+            if self.state == "done" and self.error is None:
                 return b""
             await self.wait()
         return self.take()

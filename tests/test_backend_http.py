@@ -808,6 +808,28 @@ async def test_an_answer_in_an_encoding_that_does_not_decode_is_an_error(
             conn.release()
 
 
+async def test_a_stream_ended_by_its_connection_that_does_not_decode_is_an_error(
+    pool, raw_server
+) -> None:
+    """A body framed by its connection's end whose compression breaks: the reader of a stream
+    gets the error, not a quiet end (aborting the connection also ends such a body)."""
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\n\r\nnot gzip at all")
+        await writer.drain()
+        await reader.read()
+
+    url = await raw_server(script)
+    conn = await pool.request("GET", url + "/", {})
+    try:
+        with pytest.raises(nexus.BackendHTTPError, match="does not decode"):
+            for _ in range(10):
+                assert await asyncio.wait_for(conn.readany(), 2), "ended quietly"
+    finally:
+        conn.release()
+
+
 async def test_a_drained_streams_timer_does_not_close_the_next_answer(
     pool, raw_server, monkeypatch
 ) -> None:
