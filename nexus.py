@@ -3268,16 +3268,23 @@ class BackendPool:
             conn.close()
 
     async def fetch_then(
-        self, url: str, then: str, headers: dict[str, str], limit: int, grace: float
+        self,
+        url: str,
+        then: str,
+        headers: dict[str, str],
+        limit: int,
+        grace: float,
+        pipelined: bool = True,
     ) -> tuple[tuple[int, bytes], tuple[int, bytes] | Exception | None]:
-        """Two GETs' answers, the second pipelined: its failure returned, None when past `grace`.
-        A timer, not asyncio.wait_for, bounds the second: a task of its own would cost a poll
-        more than the read itself."""
+        """Two GETs' answers on one connection, the second sent with the first (pipelined) or
+        after its answer: its failure returned, None when past `grace`. A timer, not
+        asyncio.wait_for, bounds the second: a task of its own would cost more than the read."""
         origin, data = encode_request("GET", url, headers, b"", True)
+        then_data = encode_request("GET", then, headers, b"", False)[1]
         conn = await self.connect(origin)
-        conn.pipelined = True
+        conn.pipelined = pipelined
         try:
-            await conn.send(data + encode_request("GET", then, headers, b"", False)[1])
+            await conn.send(data + then_data if pipelined else data)
             first = conn.status, await conn.read(limit)
         finally:
             reusable = conn.complete and conn.keep_alive and not conn.closed
@@ -3294,7 +3301,7 @@ class BackendPool:
         deadline = self.loop.time() + grace
         timer = self.loop.call_at(deadline, conn.close)
         try:
-            await conn.follow()
+            await (conn.follow() if pipelined else conn.send(then_data))
             return first, (conn.status, await conn.read(limit))
         except (OSError, BackendHTTPError) as exc:
             return first, None if self.loop.time() >= deadline else exc
@@ -3702,17 +3709,22 @@ class OllamaAdapter(OpenAICompatibleAdapter):
 
     def __init__(self) -> None:
         self.details: dict[tuple[str, str, str], Model] = {}
+        self.one_by_one: set[str] = set()  # servers (or proxies) that drop pipelined requests
 
     async def poll(self, pool: BackendPool, backend: Backend) -> dict[str, Model]:
         """The model list (/api/tags, /api/show), and /api/ps after it into `backend.loaded`."""
         reads = backend.loaded_reads
+        pipelined = backend.url not in self.one_by_one
         tags, ps = await pool.fetch_then(
             backend.url + "/api/tags",
             backend.url + "/api/ps",
             self.headers(backend),
             POLL_MAX_BODY,
             OLLAMA_PS_GRACE_SECONDS,
+            pipelined,
         )
+        if ps is None and pipelined:  # unanswered: asked after the list's answer from now on
+            self.one_by_one.add(backend.url)
         path = urllib.parse.urlsplit(backend.url).path
         models = await self.models(pool, backend, json_answer(*tags, path + "/api/tags"))
         if ps is not None and backend.loaded_reads == reads:

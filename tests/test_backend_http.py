@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import contextlib
 import importlib.metadata
 import json
 import re
@@ -686,6 +687,45 @@ async def test_fetch_then_second_answer_late_or_broken(pool, raw_server) -> None
         else:
             assert second is None
             assert loop.time() - started < 2.0
+
+
+def unpipelined(answers: dict[bytes, bytes]) -> Script:
+    """A server that answers one request at a time and drops whatever came after it before
+    its answer went out: a pipelined request is never answered."""
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head, _ = await read_request(reader)
+            with contextlib.suppress(TimeoutError):  # what came with the request: dropped
+                await asyncio.wait_for(reader.read(1 << 16), 0.05)
+            writer.write(answer(answers[head.split(b" ")[1]]))
+            await writer.drain()
+
+    return script
+
+
+async def test_fetch_then_asks_one_by_one_when_told(pool, raw_server) -> None:
+    url = await raw_server(unpipelined({b"/a": b"[1]", b"/b": b"[2]"}))
+    first, second = await pool.fetch_then(url + "/a", url + "/b", {}, 1 << 20, 0.3)
+    assert first == (200, b"[1]") and second is None  # the pipelined request went unanswered
+    first, second = await pool.fetch_then(url + "/a", url + "/b", {}, 1 << 20, 0.3, False)
+    assert first == (200, b"[1]") and second == (200, b"[2]")
+
+
+async def test_an_ollama_that_drops_pipelined_requests_is_asked_one_by_one(
+    pool, raw_server
+) -> None:
+    """The first poll's /api/ps goes unanswered; from then on that backend is asked for it
+    after the model list's answer, and what is loaded is known again."""
+    tags = b'{"models": [{"model": "m", "digest": "d"}]}'
+    ps = b'{"models": [{"model": "m", "size_vram": 7}]}'
+    url = await raw_server(unpipelined({b"/api/tags": tags, b"/api/ps": ps, b"/api/show": b"{}"}))
+    backend = nexus.Backend(name="o", url=url, type="ollama")
+    adapter = nexus.OllamaAdapter()
+    assert list(await asyncio.wait_for(adapter.poll(pool, backend), 5)) == ["m"]
+    assert backend.loaded is None  # not known yet
+    assert list(await asyncio.wait_for(adapter.poll(pool, backend), 5)) == ["m"]
+    assert backend.loaded == {"m": 7}
 
 
 async def test_fetch_then_asks_again_when_the_first_answer_closes(pool, raw_server) -> None:
