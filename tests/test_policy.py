@@ -489,7 +489,7 @@ async def test_hard_limit_block_all_and_warn(backend_factory, nexus_factory):
 
 # --- properties over random worlds ------------------------------------------------------------
 
-from hypothesis import given  # noqa: E402
+from hypothesis import example, given  # noqa: E402
 from hypothesis import settings as hypothesis_settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
@@ -517,6 +517,27 @@ world_backend = st.fixed_dictionaries(
     overflow=st.sampled_from(["block", "scrub"]),
     budget_status=st.sampled_from(["normal", "soft_limit", "hard_limit"]),
     action=st.sampled_from(nexus.BUDGET_ACTIONS),
+)
+@example(  # a flexible request under block_cloud: the fallback's higher tier does not count
+    specs=[
+        {
+            "type": "ollama",
+            "zone": "restricted",
+            "tier": t,
+            "status": "healthy",
+            "priority": 0,
+            "in_flight": 0,
+            "max_concurrent": 0,
+            "models": [m],
+        }
+        for t, m in ((0, "internal-a"), (1, "internal-b"))
+    ],
+    model="internal-a",
+    min_tier=1,
+    flexible=True,
+    overflow="block",
+    budget_status="hard_limit",
+    action="block_cloud",
 )
 def test_policy_holds_in_every_world(
     specs, model, min_tier, flexible, overflow, budget_status, action
@@ -546,12 +567,16 @@ def test_policy_holds_in_every_world(
         return
     hard = budget_status == "hard_limit"
     assert not (hard and action == "block_all")
+    # block_cloud at the hard limit serves the model asked for, never a fallback: a backend
+    # of a fallback model does not meet the tier for this request.
+    cut = hard and action == "block_cloud"
+    served = [model] if cut else [model, *s.routing.fallbacks.get(model, [])]
     tier_met = any(
         b.tier >= min_tier
         and b.zone == "restricted"
         and b.status == "healthy"
         and not (hard and action in ("shift_local", "block_cloud") and b.is_cloud)
-        for m in [model, *s.routing.fallbacks.get(model, [])]
+        for m in served
         for b in registry.by_model.get(m, ())
     )
     for attempt in decision.attempts:
