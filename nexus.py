@@ -8,12 +8,8 @@ operational (health, load, counters) and lives in memory, except the month's spe
 monthly limit is set (the ledger, nexus.db).
 
 This file is the whole program. It needs aiohttp, zeroconf and tiktoken, and uses uvloop where
-it is installed (not on Windows). It reads top to bottom in the order a request travels, each
-section's banner saying what it owns: Errors, Settings, App keys, World model, Health and
-Discovery (keep the world current), Requests, Tokens, Policy, Ledger, Auth, Routing (pure
-functions), Backend connections, Backend adapters (the only code that knows a backend's quirks),
-Model lifecycle, Proxy, Front doors (Anthropic Messages, OpenAI Responses and Ollama APIs,
-translated to chat and back), HTTP handlers, Stats, Metrics, App assembly, Reload, CLI and main().
+it is installed (not on Windows). It reads top to bottom in the order a request travels; each
+section's banner says what it owns and what it must not do.
 """
 
 from __future__ import annotations
@@ -116,8 +112,7 @@ class NexusError(Exception):
 
     @classmethod
     def of(cls, status: int, code: str | None, message: str, *rest: Any, **kw: Any) -> NexusError:
-        """The error for a status and code, its type looked up in ERROR_TYPES (or CODE_TYPES);
-        param, context and headers follow as for NexusError itself."""
+        """The error for a status and code, its type looked up in ERROR_TYPES (or CODE_TYPES)."""
         type_ = CODE_TYPES.get(code or "") or ERROR_TYPES[status]
         return cls(status, type_, code, message, *rest, **kw)
 
@@ -135,10 +130,9 @@ def bad_request(message: str, param: str | None = None) -> NexusError:
 
 
 class ConfigError(Exception):
-    """An invalid setting. Start-up prints it as one line and exits with code 2."""
+    """An invalid setting at `key` (a dotted path, a variable or a flag); start-up exits with 2."""
 
     def __init__(self, key: str, problem: str) -> None:
-        """The problem with the setting at `key` (a dotted path, a variable or a flag)."""
         super().__init__(f"invalid setting {key}: {problem}")
         self.key = key
 
@@ -158,7 +152,7 @@ STRATEGIES = ("smart", "round_robin", "priority_only", "random")
 BUDGET_ACTIONS = ("warn", "shift_local", "block_cloud", "block_all")
 MAX_ALIAS_HOPS = 3
 LOG_LEVELS = tuple(name.lower() for name in logging.getLevelNamesMapping())
-WEIGHTS = ("priority", "load", "latency")
+WEIGHTS = {"priority": 50.0, "load": 30.0, "latency": 20.0}  # the score's, by default
 
 
 def setting(default: Any, **rules: Any) -> Any:
@@ -228,9 +222,7 @@ class RoutingSettings:
 
     strategy: str = setting("smart", choices=STRATEGIES)
     max_retries: int = setting(2, non_negative=True)
-    weights: dict[str, float] = field(
-        default_factory=lambda: {"priority": 50.0, "load": 30.0, "latency": 20.0}
-    )
+    weights: dict[str, float] = field(default_factory=WEIGHTS.copy)
     aliases: dict[str, str] = field(default_factory=dict)
     fallbacks: dict[str, list[str]] = field(default_factory=dict)
     policies: list[PolicySettings] = field(default_factory=list)
@@ -323,15 +315,6 @@ FALSE_WORDS = ("0", "false", "no", "off")
 SCALAR_WORDS = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}
 
 
-def _check_scalar(key: str, value: Any, default: Any) -> Any:
-    """Check a value against the type of its default; ints are accepted where floats are."""
-    kind = type(default)
-    accepted = int | float if kind is float else kind
-    if isinstance(value, bool) is not (kind is bool) or not isinstance(value, accepted):
-        raise ConfigError(key, f"expected {SCALAR_WORDS[kind]}, got {value!r}")
-    return float(value) if kind is float else value
-
-
 def _parse_env_value(var: str, text: str, default: Any) -> Any:
     """A NEXUS_* variable's text as the type of the setting it sets."""
     if isinstance(default, bool):
@@ -348,10 +331,8 @@ def _parse_env_value(var: str, text: str, default: Any) -> Any:
 
 def config_file_path(cli_path: str | None, env: dict[str, str]) -> Path | None:
     """The config file: --config, else $NEXUS_CONFIG, else ./nexus.toml when it exists."""
-    if cli_path:
-        return Path(cli_path)
-    if env.get("NEXUS_CONFIG"):
-        return Path(env["NEXUS_CONFIG"])
+    if cli_path or env.get("NEXUS_CONFIG"):
+        return Path(cli_path or env["NEXUS_CONFIG"])
     local = Path("nexus.toml")
     return local if local.is_file() else None
 
@@ -362,14 +343,10 @@ def check_setting(key: str, value: Any, rules: Mapping[str, Any]) -> None:
         raise ConfigError(key, f"must be greater than 0, got {value}")
     if rules.get("non_negative") and value < 0:
         raise ConfigError(key, f"must not be negative, got {value}")
-    if "min" in rules:  # with max (inclusive) or below (exclusive)
-        low, high = rules["min"], rules.get("max")
-        if high is None:
-            fits, high = value < rules["below"], rules["below"] - 1
-        else:
-            fits = value <= high
-        if value < low or not fits:
-            raise ConfigError(key, f"expected {low}-{high}, got {value}")
+    if "max" in rules and not rules["min"] <= value <= rules["max"]:
+        raise ConfigError(key, f"expected {rules['min']}-{rules['max']}, got {value}")
+    if "below" in rules and not rules["min"] <= value < rules["below"]:
+        raise ConfigError(key, f"expected {rules['min']}-{rules['below'] - 1}, got {value}")
     choices = rules.get("choices")
     if choices and (value.lower() if rules.get("any_case") else value) not in choices:
         words = " or ".join(choices) if len(choices) == 2 else "one of " + ", ".join(choices)
@@ -402,11 +379,9 @@ def validate_price(key: str, price: Any) -> None:
         if name not in known:
             raise ConfigError(f"{key}.{name}", f"unknown key (expected {', '.join(known)})")
     for name in known:
-        value = price.get(name)
-        if value is None:
-            if name in ("input", "output"):
-                raise ConfigError(f"{key}.{name}", "is required (USD per million tokens)")
-            continue
+        if name in ("input", "output") and name not in price:
+            raise ConfigError(f"{key}.{name}", "is required (USD per million tokens)")
+        value = price.get(name, 0)  # the cache prices may be left out
         if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
             raise ConfigError(f"{key}.{name}", f"expected a number of 0 or more, got {value!r}")
 
@@ -561,7 +536,11 @@ def _convert_field(key: str, value: Any, default: Any, kind: Any) -> Any:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(key, f"expected a list of strings, got {value!r}")
         return value
-    return _check_scalar(key, value, default)
+    kind = type(default)  # a value: of its default's type, though an int will do for a float
+    accepted = int | float if kind is float else kind
+    if isinstance(value, bool) is not (kind is bool) or not isinstance(value, accepted):
+        raise ConfigError(key, f"expected {SCALAR_WORDS[kind]}, got {value!r}")
+    return float(value) if kind is float else value
 
 
 def load_settings(
