@@ -267,8 +267,7 @@ class ApiKeySettings:
     tpm: int = setting(0, non_negative=True)
     models: list[str] = field(default_factory=list)
     admin: bool = False
-    # Derived at start-up from the key_env variable, never read from the file.
-    digest: bytes = field(default=b"", init=False, repr=False, compare=False)
+    digest: bytes = field(default=b"", init=False, repr=False, compare=False)  # of key_env's key
 
 
 @dataclass(slots=True)
@@ -719,7 +718,6 @@ class Model:
     size: int | None = None  # bytes, where the backend says (Ollama's /api/tags): what a load takes
 
 
-NOTHING_MOVING: frozenset[str] = frozenset()
 # A Backend's attributes that come from its [[backends]] entry (its rpm becomes its rpm_bucket);
 # everything else on it (health, load, latency) is what Nexus learns, and a reload keeps it.
 BACKEND_SETTINGS = tuple(f.name for f in fields(BackendSettings) if f.name != "rpm")
@@ -757,10 +755,8 @@ class Backend:
     # Counts the lifecycle's own reads of `loaded`: a poll whose /api/ps went out before one of
     # them holds an older state and leaves `loaded` as the lifecycle read it.
     loaded_reads: int = 0
-    # Models a lifecycle operation is loading here (not a candidate for them until loaded) and
-    # models a migration is taking away (a candidate for them only after every other).
-    loading: frozenset[str] = NOTHING_MOVING
-    draining: frozenset[str] = NOTHING_MOVING
+    loading: frozenset[str] = frozenset()  # being loaded by the lifecycle: not yet a candidate
+    draining: frozenset[str] = frozenset()  # migrating away: a candidate only after every other
     model_in_flight: dict[str, int] = field(default_factory=dict)  # requests on it, per model
 
     @property
@@ -787,12 +783,9 @@ class Backend:
         """The admin/CLI view of a backend. Never includes a key, only the variable's name."""
         view = {name: getattr(self, name) for name in ("name", "url", "type", "status", "zone")}
         view.update(tier=self.tier or None, priority=self.priority, source=self.source)
-        view.update(models=sorted(self.models), last_error=self.why_down())
+        failure = self.last_error if self.status != "healthy" else ""  # refused, HTTP 401...
+        view.update(models=sorted(self.models), last_error=failure or None)
         return view
-
-    def why_down(self) -> str | None:
-        """The last failure of a backend that is not healthy (refused, timed out, HTTP 401...)."""
-        return (self.last_error or None) if self.status != "healthy" else None
 
 
 @dataclass(slots=True, eq=False, repr=False)
@@ -864,7 +857,6 @@ JSON_DECODER = json.JSONDecoder()
 # §3.7); Codex writes session_id. Claude Code also names it in Anthropic's metadata.user_id,
 # which the Messages door carries as the chat request's `user`.
 SESSION_HEADERS = ("X-Nexus-Session", "session-id", "session_id", "X-Claude-Code-Session-Id")
-CLAUDE_SESSION_MARK = "_session_"  # user_<hash>_account_<uuid>_session_<uuid>
 
 
 @dataclass(slots=True)
@@ -961,10 +953,8 @@ def chat_needs(body: dict[str, Any], image_tokens: int = 0) -> RequestNeeds:
             not isinstance(calls, list)
             or not all(isinstance(c, dict) and isinstance(c.get("function"), dict) for c in calls)
         ):
-            raise bad_request(
-                "tool_calls must be an array of objects, each with a function object",
-                f"messages[{i}].tool_calls",
-            )
+            problem = "tool_calls must be an array of objects, each with a function object"
+            raise bad_request(problem, f"messages[{i}].tool_calls")
         for call in calls or ():
             for part in (call["function"].get("name"), call["function"].get("arguments")):
                 if isinstance(part, str):
@@ -973,15 +963,14 @@ def chat_needs(body: dict[str, Any], image_tokens: int = 0) -> RequestNeeds:
     if max_tokens is None:
         max_tokens = optional_int(body, "max_tokens")
     format_ = body.get("response_format")
+    json_mode = isinstance(format_, dict) and format_.get("type") in ("json_object", "json_schema")
+    framing = MESSAGE_OVERHEAD_TOKENS * len(messages)
     return RequestNeeds(
         model=model,
         vision=images > 0,
         tools=bool(tools),
-        json_mode=isinstance(format_, dict)
-        and format_.get("type") in ("json_object", "json_schema"),
-        prompt_tokens=chars // CHARS_PER_TOKEN
-        + image_tokens * images
-        + MESSAGE_OVERHEAD_TOKENS * len(messages),
+        json_mode=json_mode,
+        prompt_tokens=chars // CHARS_PER_TOKEN + image_tokens * images + framing,
         max_tokens=max_tokens,
     )
 
@@ -1037,7 +1026,7 @@ def claude_session(user_id: Any) -> str | None:
             return None
         session = found.get("session_id") if isinstance(found, dict) else None
         return session if isinstance(session, str) and session else None
-    _, mark, session = user_id.rpartition(CLAUDE_SESSION_MARK)
+    _, mark, session = user_id.rpartition("_session_")  # user_<hash>_account_<uuid>_session_<uuid>
     return session if mark and session else None
 
 
