@@ -156,9 +156,8 @@ WEIGHTS = {"priority": 50.0, "load": 30.0, "latency": 20.0}  # the score's, by d
 
 
 def setting(default: Any, **rules: Any) -> Any:
-    """A settings field with the rules its value must meet, kept in the field's metadata and
-    checked by check_setting: positive, non_negative, min and max (or below), choices; and env,
-    the NEXUS_* variable that sets it."""
+    """A settings field with the rules check_setting holds its value to (positive, non_negative,
+    min and max or below, choices) and env, the NEXUS_* variable that sets it."""
     return field(default=default, metadata=rules)
 
 
@@ -435,7 +434,7 @@ def validate_backend(b: BackendSettings, key: str, env: dict[str, str]) -> None:
     except ValueError as exc:
         raise ConfigError(f"{key}.url", str(exc)) from None
     if not b.name:
-        b.name = urllib.parse.urlsplit(b.url).netloc.rpartition("@")[2]  # host:port only
+        b.name = urllib.parse.urlsplit(b.url).netloc  # host:port (it holds no credentials)
     if not b.zone:
         b.zone = "open" if b.type in CLOUD_TYPES else "restricted"
     check_fields(b, key)
@@ -678,7 +677,6 @@ class TokenBucket:
     __slots__ = ("level", "per_minute", "updated")
 
     def __init__(self, per_minute: float, now: float) -> None:
-        """A full bucket of `per_minute` units at time `now`."""
         self.per_minute = float(per_minute)
         self.level = self.per_minute
         self.updated = now
@@ -803,7 +801,6 @@ class Registry:
         self.reindex()
 
     def remove(self, name: str) -> Backend | None:
-        """Remove a backend by name and reindex; the backend, or None if there was none."""
         backend = self.backends.pop(name, None)
         if backend is not None:
             self.reindex()
@@ -813,13 +810,11 @@ class Registry:
         return next((b for b in self.backends.values() if b.url == url), None)
 
     def set_models(self, backend: Backend, models: dict[str, Model]) -> None:
-        """Set a backend's models from a poll, reindexing only when they changed."""
         if models.keys() != backend.models.keys() or models != backend.models:
             backend.models = models
             self.reindex()
 
     def reindex(self) -> None:
-        """Rebuild by_model, the backends serving each model id."""
         index: dict[str, list[Backend]] = {}
         for backend in self.backends.values():
             for model_id in backend.models:
