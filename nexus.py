@@ -534,11 +534,11 @@ def _convert_field(key: str, value: Any, default: Any, kind: Any) -> Any:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(key, f"expected a list of strings, got {value!r}")
         return value
-    kind = type(default)  # a value: of its default's type, though an int will do for a float
-    accepted = int | float if kind is float else kind
-    if isinstance(value, bool) is not (kind is bool) or not isinstance(value, accepted):
-        raise ConfigError(key, f"expected {SCALAR_WORDS[kind]}, got {value!r}")
-    return float(value) if kind is float else value
+    scalar = type(default)  # a value: of its default's type, though an int will do for a float
+    accepted = int | float if scalar is float else scalar
+    if isinstance(value, bool) is not (scalar is bool) or not isinstance(value, accepted):
+        raise ConfigError(key, f"expected {SCALAR_WORDS[scalar]}, got {value!r}")
+    return float(value) if scalar is float else value
 
 
 def load_settings(
@@ -934,9 +934,7 @@ def chat_needs(body: dict[str, Any], image_tokens: int = 0) -> RequestNeeds:
             chars += len(content)
         elif isinstance(content, list):
             for part in content:
-                if not isinstance(part, dict):
-                    continue
-                kind = part.get("type")
+                kind = part.get("type") if isinstance(part, dict) else None
                 if kind == "text" and isinstance(part.get("text"), str):
                     chars += len(part["text"])
                 elif kind in ("image_url", "image", "input_image"):
