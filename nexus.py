@@ -130,7 +130,7 @@ def bad_request(message: str, param: str | None = None) -> NexusError:
 
 
 class ConfigError(Exception):
-    """An invalid setting at `key` (a dotted path, a variable or a flag); start-up exits with 2."""
+    """An invalid setting at `key`: a dotted path, variable or flag. Start-up exits with code 2."""
 
     def __init__(self, key: str, problem: str) -> None:
         super().__init__(f"invalid setting {key}: {problem}")
@@ -152,7 +152,7 @@ STRATEGIES = ("smart", "round_robin", "priority_only", "random")
 BUDGET_ACTIONS = ("warn", "shift_local", "block_cloud", "block_all")
 MAX_ALIAS_HOPS = 3
 LOG_LEVELS = tuple(name.lower() for name in logging.getLevelNamesMapping())
-WEIGHTS = {"priority": 50.0, "load": 30.0, "latency": 20.0}  # the score's, by default
+WEIGHTS = {"priority": 50.0, "load": 30.0, "latency": 20.0}  # the routing score's, and defaults
 
 
 def setting(default: Any, **rules: Any) -> Any:
