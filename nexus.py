@@ -8,12 +8,8 @@ operational (health, load, counters) and lives in memory, except the month's spe
 monthly limit is set (the ledger, nexus.db).
 
 This file is the whole program. It needs aiohttp, zeroconf and tiktoken, and uses uvloop where
-it is installed (not on Windows). It reads top to bottom in the order a request travels, each
-section's banner saying what it owns: Errors, Settings, App keys, World model, Health and
-Discovery (keep the world current), Requests, Tokens, Policy, Ledger, Auth, Routing (pure
-functions), Backend connections, Backend adapters (the only code that knows a backend's quirks),
-Model lifecycle, Proxy, Front doors (Anthropic Messages, OpenAI Responses and Ollama APIs,
-translated to chat and back), HTTP handlers, Stats, Metrics, App assembly, Reload, CLI and main().
+it is installed (not on Windows). It reads top to bottom in the order a request travels; each
+section's banner says what it owns and what it must not do.
 """
 
 from __future__ import annotations
@@ -116,8 +112,7 @@ class NexusError(Exception):
 
     @classmethod
     def of(cls, status: int, code: str | None, message: str, *rest: Any, **kw: Any) -> NexusError:
-        """The error for a status and code, its type looked up in ERROR_TYPES (or CODE_TYPES);
-        param, context and headers follow as for NexusError itself."""
+        """The error for a status and code, its type looked up in ERROR_TYPES (or CODE_TYPES)."""
         type_ = CODE_TYPES.get(code or "") or ERROR_TYPES[status]
         return cls(status, type_, code, message, *rest, **kw)
 
@@ -135,10 +130,9 @@ def bad_request(message: str, param: str | None = None) -> NexusError:
 
 
 class ConfigError(Exception):
-    """An invalid setting. Start-up prints it as one line and exits with code 2."""
+    """An invalid setting at `key`: a dotted path, variable or flag. Start-up exits with code 2."""
 
     def __init__(self, key: str, problem: str) -> None:
-        """The problem with the setting at `key` (a dotted path, a variable or a flag)."""
         super().__init__(f"invalid setting {key}: {problem}")
         self.key = key
 
@@ -158,13 +152,12 @@ STRATEGIES = ("smart", "round_robin", "priority_only", "random")
 BUDGET_ACTIONS = ("warn", "shift_local", "block_cloud", "block_all")
 MAX_ALIAS_HOPS = 3
 LOG_LEVELS = tuple(name.lower() for name in logging.getLevelNamesMapping())
-WEIGHTS = ("priority", "load", "latency")
+WEIGHTS = {"priority": 50.0, "load": 30.0, "latency": 20.0}  # the routing score's, and defaults
 
 
 def setting(default: Any, **rules: Any) -> Any:
-    """A settings field with the rules its value must meet, kept in the field's metadata and
-    checked by check_setting: positive, non_negative, min and max (or below), choices; and env,
-    the NEXUS_* variable that sets it."""
+    """A settings field with the rules check_setting holds its value to (positive, non_negative,
+    min and max or below, choices) and env, the NEXUS_* variable that sets it."""
     return field(default=default, metadata=rules)
 
 
@@ -228,9 +221,7 @@ class RoutingSettings:
 
     strategy: str = setting("smart", choices=STRATEGIES)
     max_retries: int = setting(2, non_negative=True)
-    weights: dict[str, float] = field(
-        default_factory=lambda: {"priority": 50.0, "load": 30.0, "latency": 20.0}
-    )
+    weights: dict[str, float] = field(default_factory=WEIGHTS.copy)
     aliases: dict[str, str] = field(default_factory=dict)
     fallbacks: dict[str, list[str]] = field(default_factory=dict)
     policies: list[PolicySettings] = field(default_factory=list)
@@ -275,8 +266,7 @@ class ApiKeySettings:
     tpm: int = setting(0, non_negative=True)
     models: list[str] = field(default_factory=list)
     admin: bool = False
-    # Derived at start-up from the key_env variable, never read from the file.
-    digest: bytes = field(default=b"", init=False, repr=False, compare=False)
+    digest: bytes = field(default=b"", init=False, repr=False, compare=False)  # of key_env's key
 
 
 @dataclass(slots=True)
@@ -323,15 +313,6 @@ FALSE_WORDS = ("0", "false", "no", "off")
 SCALAR_WORDS = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}
 
 
-def _check_scalar(key: str, value: Any, default: Any) -> Any:
-    """Check a value against the type of its default; ints are accepted where floats are."""
-    kind = type(default)
-    accepted = int | float if kind is float else kind
-    if isinstance(value, bool) is not (kind is bool) or not isinstance(value, accepted):
-        raise ConfigError(key, f"expected {SCALAR_WORDS[kind]}, got {value!r}")
-    return float(value) if kind is float else value
-
-
 def _parse_env_value(var: str, text: str, default: Any) -> Any:
     """A NEXUS_* variable's text as the type of the setting it sets."""
     if isinstance(default, bool):
@@ -348,10 +329,8 @@ def _parse_env_value(var: str, text: str, default: Any) -> Any:
 
 def config_file_path(cli_path: str | None, env: dict[str, str]) -> Path | None:
     """The config file: --config, else $NEXUS_CONFIG, else ./nexus.toml when it exists."""
-    if cli_path:
-        return Path(cli_path)
-    if env.get("NEXUS_CONFIG"):
-        return Path(env["NEXUS_CONFIG"])
+    if cli_path or env.get("NEXUS_CONFIG"):
+        return Path(cli_path or env["NEXUS_CONFIG"])
     local = Path("nexus.toml")
     return local if local.is_file() else None
 
@@ -362,14 +341,10 @@ def check_setting(key: str, value: Any, rules: Mapping[str, Any]) -> None:
         raise ConfigError(key, f"must be greater than 0, got {value}")
     if rules.get("non_negative") and value < 0:
         raise ConfigError(key, f"must not be negative, got {value}")
-    if "min" in rules:  # with max (inclusive) or below (exclusive)
-        low, high = rules["min"], rules.get("max")
-        if high is None:
-            fits, high = value < rules["below"], rules["below"] - 1
-        else:
-            fits = value <= high
-        if value < low or not fits:
-            raise ConfigError(key, f"expected {low}-{high}, got {value}")
+    if "max" in rules and not rules["min"] <= value <= rules["max"]:
+        raise ConfigError(key, f"expected {rules['min']}-{rules['max']}, got {value}")
+    if "below" in rules and not rules["min"] <= value < rules["below"]:
+        raise ConfigError(key, f"expected {rules['min']}-{rules['below'] - 1}, got {value}")
     choices = rules.get("choices")
     if choices and (value.lower() if rules.get("any_case") else value) not in choices:
         words = " or ".join(choices) if len(choices) == 2 else "one of " + ", ".join(choices)
@@ -402,11 +377,9 @@ def validate_price(key: str, price: Any) -> None:
         if name not in known:
             raise ConfigError(f"{key}.{name}", f"unknown key (expected {', '.join(known)})")
     for name in known:
-        value = price.get(name)
-        if value is None:
-            if name in ("input", "output"):
-                raise ConfigError(f"{key}.{name}", "is required (USD per million tokens)")
-            continue
+        if name in ("input", "output") and name not in price:
+            raise ConfigError(f"{key}.{name}", "is required (USD per million tokens)")
+        value = price.get(name, 0)  # the cache prices may be left out
         if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
             raise ConfigError(f"{key}.{name}", f"expected a number of 0 or more, got {value!r}")
 
@@ -461,7 +434,7 @@ def validate_backend(b: BackendSettings, key: str, env: dict[str, str]) -> None:
     except ValueError as exc:
         raise ConfigError(f"{key}.url", str(exc)) from None
     if not b.name:
-        b.name = urllib.parse.urlsplit(b.url).netloc.rpartition("@")[2]  # host:port only
+        b.name = urllib.parse.urlsplit(b.url).netloc  # host:port (it holds no credentials)
     if not b.zone:
         b.zone = "open" if b.type in CLOUD_TYPES else "restricted"
     check_fields(b, key)
@@ -561,7 +534,11 @@ def _convert_field(key: str, value: Any, default: Any, kind: Any) -> Any:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(key, f"expected a list of strings, got {value!r}")
         return value
-    return _check_scalar(key, value, default)
+    scalar = type(default)  # a value: of its default's type, though an int will do for a float
+    accepted = int | float if scalar is float else scalar
+    if isinstance(value, bool) is not (scalar is bool) or not isinstance(value, accepted):
+        raise ConfigError(key, f"expected {SCALAR_WORDS[scalar]}, got {value!r}")
+    return float(value) if scalar is float else value
 
 
 def load_settings(
@@ -700,7 +677,6 @@ class TokenBucket:
     __slots__ = ("level", "per_minute", "updated")
 
     def __init__(self, per_minute: float, now: float) -> None:
-        """A full bucket of `per_minute` units at time `now`."""
         self.per_minute = float(per_minute)
         self.level = self.per_minute
         self.updated = now
@@ -740,7 +716,6 @@ class Model:
     size: int | None = None  # bytes, where the backend says (Ollama's /api/tags): what a load takes
 
 
-NOTHING_MOVING: frozenset[str] = frozenset()
 # A Backend's attributes that come from its [[backends]] entry (its rpm becomes its rpm_bucket);
 # everything else on it (health, load, latency) is what Nexus learns, and a reload keeps it.
 BACKEND_SETTINGS = tuple(f.name for f in fields(BackendSettings) if f.name != "rpm")
@@ -778,10 +753,8 @@ class Backend:
     # Counts the lifecycle's own reads of `loaded`: a poll whose /api/ps went out before one of
     # them holds an older state and leaves `loaded` as the lifecycle read it.
     loaded_reads: int = 0
-    # Models a lifecycle operation is loading here (not a candidate for them until loaded) and
-    # models a migration is taking away (a candidate for them only after every other).
-    loading: frozenset[str] = NOTHING_MOVING
-    draining: frozenset[str] = NOTHING_MOVING
+    loading: frozenset[str] = frozenset()  # being loaded by the lifecycle: not yet a candidate
+    draining: frozenset[str] = frozenset()  # migrating away: a candidate only after every other
     model_in_flight: dict[str, int] = field(default_factory=dict)  # requests on it, per model
 
     @property
@@ -808,12 +781,9 @@ class Backend:
         """The admin/CLI view of a backend. Never includes a key, only the variable's name."""
         view = {name: getattr(self, name) for name in ("name", "url", "type", "status", "zone")}
         view.update(tier=self.tier or None, priority=self.priority, source=self.source)
-        view.update(models=sorted(self.models), last_error=self.why_down())
+        failure = self.last_error if self.status != "healthy" else ""  # refused, HTTP 401...
+        view.update(models=sorted(self.models), last_error=failure or None)
         return view
-
-    def why_down(self) -> str | None:
-        """The last failure of a backend that is not healthy (refused, timed out, HTTP 401...)."""
-        return (self.last_error or None) if self.status != "healthy" else None
 
 
 @dataclass(slots=True, eq=False, repr=False)
@@ -831,7 +801,6 @@ class Registry:
         self.reindex()
 
     def remove(self, name: str) -> Backend | None:
-        """Remove a backend by name and reindex; the backend, or None if there was none."""
         backend = self.backends.pop(name, None)
         if backend is not None:
             self.reindex()
@@ -841,13 +810,11 @@ class Registry:
         return next((b for b in self.backends.values() if b.url == url), None)
 
     def set_models(self, backend: Backend, models: dict[str, Model]) -> None:
-        """Set a backend's models from a poll, reindexing only when they changed."""
         if models.keys() != backend.models.keys() or models != backend.models:
             backend.models = models
             self.reindex()
 
     def reindex(self) -> None:
-        """Rebuild by_model, the backends serving each model id."""
         index: dict[str, list[Backend]] = {}
         for backend in self.backends.values():
             for model_id in backend.models:
@@ -885,7 +852,6 @@ JSON_DECODER = json.JSONDecoder()
 # §3.7); Codex writes session_id. Claude Code also names it in Anthropic's metadata.user_id,
 # which the Messages door carries as the chat request's `user`.
 SESSION_HEADERS = ("X-Nexus-Session", "session-id", "session_id", "X-Claude-Code-Session-Id")
-CLAUDE_SESSION_MARK = "_session_"  # user_<hash>_account_<uuid>_session_<uuid>
 
 
 @dataclass(slots=True)
@@ -968,9 +934,7 @@ def chat_needs(body: dict[str, Any], image_tokens: int = 0) -> RequestNeeds:
             chars += len(content)
         elif isinstance(content, list):
             for part in content:
-                if not isinstance(part, dict):
-                    continue
-                kind = part.get("type")
+                kind = part.get("type") if isinstance(part, dict) else None
                 if kind == "text" and isinstance(part.get("text"), str):
                     chars += len(part["text"])
                 elif kind in ("image_url", "image", "input_image"):
@@ -982,10 +946,8 @@ def chat_needs(body: dict[str, Any], image_tokens: int = 0) -> RequestNeeds:
             not isinstance(calls, list)
             or not all(isinstance(c, dict) and isinstance(c.get("function"), dict) for c in calls)
         ):
-            raise bad_request(
-                "tool_calls must be an array of objects, each with a function object",
-                f"messages[{i}].tool_calls",
-            )
+            problem = "tool_calls must be an array of objects, each with a function object"
+            raise bad_request(problem, f"messages[{i}].tool_calls")
         for call in calls or ():
             for part in (call["function"].get("name"), call["function"].get("arguments")):
                 if isinstance(part, str):
@@ -994,15 +956,14 @@ def chat_needs(body: dict[str, Any], image_tokens: int = 0) -> RequestNeeds:
     if max_tokens is None:
         max_tokens = optional_int(body, "max_tokens")
     format_ = body.get("response_format")
+    json_mode = isinstance(format_, dict) and format_.get("type") in ("json_object", "json_schema")
+    framing = MESSAGE_OVERHEAD_TOKENS * len(messages)
     return RequestNeeds(
         model=model,
         vision=images > 0,
         tools=bool(tools),
-        json_mode=isinstance(format_, dict)
-        and format_.get("type") in ("json_object", "json_schema"),
-        prompt_tokens=chars // CHARS_PER_TOKEN
-        + image_tokens * images
-        + MESSAGE_OVERHEAD_TOKENS * len(messages),
+        json_mode=json_mode,
+        prompt_tokens=chars // CHARS_PER_TOKEN + image_tokens * images + framing,
         max_tokens=max_tokens,
     )
 
@@ -1058,7 +1019,7 @@ def claude_session(user_id: Any) -> str | None:
             return None
         session = found.get("session_id") if isinstance(found, dict) else None
         return session if isinstance(session, str) and session else None
-    _, mark, session = user_id.rpartition(CLAUDE_SESSION_MARK)
+    _, mark, session = user_id.rpartition("_session_")  # user_<hash>_account_<uuid>_session_<uuid>
     return session if mark and session else None
 
 
