@@ -1186,8 +1186,7 @@ def load_encoding(name: str) -> tiktoken.Encoding:
 
 
 def encoding_for_model(model: str) -> tuple[str, bool]:
-    """(encoding name, exact) for a model id by tiktoken's model table (no I/O), any provider
-    prefix ("openai/gpt-4o") ignored; unknown models get cl100k as an approximation."""
+    """(encoding name, exact) for a model id by tiktoken's table, any provider prefix ignored."""
     try:
         name = tiktoken.encoding_name_for_model(model.rsplit("/", 1)[-1])
     except KeyError:
@@ -1206,9 +1205,7 @@ def count_tokens(text: str, model: str) -> tuple[int, bool]:
 def tokenizer_for(backend_type: str, model: str) -> tuple[str, bool]:
     """(encoding, exact) for a model on a type of backend: exact only on OpenAI's own API (a
     local server's model names say nothing certain of its tokenizer)."""
-    if backend_type == "openai":
-        return encoding_for_model(model)
-    return APPROXIMATE_ENCODING, False
+    return encoding_for_model(model) if backend_type == "openai" else (APPROXIMATE_ENCODING, False)
 
 
 def tool_call_texts(calls: Any) -> list[str]:
@@ -1337,10 +1334,8 @@ class TokenUsage:
             "total_tokens": self.prompt + self.completion,
         }
         if self.cached or self.cache_write:
-            out["prompt_tokens_details"] = {
-                "cached_tokens": self.cached,
-                "cache_creation_tokens": self.cache_write,
-            }
+            details = {"cached_tokens": self.cached, "cache_creation_tokens": self.cache_write}
+            out["prompt_tokens_details"] = details
         return out
 
     def as_anthropic(self) -> dict[str, int]:
@@ -1444,13 +1439,8 @@ def cost_usd(price: Price, usage: TokenUsage) -> float:
     cached_price = price.input if price.cached_input is None else price.cached_input
     write_price = price.input if price.cache_write is None else price.cache_write
     fresh = max(usage.prompt - usage.cached - usage.cache_write, 0)
-    total = (
-        fresh * price.input
-        + usage.cached * cached_price
-        + usage.cache_write * write_price
-        + usage.completion * price.output
-    )
-    return total / 1_000_000
+    prompt = fresh * price.input + usage.cached * cached_price + usage.cache_write * write_price
+    return (prompt + usage.completion * price.output) / 1_000_000
 
 
 def format_usd(usd: float) -> str:
@@ -1519,13 +1509,8 @@ class Budget:
         before = self.status
         self._spent_usd += usd
         if self.status != before:
-            log.warning(
-                "budget %s: %.4f of %.2f USD spent this month (%s)",
-                self.status,
-                self._spent_usd,
-                self.monthly_limit_usd,
-                self.month,
-            )
+            spent = "budget %s: %.4f of %.2f USD spent this month (%s)"
+            log.warning(spent, self.status, self._spent_usd, self.monthly_limit_usd, self.month)
 
     @property
     def status(self) -> str:
@@ -1690,10 +1675,8 @@ def data_directory(configured: str, env: dict[str, str], platform: str = sys.pla
 
 def ledger_wanted(settings: Settings) -> bool:
     """Whether a monthly limit is configured: only then does Nexus write anything to disk."""
-    budget = settings.routing.budget
-    if budget is not None and budget.monthly_limit_usd > 0:
-        return True
-    return any(k.monthly_limit_usd > 0 for k in settings.auth.api_keys)
+    budget, keys = settings.routing.budget or BudgetSettings(), settings.auth.api_keys
+    return budget.monthly_limit_usd > 0 or any(key.monthly_limit_usd > 0 for key in keys)
 
 
 def month_at(now: float) -> tuple[str, float]:
