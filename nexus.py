@@ -1375,8 +1375,7 @@ def token_counts(fields: Any, *names: str) -> list[int]:
 
 
 def usage_from(usage: Any) -> TokenUsage | None:
-    """Any API's usage object (chat's, the Responses API's, Anthropic's, the counts on an Ollama
-    answer) as TokenUsage; None when it says nothing."""
+    """Any API's usage (chat, Responses, Anthropic, Ollama) as TokenUsage; None if it is empty."""
     if not isinstance(usage, dict):
         return None
     if "prompt_eval_count" in usage or "eval_count" in usage:
@@ -1495,8 +1494,7 @@ class Budget:
         """Start the count again when a new month has begun."""
         month = month_of(now or dt.datetime.now(dt.UTC))
         if month != self.month:
-            self.month = month
-            self._spent_usd = 0.0
+            self.month, self._spent_usd = month, 0.0
 
     def start_from(self, spent_usd: float) -> None:
         """Begin the month from what the ledger holds for it (spent before this start)."""
@@ -1574,38 +1572,32 @@ class RouteRules:
     def allows(self, backend: Backend) -> bool:
         """Whether a backend may serve the request; a refusal records why in `excluded`."""
         if self.restricted_only and backend.zone != "restricted":
-            self.excluded.add("privacy")
-            return False
-        if self.overflow == "block" and backend.zone != "restricted":
-            self.excluded.add("overflow")
-            return False
-        if self.no_cloud and backend.is_cloud:
-            self.excluded.add("budget")
-            return False
-        if backend.tier < self.min_tier:  # an unset tier (0) meets no minimum
-            self.excluded.add("tier")
-            return False
-        return True
+            reason = "privacy"
+        elif self.overflow == "block" and backend.zone != "restricted":
+            reason = "overflow"
+        elif self.no_cloud and backend.is_cloud:
+            reason = "budget"
+        elif backend.tier < self.min_tier:  # an unset tier (0) meets no minimum
+            reason = "tier"
+        else:
+            return True
+        self.excluded.add(reason)
+        return False
 
 
 def monthly_limit_spent(code: str, message: str, limit: str) -> NexusError:
     """The 429 for a request a spent monthly limit refuses; Retry-After is when it starts again."""
-    return NexusError.of(
-        429,
-        code,
-        f"{message}; the {limit} starts again on the 1st of next month (UTC).",
-        headers={"Retry-After": str(seconds_to_next_month())},
-    )
+    text = f"{message}; the {limit} starts again on the 1st of next month (UTC)."
+    return NexusError.of(429, code, text, headers={"Retry-After": str(seconds_to_next_month())})
 
 
 def budget_exceeded(needs: RequestNeeds, action: str, why: str) -> NexusError:
     """The hard budget limit's clear refusal."""
-    return monthly_limit_spent(
-        "budget_exceeded",
+    message = (
         f"The monthly cloud budget is spent and routing.budget.hard_limit_action is "
-        f"{action!r}: {why}. Model '{needs.model}' was not sent anywhere",
-        "budget",
+        f"{action!r}: {why}. Model '{needs.model}' was not sent anywhere"
     )
+    return monthly_limit_spent("budget_exceeded", message, "budget")
 
 
 def route_rules(
@@ -1761,8 +1753,7 @@ class LedgerFile:
         return {key: [float(usd), int(n), int(tokens)] for key, usd, n, tokens in found}
 
     def replaced(self) -> bool:
-        """Whether nexus.db was deleted or replaced since it was opened; LedgerCorrupt when the
-        same file no longer holds a database."""
+        """Whether nexus.db was deleted or replaced since opened; LedgerCorrupt if overwritten."""
         try:
             stat = os.stat(self.path)
             with open(self.path, "rb") as file:
