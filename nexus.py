@@ -1363,9 +1363,7 @@ class TokenUsage:
 
 def token_count(value: Any) -> int | None:
     """A usage field's value when it is a count (a non-negative int), else None."""
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    return None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
 def token_counts(fields: Any, *names: str) -> list[int]:
@@ -1644,9 +1642,7 @@ LEDGER_SCHEMA = (
     "PRIMARY KEY (month, key))"
 )
 LEDGER_UPSERT = (
-    "INSERT INTO usage (month, key, spent_usd, requests, tokens) VALUES (?, ?, ?, ?, ?) "
-    "ON CONFLICT (month, key) DO UPDATE SET spent_usd = excluded.spent_usd, "
-    "requests = excluded.requests, tokens = excluded.tokens"
+    "INSERT OR REPLACE INTO usage (month, key, spent_usd, requests, tokens) VALUES (?, ?, ?, ?, ?)"
 )
 
 UsageRow = list[float]  # [spent_usd, requests, tokens] of one key (or the total) in one month
