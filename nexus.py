@@ -1536,9 +1536,7 @@ class Budget:
 def policy_for(model: str, routing: RoutingSettings) -> PolicySettings | None:
     """The first [[routing.policies]] entry whose model_pattern matches the model or an alias."""
     names = [model]
-    for _ in range(MAX_ALIAS_HOPS):
-        if names[-1] not in routing.aliases:
-            break
+    while names[-1] in routing.aliases and len(names) <= MAX_ALIAS_HOPS:
         names.append(routing.aliases[names[-1]])
     for policy in routing.policies:
         if any(fnmatch.fnmatchcase(name, policy.model_pattern) for name in names):
