@@ -1373,7 +1373,7 @@ def token_counts(fields: Any, *names: str) -> list[int]:
 
 
 def usage_from(usage: Any) -> TokenUsage | None:
-    """Any API's usage (chat, Responses, Anthropic, Ollama) as TokenUsage; None if it is empty."""
+    """Any API's usage (chat, Responses, Anthropic, Ollama) as TokenUsage; None if it counts 0."""
     if not isinstance(usage, dict):
         return None
     if "prompt_eval_count" in usage or "eval_count" in usage:
