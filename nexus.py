@@ -1147,8 +1147,7 @@ def load_encoding(name: str) -> tiktoken.Encoding:
 
 
 def encoding_for_model(model: str) -> tuple[str, bool]:
-    """(encoding name, exact) for a model id by tiktoken's model table (no I/O), any provider
-    prefix ("openai/gpt-4o") ignored; unknown models get cl100k as an approximation."""
+    """(encoding name, exact) for a model id by tiktoken's table, any provider prefix ignored."""
     try:
         name = tiktoken.encoding_name_for_model(model.rsplit("/", 1)[-1])
     except KeyError:
@@ -1167,9 +1166,7 @@ def count_tokens(text: str, model: str) -> tuple[int, bool]:
 def tokenizer_for(backend_type: str, model: str) -> tuple[str, bool]:
     """(encoding, exact) for a model on a type of backend: exact only on OpenAI's own API (a
     local server's model names say nothing certain of its tokenizer)."""
-    if backend_type == "openai":
-        return encoding_for_model(model)
-    return APPROXIMATE_ENCODING, False
+    return encoding_for_model(model) if backend_type == "openai" else (APPROXIMATE_ENCODING, False)
 
 
 def tool_call_texts(calls: Any) -> list[str]:
@@ -1298,10 +1295,8 @@ class TokenUsage:
             "total_tokens": self.prompt + self.completion,
         }
         if self.cached or self.cache_write:
-            out["prompt_tokens_details"] = {
-                "cached_tokens": self.cached,
-                "cache_creation_tokens": self.cache_write,
-            }
+            details = {"cached_tokens": self.cached, "cache_creation_tokens": self.cache_write}
+            out["prompt_tokens_details"] = details
         return out
 
     def as_anthropic(self) -> dict[str, int]:
@@ -1329,9 +1324,7 @@ class TokenUsage:
 
 def token_count(value: Any) -> int | None:
     """A usage field's value when it is a count (a non-negative int), else None."""
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    return None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
 def token_counts(fields: Any, *names: str) -> list[int]:
@@ -1341,8 +1334,7 @@ def token_counts(fields: Any, *names: str) -> list[int]:
 
 
 def usage_from(usage: Any) -> TokenUsage | None:
-    """Any API's usage object (chat's, the Responses API's, Anthropic's, the counts on an Ollama
-    answer) as TokenUsage; None when it says nothing."""
+    """Any API's usage (chat, Responses, Anthropic, Ollama) as TokenUsage; None if it counts 0."""
     if not isinstance(usage, dict):
         return None
     if "prompt_eval_count" in usage or "eval_count" in usage:
@@ -1405,13 +1397,8 @@ def cost_usd(price: Price, usage: TokenUsage) -> float:
     cached_price = price.input if price.cached_input is None else price.cached_input
     write_price = price.input if price.cache_write is None else price.cache_write
     fresh = max(usage.prompt - usage.cached - usage.cache_write, 0)
-    total = (
-        fresh * price.input
-        + usage.cached * cached_price
-        + usage.cache_write * write_price
-        + usage.completion * price.output
-    )
-    return total / 1_000_000
+    prompt = fresh * price.input + usage.cached * cached_price + usage.cache_write * write_price
+    return (prompt + usage.completion * price.output) / 1_000_000
 
 
 def format_usd(usd: float) -> str:
@@ -1466,8 +1453,7 @@ class Budget:
         """Start the count again when a new month has begun."""
         month = month_of(now or dt.datetime.now(dt.UTC))
         if month != self.month:
-            self.month = month
-            self._spent_usd = 0.0
+            self.month, self._spent_usd = month, 0.0
 
     def start_from(self, spent_usd: float) -> None:
         """Begin the month from what the ledger holds for it (spent before this start)."""
@@ -1480,13 +1466,8 @@ class Budget:
         before = self.status
         self._spent_usd += usd
         if self.status != before:
-            log.warning(
-                "budget %s: %.4f of %.2f USD spent this month (%s)",
-                self.status,
-                self._spent_usd,
-                self.monthly_limit_usd,
-                self.month,
-            )
+            spent = "budget %s: %.4f of %.2f USD spent this month (%s)"
+            log.warning(spent, self.status, self._spent_usd, self.monthly_limit_usd, self.month)
 
     @property
     def status(self) -> str:
@@ -1516,9 +1497,7 @@ class Budget:
 def policy_for(model: str, routing: RoutingSettings) -> PolicySettings | None:
     """The first [[routing.policies]] entry whose model_pattern matches the model or an alias."""
     names = [model]
-    for _ in range(MAX_ALIAS_HOPS):
-        if names[-1] not in routing.aliases:
-            break
+    while names[-1] in routing.aliases and len(names) <= MAX_ALIAS_HOPS:
         names.append(routing.aliases[names[-1]])
     for policy in routing.policies:
         if any(fnmatch.fnmatchcase(name, policy.model_pattern) for name in names):
@@ -1550,38 +1529,32 @@ class RouteRules:
     def allows(self, backend: Backend) -> bool:
         """Whether a backend may serve the request; a refusal records why in `excluded`."""
         if self.restricted_only and backend.zone != "restricted":
-            self.excluded.add("privacy")
-            return False
-        if self.overflow == "block" and backend.zone != "restricted":
-            self.excluded.add("overflow")
-            return False
-        if self.no_cloud and backend.is_cloud:
-            self.excluded.add("budget")
-            return False
-        if backend.tier < self.min_tier:  # an unset tier (0) meets no minimum
-            self.excluded.add("tier")
-            return False
-        return True
+            reason = "privacy"
+        elif self.overflow == "block" and backend.zone != "restricted":
+            reason = "overflow"
+        elif self.no_cloud and backend.is_cloud:
+            reason = "budget"
+        elif backend.tier < self.min_tier:  # an unset tier (0) meets no minimum
+            reason = "tier"
+        else:
+            return True
+        self.excluded.add(reason)
+        return False
 
 
 def monthly_limit_spent(code: str, message: str, limit: str) -> NexusError:
     """The 429 for a request a spent monthly limit refuses; Retry-After is when it starts again."""
-    return NexusError.of(
-        429,
-        code,
-        f"{message}; the {limit} starts again on the 1st of next month (UTC).",
-        headers={"Retry-After": str(seconds_to_next_month())},
-    )
+    text = f"{message}; the {limit} starts again on the 1st of next month (UTC)."
+    return NexusError.of(429, code, text, headers={"Retry-After": str(seconds_to_next_month())})
 
 
 def budget_exceeded(needs: RequestNeeds, action: str, why: str) -> NexusError:
     """The hard budget limit's clear refusal."""
-    return monthly_limit_spent(
-        "budget_exceeded",
+    message = (
         f"The monthly cloud budget is spent and routing.budget.hard_limit_action is "
-        f"{action!r}: {why}. Model '{needs.model}' was not sent anywhere",
-        "budget",
+        f"{action!r}: {why}. Model '{needs.model}' was not sent anywhere"
     )
+    return monthly_limit_spent("budget_exceeded", message, "budget")
 
 
 def route_rules(
@@ -1628,9 +1601,7 @@ LEDGER_SCHEMA = (
     "PRIMARY KEY (month, key))"
 )
 LEDGER_UPSERT = (
-    "INSERT INTO usage (month, key, spent_usd, requests, tokens) VALUES (?, ?, ?, ?, ?) "
-    "ON CONFLICT (month, key) DO UPDATE SET spent_usd = excluded.spent_usd, "
-    "requests = excluded.requests, tokens = excluded.tokens"
+    "INSERT OR REPLACE INTO usage (month, key, spent_usd, requests, tokens) VALUES (?, ?, ?, ?, ?)"
 )
 
 UsageRow = list[float]  # [spent_usd, requests, tokens] of one key (or the total) in one month
@@ -1651,10 +1622,8 @@ def data_directory(configured: str, env: dict[str, str], platform: str = sys.pla
 
 def ledger_wanted(settings: Settings) -> bool:
     """Whether a monthly limit is configured: only then does Nexus write anything to disk."""
-    budget = settings.routing.budget
-    if budget is not None and budget.monthly_limit_usd > 0:
-        return True
-    return any(k.monthly_limit_usd > 0 for k in settings.auth.api_keys)
+    budget, keys = settings.routing.budget or BudgetSettings(), settings.auth.api_keys
+    return budget.monthly_limit_usd > 0 or any(key.monthly_limit_usd > 0 for key in keys)
 
 
 def month_at(now: float) -> tuple[str, float]:
@@ -1739,8 +1708,7 @@ class LedgerFile:
         return {key: [float(usd), int(n), int(tokens)] for key, usd, n, tokens in found}
 
     def replaced(self) -> bool:
-        """Whether nexus.db was deleted or replaced since it was opened; LedgerCorrupt when the
-        same file no longer holds a database."""
+        """Whether nexus.db was deleted or replaced since opened; LedgerCorrupt if overwritten."""
         try:
             stat = os.stat(self.path)
             with open(self.path, "rb") as file:
