@@ -2734,15 +2734,6 @@ class BackendConnectTimeout(BackendHTTPError, TimeoutError):
     """A backend that did not take the connection in time: a 504 like a silent one, not retried."""
 
 
-def connect_problem(exc: OSError) -> str:
-    """Why a connection could not be made, in the same words whichever event loop runs."""
-    if isinstance(exc, ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(exc, socket.gaierror):
-        return f"no such host ({exc.strerror or exc})"
-    return str(exc.strerror or exc)
-
-
 @functools.lru_cache(maxsize=4096)
 def request_start(method: str, url: str) -> tuple[Origin, str]:
     """A request's origin and its first lines, which are the same for every request to a URL."""
@@ -3367,7 +3358,12 @@ class BackendPool:
                 f"timed out connecting ({self.connect_timeout:g} s, server.connect_timeout_seconds)"
             ) from None
         except OSError as exc:  # refused, unreachable, no such host, certificate refused
-            raise BackendHTTPError(f"could not connect: {connect_problem(exc)}") from None
+            why = str(exc.strerror or exc)  # in the same words whichever event loop runs
+            if isinstance(exc, ConnectionRefusedError):
+                why = "connection refused"
+            elif isinstance(exc, socket.gaierror):
+                why = f"no such host ({why})"
+            raise BackendHTTPError(f"could not connect: {why}") from None
         return self.opened(conn)
 
     def opened(self, conn: BackendConnection) -> BackendConnection:
@@ -3463,17 +3459,13 @@ def json_answer(status: int, answer: bytes, path: str) -> Any:
 
 
 async def fetch_json(
-    pool: BackendPool,
-    method: str,
-    url: str,
-    headers: dict[str, str] | None = None,
-    payload: Any = None,
+    pool: BackendPool, method: str, url: str, headers: dict[str, str], payload: Any = None
 ) -> Any:
     """Send a request to a backend and return its JSON answer; any other answer raises."""
-    body = b"" if payload is None else json.dumps(payload).encode()
+    body = b""
     if payload is not None:
-        headers = {**headers, **JSON_HEADERS} if headers else JSON_HEADERS
-    status, answer = await pool.fetch(method, url, headers or {}, body, limit=POLL_MAX_BODY)
+        body, headers = json.dumps(payload).encode(), {**headers, **JSON_HEADERS}
+    status, answer = await pool.fetch(method, url, headers, body, limit=POLL_MAX_BODY)
     return json_answer(status, answer, urllib.parse.urlsplit(url).path)
 
 
@@ -3509,8 +3501,8 @@ class OpenAICompatibleAdapter:
     """Any server that speaks OpenAI's API: `/v1/models` is both its health and its model list."""
 
     stream_usage = False  # it honours stream_options.include_usage, so Nexus can count tokens
-    # Whether requests and answers are translated (another API than OpenAI's). When not, the
-    # proxy relays bytes as they are and none of the translating methods is called.
+    # Whether requests and answers are translated (another API than OpenAI's): then the adapter
+    # has answer() and error_body() too. When not, the proxy relays bytes as they are.
     translates = False
     api = "openai"  # the API the backend speaks
     health_path = ""  # where the type says it is up (200) before its model list is read
@@ -3524,14 +3516,6 @@ class OpenAICompatibleAdapter:
     def request_body(self, payload: dict[str, Any]) -> bytes:
         """The request to send, from the chat/completions payload."""
         return json.dumps(payload).encode()
-
-    def answer(self, parsed: dict[str, Any]) -> dict[str, Any]:
-        """A whole answer as a chat completion."""
-        return parsed
-
-    def error_body(self, answer: bytes) -> bytes:
-        """A 4xx answer as the client will get it."""
-        return answer
 
     def stream_reader(self, content: BackendConnection, model: str) -> Any:
         """A stream's chat SSE lines: an SseLines, or a translator with its readline, buffered."""
@@ -3745,18 +3729,20 @@ class OllamaAdapter(OpenAICompatibleAdapter):
 
     def loaded_in(self, answer: tuple[int, bytes], path: str) -> dict[str, int]:
         """The bytes each model in memory holds, by an /api/ps answer under the URL's `path`."""
-        data = json_answer(*answer, path + "/api/ps")
+        entries = self.entries(json_answer(*answer, path + "/api/ps"), "/api/ps: no models list")
+        return {
+            name: positive_int(entry.get("size_vram")) or positive_int(entry.get("size")) or 0
+            for name, entry in entries.items()
+        }
+
+    @staticmethod
+    def entries(data: Any, problem: str) -> dict[str, dict[str, Any]]:
+        """The entries of an /api/tags or /api/ps answer by model name; `problem` if none."""
         if not isinstance(data, dict) or not isinstance(data.get("models"), list):
-            raise BackendReplyError("/api/ps: no models list")
-        loaded = {}
-        for entry in data["models"]:
-            if not isinstance(entry, dict):
-                continue
-            name = entry.get("model") or entry.get("name")
-            if isinstance(name, str) and name:
-                size = positive_int(entry.get("size_vram")) or positive_int(entry.get("size"))
-                loaded[name] = size or 0
-        return loaded
+            raise BackendReplyError(problem)
+        entries = (entry for entry in data["models"] if isinstance(entry, dict))
+        named = ((entry.get("model") or entry.get("name"), entry) for entry in entries)
+        return {name: entry for name, entry in named if isinstance(name, str) and name}
 
     async def load(self, pool: BackendPool, backend: Backend, model: str, keep_alive: Any) -> None:
         """Load a model for keep_alive (0: unload it), by /api/generate with no prompt."""
@@ -3769,17 +3755,8 @@ class OllamaAdapter(OpenAICompatibleAdapter):
 
     async def models(self, pool: BackendPool, backend: Backend, data: Any) -> dict[str, Model]:
         """Ollama's models from its /api/tags answer, each described once by /api/show."""
-        if not isinstance(data, dict) or not isinstance(data.get("models"), list):
-            raise BackendReplyError("not an LLM server: /api/tags has no models list")
-        keys = {}
-        sizes: dict[str, int | None] = {}
-        for entry in data["models"]:
-            if not isinstance(entry, dict):
-                continue
-            name = entry.get("model") or entry.get("name")
-            if isinstance(name, str) and name:
-                keys[name] = (backend.url, name, str(entry.get("digest", "")))
-                sizes[name] = positive_int(entry.get("size"))
+        entries = self.entries(data, "not an LLM server: /api/tags has no models list")
+        keys = {name: (backend.url, name, str(e.get("digest", ""))) for name, e in entries.items()}
         # Shows not known yet are asked in parallel, a few at a time: one after the other, an
         # Ollama with many models would not answer its first poll within the health timeout.
         limit = asyncio.Semaphore(OLLAMA_SHOWS_AT_ONCE)
@@ -3788,7 +3765,7 @@ class OllamaAdapter(OpenAICompatibleAdapter):
             """Describe one model by /api/show and remember it by its digest."""
             async with limit:
                 model = await self.show(pool, backend, key[1])
-                model.size = sizes[key[1]]  # the same for the same digest
+                model.size = positive_int(entries[key[1]].get("size"))  # one digest, one size
                 self.details[key] = model
 
         shows = [asyncio.ensure_future(learn(k)) for k in set(keys.values()) - self.details.keys()]
@@ -4168,10 +4145,11 @@ class AnthropicAdapter(OpenAICompatibleAdapter):
         return json.dumps(chat_to_anthropic(payload)).encode()
 
     def answer(self, parsed: dict[str, Any]) -> dict[str, Any]:
+        """A whole answer as a chat completion."""
         return anthropic_to_chat(parsed)
 
     def error_body(self, answer: bytes) -> bytes:
-        """Anthropic's error document as OpenAI's envelope, its message kept."""
+        """A 4xx answer as the client will get it: OpenAI's error envelope, its message kept."""
         try:
             error = json.loads(answer)["error"]
             message = str(error.get("message") or "the backend refused the request")
@@ -4220,18 +4198,14 @@ def record_success(backend: Backend, settings: HealthSettings) -> None:
         backend.status = "healthy"
 
 
-def shown_reason(backend: Backend, reason: str) -> str:
-    """A failure without a URL's credentials or the backend's own key, whatever it repeated."""
-    reason = URL_CREDENTIALS.sub("", reason)
-    secret = os.environ.get(backend.api_key_env) if backend.api_key_env else None
-    return reason.replace(secret, "[redacted]") if secret else reason
-
-
 def record_failure(backend: Backend, settings: HealthSettings, reason: str) -> None:
     """Count a failed poll: unknown turns unhealthy, healthy after failure_threshold of them."""
     backend.ok_streak = 0
     backend.fail_streak += 1
-    backend.last_error = shown_reason(backend, reason)
+    # Shown without a URL's credentials or the backend's own key, whatever the failure repeated.
+    shown = URL_CREDENTIALS.sub("", reason)
+    secret = os.environ.get(backend.api_key_env) if backend.api_key_env else None
+    backend.last_error = shown.replace(secret, "[redacted]") if secret else shown
     if backend.status == "healthy" and backend.fail_streak < settings.failure_threshold:
         return
     if backend.status != "unhealthy":
@@ -4256,8 +4230,6 @@ async def poll_backend(app: web.Application, backend: Backend) -> None:
     try:
         async with asyncio.timeout(settings.timeout_seconds):
             models = await ADAPTERS[backend.type].poll(app[CLIENT], backend)
-    except asyncio.CancelledError:
-        raise
     except Exception as exc:  # any failure of a poll is the backend's, never Nexus's
         record_failure(backend, settings, describe_failure(exc))
         return
@@ -4283,9 +4255,7 @@ async def health_loop(app: web.Application) -> None:
             await poll_backend(app, backend)
 
     while True:
-        backends = list(app[REGISTRY].backends.values())
-        if backends:
-            await asyncio.gather(*(poll(b) for b in backends))
+        await asyncio.gather(*(poll(backend) for backend in app[REGISTRY].backends.values()))
         app[BACKGROUND]["next_health_check"] = time.monotonic() + interval
         await asyncio.sleep(interval)
 
