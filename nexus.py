@@ -2813,9 +2813,7 @@ class BackendConnection(asyncio.Protocol):
     left: int = 0  # body bytes still to come (length), or of this chunk; -1: its CRLF next
     status: int = 0
     headers: dict[str, str] = field(default_factory=dict)
-    # A zlib decompressor for a body compressed although Nexus asked for none, or True for
-    # deflate until its first bytes say zlib-wrapped or raw.
-    decoder: Any = None
+    decoder: Any = None  # for a body compressed although Nexus asked for none: body_decoder()
     keep_alive: bool = True
     error: BackendHTTPError | None = None
     waiter: asyncio.Future[None] | None = None
@@ -3331,28 +3329,24 @@ class BackendPool:
         """Open a new connection to an origin (through HTTPS_PROXY for https when set)."""
         scheme, host, port = origin
         tls = (self.tls or tls_context()) if scheme == "https" else None
+        factory = functools.partial(BackendConnection, self, origin)
         try:
             async with asyncio.timeout(self.connect_timeout):
                 proxy = self.proxy_for(origin)
                 if proxy is None and is_address(host):  # nothing to race: the loop's own connect
-                    _, conn = await self.loop.create_connection(
-                        lambda: BackendConnection(self, origin), host, port, ssl=tls
-                    )
-                    return self.opened(conn)
-                if proxy is None:
-                    sock = await open_socket(self.loop, host, port)
+                    _, conn = await self.loop.create_connection(factory, host, port, ssl=tls)
                 else:
-                    sock = await open_tunnel(self.loop, proxy, host, port)
-                try:
-                    _, conn = await self.loop.create_connection(
-                        lambda: BackendConnection(self, origin),
-                        sock=sock,
-                        ssl=tls,
-                        server_hostname=host if tls else None,
-                    )
-                except BaseException:
-                    sock.close()
-                    raise
+                    if proxy is None:
+                        sock = await open_socket(self.loop, host, port)
+                    else:
+                        sock = await open_tunnel(self.loop, proxy, host, port)
+                    try:
+                        _, conn = await self.loop.create_connection(
+                            factory, sock=sock, ssl=tls, server_hostname=host if tls else None
+                        )
+                    except BaseException:
+                        sock.close()
+                        raise
         except TimeoutError:
             raise BackendConnectTimeout(
                 f"timed out connecting ({self.connect_timeout:g} s, server.connect_timeout_seconds)"
@@ -3364,10 +3358,6 @@ class BackendPool:
             elif isinstance(exc, socket.gaierror):
                 why = f"no such host ({why})"
             raise BackendHTTPError(f"could not connect: {why}") from None
-        return self.opened(conn)
-
-    def opened(self, conn: BackendConnection) -> BackendConnection:
-        """Track a connection just opened, unless Nexus is shutting down."""
         if self.closing:  # Nexus stopped while this connection was being made
             conn.close()
             raise BackendHTTPError("Nexus is shutting down")
