@@ -3566,25 +3566,23 @@ class OpenAICloudAdapter(OpenAICompatibleAdapter):
     stream_usage = True
 
 
-def router_statuses(data: Any) -> dict[str, dict[str, Any]] | None:
-    """Each model's status in a llama-server router's `/v1/models`; None from a server of one."""
+def router_statuses(data: Any) -> dict[str, dict[str, Any]]:
+    """Each model's status in a llama-server router's `/v1/models`; none from a server of one."""
     entries = object_of(data).get("data")
-    statuses = {
+    return {
         e["id"]: e["status"]
         for e in (entries if isinstance(entries, list) else ())
         if isinstance(e, dict)
         and isinstance(e.get("id"), str)
         and isinstance(e.get("status"), dict)
     }
-    return statuses or None
 
 
 def router_loaded(data: Any) -> dict[str, int] | None:
     """The models a llama-server router runs (sizes unknown: 0); None from a server of one."""
     statuses = router_statuses(data)
-    if statuses is None:
-        return None
-    return {model: 0 for model, status in statuses.items() if status.get("value") == "loaded"}
+    loaded = {model: 0 for model, status in statuses.items() if status.get("value") == "loaded"}
+    return loaded if statuses else None
 
 
 ROUTER_CHECK_SECONDS = 0.25  # how often a loading router model's status is read
@@ -3612,7 +3610,7 @@ class LlamaCppAdapter(OpenAICompatibleAdapter):
         await self.command(pool, backend, "/models/load", {"model": model}, ROUTER_DONE_ANSWERS)
         while True:  # the router starts the model's server; its status says how that went
             data = await fetch_json(pool, "GET", backend.url + "/v1/models", self.headers(backend))
-            status = (router_statuses(data) or {}).get(model, {})
+            status = router_statuses(data).get(model, {})
             if status.get("value") == "loaded":
                 return
             if status.get("failed"):
