@@ -2663,15 +2663,6 @@ class BackendConnectTimeout(BackendHTTPError, TimeoutError):
     """A backend that did not take the connection in time: a 504 like a silent one, not retried."""
 
 
-def connect_problem(exc: OSError) -> str:
-    """Why a connection could not be made, in the same words whichever event loop runs."""
-    if isinstance(exc, ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(exc, socket.gaierror):
-        return f"no such host ({exc.strerror or exc})"
-    return str(exc.strerror or exc)
-
-
 @functools.lru_cache(maxsize=4096)
 def request_start(method: str, url: str) -> tuple[Origin, str]:
     """A request's origin and its first lines, which are the same for every request to a URL."""
@@ -2751,9 +2742,7 @@ class BackendConnection(asyncio.Protocol):
     left: int = 0  # body bytes still to come (length), or of this chunk; -1: its CRLF next
     status: int = 0
     headers: dict[str, str] = field(default_factory=dict)
-    # A zlib decompressor for a body compressed although Nexus asked for none, or True for
-    # deflate until its first bytes say zlib-wrapped or raw.
-    decoder: Any = None
+    decoder: Any = None  # for a body compressed although Nexus asked for none: body_decoder()
     keep_alive: bool = True
     error: BackendHTTPError | None = None
     waiter: asyncio.Future[None] | None = None
@@ -3269,38 +3258,35 @@ class BackendPool:
         """Open a new connection to an origin (through HTTPS_PROXY for https when set)."""
         scheme, host, port = origin
         tls = (self.tls or tls_context()) if scheme == "https" else None
+        factory = functools.partial(BackendConnection, self, origin)
         try:
             async with asyncio.timeout(self.connect_timeout):
                 proxy = self.proxy_for(origin)
                 if proxy is None and is_address(host):  # nothing to race: the loop's own connect
-                    _, conn = await self.loop.create_connection(
-                        lambda: BackendConnection(self, origin), host, port, ssl=tls
-                    )
-                    return self.opened(conn)
-                if proxy is None:
-                    sock = await open_socket(self.loop, host, port)
+                    _, conn = await self.loop.create_connection(factory, host, port, ssl=tls)
                 else:
-                    sock = await open_tunnel(self.loop, proxy, host, port)
-                try:
-                    _, conn = await self.loop.create_connection(
-                        lambda: BackendConnection(self, origin),
-                        sock=sock,
-                        ssl=tls,
-                        server_hostname=host if tls else None,
-                    )
-                except BaseException:
-                    sock.close()
-                    raise
+                    if proxy is None:
+                        sock = await open_socket(self.loop, host, port)
+                    else:
+                        sock = await open_tunnel(self.loop, proxy, host, port)
+                    try:
+                        _, conn = await self.loop.create_connection(
+                            factory, sock=sock, ssl=tls, server_hostname=host if tls else None
+                        )
+                    except BaseException:
+                        sock.close()
+                        raise
         except TimeoutError:
             raise BackendConnectTimeout(
                 f"timed out connecting ({self.connect_timeout:g} s, server.connect_timeout_seconds)"
             ) from None
         except OSError as exc:  # refused, unreachable, no such host, certificate refused
-            raise BackendHTTPError(f"could not connect: {connect_problem(exc)}") from None
-        return self.opened(conn)
-
-    def opened(self, conn: BackendConnection) -> BackendConnection:
-        """Track a connection just opened, unless Nexus is shutting down."""
+            why = str(exc.strerror or exc)  # in the same words whichever event loop runs
+            if isinstance(exc, ConnectionRefusedError):
+                why = "connection refused"
+            elif isinstance(exc, socket.gaierror):
+                why = f"no such host ({why})"
+            raise BackendHTTPError(f"could not connect: {why}") from None
         if self.closing:  # Nexus stopped while this connection was being made
             conn.close()
             raise BackendHTTPError("Nexus is shutting down")
@@ -3392,17 +3378,13 @@ def json_answer(status: int, answer: bytes, path: str) -> Any:
 
 
 async def fetch_json(
-    pool: BackendPool,
-    method: str,
-    url: str,
-    headers: dict[str, str] | None = None,
-    payload: Any = None,
+    pool: BackendPool, method: str, url: str, headers: dict[str, str], payload: Any = None
 ) -> Any:
     """Send a request to a backend and return its JSON answer; any other answer raises."""
-    body = b"" if payload is None else json.dumps(payload).encode()
+    body = b""
     if payload is not None:
-        headers = {**headers, **JSON_HEADERS} if headers else JSON_HEADERS
-    status, answer = await pool.fetch(method, url, headers or {}, body, limit=POLL_MAX_BODY)
+        body, headers = json.dumps(payload).encode(), {**headers, **JSON_HEADERS}
+    status, answer = await pool.fetch(method, url, headers, body, limit=POLL_MAX_BODY)
     return json_answer(status, answer, urllib.parse.urlsplit(url).path)
 
 
@@ -3438,8 +3420,8 @@ class OpenAICompatibleAdapter:
     """Any server that speaks OpenAI's API: `/v1/models` is both its health and its model list."""
 
     stream_usage = False  # it honours stream_options.include_usage, so Nexus can count tokens
-    # Whether requests and answers are translated (another API than OpenAI's). When not, the
-    # proxy relays bytes as they are and none of the translating methods is called.
+    # Whether requests and answers are translated (another API than OpenAI's): then the adapter
+    # has answer() and error_body() too. When not, the proxy relays bytes as they are.
     translates = False
     api = "openai"  # the API the backend speaks
     health_path = ""  # where the type says it is up (200) before its model list is read
@@ -3453,14 +3435,6 @@ class OpenAICompatibleAdapter:
     def request_body(self, payload: dict[str, Any]) -> bytes:
         """The request to send, from the chat/completions payload."""
         return json.dumps(payload).encode()
-
-    def answer(self, parsed: dict[str, Any]) -> dict[str, Any]:
-        """A whole answer as a chat completion."""
-        return parsed
-
-    def error_body(self, answer: bytes) -> bytes:
-        """A 4xx answer as the client will get it."""
-        return answer
 
     def stream_reader(self, content: BackendConnection, model: str) -> Any:
         """A stream's chat SSE lines: an SseLines, or a translator with its readline, buffered."""
@@ -3521,25 +3495,23 @@ class OpenAICloudAdapter(OpenAICompatibleAdapter):
     stream_usage = True
 
 
-def router_statuses(data: Any) -> dict[str, dict[str, Any]] | None:
-    """Each model's status in a llama-server router's `/v1/models`; None from a server of one."""
+def router_statuses(data: Any) -> dict[str, dict[str, Any]]:
+    """Each model's status in a llama-server router's `/v1/models`; none from a server of one."""
     entries = object_of(data).get("data")
-    statuses = {
+    return {
         e["id"]: e["status"]
         for e in (entries if isinstance(entries, list) else ())
         if isinstance(e, dict)
         and isinstance(e.get("id"), str)
         and isinstance(e.get("status"), dict)
     }
-    return statuses or None
 
 
 def router_loaded(data: Any) -> dict[str, int] | None:
     """The models a llama-server router runs (sizes unknown: 0); None from a server of one."""
     statuses = router_statuses(data)
-    if statuses is None:
-        return None
-    return {model: 0 for model, status in statuses.items() if status.get("value") == "loaded"}
+    loaded = {model: 0 for model, status in statuses.items() if status.get("value") == "loaded"}
+    return loaded if statuses else None
 
 
 ROUTER_CHECK_SECONDS = 0.25  # how often a loading router model's status is read
@@ -3567,7 +3539,7 @@ class LlamaCppAdapter(OpenAICompatibleAdapter):
         await self.command(pool, backend, "/models/load", {"model": model}, ROUTER_DONE_ANSWERS)
         while True:  # the router starts the model's server; its status says how that went
             data = await fetch_json(pool, "GET", backend.url + "/v1/models", self.headers(backend))
-            status = (router_statuses(data) or {}).get(model, {})
+            status = router_statuses(data).get(model, {})
             if status.get("value") == "loaded":
                 return
             if status.get("failed"):
@@ -3674,18 +3646,20 @@ class OllamaAdapter(OpenAICompatibleAdapter):
 
     def loaded_in(self, answer: tuple[int, bytes], path: str) -> dict[str, int]:
         """The bytes each model in memory holds, by an /api/ps answer under the URL's `path`."""
-        data = json_answer(*answer, path + "/api/ps")
+        entries = self.entries(json_answer(*answer, path + "/api/ps"), "/api/ps: no models list")
+        return {
+            name: positive_int(entry.get("size_vram")) or positive_int(entry.get("size")) or 0
+            for name, entry in entries.items()
+        }
+
+    @staticmethod
+    def entries(data: Any, problem: str) -> dict[str, dict[str, Any]]:
+        """The entries of an /api/tags or /api/ps answer by model name; `problem` if none."""
         if not isinstance(data, dict) or not isinstance(data.get("models"), list):
-            raise BackendReplyError("/api/ps: no models list")
-        loaded = {}
-        for entry in data["models"]:
-            if not isinstance(entry, dict):
-                continue
-            name = entry.get("model") or entry.get("name")
-            if isinstance(name, str) and name:
-                size = positive_int(entry.get("size_vram")) or positive_int(entry.get("size"))
-                loaded[name] = size or 0
-        return loaded
+            raise BackendReplyError(problem)
+        entries = (entry for entry in data["models"] if isinstance(entry, dict))
+        named = ((entry.get("model") or entry.get("name"), entry) for entry in entries)
+        return {name: entry for name, entry in named if isinstance(name, str) and name}
 
     async def load(self, pool: BackendPool, backend: Backend, model: str, keep_alive: Any) -> None:
         """Load a model for keep_alive (0: unload it), by /api/generate with no prompt."""
@@ -3698,17 +3672,8 @@ class OllamaAdapter(OpenAICompatibleAdapter):
 
     async def models(self, pool: BackendPool, backend: Backend, data: Any) -> dict[str, Model]:
         """Ollama's models from its /api/tags answer, each described once by /api/show."""
-        if not isinstance(data, dict) or not isinstance(data.get("models"), list):
-            raise BackendReplyError("not an LLM server: /api/tags has no models list")
-        keys = {}
-        sizes: dict[str, int | None] = {}
-        for entry in data["models"]:
-            if not isinstance(entry, dict):
-                continue
-            name = entry.get("model") or entry.get("name")
-            if isinstance(name, str) and name:
-                keys[name] = (backend.url, name, str(entry.get("digest", "")))
-                sizes[name] = positive_int(entry.get("size"))
+        entries = self.entries(data, "not an LLM server: /api/tags has no models list")
+        keys = {name: (backend.url, name, str(e.get("digest", ""))) for name, e in entries.items()}
         # Shows not known yet are asked in parallel, a few at a time: one after the other, an
         # Ollama with many models would not answer its first poll within the health timeout.
         limit = asyncio.Semaphore(OLLAMA_SHOWS_AT_ONCE)
@@ -3717,7 +3682,7 @@ class OllamaAdapter(OpenAICompatibleAdapter):
             """Describe one model by /api/show and remember it by its digest."""
             async with limit:
                 model = await self.show(pool, backend, key[1])
-                model.size = sizes[key[1]]  # the same for the same digest
+                model.size = positive_int(entries[key[1]].get("size"))  # one digest, one size
                 self.details[key] = model
 
         shows = [asyncio.ensure_future(learn(k)) for k in set(keys.values()) - self.details.keys()]
@@ -4097,10 +4062,11 @@ class AnthropicAdapter(OpenAICompatibleAdapter):
         return json.dumps(chat_to_anthropic(payload)).encode()
 
     def answer(self, parsed: dict[str, Any]) -> dict[str, Any]:
+        """A whole answer as a chat completion."""
         return anthropic_to_chat(parsed)
 
     def error_body(self, answer: bytes) -> bytes:
-        """Anthropic's error document as OpenAI's envelope, its message kept."""
+        """A 4xx answer as the client will get it: OpenAI's error envelope, its message kept."""
         try:
             error = json.loads(answer)["error"]
             message = str(error.get("message") or "the backend refused the request")
@@ -4149,18 +4115,14 @@ def record_success(backend: Backend, settings: HealthSettings) -> None:
         backend.status = "healthy"
 
 
-def shown_reason(backend: Backend, reason: str) -> str:
-    """A failure without a URL's credentials or the backend's own key, whatever it repeated."""
-    reason = URL_CREDENTIALS.sub("", reason)
-    secret = os.environ.get(backend.api_key_env) if backend.api_key_env else None
-    return reason.replace(secret, "[redacted]") if secret else reason
-
-
 def record_failure(backend: Backend, settings: HealthSettings, reason: str) -> None:
     """Count a failed poll: unknown turns unhealthy, healthy after failure_threshold of them."""
     backend.ok_streak = 0
     backend.fail_streak += 1
-    backend.last_error = shown_reason(backend, reason)
+    # Shown without a URL's credentials or the backend's own key, whatever the failure repeated.
+    shown = URL_CREDENTIALS.sub("", reason)
+    secret = os.environ.get(backend.api_key_env) if backend.api_key_env else None
+    backend.last_error = shown.replace(secret, "[redacted]") if secret else shown
     if backend.status == "healthy" and backend.fail_streak < settings.failure_threshold:
         return
     if backend.status != "unhealthy":
@@ -4185,8 +4147,6 @@ async def poll_backend(app: web.Application, backend: Backend) -> None:
     try:
         async with asyncio.timeout(settings.timeout_seconds):
             models = await ADAPTERS[backend.type].poll(app[CLIENT], backend)
-    except asyncio.CancelledError:
-        raise
     except Exception as exc:  # any failure of a poll is the backend's, never Nexus's
         record_failure(backend, settings, describe_failure(exc))
         return
@@ -4212,9 +4172,7 @@ async def health_loop(app: web.Application) -> None:
             await poll_backend(app, backend)
 
     while True:
-        backends = list(app[REGISTRY].backends.values())
-        if backends:
-            await asyncio.gather(*(poll(b) for b in backends))
+        await asyncio.gather(*(poll(backend) for backend in app[REGISTRY].backends.values()))
         app[BACKGROUND]["next_health_check"] = time.monotonic() + interval
         await asyncio.sleep(interval)
 
