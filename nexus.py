@@ -7973,10 +7973,6 @@ async def dashboard(request: web.Request) -> web.StreamResponse:
 # ==============================================================================================
 
 
-# A value this short is no key, and masking it would garble ordinary words.
-MIN_SECRET_LENGTH = 8
-
-
 def request_fields(record: RequestRecord, status: int, latency_ms: float) -> dict[str, Any]:
     """A request line's fields, as a JSON log line carries them."""
     return {
@@ -8001,11 +7997,6 @@ def second_stamp(second: int, layout: str, utc: bool) -> str:
     return time.strftime(layout, time.gmtime(second) if utc else time.localtime(second))
 
 
-def millis(created: float) -> int:
-    """The milliseconds part of a log record's time."""
-    return int((created - int(created)) * 1000)
-
-
 class JsonLogFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message, and a request's fields."""
 
@@ -8028,17 +8019,17 @@ class JsonLogFormatter(logging.Formatter):
         return json.dumps(line, default=str)
 
     def request_line(
-        self, created: float, message: str, record: RequestRecord, status: int, latency_ms: float
+        self, created: float, text: str, record: RequestRecord, status: int, latency_ms: float
     ) -> str:
-        line = {"time": self.stamp(created), "level": "info", "logger": log.name}
-        line["message"] = message
+        line = {"time": self.stamp(created), "level": "info", "logger": log.name, "message": text}
         line.update(request_fields(record, status, latency_ms))
         return json.dumps(line, default=str)
 
     @staticmethod
     def stamp(created: float) -> str:
         """A record's time in ISO 8601 with milliseconds, UTC."""
-        return f"{second_stamp(int(created), '%Y-%m-%dT%H:%M:%S', True)}.{millis(created):03d}Z"
+        second = second_stamp(int(created), "%Y-%m-%dT%H:%M:%S", True)
+        return f"{second}.{int(created % 1 * 1000):03d}Z"
 
 
 class PrettyLogFormatter(logging.Formatter):
@@ -8052,7 +8043,7 @@ class PrettyLogFormatter(logging.Formatter):
     ) -> str:
         """One request's log line: the message (the fields are in it already)."""
         stamp = second_stamp(int(created), "%Y-%m-%d %H:%M:%S", False)
-        return f"{stamp},{millis(created):03d} INFO    {message}"
+        return f"{stamp},{int(created % 1 * 1000):03d} INFO    {message}"
 
 
 class RedactingFormatter(logging.Formatter):
@@ -8087,17 +8078,17 @@ class LogHandler(logging.StreamHandler):
         self, message: str, record: RequestRecord, status: int, latency_ms: float
     ) -> None:
         line = self.request_formatter.request_line(time.time(), message, record, status, latency_ms)
-        text = self.redacting.redact(line)
         # stderr closed or gone: like logging's own handlers, go on serving
         with self.lock, contextlib.suppress(OSError, ValueError):
-            self.stream.write(text + "\n")
+            self.stream.write(self.redacting.redact(line) + "\n")
 
 
 def known_secrets(settings: Settings, env: dict[str, str]) -> list[str]:
     """The values of every variable the settings read a key from."""
     names = [b.api_key_env for b in settings.backends] + [k.key_env for k in settings.auth.api_keys]
     values = [env.get(name, "") for name in names if name]
-    return [value for value in values if len(value) >= MIN_SECRET_LENGTH]
+    # A value this short is no key, and masking it would garble ordinary words.
+    return [value for value in values if len(value) >= 8]
 
 
 def log_uncaught(kind: type[BaseException], value: BaseException, tb: Any) -> None:
@@ -8204,10 +8195,8 @@ class Stats:
         self.duration.observe(seconds)
         if record.ttft_ms is not None:
             self.ttft.observe(record.ttft_ms / 1000)
-        if record.prompt_tokens:
-            self.tokens["prompt"] += record.prompt_tokens
-        if record.completion_tokens:
-            self.tokens["completion"] += record.completion_tokens
+        self.tokens["prompt"] += record.prompt_tokens or 0
+        self.tokens["completion"] += record.completion_tokens or 0
         self.recent.append((time.time(), record, status, seconds))
 
 
@@ -8368,10 +8357,8 @@ def answer_text(response: web.StreamResponse | None) -> str | None:
     elif isinstance(answer.get("choices"), list):
         for choice in answer["choices"]:
             if isinstance(choice, dict):
-                message = choice.get("message")
-                texts.append(
-                    message.get("content") if isinstance(message, dict) else choice.get("text")
-                )
+                said = choice.get("message")
+                texts.append(said.get("content") if isinstance(said, dict) else choice.get("text"))
     found = [text for text in texts if isinstance(text, str)]
     return "".join(found) if found else None
 
@@ -8424,24 +8411,6 @@ def histogram_samples(histogram: Histogram) -> list[tuple[str, Any]]:
     return [*samples, ("_sum", histogram.sum), ("_count", cumulative[-1])]
 
 
-# A metric's samples, read from the app when scraped: (what follows the name: a suffix and/or
-# labels, value) pairs, or None to leave the family out.
-MetricSamples = Callable[[web.Application], "Iterable[tuple[str, Any]] | None"]
-
-
-def outcome_samples(app: web.Application) -> list[tuple[str, Any]]:
-    """nexus_requests_total's samples, one per model, backend and status."""
-    outcomes = sorted(app[STATS].by_outcome.items())
-    return [(labels(model=m, backend=b, status=s), n) for (m, b, s), n in outcomes]
-
-
-def affinity_samples(app: web.Application) -> list[tuple[str, Any]]:
-    """nexus_session_affinity_total's samples, one per outcome."""
-    sessions = app[SESSIONS]
-    counts = [("hit", sessions.hits), ("move", sessions.moves), ("new", sessions.new)]
-    return [(labels(outcome=outcome), n) for outcome, n in counts]
-
-
 def key_samples(
     app: web.Application, value: Callable[[ApiKey], Any]
 ) -> list[tuple[str, Any]] | None:
@@ -8449,12 +8418,18 @@ def key_samples(
     return [(labels(key=k.name), value(k)) for k in app[KEYS]] or None
 
 
-# What /metrics shows, in this order: each family's name, type, help and samples.
+# What /metrics shows, in this order: each family's name, type, help and samples. The samples
+# are read from the app when scraped: (what follows the name: a suffix and/or labels, value)
+# pairs, or None to leave the family out.
+MetricSamples = Callable[[web.Application], "Iterable[tuple[str, Any]] | None"]
 METRICS: dict[str, tuple[str, str, MetricSamples]] = {
     "nexus_requests_total": (
         "counter",
         "Inference requests answered, by model asked for, backend that answered and HTTP status.",
-        outcome_samples,
+        lambda app: [
+            (labels(model=m, backend=b, status=s), n)
+            for (m, b, s), n in sorted(app[STATS].by_outcome.items())
+        ],
     ),
     "nexus_errors_total": (
         "counter",
@@ -8510,7 +8485,11 @@ METRICS: dict[str, tuple[str, str, MetricSamples]] = {
         "counter",
         "Requests served by the backend of their session's last turn (hit), by another (move),"
         " or with no session to follow (new).",
-        affinity_samples,
+        lambda app: [
+            (labels(outcome="hit"), app[SESSIONS].hits),
+            (labels(outcome="move"), app[SESSIONS].moves),
+            (labels(outcome="new"), app[SESSIONS].new),
+        ],
     ),
     "nexus_budget_spending_usd": (
         "gauge",
@@ -8738,9 +8717,8 @@ def create_app(settings: Settings) -> web.Application:
     app.on_shutdown.append(signal_stopping)
     for backend_settings in settings.backends:
         app[REGISTRY].add(Backend.from_settings(backend_settings))
-    app.cleanup_ctx.append(ledger_ctx)  # first in, last out: it outlives every request
-    app.cleanup_ctx.append(backend_pool_ctx)
-    app.cleanup_ctx.append(background_ctx)
+    # The ledger first in, last out: it outlives every request.
+    app.cleanup_ctx.extend((ledger_ctx, backend_pool_ctx, background_ctx))
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/embeddings", embeddings)
@@ -9187,12 +9165,8 @@ def lifecycle_command(args: argparse.Namespace) -> int:
         op = call_nexus(args, "DELETE", "/v1/models/" + urllib.parse.quote(args.model) + query)
         where = f"from {args.backend}"
     else:
-        payload = {
-            "model_id": args.model,
-            "source_backend_id": args.source,
-            "target_backend_id": args.target,
-        }
-        op = call_nexus(args, "POST", "/v1/models/migrate", payload)
+        ends = {"source_backend_id": args.source, "target_backend_id": args.target}
+        op = call_nexus(args, "POST", "/v1/models/migrate", {"model_id": args.model} | ends)
         where = f"from {args.source} to {args.target}"
     what = f"{args.action} of {args.model} {where}"
     print(f"{what}: {op['operation_id']} in progress", flush=True)
