@@ -8171,12 +8171,9 @@ class Stats:
         self.by_outcome: collections.Counter[tuple[str, str, int]] = collections.Counter()
         self.error_kinds: collections.Counter[str] = collections.Counter()
         self.tokens = {"prompt": 0, "completion": 0}
-        self.duration = Histogram()
-        self.ttft = Histogram()
+        self.duration, self.ttft = Histogram(), Histogram()
 
-    def record(
-        self, record: RequestRecord, status: int, seconds: float, error: str | None = None
-    ) -> None:
+    def record(self, record: RequestRecord, status: int, seconds: float, error: str | None) -> None:
         """Count a finished request and keep its record among the recent ones."""
         self.total += 1
         if status < 400:
@@ -8411,17 +8408,17 @@ def histogram_samples(histogram: Histogram) -> list[tuple[str, Any]]:
     return [*samples, ("_sum", histogram.sum), ("_count", cumulative[-1])]
 
 
-def key_samples(
-    app: web.Application, value: Callable[[ApiKey], Any]
-) -> list[tuple[str, Any]] | None:
-    """A per-key metric's samples by the key's name; None (the family left out) without keys."""
-    return [(labels(key=k.name), value(k)) for k in app[KEYS]] or None
-
-
-# What /metrics shows, in this order: each family's name, type, help and samples. The samples
-# are read from the app when scraped: (what follows the name: a suffix and/or labels, value)
-# pairs, or None to leave the family out.
+# A metric's samples, read from the app when scraped: (what follows the name: a suffix and/or
+# labels, value) pairs, or None to leave the family out.
 MetricSamples = Callable[[web.Application], "Iterable[tuple[str, Any]] | None"]
+
+
+def key_samples(value: Callable[[ApiKey], Any]) -> MetricSamples:
+    """A per-key metric's samples by the key's name; None (the family left out) without keys."""
+    return lambda app: [(labels(key=k.name), value(k)) for k in app[KEYS]] or None
+
+
+# What /metrics shows, in this order: each family's name, type, help and samples.
 METRICS: dict[str, tuple[str, str, MetricSamples]] = {
     "nexus_requests_total": (
         "counter",
@@ -8499,17 +8496,17 @@ METRICS: dict[str, tuple[str, str, MetricSamples]] = {
     "nexus_key_requests_total": (
         "counter",
         "Inference requests made with each API key, by the key's name.",
-        lambda app: key_samples(app, operator.attrgetter("requests")),
+        key_samples(operator.attrgetter("requests")),
     ),
     "nexus_key_rate_limited_total": (
         "counter",
         "Requests refused (429) by each API key's rpm or tpm limit, by the key's name.",
-        lambda app: key_samples(app, operator.attrgetter("rate_limited")),
+        key_samples(operator.attrgetter("rate_limited")),
     ),
     "nexus_key_spending_usd": (
         "gauge",
         "Estimated spend on cloud backends this month with each API key, in USD.",
-        lambda app: key_samples(app, key_spending),
+        key_samples(key_spending),
     ),
 }
 
@@ -8518,11 +8515,9 @@ def render_metrics(app: web.Application) -> str:
     """The whole /metrics page, from Stats and the registry as they are now."""
     lines: list[str] = []
     for name, (kind, text, read) in METRICS.items():
-        samples = read(app)
-        if samples is None:
-            continue
-        lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
-        lines.extend(f"{name}{labels} {value!r}" for labels, value in samples)
+        if (samples := read(app)) is not None:
+            lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
+            lines.extend(f"{name}{labels} {value!r}" for labels, value in samples)
     return "\n".join(lines) + "\n"
 
 
@@ -8614,9 +8609,8 @@ async def request_middleware(
         raise
     except Exception:
         log.exception("unexpected error serving %s %s", request.method, request.path)
-        if (started_stream := request.get(STREAMING)) is not None:
-            response = started_stream  # its headers went out: never a second response
-            return started_stream
+        if (response := request.get(STREAMING)) is not None:
+            return response  # its headers went out: never a second response
         error = NexusError(500, "server_error", "internal_error", "Nexus hit an internal error.")
         status, code = error.status, error.code
         return error_response(error, request)
@@ -8696,10 +8690,8 @@ async def signal_stopping(app: web.Application) -> None:
 
 def create_app(settings: Settings) -> web.Application:
     """The aiohttp application for these settings: state, routes and background tasks."""
-    app = web.Application(
-        client_max_size=int(settings.server.max_body_mb * 1024 * 1024),
-        middlewares=[request_middleware],
-    )
+    max_body = int(settings.server.max_body_mb * 1024 * 1024)
+    app = web.Application(client_max_size=max_body, middlewares=[request_middleware])
     app[SETTINGS] = settings
     app[REGISTRY] = Registry()
     app[STATS] = Stats()
@@ -8817,12 +8809,10 @@ def swap_backends(
     app: web.Application, old: list[BackendSettings], new: list[BackendSettings]
 ) -> tuple[list[str], list[Backend]]:
     """Static backends as the new settings list them (discovered and admin-added ones stay);
-    returns what changed and the backends to poll now. One that stays keeps its Backend (health,
-    load, latency); one whose URL or type changed is another server. A removed one only leaves
-    the registry: requests in flight hold it and finish."""
+    returns what changed and the backends to poll now. A removed one only leaves the registry:
+    requests in flight hold it and finish."""
     registry = app[REGISTRY]
-    before = {b.name: b for b in old}
-    after = {b.name: b for b in new}
+    before, after = {b.name: b for b in old}, {b.name: b for b in new}
     changes: list[str] = []
     fresh: list[Backend] = []
     for name in before.keys() - after.keys():
