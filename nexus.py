@@ -8643,8 +8643,7 @@ def start_keys(ledger: Ledger, keys: Iterable[ApiKey]) -> None:
 
 
 async def ledger_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Read the month's spend before serving (the budget and each key start from it); write
-    what is left when Nexus stops, after the last request in flight."""
+    """Load the month's spend first (the budget and keys start from it); save it at shutdown."""
     await app[LEDGER].open()
     app[BUDGET].start_from(app[LEDGER].spent(TOTAL_ROW))
     start_keys(app[LEDGER], app[KEYS])
@@ -9009,8 +9008,7 @@ def build_commit() -> str:
 
 
 def tune_gc() -> None:
-    """Once started: what start-up built (modules, settings, the registry) lives as long as
-    the process, so the collector stops scanning it, and young collections run less often."""
+    """Once started: freeze what start-up built (it lives on) and make young collections rarer."""
     gc.collect()
     gc.freeze()
     _, middle, old = gc.get_threshold()
@@ -9092,7 +9090,7 @@ def call_nexus(args: argparse.Namespace, method: str, path: str, payload: Any = 
         except (ValueError, KeyError, TypeError):
             message = f"HTTP {exc.code}"
         raise SystemExit(f"nexus: {message}") from None
-    except (urllib.error.URLError, OSError) as exc:
+    except OSError as exc:  # urllib.error.URLError among them
         reason = getattr(exc, "reason", exc)
         raise SystemExit(
             f"nexus: cannot reach Nexus at {url} ({reason}); "
