@@ -9015,10 +9015,10 @@ def tune_gc() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
 
 
-async def run_server(settings: Settings, source: ConfigSource | None = None) -> int:
+async def run_server(settings: Settings, source: ConfigSource) -> int:
     """Serve until a signal stops Nexus; the exit code."""
     app = create_app(settings)
-    reloader = Reloader(app, source or ConfigSource())
+    reloader = Reloader(app, source)
     app.cleanup_ctx.append(reloader.ctx)
     loop = asyncio.get_running_loop()
     if hasattr(signal, "SIGHUP"):  # not on Windows, where the watch serves
