@@ -7860,10 +7860,6 @@ async def dashboard(request: web.Request) -> web.StreamResponse:
 # ==============================================================================================
 
 
-# A value this short is no key, and masking it would garble ordinary words.
-MIN_SECRET_LENGTH = 8
-
-
 def request_fields(record: RequestRecord, status: int, latency_ms: float) -> dict[str, Any]:
     """A request line's fields, as a JSON log line carries them."""
     return {
@@ -7888,11 +7884,6 @@ def second_stamp(second: int, layout: str, utc: bool) -> str:
     return time.strftime(layout, time.gmtime(second) if utc else time.localtime(second))
 
 
-def millis(created: float) -> int:
-    """The milliseconds part of a log record's time."""
-    return int((created - int(created)) * 1000)
-
-
 class JsonLogFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message, and a request's fields."""
 
@@ -7915,17 +7906,17 @@ class JsonLogFormatter(logging.Formatter):
         return json.dumps(line, default=str)
 
     def request_line(
-        self, created: float, message: str, record: RequestRecord, status: int, latency_ms: float
+        self, created: float, text: str, record: RequestRecord, status: int, latency_ms: float
     ) -> str:
-        line = {"time": self.stamp(created), "level": "info", "logger": log.name}
-        line["message"] = message
+        line = {"time": self.stamp(created), "level": "info", "logger": log.name, "message": text}
         line.update(request_fields(record, status, latency_ms))
         return json.dumps(line, default=str)
 
     @staticmethod
     def stamp(created: float) -> str:
         """A record's time in ISO 8601 with milliseconds, UTC."""
-        return f"{second_stamp(int(created), '%Y-%m-%dT%H:%M:%S', True)}.{millis(created):03d}Z"
+        second = second_stamp(int(created), "%Y-%m-%dT%H:%M:%S", True)
+        return f"{second}.{int(created % 1 * 1000):03d}Z"
 
 
 class PrettyLogFormatter(logging.Formatter):
@@ -7939,7 +7930,7 @@ class PrettyLogFormatter(logging.Formatter):
     ) -> str:
         """One request's log line: the message (the fields are in it already)."""
         stamp = second_stamp(int(created), "%Y-%m-%d %H:%M:%S", False)
-        return f"{stamp},{millis(created):03d} INFO    {message}"
+        return f"{stamp},{int(created % 1 * 1000):03d} INFO    {message}"
 
 
 class RedactingFormatter(logging.Formatter):
@@ -7974,17 +7965,17 @@ class LogHandler(logging.StreamHandler):
         self, message: str, record: RequestRecord, status: int, latency_ms: float
     ) -> None:
         line = self.request_formatter.request_line(time.time(), message, record, status, latency_ms)
-        text = self.redacting.redact(line)
         # stderr closed or gone: like logging's own handlers, go on serving
         with self.lock, contextlib.suppress(OSError, ValueError):
-            self.stream.write(text + "\n")
+            self.stream.write(self.redacting.redact(line) + "\n")
 
 
 def known_secrets(settings: Settings, env: dict[str, str]) -> list[str]:
     """The values of every variable the settings read a key from."""
     names = [b.api_key_env for b in settings.backends] + [k.key_env for k in settings.auth.api_keys]
     values = [env.get(name, "") for name in names if name]
-    return [value for value in values if len(value) >= MIN_SECRET_LENGTH]
+    # A value this short is no key, and masking it would garble ordinary words.
+    return [value for value in values if len(value) >= 8]
 
 
 def log_uncaught(kind: type[BaseException], value: BaseException, tb: Any) -> None:
@@ -8067,12 +8058,9 @@ class Stats:
         self.by_outcome: collections.Counter[tuple[str, str, int]] = collections.Counter()
         self.error_kinds: collections.Counter[str] = collections.Counter()
         self.tokens = {"prompt": 0, "completion": 0}
-        self.duration = Histogram()
-        self.ttft = Histogram()
+        self.duration, self.ttft = Histogram(), Histogram()
 
-    def record(
-        self, record: RequestRecord, status: int, seconds: float, error: str | None = None
-    ) -> None:
+    def record(self, record: RequestRecord, status: int, seconds: float, error: str | None) -> None:
         """Count a finished request and keep its record among the recent ones."""
         self.total += 1
         if status < 400:
@@ -8091,10 +8079,8 @@ class Stats:
         self.duration.observe(seconds)
         if record.ttft_ms is not None:
             self.ttft.observe(record.ttft_ms / 1000)
-        if record.prompt_tokens:
-            self.tokens["prompt"] += record.prompt_tokens
-        if record.completion_tokens:
-            self.tokens["completion"] += record.completion_tokens
+        self.tokens["prompt"] += record.prompt_tokens or 0
+        self.tokens["completion"] += record.completion_tokens or 0
         self.recent.append((time.time(), record, status, seconds))
 
 
@@ -8255,10 +8241,8 @@ def answer_text(response: web.StreamResponse | None) -> str | None:
     elif isinstance(answer.get("choices"), list):
         for choice in answer["choices"]:
             if isinstance(choice, dict):
-                message = choice.get("message")
-                texts.append(
-                    message.get("content") if isinstance(message, dict) else choice.get("text")
-                )
+                said = choice.get("message")
+                texts.append(said.get("content") if isinstance(said, dict) else choice.get("text"))
     found = [text for text in texts if isinstance(text, str)]
     return "".join(found) if found else None
 
@@ -8316,24 +8300,9 @@ def histogram_samples(histogram: Histogram) -> list[tuple[str, Any]]:
 MetricSamples = Callable[[web.Application], "Iterable[tuple[str, Any]] | None"]
 
 
-def outcome_samples(app: web.Application) -> list[tuple[str, Any]]:
-    """nexus_requests_total's samples, one per model, backend and status."""
-    outcomes = sorted(app[STATS].by_outcome.items())
-    return [(labels(model=m, backend=b, status=s), n) for (m, b, s), n in outcomes]
-
-
-def affinity_samples(app: web.Application) -> list[tuple[str, Any]]:
-    """nexus_session_affinity_total's samples, one per outcome."""
-    sessions = app[SESSIONS]
-    counts = [("hit", sessions.hits), ("move", sessions.moves), ("new", sessions.new)]
-    return [(labels(outcome=outcome), n) for outcome, n in counts]
-
-
-def key_samples(
-    app: web.Application, value: Callable[[ApiKey], Any]
-) -> list[tuple[str, Any]] | None:
+def key_samples(value: Callable[[ApiKey], Any]) -> MetricSamples:
     """A per-key metric's samples by the key's name; None (the family left out) without keys."""
-    return [(labels(key=k.name), value(k)) for k in app[KEYS]] or None
+    return lambda app: [(labels(key=k.name), value(k)) for k in app[KEYS]] or None
 
 
 # What /metrics shows, in this order: each family's name, type, help and samples.
@@ -8341,7 +8310,10 @@ METRICS: dict[str, tuple[str, str, MetricSamples]] = {
     "nexus_requests_total": (
         "counter",
         "Inference requests answered, by model asked for, backend that answered and HTTP status.",
-        outcome_samples,
+        lambda app: [
+            (labels(model=m, backend=b, status=s), n)
+            for (m, b, s), n in sorted(app[STATS].by_outcome.items())
+        ],
     ),
     "nexus_errors_total": (
         "counter",
@@ -8397,7 +8369,11 @@ METRICS: dict[str, tuple[str, str, MetricSamples]] = {
         "counter",
         "Requests served by the backend of their session's last turn (hit), by another (move),"
         " or with no session to follow (new).",
-        affinity_samples,
+        lambda app: [
+            (labels(outcome="hit"), app[SESSIONS].hits),
+            (labels(outcome="move"), app[SESSIONS].moves),
+            (labels(outcome="new"), app[SESSIONS].new),
+        ],
     ),
     "nexus_budget_spending_usd": (
         "gauge",
@@ -8407,17 +8383,17 @@ METRICS: dict[str, tuple[str, str, MetricSamples]] = {
     "nexus_key_requests_total": (
         "counter",
         "Inference requests made with each API key, by the key's name.",
-        lambda app: key_samples(app, operator.attrgetter("requests")),
+        key_samples(operator.attrgetter("requests")),
     ),
     "nexus_key_rate_limited_total": (
         "counter",
         "Requests refused (429) by each API key's rpm or tpm limit, by the key's name.",
-        lambda app: key_samples(app, operator.attrgetter("rate_limited")),
+        key_samples(operator.attrgetter("rate_limited")),
     ),
     "nexus_key_spending_usd": (
         "gauge",
         "Estimated spend on cloud backends this month with each API key, in USD.",
-        lambda app: key_samples(app, key_spending),
+        key_samples(key_spending),
     ),
 }
 
@@ -8426,11 +8402,9 @@ def render_metrics(app: web.Application) -> str:
     """The whole /metrics page, from Stats and the registry as they are now."""
     lines: list[str] = []
     for name, (kind, text, read) in METRICS.items():
-        samples = read(app)
-        if samples is None:
-            continue
-        lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
-        lines.extend(f"{name}{labels} {value!r}" for labels, value in samples)
+        if (samples := read(app)) is not None:
+            lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
+            lines.extend(f"{name}{labels} {value!r}" for labels, value in samples)
     return "\n".join(lines) + "\n"
 
 
@@ -8522,9 +8496,8 @@ async def request_middleware(
         raise
     except Exception:
         log.exception("unexpected error serving %s %s", request.method, request.path)
-        if (started_stream := request.get(STREAMING)) is not None:
-            response = started_stream  # its headers went out: never a second response
-            return started_stream
+        if (response := request.get(STREAMING)) is not None:
+            return response  # its headers went out: never a second response
         error = NexusError(500, "server_error", "internal_error", "Nexus hit an internal error.")
         status, code = error.status, error.code
         return error_response(error, request)
@@ -8557,8 +8530,7 @@ def start_keys(ledger: Ledger, keys: Iterable[ApiKey]) -> None:
 
 
 async def ledger_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Read the month's spend before serving (the budget and each key start from it); write
-    what is left when Nexus stops, after the last request in flight."""
+    """Load the month's spend first (the budget and keys start from it); save it at shutdown."""
     await app[LEDGER].open()
     app[BUDGET].start_from(app[LEDGER].spent(TOTAL_ROW))
     start_keys(app[LEDGER], app[KEYS])
@@ -8604,10 +8576,8 @@ async def signal_stopping(app: web.Application) -> None:
 
 def create_app(settings: Settings) -> web.Application:
     """The aiohttp application for these settings: state, routes and background tasks."""
-    app = web.Application(
-        client_max_size=int(settings.server.max_body_mb * 1024 * 1024),
-        middlewares=[request_middleware],
-    )
+    max_body = int(settings.server.max_body_mb * 1024 * 1024)
+    app = web.Application(client_max_size=max_body, middlewares=[request_middleware])
     app[SETTINGS] = settings
     app[REGISTRY] = Registry()
     app[STATS] = Stats()
@@ -8625,9 +8595,8 @@ def create_app(settings: Settings) -> web.Application:
     app.on_shutdown.append(signal_stopping)
     for backend_settings in settings.backends:
         app[REGISTRY].add(Backend.from_settings(backend_settings))
-    app.cleanup_ctx.append(ledger_ctx)  # first in, last out: it outlives every request
-    app.cleanup_ctx.append(backend_pool_ctx)
-    app.cleanup_ctx.append(background_ctx)
+    # The ledger first in, last out: it outlives every request.
+    app.cleanup_ctx.extend((ledger_ctx, backend_pool_ctx, background_ctx))
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/embeddings", embeddings)
@@ -8726,12 +8695,10 @@ def swap_backends(
     app: web.Application, old: list[BackendSettings], new: list[BackendSettings]
 ) -> tuple[list[str], list[Backend]]:
     """Static backends as the new settings list them (discovered and admin-added ones stay);
-    returns what changed and the backends to poll now. One that stays keeps its Backend (health,
-    load, latency); one whose URL or type changed is another server. A removed one only leaves
-    the registry: requests in flight hold it and finish."""
+    returns what changed and the backends to poll now. A removed one only leaves the registry:
+    requests in flight hold it and finish."""
     registry = app[REGISTRY]
-    before = {b.name: b for b in old}
-    after = {b.name: b for b in new}
+    before, after = {b.name: b for b in old}, {b.name: b for b in new}
     changes: list[str] = []
     fresh: list[Backend] = []
     for name in before.keys() - after.keys():
@@ -8928,18 +8895,17 @@ def build_commit() -> str:
 
 
 def tune_gc() -> None:
-    """Once started: what start-up built (modules, settings, the registry) lives as long as
-    the process, so the collector stops scanning it, and young collections run less often."""
+    """Once started: freeze what start-up built (it lives on) and make young collections rarer."""
     gc.collect()
     gc.freeze()
     _, middle, old = gc.get_threshold()
     gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
 
 
-async def run_server(settings: Settings, source: ConfigSource | None = None) -> int:
+async def run_server(settings: Settings, source: ConfigSource) -> int:
     """Serve until a signal stops Nexus; the exit code."""
     app = create_app(settings)
-    reloader = Reloader(app, source or ConfigSource())
+    reloader = Reloader(app, source)
     app.cleanup_ctx.append(reloader.ctx)
     loop = asyncio.get_running_loop()
     if hasattr(signal, "SIGHUP"):  # not on Windows, where the watch serves
@@ -9011,7 +8977,7 @@ def call_nexus(args: argparse.Namespace, method: str, path: str, payload: Any = 
         except (ValueError, KeyError, TypeError):
             message = f"HTTP {exc.code}"
         raise SystemExit(f"nexus: {message}") from None
-    except (urllib.error.URLError, OSError) as exc:
+    except OSError as exc:  # urllib.error.URLError among them
         reason = getattr(exc, "reason", exc)
         raise SystemExit(
             f"nexus: cannot reach Nexus at {url} ({reason}); "
@@ -9074,12 +9040,8 @@ def lifecycle_command(args: argparse.Namespace) -> int:
         op = call_nexus(args, "DELETE", "/v1/models/" + urllib.parse.quote(args.model) + query)
         where = f"from {args.backend}"
     else:
-        payload = {
-            "model_id": args.model,
-            "source_backend_id": args.source,
-            "target_backend_id": args.target,
-        }
-        op = call_nexus(args, "POST", "/v1/models/migrate", payload)
+        ends = {"source_backend_id": args.source, "target_backend_id": args.target}
+        op = call_nexus(args, "POST", "/v1/models/migrate", {"model_id": args.model} | ends)
         where = f"from {args.source} to {args.target}"
     what = f"{args.action} of {args.model} {where}"
     print(f"{what}: {op['operation_id']} in progress", flush=True)
