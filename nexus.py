@@ -4126,7 +4126,7 @@ def record_failure(backend: Backend, settings: HealthSettings, reason: str) -> N
     if backend.status == "healthy" and backend.fail_streak < settings.failure_threshold:
         return
     if backend.status != "unhealthy":
-        log.warning("backend %s is unhealthy: %s", backend.name, reason)
+        log.warning("backend %s is unhealthy: %s", backend.name, backend.last_error)
         backend.status = "unhealthy"
 
 

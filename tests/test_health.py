@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 
 import aiohttp
@@ -193,14 +194,17 @@ async def test_every_unhealthy_backend_says_why(backend_factory, nexus_factory):
     assert wrong_key not in text and locked.api_key not in text
 
 
-def test_a_failure_shown_never_carries_a_key_or_url_credentials(monkeypatch):
+def test_a_failure_shown_never_carries_a_key_or_url_credentials(monkeypatch, caplog):
     monkeypatch.setenv("NEXUS_TEST_CLOUD_KEY", "sk-live-0123456789abcdef")
     backend = nexus.Backend(name="c", url="http://x", type="openai")
     backend.api_key_env = "NEXUS_TEST_CLOUD_KEY"
     settings = nexus.HealthSettings()
     reason = "Incorrect API key sk-live-0123456789abcdef; see http://user:pw@proxy.lan:3128/x"
-    nexus.record_failure(backend, settings, reason)
+    with caplog.at_level(logging.WARNING, logger="nexus"):
+        nexus.record_failure(backend, settings, reason)
     assert backend.last_error == "Incorrect API key [redacted]; see http://proxy.lan:3128/x"
+    # The log says the same, not what the backend said: no key, no URL's credentials.
+    assert caplog.messages == ["backend c is unhealthy: " + backend.last_error]
     assert backend.public()["last_error"] == backend.last_error  # down: it says why
     nexus.record_success(backend, settings)
     nexus.record_success(backend, settings)
