@@ -5252,23 +5252,7 @@ def settle_cost_now(flight: InFlight, answered: list[str]) -> None:
 # Must not: retry once the first byte went out, or translate (doors and adapters do that).
 # ==============================================================================================
 
-INTERNAL_STREAM_ERROR = "Nexus hit an internal error."
 NO_DELTA: dict[str, Any] = {}  # a chunk choice without a delta is well formed
-
-
-def well_formed(chunk: Any) -> bool:
-    """Whether a stream chunk is an object whose choices, if any, are objects with object deltas."""
-    if type(chunk) is not dict:
-        return False
-    choices = chunk.get("choices")
-    if choices is None:
-        return True
-    if type(choices) is not list:
-        return False
-    for choice in choices:
-        if type(choice) is not dict or type(choice.get("delta", NO_DELTA)) is not dict:
-            return False
-    return True
 
 
 async def start_stream(
@@ -5303,13 +5287,20 @@ def chat_line(
         chunk = parse_json(data)
     except ValueError:
         return b"", None  # a malformed chunk is dropped; the stream goes on
-    if not well_formed(chunk):
-        return b"", None  # a chunk of the wrong shape is dropped too
+    # So is one of the wrong shape: the chunk, each choice and its delta must be objects.
+    if type(chunk) is not dict:
+        return b"", None
+    choices = chunk.get("choices")
+    if choices is not None and type(choices) is not list:
+        return b"", None
+    for choice in choices or ():
+        if type(choice) is not dict or type(choice.get("delta", NO_DELTA)) is not dict:
+            return b"", None
     usage = chunk.get("usage")
     if usage:
         note_usage(record, usage)
         if strip_usage:
-            if not chunk.get("choices"):
+            if not choices:
                 return b"", None
             del chunk["usage"]
             data = b""
@@ -5318,10 +5309,9 @@ def chat_line(
         data = b""
     if not data:
         data = json.dumps(chunk).encode()
-    choices = chunk.get("choices")
     if answered is not None and choices:
         answered.extend(answer_texts(record.endpoint, chunk))
-    finish = choices and isinstance(choices[0], dict) and choices[0].get("finish_reason")
+    finish = choices and choices[0].get("finish_reason")
     return fmt.chunk(data, chunk), "finish" if finish else None
 
 
@@ -5440,7 +5430,7 @@ async def relay_stream(
     except Exception:
         if response is None:
             raise  # nothing sent yet: the request ends in a plain error answer
-        last_words = writer.error(record.endpoint, attempt.model, INTERNAL_STREAM_ERROR)
+        last_words = writer.error(record.endpoint, attempt.model, "Nexus hit an internal error.")
         pending += (last_words, writer.end())  # a bug met mid-stream: the stream ends honestly
         log.exception("unexpected error relaying a stream from %s", backend.name)
         record.status = 500
