@@ -4341,8 +4341,7 @@ async def is_nexus(pool: BackendPool, url: str, timeout: float) -> bool:
 async def detect_backend_type(
     pool: BackendPool, url: str, timeout: float = PROBE_TIMEOUT_SECONDS
 ) -> str | None:
-    """What answers at url (a server's root): a backend type, "nexus", or None if no LLM server.
-    Each probe is bounded by timeout; when nothing answers the first, the search ends."""
+    """What answers at url (a server's root): a backend type, "nexus", or None if no LLM server."""
     on_exo_port = urllib.parse.urlsplit(url).port == EXO_PORT
     if not on_exo_port:  # exo also speaks other dialects; on its own port it is exo
         answer = await probe_json(pool, url + "/api/tags", timeout)
@@ -4411,13 +4410,8 @@ def announce_addresses(host: str) -> list[str]:
         except ValueError:
             return []
         return [host] if address.version == 4 and not address.is_loopback else []
-    found = {
-        ip.ip
-        for adapter in ifaddr.get_adapters()
-        for ip in adapter.ips
-        if ip.is_IPv4 and not ipaddress.IPv4Address(ip.ip).is_loopback
-    }
-    return sorted(found)
+    ipv4 = (ip.ip for adapter in ifaddr.get_adapters() for ip in adapter.ips if ip.is_IPv4)
+    return sorted({ip for ip in ipv4 if not ipaddress.IPv4Address(ip).is_loopback})
 
 
 def unique_name(base: str, taken: Container[str]) -> str:
@@ -4438,9 +4432,8 @@ class MdnsService:
 
 @dataclass(eq=False, repr=False)
 class MdnsDiscovery:
-    """Browses mDNS for LLM servers, reports what comes and goes, and announces this Nexus.
-    zeroconf's defaults (every interface, IPv4), like any mDNS client on the machine; services
-    announcing TXT type=nexus (other gateways, and this one) are never reported."""
+    """Browses mDNS for LLM servers (on zeroconf's defaults: every interface, IPv4), reports what
+    comes and goes but a Nexus (TXT type=nexus: another, or this one), and announces this Nexus."""
 
     on_found: Callable[[str, str, str | None], Awaitable[None]]
     on_lost: Callable[[str], None]
@@ -4508,8 +4501,7 @@ class MdnsDiscovery:
         if self.own is not None and name.lower() == self.own.name.lower():
             log.debug("mDNS service %r is this Nexus; skipped", name)
             return
-        previous = self.resolving.pop(name, None)
-        if previous is not None:
+        if (previous := self.resolving.pop(name, None)) is not None:
             previous.cancel()
         if state_change is ServiceStateChange.Removed:
             self.lose(name)
@@ -4588,16 +4580,9 @@ def log_task_failure(task: asyncio.Task) -> None:
         log.error("discovery stopped", exc_info=task.exception())
 
 
-def backend_name(text: str) -> str:
-    """A name safe in headers, logs and URLs, made from an mDNS instance name."""
-    cleaned = "".join(c if c.isascii() and (c.isalnum() or c in "._-") else "-" for c in text)
-    return cleaned.strip("-")[:63] or "backend"
-
-
 class Discovery:
     """Keeps discovered backends in the registry: what mDNS and probing find, once checked to be
-    an LLM server and not a Nexus (a static or admin backend's URL is left to it). One that
-    vanishes turns unknown, and is removed after the grace period unless it comes back first."""
+    an LLM server and not a Nexus (a static or admin backend's URL is left to it)."""
 
     def __init__(self, app: web.Application) -> None:
         self.app = app
@@ -4678,9 +4663,8 @@ class Discovery:
         await self.add(name, url, type_hint if kind == "generic" and type_hint else kind, name)
 
     async def update_existing(self, name: str, url: str) -> bool:
-        """Whether url is a backend already (or was removed through the admin API: it stays
-        removed), bringing that backend up to date: one moved to url is removed (re-added
-        next), a lost one is revived and polled, one whose first poll was cut short is polled."""
+        """Whether url is a backend already (or one removed through the admin API, which stays
+        removed), bringing that backend up to date."""
         registry = self.app[REGISTRY]
         mapped = self.names.get(name)
         previous = registry.backends.get(mapped) if mapped is not None else None
@@ -4701,8 +4685,7 @@ class Discovery:
         elif backend.lost_at is not None:
             self.names[name] = backend.name
             backend.lost_at = None
-            removal = self.removals.pop(backend.name, None)
-            if removal is not None:
+            if (removal := self.removals.pop(backend.name, None)) is not None:
                 removal.cancel()
             log.info("backend %s is back", backend.name)
             await first_poll(self.app, backend)
@@ -4713,7 +4696,9 @@ class Discovery:
         registry = self.app[REGISTRY]
         if await self.update_existing(name, url):  # it may have been added while detection ran
             return
-        unique = unique_name(backend_name(wanted), registry.backends)
+        # A name safe in headers, logs and URLs.
+        safe = "".join(c if c.isascii() and (c.isalnum() or c in "._-") else "-" for c in wanted)
+        unique = unique_name(safe.strip("-")[:63] or "backend", registry.backends)
         backend = Backend(name=unique, url=url, type=kind, source="discovered")
         registry.add(backend)
         self.names[name] = unique
@@ -5197,7 +5182,6 @@ def charge_cost(flight: InFlight, counted: TokenUsage | None) -> str:
     if counted is not None:
         record.usage = counted
         record.prompt_tokens, record.completion_tokens = counted.prompt, counted.completion
-    assert record.usage is not None
     app = flight.request.app
     price = price_for(model, app[BUDGET].prices)
     if price is None:
@@ -5218,9 +5202,7 @@ def charge_cost(flight: InFlight, counted: TokenUsage | None) -> str:
 async def prompt_cost(flight: InFlight) -> str:
     """A stream's cost header: its prompt's cost. The whole cost is charged when it ends."""
     price = price_for(flight.attempt.model, flight.request.app[BUDGET].prices)
-    if price is None:
-        return "unknown"
-    return format_usd(cost_usd(price, await count_usage(flight)))
+    return "unknown" if price is None else format_usd(cost_usd(price, await count_usage(flight)))
 
 
 async def settle_cost(flight: InFlight, answered: list[str]) -> str:
