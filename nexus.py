@@ -4370,10 +4370,9 @@ def txt_text(service: str, properties: dict[bytes, bytes | None], key: str) -> s
     raw = properties.get(key.encode())
     if raw is None:
         return None
-    try:
+    text = ""
+    with contextlib.suppress(UnicodeDecodeError):
         text = raw.decode("utf-8").strip() if len(raw) <= TXT_VALUE_MAX else ""
-    except UnicodeDecodeError:
-        text = ""
     if not text or not text.isprintable():
         log.debug("mDNS service %r: TXT %s %r ignored", service, key, raw[:40])
         return None
@@ -4392,8 +4391,7 @@ def clean_api_path(service: str, value: str | None) -> str:
 
 def service_host(info: AsyncServiceInfo) -> str | None:
     """Where to reach a resolved service: IPv4 first, then a routable IPv6 address."""
-    v4 = info.parsed_addresses(IPVersion.V4Only)
-    if v4:
+    if v4 := info.parsed_addresses(IPVersion.V4Only):
         return v4[0]
     for text in info.parsed_addresses(IPVersion.V6Only):
         # A link-local IPv6 address needs an interface scope that URLs carry badly.
@@ -4775,8 +4773,7 @@ class Operation:
         if self.source is None:
             view["backend_id"] = self.backend
         else:
-            view["source_backend_id"] = self.source
-            view["target_backend_id"] = self.backend
+            view.update(source_backend_id=self.source, target_backend_id=self.backend)
         view.update(status=self.status, step=self.step, error=self.error)
         view["created_at"] = round(self.created, 3)
         view["finished_at"] = round(self.finished, 3) if self.finished is not None else None
@@ -4808,8 +4805,7 @@ def op_fields(op: Operation) -> dict[str, Any]:
 
 
 class Lifecycle:
-    """The lifecycle operations: those running, one per model and backend at a time, and the
-    last OPERATIONS_KEPT, each a task of its own bounded by the lifecycle timeout."""
+    """The lifecycle operations: those running (one per model and backend), and the last kept."""
 
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
@@ -4843,7 +4839,7 @@ class Lifecycle:
         task.add_done_callback(self.tasks.discard)
 
     async def run(self, op: Operation, work: OperationWork, timeout: float) -> None:
-        """Do an operation's work within its timeout, recording how it ended."""
+        """Do an operation's work within its timeout, then free what it held and log its end."""
         try:
             async with asyncio.timeout(timeout) as limit:
                 await work(op)
@@ -4859,25 +4855,21 @@ class Lifecycle:
             else:
                 op.error = f"{op.step}: {describe_failure(exc)}"
         finally:
-            self.finish(op)
-
-    def finish(self, op: Operation) -> None:
-        """End an operation: give back what it held and free its backends."""
-        if op.status == "in_progress":
-            op.status = "failed"
-        op.finished = time.time()
-        for backend, kind in op.held:
-            give_back(self.registry, backend, kind, op.model)
-        op.held.clear()
-        for name in op.backends():
-            if self.running.get((op.model, name)) is op:
-                del self.running[op.model, name]
-        took = op.finished - op.created
-        what = f"operation {op.id}: {op.kind} of {op.model}"
-        if op.status == "completed":
-            log.info("%s completed in %.1f s", what, took, extra=op_fields(op))
-        else:
-            log.warning("%s failed after %.1f s: %s", what, took, op.error, extra=op_fields(op))
+            if op.status == "in_progress":
+                op.status = "failed"
+            op.finished = time.time()
+            for backend, kind in op.held:
+                give_back(self.registry, backend, kind, op.model)
+            op.held.clear()
+            for name in op.backends():
+                if self.running.get((op.model, name)) is op:
+                    del self.running[op.model, name]
+            took = op.finished - op.created
+            what = f"operation {op.id}: {op.kind} of {op.model}"
+            if op.status == "completed":
+                log.info("%s completed in %.1f s", what, took, extra=op_fields(op))
+            else:
+                log.warning("%s failed after %.1f s: %s", what, took, op.error, extra=op_fields(op))
 
     async def stop(self) -> None:
         """Cancel every running operation: Nexus is stopping."""
@@ -4906,8 +4898,7 @@ def lifecycle_backend(registry: Registry, name: Any, param: str) -> Backend:
 
 
 def lifecycle_model(backend: Backend, model: Any, aliases: dict[str, str]) -> str:
-    """The model id on this backend (an alias leads to its model): 404 when it has no such
-    model. Nexus never pulls one."""
+    """The model id on this backend (an alias leads to its model): 404 when it has no such model."""
     if not isinstance(model, str) or not model:
         raise bad_request("model_id is required", "model_id")
     model_id = resolve_alias(model, aliases)
@@ -4924,12 +4915,10 @@ def lifecycle_model(backend: Backend, model: Any, aliases: dict[str, str]) -> st
 
 def vram_missing(backend: Backend, model_id: str, headroom_percent: float) -> tuple[float, str]:
     """Bytes a load of the model would take out of the headroom, and why in words; 0 when it
-    fits, is loaded already, or the backend declares no vram_gb. Counted: what /api/ps reports
-    loaded, models being loaded there now, and the model's size from /api/tags."""
+    fits, is loaded already, or the backend declares no vram_gb."""
     if not backend.vram_gb or backend.is_warm(model_id):
         return 0.0, ""
-    loaded = backend.loaded or {}
-    used = sum(loaded.values())
+    used = sum((backend.loaded or {}).values())
     used += sum(backend.models[m].size or 0 for m in backend.loading if m in backend.models)
     size = backend.models[model_id].size or 0
     total = backend.vram_gb * GIB
@@ -4954,8 +4943,7 @@ async def read_loaded(app: web.Application, backend: Backend) -> None:
 
 
 async def refresh_loaded(app: web.Application, backend: Backend) -> None:
-    """Read what the backend holds now (the last poll may be seconds old); kept as it was when
-    the backend does not answer in time."""
+    """Read what the backend holds now (the last poll may be seconds old), if it answers in time."""
     try:
         async with asyncio.timeout(app[SETTINGS].health_check.timeout_seconds):
             await read_loaded(app, backend)
@@ -5027,16 +5015,14 @@ def start_operation(
 # Must not: send anything; the proxy below does.
 # ==============================================================================================
 
-
 EMA_WEIGHT = 0.2  # of a new measure in a backend's latency and TTFT averages
 
 
 class OpenAIFormat:
     """A front door: how the clients of one API are served, one instance per request (it may
-    keep state across chunks). Its duties are the methods below. A backend that speaks the
-    door's own API (native_api) is sent the client's own request (native_body, at native_path)
-    and its answer goes back untranslated, streamed through native_stream(). This base is
-    OpenAI's chat API, also the internal request: the backend's bytes pass through unchanged."""
+    keep state across chunks). A backend that speaks the door's own API (native_api) is sent the
+    client's own request (native_body, at native_path) and its answer goes back untranslated,
+    through native_stream(). This base is OpenAI's chat API, also the internal request."""
 
     # Whether the usage chunk Nexus asked the backend for reaches chunk(); OpenAI's format strips
     # it for a client that did not ask, a translating format may need it (token counts).
@@ -5133,8 +5119,7 @@ def attempt_failure(flight: InFlight, status: int, why: str) -> AttemptFailed:
 
 
 def note_success(flight: InFlight) -> None:
-    """A request served: the backend's latency and TTFT averages (from the attempt's send, not
-    the request's arrival), its health, and the session's backend."""
+    """A request served: the backend's latency and TTFT averages, health, the session's backend."""
     app, record, backend = flight.request.app, flight.record, flight.attempt.backend
     elapsed_ms = (time.perf_counter() - record.sent) * 1000
     ema = backend.latency_ema_ms
