@@ -4469,7 +4469,6 @@ class MdnsDiscovery:
 
     async def announce(self) -> None:
         """Announce this Nexus by mDNS on the machine's non-loopback IPv4 addresses."""
-        assert self.zeroconf is not None
         addresses = announce_addresses(self.announce_host)
         if not addresses:
             log.debug("not announcing Nexus by mDNS: no non-loopback IPv4 address")
@@ -5337,8 +5336,7 @@ async def relay_stream(
     flight: InFlight, upstream: BackendConnection, headers: dict[str, str], limits: WaitLimits
 ) -> web.StreamResponse:
     """Relay a stream as it arrives, in the client's API (chat chunks written by its door, or a
-    native backend's own lines). Until the first byte is out a failure may still be retried
-    elsewhere; after it, Nexus ends the stream itself, honestly, the door's way."""
+    native backend's own lines); once a byte is out, Nexus ends a failing stream the door's way."""
     request, record, attempt, fmt = flight.request, flight.record, flight.attempt, flight.fmt
     backend = attempt.backend
     adapter = ADAPTERS[backend.type]
