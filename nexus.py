@@ -4804,7 +4804,7 @@ def op_fields(op: Operation) -> dict[str, Any]:
 
 
 class Lifecycle:
-    """The lifecycle operations: those running (one per model and backend), and the last kept."""
+    """The lifecycle operations: those running (one per model and backend), the last finished."""
 
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
@@ -5336,7 +5336,8 @@ async def relay_stream(
     flight: InFlight, upstream: BackendConnection, headers: dict[str, str], limits: WaitLimits
 ) -> web.StreamResponse:
     """Relay a stream as it arrives, in the client's API (chat chunks written by its door, or a
-    native backend's own lines); once a byte is out, Nexus ends a failing stream the door's way."""
+    native backend's own lines). A failure may be retried elsewhere until the first byte is out;
+    after it, Nexus ends the stream itself, the door's way."""
     request, record, attempt, fmt = flight.request, flight.record, flight.attempt, flight.fmt
     backend = attempt.backend
     adapter = ADAPTERS[backend.type]
