@@ -4228,8 +4228,7 @@ async def is_nexus(pool: BackendPool, url: str, timeout: float) -> bool:
 async def detect_backend_type(
     pool: BackendPool, url: str, timeout: float = PROBE_TIMEOUT_SECONDS
 ) -> str | None:
-    """What answers at url (a server's root): a backend type, "nexus", or None if no LLM server.
-    Each probe is bounded by timeout; when nothing answers the first, the search ends."""
+    """What answers at url (a server's root): a backend type, "nexus", or None if no LLM server."""
     on_exo_port = urllib.parse.urlsplit(url).port == EXO_PORT
     if not on_exo_port:  # exo also speaks other dialects; on its own port it is exo
         answer = await probe_json(pool, url + "/api/tags", timeout)
@@ -4258,10 +4257,9 @@ def txt_text(service: str, properties: dict[bytes, bytes | None], key: str) -> s
     raw = properties.get(key.encode())
     if raw is None:
         return None
-    try:
+    text = ""
+    with contextlib.suppress(UnicodeDecodeError):
         text = raw.decode("utf-8").strip() if len(raw) <= TXT_VALUE_MAX else ""
-    except UnicodeDecodeError:
-        text = ""
     if not text or not text.isprintable():
         log.debug("mDNS service %r: TXT %s %r ignored", service, key, raw[:40])
         return None
@@ -4280,8 +4278,7 @@ def clean_api_path(service: str, value: str | None) -> str:
 
 def service_host(info: AsyncServiceInfo) -> str | None:
     """Where to reach a resolved service: IPv4 first, then a routable IPv6 address."""
-    v4 = info.parsed_addresses(IPVersion.V4Only)
-    if v4:
+    if v4 := info.parsed_addresses(IPVersion.V4Only):
         return v4[0]
     for text in info.parsed_addresses(IPVersion.V6Only):
         # A link-local IPv6 address needs an interface scope that URLs carry badly.
@@ -4298,13 +4295,8 @@ def announce_addresses(host: str) -> list[str]:
         except ValueError:
             return []
         return [host] if address.version == 4 and not address.is_loopback else []
-    found = {
-        ip.ip
-        for adapter in ifaddr.get_adapters()
-        for ip in adapter.ips
-        if ip.is_IPv4 and not ipaddress.IPv4Address(ip.ip).is_loopback
-    }
-    return sorted(found)
+    ipv4 = (ip.ip for adapter in ifaddr.get_adapters() for ip in adapter.ips if ip.is_IPv4)
+    return sorted({ip for ip in ipv4 if not ipaddress.IPv4Address(ip).is_loopback})
 
 
 def unique_name(base: str, taken: Container[str]) -> str:
@@ -4325,9 +4317,8 @@ class MdnsService:
 
 @dataclass(eq=False, repr=False)
 class MdnsDiscovery:
-    """Browses mDNS for LLM servers, reports what comes and goes, and announces this Nexus.
-    zeroconf's defaults (every interface, IPv4), like any mDNS client on the machine; services
-    announcing TXT type=nexus (other gateways, and this one) are never reported."""
+    """Browses mDNS for LLM servers (on zeroconf's defaults: every interface, IPv4), reports what
+    comes and goes but a Nexus (TXT type=nexus: another, or this one), and announces this Nexus."""
 
     on_found: Callable[[str, str, str | None], Awaitable[None]]
     on_lost: Callable[[str], None]
@@ -4365,7 +4356,6 @@ class MdnsDiscovery:
 
     async def announce(self) -> None:
         """Announce this Nexus by mDNS on the machine's non-loopback IPv4 addresses."""
-        assert self.zeroconf is not None
         addresses = announce_addresses(self.announce_host)
         if not addresses:
             log.debug("not announcing Nexus by mDNS: no non-loopback IPv4 address")
@@ -4395,8 +4385,7 @@ class MdnsDiscovery:
         if self.own is not None and name.lower() == self.own.name.lower():
             log.debug("mDNS service %r is this Nexus; skipped", name)
             return
-        previous = self.resolving.pop(name, None)
-        if previous is not None:
+        if (previous := self.resolving.pop(name, None)) is not None:
             previous.cancel()
         if state_change is ServiceStateChange.Removed:
             self.lose(name)
@@ -4475,16 +4464,9 @@ def log_task_failure(task: asyncio.Task) -> None:
         log.error("discovery stopped", exc_info=task.exception())
 
 
-def backend_name(text: str) -> str:
-    """A name safe in headers, logs and URLs, made from an mDNS instance name."""
-    cleaned = "".join(c if c.isascii() and (c.isalnum() or c in "._-") else "-" for c in text)
-    return cleaned.strip("-")[:63] or "backend"
-
-
 class Discovery:
     """Keeps discovered backends in the registry: what mDNS and probing find, once checked to be
-    an LLM server and not a Nexus (a static or admin backend's URL is left to it). One that
-    vanishes turns unknown, and is removed after the grace period unless it comes back first."""
+    an LLM server and not a Nexus (a static or admin backend's URL is left to it)."""
 
     def __init__(self, app: web.Application) -> None:
         self.app = app
@@ -4565,9 +4547,8 @@ class Discovery:
         await self.add(name, url, type_hint if kind == "generic" and type_hint else kind, name)
 
     async def update_existing(self, name: str, url: str) -> bool:
-        """Whether url is a backend already (or was removed through the admin API: it stays
-        removed), bringing that backend up to date: one moved to url is removed (re-added
-        next), a lost one is revived and polled, one whose first poll was cut short is polled."""
+        """Whether url is a backend already (or one removed through the admin API, which stays
+        removed), bringing that backend up to date."""
         registry = self.app[REGISTRY]
         mapped = self.names.get(name)
         previous = registry.backends.get(mapped) if mapped is not None else None
@@ -4588,8 +4569,7 @@ class Discovery:
         elif backend.lost_at is not None:
             self.names[name] = backend.name
             backend.lost_at = None
-            removal = self.removals.pop(backend.name, None)
-            if removal is not None:
+            if (removal := self.removals.pop(backend.name, None)) is not None:
                 removal.cancel()
             log.info("backend %s is back", backend.name)
             await first_poll(self.app, backend)
@@ -4600,7 +4580,9 @@ class Discovery:
         registry = self.app[REGISTRY]
         if await self.update_existing(name, url):  # it may have been added while detection ran
             return
-        unique = unique_name(backend_name(wanted), registry.backends)
+        # A name safe in headers, logs and URLs.
+        safe = "".join(c if c.isascii() and (c.isalnum() or c in "._-") else "-" for c in wanted)
+        unique = unique_name(safe.strip("-")[:63] or "backend", registry.backends)
         backend = Backend(name=unique, url=url, type=kind, source="discovered")
         registry.add(backend)
         self.names[name] = unique
@@ -4677,8 +4659,7 @@ class Operation:
         if self.source is None:
             view["backend_id"] = self.backend
         else:
-            view["source_backend_id"] = self.source
-            view["target_backend_id"] = self.backend
+            view.update(source_backend_id=self.source, target_backend_id=self.backend)
         view.update(status=self.status, step=self.step, error=self.error)
         view["created_at"] = round(self.created, 3)
         view["finished_at"] = round(self.finished, 3) if self.finished is not None else None
@@ -4710,8 +4691,7 @@ def op_fields(op: Operation) -> dict[str, Any]:
 
 
 class Lifecycle:
-    """The lifecycle operations: those running, one per model and backend at a time, and the
-    last OPERATIONS_KEPT, each a task of its own bounded by the lifecycle timeout."""
+    """The lifecycle operations: those running (one per model and backend), the last finished."""
 
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
@@ -4745,7 +4725,7 @@ class Lifecycle:
         task.add_done_callback(self.tasks.discard)
 
     async def run(self, op: Operation, work: OperationWork, timeout: float) -> None:
-        """Do an operation's work within its timeout, recording how it ended."""
+        """Do an operation's work within its timeout, then free what it held and log its end."""
         try:
             async with asyncio.timeout(timeout) as limit:
                 await work(op)
@@ -4761,25 +4741,21 @@ class Lifecycle:
             else:
                 op.error = f"{op.step}: {describe_failure(exc)}"
         finally:
-            self.finish(op)
-
-    def finish(self, op: Operation) -> None:
-        """End an operation: give back what it held and free its backends."""
-        if op.status == "in_progress":
-            op.status = "failed"
-        op.finished = time.time()
-        for backend, kind in op.held:
-            give_back(self.registry, backend, kind, op.model)
-        op.held.clear()
-        for name in op.backends():
-            if self.running.get((op.model, name)) is op:
-                del self.running[op.model, name]
-        took = op.finished - op.created
-        what = f"operation {op.id}: {op.kind} of {op.model}"
-        if op.status == "completed":
-            log.info("%s completed in %.1f s", what, took, extra=op_fields(op))
-        else:
-            log.warning("%s failed after %.1f s: %s", what, took, op.error, extra=op_fields(op))
+            if op.status == "in_progress":
+                op.status = "failed"
+            op.finished = time.time()
+            for backend, kind in op.held:
+                give_back(self.registry, backend, kind, op.model)
+            op.held.clear()
+            for name in op.backends():
+                if self.running.get((op.model, name)) is op:
+                    del self.running[op.model, name]
+            took = op.finished - op.created
+            what = f"operation {op.id}: {op.kind} of {op.model}"
+            if op.status == "completed":
+                log.info("%s completed in %.1f s", what, took, extra=op_fields(op))
+            else:
+                log.warning("%s failed after %.1f s: %s", what, took, op.error, extra=op_fields(op))
 
     async def stop(self) -> None:
         """Cancel every running operation: Nexus is stopping."""
@@ -4808,8 +4784,7 @@ def lifecycle_backend(registry: Registry, name: Any, param: str) -> Backend:
 
 
 def lifecycle_model(backend: Backend, model: Any, aliases: dict[str, str]) -> str:
-    """The model id on this backend (an alias leads to its model): 404 when it has no such
-    model. Nexus never pulls one."""
+    """The model id on this backend (an alias leads to its model): 404 when it has no such model."""
     if not isinstance(model, str) or not model:
         raise bad_request("model_id is required", "model_id")
     model_id = resolve_alias(model, aliases)
@@ -4826,12 +4801,10 @@ def lifecycle_model(backend: Backend, model: Any, aliases: dict[str, str]) -> st
 
 def vram_missing(backend: Backend, model_id: str, headroom_percent: float) -> tuple[float, str]:
     """Bytes a load of the model would take out of the headroom, and why in words; 0 when it
-    fits, is loaded already, or the backend declares no vram_gb. Counted: what /api/ps reports
-    loaded, models being loaded there now, and the model's size from /api/tags."""
+    fits, is loaded already, or the backend declares no vram_gb."""
     if not backend.vram_gb or backend.is_warm(model_id):
         return 0.0, ""
-    loaded = backend.loaded or {}
-    used = sum(loaded.values())
+    used = sum((backend.loaded or {}).values())
     used += sum(backend.models[m].size or 0 for m in backend.loading if m in backend.models)
     size = backend.models[model_id].size or 0
     total = backend.vram_gb * GIB
@@ -4856,8 +4829,7 @@ async def read_loaded(app: web.Application, backend: Backend) -> None:
 
 
 async def refresh_loaded(app: web.Application, backend: Backend) -> None:
-    """Read what the backend holds now (the last poll may be seconds old); kept as it was when
-    the backend does not answer in time."""
+    """Read what the backend holds now (the last poll may be seconds old), if it answers in time."""
     try:
         async with asyncio.timeout(app[SETTINGS].health_check.timeout_seconds):
             await read_loaded(app, backend)
@@ -4929,16 +4901,14 @@ def start_operation(
 # Must not: send anything; the proxy below does.
 # ==============================================================================================
 
-
 EMA_WEIGHT = 0.2  # of a new measure in a backend's latency and TTFT averages
 
 
 class OpenAIFormat:
     """A front door: how the clients of one API are served, one instance per request (it may
-    keep state across chunks). Its duties are the methods below. A backend that speaks the
-    door's own API (native_api) is sent the client's own request (native_body, at native_path)
-    and its answer goes back untranslated, streamed through native_stream(). This base is
-    OpenAI's chat API, also the internal request: the backend's bytes pass through unchanged."""
+    keep state across chunks). A backend that speaks the door's own API (native_api) is sent the
+    client's own request (native_body, at native_path) and its answer goes back untranslated,
+    through native_stream(). This base is OpenAI's chat API, also the internal request."""
 
     # Whether the usage chunk Nexus asked the backend for reaches chunk(); OpenAI's format strips
     # it for a client that did not ask, a translating format may need it (token counts).
@@ -5035,8 +5005,7 @@ def attempt_failure(flight: InFlight, status: int, why: str) -> AttemptFailed:
 
 
 def note_success(flight: InFlight) -> None:
-    """A request served: the backend's latency and TTFT averages (from the attempt's send, not
-    the request's arrival), its health, and the session's backend."""
+    """A request served: the backend's latency and TTFT averages, health, the session's backend."""
     app, record, backend = flight.request.app, flight.record, flight.attempt.backend
     elapsed_ms = (time.perf_counter() - record.sent) * 1000
     ema = backend.latency_ema_ms
@@ -5084,7 +5053,6 @@ def charge_cost(flight: InFlight, counted: TokenUsage | None) -> str:
     if counted is not None:
         record.usage = counted
         record.prompt_tokens, record.completion_tokens = counted.prompt, counted.completion
-    assert record.usage is not None
     app = flight.request.app
     price = price_for(model, app[BUDGET].prices)
     if price is None:
@@ -5105,9 +5073,7 @@ def charge_cost(flight: InFlight, counted: TokenUsage | None) -> str:
 async def prompt_cost(flight: InFlight) -> str:
     """A stream's cost header: its prompt's cost. The whole cost is charged when it ends."""
     price = price_for(flight.attempt.model, flight.request.app[BUDGET].prices)
-    if price is None:
-        return "unknown"
-    return format_usd(cost_usd(price, await count_usage(flight)))
+    return "unknown" if price is None else format_usd(cost_usd(price, await count_usage(flight)))
 
 
 async def settle_cost(flight: InFlight, answered: list[str]) -> str:
@@ -5139,23 +5105,7 @@ def settle_cost_now(flight: InFlight, answered: list[str]) -> None:
 # Must not: retry once the first byte went out, or translate (doors and adapters do that).
 # ==============================================================================================
 
-INTERNAL_STREAM_ERROR = "Nexus hit an internal error."
 NO_DELTA: dict[str, Any] = {}  # a chunk choice without a delta is well formed
-
-
-def well_formed(chunk: Any) -> bool:
-    """Whether a stream chunk is an object whose choices, if any, are objects with object deltas."""
-    if type(chunk) is not dict:
-        return False
-    choices = chunk.get("choices")
-    if choices is None:
-        return True
-    if type(choices) is not list:
-        return False
-    for choice in choices:
-        if type(choice) is not dict or type(choice.get("delta", NO_DELTA)) is not dict:
-            return False
-    return True
 
 
 async def start_stream(
@@ -5190,13 +5140,20 @@ def chat_line(
         chunk = parse_json(data)
     except ValueError:
         return b"", None  # a malformed chunk is dropped; the stream goes on
-    if not well_formed(chunk):
-        return b"", None  # a chunk of the wrong shape is dropped too
+    # So is one of the wrong shape: the chunk, each choice and its delta must be objects.
+    if type(chunk) is not dict:
+        return b"", None
+    choices = chunk.get("choices")
+    if choices is not None and type(choices) is not list:
+        return b"", None
+    for choice in choices or ():
+        if type(choice) is not dict or type(choice.get("delta", NO_DELTA)) is not dict:
+            return b"", None
     usage = chunk.get("usage")
     if usage:
         note_usage(record, usage)
         if strip_usage:
-            if not chunk.get("choices"):
+            if not choices:
                 return b"", None
             del chunk["usage"]
             data = b""
@@ -5205,10 +5162,9 @@ def chat_line(
         data = b""
     if not data:
         data = json.dumps(chunk).encode()
-    choices = chunk.get("choices")
     if answered is not None and choices:
         answered.extend(answer_texts(record.endpoint, chunk))
-    finish = choices and isinstance(choices[0], dict) and choices[0].get("finish_reason")
+    finish = choices and choices[0].get("finish_reason")
     return fmt.chunk(data, chunk), "finish" if finish else None
 
 
@@ -5267,8 +5223,8 @@ async def relay_stream(
     flight: InFlight, upstream: BackendConnection, headers: dict[str, str], limits: WaitLimits
 ) -> web.StreamResponse:
     """Relay a stream as it arrives, in the client's API (chat chunks written by its door, or a
-    native backend's own lines). Until the first byte is out a failure may still be retried
-    elsewhere; after it, Nexus ends the stream itself, honestly, the door's way."""
+    native backend's own lines). A failure may be retried elsewhere until the first byte is out;
+    after it, Nexus ends the stream itself, the door's way."""
     request, record, attempt, fmt = flight.request, flight.record, flight.attempt, flight.fmt
     backend = attempt.backend
     adapter = ADAPTERS[backend.type]
@@ -5327,7 +5283,7 @@ async def relay_stream(
     except Exception:
         if response is None:
             raise  # nothing sent yet: the request ends in a plain error answer
-        last_words = writer.error(record.endpoint, attempt.model, INTERNAL_STREAM_ERROR)
+        last_words = writer.error(record.endpoint, attempt.model, "Nexus hit an internal error.")
         pending += (last_words, writer.end())  # a bug met mid-stream: the stream ends honestly
         log.exception("unexpected error relaying a stream from %s", backend.name)
         record.status = 500
