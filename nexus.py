@@ -2082,9 +2082,8 @@ def fits_entirely(model: Model, needs: RequestNeeds) -> bool:
 
 
 def scorer(weights: dict[str, float]) -> Callable[[Backend], float]:
-    """The smart strategy's score for these weights, lower is better: priority, load against
-    capacity, and speed (the mean of the latency and time-to-first-token EMAs that are known;
-    a backend never measured counts as fast, so new backends get traffic and a measurement)."""
+    """The smart strategy's score for these weights, lower is better: priority, load and speed.
+    A backend never measured counts as fast, so that new backends get traffic and a measurement."""
     # The weights are read once here, not per backend: this runs for every candidate.
     per_priority = weights.get("priority", 0.0) / 100.0
     per_load = weights.get("load", 0.0)
@@ -2108,9 +2107,8 @@ def scorer(weights: dict[str, float]) -> Callable[[Backend], float]:
 
 
 def warm_first(backends: list[Backend], model_id: str) -> None:
-    """Among backends of the same priority, those with the model in memory go before cold ones
-    (a cold load takes seconds to minutes), each priority keeping the places the strategy gave
-    it (SPEC §3 step 8). Nothing is allocated unless warm and cold are mixed."""
+    """Within each priority, backends with the model in memory go before cold ones (a load takes
+    seconds to minutes), in the places the strategy gave that priority (SPEC §3 step 8)."""
     cold = 0
     for backend in backends:
         if backend.loaded is not None and model_id not in backend.loaded:
@@ -2192,13 +2190,6 @@ def passed_over_full(ranked: list[Backend], chosen: Backend, settings: Settings)
     return ranked[0].at_capacity()
 
 
-def clamp_max_tokens(model: Model, needs: RequestNeeds) -> int | None:
-    """The lowered max_tokens when the prompt fits but the prompt plus max_tokens does not."""
-    if fits_entirely(model, needs) or not model.context_length:
-        return None
-    return max(model.context_length - needs.prompt_tokens, 1)
-
-
 def model_not_found(
     model: str, registry: Registry, settings: Settings, key: ApiKey | None = None
 ) -> NexusError:
@@ -2224,9 +2215,7 @@ def context_length_exceeded(prompt: int, largest: int, how: str, param: str | No
     return NexusError.of(400, "context_length_exceeded", message, param=param, context=context)
 
 
-def context_exceeded(
-    needs: RequestNeeds, chain: list[str], registry: Registry
-) -> NexusError | None:
+def prompt_too_long(needs: RequestNeeds, chain: list[str], registry: Registry) -> NexusError | None:
     """The 400 for a prompt no backend of the model or its fallbacks could hold, healthy or
     not (waiting cannot make it fit), or None when one could or does not report its context."""
     largest = 0
@@ -2301,8 +2290,7 @@ def shortfall_reason(needs: RequestNeeds, found: list[dict[str, Any]]) -> str:
 
 def set_eta(error: NexusError, eta: int | None) -> None:
     """Put the seconds until a retry may succeed in the error's context and Retry-After."""
-    if error.context is not None:
-        error.context["eta_seconds"] = eta
+    error.context["eta_seconds"] = eta  # a no_backend_available error always has a context
     if eta is not None:
         error.headers["Retry-After"] = str(eta)
 
@@ -2329,18 +2317,15 @@ def unavailable(
 
 
 def no_capacity(
-    needs: RequestNeeds,
-    model_id: str,
-    registry: Registry,
-    rules: RouteRules | None = None,
-    chain: list[str] | None = None,
+    needs: RequestNeeds, chain: list[str], registry: Registry, rules: RouteRules | None = None
 ) -> NexusError:
     """The 503 for a request nothing can serve now, saying which need failed and where."""
+    model_id = chain[0]
     serving = registry.by_model.get(model_id, [])
     healthy = [b for b in serving if b.status == "healthy"]
     excluded = rules.excluded if rules is not None else set()
     required_tier = rules.min_tier if rules is not None and "tier" in excluded else None
-    found = shortfalls(needs, chain or [model_id], registry)
+    found = shortfalls(needs, chain, registry)
     if "privacy" in excluded:
         why = "its policy is privacy = restricted and no restricted backend can serve it"
     elif "overflow" in excluded:
@@ -2371,8 +2356,7 @@ def no_capacity(
 
 def route(needs: RequestNeeds, registry: Registry, settings: Settings) -> RouteDecision:
     """Plan the attempts for a request: the model's candidates, then its fallbacks', each cut to
-    1 + max_retries backends, free ones first. 404 for a model nothing serves or names, 400 for
-    a prompt no backend can hold, 503 (saying why) when nothing can serve it now."""
+    1 + max_retries backends, free ones first; a 404, 400 or 503 saying why there are none."""
     chain = model_chain(needs.model, settings.routing)
     model_id = chain[0]
     if not any(m in registry.by_model for m in chain):
@@ -2408,17 +2392,20 @@ def route(needs: RequestNeeds, registry: Registry, settings: Settings) -> RouteD
             ranked = free + [b for b in ranked if b.at_capacity()]
         alone = len(ranked) == 1
         for backend in ranked[:per_model]:
-            max_tokens = clamp_max_tokens(backend.models[candidate_model], needs)
+            model = backend.models[candidate_model]
+            max_tokens = None  # lowered when the prompt fits but the prompt plus it does not
+            if not fits_entirely(model, needs):
+                max_tokens = max(model.context_length - needs.prompt_tokens, 1)
             scrub = rules.overflow == "scrub" and backend.zone != "restricted"
             attempt = Attempt(backend, candidate_model, position > 0, max_tokens, alone, scrub)
             decision.attempts.append(attempt)
     if not decision.attempts:
-        if (too_long := context_exceeded(needs, full_chain, registry)) is not None:
+        if (too_long := prompt_too_long(needs, full_chain, registry)) is not None:
             raise too_long
         if "budget" in rules.excluded and budget is not None:
             why = "cloud backends are off and no local backend can serve it now"
             raise budget_exceeded(needs, budget.hard_limit_action, why)
-        raise no_capacity(needs, model_id, registry, rules, chain)
+        raise no_capacity(needs, chain, registry, rules)
     return decision
 
 
@@ -2474,10 +2461,6 @@ class ApiKey:
             self.month, self.spent_usd = month, 0.0
         return self.spent_usd
 
-    def over_budget(self, month: str) -> bool:
-        """Whether the key has spent its monthly limit (0: no limit)."""
-        return 0 < self.monthly_limit_usd <= self.roll_month(month)
-
     def may_use(self, model: str, aliases: dict[str, str]) -> bool:
         """Whether the allow-list names the model, or the model an alias of it leads to."""
         if not self.models:
@@ -2515,8 +2498,7 @@ def backend_turn(backend: Backend, now: float) -> NexusError | None:
     bucket = backend.rpm_bucket
     if bucket is None:
         return None
-    wait = bucket.wait(1, now)
-    if wait:
+    if wait := bucket.wait(1, now):
         what = f"backend {backend.name}: {bucket.per_minute:g} requests per minute"
         return rate_limited(what, wait)
     bucket.take(1, now)
@@ -2529,8 +2511,7 @@ def backend_turn(backend: Backend, now: float) -> NexusError | None:
 
 def authenticate_request(request: web.Request) -> None:
     """Find the caller's key when keys are configured and the path needs one: 401 when it is
-    missing or wrong, 403 when the path needs an admin key and it is not one (logged by path and
-    address, never by what was sent)."""
+    missing or wrong, 403 on an admin path for a key not admin; logged, never with the key."""
     keys, path = request.app[KEYS], request.path
     # Ollama's API needs a key too, but for its version, which (like /health) stays open.
     if not keys or path == "/api/version":
@@ -2613,8 +2594,8 @@ def allowed_attempts(
         a for a in decision.attempts if a.model == decision.model or key.may_use(a.model, aliases)
     ]
     if not attempts:
-        raise no_capacity(needs, decision.model, request.app[REGISTRY])
-    if key.over_budget(month_of(dt.datetime.now(dt.UTC))):
+        raise no_capacity(needs, [decision.model], request.app[REGISTRY])
+    if 0 < key.monthly_limit_usd <= key.roll_month(month_of(dt.datetime.now(dt.UTC))):
         attempts = [a for a in attempts if not a.backend.is_cloud]
     if not attempts:
         raise monthly_limit_spent(
@@ -2629,9 +2610,8 @@ def allowed_attempts(
 
 
 def settle_request(request: web.Request, record: RequestRecord, status: int) -> None:
-    """Once answered: the request counts for its key (by name in stats, logs and metrics) and
-    real usage corrects its tpm charge (an unanswered request costs nothing; an answer without
-    usage keeps the estimate)."""
+    """Once answered: the request counts for its key (by name) and real usage corrects its tpm
+    charge (an unanswered request costs nothing; an answer without usage keeps the estimate)."""
     key = request.get(API_KEY)
     if key is None:
         return
