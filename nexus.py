@@ -2108,7 +2108,7 @@ def scorer(weights: dict[str, float]) -> Callable[[Backend], float]:
 
 def warm_first(backends: list[Backend], model_id: str) -> None:
     """Within each priority, backends with the model in memory go before cold ones (a load takes
-    seconds to minutes), in the places the strategy gave that priority (SPEC §3 step 8)."""
+    seconds to minutes), in that priority's places (SPEC §3 step 8); allocates only if mixed."""
     cold = 0
     for backend in backends:
         if backend.loaded is not None and model_id not in backend.loaded:
