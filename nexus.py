@@ -2393,7 +2393,7 @@ def route(needs: RequestNeeds, registry: Registry, settings: Settings) -> RouteD
         alone = len(ranked) == 1
         for backend in ranked[:per_model]:
             model = backend.models[candidate_model]
-            max_tokens = None  # lowered when the prompt fits but the prompt plus it does not
+            max_tokens = None
             if not fits_entirely(model, needs):
                 max_tokens = max(model.context_length - needs.prompt_tokens, 1)
             scrub = rules.overflow == "scrub" and backend.zone != "restricted"
