@@ -1993,15 +1993,14 @@ class SessionTable:
 
 
 def meets_needs(model: Model, needs: RequestNeeds) -> bool:
-    """A capability the backend does not report is assumed present; a reported absence excludes."""
-    if needs.vision and model.vision is False:
-        return False
-    if needs.tools and model.tools is False:
-        return False
-    if needs.json_mode and model.json_mode is False:
-        return False
-    # The prompt fits when it leaves room for at least one token of answer.
-    return not (model.context_length and needs.prompt_tokens >= model.context_length)
+    """A capability the backend does not report is assumed present; a reported absence excludes.
+    The prompt fits when it leaves room for at least one token of answer."""
+    return not (
+        (needs.vision and model.vision is False)
+        or (needs.tools and model.tools is False)
+        or (needs.json_mode and model.json_mode is False)
+        or (model.context_length and needs.prompt_tokens >= model.context_length)
+    )
 
 
 def fits_entirely(model: Model, needs: RequestNeeds) -> bool:
@@ -2012,9 +2011,8 @@ def fits_entirely(model: Model, needs: RequestNeeds) -> bool:
 
 
 def scorer(weights: dict[str, float]) -> Callable[[Backend], float]:
-    """The smart strategy's score for these weights, lower is better: priority, load against
-    capacity, and speed (the mean of the latency and time-to-first-token EMAs that are known;
-    a backend never measured counts as fast, so new backends get traffic and a measurement)."""
+    """The smart strategy's score for these weights, lower is better: priority, load and speed.
+    A backend never measured counts as fast, so that new backends get traffic and a measurement."""
     # The weights are read once here, not per backend: this runs for every candidate.
     per_priority = weights.get("priority", 0.0) / 100.0
     per_load = weights.get("load", 0.0)
@@ -2037,35 +2035,9 @@ def scorer(weights: dict[str, float]) -> Callable[[Backend], float]:
     return score
 
 
-def order_candidates(backends: list[Backend], strategy: str, weights: dict[str, float]) -> None:
-    """Sort in place by strategy; ties rotate round-robin so equal backends share the work."""
-    if len(backends) < 2:
-        return
-    shift = next(ROUND_ROBIN) % len(backends)
-    if shift:
-        backends[:] = backends[shift:] + backends[:shift]
-    if strategy == "random":
-        random.shuffle(backends)
-    elif strategy == "priority_only":
-        backends.sort(key=operator.attrgetter("priority"))
-    elif strategy == "smart":
-        backends.sort(key=scorer(weights))
-
-
-def keep_session(ranked: list[Backend], name: str) -> None:
-    """Move the backend of the session's last turn to the front (SPEC §3.7); the orders after
-    this one are stable, so it goes first only among the equals of every later rule."""
-    for i, backend in enumerate(ranked):
-        if backend.name == name:
-            if i:
-                ranked.insert(0, ranked.pop(i))
-            return
-
-
 def warm_first(backends: list[Backend], model_id: str) -> None:
-    """Among backends of the same priority, those with the model in memory go before cold ones
-    (a cold load takes seconds to minutes), each priority keeping the places the strategy gave
-    it (SPEC §3 step 8). Nothing is allocated unless warm and cold are mixed."""
+    """Within each priority, backends with the model in memory go before cold ones (a load takes
+    seconds to minutes), in that priority's places (SPEC §3 step 8); allocates only if mixed."""
     cold = 0
     for backend in backends:
         if backend.loaded is not None and model_id not in backend.loaded:
@@ -2101,12 +2073,26 @@ def candidates_for(
         found = [backend for backend in found if rules.allows(backend)]
     if len(found) < 2:
         return found
-    order_candidates(found, settings.routing.strategy, settings.routing.weights)
+    # The strategy's order, ties rotating round-robin so that equal backends share the work.
+    shift = next(ROUND_ROBIN) % len(found)
+    if shift:
+        found = found[shift:] + found[:shift]
+    strategy = settings.routing.strategy
+    if strategy == "random":
+        random.shuffle(found)
+    elif strategy == "priority_only":
+        found.sort(key=operator.attrgetter("priority"))
+    elif strategy == "smart":
+        found.sort(key=scorer(settings.routing.weights))
     # Stable sorts, each a rule over the ones before: the session's backend, warm before cold,
     # draining last, max_tokens fitting entirely, local before cloud at the budget's soft
     # limit, restricted before open for a local-first request, best tier for a lowered one.
     if needs.last_backend is not None:
-        keep_session(found, needs.last_backend)
+        for i, backend in enumerate(found):
+            if backend.name == needs.last_backend:
+                if i:
+                    found.insert(0, found.pop(i))
+                break
     warm_first(found, model_id)
     if registry.moving:
         found.sort(key=lambda b: model_id in b.draining)
@@ -2133,13 +2119,6 @@ def passed_over_full(ranked: list[Backend], chosen: Backend, settings: Settings)
     return ranked[0].at_capacity()
 
 
-def clamp_max_tokens(model: Model, needs: RequestNeeds) -> int | None:
-    """The lowered max_tokens when the prompt fits but the prompt plus max_tokens does not."""
-    if fits_entirely(model, needs) or not model.context_length:
-        return None
-    return max(model.context_length - needs.prompt_tokens, 1)
-
-
 def model_not_found(
     model: str, registry: Registry, settings: Settings, key: ApiKey | None = None
 ) -> NexusError:
@@ -2157,19 +2136,15 @@ def model_not_found(
 
 def context_length_exceeded(prompt: int, largest: int, how: str, param: str | None) -> NexusError:
     """OpenAI's context_length_exceeded, with both sizes in `context` for other doors' words."""
-    return NexusError.of(
-        400,
-        "context_length_exceeded",
+    message = (
         f"This model's maximum context length is {largest} tokens, however you requested "
-        f"{prompt} tokens ({how}). Serve it with a larger context, or add a fallback with one.",
-        param=param,
-        context={"prompt_tokens": prompt, "context_length": largest},
+        f"{prompt} tokens ({how}). Serve it with a larger context, or add a fallback with one."
     )
+    context = {"prompt_tokens": prompt, "context_length": largest}
+    return NexusError.of(400, "context_length_exceeded", message, param=param, context=context)
 
 
-def context_exceeded(
-    needs: RequestNeeds, chain: list[str], registry: Registry
-) -> NexusError | None:
+def prompt_too_long(needs: RequestNeeds, chain: list[str], registry: Registry) -> NexusError | None:
     """The 400 for a prompt no backend of the model or its fallbacks could hold, healthy or
     not (waiting cannot make it fit), or None when one could or does not report its context."""
     largest = 0
@@ -2212,22 +2187,21 @@ def shortfalls(needs: RequestNeeds, chain: list[str], registry: Registry) -> lis
     return found
 
 
-def shortfall_words(entry: dict[str, Any]) -> str:
-    """One backend's shortfall for a 503's message, e.g. "gpu2: no vision, down"."""
-    words = []
-    for failed in entry["failed"]:
-        if failed == "context":
-            words.append(f"a context of {entry['context_length']} tokens")
-        else:
-            words.append("no " + NEED_WORDS[failed] if failed in NEED_WORDS else failed)
-    return f"{entry['backend']}: {', '.join(words)}"
-
-
 def shortfall_reason(needs: RequestNeeds, found: list[dict[str, Any]]) -> str:
-    """What failed, in a few words: the needs no healthy backend meets, then each backend."""
+    """What failed, in a few words: the needs no healthy backend meets, then each backend's
+    shortfalls, e.g. "gpu2: no vision, down"."""
     if not found:
         return "no backend serving it can take it now"
-    per_backend = "; ".join(shortfall_words(e) for e in found[:MAX_NAMED_BACKENDS])
+    named = []
+    for entry in found[:MAX_NAMED_BACKENDS]:
+        words = []
+        for failed in entry["failed"]:
+            if failed == "context":
+                words.append(f"a context of {entry['context_length']} tokens")
+            else:
+                words.append("no " + NEED_WORDS[failed] if failed in NEED_WORDS else failed)
+        named.append(f"{entry['backend']}: {', '.join(words)}")
+    per_backend = "; ".join(named)
     if len(found) > MAX_NAMED_BACKENDS:
         per_backend += f"; and {len(found) - MAX_NAMED_BACKENDS} more"
     if all(entry["failed"] == ["down"] for entry in found):
@@ -2245,8 +2219,7 @@ def shortfall_reason(needs: RequestNeeds, found: list[dict[str, Any]]) -> str:
 
 def set_eta(error: NexusError, eta: int | None) -> None:
     """Put the seconds until a retry may succeed in the error's context and Retry-After."""
-    if error.context is not None:
-        error.context["eta_seconds"] = eta
+    error.context["eta_seconds"] = eta  # a no_backend_available error always has a context
     if eta is not None:
         error.headers["Retry-After"] = str(eta)
 
@@ -2260,35 +2233,28 @@ def unavailable(
     privacy_zone_required: str | None = None,
 ) -> NexusError:
     """The actionable 503: the nodes up, what was required, what each backend lacked, any ETA."""
-    error = NexusError.of(
-        503,
-        "no_backend_available",
-        message,
-        context={
-            "available_nodes": [b.name for b in registry.healthy()],
-            "eta_seconds": None,
-            "required_tier": required_tier,
-            "privacy_zone_required": privacy_zone_required,
-            "backends": backends,
-        },
-    )
+    context = {
+        "available_nodes": [b.name for b in registry.healthy()],
+        "eta_seconds": None,
+        "required_tier": required_tier,
+        "privacy_zone_required": privacy_zone_required,
+        "backends": backends,
+    }
+    error = NexusError.of(503, "no_backend_available", message, context=context)
     set_eta(error, eta)
     return error
 
 
 def no_capacity(
-    needs: RequestNeeds,
-    model_id: str,
-    registry: Registry,
-    rules: RouteRules | None = None,
-    chain: list[str] | None = None,
+    needs: RequestNeeds, chain: list[str], registry: Registry, rules: RouteRules | None = None
 ) -> NexusError:
     """The 503 for a request nothing can serve now, saying which need failed and where."""
+    model_id = chain[0]
     serving = registry.by_model.get(model_id, [])
     healthy = [b for b in serving if b.status == "healthy"]
     excluded = rules.excluded if rules is not None else set()
     required_tier = rules.min_tier if rules is not None and "tier" in excluded else None
-    found = shortfalls(needs, chain or [model_id], registry)
+    found = shortfalls(needs, chain, registry)
     if "privacy" in excluded:
         why = "its policy is privacy = restricted and no restricted backend can serve it"
     elif "overflow" in excluded:
@@ -2319,8 +2285,7 @@ def no_capacity(
 
 def route(needs: RequestNeeds, registry: Registry, settings: Settings) -> RouteDecision:
     """Plan the attempts for a request: the model's candidates, then its fallbacks', each cut to
-    1 + max_retries backends, free ones first. 404 for a model nothing serves or names, 400 for
-    a prompt no backend can hold, 503 (saying why) when nothing can serve it now."""
+    1 + max_retries backends, free ones first; a 404, 400 or 503 saying why there are none."""
     chain = model_chain(needs.model, settings.routing)
     model_id = chain[0]
     if not any(m in registry.by_model for m in chain):
@@ -2354,26 +2319,22 @@ def route(needs: RequestNeeds, registry: Registry, settings: Settings) -> RouteD
                 decision.reason = "session-affinity"
         if len(free) < len(ranked):
             ranked = free + [b for b in ranked if b.at_capacity()]
+        alone = len(ranked) == 1
         for backend in ranked[:per_model]:
             model = backend.models[candidate_model]
-            decision.attempts.append(
-                Attempt(
-                    backend,
-                    candidate_model,
-                    fallback=position > 0,
-                    max_tokens=clamp_max_tokens(model, needs),
-                    alone=len(ranked) == 1,
-                    scrub=rules.overflow == "scrub" and backend.zone != "restricted",
-                )
-            )
+            max_tokens = None
+            if not fits_entirely(model, needs):
+                max_tokens = max(model.context_length - needs.prompt_tokens, 1)
+            scrub = rules.overflow == "scrub" and backend.zone != "restricted"
+            attempt = Attempt(backend, candidate_model, position > 0, max_tokens, alone, scrub)
+            decision.attempts.append(attempt)
     if not decision.attempts:
-        too_long = context_exceeded(needs, full_chain, registry)
-        if too_long is not None:
+        if (too_long := prompt_too_long(needs, full_chain, registry)) is not None:
             raise too_long
         if "budget" in rules.excluded and budget is not None:
             why = "cloud backends are off and no local backend can serve it now"
             raise budget_exceeded(needs, budget.hard_limit_action, why)
-        raise no_capacity(needs, model_id, registry, rules, chain)
+        raise no_capacity(needs, chain, registry, rules)
     return decision
 
 
@@ -2429,10 +2390,6 @@ class ApiKey:
             self.month, self.spent_usd = month, 0.0
         return self.spent_usd
 
-    def over_budget(self, month: str) -> bool:
-        """Whether the key has spent its monthly limit (0: no limit)."""
-        return 0 < self.monthly_limit_usd <= self.roll_month(month)
-
     def may_use(self, model: str, aliases: dict[str, str]) -> bool:
         """Whether the allow-list names the model, or the model an alias of it leads to."""
         if not self.models:
@@ -2453,13 +2410,6 @@ def api_keys(auth: AuthSettings) -> list[ApiKey]:
     return keys
 
 
-def needs_key(path: str) -> bool:
-    """Whether a path needs an API key when keys are configured."""
-    if path.startswith("/api/"):  # Ollama's API (its version, like /health, stays open)
-        return path != "/api/version"
-    return path.startswith("/v1/") or path == "/metrics"
-
-
 def admin_forbidden(key: ApiKey) -> NexusError:
     """The 403 for a key without admin = true on an admin path."""
     message = f"The key '{key.name}' may not use this; it needs a key with admin = true."
@@ -2472,38 +2422,12 @@ def unauthorized(message: str) -> NexusError:
     return NexusError.of(401, "invalid_api_key", message, headers=headers)
 
 
-def authenticate(keys: list[ApiKey], path: str, headers: Any) -> ApiKey | None:
-    """The caller's key when keys are configured and the path needs one: 401 when it is
-    missing or wrong, 403 when the path needs an admin key and it is not one."""
-    if not keys or not needs_key(path):
-        return None
-    # OpenAI clients send `Authorization: Bearer`, Anthropic's `x-api-key`.
-    scheme, _, token = headers.get("Authorization", "").strip().partition(" ")
-    presented = token.strip() if scheme.lower() == "bearer" else ""
-    presented = presented or headers.get("x-api-key", "").strip()
-    if not presented:
-        raise unauthorized(
-            "No API key provided. Send it as 'Authorization: Bearer <key>' (or 'x-api-key: <key>')."
-        )
-    given = key_digest(presented)
-    found = None
-    for key in keys:  # constant time: every key compared (equal-length digests), whichever matches
-        if hmac.compare_digest(given, key.digest):
-            found = key
-    if found is None:
-        raise unauthorized("The API key provided is not valid.")
-    if not found.admin and (path in ADMIN_PATHS or path.startswith("/v1/backends/")):
-        raise admin_forbidden(found)
-    return found
-
-
 def backend_turn(backend: Backend, now: float) -> NexusError | None:
     """Take one request from a backend's rpm bucket; a 429 to give when it is empty."""
     bucket = backend.rpm_bucket
     if bucket is None:
         return None
-    wait = bucket.wait(1, now)
-    if wait:
+    if wait := bucket.wait(1, now):
         what = f"backend {backend.name}: {bucket.per_minute:g} requests per minute"
         return rate_limited(what, wait)
     bucket.take(1, now)
@@ -2515,34 +2439,51 @@ def backend_turn(backend: Backend, now: float) -> NexusError | None:
 
 
 def authenticate_request(request: web.Request) -> None:
-    """Find the caller's key (401 when one is needed and missing or wrong, logged by path and
-    address, never by what was sent)."""
-    try:
-        key = authenticate(request.app[KEYS], request.path, request.headers)
-    except NexusError as error:
-        rid, path, remote = request[REQUEST_ID], request.path, request.remote
-        fields = {"request_id": rid, "path": path, "remote": remote, "status": error.status}
-        message = f"request {rid} to {path} from {remote} refused: {error.message}"
-        log.warning("%s", message, extra={"fields": fields})
-        raise
-    if key is not None:
-        request[API_KEY] = key
-
-
-def model_known(model: str, registry: Registry, settings: Settings) -> bool:
-    """Whether any backend serves the model, its alias's target or one of their fallbacks."""
-    return any(m in registry.by_model for m in model_chain(model, settings.routing))
+    """Find the caller's key when keys are configured and the path needs one: 401 when it is
+    missing or wrong, 403 on an admin path for a key not admin; logged, never with the key."""
+    keys, path = request.app[KEYS], request.path
+    # Ollama's API needs a key too, but for its version, which (like /health) stays open.
+    if not keys or path == "/api/version":
+        return
+    if not path.startswith(("/v1/", "/api/")) and path != "/metrics":
+        return
+    # OpenAI clients send `Authorization: Bearer`, Anthropic's `x-api-key`.
+    scheme, _, token = request.headers.get("Authorization", "").strip().partition(" ")
+    presented = token.strip() if scheme.lower() == "bearer" else ""
+    presented = presented or request.headers.get("x-api-key", "").strip()
+    given = key_digest(presented)
+    found = None
+    # Constant time: every key compared (equal-length digests), whichever matches.
+    for key in keys:
+        if hmac.compare_digest(given, key.digest):
+            found = key
+    if not presented:
+        error = unauthorized(
+            "No API key provided. Send it as 'Authorization: Bearer <key>' (or 'x-api-key: <key>')."
+        )
+    elif found is None:
+        error = unauthorized("The API key provided is not valid.")
+    elif not found.admin and (path in ADMIN_PATHS or path.startswith("/v1/backends/")):
+        error = admin_forbidden(found)
+    else:
+        request[API_KEY] = found
+        return
+    rid, remote = request[REQUEST_ID], request.remote
+    fields = {"request_id": rid, "path": path, "remote": remote, "status": error.status}
+    message = f"request {rid} to {path} from {remote} refused: {error.message}"
+    log.warning("%s", message, extra={"fields": fields})
+    raise error
 
 
 def check_model(request: web.Request, model: str, must_exist: bool = False) -> None:
     """404 for a model the caller's key may not use (listing only the models it may use) or,
-    when it `must_exist`, one no backend serves."""
+    when it `must_exist`, one that no backend serves, nor its alias's target or fallbacks."""
     key = request.get(API_KEY)
     if not must_exist and (key is None or not key.models):
         return
     settings, registry = request.app[SETTINGS], request.app[REGISTRY]
     allowed = key is None or key.may_use(model, settings.routing.aliases)
-    if not allowed or not model_known(model, registry, settings):
+    if not allowed or not any(m in registry.by_model for m in model_chain(model, settings.routing)):
         raise model_not_found(model, registry, settings, key)
 
 
@@ -2582,8 +2523,8 @@ def allowed_attempts(
         a for a in decision.attempts if a.model == decision.model or key.may_use(a.model, aliases)
     ]
     if not attempts:
-        raise no_capacity(needs, decision.model, request.app[REGISTRY])
-    if key.over_budget(month_of(dt.datetime.now(dt.UTC))):
+        raise no_capacity(needs, [decision.model], request.app[REGISTRY])
+    if 0 < key.monthly_limit_usd <= key.roll_month(month_of(dt.datetime.now(dt.UTC))):
         attempts = [a for a in attempts if not a.backend.is_cloud]
     if not attempts:
         raise monthly_limit_spent(
@@ -2598,9 +2539,8 @@ def allowed_attempts(
 
 
 def settle_request(request: web.Request, record: RequestRecord, status: int) -> None:
-    """Once answered: the request counts for its key (by name in stats, logs and metrics) and
-    real usage corrects its tpm charge (an unanswered request costs nothing; an answer without
-    usage keeps the estimate)."""
+    """Once answered: the request counts for its key (by name) and real usage corrects its tpm
+    charge (an unanswered request costs nothing; an answer without usage keeps the estimate)."""
     key = request.get(API_KEY)
     if key is None:
         return
