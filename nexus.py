@@ -6678,6 +6678,16 @@ JSON_STRING = json.encoder.encode_basestring_ascii  # a str as JSON, as json.dum
 INCOMPLETE_REASONS = {"length": "max_output_tokens", "content_filter": "content_filter"}
 # The events of a text item's deltas, by the kind of text: its reasoning or its answer.
 TEXT_EVENTS = {"thinking": "response.reasoning_text", "text": "response.output_text"}
+# How a 400 names the kind of JSON value a field must hold.
+JSON_KINDS = {str: "a string", bool: "a boolean", list: "an array", dict: "an object"}
+
+
+def optional_field(body: dict, name: str, kind: type, where: str = "", param: str = "") -> Any:
+    """A field that may be absent (None) or must hold a `kind` (str, bool, list or dict)."""
+    value = body.get(name)
+    if value is not None and not isinstance(value, kind):
+        raise bad_request(f"{where}{name}: must be {JSON_KINDS[kind]}", param or name)
+    return value
 
 
 def input_parts(content: Any, where: str) -> list[dict[str, Any]]:
@@ -6709,9 +6719,7 @@ def input_parts(content: Any, where: str) -> list[dict[str, Any]]:
     return parts
 
 
-def add_input_item(
-    messages: list[dict[str, Any]], system: list[str], item: Any, where: str
-) -> None:
+def add_input_item(messages: list[dict], system: list[str], item: Any, where: str) -> None:
     """One input item as chat messages (or system text)."""
     if not isinstance(item, dict):
         raise bad_request(f"{where}: must be an object", "input")
@@ -6753,12 +6761,10 @@ def add_input_item(
         )
 
 
-def function_tools(tools: Any) -> list[dict[str, Any]]:
+def function_tools(body: dict[str, Any]) -> list[dict[str, Any]]:
     """The request's function tools; hosted ones (web_search, mcp...) are not offered."""
-    if not isinstance(tools, list | None):
-        raise bad_request("tools: must be an array", "tools")
     found = []
-    for i, tool in enumerate(tools or ()):
+    for i, tool in enumerate(optional_field(body, "tools", list) or ()):
         if not isinstance(tool, dict) or not isinstance(tool.get("type"), str):
             raise bad_request(f"tools[{i}]: a tool needs a type", "tools")
         if tool["type"] != "function":
@@ -6773,10 +6779,8 @@ def function_tools(tools: Any) -> list[dict[str, Any]]:
 
 def chat_function(tool: dict[str, Any]) -> dict[str, Any]:
     """A Responses function tool (flat) as a chat function tool."""
-    function: dict[str, Any] = {
-        "name": tool["name"],
-        "parameters": tool.get("parameters") or {"type": "object", "properties": {}},
-    }
+    function: dict[str, Any] = {"name": tool["name"]}
+    function["parameters"] = tool.get("parameters") or {"type": "object", "properties": {}}
     if isinstance(tool.get("description"), str):
         function["description"] = tool["description"]
     if isinstance(tool.get("strict"), bool):
@@ -6797,11 +6801,9 @@ def responses_tool_choice(choice: Any) -> Any:
     return {"type": "function", "function": {"name": choice["name"]}}
 
 
-def response_text_format(text: Any) -> dict[str, Any] | None:
+def response_text_format(body: dict[str, Any]) -> dict[str, Any] | None:
     """text.format as chat's response_format; None for plain text."""
-    if not isinstance(text, dict | None):
-        raise bad_request("text: must be an object", "text")
-    form = (text or {}).get("format")
+    form = (optional_field(body, "text", dict) or {}).get("format")
     kind = form.get("type") if isinstance(form, dict) else None
     if form is None or kind == "text":
         return None
@@ -6820,13 +6822,9 @@ def responses_to_chat(body: dict[str, Any]) -> dict[str, Any]:
     model = require_model(body)
     for name in ("previous_response_id", "conversation"):
         if body.get(name) is not None:
-            raise bad_request(
-                f"{name}: Nexus keeps no conversations; send the whole conversation in input",
-                name,
-            )
-    instructions = body.get("instructions")
-    if instructions is not None and not isinstance(instructions, str):
-        raise bad_request("instructions: must be a string", "instructions")
+            why = f"{name}: Nexus keeps no conversations; send the whole conversation in input"
+            raise bad_request(why, name)
+    instructions = optional_field(body, "instructions", str)
     system = [instructions] if instructions else []
     items = body.get("input")
     messages: list[dict[str, Any]] = []
@@ -6852,7 +6850,7 @@ def responses_to_chat(body: dict[str, Any]) -> dict[str, Any]:
     for name in ("prompt_cache_key", "user"):  # the cache key is a session key (SPEC 3.7)
         if isinstance(body.get(name), str):
             chat[name] = body[name]
-    tools = function_tools(body.get("tools"))
+    tools = function_tools(body)
     if tools:
         chat["tools"] = [chat_function(tool) for tool in tools]
         choice = responses_tool_choice(body.get("tool_choice"))
@@ -6860,7 +6858,7 @@ def responses_to_chat(body: dict[str, Any]) -> dict[str, Any]:
             chat["tool_choice"] = choice
     else:
         chat.pop("parallel_tool_calls", None)
-    text_format = response_text_format(body.get("text"))
+    text_format = response_text_format(body)
     if text_format is not None:
         chat["response_format"] = text_format
     return chat
@@ -6914,7 +6912,6 @@ class ResponsesFormat(ChatTranslator):
         self.text_head = b""  # the encoded start of its delta events
         self.call_heads: dict[int, bytes] = {}  # the same for each function call item
         self.finish: str | None = None
-        self.echoed: dict[str, Any] | None = None  # what the response repeats of the request
 
     def response(self, status: str, usage: Any = None, error: Any = None) -> dict[str, Any]:
         """The response object as it stands, echoing what the request asked for."""
@@ -6928,20 +6925,19 @@ class ResponsesFormat(ChatTranslator):
             "output": self.output,
             "error": error,
             "incomplete_details": {"reason": reason} if reason else None,
-            **self.echo(),
+            **self.echo,
             "usage": usage,
         }
 
+    @functools.cached_property
     def echo(self) -> dict[str, Any]:
         """What the response repeats of the request, read once: it is the same in every event."""
-        if self.echoed is not None:
-            return self.echoed
         body = self.native_body
         choice, instructions = body.get("tool_choice"), body.get("instructions")
         temperature, top_p = body.get("temperature"), body.get("top_p")
         text = object_of(body.get("text"))
         number = (int, float)
-        self.echoed = {
+        return {
             "instructions": instructions if isinstance(instructions, str) else None,
             "max_output_tokens": token_count(body.get("max_output_tokens")),
             "metadata": object_of(body.get("metadata")),
@@ -6951,10 +6947,9 @@ class ResponsesFormat(ChatTranslator):
             "top_p": top_p if isinstance(top_p, number) else None,
             "text": {"format": text.get("format") or {"type": "text"}},
             "tool_choice": choice if isinstance(choice, str | dict) else "auto",
-            "tools": function_tools(body.get("tools")),
+            "tools": function_tools(body),
             "truncation": "disabled",
         }
-        return self.echoed
 
     def status(self) -> str:
         """The response's status once the answer ended (its items' too)."""
@@ -7000,11 +6995,9 @@ class ResponsesFormat(ChatTranslator):
         response = json.dumps(self.response("in_progress"))
         out = b""
         for kind in ("response.created", "response.in_progress"):
+            head = f'event: {kind}\ndata: {{"response": {response}, "type": "{kind}"'
+            out += f'{head}, "sequence_number": {self.sequence}}}\n\n'.encode()
             self.sequence += 1
-            out += (
-                f'event: {kind}\ndata: {{"response": {response}, "type": "{kind}", '
-                f'"sequence_number": {self.sequence - 1}}}\n\n'
-            ).encode()
         return out
 
     def delta_event(self, head: bytes, text: str) -> bytes:
@@ -7090,11 +7083,9 @@ class ResponsesFormat(ChatTranslator):
             done = {"item_id": item["id"], "output_index": index, "arguments": item["arguments"]}
             out += self.event("response.function_call_arguments.done", done)
             out += self.event("response.output_item.done", {"output_index": index, "item": item})
-        reasoning = sum(
-            len(item["content"][0]["text"]) for item in self.output if item["type"] == "reasoning"
-        )
+        texts = [item["content"][0]["text"] for item in self.output if item["type"] == "reasoning"]
         status = self.status()
-        response = self.response(status, self.final_usage(self.usage, reasoning))
+        response = self.response(status, self.final_usage(self.usage, sum(map(len, texts))))
         return out + self.event(f"response.{status}", {"response": response})
 
     def error(self, endpoint: str, model: str, message: str) -> bytes:
@@ -7164,21 +7155,10 @@ def ollama_time(seconds: float | None = None) -> str:
     return f"{utc_second(whole)}.{int((now - whole) * 1_000_000):06d}Z"
 
 
-def ollama_stream_flag(body: dict[str, Any]) -> bool:
-    """Ollama streams unless told not to."""
-    stream = body.get("stream")
-    if stream is not None and not isinstance(stream, bool):
-        raise bad_request("stream: must be a boolean", "stream")
-    return stream is not False
-
-
 def ollama_shared_fields(body: dict[str, Any], out: dict[str, Any]) -> dict[str, Any]:
     """What chat and generate requests share (stream, options, format, think) as chat fields."""
-    out["stream"] = ollama_stream_flag(body)
-    options = body.get("options")
-    if not isinstance(options, dict | None):
-        raise bad_request("options: must be an object", "options")
-    options = options or {}
+    out["stream"] = optional_field(body, "stream", bool) is not False  # unless told not to
+    options = optional_field(body, "options", dict) or {}
     copy_options(options, out, OLLAMA_SAMPLING, "number", "options.")
     stop = options.get("stop")
     if isinstance(stop, str):
@@ -7225,11 +7205,10 @@ def ollama_image_parts(images: Any, where: str) -> list[dict[str, Any]]:
     return parts
 
 
-def ollama_tool_calls(calls: Any, where: str, pending: list[tuple[str, str]]) -> list[Any]:
+def ollama_tool_calls(message: dict, where: str, pending: list[tuple[str, str]]) -> list[Any]:
     """An assistant's tool calls as chat's (arguments as JSON text), their ids put in `pending`."""
-    if not isinstance(calls, list | None):
-        raise bad_request(f"{where}.tool_calls: must be an array", "messages")
     out = []
+    calls = optional_field(message, "tool_calls", list, where + ".", "messages")
     for j, call in enumerate(calls or ()):
         at = f"{where}.tool_calls[{j}]"
         function = call.get("function") if isinstance(call, dict) else None
@@ -7260,14 +7239,6 @@ def answered_call_id(message: dict[str, Any], pending: list[tuple[str, str]]) ->
     return pending.pop(0)[1] if pending else new_block_id("call_")
 
 
-def optional_text(body: dict[str, Any], name: str, where: str = "", param: str = "") -> str:
-    """A field that may be absent or a string; "" when absent."""
-    value = body.get(name)
-    if value is not None and not isinstance(value, str):
-        raise bad_request(f"{where}{name}: must be a string", param or name)
-    return value or ""
-
-
 def ollama_messages(messages: Any) -> list[dict[str, Any]]:
     """Ollama chat messages as chat's: images as parts, tool calls and answers paired by id."""
     if not isinstance(messages, list):
@@ -7281,12 +7252,12 @@ def ollama_messages(messages: Any) -> list[dict[str, Any]]:
         role = message.get("role")
         if role not in OLLAMA_ROLES:
             raise bad_request(f"{where}.role: must be one of {', '.join(OLLAMA_ROLES)}", "messages")
-        content = optional_text(message, "content", where + ".", "messages")
+        content = optional_field(message, "content", str, where + ".", "messages") or ""
         chat: dict[str, Any] = {"role": role, "content": content}
         if images := ollama_image_parts(message.get("images"), where + "."):
             chat["content"] = [{"type": "text", "text": content}, *images] if content else images
         if role == "assistant":
-            calls = ollama_tool_calls(message.get("tool_calls"), where, pending)
+            calls = ollama_tool_calls(message, where, pending)
             if calls:
                 chat["tool_calls"] = calls
         elif role == "tool":
@@ -7299,9 +7270,7 @@ def ollama_to_chat(body: dict[str, Any]) -> dict[str, Any]:
     """An /api/chat request as the internal chat request (Ollama's tools are chat's, checked)."""
     model = require_model(body)
     chat: dict[str, Any] = {"model": model, "messages": ollama_messages(body.get("messages"))}
-    tools = body.get("tools")
-    if not isinstance(tools, list | None):
-        raise bad_request("tools: must be an array", "tools")
+    tools = optional_field(body, "tools", list)
     for i, tool in enumerate(tools or ()):
         function = tool.get("function") if isinstance(tool, dict) else None
         if not isinstance(function, dict) or not isinstance(function.get("name"), str):
@@ -7314,12 +7283,10 @@ def ollama_to_chat(body: dict[str, Any]) -> dict[str, Any]:
 def ollama_generate_to_internal(body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """An /api/generate request as chat, or as a completion when raw or with a suffix (FIM)."""
     model = require_model(body)
-    prompt = optional_text(body, "prompt")
-    suffix = optional_text(body, "suffix")
-    system = optional_text(body, "system")
-    raw = body.get("raw")
-    if raw is not None and not isinstance(raw, bool):
-        raise bad_request("raw: must be a boolean", "raw")
+    prompt = optional_field(body, "prompt", str) or ""
+    suffix = optional_field(body, "suffix", str) or ""
+    system = optional_field(body, "system", str) or ""
+    raw = optional_field(body, "raw", bool)
     images = ollama_image_parts(body.get("images"), "")
     if (raw or suffix) and images:
         raise bad_request("images: not served with raw or suffix (a plain completion)", "images")
@@ -7456,32 +7423,21 @@ async def ollama_show(request: web.Request) -> web.Response:
     info: dict[str, Any] = {"general.architecture": OLLAMA_ARCHITECTURE, "general.name": name}
     if entry["context_length"]:
         info[f"{OLLAMA_ARCHITECTURE}.context_length"] = entry["context_length"]
-    capabilities = ["completion"]
-    if entry["capabilities"]["tools"] is not False:
-        capabilities.append("tools")
-    if entry["capabilities"]["vision"] is True:
-        capabilities.append("vision")
-    return web.json_response(
-        {
-            "modelfile": "",
-            "parameters": "",
-            "template": "",
-            "details": ollama_details(entry),
-            "model_info": info,
-            "capabilities": capabilities,
-            "modified_at": started_at(request),
-        }
-    )
+    flags = entry["capabilities"]
+    offered = [("tools", flags["tools"] is not False), ("vision", flags["vision"] is True)]
+    capabilities = ["completion"] + [name for name, on in offered if on]
+    answer = {"modelfile": "", "parameters": "", "template": "", "details": ollama_details(entry)}
+    answer |= {"model_info": info, "capabilities": capabilities, "modified_at": started_at(request)}
+    return web.json_response(answer)
 
 
 async def ollama_management(request: web.Request) -> web.Response:
     """Pull, push, create, copy, delete: Nexus routes to models, it does not keep any."""
-    raise NexusError.of(
-        501,
-        "model_management",
+    why = (
         "Nexus routes requests to the models its backends serve and does not manage models: "
-        "pull, push, create, copy and delete them on the backend itself.",
+        "pull, push, create, copy and delete them on the backend itself."
     )
+    raise NexusError.of(501, "model_management", why)
 
 
 class OllamaLines(NativeStream):
@@ -7694,7 +7650,7 @@ def ollama_loaded(request: web.Request, body: dict[str, Any], kind: str) -> web.
     """Ollama's load (or unload) request: done at once, as backends load models themselves."""
     fmt = OllamaFormat(body, kind)
     fmt.model = require_model(body)
-    ollama_stream_flag(body)
+    optional_field(body, "stream", bool)
     visible_model(request, fmt.model)
     unload = body.get("keep_alive") in (0, "0", "0s", "0m")  # Ollama's way to unload
     return web.json_response(fmt.piece("", done_reason="unload" if unload else "load"))
