@@ -6771,8 +6771,7 @@ def function_tools(body: dict[str, Any]) -> list[dict[str, Any]]:
             continue
         if not isinstance(tool.get("name"), str) or not tool["name"]:
             raise bad_request(f"tools[{i}].name: a function tool needs a name", "tools")
-        if tool.get("parameters") is not None and not isinstance(tool["parameters"], dict):
-            raise bad_request(f"tools[{i}].parameters: must be an object", "tools")
+        optional_field(tool, "parameters", dict, f"tools[{i}].", "tools")
         found.append(tool)
     return found
 
@@ -6842,8 +6841,7 @@ def responses_to_chat(body: dict[str, Any]) -> dict[str, Any]:
     chat: dict[str, Any] = {"model": model, "messages": messages}
     copy_options(body, chat, ("stream", "parallel_tool_calls"), "boolean")
     copy_options(body, chat, ("temperature", "top_p"), "number")
-    limit = body.get("max_output_tokens")
-    if limit is not None:
+    if (limit := body.get("max_output_tokens")) is not None:
         if positive_int(limit) is None:
             raise bad_request("max_output_tokens: must be a positive integer", "max_output_tokens")
         chat["max_tokens"] = limit
@@ -6853,13 +6851,11 @@ def responses_to_chat(body: dict[str, Any]) -> dict[str, Any]:
     tools = function_tools(body)
     if tools:
         chat["tools"] = [chat_function(tool) for tool in tools]
-        choice = responses_tool_choice(body.get("tool_choice"))
-        if choice is not None:
+        if (choice := responses_tool_choice(body.get("tool_choice"))) is not None:
             chat["tool_choice"] = choice
     else:
         chat.pop("parallel_tool_calls", None)
-    text_format = response_text_format(body)
-    if text_format is not None:
+    if (text_format := response_text_format(body)) is not None:
         chat["response_format"] = text_format
     return chat
 
@@ -6931,21 +6927,19 @@ class ResponsesFormat(ChatTranslator):
 
     @functools.cached_property
     def echo(self) -> dict[str, Any]:
-        """What the response repeats of the request, read once: it is the same in every event."""
+        """What the response repeats of the request, read once: it is the same in every event.
+        responses_to_chat has checked the request, but for a tool_choice without tools."""
         body = self.native_body
-        choice, instructions = body.get("tool_choice"), body.get("instructions")
-        temperature, top_p = body.get("temperature"), body.get("top_p")
-        text = object_of(body.get("text"))
-        number = (int, float)
+        choice = body.get("tool_choice")
         return {
-            "instructions": instructions if isinstance(instructions, str) else None,
-            "max_output_tokens": token_count(body.get("max_output_tokens")),
+            "instructions": body.get("instructions"),
+            "max_output_tokens": body.get("max_output_tokens"),
             "metadata": object_of(body.get("metadata")),
             "parallel_tool_calls": body.get("parallel_tool_calls") is not False,
             "previous_response_id": None,
-            "temperature": temperature if isinstance(temperature, number) else None,
-            "top_p": top_p if isinstance(top_p, number) else None,
-            "text": {"format": text.get("format") or {"type": "text"}},
+            "temperature": body.get("temperature"),
+            "top_p": body.get("top_p"),
+            "text": {"format": object_of(body.get("text")).get("format") or {"type": "text"}},
             "tool_choice": choice if isinstance(choice, str | dict) else "auto",
             "tools": function_tools(body),
             "truncation": "disabled",
@@ -7128,7 +7122,6 @@ OLLAMA_INFERENCE_PATHS = {
 JSON_TEXT = json.encoder.encode_basestring  # a str as JSON, as json.dumps(ensure_ascii=False)
 # Ollama's sampling options that mean the same in a chat or completions request.
 OLLAMA_SAMPLING = ("temperature", "top_p", "top_k", "seed", "presence_penalty", "frequency_penalty")
-OLLAMA_THINK_LEVELS = ("low", "medium", "high")
 OLLAMA_ROLES = ("system", "user", "assistant", "tool")
 # Base64 images carry no media type; the first bytes of the common formats tell it.
 IMAGE_SIGNATURES = (
@@ -7183,7 +7176,7 @@ def ollama_shared_fields(body: dict[str, Any], out: dict[str, Any]) -> dict[str,
     think = body.get("think")
     if isinstance(think, bool):  # what vLLM's and llama.cpp's chat templates read
         out["chat_template_kwargs"] = {"enable_thinking": think}
-    elif think in OLLAMA_THINK_LEVELS:
+    elif think in ("low", "medium", "high"):
         out["reasoning_effort"] = think
     elif think is not None:
         raise bad_request('think: must be true, false, "low", "medium" or "high"', "think")
@@ -7466,13 +7459,11 @@ class OllamaLines(NativeStream):
 
 
 class OllamaFormat(OpenAIFormat):
-    """Writes answers as Ollama's endpoint `kind` does: whole, or NDJSON ending in a done line;
-    streamed tool calls are sent whole when the answer finishes, as Ollama sends them."""
+    """Writes answers as Ollama's endpoint `kind` does: whole, or NDJSON ending in a done line."""
 
     keeps_usage = True
     native_api = "ollama"
     content_type = "application/x-ndjson"
-    chat_request = staticmethod(ollama_to_chat)
     native_stream = OllamaLines
     error = OllamaLines.error  # the last words of a stream Nexus had to cut, as a backend's
 
