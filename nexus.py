@@ -6678,7 +6678,6 @@ JSON_STRING = json.encoder.encode_basestring_ascii  # a str as JSON, as json.dum
 INCOMPLETE_REASONS = {"length": "max_output_tokens", "content_filter": "content_filter"}
 # The events of a text item's deltas, by the kind of text: its reasoning or its answer.
 TEXT_EVENTS = {"thinking": "response.reasoning_text", "text": "response.output_text"}
-# How a 400 names the kind of JSON value a field must hold.
 JSON_KINDS = {str: "a string", bool: "a boolean", list: "an array", dict: "an object"}
 
 
@@ -6949,10 +6948,11 @@ class ResponsesFormat(ChatTranslator):
         """The response's status once the answer ended (its items' too)."""
         return "incomplete" if self.finish in INCOMPLETE_REASONS else "completed"
 
-    def final_usage(self, usage: Any, reasoning_chars: int) -> dict[str, Any]:
-        """The response's usage: reported, or estimated from characters."""
+    def final_response(self, usage: Any, reasoning_chars: int) -> dict[str, Any]:
+        """The response once the answer ended, its usage reported or estimated from characters."""
         found = self.estimated_usage(usage)
-        return found.as_responses(min(answer_tokens(reasoning_chars), found.completion))
+        usage = found.as_responses(min(answer_tokens(reasoning_chars), found.completion))
+        return self.response(self.status(), usage)
 
     def body(self, answer: bytes, parsed: dict[str, Any]) -> bytes:
         choice, reasoning, text, calls = reply_parts(parsed)
@@ -6971,8 +6971,7 @@ class ResponsesFormat(ChatTranslator):
             self.output.append(output_call(call, arguments, "completed"))
             self.output_chars += len(arguments)
         self.output_chars += len(text) + len(reasoning)
-        usage = self.final_usage(parsed.get("usage"), len(reasoning))
-        return json.dumps(self.response(status, usage)).encode()
+        return json.dumps(self.final_response(parsed.get("usage"), len(reasoning))).encode()
 
     def event(self, kind: str, data: dict[str, Any]) -> bytes:
         """One Responses event, numbered in sequence."""
@@ -7078,9 +7077,8 @@ class ResponsesFormat(ChatTranslator):
             out += self.event("response.function_call_arguments.done", done)
             out += self.event("response.output_item.done", {"output_index": index, "item": item})
         texts = [item["content"][0]["text"] for item in self.output if item["type"] == "reasoning"]
-        status = self.status()
-        response = self.response(status, self.final_usage(self.usage, sum(map(len, texts))))
-        return out + self.event(f"response.{status}", {"response": response})
+        response = self.final_response(self.usage, sum(map(len, texts)))
+        return out + self.event(f"response.{response['status']}", {"response": response})
 
     def error(self, endpoint: str, model: str, message: str) -> bytes:
         """response.failed, with what was said before the failure, as incomplete."""
@@ -7101,9 +7099,8 @@ async def responses(request: web.Request) -> web.StreamResponse:
 # ==============================================================================================
 # Ollama API
 # Owns: /api/* (SPEC §2.1), Ollama's own API in front of every backend. A chat, generate or
-# embed request becomes the internal chat, completions or embeddings request; its answer (whole,
-# or streamed as NDJSON) becomes Ollama's; errors are {"error": "..."}. The model list, show and
-# ps are answered from the registry.
+# embed request becomes an internal one; its answer (whole, or NDJSON) becomes Ollama's; errors
+# are {"error": "..."}. The model list, show and ps are answered from the registry.
 # Must not: route or send anything itself; the proxy does, with an OllamaFormat writing.
 # ==============================================================================================
 
@@ -7731,8 +7728,7 @@ async def health(request: web.Request) -> web.Response:
 
 
 def require_admin(request: web.Request) -> None:
-    """The admin API takes an admin key when keys are configured; else only a caller on this
-    machine, not through a proxy (even one on this machine)."""
+    """Admit an admin key when keys are configured; else only a caller on loopback, not proxied."""
     if request.app[KEYS]:
         key = request.get(API_KEY)  # the middleware has checked it is a valid key
         if key is None:
@@ -7870,8 +7866,7 @@ async def unload_model(request: web.Request) -> web.Response:
 
 
 async def migrate_model(request: web.Request) -> web.Response:
-    """POST /v1/models/migrate {model_id, source_backend_id, target_backend_id}: the target
-    loads while the source serves; the source unloads once it has nothing in flight."""
+    """POST /v1/models/migrate: the target loads as the source serves, then the source unloads."""
     require_admin(request)
     app = request.app
     body = parse_json_body(await request.read())
