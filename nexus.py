@@ -7246,10 +7246,8 @@ def ollama_messages(messages: Any) -> list[dict[str, Any]]:
         chat: dict[str, Any] = {"role": role, "content": content}
         if images := ollama_image_parts(message.get("images"), where + "."):
             chat["content"] = [{"type": "text", "text": content}, *images] if content else images
-        if role == "assistant":
-            calls = ollama_tool_calls(message, where, pending)
-            if calls:
-                chat["tool_calls"] = calls
+        if role == "assistant" and (calls := ollama_tool_calls(message, where, pending)):
+            chat["tool_calls"] = calls
         elif role == "tool":
             chat["tool_call_id"] = answered_call_id(message, pending)
         out.append(chat)
