@@ -7413,7 +7413,7 @@ async def ollama_show(request: web.Request) -> web.Response:
         info[f"{OLLAMA_ARCHITECTURE}.context_length"] = entry["context_length"]
     flags = entry["capabilities"]
     offered = [("tools", flags["tools"] is not False), ("vision", flags["vision"] is True)]
-    capabilities = ["completion"] + [name for name, on in offered if on]
+    capabilities = ["completion"] + [kind for kind, on in offered if on]
     answer = {"modelfile": "", "parameters": "", "template": "", "details": ollama_details(entry)}
     answer |= {"model_info": info, "capabilities": capabilities, "modified_at": started_at(request)}
     return web.json_response(answer)
