@@ -6461,6 +6461,15 @@ JSON_STRING = json.encoder.encode_basestring_ascii  # a str as JSON, as json.dum
 INCOMPLETE_REASONS = {"length": "max_output_tokens", "content_filter": "content_filter"}
 # The events of a text item's deltas, by the kind of text: its reasoning or its answer.
 TEXT_EVENTS = {"thinking": "response.reasoning_text", "text": "response.output_text"}
+JSON_KINDS = {str: "a string", bool: "a boolean", list: "an array", dict: "an object"}
+
+
+def optional_field(body: dict, name: str, kind: type, where: str = "", param: str = "") -> Any:
+    """A field that may be absent (None) or must hold a `kind` (str, bool, list or dict)."""
+    value = body.get(name)
+    if value is not None and not isinstance(value, kind):
+        raise bad_request(f"{where}{name}: must be {JSON_KINDS[kind]}", param or name)
+    return value
 
 
 def input_parts(content: Any, where: str) -> list[dict[str, Any]]:
@@ -6492,9 +6501,7 @@ def input_parts(content: Any, where: str) -> list[dict[str, Any]]:
     return parts
 
 
-def add_input_item(
-    messages: list[dict[str, Any]], system: list[str], item: Any, where: str
-) -> None:
+def add_input_item(messages: list[dict], system: list[str], item: Any, where: str) -> None:
     """One input item as chat messages (or system text)."""
     if not isinstance(item, dict):
         raise bad_request(f"{where}: must be an object", "input")
@@ -6536,30 +6543,25 @@ def add_input_item(
         )
 
 
-def function_tools(tools: Any) -> list[dict[str, Any]]:
+def function_tools(body: dict[str, Any]) -> list[dict[str, Any]]:
     """The request's function tools; hosted ones (web_search, mcp...) are not offered."""
-    if not isinstance(tools, list | None):
-        raise bad_request("tools: must be an array", "tools")
     found = []
-    for i, tool in enumerate(tools or ()):
+    for i, tool in enumerate(optional_field(body, "tools", list) or ()):
         if not isinstance(tool, dict) or not isinstance(tool.get("type"), str):
             raise bad_request(f"tools[{i}]: a tool needs a type", "tools")
         if tool["type"] != "function":
             continue
         if not isinstance(tool.get("name"), str) or not tool["name"]:
             raise bad_request(f"tools[{i}].name: a function tool needs a name", "tools")
-        if tool.get("parameters") is not None and not isinstance(tool["parameters"], dict):
-            raise bad_request(f"tools[{i}].parameters: must be an object", "tools")
+        optional_field(tool, "parameters", dict, f"tools[{i}].", "tools")
         found.append(tool)
     return found
 
 
 def chat_function(tool: dict[str, Any]) -> dict[str, Any]:
     """A Responses function tool (flat) as a chat function tool."""
-    function: dict[str, Any] = {
-        "name": tool["name"],
-        "parameters": tool.get("parameters") or {"type": "object", "properties": {}},
-    }
+    function: dict[str, Any] = {"name": tool["name"]}
+    function["parameters"] = tool.get("parameters") or {"type": "object", "properties": {}}
     if isinstance(tool.get("description"), str):
         function["description"] = tool["description"]
     if isinstance(tool.get("strict"), bool):
@@ -6580,11 +6582,9 @@ def responses_tool_choice(choice: Any) -> Any:
     return {"type": "function", "function": {"name": choice["name"]}}
 
 
-def response_text_format(text: Any) -> dict[str, Any] | None:
+def response_text_format(body: dict[str, Any]) -> dict[str, Any] | None:
     """text.format as chat's response_format; None for plain text."""
-    if not isinstance(text, dict | None):
-        raise bad_request("text: must be an object", "text")
-    form = (text or {}).get("format")
+    form = (optional_field(body, "text", dict) or {}).get("format")
     kind = form.get("type") if isinstance(form, dict) else None
     if form is None or kind == "text":
         return None
@@ -6603,13 +6603,9 @@ def responses_to_chat(body: dict[str, Any]) -> dict[str, Any]:
     model = require_model(body)
     for name in ("previous_response_id", "conversation"):
         if body.get(name) is not None:
-            raise bad_request(
-                f"{name}: Nexus keeps no conversations; send the whole conversation in input",
-                name,
-            )
-    instructions = body.get("instructions")
-    if instructions is not None and not isinstance(instructions, str):
-        raise bad_request("instructions: must be a string", "instructions")
+            why = f"{name}: Nexus keeps no conversations; send the whole conversation in input"
+            raise bad_request(why, name)
+    instructions = optional_field(body, "instructions", str)
     system = [instructions] if instructions else []
     items = body.get("input")
     messages: list[dict[str, Any]] = []
@@ -6627,24 +6623,21 @@ def responses_to_chat(body: dict[str, Any]) -> dict[str, Any]:
     chat: dict[str, Any] = {"model": model, "messages": messages}
     copy_options(body, chat, ("stream", "parallel_tool_calls"), "boolean")
     copy_options(body, chat, ("temperature", "top_p"), "number")
-    limit = body.get("max_output_tokens")
-    if limit is not None:
+    if (limit := body.get("max_output_tokens")) is not None:
         if positive_int(limit) is None:
             raise bad_request("max_output_tokens: must be a positive integer", "max_output_tokens")
         chat["max_tokens"] = limit
     for name in ("prompt_cache_key", "user"):  # the cache key is a session key (SPEC 3.7)
         if isinstance(body.get(name), str):
             chat[name] = body[name]
-    tools = function_tools(body.get("tools"))
+    tools = function_tools(body)
     if tools:
         chat["tools"] = [chat_function(tool) for tool in tools]
-        choice = responses_tool_choice(body.get("tool_choice"))
-        if choice is not None:
+        if (choice := responses_tool_choice(body.get("tool_choice"))) is not None:
             chat["tool_choice"] = choice
     else:
         chat.pop("parallel_tool_calls", None)
-    text_format = response_text_format(body.get("text"))
-    if text_format is not None:
+    if (text_format := response_text_format(body)) is not None:
         chat["response_format"] = text_format
     return chat
 
@@ -6697,7 +6690,6 @@ class ResponsesFormat(ChatTranslator):
         self.text_head = b""  # the encoded start of its delta events
         self.call_heads: dict[int, bytes] = {}  # the same for each function call item
         self.finish: str | None = None
-        self.echoed: dict[str, Any] | None = None  # what the response repeats of the request
 
     def response(self, status: str, usage: Any = None, error: Any = None) -> dict[str, Any]:
         """The response object as it stands, echoing what the request asked for."""
@@ -6711,42 +6703,39 @@ class ResponsesFormat(ChatTranslator):
             "output": self.output,
             "error": error,
             "incomplete_details": {"reason": reason} if reason else None,
-            **self.echo(),
+            **self.echo,
             "usage": usage,
         }
 
+    @functools.cached_property
     def echo(self) -> dict[str, Any]:
-        """What the response repeats of the request, read once: it is the same in every event."""
-        if self.echoed is not None:
-            return self.echoed
+        """What the response repeats of the request, read once: it is the same in every event.
+        responses_to_chat has checked the request, but for a tool_choice without tools."""
         body = self.native_body
-        choice, instructions = body.get("tool_choice"), body.get("instructions")
-        temperature, top_p = body.get("temperature"), body.get("top_p")
-        text = object_of(body.get("text"))
-        number = (int, float)
-        self.echoed = {
-            "instructions": instructions if isinstance(instructions, str) else None,
-            "max_output_tokens": token_count(body.get("max_output_tokens")),
+        choice = body.get("tool_choice")
+        return {
+            "instructions": body.get("instructions"),
+            "max_output_tokens": body.get("max_output_tokens"),
             "metadata": object_of(body.get("metadata")),
             "parallel_tool_calls": body.get("parallel_tool_calls") is not False,
             "previous_response_id": None,
-            "temperature": temperature if isinstance(temperature, number) else None,
-            "top_p": top_p if isinstance(top_p, number) else None,
-            "text": {"format": text.get("format") or {"type": "text"}},
+            "temperature": body.get("temperature"),
+            "top_p": body.get("top_p"),
+            "text": {"format": object_of(body.get("text")).get("format") or {"type": "text"}},
             "tool_choice": choice if isinstance(choice, str | dict) else "auto",
-            "tools": function_tools(body.get("tools")),
+            "tools": function_tools(body),
             "truncation": "disabled",
         }
-        return self.echoed
 
     def status(self) -> str:
         """The response's status once the answer ended (its items' too)."""
         return "incomplete" if self.finish in INCOMPLETE_REASONS else "completed"
 
-    def final_usage(self, usage: Any, reasoning_chars: int) -> dict[str, Any]:
-        """The response's usage: reported, or estimated from characters."""
+    def final_response(self, usage: Any, reasoning_chars: int) -> dict[str, Any]:
+        """The response once the answer ended, its usage reported or estimated from characters."""
         found = self.estimated_usage(usage)
-        return found.as_responses(min(answer_tokens(reasoning_chars), found.completion))
+        usage = found.as_responses(min(answer_tokens(reasoning_chars), found.completion))
+        return self.response(self.status(), usage)
 
     def body(self, answer: bytes, parsed: dict[str, Any]) -> bytes:
         choice, reasoning, text, calls = reply_parts(parsed)
@@ -6765,8 +6754,7 @@ class ResponsesFormat(ChatTranslator):
             self.output.append(output_call(call, arguments, "completed"))
             self.output_chars += len(arguments)
         self.output_chars += len(text) + len(reasoning)
-        usage = self.final_usage(parsed.get("usage"), len(reasoning))
-        return json.dumps(self.response(status, usage)).encode()
+        return json.dumps(self.final_response(parsed.get("usage"), len(reasoning))).encode()
 
     def event(self, kind: str, data: dict[str, Any]) -> bytes:
         """One Responses event, numbered in sequence."""
@@ -6783,11 +6771,9 @@ class ResponsesFormat(ChatTranslator):
         response = json.dumps(self.response("in_progress"))
         out = b""
         for kind in ("response.created", "response.in_progress"):
+            head = f'event: {kind}\ndata: {{"response": {response}, "type": "{kind}"'
+            out += f'{head}, "sequence_number": {self.sequence}}}\n\n'.encode()
             self.sequence += 1
-            out += (
-                f'event: {kind}\ndata: {{"response": {response}, "type": "{kind}", '
-                f'"sequence_number": {self.sequence - 1}}}\n\n'
-            ).encode()
         return out
 
     def delta_event(self, head: bytes, text: str) -> bytes:
@@ -6873,12 +6859,9 @@ class ResponsesFormat(ChatTranslator):
             done = {"item_id": item["id"], "output_index": index, "arguments": item["arguments"]}
             out += self.event("response.function_call_arguments.done", done)
             out += self.event("response.output_item.done", {"output_index": index, "item": item})
-        reasoning = sum(
-            len(item["content"][0]["text"]) for item in self.output if item["type"] == "reasoning"
-        )
-        status = self.status()
-        response = self.response(status, self.final_usage(self.usage, reasoning))
-        return out + self.event(f"response.{status}", {"response": response})
+        texts = [item["content"][0]["text"] for item in self.output if item["type"] == "reasoning"]
+        response = self.final_response(self.usage, sum(map(len, texts)))
+        return out + self.event(f"response.{response['status']}", {"response": response})
 
     def error(self, endpoint: str, model: str, message: str) -> bytes:
         """response.failed, with what was said before the failure, as incomplete."""
@@ -6899,9 +6882,8 @@ async def responses(request: web.Request) -> web.StreamResponse:
 # ==============================================================================================
 # Ollama API
 # Owns: /api/* (SPEC §2.1), Ollama's own API in front of every backend. A chat, generate or
-# embed request becomes the internal chat, completions or embeddings request; its answer (whole,
-# or streamed as NDJSON) becomes Ollama's; errors are {"error": "..."}. The model list, show and
-# ps are answered from the registry.
+# embed request becomes an internal one; its answer (whole, or NDJSON) becomes Ollama's; errors
+# are {"error": "..."}. The model list, show and ps are answered from the registry.
 # Must not: route or send anything itself; the proxy does, with an OllamaFormat writing.
 # ==============================================================================================
 
@@ -6920,7 +6902,6 @@ OLLAMA_INFERENCE_PATHS = {
 JSON_TEXT = json.encoder.encode_basestring  # a str as JSON, as json.dumps(ensure_ascii=False)
 # Ollama's sampling options that mean the same in a chat or completions request.
 OLLAMA_SAMPLING = ("temperature", "top_p", "top_k", "seed", "presence_penalty", "frequency_penalty")
-OLLAMA_THINK_LEVELS = ("low", "medium", "high")
 OLLAMA_ROLES = ("system", "user", "assistant", "tool")
 # Base64 images carry no media type; the first bytes of the common formats tell it.
 IMAGE_SIGNATURES = (
@@ -6947,21 +6928,10 @@ def ollama_time(seconds: float | None = None) -> str:
     return f"{utc_second(whole)}.{int((now - whole) * 1_000_000):06d}Z"
 
 
-def ollama_stream_flag(body: dict[str, Any]) -> bool:
-    """Ollama streams unless told not to."""
-    stream = body.get("stream")
-    if stream is not None and not isinstance(stream, bool):
-        raise bad_request("stream: must be a boolean", "stream")
-    return stream is not False
-
-
 def ollama_shared_fields(body: dict[str, Any], out: dict[str, Any]) -> dict[str, Any]:
     """What chat and generate requests share (stream, options, format, think) as chat fields."""
-    out["stream"] = ollama_stream_flag(body)
-    options = body.get("options")
-    if not isinstance(options, dict | None):
-        raise bad_request("options: must be an object", "options")
-    options = options or {}
+    out["stream"] = optional_field(body, "stream", bool) is not False  # unless told not to
+    options = optional_field(body, "options", dict) or {}
     copy_options(options, out, OLLAMA_SAMPLING, "number", "options.")
     stop = options.get("stop")
     if isinstance(stop, str):
@@ -6986,7 +6956,7 @@ def ollama_shared_fields(body: dict[str, Any], out: dict[str, Any]) -> dict[str,
     think = body.get("think")
     if isinstance(think, bool):  # what vLLM's and llama.cpp's chat templates read
         out["chat_template_kwargs"] = {"enable_thinking": think}
-    elif think in OLLAMA_THINK_LEVELS:
+    elif think in ("low", "medium", "high"):
         out["reasoning_effort"] = think
     elif think is not None:
         raise bad_request('think: must be true, false, "low", "medium" or "high"', "think")
@@ -7008,11 +6978,10 @@ def ollama_image_parts(images: Any, where: str) -> list[dict[str, Any]]:
     return parts
 
 
-def ollama_tool_calls(calls: Any, where: str, pending: list[tuple[str, str]]) -> list[Any]:
+def ollama_tool_calls(message: dict, where: str, pending: list[tuple[str, str]]) -> list[Any]:
     """An assistant's tool calls as chat's (arguments as JSON text), their ids put in `pending`."""
-    if not isinstance(calls, list | None):
-        raise bad_request(f"{where}.tool_calls: must be an array", "messages")
     out = []
+    calls = optional_field(message, "tool_calls", list, where + ".", "messages")
     for j, call in enumerate(calls or ()):
         at = f"{where}.tool_calls[{j}]"
         function = call.get("function") if isinstance(call, dict) else None
@@ -7043,14 +7012,6 @@ def answered_call_id(message: dict[str, Any], pending: list[tuple[str, str]]) ->
     return pending.pop(0)[1] if pending else new_block_id("call_")
 
 
-def optional_text(body: dict[str, Any], name: str, where: str = "", param: str = "") -> str:
-    """A field that may be absent or a string; "" when absent."""
-    value = body.get(name)
-    if value is not None and not isinstance(value, str):
-        raise bad_request(f"{where}{name}: must be a string", param or name)
-    return value or ""
-
-
 def ollama_messages(messages: Any) -> list[dict[str, Any]]:
     """Ollama chat messages as chat's: images as parts, tool calls and answers paired by id."""
     if not isinstance(messages, list):
@@ -7064,14 +7025,12 @@ def ollama_messages(messages: Any) -> list[dict[str, Any]]:
         role = message.get("role")
         if role not in OLLAMA_ROLES:
             raise bad_request(f"{where}.role: must be one of {', '.join(OLLAMA_ROLES)}", "messages")
-        content = optional_text(message, "content", where + ".", "messages")
+        content = optional_field(message, "content", str, where + ".", "messages") or ""
         chat: dict[str, Any] = {"role": role, "content": content}
         if images := ollama_image_parts(message.get("images"), where + "."):
             chat["content"] = [{"type": "text", "text": content}, *images] if content else images
-        if role == "assistant":
-            calls = ollama_tool_calls(message.get("tool_calls"), where, pending)
-            if calls:
-                chat["tool_calls"] = calls
+        if role == "assistant" and (calls := ollama_tool_calls(message, where, pending)):
+            chat["tool_calls"] = calls
         elif role == "tool":
             chat["tool_call_id"] = answered_call_id(message, pending)
         out.append(chat)
@@ -7082,9 +7041,7 @@ def ollama_to_chat(body: dict[str, Any]) -> dict[str, Any]:
     """An /api/chat request as the internal chat request (Ollama's tools are chat's, checked)."""
     model = require_model(body)
     chat: dict[str, Any] = {"model": model, "messages": ollama_messages(body.get("messages"))}
-    tools = body.get("tools")
-    if not isinstance(tools, list | None):
-        raise bad_request("tools: must be an array", "tools")
+    tools = optional_field(body, "tools", list)
     for i, tool in enumerate(tools or ()):
         function = tool.get("function") if isinstance(tool, dict) else None
         if not isinstance(function, dict) or not isinstance(function.get("name"), str):
@@ -7097,12 +7054,10 @@ def ollama_to_chat(body: dict[str, Any]) -> dict[str, Any]:
 def ollama_generate_to_internal(body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """An /api/generate request as chat, or as a completion when raw or with a suffix (FIM)."""
     model = require_model(body)
-    prompt = optional_text(body, "prompt")
-    suffix = optional_text(body, "suffix")
-    system = optional_text(body, "system")
-    raw = body.get("raw")
-    if raw is not None and not isinstance(raw, bool):
-        raise bad_request("raw: must be a boolean", "raw")
+    prompt = optional_field(body, "prompt", str) or ""
+    suffix = optional_field(body, "suffix", str) or ""
+    system = optional_field(body, "system", str) or ""
+    raw = optional_field(body, "raw", bool)
     images = ollama_image_parts(body.get("images"), "")
     if (raw or suffix) and images:
         raise bad_request("images: not served with raw or suffix (a plain completion)", "images")
@@ -7239,32 +7194,21 @@ async def ollama_show(request: web.Request) -> web.Response:
     info: dict[str, Any] = {"general.architecture": OLLAMA_ARCHITECTURE, "general.name": name}
     if entry["context_length"]:
         info[f"{OLLAMA_ARCHITECTURE}.context_length"] = entry["context_length"]
-    capabilities = ["completion"]
-    if entry["capabilities"]["tools"] is not False:
-        capabilities.append("tools")
-    if entry["capabilities"]["vision"] is True:
-        capabilities.append("vision")
-    return web.json_response(
-        {
-            "modelfile": "",
-            "parameters": "",
-            "template": "",
-            "details": ollama_details(entry),
-            "model_info": info,
-            "capabilities": capabilities,
-            "modified_at": started_at(request),
-        }
-    )
+    flags = entry["capabilities"]
+    offered = [("tools", flags["tools"] is not False), ("vision", flags["vision"] is True)]
+    capabilities = ["completion"] + [kind for kind, on in offered if on]
+    answer = {"modelfile": "", "parameters": "", "template": "", "details": ollama_details(entry)}
+    answer |= {"model_info": info, "capabilities": capabilities, "modified_at": started_at(request)}
+    return web.json_response(answer)
 
 
 async def ollama_management(request: web.Request) -> web.Response:
     """Pull, push, create, copy, delete: Nexus routes to models, it does not keep any."""
-    raise NexusError.of(
-        501,
-        "model_management",
+    why = (
         "Nexus routes requests to the models its backends serve and does not manage models: "
-        "pull, push, create, copy and delete them on the backend itself.",
+        "pull, push, create, copy and delete them on the backend itself."
     )
+    raise NexusError.of(501, "model_management", why)
 
 
 class OllamaLines(NativeStream):
@@ -7293,13 +7237,11 @@ class OllamaLines(NativeStream):
 
 
 class OllamaFormat(OpenAIFormat):
-    """Writes answers as Ollama's endpoint `kind` does: whole, or NDJSON ending in a done line;
-    streamed tool calls are sent whole when the answer finishes, as Ollama sends them."""
+    """Writes answers as Ollama's endpoint `kind` does: whole, or NDJSON ending in a done line."""
 
     keeps_usage = True
     native_api = "ollama"
     content_type = "application/x-ndjson"
-    chat_request = staticmethod(ollama_to_chat)
     native_stream = OllamaLines
     error = OllamaLines.error  # the last words of a stream Nexus had to cut, as a backend's
 
@@ -7477,7 +7419,7 @@ def ollama_loaded(request: web.Request, body: dict[str, Any], kind: str) -> web.
     """Ollama's load (or unload) request: done at once, as backends load models themselves."""
     fmt = OllamaFormat(body, kind)
     fmt.model = require_model(body)
-    ollama_stream_flag(body)
+    optional_field(body, "stream", bool)
     visible_model(request, fmt.model)
     unload = body.get("keep_alive") in (0, "0", "0s", "0m")  # Ollama's way to unload
     return web.json_response(fmt.piece("", done_reason="unload" if unload else "load"))
@@ -7567,8 +7509,7 @@ async def health(request: web.Request) -> web.Response:
 
 
 def require_admin(request: web.Request) -> None:
-    """The admin API takes an admin key when keys are configured; else only a caller on this
-    machine, not through a proxy (even one on this machine)."""
+    """Admit an admin key when keys are configured; else only a caller on loopback, not proxied."""
     if request.app[KEYS]:
         key = request.get(API_KEY)  # the middleware has checked it is a valid key
         if key is None:
@@ -7706,8 +7647,7 @@ async def unload_model(request: web.Request) -> web.Response:
 
 
 async def migrate_model(request: web.Request) -> web.Response:
-    """POST /v1/models/migrate {model_id, source_backend_id, target_backend_id}: the target
-    loads while the source serves; the source unloads once it has nothing in flight."""
+    """POST /v1/models/migrate: the target loads as the source serves, then the source unloads."""
     require_admin(request)
     app = request.app
     body = parse_json_body(await request.read())
