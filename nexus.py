@@ -1397,8 +1397,8 @@ def cost_usd(price: Price, usage: TokenUsage) -> float:
     cached_price = price.input if price.cached_input is None else price.cached_input
     write_price = price.input if price.cache_write is None else price.cache_write
     fresh = max(usage.prompt - usage.cached - usage.cache_write, 0)
-    prompt = fresh * price.input + usage.cached * cached_price + usage.cache_write * write_price
-    return (prompt + usage.completion * price.output) / 1_000_000
+    paid = fresh * price.input + usage.cached * cached_price + usage.cache_write * write_price
+    return (paid + usage.completion * price.output) / 1_000_000
 
 
 def format_usd(usd: float) -> str:
@@ -1466,8 +1466,8 @@ class Budget:
         before = self.status
         self._spent_usd += usd
         if self.status != before:
-            spent = "budget %s: %.4f of %.2f USD spent this month (%s)"
-            log.warning(spent, self.status, self._spent_usd, self.monthly_limit_usd, self.month)
+            line = "budget %s: %.4f of %.2f USD spent this month (%s)"
+            log.warning(line, self.status, self._spent_usd, self.monthly_limit_usd, self.month)
 
     @property
     def status(self) -> str:
