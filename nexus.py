@@ -4168,7 +4168,8 @@ async def is_nexus(pool: BackendPool, url: str, timeout: float) -> bool:
 async def detect_backend_type(
     pool: BackendPool, url: str, timeout: float = PROBE_TIMEOUT_SECONDS
 ) -> str | None:
-    """What answers at url (a server's root): a backend type, "nexus", or None if no LLM server."""
+    """What answers at url (a server's root): a backend type, "nexus", or None if no LLM server.
+    Each probe is bounded by timeout; when nothing answers the first, the search ends."""
     on_exo_port = urllib.parse.urlsplit(url).port == EXO_PORT
     if not on_exo_port:  # exo also speaks other dialects; on its own port it is exo
         answer = await probe_json(pool, url + "/api/tags", timeout)
@@ -4257,8 +4258,8 @@ class MdnsService:
 
 @dataclass(eq=False, repr=False)
 class MdnsDiscovery:
-    """Browses mDNS for LLM servers (on zeroconf's defaults: every interface, IPv4), reports what
-    comes and goes but a Nexus (TXT type=nexus: another, or this one), and announces this Nexus."""
+    """Browses mDNS for LLM servers, reports what comes and goes, and announces this Nexus.
+    On zeroconf's defaults (every interface, IPv4); a Nexus (TXT type=nexus) is never reported."""
 
     on_found: Callable[[str, str, str | None], Awaitable[None]]
     on_lost: Callable[[str], None]
@@ -4406,7 +4407,8 @@ def log_task_failure(task: asyncio.Task) -> None:
 
 class Discovery:
     """Keeps discovered backends in the registry: what mDNS and probing find, once checked to be
-    an LLM server and not a Nexus (a static or admin backend's URL is left to it)."""
+    an LLM server and not a Nexus (a static or admin backend's URL is left to it). One that
+    vanishes turns unknown, and is removed after the grace period unless it comes back first."""
 
     def __init__(self, app: web.Application) -> None:
         self.app = app
@@ -4631,7 +4633,8 @@ def op_fields(op: Operation) -> dict[str, Any]:
 
 
 class Lifecycle:
-    """The lifecycle operations: those running (one per model and backend), the last finished."""
+    """The lifecycle operations: those running (one per model and backend at a time) and the
+    last OPERATIONS_KEPT, each a task of its own bounded by the lifecycle timeout."""
 
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
@@ -4724,7 +4727,8 @@ def lifecycle_backend(registry: Registry, name: Any, param: str) -> Backend:
 
 
 def lifecycle_model(backend: Backend, model: Any, aliases: dict[str, str]) -> str:
-    """The model id on this backend (an alias leads to its model): 404 when it has no such model."""
+    """The model id on this backend (an alias leads to its model): 404 when it has no such
+    model. Nexus never pulls one."""
     if not isinstance(model, str) or not model:
         raise bad_request("model_id is required", "model_id")
     model_id = resolve_alias(model, aliases)
@@ -4769,7 +4773,8 @@ async def read_loaded(app: web.Application, backend: Backend) -> None:
 
 
 async def refresh_loaded(app: web.Application, backend: Backend) -> None:
-    """Read what the backend holds now (the last poll may be seconds old), if it answers in time."""
+    """Read what the backend holds now (the last poll may be seconds old); kept as it was when
+    the backend does not answer in time."""
     try:
         async with asyncio.timeout(app[SETTINGS].health_check.timeout_seconds):
             await read_loaded(app, backend)
@@ -4945,7 +4950,8 @@ def attempt_failure(flight: InFlight, status: int, why: str) -> AttemptFailed:
 
 
 def note_success(flight: InFlight) -> None:
-    """A request served: the backend's latency and TTFT averages, health, the session's backend."""
+    """A request served: the backend's latency and TTFT averages (from the attempt's send, not
+    the request's arrival), its health, and the session's backend."""
     app, record, backend = flight.request.app, flight.record, flight.attempt.backend
     elapsed_ms = (time.perf_counter() - record.sent) * 1000
     ema = backend.latency_ema_ms
@@ -7742,9 +7748,10 @@ class JsonLogFormatter(logging.Formatter):
         return json.dumps(line, default=str)
 
     def request_line(
-        self, created: float, text: str, record: RequestRecord, status: int, latency_ms: float
+        self, created: float, message: str, record: RequestRecord, status: int, latency_ms: float
     ) -> str:
-        line = {"time": self.stamp(created), "level": "info", "logger": log.name, "message": text}
+        line = {"time": self.stamp(created), "level": "info", "logger": log.name}
+        line["message"] = message
         line.update(request_fields(record, status, latency_ms))
         return json.dumps(line, default=str)
 
@@ -7801,9 +7808,10 @@ class LogHandler(logging.StreamHandler):
         self, message: str, record: RequestRecord, status: int, latency_ms: float
     ) -> None:
         line = self.request_formatter.request_line(time.time(), message, record, status, latency_ms)
+        text = self.redacting.redact(line)  # before the lock: the lock guards the write only
         # stderr closed or gone: like logging's own handlers, go on serving
         with self.lock, contextlib.suppress(OSError, ValueError):
-            self.stream.write(self.redacting.redact(line) + "\n")
+            self.stream.write(text + "\n")
 
 
 def known_secrets(settings: Settings, env: dict[str, str]) -> list[str]:
