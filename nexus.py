@@ -2325,8 +2325,8 @@ def route(needs: RequestNeeds, registry: Registry, settings: Settings) -> RouteD
             max_tokens = None
             if not fits_entirely(model, needs):
                 max_tokens = max(model.context_length - needs.prompt_tokens, 1)
-            scrub = rules.overflow == "scrub" and backend.zone != "restricted"
-            attempt = Attempt(backend, candidate_model, position > 0, max_tokens, alone, scrub)
+            attempt = Attempt(backend, candidate_model, position > 0, max_tokens, alone=alone)
+            attempt.scrub = rules.overflow == "scrub" and backend.zone != "restricted"
             decision.attempts.append(attempt)
     if not decision.attempts:
         if (too_long := prompt_too_long(needs, full_chain, registry)) is not None:
