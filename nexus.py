@@ -5479,15 +5479,15 @@ CONTEXT_ERROR_MARKERS = (
 CONTEXT_SIZE_PATTERNS = (
     re.compile(r"\((?P<prompt>\d+) tokens\) exceeds the available context size \((?P<context>\d+)"),
     re.compile(
-        r"maximum context length is (?P<context>\d+) tokens.{0,40}?"
-        r"requested (?P<prompt>\d+) tokens",
-        re.S,
+        r"(?s)maximum context length is (?P<context>\d+) tokens.{0,40}?"
+        r"requested (?P<prompt>\d+) tokens"
     ),
 )
 # Retries on the same backend (only when it is the only candidate) wait a little first; a
 # 429's Retry-After is honoured up to a limit, a longer one sends the request elsewhere.
 RETRY_BACKOFF_SECONDS = (0.25, 1.0)
 MAX_RETRY_AFTER_SECONDS = 10.0
+OPENAI_FORMAT = OpenAIFormat()
 
 
 def retry_after_seconds(value: str | None) -> float | None:
@@ -5503,9 +5503,6 @@ def retry_after_seconds(value: str | None) -> float | None:
     except (TypeError, ValueError):
         return None
     return max(when.timestamp() - time.time(), 0.0)
-
-
-OPENAI_FORMAT = OpenAIFormat()
 
 
 def new_request_id() -> str:
@@ -5544,22 +5541,16 @@ def is_context_error(status: int, text: str) -> bool:
 
 def backend_context_error(backend: Backend, text: str) -> NexusError:
     """A backend's own too-long refusal as the context error, with the sizes if it gave them."""
-    found: tuple[int, int] | None = None
-    try:
-        error = json.loads(text).get("error")
-        if isinstance(error, dict):
-            prompt, context = error.get("n_prompt_tokens"), error.get("n_ctx")
-            if isinstance(prompt, int) and isinstance(context, int):
-                found = prompt, context
-    except (ValueError, AttributeError):
-        pass
-    for pattern in CONTEXT_SIZE_PATTERNS:
-        if found is None and (match := pattern.search(text)):
-            found = int(match["prompt"]), int(match["context"])
-    if found is None:
-        return NexusError(400, "invalid_request_error", "context_length_exceeded", text[:500])
     how = f"as backend {backend.name} counted them"
-    return context_length_exceeded(found[0], found[1], how, None)
+    with contextlib.suppress(ValueError, AttributeError):
+        error = object_of(json.loads(text).get("error"))
+        prompt, context = error.get("n_prompt_tokens"), error.get("n_ctx")
+        if isinstance(prompt, int) and isinstance(context, int):
+            return context_length_exceeded(prompt, context, how, None)
+    for pattern in CONTEXT_SIZE_PATTERNS:
+        if match := pattern.search(text):
+            return context_length_exceeded(int(match["prompt"]), int(match["context"]), how, None)
+    return NexusError(400, "invalid_request_error", "context_length_exceeded", text[:500])
 
 
 def scrubbed_messages(messages: list[Any]) -> list[Any]:
@@ -5645,43 +5636,32 @@ class WaitQueue:
             event.set()
 
 
-def health_eta(app: web.Application) -> int | None:
-    """Seconds until a backend that is down could be healthy: the polls recovery takes."""
-    health = app[SETTINGS].health_check
-    next_check = app[BACKGROUND].get("next_health_check")
-    if not health.enabled or next_check is None:
-        return None
-    wait = max(next_check - time.monotonic(), 0.0)
-    wait += (health.recovery_threshold - 1) * health.interval_seconds
-    return max(math.ceil(wait), 1)
-
-
 def route_now(app: web.Application, needs: RequestNeeds) -> RouteDecision:
-    """route(), its 503's eta_seconds from the health checks when a backend of the model is down."""
+    """route(); when a backend of the model is down, its 503's eta_seconds is the time until
+    the health checks could find it healthy again: the next poll, then the polls recovery takes."""
     registry, settings = app[REGISTRY], app[SETTINGS]
     try:
         return route(needs, registry, settings)
     except NexusError as error:
-        if error.code == "no_backend_available":
+        health, next_check = settings.health_check, app[BACKGROUND].get("next_health_check")
+        if error.code == "no_backend_available" and health.enabled and next_check is not None:
             chain = model_chain(needs.model, settings.routing)
             if any(b.status != "healthy" for m in chain for b in registry.by_model.get(m, ())):
-                set_eta(error, health_eta(app))
+                wait = max(next_check - time.monotonic(), 0.0)
+                wait += (health.recovery_threshold - 1) * health.interval_seconds
+                set_eta(error, max(math.ceil(wait), 1))
         raise
-
-
-def queue_eta(app: web.Application, decision: RouteDecision) -> int:
-    """Seconds until a slot is likely free: the queue ahead, served at the candidates' pace."""
-    backends = {a.backend.name: a.backend for a in decision.attempts if not a.fallback}
-    slots = sum(b.max_concurrent or 1 for b in backends.values())
-    known = [b.latency_ema_ms for b in backends.values() if b.latency_ema_ms is not None]
-    per_request = (min(known) / 1000.0) if known else 1.0
-    return max(math.ceil(per_request * (len(app[QUEUE]) + 1) / max(slots, 1)), 1)
 
 
 def queue_full(
     app: web.Application, needs: RequestNeeds, decision: RouteDecision, why: str
 ) -> NexusError:
-    """The 503 for a request that found every candidate busy and could not wait."""
+    """The 503 for a request that found every candidate busy and could not wait; its eta is
+    when a slot is likely free: the queue ahead, served at the candidates' pace."""
+    backends = {a.backend.name: a.backend for a in decision.attempts if not a.fallback}
+    slots = sum(b.max_concurrent or 1 for b in backends.values())
+    known = [b.latency_ema_ms for b in backends.values() if b.latency_ema_ms is not None]
+    per_request = (min(known) / 1000.0) if known else 1.0
     busy = [
         {"backend": a.backend.name, "model": a.model, "failed": ["busy"]}
         for a in decision.attempts[:MAX_LISTED_SHORTFALLS]
@@ -5691,7 +5671,7 @@ def queue_full(
         f"Every backend serving model '{needs.model}' is at its max_concurrent and {why}.",
         app[REGISTRY],
         busy,
-        eta=queue_eta(app, decision),
+        eta=max(math.ceil(per_request * (len(app[QUEUE]) + 1) / max(slots, 1)), 1),
     )
 
 
@@ -5771,16 +5751,7 @@ class WaitLimits:
     first_byte_by, each later read comes within `idle`, nothing waits past the deadline. One
     timer serves every wait (asyncio.timeout would arm and cancel one per chunk)."""
 
-    __slots__ = (
-        "_expired",
-        "_loop",
-        "_task",
-        "_timer",
-        "_until",
-        "deadline",
-        "first_byte_by",
-        "idle",
-    )
+    __slots__ = ("_late", "_loop", "_task", "_timer", "_until", "deadline", "first_byte_by", "idle")
 
     def __init__(self, first_byte_by: float, idle: float, deadline: float) -> None:
         self.first_byte_by, self.idle, self.deadline = first_byte_by, idle, deadline
@@ -5788,7 +5759,7 @@ class WaitLimits:
         self._task = asyncio.current_task()
         self._until: float | None = None  # the current wait's limit; None between waits
         self._timer: asyncio.TimerHandle | None = None
-        self._expired = False
+        self._late = False  # the timer cancelled a wait past its limit
 
     def read_by(self) -> float:
         """When the next read of a begun answer must have come."""
@@ -5804,8 +5775,8 @@ class WaitLimits:
         try:
             return await awaitable
         except asyncio.CancelledError:
-            if self._expired:
-                self._expired = False
+            if self._late:
+                self._late = False
                 if self._task is not None and self._task.uncancel() == 0:  # only ours
                     raise TimeoutError from None
             raise
@@ -5820,7 +5791,7 @@ class WaitLimits:
         if self._loop.time() < self._until:  # the limit moved on since the timer was armed
             self._timer = self._loop.call_at(self._until, self._check)
         elif self._task is not None:
-            self._expired = True
+            self._late = True
             self._task.cancel()
 
     def close(self) -> None:
@@ -5833,12 +5804,9 @@ class WaitLimits:
 def refusal_message(document: dict[str, Any], status: int) -> str:
     """The message of a backend's JSON error answer, wherever its API puts it."""
     error = document["error"]
-    if isinstance(error, dict) and isinstance(error.get("message"), str):
-        return error["message"]
-    if isinstance(error, str):
-        return error
-    if isinstance(document.get("message"), str):
-        return document["message"]
+    for message in (object_of(error).get("message"), error, document.get("message")):
+        if isinstance(message, str):
+            return message
     return f"The backend refused the request (HTTP {status})."
 
 
