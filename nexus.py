@@ -6066,29 +6066,26 @@ def merge_flag(values: Iterable[bool | None]) -> bool | None:
     return False if seen == {False} else None
 
 
-def model_entry(model_id: str, served: list[tuple[Backend, Model]]) -> dict[str, Any]:
-    """One model as /v1/models lists it, merged over the backends that serve it."""
-    contexts = [m.context_length for _, m in served if m.context_length]
-    flags = ("vision", "tools", "json_mode")
-    return {
-        "id": model_id,
-        "object": "model",
-        "created": 0,
-        "owned_by": served[0][0].type,
-        "context_length": max(contexts) if contexts else None,
-        "capabilities": {f: merge_flag(getattr(m, f) for _, m in served) for f in flags},
-        "backends": sorted(b.name for b, _ in served),
-    }
-
-
 def model_entries(registry: Registry, settings: Settings) -> dict[str, dict[str, Any]]:
-    """Every routable model (served by a healthy backend) and every alias that leads to one."""
+    """Every routable model (served by a healthy backend) as /v1/models lists it, merged over
+    the backends that serve it, and every alias that leads to one."""
     entries: dict[str, dict[str, Any]] = {}
+    flags = ("vision", "tools", "json_mode")
     for model_id, backends in registry.by_model.items():
-        healthy = [b for b in backends if b.status == "healthy"]
-        if healthy:
-            entries[model_id] = model_entry(model_id, [(b, b.models[model_id]) for b in healthy])
-            entries[model_id]["loaded_on"] = loaded_on(registry, model_id)
+        served = [(b, b.models[model_id]) for b in backends if b.status == "healthy"]
+        if not served:
+            continue
+        contexts = [m.context_length for _, m in served if m.context_length]
+        entries[model_id] = {
+            "id": model_id,
+            "object": "model",
+            "created": 0,
+            "owned_by": served[0][0].type,
+            "context_length": max(contexts) if contexts else None,
+            "capabilities": {f: merge_flag(getattr(m, f) for _, m in served) for f in flags},
+            "backends": sorted(b.name for b, _ in served),
+            "loaded_on": loaded_on(registry, model_id),
+        }
     for alias in settings.routing.aliases:
         target = resolve_alias(alias, settings.routing.aliases)
         if target in entries and alias not in entries:
@@ -6251,11 +6248,6 @@ def anthropic_error(error: NexusError) -> dict[str, Any]:
     return {"type": "error", "error": {"type": kind, "message": message}}
 
 
-def error_event(message: str) -> bytes:
-    """The error event that ends a Messages stream Nexus had to cut."""
-    return sse_event("error", anthropic_error(NexusError(502, "backend_error", None, message)))
-
-
 def system_text(system: Any) -> str:
     """The system prompt: a string, or text blocks joined (their cache_control is Anthropic's)."""
     if system is None or isinstance(system, str):
@@ -6385,7 +6377,7 @@ class AnthropicEvents(NativeStream):
         if self.failed:
             return b""
         self.failed = True
-        return error_event(message)
+        return sse_event("error", anthropic_error(NexusError(502, "backend_error", None, message)))
 
 
 def tool_message(block: dict[str, Any], where: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
