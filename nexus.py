@@ -5494,15 +5494,11 @@ def retry_after_seconds(value: str | None) -> float | None:
     """A Retry-After header as seconds from now: delta-seconds or an HTTP date."""
     if not value:
         return None
-    try:
+    with contextlib.suppress(ValueError):
         return max(float(value), 0.0)
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(when.timestamp() - time.time(), 0.0)
+    with contextlib.suppress(TypeError, ValueError):
+        return max(email.utils.parsedate_to_datetime(value).timestamp() - time.time(), 0.0)
+    return None
 
 
 def new_request_id() -> str:
@@ -5512,8 +5508,7 @@ def new_request_id() -> str:
 
 def response_headers(flight: InFlight, budget: Budget) -> dict[str, str]:
     """The X-Nexus-* headers that tell a client which backend served, why, and the budget."""
-    attempt = flight.attempt
-    backend = attempt.backend
+    attempt, backend = flight.attempt, flight.attempt.backend
     headers = {
         "X-Request-Id": flight.record.id,
         "X-Nexus-Backend": backend.name,
@@ -5582,8 +5577,7 @@ def attempt_request(
     attempt: Attempt,
     ask_usage: bool,
 ) -> tuple[str, bytes, bool]:
-    """Where an attempt is sent, what, and whether the backend speaks the door's API (it gets
-    the client's own request); a NexusError when the backend's API cannot carry the request."""
+    """Where an attempt goes, what it sends, and whether natively (the client's own request)."""
     backend = attempt.backend
     adapter = ADAPTERS[backend.type]
     url = adapter.url(backend, endpoint)
@@ -5595,8 +5589,7 @@ def attempt_request(
     changes = attempt.max_tokens is not None or ask_usage or attempt.scrub or adapter.translates
     if body["model"] == attempt.model and not changes:
         return url, raw, False  # the client's own bytes
-    payload = dict(body)
-    payload["model"] = attempt.model
+    payload = dict(body, model=attempt.model)
     if attempt.max_tokens is not None:
         key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
         payload[key] = attempt.max_tokens
@@ -5637,8 +5630,7 @@ class WaitQueue:
 
 
 def route_now(app: web.Application, needs: RequestNeeds) -> RouteDecision:
-    """route(); when a backend of the model is down, its 503's eta_seconds is the time until
-    the health checks could find it healthy again: the next poll, then the polls recovery takes."""
+    """route(); a 503's eta_seconds is when health checks could find a down backend healthy."""
     registry, settings = app[REGISTRY], app[SETTINGS]
     try:
         return route(needs, registry, settings)
@@ -5656,8 +5648,8 @@ def route_now(app: web.Application, needs: RequestNeeds) -> RouteDecision:
 def queue_full(
     app: web.Application, needs: RequestNeeds, decision: RouteDecision, why: str
 ) -> NexusError:
-    """The 503 for a request that found every candidate busy and could not wait; its eta is
-    when a slot is likely free: the queue ahead, served at the candidates' pace."""
+    """The 503 for a request that found every candidate busy and could not wait."""
+    # Its eta: the queue ahead, served at the candidates' pace.
     backends = {a.backend.name: a.backend for a in decision.attempts if not a.fallback}
     slots = sum(b.max_concurrent or 1 for b in backends.values())
     known = [b.latency_ema_ms for b in backends.values() if b.latency_ema_ms is not None]
@@ -5704,8 +5696,7 @@ async def plan_route(app: web.Application, needs: RequestNeeds, deadline: float)
 def follow_session(
     request: web.Request, record: RequestRecord, body: dict[str, Any], needs: RequestNeeds
 ) -> None:
-    """Find the request's session (SPEC §3.7) and the backend of its last turn, for routing to
-    keep; a model only one backend serves leaves nothing to choose, so nothing is noted."""
+    """Note the request's session (SPEC §3.7) and its last turn's backend, for routing to keep."""
     app = request.app
     model = resolve_alias(needs.model, app[SETTINGS].routing.aliases)
     if len(app[REGISTRY].by_model.get(model, ())) < 2:
@@ -5722,10 +5713,8 @@ def follow_session(
 async def plan_request(
     request: web.Request, endpoint: str, body: dict[str, Any], needs: RequestNeeds
 ) -> tuple[RequestRecord, RouteDecision, float]:
-    """A request's record, its admission (keys and limits), its session and its route, waiting
-    in the queue for a slot if need be; with the loop time by which it must be done."""
-    app = request.app
-    settings = app[SETTINGS]
+    """A request's record, admission, session and route (queued if need be), and its deadline."""
+    app, settings = request.app, request.app[SETTINGS]
     record = RequestRecord(request[REQUEST_ID], needs.model, endpoint, time.perf_counter())
     request[RECORD] = record
     needs.flexible = request.headers.get("X-Nexus-Flexible", "").lower() == "true"
@@ -5854,8 +5843,7 @@ async def whole_answer(
     flight: InFlight, status: int, answer: bytes, headers: dict[str, str]
 ) -> web.Response:
     """A whole answer that succeeded, in the door's shape: usage noted, cost settled."""
-    record, attempt = flight.record, flight.attempt
-    backend = attempt.backend
+    record, attempt, backend = flight.record, flight.attempt, flight.attempt.backend
     adapter = ADAPTERS[backend.type]
     try:
         parsed = parse_json(answer)
@@ -5937,8 +5925,7 @@ async def send_attempt(flight: InFlight) -> web.StreamResponse:
 
 
 def retry_pause(flight: InFlight, failure: AttemptFailed, retries: int) -> float | None:
-    """The pause before asking the same backend again, or None to go on: only for its model's
-    only candidate, healthy, up to routing.max_retries times, if it ends before the deadline."""
+    """The pause before asking the same backend again, or None to go on to the next attempt."""
     attempt = flight.attempt
     max_retries = flight.request.app[SETTINGS].routing.max_retries
     if not attempt.alone or attempt.backend.status != "healthy" or retries >= max_retries:
