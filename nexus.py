@@ -5457,9 +5457,8 @@ async def relay_stream(
 
 # ==============================================================================================
 # Proxy: queue and attempts
-# Owns: a request from admission to its answer: its record, the wait for a slot, the attempts
-# in the order routing gave, retries before the first byte, a whole answer or the hand-over to
-# the Stream relay. The door's duties (OpenAIFormat) are defined here; the doors follow below.
+# Owns: a request from admission to its answer: its record, the wait for a slot, the attempts in
+# routing's order, retries before the first byte, a whole answer or the hand-over to the relay.
 # Must not: choose backends (routing did) or know backend quirks (adapters do).
 # ==============================================================================================
 
@@ -5548,13 +5547,6 @@ def backend_context_error(backend: Backend, text: str) -> NexusError:
     return NexusError(400, "invalid_request_error", "context_length_exceeded", text[:500])
 
 
-def scrubbed_messages(messages: list[Any]) -> list[Any]:
-    """What crosses to an open backend on a scrubbed overflow: system prompt, last user turn."""
-    system = [m for m in messages if isinstance(m, dict) and m.get("role") in SYSTEM_ROLES]
-    users = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
-    return system + users[-1:]
-
-
 def scrubbed_user_turn(messages: list[Any]) -> list[Any]:
     """The last user turn of a Messages conversation that says something itself, without its
     tool results (the API refuses one without the assistant's tool_use it answers)."""
@@ -5595,8 +5587,10 @@ def attempt_request(
         payload[key] = attempt.max_tokens
     if ask_usage:
         payload["stream_options"] = dict(body.get("stream_options") or {}, include_usage=True)
-    if attempt.scrub and isinstance(body.get("messages"), list):
-        payload["messages"] = scrubbed_messages(body["messages"])
+    if attempt.scrub and isinstance(body.get("messages"), list):  # system prompt, last user turn
+        messages = [m for m in body["messages"] if isinstance(m, dict)]
+        users = [m for m in messages if m.get("role") == "user"]
+        payload["messages"] = [m for m in messages if m.get("role") in SYSTEM_ROLES] + users[-1:]
     return url, adapter.request_body(payload), False
 
 
@@ -5897,12 +5891,10 @@ async def send_attempt(flight: InFlight) -> web.StreamResponse:
                 limits.first_byte_by if stream else deadline,
             )
             if upstream.status >= 400 or not stream:
-                if upstream.complete:  # all of it came with the headers: no wait
-                    answer = await upstream.read()
-                else:
-                    answer = await limits.wait(
-                        upstream.read(), limits.read_by() if stream else deadline
-                    )
+                reading = upstream.read()
+                if not upstream.complete:  # else all of it came with the headers: no wait
+                    reading = limits.wait(reading, limits.read_by() if stream else deadline)
+                answer = await reading
         except TimeoutError:
             raise attempt_failure(flight, 504, "timed out before answering") from None
         except BackendHTTPError as exc:
@@ -6218,9 +6210,6 @@ ANTHROPIC_ERROR_TYPES = {
     503: "overloaded_error",
     504: "timeout_error",
 }
-SAMPLING_FIELDS = ("temperature", "top_p", "top_k")  # the same name and meaning in both APIs
-# Fields in which backends name the stop sequence that matched: vLLM, llama.cpp.
-MATCHED_STOP_FIELDS = ("stop_reason", "stopping_word", "stop_word")
 
 
 def anthropic_error(error: NexusError) -> dict[str, Any]:
@@ -6287,16 +6276,15 @@ def chat_tool(tool: Any, where: str) -> dict[str, Any]:
 def stop_reason_of(
     choice: dict[str, Any], text: str, sequences: list[str], tool_use: bool
 ) -> tuple[str, str | None]:
-    """Anthropic's stop_reason and stop_sequence for a chat answer's finish: the sequence is the
-    backend's word for it when it says, else one the text still ends with (some servers keep it)."""
+    """Anthropic's stop_reason and stop_sequence for a chat answer's finish."""
     finish = choice.get("finish_reason")
     if tool_use and finish in (None, "stop", "tool_calls", "function_call"):
         return "tool_use", None
     if finish in (None, "stop"):
-        for key in MATCHED_STOP_FIELDS:
+        for key in ("stop_reason", "stopping_word", "stop_word"):  # vLLM's, llama.cpp's names
             if choice.get(key) in sequences:
                 return "stop_sequence", choice[key]
-        for sequence in sequences:
+        for sequence in sequences:  # some servers keep the sequence at the text's end
             if text.endswith(sequence):
                 return "stop_sequence", sequence
     return STOP_REASONS.get(finish or "stop", "end_turn"), None
@@ -6386,8 +6374,7 @@ def tool_message(block: dict[str, Any], where: str) -> tuple[dict[str, Any], lis
 
 
 def chat_parts(blocks: list[Any], where: str, role: str) -> tuple[list, list, list]:
-    """Content blocks as chat parts (text, images), tool calls and "tool" messages, as the role
-    allows; an assistant's thinking is dropped, as chat templates drop earlier reasoning."""
+    """Content blocks as chat parts (text, images), tool calls and "tool" messages, as allowed."""
     parts: list[dict[str, Any]] = []
     calls: list[dict[str, Any]] = []
     results: list[dict[str, Any]] = []
@@ -6407,7 +6394,7 @@ def chat_parts(blocks: list[Any], where: str, role: str) -> tuple[list, list, li
             encoded = json.dumps(arguments, ensure_ascii=False)  # a string input stays a string
             calls.append(chat_call(block["id"], block["name"], encoded))
         elif role == "assistant" and kind in ("thinking", "redacted_thinking"):
-            continue
+            continue  # dropped, as chat templates drop earlier reasoning
         elif role != "assistant" and kind == "image":
             parts.append(image_part(block, at))
         elif role == "user" and kind == "tool_result":
@@ -6473,7 +6460,7 @@ def messages_to_chat(body: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(body["stream"], bool):
             raise bad_request("stream: must be a boolean", "stream")
         chat["stream"] = body["stream"]
-    copy_options(body, chat, SAMPLING_FIELDS, "number")
+    copy_options(body, chat, ("temperature", "top_p", "top_k"), "number")  # the same in both APIs
     stop = body.get("stop_sequences")
     if stop is not None:
         if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
