@@ -5473,8 +5473,7 @@ CONTEXT_ERROR_MARKERS = (
     "exceeds the context length",  # Ollama: "the input length exceeds the context length"
     "prompt is too long:",  # Anthropic: "prompt is too long: 208310 tokens > 200000 maximum"
 )
-# How backends give the sizes in a too-long refusal: llama.cpp's words (it also sends n_ctx
-# and n_prompt_tokens), then OpenAI's and vLLM's.
+# The sizes in the words of a too-long refusal: llama.cpp's, then OpenAI's and vLLM's.
 CONTEXT_SIZE_PATTERNS = (
     re.compile(r"\((?P<prompt>\d+) tokens\) exceeds the available context size \((?P<context>\d+)"),
     re.compile(
@@ -5562,12 +5561,7 @@ def scrubbed_user_turn(messages: list[Any]) -> list[Any]:
 
 
 def attempt_request(
-    fmt: OpenAIFormat,
-    endpoint: str,
-    body: dict[str, Any],
-    raw: bytes,
-    attempt: Attempt,
-    ask_usage: bool,
+    fmt: OpenAIFormat, endpoint: str, body: dict, raw: bytes, attempt: Attempt, ask_usage: bool
 ) -> tuple[str, bytes, bool]:
     """Where an attempt goes, what it sends, and whether natively (the client's own request)."""
     backend = attempt.backend
@@ -5595,9 +5589,8 @@ def attempt_request(
 
 
 class WaitQueue:
-    """Requests waiting for a backend slot when every candidate is at max_concurrent. Whenever
-    a backend's in_flight drops every waiter is woken in rank order (high priority, then first
-    come) to route again; the first to find a free slot takes it, so the order holds."""
+    """Requests waiting for a slot, in rank order (high priority, then first come). A freed slot
+    wakes them all, in that order, to route again: the first to find one free takes it."""
 
     def __init__(self) -> None:
         self.waiting: list[tuple[tuple[int, int], asyncio.Event]] = []
@@ -5730,9 +5723,8 @@ def request_timed_out(limit: float) -> NexusError:
 
 
 class WaitLimits:
-    """The limits on one attempt's waits for its backend (SPEC §3.5): the answer begins by
-    first_byte_by, each later read comes within `idle`, nothing waits past the deadline. One
-    timer serves every wait (asyncio.timeout would arm and cancel one per chunk)."""
+    """One attempt's limits on its waits for the backend (SPEC §3.5): first byte, idle, deadline.
+    One timer serves every wait (asyncio.timeout would arm and cancel one per chunk)."""
 
     __slots__ = ("_late", "_loop", "_task", "_timer", "_until", "deadline", "first_byte_by", "idle")
 
@@ -5794,8 +5786,7 @@ def refusal_message(document: dict[str, Any], status: int) -> str:
 
 
 def upstream_error(flight: InFlight, upstream: BackendConnection, answer: bytes) -> web.Response:
-    """A backend's error answer: 5xx and 429 are retried, context overruns fall back, other 4xx
-    go back to the client untouched (in an error envelope when they are not a JSON error)."""
+    """A backend's error answer: 5xx and 429 retried, context overruns fall back, 4xx relayed."""
     app, backend = flight.request.app, flight.attempt.backend
     adapter = ADAPTERS[backend.type]
     status = upstream.status
@@ -5833,9 +5824,7 @@ def upstream_error(flight: InFlight, upstream: BackendConnection, answer: bytes)
     return response
 
 
-async def whole_answer(
-    flight: InFlight, status: int, answer: bytes, headers: dict[str, str]
-) -> web.Response:
+async def whole_answer(flight: InFlight, status: int, answer: bytes, headers: dict) -> web.Response:
     """A whole answer that succeeded, in the door's shape: usage noted, cost settled."""
     record, attempt, backend = flight.record, flight.attempt, flight.attempt.backend
     adapter = ADAPTERS[backend.type]
@@ -5936,9 +5925,8 @@ async def proxy(
     needs: RequestNeeds,
     fmt: OpenAIFormat = OPENAI_FORMAT,
 ) -> web.StreamResponse:
-    """Route a request and try its attempts in order until one answers (SPEC §3.5): before any
-    byte reached the client a failure moves on to the next attempt or, see retry_pause, the
-    same one again; a backend that stayed silent is not asked again."""
+    """Route a request and try its attempts in order until one answers (SPEC §3.5): a failure
+    before any byte reached the client moves on to the next attempt, or retries the same one."""
     loop = asyncio.get_running_loop()
     record, decision, deadline = await plan_request(request, endpoint, body, needs)
     stream = body.get("stream") is True and endpoint != "embeddings"
@@ -6014,11 +6002,7 @@ async def proxy(
 
 
 async def send_through_door(
-    request: web.Request,
-    endpoint: str,
-    internal: dict[str, Any],
-    needs: RequestNeeds,
-    fmt: OpenAIFormat,
+    request: web.Request, endpoint: str, internal: dict, needs: RequestNeeds, fmt: OpenAIFormat
 ) -> web.StreamResponse:
     """Send a door's internal request as chat is sent; a backend's refusal becomes an error."""
     raw = json.dumps(internal).encode()
@@ -6046,8 +6030,7 @@ def merge_flag(values: Iterable[bool | None]) -> bool | None:
 
 
 def model_entries(registry: Registry, settings: Settings) -> dict[str, dict[str, Any]]:
-    """Every routable model (served by a healthy backend) as /v1/models lists it, merged over
-    the backends that serve it, and every alias that leads to one."""
+    """Every model a healthy backend serves, as /v1/models lists it, and each alias to one."""
     entries: dict[str, dict[str, Any]] = {}
     flags = ("vision", "tools", "json_mode")
     for model_id, backends in registry.by_model.items():
