@@ -5646,12 +5646,9 @@ def queue_full(
         for a in decision.attempts[:MAX_LISTED_SHORTFALLS]
         if not a.fallback
     ]
-    return unavailable(
-        f"Every backend serving model '{needs.model}' is at its max_concurrent and {why}.",
-        app[REGISTRY],
-        busy,
-        eta=max(math.ceil(per_request * (len(app[QUEUE]) + 1) / max(slots, 1)), 1),
-    )
+    message = f"Every backend serving model '{needs.model}' is at its max_concurrent and {why}."
+    eta = max(math.ceil(per_request * (len(app[QUEUE]) + 1) / max(slots, 1)), 1)
+    return unavailable(message, app[REGISTRY], busy, eta=eta)
 
 
 async def plan_route(app: web.Application, needs: RequestNeeds, deadline: float) -> RouteDecision:
@@ -5875,10 +5872,8 @@ async def send_attempt(flight: InFlight) -> web.StreamResponse:
     try:
         try:
             # A non-streamed answer comes when it is done: only the request's limit bounds it.
-            upstream = await limits.wait(
-                app[CLIENT].request("POST", flight.url, headers, flight.payload),
-                limits.first_byte_by if stream else deadline,
-            )
+            sending = app[CLIENT].request("POST", flight.url, headers, flight.payload)
+            upstream = await limits.wait(sending, limits.first_byte_by if stream else deadline)
             if upstream.status >= 400 or not stream:
                 reading = upstream.read()
                 if not upstream.complete:  # else all of it came with the headers: no wait
@@ -6221,10 +6216,8 @@ def system_text(system: Any) -> str:
 
 def unsupported_block(kind: str, where: str) -> NexusError:
     """The 400 for a content block that has no chat equivalent."""
-    return bad_request(
-        f"{where}: content blocks of type {kind!r} cannot be translated for this backend",
-        "messages",
-    )
+    message = f"{where}: content blocks of type {kind!r} cannot be translated for this backend"
+    return bad_request(message, "messages")
 
 
 def image_part(block: dict[str, Any], where: str) -> dict[str, Any]:
@@ -6558,13 +6551,10 @@ class AnthropicFormat(ChatTranslator):
         reason, sequence = stop_reason_of(
             self.finish, self.text_tail, self.stop_sequences, bool(self.calls)
         )
-        delta = {
-            "type": "message_delta",
-            "delta": {"stop_reason": reason, "stop_sequence": sequence},
-            "usage": self.estimated_usage(self.usage).as_anthropic(),
-        }
-        stop = sse_event("message_stop", {"type": "message_stop"})
-        return out + sse_event("message_delta", delta) + stop
+        usage = self.estimated_usage(self.usage).as_anthropic()
+        delta = {"stop_reason": reason, "stop_sequence": sequence}
+        out += sse_event("message_delta", {"type": "message_delta", "delta": delta, "usage": usage})
+        return out + sse_event("message_stop", {"type": "message_stop"})
 
 
 async def messages(request: web.Request) -> web.StreamResponse:
@@ -6575,8 +6565,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
 async def messages_count_tokens(request: web.Request) -> web.Response:
     """POST /v1/messages/count_tokens: the request's input tokens, for a model Nexus serves."""
     body = parse_json_body(await request.read())
-    model = require_model(body)
-    check_model(request, model, must_exist=True)
+    check_model(request, require_model(body), must_exist=True)
     chat = messages_to_chat(dict(body, max_tokens=1))  # count_tokens bodies have no max_tokens
     return web.json_response({"input_tokens": chat_needs(chat, IMAGE_TOKENS).prompt_tokens})
 
