@@ -6331,22 +6331,21 @@ class AnthropicEvents(NativeStream):
         return sse_event("error", anthropic_error(NexusError(502, "backend_error", None, message)))
 
 
-def tool_message(block: dict[str, Any], where: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """A tool_result block as a chat "tool" message (text only), and its images, for a user's."""
+def add_tool_result(block: dict[str, Any], where: str, parts: list, results: list) -> None:
+    """A tool_result block as a chat "tool" message (text only); its images join the user's."""
     if not isinstance(block.get("tool_use_id"), str):
         raise bad_request(f"{where}.tool_use_id: must be a string", "messages")
     content = block.get("content")
-    images: list[dict[str, Any]] = []
     if isinstance(content, list):
-        parts = chat_parts(content, where, "tool")[0]
-        images = [part for part in parts if part["type"] != "text"]
-        content = "\n\n".join([part["text"] for part in parts if part["type"] == "text"])
+        inner = chat_parts(content, where, "tool")[0]
+        parts.extend([part for part in inner if part["type"] != "text"])
+        content = "\n\n".join([part["text"] for part in inner if part["type"] == "text"])
     elif content is not None and not isinstance(content, str):
         raise bad_request(f"{where}.content: must be a string or an array", "messages")
     text = content or ""
     if block.get("is_error") is True:
         text = f"Error: {text}"
-    return {"role": "tool", "tool_call_id": block["tool_use_id"], "content": text}, images
+    results.append({"role": "tool", "tool_call_id": block["tool_use_id"], "content": text})
 
 
 def chat_parts(blocks: list[Any], where: str, role: str) -> tuple[list, list, list]:
@@ -6374,9 +6373,7 @@ def chat_parts(blocks: list[Any], where: str, role: str) -> tuple[list, list, li
         elif role != "assistant" and kind == "image":
             parts.append(image_part(block, at))
         elif role == "user" and kind == "tool_result":
-            result, images = tool_message(block, at)
-            results.append(result)
-            parts.extend(images)
+            add_tool_result(block, at, parts, results)
         elif role == "user" and kind == "document" and isinstance(block.get("source"), dict):
             source = block["source"]
             if source.get("type") != "text" or not isinstance(source.get("data"), str):
