@@ -6349,7 +6349,7 @@ def add_tool_result(block: dict[str, Any], where: str, parts: list, results: lis
 
 
 def chat_parts(blocks: list[Any], where: str, role: str) -> tuple[list, list, list]:
-    """Content blocks as chat parts (text, images), tool calls and "tool" messages, as allowed."""
+    """Content blocks as chat parts (text, images), tool calls and "tool" messages, by role."""
     parts: list[dict[str, Any]] = []
     calls: list[dict[str, Any]] = []
     results: list[dict[str, Any]] = []
