@@ -5485,7 +5485,7 @@ CONTEXT_SIZE_PATTERNS = (
 # 429's Retry-After is honoured up to a limit, a longer one sends the request elsewhere.
 RETRY_BACKOFF_SECONDS = (0.25, 1.0)
 MAX_RETRY_AFTER_SECONDS = 10.0
-OPENAI_FORMAT = OpenAIFormat()
+OPENAI_FORMAT = OpenAIFormat()  # the door of OpenAI's own API: bytes pass through
 
 
 def retry_after_seconds(value: str | None) -> float | None:
