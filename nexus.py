@@ -5246,9 +5246,8 @@ async def relay_stream(
 
 # ==============================================================================================
 # Proxy: queue and attempts
-# Owns: a request from admission to its answer: its record, the wait for a slot, the attempts
-# in the order routing gave, retries before the first byte, a whole answer or the hand-over to
-# the Stream relay. The door's duties (OpenAIFormat) are defined here; the doors follow below.
+# Owns: a request from admission to its answer: its record, the wait for a slot, the attempts in
+# routing's order, retries before the first byte, a whole answer or the hand-over to the relay.
 # Must not: choose backends (routing did) or know backend quirks (adapters do).
 # ==============================================================================================
 
@@ -5263,38 +5262,30 @@ CONTEXT_ERROR_MARKERS = (
     "exceeds the context length",  # Ollama: "the input length exceeds the context length"
     "prompt is too long:",  # Anthropic: "prompt is too long: 208310 tokens > 200000 maximum"
 )
-# How backends give the sizes in a too-long refusal: llama.cpp's words (it also sends n_ctx
-# and n_prompt_tokens), then OpenAI's and vLLM's.
+# The sizes in the words of a too-long refusal: llama.cpp's, then OpenAI's and vLLM's.
 CONTEXT_SIZE_PATTERNS = (
     re.compile(r"\((?P<prompt>\d+) tokens\) exceeds the available context size \((?P<context>\d+)"),
     re.compile(
-        r"maximum context length is (?P<context>\d+) tokens.{0,40}?"
-        r"requested (?P<prompt>\d+) tokens",
-        re.S,
+        r"(?s)maximum context length is (?P<context>\d+) tokens.{0,40}?"
+        r"requested (?P<prompt>\d+) tokens"
     ),
 )
 # Retries on the same backend (only when it is the only candidate) wait a little first; a
 # 429's Retry-After is honoured up to a limit, a longer one sends the request elsewhere.
 RETRY_BACKOFF_SECONDS = (0.25, 1.0)
 MAX_RETRY_AFTER_SECONDS = 10.0
+OPENAI_FORMAT = OpenAIFormat()  # the door of OpenAI's own API: bytes pass through
 
 
 def retry_after_seconds(value: str | None) -> float | None:
     """A Retry-After header as seconds from now: delta-seconds or an HTTP date."""
     if not value:
         return None
-    try:
+    with contextlib.suppress(ValueError):
         return max(float(value), 0.0)
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(when.timestamp() - time.time(), 0.0)
-
-
-OPENAI_FORMAT = OpenAIFormat()
+    with contextlib.suppress(TypeError, ValueError):
+        return max(email.utils.parsedate_to_datetime(value).timestamp() - time.time(), 0.0)
+    return None
 
 
 def new_request_id() -> str:
@@ -5304,8 +5295,7 @@ def new_request_id() -> str:
 
 def response_headers(flight: InFlight, budget: Budget) -> dict[str, str]:
     """The X-Nexus-* headers that tell a client which backend served, why, and the budget."""
-    attempt = flight.attempt
-    backend = attempt.backend
+    attempt, backend = flight.attempt, flight.attempt.backend
     headers = {
         "X-Request-Id": flight.record.id,
         "X-Nexus-Backend": backend.name,
@@ -5333,29 +5323,16 @@ def is_context_error(status: int, text: str) -> bool:
 
 def backend_context_error(backend: Backend, text: str) -> NexusError:
     """A backend's own too-long refusal as the context error, with the sizes if it gave them."""
-    found: tuple[int, int] | None = None
-    try:
-        error = json.loads(text).get("error")
-        if isinstance(error, dict):
-            prompt, context = error.get("n_prompt_tokens"), error.get("n_ctx")
-            if isinstance(prompt, int) and isinstance(context, int):
-                found = prompt, context
-    except (ValueError, AttributeError):
-        pass
-    for pattern in CONTEXT_SIZE_PATTERNS:
-        if found is None and (match := pattern.search(text)):
-            found = int(match["prompt"]), int(match["context"])
-    if found is None:
-        return NexusError(400, "invalid_request_error", "context_length_exceeded", text[:500])
     how = f"as backend {backend.name} counted them"
-    return context_length_exceeded(found[0], found[1], how, None)
-
-
-def scrubbed_messages(messages: list[Any]) -> list[Any]:
-    """What crosses to an open backend on a scrubbed overflow: system prompt, last user turn."""
-    system = [m for m in messages if isinstance(m, dict) and m.get("role") in SYSTEM_ROLES]
-    users = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
-    return system + users[-1:]
+    with contextlib.suppress(ValueError, AttributeError):
+        error = object_of(json.loads(text).get("error"))
+        prompt, context = error.get("n_prompt_tokens"), error.get("n_ctx")
+        if isinstance(prompt, int) and isinstance(context, int):
+            return context_length_exceeded(prompt, context, how, None)
+    for pattern in CONTEXT_SIZE_PATTERNS:
+        if match := pattern.search(text):
+            return context_length_exceeded(int(match["prompt"]), int(match["context"]), how, None)
+    return NexusError(400, "invalid_request_error", "context_length_exceeded", text[:500])
 
 
 def scrubbed_user_turn(messages: list[Any]) -> list[Any]:
@@ -5373,15 +5350,9 @@ def scrubbed_user_turn(messages: list[Any]) -> list[Any]:
 
 
 def attempt_request(
-    fmt: OpenAIFormat,
-    endpoint: str,
-    body: dict[str, Any],
-    raw: bytes,
-    attempt: Attempt,
-    ask_usage: bool,
+    fmt: OpenAIFormat, endpoint: str, body: dict, raw: bytes, attempt: Attempt, ask_usage: bool
 ) -> tuple[str, bytes, bool]:
-    """Where an attempt is sent, what, and whether the backend speaks the door's API (it gets
-    the client's own request); a NexusError when the backend's API cannot carry the request."""
+    """Where an attempt goes, what it sends, and whether natively (the client's own request)."""
     backend = attempt.backend
     adapter = ADAPTERS[backend.type]
     url = adapter.url(backend, endpoint)
@@ -5393,22 +5364,22 @@ def attempt_request(
     changes = attempt.max_tokens is not None or ask_usage or attempt.scrub or adapter.translates
     if body["model"] == attempt.model and not changes:
         return url, raw, False  # the client's own bytes
-    payload = dict(body)
-    payload["model"] = attempt.model
+    payload = dict(body, model=attempt.model)
     if attempt.max_tokens is not None:
         key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
         payload[key] = attempt.max_tokens
     if ask_usage:
         payload["stream_options"] = dict(body.get("stream_options") or {}, include_usage=True)
-    if attempt.scrub and isinstance(body.get("messages"), list):
-        payload["messages"] = scrubbed_messages(body["messages"])
+    if attempt.scrub and isinstance(body.get("messages"), list):  # system prompt, last user turn
+        messages = [m for m in body["messages"] if isinstance(m, dict)]
+        users = [m for m in messages if m.get("role") == "user"]
+        payload["messages"] = [m for m in messages if m.get("role") in SYSTEM_ROLES] + users[-1:]
     return url, adapter.request_body(payload), False
 
 
 class WaitQueue:
-    """Requests waiting for a backend slot when every candidate is at max_concurrent. Whenever
-    a backend's in_flight drops every waiter is woken in rank order (high priority, then first
-    come) to route again; the first to find a free slot takes it, so the order holds."""
+    """Requests waiting for a slot, in rank order (high priority, then first come). A freed slot
+    wakes them all, in that order, to route again: the first to find one free takes it."""
 
     def __init__(self) -> None:
         self.waiting: list[tuple[tuple[int, int], asyncio.Event]] = []
@@ -5434,54 +5405,39 @@ class WaitQueue:
             event.set()
 
 
-def health_eta(app: web.Application) -> int | None:
-    """Seconds until a backend that is down could be healthy: the polls recovery takes."""
-    health = app[SETTINGS].health_check
-    next_check = app[BACKGROUND].get("next_health_check")
-    if not health.enabled or next_check is None:
-        return None
-    wait = max(next_check - time.monotonic(), 0.0)
-    wait += (health.recovery_threshold - 1) * health.interval_seconds
-    return max(math.ceil(wait), 1)
-
-
 def route_now(app: web.Application, needs: RequestNeeds) -> RouteDecision:
-    """route(), its 503's eta_seconds from the health checks when a backend of the model is down."""
+    """route(); a 503's eta_seconds is when health checks could find a down backend healthy."""
     registry, settings = app[REGISTRY], app[SETTINGS]
     try:
         return route(needs, registry, settings)
     except NexusError as error:
-        if error.code == "no_backend_available":
+        health, next_check = settings.health_check, app[BACKGROUND].get("next_health_check")
+        if error.code == "no_backend_available" and health.enabled and next_check is not None:
             chain = model_chain(needs.model, settings.routing)
             if any(b.status != "healthy" for m in chain for b in registry.by_model.get(m, ())):
-                set_eta(error, health_eta(app))
+                wait = max(next_check - time.monotonic(), 0.0)
+                wait += (health.recovery_threshold - 1) * health.interval_seconds
+                set_eta(error, max(math.ceil(wait), 1))
         raise
-
-
-def queue_eta(app: web.Application, decision: RouteDecision) -> int:
-    """Seconds until a slot is likely free: the queue ahead, served at the candidates' pace."""
-    backends = {a.backend.name: a.backend for a in decision.attempts if not a.fallback}
-    slots = sum(b.max_concurrent or 1 for b in backends.values())
-    known = [b.latency_ema_ms for b in backends.values() if b.latency_ema_ms is not None]
-    per_request = (min(known) / 1000.0) if known else 1.0
-    return max(math.ceil(per_request * (len(app[QUEUE]) + 1) / max(slots, 1)), 1)
 
 
 def queue_full(
     app: web.Application, needs: RequestNeeds, decision: RouteDecision, why: str
 ) -> NexusError:
     """The 503 for a request that found every candidate busy and could not wait."""
+    # Its eta: the queue ahead, served at the candidates' pace.
+    backends = {a.backend.name: a.backend for a in decision.attempts if not a.fallback}
+    slots = sum(b.max_concurrent or 1 for b in backends.values())
+    known = [b.latency_ema_ms for b in backends.values() if b.latency_ema_ms is not None]
+    per_request = (min(known) / 1000.0) if known else 1.0
     busy = [
         {"backend": a.backend.name, "model": a.model, "failed": ["busy"]}
         for a in decision.attempts[:MAX_LISTED_SHORTFALLS]
         if not a.fallback
     ]
-    return unavailable(
-        f"Every backend serving model '{needs.model}' is at its max_concurrent and {why}.",
-        app[REGISTRY],
-        busy,
-        eta=queue_eta(app, decision),
-    )
+    message = f"Every backend serving model '{needs.model}' is at its max_concurrent and {why}."
+    eta = max(math.ceil(per_request * (len(app[QUEUE]) + 1) / max(slots, 1)), 1)
+    return unavailable(message, app[REGISTRY], busy, eta=eta)
 
 
 async def plan_route(app: web.Application, needs: RequestNeeds, deadline: float) -> RouteDecision:
@@ -5513,8 +5469,7 @@ async def plan_route(app: web.Application, needs: RequestNeeds, deadline: float)
 def follow_session(
     request: web.Request, record: RequestRecord, body: dict[str, Any], needs: RequestNeeds
 ) -> None:
-    """Find the request's session (SPEC §3.7) and the backend of its last turn, for routing to
-    keep; a model only one backend serves leaves nothing to choose, so nothing is noted."""
+    """Note the request's session (SPEC §3.7) and its last turn's backend, for routing to keep."""
     app = request.app
     model = resolve_alias(needs.model, app[SETTINGS].routing.aliases)
     if len(app[REGISTRY].by_model.get(model, ())) < 2:
@@ -5531,10 +5486,8 @@ def follow_session(
 async def plan_request(
     request: web.Request, endpoint: str, body: dict[str, Any], needs: RequestNeeds
 ) -> tuple[RequestRecord, RouteDecision, float]:
-    """A request's record, its admission (keys and limits), its session and its route, waiting
-    in the queue for a slot if need be; with the loop time by which it must be done."""
-    app = request.app
-    settings = app[SETTINGS]
+    """A request's record, admission, session and route (queued if need be), and its deadline."""
+    app, settings = request.app, request.app[SETTINGS]
     record = RequestRecord(request[REQUEST_ID], needs.model, endpoint, time.perf_counter())
     request[RECORD] = record
     needs.flexible = request.headers.get("X-Nexus-Flexible", "").lower() == "true"
@@ -5556,20 +5509,10 @@ def request_timed_out(limit: float) -> NexusError:
 
 
 class WaitLimits:
-    """The limits on one attempt's waits for its backend (SPEC §3.5): the answer begins by
-    first_byte_by, each later read comes within `idle`, nothing waits past the deadline. One
-    timer serves every wait (asyncio.timeout would arm and cancel one per chunk)."""
+    """One attempt's limits on its waits for the backend (SPEC §3.5): first byte, idle, deadline.
+    One timer serves every wait (asyncio.timeout would arm and cancel one per chunk)."""
 
-    __slots__ = (
-        "_expired",
-        "_loop",
-        "_task",
-        "_timer",
-        "_until",
-        "deadline",
-        "first_byte_by",
-        "idle",
-    )
+    __slots__ = ("_late", "_loop", "_task", "_timer", "_until", "deadline", "first_byte_by", "idle")
 
     def __init__(self, first_byte_by: float, idle: float, deadline: float) -> None:
         self.first_byte_by, self.idle, self.deadline = first_byte_by, idle, deadline
@@ -5577,7 +5520,7 @@ class WaitLimits:
         self._task = asyncio.current_task()
         self._until: float | None = None  # the current wait's limit; None between waits
         self._timer: asyncio.TimerHandle | None = None
-        self._expired = False
+        self._late = False  # the timer cancelled a wait past its limit
 
     def read_by(self) -> float:
         """When the next read of a begun answer must have come."""
@@ -5593,8 +5536,8 @@ class WaitLimits:
         try:
             return await awaitable
         except asyncio.CancelledError:
-            if self._expired:
-                self._expired = False
+            if self._late:
+                self._late = False
                 if self._task is not None and self._task.uncancel() == 0:  # only ours
                     raise TimeoutError from None
             raise
@@ -5609,7 +5552,7 @@ class WaitLimits:
         if self._loop.time() < self._until:  # the limit moved on since the timer was armed
             self._timer = self._loop.call_at(self._until, self._check)
         elif self._task is not None:
-            self._expired = True
+            self._late = True
             self._task.cancel()
 
     def close(self) -> None:
@@ -5622,18 +5565,14 @@ class WaitLimits:
 def refusal_message(document: dict[str, Any], status: int) -> str:
     """The message of a backend's JSON error answer, wherever its API puts it."""
     error = document["error"]
-    if isinstance(error, dict) and isinstance(error.get("message"), str):
-        return error["message"]
-    if isinstance(error, str):
-        return error
-    if isinstance(document.get("message"), str):
-        return document["message"]
+    for message in (object_of(error).get("message"), error, document.get("message")):
+        if isinstance(message, str):
+            return message
     return f"The backend refused the request (HTTP {status})."
 
 
 def upstream_error(flight: InFlight, upstream: BackendConnection, answer: bytes) -> web.Response:
-    """A backend's error answer: 5xx and 429 are retried, context overruns fall back, other 4xx
-    go back to the client untouched (in an error envelope when they are not a JSON error)."""
+    """A backend's error answer: 5xx and 429 retried, context overruns fall back, 4xx relayed."""
     app, backend = flight.request.app, flight.attempt.backend
     adapter = ADAPTERS[backend.type]
     status = upstream.status
@@ -5671,12 +5610,9 @@ def upstream_error(flight: InFlight, upstream: BackendConnection, answer: bytes)
     return response
 
 
-async def whole_answer(
-    flight: InFlight, status: int, answer: bytes, headers: dict[str, str]
-) -> web.Response:
+async def whole_answer(flight: InFlight, status: int, answer: bytes, headers: dict) -> web.Response:
     """A whole answer that succeeded, in the door's shape: usage noted, cost settled."""
-    record, attempt = flight.record, flight.attempt
-    backend = attempt.backend
+    record, attempt, backend = flight.record, flight.attempt, flight.attempt.backend
     adapter = ADAPTERS[backend.type]
     try:
         parsed = parse_json(answer)
@@ -5725,17 +5661,13 @@ async def send_attempt(flight: InFlight) -> web.StreamResponse:
     try:
         try:
             # A non-streamed answer comes when it is done: only the request's limit bounds it.
-            upstream = await limits.wait(
-                app[CLIENT].request("POST", flight.url, headers, flight.payload),
-                limits.first_byte_by if stream else deadline,
-            )
+            sending = app[CLIENT].request("POST", flight.url, headers, flight.payload)
+            upstream = await limits.wait(sending, limits.first_byte_by if stream else deadline)
             if upstream.status >= 400 or not stream:
-                if upstream.complete:  # all of it came with the headers: no wait
-                    answer = await upstream.read()
-                else:
-                    answer = await limits.wait(
-                        upstream.read(), limits.read_by() if stream else deadline
-                    )
+                reading = upstream.read()
+                if not upstream.complete:  # else all of it came with the headers: no wait
+                    reading = limits.wait(reading, limits.read_by() if stream else deadline)
+                answer = await reading
         except TimeoutError:
             raise attempt_failure(flight, 504, "timed out before answering") from None
         except BackendHTTPError as exc:
@@ -5758,8 +5690,7 @@ async def send_attempt(flight: InFlight) -> web.StreamResponse:
 
 
 def retry_pause(flight: InFlight, failure: AttemptFailed, retries: int) -> float | None:
-    """The pause before asking the same backend again, or None to go on: only for its model's
-    only candidate, healthy, up to routing.max_retries times, if it ends before the deadline."""
+    """The pause before asking the same backend again, or None to go on to the next attempt."""
     attempt = flight.attempt
     max_retries = flight.request.app[SETTINGS].routing.max_retries
     if not attempt.alone or attempt.backend.status != "healthy" or retries >= max_retries:
@@ -5778,9 +5709,8 @@ async def proxy(
     needs: RequestNeeds,
     fmt: OpenAIFormat = OPENAI_FORMAT,
 ) -> web.StreamResponse:
-    """Route a request and try its attempts in order until one answers (SPEC §3.5): before any
-    byte reached the client a failure moves on to the next attempt or, see retry_pause, the
-    same one again; a backend that stayed silent is not asked again."""
+    """Route a request and try its attempts in order until one answers (SPEC §3.5): a failure
+    before any byte reached the client moves on to the next attempt, or retries the same one."""
     loop = asyncio.get_running_loop()
     record, decision, deadline = await plan_request(request, endpoint, body, needs)
     stream = body.get("stream") is True and endpoint != "embeddings"
@@ -5856,11 +5786,7 @@ async def proxy(
 
 
 async def send_through_door(
-    request: web.Request,
-    endpoint: str,
-    internal: dict[str, Any],
-    needs: RequestNeeds,
-    fmt: OpenAIFormat,
+    request: web.Request, endpoint: str, internal: dict, needs: RequestNeeds, fmt: OpenAIFormat
 ) -> web.StreamResponse:
     """Send a door's internal request as chat is sent; a backend's refusal becomes an error."""
     raw = json.dumps(internal).encode()
@@ -5887,29 +5813,25 @@ def merge_flag(values: Iterable[bool | None]) -> bool | None:
     return False if seen == {False} else None
 
 
-def model_entry(model_id: str, served: list[tuple[Backend, Model]]) -> dict[str, Any]:
-    """One model as /v1/models lists it, merged over the backends that serve it."""
-    contexts = [m.context_length for _, m in served if m.context_length]
-    flags = ("vision", "tools", "json_mode")
-    return {
-        "id": model_id,
-        "object": "model",
-        "created": 0,
-        "owned_by": served[0][0].type,
-        "context_length": max(contexts) if contexts else None,
-        "capabilities": {f: merge_flag(getattr(m, f) for _, m in served) for f in flags},
-        "backends": sorted(b.name for b, _ in served),
-    }
-
-
 def model_entries(registry: Registry, settings: Settings) -> dict[str, dict[str, Any]]:
-    """Every routable model (served by a healthy backend) and every alias that leads to one."""
+    """Every model a healthy backend serves, as /v1/models lists it, and each alias to one."""
     entries: dict[str, dict[str, Any]] = {}
+    flags = ("vision", "tools", "json_mode")
     for model_id, backends in registry.by_model.items():
-        healthy = [b for b in backends if b.status == "healthy"]
-        if healthy:
-            entries[model_id] = model_entry(model_id, [(b, b.models[model_id]) for b in healthy])
-            entries[model_id]["loaded_on"] = loaded_on(registry, model_id)
+        served = [(b, b.models[model_id]) for b in backends if b.status == "healthy"]
+        if not served:
+            continue
+        contexts = [m.context_length for _, m in served if m.context_length]
+        entries[model_id] = {
+            "id": model_id,
+            "object": "model",
+            "created": 0,
+            "owned_by": served[0][0].type,
+            "context_length": max(contexts) if contexts else None,
+            "capabilities": {f: merge_flag(getattr(m, f) for _, m in served) for f in flags},
+            "backends": sorted(b.name for b, _ in served),
+            "loaded_on": loaded_on(registry, model_id),
+        }
     for alias in settings.routing.aliases:
         target = resolve_alias(alias, settings.routing.aliases)
         if target in entries and alias not in entries:
@@ -6055,9 +5977,6 @@ ANTHROPIC_ERROR_TYPES = {
     503: "overloaded_error",
     504: "timeout_error",
 }
-SAMPLING_FIELDS = ("temperature", "top_p", "top_k")  # the same name and meaning in both APIs
-# Fields in which backends name the stop sequence that matched: vLLM, llama.cpp.
-MATCHED_STOP_FIELDS = ("stop_reason", "stopping_word", "stop_word")
 
 
 def anthropic_error(error: NexusError) -> dict[str, Any]:
@@ -6070,11 +5989,6 @@ def anthropic_error(error: NexusError) -> dict[str, Any]:
         prompt, context = error.context["prompt_tokens"], error.context["context_length"]
         message = f"prompt is too long: {prompt} tokens > {context} maximum"
     return {"type": "error", "error": {"type": kind, "message": message}}
-
-
-def error_event(message: str) -> bytes:
-    """The error event that ends a Messages stream Nexus had to cut."""
-    return sse_event("error", anthropic_error(NexusError(502, "backend_error", None, message)))
 
 
 def system_text(system: Any) -> str:
@@ -6091,10 +6005,8 @@ def system_text(system: Any) -> str:
 
 def unsupported_block(kind: str, where: str) -> NexusError:
     """The 400 for a content block that has no chat equivalent."""
-    return bad_request(
-        f"{where}: content blocks of type {kind!r} cannot be translated for this backend",
-        "messages",
-    )
+    message = f"{where}: content blocks of type {kind!r} cannot be translated for this backend"
+    return bad_request(message, "messages")
 
 
 def image_part(block: dict[str, Any], where: str) -> dict[str, Any]:
@@ -6129,16 +6041,15 @@ def chat_tool(tool: Any, where: str) -> dict[str, Any]:
 def stop_reason_of(
     choice: dict[str, Any], text: str, sequences: list[str], tool_use: bool
 ) -> tuple[str, str | None]:
-    """Anthropic's stop_reason and stop_sequence for a chat answer's finish: the sequence is the
-    backend's word for it when it says, else one the text still ends with (some servers keep it)."""
+    """Anthropic's stop_reason and stop_sequence for a chat answer's finish."""
     finish = choice.get("finish_reason")
     if tool_use and finish in (None, "stop", "tool_calls", "function_call"):
         return "tool_use", None
     if finish in (None, "stop"):
-        for key in MATCHED_STOP_FIELDS:
+        for key in ("stop_reason", "stopping_word", "stop_word"):  # vLLM's, llama.cpp's names
             if choice.get(key) in sequences:
                 return "stop_sequence", choice[key]
-        for sequence in sequences:
+        for sequence in sequences:  # some servers keep the sequence at the text's end
             if text.endswith(sequence):
                 return "stop_sequence", sequence
     return STOP_REASONS.get(finish or "stop", "end_turn"), None
@@ -6206,30 +6117,28 @@ class AnthropicEvents(NativeStream):
         if self.failed:
             return b""
         self.failed = True
-        return error_event(message)
+        return sse_event("error", anthropic_error(NexusError(502, "backend_error", None, message)))
 
 
-def tool_message(block: dict[str, Any], where: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """A tool_result block as a chat "tool" message (text only), and its images, for a user's."""
+def add_tool_result(block: dict[str, Any], where: str, parts: list, results: list) -> None:
+    """A tool_result block as a chat "tool" message (text only); its images join the user's."""
     if not isinstance(block.get("tool_use_id"), str):
         raise bad_request(f"{where}.tool_use_id: must be a string", "messages")
     content = block.get("content")
-    images: list[dict[str, Any]] = []
     if isinstance(content, list):
-        parts = chat_parts(content, where, "tool")[0]
-        images = [part for part in parts if part["type"] != "text"]
-        content = "\n\n".join([part["text"] for part in parts if part["type"] == "text"])
+        inner = chat_parts(content, where, "tool")[0]
+        parts.extend([part for part in inner if part["type"] != "text"])
+        content = "\n\n".join([part["text"] for part in inner if part["type"] == "text"])
     elif content is not None and not isinstance(content, str):
         raise bad_request(f"{where}.content: must be a string or an array", "messages")
     text = content or ""
     if block.get("is_error") is True:
         text = f"Error: {text}"
-    return {"role": "tool", "tool_call_id": block["tool_use_id"], "content": text}, images
+    results.append({"role": "tool", "tool_call_id": block["tool_use_id"], "content": text})
 
 
 def chat_parts(blocks: list[Any], where: str, role: str) -> tuple[list, list, list]:
-    """Content blocks as chat parts (text, images), tool calls and "tool" messages, as the role
-    allows; an assistant's thinking is dropped, as chat templates drop earlier reasoning."""
+    """Content blocks as chat parts (text, images), tool calls and "tool" messages, by role."""
     parts: list[dict[str, Any]] = []
     calls: list[dict[str, Any]] = []
     results: list[dict[str, Any]] = []
@@ -6249,13 +6158,11 @@ def chat_parts(blocks: list[Any], where: str, role: str) -> tuple[list, list, li
             encoded = json.dumps(arguments, ensure_ascii=False)  # a string input stays a string
             calls.append(chat_call(block["id"], block["name"], encoded))
         elif role == "assistant" and kind in ("thinking", "redacted_thinking"):
-            continue
+            continue  # dropped, as chat templates drop earlier reasoning
         elif role != "assistant" and kind == "image":
             parts.append(image_part(block, at))
         elif role == "user" and kind == "tool_result":
-            result, images = tool_message(block, at)
-            results.append(result)
-            parts.extend(images)
+            add_tool_result(block, at, parts, results)
         elif role == "user" and kind == "document" and isinstance(block.get("source"), dict):
             source = block["source"]
             if source.get("type") != "text" or not isinstance(source.get("data"), str):
@@ -6315,7 +6222,7 @@ def messages_to_chat(body: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(body["stream"], bool):
             raise bad_request("stream: must be a boolean", "stream")
         chat["stream"] = body["stream"]
-    copy_options(body, chat, SAMPLING_FIELDS, "number")
+    copy_options(body, chat, ("temperature", "top_p", "top_k"), "number")  # the same in both APIs
     stop = body.get("stop_sequences")
     if stop is not None:
         if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
@@ -6430,13 +6337,10 @@ class AnthropicFormat(ChatTranslator):
         reason, sequence = stop_reason_of(
             self.finish, self.text_tail, self.stop_sequences, bool(self.calls)
         )
-        delta = {
-            "type": "message_delta",
-            "delta": {"stop_reason": reason, "stop_sequence": sequence},
-            "usage": self.estimated_usage(self.usage).as_anthropic(),
-        }
-        stop = sse_event("message_stop", {"type": "message_stop"})
-        return out + sse_event("message_delta", delta) + stop
+        usage = self.estimated_usage(self.usage).as_anthropic()
+        delta = {"stop_reason": reason, "stop_sequence": sequence}
+        out += sse_event("message_delta", {"type": "message_delta", "delta": delta, "usage": usage})
+        return out + sse_event("message_stop", {"type": "message_stop"})
 
 
 async def messages(request: web.Request) -> web.StreamResponse:
@@ -6447,8 +6351,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
 async def messages_count_tokens(request: web.Request) -> web.Response:
     """POST /v1/messages/count_tokens: the request's input tokens, for a model Nexus serves."""
     body = parse_json_body(await request.read())
-    model = require_model(body)
-    check_model(request, model, must_exist=True)
+    check_model(request, require_model(body), must_exist=True)
     chat = messages_to_chat(dict(body, max_tokens=1))  # count_tokens bodies have no max_tokens
     return web.json_response({"input_tokens": chat_needs(chat, IMAGE_TOKENS).prompt_tokens})
 
