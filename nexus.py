@@ -2285,7 +2285,8 @@ def no_capacity(
 
 def route(needs: RequestNeeds, registry: Registry, settings: Settings) -> RouteDecision:
     """Plan the attempts for a request: the model's candidates, then its fallbacks', each cut to
-    1 + max_retries backends, free ones first; a 404, 400 or 503 saying why there are none."""
+    1 + max_retries backends, free ones first. 404 for a model nothing serves or names, 400 for
+    a prompt no backend can hold, 503 (saying why) when nothing can serve it now."""
     chain = model_chain(needs.model, settings.routing)
     model_id = chain[0]
     if not any(m in registry.by_model for m in chain):
@@ -5785,6 +5786,18 @@ async def proxy(
 # ==============================================================================================
 
 
+# How a door names a JSON type in its 400s.
+JSON_KINDS = {str: "a string", bool: "a boolean", list: "an array", dict: "an object"}
+
+
+def optional_field(body: dict, name: str, kind: type, where: str = "", param: str = "") -> Any:
+    """A field that may be absent (None) or must hold a `kind` (str, bool, list or dict)."""
+    value = body.get(name)
+    if value is not None and not isinstance(value, kind):
+        raise bad_request(f"{where}{name}: must be {JSON_KINDS[kind]}", param or name)
+    return value
+
+
 async def send_through_door(
     request: web.Request, endpoint: str, internal: dict, needs: RequestNeeds, fmt: OpenAIFormat
 ) -> web.StreamResponse:
@@ -6370,15 +6383,6 @@ JSON_STRING = json.encoder.encode_basestring_ascii  # a str as JSON, as json.dum
 INCOMPLETE_REASONS = {"length": "max_output_tokens", "content_filter": "content_filter"}
 # The events of a text item's deltas, by the kind of text: its reasoning or its answer.
 TEXT_EVENTS = {"thinking": "response.reasoning_text", "text": "response.output_text"}
-JSON_KINDS = {str: "a string", bool: "a boolean", list: "an array", dict: "an object"}
-
-
-def optional_field(body: dict, name: str, kind: type, where: str = "", param: str = "") -> Any:
-    """A field that may be absent (None) or must hold a `kind` (str, bool, list or dict)."""
-    value = body.get(name)
-    if value is not None and not isinstance(value, kind):
-        raise bad_request(f"{where}{name}: must be {JSON_KINDS[kind]}", param or name)
-    return value
 
 
 def input_parts(content: Any, where: str) -> list[dict[str, Any]]:
@@ -6680,9 +6684,11 @@ class ResponsesFormat(ChatTranslator):
         response = json.dumps(self.response("in_progress"))
         out = b""
         for kind in ("response.created", "response.in_progress"):
-            head = f'event: {kind}\ndata: {{"response": {response}, "type": "{kind}"'
-            out += f'{head}, "sequence_number": {self.sequence}}}\n\n'.encode()
             self.sequence += 1
+            out += (
+                f'event: {kind}\ndata: {{"response": {response}, "type": "{kind}", '
+                f'"sequence_number": {self.sequence - 1}}}\n\n'
+            ).encode()
         return out
 
     def delta_event(self, head: bytes, text: str) -> bytes:
@@ -7146,7 +7152,8 @@ class OllamaLines(NativeStream):
 
 
 class OllamaFormat(OpenAIFormat):
-    """Writes answers as Ollama's endpoint `kind` does: whole, or NDJSON ending in a done line."""
+    """Writes answers as Ollama's endpoint `kind` does: whole, or NDJSON ending in a done line;
+    streamed tool calls are sent whole when the answer finishes, as Ollama sends them."""
 
     keeps_usage = True
     native_api = "ollama"
@@ -7556,7 +7563,8 @@ async def unload_model(request: web.Request) -> web.Response:
 
 
 async def migrate_model(request: web.Request) -> web.Response:
-    """POST /v1/models/migrate: the target loads as the source serves, then the source unloads."""
+    """POST /v1/models/migrate {model_id, source_backend_id, target_backend_id}: the target
+    loads while the source serves; the source unloads once it has nothing in flight."""
     require_admin(request)
     app = request.app
     body = parse_json_body(await request.read())
