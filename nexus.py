@@ -5353,7 +5353,8 @@ def scrubbed_user_turn(messages: list[Any]) -> list[Any]:
 def attempt_request(
     fmt: OpenAIFormat, endpoint: str, body: dict, raw: bytes, attempt: Attempt, ask_usage: bool
 ) -> tuple[str, bytes, bool]:
-    """Where an attempt goes, what it sends, and whether natively (the client's own request)."""
+    """Where an attempt goes, what it sends, and whether natively (the client's own request); a
+    NexusError when the backend's API cannot carry the request."""
     backend = attempt.backend
     adapter = ADAPTERS[backend.type]
     url = adapter.url(backend, endpoint)
@@ -5470,7 +5471,8 @@ async def plan_route(app: web.Application, needs: RequestNeeds, deadline: float)
 def follow_session(
     request: web.Request, record: RequestRecord, body: dict[str, Any], needs: RequestNeeds
 ) -> None:
-    """Note the request's session (SPEC §3.7) and its last turn's backend, for routing to keep."""
+    """Find the request's session (SPEC §3.7) and the backend of its last turn, for routing to
+    keep; a model only one backend serves leaves nothing to choose, so nothing is noted."""
     app = request.app
     model = resolve_alias(needs.model, app[SETTINGS].routing.aliases)
     if len(app[REGISTRY].by_model.get(model, ())) < 2:
@@ -5510,8 +5512,9 @@ def request_timed_out(limit: float) -> NexusError:
 
 
 class WaitLimits:
-    """One attempt's limits on its waits for the backend (SPEC §3.5): first byte, idle, deadline.
-    One timer serves every wait (asyncio.timeout would arm and cancel one per chunk)."""
+    """The limits on one attempt's waits for its backend (SPEC §3.5): the answer begins by
+    first_byte_by, each later read comes within `idle`, nothing waits past the deadline. One
+    timer serves every wait (asyncio.timeout would arm and cancel one per chunk)."""
 
     __slots__ = ("_late", "_loop", "_task", "_timer", "_until", "deadline", "first_byte_by", "idle")
 
@@ -5573,7 +5576,8 @@ def refusal_message(document: dict[str, Any], status: int) -> str:
 
 
 def upstream_error(flight: InFlight, upstream: BackendConnection, answer: bytes) -> web.Response:
-    """A backend's error answer: 5xx and 429 retried, context overruns fall back, 4xx relayed."""
+    """A backend's error answer: 5xx and 429 are retried, context overruns fall back, other 4xx
+    go back to the client untouched (in an error envelope when they are not a JSON error)."""
     app, backend = flight.request.app, flight.attempt.backend
     adapter = ADAPTERS[backend.type]
     status = upstream.status
@@ -5691,7 +5695,8 @@ async def send_attempt(flight: InFlight) -> web.StreamResponse:
 
 
 def retry_pause(flight: InFlight, failure: AttemptFailed, retries: int) -> float | None:
-    """The pause before asking the same backend again, or None to go on to the next attempt."""
+    """The pause before asking the same backend again, or None to go on: only for its model's
+    only candidate, healthy, up to routing.max_retries times, if it ends before the deadline."""
     attempt = flight.attempt
     max_retries = flight.request.app[SETTINGS].routing.max_retries
     if not attempt.alone or attempt.backend.status != "healthy" or retries >= max_retries:
@@ -5710,8 +5715,9 @@ async def proxy(
     needs: RequestNeeds,
     fmt: OpenAIFormat = OPENAI_FORMAT,
 ) -> web.StreamResponse:
-    """Route a request and try its attempts in order until one answers (SPEC §3.5): a failure
-    before any byte reached the client moves on to the next attempt, or retries the same one."""
+    """Route a request and try its attempts in order until one answers (SPEC §3.5): before any
+    byte reached the client a failure moves on to the next attempt or, see retry_pause, the
+    same one again; a backend that stayed silent is not asked again."""
     loop = asyncio.get_running_loop()
     record, decision, deadline = await plan_request(request, endpoint, body, needs)
     stream = body.get("stream") is True and endpoint != "embeddings"

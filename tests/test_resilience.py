@@ -1135,3 +1135,17 @@ async def test_someone_elses_cancel_during_a_wait_stays_a_cancel():
     task.cancel()  # the client went away
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+def test_a_retry_after_date_past_the_calendar_is_no_date(monkeypatch):
+    # A date with no zone in year 9999 is read in local time; east of UTC its timestamp is out of
+    # range. The backend's 429 still answers, as with no Retry-After at all.
+    monkeypatch.setenv("TZ", "Europe/Paris")
+    time.tzset()
+    try:
+        assert nexus.retry_after_seconds("Fri, 31 Dec 9999 23:59:59 -0000") is None
+        assert nexus.retry_after_seconds("120") == 120.0
+        assert nexus.retry_after_seconds("soon") is None
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
