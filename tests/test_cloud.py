@@ -132,7 +132,7 @@ async def test_a_cloud_behind_an_https_proxy_is_reached_through_its_tunnel(
 
 async def test_cloud_health_never_spends_tokens(backend_factory, nexus_factory):
     cloud = await backend_factory("openai", {"gpt-4o": {}}, name="oai")
-    claude = await backend_factory("anthropic", {"claude-sonnet-4-5": {}}, name="claude")
+    claude = await backend_factory("anthropic", {"claude-haiku-4-5": {}}, name="claude")
     nx = await cloud_nexus(
         nexus_factory, cloud, claude, extra="[health_check]\ninterval_seconds = 0.05\n"
     )
@@ -144,7 +144,7 @@ async def test_cloud_health_never_spends_tokens(backend_factory, nexus_factory):
     assert cloud.received == [] and claude.received == []  # no completion, ever
     assert cloud.auth_failures == 0 and claude.auth_failures == 0
     assert nx.backend("claude").status == "healthy"
-    assert "claude-sonnet-4-5" in nx.backend("claude").models
+    assert "claude-haiku-4-5" in nx.backend("claude").models
 
 
 async def test_cloud_stream_is_accounted_and_usage_stripped(backend_factory, nexus_factory):
@@ -206,7 +206,7 @@ async def test_cost_counted_exactly_when_the_backend_reports_no_usage(
 async def test_keys_never_shown_anywhere(backend_factory, nexus_factory, caplog):
     caplog.set_level(logging.DEBUG)
     cloud = await backend_factory("openai", {"gpt-4o": {}}, name="oai")
-    claude = await backend_factory("anthropic", {"claude-sonnet-4-5": {}}, name="claude")
+    claude = await backend_factory("anthropic", {"claude-haiku-4-5": {}}, name="claude")
     cloud.api_key = "sk-proj-VERYSECRET-openai-1234"
     claude.api_key = "sk-ant-VERYSECRET-anthropic-5678"
     nx = await cloud_nexus(nexus_factory, cloud, claude)
@@ -215,7 +215,7 @@ async def test_keys_never_shown_anywhere(backend_factory, nexus_factory, caplog)
         for path in ("/v1/stats", "/v1/backends", "/v1/models", "/health", "/"):
             async with session.get(nx.url + path) as resp:
                 seen.append(await resp.text())
-        for model in ("gpt-4o", "claude-sonnet-4-5"):
+        for model in ("gpt-4o", "claude-haiku-4-5"):
             body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
             async with session.post(nx.url + "/v1/chat/completions", json=body) as resp:
                 seen.append(await resp.text() + json.dumps(dict(resp.headers)))
@@ -254,10 +254,10 @@ def test_missing_key_variable_stops_start_up_naming_it(tmp_path):
 
 
 async def test_anthropic_non_stream_translated_both_ways(backend_factory, nexus_factory):
-    claude = await backend_factory("anthropic", {"claude-sonnet-4-5": {}}, name="claude")
+    claude = await backend_factory("anthropic", {"claude-haiku-4-5": {}}, name="claude")
     nx = await cloud_nexus(nexus_factory, claude)
     raw = await client(nx).chat.completions.with_raw_response.create(
-        model="claude-sonnet-4-5",
+        model="claude-haiku-4-5",
         messages=[
             {"role": "system", "content": "Be brief."},
             {"role": "user", "content": "hi"},
@@ -276,14 +276,14 @@ async def test_anthropic_non_stream_translated_both_ways(backend_factory, nexus_
     assert headers["anthropic-version"] == "2023-06-01"
     assert "Authorization" not in headers
     assert sent == {
-        "model": "claude-sonnet-4-5",
+        "model": "claude-haiku-4-5",
         "max_tokens": 4096,
         "system": "Be brief.",
         "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
         "temperature": 1.0,
         "stop_sequences": ["END"],
     }
-    assert raw.headers["X-Nexus-Cost-Estimated"] == expected_cost("claude-sonnet-4-5", 12, 3)
+    assert raw.headers["X-Nexus-Cost-Estimated"] == expected_cost("claude-haiku-4-5", 12, 3)
 
 
 @pytest.mark.parametrize(
@@ -326,7 +326,7 @@ TOOLS = [
 
 
 async def test_anthropic_tool_calls_and_results(backend_factory, nexus_factory):
-    claude = await backend_factory("anthropic", {"claude-sonnet-4-5": {}}, name="claude")
+    claude = await backend_factory("anthropic", {"claude-haiku-4-5": {}}, name="claude")
     claude.tool_call = {"name": "get_weather", "input": {"city": "Zürich"}}
     claude.stop_reason = "tool_use"
     nx = await cloud_nexus(nexus_factory, claude)
@@ -354,7 +354,7 @@ async def test_anthropic_tool_calls_and_results(backend_factory, nexus_factory):
         {"role": "user", "content": "And in Zürich?"},
     ]
     answer = await client(nx).chat.completions.create(
-        model="claude-sonnet-4-5",
+        model="claude-haiku-4-5",
         messages=messages,
         tools=TOOLS,
         tool_choice="required",
@@ -411,12 +411,12 @@ async def test_anthropic_tool_calls_and_results(backend_factory, nexus_factory):
 
 
 async def test_anthropic_stream_with_tool_call(backend_factory, nexus_factory):
-    claude = await backend_factory("anthropic", {"claude-sonnet-4-5": {}}, name="claude")
+    claude = await backend_factory("anthropic", {"claude-haiku-4-5": {}}, name="claude")
     claude.tool_call = {"name": "get_weather", "input": {"city": "Basel"}}
     claude.stop_reason = "tool_use"
     nx = await cloud_nexus(nexus_factory, claude)
     raw = await client(nx).chat.completions.with_raw_response.create(
-        model="claude-sonnet-4-5",
+        model="claude-haiku-4-5",
         messages=[{"role": "user", "content": "weather?"}],
         tools=TOOLS,
         stream=True,
@@ -441,16 +441,16 @@ async def test_anthropic_stream_with_tool_call(backend_factory, nexus_factory):
     assert finish == "tool_calls"
     assert usage.prompt_tokens == 12 and usage.completion_tokens == 3
     assert nx.app[nexus.BUDGET].spent_usd == pytest.approx(
-        float(expected_cost("claude-sonnet-4-5", 12, 3))
+        float(expected_cost("claude-haiku-4-5", 12, 3))
     )
 
 
 async def test_anthropic_stream_without_usage_request_strips_it(backend_factory, nexus_factory):
-    claude = await backend_factory("anthropic", {"claude-sonnet-4-5": {}}, name="claude")
+    claude = await backend_factory("anthropic", {"claude-haiku-4-5": {}}, name="claude")
     nx = await cloud_nexus(nexus_factory, claude)
     async with aiohttp.ClientSession() as session:
         body = {
-            "model": "claude-sonnet-4-5",
+            "model": "claude-haiku-4-5",
             "messages": [{"role": "user", "content": "hi"}],
             "stream": True,
         }
@@ -465,7 +465,7 @@ async def test_anthropic_stream_without_usage_request_strips_it(backend_factory,
 
 
 async def test_anthropic_errors_become_openai_errors(backend_factory, nexus_factory):
-    claude = await backend_factory("anthropic", {"claude-sonnet-4-5": {}}, name="claude")
+    claude = await backend_factory("anthropic", {"claude-haiku-4-5": {}}, name="claude")
 
     async def refuse(request, body):
         error = {"type": "invalid_request_error", "message": "messages: roles must alternate"}
@@ -475,15 +475,15 @@ async def test_anthropic_errors_become_openai_errors(backend_factory, nexus_fact
     nx = await cloud_nexus(nexus_factory, claude)
     with pytest.raises(openai.BadRequestError) as caught:
         await client(nx).chat.completions.create(
-            model="claude-sonnet-4-5", messages=[{"role": "user", "content": "hi"}]
+            model="claude-haiku-4-5", messages=[{"role": "user", "content": "hi"}]
         )
     assert caught.value.body["message"] == "messages: roles must alternate"
     assert caught.value.body["type"] == "invalid_request_error"
 
 
 async def test_anthropic_overloaded_fails_over(backend_factory, nexus_factory):
-    first = await backend_factory("anthropic", {"claude-sonnet-4-5": {}}, name="claude-a")
-    second = await backend_factory("anthropic", {"claude-sonnet-4-5": {}}, name="claude-b")
+    first = await backend_factory("anthropic", {"claude-haiku-4-5": {}}, name="claude-a")
+    second = await backend_factory("anthropic", {"claude-haiku-4-5": {}}, name="claude-b")
 
     async def overloaded(request, body):
         error = {"type": "overloaded_error", "message": "Overloaded"}
@@ -497,17 +497,17 @@ async def test_anthropic_overloaded_fails_over(backend_factory, nexus_factory):
         **{"claude-a": {"priority": 1}, "claude-b": {"priority": 2}},
     )
     answer = await client(nx).chat.completions.create(
-        model="claude-sonnet-4-5", messages=[{"role": "user", "content": "hi"}]
+        model="claude-haiku-4-5", messages=[{"role": "user", "content": "hi"}]
     )
     assert answer.choices[0].message.content == "Hello from claude-b"
     assert len(first.received) == 1  # overloaded (529) counts as a failure: the next one served
 
 
 async def test_anthropic_backend_serves_chat_only(backend_factory, nexus_factory):
-    claude = await backend_factory("anthropic", {"claude-sonnet-4-5": {}}, name="claude")
+    claude = await backend_factory("anthropic", {"claude-haiku-4-5": {}}, name="claude")
     nx = await cloud_nexus(nexus_factory, claude)
     with pytest.raises(openai.BadRequestError):
-        await client(nx).embeddings.create(model="claude-sonnet-4-5", input="x")
+        await client(nx).embeddings.create(model="claude-haiku-4-5", input="x")
     assert claude.received == []
 
 
@@ -553,13 +553,13 @@ async def test_a_request_an_anthropic_backend_cannot_take_moves_on_to_the_next_a
 async def test_messages_api_reaches_an_anthropic_backend_natively(backend_factory, nexus_factory):
     import anthropic
 
-    claude = await backend_factory("anthropic", {"claude-sonnet-4-5": {}}, name="claude")
+    claude = await backend_factory("anthropic", {"claude-haiku-4-5": {}}, name="claude")
     claude.tool_call = {"name": "get_weather", "input": {"city": "Chur"}}
     claude.stop_reason = "tool_use"
     nx = await cloud_nexus(nexus_factory, claude)
     sdk = anthropic.AsyncAnthropic(base_url=nx.url, api_key="unused", max_retries=0)
     request = {
-        "model": "claude-sonnet-4-5",
+        "model": "claude-haiku-4-5",
         "max_tokens": 300,
         "system": [{"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}}],
         "messages": [{"role": "user", "content": "weather?"}],
@@ -580,7 +580,7 @@ async def test_messages_api_reaches_an_anthropic_backend_natively(backend_factor
     assert message.id == "msg_mock"  # the backend's own answer, not a re-translation
     assert message.usage.input_tokens == 12
     charged = nx.app[nexus.BUDGET].spent_usd
-    assert charged == pytest.approx(float(expected_cost("claude-sonnet-4-5", 12, 3)))
+    assert charged == pytest.approx(float(expected_cost("claude-haiku-4-5", 12, 3)))
 
     async with sdk.messages.stream(**request) as stream:
         events = [event.type async for event in stream]
@@ -638,7 +638,7 @@ async def test_a_cloud_stream_the_client_leaves_is_charged(backend_factory, nexu
 
 def native_stream_body() -> dict:
     return {
-        "model": "claude-sonnet-4-5",
+        "model": "claude-haiku-4-5",
         "max_tokens": 100,
         "messages": [{"role": "user", "content": "hi"}],
         "stream": True,
@@ -646,8 +646,8 @@ def native_stream_body() -> dict:
 
 
 async def two_claudes(backend_factory, nexus_factory, extra: str = ""):
-    first = await backend_factory("anthropic", {"claude-sonnet-4-5": {}}, name="claude-a")
-    second = await backend_factory("anthropic", {"claude-sonnet-4-5": {}}, name="claude-b")
+    first = await backend_factory("anthropic", {"claude-haiku-4-5": {}}, name="claude-a")
+    second = await backend_factory("anthropic", {"claude-haiku-4-5": {}}, name="claude-b")
     nx = await cloud_nexus(
         nexus_factory,
         first,
@@ -725,7 +725,7 @@ async def test_a_client_leaving_a_native_stream_is_a_499_and_is_charged(
         return real(record, status, *args)
 
     monkeypatch.setattr(nexus, "log_request", keep)
-    claude = await backend_factory("anthropic", {"claude-sonnet-4-5": {}}, name="claude")
+    claude = await backend_factory("anthropic", {"claude-haiku-4-5": {}}, name="claude")
     claude.reply = " ".join(["word"] * 60)
     claude.chunk_delay = 0.05
     nx = await cloud_nexus(nexus_factory, claude)
@@ -808,8 +808,8 @@ async def test_a_scrubbed_messages_request_sends_no_orphan_tool_result(
 ):
     """A coding agent's last user turn is mostly tool results: scrubbed, the request still
     holds the last user text and no tool_result whose tool_use stayed behind."""
-    local = await backend_factory("generic", {"claude-sonnet-4-5": {}}, name="gpu")
-    claude = await backend_factory("anthropic", {"claude-sonnet-4-5": {}}, name="claude")
+    local = await backend_factory("generic", {"claude-haiku-4-5": {}}, name="gpu")
+    claude = await backend_factory("anthropic", {"claude-haiku-4-5": {}}, name="claude")
 
     async def strict(request, body):
         problem = orphan_tool_results(body["messages"])
@@ -835,7 +835,7 @@ async def test_a_scrubbed_messages_request_sends_no_orphan_tool_result(
             "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "file"}],
         },
     ]
-    body = {"model": "claude-sonnet-4-5", "max_tokens": 100, "system": "Be brief."}
+    body = {"model": "claude-haiku-4-5", "max_tokens": 100, "system": "Be brief."}
     body["messages"] = history
     async with (
         aiohttp.ClientSession() as session,
@@ -855,7 +855,7 @@ async def test_a_native_stream_the_backend_breaks_off_counts_against_it(
 ):
     """An error event after the answer began reaches the client as Anthropic sent it, and is a
     failed request and a failure of the backend, as a cut translated stream is."""
-    claude = await backend_factory("anthropic", {"claude-sonnet-4-5": {}}, name="claude")
+    claude = await backend_factory("anthropic", {"claude-haiku-4-5": {}}, name="claude")
 
     async def breaks_off(request, body):
         response = await start_sse(request)
