@@ -104,20 +104,17 @@ class NexusError(Exception):
     message: str
     param: str | None = None
     context: dict[str, Any] | None = None
-    headers: dict[str, str] | None = None
+    headers: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         super().__init__(self.message)
-        self.headers = self.headers or {}
 
     @classmethod
     def of(cls, status: int, code: str | None, message: str, *rest: Any, **kw: Any) -> NexusError:
-        """The error for a status and code, its type looked up in ERROR_TYPES (or CODE_TYPES)."""
         type_ = CODE_TYPES.get(code or "") or ERROR_TYPES[status]
         return cls(status, type_, code, message, *rest, **kw)
 
     def envelope(self) -> dict[str, Any]:
-        """The OpenAI error envelope: {"error": {message, type, param, code[, context]}}."""
         error = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
         if self.context is not None:
             error["context"] = self.context
@@ -156,8 +153,7 @@ WEIGHTS = {"priority": 50.0, "load": 30.0, "latency": 20.0}  # the routing score
 
 
 def setting(default: Any, **rules: Any) -> Any:
-    """A settings field with the rules check_setting holds its value to (positive, non_negative,
-    min and max or below, choices) and env, the NEXUS_* variable that sets it."""
+    """A settings field with its rules for check_setting and env, the NEXUS_* variable for it."""
     return field(default=default, metadata=rules)
 
 
@@ -485,10 +481,8 @@ def validate_settings(s: Settings, env: dict[str, str]) -> None:
 
 
 def resolve_alias(model: str, aliases: dict[str, str]) -> str:
-    """Follow aliases up to MAX_ALIAS_HOPS; cycles and longer chains were rejected at start-up."""
-    for _ in range(MAX_ALIAS_HOPS):
-        if model not in aliases:
-            return model
+    """Follow aliases to a model; cycles and chains over MAX_ALIAS_HOPS were refused at start-up."""
+    while model in aliases:
         model = aliases[model]
     return model
 
@@ -682,7 +676,6 @@ class TokenBucket:
         self.updated = now
 
     def refill(self, now: float) -> None:
-        """Add what the time since the last update earned, up to a minute's worth."""
         elapsed = max(now - self.updated, 0.0)
         self.level = min(self.per_minute, self.level + elapsed * self.per_minute / 60.0)
         self.updated = max(now, self.updated)
@@ -694,7 +687,6 @@ class TokenBucket:
         return missing * 60.0 / self.per_minute if missing > 1e-9 else 0.0
 
     def take(self, amount: float, now: float) -> None:
-        """Take `amount` now, running into debt if it is more than is there."""
         self.refill(now)
         self.level -= amount
 
@@ -763,7 +755,6 @@ class Backend:
         return self.type in CLOUD_TYPES
 
     def at_capacity(self) -> bool:
-        """Whether it holds max_concurrent requests already (0: no limit)."""
         return 0 < self.max_concurrent <= self.in_flight
 
     def is_warm(self, model_id: str) -> bool:
@@ -810,7 +801,7 @@ class Registry:
         return next((b for b in self.backends.values() if b.url == url), None)
 
     def set_models(self, backend: Backend, models: dict[str, Model]) -> None:
-        if models.keys() != backend.models.keys() or models != backend.models:
+        if models != backend.models:
             backend.models = models
             self.reindex()
 
@@ -826,8 +817,7 @@ class Registry:
 
 
 def loaded_on(registry: Registry, model_id: str) -> list[str]:
-    """Names of the healthy local backends that have the model in memory, or that serve it and
-    do not say what they hold (they keep what they serve loaded): `/v1/models`' `loaded_on`."""
+    """`/v1/models`' `loaded_on`: the healthy local backends with the model warm (see is_warm)."""
     return sorted(
         b.name
         for b in registry.by_model.get(model_id, ())
@@ -912,9 +902,8 @@ def optional_int(body: dict[str, Any], name: str) -> int | None:
 
 
 def chat_needs(body: dict[str, Any], image_tokens: int = 0) -> RequestNeeds:
-    """What a chat completion needs of a backend: checks its shape, estimates its prompt from
-    the characters of every text, tool call and tool definition, and `image_tokens` per image
-    (the doors count IMAGE_TOKENS; OpenAI's chat routes by text alone)."""
+    """What a chat completion needs of a backend: its prompt estimated from its texts, tool calls
+    and tools, and `image_tokens` per image (the doors count IMAGE_TOKENS; OpenAI's by text)."""
     model = require_model(body)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -1032,9 +1021,8 @@ def session_key(headers: Mapping[str, str], body: dict[str, Any]) -> tuple[int, 
     model = model if isinstance(model, str) else ""
     named = body.get("prompt_cache_key")
     if not isinstance(named, str) or not named:
-        named = next((value for name in SESSION_HEADERS if (value := headers.get(name))), None)
-        if named is None:
-            named = claude_session(body.get("user"))
+        found = (headers.get(name) for name in SESSION_HEADERS)
+        named = next(filter(None, found), None) or claude_session(body.get("user"))
     if named is not None:
         return hash(("session", model, named)), True
     messages = body.get("messages")
