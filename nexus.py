@@ -878,7 +878,7 @@ def parse_json_body(raw: bytes) -> dict[str, Any]:
     """A request body as a JSON object, or the 400 a client expects."""
     try:
         body = parse_json(raw)
-    except (ValueError, UnicodeDecodeError):
+    except ValueError:  # UnicodeDecodeError is one
         raise bad_request("We could not parse the JSON body of your request.") from None
     if not isinstance(body, dict):
         raise bad_request("The request body must be a JSON object.")
@@ -971,11 +971,9 @@ def completion_needs(body: dict[str, Any]) -> RequestNeeds:
         raise bad_request("stream must be a boolean", "stream")
     suffix = body.get("suffix")
     chars += len(suffix) if isinstance(suffix, str) else 0
+    max_tokens = optional_int(body, "max_tokens")
     return RequestNeeds(
-        model=model,
-        prompt_tokens=chars // CHARS_PER_TOKEN,
-        max_tokens=optional_int(body, "max_tokens"),
-        prompt_param="prompt",
+        model, prompt_tokens=chars // CHARS_PER_TOKEN, max_tokens=max_tokens, prompt_param="prompt"
     )
 
 
