@@ -902,8 +902,8 @@ def optional_int(body: dict[str, Any], name: str) -> int | None:
 
 
 def chat_needs(body: dict[str, Any], image_tokens: int = 0) -> RequestNeeds:
-    """What a chat completion needs of a backend: its prompt estimated from its texts, tool calls
-    and tools, and `image_tokens` per image (the doors count IMAGE_TOKENS; OpenAI's by text)."""
+    """What a chat completion needs of a backend: its prompt estimated from texts, tool calls and
+    tools, and `image_tokens` per image (the doors pass IMAGE_TOKENS; OpenAI's chat, text alone)."""
     model = require_model(body)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
