@@ -1296,12 +1296,10 @@ class TokenUsage:
 
     def as_responses(self, reasoning: int = 0) -> dict[str, Any]:
         """The Responses API's usage: input_tokens with the cached ones, told apart in details."""
+        details = {"cached_tokens": self.cached, "cache_write_tokens": self.cache_write}
         return {
             "input_tokens": self.prompt,
-            "input_tokens_details": {
-                "cached_tokens": self.cached,
-                "cache_write_tokens": self.cache_write,
-            },
+            "input_tokens_details": details,
             "output_tokens": self.completion,
             "output_tokens_details": {"reasoning_tokens": reasoning},
             "total_tokens": self.prompt + self.completion,
@@ -1414,7 +1412,6 @@ class Budget:
     configured limit: normal, soft_limit (cloud deprioritised) or hard_limit (the action)."""
 
     def __init__(self, settings: BudgetSettings | None) -> None:
-        """This month's budget from nothing spent; the ledger says what was spent before."""
         self.configure(settings)
         self.month = month_of(dt.datetime.now(dt.UTC))
         self._spent_usd = 0.0
@@ -1427,7 +1424,6 @@ class Budget:
 
     @property
     def enabled(self) -> bool:
-        """Whether a monthly limit is configured."""
         return self.monthly_limit_usd > 0
 
     @property
@@ -1745,7 +1741,6 @@ class Ledger:
     """The month's usage in total and per key: counted in memory, kept in nexus.db with a limit."""
 
     def __init__(self, path: Path | None) -> None:
-        """An empty ledger for this month; open() reads nexus.db when `path` is set."""
         self.path = path  # None: no monthly limit, nothing is written
         self.file: LedgerFile | None = None  # set while nexus.db is in use
         self.rows: dict[str, dict[str, UsageRow]] = {}  # month -> key name -> row
