@@ -2152,8 +2152,6 @@ def prompt_too_long(needs: RequestNeeds, chain: list[str], registry: Registry) -
             if not context or needs.prompt_tokens < context:
                 return None
             largest = max(largest, context)
-    if not largest:
-        return None
     how = (
         f"{needs.prompt_tokens} in the prompt, before any answer; no backend serving "
         f"'{needs.model}' or its fallbacks has a larger context"
