@@ -2065,9 +2065,7 @@ def candidates_for(
         found.sort(key=operator.attrgetter("priority"))
     elif strategy == "smart":
         found.sort(key=scorer(settings.routing.weights))
-    # Stable sorts, each a rule over the ones before: the session's backend, warm before cold,
-    # draining last, max_tokens fitting entirely, local before cloud at the budget's soft
-    # limit, restricted before open for a local-first request, best tier for a lowered one.
+    # The session's backend first, then stable sorts, each a rule over the ones before.
     if needs.last_backend is not None:
         for i, backend in enumerate(found):
             if backend.name == needs.last_backend:
@@ -2135,8 +2133,6 @@ def prompt_too_long(needs: RequestNeeds, chain: list[str], registry: Registry) -
             if not context or needs.prompt_tokens < context:
                 return None
             largest = max(largest, context)
-    if not largest:
-        return None
     how = (
         f"{needs.prompt_tokens} in the prompt, before any answer; no backend serving "
         f"'{needs.model}' or its fallbacks has a larger context"
@@ -2169,8 +2165,7 @@ def shortfalls(needs: RequestNeeds, chain: list[str], registry: Registry) -> lis
 
 
 def shortfall_reason(needs: RequestNeeds, found: list[dict[str, Any]]) -> str:
-    """What failed, in a few words: the needs no healthy backend meets, then each backend's
-    shortfalls, e.g. "gpu2: no vision, down"."""
+    """What failed: the needs no healthy backend meets, then each backend's ("gpu2: no vision")."""
     if not found:
         return "no backend serving it can take it now"
     named = []
@@ -2227,14 +2222,14 @@ def unavailable(
 
 
 def no_capacity(
-    needs: RequestNeeds, chain: list[str], registry: Registry, rules: RouteRules | None = None
+    needs: RequestNeeds, chain: list[str], registry: Registry, rules: RouteRules
 ) -> NexusError:
     """The 503 for a request nothing can serve now, saying which need failed and where."""
     model_id = chain[0]
     serving = registry.by_model.get(model_id, [])
     healthy = [b for b in serving if b.status == "healthy"]
-    excluded = rules.excluded if rules is not None else set()
-    required_tier = rules.min_tier if rules is not None and "tier" in excluded else None
+    excluded = rules.excluded
+    required_tier = rules.min_tier if "tier" in excluded else None
     found = shortfalls(needs, chain, registry)
     if "privacy" in excluded:
         why = "its policy is privacy = restricted and no restricted backend can serve it"
@@ -2407,12 +2402,11 @@ def unauthorized(message: str) -> NexusError:
 def backend_turn(backend: Backend, now: float) -> NexusError | None:
     """Take one request from a backend's rpm bucket; a 429 to give when it is empty."""
     bucket = backend.rpm_bucket
-    if bucket is None:
-        return None
-    if wait := bucket.wait(1, now):
-        what = f"backend {backend.name}: {bucket.per_minute:g} requests per minute"
-        return rate_limited(what, wait)
-    bucket.take(1, now)
+    if bucket is not None:
+        if wait := bucket.wait(1, now):
+            what = f"backend {backend.name}: {bucket.per_minute:g} requests per minute"
+            return rate_limited(what, wait)
+        bucket.take(1, now)
     return None
 
 
@@ -2505,17 +2499,16 @@ def allowed_attempts(
         a for a in decision.attempts if a.model == decision.model or key.may_use(a.model, aliases)
     ]
     if not attempts:
-        raise no_capacity(needs, [decision.model], request.app[REGISTRY])
+        raise no_capacity(needs, [decision.model], request.app[REGISTRY], RouteRules())
     if 0 < key.monthly_limit_usd <= key.roll_month(month_of(dt.datetime.now(dt.UTC))):
         attempts = [a for a in attempts if not a.backend.is_cloud]
     if not attempts:
-        raise monthly_limit_spent(
-            "key_budget_exceeded",
+        why = (
             f"Key '{key.name}' has spent its monthly limit of {key.monthly_limit_usd:g} USD, so "
             f"cloud backends are off for it and no local backend can serve model '{needs.model}' "
-            "now",
-            "limit",
+            "now"
         )
+        raise monthly_limit_spent("key_budget_exceeded", why, "limit")
     decision.attempts = attempts
     return decision
 
