@@ -3405,8 +3405,7 @@ class OpenAICompatibleAdapter:
     ) -> None:
         """POST a command (load, unload): not 200 fails in its words, unless a 400 in `done`."""
         headers = {**self.headers(backend), **JSON_HEADERS}
-        body = json.dumps(payload).encode()
-        url = backend.url + path
+        url, body = backend.url + path, json.dumps(payload).encode()
         status, answer = await pool.fetch("POST", url, headers, body, limit=POLL_MAX_BODY)
         if status == 200:
             return
