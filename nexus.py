@@ -3313,21 +3313,25 @@ def object_of(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+def listed_models(data: Any, path: str) -> dict[str, dict[str, Any]]:
+    """The entries of an OpenAI-style model list (from `path`) by id; an answer with none raises."""
+    if not isinstance(data, dict) or not isinstance(data.get("data"), list):
+        raise BackendReplyError(f"not an LLM server: {path} has no data list")
+    entries = (entry for entry in data["data"] if isinstance(entry, dict))
+    return {entry["id"]: entry for entry in entries if isinstance(entry.get("id"), str)}
+
+
 def models_from_openai_list(data: Any) -> dict[str, Model]:
     """Models from an OpenAI-style `/v1/models` answer, with whatever context length it gives."""
-    if not isinstance(data, dict) or not isinstance(data.get("data"), list):
-        raise BackendReplyError("not an LLM server: /v1/models has no data list")
     models = {}
-    for entry in data["data"]:
-        if not isinstance(entry, dict) or not isinstance(entry.get("id"), str):
-            continue
+    for name, entry in listed_models(data, "/v1/models").items():
         context = (
             positive_int(entry.get("max_model_len"))
             or positive_int(entry.get("context_length"))
             or positive_int(entry.get("context_window"))
             or positive_int(object_of(entry.get("meta")).get("n_ctx_train"))
         )
-        models[entry["id"]] = Model(id=entry["id"], context_length=context)
+        models[name] = Model(id=name, context_length=context)
     return models
 
 
@@ -3348,7 +3352,6 @@ class OpenAICompatibleAdapter:
         return {"Authorization": f"Bearer {key}"} if key else {}
 
     def request_body(self, payload: dict[str, Any]) -> bytes:
-        """The request to send, from the chat/completions payload."""
         return json.dumps(payload).encode()
 
     def stream_reader(self, content: BackendConnection, model: str) -> Any:
@@ -3356,7 +3359,6 @@ class OpenAICompatibleAdapter:
         return SseLines(content)
 
     def url(self, backend: Backend, endpoint: str) -> str:
-        """The URL of an endpoint (chat, completions, embeddings) on the backend."""
         return backend.url + ENDPOINT_PATHS[endpoint]
 
     async def check_health(self, pool: BackendPool, backend: Backend) -> None:
@@ -3368,7 +3370,6 @@ class OpenAICompatibleAdapter:
                 raise BackendReplyError(status_problem(status, self.health_path))
 
     async def poll(self, pool: BackendPool, backend: Backend) -> dict[str, Model]:
-        """The backend's models, from its model list once its health endpoint says it is up."""
         await self.check_health(pool, backend)
         url = backend.url + self.models_path
         return models_from_openai_list(await fetch_json(pool, "GET", url, self.headers(backend)))
@@ -3378,8 +3379,7 @@ class OpenAICompatibleAdapter:
     ) -> None:
         """POST a command (load, unload): not 200 fails in its words, unless a 400 in `done`."""
         headers = {**self.headers(backend), **JSON_HEADERS}
-        body = json.dumps(payload).encode()
-        url = backend.url + path
+        url, body = backend.url + path, json.dumps(payload).encode()
         status, answer = await pool.fetch("POST", url, headers, body, limit=POLL_MAX_BODY)
         if status == 200:
             return
@@ -3445,7 +3445,6 @@ class LlamaCppAdapter(OpenAICompatibleAdapter):
         return backend.loaded is not None
 
     async def loaded_models(self, pool: BackendPool, backend: Backend) -> dict[str, int] | None:
-        """What a router runs now, from its /v1/models statuses."""
         url = backend.url + "/v1/models"
         return router_loaded(await fetch_json(pool, "GET", url, self.headers(backend)))
 
@@ -3466,7 +3465,6 @@ class LlamaCppAdapter(OpenAICompatibleAdapter):
         await self.command(pool, backend, "/models/unload", {"model": model}, ROUTER_DONE_ANSWERS)
 
     async def poll(self, pool: BackendPool, backend: Backend) -> dict[str, Model]:
-        """llama-server's models: /health must answer 200, then /props and /v1/models."""
         await self.check_health(pool, backend)
         props = await fetch_json(pool, "GET", backend.url + "/props", self.headers(backend))
         data = await fetch_json(pool, "GET", backend.url + "/v1/models", self.headers(backend))
@@ -3487,22 +3485,19 @@ class LmStudioAdapter(OpenAICompatibleAdapter):
     """LM Studio: `/api/v0/models` says each model's type (vlm), context, tool use and state."""
 
     async def poll(self, pool: BackendPool, backend: Backend) -> dict[str, Model]:
-        """LM Studio's models from /api/v0/models, with context lengths and what is loaded."""
         data = await fetch_json(pool, "GET", backend.url + "/api/v0/models", self.headers(backend))
-        if not isinstance(data, dict) or not isinstance(data.get("data"), list):
-            raise BackendReplyError("not an LLM server: /api/v0/models has no data list")
-        entries = [e for e in data["data"] if isinstance(e, dict) and isinstance(e.get("id"), str)]
+        entries = listed_models(data, "/api/v0/models")
         models = {}
-        for entry in entries:
+        for name, entry in entries.items():
             caps = entry.get("capabilities")
-            models[entry["id"]] = Model(
-                id=entry["id"],
+            models[name] = Model(
+                id=name,
                 context_length=positive_int(entry.get("max_context_length")),
                 vision=entry.get("type") == "vlm",
                 tools=("tool_use" in caps) if isinstance(caps, list) else None,
             )
         # Each model's state, "loaded" or "not-loaded", where this LM Studio says.
-        states = {e["id"]: e["state"] for e in entries if isinstance(e.get("state"), str)}
+        states = {e["id"]: e["state"] for e in entries.values() if isinstance(e.get("state"), str)}
         loaded = {model: 0 for model, state in states.items() if state == "loaded"}
         backend.loaded = loaded if states else None
         return models
@@ -3610,13 +3605,11 @@ class OllamaAdapter(OpenAICompatibleAdapter):
 
     async def show(self, pool: BackendPool, backend: Backend, name: str) -> Model:
         """One model's context length and capabilities, from /api/show."""
+        url, headers = backend.url + "/api/show", self.headers(backend)
         try:
-            info = await fetch_json(
-                pool, "POST", backend.url + "/api/show", self.headers(backend), {"model": name}
-            )
+            info = object_of(await fetch_json(pool, "POST", url, headers, {"model": name}))
         except BackendReplyError:
             return Model(id=name)
-        info = object_of(info)
         model_info = object_of(info.get("model_info"))
         lengths = (value for key, value in model_info.items() if key.endswith(".context_length"))
         model = Model(id=name, context_length=positive_int(next(lengths, None)))
@@ -3771,11 +3764,6 @@ def tool_choice_for(api: str, choice: Any) -> Any:
 
 def chat_to_anthropic(chat: dict[str, Any]) -> dict[str, Any]:
     """A chat request as a Messages request: system messages in `system`, turns of a role merged."""
-    if not isinstance(chat.get("messages"), list):
-        message = (
-            "Anthropic backends serve chat completions only (no legacy completions, embeddings)."
-        )
-        raise NexusError.of(400, "unsupported_endpoint", message)
     max_tokens = chat.get("max_completion_tokens") or chat.get("max_tokens")
     max_tokens = max_tokens or ANTHROPIC_DEFAULT_MAX_TOKENS
     out: dict[str, Any] = {"model": chat["model"], "max_tokens": max_tokens}
@@ -3899,7 +3887,6 @@ class AnthropicStream:
         return self.pending.popleft() if self.pending else None
 
     def chunk(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
-        """A chat completion chunk carrying a delta (and a finish reason)."""
         return {
             "id": self.id,
             "object": "chat.completion.chunk",
@@ -3977,7 +3964,6 @@ class AnthropicAdapter(OpenAICompatibleAdapter):
         return json.dumps(chat_to_anthropic(payload)).encode()
 
     def answer(self, parsed: dict[str, Any]) -> dict[str, Any]:
-        """A whole answer as a chat completion."""
         return anthropic_to_chat(parsed)
 
     def error_body(self, answer: bytes) -> bytes:
