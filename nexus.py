@@ -4169,8 +4169,7 @@ async def is_nexus(pool: BackendPool, url: str, timeout: float) -> bool:
 async def detect_backend_type(
     pool: BackendPool, url: str, timeout: float = PROBE_TIMEOUT_SECONDS
 ) -> str | None:
-    """What answers at url (a server's root): a backend type, "nexus", or None if no LLM server.
-    Each probe is bounded by timeout; when nothing answers the first, the search ends."""
+    """What answers at url (a server's root): a backend type, "nexus", or None if no LLM server."""
     on_exo_port = urllib.parse.urlsplit(url).port == EXO_PORT
     if not on_exo_port:  # exo also speaks other dialects; on its own port it is exo
         answer = await probe_json(pool, url + "/api/tags", timeout)
@@ -4763,8 +4762,7 @@ async def read_loaded(app: web.Application, backend: Backend) -> None:
 
 
 async def refresh_loaded(app: web.Application, backend: Backend) -> None:
-    """Read what the backend holds now (the last poll may be seconds old); kept as it was when
-    the backend does not answer in time."""
+    """Read what the backend holds now (the last poll may be seconds old), if it answers in time."""
     try:
         async with asyncio.timeout(app[SETTINGS].health_check.timeout_seconds):
             await read_loaded(app, backend)
