@@ -4129,8 +4129,7 @@ async def is_nexus(pool: BackendPool, url: str, timeout: float) -> bool:
 async def detect_backend_type(
     pool: BackendPool, url: str, timeout: float = PROBE_TIMEOUT_SECONDS
 ) -> str | None:
-    """What answers at url (a server's root): a backend type, "nexus", or None if no LLM server.
-    Each probe is bounded by timeout; when nothing answers the first, the search ends."""
+    """What answers at url (a server's root): a backend type, "nexus", or None if no LLM server."""
     on_exo_port = urllib.parse.urlsplit(url).port == EXO_PORT
     if not on_exo_port:  # exo also speaks other dialects; on its own port it is exo
         answer = await probe_json(pool, url + "/api/tags", timeout)
@@ -4306,7 +4305,11 @@ class MdnsDiscovery:
     async def resolve(self, service_type: str, name: str) -> None:
         """Resolve a service to an address and port, and report what it is."""
         assert self.zeroconf is not None
-        instance = self.instance_name(service_type, name)
+        if name in self.services:
+            instance = self.services[name].name
+        else:  # the instance part of the name, made unique when another type announces it too
+            taken = {s.name for s in self.services.values()}
+            instance = unique_name(name.removesuffix("." + service_type), taken)
         info = AsyncServiceInfo(service_type, name)
         if not await info.async_request(self.zeroconf.zeroconf, MDNS_RESOLVE_TIMEOUT_MS):
             log.debug("mDNS service %r did not resolve in time; ignored", instance)
@@ -4336,13 +4339,6 @@ class MdnsDiscovery:
         if self.services.get(name) != service:
             await self.on_found(service.name, service.url, service.type_hint)
             self.services[name] = service
-
-    def instance_name(self, service_type: str, name: str) -> str:
-        """The instance part of the name, made unique when another type announces it too."""
-        if name in self.services:
-            return self.services[name].name
-        taken = {s.name for s in self.services.values()}
-        return unique_name(name.removesuffix("." + service_type), taken)
 
     def lose(self, name: str) -> None:
         """A service left: report its backend as lost."""
@@ -4407,8 +4403,7 @@ class Discovery:
 
     async def probe_round(self) -> None:
         """Probe the local ports but Nexus's own: add what answers (not a Nexus), lose the rest."""
-        # Backends that are up are not probed again; a probed one that is down and no longer
-        # answers a probe has vanished.
+        # Backends that are up are not probed again; a probed one down and silent has vanished.
         backends = self.app[REGISTRY].backends.values()
         settled = {b.url for b in backends if b.status != "unhealthy" and not b.lost_at}
         own_port = self.app[SETTINGS].server.port
@@ -4607,13 +4602,12 @@ class Lifecycle:
         """409 when an operation on the model is running on one of the backends."""
         for backend in backends:
             if (busy := self.running.get((model, backend.name))) is not None:
-                raise NexusError.of(
-                    409,
-                    "operation_in_progress",
+                message = (
                     f"Operation {busy.id} ({busy.kind} of {model}) is still running on "
-                    f"{backend.name}; wait for it (GET /v1/operations/{busy.id}).",
-                    context={"operation_id": busy.id},
+                    f"{backend.name}; wait for it (GET /v1/operations/{busy.id})."
                 )
+                context = {"operation_id": busy.id}
+                raise NexusError.of(409, "operation_in_progress", message, context=context)
 
     def start(self, op: Operation, work: OperationWork, timeout: float) -> None:
         """Record an operation as running and start its work in the background."""
@@ -4662,7 +4656,6 @@ class Lifecycle:
                 log.warning("%s failed after %.1f s: %s", what, took, op.error, extra=op_fields(op))
 
     async def stop(self) -> None:
-        """Cancel every running operation: Nexus is stopping."""
         await cancel_all(self.tasks)
 
 
@@ -4676,31 +4669,26 @@ def lifecycle_backend(registry: Registry, name: Any, param: str) -> Backend:
         message = f"No backend {name!r}. Backends: {known}"
         raise NexusError.of(404, "backend_not_found", message, param=param)
     if not ADAPTERS[backend.type].manages_models(backend):
-        raise NexusError.of(
-            501,
-            "lifecycle_unsupported",
+        message = (
             f"Backend {name} is of type {backend.type}, whose API offers no way to load or "
             "unload a model; Nexus does that on ollama backends and llama-servers in router "
-            "mode (started without a model).",
-            param=param,
+            "mode (started without a model)."
         )
+        raise NexusError.of(501, "lifecycle_unsupported", message, param=param)
     return backend
 
 
 def lifecycle_model(backend: Backend, model: Any, aliases: dict[str, str]) -> str:
-    """The model id on this backend (an alias leads to its model): 404 when it has no such
-    model. Nexus never pulls one."""
+    """The model id on this backend (an alias leads to its model): 404 when it has none."""
     if not isinstance(model, str) or not model:
         raise bad_request("model_id is required", "model_id")
     model_id = resolve_alias(model, aliases)
     if model_id not in backend.models:
-        raise NexusError.of(
-            404,
-            "model_not_found",
+        message = (
             f"Backend {backend.name} has no model '{model}' (Nexus never pulls models: pull it "
-            f"on the backend first). Its models: {', '.join(sorted(backend.models)) or 'none'}",
-            param="model_id",
+            f"on the backend first). Its models: {', '.join(sorted(backend.models)) or 'none'}"
         )
+        raise NexusError.of(404, "model_not_found", message, param="model_id")
     return model_id
 
 
@@ -4734,8 +4722,7 @@ async def read_loaded(app: web.Application, backend: Backend) -> None:
 
 
 async def refresh_loaded(app: web.Application, backend: Backend) -> None:
-    """Read what the backend holds now (the last poll may be seconds old); kept as it was when
-    the backend does not answer in time."""
+    """Read what the backend holds now (the last poll may be seconds old), if it answers in time."""
     try:
         async with asyncio.timeout(app[SETTINGS].health_check.timeout_seconds):
             await read_loaded(app, backend)
@@ -4859,7 +4846,6 @@ class OpenAIFormat:
         return b"data: " + json.dumps(chunk).encode() + b"\n\n"
 
     def end(self) -> bytes:
-        """The stream's own end."""
         return DONE_EVENT
 
     def answer_usage(self, parsed: dict[str, Any]) -> Any:
