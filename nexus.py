@@ -5555,7 +5555,6 @@ class WaitLimits:
             self._task.cancel()
 
     def close(self) -> None:
-        """Cancel the timer: the attempt is over."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -5592,10 +5591,9 @@ def upstream_error(flight: InFlight, upstream: BackendConnection, answer: bytes)
         raise AttemptFailed(backend_context_error(backend, text), skip_model=True)
     flight.record.status = status
     headers = response_headers(flight, app[BUDGET])
-    try:
+    parsed = None
+    with contextlib.suppress(ValueError):  # a UnicodeDecodeError too
         parsed = json.loads(answer)
-    except (ValueError, UnicodeDecodeError):
-        parsed = None
     if isinstance(parsed, dict) and "error" in parsed:
         message = refusal_message(parsed, status)
         mime = upstream.headers.get("content-type", "application/json").split(";")[0]
