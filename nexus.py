@@ -5303,7 +5303,6 @@ def attempt_request(
     NexusError when the backend's API cannot carry the request."""
     backend = attempt.backend
     adapter = ADAPTERS[backend.type]
-    url = adapter.url(backend, endpoint)
     if fmt.native_api == adapter.api:
         native = dict(fmt.native_body, model=attempt.model)
         if attempt.scrub and isinstance(native.get("messages"), list):
@@ -5311,7 +5310,7 @@ def attempt_request(
         return backend.url + fmt.native_path, json.dumps(native).encode(), True
     changes = attempt.max_tokens is not None or ask_usage or attempt.scrub or adapter.translates
     if body["model"] == attempt.model and not changes:
-        return url, raw, False  # the client's own bytes
+        return adapter.url(backend, endpoint), raw, False  # the client's own bytes
     payload = dict(body, model=attempt.model)
     if attempt.max_tokens is not None:
         key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
@@ -5322,7 +5321,7 @@ def attempt_request(
         messages = [m for m in body["messages"] if isinstance(m, dict)]
         users = [m for m in messages if m.get("role") == "user"]
         payload["messages"] = [m for m in messages if m.get("role") in SYSTEM_ROLES] + users[-1:]
-    return url, adapter.request_body(payload), False
+    return adapter.url(backend, endpoint), adapter.request_body(payload), False
 
 
 class WaitQueue:
@@ -5337,18 +5336,14 @@ class WaitQueue:
         return len(self.waiting)
 
     def join(self, high_priority: bool) -> tuple[tuple[int, int], asyncio.Event]:
-        """Queue a request in rank order; its entry, with the event that wakes it."""
         entry = ((0 if high_priority else 1, next(self.arrivals)), asyncio.Event())
         bisect.insort(self.waiting, entry, key=lambda e: e[0])
         return entry
 
     def leave(self, entry: tuple[tuple[int, int], asyncio.Event]) -> None:
-        """Take a request off the queue (it got a slot or gave up)."""
-        with contextlib.suppress(ValueError):
-            self.waiting.remove(entry)
+        self.waiting.remove(entry)  # it got a slot or gave up
 
     def wake(self) -> None:
-        """Wake every waiter to route again: a slot freed up."""
         for _, event in self.waiting:
             event.set()
 
@@ -5506,7 +5501,6 @@ class WaitLimits:
             self._task.cancel()
 
     def close(self) -> None:
-        """Cancel the timer: the attempt is over."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -5543,10 +5537,9 @@ def upstream_error(flight: InFlight, upstream: BackendConnection, answer: bytes)
         raise AttemptFailed(backend_context_error(backend, text), skip_model=True)
     flight.record.status = status
     headers = response_headers(flight, app[BUDGET])
-    try:
+    parsed = None
+    with contextlib.suppress(ValueError):  # a UnicodeDecodeError too
         parsed = json.loads(answer)
-    except (ValueError, UnicodeDecodeError):
-        parsed = None
     if isinstance(parsed, dict) and "error" in parsed:
         message = refusal_message(parsed, status)
         mime = upstream.headers.get("content-type", "application/json").split(";")[0]
@@ -5754,8 +5747,7 @@ async def send_through_door(
     request: web.Request, endpoint: str, internal: dict, needs: RequestNeeds, fmt: OpenAIFormat
 ) -> web.StreamResponse:
     """Send a door's internal request as chat is sent; a backend's refusal becomes an error."""
-    raw = json.dumps(internal).encode()
-    response = await proxy(request, endpoint, internal, raw, needs, fmt)
+    response = await proxy(request, endpoint, internal, json.dumps(internal).encode(), needs, fmt)
     if (refusal := response.get(REFUSAL)) is not None:
         raise refusal
     return response
@@ -6085,23 +6077,6 @@ class AnthropicEvents(NativeStream):
         return sse_event("error", anthropic_error(NexusError(502, "backend_error", None, message)))
 
 
-def add_tool_result(block: dict[str, Any], where: str, parts: list, results: list) -> None:
-    """A tool_result block as a chat "tool" message (text only); its images join the user's."""
-    if not isinstance(block.get("tool_use_id"), str):
-        raise bad_request(f"{where}.tool_use_id: must be a string", "messages")
-    content = block.get("content")
-    if isinstance(content, list):
-        inner = chat_parts(content, where, "tool")[0]
-        parts.extend([part for part in inner if part["type"] != "text"])
-        content = "\n\n".join([part["text"] for part in inner if part["type"] == "text"])
-    elif content is not None and not isinstance(content, str):
-        raise bad_request(f"{where}.content: must be a string or an array", "messages")
-    text = content or ""
-    if block.get("is_error") is True:
-        text = f"Error: {text}"
-    results.append({"role": "tool", "tool_call_id": block["tool_use_id"], "content": text})
-
-
 def chat_parts(blocks: list[Any], where: str, role: str) -> tuple[list, list, list]:
     """Content blocks as chat parts (text, images), tool calls and "tool" messages, by role."""
     parts: list[dict[str, Any]] = []
@@ -6126,8 +6101,20 @@ def chat_parts(blocks: list[Any], where: str, role: str) -> tuple[list, list, li
             continue  # dropped, as chat templates drop earlier reasoning
         elif role != "assistant" and kind == "image":
             parts.append(image_part(block, at))
-        elif role == "user" and kind == "tool_result":
-            add_tool_result(block, at, parts, results)
+        elif role == "user" and kind == "tool_result":  # text: a "tool" message; images: user's
+            if not isinstance(block.get("tool_use_id"), str):
+                raise bad_request(f"{at}.tool_use_id: must be a string", "messages")
+            content = block.get("content")
+            if isinstance(content, list):
+                inner = chat_parts(content, at, "tool")[0]
+                parts.extend([part for part in inner if part["type"] != "text"])
+                content = "\n\n".join([part["text"] for part in inner if part["type"] == "text"])
+            elif content is not None and not isinstance(content, str):
+                raise bad_request(f"{at}.content: must be a string or an array", "messages")
+            text = content or ""
+            if block.get("is_error") is True:
+                text = f"Error: {text}"
+            results.append({"role": "tool", "tool_call_id": block["tool_use_id"], "content": text})
         elif role == "user" and kind == "document" and isinstance(block.get("source"), dict):
             source = block["source"]
             if source.get("type") != "text" or not isinstance(source.get("data"), str):
@@ -6197,15 +6184,11 @@ def messages_to_chat(body: dict[str, Any]) -> dict[str, Any]:
     metadata = object_of(body.get("metadata"))
     if isinstance(metadata.get("user_id"), str):
         chat["user"] = metadata["user_id"]
-    tools = body.get("tools")
-    if tools is not None and not isinstance(tools, list):
-        raise bad_request("tools: must be an array", "tools")
+    tools = optional_field(body, "tools", list)
     if tools:
         chat["tools"] = [chat_tool(tool, f"tools.{i}") for i, tool in enumerate(tools)]
-        choice = body.get("tool_choice")
+        choice = optional_field(body, "tool_choice", dict)
         if choice is not None:
-            if not isinstance(choice, dict):
-                raise bad_request("tool_choice: must be an object", "tool_choice")
             chat["tool_choice"] = tool_choice_for("chat", choice)
             if choice.get("disable_parallel_tool_use") is True and choice.get("type") != "none":
                 chat["parallel_tool_calls"] = False
