@@ -6535,8 +6535,7 @@ class ResponsesFormat(ChatTranslator):
         self.pieces: dict[int, list[str]] = {}  # an unfinished item's text (or arguments)
         self.open: int | None = None  # the open reasoning or message item
         self.open_kind: str | None = None  # its kind of text: thinking or text
-        self.text_head = b""  # the encoded start of its delta events
-        self.call_heads: dict[int, bytes] = {}  # the same for each function call item
+        self.heads: dict[int, bytes] = {}  # the encoded start of each item's delta events
         self.finish: str | None = None
 
     def response(self, status: str, usage: Any = None, error: Any = None) -> dict[str, Any]:
@@ -6605,7 +6604,6 @@ class ResponsesFormat(ChatTranslator):
         return json.dumps(self.final_response(parsed.get("usage"), len(reasoning))).encode()
 
     def event(self, kind: str, data: dict[str, Any]) -> bytes:
-        """One Responses event, numbered in sequence."""
         data["type"] = kind
         data["sequence_number"] = self.sequence
         self.sequence += 1
@@ -6625,12 +6623,6 @@ class ResponsesFormat(ChatTranslator):
                 f'"sequence_number": {self.sequence - 1}}}\n\n'
             ).encode()
         return out
-
-    def delta_event(self, head: bytes, text: str) -> bytes:
-        """A delta event of an item, from its encoded head: its text and its number."""
-        text_json = JSON_STRING(text).encode()
-        self.sequence += 1
-        return b'%s"delta":%s,"sequence_number":%d}\n\n' % (head, text_json, self.sequence - 1)
 
     def add_item(self, item: dict[str, Any]) -> tuple[int, bytes]:
         """Add an output item; its index and the output_item.added event."""
@@ -6663,9 +6655,8 @@ class ResponsesFormat(ChatTranslator):
             out += added + self.event("response.content_part.added", {**where, "part": part})
             item["content"].append(part)
             fields = {**where, "logprobs": []} if kind == "text" else where
-            self.text_head = delta_head(TEXT_EVENTS[kind] + ".delta", fields)
-        self.pieces[self.open].append(text)
-        return out + self.delta_event(self.text_head, text)
+            self.heads[self.open] = delta_head(TEXT_EVENTS[kind] + ".delta", fields)
+        return out + self.delta_event(self.open, text)
 
     def close_open(self) -> bytes:
         if self.open is None:
@@ -6687,12 +6678,18 @@ class ResponsesFormat(ChatTranslator):
         index, added = self.add_item(output_call(call, "", "in_progress"))
         self.calls[key] = index
         where = {"item_id": self.output[index]["id"], "output_index": index}
-        self.call_heads[index] = delta_head("response.function_call_arguments.delta", where)
+        self.heads[index] = delta_head("response.function_call_arguments.delta", where)
         return out + added
 
+    def delta_event(self, index: int, text: str) -> bytes:
+        """A delta event of an item, its text or its arguments, from its head encoded once."""
+        self.pieces[index].append(text)
+        head, text_json = self.heads[index], JSON_STRING(text).encode()
+        self.sequence += 1
+        return b'%s"delta":%s,"sequence_number":%d}\n\n' % (head, text_json, self.sequence - 1)
+
     def arguments_delta(self, index: int, arguments: str) -> bytes:
-        self.pieces[index].append(arguments)
-        return self.delta_event(self.call_heads[index], arguments)
+        return self.delta_event(index, arguments)
 
     def finished(self, choice: dict[str, Any]) -> bytes:
         if isinstance(choice.get("finish_reason"), str):
@@ -7120,7 +7117,6 @@ class OllamaFormat(OpenAIFormat):
 
     @staticmethod
     def line(document: dict[str, Any]) -> bytes:
-        """One NDJSON line."""
         return json.dumps(document, ensure_ascii=False).encode() + b"\n"
 
     def piece(self, text: str, thinking: str = "", calls: Any = None, **done: Any) -> dict:
@@ -7348,15 +7344,14 @@ async def health(request: web.Request) -> web.Response:
     registry = request.app[REGISTRY]
     total, healthy = len(registry.backends), len(registry.healthy())
     status = "healthy" if total and healthy == total else "degraded" if healthy else "unhealthy"
-    return web.json_response(
-        {
-            "status": status,
-            "version": __version__,
-            "uptime_seconds": round(time.monotonic() - request.app[STATS].started, 1),
-            "backends": {"total": total, "healthy": healthy, "unhealthy": total - healthy},
-            "models": len(model_entries(registry, request.app[SETTINGS])),
-        }
-    )
+    answer = {
+        "status": status,
+        "version": __version__,
+        "uptime_seconds": round(time.monotonic() - request.app[STATS].started, 1),
+        "backends": {"total": total, "healthy": healthy, "unhealthy": total - healthy},
+        "models": len(model_entries(registry, request.app[SETTINGS])),
+    }
+    return web.json_response(answer)
 
 
 def require_admin(request: web.Request) -> None:
