@@ -8066,68 +8066,56 @@ def key_samples(value: Callable[[ApiKey], Any]) -> MetricSamples:
     return lambda app: [(labels(key=k.name), value(k)) for k in app[KEYS]] or None
 
 
-# What /metrics shows, in this order: each family's name, type, help and samples.
-METRICS: dict[str, tuple[str, str, MetricSamples]] = {
-    "nexus_requests_total": (
-        "counter",
+# What /metrics shows, in this order: each family's name and type, its help and its samples.
+METRICS: dict[tuple[str, str], tuple[str, MetricSamples]] = {
+    ("nexus_requests_total", "counter"): (
         "Inference requests answered, by model asked for, backend that answered and HTTP status.",
         lambda app: [
             (labels(model=m, backend=b, status=s), n)
             for (m, b, s), n in sorted(app[STATS].by_outcome.items())
         ],
     ),
-    "nexus_errors_total": (
-        "counter",
+    ("nexus_errors_total", "counter"): (
         "Inference requests answered with an error, by kind (the error code).",
         lambda app: [(labels(type=k), n) for k, n in sorted(app[STATS].error_kinds.items())],
     ),
-    "nexus_fallbacks_total": (
-        "counter",
+    ("nexus_fallbacks_total", "counter"): (
         "Requests served by a fallback model.",
         lambda app: [("", app[STATS].fallbacks)],
     ),
-    "nexus_request_duration_seconds": (
-        "histogram",
+    ("nexus_request_duration_seconds", "histogram"): (
         "Time from receiving an inference request to its last byte.",
         lambda app: histogram_samples(app[STATS].duration),
     ),
-    "nexus_ttft_seconds": (
-        "histogram",
+    ("nexus_ttft_seconds", "histogram"): (
         "Time to the first streamed chunk of an answer.",
         lambda app: histogram_samples(app[STATS].ttft),
     ),
-    "nexus_tokens_total": (
-        "counter",
+    ("nexus_tokens_total", "counter"): (
         "Tokens reported by backends, by type.",
         lambda app: [(labels(type=k), n) for k, n in app[STATS].tokens.items()],
     ),
-    "nexus_backends_total": (
-        "gauge",
+    ("nexus_backends_total", "gauge"): (
         "Backends known.",
         lambda app: [("", len(app[REGISTRY].backends))],
     ),
-    "nexus_backends_healthy": (
-        "gauge",
+    ("nexus_backends_healthy", "gauge"): (
         "Backends healthy now.",
         lambda app: [("", len(app[REGISTRY].healthy()))],
     ),
-    "nexus_models_available": (
-        "gauge",
+    ("nexus_models_available", "gauge"): (
         "Models (and aliases) a healthy backend serves now.",
         lambda app: [("", len(model_entries(app[REGISTRY], app[SETTINGS])))],
     ),
-    "nexus_queue_depth": (
-        "gauge",
+    ("nexus_queue_depth", "gauge"): (
         "Requests waiting in the queue for a backend slot.",
         lambda app: [("", len(app[QUEUE]))],
     ),
-    "nexus_sessions_tracked": (
-        "gauge",
+    ("nexus_sessions_tracked", "gauge"): (
         "Sessions whose last backend Nexus remembers, for session affinity.",
         lambda app: [("", app[SESSIONS].tracked(time.monotonic()))],
     ),
-    "nexus_session_affinity_total": (
-        "counter",
+    ("nexus_session_affinity_total", "counter"): (
         "Requests served by the backend of their session's last turn (hit), by another (move),"
         " or with no session to follow (new).",
         lambda app: [
@@ -8136,42 +8124,33 @@ METRICS: dict[str, tuple[str, str, MetricSamples]] = {
             (labels(outcome="new"), app[SESSIONS].new),
         ],
     ),
-    "nexus_budget_spending_usd": (
-        "gauge",
+    ("nexus_budget_spending_usd", "gauge"): (
         "Estimated spend on cloud backends this month, in USD.",
         lambda app: [("", app[BUDGET].spent_usd)],
     ),
-    "nexus_key_requests_total": (
-        "counter",
+    ("nexus_key_requests_total", "counter"): (
         "Inference requests made with each API key, by the key's name.",
         key_samples(operator.attrgetter("requests")),
     ),
-    "nexus_key_rate_limited_total": (
-        "counter",
+    ("nexus_key_rate_limited_total", "counter"): (
         "Requests refused (429) by each API key's rpm or tpm limit, by the key's name.",
         key_samples(operator.attrgetter("rate_limited")),
     ),
-    "nexus_key_spending_usd": (
-        "gauge",
+    ("nexus_key_spending_usd", "gauge"): (
         "Estimated spend on cloud backends this month with each API key, in USD.",
         key_samples(key_spending),
     ),
 }
 
 
-def render_metrics(app: web.Application) -> str:
-    """The whole /metrics page, from Stats and the registry as they are now."""
+async def metrics(request: web.Request) -> web.Response:
+    """GET /metrics: the whole page, from Stats and the registry as they are now."""
     lines: list[str] = []
-    for name, (kind, text, read) in METRICS.items():
-        if (samples := read(app)) is not None:
+    for (name, kind), (text, read) in METRICS.items():
+        if (samples := read(request.app)) is not None:
             lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
             lines.extend(f"{name}{labels} {value!r}" for labels, value in samples)
-    return "\n".join(lines) + "\n"
-
-
-async def metrics(request: web.Request) -> web.Response:
-    """GET /metrics."""
-    body = render_metrics(request.app).encode()
+    body = ("\n".join(lines) + "\n").encode()
     return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 
