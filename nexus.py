@@ -7674,7 +7674,6 @@ class JsonLogFormatter(logging.Formatter):
 
     @staticmethod
     def stamp(created: float) -> str:
-        """A record's time in ISO 8601 with milliseconds, UTC."""
         second = second_stamp(int(created), "%Y-%m-%dT%H:%M:%S", True)
         return f"{second}.{int(created % 1 * 1000):03d}Z"
 
@@ -7706,8 +7705,7 @@ class RedactingFormatter(logging.Formatter):
 
     def redact(self, text: str) -> str:
         for secret in self.secrets:
-            if secret in text:
-                text = text.replace(secret, "[redacted]")
+            text = text.replace(secret, "[redacted]")
         return text
 
 
