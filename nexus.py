@@ -7976,18 +7976,16 @@ def log_request(record: RequestRecord, status: int, seconds: float) -> None:
     if len(handlers) == 1 and type(handlers[0]) is LogHandler:  # `nexus serve`'s own
         handlers[0].write_request_line(message, record, status, latency_ms)
     else:  # logging set up by another program (a test capturing records): a record as usual
-        fields = request_fields(record, status, latency_ms)
-        log.info("%s", message, extra={"fields": fields})
+        log.info("%s", message, extra={"fields": request_fields(record, status, latency_ms)})
 
 
 def answer_text(response: web.StreamResponse | None) -> str | None:
     """The text of a non-streamed answer: chat's, Anthropic's or the Responses API's shape."""
     if not isinstance(response, web.Response) or not isinstance(response.body, bytes):
         return None
-    try:
+    answer = None
+    with contextlib.suppress(ValueError):
         answer = json.loads(response.body)
-    except ValueError:
-        return None
     if not isinstance(answer, dict):
         return None
     texts: list[Any] = []
@@ -8012,10 +8010,9 @@ async def log_content(
     """Only with `log_content = true`, at debug level: the prompt and the answer's text."""
     if not log.isEnabledFor(logging.DEBUG):
         return
-    try:
+    body = None
+    with contextlib.suppress(ValueError, web.HTTPException, ConnectionError):
         body = json.loads(await request.read())
-    except (ValueError, web.HTTPException, ConnectionError):
-        body = None
     keys = body.keys() if isinstance(body, dict) else ()
     prompt = next((body[k] for k in ("messages", "prompt", "input") if k in keys), None)
     prompt_text = json.dumps(prompt)[:CONTENT_LOG_CHARS]
@@ -8574,7 +8571,6 @@ class Reloader:
             setup_logging(settings, env)
 
     async def watch(self) -> None:
-        """Every CONFIG_POLL_SECONDS, while server.watch_config is on: has the file changed?"""
         seen = await asyncio.to_thread(file_fingerprint, self.source.path())
         while True:
             await asyncio.sleep(CONFIG_POLL_SECONDS)
