@@ -7598,7 +7598,6 @@ class JsonLogFormatter(logging.Formatter):
 
     @staticmethod
     def stamp(created: float) -> str:
-        """A record's time in ISO 8601 with milliseconds, UTC."""
         second = second_stamp(int(created), "%Y-%m-%dT%H:%M:%S", True)
         return f"{second}.{int(created % 1 * 1000):03d}Z"
 
@@ -7630,8 +7629,7 @@ class RedactingFormatter(logging.Formatter):
 
     def redact(self, text: str) -> str:
         for secret in self.secrets:
-            if secret in text:
-                text = text.replace(secret, "[redacted]")
+            text = text.replace(secret, "[redacted]")
         return text
 
 
@@ -7902,18 +7900,16 @@ def log_request(record: RequestRecord, status: int, seconds: float) -> None:
     if len(handlers) == 1 and type(handlers[0]) is LogHandler:  # `nexus serve`'s own
         handlers[0].write_request_line(message, record, status, latency_ms)
     else:  # logging set up by another program (a test capturing records): a record as usual
-        fields = request_fields(record, status, latency_ms)
-        log.info("%s", message, extra={"fields": fields})
+        log.info("%s", message, extra={"fields": request_fields(record, status, latency_ms)})
 
 
 def answer_text(response: web.StreamResponse | None) -> str | None:
     """The text of a non-streamed answer: chat's, Anthropic's or the Responses API's shape."""
     if not isinstance(response, web.Response) or not isinstance(response.body, bytes):
         return None
-    try:
+    answer = None
+    with contextlib.suppress(ValueError):
         answer = json.loads(response.body)
-    except ValueError:
-        return None
     if not isinstance(answer, dict):
         return None
     texts: list[Any] = []
@@ -7938,10 +7934,9 @@ async def log_content(
     """Only with `log_content = true`, at debug level: the prompt and the answer's text."""
     if not log.isEnabledFor(logging.DEBUG):
         return
-    try:
+    body = None
+    with contextlib.suppress(ValueError, web.HTTPException, ConnectionError):
         body = json.loads(await request.read())
-    except (ValueError, web.HTTPException, ConnectionError):
-        body = None
     keys = body.keys() if isinstance(body, dict) else ()
     prompt = next((body[k] for k in ("messages", "prompt", "input") if k in keys), None)
     prompt_text = json.dumps(prompt)[:CONTENT_LOG_CHARS]
@@ -7990,68 +7985,56 @@ def key_samples(value: Callable[[ApiKey], Any]) -> MetricSamples:
     return lambda app: [(labels(key=k.name), value(k)) for k in app[KEYS]] or None
 
 
-# What /metrics shows, in this order: each family's name, type, help and samples.
-METRICS: dict[str, tuple[str, str, MetricSamples]] = {
-    "nexus_requests_total": (
-        "counter",
+# What /metrics shows, in this order: each family's name and type, its help and its samples.
+METRICS: dict[tuple[str, str], tuple[str, MetricSamples]] = {
+    ("nexus_requests_total", "counter"): (
         "Inference requests answered, by model asked for, backend that answered and HTTP status.",
         lambda app: [
             (labels(model=m, backend=b, status=s), n)
             for (m, b, s), n in sorted(app[STATS].by_outcome.items())
         ],
     ),
-    "nexus_errors_total": (
-        "counter",
+    ("nexus_errors_total", "counter"): (
         "Inference requests answered with an error, by kind (the error code).",
         lambda app: [(labels(type=k), n) for k, n in sorted(app[STATS].error_kinds.items())],
     ),
-    "nexus_fallbacks_total": (
-        "counter",
+    ("nexus_fallbacks_total", "counter"): (
         "Requests served by a fallback model.",
         lambda app: [("", app[STATS].fallbacks)],
     ),
-    "nexus_request_duration_seconds": (
-        "histogram",
+    ("nexus_request_duration_seconds", "histogram"): (
         "Time from receiving an inference request to its last byte.",
         lambda app: histogram_samples(app[STATS].duration),
     ),
-    "nexus_ttft_seconds": (
-        "histogram",
+    ("nexus_ttft_seconds", "histogram"): (
         "Time to the first streamed chunk of an answer.",
         lambda app: histogram_samples(app[STATS].ttft),
     ),
-    "nexus_tokens_total": (
-        "counter",
+    ("nexus_tokens_total", "counter"): (
         "Tokens reported by backends, by type.",
         lambda app: [(labels(type=k), n) for k, n in app[STATS].tokens.items()],
     ),
-    "nexus_backends_total": (
-        "gauge",
+    ("nexus_backends_total", "gauge"): (
         "Backends known.",
         lambda app: [("", len(app[REGISTRY].backends))],
     ),
-    "nexus_backends_healthy": (
-        "gauge",
+    ("nexus_backends_healthy", "gauge"): (
         "Backends healthy now.",
         lambda app: [("", len(app[REGISTRY].healthy()))],
     ),
-    "nexus_models_available": (
-        "gauge",
+    ("nexus_models_available", "gauge"): (
         "Models (and aliases) a healthy backend serves now.",
         lambda app: [("", len(model_entries(app[REGISTRY], app[SETTINGS])))],
     ),
-    "nexus_queue_depth": (
-        "gauge",
+    ("nexus_queue_depth", "gauge"): (
         "Requests waiting in the queue for a backend slot.",
         lambda app: [("", len(app[QUEUE]))],
     ),
-    "nexus_sessions_tracked": (
-        "gauge",
+    ("nexus_sessions_tracked", "gauge"): (
         "Sessions whose last backend Nexus remembers, for session affinity.",
         lambda app: [("", app[SESSIONS].tracked(time.monotonic()))],
     ),
-    "nexus_session_affinity_total": (
-        "counter",
+    ("nexus_session_affinity_total", "counter"): (
         "Requests served by the backend of their session's last turn (hit), by another (move),"
         " or with no session to follow (new).",
         lambda app: [
@@ -8060,42 +8043,33 @@ METRICS: dict[str, tuple[str, str, MetricSamples]] = {
             (labels(outcome="new"), app[SESSIONS].new),
         ],
     ),
-    "nexus_budget_spending_usd": (
-        "gauge",
+    ("nexus_budget_spending_usd", "gauge"): (
         "Estimated spend on cloud backends this month, in USD.",
         lambda app: [("", app[BUDGET].spent_usd)],
     ),
-    "nexus_key_requests_total": (
-        "counter",
+    ("nexus_key_requests_total", "counter"): (
         "Inference requests made with each API key, by the key's name.",
         key_samples(operator.attrgetter("requests")),
     ),
-    "nexus_key_rate_limited_total": (
-        "counter",
+    ("nexus_key_rate_limited_total", "counter"): (
         "Requests refused (429) by each API key's rpm or tpm limit, by the key's name.",
         key_samples(operator.attrgetter("rate_limited")),
     ),
-    "nexus_key_spending_usd": (
-        "gauge",
+    ("nexus_key_spending_usd", "gauge"): (
         "Estimated spend on cloud backends this month with each API key, in USD.",
         key_samples(key_spending),
     ),
 }
 
 
-def render_metrics(app: web.Application) -> str:
-    """The whole /metrics page, from Stats and the registry as they are now."""
+async def metrics(request: web.Request) -> web.Response:
+    """GET /metrics: the whole page, from Stats and the registry as they are now."""
     lines: list[str] = []
-    for name, (kind, text, read) in METRICS.items():
-        if (samples := read(app)) is not None:
+    for (name, kind), (text, read) in METRICS.items():
+        if (samples := read(request.app)) is not None:
             lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
             lines.extend(f"{name}{labels} {value!r}" for labels, value in samples)
-    return "\n".join(lines) + "\n"
-
-
-async def metrics(request: web.Request) -> web.Response:
-    """GET /metrics."""
-    body = render_metrics(request.app).encode()
+    body = ("\n".join(lines) + "\n").encode()
     return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 
@@ -8521,7 +8495,6 @@ class Reloader:
             setup_logging(settings, env)
 
     async def watch(self) -> None:
-        """Every CONFIG_POLL_SECONDS, while server.watch_config is on: has the file changed?"""
         seen = await asyncio.to_thread(file_fingerprint, self.source.path())
         while True:
             await asyncio.sleep(CONFIG_POLL_SECONDS)
