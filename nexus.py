@@ -481,8 +481,10 @@ def validate_settings(s: Settings, env: dict[str, str]) -> None:
 
 
 def resolve_alias(model: str, aliases: dict[str, str]) -> str:
-    """Follow aliases to a model; cycles and chains over MAX_ALIAS_HOPS were refused at start-up."""
-    while model in aliases:
+    """Follow aliases up to MAX_ALIAS_HOPS; cycles and longer chains were rejected at start-up."""
+    for _ in range(MAX_ALIAS_HOPS):
+        if model not in aliases:
+            return model
         model = aliases[model]
     return model
 
@@ -4129,7 +4131,8 @@ async def is_nexus(pool: BackendPool, url: str, timeout: float) -> bool:
 async def detect_backend_type(
     pool: BackendPool, url: str, timeout: float = PROBE_TIMEOUT_SECONDS
 ) -> str | None:
-    """What answers at url (a server's root): a backend type, "nexus", or None if no LLM server."""
+    """What answers at url (a server's root): a backend type, "nexus", or None if no LLM server.
+    Each probe is bounded by timeout; when nothing answers the first, the search ends."""
     on_exo_port = urllib.parse.urlsplit(url).port == EXO_PORT
     if not on_exo_port:  # exo also speaks other dialects; on its own port it is exo
         answer = await probe_json(pool, url + "/api/tags", timeout)
@@ -4679,7 +4682,8 @@ def lifecycle_backend(registry: Registry, name: Any, param: str) -> Backend:
 
 
 def lifecycle_model(backend: Backend, model: Any, aliases: dict[str, str]) -> str:
-    """The model id on this backend (an alias leads to its model): 404 when it has none."""
+    """The model id on this backend (an alias leads to its model): 404 when it has no such
+    model. Nexus never pulls one."""
     if not isinstance(model, str) or not model:
         raise bad_request("model_id is required", "model_id")
     model_id = resolve_alias(model, aliases)
@@ -4722,7 +4726,8 @@ async def read_loaded(app: web.Application, backend: Backend) -> None:
 
 
 async def refresh_loaded(app: web.Application, backend: Backend) -> None:
-    """Read what the backend holds now (the last poll may be seconds old), if it answers in time."""
+    """Read what the backend holds now (the last poll may be seconds old); kept as it was when
+    the backend does not answer in time."""
     try:
         async with asyncio.timeout(app[SETTINGS].health_check.timeout_seconds):
             await read_loaded(app, backend)
