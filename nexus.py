@@ -153,7 +153,8 @@ WEIGHTS = {"priority": 50.0, "load": 30.0, "latency": 20.0}  # the routing score
 
 
 def setting(default: Any, **rules: Any) -> Any:
-    """A settings field with its rules for check_setting and env, the NEXUS_* variable for it."""
+    """A settings field with the rules check_setting holds its value to (positive, non_negative,
+    min and max or below, choices) and env, the NEXUS_* variable that sets it."""
     return field(default=default, metadata=rules)
 
 
@@ -819,7 +820,8 @@ class Registry:
 
 
 def loaded_on(registry: Registry, model_id: str) -> list[str]:
-    """`/v1/models`' `loaded_on`: the healthy local backends with the model warm (see is_warm)."""
+    """Names of the healthy local backends that have the model in memory, or that serve it and
+    do not say what they hold (they keep what they serve loaded): `/v1/models`' `loaded_on`."""
     return sorted(
         b.name
         for b in registry.by_model.get(model_id, ())
@@ -904,8 +906,9 @@ def optional_int(body: dict[str, Any], name: str) -> int | None:
 
 
 def chat_needs(body: dict[str, Any], image_tokens: int = 0) -> RequestNeeds:
-    """What a chat completion needs of a backend: its prompt estimated from texts, tool calls and
-    tools, and `image_tokens` per image (the doors pass IMAGE_TOKENS; OpenAI's chat, text alone)."""
+    """What a chat completion needs of a backend: checks its shape, estimates its prompt from
+    the characters of every text, tool call and tool definition, and `image_tokens` per image
+    (the doors count IMAGE_TOKENS; OpenAI's chat routes by text alone)."""
     model = require_model(body)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -2067,7 +2070,9 @@ def candidates_for(
         found.sort(key=operator.attrgetter("priority"))
     elif strategy == "smart":
         found.sort(key=scorer(settings.routing.weights))
-    # The session's backend first, then stable sorts, each a rule over the ones before.
+    # Stable sorts, each a rule over the ones before: the session's backend, warm before cold,
+    # draining last, max_tokens fitting entirely, local before cloud at the budget's soft
+    # limit, restricted before open for a local-first request, best tier for a lowered one.
     if needs.last_backend is not None:
         for i, backend in enumerate(found):
             if backend.name == needs.last_backend:
@@ -2128,7 +2133,7 @@ def context_length_exceeded(prompt: int, largest: int, how: str, param: str | No
 def prompt_too_long(needs: RequestNeeds, chain: list[str], registry: Registry) -> NexusError | None:
     """The 400 for a prompt no backend of the model or its fallbacks could hold, healthy or
     not (waiting cannot make it fit), or None when one could or does not report its context."""
-    largest = 0
+    largest = 0  # route() asks only for a chain some backend serves: it ends above 0
     for model_id in chain:
         for backend in registry.by_model.get(model_id, ()):
             context = backend.models[model_id].context_length
